@@ -1,0 +1,77 @@
+"""``slimfx.compile``: capture -> passes -> backend, and the compiled model it returns."""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import ir
+from .backends import lower
+from .passes import PassContext, PassManager
+from .report import Report
+from .signature import InputSignature
+
+
+def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
+            passes: Sequence = (), backend: str = "numpy", dynamic=None, calibration: Optional[Iterable] = None,
+            capture: str = "auto", verify: bool = True, measure: bool = True, dump_dir: Optional[str] = None,
+            progress: bool = True) -> "CompiledModel":
+    """Compile ``model`` as called with ``model(*example_inputs, **example_kwargs)``.
+
+    passes:   pipeline entries: registered names ("dce"), Pass objects, or functions ``fn(gm[, ctx])``
+    backend:  "numpy" (reference interpreter) or "torch" (the graph as is)
+    dynamic:  True lets every input dim vary (one compile serves several shapes), or export's dynamic_shapes
+    dump_dir: write the IR after each pass to numbered files there
+    The model is never modified; a failing pass raises ``PassError`` naming it."""
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    example_kwargs = dict(example_kwargs or {})
+    t0 = time.perf_counter()
+    captured = ir.capture(model, example_inputs, example_kwargs, dynamic=dynamic, method=capture)
+    capture_s = time.perf_counter() - t0
+    ctx = PassContext(example_inputs, example_kwargs, calibration, progress)
+    reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
+    gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
+                              progress=progress).run(captured.gm, ctx, reference)
+    t1 = time.perf_counter()
+    executable = lower(gm, backend)
+    lower_s = time.perf_counter() - t1
+    report = Report(type(model).__name__, captured.method, backend, capture_s, lower_s, records,
+                    len(captured.gm.graph.nodes), gm)
+    return CompiledModel(model, gm, executable, report, captured)
+
+
+def _reference_outputs(model, args, kwargs):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+
+
+class CompiledModel:
+    """Call it like the model: same arguments, same output structure, torch tensors in and out."""
+
+    def __init__(self, model, gm: fx.GraphModule, executable, report: Report, captured: ir.Captured):
+        self.graph: fx.GraphModule = gm
+        self.backend = executable.backend
+        self._executable = executable
+        self._report = report
+        self._signature = InputSignature.from_capture(model, captured)
+        self.__signature__ = inspect.signature(model.forward)
+        self.model_name = type(model).__name__
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs = self._signature.check(args, kwargs)
+        return self._executable(args, kwargs)
+
+    def report(self) -> Report:
+        return self._report
+
+    def __repr__(self):
+        return (f"CompiledModel({self.model_name}, backend={self.backend!r}, "
+                f"passes={[r.name for r in self._report.records]}, nodes={len(self.graph.graph.nodes)})")

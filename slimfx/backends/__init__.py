@@ -1,0 +1,52 @@
+"""Backends turn a (compressed) graph into something that runs: ``numpy`` (the reference interpreter),
+``torch`` (the graph as is) and ``triton`` (kernels on a GPU)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
+import torch.utils._pytree as pytree
+
+BACKENDS = ("numpy", "torch")
+
+
+def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for a call ``(*args, **kwargs)`` laid out as at capture."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return list(args) + list(kwargs.values())
+    return fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+
+
+def unflatten_outputs(gm: fx.GraphModule, flat):
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        return flat
+    return pytree.tree_unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat], info.out_spec)
+
+
+class Executable:
+    """Runs a lowered graph with the model's own call convention: ``exe(args, kwargs)`` returns what the
+    model returns (e.g. a ``BaseModelOutput``), with torch tensors in it."""
+
+    def __init__(self, gm: fx.GraphModule, backend: str):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.backend = backend
+        self.gm = gm
+        self.program = None
+        if backend == "numpy":
+            from .numpy_backend import NumpyProgram
+            self.program = NumpyProgram(gm)
+
+    def __call__(self, args: tuple, kwargs: dict):
+        if self.program is None:
+            with torch.no_grad():
+                return self.gm(*args, **kwargs)
+        from .numpy_backend import to_torch
+        flat = self.program.run(flatten_inputs(self.gm, args, kwargs))
+        return unflatten_outputs(self.gm, pytree.tree_map(to_torch, flat))
+
+
+def lower(gm: fx.GraphModule, backend: str) -> Executable:
+    return Executable(gm, backend)

@@ -1,0 +1,107 @@
+"""The numpy backend: an interpreter over the graph with one op table (``optable.NUMPY_OPS``).
+
+It is the executable specification every other backend is tested against. Lowering resolves every
+node's implementation up front, so a missing op fails at compile time naming the op and the node.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .. import ir
+from . import numpy_ops
+from .numpy_ops import NP_DTYPE
+from .optable import NUMPY_OPS
+
+# Modules that register numpy implementations of slimfx dialect ops (imported when present).
+_EXTENSIONS = ("slimfx.backends.numpy_quant",)
+
+
+class UnsupportedOpError(NotImplementedError):
+    pass
+
+
+def _load_extensions():
+    for name in _EXTENSIONS:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype not in NP_DTYPE:
+        raise TypeError(f"the numpy backend cannot hold {t.dtype} tensors (numpy has no such type)")
+    return t.detach().cpu().numpy()
+
+
+class NumpyProgram:
+    """A lowered graph: ``run(flat_inputs) -> flat_outputs`` in numpy."""
+
+    def __init__(self, gm: fx.GraphModule):
+        _load_extensions()
+        self.gm = gm
+        nodes = list(gm.graph.nodes)
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.output = nodes[-1]
+        self.consts = {n: to_numpy(getattr(gm, n.target)) for n in nodes if n.op == "get_attr"}
+        self.steps = []
+        for n in nodes:
+            if n.op == "call_function":
+                fn = NUMPY_OPS.get(n.target)
+                if fn is None:
+                    raise UnsupportedOpError(_missing(n))
+                dt = ir.meta.dtype(n)
+                self.steps.append((n, fn, NP_DTYPE.get(dt) if dt is not None else None))
+            elif n.op in ("call_module", "call_method"):
+                raise UnsupportedOpError(_missing(n))
+        # free each intermediate after its last use: keeps peak memory near torch's
+        last_use = {}
+        for i, (n, _, _) in enumerate(self.steps):
+            for a in n.all_input_nodes:
+                last_use[a] = i
+        self.free_after = [[] for _ in self.steps]
+        outs = set(self.output.all_input_nodes)
+        for a, i in last_use.items():
+            if a.op == "call_function" and a not in outs:
+                self.free_after[i].append(a)
+
+    def run(self, flat_inputs: list) -> list:
+        env = dict(self.consts)
+        for p, v in zip(self.placeholders, flat_inputs):
+            env[p] = to_numpy(v) if isinstance(v, torch.Tensor) else v
+        load = lambda a: env[a]
+        for i, (n, fn, dt) in enumerate(self.steps):
+            args = fx.node.map_arg(n.args, load)
+            kwargs = fx.node.map_arg(n.kwargs, load)
+            try:
+                out = fn(*args, **kwargs)
+            except Exception as e:
+                raise RuntimeError(f"numpy backend: node {n.name} ({n.target}) failed: {type(e).__name__}: {e}") from e
+            if dt is not None and isinstance(out, np.ndarray) and out.dtype != dt:
+                out = out.astype(dt)          # torch's type promotion, as recorded on the node
+            elif dt is not None and isinstance(out, np.generic):
+                out = np.asarray(out, dtype=dt)
+            env[n] = out
+            for a in self.free_after[i]:
+                del env[a]
+        return fx.node.map_arg(self.output.args[0], load)
+
+
+def _missing(n: fx.Node) -> str:
+    where = ir.meta.module_name(n)
+    return (f"the numpy backend has no implementation of {n.target} (node {n.name}"
+            f"{', from module ' + where if where else ''}). Register one with "
+            f"slimfx.backends.optable.numpy_op({n.target}), or run with backend='torch'.")
+
+
+def to_torch(x):
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, np.generic):
+        return torch.from_numpy(np.asarray(x))
+    return x

@@ -1,0 +1,428 @@
+"""numpy implementations of the canonical ATen op set: what BERT-style encoders and Llama-style decoders
+(RMSNorm, SiLU-gated MLP, rotary embeddings, grouped-query attention, causal and padding masks) use.
+Each function takes numpy arrays / Python values and mirrors the ATen op's semantics; the interpreter
+casts every result to the dtype recorded on its node, so torch's type promotion rules hold."""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+from scipy import special
+
+from .optable import numpy_op
+
+aten = torch.ops.aten
+
+NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+            torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+            torch.uint8: np.uint8, torch.bool: np.bool_}
+INT64_MAX = 2**63 - 1
+
+
+def np_dtype(dt, default=None):
+    if dt is None:
+        return default
+    if dt not in NP_DTYPE:
+        raise NotImplementedError(f"the numpy backend has no dtype for {dt} (bfloat16 has no numpy type)")
+    return NP_DTYPE[dt]
+
+
+# --- Python operators on sizes (SymInts become ints here) ------------------------------------------
+for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+            operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+            operator.ge, operator.getitem, math.ceil, math.floor):
+    numpy_op(_op)(_op)
+numpy_op(torch.sym_max)(max)
+numpy_op(torch.sym_min)(min)
+numpy_op(torch.sym_sum)(sum)
+numpy_op(torch.sym_float)(float)
+numpy_op(torch.sym_int)(int)
+
+
+@numpy_op(aten.sym_size.int)
+def sym_size(x, dim):
+    return x.shape[dim]
+
+
+@numpy_op(aten.sym_numel.default)
+def sym_numel(x):
+    return x.size
+
+
+@numpy_op(aten._assert_scalar.default)
+def assert_scalar(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+# --- elementwise ------------------------------------------------------------------------------------
+@numpy_op(aten.add.Tensor, aten.add.Scalar)
+def add(a, b, alpha=1):
+    return a + (b * alpha if alpha != 1 else b)
+
+
+@numpy_op(aten.sub.Tensor, aten.sub.Scalar)
+def sub(a, b, alpha=1):
+    return a - (b * alpha if alpha != 1 else b)
+
+
+@numpy_op(aten.rsub.Scalar, aten.rsub.Tensor)
+def rsub(a, b, alpha=1):
+    return b - (a * alpha if alpha != 1 else a)
+
+
+@numpy_op(aten.mul.Tensor, aten.mul.Scalar)
+def mul(a, b):
+    return a * b
+
+
+@numpy_op(aten.div.Tensor, aten.div.Scalar)
+def div(a, b):
+    return np.true_divide(a, b)
+
+
+@numpy_op(aten.div.Tensor_mode)
+def div_mode(a, b, rounding_mode=None):
+    if rounding_mode == "floor":
+        return np.floor_divide(a, b)
+    q = np.true_divide(a, b)
+    return np.trunc(q) if rounding_mode == "trunc" else q
+
+
+@numpy_op(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor)
+def pow_(a, b):
+    if isinstance(b, (int, float)) and b == 2:
+        return a * a
+    return np.power(a, b)
+
+
+for _name, _fn in {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+                   "ge": np.greater_equal}.items():
+    numpy_op(getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)(_fn)
+numpy_op(aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)(np.logical_and)
+numpy_op(aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default)(np.logical_or)
+numpy_op(aten.logical_not.default, aten.bitwise_not.default)(np.logical_not)
+numpy_op(aten.maximum.default)(np.maximum)
+numpy_op(aten.minimum.default)(np.minimum)
+
+
+@numpy_op(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
+def where(cond, a, b):
+    return np.where(cond, a, b)
+
+
+@numpy_op(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def masked_fill(x, mask, value):
+    return np.where(mask, np.asarray(value, dtype=x.dtype), x)
+
+
+@numpy_op(aten.clamp.default)
+def clamp(x, lo=None, hi=None):
+    return np.clip(x, lo, hi)
+
+
+_UNARY = {aten.neg.default: np.negative, aten.exp.default: np.exp, aten.log.default: np.log,
+          aten.sqrt.default: np.sqrt, aten.tanh.default: np.tanh, aten.cos.default: np.cos,
+          aten.sin.default: np.sin, aten.abs.default: np.abs, aten.erf.default: special.erf,
+          aten.reciprocal.default: np.reciprocal, aten.floor.default: np.floor, aten.ceil.default: np.ceil}
+for _t, _fn in _UNARY.items():
+    numpy_op(_t)(_fn)
+
+
+@numpy_op(aten.rsqrt.default)
+def rsqrt(x):
+    return 1 / np.sqrt(x)
+
+
+@numpy_op(aten.sigmoid.default)
+def sigmoid(x):
+    return special.expit(x)
+
+
+@numpy_op(aten.relu.default)
+def relu(x):
+    return np.maximum(x, 0)
+
+
+@numpy_op(aten.silu.default)
+def silu(x):
+    return x * special.expit(x)
+
+
+@numpy_op(aten.gelu.default)
+def gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+    return 0.5 * x * (1 + special.erf(x * np.float32(1 / math.sqrt(2))))
+
+
+@numpy_op(aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+          aten.lift_fresh_copy.default, aten.dropout.default)
+def identity(x, *args, **kwargs):
+    return x
+
+
+@numpy_op(aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default,
+          aten.to.other)
+def to(x, *args, dtype=None, **kwargs):
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, np.ndarray):         # type_as / to.other
+            return x.astype(a.dtype, copy=False)
+    return x if dtype is None else x.astype(np_dtype(dtype), copy=False)
+
+
+# --- reductions and normalization ------------------------------------------------------------------
+@numpy_op(aten.mean.dim)
+def mean(x, dims, keepdim=False, dtype=None):
+    return np.mean(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
+
+
+@numpy_op(aten.sum.dim_IntList)
+def sum_(x, dims, keepdim=False, dtype=None):
+    return np.sum(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
+
+
+@numpy_op(aten.amax.default)
+def amax(x, dims=(), keepdim=False):
+    return np.max(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
+
+
+@numpy_op(aten.cumsum.default)
+def cumsum(x, dim, dtype=None):
+    return np.cumsum(x, axis=dim)
+
+
+def _softmax(x, dim):
+    m = np.max(x, axis=dim, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=dim, keepdims=True)
+
+
+@numpy_op(aten.softmax.int, aten._softmax.default)
+def softmax(x, dim, half_to_float_or_dtype=None):
+    return _softmax(x, dim)
+
+
+@numpy_op(aten.layer_norm.default)
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    mu = np.mean(x, axis=axes, keepdims=True)
+    xc = x - mu
+    var = np.mean(xc * xc, axis=axes, keepdims=True)
+    y = xc / np.sqrt(var + np.float32(eps))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+# --- linear algebra ---------------------------------------------------------------------------------
+@numpy_op(aten.linear.default)
+def linear(x, w, b=None):
+    # one 2-D GEMM over all leading dims (numpy would otherwise loop a GEMM per batch entry)
+    y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
+    return y + b if b is not None else y
+
+
+@numpy_op(aten.matmul.default, aten.bmm.default, aten.mm.default)
+def matmul(a, b):
+    return np.matmul(a, b)
+
+
+@numpy_op(aten.addmm.default)
+def addmm(bias, a, b, beta=1, alpha=1):
+    return beta * bias + alpha * (a @ b)
+
+
+@numpy_op(aten.scaled_dot_product_attention.default)
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    L, S = q.shape[-2], k.shape[-2]
+    scale = np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
+    scores = np.matmul(q * scale, np.swapaxes(k, -1, -2))
+    if is_causal:
+        scores = np.where(np.tril(np.ones((L, S), dtype=bool)), scores, -np.inf)
+    if attn_mask is not None:
+        scores = np.where(attn_mask, scores, -np.inf) if attn_mask.dtype == np.bool_ else scores + attn_mask
+    # torch's CPU kernels give a query that may attend to nothing (e.g. a left-padding position under a
+    # causal mask) zero output rather than NaN: softmax with a guarded max and denominator does the same
+    m = np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isneginf(m), 0, m))
+    s = np.sum(e, axis=-1, keepdims=True)
+    p = e / np.where(s == 0, 1, s)
+    return np.matmul(p.astype(v.dtype, copy=False), v)
+
+
+# --- shapes and indexing ----------------------------------------------------------------------------
+@numpy_op(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def reshape(x, shape):
+    return np.reshape(x, shape)
+
+
+@numpy_op(aten.permute.default)
+def permute(x, dims):
+    return np.transpose(x, dims)
+
+
+@numpy_op(aten.transpose.int)
+def transpose(x, a, b):
+    return np.swapaxes(x, a, b)
+
+
+@numpy_op(aten.t.default)
+def t(x):
+    return x.T
+
+
+@numpy_op(aten.unsqueeze.default)
+def unsqueeze(x, dim):
+    return np.expand_dims(x, dim if dim >= 0 else x.ndim + 1 + dim)
+
+
+@numpy_op(aten.squeeze.dim, aten.squeeze.dims)
+def squeeze(x, dims):
+    dims = [dims] if isinstance(dims, int) else dims
+    dims = tuple(d % x.ndim for d in dims if x.shape[d] == 1)
+    return np.squeeze(x, axis=dims) if dims else x
+
+
+@numpy_op(aten.expand.default)
+def expand(x, shape, implicit=False):
+    lead = len(shape) - x.ndim
+    shape = [x.shape[i - lead] if s == -1 else s for i, s in enumerate(shape)]
+    return np.broadcast_to(x, shape)
+
+
+@numpy_op(aten.flatten.using_ints)
+def flatten(x, start=0, end=-1):
+    start, end = start % max(x.ndim, 1), end % max(x.ndim, 1)
+    return x.reshape(*x.shape[:start], -1, *x.shape[end + 1:])
+
+
+@numpy_op(aten.slice.Tensor)
+def slice_(x, dim=0, start=None, end=None, step=1):
+    if end is not None and end >= INT64_MAX:
+        end = None
+    idx = [slice(None)] * x.ndim
+    idx[dim] = slice(start, end, step)
+    return x[tuple(idx)]
+
+
+@numpy_op(aten.select.int)
+def select(x, dim, index):
+    return np.take(x, index, axis=dim)
+
+
+@numpy_op(aten.index.Tensor)
+def index(x, indices):
+    return x[tuple(slice(None) if i is None else i for i in indices)]
+
+
+@numpy_op(aten.gather.default)
+def gather(x, dim, idx, sparse_grad=False):
+    return np.take_along_axis(x, idx, axis=dim)
+
+
+@numpy_op(aten.embedding.default)
+def embedding(weight, ids, padding_idx=-1, scale_grad=False, sparse=False):
+    return np.take(weight, ids, axis=0)
+
+
+@numpy_op(aten.cat.default)
+def cat(tensors, dim=0):
+    return np.concatenate(tensors, axis=dim)
+
+
+@numpy_op(aten.stack.default)
+def stack(tensors, dim=0):
+    return np.stack(tensors, axis=dim)
+
+
+@numpy_op(aten.split.Tensor)
+def split(x, size, dim=0):
+    n = x.shape[dim]
+    return tuple(np.split(x, list(range(size, n, size)), axis=dim))
+
+
+@numpy_op(aten.split_with_sizes.default)
+def split_with_sizes(x, sizes, dim=0):
+    return tuple(np.split(x, np.cumsum(sizes)[:-1].tolist(), axis=dim))
+
+
+@numpy_op(aten.repeat.default)
+def repeat(x, reps):
+    return np.tile(x, reps)
+
+
+@numpy_op(aten.triu.default)
+def triu(x, diagonal=0):
+    return np.triu(x, diagonal)
+
+
+@numpy_op(aten.tril.default)
+def tril(x, diagonal=0):
+    return np.tril(x, diagonal)
+
+
+# --- creation ---------------------------------------------------------------------------------------
+def _creation_dtype(dtype, default):
+    return np_dtype(dtype, default)
+
+
+@numpy_op(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
+    floating = any(isinstance(a, float) for a in args)
+    return np.arange(*args, dtype=_creation_dtype(dtype, np.float32 if floating else np.int64))
+
+
+@numpy_op(aten.full.default)
+def full(size, value, dtype=None, layout=None, device=None, pin_memory=None):
+    default = np.bool_ if isinstance(value, bool) else np.int64 if isinstance(value, int) else np.float32
+    return np.full(size, value, dtype=_creation_dtype(dtype, default))
+
+
+@numpy_op(aten.ones.default)
+def ones(size, dtype=None, layout=None, device=None, pin_memory=None):
+    return np.ones(size, dtype=_creation_dtype(dtype, np.float32))
+
+
+@numpy_op(aten.zeros.default)
+def zeros(size, dtype=None, layout=None, device=None, pin_memory=None):
+    return np.zeros(size, dtype=_creation_dtype(dtype, np.float32))
+
+
+@numpy_op(aten.new_ones.default)
+def new_ones(x, size, dtype=None, layout=None, device=None, pin_memory=None):
+    return np.ones(size, dtype=_creation_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.new_zeros.default)
+def new_zeros(x, size, dtype=None, layout=None, device=None, pin_memory=None):
+    return np.zeros(size, dtype=_creation_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.ones_like.default)
+def ones_like(x, dtype=None, **kwargs):
+    return np.ones(x.shape, dtype=_creation_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.zeros_like.default)
+def zeros_like(x, dtype=None, **kwargs):
+    return np.zeros(x.shape, dtype=_creation_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.full_like.default)
+def full_like(x, value, dtype=None, **kwargs):
+    return np.full(x.shape, value, dtype=_creation_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.scalar_tensor.default)
+def scalar_tensor(value, dtype=None, **kwargs):
+    return np.asarray(value, dtype=_creation_dtype(dtype, np.float32))

@@ -1,0 +1,223 @@
+"""Canonicalization: every capture ends in one op set, the ATen ops torch.export produces.
+
+Three steps, each small and table-driven:
+1. ``canonicalize_calls``: torch-level calls from ``fx.symbolic_trace`` (``nn.Linear`` modules,
+   ``F.linear``, ``operator.add`` on tensors, ``x.view(...)``) become their ATen ops.
+2. ``LINEAR_RULES``: every spelling of a linear layer (``addmm(b, x, t(w))``, ``matmul(x, t(w))``,
+   ``mm``) becomes ``aten.linear.default(x, w, b)``, the one form passes match.
+3. ``drop_noops``: export's metadata asserts, inference dropout and dtype conversions to the same
+   dtype disappear.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import meta
+from .rewrite import Rule, apply_rules
+
+aten = torch.ops.aten
+
+# --- 1. torch-level calls -> ATen ------------------------------------------------------------------
+
+# functions whose positional arguments map one to one
+_FUNCTIONS = {
+    F.linear: aten.linear.default, torch.matmul: aten.matmul.default, torch.bmm: aten.bmm.default,
+    torch.mm: aten.mm.default, torch.addmm: aten.addmm.default,
+    F.relu: aten.relu.default, torch.relu: aten.relu.default, F.gelu: aten.gelu.default,
+    F.silu: aten.silu.default, torch.tanh: aten.tanh.default, torch.sigmoid: aten.sigmoid.default,
+    F.layer_norm: aten.layer_norm.default, F.embedding: aten.embedding.default,
+    torch.cat: aten.cat.default, torch.neg: aten.neg.default, torch.exp: aten.exp.default,
+    torch.rsqrt: aten.rsqrt.default, torch.sqrt: aten.sqrt.default, torch.transpose: aten.transpose.int,
+    torch.reshape: aten.reshape.default, torch.permute: aten.permute.default, torch.t: aten.t.default,
+    F.scaled_dot_product_attention: aten.scaled_dot_product_attention.default,
+    torch.cos: aten.cos.default, torch.sin: aten.sin.default, torch.flatten: aten.flatten.using_ints,
+    torch.where: aten.where.self, torch.pow: aten.pow.Tensor_Scalar,
+}
+# Python operators on tensors (on SymInts they stay Python operators)
+_OPERATORS = {
+    operator.add: aten.add.Tensor, operator.sub: aten.sub.Tensor, operator.mul: aten.mul.Tensor,
+    operator.truediv: aten.div.Tensor, operator.neg: aten.neg.default, operator.matmul: aten.matmul.default,
+    torch.add: aten.add.Tensor, torch.sub: aten.sub.Tensor, torch.mul: aten.mul.Tensor,
+    torch.div: aten.div.Tensor,
+}
+# tensor methods
+_METHODS = {
+    "view": aten.view.default, "reshape": aten.reshape.default, "permute": aten.permute.default,
+    "transpose": aten.transpose.int, "t": aten.t.default, "unsqueeze": aten.unsqueeze.default,
+    "squeeze": aten.squeeze.dim, "expand": aten.expand.default, "flatten": aten.flatten.using_ints,
+    "relu": aten.relu.default, "tanh": aten.tanh.default, "sigmoid": aten.sigmoid.default,
+    "exp": aten.exp.default, "neg": aten.neg.default, "matmul": aten.matmul.default,
+    "add": aten.add.Tensor, "sub": aten.sub.Tensor, "mul": aten.mul.Tensor, "div": aten.div.Tensor,
+    "pow": aten.pow.Tensor_Scalar, "mean": aten.mean.dim, "rsqrt": aten.rsqrt.default,
+}
+_VARARG_SHAPE_METHODS = {"view", "reshape", "permute", "expand"}   # x.view(a, b) == x.view((a, b))
+
+
+def _module_call(gm: fx.GraphModule, node: fx.Node, mod: nn.Module):
+    """(target, args, kwargs) of the ATen call that replaces a call_module node, or None."""
+    def attr(name):
+        t = getattr(mod, name)
+        if t is None:
+            return None
+        with gm.graph.inserting_before(node):
+            a = gm.graph.get_attr(f"{node.target}.{name}")
+        return a
+    x = node.args[0] if node.args else None
+    if isinstance(mod, nn.Linear):
+        return aten.linear.default, (x, attr("weight"), attr("bias")), {}
+    if isinstance(mod, nn.LayerNorm):
+        return aten.layer_norm.default, (x, list(mod.normalized_shape), attr("weight"), attr("bias"), mod.eps), {}
+    if isinstance(mod, nn.Embedding) and mod.padding_idx is None and mod.max_norm is None:
+        return aten.embedding.default, (attr("weight"), x), {}
+    if isinstance(mod, nn.GELU):
+        return aten.gelu.default, (x,), ({"approximate": mod.approximate} if mod.approximate != "none" else {})
+    simple = {nn.ReLU: aten.relu.default, nn.SiLU: aten.silu.default, nn.Tanh: aten.tanh.default,
+              nn.Sigmoid: aten.sigmoid.default}
+    for cls, op in simple.items():
+        if type(mod) is cls:
+            return op, (x,), {}
+    if isinstance(mod, (nn.Dropout, nn.Identity)):
+        return "identity", (x,), {}
+    if isinstance(mod, nn.Softmax):
+        return aten.softmax.int, (x, mod.dim), {}
+    return None
+
+
+def _is_tensor_arg(a) -> bool:
+    """Tensor-valued argument? Without metadata (pattern graphs) every node counts as a tensor."""
+    return isinstance(a, fx.Node) and ("val" not in a.meta or isinstance(a.meta["val"], torch.Tensor))
+
+
+def _replace_with_constant(node: fx.Node, value) -> None:
+    swap = lambda a: value if a is node else a
+    for user in list(node.users):
+        user.args = fx.node.map_aggregate(user.args, swap)
+        user.kwargs = fx.node.map_aggregate(user.kwargs, swap)
+
+
+def canonicalize_calls(gm: fx.GraphModule) -> int:
+    """Rewrite torch-level calls into ATen calls in place; returns how many nodes changed."""
+    changed = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        new = None
+        if node.op == "call_module":
+            new = _module_call(gm, node, gm.get_submodule(node.target))
+        elif node.op == "call_function" and node.target in _FUNCTIONS:
+            target = _FUNCTIONS[node.target]
+            new = target, tuple(node.args), dict(node.kwargs)
+        elif node.op == "call_function" and node.target is F.softmax:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            new = aten.softmax.int, (node.args[0], dim), {}
+        elif node.op == "call_function" and node.target in _OPERATORS and any(
+                _is_tensor_arg(a) for a in node.args):
+            new = _OPERATORS[node.target], tuple(node.args), dict(node.kwargs)
+        elif node.op == "call_method" and node.target in _METHODS:
+            args = list(node.args)
+            if node.target in _VARARG_SHAPE_METHODS and len(args) > 2:
+                args = [args[0], list(args[1:])]
+            elif node.target in _VARARG_SHAPE_METHODS and len(args) == 2 and isinstance(args[1], tuple):
+                args = [args[0], list(args[1])]
+            if node.target == "mean" and len(args) == 2 and isinstance(args[1], int):
+                args[1] = [args[1]]
+            new = _METHODS[node.target], tuple(args), dict(node.kwargs)
+        elif node.op == "call_method" and node.target == "size" and meta.is_tensor(node.args[0]) and \
+                all(isinstance(d, int) for d in meta.shape(node.args[0])):
+            size = meta.shape(node.args[0])          # static shapes (symbolic_trace): sizes are constants
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            _replace_with_constant(node, size if dim is None else size[dim])
+            graph.erase_node(node)
+            changed += 1
+            continue
+        elif node.op == "call_method" and node.target == "contiguous":
+            new = aten.clone.default, (node.args[0],), {"memory_format": torch.contiguous_format}
+        if new is None:
+            continue
+        target, args, kwargs = new
+        if target == "identity":
+            node.replace_all_uses_with(args[0])
+        else:
+            with graph.inserting_before(node):
+                repl = graph.call_function(target, args, kwargs)
+            repl.meta.update(node.meta)
+            node.replace_all_uses_with(repl)
+        graph.erase_node(node)
+        changed += 1
+    if changed:
+        graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return changed
+
+
+# --- 2. every linear spelling -> aten.linear --------------------------------------------------------
+
+LINEAR_RULES = [
+    Rule("addmm(b, x, t(w)) => linear(x, w, b)",
+         lambda b, x, w: aten.addmm.default(b, x, aten.t.default(w)),
+         lambda b, x, w: aten.linear.default(x, w, b)),
+    Rule("addmm(b, x, permute(w, [1, 0])) => linear(x, w, b)",
+         lambda b, x, w: aten.addmm.default(b, x, aten.permute.default(w, [1, 0])),
+         lambda b, x, w: aten.linear.default(x, w, b)),
+    Rule("mm(x, t(w)) => linear(x, w)",
+         lambda x, w: aten.mm.default(x, aten.t.default(w)),
+         lambda x, w: aten.linear.default(x, w)),
+    Rule("matmul(x, t(w)) => linear(x, w)",
+         lambda x, w: aten.matmul.default(x, aten.t.default(w)),
+         lambda x, w: aten.linear.default(x, w)),
+]
+
+
+# --- 3. no-ops --------------------------------------------------------------------------------------
+
+_CONVERSIONS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default}
+
+
+def _is_noop(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if t is aten.dropout.default:
+        train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True)
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return (not train) or p == 0
+    if t in _CONVERSIONS and isinstance(node.args[0], fx.Node):
+        src, out = meta.dtype(node.args[0]), meta.dtype(node)
+        return src is not None and src == out
+    if t is aten.alias.default:
+        return True
+    return False
+
+
+def drop_noops(gm: fx.GraphModule) -> int:
+    graph, n = gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+            n += 1
+        elif _is_noop(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
+def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
+    """Bring a freshly captured graph to the canonical op set; returns counts per step."""
+    from .propagate import propagate_meta
+    counts = {"torch->aten": canonicalize_calls(gm)}
+    counts.update(apply_rules(gm, LINEAR_RULES))
+    if any("val" not in n.meta for n in gm.graph.nodes if n.op not in ("output", "placeholder")):
+        if all("val" in p.meta for p in gm.graph.nodes if p.op == "placeholder"):
+            propagate_meta(gm)
+    counts["no-ops"] = drop_noops(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return counts

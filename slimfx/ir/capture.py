@@ -1,0 +1,176 @@
+"""Capture a model into the slimfx IR: a torch.fx GraphModule in the canonical ATen op set.
+
+``torch.export`` (non-strict) is the default: Hugging Face models of transformers 5.x go through it,
+not through ``fx.symbolic_trace``. ``fx.symbolic_trace`` serves plain modules (method="symbolic_trace"
+or as the fallback of method="auto"). Either way the result is canonicalized, its tensors are moved to
+a flat attribute namespace (so a pass can replace one without touching the user's model), and every
+node carries its shape and dtype in ``node.meta["val"]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import traceback
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from . import meta
+from .canonical import canonicalize
+from .propagate import propagate_meta
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message says why and what to try."""
+
+
+@dataclasses.dataclass
+class Captured:
+    gm: fx.GraphModule
+    method: str                      # "export" or "symbolic_trace"
+    example_args: tuple
+    example_kwargs: dict
+
+
+def _dynamic_shapes(dynamic, args, kwargs, model):
+    """Turn ``dynamic`` into export's dynamic_shapes: True marks every dim of every tensor input Dim.AUTO
+    (export keeps a dim static where the model needs it); a dict or tuple is passed through."""
+    if dynamic is None or dynamic is False:
+        return None
+    if dynamic is not True:
+        return dynamic
+    spec = lambda v: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+    return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else tuple(spec(a) for a in args)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Capture the inference graph (no dropout) and give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
+    ds = _dynamic_shapes(dynamic, args, kwargs, model)
+    if ds is not None and kwargs and isinstance(ds, tuple) and len(ds) == 2 and isinstance(ds[1], dict):
+        # export wants dynamic_shapes keyed like forward's signature: merge positional and keyword specs
+        import inspect
+        names = list(inspect.signature(model.forward).parameters)
+        merged = {names[i]: s for i, s in enumerate(ds[0])}
+        merged.update(ds[1])
+        ds = merged
+    ep = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
+    return ep.module()
+
+
+def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
+    if kwargs:
+        raise CaptureError("fx.symbolic_trace takes positional example inputs only; pass example_inputs as a tuple")
+    return fx.symbolic_trace(model)
+
+
+def _flatten_attributes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule whose tensors live in one flat namespace (``encoder_layer_0_..._weight``),
+    each get_attr node remembering the parameter's name in the user's model."""
+    root: dict[str, Any] = {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            fqn = node.target
+            tensor = gm.get_parameter(fqn) if _is_param(gm, fqn) else _get(gm, fqn)
+            flat = fqn.replace(".", "_")
+            while flat in root and root[flat] is not tensor:
+                flat += "_"
+            root[flat] = tensor
+            node.target = flat
+            meta.set_param_name(node, fqn)
+        elif node.op == "call_module":
+            root[node.target] = gm.get_submodule(node.target)
+    new = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    return new
+
+
+def _is_param(gm, fqn):
+    try:
+        gm.get_parameter(fqn)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get(gm, fqn):
+    obj = gm
+    for part in fqn.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = None, *,
+            dynamic=None, method: str = "auto") -> Captured:
+    """Capture ``model`` called as ``model(*args, **kwargs)``.
+
+    dynamic: None (static shapes), True (every tensor dim may vary; export keeps a dim static where the
+             model needs it) or export's ``dynamic_shapes`` structure.
+    method:  "export", "symbolic_trace", or "auto" (export, then symbolic_trace for plain modules).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"slimfx captures torch.nn.Module objects, got {type(model).__name__}")
+    if method not in ("auto", "export", "symbolic_trace"):
+        raise CaptureError(f"capture method must be 'auto', 'export' or 'symbolic_trace', got {method!r}")
+    args, kwargs = tuple(args), dict(kwargs or {})
+    errors = []
+    name = type(model).__name__
+    with _eval_mode(model), torch.no_grad():
+        if method in ("auto", "export"):
+            try:
+                gm = _export(model, args, kwargs, dynamic)
+                used = "export"
+            except Exception as e:          # noqa: BLE001 - reported below with the reason
+                errors.append(("torch.export", e))
+                gm = None
+        else:
+            gm = None
+        if gm is None and method in ("auto", "symbolic_trace"):
+            try:
+                gm = _symbolic_trace(model, args, kwargs)
+                used = "symbolic_trace"
+            except Exception as e:          # noqa: BLE001
+                errors.append(("fx.symbolic_trace", e))
+                gm = None
+    if gm is None:
+        raise CaptureError(_explain(name, errors, dynamic)) from errors[-1][1]
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        gm.graph.erase_node(node)         # export's own input guards; slimfx checks inputs itself
+    if used == "symbolic_trace":
+        propagate_meta(gm, args)          # canonicalization reads shapes (tensor or int operands)
+    canonicalize(gm)
+    gm = _flatten_attributes(gm)
+    return Captured(gm, used, args, kwargs)
+
+
+def _explain(name, errors, dynamic) -> str:
+    lines = [f"could not capture {name}:"]
+    for how, e in errors:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" (at {where.filename}:{where.lineno})" if where else ""
+        lines.append(f"  {how}: {type(e).__name__}: {first}{at}")
+    lines.append("what to try:")
+    if any("Cache" in str(e) for _, e in errors):
+        lines.append("  - the model returns a KV-cache object: pass use_cache=False with the example inputs")
+    lines.append("  - data-dependent Python control flow: rewrite it with torch.cond, or pass the deciding "
+                 "values as constants (fx.symbolic_trace's concrete_args)")
+    lines.append("  - an untraceable submodule: make it a leaf (fx.Tracer.is_leaf_module) and capture with "
+                 "method='symbolic_trace'")
+    if dynamic:
+        lines.append("  - a dimension the model specializes (e.g. size 1 or a fixed length): drop dynamic=True "
+                     "or give export's dynamic_shapes for the dims that really vary")
+    lines.append("  - Hugging Face models: capture with method='export' (the default); transformers 5.x does "
+                 "not support fx.symbolic_trace")
+    return "\n".join(lines)

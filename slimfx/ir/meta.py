@@ -1,0 +1,91 @@
+"""Typed access to node metadata. Passes read and write ``node.meta`` only through these functions.
+
+Keys:
+- ``val``            the FakeTensor / SymInt torch.export (or our propagation) attached: shape and dtype
+- ``nn_module_stack`` the source module path export records; ``module_name`` reads the innermost one
+- ``slimfx``          a ``NodeInfo``: what compression passes decided for this node
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+_INFO = "slimfx"
+_PARAM = "slimfx_param"
+
+
+@dataclasses.dataclass
+class NodeInfo:
+    """Compression metadata of one node. Quantization and pruning passes fill the fields they own."""
+    quant: Optional[dict] = None      # e.g. the QScheme and its parameters, as JSON-able data
+    mask: Optional[str] = None        # name of the mask tensor attribute on the GraphModule
+    kernel: Optional[str] = None      # what a backend chose for this node, and why
+    origin: Optional[str] = None      # the pass that created this node
+
+
+def val(node: fx.Node) -> Any:
+    return node.meta.get("val")
+
+
+def shape(node: fx.Node) -> Optional[tuple]:
+    """The node's shape as a tuple of ints / SymInts, or None when it is not a tensor or unknown."""
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype(node: fx.Node) -> Optional[torch.dtype]:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor(node: fx.Node) -> bool:
+    return isinstance(val(node), torch.Tensor)
+
+
+def info(node: fx.Node) -> NodeInfo:
+    """The node's NodeInfo, created empty on first access."""
+    if _INFO not in node.meta:
+        node.meta[_INFO] = NodeInfo()
+    return node.meta[_INFO]
+
+
+def module_name(node: fx.Node) -> str:
+    """Dotted path of the innermost source module ("encoder.layer.0.attention.self.query"), or ""."""
+    if _PARAM in node.meta:
+        return node.meta[_PARAM].rsplit(".", 1)[0]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # export writes paths like "L['self'].encoder.layer[0]" in strict mode and plain FQNs in non-strict
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "")
+
+
+def param_name(node: fx.Node) -> Optional[str]:
+    """For a get_attr node: the parameter's fully qualified name in the user's model."""
+    return node.meta.get(_PARAM)
+
+
+def set_param_name(node: fx.Node, fqn: str) -> None:
+    node.meta[_PARAM] = fqn
+
+
+def tensor_attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a get_attr node reads."""
+    assert node.op == "get_attr", f"{node.name} is a {node.op}, not get_attr"
+    return getattr(gm, node.target)
+
+
+def add_tensor_attr(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
+    """Store ``tensor`` on gm under a fresh flat attribute name derived from ``name``; returns the name.
+    Passes never write into existing tensors (the user's model shares them); they add new ones."""
+    base = name.replace(".", "_")
+    new, i = base, 0
+    while hasattr(gm, new):
+        i += 1
+        new = f"{base}_{i}"
+    gm.register_buffer(new, tensor) if not isinstance(tensor, torch.nn.Parameter) else gm.register_parameter(new, tensor)
+    return new

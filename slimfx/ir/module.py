@@ -1,0 +1,46 @@
+"""Copying a GraphModule cheaply: a new graph (nodes, metadata, call convention) over the same tensors."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from . import meta
+
+
+def fork(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own copy of the graph and of slimfx's node metadata, sharing the tensors.
+    Passes work on a fork, so a pass that fails leaves the graph before it untouched; passes never
+    write into tensors (they add new ones), so sharing them is safe and costs no memory."""
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = gm.graph._codegen          # the call convention (pytree specs): immutable, shared
+    val_map: dict = {}
+    out_val, out_node = graph.graph_copy(gm.graph, val_map, return_output_node=True)
+    new_out = graph.output(out_val, type_expr=out_node.type)
+    new_out.meta = copy.copy(out_node.meta)
+    for node in graph.nodes:
+        if isinstance(node.meta.get("slimfx"), meta.NodeInfo):
+            node.meta["slimfx"] = dataclasses.replace(node.meta["slimfx"])
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            root[node.target] = getattr(gm, node.target) if node.op == "get_attr" else gm.get_submodule(node.target)
+    new = fx.GraphModule(root, graph, class_name=gm.__class__.__name__)
+    return new
+
+
+def tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the graph reads, by attribute name."""
+    return {n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
+            and isinstance(getattr(gm, n.target, None), torch.Tensor)}
+
+
+def drop_unused_tensors(gm: fx.GraphModule) -> int:
+    """Delete tensor attributes no get_attr node reads any more; returns how many."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    names = [k for k in list(gm._parameters) + list(gm._buffers) if k not in used]
+    for k in names:
+        delattr(gm, k)
+    return len(names)

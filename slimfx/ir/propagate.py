@@ -1,0 +1,27 @@
+"""Shape and dtype propagation: fills ``node.meta["val"]`` with FakeTensors (symbolic where capture made
+dims dynamic). Dialect ops propagate through their registered fake implementations."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModule:
+    """Recompute every node's ``val``. Reuses the placeholders' fake values (and so their symbolic
+    shapes) when capture left them; otherwise fakifies ``example_args``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [p.meta.get("val") for p in placeholders]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if mode is not None and all(v is not None or not p.users for p, v in zip(placeholders, vals)):
+        with torch.no_grad():
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+        return gm
+    if len(example_args) != len(placeholders):
+        raise ValueError(f"propagate_meta needs one example input per placeholder "
+                         f"({len(placeholders)}: {[p.name for p in placeholders]}), got {len(example_args)}")
+    with torch.no_grad():
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_args)
+    return gm

@@ -1,0 +1,62 @@
+"""The verifier: invariants every pass must keep. Raises ``VerificationError`` naming the node."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import meta
+from .propagate import propagate_meta
+
+
+class VerificationError(RuntimeError):
+    pass
+
+
+def output_signature(gm: fx.GraphModule) -> list[tuple]:
+    """(shape, dtype) of each graph output, shapes as strings so symbolic dims compare without guards."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = pytree.tree_leaves(out.args[0])
+    sig = lambda a: (None if meta.shape(a) is None else tuple(str(d) for d in meta.shape(a)), meta.dtype(a))
+    return [sig(a) if isinstance(a, fx.Node) else (None, None) for a in leaves]
+
+
+def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = None) -> None:
+    """Check (1) fx's structural lint (defined-before-use, one output), (2) every get_attr reads a tensor
+    that exists, (3) shapes and dtypes propagate through every node (a pass that wires a wrong shape fails
+    here, at the node), (4) the outputs keep the shapes and dtypes they had."""
+    try:
+        gm.graph.lint()
+    except Exception as e:
+        raise VerificationError(f"graph is malformed: {e}") from e
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = getattr(gm, n.target, None)
+            if not isinstance(t, torch.Tensor):
+                raise VerificationError(f"node {n.name}: get_attr {n.target!r} does not name a tensor on the module")
+    try:
+        propagate_meta(gm)
+    except Exception as e:
+        where = _failing_node(e)
+        raise VerificationError(f"shape/dtype propagation failed{where}: {type(e).__name__}: {e}") from e
+    for n in gm.graph.nodes:
+        if n.op not in ("output",) and n.users and "val" not in n.meta:
+            raise VerificationError(f"node {n.name} ({n.op} {n.target}) has no shape/dtype after propagation")
+    if expected_outputs is not None:
+        got = output_signature(gm)
+        if len(got) != len(expected_outputs):
+            raise VerificationError(f"the graph returns {len(got)} outputs, expected {len(expected_outputs)}")
+        for i, (g, e) in enumerate(zip(got, expected_outputs)):
+            if g != e:
+                raise VerificationError(f"output {i} changed from shape/dtype {e} to {g}")
+
+
+def _failing_node(e: Exception) -> str:
+    # FakeTensorProp (an fx.Interpreter) adds "While executing %node : ..." to the exception's notes/args
+    notes = getattr(e, "__notes__", None) or []
+    for note in notes:
+        if "While executing" in note:
+            return " at " + note.strip().splitlines()[0].replace("While executing ", "")
+    return ""

@@ -1,0 +1,132 @@
+"""The pass protocol, for built-in and user passes alike.
+
+A pass takes the graph and a ``PassContext`` and returns a ``PassResult``: the graph, whether it
+changed (honestly: the manager relies on it) and its statistics. Write one as a class::
+
+    @register_pass
+    @dataclasses.dataclass
+    class Prune(Pass):
+        sparsity: float = 0.5
+        def run(self, gm, ctx): ...; return PassResult(gm, modified=True, stats={"pruned": n})
+
+or as a function; a function that returns only the graph (or nothing) has ``modified`` computed by
+the manager from the graph's code::
+
+    @register_pass
+    def gelu_tanh(gm):
+        for node in gm.graph.nodes: ...
+
+Passes keep no state between runs and never write into tensors: they add new ones
+(``ir.meta.add_tensor_attr``), because the graph shares its tensors with the user's model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
+
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: Optional[bool]              # None: the pass did not say; the manager finds out
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What a pass may read besides the graph."""
+    example_args: tuple = ()
+    example_kwargs: dict = dataclasses.field(default_factory=dict)
+    calibration: Optional[Iterable] = None     # an iterable of model inputs (tuples or dicts)
+    progress: bool = True                      # passes with long loops show tqdm bars unless False
+
+
+class Pass:
+    """Base class for passes with options: make the subclass a dataclass of its options."""
+    name: ClassVar[str] = ""
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, gm: fx.GraphModule, ctx: Optional[PassContext] = None) -> PassResult:
+        return _as_result(self.run(gm, ctx or PassContext()), gm)
+
+    @property
+    def pass_name(self) -> str:
+        return self.name or type(self).__name__
+
+
+class FunctionPass(Pass):
+    """A plain function ``fn(gm)`` or ``fn(gm, ctx)`` made a Pass."""
+
+    def __init__(self, fn: Callable, name: str = ""):
+        self.fn, self.name = fn, name or fn.__name__
+        self._takes_ctx = len(inspect.signature(fn).parameters) >= 2
+
+    def run(self, gm, ctx):
+        return self.fn(gm, ctx) if self._takes_ctx else self.fn(gm)
+
+    def __repr__(self):
+        return f"FunctionPass({self.name})"
+
+
+def _as_result(out: Any, gm: fx.GraphModule) -> PassResult:
+    if isinstance(out, PassResult):
+        return out
+    if isinstance(out, fx.GraphModule):
+        return PassResult(out, None)
+    if out is None:
+        return PassResult(gm, None)
+    if isinstance(out, bool):
+        return PassResult(gm, out)
+    # torch.fx's own PassResult (graph_module, modified) works too
+    if hasattr(out, "graph_module") and hasattr(out, "modified"):
+        return PassResult(out.graph_module, bool(out.modified))
+    raise TypeError(f"a pass returned {type(out).__name__}; return a PassResult, the GraphModule, a bool or None")
+
+
+# --- registry ---------------------------------------------------------------------------------------
+
+PASSES: dict[str, Callable[..., Pass]] = {}
+
+
+def register_pass(obj=None, *, name: str = ""):
+    """Register a Pass subclass or a function under ``name`` (default: its own name, snake_case for
+    classes). Usable as ``@register_pass`` or ``@register_pass(name="...")``."""
+    def do(o):
+        key = name or (o.name if isinstance(o, type) and getattr(o, "name", "") else _snake(o.__name__))
+        if key in PASSES:
+            raise ValueError(f"a pass named {key!r} is already registered ({PASSES[key]})")
+        if isinstance(o, type):
+            if not issubclass(o, Pass):
+                raise TypeError(f"{o.__name__} must subclass slimfx.passes.Pass to be registered")
+            PASSES[key] = o
+            if not o.name:
+                o.name = key
+        else:
+            fp = FunctionPass(o, key)
+            PASSES[key] = lambda: fp
+        return o
+    return do(obj) if obj is not None else do
+
+
+def _snake(s: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(s))
+
+
+def as_pass(p: Union[str, Pass, Callable]) -> Pass:
+    """A pipeline entry (registered name, Pass instance, Pass subclass, or function) as a Pass."""
+    if isinstance(p, str):
+        if p not in PASSES:
+            raise KeyError(f"no pass named {p!r}; registered: {sorted(PASSES)}")
+        return PASSES[p]()
+    if isinstance(p, Pass):
+        return p
+    if isinstance(p, type) and issubclass(p, Pass):
+        return p()
+    if callable(p):
+        return FunctionPass(p)
+    raise TypeError(f"a pipeline entry must be a pass name, a Pass or a function, got {type(p).__name__}")

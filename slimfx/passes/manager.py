@@ -1,0 +1,144 @@
+"""The pass manager: runs an ordered pipeline over a graph, and around each pass verifies, times,
+measures its numerical effect (SQNR of the outputs against the original model), dumps the IR, and
+names the failing pass and the passes before it. ``SLIMFX_DEBUG`` sets how much it prints:
+0 nothing, 1 one line per pass, 2 also the IR after each pass that changed it, 3 also its table."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
+
+from .. import ir
+from .base import Pass, PassContext, as_pass
+
+
+class PassError(RuntimeError):
+    """A pass failed or broke an invariant; says which pass and which passes ran before it."""
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    modified: bool
+    sqnr_db: Optional[float]          # outputs vs the original model on the example inputs; inf = identical
+    stats: dict
+
+
+def sqnr_db(reference, actual) -> float:
+    """10 log10(signal / noise) over all floating-point output tensors; inf when they are identical."""
+    ref = [r for r in pytree.tree_leaves(reference) if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    act = [a for a in pytree.tree_leaves(actual) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if len(ref) != len(act) or not ref:
+        return float("nan")
+    sig = sum(float(r.double().pow(2).sum()) for r in ref)
+    noise = sum(float((r.double() - a.double()).pow(2).sum()) for r, a in zip(ref, act))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(sig / noise) if sig > 0 else -math.inf
+
+
+def debug_level() -> int:
+    try:
+        return int(os.environ.get("SLIMFX_DEBUG", "0"))
+    except ValueError:
+        return 1
+
+
+def _fingerprint(gm: fx.GraphModule) -> tuple:
+    return str(gm.graph), tuple(id(t) for t in ir.tensors(gm).values())
+
+
+def _versions(gm: fx.GraphModule) -> dict[str, int]:
+    return {k: t._version for k, t in ir.tensors(gm).items()}
+
+
+class PassManager:
+    def __init__(self, passes: Sequence, *, verify: bool = True, measure: bool = True,
+                 dump_dir: Optional[str] = None, progress: bool = True):
+        self.passes: list[Pass] = [as_pass(p) for p in passes]
+        self.verify, self.measure, self.progress = verify, measure, progress
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, reference=None) -> tuple[fx.GraphModule, list[PassRecord]]:
+        """Run the pipeline on a fork of ``gm`` (which stays as it was). ``reference`` is the original
+        model's output on ctx's example inputs, for the SQNR column."""
+        level = debug_level()
+        expected = ir.output_signature(gm)
+        records: list[PassRecord] = []
+        self._dump(0, "captured", gm)
+        bar = tqdm(self.passes, desc="slimfx passes", disable=not self.progress or not self.passes, leave=False)
+        sqnr = None
+        for i, p in enumerate(bar, start=1):
+            name = p.pass_name
+            bar.set_postfix_str(name)
+            before = ir.fork(gm)
+            fp, versions = _fingerprint(before), _versions(before)
+            n_before = len(before.graph.nodes)
+            t0 = time.perf_counter()
+            try:
+                res = p(before, ctx)
+            except Exception as e:
+                raise self._error(name, records, f"raised {type(e).__name__}: {e}") from e
+            seconds = time.perf_counter() - t0
+            new = res.graph_module
+            changed = [k for k, v in versions.items() if getattr(new, k, None) is not None
+                       and getattr(new, k)._version != v]
+            if changed:
+                raise self._error(name, records, f"wrote into tensor(s) {changed[:3]} in place; passes must add "
+                                                 "new tensors (ir.meta.add_tensor_attr) - the model shares them")
+            modified = res.modified if res.modified is not None else _fingerprint(new) != fp
+            if modified:
+                new.recompile()
+                if self.verify:
+                    try:
+                        ir.verify(new, expected)
+                    except ir.VerificationError as e:
+                        raise self._error(name, records, f"left a graph the verifier rejects: {e}") from e
+                if self.measure and reference is not None:
+                    sqnr = sqnr_db(reference, run_torch(new, ctx))
+            elif sqnr is None and self.measure and reference is not None:
+                sqnr = math.inf
+            rec = PassRecord(name, seconds, n_before, len(new.graph.nodes), modified, sqnr, dict(res.stats))
+            records.append(rec)
+            gm = new
+            self._dump(i, name, gm)
+            if level >= 1:
+                print(f"[slimfx] {i:2d} {name:<16} {seconds * 1e3:8.1f} ms  nodes {n_before}->{rec.nodes_after}"
+                      f"  {'changed' if modified else 'unchanged'}  sqnr {_fmt_db(sqnr)}  {rec.stats}", file=sys.stderr)
+            if level >= 2 and modified:
+                print(ir.code(gm), file=sys.stderr)
+            if level >= 3 and modified:
+                print(ir.table(gm), file=sys.stderr)
+        return gm, records
+
+    def _error(self, name: str, records: list[PassRecord], what: str) -> PassError:
+        before = [r.name for r in records]
+        return PassError(f"pass {name!r} {what}\n  (it ran after the passes: {before}; the model and the "
+                         f"graph before this pass are untouched)")
+
+    def _dump(self, i: int, name: str, gm: fx.GraphModule) -> None:
+        if self.dump_dir is None:
+            return
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        (self.dump_dir / f"{i:02d}_{name}.txt").write_text(ir.code(gm) + "\n\n" + ir.table(gm) + "\n")
+
+
+def run_torch(gm: fx.GraphModule, ctx: PassContext):
+    with torch.no_grad():
+        return gm(*ctx.example_args, **ctx.example_kwargs)
+
+
+def _fmt_db(v: Optional[float]) -> str:
+    return "-" if v is None else ("inf" if v == math.inf else f"{v:.1f} dB")

@@ -1,0 +1,83 @@
+"""The compile report: per pass time, node count and SQNR against the original model; per layer what
+the graph now holds. Prints as tables; ``to_dict`` gives JSON-able data."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from . import ir
+from .passes import PassRecord
+
+aten = torch.ops.aten
+
+
+def format_table(header: list[str], rows: list[list], align: Optional[str] = None) -> str:
+    """A plain-text table; ``align`` is one character per column, 'l' or 'r'."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    align = align or "l" * len(header)
+    fmt = lambda r: "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip()
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
+def _db(v: Optional[float]) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return "exact" if v == math.inf else f"{v:.1f}"
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    capture_method: str
+    backend: str
+    capture_s: float
+    lower_s: float
+    records: list[PassRecord]
+    captured_nodes: int
+    gm: fx.GraphModule
+
+    def layers(self) -> list[dict]:
+        """One row per linear layer: module, weight shape, dtype, sparsity, and what the backend runs."""
+        rows = []
+        for n in self.gm.graph.nodes:
+            if n.op == "call_function" and n.target is aten.linear.default and n.args[1].op == "get_attr":
+                w = ir.meta.tensor_attr(self.gm, n.args[1])
+                rows.append({"module": ir.meta.module_name(n) or n.name, "out x in": f"{w.shape[0]} x {w.shape[1]}",
+                             "dtype": str(w.dtype).replace("torch.", ""),
+                             "sparsity": float((w == 0).float().mean()),
+                             "kernel": ir.meta.info(n).kernel or f"{self.backend} dense"})
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "capture": self.capture_method, "backend": self.backend,
+                "capture_s": self.capture_s, "passes_s": sum(r.seconds for r in self.records),
+                "lower_s": self.lower_s, "nodes_captured": self.captured_nodes,
+                "nodes_final": len(self.gm.graph.nodes),
+                "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers()}
+
+    def __str__(self) -> str:
+        passes_s = sum(r.seconds for r in self.records)
+        head = (f"slimfx report: {self.model}, captured with {self.capture_method} "
+                f"({self.captured_nodes} nodes, {self.capture_s:.2f} s), backend {self.backend} "
+                f"(lowered in {self.lower_s:.2f} s)")
+        rows = [[i, r.name, f"{r.seconds * 1e3:.1f}", f"{r.nodes_before} -> {r.nodes_after}",
+                 "yes" if r.modified else "no", _db(r.sqnr_db),
+                 ", ".join(f"{k}={v}" for k, v in r.stats.items())] for i, r in enumerate(self.records, 1)]
+        rows.append(["", "total", f"{passes_s * 1e3:.1f}", f"{self.captured_nodes} -> {len(self.gm.graph.nodes)}",
+                     "", _db(self.records[-1].sqnr_db) if self.records else "-", ""])
+        out = [head, "", format_table(["#", "pass", "ms", "nodes", "changed", "SQNR dB", "stats"], rows,
+                                      "rllllrl")]
+        layers = self.layers()
+        if layers:
+            out += ["", f"{len(layers)} linear layers:",
+                    format_table(list(layers[0]), [[l["module"], l["out x in"], l["dtype"], f"{l['sparsity']:.1%}",
+                                                    l["kernel"]] for l in layers], "lrlrl")]
+        return "\n".join(out)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self))

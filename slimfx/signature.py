@@ -1,0 +1,111 @@
+"""Checking a compiled model's inputs against what it was compiled for: clear errors, naming the argument."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import ir
+
+
+class InputError(ValueError):
+    """A call's inputs do not fit the compiled graph; the message names the argument and what it expected."""
+
+
+@dataclasses.dataclass
+class InputSignature:
+    model_name: str
+    forward: inspect.Signature
+    positional: list[str]            # parameter names given positionally at compile time
+    keywords: list[str]              # ... and by keyword
+    leaves: list[tuple[str, object]] # per flattened input: its name and the captured value (FakeTensor or constant)
+    in_spec: object                  # pytree spec of (args, kwargs) at capture, or None
+    ranges: dict                     # symbol -> (lo, hi) for dynamic dims
+
+    @classmethod
+    def from_capture(cls, model: torch.nn.Module, captured: ir.Captured) -> "InputSignature":
+        sig = inspect.signature(model.forward)
+        names = [p for p in sig.parameters]
+        n_pos = len(captured.example_args)
+        placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+        flat_args, in_spec = pytree.tree_flatten((captured.example_args, captured.example_kwargs))
+        leaves = []
+        for i, p in enumerate(placeholders):
+            v = ir.meta.val(p)
+            leaves.append((p.name, v if v is not None else (flat_args[i] if i < len(flat_args) else None)))
+        ranges = {}
+        vals = [v for _, v in leaves if isinstance(v, torch.Tensor)]
+        mode = torch._guards.detect_fake_mode(vals) if vals else None
+        if mode is not None and mode.shape_env is not None:
+            for sym, r in mode.shape_env.var_to_range.items():
+                ranges[str(sym)] = (_as_int(r.lower) or 0, _as_int(r.upper))
+        return cls(type(model).__name__, sig, names[:n_pos], list(captured.example_kwargs), leaves, in_spec, ranges)
+
+    def _fail(self, msg: str):
+        raise InputError(f"{self.model_name} (compiled): {msg}")
+
+    def check(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Arrange a call's inputs as at capture and check each against its captured shape and dtype."""
+        try:
+            bound = self.forward.bind(*args, **kwargs)
+        except TypeError as e:
+            self._fail(f"{e}")
+        given = dict(bound.arguments)
+        for name in list(given):
+            p = self.forward.parameters[name]
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                given.update(given.pop(name))
+        expected = self.positional + self.keywords
+        missing = [n for n in expected if n not in given]
+        if missing:
+            self._fail(f"missing input(s) {missing}: the model was compiled with {expected}")
+        extra = [n for n in given if n not in expected]
+        if extra:
+            self._fail(f"input(s) {extra} were not given at compile time (compiled with {expected}); "
+                       f"compile with them in the example inputs")
+        args = tuple(given[n] for n in self.positional)
+        kwargs = {n: given[n] for n in self.keywords}
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if self.in_spec is not None and spec != self.in_spec:
+            self._fail(f"the inputs' structure differs from the compiled one:\n  got      {spec}\n  expected {self.in_spec}")
+        symbols: dict[str, tuple[int, str]] = {}
+        for (name, exp), got in zip(self.leaves, flat):
+            if isinstance(exp, torch.Tensor):
+                self._check_tensor(name, exp, got, symbols)
+            elif exp is not None and got != exp:
+                self._fail(f"input {name!r} is {got!r}, but the graph was compiled for {exp!r}")
+        return args, kwargs
+
+    def _check_tensor(self, name, exp, got, symbols):
+        if not isinstance(got, torch.Tensor):
+            self._fail(f"input {name!r} must be a tensor, got {type(got).__name__}")
+        if got.dtype != exp.dtype:
+            self._fail(f"input {name!r} has dtype {got.dtype}, expected {exp.dtype}")
+        if got.dim() != exp.dim():
+            self._fail(f"input {name!r} has {got.dim()} dims {tuple(got.shape)}, expected {exp.dim()} "
+                       f"{tuple(str(d) for d in exp.shape)}")
+        for d, (g, e) in enumerate(zip(got.shape, exp.shape)):
+            if isinstance(e, int):
+                if g != e:
+                    self._fail(f"input {name!r} dim {d} is {g}, but it was compiled static at {e} "
+                               f"(compile with dynamic=True to let it vary)")
+                continue
+            sym = str(e)
+            lo, hi = self.ranges.get(sym, (0, None))
+            if g < lo or (hi is not None and g > hi):
+                self._fail(f"input {name!r} dim {d} is {g}, outside the compiled range [{lo}, {hi or 'inf'}]")
+            if sym in symbols and symbols[sym][0] != g:
+                self._fail(f"input {name!r} dim {d} is {g}, but {symbols[sym][1]} is {symbols[sym][0]}; "
+                           f"the model needs them equal ({sym})")
+            symbols.setdefault(sym, (g, f"{name!r} dim {d}"))
+
+
+def _as_int(bound):
+    """A sympy range bound as an int, None when unbounded (int_oo)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
