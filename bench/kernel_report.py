@@ -1,0 +1,160 @@
+"""Writing bench/kernels.py's results: JSON, a markdown table, a png plot, and the issue's goals checked.
+
+Pure Python + matplotlib, no GPU needed: ``fake_results`` lets the CPU tier exercise all of it.
+A result row is a dict:
+    {"m": int, "n": int, "k": int, "kernel": str, "ms": float | None,
+     "speedup_vs_bf16": float | None, "ok": bool | None, "check": str, "note": str}
+"kernel" == "cublas_bf16" is the baseline row of its shape; "ms" is None when the case could not run
+(the reason in "note").
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+# Column order of the table; the names are the "kernel" field of the rows.
+KERNELS = [
+    ("cublas_bf16", "cuBLAS bf16"),
+    ("torch_int_mm_dequant", "_int_mm+dequant"),
+    ("torch_compile_w8a8", "compiled W8A8"),
+    ("w8a8_fused", "W8A8 fused"),
+    ("w8a8_fused_with_act_quant", "W8A8 +act quant"),
+    ("weight_only_int8", "W-only int8"),
+    ("weight_only_int4", "W-only int4"),
+    ("block_sparse_50", "BSR 50%"),
+    ("block_sparse_90", "BSR 90%"),
+    ("block_sparse_int8_90", "BSR int8 90%"),
+    ("torch_semi_structured_24", "torch 2:4"),
+    ("sparse24", "2:4 ours"),
+]
+
+# The issue's performance goals: (description, kernel, predicate on (m, n, k), minimum speedup vs bf16).
+GOALS = [
+    ("W8A8 fused >= 1.8x at 8192^3", "w8a8_fused", lambda m, n, k: (m, n, k) == (8192, 8192, 8192), 1.8),
+    ("W8A8 fused >= 1.3x at M=2048, N=K=4096", "w8a8_fused", lambda m, n, k: (m, n, k) == (2048, 4096, 4096), 1.3),
+    ("W8A8 incl. act quant never slower than bf16 at M>=16", "w8a8_fused_with_act_quant",
+     lambda m, n, k: m >= 16, 1.0),
+    ("weight-only int8 >= 2x at M<=16, 4096x4096", "weight_only_int8",
+     lambda m, n, k: m <= 16 and (n, k) == (4096, 4096), 2.0),
+    ("block-sparse 50% >= 1.6x at M=2048", "block_sparse_50", lambda m, n, k: m == 2048, 1.6),
+    ("block-sparse 90% >= 5x at M=2048", "block_sparse_90", lambda m, n, k: m == 2048, 5.0),
+    ("2:4 >= 1.4x at M<=16", "sparse24", lambda m, n, k: m <= 16, 1.4),
+]
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (for file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def check_goals(rows: list[dict]) -> list[dict]:
+    """One entry per goal: the rows it covers, the worst speedup among them, and whether it is met."""
+    out = []
+    for desc, kernel, where, floor in GOALS:
+        hits = [r for r in rows if r["kernel"] == kernel and where(r["m"], r["n"], r["k"])]
+        speeds = [r["speedup_vs_bf16"] for r in hits if r["speedup_vs_bf16"] is not None]
+        worst = min(speeds) if speeds else None
+        met = None if worst is None else bool(worst >= floor and all(r["ok"] is not False for r in hits))
+        out.append({"goal": desc, "kernel": kernel, "cases": len(speeds), "worst_speedup": worst, "met": met})
+    return out
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    shapes = sorted({(r["m"], r["n"], r["k"]) for r in rows}, key=lambda s: (s[1], s[2], s[0]))
+    present = [(k, t) for k, t in KERNELS if any(r["kernel"] == k for r in rows)]
+    cell = {(r["m"], r["n"], r["k"], r["kernel"]): r for r in rows}
+    lines = [f"# Kernel benchmark: {meta.get('card', '?')}", "",
+             f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, {meta.get('date', '')}"
+             f"{' (quick subset)' if meta.get('quick') else ''}{' (FAKE numbers)' if meta.get('fake') else ''}.",
+             "Cells: speedup vs cuBLAS bf16 in the same run (median of triton.testing.do_bench); the bf16 "
+             "column is its time in ms. `!` marks a failed correctness check, `-` a case that did not run.",
+             "", "| M | N | K | " + " | ".join(t for _, t in present) + " |",
+             "|---:|---:|---:|" + "---:|" * len(present)]
+    for m, n, k in shapes:
+        cells = []
+        for kern, _ in present:
+            r = cell.get((m, n, k, kern))
+            if r is None or r["ms"] is None:
+                cells.append("-")
+            elif kern == "cublas_bf16":
+                cells.append(f"{r['ms']:.4f} ms")
+            else:
+                cells.append(f"{r['speedup_vs_bf16']:.2f}x" + ("" if r["ok"] is not False else " !"))
+        lines.append(f"| {m} | {n} | {k} | " + " | ".join(cells) + " |")
+    lines += ["", "## Goals", "", "| goal | cases | worst speedup | met |", "|---|---:|---:|:---:|"]
+    for g in check_goals(rows):
+        worst = "-" if g["worst_speedup"] is None else f"{g['worst_speedup']:.2f}x"
+        met = {True: "yes", False: "NO", None: "not run"}[g["met"]]
+        lines.append(f"| {g['goal']} | {g['cases']} | {worst} | {met} |")
+    notes = [r for r in rows if r["note"] or r["ok"] is False]
+    if notes:
+        lines += ["", "## Notes", ""]
+        lines += [f"- {r['kernel']} at {r['m']}x{r['n']}x{r['k']}: "
+                  f"{'CHECK FAILED: ' + r['check'] + '; ' if r['ok'] is False else ''}{r['note']}" for r in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], meta: dict, path: Path) -> str | None:
+    """Grouped bars of speedup vs bf16 per shape (log scale). Returns None, or why no plot was written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"no plot: {e}"
+    shapes = sorted({(r["m"], r["n"], r["k"]) for r in rows}, key=lambda s: (s[1], s[2], s[0]))
+    kernels = [(k, t) for k, t in KERNELS[1:] if any(r["kernel"] == k and r["ms"] for r in rows)]
+    cell = {(r["m"], r["n"], r["k"], r["kernel"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(shapes) + 2), 5))
+    width = 0.8 / max(1, len(kernels))
+    for i, (kern, title) in enumerate(kernels):
+        xs, ys = [], []
+        for j, s in enumerate(shapes):
+            r = cell.get((*s, kern))
+            if r and r["speedup_vs_bf16"]:
+                xs.append(j + (i - (len(kernels) - 1) / 2) * width)
+                ys.append(r["speedup_vs_bf16"])
+        ax.bar(xs, ys, width=width, label=title, color=plt.cm.tab20(i % 20))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(shapes)), [f"{m}x{n}x{k}" for m, n, k in shapes], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("speedup vs cuBLAS bf16 (same run)")
+    ax.set_title(f"slimfx kernels on {meta.get('card', '?')}{' (FAKE)' if meta.get('fake') else ''}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_all(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
+    """bench/results/kernels-<card>.{json,md,png}; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"kernels-{card_slug(meta.get('card', 'unknown'))}{'-fake' if meta.get('fake') else ''}"
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps({"meta": meta, "goals": check_goals(rows), "results": rows}, indent=1) + "\n")
+    paths[1].write_text(markdown(rows, meta))
+    why = plot(rows, meta, stem.with_suffix(".png"))
+    if why is None:
+        paths.append(stem.with_suffix(".png"))
+    else:
+        print(why)
+    return paths
+
+
+def fake_results(shapes, seed: int = 0) -> list[dict]:
+    """Plausible-looking made-up rows, for exercising the report writers without a GPU."""
+    import random
+    rnd = random.Random(seed)
+    rows = []
+    for m, n, k in shapes:
+        base = 1e-3 + 2 * m * n * k / 700e12 * 1e3
+        rows.append(dict(m=m, n=n, k=k, kernel="cublas_bf16", ms=base, speedup_vs_bf16=1.0, ok=True,
+                         check="", note=""))
+        for kern, _ in KERNELS[1:]:
+            sp = rnd.uniform(0.5, 3.0)
+            rows.append(dict(m=m, n=n, k=k, kernel=kern, ms=base / sp, speedup_vs_bf16=sp, ok=True,
+                             check="fake", note=""))
+    rows[-1].update(ms=None, speedup_vs_bf16=None, ok=None, note="skipped (fake)")
+    return rows

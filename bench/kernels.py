@@ -1,0 +1,273 @@
+"""Benchmark slimfx's Triton kernels against their torch baselines, in one process, on one GPU.
+
+    python bench/kernels.py            # full sweep: M in {1,16,128,512,2048} x (N,K) in {4096,11008}^2, + 8192^3
+    python bench/kernels.py --quick    # a subset that fits in ~3 minutes, compile and autotune included
+    python bench/kernels.py --fake     # no GPU: write the report from made-up numbers (tests the writers)
+
+Every case is timed with triton.testing.do_bench (median) and checked on fresh random inputs in the same
+run; speedups are against cuBLAS bf16 (F.linear) measured in the same process. Writes
+bench/results/kernels-<card>.json, .md and .png (see bench/kernel_report.py).
+Baselines: cuBLAS bf16; torch._int_mm + a separate dequant (int8 operands already quantized);
+a torch.compile'd W8A8 dynamic linear (per-token quantization + _int_mm + dequant, all compiled);
+torch's 2:4 semi-structured sparse (to_sparse_semi_structured, cuSPARSELt/CUTLASS).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import kernel_report as R  # noqa: E402
+
+FULL_MS = [1, 16, 128, 512, 2048]
+FULL_NK = [(4096, 4096), (11008, 4096), (4096, 11008), (11008, 11008)]
+QUICK_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (2048, 4096, 4096), (8192, 8192, 8192)]
+
+
+def shapes(quick: bool) -> list[tuple[int, int, int]]:
+    if quick:
+        return list(QUICK_SHAPES)
+    return [(m, n, k) for n, k in FULL_NK for m in FULL_MS] + [(8192, 8192, 8192)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a ~3 minute subset (4 shapes)")
+    p.add_argument("--fake", action="store_true", help="no GPU: write the report from made-up numbers")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new shapes after this many seconds (default 150 quick, 420 full)")
+    p.add_argument("--only", default="", help="comma-separated kernel names to run (default: all)")
+    return p.parse_args(argv)
+
+
+# --- measurement (GPU only) --------------------------------------------------------------------------------
+
+class Bench:
+    """Times and checks each case of one shape; appends result rows."""
+
+    def __init__(self, only: set[str]):
+        import torch
+        import triton.testing
+        self.torch, self.do_bench = torch, triton.testing.do_bench
+        self.only = only
+        self.rows: list[dict] = []
+        self.compiled = None
+        self.dev = "cuda"
+
+    def time_ms(self, fn) -> float:
+        fn()
+        self.torch.cuda.synchronize()
+        return float(self.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+    def case(self, shape, kernel, fn, check, base_ms):
+        """Run check() (returns (ok, description)), then time fn(). Failures become notes, not crashes."""
+        if self.only and kernel not in self.only and kernel != "cublas_bf16":
+            return None
+        m, n, k = shape
+        row = dict(m=m, n=n, k=k, kernel=kernel, ms=None, speedup_vs_bf16=None, ok=None, check="", note="")
+        try:
+            row["ok"], row["check"] = check()
+            row["ms"] = self.time_ms(fn)
+            row["speedup_vs_bf16"] = (base_ms / row["ms"]) if base_ms else 1.0
+        except Exception as e:  # a baseline that refuses a shape (e.g. _int_mm at M <= 16) is a result too
+            row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        self.rows.append(row)
+        status = "ok" if row["ok"] else ("FAIL" if row["ok"] is False else "-")
+        ms = f"{row['ms']:.4f} ms" if row["ms"] else row["note"]
+        sp = f"{row['speedup_vs_bf16']:.2f}x" if row["speedup_vs_bf16"] else ""
+        print(f"  {kernel:28s} {ms:>14s} {sp:>7s} {status} {row['check']}", flush=True)
+        return row
+
+    def shape(self, m, n, k):
+        torch = self.torch
+        import torch.nn.functional as F
+        from slimfx import kernels as K
+        from slimfx.quant.numerics import absmax_scale_torch, quantize_torch
+        dev, bf16 = self.dev, torch.bfloat16
+        x = torch.randn(m, k, device=dev, dtype=bf16)
+        w = torch.randn(n, k, device=dev, dtype=bf16) / k ** 0.5
+        shp = (m, n, k)
+        ref32 = (x.float() @ w.float().T)
+
+        def rel(y, ref):
+            return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+        def close(y, ref, tol, what):
+            e = rel(y, ref)
+            return e <= tol, f"{what} rel err {e:.2e} <= {tol:g}"
+
+        base = self.case(shp, "cublas_bf16", lambda: F.linear(x, w), lambda: close(F.linear(x, w), ref32, 1e-2,
+                         "vs fp32"), None)
+        base_ms = base["ms"]
+
+        # W8A8: per-channel weights, per-token activations (the numerics definitions, in torch).
+        ws = absmax_scale_torch(w, dim=1).reshape(n)
+        wq = quantize_torch(w, ws[:, None], qmin=-127, qmax=127)
+        xq, xs = K.quantize_per_token(x)
+        deq_ref = (xq.float() @ wq.float().T)          # not exact in fp32 beyond 2**24: used only for tolerances
+
+        def check_w8a8():
+            rows = min(m, 64)      # exact int32 check on a slice: float64 is exact (numerics docstring)
+            acc = K.int8_gemm(xq[:rows], wq, out_dtype=torch.int32)
+            exact = torch.equal(acc.double(), xq[:rows].double() @ wq.double().T)
+            s2 = absmax_scale_torch(x, dim=1)
+            aq_exact = torch.equal(quantize_torch(x, s2, qmin=-127, qmax=127), xq) and torch.equal(s2, xs)
+            y = K.int8_gemm(xq, wq, xs, ws, out_dtype=bf16)
+            e = rel(y, deq_ref * xs * ws)
+            return exact and aq_exact and e < 1e-2, (f"int32 exact={exact}, act-quant exact vs torch={aq_exact}, "
+                                                      f"bf16 out rel err {e:.1e}")
+
+        self.case(shp, "w8a8_fused", lambda: K.int8_gemm(xq, wq, xs, ws, out_dtype=bf16), check_w8a8, base_ms)
+
+        def w8a8_full():
+            q, s = K.quantize_per_token(x)
+            return K.int8_gemm(q, wq, s, ws, out_dtype=bf16)
+        self.case(shp, "w8a8_fused_with_act_quant", w8a8_full, lambda: close(w8a8_full(), ref32, 0.05, "vs fp32 linear"),
+                  base_ms)
+
+        wq_t = wq.t()
+        def int_mm_dequant():
+            return (torch._int_mm(xq, wq_t).float() * xs * ws).to(bf16)
+        self.case(shp, "torch_int_mm_dequant", int_mm_dequant,
+                  lambda: close(int_mm_dequant(), deq_ref * xs * ws, 1e-2, "vs dequant ref"), base_ms)
+
+        if self.compiled is None:
+            def w8a8_dynamic(x, wq_t, ws):
+                s = torch.clamp(x.float().abs().amax(dim=1, keepdim=True) / 127, min=1.1754943508222875e-38)
+                q = torch.clamp(torch.round(x.float() / s), -127, 127).to(torch.int8)
+                return (torch._int_mm(q, wq_t).float() * s * ws).to(torch.bfloat16)
+            self.compiled = torch.compile(w8a8_dynamic, dynamic=False)
+        comp = self.compiled
+        self.case(shp, "torch_compile_w8a8", lambda: comp(x, wq_t, ws),
+                  lambda: close(comp(x, wq_t, ws), ref32, 0.05, "vs fp32 linear"), base_ms)
+
+        if m <= 128:
+            deq_w = (wq.float() * ws[:, None])
+            self.case(shp, "weight_only_int8", lambda: K.int8_weight_only_linear(x, wq, ws),
+                      lambda: close(K.int8_weight_only_linear(x, wq, ws), x.float() @ deq_w.T, 1e-2,
+                                    "vs dequantized-weight linear"), base_ms)
+            p4, s4 = quantize_int4_gpu(w, 128)
+            deq4 = K.weight_only.unpack_int4(p4).float().reshape(n, -1, 128) * s4[:, :, None]
+            self.case(shp, "weight_only_int4", lambda: K.int4_weight_only_linear(x, p4, s4, 128),
+                      lambda: close(K.int4_weight_only_linear(x, p4, s4, 128), x.float() @ deq4.reshape(n, k).T,
+                                    1e-2, "vs dequantized-weight linear"), base_ms)
+
+        try:
+            self.sparse_cases(shp, x, w, base_ms, F, K)
+        except ImportError as e:
+            print(f"  sparse kernels unavailable: {e}")
+
+    def sparse_cases(self, shp, x, w, base_ms, F, K):
+        torch = self.torch
+        m, n, k = shp
+        from slimfx.kernels import block_sparse as B
+        for pct in (50, 90):
+            blk = B.DEFAULT_BLOCK
+            keep = torch.rand(n // blk[0], k // blk[1], device=x.device) >= pct / 100
+            mask = keep.repeat_interleave(blk[0], 0).repeat_interleave(blk[1], 1)
+            wm = (w * mask).contiguous()
+            bsr = B.to_bsr(wm, blk)
+            ref = x.float() @ wm.float().T
+            self.case(shp, f"block_sparse_{pct}", lambda: B.bsr_linear(x, bsr),
+                      lambda: close_rel(B.bsr_linear(x, bsr), ref, 1e-2), base_ms)
+            if pct == 90:
+                ws = torch.clamp(wm.float().abs().amax(1) / 127, min=1e-30)
+                wq = torch.round(wm.float() / ws[:, None]).clamp(-127, 127).to(torch.int8)
+                bq = B.to_bsr(wq, blk)
+                xq, xs = K.quantize_per_token(x)
+                refq = (xq.double() @ wq.double().T).float() * xs * ws
+                self.case(shp, "block_sparse_int8_90", lambda: B.bsr_int8_gemm(xq, bq, xs, ws),
+                          lambda: close_rel(B.bsr_int8_gemm(xq, bq, xs, ws), refq, 1e-2), base_ms)
+        from slimfx.kernels import sparse24 as S
+        w24 = prune_24(w)
+        vals, meta = S.compress_24(w24)
+        ref = x.float() @ w24.float().T
+        self.case(shp, "sparse24", lambda: S.sparse24_linear(x, vals, meta),
+                  lambda: close_rel(S.sparse24_linear(x, vals, meta), ref, 1e-2), base_ms)
+        held = {}
+
+        def check_torch24():   # conversion inside the case: an unsupported shape/device becomes a note
+            held["w"] = torch.sparse.to_sparse_semi_structured(w24)
+            return close_rel(F.linear(x, held["w"]), ref, 1e-2)
+        self.case(shp, "torch_semi_structured_24", lambda: F.linear(x, held["w"]), check_torch24, base_ms)
+
+
+def close_rel(y, ref, tol):
+    e = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+    return e <= tol, f"rel err {e:.1e} <= {tol:g}"
+
+
+def prune_24(w):
+    """Keep the 2 largest-magnitude of every 4 along K (torch ops, on the device)."""
+    import torch
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    idx = g.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, idx, True)
+    return (g * mask).reshape(n, k).contiguous()
+
+
+def quantize_int4_gpu(w, group):
+    """Symmetric int4 per group on the device (same arithmetic as weight_only.quantize_int4_grouped)."""
+    import torch
+    from slimfx.kernels.weight_only import pack_int4
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    s = torch.clamp(g.abs().amax(-1, keepdim=True) / 7, min=1.1754943508222875e-38)
+    q = torch.clamp(torch.round(g / s), -7, 7).to(torch.int8).reshape(n, k)
+    return pack_int4(q), s.reshape(n, -1).contiguous()
+
+
+def run_gpu(args) -> tuple[list[dict], dict]:
+    import torch
+    import triton
+    card = torch.cuda.get_device_name()
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, quick=args.quick, fake=False,
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    bench = Bench({s for s in args.only.split(",") if s})
+    budget = args.budget_s if args.budget_s is not None else (150 if args.quick else 420)
+    t0 = time.time()
+    todo = shapes(args.quick)
+    for i, (m, n, k) in enumerate(todo):
+        if time.time() - t0 > budget:
+            meta["skipped_shapes"] = [list(s) for s in todo[i:]]
+            print(f"time budget of {budget:.0f} s spent: skipping {len(todo) - i} shapes")
+            break
+        print(f"M={m} N={n} K={k}  ({time.time() - t0:.0f} s)", flush=True)
+        bench.shape(m, n, k)
+        torch.cuda.empty_cache()
+    meta["seconds"] = round(time.time() - t0, 1)
+    return bench.rows, meta
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.fake:
+        meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
+                    date=datetime.datetime.now().isoformat(timespec="seconds"))
+        rows = R.fake_results(shapes(args.quick))
+    else:
+        try:
+            import torch
+            has_cuda = torch.cuda.is_available()
+        except ImportError:
+            has_cuda = False
+        if not has_cuda:
+            print("bench/kernels.py: no CUDA device here; it measures GPU kernels and needs one "
+                  "(run with --fake to exercise the report writing on the CPU)", file=sys.stderr)
+            return 2
+        rows, meta = run_gpu(args)
+    paths = R.write_all(rows, meta, args.out_dir)
+    print(R.markdown(rows, meta))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

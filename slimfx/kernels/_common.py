@@ -1,0 +1,299 @@
+"""What every kernel family shares: argument checks that name the argument, the interpreter switch,
+and the fused epilogue (dequant scale, bias, activation, residual, requantize) as Triton and numpy twins.
+
+The epilogue computes, in fp32 and in this order (the numpy twin does the same operations in the same
+order, so under the interpreter the two agree bit for bit):
+
+    y = acc * a_scale[m]            (only when a per-token scale is given)
+    y = y * w_scale[n]              (only when a per-channel scale is given)
+    y = y + bias[n]
+    y = act(y)                      relu: max(y, 0)
+                                    silu: y * sigmoid(y)
+                                    gelu: the tanh approximation, written as
+                                          y * sigmoid(1.5957691216057308 * (y + 0.044715 * y**3))
+                                          (= 0.5*y*(1 + tanh(sqrt(2/pi)*(y + 0.044715*y**3))), i.e.
+                                          torch's gelu(approximate="tanh"); libdevice's tanh/erf do not
+                                          run under TRITON_INTERPRET, exp/sigmoid do)
+    y = y + residual[m, n]
+    q = clamp(round_half_even(y / out_scale), -127, 127)   (only when requantizing; fp32 division,
+                                                            correctly rounded: tl.math.div_rn)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from slimfx.quant.numerics import SYM_INT8_QMAX, quantize_np
+
+ACTIVATIONS = (None, "relu", "silu", "gelu")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GELU_K = 1.5957691216057308  # 2 * sqrt(2 / pi)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pick_configs(full: list, interpreted: "triton.Config") -> list:
+    """The autotune list, or one small config under the interpreter (tuning there would only be slow)."""
+    return [interpreted] if interpreting() else full
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two, so decode shapes do not retune for every M."""
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+# --- argument checks -----------------------------------------------------------------------------------
+
+def check_tensor(name: str, t, dtypes=None, ndim=None, shape=None, unit_last_stride=False,
+                 contiguous=False) -> None:
+    """Raise TypeError/ValueError naming ``name`` and what was expected."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({want}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    if unit_last_stride and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit stride in the last dimension, got strides {t.stride()}")
+
+
+def check_device(**tensors) -> torch.device:
+    """All given tensors on one device, which Triton can run on (CUDA, or CPU under the interpreter)."""
+    named = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in named.values()}
+    if len(devices) != 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in named.items())
+        raise ValueError(f"expected all tensors on one device, got {where}")
+    dev = devices.pop()
+    if dev.type != "cuda" and not interpreting():
+        first = next(iter(named))
+        raise ValueError(f"{first}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on "
+                         f"the CPU), got device {dev}")
+    return dev
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def as_rows(name: str, x: torch.Tensor, k: int) -> torch.Tensor:
+    """View x (..., K) as (M, K) with unit stride along K, or refuse."""
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions (..., {k}), got shape {tuple(x.shape)}")
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: expected last dimension {k} (K of the weight), got shape {tuple(x.shape)}")
+    try:
+        x2 = x.view(-1, k)
+    except RuntimeError:
+        raise ValueError(f"{name}: leading dimensions must flatten without a copy, got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}") from None
+    check_tensor(name, x2, unit_last_stride=True)
+    return x2
+
+
+def check_epilogue(m: int, n: int, bias=None, residual=None, a_scale=None, w_scale=None,
+                   out_scale=None, activation=None):
+    """Check the optional epilogue operands; returns (a_scale, w_scale, bias, residual, out_scale) as flat
+    views (residual as (M, N)). The caller checks devices."""
+    check_activation(activation)
+    if a_scale is not None:
+        check_tensor("a_scale", a_scale, dtypes=(torch.float32,))
+        if a_scale.numel() != m:
+            raise ValueError(f"a_scale: expected one fp32 scale per token ({m} values), got shape "
+                             f"{tuple(a_scale.shape)}")
+        a_scale = a_scale.reshape(m).contiguous()
+    if w_scale is not None:
+        check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
+        if w_scale.numel() != n:
+            raise ValueError(f"w_scale: expected one fp32 scale per output channel ({n} values), got shape "
+                             f"{tuple(w_scale.shape)}")
+        w_scale = w_scale.reshape(n).contiguous()
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES)
+        if residual.numel() != m * n or residual.shape[-1] != n:
+            raise ValueError(f"residual: expected shape (..., {n}) with {m} rows, got {tuple(residual.shape)}")
+        residual = as_rows("residual", residual, n)
+    if out_scale is not None:
+        check_tensor("out_scale", out_scale, dtypes=(torch.float32,))
+        if out_scale.numel() != 1:
+            raise ValueError(f"out_scale: expected one static fp32 scale (per tensor), got shape "
+                             f"{tuple(out_scale.shape)}; per-token requantization needs the whole row, "
+                             f"use act_quant.quantize_per_token")
+        out_scale = out_scale.reshape(1).contiguous()
+    return a_scale, w_scale, bias, residual, out_scale
+
+
+def dummy(dev) -> torch.Tensor:
+    """A placeholder pointer for an absent optional operand (the kernel never reads it)."""
+    return torch.empty(1, dtype=torch.float32, device=dev)
+
+
+# --- Triton epilogue -----------------------------------------------------------------------------------
+
+@triton.jit
+def round_half_even(x):
+    """Round-half-to-even of fp32 x for |x| < 2**22 (clamp first): adding 1.5 * 2**23 leaves no fraction bits."""
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def round_to_bf16(y):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32, so the cast after it is exact.
+
+    The GPU's cast already rounds this way; triton 3.6's interpreter truncates instead, so without
+    this the CPU tier could not check bf16 outputs bit for bit. A few integer ops per output element.
+    (NaN payloads living only in the low 16 bits would become inf; the epilogue produces no NaN from
+    finite inputs.)
+    """
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def activate(y, ACT: tl.constexpr):
+    if ACT == "relu":
+        y = tl.maximum(y, 0.0)
+    elif ACT == "silu":
+        y = y * tl.sigmoid(y)
+    elif ACT == "gelu":
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * (y * y * y)))
+    return y
+
+
+@triton.jit
+def quantize_sym(y, scale):
+    """clamp(round_half_even(y / scale), -127, 127) with a correctly rounded fp32 division."""
+    v = tl.math.div_rn(y, scale)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return round_half_even(v).to(tl.int8)
+
+
+@triton.jit
+def epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                   res_ptr, stride_rm, out_scale_ptr,
+                   HAS_A_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ACT: tl.constexpr, HAS_RES: tl.constexpr, REQUANT: tl.constexpr,
+                   RAW_INT: tl.constexpr):
+    """Apply the epilogue of the module docstring to the (BLOCK_M, BLOCK_N) tile ``acc`` and store it."""
+    mask_m = rm < M
+    mask_n = rn < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if RAW_INT:
+        tl.store(out_ptrs, acc, mask=mask)
+    else:
+        y = acc.to(tl.float32)
+        if HAS_A_SCALE:
+            y = y * tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)[:, None]
+        if HAS_W_SCALE:
+            y = y * tl.load(w_scale_ptr + rn, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y = activate(y, ACT)
+        if HAS_RES:
+            y = y + tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+        if REQUANT:
+            q = quantize_sym(y, tl.load(out_scale_ptr))
+            tl.store(out_ptrs, q, mask=mask)
+        else:
+            if out_ptr.dtype.element_ty == tl.bfloat16:
+                y = round_to_bf16(y)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --- numpy epilogue ------------------------------------------------------------------------------------
+
+def np32(t) -> np.ndarray | None:
+    """A torch tensor (any float dtype, any device) as a numpy fp32 array; None stays None."""
+    if t is None:
+        return None
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def activate_np(y: np.ndarray, activation) -> np.ndarray:
+    """The numpy twin of ``activate`` (same formulas, fp32)."""
+    with np.errstate(over="ignore"):
+        if activation == "relu":
+            return np.maximum(y, np.float32(0))
+        if activation == "silu":
+            return y * _sigmoid_np(y)
+        if activation == "gelu":
+            u = np.float32(GELU_K) * (y + np.float32(0.044715) * (y * y * y))
+            return y * _sigmoid_np(u)
+    return y
+
+
+def _sigmoid_np(x: np.ndarray) -> np.ndarray:
+    return (np.float32(1) / (np.float32(1) + np.exp(-x))).astype(np.float32)
+
+
+def epilogue_np(acc: np.ndarray, a_scale=None, w_scale=None, bias=None, activation=None, residual=None,
+                out_scale=None) -> np.ndarray:
+    """The numpy twin of ``epilogue_store``: fp32 result, or int8 when ``out_scale`` is given."""
+    y = acc.astype(np.float32)
+    if a_scale is not None:
+        y = y * np32(a_scale).reshape(-1, 1)
+    if w_scale is not None:
+        y = y * np32(w_scale).reshape(1, -1)
+    if bias is not None:
+        y = y + np32(bias).reshape(1, -1)
+    y = activate_np(y, activation)
+    if residual is not None:
+        y = y + np32(residual).reshape(y.shape)
+    if out_scale is not None:
+        return quantize_np(y, np32(out_scale).reshape(()), qmin=-SYM_INT8_QMAX, qmax=SYM_INT8_QMAX)
+    return y.astype(np.float32)
+
+
+def prune_by_m(configs, named_args, **kwargs):
+    """Autotune pruning: tile heights that fit the M bucket (M_BUCKET is a kernel argument).
+
+    Decode shapes (M <= 16) only try BLOCK_M = 16 (the smallest tensor-core tile); large M skips the
+    small tiles, which cannot win there and would only make tuning slower.
+    """
+    mb = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 30))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb) and (mb < 256 or c.kwargs["BLOCK_M"] >= 64)]
+    return keep or configs[:1]
+
+
+def dot_mode(dtype: torch.dtype) -> str:
+    """How float tiles meet in tl.dot (the DOT constexpr of ``fdot``).
+
+    fp32 -> "ieee" (a true fp32 product, not TF32); bf16 under the interpreter -> "upcast": triton 3.6's
+    interpreter multiplies bf16 tiles as their raw uint16 bit patterns, and bf16 -> fp32 is exact, so
+    upcasting computes what the tensor core computes. Otherwise "native".
+    """
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "native"
+
+
+@triton.jit
+def fdot(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation, per ``dot_mode``."""
+    if DOT == "upcast":
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == "ieee":
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc

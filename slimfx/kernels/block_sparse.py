@@ -1,0 +1,202 @@
+"""Block-sparse GEMM with BSR weights: y = epilogue(x @ W.T), skipping W's all-zero blocks.
+
+W (N, K) is cut into (BN, BK) blocks (the block shape is a meta-parameter of the format and of the
+kernel). BSR keeps, for each block-row r of W, its nonzero blocks in column order:
+
+    values  (nnzb, BN, BK)  the blocks, each contiguous (one block = one tl.dot operand tile)
+    col_idx (nnzb,) int32   block-column of each block
+    row_ptr (N/BN + 1,) int32   blocks of block-row r are values[row_ptr[r] : row_ptr[r+1]]
+
+N and K need not be multiples of the block: ``to_bsr`` pads W with zeros and the kernel masks.
+Each program computes a (BLOCK_M, BN) tile of y by walking one block-row's list, so the work is
+proportional to the kept blocks: this is the compute-bound sparse path (dense tensor-core tiles,
+nothing wasted on zeros), unlike 2:4 whose win in Triton is bytes (see sparse24).
+
+    float:  acc = sum over kept blocks of x_tile @ block.T (fp32); y = act(acc + bias) + residual
+    int8:   acc = the same over int8 x and int8 blocks, exact int32; y = the W8A8 epilogue
+            (per-token x per-channel dequant, bias, activation, residual; see _common), bf16/fp16/fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from slimfx.kernels import _common as C
+from slimfx.quant.numerics import int_matmul_np
+
+DEFAULT_BLOCK = (64, 64)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
+
+
+@dataclass
+class BSR:
+    """A block-sparse (BSR) weight; see the module docstring."""
+    values: torch.Tensor
+    col_idx: torch.Tensor
+    row_ptr: torch.Tensor
+    shape: tuple[int, int]
+    block: tuple[int, int]
+
+    @property
+    def density(self) -> float:
+        nb = triton.cdiv(self.shape[0], self.block[0]) * triton.cdiv(self.shape[1], self.block[1])
+        return self.values.shape[0] / max(nb, 1)
+
+
+def to_bsr(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> BSR:
+    """Dense (masked) W (N, K) -> BSR keeping every block with any nonzero. Block dims: powers of two >= 16."""
+    C.check_tensor("w", w, dtypes=WEIGHT_DTYPES, ndim=2)
+    bn, bk = block
+    for name, b in (("block[0]", bn), ("block[1]", bk)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name}: expected a power of two >= 16 (a tensor-core tile), got {b}")
+    n, k = w.shape
+    nb, kb = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    padded = torch.zeros((nb * bn, kb * bk), dtype=w.dtype, device=w.device)
+    padded[:n, :k] = w
+    blocks = padded.reshape(nb, bn, kb, bk).permute(0, 2, 1, 3)           # (nb, kb, bn, bk)
+    keep = (blocks != 0).flatten(2).any(-1)                               # (nb, kb)
+    rows, cols = keep.nonzero(as_tuple=True)                              # row-major: sorted by row, then col
+    row_ptr = torch.zeros(nb + 1, dtype=torch.int32, device=w.device)
+    row_ptr[1:] = torch.cumsum(keep.sum(1), 0).to(torch.int32)
+    return BSR(blocks[rows, cols].contiguous(), cols.to(torch.int32).contiguous(), row_ptr, (n, k), (bn, bk))
+
+
+def bsr_to_dense(bsr: BSR) -> torch.Tensor:
+    """The inverse of to_bsr (for references and tests)."""
+    (n, k), (bn, bk) = bsr.shape, bsr.block
+    nb, kb = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    rows = torch.repeat_interleave(torch.arange(nb, device=bsr.values.device),
+                                   (bsr.row_ptr[1:] - bsr.row_ptr[:-1]).long())
+    blocks = torch.zeros((nb, kb, bn, bk), dtype=bsr.values.dtype, device=bsr.values.device)
+    blocks[rows, bsr.col_idx.long()] = bsr.values
+    return blocks.permute(0, 2, 1, 3).reshape(nb * bn, kb * bk)[:n, :k]
+
+
+def _configs():
+    """Only the tile height is tuned: BN x BK is the format's block. Small M = decode; 128 for M >= 512."""
+    cfg = triton.Config
+    full = [cfg({"BLOCK_M": 16}, num_warps=4, num_stages=4), cfg({"BLOCK_M": 32}, num_warps=4, num_stages=4),
+            cfg({"BLOCK_M": 64}, num_warps=4, num_stages=4), cfg({"BLOCK_M": 128}, num_warps=4, num_stages=4),
+            cfg({"BLOCK_M": 128}, num_warps=8, num_stages=3), cfg({"BLOCK_M": 256}, num_warps=8, num_stages=3)]
+    return C.pick_configs(full, cfg({"BLOCK_M": 16}, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BN", "BK", "IS_INT8"],
+                 prune_configs_by={"early_config_prune": C.prune_by_m})
+@triton.jit
+def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
+                IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)          # fastest: programs in flight share one block-row of W
+    brow = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rbn = tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    x_rows = x_ptr + (rm % M)[:, None] * stride_xm
+    start = tl.load(row_ptr + brow)
+    end = tl.load(row_ptr + brow + 1)
+    if IS_INT8:
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    w_ptrs = v_ptr + start.to(tl.int64) * (BN * BK) + rbn[None, :] * BK + rk[:, None]   # (BK, BN) = block.T
+    c_ptr = col_ptr + start
+    for _ in range(start, end):
+        kc = tl.load(c_ptr) * BK + rk
+        x = tl.load(x_rows + kc[None, :], mask=kc[None, :] < K, other=0)
+        w = tl.load(w_ptrs)
+        w_ptrs += BN * BK
+        c_ptr += 1
+        if IS_INT8:
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+        else:
+            acc = C.fdot(x, w, acc, DOT)
+    rn = brow * BN + rbn
+    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                     stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False, False)
+
+
+def _check_bsr(bsr: BSR, dtypes):
+    if not isinstance(bsr, BSR):
+        raise TypeError(f"bsr: expected a BSR (from block_sparse.to_bsr), got {type(bsr).__name__}")
+    (n, k), (bn, bk) = bsr.shape, bsr.block
+    C.check_tensor("bsr.values", bsr.values, dtypes=dtypes, ndim=3, contiguous=True)
+    if tuple(bsr.values.shape[1:]) != (bn, bk):
+        raise ValueError(f"bsr.values: expected blocks of shape {(bn, bk)}, got {tuple(bsr.values.shape[1:])}")
+    C.check_tensor("bsr.col_idx", bsr.col_idx, dtypes=(torch.int32,), shape=(bsr.values.shape[0],), contiguous=True)
+    C.check_tensor("bsr.row_ptr", bsr.row_ptr, dtypes=(torch.int32,), shape=(triton.cdiv(n, bn) + 1,),
+                   contiguous=True)
+    return n, k, bn, bk
+
+
+def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8):
+    m = x2.shape[0]
+    n, k = bsr.shape
+    bn, bk = bsr.block
+    if m == 0 or n == 0:
+        return
+    d = C.dummy(out.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, bn))
+    _bsr_kernel[grid](x2, bsr.values, bsr.col_idx, bsr.row_ptr, out, a_scale if a_scale is not None else d,
+                      w_scale if w_scale is not None else d, bias if bias is not None else d,
+                      residual if residual is not None else d, m, n, k, C.m_bucket(m), x2.stride(0),
+                      out.stride(0), residual.stride(0) if residual is not None else 0,
+                      IS_INT8=is_int8, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
+                      DOT=C.dot_mode(x2.dtype), BN=bn, BK=bk, enable_fp_fusion=False)
+
+
+def bsr_linear(x: torch.Tensor, bsr: BSR, bias: torch.Tensor | None = None, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x @ W.T + bias) + residual for fp16/bf16 x (..., K) and a BSR W of the same dtype; y has x's dtype."""
+    C.check_tensor("x", x, dtypes=(torch.float16, torch.bfloat16))
+    n, k, _, _ = _check_bsr(bsr, (torch.float16, torch.bfloat16))
+    if bsr.values.dtype != x.dtype:
+        raise TypeError(f"bsr.values: expected x's dtype {x.dtype}, got {bsr.values.dtype}")
+    x2 = C.as_rows("x", x, k)
+    _, _, bias, residual, _ = C.check_epilogue(x2.shape[0], n, bias=bias, residual=residual, activation=activation)
+    dev = C.check_device(x=x2, bsr_values=bsr.values, bias=bias, residual=residual)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=dev)
+    _launch(x2, bsr, out, None, None, bias, residual, activation, False)
+    return out.view(*x.shape[:-1], n)
+
+
+def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None = None, activation: str | None = None,
+                  residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """int8_gemm's W8A8 epilogue over an int8 BSR weight: int8 a (..., K), fp32 a_scale (M), w_scale (N)."""
+    C.check_tensor("a", a, dtypes=(torch.int8,))
+    n, k, _, _ = _check_bsr(bsr, (torch.int8,))
+    if out_dtype not in C.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {C.FLOAT_DTYPES}, got {out_dtype}")
+    a2 = C.as_rows("a", a, k)
+    a_scale, w_scale, bias, residual, _ = C.check_epilogue(a2.shape[0], n, bias=bias, residual=residual,
+                                                           a_scale=a_scale, w_scale=w_scale, activation=activation)
+    dev = C.check_device(a=a2, bsr_values=bsr.values, a_scale=a_scale, w_scale=w_scale, bias=bias,
+                         residual=residual)
+    out = torch.empty((a2.shape[0], n), dtype=out_dtype, device=dev)
+    _launch(a2, bsr, out, a_scale, w_scale, bias, residual, activation, True)
+    return out.view(*a.shape[:-1], n)
+
+
+def bsr_linear_ref(x, bsr: BSR, bias=None, activation=None, residual=None) -> np.ndarray:
+    """float64 x @ dense(W).T, then bias/activation/residual in fp32."""
+    w = bsr_to_dense(bsr).cpu().float().numpy().astype(np.float64)
+    acc = C.np32(x).reshape(-1, w.shape[1]).astype(np.float64) @ w.T
+    y = C.epilogue_np(acc, bias=bias, activation=activation,
+                      residual=None if residual is None else residual.reshape(acc.shape))
+    return y.reshape(*x.shape[:-1], -1)
+
+
+def bsr_int8_gemm_ref(a, bsr: BSR, a_scale, w_scale, bias=None, activation=None, residual=None) -> np.ndarray:
+    """Exact int32 a @ dense(W).T (numerics.int_matmul_np), then the fp32 W8A8 epilogue."""
+    w = bsr_to_dense(bsr).cpu().numpy()
+    acc = int_matmul_np(a.reshape(-1, w.shape[1]).cpu().numpy(), w)
+    y = C.epilogue_np(acc, a_scale=a_scale, w_scale=w_scale, bias=bias, activation=activation,
+                      residual=None if residual is None else residual.reshape(acc.shape))
+    return y.reshape(*a.shape[:-1], -1)

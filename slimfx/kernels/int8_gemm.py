@@ -1,0 +1,157 @@
+"""W8A8 GEMM with a fused epilogue.
+
+    acc[m, n] = sum_k a[m, k] * b[n, k]         int8 x int8, exact int32 accumulation
+    out       = epilogue(acc)                   see slimfx.kernels._common: per-token x per-channel
+                                                dequant scale, bias, activation (relu/silu/gelu-tanh),
+                                                residual add, then a bf16/fp16/fp32 store, an int8
+                                                requantization with a static per-tensor scale, or
+                                                (out_dtype=int32) the raw accumulator.
+
+a (M, K) is the int8 activation (per-token quantized, e.g. by act_quant), b (N, K) the int8 weight in
+nn.Linear layout; both are K-major, which is what int8 tensor-core MMA wants. The integer path is exact
+on every device; the float epilogue is compiled with fp-contraction off so that, without an activation,
+it rounds exactly like the numpy reference (activations use the device's exp, within a few ulp).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from slimfx.kernels import _common as C
+from slimfx.quant.numerics import int_matmul_np
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int32)
+
+
+def _configs():
+    """Decode (M <= 16: one 16-row tile, wide K steps to stream the weight), mid and large tiles."""
+    cfg = triton.Config
+    small = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=4, num_stages=s)
+             for bn, bk, s in [(32, 256, 4), (64, 256, 4), (64, 128, 5), (128, 128, 4)]]
+    mid = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4)
+           for bm, bn in [(32, 64), (32, 128), (64, 64), (64, 128)]]
+    large = [cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+             cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+             cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+             cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=5)]
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
+    return C.pick_configs(small + mid + large, interp)
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": C.prune_by_m})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_scale_ptr,
+                      M, N, K, M_BUCKET, stride_am, stride_bn, stride_om, stride_rm,
+                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                      HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    # Grouped program order (Triton tutorial): GROUP_M row tiles share each weight tile in L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows past M / N wrap around (their results are masked at the store), so the loop needs no M/N masks.
+    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a_ptrs = a_ptr + ram[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rbn[None, :] * stride_bn + rk[:, None]          # (BLOCK_K, BLOCK_N) view of b^T
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                     res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
+                     REQUANT, RAW_INT)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = None,
+              w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              activation: str | None = None, residual: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.bfloat16, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """act(a @ b.T * a_scale * w_scale + bias) + residual, as ``out_dtype``.
+
+    a: int8 (..., K), unit stride along K.   b: int8 (N, K), unit stride along K.
+    a_scale: fp32, one per token (M values);  w_scale: fp32, one per output channel (N values).
+    bias: (N,) float; residual: (..., N) float; activation: None, "relu", "silu" or "gelu" (tanh form).
+    out_dtype: bfloat16/float16/float32; int8 (requantize: out_scale, a one-element fp32 tensor, required);
+    int32 (the raw accumulator: no scales, bias, activation or residual allowed).
+    Returns (..., N).
+    """
+    # (1) check
+    C.check_tensor("a", a, dtypes=(torch.int8,))
+    C.check_tensor("b", b, dtypes=(torch.int8,), ndim=2, unit_last_stride=True)
+    n, k = b.shape
+    a2 = C.as_rows("a", a, k)
+    m = a2.shape[0]
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")
+    raw = out_dtype == torch.int32
+    if raw and any(x is not None for x in (a_scale, w_scale, bias, activation, residual, out_scale)):
+        raise ValueError("out_dtype=int32 returns the raw accumulator: a_scale, w_scale, bias, activation, "
+                         "residual and out_scale must all be None")
+    if not raw and (a_scale is None or w_scale is None):
+        raise ValueError(f"a_scale and w_scale: both required for out_dtype={out_dtype} (use out_dtype=int32 "
+                         f"for the raw int32 accumulator)")
+    if (out_dtype == torch.int8) != (out_scale is not None):
+        raise ValueError("out_scale: required exactly when out_dtype=int8 (static per-tensor requantization)")
+    a_scale, w_scale, bias, residual, out_scale = C.check_epilogue(
+        m, n, bias=bias, residual=residual, a_scale=a_scale, w_scale=w_scale, out_scale=out_scale,
+        activation=activation)
+    dev = C.check_device(a=a2, b=b, a_scale=a_scale, w_scale=w_scale, bias=bias, residual=residual,
+                         out_scale=out_scale)
+    # (2) allocate
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m == 0 or n == 0:
+        return out.view(*a.shape[:-1], n)
+    d = C.dummy(dev)
+    # (3) launch
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](
+        a2, b, out, a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
+        bias if bias is not None else d, residual if residual is not None else d,
+        out_scale if out_scale is not None else d,
+        m, n, k, C.m_bucket(m), a2.stride(0), b.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        HAS_SCALES=not raw, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
+        REQUANT=out_dtype == torch.int8, RAW_INT=raw, enable_fp_fusion=False)
+    return out.view(*a.shape[:-1], n)
+
+
+def int8_gemm_ref(a, b, a_scale=None, w_scale=None, bias=None, activation=None, residual=None,
+                  out_dtype=torch.bfloat16, out_scale=None) -> np.ndarray:
+    """numpy reference of ``int8_gemm``: exact int32 accumulator, then the fp32 epilogue.
+
+    Returns int32 (out_dtype=int32), int8 (out_dtype=int8) or fp32 before the final cast (the caller
+    compares a bf16/fp16 kernel output against it with that dtype's tolerance).
+    """
+    k = b.shape[1]
+    acc = int_matmul_np(a.reshape(-1, k).cpu().numpy(), b.cpu().numpy())
+    if out_dtype == torch.int32:
+        return acc.reshape(*a.shape[:-1], -1)
+    y = C.epilogue_np(acc, a_scale=a_scale, w_scale=w_scale, bias=bias, activation=activation,
+                      residual=None if residual is None else residual.reshape(acc.shape),
+                      out_scale=out_scale)
+    return y.reshape(*a.shape[:-1], -1)

@@ -1,0 +1,51 @@
+"""bench/kernels.py without a GPU: it refuses clearly, and its report writers work on made-up rows."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+import kernel_report as R  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_bench_exits_clearly_without_cuda(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--quick", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "no CUDA device" in p.stderr and "--fake" in p.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_fake_run_writes_json_md_png(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--quick",
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["kernels-fake-card-fake.json", "kernels-fake-card-fake.md", "kernels-fake-card-fake.png"]
+    data = json.loads((tmp_path / names[0]).read_text())
+    assert data["meta"]["fake"] is True and len(data["goals"]) == len(R.GOALS)
+    assert {(r["m"], r["n"], r["k"]) for r in data["results"]} == {(1, 4096, 4096), (16, 4096, 4096),
+                                                                   (2048, 4096, 4096), (8192, 8192, 8192)}
+
+
+def test_markdown_and_goals():
+    rows = [dict(m=8192, n=8192, k=8192, kernel="cublas_bf16", ms=2.0, speedup_vs_bf16=1.0, ok=True, check="", note=""),
+            dict(m=8192, n=8192, k=8192, kernel="w8a8_fused", ms=1.0, speedup_vs_bf16=2.0, ok=True, check="", note=""),
+            dict(m=2048, n=4096, k=4096, kernel="w8a8_fused", ms=1.0, speedup_vs_bf16=1.5, ok=False,
+                 check="rel err 0.5", note=""),
+            dict(m=1, n=4096, k=4096, kernel="torch_int_mm_dequant", ms=None, speedup_vs_bf16=None, ok=None,
+                 check="", note="RuntimeError: M must be > 16")]
+    md = R.markdown(rows, {"card": "H100"})
+    assert "| 8192 | 8192 | 8192 | 2.0000 ms | - | 2.00x |" in md
+    assert "| 2048 | 4096 | 4096 | - | - | 1.50x ! |" in md
+    goals = {g["goal"]: g for g in R.check_goals(rows)}
+    assert goals["W8A8 fused >= 1.8x at 8192^3"]["met"] is True
+    assert goals["W8A8 fused >= 1.3x at M=2048, N=K=4096"]["met"] is False     # fast but wrong is not met
+    assert goals["2:4 >= 1.4x at M<=16"]["met"] is None
+    assert "M must be > 16" in md
+    assert R.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"

@@ -1,0 +1,97 @@
+"""block_sparse: BSR format round trip, float and int8 BSR GEMMs vs numpy references."""
+import numpy as np
+import pytest
+import torch
+
+from slimfx.kernels.block_sparse import (BSR, bsr_int8_gemm, bsr_int8_gemm_ref, bsr_linear, bsr_linear_ref,
+                                         bsr_to_dense, to_bsr)
+
+from .kernel_checks import UNIT_ROUNDOFF, assert_cast_equal, assert_close, assert_exact, rand_int8
+
+BLOCK = (16, 32)
+
+
+def _block_masked(gen, n, k, density, dtype, block=BLOCK):
+    """A dense (n, k) weight whose (block)-blocks are zero with probability 1 - density; one block-row is empty."""
+    nb, kb = -(-n // block[0]), -(-k // block[1])
+    keep = torch.rand(nb, kb, generator=gen) < density
+    keep[min(1, nb - 1)] = False
+    mask = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:n, :k]
+    w = rand_int8(gen, n, k) if dtype == torch.int8 else torch.randn(n, k, generator=gen).to(dtype)
+    return w * mask.to(w.dtype), keep
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_to_bsr_round_trip(gen, dtype):
+    w, keep = _block_masked(gen, 45, 100, 0.4, dtype)
+    bsr = to_bsr(w, BLOCK)
+    assert bsr.values.shape == (int(keep.sum()), 16, 32)
+    assert bsr.row_ptr.tolist() == [0] + keep.sum(1).cumsum(0).tolist()
+    assert bsr.col_idx.tolist() == keep.nonzero()[:, 1].tolist()
+    assert torch.equal(bsr_to_dense(bsr), w)
+    assert bsr.density == int(keep.sum()) / keep.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,density", [(1, 45, 100, 0.5), (33, 70, 130, 0.3), (5, 64, 64, 1.0)])
+def test_bsr_linear(dev, gen, dtype, m, n, k, density):
+    w, _ = _block_masked(gen, n, k, density, dtype)
+    bsr = to_bsr(w.to(dev), BLOCK)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    out = bsr_linear(x.to(dev), bsr, bias=b.to(dev))
+    ref = bsr_linear_ref(x, bsr, bias=b)
+    # fp16/bf16 products are exact in fp32; the final cast rounds by <= one unit roundoff (rtol); fp32
+    # accumulation over <= 130 terms adds ~130 * 2**-24 * max|y| (atol, 4x margin).
+    assert_close(out, ref, rtol=UNIT_ROUNDOFF[dtype], atol=4 * 130 * 2.0**-24 * float(np.abs(ref).max()))
+    empty_row = out[:, 16:32].cpu().float()                     # block-row 1 has no blocks: y = bias
+    assert torch.equal(empty_row, b[16:32].float().expand_as(empty_row))
+
+
+def test_bsr_linear_epilogue(dev, gen):
+    w, _ = _block_masked(gen, 40, 70, 0.5, torch.bfloat16)
+    bsr = to_bsr(w.to(dev), BLOCK)
+    x = torch.randn(2, 3, 70, generator=gen).to(torch.bfloat16)
+    r = torch.randn(2, 3, 40, generator=gen).to(torch.bfloat16)
+    out = bsr_linear(x.to(dev), bsr, activation="silu", residual=r.to(dev))
+    ref = bsr_linear_ref(x, bsr, activation="silu", residual=r)
+    assert out.shape == (2, 3, 40)
+    assert_close(out, ref, rtol=2 * UNIT_ROUNDOFF[torch.bfloat16], atol=1e-3)   # + exp's few ulp
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 45, 100), (33, 70, 130)])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_bsr_int8_gemm(dev, gen, m, n, k, activation):
+    w, _ = _block_masked(gen, n, k, 0.4, torch.int8)
+    bsr = to_bsr(w.to(dev), BLOCK)
+    a = rand_int8(gen, m, k)
+    sa, sb = torch.rand(m, generator=gen) * 0.01, torch.rand(n, generator=gen) * 0.01
+    b = torch.randn(n, generator=gen)
+    out = bsr_int8_gemm(a.to(dev), bsr, sa.to(dev), sb.to(dev), bias=b.to(dev), activation=activation,
+                        out_dtype=torch.float32)
+    ref = bsr_int8_gemm_ref(a, bsr, sa, sb, bias=b, activation=activation)
+    if activation is None:
+        assert_cast_equal(out, ref)      # exact int32 accumulator + correctly rounded fp32 epilogue
+    else:
+        assert_close(out, ref, rtol=1e-6, atol=1e-6)   # device exp differs by a few ulp
+
+
+def test_refusals(dev, gen):
+    w, _ = _block_masked(gen, 32, 64, 0.5, torch.float16)
+    bsr = to_bsr(w.to(dev), BLOCK)
+    x = torch.randn(3, 64, device=dev, dtype=torch.float16)
+    with pytest.raises(ValueError, match="block\\[1\\]: expected a power of two >= 16"):
+        to_bsr(w, (16, 24))
+    with pytest.raises(TypeError, match=r"w: expected dtype in \(float16, bfloat16, int8\), got float32"):
+        to_bsr(w.float())
+    with pytest.raises(TypeError, match="bsr.values: expected x's dtype"):
+        bsr_linear(x.bfloat16(), bsr)
+    with pytest.raises(ValueError, match="x: expected last dimension 64"):
+        bsr_linear(x[:, :48], bsr)
+    with pytest.raises(TypeError, match="bsr: expected a BSR"):
+        bsr_linear(x, w)
+    with pytest.raises(TypeError, match=r"bsr.values: expected dtype in \(int8\)"):
+        bsr_int8_gemm(x.to(torch.int8), bsr, torch.ones(3, device=dev), torch.ones(32, device=dev))
+    broken = BSR(bsr.values, bsr.col_idx.long(), bsr.row_ptr, bsr.shape, bsr.block)
+    with pytest.raises(TypeError, match=r"bsr.col_idx: expected dtype in \(int32\)"):
+        bsr_linear(x, broken)

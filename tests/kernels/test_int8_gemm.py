@@ -1,0 +1,154 @@
+"""int8_gemm: exact int32 accumulation and the fused epilogue, against numerics-based numpy references."""
+import numpy as np
+import pytest
+import torch
+
+from slimfx.kernels import int8_gemm, quantize_int8_per_channel, quantize_per_token
+from slimfx.kernels._common import activate_np
+from slimfx.kernels.int8_gemm import int8_gemm_ref
+
+from .kernel_checks import UNIT_ROUNDOFF, assert_cast_equal, assert_close, assert_exact, rand_int8, sqnr_db
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's exp overflows to inf
+
+SHAPES = [(1, 45, 71), (5, 130, 200), (33, 64, 96), (17, 33, 300)]   # (M, N, K): none a tile multiple but one
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_raw_accumulator_exact(dev, gen, m, n, k):
+    a, b = rand_int8(gen, m, k), rand_int8(gen, n, k)
+    out = int8_gemm(a.to(dev), b.to(dev), out_dtype=torch.int32)
+    assert out.dtype == torch.int32
+    assert_exact(out, int8_gemm_ref(a, b, out_dtype=torch.int32))
+
+
+def test_extreme_values_exact(dev):
+    """All products +-127*127 summed over K = 1000: 16 million, far beyond int16, exact in int32."""
+    a = torch.full((3, 1000), 127, dtype=torch.int8)
+    a[1] = -127
+    b = torch.full((5, 1000), 127, dtype=torch.int8)
+    b[2, ::2] = -127
+    out = int8_gemm(a.to(dev), b.to(dev), out_dtype=torch.int32)
+    assert out[0, 0].item() == 127 * 127 * 1000 and out[1, 0].item() == -127 * 127 * 1000
+    assert out[0, 2].item() == 0
+    assert_exact(out, int8_gemm_ref(a, b, out_dtype=torch.int32))
+
+
+def _operands(gen, m, n, k, bias, residual):
+    a, b = rand_int8(gen, m, k), rand_int8(gen, n, k)
+    sa = torch.rand(m, 1, generator=gen) * 0.02 + 1e-3
+    sb = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    bb = torch.randn(n, generator=gen) if bias else None
+    r = torch.randn(m, n, generator=gen) if residual else None
+    return a, b, sa, sb, bb, r
+
+
+def _to(dev, *ts):
+    return [None if t is None else t.to(dev) for t in ts]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
+@pytest.mark.parametrize("bias,residual", [(False, False), (True, True)])
+def test_epilogue(dev, gen, out_dtype, activation, bias, residual):
+    m, n, k = 5, 130, 200
+    a, b, sa, sb, bb, r = _operands(gen, m, n, k, bias, residual)
+    out = int8_gemm(*_to(dev, a, b, sa, sb, bb), activation=activation,
+                    residual=None if r is None else r.to(dev).to(out_dtype), out_dtype=out_dtype)
+    ref = int8_gemm_ref(a, b, sa, sb, bb, activation, None if r is None else r.to(out_dtype))
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    if activation in (None, "relu"):
+        # Only correctly rounded fp32 ops (fp-contraction is off): identical before and after the cast.
+        assert_cast_equal(out, ref)
+    else:
+        # exp differs by a few ulp between devices, which the cast may carry across one rounding step.
+        assert_close(out, ref, rtol=2 * UNIT_ROUNDOFF[out_dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
+def test_requantize_int8(dev, gen, activation):
+    m, n, k = 33, 64, 96
+    a, b, sa, sb, bb, r = _operands(gen, m, n, k, True, True)
+    out_scale = torch.tensor([0.02])
+    out = int8_gemm(*_to(dev, a, b, sa, sb, bb), activation=activation, residual=r.to(dev),
+                    out_dtype=torch.int8, out_scale=out_scale.to(dev))
+    ref = int8_gemm_ref(a, b, sa, sb, bb, activation, r, out_dtype=torch.int8, out_scale=out_scale)
+    assert out.dtype == torch.int8
+    assert int(np.abs(ref.astype(np.int32)).max()) == 127, "the test should exercise the clamp"
+    if activation in (None, "relu"):
+        assert_exact(out, ref)
+    else:   # see test_epilogue: a few-ulp exp difference can cross a rounding boundary
+        diff = np.abs(out.cpu().numpy().astype(np.int32) - ref.astype(np.int32))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+
+
+def test_leading_dims_and_strided_rows(dev, gen):
+    a_full = rand_int8(gen, 2, 3, 80)
+    a = a_full[..., :71]                                   # row stride 80, unit stride along K
+    b = rand_int8(gen, 45, 71)
+    sa, sb = torch.rand(2, 3, 1, generator=gen) * 0.01, torch.rand(45, generator=gen) * 0.01
+    r = torch.randn(2, 3, 45, generator=gen)
+    out = int8_gemm(*_to(dev, a, b, sa, sb), residual=r.to(dev), out_dtype=torch.float32)
+    assert out.shape == (2, 3, 45)
+    assert_cast_equal(out, int8_gemm_ref(a, b, sa, sb, residual=r, out_dtype=torch.float32))
+
+
+def test_w8a8_pipeline_sqnr(dev, gen):
+    """act_quant -> int8_gemm approximates the float linear: SQNR floor 30 dB (int8 x int8 per-token/
+    per-channel on Gaussian data measures ~38 dB; a wrong scale or transpose gives < 0 dB)."""
+    x, w = torch.randn(9, 150, generator=gen), torch.randn(70, 150, generator=gen)
+    bias = torch.randn(70, generator=gen)
+    q, s = quantize_per_token(x.to(dev))
+    wq, ws = quantize_int8_per_channel(w)
+    y = int8_gemm(q, wq.to(dev), s, ws.to(dev), bias=bias.to(dev), out_dtype=torch.float32)
+    assert sqnr_db(y.cpu().numpy(), (x @ w.T + bias).numpy()) > 30
+
+
+def test_gelu_is_torch_tanh_gelu():
+    y = np.linspace(-8, 8, 1001, dtype=np.float32)
+    want = torch.nn.functional.gelu(torch.from_numpy(y), approximate="tanh").numpy()
+    np.testing.assert_allclose(activate_np(y, "gelu"), want, rtol=1e-5, atol=1e-6)   # fp32 formula noise
+
+
+def test_refusals(dev, gen):
+    a, b = rand_int8(gen, 4, 64).to(dev), rand_int8(gen, 8, 64).to(dev)
+    sa, sb = torch.ones(4, device=dev), torch.ones(8, device=dev)
+    with pytest.raises(TypeError, match=r"a: expected dtype in \(int8\), got float16"):
+        int8_gemm(a.half(), b, sa, sb)
+    with pytest.raises(ValueError, match=r"a: expected last dimension 64 \(K of the weight\), got shape \(4, 63\)"):
+        int8_gemm(a[:, :63], b[:, :64], sa, sb)
+    with pytest.raises(ValueError, match="b: expected unit stride in the last dimension"):
+        int8_gemm(a, rand_int8(gen, 64, 8).to(dev).t(), sa, sb)
+    with pytest.raises(ValueError, match="b: expected 2 dimensions"):
+        int8_gemm(a, b[None], sa, sb)
+    with pytest.raises(ValueError, match=r"a_scale: expected one fp32 scale per token \(4 values\)"):
+        int8_gemm(a, b, torch.ones(5, device=dev), sb)
+    with pytest.raises(TypeError, match="w_scale: expected dtype in \\(float32\\), got float16"):
+        int8_gemm(a, b, sa, sb.half())
+    with pytest.raises(ValueError, match="a_scale and w_scale: both required"):
+        int8_gemm(a, b)
+    with pytest.raises(ValueError, match="out_scale: required exactly when out_dtype=int8"):
+        int8_gemm(a, b, sa, sb, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="out_scale: expected one static fp32 scale"):
+        int8_gemm(a, b, sa, sb, out_dtype=torch.int8, out_scale=torch.ones(4, device=dev))
+    with pytest.raises(ValueError, match="raw accumulator"):
+        int8_gemm(a, b, bias=torch.ones(8, device=dev), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        int8_gemm(a, b, sa, sb, activation="tanh")
+    with pytest.raises(ValueError, match=r"residual: expected shape \(..., 8\) with 4 rows"):
+        int8_gemm(a, b, sa, sb, residual=torch.ones(4, 9, device=dev))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8,\)"):
+        int8_gemm(a, b, sa, sb, bias=torch.ones(7, device=dev))
+    with pytest.raises(TypeError, match="out_dtype: expected one of"):
+        int8_gemm(a, b, sa, sb, out_dtype=torch.float64)
+
+
+def test_bf16_output_rounds_ties_to_even(dev):
+    """257 and 259 lie exactly halfway between bf16 neighbours (spacing 2 in [256, 512)): ties go to the
+    even mantissa, 256 and 260, as torch's own cast does (truncation or round-half-up would not)."""
+    a = torch.tensor([[127, 1]], dtype=torch.int8)
+    b = torch.tensor([[2, 3], [2, 5], [-2, -3]], dtype=torch.int8)
+    one = torch.ones(1)
+    out = int8_gemm(a.to(dev), b.to(dev), one.to(dev), torch.ones(3, device=dev), out_dtype=torch.bfloat16)
+    assert out.cpu().float().tolist() == [[256.0, 260.0, -256.0]]
+    assert out.cpu().tolist() == torch.tensor([[257.0, 259.0, -257.0]]).bfloat16().tolist()
