@@ -40,6 +40,7 @@ class Report:
     records: list[PassRecord]
     captured_nodes: int
     gm: fx.GraphModule
+    max_layer_rows: int = 12
 
     def layers(self) -> list[dict]:
         """One row per linear layer: module, weight shape, dtype, sparsity, and what the backend runs."""
@@ -74,9 +75,12 @@ class Report:
                                       "rllllrl")]
         layers = self.layers()
         if layers:
+            shown = layers[: self.max_layer_rows]
             out += ["", f"{len(layers)} linear layers:",
                     format_table(list(layers[0]), [[l["module"], l["out x in"], l["dtype"], f"{l['sparsity']:.1%}",
-                                                    l["kernel"]] for l in layers], "lrlrl")]
+                                                    l["kernel"]] for l in shown], "lrlrl")]
+            if len(layers) > len(shown):
+                out.append(f"... {len(layers) - len(shown)} more (report().layers() lists them all)")
         return "\n".join(out)
 
     def _repr_pretty_(self, p, cycle):

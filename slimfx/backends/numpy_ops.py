@@ -130,7 +130,7 @@ def clamp(x, lo=None, hi=None):
 
 _UNARY = {aten.neg.default: np.negative, aten.exp.default: np.exp, aten.log.default: np.log,
           aten.sqrt.default: np.sqrt, aten.tanh.default: np.tanh, aten.cos.default: np.cos,
-          aten.sin.default: np.sin, aten.abs.default: np.abs, aten.erf.default: special.erf,
+          aten.sin.default: np.sin, aten.abs.default: np.abs,
           aten.reciprocal.default: np.reciprocal, aten.floor.default: np.floor, aten.ceil.default: np.ceil}
 for _t, _fn in _UNARY.items():
     numpy_op(_t)(_fn)
@@ -156,11 +156,50 @@ def silu(x):
     return x * special.expit(x)
 
 
+# erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, 6e-7 after fp32 rounding): built from np.exp, it runs
+# 4.4x faster than scipy.special.erf on fp32 (4.7 ms vs 20.5 ms for 1024x1536 here), which made GELU the
+# numpy backend's largest cost on MiniLM. tests/backends checks it against scipy's erf.
+_AS_P = np.float32(0.3275911)
+_AS_A = tuple(np.float32(v) for v in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+
+
+def erf_f32(x):
+    a = np.abs(x)
+    t = a * _AS_P
+    t += 1
+    np.reciprocal(t, out=t)
+    poly = _AS_A[4] * t
+    for c in _AS_A[3::-1]:
+        poly += c
+        poly *= t
+    np.square(a, out=a)
+    np.negative(a, out=a)
+    np.exp(a, out=a)
+    poly *= a
+    np.subtract(1, poly, out=poly)
+    return np.copysign(poly, x, out=poly)
+
+
+@numpy_op(aten.erf.default)
+def erf(x):
+    return erf_f32(x) if x.dtype == np.float32 else special.erf(x)
+
+
 @numpy_op(aten.gelu.default)
 def gelu(x, approximate="none"):
     if approximate == "tanh":
-        return 0.5 * x * (1 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
-    return 0.5 * x * (1 + special.erf(x * np.float32(1 / math.sqrt(2))))
+        inner = x * x
+        inner *= np.float32(0.044715)
+        inner += 1
+        inner *= x
+        inner *= np.float32(math.sqrt(2 / math.pi))
+        y = np.tanh(inner, out=inner)
+    else:
+        y = erf(x * np.float32(1 / math.sqrt(2)))
+    y += 1
+    y *= x
+    y *= np.float32(0.5)
+    return y
 
 
 @numpy_op(aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
@@ -215,14 +254,14 @@ def softmax(x, dim, half_to_float_or_dtype=None):
 @numpy_op(aten.layer_norm.default)
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    mu = np.mean(x, axis=axes, keepdims=True)
-    xc = x - mu
-    var = np.mean(xc * xc, axis=axes, keepdims=True)
-    y = xc / np.sqrt(var + np.float32(eps))
+    y = x - np.mean(x, axis=axes, keepdims=True)
+    var = np.mean(np.square(y), axis=axes, keepdims=True)
+    var += np.float32(eps)
+    y *= 1 / np.sqrt(var)
     if weight is not None:
-        y = y * weight
+        y *= weight
     if bias is not None:
-        y = y + bias
+        y += bias
     return y
 
 
@@ -230,8 +269,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enab
 @numpy_op(aten.linear.default)
 def linear(x, w, b=None):
     # one 2-D GEMM over all leading dims (numpy would otherwise loop a GEMM per batch entry)
-    y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
-    return y + b if b is not None else y
+    y = x.reshape(-1, x.shape[-1]) @ w.T
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 @numpy_op(aten.matmul.default, aten.bmm.default, aten.mm.default)
@@ -253,16 +294,22 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
         k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
     scores = np.matmul(q * scale, np.swapaxes(k, -1, -2))
     if is_causal:
-        scores = np.where(np.tril(np.ones((L, S), dtype=bool)), scores, -np.inf)
+        np.copyto(scores, -np.inf, where=~np.tril(np.ones((L, S), dtype=bool)))
     if attn_mask is not None:
-        scores = np.where(attn_mask, scores, -np.inf) if attn_mask.dtype == np.bool_ else scores + attn_mask
+        if attn_mask.dtype == np.bool_:
+            np.copyto(scores, -np.inf, where=~attn_mask)
+        else:
+            scores += attn_mask
     # torch's CPU kernels give a query that may attend to nothing (e.g. a left-padding position under a
     # causal mask) zero output rather than NaN: softmax with a guarded max and denominator does the same
     m = np.max(scores, axis=-1, keepdims=True)
-    e = np.exp(scores - np.where(np.isneginf(m), 0, m))
-    s = np.sum(e, axis=-1, keepdims=True)
-    p = e / np.where(s == 0, 1, s)
-    return np.matmul(p.astype(v.dtype, copy=False), v)
+    m[np.isneginf(m)] = 0
+    scores -= m
+    np.exp(scores, out=scores)
+    s = np.sum(scores, axis=-1, keepdims=True)
+    s[s == 0] = 1
+    scores /= s
+    return np.matmul(scores.astype(v.dtype, copy=False), v)
 
 
 # --- shapes and indexing ----------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""MiniLM on the CPU: compile time (capture + clean-up passes) and numpy-backend latency against torch eager,
+batch 8 x seq 128, measured in one process. Writes bench/results/minilm_cpu-<cpu>.json and .md.
+
+    python bench/minilm_cpu.py [--batch 8] [--seq 128] [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import load_minilm  # noqa: E402
+
+import slimfx  # noqa: E402
+from slimfx.report import format_table  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()[:60]
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-save", action="store_true", help="print only; write nothing to bench/results")
+    a = ap.parse_args(argv)
+
+    model, _ = load_minilm()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, a.seq // 2:] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+
+    t0 = time.perf_counter()
+    cm = slimfx.compile(model, (), kwargs, dynamic=True, passes=list(slimfx.passes.CLEANUP), backend="numpy",
+                        measure=False, progress=False)
+    compile_s = time.perf_counter() - t0
+    rep = cm.report()
+
+    with torch.no_grad():
+        ref = model(**kwargs).last_hidden_state
+    out = cm(**kwargs).last_hidden_state
+    rel = float((out - ref).abs().max() / ref.abs().max())
+
+    def eager():
+        with torch.no_grad():
+            model(**kwargs)
+
+    eager_ms = median_ms(eager, a.repeats)
+    numpy_ms = median_ms(lambda: cm(**kwargs), a.repeats)
+    res = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "batch": a.batch, "seq": a.seq, "capture_s": rep.capture_s,
+           "passes_s": sum(r.seconds for r in rep.records), "lower_s": rep.lower_s, "compile_s": compile_s,
+           "torch_eager_ms": eager_ms, "numpy_backend_ms": numpy_ms, "numpy_over_eager": numpy_ms / eager_ms,
+           "max_rel_err": rel}
+    rows = [["compile (capture + clean-up + lower)", f"{compile_s:.2f} s", "goal <= 10 s"],
+            ["  capture (torch.export + canonicalize)", f"{rep.capture_s:.2f} s", ""],
+            ["  passes (const_fold, cse, dce)", f"{res['passes_s']:.2f} s", ""],
+            ["torch eager latency", f"{eager_ms:.1f} ms", "baseline"],
+            ["numpy backend latency", f"{numpy_ms:.1f} ms", f"{numpy_ms / eager_ms:.2f}x eager (goal <= 1.5x)"],
+            ["numpy vs torch max rel err", f"{rel:.1e}", "bound 1e-4"]]
+    md = (f"MiniLM-L6 (all-MiniLM-L6-v2), batch {a.batch} x seq {a.seq}, {res['cpu']}, "
+          f"{res['threads']} torch threads, torch {torch.__version__}\n\n"
+          + format_table(["what", "measured", "note"], rows))
+    print(md)
+    if not a.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        stem = RESULTS / f"minilm_cpu-{slug(res['cpu'])}"
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(md + "\n")
+        print(f"wrote {stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
