@@ -36,13 +36,8 @@ class InputSignature:
         for i, p in enumerate(placeholders):
             v = ir.meta.val(p)
             leaves.append((p.name, v if v is not None else (flat_args[i] if i < len(flat_args) else None)))
-        ranges = {}
-        vals = [v for _, v in leaves if isinstance(v, torch.Tensor)]
-        mode = torch._guards.detect_fake_mode(vals) if vals else None
-        if mode is not None and mode.shape_env is not None:
-            for sym, r in mode.shape_env.var_to_range.items():
-                ranges[str(sym)] = (_as_int(r.lower) or 0, _as_int(r.upper))
-        return cls(type(model).__name__, sig, names[:n_pos], list(captured.example_kwargs), leaves, in_spec, ranges)
+        return cls(type(model).__name__, sig, names[:n_pos], list(captured.example_kwargs), leaves, in_spec,
+                   dict(captured.ranges))
 
     def _fail(self, msg: str):
         raise InputError(f"{self.model_name} (compiled): {msg}")
@@ -102,10 +97,3 @@ class InputSignature:
                            f"the model needs them equal ({sym})")
             symbols.setdefault(sym, (g, f"{name!r} dim {d}"))
 
-
-def _as_int(bound):
-    """A sympy range bound as an int, None when unbounded (int_oo)."""
-    try:
-        return int(bound)
-    except (TypeError, ValueError, OverflowError, AttributeError):
-        return None

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious
 from torch.export import Dim
 
 from . import meta
@@ -32,6 +33,8 @@ class Captured:
     method: str                      # "export" or "symbolic_trace"
     example_args: tuple
     example_kwargs: dict
+    # dynamic dims: symbol name -> (min, max or None), as export's range constraints give them
+    ranges: dict = dataclasses.field(default_factory=dict)
 
 
 def _dynamic_shapes(dynamic, args, kwargs, model):
@@ -65,8 +68,28 @@ def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
         merged = {names[i]: s for i, s in enumerate(ds[0])}
         merged.update(ds[1])
         ds = merged
-    ep = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
-    return ep.module()
+    with _size_oblivious(ds is not None):
+        ep = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
+    ranges = {str(sym): (_as_int(r.lower) or 0, _as_int(r.upper)) for sym, r in ep.range_constraints.items()}
+    return ep.module(), ranges
+
+
+def _as_int(bound):
+    """A sympy range bound as an int; None when unbounded (int_oo)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _size_oblivious(on: bool):
+    """Export assumes every dynamic dim is >= 2 (it specializes 0 and 1) unless sizes are traced "size
+    oblivious": then a batch of 1 stays in the compiled range, and only dims the model really branches on
+    (e.g. a sequence length of 1) keep min 2."""
+    cfg = torch.fx.experimental._config
+    if not on or not hasattr(cfg, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return cfg.patch(backed_size_oblivious=True)
 
 
 def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
@@ -124,12 +147,12 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     if method not in ("auto", "export", "symbolic_trace"):
         raise CaptureError(f"capture method must be 'auto', 'export' or 'symbolic_trace', got {method!r}")
     args, kwargs = tuple(args), dict(kwargs or {})
-    errors = []
+    errors, ranges = [], {}
     name = type(model).__name__
     with _eval_mode(model), torch.no_grad():
         if method in ("auto", "export"):
             try:
-                gm = _export(model, args, kwargs, dynamic)
+                gm, ranges = _export(model, args, kwargs, dynamic)
                 used = "export"
             except Exception as e:          # noqa: BLE001 - reported below with the reason
                 errors.append(("torch.export", e))
@@ -151,7 +174,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         propagate_meta(gm, args)          # canonicalization reads shapes (tensor or int operands)
     canonicalize(gm)
     gm = _flatten_attributes(gm)
-    return Captured(gm, used, args, kwargs)
+    return Captured(gm, used, args, kwargs, ranges)
 
 
 def _explain(name, errors, dynamic) -> str:

@@ -57,6 +57,13 @@ def test_call_time_input_errors(minilm):
         cm(ids)
     with pytest.raises(slimfx.InputError, match=r"input\(s\) \['token_type_ids'\] were not given at compile"):
         cm(ids, mask, token_type_ids=torch.zeros_like(ids))
+    # export keeps the sequence >= 2 (BERT's mask code branches on a length of 1)
+    with pytest.raises(slimfx.InputError, match=r"'input_ids' dim 1 is 1, outside the compiled range \[2, inf\]"):
+        cm(ids[:, :1], mask[:, :1])
+    # past BERT's 512 positions the graph itself cannot run: the failing node is named, with its error
+    long = torch.zeros(1, 600, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"numpy backend: node expand\w* \(aten.expand.default\) failed"):
+        cm(long, torch.ones_like(long))
     with pytest.raises(slimfx.InputError, match="has 1 dims"):
         cm(ids[0], mask)
     static = slimfx.compile(minilm, (), dict(input_ids=ids, attention_mask=mask), progress=False)
