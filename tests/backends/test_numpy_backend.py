@@ -69,3 +69,28 @@ def test_call_time_input_errors(minilm):
     static = slimfx.compile(minilm, (), dict(input_ids=ids, attention_mask=mask), progress=False)
     with pytest.raises(slimfx.InputError, match="compiled static at 12"):
         static(ids[:, :8], mask[:, :8])
+
+
+def test_fast_fp32_erf_matches_scipy():
+    import numpy as np
+    from scipy import special
+
+    from slimfx.backends.numpy_ops import erf_f32
+    x = np.concatenate([np.linspace(-6, 6, 100001, dtype=np.float32), np.float32([0.0, -0.0, 1e-30, 40.0])])
+    ref = special.erf(x.astype(np.float64))
+    # Abramowitz & Stegun 7.1.26 is within 1.5e-7 of erf; fp32 evaluation adds a few ulp of 1.0 (6e-8 each)
+    assert np.abs(erf_f32(x.copy()) - ref).max() < 1e-6
+    assert np.array_equal(np.sign(erf_f32(x.copy())), np.sign(x))
+    small = np.abs(x) < 0.1                  # the Taylor branch: relative accuracy, not just absolute
+    assert np.abs(erf_f32(x[small].copy()) / ref[small] - 1)[x[small] != 0].max() < 1e-6
+
+
+def test_gelu_numpy_matches_torch_both_forms():
+    import numpy as np
+
+    from slimfx.backends.numpy_ops import gelu
+    x = torch.randn(1003) * 4
+    for approx in ("none", "tanh"):
+        got = torch.from_numpy(gelu(x.numpy().copy(), approximate=approx))
+        # fp32 GELU: the erf approximation (1e-6 abs) and ulp-level differences in tanh/exp
+        assert torch.allclose(got, F.gelu(x, approximate=approx), rtol=1e-5, atol=2e-6), approx
