@@ -6,9 +6,6 @@ batch 8 x seq 128, measured in one process. Writes bench/results/minilm_cpu-<cpu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,37 +13,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_name, median_ms, save  # noqa: E402
 from models import load_minilm  # noqa: E402
 
 import slimfx  # noqa: E402
 from slimfx.report import format_table  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(s: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in s).strip("-").lower()[:60]
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main(argv=None):
@@ -97,11 +68,7 @@ def main(argv=None):
           + format_table(["what", "measured", "note"], rows))
     print(md)
     if not a.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / f"minilm_cpu-{slug(res['cpu'])}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(md + "\n")
-        print(f"wrote {stem}.json and .md")
+        save("minilm_cpu", res["cpu"], res, md)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ perplexity on English text both ways. Writes bench/results/smollm2_numpy-<cpu>.j
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from minilm_cpu import RESULTS, cpu_name, median_ms, slug  # noqa: E402
+from common import cpu_name, median_ms, save  # noqa: E402
 from models import english_text, load_smollm2  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -73,10 +72,7 @@ def main(argv=None):
                           "perplexity torch / numpy"], rows, "lrrrrrr"))
     print(md)
     if not a.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        stem = RESULTS / f"smollm2_numpy-{slug(res['cpu'])}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(md + "\n")
+        save("smollm2_numpy", res["cpu"], res, md)
 
 
 if __name__ == "__main__":

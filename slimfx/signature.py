@@ -5,7 +5,6 @@ import dataclasses
 import inspect
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import ir

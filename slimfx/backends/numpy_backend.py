@@ -12,12 +12,12 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from . import numpy_ops
+from . import numpy_ops  # noqa: F401 - registers the ATen implementations
 from .numpy_ops import NP_DTYPE
 from .optable import NUMPY_OPS
 
 # Modules that register numpy implementations of slimfx dialect ops (imported when present).
-_EXTENSIONS = ("slimfx.backends.numpy_quant",)
+_EXTENSIONS = ("slimfx.backends.numpy_quant", "slimfx.backends.numpy_fused")
 
 
 class UnsupportedOpError(NotImplementedError):

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 
 from .. import ir
-from .base import Pass, PassContext, PassResult, register_pass
+from .base import Pass, PassResult, register_pass
 
 
 @register_pass(name="dce")

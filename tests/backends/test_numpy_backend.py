@@ -86,8 +86,6 @@ def test_fast_fp32_erf_matches_scipy():
 
 
 def test_gelu_numpy_matches_torch_both_forms():
-    import numpy as np
-
     from slimfx.backends.numpy_ops import gelu
     x = torch.randn(1003) * 4
     for approx in ("none", "tanh"):

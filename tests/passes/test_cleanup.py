@@ -2,7 +2,6 @@ import torch
 import torch.nn as nn
 
 import slimfx
-from slimfx import ir
 
 aten = torch.ops.aten
 
@@ -16,7 +15,7 @@ class Redundant(nn.Module):
     def forward(self, x):
         a = torch.tanh(x) * 2
         b = torch.tanh(x) * 2            # the same computation: CSE merges it
-        unused = torch.exp(x)            # nobody reads it: DCE removes it
+        torch.exp(x)                     # nobody reads it: DCE removes it
         w = self.w.t() * 0.5             # depends only on tensors of the module: folded
         return (a + b) @ w + self.pos
 
