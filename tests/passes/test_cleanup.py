@@ -15,7 +15,6 @@ class Redundant(nn.Module):
     def forward(self, x):
         a = torch.tanh(x) * 2
         b = torch.tanh(x) * 2            # the same computation: CSE merges it
-        torch.exp(x)                     # nobody reads it: DCE removes it
         w = self.w.t() * 0.5             # depends only on tensors of the module: folded
         return (a + b) @ w + self.pos
 
@@ -29,7 +28,6 @@ def test_cleanup_passes_preserve_outputs_and_do_their_job():
     cm = slimfx.compile(m, (x,), passes=["const_fold", "cse", "dce"], progress=False)
     gm = cm.graph
     assert count(gm, aten.tanh.default) == 1
-    assert count(gm, aten.exp.default) == 0
     assert count(gm, aten.t.default) == 0 and count(gm, aten.permute.default) == 0
     stats = {r.name: r.stats for r in cm.report().records}
     assert stats["const_fold"]["nodes_folded"] >= 2 and stats["cse"]["nodes_merged"] >= 2
@@ -51,3 +49,17 @@ def test_const_fold_refuses_to_materialize_large_results():
     cm = slimfx.compile(Expand(), (torch.randn(128, 64),), passes=["const_fold"], progress=False)
     assert cm.report().records[0].stats["nodes_folded"] == 0
     assert count(cm.graph, aten.expand.default) == 1
+
+
+def test_dce_removes_dead_nodes_and_the_tensors_only_they_read():
+    def add_dead(gm):
+        """Adds exp(x) and a read of a new tensor that nothing uses."""
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        name = slimfx.ir.meta.add_tensor_attr(gm, "dead", torch.ones(3))
+        with gm.graph.inserting_after(x):
+            gm.graph.call_function(aten.exp.default, (x,))
+            gm.graph.get_attr(name)
+    m, x = Redundant().eval(), torch.randn(3, 4)
+    cm = slimfx.compile(m, (x,), passes=[add_dead, "dce"], progress=False)
+    assert cm.report().records[1].stats == {"nodes_removed": 2, "tensors_dropped": 1}
+    assert count(cm.graph, aten.exp.default) == 0 and not hasattr(cm.graph, "dead")
