@@ -54,12 +54,31 @@ class Report:
                              "kernel": ir.meta.info(n).kernel or f"{self.backend} dense"})
         return rows
 
+    def quant_layers(self) -> list[dict]:
+        """One row per quantized layer (``ir.meta.info(node).quant``): scheme, bits, granularity, observed
+        ranges, the layer's SQNR vs float on the example inputs, weight bytes fp32 -> stored."""
+        rows = []
+        for n in self.gm.graph.nodes:
+            q = n.meta.get("slimfx") and ir.meta.info(n).quant
+            if not q or "mode" not in q:
+                continue
+            w, a = q["weight"], q.get("activation") or {}
+            ascheme = a.get("scheme", {})
+            rows.append({"module": q["module"], "mode": q["mode"], "weight": f"{w['kind']} int{w['bits']}",
+                         "granularity": w["granularity"] + (f" {w['group_size']}" if w.get("group_size") else ""),
+                         "act": ("-" if not ascheme else f"int{ascheme['bits']} per {ascheme['granularity']}"),
+                         "w_range": q["weight_range"], "x_range": a.get("range") or q.get("x_range"),
+                         "sqnr_db": q.get("sqnr_db"), "fp32_bytes": q["fp32_bytes"], "weight_bytes": q["weight_bytes"],
+                         "op": q.get("folded", "Q/DQ + linear")})
+        return rows
+
     def to_dict(self) -> dict:
         return {"model": self.model, "capture": self.capture_method, "backend": self.backend,
                 "capture_s": self.capture_s, "passes_s": sum(r.seconds for r in self.records),
                 "lower_s": self.lower_s, "nodes_captured": self.captured_nodes,
                 "nodes_final": len(self.gm.graph.nodes),
-                "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers()}
+                "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers(),
+                "quantized": self.quant_layers()}
 
     def __str__(self) -> str:
         passes_s = sum(r.seconds for r in self.records)
@@ -81,6 +100,17 @@ class Report:
                                                     l["kernel"]] for l in shown], "lrlrl")]
             if len(layers) > len(shown):
                 out.append(f"... {len(layers) - len(shown)} more (report().layers() lists them all)")
+        q = self.quant_layers()
+        if q:
+            rng = lambda r: "-" if not r else f"[{r[0]:.3g}, {r[1]:.3g}]"
+            before, after = sum(r["fp32_bytes"] for r in q), sum(r["weight_bytes"] for r in q)
+            out += ["", f"{len(q)} quantized layers (SQNR: the layer's output vs float on the example inputs):",
+                    format_table(["module", "weights", "granularity", "activations", "weight range",
+                                  "input range", "SQNR dB", "bytes fp32 -> stored", "op"],
+                                 [[r["module"], r["weight"], r["granularity"], r["act"], rng(r["w_range"]),
+                                   rng(r["x_range"]), _db(r["sqnr_db"]), f"{r['fp32_bytes']} -> {r['weight_bytes']}",
+                                   r["op"]] for r in q], "lllllrrrl"),
+                    f"weight bytes of the quantized layers: {before} -> {after} ({after / before:.3f}x)"]
         return "\n".join(out)
 
     def _repr_pretty_(self, p, cycle):

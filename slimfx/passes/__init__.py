@@ -2,6 +2,11 @@
 from .base import PASSES, FunctionPass, Pass, PassContext, PassResult, as_pass, register_pass
 from .cleanup import CLEANUP, CSE, DCE, ConstFold, Rewrite
 from .manager import PassError, PassManager, PassRecord, sqnr_db
+from .quantize import FoldQDQ, Quantize
+from .quant_calibration import CalibrationError
+from .smoothquant import SmoothQuant
+from .quant_sensitivity import format_sensitivity, sensitivity
 
 __all__ = ["PASSES", "FunctionPass", "Pass", "PassContext", "PassResult", "as_pass", "register_pass", "CLEANUP",
-           "CSE", "DCE", "ConstFold", "Rewrite", "PassError", "PassManager", "PassRecord", "sqnr_db"]
+           "CSE", "DCE", "ConstFold", "Rewrite", "PassError", "PassManager", "PassRecord", "sqnr_db",
+           "Quantize", "FoldQDQ", "CalibrationError", "SmoothQuant", "sensitivity", "format_sensitivity"]

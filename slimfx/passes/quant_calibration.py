@@ -1,0 +1,92 @@
+"""Calibration for quantization passes: run the graph in torch over model inputs and hand the values of
+chosen nodes to callbacks (observers). Shared by ``Quantize`` (static activations, layer SQNR) and
+``SmoothQuant`` (per-channel activation ranges)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
+from tqdm.auto import tqdm
+
+from .base import PassContext
+
+
+class CalibrationError(ValueError):
+    """Calibration data produced NaN/Inf (or could not be fed to the graph); names the node."""
+
+
+def call_of(item, ctx: PassContext) -> tuple[tuple, dict]:
+    """(args, kwargs) for one calibration input: a tuple/list of positional args, a dict of keyword args
+    (merged over ``ctx.example_kwargs``, so e.g. ``use_cache=False`` need not be repeated), or a tensor."""
+    if isinstance(item, dict):
+        return (), {**ctx.example_kwargs, **item}
+    if isinstance(item, (tuple, list)):
+        return tuple(item), dict(ctx.example_kwargs)
+    return (item,), dict(ctx.example_kwargs)
+
+
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return list(args) + list(kwargs.values())
+    try:
+        return fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+    except Exception as e:
+        raise CalibrationError(f"an input does not match the captured call signature: {e}") from e
+
+
+class _Watcher(fx.Interpreter):
+    def __init__(self, gm, watch: dict[fx.Node, Callable]):
+        super().__init__(gm)
+        self.watch = watch
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        cb = self.watch.get(n)
+        if cb is not None:
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                bad = int((~torch.isfinite(out)).sum())
+                raise CalibrationError(f"calibration: node {n.name!r} (input of the layer(s) "
+                                       f"{_users(n)}) holds {bad} NaN/Inf value(s); check the calibration data")
+            cb(out)
+        return out
+
+
+def _users(n: fx.Node) -> list[str]:
+    from .. import ir
+    return sorted({ir.meta.module_name(u) or u.name for u in n.users})
+
+
+def run_watching(gm: fx.GraphModule, calls: Iterable[tuple[tuple, dict]], watch: dict[fx.Node, Callable],
+                 progress: bool = False, desc: str = "calibrating") -> int:
+    """Run ``gm`` (torch) on each ``(args, kwargs)`` call; after each watched node runs, call its callback
+    with the node's value. Returns the number of calls run."""
+    total = len(calls) if hasattr(calls, "__len__") else None
+    count = 0
+    with torch.no_grad():
+        for args, kwargs in tqdm(calls, desc=desc, total=total, disable=not progress, leave=False):
+            _Watcher(gm, watch).run(*flat_inputs(gm, args, kwargs))
+            count += 1
+    return count
+
+
+def calibration_calls(ctx: PassContext, who: str) -> Iterable[tuple[tuple, dict]]:
+    """ctx.calibration as (args, kwargs) calls; a clear error when there is none."""
+    if ctx.calibration is None:
+        raise ValueError(f"{who} needs calibration data: pass calibration=[inputs, ...] to slimfx.compile "
+                         f"(each a tuple of positional args or a dict of keyword args, like the example inputs)")
+    cal = ctx.calibration
+    calls = (call_of(item, ctx) for item in cal)
+    if hasattr(cal, "__len__"):
+        calls = list(calls)
+    return calls
+
+
+def example_values(gm: fx.GraphModule, ctx: PassContext, nodes: Iterable[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """The values ``nodes`` take on the example inputs (for per-layer SQNR)."""
+    got: dict[fx.Node, torch.Tensor] = {}
+    watch = {n: (lambda v, n=n: got.__setitem__(n, v)) for n in nodes}
+    run_watching(gm, [(tuple(ctx.example_args), dict(ctx.example_kwargs))], watch)
+    return got

@@ -1,0 +1,376 @@
+"""Post-training quantization of linear layers: ``Quantize`` inserts explicit quantize/dequantize (Q/DQ)
+ops around ``aten.linear``; ``FoldQDQ`` (run by ``Quantize`` unless ``lower=False``) folds them into the
+dialect's fused ops. Weights are quantized at pass time into new int8 tensors.
+
+    weights  activations  Q/DQ form (lower=False)                       folded form
+    int8     None         linear(x, dequantize(w_q, s_w))               weight_only_linear(x, w_q, s_w)
+    int4     None         linear(x, view(dequantize(w_q3, s_w3)))       weight_only_linear(.., group_size=G)
+    int8     dynamic      linear(dequantize(*quantize_per_token(x)),    quantized_linear(x, w_q, s_w, b)
+                                 dequantize(w_q, s_w))
+    int8     static       linear(dequantize(quantize(x, s_x), s_x), ..) quantized_linear(quantize(x, s_x), .., s_x)
+    log8/4   any          linear(.., log_dequantize(w_q, s_w))          (not folded: no fused log kernel)
+
+Weight schemes: int8 symmetric per output channel, int4 symmetric per group of ``group_size`` along K
+(codes stored one per int8; ``weight_bytes`` counts them packed, as slimfx stores them), log per channel.
+Activation schemes: dynamic symmetric int8 per token; static symmetric int8 per tensor from observers run
+over ``ctx.calibration``. Every quantized layer records in ``ir.meta.info(node).quant`` what was done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import operator
+import re
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+import slimfx.ir.dialect  # noqa: F401  (registers torch.ops.slimfx.*)
+
+from .. import ir
+from ..quant import (MinMaxObserver, MSEObserver, PercentileObserver, QScheme, fp32_bytes, qparams_torch,
+                     quantize_tensor_torch, weight_bytes)
+from ..quant.linear import MAX_K
+from .base import Pass, PassContext, PassResult, register_pass
+from .manager import sqnr_db
+from .quant_calibration import calibration_calls, example_values, run_watching
+
+aten = torch.ops.aten
+sf = torch.ops.slimfx
+
+WEIGHTS = ("int8", "int4", "log8", "log4")
+ACTIVATIONS = {None: None, "none": None, "dynamic": "dynamic", "dynamic-per-token": "dynamic",
+               "static": "static", "static-per-tensor": "static"}
+OBSERVERS = ("minmax", "percentile", "mse")
+ACT_SCHEME = QScheme(bits=8, granularity="tensor")
+
+
+def matches(name: str, patterns) -> bool:
+    """Does the module name match one of ``patterns``: globs (``*.q_proj``), or regexes as ``re:<regex>``."""
+    return any(re.search(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def weight_scheme(weights: str, group_size: int) -> QScheme:
+    if weights == "int8":
+        return QScheme(bits=8, granularity="channel", axis=0)
+    if weights == "int4":
+        return QScheme(bits=4, granularity="group", group_size=group_size)
+    return QScheme(kind="log", bits=int(weights[3:]), granularity="channel", axis=0)
+
+
+def quantized_linears(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes that carry a quantized layer's record (``ir.meta.info(node).quant``)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("slimfx") is not None
+            and "mode" in (ir.meta.info(n).quant or {})]
+
+
+@register_pass(name="quantize")
+@dataclasses.dataclass
+class Quantize(Pass):
+    """Quantize the selected linear layers.
+
+    weights:      "int8" (per channel), "int4" (grouped, ``group_size`` along K), "log8"/"log4" (log, per channel)
+    activations:  None (weight-only), "dynamic" (int8 per token, at run time), "static" (int8 per tensor, calibrated)
+    include/exclude: module-name globs ("*.q_proj", "lm_head") or "re:<regex>"; empty include = every layer
+    op_types:     which ops to quantize (only "linear" so far)
+    observer:     static calibration: "minmax", "percentile" (99.99) or "mse"
+    lower:        fold the Q/DQ ops into the fused dialect ops (``FoldQDQ``); False keeps the explicit form
+    measure_layers: per-layer SQNR (quantized layer vs float, same float input) on the example inputs"""
+    weights: str = "int8"
+    activations: Optional[str] = None
+    group_size: int = 128
+    include: tuple = ()
+    exclude: tuple = ()
+    op_types: tuple = ("linear",)
+    observer: str = "minmax"
+    lower: bool = True
+    measure_layers: bool = True
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"Quantize.weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"Quantize.activations must be one of {list(ACTIVATIONS)}, got {self.activations!r}")
+        if self.activations is not None and self.weights != "int8" and not self.weights.startswith("log"):
+            raise ValueError(f"Quantize: int8 activations need int8 or log weights, got weights={self.weights!r}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"Quantize.observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if tuple(self.op_types) != ("linear",):
+            raise ValueError(f"Quantize.op_types: only ('linear',) is supported so far, got {self.op_types!r}")
+        for field in ("include", "exclude"):
+            v = getattr(self, field)
+            if isinstance(v, str):
+                setattr(self, field, (v,))
+            else:
+                setattr(self, field, tuple(v))
+
+    @property
+    def mode(self) -> str:
+        w = {"int8": "W8", "int4": f"W4g{self.group_size}", "log8": "logW8", "log4": "logW4"}[self.weights]
+        a = {None: "A16", "dynamic": "A8 dynamic per-token", "static": "A8 static per-tensor"}[ACTIVATIONS[self.activations]]
+        return w + a
+
+    def select(self, gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, str]]:
+        """The linear nodes to quantize, and the skipped ones with why."""
+        chosen, skipped = [], {}
+        for n in gm.graph.nodes:
+            if n.op != "call_function" or n.target is not aten.linear.default:
+                continue
+            name = ir.meta.module_name(n) or n.name
+            if (self.include and not matches(name, self.include)) or matches(name, self.exclude):
+                continue
+            w = n.args[1]
+            if not isinstance(w, fx.Node) or w.op != "get_attr":
+                skipped[name] = "weight is not a tensor of the module (already quantized?)"
+                continue
+            t = ir.meta.tensor_attr(gm, w)
+            if t.ndim != 2 or not t.is_floating_point():
+                skipped[name] = f"weight of shape {tuple(t.shape)} / {t.dtype} is not a 2-D float tensor"
+            elif self.weights == "int4" and t.shape[1] % self.group_size:
+                raise ValueError(f"Quantize: group_size={self.group_size} does not divide K={t.shape[1]} of layer "
+                                 f"{name!r} (node {n.name}); choose a divisor (e.g. 64, 32) or exclude the layer")
+            elif self.activations is not None and t.shape[1] > MAX_K:
+                skipped[name] = f"K={t.shape[1]} > {MAX_K} could overflow the int32 accumulator"
+            else:
+                chosen.append(n)
+        return chosen, skipped
+
+    def run(self, gm, ctx):
+        act = ACTIVATIONS[self.activations]
+        chosen, skipped = self.select(gm)
+        if not chosen:
+            return PassResult(gm, False, {"layers": 0, "skipped": skipped})
+        x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
+        ranges = _static_ranges(gm, ctx, x_nodes, self.observer) if act == "static" else {}
+        floats, refs = {}, {}
+        if self.measure_layers and (ctx.example_args or ctx.example_kwargs):
+            floats = example_values(gm, ctx, x_nodes)
+            refs = {n.name: (n.args[0], ir.meta.tensor_attr(gm, n.args[1]), _bias(gm, n)) for n in chosen}
+        w_scheme = weight_scheme(self.weights, self.group_size)
+        bytes_before = bytes_after = 0
+        for lin in chosen:
+            record = self._quantize_layer(gm, lin, w_scheme, act, ranges.get(lin.args[0]))
+            bytes_before += record["fp32_bytes"]
+            bytes_after += record["weight_bytes"]
+        folded = FoldQDQ().run(gm, ctx).stats["folded"] if self.lower else 0
+        gm.graph.eliminate_dead_code()
+        ir.drop_unused_tensors(gm)
+        gm.recompile()
+        if floats:
+            _measure_layers(gm, floats, refs)
+        return PassResult(gm, True, {"mode": self.mode, "layers": len(chosen), "folded": folded,
+                                     "weight_bytes_fp32": bytes_before, "weight_bytes": bytes_after,
+                                     "ratio": round(bytes_after / bytes_before, 4), "skipped": skipped})
+
+    def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range) -> dict:
+        g = gm.graph
+        x, w_node = lin.args[0], lin.args[1]
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        name = ir.meta.module_name(lin) or lin.name
+        w = ir.meta.tensor_attr(gm, w_node).detach().to(torch.float32)
+        n_out, k = w.shape
+        qp = qparams_torch(w, scheme, name=f"weight of {name}")
+        codes = quantize_tensor_torch(w, scheme, qp).contiguous()
+        stack = lin.meta.get("nn_module_stack")
+        new_nodes = []
+
+        def attr(suffix, t):
+            node = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.{suffix}", t.contiguous()))
+            new_nodes.append(node)
+            return node
+
+        def call(target, *args):
+            node = g.call_function(target, args)
+            new_nodes.append(node)
+            return node
+
+        with g.inserting_before(lin):
+            if scheme.granularity == "group":
+                G = scheme.group_size
+                wq = attr("w_q", codes.reshape(n_out, k // G, G))
+                ws = attr("w_scale", qp.scale.to(torch.float32).reshape(n_out, k // G, 1))
+                wd = call(aten.view.default, call(sf.dequantize.default, wq, ws, None), [n_out, k])
+            else:
+                wq, ws = attr("w_q", codes), attr("w_scale", qp.scale.to(torch.float32).reshape(n_out, 1))
+                wd = (call(sf.log_dequantize.default, wq, ws, scheme.bits) if scheme.kind == "log"
+                      else call(sf.dequantize.default, wq, ws, None))
+            xd, act_rec = x, None
+            if act == "dynamic":
+                t = call(sf.quantize_per_token.default, x, 127)
+                xd = call(sf.dequantize.default, call(operator.getitem, t, 0), call(operator.getitem, t, 1), None)
+                act_rec = {"scheme": {"bits": 8, "symmetric": True, "granularity": "token", "dynamic": True}}
+            elif act == "static":
+                lo, hi = x_range
+                s = _static_scale(lo, hi)
+                xs = attr("x_scale", s)
+                xq = call(sf.quantize.default, x, xs, None, -127, 127)
+                xd = call(sf.dequantize.default, xq, xs, None)
+                act_rec = {"scheme": ACT_SCHEME.to_dict() | {"dynamic": False, "observer": self.observer},
+                           "range": [float(lo), float(hi)], "scale": float(s)}
+        for node in new_nodes:
+            if stack is not None:
+                node.meta["nn_module_stack"] = stack
+            ir.meta.info(node).origin = "quantize"
+        lin.args = (xd, wd, bias)
+        lin.kwargs = {}
+        rec = {"module": name, "node": lin.name, "mode": self.mode, "weight": scheme.to_dict(),
+               "weight_range": [float(w.min()), float(w.max())], "shape": [n_out, k],
+               "activation": act_rec, "fp32_bytes": fp32_bytes(w.shape), "weight_bytes": weight_bytes(w.shape, scheme),
+               "sqnr_db": None}
+        ir.meta.info(lin).quant = {**(ir.meta.info(lin).quant or {}), **rec}     # keeps e.g. SmoothQuant's record
+        return rec
+
+
+def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:
+    b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    return None if b is None else ir.meta.tensor_attr(gm, b)
+
+
+def _static_scale(lo, hi) -> torch.Tensor:
+    from ..quant import qparams_from_range_torch
+    return qparams_from_range_torch(torch.tensor(float(lo)), torch.tensor(float(hi)), ACT_SCHEME).scale.to(torch.float32)
+
+
+def _static_ranges(gm, ctx: PassContext, x_nodes, observer: str) -> dict:
+    def make(n):
+        if observer == "percentile":
+            return PercentileObserver(99.99, name=n.name, max_samples=1 << 18)
+        if observer == "mse":
+            return MSEObserver(ACT_SCHEME, steps=50, name=n.name, max_samples=1 << 18)
+        return MinMaxObserver(name=n.name)
+    obs = {n: make(n) for n in x_nodes}
+    calls = calibration_calls(ctx, "Quantize(activations='static')")
+    count = run_watching(gm, calls, {n: o.observe for n, o in obs.items()}, ctx.progress, "quantize: calibrating")
+    if count == 0:
+        raise ValueError("Quantize(activations='static'): the calibration data is empty")
+    return {n: tuple(float(v) for v in o.range()) for n, o in obs.items()}
+
+
+# --- folding ---------------------------------------------------------------------------------------
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _weight_dq(gm, w: fx.Node):
+    """(w_q, w_scale flat, group_size) tensors of a dequantized weight feeding a linear, or None."""
+    if _is(w, aten.view.default) and _is(w.args[0], sf.dequantize.default):
+        dq, grouped = w.args[0], True
+    elif _is(w, sf.dequantize.default):
+        dq, grouped = w, False
+    else:
+        return None
+    q, s, z = (list(dq.args) + [None])[:3]
+    if z is not None or q.op != "get_attr" or s.op != "get_attr":
+        return None
+    q, s = ir.meta.tensor_attr(gm, q), ir.meta.tensor_attr(gm, s)
+    if q.dtype != torch.int8:
+        return None
+    if grouped:
+        if q.ndim != 3 or tuple(s.shape) != (q.shape[0], q.shape[1], 1):
+            return None
+        return q.reshape(q.shape[0], -1), s.reshape(q.shape[0], q.shape[1]), q.shape[2]
+    if q.ndim != 2 or tuple(s.shape) != (q.shape[0], 1):
+        return None
+    return q, s.reshape(q.shape[0]), 0
+
+
+def _act_dq(x: fx.Node):
+    """("dynamic", x) / ("static", q_node, scale_node) for a dequantized activation, else None."""
+    if not _is(x, sf.dequantize.default) or (len(x.args) > 2 and x.args[2] is not None):
+        return None
+    q, s = x.args[0], x.args[1]
+    if (_is(q, operator.getitem) and _is(s, operator.getitem) and q.args[0] is s.args[0]
+            and (q.args[1], s.args[1]) == (0, 1) and _is(q.args[0], sf.quantize_per_token.default)
+            and (list(q.args[0].args) + [127])[1] == 127):
+        return ("dynamic", q.args[0].args[0])
+    if (_is(q, sf.quantize.default) and q.args[1] is s and q.args[2] is None and tuple(q.args[3:5]) == (-127, 127)
+            and s.op == "get_attr"):
+        return ("static", q, s)
+    return None
+
+
+@register_pass(name="fold_qdq")
+@dataclasses.dataclass
+class FoldQDQ(Pass):
+    """Fold ``linear(dequantize(..x..), dequantize(w_q, s_w), b)`` into ``quantized_linear`` (int8 x and w) or
+    ``weight_only_linear`` (float x). Layers whose pattern has no fused op (log weights, grouped weights
+    with int8 activations, non-float32 static inputs) stay in Q/DQ form."""
+
+    def run(self, gm, ctx):
+        g = gm.graph
+        folded = 0
+        for lin in list(g.nodes):
+            if not _is(lin, aten.linear.default):
+                continue
+            wdq = _weight_dq(gm, lin.args[1])
+            if wdq is None:
+                continue
+            wq, ws, G = wdq
+            bias = lin.args[2] if len(lin.args) > 2 else None
+            name = ir.meta.module_name(lin) or lin.name
+            act = _act_dq(lin.args[0])
+            if act is not None and G:
+                continue
+            if act is not None and act[0] == "static" and ir.meta.dtype(act[1].args[0]) not in (None, torch.float32):
+                continue
+            with g.inserting_before(lin):
+                wq_n = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.w_q", wq.contiguous()))
+                ws_n = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.w_scale", ws.contiguous()))
+                if act is None:
+                    new = g.call_function(sf.weight_only_linear.default, (lin.args[0], wq_n, ws_n, None, bias, G))
+                elif act[0] == "dynamic":
+                    new = g.call_function(sf.quantized_linear.default, (act[1], wq_n, ws_n, bias))
+                else:
+                    new = g.call_function(sf.quantized_linear.default, (act[1], wq_n, ws_n, bias, act[2]))
+            for node in (wq_n, ws_n, new):
+                node.meta.update({k: v for k, v in lin.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            new.meta["val"] = lin.meta.get("val")
+            info = ir.meta.info(new)
+            info.quant, info.origin = ir.meta.info(lin).quant, "fold_qdq"
+            if info.quant is not None:
+                info.quant = dict(info.quant, folded=str(new.target).replace("slimfx.", "").split(".")[0])
+            lin.replace_all_uses_with(new)
+            g.erase_node(lin)
+            folded += 1
+        if folded:
+            g.eliminate_dead_code()
+            ir.drop_unused_tensors(gm)
+            gm.recompile()
+        return PassResult(gm, folded > 0, {"folded": folded})
+
+
+# --- per-layer SQNR ----------------------------------------------------------------------------------
+
+def _eval(gm, node, env: dict):
+    """Evaluate ``node`` in torch from ``env`` (the layer's float input) and the module's tensors."""
+    if node in env:
+        return env[node]
+    if node.op == "get_attr":
+        v = getattr(gm, node.target)
+    elif node.op == "call_function":
+        args = fx.node.map_arg(node.args, lambda a: _eval(gm, a, env))
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: _eval(gm, a, env))
+        v = node.target(*args, **kwargs)
+    else:
+        raise ValueError(f"per-layer SQNR: cannot evaluate {node.op} node {node.name} inside a layer")
+    env[node] = v
+    return v
+
+
+def _measure_layers(gm, floats: dict, refs: dict) -> None:
+    """Per quantized layer: SQNR of its output vs the float layer's, both on the float model's input
+    (the example inputs), and the observed range of that input."""
+    with torch.no_grad():
+        for n in quantized_linears(gm):
+            rec = ir.meta.info(n).quant
+            if rec.get("node") not in refs:
+                continue
+            x_node, w, b = refs[rec["node"]]
+            x = floats.get(x_node)
+            if x is None:
+                continue
+            got = _eval(gm, n, {x_node: x})
+            rec["sqnr_db"] = sqnr_db(torch.nn.functional.linear(x, w, b), got)
+            rec["x_range"] = [float(x.min()), float(x.max())]
