@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
 import torch.utils._pytree as pytree
 
-BACKENDS = ("numpy", "torch")
+BACKENDS = ("numpy", "torch", "triton")
 
 
 def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
@@ -38,11 +38,16 @@ class Executable:
         if backend == "numpy":
             from .numpy_backend import NumpyProgram
             self.program = NumpyProgram(gm)
+        elif backend == "triton":
+            from .triton_backend import TritonProgram
+            self.program = TritonProgram(gm)
 
     def __call__(self, args: tuple, kwargs: dict):
         if self.program is None:
             with torch.no_grad():
                 return self.gm(*args, **kwargs)
+        if self.backend == "triton":
+            return self.program(args, kwargs)
         from .numpy_backend import to_torch
         flat = self.program.run(flatten_inputs(self.gm, args, kwargs))
         return unflatten_outputs(self.gm, pytree.tree_map(to_torch, flat))

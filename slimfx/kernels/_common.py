@@ -4,8 +4,10 @@ and the fused epilogue (dequant scale, bias, activation, residual, requantize) a
 The epilogue computes, in fp32 and in this order (the numpy twin does the same operations in the same
 order, so under the interpreter the two agree bit for bit):
 
-    y = acc * a_scale[m]            (only when a per-token scale is given)
-    y = y * w_scale[n]              (only when a per-channel scale is given)
+    y = acc * (a_scale[m] * w_scale[n])   the outer product of the scales first, then one multiply:
+                                          the order of slimfx.quant.linear (the dialect's quantized_linear),
+                                          so kernel, numpy backend and torch reference agree bit for bit;
+                                          with only one of the scales given, y = acc * that scale
     y = y + bias[n]
     y = act(y)                      relu: max(y, 0)
                                     silu: y * sigmoid(y)
@@ -199,9 +201,13 @@ def epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_p
         tl.store(out_ptrs, acc, mask=mask)
     else:
         y = acc.to(tl.float32)
-        if HAS_A_SCALE:
+        if HAS_A_SCALE and HAS_W_SCALE:
+            a_s = tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)
+            w_s = tl.load(w_scale_ptr + rn, mask=mask_n, other=0.0)
+            y = y * (a_s[:, None] * w_s[None, :])
+        elif HAS_A_SCALE:
             y = y * tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)[:, None]
-        if HAS_W_SCALE:
+        elif HAS_W_SCALE:
             y = y * tl.load(w_scale_ptr + rn, mask=mask_n, other=0.0)[None, :]
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -248,9 +254,11 @@ def epilogue_np(acc: np.ndarray, a_scale=None, w_scale=None, bias=None, activati
                 out_scale=None) -> np.ndarray:
     """The numpy twin of ``epilogue_store``: fp32 result, or int8 when ``out_scale`` is given."""
     y = acc.astype(np.float32)
-    if a_scale is not None:
+    if a_scale is not None and w_scale is not None:
+        y = y * (np32(a_scale).reshape(-1, 1) * np32(w_scale).reshape(1, -1))
+    elif a_scale is not None:
         y = y * np32(a_scale).reshape(-1, 1)
-    if w_scale is not None:
+    elif w_scale is not None:
         y = y * np32(w_scale).reshape(1, -1)
     if bias is not None:
         y = y + np32(bias).reshape(1, -1)

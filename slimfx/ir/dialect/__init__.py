@@ -5,3 +5,5 @@ still run in torch) and a fake implementation (shapes and dtypes propagate, symb
 """
 from . import quant  # noqa: F401  (registers the quantization ops)
 from .quant import OPS as QUANT_OPS  # noqa: F401
+from . import fused  # noqa: F401  (registers the fusion ops)
+from .fused import OPS as FUSED_OPS  # noqa: F401

@@ -1,0 +1,282 @@
+"""The triton backend: dialect ops run as Triton kernels (slimfx.kernels), everything else as torch ops on
+the device.
+
+Lowering copies the graph, gives it its own copies of the module's tensors on the device, points device
+literals (``arange(..., device=cpu)``) at that device, and turns each dialect node into a call of a small
+module (``Lowered*``) that runs the kernel or the dense path. Which one is decided per layer and per shape
+bucket (M rounded up to a power of two; N, K, dtype exact) at the first call that meets the bucket:
+both are timed with ``triton.testing.do_bench`` and the kernel is used only when it is faster. Decisions
+are cached in a JSON file keyed by (device name, op, bucket): ``$SLIMFX_KERNEL_CACHE`` or
+``~/.cache/slimfx/kernel_choices.json`` (``SLIMFX_KERNEL_CHOICE=kernel`` or ``dense`` skips measuring). The choice and its reason ("int8_gemm 0.041 ms vs bf16 0.063 ms")
+go to ``ir.meta.info(node).kernel`` of the compiled graph's node.
+
+The dense path of a quantized linear is the bf16 GEMM with the dequantized weight (activations are not
+quantized there): what the layer would cost without its kernel. Under TRITON_INTERPRET=1 nothing can be
+measured: the kernel is always chosen ("interpreter: correctness mode") so the CPU tests exercise it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+import slimfx.ir.dialect  # noqa: F401
+from slimfx.kernels import _common as C
+
+from .. import ir
+
+sf = torch.ops.slimfx
+INTERPRETER = "interpreter: correctness mode"
+
+
+# --- choosing ----------------------------------------------------------------------------------------
+
+def cache_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SLIMFX_KERNEL_CACHE", "~/.cache/slimfx/kernel_choices.json")).expanduser()
+
+
+_MEMO: dict[str, dict] = {}       # this process's view of the cache file (measurements are costly)
+
+
+def _load() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _store(key: str, entry: dict) -> None:
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _load()
+    data[key] = entry
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, dense_fn) -> tuple[bool, str]:
+    """(use the kernel?, reason). Measured once per (device, op, bucket), then read from the cache."""
+    if C.interpreting():
+        return True, f"{kernel_name} ({INTERPRETER})"
+    forced = os.environ.get("SLIMFX_KERNEL_CHOICE", "measure")
+    if forced in ("kernel", "dense"):
+        return forced == "kernel", f"{kernel_name if forced == 'kernel' else dense_name} (SLIMFX_KERNEL_CHOICE={forced})"
+    key = f"{torch.cuda.get_device_name()}|{op}|{bucket}"
+    entry = _MEMO.get(key) or _load().get(key)
+    if entry is None:
+        from triton.testing import do_bench
+        k_ms, d_ms = do_bench(kernel_fn), do_bench(dense_fn)
+        entry = {"kernel": kernel_name, "kernel_ms": round(k_ms, 4), "dense": dense_name, "dense_ms": round(d_ms, 4),
+                 "use_kernel": k_ms < d_ms}
+        _store(key, entry)
+    _MEMO[key] = entry
+    k, d = f"{entry['kernel']} {entry['kernel_ms']:.3f} ms", f"{entry['dense']} {entry['dense_ms']:.3f} ms"
+    return entry["use_kernel"], f"{k} vs {d}" if entry["use_kernel"] else f"{entry['dense']}: {d} vs {k}"
+
+
+class Lowered(torch.nn.Module):
+    """One dialect node: runs ``kernel`` or ``dense`` per shape bucket, and says which in the node's info."""
+    op = ""
+    kernel_name = ""
+    dense_name = "bf16"
+
+    def __init__(self, info: ir.meta.NodeInfo, name: str):
+        super().__init__()
+        self.info, self.node_name = info, name
+        self.decisions: dict[str, tuple[bool, str]] = {}
+        if C.interpreting():
+            self.info.kernel = f"{self.kernel_name} ({INTERPRETER})"
+        else:
+            self.info.kernel = f"{self.kernel_name} or {self.dense_name}: measured at the first call per shape bucket"
+
+    def bucket(self, x, *args) -> str:
+        m = x.numel() // max(x.shape[-1], 1)
+        return f"M{C.m_bucket(m)}|K{x.shape[-1]}|{str(x.dtype).replace('torch.', '')}"
+
+    def forward(self, *args):
+        b = self.bucket(*args)
+        if b not in self.decisions:
+            self.decisions[b] = choose(self.op, b, self.kernel_name, lambda: self.kernel(*args),
+                                       self.dense_name, lambda: self.dense(*args))
+            self.info.kernel = "; ".join(f"{k.split('|')[0]}: {r}" for k, (_, r) in self.decisions.items()) \
+                if len(self.decisions) > 1 else self.decisions[b][1]
+        try:
+            return self.kernel(*args) if self.decisions[b][0] else self.dense(*args)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"triton backend: node {self.node_name} ({self.op}): {e}") from e
+
+
+def _dequant(w_q, w_scale, group_size=0, zp=None) -> torch.Tensor:
+    from slimfx.quant.linear import dequantize_weight_torch
+    return dequantize_weight_torch(w_q, w_scale, zp, group_size)
+
+
+class LoweredQuantizedLinear(Lowered):
+    """quantized_linear: act_quant.quantize_per_token (float x) + int8_gemm with the dequant/bias epilogue."""
+    op, kernel_name = "quantized_linear", "int8_gemm"
+
+    def bucket(self, x, w_q, *rest):
+        return super().bucket(x) + f"|N{w_q.shape[0]}"
+
+    def kernel(self, x, w_q, w_scale, bias=None, x_scale=None):
+        from slimfx import kernels as K
+        x = x.contiguous()
+        if x.dtype == torch.int8:
+            m = x.numel() // x.shape[-1]
+            s = x_scale.to(torch.float32).reshape(-1)
+            q, s, out_dtype = x, (s.expand(m) if s.numel() == 1 else s).contiguous(), torch.float32
+        else:
+            (q, s), out_dtype = K.quantize_per_token(x), x.dtype
+        return K.int8_gemm(q, w_q, a_scale=s, w_scale=w_scale, bias=bias, out_dtype=out_dtype)
+
+    def dense(self, x, w_q, w_scale, bias=None, x_scale=None):
+        if not hasattr(self, "_w"):
+            self._w = _dequant(w_q, w_scale).to(torch.bfloat16)
+            self._b = None if bias is None else bias.to(torch.bfloat16)
+        out_dtype = torch.float32 if x.dtype == torch.int8 else x.dtype
+        xf = x.to(torch.float32) * x_scale if x.dtype == torch.int8 else x
+        return F.linear(xf.to(torch.bfloat16), self._w, self._b).to(out_dtype)
+
+
+class LoweredWeightOnly(Lowered):
+    """weight_only_linear: int8 per channel -> int8_weight_only_linear; int4 codes per group (G a power of
+    two >= 32) -> int4_weight_only_linear over weights packed at lowering; other forms -> torch reference."""
+    op = "weight_only_linear"
+
+    def __init__(self, info, name, w_q: torch.Tensor, group_size: int, has_zp: bool):
+        from slimfx.kernels.weight_only import pack_int4
+        self.form = None
+        if not has_zp and group_size == 0 and w_q.dtype == torch.int8:
+            self.form, self.kernel_name = "int8", "int8_weight_only_linear"
+        elif (not has_zp and group_size >= 32 and group_size & (group_size - 1) == 0 and w_q.dtype == torch.int8
+              and w_q.numel() and int(w_q.min()) >= -8 and int(w_q.max()) <= 7):
+            self.form, self.kernel_name = "int4", "int4_weight_only_linear"
+        else:
+            self.kernel_name = "torch reference (no kernel for this weight form)"
+        super().__init__(info, name)
+        if self.form == "int4":
+            self.register_buffer("packed", pack_int4(w_q).to(w_q.device))
+
+    def bucket(self, x, w_q, *rest):
+        return super().bucket(x) + f"|N{w_q.shape[0]}|{self.form}"
+
+    def forward(self, *args):
+        if self.form is None:
+            return sf.weight_only_linear.default(*args)
+        return super().forward(*args)
+
+    def kernel(self, x, w_q, w_scale, w_zero_point=None, bias=None, group_size=0):
+        from slimfx import kernels as K
+        x = x.contiguous()
+        if self.form == "int8":
+            return K.int8_weight_only_linear(x, w_q, w_scale, bias)
+        return K.int4_weight_only_linear(x, self.packed, w_scale.contiguous(), group_size, bias)
+
+    def dense(self, x, w_q, w_scale, w_zero_point=None, bias=None, group_size=0):
+        if not hasattr(self, "_w"):
+            self._w = _dequant(w_q, w_scale, group_size, w_zero_point).to(torch.bfloat16)
+            self._b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), self._w, self._b).to(x.dtype)
+
+
+class LoweredNormQuant(Lowered):
+    """norm_quantize_per_token: act_quant.norm_quantize_per_token (one pass over x) vs the torch ops."""
+    op, kernel_name, dense_name = "norm_quantize_per_token", "act_quant", "torch"
+
+    def kernel(self, x, weight, bias, eps, norm):
+        from slimfx import kernels as K
+        return K.norm_quantize_per_token(x.contiguous(), weight, bias, eps, norm)
+
+    def dense(self, x, weight, bias, eps, norm):
+        return sf.norm_quantize_per_token.default(x, weight, bias, eps, norm)
+
+
+class LoweredFusedLinear(Lowered):
+    """fused_linear in torch (cuBLAS GEMM + elementwise epilogue): slimfx has no float Triton GEMM."""
+    op, kernel_name = "fused_linear", "torch (no float Triton GEMM: cuBLAS + epilogue)"
+
+    def __init__(self, info, name):
+        super().__init__(info, name)
+        self.info.kernel = self.kernel_name
+
+    def forward(self, *args):
+        return sf.fused_linear.default(*args)
+
+
+# --- lowering ----------------------------------------------------------------------------------------
+
+def _device() -> torch.device:
+    if C.interpreting():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels on "
+                           "the CPU, slowly); use backend='numpy' or 'torch' here")
+    return torch.device("cuda")
+
+
+def _make(gm: fx.GraphModule, node: fx.Node) -> Lowered:
+    info, t = ir.meta.info(node), node.target
+    if t is sf.quantized_linear.default:
+        return LoweredQuantizedLinear(info, node.name)
+    if t is sf.weight_only_linear.default:
+        args = list(node.args) + [None] * 6
+        w_q = ir.meta.tensor_attr(gm, node.args[1]) if node.args[1].op == "get_attr" else torch.empty(0)
+        gs = node.args[5] if len(node.args) > 5 else node.kwargs.get("group_size", 0)
+        zp = args[3] if len(node.args) > 3 else node.kwargs.get("w_zero_point")
+        return LoweredWeightOnly(info, node.name, w_q, gs, zp is not None)
+    if t is sf.norm_quantize_per_token.default:
+        return LoweredNormQuant(info, node.name)
+    return LoweredFusedLinear(info, node.name)
+
+
+LOWERED_OPS = (sf.quantized_linear.default, sf.weight_only_linear.default, sf.norm_quantize_per_token.default,
+               sf.fused_linear.default)
+
+
+def _set_attr(mod: torch.nn.Module, dotted: str, t: torch.Tensor) -> None:
+    *path, leaf = dotted.split(".")
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, torch.nn.Module())
+        mod = getattr(mod, p)
+    mod.register_buffer(leaf, t)
+
+
+class TritonProgram:
+    """A lowered graph: ``program(args, kwargs)`` runs it on the device (inputs are moved there; outputs
+    stay there)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.device = dev = _device()
+        graph = fx.Graph()
+        val_map: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(gm.graph, val_map))
+        graph._codegen = gm.graph._codegen
+        root = torch.nn.Module()
+        for old, new in val_map.items():
+            if old.op == "get_attr":
+                _set_attr(root, old.target, getattr(gm, old.target).detach().to(dev))
+            elif old.op == "call_function" and old.target in LOWERED_OPS:
+                name = f"lowered_{old.name}"
+                root.add_module(name, _make(gm, old).to(dev))
+                new.op, new.target = "call_module", name
+            if new.op == "call_function":
+                new.args, new.kwargs = _on(new.args, dev), _on(new.kwargs, dev)
+        self.gm = fx.GraphModule(root, graph)
+
+    def __call__(self, args: tuple, kwargs: dict):
+        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v
+        args, kwargs = pytree.tree_map(move, (tuple(args), dict(kwargs)))
+        with torch.no_grad():
+            return self.gm(*args, **kwargs)
+
+
+def _on(a, dev):
+    """Device literals captured in the graph (arange(..., device=cpu)) pointed at ``dev``."""
+    return fx.node.map_aggregate(a, lambda v: dev if isinstance(v, torch.device) else v)
