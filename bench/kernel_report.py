@@ -67,6 +67,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Kernel benchmark: {meta.get('card', '?')}", "",
              f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, {meta.get('date', '')}"
              f"{' (quick subset)' if meta.get('quick') else ''}{' (FAKE numbers)' if meta.get('fake') else ''}.",
+             f"Timing: {meta.get('timing', 'eager launches')}. "
              "Cells: speedup vs cuBLAS bf16 in the same run (median of triton.testing.do_bench); the bf16 "
              "column is its time in ms. `!` marks a failed correctness check, `-` a case that did not run.",
              "", "| M | N | K | " + " | ".join(t for _, t in present) + " |",
@@ -131,7 +132,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> str | None:
 def write_all(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     """bench/results/kernels-<card>.{json,md,png}; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"kernels-{card_slug(meta.get('card', 'unknown'))}{'-fake' if meta.get('fake') else ''}"
+    graph = "-cudagraph" if meta.get("timing", "").startswith("CUDA") else ""
+    stem = out_dir / f"kernels-{card_slug(meta.get('card', 'unknown'))}{graph}{'-fake' if meta.get('fake') else ''}"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps({"meta": meta, "goals": check_goals(rows), "results": rows}, indent=1) + "\n")
     paths[1].write_text(markdown(rows, meta))

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new shapes after this many seconds (default 150 quick, 420 full)")
     p.add_argument("--only", default="", help="comma-separated kernel names to run (default: all)")
+    p.add_argument("--cudagraph", action="store_true",
+                   help="time every case (baselines too) by CUDA-graph replay: GPU time without the host's "
+                        "launch overhead, which dominates at decode shapes")
     return p.parse_args(argv)
 
 
@@ -51,10 +54,11 @@ def parse_args(argv=None):
 class Bench:
     """Times and checks each case of one shape; appends result rows."""
 
-    def __init__(self, only: set[str]):
+    def __init__(self, only: set[str], cudagraph: bool = False):
         import torch
         import triton.testing
         self.torch, self.do_bench = torch, triton.testing.do_bench
+        self.cudagraph = cudagraph
         self.only = only
         self.rows: list[dict] = []
         self.compiled = None
@@ -63,6 +67,9 @@ class Bench:
     def time_ms(self, fn) -> float:
         fn()
         self.torch.cuda.synchronize()
+        if self.cudagraph:   # replays on its own stream; no L2 flush between replays (for baselines too)
+            import triton.testing
+            return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
         return float(self.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
     def case(self, shape, kernel, fn, check, base_ms):
@@ -230,7 +237,8 @@ def run_gpu(args) -> tuple[list[dict], dict]:
     card = torch.cuda.get_device_name()
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, quick=args.quick, fake=False,
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
-    bench = Bench({s for s in args.only.split(",") if s})
+    bench = Bench({s for s in args.only.split(",") if s}, cudagraph=args.cudagraph)
+    meta["timing"] = "CUDA-graph replay" if args.cudagraph else "eager launches"
     budget = args.budget_s if args.budget_s is not None else (150 if args.quick else 420)
     t0 = time.time()
     todo = shapes(args.quick)

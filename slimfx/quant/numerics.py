@@ -68,9 +68,16 @@ def dequantize_torch(q: torch.Tensor, scale, zero_point=0) -> torch.Tensor:
     return (q.to(torch.float32) - zero_point) * torch.as_tensor(scale, dtype=torch.float32, device=q.device)
 
 
+def div_scalar_torch(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b as an IEEE fp32 division on every device. torch's CUDA kernel multiplies by the reciprocal of a
+    Python-scalar divisor (one bit off now and then: seen as act-quant scales differing from the Triton
+    kernel's on an H200), so the divisor goes in as a tensor of a's shape."""
+    return a / torch.full_like(a, float(b))
+
+
 def absmax_scale_torch(x: torch.Tensor, dim, qmax: int = SYM_INT8_QMAX) -> torch.Tensor:
     amax = x.to(torch.float32).abs().amax(dim=dim, keepdim=True)
-    return torch.clamp(amax / qmax, min=MIN_SCALE)
+    return torch.clamp(div_scalar_torch(amax, qmax), min=MIN_SCALE)
 
 
 def int_matmul_torch(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:

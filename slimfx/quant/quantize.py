@@ -118,8 +118,9 @@ def qparams_from_range_torch(lo, hi, scheme: QScheme) -> QParams:
     if scheme.kind == "log":
         return QParams(torch.clamp(torch.maximum(-lo, hi), min=MIN_SCALE), zero)
     if scheme.symmetric:
-        return QParams(torch.clamp(torch.maximum(-lo, hi) / scheme.qmax, min=MIN_SCALE), zero)
-    scale = torch.clamp((hi - lo) / float(scheme.qmax - scheme.qmin), min=MIN_SCALE)
+        amax = torch.maximum(-lo, hi)
+        return QParams(torch.clamp(numerics.div_scalar_torch(amax, scheme.qmax), min=MIN_SCALE), zero)
+    scale = torch.clamp(numerics.div_scalar_torch(hi - lo, scheme.qmax - scheme.qmin), min=MIN_SCALE)
     zp = torch.clamp(float(scheme.qmin) - torch.round(lo / scale), scheme.qmin, scheme.qmax)
     return QParams(scale, zp.to(torch.int8))
 
