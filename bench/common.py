@@ -35,6 +35,22 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
+def paired_median_ms(fa, fb, repeats: int, rounds: int = 3) -> tuple[float, float]:
+    """Medians of fa and fb timed in alternating blocks (``rounds`` blocks each, warmed up), so drift in
+    the machine's speed hits both alike. Blocks, not single calls: torch's OpenMP threads and OpenBLAS's
+    spinning workers slow each other for a while after a switch (interleaving single calls made torch
+    eager 1.5x slower here)."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, times in ((fa, ta), (fb, tb)):
+            for i in range(repeats + 2):
+                t = time.perf_counter()
+                fn()
+                if i >= 2:                 # the first calls after a switch are the contaminated ones
+                    times.append(time.perf_counter() - t)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
 def save(name: str, machine: str, res: dict, md: str) -> Path:
     """Write results/<name>-<machine>.json and .md; returns the stem."""
     RESULTS.mkdir(exist_ok=True)

@@ -13,11 +13,41 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_name, median_ms, save  # noqa: E402
+from common import cpu_name, paired_median_ms, save  # noqa: E402
 from models import load_minilm  # noqa: E402
 
 import slimfx  # noqa: E402
 from slimfx.report import format_table  # noqa: E402
+
+
+# torch profiler names -> the ATen op the numpy backend runs for the same work
+_TORCH_OPS = {"aten::addmm": "aten.linear.default", "aten::mm": "aten.linear.default",
+              "aten::_scaled_dot_product_flash_attention_for_cpu": "aten.scaled_dot_product_attention.default",
+              "aten::gelu": "aten.gelu.default", "aten::native_layer_norm": "aten.layer_norm.default",
+              "aten::add": "aten.add.Tensor", "aten::copy_": "(copies)"}
+
+
+def op_breakdown(model, kwargs, cm, repeats: int) -> dict:
+    """{op: (torch ms, numpy ms)} per forward, for the ops that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from slimfx.backends import flatten_inputs
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            model(**kwargs)
+    torch_ms: dict = {}
+    for e in prof.key_averages():
+        if e.key in _TORCH_OPS:
+            name = _TORCH_OPS[e.key]
+            torch_ms[name] = torch_ms.get(name, 0.0) + e.self_cpu_time_total / 1e3 / repeats
+    timings: dict = {}
+    program = cm._executable.program
+    flat = flatten_inputs(cm.graph, (), kwargs)
+    for _ in range(repeats):
+        program.run(flat, timings)
+    names = sorted(set(torch_ms) | {k for k, v in timings.items() if v / repeats > 1e-3},
+                   key=lambda k: -timings.get(k, 0.0))
+    return {k: (torch_ms.get(k, 0.0), timings.get(k, 0.0) * 1e3 / repeats) for k in names}
 
 
 def main(argv=None):
@@ -50,8 +80,7 @@ def main(argv=None):
         with torch.no_grad():
             model(**kwargs)
 
-    eager_ms = median_ms(eager, a.repeats)
-    numpy_ms = median_ms(lambda: cm(**kwargs), a.repeats)
+    eager_ms, numpy_ms = paired_median_ms(eager, lambda: cm(**kwargs), a.repeats // 3 + 1)
     res = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "batch": a.batch, "seq": a.seq, "capture_s": rep.capture_s,
            "passes_s": sum(r.seconds for r in rep.records), "lower_s": rep.lower_s, "compile_s": compile_s,
@@ -63,9 +92,14 @@ def main(argv=None):
             ["torch eager latency", f"{eager_ms:.1f} ms", "baseline"],
             ["numpy backend latency", f"{numpy_ms:.1f} ms", f"{numpy_ms / eager_ms:.2f}x eager (goal <= 1.5x)"],
             ["numpy vs torch max rel err", f"{rel:.1e}", "bound 1e-4"]]
+    ops = op_breakdown(model, kwargs, cm, a.repeats)
+    res["ops_ms"] = ops
     md = (f"MiniLM-L6 (all-MiniLM-L6-v2), batch {a.batch} x seq {a.seq}, {res['cpu']}, "
           f"{res['threads']} torch threads, torch {torch.__version__}\n\n"
-          + format_table(["what", "measured", "note"], rows))
+          + format_table(["what", "measured", "note"], rows)
+          + "\n\nWhere the time goes, ms per forward (torch: its profiler's self time; numpy: per op):\n\n"
+          + format_table(["op", "torch eager", "numpy backend"],
+                         [[k, f"{t:.1f}", f"{n:.1f}"] for k, (t, n) in ops.items()], "lrr"))
     print(md)
     if not a.no_save:
         save("minilm_cpu", res["cpu"], res, md)

@@ -6,6 +6,7 @@ node's implementation up front, so a missing op fails at compile time naming the
 from __future__ import annotations
 
 import importlib
+import time
 
 import numpy as np
 import torch
@@ -70,7 +71,8 @@ class NumpyProgram:
             if a.op == "call_function" and a not in outs:
                 self.free_after[i].append(a)
 
-    def run(self, flat_inputs: list) -> list:
+    def run(self, flat_inputs: list, timings: dict | None = None) -> list:
+        """Execute on the placeholders' values; with ``timings``, add each op's seconds to timings[op name]."""
         env = dict(self.consts)
         for p, v in zip(self.placeholders, flat_inputs):
             env[p] = to_numpy(v) if isinstance(v, torch.Tensor) else v
@@ -79,7 +81,13 @@ class NumpyProgram:
             args = fx.node.map_arg(n.args, load)
             kwargs = fx.node.map_arg(n.kwargs, load)
             try:
-                out = fn(*args, **kwargs)
+                if timings is None:
+                    out = fn(*args, **kwargs)
+                else:
+                    t0 = time.perf_counter()
+                    out = fn(*args, **kwargs)
+                    key = str(n.target)
+                    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             except Exception as e:
                 raise RuntimeError(f"numpy backend: node {n.name} ({n.target}) failed: {type(e).__name__}: {e}") from e
             if dt is not None and isinstance(out, np.ndarray) and out.dtype != dt:
