@@ -24,6 +24,18 @@ def format_table(header: list[str], rows: list[list], align: Optional[str] = Non
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
+def _linear_ops() -> set:
+    """aten.linear and the slimfx dialect's linear ops (weight as argument 1)."""
+    sf = torch.ops.slimfx
+    return {aten.linear.default} | {getattr(sf, name).default for name in
+                                    ("quantized_linear", "weight_only_linear", "fused_linear") if hasattr(sf, name)}
+
+
+def _clip(text: str, width: int) -> str:
+    """One table cell of at most ``width`` characters (``to_dict`` keeps the whole value)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _db(v: Optional[float]) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -43,12 +55,18 @@ class Report:
     max_layer_rows: int = 12
 
     def layers(self) -> list[dict]:
-        """One row per linear layer: module, weight shape, dtype, sparsity, and what the backend runs."""
+        """One row per linear layer (float, quantized, fused): module, weight shape, dtype, sparsity, and what
+        the backend runs for it."""
         rows = []
         for n in self.gm.graph.nodes:
-            if n.op == "call_function" and n.target is aten.linear.default and n.args[1].op == "get_attr":
+            if n.op == "call_function" and n.target in _linear_ops() and isinstance(n.args[1], fx.Node) \
+                    and n.args[1].op == "get_attr":
                 w = ir.meta.tensor_attr(self.gm, n.args[1])
-                rows.append({"module": ir.meta.module_name(n) or n.name, "out x in": f"{w.shape[0]} x {w.shape[1]}",
+                q = (ir.meta.info(n).quant or {}) if n.meta.get("slimfx") else {}
+                rows.append({"module": q.get("module") or ir.meta.module_name(n.args[1]) or ir.meta.module_name(n)
+                             or n.name,
+                             "op": str(n.target).replace(".default", ""),
+                             "out x in": f"{w.shape[0]} x {w.shape[1]}",
                              "dtype": str(w.dtype).replace("torch.", ""),
                              "sparsity": float((w == 0).float().mean()),
                              "kernel": ir.meta.info(n).kernel or f"{self.backend} dense"})
@@ -87,7 +105,8 @@ class Report:
                 f"(lowered in {self.lower_s:.2f} s)")
         rows = [[i, r.name, f"{r.seconds * 1e3:.1f}", f"{r.nodes_before} -> {r.nodes_after}",
                  "yes" if r.modified else "no", _db(r.sqnr_db),
-                 ", ".join(f"{k}={v}" for k, v in r.stats.items())] for i, r in enumerate(self.records, 1)]
+                 _clip(", ".join(f"{k}={v}" for k, v in r.stats.items()), 110)]
+                for i, r in enumerate(self.records, 1)]
         rows.append(["", "total", f"{passes_s * 1e3:.1f}", f"{self.captured_nodes} -> {len(self.gm.graph.nodes)}",
                      "", _db(self.records[-1].sqnr_db) if self.records else "-", ""])
         out = [head, "", format_table(["#", "pass", "ms", "nodes", "changed", "SQNR dB", "stats"], rows,
@@ -96,8 +115,8 @@ class Report:
         if layers:
             shown = layers[: self.max_layer_rows]
             out += ["", f"{len(layers)} linear layers:",
-                    format_table(list(layers[0]), [[l["module"], l["out x in"], l["dtype"], f"{l['sparsity']:.1%}",
-                                                    l["kernel"]] for l in shown], "lrlrl")]
+                    format_table(list(layers[0]), [[l["module"], l["op"], l["out x in"], l["dtype"],
+                                                    f"{l['sparsity']:.1%}", l["kernel"]] for l in shown], "llrlrl")]
             if len(layers) > len(shown):
                 out.append(f"... {len(layers) - len(shown)} more (report().layers() lists them all)")
         q = self.quant_layers()

@@ -93,6 +93,7 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> None:
         if "nn_module_stack" in first.meta:
             merged.meta["nn_module_stack"] = first.meta["nn_module_stack"]
         ir.meta.info(merged).origin = "merge_qkv"
+        ir.meta.info(merged).quant = _merged_record(group)
     start = 0
     for n, size in zip(group, sizes):
         with g.inserting_before(n):
@@ -101,6 +102,24 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> None:
         start += size
         n.replace_all_uses_with(part)
         g.erase_node(n)
+
+
+def _merged_record(group: list[fx.Node]):
+    """The quantization records of merged layers as one (the report keeps counting their bytes), or None."""
+    recs = [ir.meta.info(n).quant if n.meta.get("slimfx") else None for n in group]
+    if not all(r and "mode" in r for r in recs):
+        return None
+    rec = dict(recs[0])
+    rec["module"] = " + ".join(r["module"] for r in recs)
+    rec["fp32_bytes"] = sum(r["fp32_bytes"] for r in recs)
+    rec["weight_bytes"] = sum(r["weight_bytes"] for r in recs)
+    sqnrs = [r["sqnr_db"] for r in recs if r.get("sqnr_db") is not None]
+    rec["sqnr_db"] = min(sqnrs) if sqnrs else None              # the worst of the merged layers
+    ranges = [r["weight_range"] for r in recs if r.get("weight_range")]
+    if ranges:
+        rec["weight_range"] = [min(lo for lo, _ in ranges), max(hi for _, hi in ranges)]
+    rec["merged_from"] = [r["module"] for r in recs]
+    return rec
 
 
 @register_pass(name="merge_qkv")

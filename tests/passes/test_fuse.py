@@ -188,6 +188,8 @@ def test_llama_quantized_fuse_exact(tiny_llama):
     gm = P.Quantize(weights="int8", activations="dynamic")(gm, P.PassContext((), kw)).graph_module
     ref = run_np(gm, (), kw).logits
     before = counts(gm)
+    before_bytes = sum(ir.meta.info(n).quant["weight_bytes"] for n in gm.graph.nodes
+                       if n.meta.get("slimfx") and (ir.meta.info(n).quant or {}).get("mode"))
     res = P.Fuse()(gm)
     gm = res.graph_module
     after = counts(gm)
@@ -196,6 +198,10 @@ def test_llama_quantized_fuse_exact(tiny_llama):
     assert res.stats["fuse_norm_quant"]["fused"] == 4
     assert before["slimfx.quantized_linear.default"] == 15 and after["slimfx.quantized_linear.default"] == 9
     assert after["aten.rsqrt.default"] == 1             # the final norm feeds a slice before lm_head
+    # merged layers keep their quantization records, as one: every quantized weight byte is still counted
+    recs = [ir.meta.info(n).quant for n in gm.graph.nodes if n.meta.get("slimfx") and ir.meta.info(n).quant]
+    assert len(recs) == 9 and sum(len(r.get("merged_from", [r["module"]])) for r in recs) == 15
+    assert sum(r["weight_bytes"] for r in recs) == before_bytes
     ir.verify(gm)
     torch.testing.assert_close(run_np(gm, (), kw).logits, ref, atol=0, rtol=0)   # integer path, same order
     ids2, mask2 = text_batch(1, 5, 97, seed=3)           # dynamic shapes survive the rewrites
