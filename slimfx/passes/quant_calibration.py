@@ -3,7 +3,7 @@ chosen nodes to callbacks (observers). Shared by ``Quantize`` (static activation
 ``SmoothQuant`` (per-channel activation ranges)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx

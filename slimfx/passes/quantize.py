@@ -51,6 +51,15 @@ def matches(name: str, patterns) -> bool:
     return any(re.search(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def selected_linears(gm: fx.GraphModule, include, exclude):
+    """(node, module name) of each aten.linear whose module name passes the include/exclude patterns."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is aten.linear.default:
+            name = ir.meta.module_name(n) or n.name
+            if (not include or matches(name, include)) and not matches(name, exclude):
+                yield n, name
+
+
 def weight_scheme(weights: str, group_size: int) -> QScheme:
     if weights == "int8":
         return QScheme(bits=8, granularity="channel", axis=0)
@@ -114,12 +123,7 @@ class Quantize(Pass):
     def select(self, gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, str]]:
         """The linear nodes to quantize, and the skipped ones with why."""
         chosen, skipped = [], {}
-        for n in gm.graph.nodes:
-            if n.op != "call_function" or n.target is not aten.linear.default:
-                continue
-            name = ir.meta.module_name(n) or n.name
-            if (self.include and not matches(name, self.include)) or matches(name, self.exclude):
-                continue
+        for n, name in selected_linears(gm, self.include, self.exclude):
             w = n.args[1]
             if not isinstance(w, fx.Node) or w.op != "get_attr":
                 skipped[name] = "weight is not a tensor of the module (already quantized?)"

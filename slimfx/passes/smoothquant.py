@@ -18,7 +18,7 @@ from .. import ir
 from ..quant import MinMaxObserver
 from .base import Pass, PassResult, register_pass
 from .quant_calibration import calibration_calls, run_watching
-from .quantize import matches
+from .quantize import selected_linears
 
 aten = torch.ops.aten
 
@@ -43,12 +43,7 @@ class SmoothQuant(Pass):
 
     def _groups(self, gm) -> dict[fx.Node, list[fx.Node]]:
         groups: dict[fx.Node, list[fx.Node]] = {}
-        for n in gm.graph.nodes:
-            if n.op != "call_function" or n.target is not aten.linear.default:
-                continue
-            name = ir.meta.module_name(n) or n.name
-            if (self.include and not matches(name, self.include)) or matches(name, self.exclude):
-                continue
+        for n, _ in selected_linears(gm, self.include, self.exclude):
             w = n.args[1]
             if isinstance(w, fx.Node) and w.op == "get_attr" and ir.meta.tensor_attr(gm, w).ndim == 2:
                 groups.setdefault(n.args[0], []).append(n)
