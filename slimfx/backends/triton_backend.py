@@ -95,9 +95,11 @@ class Lowered(torch.nn.Module):
         else:
             self.info.kernel = f"{self.kernel_name} or {self.dense_name}: measured at the first call per shape bucket"
 
-    def bucket(self, x, *args) -> str:
+    def bucket(self, x, w=None, *args) -> str:
+        """M rounded up to a power of two; K, N (the weight's rows) and dtype exact."""
         m = x.numel() // max(x.shape[-1], 1)
-        return f"M{C.m_bucket(m)}|K{x.shape[-1]}|{str(x.dtype).replace('torch.', '')}"
+        n = f"|N{w.shape[0]}" if isinstance(w, torch.Tensor) and w.ndim == 2 else ""
+        return f"M{C.m_bucket(m)}|K{x.shape[-1]}{n}|{str(x.dtype).replace('torch.', '')}"
 
     def forward(self, *args):
         b = self.bucket(*args)
