@@ -29,8 +29,8 @@ import torch.fx as fx
 import slimfx.ir.dialect  # noqa: F401  (registers torch.ops.slimfx.*)
 
 from .. import ir
-from ..quant import (MinMaxObserver, MSEObserver, PercentileObserver, QScheme, fp32_bytes, qparams_torch,
-                     quantize_tensor_torch, weight_bytes)
+from ..quant import (MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver, QScheme,
+                     fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes)
 from ..quant.linear import MAX_K
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
@@ -42,7 +42,7 @@ sf = torch.ops.slimfx
 WEIGHTS = ("int8", "int4", "log8", "log4")
 ACTIVATIONS = {None: None, "none": None, "dynamic": "dynamic", "dynamic-per-token": "dynamic",
                "static": "static", "static-per-tensor": "static"}
-OBSERVERS = ("minmax", "percentile", "mse")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 ACT_SCHEME = QScheme(bits=8, granularity="tensor")
 
 
@@ -83,7 +83,7 @@ class Quantize(Pass):
     activations:  None (weight-only), "dynamic" (int8 per token, at run time), "static" (int8 per tensor, calibrated)
     include/exclude: module-name globs ("*.q_proj", "lm_head") or "re:<regex>"; empty include = every layer
     op_types:     which ops to quantize (only "linear" so far)
-    observer:     static calibration: "minmax", "percentile" (99.99) or "mse"
+    observer:     static calibration: "minmax", "moving_average" (0.01), "percentile" (99.99) or "mse"
     lower:        fold the Q/DQ ops into the fused dialect ops (``FoldQDQ``); False keeps the explicit form
     measure_layers: per-layer SQNR (quantized layer vs float, same float input) on the example inputs"""
     weights: str = "int8"
@@ -242,6 +242,8 @@ def _static_ranges(gm, ctx: PassContext, x_nodes, observer: str) -> dict:
             return PercentileObserver(99.99, name=n.name, max_samples=1 << 18)
         if observer == "mse":
             return MSEObserver(ACT_SCHEME, steps=50, name=n.name, max_samples=1 << 18)
+        if observer == "moving_average":
+            return MovingAverageMinMaxObserver(0.01, name=n.name)
         return MinMaxObserver(name=n.name)
     obs = {n: make(n) for n in x_nodes}
     calls = calibration_calls(ctx, "Quantize(activations='static')")

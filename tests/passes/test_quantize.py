@@ -205,3 +205,24 @@ def test_report_table_and_sensitivity(tiny_llama):
     # one int8 layer alone costs far less than all of them together (~30 dB measured for all)
     assert all(r["sqnr_db"] > 30 for r in sens)
     assert "model.layers.0.self_attn.q_proj" in format_sensitivity(sens)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "mse"])
+def test_static_observers_calibrate_and_run_exactly(observer):
+    m, x = MLP().eval(), torch.randn(4, 40)
+    g = torch.Generator().manual_seed(1)
+    cal = [(torch.randn(256, 40, generator=g),) for _ in range(4)]   # 40960 values: 99.99% leaves out 4
+    cal[2][0][0, 0] = 60.0                               # one outlier: clipping observers should ignore it
+    ct, cn = both(m, (x,), [Quantize(activations="static", observer=observer)], calibration=cal)
+    assert torch.equal(ct(x), cn(x))                     # integer path: exact across backends
+    [rec] = [ir.meta.info(n).quant for n in quantized_linears(cn.graph) if ir.meta.info(n).quant["module"] == "up"]
+    lo, hi = rec["activation"]["range"]
+    assert rec["activation"]["scheme"]["observer"] == observer
+    if observer == "minmax":
+        assert hi == 60.0
+    elif observer == "percentile":
+        assert hi < 30.0                                 # 99.99% of 40960 values leaves the outlier out
+    else:
+        # moving average: the outlier batch moves the range 1% of the way; MSE: clipping the outlier a little
+        # costs less error than the coarser step it would force on all the Gaussian values (50.3 here)
+        assert hi < 60.0
