@@ -29,6 +29,18 @@ def np_dtype(dt, default=None):
     return NP_DTYPE[dt]
 
 
+def blocked(fn, x, block: int = 1 << 17):
+    """fn (elementwise) over cache-sized blocks of x: each of fn's many passes over memory then stays in
+    L2. GELU's ~20 numpy passes over a 1024 x 1536 fp32 array: 11.1 ms whole, 5.9 ms in blocks here."""
+    if x.size <= 2 * block:
+        return fn(x)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, dtype=x.dtype)
+    for i in range(0, flat.size, block):
+        out[i:i + block] = fn(flat[i:i + block])
+    return out.reshape(x.shape)
+
+
 # --- Python operators on sizes (SymInts become ints here) ------------------------------------------
 for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
             operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
@@ -153,7 +165,7 @@ def relu(x):
 
 @numpy_op(aten.silu.default)
 def silu(x):
-    return x * special.expit(x)
+    return blocked(lambda c: c * special.expit(c), x)
 
 
 # GELU's erf by Abramowitz & Stegun 7.1.26: |error| < 1.5e-7 (6e-7 after fp32 rounding), an absolute bound,
@@ -190,6 +202,10 @@ def erf(x):
 
 @numpy_op(aten.gelu.default)
 def gelu(x, approximate="none"):
+    return blocked(lambda c: _gelu(c, approximate), x)
+
+
+def _gelu(x, approximate):
     if approximate == "tanh":
         inner = x * x
         inner *= np.float32(0.044715)
