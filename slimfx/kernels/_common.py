@@ -140,9 +140,16 @@ def check_epilogue(m: int, n: int, bias=None, residual=None, a_scale=None, w_sca
     return a_scale, w_scale, bias, residual, out_scale
 
 
+_DUMMIES: dict = {}
+
+
 def dummy(dev) -> torch.Tensor:
-    """A placeholder pointer for an absent optional operand (the kernel never reads it)."""
-    return torch.empty(1, dtype=torch.float32, device=dev)
+    """A placeholder pointer for an absent optional operand (the kernel never reads it); one per device,
+    so launches at decode shapes don't pay an allocation for it."""
+    dev = torch.device(dev)
+    if dev not in _DUMMIES:
+        _DUMMIES[dev] = torch.empty(1, dtype=torch.float32, device=dev)
+    return _DUMMIES[dev]
 
 
 # --- Triton epilogue -----------------------------------------------------------------------------------
