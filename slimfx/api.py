@@ -22,7 +22,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
     """Compile ``model`` as called with ``model(*example_inputs, **example_kwargs)``.
 
     passes:   pipeline entries: registered names ("dce"), Pass objects, or functions ``fn(gm[, ctx])``
-    backend:  "numpy" (reference interpreter) or "torch" (the graph as is)
+    backend:  "numpy" (reference interpreter), "torch" (the graph as is) or "triton" (kernels on a GPU)
     dynamic:  True lets every input dim vary (one compile serves several shapes), or export's dynamic_shapes
     dump_dir: write the IR after each pass to numbered files there
     The model is never modified; a failing pass raises ``PassError`` naming it."""
