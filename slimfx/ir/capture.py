@@ -15,12 +15,11 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious
 from torch.export import Dim
 
 from . import meta
 from .canonical import canonicalize
-from .propagate import propagate_meta
+from .propagate import propagate_meta, size_oblivious
 
 
 class CaptureError(RuntimeError):
@@ -68,7 +67,7 @@ def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
         merged = {names[i]: s for i, s in enumerate(ds[0])}
         merged.update(ds[1])
         ds = merged
-    with _size_oblivious(ds is not None):
+    with size_oblivious(ds is not None):
         ep = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
     ranges = {str(sym): (_as_int(r.lower) or 0, _as_int(r.upper)) for sym, r in ep.range_constraints.items()}
     return ep.module(), ranges
@@ -80,16 +79,6 @@ def _as_int(bound):
         return int(bound)
     except (TypeError, ValueError, OverflowError, AttributeError):
         return None
-
-
-def _size_oblivious(on: bool):
-    """Export assumes every dynamic dim is >= 2 (it specializes 0 and 1) unless sizes are traced "size
-    oblivious": then a batch of 1 stays in the compiled range, and only dims the model really branches on
-    (e.g. a sequence length of 1) keep min 2."""
-    cfg = torch.fx.experimental._config
-    if not on or not hasattr(cfg, "backed_size_oblivious"):
-        return contextlib.nullcontext()
-    return cfg.patch(backed_size_oblivious=True)
 
 
 def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:

@@ -2,11 +2,25 @@
 dims dynamic). Dialect ops propagate through their registered fake implementations."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def size_oblivious(on: bool = True):
+    """Export assumes every dynamic dim is >= 2 (it specializes 0 and 1) unless sizes are traced "size
+    oblivious": then a batch of 1 stays in the compiled range, and only dims the model really branches on
+    (e.g. a sequence length of 1) keep min 2. Propagation must trace the same way, or an example batch of 1
+    turns a dynamic dim into a static 1 at the first broadcast."""
+    cfg = torch.fx.experimental._config
+    if not on or not hasattr(cfg, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return cfg.patch(backed_size_oblivious=True)
 
 
 def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModule:
@@ -16,7 +30,7 @@ def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModu
     vals = [p.meta.get("val") for p in placeholders]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is not None and all(v is not None or not p.users for p, v in zip(placeholders, vals)):
-        with torch.no_grad():
+        with torch.no_grad(), size_oblivious(mode.shape_env is not None):
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
         return gm
     if len(example_args) != len(placeholders):
