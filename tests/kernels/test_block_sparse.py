@@ -6,7 +6,7 @@ import torch
 from slimfx.kernels.block_sparse import (BSR, bsr_int8_gemm, bsr_int8_gemm_ref, bsr_linear, bsr_linear_ref,
                                          bsr_to_dense, to_bsr)
 
-from .kernel_checks import UNIT_ROUNDOFF, assert_cast_equal, assert_close, assert_exact, rand_int8
+from .kernel_checks import UNIT_ROUNDOFF, assert_cast_equal, assert_close, rand_int8
 
 BLOCK = (16, 32)
 

@@ -5,7 +5,7 @@ import torch
 
 from slimfx.kernels.sparse24 import compress_24, decompress_24, sparse24_linear, sparse24_linear_ref
 
-from .kernel_checks import UNIT_ROUNDOFF, assert_close, assert_exact
+from .kernel_checks import UNIT_ROUNDOFF, assert_close
 
 
 def _prune24(gen, n, k, dtype):

@@ -1,9 +1,7 @@
 """The Quantize / FoldQDQ / SmoothQuant passes: integer paths agree bit for bit between the torch reference
 of the graph and the numpy backend, layer selection, calibration errors, folding, storage, float preservation."""
 import json
-import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

@@ -1,5 +1,4 @@
 """Logarithmic quantization: exact round trip of representable values, log-domain rounding, np == torch."""
-import math
 
 import numpy as np
 import pytest
