@@ -31,7 +31,7 @@ def op_breakdown(model, kwargs, cm, repeats: int) -> dict:
     """{op: (torch ms, numpy ms)} per forward, for the ops that take the time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from slimfx.backends import flatten_inputs
+    from slimfx.ir import flatten_inputs
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeats):
             model(**kwargs)

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
 import torch.utils._pytree as pytree
 
+from ..ir import flatten_inputs
+
 BACKENDS = ("numpy", "torch", "triton")
-
-
-def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The graph's placeholder values for a call ``(*args, **kwargs)`` laid out as at capture."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is None or info.in_spec is None:
-        return list(args) + list(kwargs.values())
-    return fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)
 
 
 def unflatten_outputs(gm: fx.GraphModule, flat):

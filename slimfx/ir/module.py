@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
 
 from . import meta
 
@@ -44,3 +45,11 @@ def drop_unused_tensors(gm: fx.GraphModule) -> int:
     for k in names:
         delattr(gm, k)
     return len(names)
+
+
+def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for a call ``(*args, **kwargs)`` laid out as at capture."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return list(args) + list(kwargs.values())
+    return fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)

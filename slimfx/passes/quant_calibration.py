@@ -7,9 +7,9 @@ from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
 from tqdm.auto import tqdm
 
+from .. import ir
 from .base import PassContext
 
 
@@ -28,11 +28,8 @@ def call_of(item, ctx: PassContext) -> tuple[tuple, dict]:
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is None or info.in_spec is None:
-        return list(args) + list(kwargs.values())
     try:
-        return fx._pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+        return ir.flatten_inputs(gm, args, kwargs)
     except Exception as e:
         raise CalibrationError(f"an input does not match the captured call signature: {e}") from e
 
@@ -55,7 +52,6 @@ class _Watcher(fx.Interpreter):
 
 
 def _users(n: fx.Node) -> list[str]:
-    from .. import ir
     return sorted({ir.meta.module_name(u) or u.name for u in n.users})
 
 
