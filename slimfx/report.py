@@ -10,18 +10,10 @@ import torch
 import torch.fx as fx
 
 from . import ir
+from .ir.printer import format_table  # noqa: F401 - one table writer, used here and by benches
 from .passes import PassRecord
 
 aten = torch.ops.aten
-
-
-def format_table(header: list[str], rows: list[list], align: Optional[str] = None) -> str:
-    """A plain-text table; ``align`` is one character per column, 'l' or 'r'."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    align = align or "l" * len(header)
-    fmt = lambda r: "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip()
-    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
 def _linear_ops() -> set:

@@ -455,57 +455,53 @@ def tril(x, diagonal=0):
 
 
 # --- creation ---------------------------------------------------------------------------------------
-def _creation_dtype(dtype, default):
-    return np_dtype(dtype, default)
-
-
 @numpy_op(aten.arange.default, aten.arange.start, aten.arange.start_step)
 def arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
     floating = any(isinstance(a, float) for a in args)
-    return np.arange(*args, dtype=_creation_dtype(dtype, np.float32 if floating else np.int64))
+    return np.arange(*args, dtype=np_dtype(dtype, np.float32 if floating else np.int64))
 
 
 @numpy_op(aten.full.default)
 def full(size, value, dtype=None, layout=None, device=None, pin_memory=None):
     default = np.bool_ if isinstance(value, bool) else np.int64 if isinstance(value, int) else np.float32
-    return np.full(size, value, dtype=_creation_dtype(dtype, default))
+    return np.full(size, value, dtype=np_dtype(dtype, default))
 
 
 @numpy_op(aten.ones.default)
 def ones(size, dtype=None, layout=None, device=None, pin_memory=None):
-    return np.ones(size, dtype=_creation_dtype(dtype, np.float32))
+    return np.ones(size, dtype=np_dtype(dtype, np.float32))
 
 
 @numpy_op(aten.zeros.default)
 def zeros(size, dtype=None, layout=None, device=None, pin_memory=None):
-    return np.zeros(size, dtype=_creation_dtype(dtype, np.float32))
+    return np.zeros(size, dtype=np_dtype(dtype, np.float32))
 
 
 @numpy_op(aten.new_ones.default)
 def new_ones(x, size, dtype=None, layout=None, device=None, pin_memory=None):
-    return np.ones(size, dtype=_creation_dtype(dtype, x.dtype))
+    return np.ones(size, dtype=np_dtype(dtype, x.dtype))
 
 
 @numpy_op(aten.new_zeros.default)
 def new_zeros(x, size, dtype=None, layout=None, device=None, pin_memory=None):
-    return np.zeros(size, dtype=_creation_dtype(dtype, x.dtype))
+    return np.zeros(size, dtype=np_dtype(dtype, x.dtype))
 
 
 @numpy_op(aten.ones_like.default)
 def ones_like(x, dtype=None, **kwargs):
-    return np.ones(x.shape, dtype=_creation_dtype(dtype, x.dtype))
+    return np.ones(x.shape, dtype=np_dtype(dtype, x.dtype))
 
 
 @numpy_op(aten.zeros_like.default)
 def zeros_like(x, dtype=None, **kwargs):
-    return np.zeros(x.shape, dtype=_creation_dtype(dtype, x.dtype))
+    return np.zeros(x.shape, dtype=np_dtype(dtype, x.dtype))
 
 
 @numpy_op(aten.full_like.default)
 def full_like(x, value, dtype=None, **kwargs):
-    return np.full(x.shape, value, dtype=_creation_dtype(dtype, x.dtype))
+    return np.full(x.shape, value, dtype=np_dtype(dtype, x.dtype))
 
 
 @numpy_op(aten.scalar_tensor.default)
 def scalar_tensor(value, dtype=None, **kwargs):
-    return np.asarray(value, dtype=_creation_dtype(dtype, np.float32))
+    return np.asarray(value, dtype=np_dtype(dtype, np.float32))

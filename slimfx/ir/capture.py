@@ -36,7 +36,7 @@ class Captured:
     ranges: dict = dataclasses.field(default_factory=dict)
 
 
-def _dynamic_shapes(dynamic, args, kwargs, model):
+def _dynamic_shapes(dynamic, args, kwargs):
     """Turn ``dynamic`` into export's dynamic_shapes: True marks every dim of every tensor input Dim.AUTO
     (export keeps a dim static where the model needs it); a dict or tuple is passed through."""
     if dynamic is None or dynamic is False:
@@ -59,7 +59,7 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
-    ds = _dynamic_shapes(dynamic, args, kwargs, model)
+    ds = _dynamic_shapes(dynamic, args, kwargs)
     if ds is not None and kwargs and isinstance(ds, tuple) and len(ds) == 2 and isinstance(ds[1], dict):
         # export wants dynamic_shapes keyed like forward's signature: merge positional and keyword specs
         import inspect

@@ -87,5 +87,8 @@ def add_tensor_attr(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
     while hasattr(gm, new):
         i += 1
         new = f"{base}_{i}"
-    gm.register_buffer(new, tensor) if not isinstance(tensor, torch.nn.Parameter) else gm.register_parameter(new, tensor)
+    if isinstance(tensor, torch.nn.Parameter):
+        gm.register_parameter(new, tensor)
+    else:
+        gm.register_buffer(new, tensor)
     return new

@@ -1,6 +1,8 @@
 """Printing the IR: as Python code (the first debugging tool) and as a table with shapes."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.fx as fx
 
 from . import meta
@@ -23,9 +25,18 @@ def _fmt_shape(node: fx.Node) -> str:
     return "" if s is None else "(" + ", ".join(str(d) for d in s) + ")"
 
 
+def format_table(header: list[str], rows: list[list], align: Optional[str] = None) -> str:
+    """A plain-text table; ``align`` is one character per column, 'l' or 'r'."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    align = align or "l" * len(header)
+    fmt = lambda r: "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip()
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
 def table(gm: fx.GraphModule, max_args: int = 48) -> str:
     """One row per node: name, op, target, arguments, shape, dtype, source module."""
-    rows = [("name", "op", "target", "args", "shape", "dtype", "module")]
+    rows = []
     for n in gm.graph.nodes:
         args = ", ".join(str(a) for a in n.args)
         if n.kwargs:
@@ -35,11 +46,7 @@ def table(gm: fx.GraphModule, max_args: int = 48) -> str:
         dt = meta.dtype(n)
         rows.append((n.name, n.op, _target(n), args, _fmt_shape(n), str(dt).replace("torch.", "") if dt else "",
                      meta.module_name(n)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-    out = [line(rows[0]), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows[1:]]
-    return "\n".join(out)
+    return format_table(["name", "op", "target", "args", "shape", "dtype", "module"], rows)
 
 
 def op_counts(gm: fx.GraphModule) -> dict[str, int]:

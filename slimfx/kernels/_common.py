@@ -106,23 +106,23 @@ def as_rows(name: str, x: torch.Tensor, k: int) -> torch.Tensor:
     return x2
 
 
+def _flat_scales(name: str, t, count: int, per: str):
+    """None, or ``t`` checked to hold one fp32 scale per ``per`` and flattened to (count,)."""
+    if t is None:
+        return None
+    check_tensor(name, t, dtypes=(torch.float32,))
+    if t.numel() != count:
+        raise ValueError(f"{name}: expected one fp32 scale per {per} ({count} values), got shape {tuple(t.shape)}")
+    return t.reshape(count).contiguous()
+
+
 def check_epilogue(m: int, n: int, bias=None, residual=None, a_scale=None, w_scale=None,
                    out_scale=None, activation=None):
     """Check the optional epilogue operands; returns (a_scale, w_scale, bias, residual, out_scale) as flat
     views (residual as (M, N)). The caller checks devices."""
     check_activation(activation)
-    if a_scale is not None:
-        check_tensor("a_scale", a_scale, dtypes=(torch.float32,))
-        if a_scale.numel() != m:
-            raise ValueError(f"a_scale: expected one fp32 scale per token ({m} values), got shape "
-                             f"{tuple(a_scale.shape)}")
-        a_scale = a_scale.reshape(m).contiguous()
-    if w_scale is not None:
-        check_tensor("w_scale", w_scale, dtypes=(torch.float32,))
-        if w_scale.numel() != n:
-            raise ValueError(f"w_scale: expected one fp32 scale per output channel ({n} values), got shape "
-                             f"{tuple(w_scale.shape)}")
-        w_scale = w_scale.reshape(n).contiguous()
+    a_scale = _flat_scales("a_scale", a_scale, m, "token")
+    w_scale = _flat_scales("w_scale", w_scale, n, "output channel")
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
     if residual is not None:
