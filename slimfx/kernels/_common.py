@@ -51,6 +51,60 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
+# --- measured choice between implementations -----------------------------------------------------------
+
+_FASTEST: dict = {}
+
+
+def fastest(family: str, key: tuple, candidates: dict, default: str) -> str:
+    """The name of the fastest of ``candidates`` (name -> zero-argument call) for this (family, key),
+    timed once per process with triton.testing.do_bench (each candidate autotunes on its first call);
+    a candidate that fails to compile or run is skipped. Under the interpreter nothing is timed:
+    ``default``. ``fastest_choices()`` shows what was chosen and the times."""
+    if interpreting() or len(candidates) == 1:
+        return default
+    k = (family, key)
+    if k not in _FASTEST:
+        from triton.testing import do_bench
+        times, errors = {}, {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = float(do_bench(fn, warmup=5, rep=25))
+            except Exception as e:   # noqa: BLE001 - e.g. OutOfResources / no TMA on this device: not a choice
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        if not times:
+            raise RuntimeError(f"{family}: no implementation ran for {key}: {errors}")
+        _FASTEST[k] = (min(times, key=times.get), times, errors)
+    return _FASTEST[k][0]
+
+
+def fastest_choices() -> dict:
+    """{(family, key): (chosen, {name: ms}, {name: error})} for every measured choice so far."""
+    return dict(_FASTEST)
+
+
+def tma_refusal(**mats) -> str | None:
+    """Why TMA descriptors cannot cover these 2-D operands (None when they can): TMA needs a Hopper-class
+    GPU (or the interpreter), 16-byte aligned bases and row strides in multiples of 16 bytes."""
+    first = next(iter(mats.values()))
+    if first.device.type == "cuda" and torch.cuda.get_device_capability(first.device) < (9, 0):
+        return f"TMA needs compute capability >= 9.0, got {torch.cuda.get_device_capability(first.device)}"
+    strides = {k: v.stride(0) * v.element_size() for k, v in mats.items()}
+    if any(s % 16 for s in strides.values()):
+        got = ", ".join(f"{k} {s}" for k, s in strides.items())
+        return f"TMA needs row strides that are multiples of 16 bytes, got {got}"
+    if any(v.data_ptr() % 16 for v in mats.values()):
+        return f"TMA needs 16-byte aligned {', '.join(mats)}"
+    return None
+
+
+def num_sms(dev: torch.device) -> int:
+    """Programs of a persistent kernel: the SM count (4 under the interpreter, so each walks several tiles)."""
+    if dev.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
 # --- argument checks -----------------------------------------------------------------------------------
 
 def check_tensor(name: str, t, dtypes=None, ndim=None, shape=None, unit_last_stride=False,
@@ -229,6 +283,16 @@ def epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_p
             if out_ptr.dtype.element_ty == tl.bfloat16:
                 y = round_to_bf16(y)
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_tile(t, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """Tile t -> (pid_m, pid_n) in grouped order (Triton's matmul tutorial): GROUP_M row tiles in a row
+    share each weight tile while it is in L2."""
+    width = GROUP_M * grid_n
+    first_m = (t // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (t % width) % group_m, (t % width) // group_m
 
 
 # --- numpy epilogue ------------------------------------------------------------------------------------

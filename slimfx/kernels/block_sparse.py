@@ -122,6 +122,51 @@ def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_pt
                      stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False, False)
 
 
+def _tma_configs():
+    cfg = triton.Config
+    full = [cfg({"BLOCK_M": bm}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes)
+            for bm, w, s in [(64, 4, 4), (128, 4, 4), (128, 8, 4), (128, 8, 3), (256, 8, 3)]]
+    return C.pick_configs(full, cfg({"BLOCK_M": 16}, num_warps=4, num_stages=1, pre_hook=_tma_block_shapes))
+
+
+def _tma_block_shapes(nargs):
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BK"]]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "BN", "BK", "IS_INT8"],
+                 prune_configs_by={"early_config_prune": C.prune_by_m})
+@triton.jit
+def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                    M, N, K, M_BUCKET, stride_om, stride_rm,
+                    IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                    DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """_bsr_kernel with TMA loads (Hopper and newer): the x tile at (row tile, block column) and the block
+    itself (values viewed as (nnzb * BN, BK)) are rectangles at data-dependent offsets, which TMA copies
+    asynchronously; its zero fill covers the M and K tails."""
+    pid_m = tl.program_id(0)
+    brow = tl.program_id(1)
+    start = tl.load(row_ptr + brow)
+    end = tl.load(row_ptr + brow + 1)
+    if IS_INT8:
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for i in range(start, end):
+        x = x_desc.load([pid_m * BLOCK_M, tl.load(col_ptr + i) * BK])
+        w = v_desc.load([i * BN, 0])
+        if IS_INT8:
+            acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+        else:
+            acc = C.fdot(x, w.T, acc, DOT)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = brow * BN + tl.arange(0, BN)
+    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                     stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False, False)
+
+
+IMPLS = ("auto", "tiled", "tma")
+
+
 def _check_bsr(bsr: BSR, dtypes):
     if not isinstance(bsr, BSR):
         raise TypeError(f"bsr: expected a BSR (from block_sparse.to_bsr), got {type(bsr).__name__}")
@@ -135,25 +180,51 @@ def _check_bsr(bsr: BSR, dtypes):
     return n, k, bn, bk
 
 
-def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8):
+def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8, impl):
     m = x2.shape[0]
     n, k = bsr.shape
     bn, bk = bsr.block
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    values2d = bsr.values.view(-1, bk)
+    refusal = C.tma_refusal(x=x2, values=values2d) if values2d.shape[0] else "no blocks"
+    if impl == "tma" and refusal:
+        raise ValueError(f"impl='tma': {refusal} (use impl='tiled' or 'auto')")
     if m == 0 or n == 0:
         return
     d = C.dummy(out.device)
+    epi = (a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
+           bias if bias is not None else d, residual if residual is not None else d)
+    flags = dict(IS_INT8=is_int8, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
+                 DOT=C.dot_mode(x2.dtype), BN=bn, BK=bk, enable_fp_fusion=False)
+    res_stride = residual.stride(0) if residual is not None else 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, bn))
-    _bsr_kernel[grid](x2, bsr.values, bsr.col_idx, bsr.row_ptr, out, a_scale if a_scale is not None else d,
-                      w_scale if w_scale is not None else d, bias if bias is not None else d,
-                      residual if residual is not None else d, m, n, k, C.m_bucket(m), x2.stride(0),
-                      out.stride(0), residual.stride(0) if residual is not None else 0,
-                      IS_INT8=is_int8, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
-                      DOT=C.dot_mode(x2.dtype), BN=bn, BK=bk, enable_fp_fusion=False)
+
+    def tiled():
+        _bsr_kernel[grid](x2, bsr.values, bsr.col_idx, bsr.row_ptr, out, *epi, m, n, k, C.m_bucket(m),
+                          x2.stride(0), out.stride(0), res_stride, **flags)
+
+    def tma():
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        x_desc = TensorDescriptor.from_tensor(x2, [16, bk])          # block rows: set per config (pre_hook)
+        v_desc = TensorDescriptor.from_tensor(values2d, [bn, bk])
+        _bsr_tma_kernel[grid](x_desc, v_desc, bsr.col_idx, bsr.row_ptr, out, *epi, m, n, k, C.m_bucket(m),
+                              out.stride(0), res_stride, **flags)
+
+    if impl == "auto":
+        impl = "tiled"
+        if refusal is None and m > 16:
+            key = (C.m_bucket(m), n, k, bn, bk, str(x2.dtype), bsr.values.shape[0], str(out.device))
+            impl = C.fastest("bsr", key, {"tiled": tiled, "tma": tma}, "tiled")
+    (tma if impl == "tma" else tiled)()
 
 
 def bsr_linear(x: torch.Tensor, bsr: BSR, bias: torch.Tensor | None = None, activation: str | None = None,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ W.T + bias) + residual for fp16/bf16 x (..., K) and a BSR W of the same dtype; y has x's dtype."""
+               residual: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """act(x @ W.T + bias) + residual for fp16/bf16 x (..., K) and a BSR W of the same dtype; y has x's dtype.
+
+    impl: "tiled" (pointer loads), "tma" (TMA loads; Hopper+, 16-byte aligned rows), or "auto": tiled up
+    to 16 rows, above that whichever measures faster for this shape and block count (C.fastest)."""
     C.check_tensor("x", x, dtypes=(torch.float16, torch.bfloat16))
     n, k, _, _ = _check_bsr(bsr, (torch.float16, torch.bfloat16))
     if bsr.values.dtype != x.dtype:
@@ -162,14 +233,16 @@ def bsr_linear(x: torch.Tensor, bsr: BSR, bias: torch.Tensor | None = None, acti
     _, _, bias, residual, _ = C.check_epilogue(x2.shape[0], n, bias=bias, residual=residual, activation=activation)
     dev = C.check_device(x=x2, bsr_values=bsr.values, bias=bias, residual=residual)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=dev)
-    _launch(x2, bsr, out, None, None, bias, residual, activation, False)
+    _launch(x2, bsr, out, None, None, bias, residual, activation, False, impl)
     return out.view(*x.shape[:-1], n)
 
 
 def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None = None, activation: str | None = None,
-                  residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """int8_gemm's W8A8 epilogue over an int8 BSR weight: int8 a (..., K), fp32 a_scale (M), w_scale (N)."""
+                  residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                  impl: str = "auto") -> torch.Tensor:
+    """int8_gemm's W8A8 epilogue over an int8 BSR weight: int8 a (..., K), fp32 a_scale (M), w_scale (N).
+    impl: as in bsr_linear."""
     C.check_tensor("a", a, dtypes=(torch.int8,))
     n, k, _, _ = _check_bsr(bsr, (torch.int8,))
     if out_dtype not in C.FLOAT_DTYPES:
@@ -180,7 +253,7 @@ def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: tor
     dev = C.check_device(a=a2, bsr_values=bsr.values, a_scale=a_scale, w_scale=w_scale, bias=bias,
                          residual=residual)
     out = torch.empty((a2.shape[0], n), dtype=out_dtype, device=dev)
-    _launch(a2, bsr, out, a_scale, w_scale, bias, residual, activation, True)
+    _launch(a2, bsr, out, a_scale, w_scale, bias, residual, activation, True, impl)
     return out.view(*a.shape[:-1], n)
 
 

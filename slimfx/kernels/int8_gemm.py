@@ -50,15 +50,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                       HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    # Grouped program order (Triton tutorial): GROUP_M row tiles share each weight tile in L2.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = C.grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,10 +79,65 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                      REQUANT, RAW_INT)
 
 
+def _tma_configs():
+    """Large-M tiles only: the TMA kernel is for compute-bound shapes (the tiled kernel keeps decode)."""
+    cfg = triton.Config
+    full = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                pre_hook=_tma_block_shapes)
+            for bm, bn, bk, w, s in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                     (128, 256, 64, 8, 4), (128, 128, 64, 4, 5), (64, 128, 128, 4, 4)]]
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
+                 pre_hook=_tma_block_shapes)
+    return C.pick_configs(full, interp)
+
+
+def _tma_block_shapes(nargs):
+    """The descriptors' block shapes follow the config being run (autotuner pre_hook)."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+@triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_scale_ptr,
+                          M, N, K, M_BUCKET, stride_om, stride_rm,
+                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                          HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    """Persistent (one program per SM, walking tiles in grouped order) with TMA loads (Hopper and newer):
+    the loop over tiles is flattened with the K loop so the next tile's loads overlap this tile's epilogue.
+    TMA zero-fills reads past M, N and K, so the int32 accumulation needs no masks and stays exact."""
+    start = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile_c = start - NUM_SMS          # the epilogue's own tile counter (as in Triton's persistent tutorial)
+    for t in tl.range(start, grid_m * grid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = C.grouped_tile(t, grid_m, grid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        tile_c += NUM_SMS
+        pid_m, pid_n = C.grouped_tile(tile_c, grid_m, grid_n, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                         res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
+                         REQUANT, RAW_INT)
+
+
+IMPLS = ("auto", "tiled", "tma")
+TMA_MIN_M = 128   # below this "auto" keeps the tiled kernel (its decode tiles); above, it measures both
+
+
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = None,
               w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               activation: str | None = None, residual: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.bfloat16, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.bfloat16, out_scale: torch.Tensor | None = None,
+              impl: str = "auto") -> torch.Tensor:
     """act(a @ b.T * a_scale * w_scale + bias) + residual, as ``out_dtype``.
 
     a: int8 (..., K), unit stride along K.   b: int8 (N, K), unit stride along K.
@@ -98,9 +145,14 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     bias: (N,) float; residual: (..., N) float; activation: None, "relu", "silu" or "gelu" (tanh form).
     out_dtype: bfloat16/float16/float32; int8 (requantize: out_scale, a one-element fp32 tensor, required);
     int32 (the raw accumulator: no scales, bias, activation or residual allowed).
+    impl: "tiled" (one program per output tile, pointer loads; every shape), "tma" (persistent, TMA loads;
+    Hopper+, K a multiple of 16), or "auto": tiled below TMA_MIN_M rows; above, whichever of the two
+    measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest).
     Returns (..., N).
     """
     # (1) check
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     C.check_tensor("a", a, dtypes=(torch.int8,))
     C.check_tensor("b", b, dtypes=(torch.int8,), ndim=2, unit_last_stride=True)
     n, k = b.shape
@@ -126,17 +178,37 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return out.view(*a.shape[:-1], n)
-    d = C.dummy(dev)
+    refusal = C.tma_refusal(a=a2, b=b)
+    if impl == "tma" and refusal:
+        raise ValueError(f"impl='tma': {refusal} (use impl='tiled' or 'auto')")
     # (3) launch
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _int8_gemm_kernel[grid](
-        a2, b, out, a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
-        bias if bias is not None else d, residual if residual is not None else d,
-        out_scale if out_scale is not None else d,
-        m, n, k, C.m_bucket(m), a2.stride(0), b.stride(0), out.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        HAS_SCALES=not raw, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
-        REQUANT=out_dtype == torch.int8, RAW_INT=raw, enable_fp_fusion=False)
+    d = C.dummy(dev)
+    epi = (a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
+           bias if bias is not None else d, residual if residual is not None else d,
+           out_scale if out_scale is not None else d)
+    flags = dict(HAS_SCALES=not raw, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
+                 REQUANT=out_dtype == torch.int8, RAW_INT=raw, enable_fp_fusion=False)
+    res_stride = residual.stride(0) if residual is not None else 0
+
+    def tiled():
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _int8_gemm_kernel[grid](a2, b, out, *epi, m, n, k, C.m_bucket(m), a2.stride(0), b.stride(0),
+                                out.stride(0), res_stride, **flags)
+
+    def tma():
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        sms = C.num_sms(dev)
+        a_desc = TensorDescriptor.from_tensor(a2, [16, 16])     # block shapes: set per config (pre_hook)
+        b_desc = TensorDescriptor.from_tensor(b, [16, 16])
+        grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+        _int8_gemm_tma_kernel[grid](a_desc, b_desc, out, *epi, m, n, k, C.m_bucket(m), out.stride(0),
+                                    res_stride, NUM_SMS=sms, **flags)
+
+    if impl == "auto":
+        impl = "tiled"
+        if refusal is None and m >= TMA_MIN_M:
+            impl = C.fastest("int8_gemm", (C.m_bucket(m), n, k, str(dev)), {"tiled": tiled, "tma": tma}, "tiled")
+    (tma if impl == "tma" else tiled)()
     return out.view(*a.shape[:-1], n)
 
 

@@ -7,22 +7,27 @@ W (N, K) has at most 2 nonzeros in every group of 4 consecutive elements along K
                              group 2j in the low nibble of byte j, group 2j+1 in the high nibble.
 A group with fewer than 2 nonzeros keeps zeros at its lowest free positions. K must be a multiple of 4.
 
-The kernel reads values + meta (K/2 elements + K/8 bytes per row: 56% of bf16 W's bytes), rebuilds the
-dense (BLOCK_N, BLOCK_K) tile in registers and runs a dense tl.dot. Why this design:
+Two kernels read values + meta (K/2 elements + K/8 bytes per row: 56% of bf16 W's bytes):
 
-* The win is bytes, so it is at small M (decode), where a linear layer is bound by reading W.
-* Triton exposes no sparse tensor-core MMA (mma.sp): there is no public tl.dot for 2:4 operands, so
-  in-kernel the 2:4 tile becomes a dense tile and the math is dense. At large M, where GEMM is compute
-  bound, this kernel cannot beat dense; that regime belongs to block sparsity (block_sparse: whole
-  zero blocks are skipped, so the FLOPs shrink with the density) or to cuSPARSELt
-  (torch.sparse.to_sparse_semi_structured), which does use the sparse tensor cores.
+* gemv (M <= 4, decode): walks the compressed values with contiguous loads, gathers the x element each
+  one multiplies (its column comes from the meta nibble), and accumulates in fp32 on CUDA cores. The work
+  per weight byte is a few instructions, so it can run at the speed of reading 56% of the bytes.
+* dot (larger M): rebuilds the dense (BLOCK_K, BLOCK_N) tile of W^T with one masked load per element
+  (values[n, 2*(k//4) + slot] where k is a kept column, else 0; the loads hit L1) and runs a dense tl.dot.
 
-Measured on an H200 (bench/results/kernels-nvidia-h200-cudagraph.md, CUDA-graph timing, vs cuBLAS bf16):
-this kernel 0.16x at M=1 and 16 and 0.08x at M=2048 (4096 x 4096): rebuilding the tile in registers
-costs far more than the bytes it saves, so as written it does not deliver the decode win either.
-torch's 2:4 (cuSPARSELt) 0.20x at decode, 1.38x at M=2048, 1.55x at 8192^3. Block sparsity at 90%
-(int8 BSR) 2.0x at M=1, 5.9x at M=2048. Until this kernel is reworked, block sparsity is the path for
-sparse speedups; the triton backend only picks a kernel that measures faster than dense.
+Why this design: Triton exposes no sparse tensor-core MMA (mma.sp), so in-kernel a 2:4 tile becomes a
+dense tile and the math is dense; the win is bytes, at small M where a layer is bound by reading W. At
+large M, where GEMM is compute bound, no such kernel can beat dense: that regime belongs to block sparsity
+(block_sparse: whole zero blocks are skipped, so the FLOPs shrink with the density) or to cuSPARSELt
+(torch.sparse.to_sparse_semi_structured), which does use the sparse tensor cores.
+
+Measured on an H200 (bench/results/kernels-nvidia-h200-cudagraph.md, CUDA-graph timing, vs cuBLAS bf16),
+for the first version of this kernel (which rebuilt the tile through a 3-D select, a reshape and a
+transpose, and had no gemv): 0.16x at M=1 and 16, 0.08x at M=2048 (4096 x 4096). torch's 2:4
+(cuSPARSELt): 0.20x at decode, 1.38x at M=2048, 1.55x at 8192^3. Block sparsity at 90% (int8 BSR): 2.0x at
+M=1, 5.9x at M=2048. The two kernels above replace it and are not measured on a GPU yet
+(`python bench/kernels.py --only sparse24` measures them); the triton backend only ever picks a kernel that
+measures faster than dense.
 """
 from __future__ import annotations
 
@@ -72,14 +77,42 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Ten
     return dense.reshape(n, k)
 
 
+GEMV_MAX_M = 4   # M up to this runs the GEMV kernel (walks the compressed values, gathers x)
+IMPLS = ("auto", "gemv", "dot")
+
+
 def _configs():
     """Decode shapes: BLOCK_M = 16, N split finely (a 4096-row W at BLOCK_N = 32 is 128 programs)."""
     cfg = triton.Config
     full = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
             for bn, bk, s in [(32, 128, 4), (32, 256, 3), (64, 128, 4), (16, 256, 4)]]
-    full += [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64}, num_warps=w, num_stages=3)
-             for bm, bn, w in [(64, 64, 4), (128, 128, 8)]]
+    full += [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+             for bm, bn, bk, w in [(64, 64, 64, 4), (128, 128, 64, 8), (128, 128, 128, 8), (128, 256, 64, 8)]]
     return C.pick_configs(full, cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
+
+
+def _gemv_configs():
+    """(BLOCK_N rows, BLOCK_KH compressed values per step, warps)."""
+    cfg = triton.Config
+    full = [cfg({"BLOCK_N": bn, "BLOCK_KH": bk, "STAGES": s}, num_warps=w)
+            for bn, bk, w, s in [(2, 1024, 4, 2), (4, 512, 4, 2), (8, 256, 4, 2), (16, 128, 4, 2), (4, 1024, 8, 2),
+                                 (8, 512, 8, 2), (16, 256, 8, 2), (8, 256, 4, 3)]]
+    return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_KH": 16, "STAGES": 1}, num_warps=4))
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """Keep the fp32 accumulator (BLOCK_M x BLOCK_N x BLOCK_KH) within ~64 registers a thread."""
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_KH"] <= 64 * 32 * c.num_warps]
+    return keep or configs[:1]
+
+
+@triton.jit
+def _kept_column(meta_row_ptrs, j, ok):
+    """Dense column of compressed value j (any shape): group j // 2, slot j % 2; the slot's 2-bit index
+    sits at bit 2 * (j % 4) of meta byte j // 4 (group g's nibble is at 4 * (g % 2), slot s at 2 * s)."""
+    byte = tl.load(meta_row_ptrs + j // 4, mask=ok, other=0).to(tl.int32)
+    return 4 * (j // 2) + ((byte >> (2 * (j % 4))) & 3)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"],
@@ -89,41 +122,73 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
                      stride_xm, stride_vn, stride_mn, stride_om,
                      HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensor-core path: each element k of the (BLOCK_K, BLOCK_N) tile of W^T is one masked load: from
+    values[n, 2 * (k // 4) + slot] when k is one of its group's two kept columns (slot 0 for the lower,
+    1 for the higher), else 0. No reshape or transpose of the tile; the loads hit L1 (a row's values
+    and meta for one K step are 1.1 x BLOCK_K bytes)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    G: tl.constexpr = BLOCK_K // 4                      # 2:4 groups per K step
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rg = tl.arange(0, G)
-    pos = tl.arange(0, 4)
     x_rows = x_ptr + (rm % M)[:, None] * stride_xm
-    v_rows = v_ptr + (rn % N)[:, None] * stride_vn
-    m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
+    v_cols = v_ptr + (rn % N)[None, :] * stride_vn                       # (1, BLOCK_N)
+    m_cols = meta_ptr + (rn % N)[None, :] * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        g = kb * G + rg                                 # global group index
-        gmask = (g < K // 4)[None, :]
-        v0 = tl.load(v_rows + 2 * g[None, :], mask=gmask, other=0.0)          # (BLOCK_N, G)
-        v1 = tl.load(v_rows + 2 * g[None, :] + 1, mask=gmask, other=0.0)
-        byte = tl.load(m_rows + (g // 2)[None, :], mask=gmask, other=0).to(tl.int32)
-        nib = (byte >> ((g % 2) * 4)[None, :]) & 15
-        i0 = (nib & 3)[:, :, None]
-        i1 = (nib >> 2)[:, :, None]
-        p = pos[None, None, :]
-        w = tl.where(p == i0, v0[:, :, None], tl.where(p == i1, v1[:, :, None], 0.0))   # (BLOCK_N, G, 4)
-        w = tl.reshape(w.to(v0.dtype), (BLOCK_N, BLOCK_K))
         k = kb * BLOCK_K + rk
+        k_ok = (k < K)[:, None]
+        byte = tl.load(m_cols + (k // 8)[:, None], mask=k_ok, other=0).to(tl.int32)     # (BLOCK_K, BLOCK_N)
+        nib = byte >> (4 * ((k // 4) % 2))[:, None]
+        p = (k % 4)[:, None]
+        lo = p == (nib & 3)
+        hi = p == ((nib >> 2) & 3)
+        src = v_cols + (2 * (k // 4))[:, None] + hi.to(tl.int32)
+        w = tl.load(src, mask=k_ok & (lo | hi), other=0.0)
         x = tl.load(x_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
-        acc = C.fdot(x, tl.trans(w), acc, DOT)
+        acc = C.fdot(x, w, acc, DOT)
     C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, bias_ptr, bias_ptr, bias_ptr, bias_ptr, 0,
                      bias_ptr, False, False, HAS_BIAS, None, False, False, False)
 
 
+@triton.autotune(configs=_gemv_configs(), key=["BLOCK_M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_gemv})
+@triton.jit
+def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
+                          stride_xm, stride_vn, stride_mn, stride_om, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+                          STAGES: tl.constexpr):
+    """Decode path: walk the compressed values (contiguous loads of K/2 per row), gather the x column each
+    one multiplies, accumulate the (BLOCK_M, BLOCK_N, BLOCK_KH) products in fp32 and sum once at the end.
+    tl.range(num_stages=STAGES) pipelines the loads (the launch option only does so for tl.dot operands)."""
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, BLOCK_KH)
+    KH = K // 2
+    x_rows = x_ptr + (rm % M)[:, None, None] * stride_xm                  # (BLOCK_M, 1, 1)
+    v_rows = v_ptr + (rn % N)[None, :, None] * stride_vn                  # (1, BLOCK_N, 1)
+    m_rows = meta_ptr + (rn % N)[None, :, None] * stride_mn
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KH), dtype=tl.float32)
+    for kb in tl.range(0, tl.cdiv(KH, BLOCK_KH), num_stages=STAGES):
+        j = (kb * BLOCK_KH + rj)[None, None, :]
+        ok = j < KH
+        v = tl.load(v_rows + j, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + _kept_column(m_rows, j, ok), mask=ok, other=0.0).to(tl.float32)
+        acc += x * v
+    C.epilogue_store(tl.sum(acc, axis=2), rm, rn, M, N, out_ptr, stride_om, bias_ptr, bias_ptr, bias_ptr,
+                     bias_ptr, 0, bias_ptr, False, False, HAS_BIAS, None, False, False, False)
+
+
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """x (..., K) @ W.T + bias with W given as compress_24's (values (N, K/2), meta (N, ceil(K/8)));
-    x and values share one dtype (fp16/bf16/fp32); y has that dtype."""
+    x and values share one dtype (fp16/bf16/fp32); y has that dtype.
+
+    impl: "gemv" (M <= GEMV_MAX_M), "dot" (tensor cores on the rebuilt dense tile), "auto" (gemv up to
+    GEMV_MAX_M rows, dot above)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     C.check_tensor("x", x, dtypes=DTYPES)
     C.check_tensor("values", values, dtypes=(x.dtype,), ndim=2, unit_last_stride=True)
     n, k = values.shape[0], 2 * values.shape[1]
@@ -135,12 +200,19 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         C.check_tensor("bias", bias, dtypes=C.FLOAT_DTYPES, shape=(n,), contiguous=True)
     dev = C.check_device(x=x2, values=values, meta=meta, bias=bias)
     m = x2.shape[0]
+    gemv = impl == "gemv" or (impl == "auto" and m <= GEMV_MAX_M)
+    if gemv and m > GEMV_MAX_M:
+        raise ValueError(f"impl='gemv': runs M <= {GEMV_MAX_M} rows, got M = {m} (use 'dot' or 'auto')")
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    if m and n:
+    b = bias if bias is not None else C.dummy(dev)
+    if m and n and gemv:
+        _sparse24_gemv_kernel[lambda mt: (triton.cdiv(n, mt["BLOCK_N"]),)](
+            x2, values, meta, out, b, m, n, k, x2.stride(0), values.stride(0), meta.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+    elif m and n:
         grid = lambda mt: (triton.cdiv(n, mt["BLOCK_N"]), triton.cdiv(m, mt["BLOCK_M"]))
-        _sparse24_kernel[grid](x2, values, meta, out, bias if bias is not None else C.dummy(dev), m, n, k,
-                               C.m_bucket(m), x2.stride(0), values.stride(0), meta.stride(0), out.stride(0),
-                               HAS_BIAS=bias is not None, DOT=C.dot_mode(x.dtype))
+        _sparse24_kernel[grid](x2, values, meta, out, b, m, n, k, C.m_bucket(m), x2.stride(0), values.stride(0),
+                               meta.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT=C.dot_mode(x.dtype))
     return out.view(*x.shape[:-1], n)
 
 

@@ -48,6 +48,58 @@ def _int4_configs():
     return C.pick_configs(full, cfg({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1))
 
 
+GEMV_MAX_M = 4   # M up to this runs the GEMV kernel (no tensor cores; every row in one program)
+
+
+def _gemv_configs():
+    """(BLOCK_N rows, BLOCK_K step, warps): few rows and long K steps for many programs with many bytes in
+    flight each (4096 rows at BLOCK_N = 8 is 512 programs, ~4 per SM). BLOCK_M is M rounded up (1, 2, 4)."""
+    cfg = triton.Config
+    full = [cfg({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": s}, num_warps=w)
+            for bn, bk, w, s in [(2, 2048, 4, 2), (4, 1024, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2),
+                                 (4, 2048, 8, 2), (8, 1024, 8, 2), (16, 512, 8, 2), (32, 256, 8, 2),
+                                 (8, 512, 4, 3), (16, 512, 8, 3), (8, 256, 4, 4)]]
+    return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_K": 32, "STAGES": 1}, num_warps=4))
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """Keep the fp32 accumulator (BLOCK_M x BLOCK_N x BLOCK_K) within ~64 registers a thread."""
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["BLOCK_M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_gemv})
+@triton.jit
+def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, M, N, K,
+                         stride_xm, stride_wn, stride_om, stride_rm,
+                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         STAGES: tl.constexpr):
+    """Decode shapes: a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 product accumulated elementwise and summed once at
+    the end (no per-step reduction), all M rows in each program so W is read exactly once. The loop is
+    pipelined with tl.range(num_stages=STAGES): the num_stages launch option only pipelines loads that
+    feed a tl.dot, and there is none here."""
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (rm % M)[:, None, None] * stride_xm + rk[None, None, :]       # (BLOCK_M, 1, BLOCK_K)
+    w_ptrs = w_ptr + (rn % N)[None, :, None] * stride_wn + rk[None, None, :]       # (1, BLOCK_N, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+        k_ok = rk[None, None, :] < K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=k_ok, other=0).to(tl.float32)
+        acc += x * w
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    C.epilogue_store(tl.sum(acc, axis=2), rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, w_scale_ptr,
+                     bias_ptr, res_ptr, stride_rm, w_scale_ptr, False, True, HAS_BIAS, ACT, HAS_RES, False,
+                     False)
+
+
 @triton.autotune(configs=_int8_configs(), key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": C.prune_by_m})
 @triton.jit
@@ -108,10 +160,18 @@ def _wo_int4_kernel(x_ptr, p_ptr, out_ptr, s_ptr, bias_ptr, M, N, K, M_BUCKET,
                      False, False, HAS_BIAS, None, False, False, False)
 
 
+IMPLS = ("auto", "gemv", "dot")
+
+
 def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None = None, activation: str | None = None,
-                            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ (w * w_scale).T + bias) + residual with int8 w (N, K) and fp32 w_scale (N,); y has x's dtype."""
+                            residual: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """act(x @ (w * w_scale).T + bias) + residual with int8 w (N, K) and fp32 w_scale (N,); y has x's dtype.
+
+    impl: "gemv" (M <= GEMV_MAX_M: CUDA-core products, W read once), "dot" (tensor-core tiles), or
+    "auto" (gemv up to GEMV_MAX_M rows, dot above)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     C.check_tensor("x", x, dtypes=C.FLOAT_DTYPES)
     C.check_tensor("w", w, dtypes=(torch.int8,), ndim=2, unit_last_stride=True)
     n, k = w.shape
@@ -121,7 +181,17 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
                                                      activation=activation)
     dev = C.check_device(x=x2, w=w, w_scale=w_scale, bias=bias, residual=residual)
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    if m and n:
+    gemv = impl == "gemv" or (impl == "auto" and m <= GEMV_MAX_M)
+    if gemv and m > GEMV_MAX_M:
+        raise ValueError(f"impl='gemv': runs M <= {GEMV_MAX_M} rows, got M = {m} (use 'dot' or 'auto')")
+    if m and n and gemv:
+        d = C.dummy(dev)
+        _wo_int8_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x2, w, out, w_scale, bias if bias is not None else d, residual if residual is not None else d,
+            m, n, k, x2.stride(0), w.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+            HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
+            BLOCK_M=triton.next_power_of_2(m))
+    elif m and n:
         d = C.dummy(dev)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
         _wo_int8_kernel[grid](x2, w, out, w_scale, bias if bias is not None else d,

@@ -76,6 +76,28 @@ def test_bsr_int8_gemm(dev, gen, m, n, k, activation):
         assert_close(out, ref, rtol=1e-6, atol=1e-6)   # device exp differs by a few ulp
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 45, 112), (33, 70, 96)])     # rows of 16-byte multiples; K tails
+def test_tma_kernel(dev, gen, m, n, k):
+    """The TMA variant: int8 identical to the tiled kernel and to the exact reference; bf16 within the
+    tolerance of test_bsr_linear."""
+    if dev == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability >= 9.0")
+    w, _ = _block_masked(gen, n, k, 0.4, torch.int8)
+    bsr = to_bsr(w.to(dev), BLOCK)
+    a = rand_int8(gen, m, k)
+    sa, sb = torch.rand(m, generator=gen) * 0.01, torch.rand(n, generator=gen) * 0.01
+    args = (a.to(dev), bsr, sa.to(dev), sb.to(dev))
+    out = bsr_int8_gemm(*args, out_dtype=torch.float32, impl="tma")
+    assert torch.equal(out, bsr_int8_gemm(*args, out_dtype=torch.float32, impl="tiled"))
+    assert_cast_equal(out, bsr_int8_gemm_ref(a, bsr, sa, sb))
+    wf, _ = _block_masked(gen, n, k, 0.5, torch.bfloat16)
+    bsrf = to_bsr(wf.to(dev), BLOCK)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    ref = bsr_linear_ref(x, bsrf)
+    out = bsr_linear(x.to(dev), bsrf, impl="tma")
+    assert_close(out, ref, rtol=UNIT_ROUNDOFF[torch.bfloat16], atol=4 * 130 * 2.0**-24 * float(np.abs(ref).max()))
+
+
 def test_refusals(dev, gen):
     w, _ = _block_masked(gen, 32, 64, 0.5, torch.float16)
     bsr = to_bsr(w.to(dev), BLOCK)
@@ -92,6 +114,12 @@ def test_refusals(dev, gen):
         bsr_linear(x, w)
     with pytest.raises(TypeError, match=r"bsr.values: expected dtype in \(int8\)"):
         bsr_int8_gemm(x.to(torch.int8), bsr, torch.ones(3, device=dev), torch.ones(32, device=dev))
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma'\), got 'x'"):
+        bsr_linear(x, bsr, impl="x")
+    w60, _ = _block_masked(gen, 32, 60, 0.5, torch.float16)
+    with pytest.raises(ValueError, match=r"impl='tma': TMA needs row strides that are multiples of 16 bytes, "
+                                         r"got x 120, values 64"):
+        bsr_linear(torch.randn(3, 60, device=dev, dtype=torch.float16), to_bsr(w60.to(dev), BLOCK), impl="tma")
     broken = BSR(bsr.values, bsr.col_idx.long(), bsr.row_ptr, bsr.shape, bsr.block)
     with pytest.raises(TypeError, match=r"bsr.col_idx: expected dtype in \(int32\)"):
         bsr_linear(x, broken)

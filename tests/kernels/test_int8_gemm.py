@@ -104,6 +104,24 @@ def test_w8a8_pipeline_sqnr(dev, gen):
     assert sqnr_db(y.cpu().numpy(), (x @ w.T + bias).numpy()) > 30
 
 
+TMA_SHAPES = [(1, 45, 96), (33, 70, 80), (130, 33, 48), (17, 64, 304)]   # K a multiple of 16 (TMA strides)
+
+
+@pytest.mark.parametrize("m,n,k", TMA_SHAPES)
+def test_tma_kernel(dev, gen, m, n, k):
+    """The persistent TMA kernel: exact int32 (TMA's zero fill covers the M, N and K tails), and the same
+    epilogue as the tiled kernel (requantization with activation and residual: identical int8)."""
+    if dev == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability >= 9.0")
+    a, b, sa, sb, bb, r = _operands(gen, m, n, k, True, True)
+    acc = int8_gemm(a.to(dev), b.to(dev), out_dtype=torch.int32, impl="tma")
+    assert_exact(acc, int8_gemm_ref(a, b, out_dtype=torch.int32))
+    kw = dict(activation="relu", residual=r.to(dev), out_dtype=torch.int8, out_scale=torch.tensor([0.05], device=dev))
+    out = int8_gemm(*_to(dev, a, b, sa, sb, bb), impl="tma", **kw)
+    assert_exact(out, int8_gemm(*_to(dev, a, b, sa, sb, bb), impl="tiled", **kw))
+    assert_exact(out, int8_gemm_ref(a, b, sa, sb, bb, "relu", r, out_dtype=torch.int8, out_scale=torch.tensor([0.05])))
+
+
 def test_gelu_is_torch_tanh_gelu():
     y = np.linspace(-8, 8, 1001, dtype=np.float32)
     want = torch.nn.functional.gelu(torch.from_numpy(y), approximate="tanh").numpy()
@@ -141,6 +159,13 @@ def test_refusals(dev, gen):
         int8_gemm(a, b, sa, sb, bias=torch.ones(7, device=dev))
     with pytest.raises(TypeError, match="out_dtype: expected one of"):
         int8_gemm(a, b, sa, sb, out_dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma'\), got 'fast'"):
+        int8_gemm(a, b, sa, sb, impl="fast")
+    a72, b72 = rand_int8(gen, 4, 72).to(dev), rand_int8(gen, 8, 72).to(dev)
+    with pytest.raises(ValueError, match=r"impl='tma': TMA needs row strides that are multiples of 16 bytes, "
+                                         r"got a 72, b 72 \(use impl='tiled' or 'auto'\)"):
+        int8_gemm(a72, b72, sa, sb, impl="tma")
+    assert int8_gemm(a72, b72, out_dtype=torch.int32).shape == (4, 8)     # auto: the tiled kernel takes it
 
 
 def test_bf16_output_rounds_ties_to_even(dev):

@@ -46,6 +46,19 @@ def test_sparse24_linear(dev, gen, dtype, m, n, k):
                                rtol=2 * UNIT_ROUNDOFF[dtype], atol=1e-2)   # and it is the dense layer
 
 
+@pytest.mark.parametrize("impl", ["gemv", "dot"])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_sparse24_decode_paths(dev, gen, impl, m):
+    """Both decode kernels; K = 60 is not a multiple of any K step, nor of 8 (a half-used meta byte)."""
+    w = _prune24(gen, 37, 60, torch.bfloat16)
+    values, meta = compress_24(w)
+    x = torch.randn(m, 60, generator=gen).to(torch.bfloat16)
+    out = sparse24_linear(x.to(dev), values.to(dev), meta.to(dev), impl=impl)
+    ref = sparse24_linear_ref(x, values, meta)
+    assert_close(out, ref, rtol=UNIT_ROUNDOFF[torch.bfloat16] + 2.0**-23,
+                 atol=4 * 30 * 2.0**-24 * float(np.abs(ref).max()))
+
+
 def test_refusals(dev, gen):
     w = torch.zeros(4, 12)
     w[2, 4:7] = 1.0
@@ -62,3 +75,5 @@ def test_refusals(dev, gen):
         sparse24_linear(x, values, meta[:, :3])
     with pytest.raises(ValueError, match="x: expected last dimension 32"):
         sparse24_linear(x[:, :28], values, meta)
+    with pytest.raises(ValueError, match=r"impl='gemv': runs M <= 4 rows, got M = 5"):
+        sparse24_linear(torch.randn(5, 32, device=dev, dtype=torch.float16), values, meta, impl="gemv")

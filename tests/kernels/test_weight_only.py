@@ -31,6 +31,19 @@ def test_int8_weight_only(dev, gen, dtype, m, n, k):
     assert_close(out, ref, **_tol(dtype, ref))
 
 
+@pytest.mark.parametrize("impl", ["gemv", "dot"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_int8_weight_only_decode_paths(dev, gen, impl, m):
+    """Both decode kernels at every M the GEMV takes, K not a multiple of any step, with the epilogue."""
+    x = torch.randn(m, 77, generator=gen).to(torch.bfloat16)
+    w, s = rand_int8(gen, 37, 77), torch.rand(37, generator=gen) * 0.02 + 1e-3
+    b, r = torch.randn(37, generator=gen), torch.randn(m, 37, generator=gen).to(torch.bfloat16)
+    out = int8_weight_only_linear(x.to(dev), w.to(dev), s.to(dev), bias=b.to(dev), activation="silu",
+                                  residual=r.to(dev), impl=impl)
+    ref = int8_weight_only_ref(x, w, s, bias=b, activation="silu", residual=r)
+    assert_close(out, ref, **_tol(torch.bfloat16, ref))
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
 def test_int8_weight_only_epilogue(dev, gen, activation):
     x = torch.randn(2, 3, 50, generator=gen).to(torch.bfloat16)
@@ -87,6 +100,10 @@ def test_refusals(dev, gen):
         int8_weight_only_linear(x[:, :60], w, s)
     with pytest.raises(ValueError, match=r"w_scale: expected one fp32 scale per output channel \(8 values\)"):
         int8_weight_only_linear(x, w, torch.ones(7, device=dev))
+    with pytest.raises(ValueError, match=r"impl='gemv': runs M <= 4 rows, got M = 5"):
+        int8_weight_only_linear(torch.randn(5, 64, device=dev), w, s, impl="gemv")
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'gemv', 'dot'\), got 'fast'"):
+        int8_weight_only_linear(x, w, s, impl="fast")
     p, sc = quantize_int4_grouped(torch.randn(8, 64), 32)
     p, sc = p.to(dev), sc.to(dev)
     with pytest.raises(ValueError, match="group_size: expected a power of two >= 32, got 48"):
