@@ -29,6 +29,21 @@ KERNELS = [
     ("sparse24", "2:4 ours"),
 ]
 
+# The implementations behind "auto" (each kernel's impl= argument), timed on their own: a second table,
+# so a run shows which one auto should pick and by how much.
+VARIANTS = [
+    ("w8a8_tiled", "W8A8 tiled"),
+    ("w8a8_tma", "W8A8 TMA"),
+    ("weight_only_int8_gemv", "W-only int8 gemv"),
+    ("weight_only_int8_dot", "W-only int8 dot"),
+    ("block_sparse_50_tiled", "BSR 50% tiled"),
+    ("block_sparse_50_tma", "BSR 50% TMA"),
+    ("block_sparse_90_tiled", "BSR 90% tiled"),
+    ("block_sparse_90_tma", "BSR 90% TMA"),
+    ("sparse24_gemv", "2:4 gemv"),
+    ("sparse24_dot", "2:4 dot"),
+]
+
 # The issue's performance goals: (description, kernel, predicate on (m, n, k), minimum speedup vs bf16).
 GOALS = [
     ("W8A8 fused >= 1.8x at 8192^3", "w8a8_fused", lambda m, n, k: (m, n, k) == (8192, 8192, 8192), 1.8),
@@ -60,18 +75,13 @@ def check_goals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    shapes = sorted({(r["m"], r["n"], r["k"]) for r in rows}, key=lambda s: (s[1], s[2], s[0]))
-    present = [(k, t) for k, t in KERNELS if any(r["kernel"] == k for r in rows)]
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """Markdown lines: a row per shape that has any of ``columns``; cells are speedups vs bf16."""
+    present = [(k, t) for k, t in columns if any(r["kernel"] == k for r in rows)]
     cell = {(r["m"], r["n"], r["k"], r["kernel"]): r for r in rows}
-    lines = [f"# Kernel benchmark: {meta.get('card', '?')}", "",
-             f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, {meta.get('date', '')}"
-             f"{' (quick subset)' if meta.get('quick') else ''}{' (FAKE numbers)' if meta.get('fake') else ''}.",
-             f"Timing: {meta.get('timing', 'eager launches')}. "
-             "Cells: speedup vs cuBLAS bf16 in the same run (median of triton.testing.do_bench); the bf16 "
-             "column is its time in ms. `!` marks a failed correctness check, `-` a case that did not run.",
-             "", "| M | N | K | " + " | ".join(t for _, t in present) + " |",
-             "|---:|---:|---:|" + "---:|" * len(present)]
+    shapes = sorted({(r["m"], r["n"], r["k"]) for r in rows if any(r["kernel"] == k for k, _ in present)},
+                    key=lambda s: (s[1], s[2], s[0]))
+    lines = ["| M | N | K | " + " | ".join(t for _, t in present) + " |", "|---:|---:|---:|" + "---:|" * len(present)]
     for m, n, k in shapes:
         cells = []
         for kern, _ in present:
@@ -83,6 +93,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
             else:
                 cells.append(f"{r['speedup_vs_bf16']:.2f}x" + ("" if r["ok"] is not False else " !"))
         lines.append(f"| {m} | {n} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Kernel benchmark: {meta.get('card', '?')}", "",
+             f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, {meta.get('date', '')}"
+             f"{' (quick subset)' if meta.get('quick') else ''}{' (FAKE numbers)' if meta.get('fake') else ''}.",
+             f"Timing: {meta.get('timing', 'eager launches')}. "
+             "Cells: speedup vs cuBLAS bf16 in the same run (median of triton.testing.do_bench); the bf16 "
+             "column is its time in ms. `!` marks a failed correctness check, `-` a case that did not run.",
+             "", *_table(rows, KERNELS)]
+    if any(r["kernel"] in dict(VARIANTS) for r in rows):
+        lines += ["", "## Implementations behind auto", "",
+                  "Each kernel's `impl=` choices timed on their own (the table above is `impl=\"auto\"`, which "
+                  "times them once per shape and keeps the faster).", "", *_table(rows, VARIANTS)]
     lines += ["", "## Goals", "", "| goal | cases | worst speedup | met |", "|---|---:|---:|:---:|"]
     for g in check_goals(rows):
         worst = "-" if g["worst_speedup"] is None else f"{g['worst_speedup']:.2f}x"
@@ -154,7 +179,7 @@ def fake_results(shapes, seed: int = 0) -> list[dict]:
         base = 1e-3 + 2 * m * n * k / 700e12 * 1e3
         rows.append(dict(m=m, n=n, k=k, kernel="cublas_bf16", ms=base, speedup_vs_bf16=1.0, ok=True,
                          check="", note=""))
-        for kern, _ in KERNELS[1:]:
+        for kern, _ in KERNELS[1:] + VARIANTS:
             sp = rnd.uniform(0.5, 3.0)
             rows.append(dict(m=m, n=n, k=k, kernel=kern, ms=base / sp, speedup_vs_bf16=sp, ok=True,
                              check="fake", note=""))

@@ -131,6 +131,13 @@ class Bench:
                                                       f"bf16 out rel err {e:.1e}")
 
         self.case(shp, "w8a8_fused", lambda: K.int8_gemm(xq, wq, xs, ws, out_dtype=bf16), check_w8a8, base_ms)
+        from slimfx.kernels.int8_gemm import TMA_MIN_M
+        if m >= TMA_MIN_M:
+            for impl in ("tiled", "tma"):
+                def gemm(impl=impl):
+                    return K.int8_gemm(xq, wq, xs, ws, out_dtype=bf16, impl=impl)
+                self.case(shp, f"w8a8_{impl}", gemm,
+                          lambda gemm=gemm: close(gemm(), deq_ref * xs * ws, 1e-2, "vs dequant ref"), base_ms)
 
         def w8a8_full():
             q, s = K.quantize_per_token(x)
@@ -159,6 +166,12 @@ class Bench:
             self.case(shp, "weight_only_int8", lambda: K.int8_weight_only_linear(x, wq, ws),
                       lambda: close(K.int8_weight_only_linear(x, wq, ws), x.float() @ deq_w.T, 1e-2,
                                     "vs dequantized-weight linear"), base_ms)
+            for impl in (("gemv", "dot") if m <= K.weight_only.GEMV_MAX_M else ()):
+                def wo(impl=impl):
+                    return K.int8_weight_only_linear(x, wq, ws, impl=impl)
+                self.case(shp, f"weight_only_int8_{impl}", wo,
+                          lambda wo=wo: close(wo(), x.float() @ deq_w.T, 1e-2, "vs dequantized-weight linear"),
+                          base_ms)
             p4, s4 = quantize_int4_gpu(w, 128)
             deq4 = K.weight_only.unpack_int4(p4).float().reshape(n, -1, 128) * s4[:, :, None]
             self.case(shp, "weight_only_int4", lambda: K.int4_weight_only_linear(x, p4, s4, 128),
@@ -183,6 +196,11 @@ class Bench:
             ref = x.float() @ wm.float().T
             self.case(shp, f"block_sparse_{pct}", lambda: B.bsr_linear(x, bsr),
                       lambda: close_rel(B.bsr_linear(x, bsr), ref, 1e-2), base_ms)
+            for impl in (("tiled", "tma") if m > 16 else ()):
+                def bs(impl=impl, bsr=bsr):
+                    return B.bsr_linear(x, bsr, impl=impl)
+                self.case(shp, f"block_sparse_{pct}_{impl}", bs, lambda bs=bs, ref=ref: close_rel(bs(), ref, 1e-2),
+                          base_ms)
             if pct == 90:
                 ws = torch.clamp(wm.float().abs().amax(1) / 127, min=1e-30)
                 wq = torch.round(wm.float() / ws[:, None]).clamp(-127, 127).to(torch.int8)
@@ -197,6 +215,10 @@ class Bench:
         ref = x.float() @ w24.float().T
         self.case(shp, "sparse24", lambda: S.sparse24_linear(x, vals, meta),
                   lambda: close_rel(S.sparse24_linear(x, vals, meta), ref, 1e-2), base_ms)
+        for impl in (("gemv", "dot") if m <= S.GEMV_MAX_M else ()):
+            def s24(impl=impl):
+                return S.sparse24_linear(x, vals, meta, impl=impl)
+            self.case(shp, f"sparse24_{impl}", s24, lambda s24=s24: close_rel(s24(), ref, 1e-2), base_ms)
         held = {}
 
         def check_torch24():   # conversion inside the case: an unsupported shape/device becomes a note
@@ -251,6 +273,9 @@ def run_gpu(args) -> tuple[list[dict], dict]:
         bench.shape(m, n, k)
         torch.cuda.empty_cache()
     meta["seconds"] = round(time.time() - t0, 1)
+    from slimfx.kernels import _common as C
+    meta["auto_choices"] = [dict(family=fam, key=list(key), chosen=c, ms=t, errors=e)
+                            for (fam, key), (c, t, e) in C.fastest_choices().items()]
     return bench.rows, meta
 
 

@@ -185,8 +185,8 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     """x (..., K) @ W.T + bias with W given as compress_24's (values (N, K/2), meta (N, ceil(K/8)));
     x and values share one dtype (fp16/bf16/fp32); y has that dtype.
 
-    impl: "gemv" (M <= GEMV_MAX_M), "dot" (tensor cores on the rebuilt dense tile), "auto" (gemv up to
-    GEMV_MAX_M rows, dot above)."""
+    impl: "gemv" (M <= GEMV_MAX_M), "dot" (tensor cores on the rebuilt dense tile), or "auto": dot above
+    GEMV_MAX_M rows; up to it, whichever measures faster here (C.fastest; the interpreter takes gemv)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     C.check_tensor("x", x, dtypes=DTYPES)
@@ -200,19 +200,27 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         C.check_tensor("bias", bias, dtypes=C.FLOAT_DTYPES, shape=(n,), contiguous=True)
     dev = C.check_device(x=x2, values=values, meta=meta, bias=bias)
     m = x2.shape[0]
-    gemv = impl == "gemv" or (impl == "auto" and m <= GEMV_MAX_M)
-    if gemv and m > GEMV_MAX_M:
+    if impl == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"impl='gemv': runs M <= {GEMV_MAX_M} rows, got M = {m} (use 'dot' or 'auto')")
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
+    if m == 0 or n == 0:
+        return out.view(*x.shape[:-1], n)
     b = bias if bias is not None else C.dummy(dev)
-    if m and n and gemv:
+    strides = (x2.stride(0), values.stride(0), meta.stride(0), out.stride(0))
+
+    def gemv():
         _sparse24_gemv_kernel[lambda mt: (triton.cdiv(n, mt["BLOCK_N"]),)](
-            x2, values, meta, out, b, m, n, k, x2.stride(0), values.stride(0), meta.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
-    elif m and n:
+            x2, values, meta, out, b, m, n, k, *strides, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
+
+    def dot():
         grid = lambda mt: (triton.cdiv(n, mt["BLOCK_N"]), triton.cdiv(m, mt["BLOCK_M"]))
-        _sparse24_kernel[grid](x2, values, meta, out, b, m, n, k, C.m_bucket(m), x2.stride(0), values.stride(0),
-                               meta.stride(0), out.stride(0), HAS_BIAS=bias is not None, DOT=C.dot_mode(x.dtype))
+        _sparse24_kernel[grid](x2, values, meta, out, b, m, n, k, C.m_bucket(m), *strides,
+                               HAS_BIAS=bias is not None, DOT=C.dot_mode(x.dtype))
+
+    if impl == "auto":
+        impl = "dot" if m > GEMV_MAX_M else C.fastest(
+            "sparse24", (triton.next_power_of_2(m), n, k, str(x.dtype), str(dev)), {"gemv": gemv, "dot": dot}, "gemv")
+    (gemv if impl == "gemv" else dot)()
     return out.view(*x.shape[:-1], n)
 
 

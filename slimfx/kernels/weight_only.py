@@ -169,7 +169,8 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     """act(x @ (w * w_scale).T + bias) + residual with int8 w (N, K) and fp32 w_scale (N,); y has x's dtype.
 
     impl: "gemv" (M <= GEMV_MAX_M: CUDA-core products, W read once), "dot" (tensor-core tiles), or
-    "auto" (gemv up to GEMV_MAX_M rows, dot above)."""
+    "auto": dot above GEMV_MAX_M rows; up to it, whichever of the two measures faster for this shape on
+    this device (timed once per process, C.fastest; the interpreter takes gemv)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     C.check_tensor("x", x, dtypes=C.FLOAT_DTYPES)
@@ -181,25 +182,29 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
                                                      activation=activation)
     dev = C.check_device(x=x2, w=w, w_scale=w_scale, bias=bias, residual=residual)
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
-    gemv = impl == "gemv" or (impl == "auto" and m <= GEMV_MAX_M)
-    if gemv and m > GEMV_MAX_M:
+    if impl == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"impl='gemv': runs M <= {GEMV_MAX_M} rows, got M = {m} (use 'dot' or 'auto')")
-    if m and n and gemv:
-        d = C.dummy(dev)
+    if m == 0 or n == 0:
+        return out.view(*x.shape[:-1], n)
+    d = C.dummy(dev)
+    epi = (w_scale, bias if bias is not None else d, residual if residual is not None else d)
+    shapes = (m, n, k, x2.stride(0), w.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0)
+    flags = dict(HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None)
+
+    def gemv():
         _wo_int8_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x2, w, out, w_scale, bias if bias is not None else d, residual if residual is not None else d,
-            m, n, k, x2.stride(0), w.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-            HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
-            BLOCK_M=triton.next_power_of_2(m))
-    elif m and n:
-        d = C.dummy(dev)
+            x2, w, out, *epi, *shapes, **flags, BLOCK_M=triton.next_power_of_2(m))
+
+    def dot():
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-        _wo_int8_kernel[grid](x2, w, out, w_scale, bias if bias is not None else d,
-                              residual if residual is not None else d, m, n, k, C.m_bucket(m),
-                              x2.stride(0), w.stride(0), out.stride(0),
-                              residual.stride(0) if residual is not None else 0,
-                              HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
+        _wo_int8_kernel[grid](x2, w, out, *epi, m, n, k, C.m_bucket(m), *shapes[3:], **flags,
                               DOT=C.dot_mode(x.dtype))
+
+    if impl == "auto":
+        impl = "dot" if m > GEMV_MAX_M else C.fastest(
+            "int8_weight_only", (triton.next_power_of_2(m), n, k, str(x.dtype), str(dev)),
+            {"gemv": gemv, "dot": dot}, "gemv")
+    (gemv if impl == "gemv" else dot)()
     return out.view(*x.shape[:-1], n)
 
 

@@ -96,6 +96,9 @@ def test_tma_kernel(dev, gen, m, n, k):
     ref = bsr_linear_ref(x, bsrf)
     out = bsr_linear(x.to(dev), bsrf, impl="tma")
     assert_close(out, ref, rtol=UNIT_ROUNDOFF[torch.bfloat16], atol=4 * 130 * 2.0**-24 * float(np.abs(ref).max()))
+    empty = to_bsr(torch.zeros(n, k, dtype=torch.bfloat16, device=dev), BLOCK)     # no blocks: y = bias
+    b = torch.randn(n, generator=gen).to(torch.bfloat16)
+    assert torch.equal(bsr_linear(x.to(dev), empty, bias=b.to(dev), impl="tma").cpu(), b.expand(m, n))
 
 
 def test_refusals(dev, gen):

@@ -1,0 +1,42 @@
+"""_common.fastest: the measured choice between a kernel's implementations ("auto")."""
+import pytest
+import triton.testing
+
+from slimfx.kernels import _common as C
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """fastest() as on a GPU, with do_bench returning each candidate's made-up time (calls counted)."""
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    monkeypatch.setattr(C, "_FASTEST", {})
+    calls = []
+
+    def fake_bench(fn, warmup=0, rep=0):
+        calls.append(fn)
+        return fn()
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    return calls
+
+
+def test_picks_the_fastest_once(measured):
+    cands = {"tiled": lambda: 0.30, "tma": lambda: 0.21}
+    assert C.fastest("fam", (1, 2), cands, "tiled") == "tma"
+    assert C.fastest("fam", (1, 2), cands, "tiled") == "tma"
+    assert len(measured) == 2                           # timed once per (family, key), not per call
+    chosen, times, errors = C.fastest_choices()[("fam", (1, 2))]
+    assert chosen == "tma" and times == {"tiled": 0.30, "tma": 0.21} and errors == {}
+
+
+def test_a_candidate_that_fails_is_skipped(measured):
+    def broken():
+        raise RuntimeError("out of resources: shared memory\nmore")
+    assert C.fastest("fam", (3,), {"tma": broken, "tiled": lambda: 0.5}, "tma") == "tiled"
+    assert C.fastest_choices()[("fam", (3,))][2] == {"tma": "RuntimeError: out of resources: shared memory"}
+    with pytest.raises(RuntimeError, match=r"fam: no implementation ran for \(4,\)"):
+        C.fastest("fam", (4,), {"tma": broken, "also": broken}, "tma")
+
+
+def test_interpreter_takes_the_default(monkeypatch):
+    monkeypatch.setattr(C, "interpreting", lambda: True)
+    assert C.fastest("fam", (5,), {"a": lambda: 1.0, "b": lambda: 0.1}, "a") == "a"
