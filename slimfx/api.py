@@ -9,23 +9,27 @@ import torch
 import torch.fx as fx
 
 from . import ir
-from .backends import lower
+from .backends import check_options, lower
 from .passes import PassContext, PassManager
 from .report import Report
 from .signature import InputSignature
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
-            passes: Sequence = (), backend: str = "numpy", dynamic=None, calibration: Optional[Iterable] = None,
+            passes: Sequence = (), backend: str = "numpy", backend_options: Optional[dict] = None,
+            dynamic=None, calibration: Optional[Iterable] = None,
             capture: str = "auto", verify: bool = True, measure: bool = True, dump_dir: Optional[str] = None,
             progress: bool = True) -> "CompiledModel":
     """Compile ``model`` as called with ``model(*example_inputs, **example_kwargs)``.
 
     passes:   pipeline entries: registered names ("dce"), Pass objects, or functions ``fn(gm[, ctx])``
     backend:  "numpy" (reference interpreter), "torch" (the graph as is) or "triton" (kernels on a GPU)
+    backend_options: per backend; triton: {"cuda_graphs": True} replays a captured CUDA graph per input
+              signature (no per-kernel launch cost: what decode needs)
     dynamic:  True lets every input dim vary (one compile serves several shapes), or export's dynamic_shapes
     dump_dir: write the IR after each pass to numbered files there
     The model is never modified; a failing pass raises ``PassError`` naming it."""
+    check_options(backend, backend_options)             # before any work: a typo fails at once
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
     t0 = time.perf_counter()
@@ -36,7 +40,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
     gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
                               progress=progress).run(captured.gm, ctx, reference)
     t1 = time.perf_counter()
-    executable = lower(gm, backend)
+    executable = lower(gm, backend, backend_options)
     lower_s = time.perf_counter() - t1
     report = Report(type(model).__name__, captured.method, backend, capture_s, lower_s, records,
                     len(captured.gm.graph.nodes), gm)

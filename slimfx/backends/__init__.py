@@ -18,13 +18,28 @@ def unflatten_outputs(gm: fx.GraphModule, flat):
     return pytree.tree_unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat], info.out_spec)
 
 
+def check_options(backend: str, options: dict | None) -> dict:
+    """``options`` for ``backend`` as a dict, or ValueError naming the unknown ones and the known ones."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    options = dict(options or {})
+    known = {}
+    if backend == "triton":
+        from .triton_backend import OPTIONS as known
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        offer = ", ".join(f"{k} ({v})" for k, v in known.items()) or "none"
+        raise ValueError(f"backend_options: the {backend!r} backend has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {offer}")
+    return options
+
+
 class Executable:
     """Runs a lowered graph with the model's own call convention: ``exe(args, kwargs)`` returns what the
     model returns (e.g. a ``BaseModelOutput``), with torch tensors in it."""
 
-    def __init__(self, gm: fx.GraphModule, backend: str):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    def __init__(self, gm: fx.GraphModule, backend: str, options: dict | None = None):
+        options = check_options(backend, options)
         self.backend = backend
         self.gm = gm
         self.program = None
@@ -33,7 +48,7 @@ class Executable:
             self.program = NumpyProgram(gm)
         elif backend == "triton":
             from .triton_backend import TritonProgram
-            self.program = TritonProgram(gm)
+            self.program = TritonProgram(gm, **options)
 
     def __call__(self, args: tuple, kwargs: dict):
         if self.program is None:
@@ -46,5 +61,6 @@ class Executable:
         return unflatten_outputs(self.gm, pytree.tree_map(to_torch, flat))
 
 
-def lower(gm: fx.GraphModule, backend: str) -> Executable:
-    return Executable(gm, backend)
+def lower(gm: fx.GraphModule, backend: str, options: dict | None = None) -> Executable:
+    """Lower ``gm`` to ``backend`` with its ``options`` (triton: cuda_graphs)."""
+    return Executable(gm, backend, options)

@@ -60,18 +60,26 @@ def _store(key: str, entry: dict) -> None:
     os.replace(tmp, path)
 
 
-def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, dense_fn) -> tuple[bool, str]:
-    """(use the kernel?, reason). Measured once per (device, op, bucket), then read from the cache."""
+def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, dense_fn,
+           graphs: bool = False) -> tuple[bool, str]:
+    """(use the kernel?, reason). Measured once per (device, op, bucket, timing mode), then read from the
+    cache. ``graphs``: the program replays CUDA graphs, so both sides are timed by graph replay (no host
+    launch cost, which would otherwise decide every decode-shape choice)."""
     if C.interpreting():
         return True, f"{kernel_name} ({INTERPRETER})"
     forced = os.environ.get("SLIMFX_KERNEL_CHOICE", "measure")
     if forced in ("kernel", "dense"):
         return forced == "kernel", f"{kernel_name if forced == 'kernel' else dense_name} (SLIMFX_KERNEL_CHOICE={forced})"
-    key = f"{torch.cuda.get_device_name()}|{op}|{bucket}"
+    key = f"{torch.cuda.get_device_name()}|{op}|{bucket}" + ("|cudagraph" if graphs else "")
     entry = _MEMO.get(key) or _load().get(key)
     if entry is None:
-        from triton.testing import do_bench
-        k_ms, d_ms = do_bench(kernel_fn), do_bench(dense_fn)
+        import triton.testing
+        if graphs:
+            def timer(fn):
+                return triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median")
+        else:
+            timer = triton.testing.do_bench
+        k_ms, d_ms = timer(kernel_fn), timer(dense_fn)
         entry = {"kernel": kernel_name, "kernel_ms": round(k_ms, 4), "dense": dense_name, "dense_ms": round(d_ms, 4),
                  "use_kernel": k_ms < d_ms}
         _store(key, entry)
@@ -90,6 +98,7 @@ class Lowered(torch.nn.Module):
         super().__init__()
         self.info, self.node_name = info, name
         self.decisions: dict[str, tuple[bool, str]] = {}
+        self.graphs = False            # set by TritonProgram: time the choice by CUDA-graph replay
         if C.interpreting():
             self.info.kernel = f"{self.kernel_name} ({INTERPRETER})"
         else:
@@ -105,7 +114,7 @@ class Lowered(torch.nn.Module):
         b = self.bucket(*args)
         if b not in self.decisions:
             self.decisions[b] = choose(self.op, b, self.kernel_name, lambda: self.kernel(*args),
-                                       self.dense_name, lambda: self.dense(*args))
+                                       self.dense_name, lambda: self.dense(*args), self.graphs)
             self.info.kernel = "; ".join(f"{k.split('|')[0]}: {r}" for k, (_, r) in self.decisions.items()) \
                 if len(self.decisions) > 1 else self.decisions[b][1]
         try:
@@ -250,12 +259,27 @@ def _set_attr(mod: torch.nn.Module, dotted: str, t: torch.Tensor) -> None:
     mod.register_buffer(leaf, t)
 
 
+OPTIONS = {"cuda_graphs": "capture the program once per input signature (shapes, dtypes, non-tensor "
+                          "arguments) and replay it: no per-kernel launch cost, the decode-time bottleneck"}
+
+
 class TritonProgram:
     """A lowered graph: ``program(args, kwargs)`` runs it on the device (inputs are moved there; outputs
-    stay there)."""
+    stay there).
 
-    def __init__(self, gm: fx.GraphModule):
+    ``cuda_graphs=True``: the first call with a new input signature runs the program twice on a side stream
+    (every per-layer choice, autotuning and compilation happens there), captures it into a CUDA graph
+    with static input buffers, and later calls copy the inputs in, replay, and return copies of the
+    outputs. Each signature keeps its own graph and memory; a model whose shapes vary a lot (every
+    sequence length) pays a capture per length."""
+
+    def __init__(self, gm: fx.GraphModule, cuda_graphs: bool = False):
         self.device = dev = _device()
+        if cuda_graphs and dev.type != "cuda":
+            raise ValueError("backend_options cuda_graphs=True: CUDA graphs need a CUDA device; the Triton "
+                             "interpreter (TRITON_INTERPRET=1) runs without them")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict = {}
         graph = fx.Graph()
         val_map: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(gm.graph, val_map))
@@ -266,7 +290,9 @@ class TritonProgram:
                 _set_attr(root, old.target, getattr(gm, old.target).detach().to(dev))
             elif old.op == "call_function" and old.target in LOWERED_OPS:
                 name = f"lowered_{old.name}"
-                root.add_module(name, _make(gm, old).to(dev))
+                lowered = _make(gm, old).to(dev)
+                lowered.graphs = cuda_graphs
+                root.add_module(name, lowered)
                 new.op, new.target = "call_module", name
             if new.op == "call_function":
                 new.args, new.kwargs = _on(new.args, dev), _on(new.kwargs, dev)
@@ -276,7 +302,44 @@ class TritonProgram:
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v
         args, kwargs = pytree.tree_map(move, (tuple(args), dict(kwargs)))
         with torch.no_grad():
+            if not self.cuda_graphs:
+                return self.gm(*args, **kwargs)
+            return self._replay(args, kwargs)
+
+    def _replay(self, args: tuple, kwargs: dict):
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        key = (spec, tuple((tuple(v.shape), v.dtype, v.stride()) if isinstance(v, torch.Tensor) else ("value", v)
+                           for v in flat))
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(flat, spec)
+            except RuntimeError as e:    # e.g. an op that synchronizes with the host: run this signature eagerly
+                import warnings
+                warnings.warn(f"triton backend: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); "
+                              f"this input signature runs eagerly")
+                self._graphs[key] = None
+        if self._graphs[key] is None:
             return self.gm(*args, **kwargs)
+        graph, static_in, static_out = self._graphs[key]
+        for dst, src in zip(static_in, flat):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
+
+    def _capture(self, flat: list, spec):
+        static_in = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
+        args, kwargs = pytree.tree_unflatten(static_in, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up: choices, autotuning, compilation happen here
+            for _ in range(2):
+                self.gm(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.gm(*args, **kwargs)
+        return graph, static_in, static_out
 
 
 def _on(a, dev):

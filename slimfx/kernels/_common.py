@@ -42,8 +42,10 @@ def interpreting() -> bool:
 
 
 def pick_configs(full: list, interpreted: "triton.Config") -> list:
-    """The autotune list, or one small config under the interpreter (tuning there would only be slow)."""
-    return [interpreted] if interpreting() else full
+    """The autotune list; or one small config under the interpreter (tuning there would only be slow),
+    or with SLIMFX_AUTOTUNE=0 (GPU correctness tests: one compile per kernel variant, not one per config).
+    Read when slimfx.kernels is imported."""
+    return [interpreted] if interpreting() or os.environ.get("SLIMFX_AUTOTUNE", "1") == "0" else full
 
 
 def m_bucket(m: int) -> int:

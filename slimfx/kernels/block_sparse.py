@@ -187,7 +187,7 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     values2d = bsr.values.view(-1, bk)
-    refusal = C.tma_refusal(x=x2, values=values2d)
+    refusal = C.tma_refusal(x=x2, values=values2d) if impl == "tma" or (impl == "auto" and m > 16) else None
     if values2d.shape[0] == 0:        # no blocks at all (y = epilogue(0)): no descriptor to build
         impl = "tiled"
     if impl == "tma" and refusal:

@@ -178,7 +178,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return out.view(*a.shape[:-1], n)
-    refusal = C.tma_refusal(a=a2, b=b)
+    refusal = C.tma_refusal(a=a2, b=b) if impl == "tma" or (impl == "auto" and m >= TMA_MIN_M) else None
     if impl == "tma" and refusal:
         raise ValueError(f"impl='tma': {refusal} (use impl='tiled' or 'auto')")
     # (3) launch

@@ -159,3 +159,36 @@ def test_kernel_errors_name_the_node():
     gm = _quantized(Net().eval(), x, weights="int8", activations="dynamic")
     with pytest.raises(ValueError, match=r"triton backend: node quantized_linear_default \(quantized_linear\)"):
         run(gm, "triton", torch.randn(2, 36))
+
+
+def test_backend_options_are_checked_before_any_work():
+    import slimfx
+    with pytest.raises(ValueError, match=r"backend_options: the 'triton' backend has no option 'cuda_graph'; "
+                                         r"its options: cuda_graphs \(capture"):
+        slimfx.compile(Net(), (torch.randn(2, 37),), backend="triton", backend_options={"cuda_graph": True},
+                       passes=[lambda gm: pytest.fail("a pass ran before the options were checked")])
+    with pytest.raises(ValueError, match=r"the 'numpy' backend has no option 'cuda_graphs'; its options: none"):
+        slimfx.compile(Net(), (torch.randn(2, 37),), backend="numpy", backend_options={"cuda_graphs": True})
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="checks the interpreter's refusal")
+def test_cuda_graphs_need_cuda():
+    gm = _quantized(Net().eval(), torch.randn(2, 37), weights="int8", activations="dynamic")
+    with pytest.raises(ValueError, match="cuda_graphs=True: CUDA graphs need a CUDA device"):
+        lower(gm, "triton", {"cuda_graphs": True})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_matches_eager():
+    """Two input signatures, each captured once; replays equal eager runs and return fresh tensors."""
+    torch.manual_seed(0)
+    gm = _quantized(Net().eval(), torch.randn(2, 37), weights="int8", activations="dynamic")
+    eager, graphed = lower(gm, "triton"), lower(gm, "triton", {"cuda_graphs": True})
+    for rows in (2, 2, 5):
+        x = torch.randn(rows, 37)
+        a, b = eager((x,), {}), graphed((x,), {})
+        assert torch.equal(a, b)
+    assert len(graphed.program._graphs) == 2
+    y1 = graphed((torch.ones(2, 37),), {})
+    y2 = graphed((torch.zeros(2, 37),), {})
+    assert not torch.equal(y1, y2)            # the first result was not overwritten by the second replay

@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:   # correctness, not speed: one config per kernel variant (bench/kernels.py tunes and checks big shapes)
+    os.environ.setdefault("SLIMFX_AUTOTUNE", "0")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
