@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks and measures, in one bounded command (about 10 minutes on an H200):
-#   bash bench/gpu_session.sh [OUT_DIR]        (default: bench/results/session-<card>)
+# A GPU session's checks and measurements, as bounded steps (one device command may run 10 minutes):
+#   bash bench/gpu_session.sh OUT_DIR                 measure: new-path tests, gpu checks, kernel bench (~9 min)
+#   bash bench/gpu_session.sh OUT_DIR all-tests       the kernel and triton-backend tests on the GPU (~2 min)
+# measure runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash
-#    here would poison the CUDA context for the bench, so they go first;
+#    there would poison the CUDA context for the bench, so they go first;
 # 2. bit-exactness of the kernels against the numpy spec (bench/gpu_checks.py);
-# 3. the kernel bench, quick subset, CUDA-graph timing, with each kernel's impl variants;
-# 4. the rest of the kernel and triton-backend tests, in what time is left.
-# Each step has its own time limit and a failing step does not stop the next; logs go to OUT_DIR
-# (8 files: what the device tool brings back from $OUT).
+# 3. the kernel bench, quick subset, CUDA-graph timing, with each kernel's impl variants beside auto.
+# Each step has its own time limit and a failing step does not stop the next; logs and results go to
+# OUT_DIR (at most 8 files: what the device tool brings back from $OUT).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().lower().replace(' ', '-'))") || exit 2
-out=${1:-bench/results/session-$card}
+out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [measure|all-tests]}
+what=${2:-measure}
 mkdir -p "$out"
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
@@ -20,12 +21,19 @@ step() {   # step NAME SECONDS CMD...
   local t0=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.log"
+  tail -n 30 "$out/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
-step new-paths-tests 150 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
-  tests/kernels tests/backends/test_triton_backend.py -k "tma or decode or fastest or cuda_graphs"
-step gpu-checks 60 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
-step kernels 330 python3 bench/kernels.py --quick --cudagraph --budget-s 250 --out-dir "$out"
-step all-tests 150 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/backends/test_triton_backend.py
+tests="tests/kernels tests/backends/test_triton_backend.py"
+case $what in
+  measure)
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+    step new-paths-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests \
+      -k "tma or decode or fastest or cuda_graphs"
+    step gpu-checks 45 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
+    step kernels 390 python3 bench/kernels.py --quick --cudagraph --budget-s 320 --out-dir "$out" ;;
+  all-tests)
+    step all-tests 400 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests ;;
+  *) echo "unknown step group '$what': measure or all-tests" >&2; exit 2 ;;
+esac
 ls -la "$out"

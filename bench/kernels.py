@@ -10,6 +10,9 @@ bench/results/kernels-<card>.json, .md and .png (see bench/kernel_report.py).
 Baselines: cuBLAS bf16; torch._int_mm + a separate dequant (int8 operands already quantized);
 a torch.compile'd W8A8 dynamic linear (per-token quantization + _int_mm + dequant, all compiled);
 torch's 2:4 semi-structured sparse (to_sparse_semi_structured, cuSPARSELt/CUTLASS).
+Beside each kernel's default (impl="auto", which times its implementations once per shape and keeps the
+faster), the implementations themselves are timed (W8A8 tiled/TMA, BSR tiled/TMA, weight-only int8 and
+2:4 gemv/dot at M <= 4): a second table, and auto's choices in the JSON's meta.
 """
 from __future__ import annotations
 
