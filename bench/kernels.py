@@ -256,6 +256,20 @@ def quantize_int4_gpu(w, group):
     return pack_int4(q), s.reshape(n, -1).contiguous()
 
 
+def autotuned_configs() -> dict:
+    """{kernel: {tuning key: winning config}} for every autotuned slimfx kernel that ran (which tiles,
+    split-K and stages won where: what the next tuning round starts from)."""
+    import importlib
+    from triton.runtime.autotuner import Autotuner
+    found = {}
+    for mod in ("int8_gemm", "weight_only", "block_sparse", "sparse24", "act_quant"):
+        m = importlib.import_module(f"slimfx.kernels.{mod}")
+        for name, obj in vars(m).items():
+            if isinstance(obj, Autotuner) and obj.cache:
+                found[name] = {str(key): str(cfg) for key, cfg in obj.cache.items()}
+    return found
+
+
 def run_gpu(args) -> tuple[list[dict], dict]:
     import torch
     import triton
@@ -279,6 +293,7 @@ def run_gpu(args) -> tuple[list[dict], dict]:
     from slimfx.kernels import _common as C
     meta["auto_choices"] = [dict(family=fam, key=list(key), chosen=c, ms=t, errors=e)
                             for (fam, key), (c, t, e) in C.fastest_choices().items()]
+    meta["autotuned"] = autotuned_configs()
     return bench.rows, meta
 
 

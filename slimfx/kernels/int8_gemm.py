@@ -25,32 +25,73 @@ from slimfx.quant.numerics import int_matmul_np
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int32)
 
 
+SPLIT_K_MAX_M = 16     # split-K configs are tried up to this many rows (decode), where N / BLOCK_N
+SPLIT_K_MAX = 8        # alone gives too few programs to keep the memory system busy
+
+
 def _configs():
-    """Decode (M <= 16: one 16-row tile, wide K steps to stream the weight), mid and large tiles."""
+    """Decode (M <= 16: one 16-row tile, wide K steps to stream the weight; split K for more programs),
+    mid and large tiles."""
     cfg = triton.Config
-    small = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=4, num_stages=s)
-             for bn, bk, s in [(32, 256, 4), (64, 256, 4), (64, 128, 5), (128, 128, 4)]]
-    mid = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4)
+    small = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "SPLIT_K": sk}, num_warps=4,
+                 num_stages=s)
+             for bn, bk, s, sk in [(32, 256, 4, 1), (64, 256, 4, 1), (64, 128, 5, 1), (128, 128, 4, 1),
+                                   (16, 256, 4, 1), (16, 256, 4, 2), (32, 256, 4, 2), (32, 256, 4, 4),
+                                   (64, 256, 4, 4), (32, 128, 4, 8)]]
+    mid = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=4,
+               num_stages=4)
            for bm, bn in [(32, 64), (32, 128), (64, 64), (64, 128)]]
-    large = [cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-             cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-             cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-             cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=5)]
-    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1)
-    return C.pick_configs(small + mid + large, interp)
+    large = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w,
+                 num_stages=s)
+             for bm, bn, bk, w, s in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                      (128, 128, 64, 4, 5)]]
+    interp = [cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}, num_warps=4,
+                  num_stages=1)]
+    if C.interpreting():   # the split-K fix-up is exercised by the CPU tests too (tests pass SPLIT_K)
+        return interp
+    return C.pick_configs(small + mid + large, interp[0])
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"],
-                 prune_configs_by={"early_config_prune": C.prune_by_m})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+def _prune(configs, named_args, **kwargs):
+    """prune_by_m, and split-K only at decode shapes (its workspace is sized for M <= SPLIT_K_MAX_M)."""
+    mb = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 30))
+    keep = [c for c in C.prune_by_m(configs, named_args, **kwargs)
+            if c.kwargs["SPLIT_K"] == 1 or mb <= SPLIT_K_MAX_M]
+    return keep or configs[:1]
+
+
+_SEMAPHORES: dict = {}
+
+
+def _semaphores(dev: torch.device, count: int) -> torch.Tensor:
+    """int32 counters, one per output tile of a split-K launch, zero between launches: the program that
+    finishes a tile last resets its counter. Cached per device (grown as needed); kernels on one stream
+    use them one after another, so concurrent int8_gemm calls on several streams must not share a device."""
+    t = _SEMAPHORES.get(dev)
+    if t is None or t.numel() < count:
+        t = torch.zeros(max(count, 4096), dtype=torch.int32, device=dev)
+        _SEMAPHORES[dev] = t
+    return t
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0})
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_scale_ptr,
-                      M, N, K, M_BUCKET, stride_am, stride_bn, stride_om, stride_rm,
+                      ws_ptr, sem_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_om, stride_rm,
                       HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                       HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    pid_m, pid_n = C.grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) output tile per program, or with SPLIT_K > 1 one K slice of it: each slice
+    writes its int32 partial to the workspace, and the program that finishes the tile last (an acq_rel
+    counter per tile) adds the partials in slice order and runs the epilogue. int32 sums are exact, so
+    the result does not depend on the split."""
+    tile = tl.program_id(0)
+    pid_m, pid_n = C.grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_k = tl.program_id(1)
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)           # K steps of this slice (the last may be short)
+    k_first = pid_k * k_steps
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,11 +99,11 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     # Rows past M / N wrap around (their results are masked at the store), so the loop needs no M/N masks.
     ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
     rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
-    a_ptrs = a_ptr + ram[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + rbn[None, :] * stride_bn + rk[:, None]          # (BLOCK_K, BLOCK_N) view of b^T
+    a_ptrs = a_ptr + ram[:, None] * stride_am + (k_first * BLOCK_K + rk)[None, :]
+    b_ptrs = b_ptr + rbn[None, :] * stride_bn + (k_first * BLOCK_K + rk)[:, None]   # (BLOCK_K, BLOCK_N) of b^T
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_first + k_steps):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
@@ -74,9 +115,25 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-                     res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
-                     REQUANT, RAW_INT)
+    if SPLIT_K == 1:
+        C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                         res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
+                         REQUANT, RAW_INT)
+    else:
+        # Workspace (SPLIT_K, tiles, BLOCK_M, BLOCK_N): each slice's partial, in the tile's own layout.
+        tiles = tl.num_programs(0)
+        part = ws_ptr + ((pid_k * tiles + tile) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * BLOCK_N \
+            + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(part, acc)
+        done = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel")   # release: the partial is visible first
+        if done == SPLIT_K - 1:                                  # the last slice of this tile
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for s in range(0, SPLIT_K):
+                acc += tl.load(part + (s - pid_k) * tiles * BLOCK_M * BLOCK_N, cache_modifier=".cg")
+            tl.atomic_xchg(sem_ptr + tile, 0)                    # ready for the next launch
+            C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                             res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT,
+                             HAS_RES, REQUANT, RAW_INT)
 
 
 def _tma_configs():
@@ -137,7 +194,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
               w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               activation: str | None = None, residual: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.bfloat16, out_scale: torch.Tensor | None = None,
-              impl: str = "auto") -> torch.Tensor:
+              impl: str = "auto", _config: dict | None = None) -> torch.Tensor:
     """act(a @ b.T * a_scale * w_scale + bias) + residual, as ``out_dtype``.
 
     a: int8 (..., K), unit stride along K.   b: int8 (N, K), unit stride along K.
@@ -148,6 +205,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     impl: "tiled" (one program per output tile, pointer loads; every shape), "tma" (persistent, TMA loads;
     Hopper+, K a multiple of 16), or "auto": tiled below TMA_MIN_M rows; above, whichever of the two
     measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest).
+    _config: pin the tiled kernel's config (BLOCK_M/N/K, SPLIT_K, GROUP_M, num_warps, num_stages) instead
+    of autotuning: for tests (the interpreter has one config) and experiments.
     Returns (..., N).
     """
     # (1) check
@@ -191,9 +250,18 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     res_stride = residual.stride(0) if residual is not None else 0
 
     def tiled():
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _int8_gemm_kernel[grid](a2, b, out, *epi, m, n, k, C.m_bucket(m), a2.stride(0), b.stride(0),
-                                out.stride(0), res_stride, **flags)
+        kernel, meta = _int8_gemm_kernel, {}
+        if _config is not None:          # a pinned tile config instead of the autotuner's choice
+            kernel, meta = _int8_gemm_kernel.fn, {"GROUP_M": 1, "SPLIT_K": 1, **_config}
+        ws, sem = d, d
+        if C.m_bucket(m) <= SPLIT_K_MAX_M or meta.get("SPLIT_K", 1) > 1:
+            # room for any split config's partials (BLOCK_N <= 128 divides the padded N) and tile counters
+            sk, bm = max(meta.get("SPLIT_K", 1), SPLIT_K_MAX), meta.get("BLOCK_M", 16)
+            ws = torch.empty(sk * triton.cdiv(m, bm) * bm * triton.cdiv(n, 128) * 128, dtype=torch.int32, device=dev)
+            sem = _semaphores(dev, triton.cdiv(m, bm) * triton.cdiv(n, 16))
+        grid = lambda mt: (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]), mt["SPLIT_K"])
+        kernel[grid](a2, b, out, *epi, ws, sem, m, n, k, C.m_bucket(m), a2.stride(0), b.stride(0),
+                     out.stride(0), res_stride, **flags, **meta)
 
     def tma():
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -204,6 +272,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
         _int8_gemm_tma_kernel[grid](a_desc, b_desc, out, *epi, m, n, k, C.m_bucket(m), out.stride(0),
                                     res_stride, NUM_SMS=sms, **flags)
 
+    if _config is not None:
+        impl = "tiled"
     if impl == "auto":
         impl = "tiled"
         if refusal is None and m >= TMA_MIN_M:
