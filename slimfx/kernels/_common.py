@@ -297,6 +297,64 @@ def grouped_tile(t, grid_m, grid_n, GROUP_M: tl.constexpr):
     return first_m + (t % width) % group_m, (t % width) // group_m
 
 
+@triton.jit
+def split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tiles, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Split-K's reduction, with no second launch: every slice writes its partial tile to the workspace
+    (SPLIT_K, tiles, BLOCK_M, BLOCK_N), then bumps the tile's counter (acq_rel: the partial is visible
+    before the count). Returns (last, total): the slice that finds the count at SPLIT_K - 1 is the last,
+    sums the partials in slice order (the same sum whichever slice finishes last: deterministic) and
+    resets the counter for the next launch; the others get last = False."""
+    part = ws_ptr + ((pid_k * tiles + tile) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * BLOCK_N \
+        + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(part, acc)
+    done = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel")
+    last = done == SPLIT_K - 1
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+    if last:
+        for s in range(0, SPLIT_K):
+            total += tl.load(part + (s - pid_k) * tiles * BLOCK_M * BLOCK_N, cache_modifier=".cg")
+        tl.atomic_xchg(sem_ptr + tile, 0)
+    return last, total
+
+
+SPLIT_K_MAX_M = 16     # split-K configs are tried up to this many rows (decode), where N / BLOCK_N
+SPLIT_K_MAX = 8        # alone gives too few programs to keep the memory system busy
+
+
+def prune_split_k(configs, named_args, **kwargs):
+    """prune_by_m, and split-K configs only at decode shapes (M bucket <= SPLIT_K_MAX_M)."""
+    mb = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 30))
+    keep = [c for c in prune_by_m(configs, named_args, **kwargs)
+            if c.kwargs.get("SPLIT_K", 1) == 1 or mb <= SPLIT_K_MAX_M]
+    return keep or configs[:1]
+
+
+def split_k_room(dev, dtype, m: int, n: int, meta: dict):
+    """(workspace, counters) for a launch whose config is ``meta`` (pinned) or any autotuned one: room
+    for SPLIT_K <= max(SPLIT_K_MAX, pinned), BLOCK_M = 16 (decode; or the pinned one) and BLOCK_N >= 16
+    dividing 128. Counted as (BLOCK_M, 16) tiles over N padded to 128: as many counters as the narrowest
+    tiles need and as many partial elements as the widest. Only needed when split configs may run."""
+    sk, bm = max(meta.get("SPLIT_K", 1), SPLIT_K_MAX), meta.get("BLOCK_M", 16)
+    return split_k_buffers(dev, dtype, sk, triton.cdiv(m, bm) * triton.cdiv(n, 128) * 8, bm, 16)
+
+
+_SEMAPHORES: dict = {}
+
+
+def split_k_buffers(dev: torch.device, dtype: torch.dtype, split_k: int, tiles: int, block_m: int,
+                    block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace for split_k_fixup's partials, its tile counters). The counters are zero between launches
+    (the last slice of each tile resets its own) and cached per device, grown as needed; kernels on one
+    stream use them one after another, so split-K launches on several streams at once must not share a
+    device. The workspace comes from the caching allocator per call."""
+    ws = torch.empty(split_k * tiles * block_m * block_n, dtype=dtype, device=dev)
+    sem = _SEMAPHORES.get(dev)
+    if sem is None or sem.numel() < tiles:
+        sem = _SEMAPHORES[dev] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)
+    return ws, sem
+
+
 # --- numpy epilogue ------------------------------------------------------------------------------------
 
 def np32(t) -> np.ndarray | None:

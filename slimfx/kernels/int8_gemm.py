@@ -25,10 +25,6 @@ from slimfx.quant.numerics import int_matmul_np
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int32)
 
 
-SPLIT_K_MAX_M = 16     # split-K configs are tried up to this many rows (decode), where N / BLOCK_N
-SPLIT_K_MAX = 8        # alone gives too few programs to keep the memory system busy
-
-
 def _configs():
     """Decode (M <= 16: one 16-row tile, wide K steps to stream the weight; split K for more programs),
     mid and large tiles."""
@@ -52,29 +48,7 @@ def _configs():
     return C.pick_configs(small + mid + large, interp[0])
 
 
-def _prune(configs, named_args, **kwargs):
-    """prune_by_m, and split-K only at decode shapes (its workspace is sized for M <= SPLIT_K_MAX_M)."""
-    mb = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 1 << 30))
-    keep = [c for c in C.prune_by_m(configs, named_args, **kwargs)
-            if c.kwargs["SPLIT_K"] == 1 or mb <= SPLIT_K_MAX_M]
-    return keep or configs[:1]
-
-
-_SEMAPHORES: dict = {}
-
-
-def _semaphores(dev: torch.device, count: int) -> torch.Tensor:
-    """int32 counters, one per output tile of a split-K launch, zero between launches: the program that
-    finishes a tile last resets its counter. Cached per device (grown as needed); kernels on one stream
-    use them one after another, so concurrent int8_gemm calls on several streams must not share a device."""
-    t = _SEMAPHORES.get(dev)
-    if t is None or t.numel() < count:
-        t = torch.zeros(max(count, 4096), dtype=torch.int32, device=dev)
-        _SEMAPHORES[dev] = t
-    return t
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": C.prune_split_k})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0})
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_scale_ptr,
@@ -120,17 +94,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                          res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
                          REQUANT, RAW_INT)
     else:
-        # Workspace (SPLIT_K, tiles, BLOCK_M, BLOCK_N): each slice's partial, in the tile's own layout.
-        tiles = tl.num_programs(0)
-        part = ws_ptr + ((pid_k * tiles + tile) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * BLOCK_N \
-            + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(part, acc)
-        done = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel")   # release: the partial is visible first
-        if done == SPLIT_K - 1:                                  # the last slice of this tile
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for s in range(0, SPLIT_K):
-                acc += tl.load(part + (s - pid_k) * tiles * BLOCK_M * BLOCK_N, cache_modifier=".cg")
-            tl.atomic_xchg(sem_ptr + tile, 0)                    # ready for the next launch
+        last, acc = C.split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tl.num_programs(0), SPLIT_K, BLOCK_M,
+                                    BLOCK_N)
+        if last:
             C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
                              res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT,
                              HAS_RES, REQUANT, RAW_INT)
@@ -254,11 +220,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
         if _config is not None:          # a pinned tile config instead of the autotuner's choice
             kernel, meta = _int8_gemm_kernel.fn, {"GROUP_M": 1, "SPLIT_K": 1, **_config}
         ws, sem = d, d
-        if C.m_bucket(m) <= SPLIT_K_MAX_M or meta.get("SPLIT_K", 1) > 1:
-            # room for any split config's partials (BLOCK_N <= 128 divides the padded N) and tile counters
-            sk, bm = max(meta.get("SPLIT_K", 1), SPLIT_K_MAX), meta.get("BLOCK_M", 16)
-            ws = torch.empty(sk * triton.cdiv(m, bm) * bm * triton.cdiv(n, 128) * 128, dtype=torch.int32, device=dev)
-            sem = _semaphores(dev, triton.cdiv(m, bm) * triton.cdiv(n, 16))
+        if C.m_bucket(m) <= C.SPLIT_K_MAX_M or meta.get("SPLIT_K", 1) > 1:
+            ws, sem = C.split_k_room(dev, torch.int32, m, n, meta)
         grid = lambda mt: (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"]), mt["SPLIT_K"])
         kernel[grid](a2, b, out, *epi, ws, sem, m, n, k, C.m_bucket(m), a2.stride(0), b.stride(0),
                      out.stride(0), res_stride, **flags, **meta)

@@ -29,13 +29,14 @@ def _int8_configs():
     """Decode shapes want many programs over N (a 4096-wide layer at BLOCK_N=32 is 128 programs, about
     one per SM) and long K steps to keep enough bytes in flight; larger M gets the usual GEMM tiles."""
     cfg = triton.Config
-    small = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-             for bn, bk, w, s in [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3),
-                                  (64, 128, 4, 4), (64, 256, 8, 3)]]
-    large = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    small = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+             for bn, bk, w, s, sk in [(16, 256, 4, 4, 1), (32, 128, 4, 4, 1), (32, 256, 4, 4, 1), (32, 512, 4, 3, 1),
+                                      (64, 128, 4, 4, 1), (64, 256, 8, 3, 1), (16, 256, 4, 4, 2), (32, 256, 4, 4, 2),
+                                      (32, 256, 4, 4, 4), (64, 256, 4, 3, 4), (32, 128, 4, 4, 8)]]
+    large = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in [(32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                                       (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]]
-    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=4, num_stages=1)
     return C.pick_configs(small + large, interp)
 
 
@@ -101,29 +102,40 @@ def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, 
 
 
 @triton.autotune(configs=_int8_configs(), key=["M_BUCKET", "N", "K"],
-                 prune_configs_by={"early_config_prune": C.prune_by_m})
+                 prune_configs_by={"early_config_prune": C.prune_split_k})
 @triton.jit
-def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, M, N, K, M_BUCKET,
+def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, ws_ptr, sem_ptr, M, N, K, M_BUCKET,
                     stride_xm, stride_wn, stride_om, stride_rm,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Tensor-core tiles; at decode shapes optionally split along K (C.split_k_fixup: fp32 partials summed
+    in slice order by the tile's last slice, so the result is deterministic for a given config)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_first = pid_k * k_steps
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + rk[None, :]
-    w_ptrs = w_ptr + (rn % N)[None, :] * stride_wn + rk[:, None]
+    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + (k_first * BLOCK_K + rk)[None, :]
+    w_ptrs = w_ptr + (rn % N)[None, :] * stride_wn + (k_first * BLOCK_K + rk)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(k_first, k_first + k_steps):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0).to(tl.float32).to(x.dtype)  # exact; int->bf16 must go via fp32 under the interpreter
         acc = C.fdot(x, w, acc, DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
-                     stride_rm, w_scale_ptr, False, True, HAS_BIAS, ACT, HAS_RES, False, False)
+    last = True
+    if SPLIT_K > 1:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        last, acc = C.split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tl.num_programs(0) * tl.num_programs(1),
+                                    SPLIT_K, BLOCK_M, BLOCK_N)
+    if last:
+        C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                         stride_rm, w_scale_ptr, False, True, HAS_BIAS, ACT, HAS_RES, False, False)
 
 
 @triton.autotune(configs=_int4_configs(), key=["M_BUCKET", "N", "K", "GROUP"],
@@ -165,12 +177,14 @@ IMPLS = ("auto", "gemv", "dot")
 
 def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None = None, activation: str | None = None,
-                            residual: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+                            residual: torch.Tensor | None = None, impl: str = "auto",
+                            _config: dict | None = None) -> torch.Tensor:
     """act(x @ (w * w_scale).T + bias) + residual with int8 w (N, K) and fp32 w_scale (N,); y has x's dtype.
 
     impl: "gemv" (M <= GEMV_MAX_M: CUDA-core products, W read once), "dot" (tensor-core tiles), or
     "auto": dot above GEMV_MAX_M rows; up to it, whichever of the two measures faster for this shape on
-    this device (timed once per process, C.fastest; the interpreter takes gemv)."""
+    this device (timed once per process, C.fastest; the interpreter takes gemv).
+    _config: pin the dot kernel's config (BLOCK_M/N/K, SPLIT_K, num_warps, num_stages): tests, experiments."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     C.check_tensor("x", x, dtypes=C.FLOAT_DTYPES)
@@ -196,10 +210,18 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
             x2, w, out, *epi, *shapes, **flags, BLOCK_M=triton.next_power_of_2(m))
 
     def dot():
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-        _wo_int8_kernel[grid](x2, w, out, *epi, m, n, k, C.m_bucket(m), *shapes[3:], **flags,
-                              DOT=C.dot_mode(x.dtype))
+        kernel, meta = _wo_int8_kernel, {}
+        if _config is not None:          # a pinned tile config instead of the autotuner's choice
+            kernel, meta = _wo_int8_kernel.fn, {"SPLIT_K": 1, **_config}
+        ws = sem = d
+        if C.m_bucket(m) <= C.SPLIT_K_MAX_M or meta.get("SPLIT_K", 1) > 1:
+            ws, sem = C.split_k_room(dev, torch.float32, m, n, meta)
+        grid = lambda mt: (triton.cdiv(n, mt["BLOCK_N"]), triton.cdiv(m, mt["BLOCK_M"]), mt["SPLIT_K"])
+        kernel[grid](x2, w, out, *epi, ws, sem, m, n, k, C.m_bucket(m), *shapes[3:], **flags,
+                     DOT=C.dot_mode(x.dtype), **meta)
 
+    if _config is not None:
+        impl = "dot"
     if impl == "auto":
         impl = "dot" if m > GEMV_MAX_M else C.fastest(
             "int8_weight_only", (triton.next_power_of_2(m), n, k, str(x.dtype), str(dev)),

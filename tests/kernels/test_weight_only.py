@@ -44,6 +44,20 @@ def test_int8_weight_only_decode_paths(dev, gen, impl, m):
     assert_close(out, ref, **_tol(torch.bfloat16, ref))
 
 
+@pytest.mark.parametrize("m,k,split", [(1, 200, 3), (16, 96, 4), (7, 32, 2)])
+def test_int8_weight_only_split_k(dev, gen, m, k, split):
+    """The dot kernel split along K (slices past K add zeros; the tile's last slice sums the fp32 partials
+    in order and runs the epilogue), twice in a row: the tile counters reset themselves."""
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w, s = rand_int8(gen, 45, k), torch.rand(45, generator=gen) * 0.02 + 1e-3
+    r = torch.randn(m, 45, generator=gen).to(torch.bfloat16)
+    ref = int8_weight_only_ref(x, w, s, activation="gelu", residual=r)
+    for _ in range(2):
+        out = int8_weight_only_linear(x.to(dev), w.to(dev), s.to(dev), activation="gelu", residual=r.to(dev),
+                                      _config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split))
+        assert_close(out, ref, **_tol(torch.bfloat16, ref))
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
 def test_int8_weight_only_epilogue(dev, gen, activation):
     x = torch.randn(2, 3, 50, generator=gen).to(torch.bfloat16)
