@@ -38,8 +38,12 @@ VARIANTS = [
     ("weight_only_int8_dot", "W-only int8 dot"),
     ("block_sparse_50_tiled", "BSR 50% tiled"),
     ("block_sparse_50_tma", "BSR 50% TMA"),
+    ("block_sparse_50_b128x64", "BSR 50% 128x64 blocks"),
+    ("block_sparse_50_b128x128", "BSR 50% 128x128 blocks"),
     ("block_sparse_90_tiled", "BSR 90% tiled"),
     ("block_sparse_90_tma", "BSR 90% TMA"),
+    ("block_sparse_90_b128x64", "BSR 90% 128x64 blocks"),
+    ("block_sparse_90_b128x128", "BSR 90% 128x128 blocks"),
     ("sparse24_gemv", "2:4 gemv"),
     ("sparse24_dot", "2:4 dot"),
 ]
@@ -53,7 +57,8 @@ GOALS = [
     ("weight-only int8 >= 2x at M<=16, 4096x4096", "weight_only_int8",
      lambda m, n, k: m <= 16 and (n, k) == (4096, 4096), 2.0),
     ("block-sparse 50% >= 1.6x at M=2048", "block_sparse_50", lambda m, n, k: m == 2048, 1.6),
-    ("block-sparse 90% >= 5x at M=2048", "block_sparse_90", lambda m, n, k: m == 2048, 5.0),
+    ("block-sparse 90% >= 5x at M=2048 (bf16 BSR)", "block_sparse_90", lambda m, n, k: m == 2048, 5.0),
+    ("block-sparse 90% >= 5x at M=2048 (int8 BSR, W8A8)", "block_sparse_int8_90", lambda m, n, k: m == 2048, 5.0),
     ("2:4 >= 1.4x at M<=16", "sparse24", lambda m, n, k: m <= 16, 1.4),
 ]
 

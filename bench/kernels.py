@@ -192,13 +192,13 @@ class Bench:
         from slimfx.kernels import block_sparse as B
         for pct in (50, 90):
             blk = B.DEFAULT_BLOCK
-            keep = torch.rand(n // blk[0], k // blk[1], device=x.device) >= pct / 100
-            mask = keep.repeat_interleave(blk[0], 0).repeat_interleave(blk[1], 1)
-            wm = (w * mask).contiguous()
-            bsr = B.to_bsr(wm, blk)
-            ref = x.float() @ wm.float().T
+            wm, bsr, ref = block_masked(x, w, pct, blk)
             self.case(shp, f"block_sparse_{pct}", lambda: B.bsr_linear(x, bsr),
                       lambda: close_rel(B.bsr_linear(x, bsr), ref, 1e-2), base_ms)
+            for other in (BLOCK_VARIANTS if m > 16 else ()):     # the block shape is the format's choice
+                _, bsr_o, ref_o = block_masked(x, w, pct, other)
+                self.case(shp, f"block_sparse_{pct}_b{other[0]}x{other[1]}", lambda b=bsr_o: B.bsr_linear(x, b),
+                          lambda b=bsr_o, r=ref_o: close_rel(B.bsr_linear(x, b), r, 1e-2), base_ms)
             for impl in (("tiled", "tma") if m > 16 else ()):
                 def bs(impl=impl, bsr=bsr):
                     return B.bsr_linear(x, bsr, impl=impl)
@@ -228,6 +228,24 @@ class Bench:
             held["w"] = torch.sparse.to_sparse_semi_structured(w24)
             return close_rel(F.linear(x, held["w"]), ref, 1e-2)
         self.case(shp, "torch_semi_structured_24", lambda: F.linear(x, held["w"]), check_torch24, base_ms)
+
+
+BLOCK_VARIANTS = [(128, 64), (128, 128)]    # BSR block shapes timed beside the default at M > 16
+
+
+def block_masked(x, w, pct, blk):
+    """w with pct% of its blk-blocks zeroed at random, its BSR, and the fp32 reference x @ w_masked.T."""
+    import torch
+    from slimfx.kernels import block_sparse as B
+    n, k = w.shape
+    keep = torch.rand(triton_cdiv(n, blk[0]), triton_cdiv(k, blk[1]), device=x.device) >= pct / 100
+    mask = keep.repeat_interleave(blk[0], 0).repeat_interleave(blk[1], 1)[:n, :k]
+    wm = (w * mask).contiguous()
+    return wm, B.to_bsr(wm, blk), x.float() @ wm.float().T
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 def close_rel(y, ref, tol):
