@@ -29,7 +29,7 @@ case $what in
   measure)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
     step new-paths-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests \
-      -k "tma or decode or fastest or cuda_graphs or split_k"
+      -k "tma or decode or fastest or cuda_graphs or split_k or int8_to_f32"
     step gpu-checks 45 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
     step kernels 390 python3 bench/kernels.py --quick --cudagraph --budget-s 320 --out-dir "$out" ;;
   all-tests)

@@ -231,6 +231,17 @@ def round_to_bf16(y):
 
 
 @triton.jit
+def int8_to_f32(w, FAST: tl.constexpr):
+    """int8 (any shape) -> fp32, exactly. FAST: without the conversion unit (I2F runs at a quarter of the
+    integer-add rate, and at decode shapes a weight-only GEMM converts every weight it reads): the int32
+    bits 0x4B000080 + w are the float 2**23 + 128 + w (w + 128 in [0, 255] fills the low mantissa bits),
+    and subtracting 2**23 + 128 leaves w. An autotune choice: which is faster is the device's business."""
+    if FAST:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
+
+
+@triton.jit
 def activate(y, ACT: tl.constexpr):
     if ACT == "relu":
         y = tl.maximum(y, 0.0)

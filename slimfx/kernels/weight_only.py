@@ -33,10 +33,12 @@ def _int8_configs():
              for bn, bk, w, s, sk in [(16, 256, 4, 4, 1), (32, 128, 4, 4, 1), (32, 256, 4, 4, 1), (32, 512, 4, 3, 1),
                                       (64, 128, 4, 4, 1), (64, 256, 8, 3, 1), (16, 256, 4, 4, 2), (32, 256, 4, 4, 2),
                                       (32, 256, 4, 4, 4), (64, 256, 4, 3, 4), (32, 128, 4, 4, 8)]]
+    small += [cfg({**c.kwargs, "FAST_CVT": True}, num_warps=c.num_warps, num_stages=c.num_stages) for c in small]
     large = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in [(32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                                       (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]]
-    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=4, num_stages=1)
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "FAST_CVT": True}, num_warps=4,
+                 num_stages=1)
     return C.pick_configs(small + large, interp)
 
 
@@ -56,11 +58,12 @@ def _gemv_configs():
     """(BLOCK_N rows, BLOCK_K step, warps): few rows and long K steps for many programs with many bytes in
     flight each (4096 rows at BLOCK_N = 8 is 512 programs, ~4 per SM). BLOCK_M is M rounded up (1, 2, 4)."""
     cfg = triton.Config
-    full = [cfg({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": s}, num_warps=w)
+    full = [cfg({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": s, "FAST_CVT": f}, num_warps=w)
             for bn, bk, w, s in [(2, 2048, 4, 2), (4, 1024, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2),
                                  (4, 2048, 8, 2), (8, 1024, 8, 2), (16, 512, 8, 2), (32, 256, 8, 2),
-                                 (8, 512, 4, 3), (16, 512, 8, 3), (8, 256, 4, 4)]]
-    return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_K": 32, "STAGES": 1}, num_warps=4))
+                                 (8, 512, 4, 3), (16, 512, 8, 3), (8, 256, 4, 4)]
+            for f in (False, True)]
+    return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_K": 32, "STAGES": 1, "FAST_CVT": True}, num_warps=4))
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -77,7 +80,7 @@ def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, 
                          stride_xm, stride_wn, stride_om, stride_rm,
                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, FAST_CVT: tl.constexpr):
     """Decode shapes: a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 product accumulated elementwise and summed once at
     the end (no per-step reduction), all M rows in each program so W is read exactly once. The loop is
     pipelined with tl.range(num_stages=STAGES): the num_stages launch option only pipelines loads that
@@ -92,7 +95,7 @@ def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, 
     for k in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
         k_ok = rk[None, None, :] < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=k_ok, other=0).to(tl.float32)
+        w = C.int8_to_f32(tl.load(w_ptrs, mask=k_ok, other=0), FAST_CVT)
         acc += x * w
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -107,7 +110,8 @@ def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, 
 def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, ws_ptr, sem_ptr, M, N, K, M_BUCKET,
                     stride_xm, stride_wn, stride_om, stride_rm,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    FAST_CVT: tl.constexpr = False):
     """Tensor-core tiles; at decode shapes optionally split along K (C.split_k_fixup: fp32 partials summed
     in slice order by the tile's last slice, so the result is deterministic for a given config)."""
     pid_n = tl.program_id(0)
@@ -124,7 +128,8 @@ def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, ws_pt
     for k in range(k_first, k_first + k_steps):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0).to(tl.float32).to(x.dtype)  # exact; int->bf16 must go via fp32 under the interpreter
+        # exact: int8 -> fp32 -> x's dtype (int -> bf16 must go via fp32 under the interpreter anyway)
+        w = C.int8_to_f32(tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0), FAST_CVT).to(x.dtype)
         acc = C.fdot(x, w, acc, DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

@@ -1,8 +1,25 @@
-"""_common.fastest: the measured choice between a kernel's implementations ("auto")."""
+"""_common: the measured choice between a kernel's implementations ("auto"), the int8 -> fp32 conversion."""
 import pytest
+import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 from slimfx.kernels import _common as C
+
+
+@triton.jit
+def _convert(w_ptr, out_ptr, FAST: tl.constexpr):
+    r = tl.arange(0, 256)
+    tl.store(out_ptr + r, C.int8_to_f32(tl.load(w_ptr + r), FAST))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_int8_to_f32_is_exact_for_every_value(dev, fast):
+    w = torch.arange(-128, 128, dtype=torch.int8, device=dev)
+    out = torch.empty(256, dtype=torch.float32, device=dev)
+    _convert[(1,)](w, out, FAST=fast)
+    assert torch.equal(out.cpu(), torch.arange(-128, 128, dtype=torch.float32))
 
 
 @pytest.fixture
