@@ -308,7 +308,8 @@ class TritonProgram:
 
     def _replay(self, args: tuple, kwargs: dict):
         flat, spec = pytree.tree_flatten((args, kwargs))
-        key = (spec, tuple((tuple(v.shape), v.dtype, v.stride()) if isinstance(v, torch.Tensor) else ("value", v)
+        key = (spec, tuple((tuple(v.shape), v.dtype, v.stride()) if isinstance(v, torch.Tensor)
+                           else ("value", v if isinstance(v, (int, float, bool, str, type(None))) else repr(v))
                            for v in flat))
         if key not in self._graphs:
             try:

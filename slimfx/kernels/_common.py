@@ -89,6 +89,8 @@ def tma_refusal(**mats) -> str | None:
     """Why TMA descriptors cannot cover these 2-D operands (None when they can): TMA needs a Hopper-class
     GPU (or the interpreter), 16-byte aligned bases and row strides in multiples of 16 bytes."""
     first = next(iter(mats.values()))
+    if any(v.numel() == 0 for v in mats.values()):
+        return f"TMA needs non-empty operands, got shapes {', '.join(f'{k} {tuple(v.shape)}' for k, v in mats.items())}"
     if first.device.type == "cuda" and torch.cuda.get_device_capability(first.device) < (9, 0):
         return f"TMA needs compute capability >= 9.0, got {torch.cuda.get_device_capability(first.device)}"
     strides = {k: v.stride(0) * v.element_size() for k, v in mats.items()}
