@@ -237,7 +237,10 @@ def int8_to_f32(w, FAST: tl.constexpr):
     """int8 (any shape) -> fp32, exactly. FAST: without the conversion unit (I2F runs at a quarter of the
     integer-add rate, and at decode shapes a weight-only GEMM converts every weight it reads): the int32
     bits 0x4B000080 + w are the float 2**23 + 128 + w (w + 128 in [0, 255] fills the low mantissa bits),
-    and subtracting 2**23 + 128 leaves w. An autotune choice: which is faster is the device's business."""
+    and subtracting 2**23 + 128 leaves w. On sm_90 the plain conversion is an I2F.S8 per element and
+    FAST a byte permute, an integer add and an FADD (slimfx.kernels.aot's cubins); which is faster is the
+    autotuner's business. (int8 -> bf16/fp16 for a tl.dot needs none of this: Triton already lowers it
+    to permutes and packed half-precision adds.)"""
     if FAST:
         return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     return w.to(tl.float32)
@@ -366,6 +369,44 @@ def split_k_buffers(dev: torch.device, dtype: torch.dtype, split_k: int, tiles: 
     if sem is None or sem.numel() < tiles:
         sem = _SEMAPHORES[dev] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)
     return ws, sem
+
+
+def heavy_epilogue(args) -> bool:
+    """An epilogue with an activation or a residual (kernel arguments ACT, HAS_RES): many live values per
+    output element."""
+    return args["ACT"] is not None or bool(args["HAS_RES"])
+
+
+def halves(args) -> bool:
+    """Heuristic for epilogue_store_halves: a heavy epilogue on a tile 128 or more columns wide, which
+    spills registers otherwise (read off the sm_90 cubins with `python -m slimfx.kernels.aot`)."""
+    return args["BLOCK_N"] >= 128 and heavy_epilogue(args)
+
+
+@triton.jit
+def epilogue_store_halves(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                          res_ptr, stride_rm, out_scale_ptr,
+                          HAS_A_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          ACT: tl.constexpr, HAS_RES: tl.constexpr, REQUANT: tl.constexpr,
+                          RAW_INT: tl.constexpr, HALVES: tl.constexpr):
+    """epilogue_store, on the tile's two column halves one after the other when HALVES: a heavy epilogue
+    (activation, residual) on a wide tile then needs half the registers at a time (wide tiles spill
+    without it; `python -m slimfx.kernels.aot` shows which)."""
+    if HALVES:
+        BM: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+        rn_left, rn_right = tl.split(tl.permute(tl.reshape(rn, (2, BN // 2)), (1, 0)))
+        epilogue_store(left, rm, rn_left, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                       res_ptr, stride_rm, out_scale_ptr, HAS_A_SCALE, HAS_W_SCALE, HAS_BIAS, ACT, HAS_RES,
+                       REQUANT, RAW_INT)
+        epilogue_store(right, rm, rn_right, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                       res_ptr, stride_rm, out_scale_ptr, HAS_A_SCALE, HAS_W_SCALE, HAS_BIAS, ACT, HAS_RES,
+                       REQUANT, RAW_INT)
+    else:
+        epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                       stride_rm, out_scale_ptr, HAS_A_SCALE, HAS_W_SCALE, HAS_BIAS, ACT, HAS_RES, REQUANT,
+                       RAW_INT)
 
 
 # --- numpy epilogue ------------------------------------------------------------------------------------

@@ -49,14 +49,15 @@ def _configs():
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": C.prune_split_k})
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0,
+                    "HALVES": C.halves})
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_scale_ptr,
                       ws_ptr, sem_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_om, stride_rm,
                       HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                       HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HALVES: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) output tile per program, or with SPLIT_K > 1 one K slice of it: each slice
     writes its int32 partial to the workspace, and the program that finishes the tile last (an acq_rel
     counter per tile) adds the partials in slice order and runs the epilogue. int32 sums are exact, so
@@ -90,9 +91,9 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
         b_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
-        C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-                         res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
-                         REQUANT, RAW_INT)
+        C.epilogue_store_halves(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                                res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
+                                REQUANT, RAW_INT, HALVES)
     else:
         last, acc = C.split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tl.num_programs(0), SPLIT_K, BLOCK_M,
                                     BLOCK_N)
@@ -121,22 +122,25 @@ def _tma_block_shapes(nargs):
 
 
 @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K"])
+@triton.heuristics({"HALVES": C.halves, "FLATTEN": lambda args: not C.heavy_epilogue(args)})
 @triton.jit
 def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, out_scale_ptr,
                           M, N, K, M_BUCKET, stride_om, stride_rm,
                           HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                           HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
-    """Persistent (one program per SM, walking tiles in grouped order) with TMA loads (Hopper and newer):
-    the loop over tiles is flattened with the K loop so the next tile's loads overlap this tile's epilogue.
+                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HALVES: tl.constexpr,
+                          FLATTEN: tl.constexpr):
+    """Persistent (one program per SM, walking tiles in grouped order) with TMA loads (Hopper and newer).
+    FLATTEN (light epilogues): the loop over tiles is flattened with the K loop so the next tile's loads
+    overlap this tile's epilogue; a heavy epilogue (activation, residual) would spill registers then.
     TMA zero-fills reads past M, N and K, so the int32 accumulation needs no masks and stays exact."""
     start = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     tile_c = start - NUM_SMS          # the epilogue's own tile counter (as in Triton's persistent tutorial)
-    for t in tl.range(start, grid_m * grid_n, NUM_SMS, flatten=True):
+    for t in tl.range(start, grid_m * grid_n, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = C.grouped_tile(t, grid_m, grid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
@@ -147,9 +151,9 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bia
         pid_m, pid_n = C.grouped_tile(tile_c, grid_m, grid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
-                         res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT, HAS_RES,
-                         REQUANT, RAW_INT)
+        C.epilogue_store_halves(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                                res_ptr, stride_rm, out_scale_ptr, HAS_SCALES, HAS_SCALES, HAS_BIAS, ACT,
+                                HAS_RES, REQUANT, RAW_INT, HALVES)
 
 
 IMPLS = ("auto", "tiled", "tma")

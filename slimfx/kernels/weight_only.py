@@ -33,12 +33,10 @@ def _int8_configs():
              for bn, bk, w, s, sk in [(16, 256, 4, 4, 1), (32, 128, 4, 4, 1), (32, 256, 4, 4, 1), (32, 512, 4, 3, 1),
                                       (64, 128, 4, 4, 1), (64, 256, 8, 3, 1), (16, 256, 4, 4, 2), (32, 256, 4, 4, 2),
                                       (32, 256, 4, 4, 4), (64, 256, 4, 3, 4), (32, 128, 4, 4, 8)]]
-    small += [cfg({**c.kwargs, "FAST_CVT": True}, num_warps=c.num_warps, num_stages=c.num_stages) for c in small]
     large = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in [(32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                                       (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]]
-    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "FAST_CVT": True}, num_warps=4,
-                 num_stages=1)
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}, num_warps=4, num_stages=1)
     return C.pick_configs(small + large, interp)
 
 
@@ -106,12 +104,13 @@ def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, 
 
 @triton.autotune(configs=_int8_configs(), key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": C.prune_split_k})
+@triton.heuristics({"HALVES": C.halves})
 @triton.jit
 def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, ws_ptr, sem_ptr, M, N, K, M_BUCKET,
                     stride_xm, stride_wn, stride_om, stride_rm,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                    FAST_CVT: tl.constexpr = False):
+                    HALVES: tl.constexpr):
     """Tensor-core tiles; at decode shapes optionally split along K (C.split_k_fixup: fp32 partials summed
     in slice order by the tile's last slice, so the result is deterministic for a given config)."""
     pid_n = tl.program_id(0)
@@ -128,8 +127,10 @@ def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, ws_pt
     for k in range(k_first, k_first + k_steps):
         k_left = K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        # exact: int8 -> fp32 -> x's dtype (int -> bf16 must go via fp32 under the interpreter anyway)
-        w = C.int8_to_f32(tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0), FAST_CVT).to(x.dtype)
+        # exact: int8 -> fp32 -> x's dtype (int -> bf16 must go via fp32 under the interpreter anyway). On
+        # sm_90 Triton lowers this pair to byte permutes and packed bf16 adds (no I2F; seen in the SASS),
+        # so C.int8_to_f32's trick would only add work here.
+        w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0).to(tl.float32).to(x.dtype)
         acc = C.fdot(x, w, acc, DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -139,8 +140,9 @@ def _wo_int8_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, ws_pt
         last, acc = C.split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tl.num_programs(0) * tl.num_programs(1),
                                     SPLIT_K, BLOCK_M, BLOCK_N)
     if last:
-        C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
-                         stride_rm, w_scale_ptr, False, True, HAS_BIAS, ACT, HAS_RES, False, False)
+        C.epilogue_store_halves(acc, rm, rn, M, N, out_ptr, stride_om, w_scale_ptr, w_scale_ptr, bias_ptr,
+                                res_ptr, stride_rm, w_scale_ptr, False, True, HAS_BIAS, ACT, HAS_RES, False,
+                                False, HALVES)
 
 
 @triton.autotune(configs=_int4_configs(), key=["M_BUCKET", "N", "K", "GROUP"],

@@ -1,0 +1,260 @@
+"""Compile every kernel variant for a GPU target on a machine without one, and read what it cost.
+
+Triton ships ptxas and cuobjdump, so a kernel compiles to sm_90 (H100/H200) cubin on the CPU: a kernel
+that only a GPU runs (TMA, split-K atomics, wgmma tiles) is checked for compile errors here, and each
+autotune config's registers, spilled bytes (STACK) and shared memory are read from the cubin. A config
+that spills or does not fit the 227 KB of shared memory per block is slow or fails at launch; the table
+says which, before any GPU time is spent.
+
+    python -m slimfx.kernels.aot                   # every kernel x every autotune config, sm_90
+    python -m slimfx.kernels.aot --only int8_gemm --arch 90
+
+Argument specializations follow what real launches see (pointers 16-byte aligned, N, K and strides
+multiples of 16; M not). Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner, Heuristics
+from triton.runtime.jit import JITFunction
+
+SHARED_LIMIT = 232448      # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+@dataclass
+class Variant:
+    """One compilation: a kernel, its argument types (non-constexpr) and constexpr values, launch options."""
+    family: str
+    kernel: object                      # Autotuner / Heuristics / JITFunction
+    types: dict                         # arg name -> "*i8", "*bf16", "i32", "fp32", "tensordesc<i8[128, 128]>"
+    consts: dict                        # arg name -> constexpr value
+    num_warps: int = 4
+    num_stages: int = 3
+    aligned: tuple = ()                 # int args specialized as multiples of 16
+    label: str = ""
+
+
+@dataclass
+class Result:
+    variant: Variant
+    ok: bool
+    error: str = ""
+    regs: int | None = None
+    stack: int | None = None            # bytes of local memory per thread: spilled registers
+    shared: int | None = None
+    seconds: float = 0.0
+    uses: list = field(default_factory=list)
+
+
+def jit_fn(kernel) -> JITFunction:
+    while not isinstance(kernel, JITFunction):
+        if isinstance(kernel, (Autotuner, Heuristics)):
+            kernel = kernel.fn
+        else:
+            raise TypeError(f"not a Triton kernel (is TRITON_INTERPRET set?): {type(kernel).__name__}")
+    return kernel
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _cubin_dump(cubin: bytes, *flags) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([_cuobjdump(), *flags, f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """{'REG': .., 'STACK': .., 'SHARED': ..} of the one function in ``cubin`` (cuobjdump)."""
+    out = _cubin_dump(cubin, "--dump-resource-usage")
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def sass_opcodes(cubin: bytes) -> set:
+    """The SASS opcodes (with modifiers, e.g. 'I2F.S8', 'LDGSTS.E.BYPASS.128') in ``cubin``."""
+    sass = _cubin_dump(cubin, "-sass")
+    return set(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M))
+
+
+def compile_variant(v: Variant, arch: int = 90) -> Result:
+    fn = jit_fn(v.kernel)
+    sig, attrs = {}, {}
+    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    consts = dict(v.consts)
+    for i, name in enumerate(fn.arg_names):
+        if name not in v.consts and name not in v.types and name in defaults:
+            consts[name] = defaults[name]
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in v.types:
+            sig[name] = v.types[name]
+            if v.types[name].startswith("*") or name in v.aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise KeyError(f"{v.family}: no type or constexpr given for argument {name!r}")
+    t0 = time.time()
+    try:
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+    except Exception as e:  # noqa: BLE001 - a compile error is the result
+        return Result(v, False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e) else ''}",
+                      seconds=time.time() - t0)
+    use = resource_usage(k.asm["cubin"])
+    ptx = k.asm["ptx"]
+    notes = [n for n, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"), ("tma", "cp.async.bulk.tensor"),
+                              ("cp.async", "cp.async.cg"), ("atomics", "atom.")) if pat in ptx]
+    ops = sass_opcodes(k.asm["cubin"])
+    if ops & {"I2F.S8", "I2F.S16"}:
+        notes.append("I2F")             # small ints -> float on the conversion unit (a quarter-rate path)
+    shared = max(k.metadata.shared, use.get("SHARED", 0))
+    return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
+                  seconds=time.time() - t0, uses=notes)
+
+
+# --- the variants of slimfx's kernels ------------------------------------------------------------------
+
+def _configs(kernel) -> list:
+    return list(kernel.configs) if isinstance(kernel, Autotuner) else [None]
+
+
+def _from_configs(family, kernel, types, consts, aligned, label=lambda c: "", halves=False) -> list[Variant]:
+    """One Variant per autotune config; a callable type (a TMA descriptor's block shape) gets the config.
+    halves: the kernel's HALVES heuristic (int8_gemm._halves) is applied to each config."""
+    out = []
+    for c in _configs(kernel):
+        kw = dict(c.kwargs) if c is not None else {}
+        if halves:    # the kernels' heuristics, as a launch would apply them
+            from slimfx.kernels._common import halves as _halves, heavy_epilogue
+            kw["HALVES"] = _halves({**consts, **kw})
+            if "NUM_SMS" in consts:
+                kw["FLATTEN"] = not heavy_epilogue({**consts, **kw})
+        out.append(Variant(family, kernel, {k: (v(kw) if callable(v) else v) for k, v in types.items()},
+                           {**consts, **kw}, c.num_warps if c else 4, c.num_stages if c else 3, aligned,
+                           label(kw) or " ".join(f"{k}={v}" for k, v in kw.items())))
+    return out
+
+
+def variants() -> list[Variant]:
+    """Every kernel x every autotune config, with the heaviest epilogue each supports."""
+    from slimfx.kernels import act_quant, block_sparse, int8_gemm as _g, sparse24, weight_only  # noqa: F401
+    G = sys.modules["slimfx.kernels.int8_gemm"]
+    sizes = dict(M="i32", N="i32", K="i32", M_BUCKET="i32")
+    aligned = ("N", "K", "stride_am", "stride_bn", "stride_om", "stride_rm", "stride_xm", "stride_wn",
+               "stride_vn", "stride_pn", "stride_qm")
+    epi = dict(a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", out_scale_ptr="*fp32")
+    w8a8_flags = dict(HAS_SCALES=True, HAS_BIAS=True, ACT="gelu", HAS_RES=True, REQUANT=False, RAW_INT=False)
+    vs = []
+    vs += _from_configs("int8_gemm tiled", G._int8_gemm_kernel,
+                        dict(a_ptr="*i8", b_ptr="*i8", out_ptr="*bf16", ws_ptr="*i32", sem_ptr="*i32", **epi, **sizes,
+                             stride_am="i32", stride_bn="i32", stride_om="i32", stride_rm="i32"),
+                        dict(w8a8_flags, EVEN_K=True), aligned, halves=True)
+    vs += _from_configs("int8_gemm tma", G._int8_gemm_tma_kernel,
+                        dict(a_desc=lambda c: f"tensordesc<i8[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
+                             b_desc=lambda c: f"tensordesc<i8[{c['BLOCK_N']}, {c['BLOCK_K']}]>",
+                             out_ptr="*bf16", **epi, **sizes, stride_om="i32", stride_rm="i32"),
+                        dict(w8a8_flags, NUM_SMS=132), aligned, halves=True)
+    wo = weight_only
+    vs += _from_configs("weight_only int8 gemv", wo._wo_int8_gemv_kernel,
+                        dict(x_ptr="*bf16", w_ptr="*i8", out_ptr="*bf16", w_scale_ptr="*fp32", bias_ptr="*fp32",
+                             res_ptr="*bf16", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
+                             stride_om="i32", stride_rm="i32"),
+                        dict(HAS_BIAS=True, ACT="silu", HAS_RES=True, BLOCK_M=1), aligned)
+    vs += _from_configs("weight_only int8 dot", wo._wo_int8_kernel,
+                        dict(x_ptr="*bf16", w_ptr="*i8", out_ptr="*bf16", w_scale_ptr="*fp32", bias_ptr="*fp32",
+                             res_ptr="*bf16", ws_ptr="*fp32", sem_ptr="*i32", **sizes, stride_xm="i32",
+                             stride_wn="i32", stride_om="i32", stride_rm="i32"),
+                        dict(HAS_BIAS=True, ACT="silu", HAS_RES=True, DOT="native"), aligned,
+                        halves=True)
+    vs += _from_configs("weight_only int4", wo._wo_int4_kernel,
+                        dict(x_ptr="*bf16", p_ptr="*u8", out_ptr="*bf16", s_ptr="*fp32", bias_ptr="*fp32", **sizes,
+                             stride_xm="i32", stride_pn="i32", stride_sn="i32", stride_om="i32"),
+                        dict(HAS_BIAS=True, DOT="native", GROUP=128), aligned)
+    bs = block_sparse
+    for dtype, is_int8 in (("bf16", False), ("i8", True)):
+        vs += _from_configs(f"block_sparse {dtype} tiled", bs._bsr_kernel,
+                            dict(x_ptr=f"*{dtype}", v_ptr=f"*{dtype}", col_ptr="*i32", row_ptr="*i32", out_ptr="*bf16",
+                                 a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", **sizes,
+                                 stride_xm="i32", stride_om="i32", stride_rm="i32"),
+                            dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=64, BK=64),
+                            aligned)
+        vs += _from_configs(f"block_sparse {dtype} tma", bs._bsr_tma_kernel,
+                            dict(x_desc=lambda c, d=dtype: f"tensordesc<{d}[{c['BLOCK_M']}, 64]>",
+                                 v_desc=f"tensordesc<{dtype}[64, 64]>", col_ptr="*i32", row_ptr="*i32",
+                                 out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32",
+                                 res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"),
+                            dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=64, BK=64),
+                            aligned)
+    s24 = sparse24
+    vs += _from_configs("sparse24 dot", s24._sparse24_kernel,
+                        dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16", **sizes,
+                             stride_xm="i32", stride_vn="i32", stride_mn="i32", stride_om="i32"),
+                        dict(HAS_BIAS=True, DOT="native"), aligned)
+    vs += _from_configs("sparse24 gemv", s24._sparse24_gemv_kernel,
+                        dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16",
+                             M="i32", N="i32", K="i32", stride_xm="i32", stride_vn="i32", stride_mn="i32",
+                             stride_om="i32"),
+                        dict(HAS_BIAS=True, BLOCK_M=1), aligned)
+    return vs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--only", default="", help="families whose name contains this")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("slimfx.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels with the interpreter)",
+              file=sys.stderr)
+        return 2
+    todo = [v for v in variants() if args.only in v.family]
+    try:
+        from tqdm import tqdm
+        it = tqdm(todo, desc=f"compiling for sm_{args.arch}", file=sys.stderr)
+    except ImportError:
+        it = todo
+    results = [compile_variant(v, args.arch) for v in it]
+    rows = [["kernel", "config", "warps", "stages", "regs", "spill B", "smem KB", "uses", "status"]]
+    for r in results:
+        v = r.variant
+        status = "FAILS: " + r.error if not r.ok else ("spills" if r.stack else "ok")
+        if r.ok and r.shared and r.shared > SHARED_LIMIT:
+            status = "smem over the limit"
+        rows.append([v.family, v.label, str(v.num_warps), str(v.num_stages), str(r.regs or "-"),
+                     str(r.stack if r.stack is not None else "-"),
+                     f"{r.shared / 1024:.0f}" if r.shared is not None else "-", ",".join(r.uses), status])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump([dict(family=r.variant.family, config=r.variant.label, num_warps=r.variant.num_warps,
+                            num_stages=r.variant.num_stages, ok=r.ok, error=r.error, regs=r.regs, stack=r.stack,
+                            shared=r.shared, uses=r.uses) for r in results], f, indent=1)
+    bad = [r for r in results if not r.ok]
+    print(f"\n{len(results)} variants for sm_{args.arch}: {len(bad)} failed to compile, "
+          f"{sum(1 for r in results if r.ok and r.stack)} spill registers")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

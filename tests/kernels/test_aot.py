@@ -1,0 +1,49 @@
+"""Every kernel x every autotune config compiles for sm_90 (H100/H200) on this GPU-less machine, with
+Triton's own ptxas: the code paths only a GPU runs (TMA descriptors, wgmma tiles, split-K atomics, the
+epilogue halves) are compiled here, and the cubins' resource use is checked."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SPILL_BYTES_OK = 128     # a few spilled registers (the TMA kernel's widest tiles with a heavy epilogue);
+                         # more means an epilogue or tile change blew the register budget
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # the real compiler, not the interpreter
+    p = subprocess.run([sys.executable, "-m", "slimfx.kernels.aot", "--json", str(out)], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert out.exists(), p.stderr[-3000:]
+    return p, json.loads(out.read_text())
+
+
+def test_every_variant_compiles_for_sm90(compiled):
+    p, results = compiled
+    failed = [(r["family"], r["config"], r["error"]) for r in results if not r["ok"]]
+    assert not failed and p.returncode == 0
+    families = {r["family"] for r in results}
+    assert {"int8_gemm tiled", "int8_gemm tma", "weight_only int8 gemv", "weight_only int8 dot",
+            "block_sparse bf16 tma", "block_sparse i8 tma", "sparse24 gemv", "sparse24 dot"} <= families
+
+
+def test_resources(compiled):
+    _, results = compiled
+    spills = [(r["family"], r["config"], r["stack"]) for r in results if (r["stack"] or 0) > SPILL_BYTES_OK]
+    assert not spills
+    assert all(r["shared"] <= 232448 for r in results)          # 227 KB: the most one sm_90 block may use
+
+
+def test_the_instructions_the_designs_rely_on(compiled):
+    _, results = compiled
+    for r in results:
+        if r["family"].endswith(" tma"):
+            assert {"tma", "wgmma"} <= set(r["uses"]), r        # TMA copies feeding Hopper's async MMA
+        if "SPLIT_K=" in r["config"] and "SPLIT_K=1" not in r["config"]:
+            assert "atomics" in r["uses"], r                    # the split-K fix-up's tile counters
+        if r["family"] == "weight_only int8 gemv":             # the magic-number conversion has no I2F
+            assert ("I2F" in r["uses"]) == ("FAST_CVT=False" in r["config"]), r
