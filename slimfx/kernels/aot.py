@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import triton
@@ -56,6 +57,7 @@ class Result:
     shared: int | None = None
     seconds: float = 0.0
     uses: list = field(default_factory=list)
+    loop: int | None = None             # instructions in the main loop's body (per thread, per step)
 
 
 def jit_fn(kernel) -> JITFunction:
@@ -86,10 +88,25 @@ def resource_usage(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
-def sass_opcodes(cubin: bytes) -> set:
-    """The SASS opcodes (with modifiers, e.g. 'I2F.S8', 'LDGSTS.E.BYPASS.128') in ``cubin``."""
-    sass = _cubin_dump(cubin, "-sass")
-    return set(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M))
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+((?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)[^;]*);", re.M)
+
+
+def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, text, opcode with modifiers, e.g. 'I2F.S8' or 'LDGSTS.E.BYPASS.128') of each instruction."""
+    return [(int(a, 16), text, op) for a, text, op in _SASS_LINE.findall(_cubin_dump(cubin, "-sass"))]
+
+
+def loop_instructions(instrs) -> Counter:
+    """Opcode counts of the largest loop (the span of the longest backward branch): a kernel's steady
+    state, the instructions each step costs every thread."""
+    best: list = []
+    for addr, text, op in instrs:
+        if op.startswith("BRA"):
+            m = re.search(r"0x([0-9a-f]+)", text)
+            if m and int(m.group(1), 16) < addr:
+                body = [o for a, _, o in instrs if int(m.group(1), 16) <= a <= addr]
+                best = body if len(body) > len(best) else best
+    return Counter(best)
 
 
 def compile_variant(v: Variant, arch: int = 90) -> Result:
@@ -121,12 +138,12 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
     ptx = k.asm["ptx"]
     notes = [n for n, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"), ("tma", "cp.async.bulk.tensor"),
                               ("cp.async", "cp.async.cg"), ("atomics", "atom.")) if pat in ptx]
-    ops = sass_opcodes(k.asm["cubin"])
-    if ops & {"I2F.S8", "I2F.S16"}:
+    instrs = sass_instructions(k.asm["cubin"])
+    if {op for _, _, op in instrs} & {"I2F.S8", "I2F.S16"}:
         notes.append("I2F")             # small ints -> float on the conversion unit (a quarter-rate path)
     shared = max(k.metadata.shared, use.get("SHARED", 0))
     return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
-                  seconds=time.time() - t0, uses=notes)
+                  seconds=time.time() - t0, uses=notes, loop=sum(loop_instructions(instrs).values()))
 
 
 # --- the variants of slimfx's kernels ------------------------------------------------------------------
@@ -232,7 +249,7 @@ def main(argv=None) -> int:
     except ImportError:
         it = todo
     results = [compile_variant(v, args.arch) for v in it]
-    rows = [["kernel", "config", "warps", "stages", "regs", "spill B", "smem KB", "uses", "status"]]
+    rows = [["kernel", "config", "warps", "stages", "regs", "spill B", "smem KB", "loop instr", "uses", "status"]]
     for r in results:
         v = r.variant
         status = "FAILS: " + r.error if not r.ok else ("spills" if r.stack else "ok")
@@ -240,7 +257,8 @@ def main(argv=None) -> int:
             status = "smem over the limit"
         rows.append([v.family, v.label, str(v.num_warps), str(v.num_stages), str(r.regs or "-"),
                      str(r.stack if r.stack is not None else "-"),
-                     f"{r.shared / 1024:.0f}" if r.shared is not None else "-", ",".join(r.uses), status])
+                     f"{r.shared / 1024:.0f}" if r.shared is not None else "-", str(r.loop or "-"),
+                     ",".join(r.uses), status])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -249,7 +267,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([dict(family=r.variant.family, config=r.variant.label, num_warps=r.variant.num_warps,
                             num_stages=r.variant.num_stages, ok=r.ok, error=r.error, regs=r.regs, stack=r.stack,
-                            shared=r.shared, uses=r.uses) for r in results], f, indent=1)
+                            shared=r.shared, loop=r.loop, uses=r.uses) for r in results], f, indent=1)
     bad = [r for r in results if not r.ok]
     print(f"\n{len(results)} variants for sm_{args.arch}: {len(bad)} failed to compile, "
           f"{sum(1 for r in results if r.ok and r.stack)} spill registers")

@@ -7,13 +7,18 @@ W (N, K) has at most 2 nonzeros in every group of 4 consecutive elements along K
                              group 2j in the low nibble of byte j, group 2j+1 in the high nibble.
 A group with fewer than 2 nonzeros keeps zeros at its lowest free positions. K must be a multiple of 4.
 
-Two kernels read values + meta (K/2 elements + K/8 bytes per row: 56% of bf16 W's bytes):
+Two kernels read values + meta (K/2 elements + K/8 bytes per row: 56% of bf16 W's bytes), both with
+contiguous, vectorized loads only (_groups: values split into their two slots and bytes into nibbles in
+registers):
 
-* gemv (M <= 4, decode): walks the compressed values with contiguous loads, gathers the x element each
-  one multiplies (its column comes from the meta nibble), and accumulates in fp32 on CUDA cores. The work
-  per weight byte is a few instructions, so it can run at the speed of reading 56% of the bytes.
-* dot (larger M): rebuilds the dense (BLOCK_K, BLOCK_N) tile of W^T with one masked load per element
-  (values[n, 2*(k//4) + slot] where k is a kept column, else 0; the loads hit L1) and runs a dense tl.dot.
+* gemv (M <= 4, decode): x's columns split into the four positions of each group, and each kept value
+  meets its x by a 2-bit select (no gather): y += v0 * x[i0] + v1 * x[i1], fp32 on CUDA cores. About 16
+  instructions per kept value in the loop on sm_90, so it can run near the speed of reading the bytes.
+* dot (larger M): the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers (selects, then join and
+  reshape back into column order) and meets x in a dense tl.dot: about 11 instructions per weight
+  element in the loop.
+Those counts come from the sm_90 cubins (`python -m slimfx.kernels.aot` compiles every config; the
+instruction counting is in that module's loop_instructions).
 
 Why this design: Triton exposes no sparse tensor-core MMA (mma.sp), so in-kernel a 2:4 tile becomes a
 dense tile and the math is dense; the win is bytes, at small M where a layer is bound by reading W. At
@@ -22,10 +27,10 @@ large M, where GEMM is compute bound, no such kernel can beat dense: that regime
 (torch.sparse.to_sparse_semi_structured), which does use the sparse tensor cores.
 
 Measured on an H200 (bench/results/kernels-nvidia-h200-cudagraph.md, CUDA-graph timing, vs cuBLAS bf16),
-for the first version of this kernel (which rebuilt the tile through a 3-D select, a reshape and a
-transpose, and had no gemv): 0.16x at M=1 and 16, 0.08x at M=2048 (4096 x 4096). torch's 2:4
-(cuSPARSELt): 0.20x at decode, 1.38x at M=2048, 1.55x at 8192^3. Block sparsity at 90% (int8 BSR): 2.0x at
-M=1, 5.9x at M=2048. The two kernels above replace it and are not measured on a GPU yet
+for the first version of this kernel (which rebuilt the tile from strided loads and per-element meta
+loads: ~35 instructions per weight element; no gemv): 0.16x at M=1 and 16, 0.08x at M=2048 (4096 x 4096).
+torch's 2:4 (cuSPARSELt): 0.20x at decode, 1.38x at M=2048, 1.55x at 8192^3. Block sparsity at 90% (int8
+BSR): 2.0x at M=1, 5.9x at M=2048. The two kernels above replace it and are not measured on a GPU yet
 (`python bench/kernels.py --only sparse24` measures them); the triton backend only ever picks a kernel that
 measures faster than dense.
 """
@@ -77,45 +82,55 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Ten
     return dense.reshape(n, k)
 
 
-GEMV_MAX_M = 4   # M up to this runs the GEMV kernel (walks the compressed values, gathers x)
+GEMV_MAX_M = 4   # M up to this runs the GEMV kernel (contiguous loads, 2-bit selects, CUDA cores)
 IMPLS = ("auto", "gemv", "dot")
 
 
 def _configs():
     """Decode shapes: BLOCK_M = 16, N split finely (a 4096-row W at BLOCK_N = 32 is 128 programs)."""
     cfg = triton.Config
-    # Rebuilding the tile costs registers per element (a pointer and a meta byte each): configs whose sm_90
-    # cubin spilled (BLOCK_N x BLOCK_K >= 8192 at 4 warps, 128x128x128, 128x256x64; see slimfx.kernels.aot)
-    # are left out.
     full = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(32, 128, 4, 4), (16, 256, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3)]]
-    full += [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-             for bm, bn, bk, w in [(64, 64, 64, 4), (128, 128, 64, 8), (128, 64, 64, 4)]]
+    full += [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+             for bm, bn, bk, w, s in [(64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
+                                      (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]]
     return C.pick_configs(full, cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 
 def _gemv_configs():
-    """(BLOCK_N rows, BLOCK_KH compressed values per step, warps)."""
+    """(BLOCK_N rows, BLOCK_G 2:4 groups per step = 4 * BLOCK_G columns of x, warps, stages)."""
     cfg = triton.Config
-    full = [cfg({"BLOCK_N": bn, "BLOCK_KH": bk, "STAGES": s}, num_warps=w)
-            for bn, bk, w, s in [(2, 1024, 4, 2), (4, 512, 4, 2), (8, 256, 4, 2), (16, 128, 4, 2), (4, 1024, 8, 2),
-                                 (8, 512, 8, 2), (16, 256, 8, 2), (8, 256, 4, 3)]]
-    return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_KH": 16, "STAGES": 1}, num_warps=4))
+    full = [cfg({"BLOCK_N": bn, "BLOCK_G": bg, "STAGES": s}, num_warps=w)
+            for bn, bg, w, s in [(4, 256, 4, 2), (8, 128, 4, 2), (16, 64, 4, 2), (8, 256, 8, 2), (16, 128, 8, 2),
+                                 (32, 64, 8, 2), (8, 128, 4, 3), (16, 64, 4, 3)]]
+    return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_G": 8, "STAGES": 1}, num_warps=4))
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """Keep the fp32 accumulator (BLOCK_M x BLOCK_N x BLOCK_KH) within ~64 registers a thread."""
+    """Keep the fp32 accumulator (BLOCK_M x BLOCK_N x BLOCK_G) within ~32 registers a thread."""
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_KH"] <= 64 * 32 * c.num_warps]
+    keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_G"] <= 32 * 32 * c.num_warps]
     return keep or configs[:1]
 
 
 @triton.jit
-def _kept_column(meta_row_ptrs, j, ok):
-    """Dense column of compressed value j (any shape): group j // 2, slot j % 2; the slot's 2-bit index
-    sits at bit 2 * (j % 4) of meta byte j // 4 (group g's nibble is at 4 * (g % 2), slot s at 2 * s)."""
-    byte = tl.load(meta_row_ptrs + j // 4, mask=ok, other=0).to(tl.int32)
-    return 4 * (j // 2) + ((byte >> (2 * (j % 4))) & 3)
+def _select4(i, x0, x1, x2, x3):
+    """x_i for a 2-bit index i, elementwise (three selects: no gather)."""
+    return tl.where(i < 2, tl.where(i == 0, x0, x1), tl.where(i == 2, x2, x3))
+
+
+@triton.jit
+def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
+    """Step kb's G groups of ROWS weight rows, from contiguous loads: (v0, v1, i0, i1), each (ROWS, G):
+    the two kept values (v's dtype) and their positions 0..3 in the group. Values arrive as (ROWS, 2G) and
+    split into slots; meta bytes (ROWS, G/2) split into nibbles (group 2j low, 2j + 1 high), in registers."""
+    jv = kb * 2 * G + tl.arange(0, 2 * G)
+    v = tl.load(v_rows + jv[None, :], mask=(jv < K // 2)[None, :], other=0.0)
+    v0, v1 = tl.split(tl.reshape(v, (ROWS, G, 2)))
+    jb = kb * (G // 2) + tl.arange(0, G // 2)
+    byte = tl.load(m_rows + jb[None, :], mask=(jb < (K + 7) // 8)[None, :], other=0).to(tl.int32)
+    nib = tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, G))
+    return v0, v1, nib & 3, nib >> 2
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"],
@@ -125,31 +140,33 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
                      stride_xm, stride_vn, stride_mn, stride_om,
                      HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Tensor-core path: each element k of the (BLOCK_K, BLOCK_N) tile of W^T is one masked load: from
-    values[n, 2 * (k // 4) + slot] when k is one of its group's two kept columns (slot 0 for the lower,
-    1 for the higher), else 0. No reshape or transpose of the tile; the loads hit L1 (a row's values
-    and meta for one K step are 1.1 x BLOCK_K bytes)."""
+    """Tensor-core path: the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers from contiguous loads
+    (_groups), position p of each group taking v0 where i0 == p, v1 where i1 == p, else 0, joined back in
+    column order, then a dense tl.dot with the tile transposed. On sm_90 this is ~11 instructions per
+    weight element in the loop, against ~35 for rebuilding it with one gathered load per element
+    (slimfx.kernels.aot's cubins; the first version, with strided loads, measured 0.16x dense)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    G: tl.constexpr = BLOCK_K // 4
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + (rm % M)[:, None] * stride_xm
-    v_cols = v_ptr + (rn % N)[None, :] * stride_vn                       # (1, BLOCK_N)
-    m_cols = meta_ptr + (rn % N)[None, :] * stride_mn
+    v_rows = v_ptr + (rn % N)[:, None] * stride_vn
+    m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, BLOCK_N)
+        zero = tl.zeros_like(v0)
+        p0 = tl.where(i0 == 0, v0, zero)
+        p1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        p2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        p3 = tl.where(i1 == 3, v1, zero)
+        # join(join(p0, p2), join(p1, p3))[n, g, b, a] = p_(2b + a): flattened, column 4g + 2b + a
+        w = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K))
         k = kb * BLOCK_K + rk
-        k_ok = (k < K)[:, None]
-        byte = tl.load(m_cols + (k // 8)[:, None], mask=k_ok, other=0).to(tl.int32)     # (BLOCK_K, BLOCK_N)
-        nib = byte >> (4 * ((k // 4) % 2))[:, None]
-        p = (k % 4)[:, None]
-        lo = p == (nib & 3)
-        hi = p == ((nib >> 2) & 3)
-        src = v_cols + (2 * (k // 4))[:, None] + hi.to(tl.int32)
-        w = tl.load(src, mask=k_ok & (lo | hi), other=0.0)
         x = tl.load(x_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
-        acc = C.fdot(x, w, acc, DOT)
+        acc = C.fdot(x, tl.trans(w), acc, DOT)
     C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, bias_ptr, bias_ptr, bias_ptr, bias_ptr, 0,
                      bias_ptr, False, False, HAS_BIAS, None, False, False, False)
 
@@ -159,26 +176,32 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
 @triton.jit
 def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
                           stride_xm, stride_vn, stride_mn, stride_om, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                           STAGES: tl.constexpr):
-    """Decode path: walk the compressed values (contiguous loads of K/2 per row), gather the x column each
-    one multiplies, accumulate the (BLOCK_M, BLOCK_N, BLOCK_KH) products in fp32 and sum once at the end.
-    tl.range(num_stages=STAGES) pipelines the loads (the launch option only does so for tl.dot operands)."""
+    """Decode path, all loads contiguous: per step BLOCK_G groups, i.e. 2 * BLOCK_G values and BLOCK_G / 2
+    meta bytes of each of BLOCK_N rows and 4 * BLOCK_G columns of x. Values split into slot 0 / slot 1,
+    bytes into nibbles, x into its four group positions (reshape + split/join, in registers), and each
+    value meets its x by a 2-bit select: y += v0 * x[i0] + v1 * x[i1] per group, in fp32, summed once at
+    the end. tl.range(num_stages=STAGES) pipelines the loads (the launch option only does so for tl.dot
+    operands)."""
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rj = tl.arange(0, BLOCK_KH)
-    KH = K // 2
-    x_rows = x_ptr + (rm % M)[:, None, None] * stride_xm                  # (BLOCK_M, 1, 1)
-    v_rows = v_ptr + (rn % N)[None, :, None] * stride_vn                  # (1, BLOCK_N, 1)
-    m_rows = meta_ptr + (rn % N)[None, :, None] * stride_mn
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KH), dtype=tl.float32)
-    for kb in tl.range(0, tl.cdiv(KH, BLOCK_KH), num_stages=STAGES):
-        j = (kb * BLOCK_KH + rj)[None, None, :]
-        ok = j < KH
-        v = tl.load(v_rows + j, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_rows + _kept_column(m_rows, j, ok), mask=ok, other=0.0).to(tl.float32)
-        acc += x * v
+    rx = tl.arange(0, 4 * BLOCK_G)
+    x_rows = x_ptr + (rm % M)[:, None] * stride_xm
+    v_rows = v_ptr + (rn % N)[:, None] * stride_vn
+    m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for kb in tl.range(0, tl.cdiv(K // 4, BLOCK_G), num_stages=STAGES):
+        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, BLOCK_G, BLOCK_N)
+        jx = kb * 4 * BLOCK_G + rx
+        x = tl.load(x_rows + jx[None, :], mask=(jx < K)[None, :], other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_G, 2, 2)))     # position p = 2a + b: b
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
+        x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
+        acc += v0.to(tl.float32)[None] * _select4(i0[None], x0, x1, x2, x3) \
+            + v1.to(tl.float32)[None] * _select4(i1[None], x0, x1, x2, x3)
     C.epilogue_store(tl.sum(acc, axis=2), rm, rn, M, N, out_ptr, stride_om, bias_ptr, bias_ptr, bias_ptr,
                      bias_ptr, 0, bias_ptr, False, False, HAS_BIAS, None, False, False, False)
 
