@@ -97,8 +97,9 @@ def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
 
 
 def loop_instructions(instrs) -> Counter:
-    """Opcode counts of the largest loop (the span of the longest backward branch): a kernel's steady
-    state, the instructions each step costs every thread."""
+    """Opcode counts in the span of the longest backward branch: usually the main loop (a kernel's steady
+    state, what each step costs every thread), though where the compiler places the epilogue inside that
+    span (seen with the TMA block-sparse kernel) it is counted too: compare like with like."""
     best: list = []
     for addr, text, op in instrs:
         if op.startswith("BRA"):
