@@ -86,6 +86,16 @@ def _configs():
     return C.pick_configs(full, cfg({"BLOCK_M": 16}, num_warps=4, num_stages=1))
 
 
+@triton.jit
+def _block_dot(x, w, acc, IS_INT8: tl.constexpr, DOT: tl.constexpr):
+    """acc + x @ w: exact int32 for int8 operands, fp32 (per C.dot_mode) for float ones."""
+    if IS_INT8:
+        acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+    else:
+        acc = C.fdot(x, w, acc, DOT)
+    return acc
+
+
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BN", "BK", "IS_INT8"],
                  prune_configs_by={"early_config_prune": C.prune_by_m})
 @triton.jit
@@ -101,10 +111,7 @@ def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_pt
     x_rows = x_ptr + (rm % M)[:, None] * stride_xm
     start = tl.load(row_ptr + brow)
     end = tl.load(row_ptr + brow + 1)
-    if IS_INT8:
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32 if IS_INT8 else tl.float32)
     w_ptrs = v_ptr + start.to(tl.int64) * (BN * BK) + rbn[None, :] * BK + rk[:, None]   # (BK, BN) = block.T
     c_ptr = col_ptr + start
     for _ in range(start, end):
@@ -113,10 +120,7 @@ def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_pt
         w = tl.load(w_ptrs)
         w_ptrs += BN * BK
         c_ptr += 1
-        if IS_INT8:
-            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
-        else:
-            acc = C.fdot(x, w, acc, DOT)
+        acc = _block_dot(x, w, acc, IS_INT8, DOT)
     rn = brow * BN + rbn
     C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
                      stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False, False)
@@ -147,17 +151,10 @@ def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_sc
     brow = tl.program_id(1)
     start = tl.load(row_ptr + brow)
     end = tl.load(row_ptr + brow + 1)
-    if IS_INT8:
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32 if IS_INT8 else tl.float32)
     for i in range(start, end):
         x = x_desc.load([pid_m * BLOCK_M, tl.load(col_ptr + i) * BK])
-        w = v_desc.load([i * BN, 0])
-        if IS_INT8:
-            acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
-        else:
-            acc = C.fdot(x, w.T, acc, DOT)
+        acc = _block_dot(x, v_desc.load([i * BN, 0]).T, acc, IS_INT8, DOT)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = brow * BN + tl.arange(0, BN)
     C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
