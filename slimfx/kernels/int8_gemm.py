@@ -41,14 +41,13 @@ def _configs():
                  num_stages=s)
              for bm, bn, bk, w, s in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
                                       (128, 128, 64, 4, 5)]]
-    interp = [cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}, num_warps=4,
-                  num_stages=1)]
-    if C.interpreting():   # the split-K fix-up is exercised by the CPU tests too (tests pass SPLIT_K)
-        return interp
-    return C.pick_configs(small + mid + large, interp[0])
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SPLIT_K": 1}, num_warps=4,
+                 num_stages=1)        # the CPU tests split K through int8_gemm(_config=...)
+    return C.pick_configs(small + mid + large, interp)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": C.prune_split_k})
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": C.prune_split_k})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0,
                     "HALVES": C.halves})
 @triton.jit

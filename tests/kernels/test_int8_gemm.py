@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slimfx.kernels import int8_gemm, quantize_int8_per_channel, quantize_per_token
+from slimfx.kernels import _common as C
 from slimfx.kernels._common import activate_np
 from slimfx.kernels.int8_gemm import int8_gemm_ref
 
@@ -117,6 +118,22 @@ def test_split_k(dev, gen, m, n, k, split):
     kw = dict(activation="relu", residual=r.to(dev), out_dtype=torch.int8, out_scale=torch.tensor([0.05], device=dev))
     out = int8_gemm(*_to(dev, a, b, sa, sb, bb), _config=cfg, **kw)
     assert_exact(out, int8_gemm(*_to(dev, a, b, sa, sb, bb), _config={**cfg, "SPLIT_K": 1}, **kw))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.int8])
+def test_epilogue_on_column_halves(dev, gen, out_dtype):
+    """A 128-wide tile with an activation and a residual runs its epilogue on column halves (HALVES, to
+    save registers): element for element the same arithmetic as the narrow tile, so the same bits."""
+    m, n, k = 20, 200, 64                   # N = 200: the second half of the second tile is past N
+    a, b, sa, sb, bb, r = _operands(gen, m, n, k, True, True)
+    kw = dict(activation="gelu", residual=r.to(dev), out_dtype=out_dtype)
+    if out_dtype == torch.int8:
+        kw["out_scale"] = torch.tensor([0.05], device=dev)
+    wide = int8_gemm(*_to(dev, a, b, sa, sb, bb), _config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32), **kw)
+    narrow = int8_gemm(*_to(dev, a, b, sa, sb, bb), _config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), **kw)
+    assert torch.equal(wide, narrow)
+    assert C.halves(dict(BLOCK_N=128, ACT="gelu", HAS_RES=True)) and not C.halves(dict(BLOCK_N=32, ACT="gelu",
+                                                                                        HAS_RES=True))
 
 
 TMA_SHAPES = [(1, 45, 96), (33, 70, 80), (130, 33, 48), (17, 64, 304)]   # K a multiple of 16 (TMA strides)

@@ -58,6 +58,17 @@ def test_int8_weight_only_split_k(dev, gen, m, k, split):
         assert_close(out, ref, **_tol(torch.bfloat16, ref))
 
 
+def test_int8_weight_only_wide_tile_halves(dev, gen):
+    """A 128-wide tile with activation + residual (the epilogue on column halves), N past the tile."""
+    x = torch.randn(20, 64, generator=gen).to(torch.bfloat16)
+    w, s = rand_int8(gen, 200, 64), torch.rand(200, generator=gen) * 0.02 + 1e-3
+    r = torch.randn(20, 200, generator=gen).to(torch.bfloat16)
+    out = int8_weight_only_linear(x.to(dev), w.to(dev), s.to(dev), activation="silu", residual=r.to(dev),
+                                  _config=dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=32))
+    ref = int8_weight_only_ref(x, w, s, activation="silu", residual=r)
+    assert_close(out, ref, **_tol(torch.bfloat16, ref))
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
 def test_int8_weight_only_epilogue(dev, gen, activation):
     x = torch.randn(2, 3, 50, generator=gen).to(torch.bfloat16)
