@@ -53,8 +53,9 @@ GEMV_MAX_M = 4   # M up to this runs the GEMV kernel (no tensor cores; every row
 
 
 def _gemv_configs():
-    """(BLOCK_N rows, BLOCK_K step, warps): few rows and long K steps for many programs with many bytes in
-    flight each (4096 rows at BLOCK_N = 8 is 512 programs, ~4 per SM). BLOCK_M is M rounded up (1, 2, 4)."""
+    """(BLOCK_N rows, BLOCK_K step, warps, pipeline STAGES), each with and without FAST_CVT
+    (C.int8_to_f32): few rows and long K steps for many programs with many bytes in flight each (4096 rows
+    at BLOCK_N = 8 is 512 programs, ~4 per SM). BLOCK_M is M rounded up (1, 2, 4)."""
     cfg = triton.Config
     full = [cfg({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": s, "FAST_CVT": f}, num_warps=w)
             for bn, bk, w, s in [(2, 2048, 4, 2), (4, 1024, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2),
