@@ -378,9 +378,10 @@ def heavy_epilogue(args) -> bool:
 
 
 def halves(args) -> bool:
-    """Heuristic for epilogue_store_halves: a heavy epilogue on a tile 128 or more columns wide, which
-    spills registers otherwise (read off the sm_90 cubins with `python -m slimfx.kernels.aot`)."""
-    return args["BLOCK_N"] >= 128 and heavy_epilogue(args)
+    """Heuristic for epilogue_store_halves: a heavy epilogue on a tile 128 or more columns wide (BLOCK_N,
+    or a block-sparse kernel's block width BN), which spills registers otherwise (read off the sm_90
+    cubins with `python -m slimfx.kernels.aot`)."""
+    return args.get("BLOCK_N", args.get("BN", 0)) >= 128 and heavy_epilogue(args)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import os
 import re
 import subprocess
@@ -206,20 +207,17 @@ def variants() -> list[Variant]:
                              stride_xm="i32", stride_pn="i32", stride_sn="i32", stride_om="i32"),
                         dict(HAS_BIAS=True, DOT="native", GROUP=128), aligned)
     bs = block_sparse
-    for dtype, is_int8 in (("bf16", False), ("i8", True)):
-        vs += _from_configs(f"block_sparse {dtype} tiled", bs._bsr_kernel,
+    for (dtype, is_int8), (bn, bk) in itertools.product((("bf16", False), ("i8", True)), ((64, 64), (128, 128))):
+        flags = dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=bn, BK=bk)
+        vs += _from_configs(f"block_sparse {dtype} {bn}x{bk} tiled", bs._bsr_kernel,
                             dict(x_ptr=f"*{dtype}", v_ptr=f"*{dtype}", col_ptr="*i32", row_ptr="*i32", out_ptr="*bf16",
                                  a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", **sizes,
-                                 stride_xm="i32", stride_om="i32", stride_rm="i32"),
-                            dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=64, BK=64),
-                            aligned)
-        vs += _from_configs(f"block_sparse {dtype} tma", bs._bsr_tma_kernel,
-                            dict(x_desc=lambda c, d=dtype: f"tensordesc<{d}[{c['BLOCK_M']}, 64]>",
-                                 v_desc=f"tensordesc<{dtype}[64, 64]>", col_ptr="*i32", row_ptr="*i32",
+                                 stride_xm="i32", stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
+        vs += _from_configs(f"block_sparse {dtype} {bn}x{bk} tma", bs._bsr_tma_kernel,
+                            dict(x_desc=lambda c, d=dtype, bk=bk: f"tensordesc<{d}[{c['BLOCK_M']}, {bk}]>",
+                                 v_desc=f"tensordesc<{dtype}[{bn}, {bk}]>", col_ptr="*i32", row_ptr="*i32",
                                  out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32",
-                                 res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"),
-                            dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=64, BK=64),
-                            aligned)
+                                 res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
     s24 = sparse24
     vs += _from_configs("sparse24 dot", s24._sparse24_kernel,
                         dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16", **sizes,

@@ -98,11 +98,13 @@ def _block_dot(x, w, acc, IS_INT8: tl.constexpr, DOT: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "BN", "BK", "IS_INT8"],
                  prune_configs_by={"early_config_prune": C.prune_by_m})
+@triton.heuristics({"HALVES": C.halves})
 @triton.jit
 def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
                 M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
                 IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
+                DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                HALVES: tl.constexpr):
     pid_m = tl.program_id(0)          # fastest: programs in flight share one block-row of W
     brow = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,8 +124,9 @@ def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_pt
         c_ptr += 1
         acc = _block_dot(x, w, acc, IS_INT8, DOT)
     rn = brow * BN + rbn
-    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
-                     stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False, False)
+    C.epilogue_store_halves(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                            res_ptr, stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False,
+                            False, HALVES)
 
 
 def _tma_configs():
@@ -139,11 +142,13 @@ def _tma_block_shapes(nargs):
 
 @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "BN", "BK", "IS_INT8"],
                  prune_configs_by={"early_config_prune": C.prune_by_m})
+@triton.heuristics({"HALVES": C.halves})
 @triton.jit
 def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
                     M, N, K, M_BUCKET, stride_om, stride_rm,
                     IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                    DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr):
+                    DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HALVES: tl.constexpr):
     """_bsr_kernel with TMA loads (Hopper and newer): the x tile at (row tile, block column) and the block
     itself (values viewed as (nnzb * BN, BK)) are rectangles at data-dependent offsets, which TMA copies
     asynchronously; its zero fill covers the M and K tails."""
@@ -157,8 +162,9 @@ def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_sc
         acc = _block_dot(x, v_desc.load([i * BN, 0]).T, acc, IS_INT8, DOT)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = brow * BN + tl.arange(0, BN)
-    C.epilogue_store(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
-                     stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False, False)
+    C.epilogue_store_halves(acc, rm, rn, M, N, out_ptr, stride_om, a_scale_ptr, w_scale_ptr, bias_ptr,
+                            res_ptr, stride_rm, a_scale_ptr, IS_INT8, IS_INT8, HAS_BIAS, ACT, HAS_RES, False,
+                            False, HALVES)
 
 
 IMPLS = ("auto", "tiled", "tma")

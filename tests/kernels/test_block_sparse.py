@@ -59,6 +59,18 @@ def test_bsr_linear_epilogue(dev, gen):
     assert_close(out, ref, rtol=2 * UNIT_ROUNDOFF[torch.bfloat16], atol=1e-3)   # + exp's few ulp
 
 
+def test_wide_blocks_epilogue_on_halves(dev, gen):
+    """128-wide blocks with activation + residual: the epilogue runs on column halves (HALVES)."""
+    w, _ = _block_masked(gen, 200, 70, 0.5, torch.int8, block=(128, 32))
+    bsr = to_bsr(w.to(dev), (128, 32))
+    a = rand_int8(gen, 5, 70)
+    sa, sb = torch.rand(5, generator=gen) * 0.01, torch.rand(200, generator=gen) * 0.01
+    r = torch.randn(5, 200, generator=gen)
+    out = bsr_int8_gemm(a.to(dev), bsr, sa.to(dev), sb.to(dev), activation="relu", residual=r.to(dev),
+                        out_dtype=torch.float32)
+    assert_cast_equal(out, bsr_int8_gemm_ref(a, bsr, sa, sb, activation="relu", residual=r))
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 45, 100), (33, 70, 130)])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_bsr_int8_gemm(dev, gen, m, n, k, activation):
