@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# A GPU session's checks and measurements, as bounded steps (one device command may run 10 minutes):
-#   bash bench/gpu_session.sh OUT_DIR                 measure: new-path tests, gpu checks, kernel bench (~9 min)
-#   bash bench/gpu_session.sh OUT_DIR all-tests       the kernel and triton-backend tests on the GPU (~2 min)
-# measure runs, in order:
+# A GPU session's checks and measurements, in parts that each fit one device command (10 minutes at most;
+# a session has 15 minutes of device time, start-up included):
+#   bash bench/gpu_session.sh OUT_DIR decode     new-path tests, gpu checks, bench at M = 1, 16   (~6 min)
+#   bash bench/gpu_session.sh OUT_DIR prefill    bench at M = 2048 and 8192^3, merged into decode's (~5 min)
+#   bash bench/gpu_session.sh OUT_DIR all-tests  the kernel and triton-backend tests on the GPU    (~2 min)
+# decode runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash
 #    there would poison the CUDA context for the bench, so they go first;
 # 2. bit-exactness of the kernels against the numpy spec (bench/gpu_checks.py);
-# 3. the kernel bench, quick subset, CUDA-graph timing, with each kernel's impl variants beside auto.
+# 3. the kernel bench (quick subset, CUDA-graph timing, each kernel's impl variants beside auto).
 # Each step has its own time limit and a failing step does not stop the next; logs and results go to
-# OUT_DIR (at most 8 files: what the device tool brings back from $OUT).
+# OUT_DIR (keep it under 8 files: what the device tool brings back from $OUT).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out=${1:?usage: bash bench/gpu_session.sh OUT_DIR [measure|all-tests]}
-what=${2:-measure}
+out=${1:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests}
+what=${2:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests}
 mkdir -p "$out"
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
@@ -25,15 +27,18 @@ step() {   # step NAME SECONDS CMD...
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 tests="tests/kernels tests/backends/test_triton_backend.py"
+bench="python3 bench/kernels.py --quick --cudagraph --out-dir $out"
 case $what in
-  measure)
+  decode)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
     step new-paths-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests \
-      -k "tma or decode or fastest or cuda_graphs or split_k or int8_to_f32"
+      -k "tma or decode or fastest or cuda_graphs or split_k or int8_to_f32 or halves"
     step gpu-checks 45 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
-    step kernels 390 python3 bench/kernels.py --quick --cudagraph --budget-s 320 --out-dir "$out" ;;
+    step kernels-decode 230 $bench --m 1,16 --budget-s 200 ;;
+  prefill)
+    step kernels-prefill 330 $bench --m 2048,8192 --budget-s 300 --merge ;;
   all-tests)
     step all-tests 400 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests ;;
-  *) echo "unknown step group '$what': measure or all-tests" >&2; exit 2 ;;
+  *) echo "unknown part '$what': decode, prefill or all-tests" >&2; exit 2 ;;
 esac
 ls -la "$out"

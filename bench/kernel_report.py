@@ -159,11 +159,31 @@ def plot(rows: list[dict], meta: dict, path: Path) -> str | None:
     return None
 
 
+def _stem(meta: dict, out_dir: Path) -> Path:
+    graph = "-cudagraph" if meta.get("timing", "").startswith("CUDA") else ""
+    return out_dir / f"kernels-{card_slug(meta.get('card', 'unknown'))}{graph}{'-fake' if meta.get('fake') else ''}"
+
+
+def merge_earlier(rows: list[dict], meta: dict, out_dir: Path) -> tuple[list[dict], dict]:
+    """rows plus the rows of other shapes in the JSON an earlier run of the same card and timing wrote to
+    ``out_dir`` (a sweep split over several runs); meta records the runs merged."""
+    path = _stem(meta, out_dir).with_suffix(".json")
+    if not path.exists():
+        return rows, meta
+    old = json.loads(path.read_text())
+    if old["meta"].get("quick") != meta.get("quick"):
+        raise ValueError(f"--merge: {path} is from a {'quick' if old['meta'].get('quick') else 'full'} run, this "
+                         f"one is not; merge like with like")
+    mine = {(r["m"], r["n"], r["k"]) for r in rows}
+    kept = [r for r in old["results"] if (r["m"], r["n"], r["k"]) not in mine]
+    merged = dict(meta, merged_runs=old["meta"].get("merged_runs", [old["meta"].get("date")]) + [meta.get("date")])
+    return kept + rows, merged
+
+
 def write_all(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     """bench/results/kernels-<card>.{json,md,png}; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    graph = "-cudagraph" if meta.get("timing", "").startswith("CUDA") else ""
-    stem = out_dir / f"kernels-{card_slug(meta.get('card', 'unknown'))}{graph}{'-fake' if meta.get('fake') else ''}"
+    stem = _stem(meta, out_dir)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps({"meta": meta, "goals": check_goals(rows), "results": rows}, indent=1) + "\n")
     paths[1].write_text(markdown(rows, meta))

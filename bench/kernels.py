@@ -32,10 +32,13 @@ FULL_NK = [(4096, 4096), (11008, 4096), (4096, 11008), (11008, 11008)]
 QUICK_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (2048, 4096, 4096), (8192, 8192, 8192)]
 
 
-def shapes(quick: bool) -> list[tuple[int, int, int]]:
-    if quick:
-        return list(QUICK_SHAPES)
-    return [(m, n, k) for n, k in FULL_NK for m in FULL_MS] + [(8192, 8192, 8192)]
+def shapes(quick: bool, only_m: str = "") -> list[tuple[int, int, int]]:
+    """The sweep (or its quick subset), optionally only the shapes whose M is in ``only_m`` ("1,16")."""
+    todo = list(QUICK_SHAPES) if quick else [(m, n, k) for n, k in FULL_NK for m in FULL_MS] + [(8192, 8192, 8192)]
+    if only_m:
+        keep = {int(v) for v in only_m.split(",") if v}
+        todo = [s for s in todo if s[0] in keep]
+    return todo
 
 
 def parse_args(argv=None):
@@ -46,6 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new shapes after this many seconds (default 150 quick, 420 full)")
     p.add_argument("--only", default="", help="comma-separated kernel names to run (default: all)")
+    p.add_argument("--m", default="", help="comma-separated M values: only the shapes with these M (a sweep "
+                                          "split over several runs; see --merge)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of other shapes from an earlier run's JSON of the same card, timing and "
+                        "subset, and write the report over all of them")
     p.add_argument("--cudagraph", action="store_true",
                    help="time every case (baselines too) by CUDA-graph replay: GPU time without the host's "
                         "launch overhead, which dominates at decode shapes")
@@ -298,7 +306,7 @@ def run_gpu(args) -> tuple[list[dict], dict]:
     meta["timing"] = "CUDA-graph replay" if args.cudagraph else "eager launches"
     budget = args.budget_s if args.budget_s is not None else (150 if args.quick else 420)
     t0 = time.time()
-    todo = shapes(args.quick)
+    todo = shapes(args.quick, args.m)
     for i, (m, n, k) in enumerate(todo):
         if time.time() - t0 > budget:
             meta["skipped_shapes"] = [list(s) for s in todo[i:]]
@@ -320,7 +328,7 @@ def main(argv=None) -> int:
     if args.fake:
         meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
                     date=datetime.datetime.now().isoformat(timespec="seconds"))
-        rows = R.fake_results(shapes(args.quick))
+        rows = R.fake_results(shapes(args.quick, args.m))
     else:
         try:
             import torch
@@ -332,6 +340,8 @@ def main(argv=None) -> int:
                   "(run with --fake to exercise the report writing on the CPU)", file=sys.stderr)
             return 2
         rows, meta = run_gpu(args)
+    if args.merge:
+        rows, meta = R.merge_earlier(rows, meta, args.out_dir)
     paths = R.write_all(rows, meta, args.out_dir)
     print(R.markdown(rows, meta))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -76,3 +76,20 @@ def test_every_bench_case_runs_under_the_interpreter(monkeypatch):
     failed = [(r["kernel"], r["m"], r["check"], r["note"]) for r in bench.rows
               if r["ok"] is False or (r["ms"] is None and not r["kernel"].startswith("torch_"))]
     assert not failed
+
+
+def test_a_sweep_split_over_runs_merges(tmp_path):
+    """--m picks shapes by M; --merge keeps the other shapes of the earlier run and reports them all."""
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--quick",
+                                     "--out-dir", str(tmp_path), *a], capture_output=True, text=True, timeout=120)
+    assert run("--m", "1,16").returncode == 0
+    p = run("--m", "2048", "--merge")
+    assert p.returncode == 0, p.stderr
+    data = json.loads((tmp_path / "kernels-fake-card-fake.json").read_text())
+    assert {(r["m"], r["n"], r["k"]) for r in data["results"]} == {(1, 4096, 4096), (16, 4096, 4096),
+                                                                   (2048, 4096, 4096)}
+    assert len(data["meta"]["merged_runs"]) == 2
+    assert "| 2048 | 4096 | 4096 |" in (tmp_path / "kernels-fake-card-fake.md").read_text()
+    full = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--m", "1", "--merge",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert full.returncode != 0 and "merge like with like" in full.stderr     # full sweep rows into a quick file
