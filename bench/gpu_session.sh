@@ -10,7 +10,10 @@
 # 2. bit-exactness of the kernels against the numpy spec (bench/gpu_checks.py);
 # 3. the kernel bench (quick subset, CUDA-graph timing, each kernel's impl variants beside auto).
 # Each step has its own time limit and a failing step does not stop the next; logs and results go to
-# OUT_DIR (keep it under 8 files: what the device tool brings back from $OUT).
+# OUT_DIR. prefill merges into decode's report, so OUT_DIR must survive between the two commands: with
+# the device tool, an ignored folder of the working tree (it stays on the warm machine; $OUT is emptied
+# before each command), copied to $OUT at the end of each command, e.g.
+#   bash bench/gpu_session.sh .session decode; cp .session/* "$OUT"/     (8 files at most come back)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
