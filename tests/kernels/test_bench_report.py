@@ -1,5 +1,7 @@
-"""bench/kernels.py without a GPU: it refuses clearly, and its report writers work on made-up rows."""
+"""bench/kernels.py and bench/gpu_checks.py without a GPU: the bench refuses clearly, its report writers work on
+made-up rows, and every bench case and GPU check runs under the interpreter."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +95,16 @@ def test_a_sweep_split_over_runs_merges(tmp_path):
     full = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--m", "1", "--merge",
                            "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert full.returncode != 0 and "merge like with like" in full.stderr     # full sweep rows into a quick file
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the GPU check")
+def test_gpu_checks_script_runs_interpreted(tmp_path):
+    """bench/gpu_checks.py on small shapes under the interpreter: the script works and finds the kernels
+    (every int8_gemm implementation included) exact against the numpy spec."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_checks.py"), "--out", str(tmp_path / "c.json")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["all_exact"] is True
+    assert {r["case"].split(",")[0] for r in data["rows"]} >= {"int8_gemm tiled", "int8_gemm tma", "int8_gemm split-K 4"}
