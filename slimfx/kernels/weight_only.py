@@ -159,17 +159,20 @@ def _wo_int4_kernel(x_ptr, p_ptr, out_ptr, s_ptr, bias_ptr, M, N, K, M_BUCKET,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF)
-    # Even and odd columns of x meet the low and high nibbles: two dots, no in-register interleave.
-    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + 2 * rj[None, :]
+    # Even and odd columns of x meet the low and high nibbles: two dots, no interleave of the weights.
+    # x is loaded contiguously and split into its even and odd columns in registers (strided loads
+    # were one 2-byte load and shared-memory store per element on sm_90).
+    x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]
     p_ptrs = p_ptr + (rn % N)[None, :] * stride_pn + rj[:, None]                 # (HALF, BLOCK_N)
     s_ptrs = s_ptr + (rn % N) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, K // GROUP):
-        x_even = tl.load(x_ptrs)
-        x_odd = tl.load(x_ptrs + 1)
+        x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs), (BLOCK_M, HALF, 2)))
         p = tl.load(p_ptrs).to(tl.int32)
-        lo = (((p & 15) ^ 8) - 8).to(tl.float32).to(x_even.dtype)    # sign-extended nibble: exact in any float
-        hi = ((((p >> 4) & 15) ^ 8) - 8).to(tl.float32).to(x_even.dtype)
+        # the sign-extended nibble, exact in any float; through int8, which Triton turns into bf16/fp16
+        # with byte permutes and packed adds (straight from int32 it is a quarter-rate I2F per element)
+        lo = (((p & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
+        hi = ((((p >> 4) & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
         part = C.fdot(x_even, lo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
         part = C.fdot(x_odd, hi, part, DOT)
         acc += part * tl.load(s_ptrs)[None, :]
