@@ -28,7 +28,7 @@ def test_every_variant_compiles_for_sm90(compiled):
     assert not failed and p.returncode == 0
     families = {r["family"] for r in results}
     assert {"int8_gemm tiled", "int8_gemm tma", "weight_only int8 gemv", "weight_only int8 dot",
-            "block_sparse bf16 tma", "block_sparse i8 tma", "sparse24 gemv", "sparse24 dot"} <= families
+            "block_sparse bf16 64x64 tma", "block_sparse i8 128x128 tma", "sparse24 gemv", "sparse24 dot"} <= families
 
 
 def test_resources(compiled):
