@@ -87,7 +87,8 @@ IMPLS = ("auto", "gemv", "dot")
 
 
 def _configs():
-    """Decode shapes: BLOCK_M = 16, N split finely (a 4096-row W at BLOCK_N = 32 is 128 programs)."""
+    """Decode tiles (BLOCK_M = 16, N split finely: a 4096-row W at BLOCK_N = 32 is 128 programs) and
+    prefill tiles."""
     cfg = triton.Config
     full = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(32, 128, 4, 4), (16, 256, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3)]]
@@ -196,7 +197,8 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
         v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, BLOCK_G, BLOCK_N)
         jx = kb * 4 * BLOCK_G + rx
         x = tl.load(x_rows + jx[None, :], mask=(jx < K)[None, :], other=0.0).to(tl.float32)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_G, 2, 2)))     # position p = 2a + b: b
+        # [m, g, a, b] = x[m, 4g + 2a + b]: split takes b (even / odd positions), then a
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_G, 2, 2)))
         x0, x2 = tl.split(x_even)
         x1, x3 = tl.split(x_odd)
         x0, x1, x2, x3 = x0[:, None, :], x1[:, None, :], x2[:, None, :], x3[:, None, :]
