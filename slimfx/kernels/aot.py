@@ -208,14 +208,17 @@ def variants() -> list[Variant]:
                         dict(HAS_BIAS=True, DOT="native", GROUP=128), aligned)
     bs = block_sparse
     for (dtype, is_int8), (bn, bk) in itertools.product((("bf16", False), ("i8", True)), ((64, 64), (128, 128))):
-        flags = dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=bn, BK=bk)
+        flags = dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=bn, BK=bk,
+                     ORDERED=True)
         vs += _from_configs(f"block_sparse {dtype} {bn}x{bk} tiled", bs._bsr_kernel,
-                            dict(x_ptr=f"*{dtype}", v_ptr=f"*{dtype}", col_ptr="*i32", row_ptr="*i32", out_ptr="*bf16",
+                            dict(x_ptr=f"*{dtype}", v_ptr=f"*{dtype}", col_ptr="*i32", row_ptr="*i32",
+                                 order_ptr="*i32", out_ptr="*bf16",
                                  a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", **sizes,
                                  stride_xm="i32", stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
         vs += _from_configs(f"block_sparse {dtype} {bn}x{bk} tma", bs._bsr_tma_kernel,
                             dict(x_desc=lambda c, d=dtype, bk=bk: f"tensordesc<{d}[{c['BLOCK_M']}, {bk}]>",
                                  v_desc=f"tensordesc<{dtype}[{bn}, {bk}]>", col_ptr="*i32", row_ptr="*i32",
+                                 order_ptr="*i32",
                                  out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32",
                                  res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
     s24 = sparse24

@@ -6,11 +6,14 @@ kernel). BSR keeps, for each block-row r of W, its nonzero blocks in column orde
     values  (nnzb, BN, BK)  the blocks, each contiguous (one block = one tl.dot operand tile)
     col_idx (nnzb,) int32   block-column of each block
     row_ptr (N/BN + 1,) int32   blocks of block-row r are values[row_ptr[r] : row_ptr[r+1]]
+    row_order (N/BN,) int32 block-rows by decreasing block count (optional)
 
 N and K need not be multiples of the block: ``to_bsr`` pads W with zeros and the kernel masks.
 Each program computes a (BLOCK_M, BN) tile of y by walking one block-row's list, so the work is
 proportional to the kept blocks: this is the compute-bound sparse path (dense tensor-core tiles,
-nothing wasted on zeros), unlike 2:4 whose win in Triton is bytes (see sparse24).
+nothing wasted on zeros), unlike 2:4 whose win in Triton is bytes (see sparse24). Rows keep different
+numbers of blocks, so programs take the block-rows longest first (row_order): the GPU's last wave is
+then made of the shortest rows instead of ending on one long row (longest-processing-time-first).
 
     float:  acc = sum over kept blocks of x_tile @ block.T (fp32); y = act(acc + bias) + residual
     int8:   acc = the same over int8 x and int8 blocks, exact int32; y = the W8A8 epilogue
@@ -40,6 +43,9 @@ class BSR:
     row_ptr: torch.Tensor
     shape: tuple[int, int]
     block: tuple[int, int]
+    row_order: torch.Tensor | None = None   # int32 (N/BN,): block-rows by decreasing block count, the order
+                                            # programs take them (longest first, so the last wave is short
+                                            # rows, not one long row); None: in order
 
     @property
     def density(self) -> float:
@@ -61,9 +67,12 @@ def to_bsr(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> BSR:
     blocks = padded.reshape(nb, bn, kb, bk).permute(0, 2, 1, 3)           # (nb, kb, bn, bk)
     keep = (blocks != 0).flatten(2).any(-1)                               # (nb, kb)
     rows, cols = keep.nonzero(as_tuple=True)                              # row-major: sorted by row, then col
+    counts = keep.sum(1)
     row_ptr = torch.zeros(nb + 1, dtype=torch.int32, device=w.device)
-    row_ptr[1:] = torch.cumsum(keep.sum(1), 0).to(torch.int32)
-    return BSR(blocks[rows, cols].contiguous(), cols.to(torch.int32).contiguous(), row_ptr, (n, k), (bn, bk))
+    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32).contiguous()
+    return BSR(blocks[rows, cols].contiguous(), cols.to(torch.int32).contiguous(), row_ptr, (n, k), (bn, bk),
+               order)
 
 
 def bsr_to_dense(bsr: BSR) -> torch.Tensor:
@@ -87,6 +96,14 @@ def _configs():
 
 
 @triton.jit
+def _block_row(order_ptr, ORDERED: tl.constexpr):
+    """The block-row this program computes: program_id(1), or its place in BSR.row_order."""
+    if ORDERED:
+        return tl.load(order_ptr + tl.program_id(1))
+    return tl.program_id(1)
+
+
+@triton.jit
 def _block_dot(x, w, acc, IS_INT8: tl.constexpr, DOT: tl.constexpr):
     """acc + x @ w: exact int32 for int8 operands, fp32 (per C.dot_mode) for float ones."""
     if IS_INT8:
@@ -100,13 +117,13 @@ def _block_dot(x, w, acc, IS_INT8: tl.constexpr, DOT: tl.constexpr):
                  prune_configs_by={"early_config_prune": C.prune_by_m})
 @triton.heuristics({"HALVES": C.halves})
 @triton.jit
-def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
-                M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm,
+def _bsr_kernel(x_ptr, v_ptr, col_ptr, row_ptr, order_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                res_ptr, M, N, K, M_BUCKET, stride_xm, stride_om, stride_rm, ORDERED: tl.constexpr,
                 IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                 DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                 HALVES: tl.constexpr):
     pid_m = tl.program_id(0)          # fastest: programs in flight share one block-row of W
-    brow = tl.program_id(1)
+    brow = _block_row(order_ptr, ORDERED)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rbn = tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -144,8 +161,8 @@ def _tma_block_shapes(nargs):
                  prune_configs_by={"early_config_prune": C.prune_by_m})
 @triton.heuristics({"HALVES": C.halves})
 @triton.jit
-def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
-                    M, N, K, M_BUCKET, stride_om, stride_rm,
+def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, order_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                    res_ptr, M, N, K, M_BUCKET, stride_om, stride_rm, ORDERED: tl.constexpr,
                     IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                     DOT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
                     HALVES: tl.constexpr):
@@ -153,7 +170,7 @@ def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, out_ptr, a_scale_ptr, w_sc
     itself (values viewed as (nnzb * BN, BK)) are rectangles at data-dependent offsets, which TMA copies
     asynchronously; its zero fill covers the M and K tails."""
     pid_m = tl.program_id(0)
-    brow = tl.program_id(1)
+    brow = _block_row(order_ptr, ORDERED)
     start = tl.load(row_ptr + brow)
     end = tl.load(row_ptr + brow + 1)
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.int32 if IS_INT8 else tl.float32)
@@ -180,6 +197,9 @@ def _check_bsr(bsr: BSR, dtypes):
     C.check_tensor("bsr.col_idx", bsr.col_idx, dtypes=(torch.int32,), shape=(bsr.values.shape[0],), contiguous=True)
     C.check_tensor("bsr.row_ptr", bsr.row_ptr, dtypes=(torch.int32,), shape=(triton.cdiv(n, bn) + 1,),
                    contiguous=True)
+    if bsr.row_order is not None:
+        C.check_tensor("bsr.row_order", bsr.row_order, dtypes=(torch.int32,), shape=(triton.cdiv(n, bn),),
+                       contiguous=True)
     return n, k, bn, bk
 
 
@@ -201,19 +221,20 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
     epi = (a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
            bias if bias is not None else d, residual if residual is not None else d)
     flags = dict(IS_INT8=is_int8, HAS_BIAS=bias is not None, ACT=activation, HAS_RES=residual is not None,
-                 DOT=C.dot_mode(x2.dtype), BN=bn, BK=bk, enable_fp_fusion=False)
+                 DOT=C.dot_mode(x2.dtype), BN=bn, BK=bk, ORDERED=bsr.row_order is not None, enable_fp_fusion=False)
+    order = bsr.row_order if bsr.row_order is not None else bsr.row_ptr      # (unread when not ORDERED)
     res_stride = residual.stride(0) if residual is not None else 0
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, bn))
 
     def tiled():
-        _bsr_kernel[grid](x2, bsr.values, bsr.col_idx, bsr.row_ptr, out, *epi, m, n, k, C.m_bucket(m),
+        _bsr_kernel[grid](x2, bsr.values, bsr.col_idx, bsr.row_ptr, order, out, *epi, m, n, k, C.m_bucket(m),
                           x2.stride(0), out.stride(0), res_stride, **flags)
 
     def tma():
         from triton.tools.tensor_descriptor import TensorDescriptor
         x_desc = TensorDescriptor.from_tensor(x2, [16, bk])          # block rows: set per config (pre_hook)
         v_desc = TensorDescriptor.from_tensor(values2d, [bn, bk])
-        _bsr_tma_kernel[grid](x_desc, v_desc, bsr.col_idx, bsr.row_ptr, out, *epi, m, n, k, C.m_bucket(m),
+        _bsr_tma_kernel[grid](x_desc, v_desc, bsr.col_idx, bsr.row_ptr, order, out, *epi, m, n, k, C.m_bucket(m),
                               out.stride(0), res_stride, **flags)
 
     if impl == "auto":

@@ -30,6 +30,9 @@ def test_to_bsr_round_trip(gen, dtype):
     assert bsr.col_idx.tolist() == keep.nonzero()[:, 1].tolist()
     assert torch.equal(bsr_to_dense(bsr), w)
     assert bsr.density == int(keep.sum()) / keep.numel()
+    counts = keep.sum(1)                                     # programs take the longest block-rows first
+    assert sorted(bsr.row_order.tolist()) == list(range(len(counts)))
+    assert counts[bsr.row_order.long()].tolist() == sorted(counts.tolist(), reverse=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -46,6 +49,8 @@ def test_bsr_linear(dev, gen, dtype, m, n, k, density):
     assert_close(out, ref, rtol=UNIT_ROUNDOFF[dtype], atol=4 * 130 * 2.0**-24 * float(np.abs(ref).max()))
     empty_row = out[:, 16:32].cpu().float()                     # block-row 1 has no blocks: y = bias
     assert torch.equal(empty_row, b[16:32].float().expand_as(empty_row))
+    in_order = BSR(bsr.values, bsr.col_idx, bsr.row_ptr, bsr.shape, bsr.block)   # no row_order: rows in order
+    assert torch.equal(bsr_linear(x.to(dev), in_order, bias=b.to(dev)), out)
 
 
 def test_bsr_linear_epilogue(dev, gen):
@@ -135,6 +140,9 @@ def test_refusals(dev, gen):
     with pytest.raises(ValueError, match=r"impl='tma': TMA needs row strides that are multiples of 16 bytes, "
                                          r"got x 120, values 64"):
         bsr_linear(torch.randn(3, 60, device=dev, dtype=torch.float16), to_bsr(w60.to(dev), BLOCK), impl="tma")
+    with pytest.raises(ValueError, match=r"bsr.row_order: expected shape \(2,\), got \(3,\)"):
+        bsr_linear(x, BSR(bsr.values, bsr.col_idx, bsr.row_ptr, bsr.shape, bsr.block,
+                          torch.zeros(3, dtype=torch.int32, device=dev)))
     broken = BSR(bsr.values, bsr.col_idx.long(), bsr.row_ptr, bsr.shape, bsr.block)
     with pytest.raises(TypeError, match=r"bsr.col_idx: expected dtype in \(int32\)"):
         bsr_linear(x, broken)
