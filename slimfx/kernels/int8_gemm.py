@@ -108,7 +108,10 @@ def _tma_configs():
     full = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
                 pre_hook=_tma_block_shapes)
             for bm, bn, bk, w, s in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                     (128, 256, 64, 8, 4), (128, 128, 64, 4, 5), (64, 128, 128, 4, 4)]]
+                                     (128, 256, 64, 8, 4), (128, 128, 64, 4, 5), (64, 128, 128, 4, 4),
+                                     # 4 stages of the widest tiles fit sm_90's 227 KB (224 KB with a light
+                                     # epilogue, per slimfx.kernels.aot)
+                                     (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 128, 256, 8, 3)]]
     interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
                  pre_hook=_tma_block_shapes)
     return C.pick_configs(full, interp)
