@@ -244,16 +244,13 @@ BLOCK_VARIANTS = [(128, 64), (128, 128)]    # BSR block shapes timed beside the 
 def block_masked(x, w, pct, blk):
     """w with pct% of its blk-blocks zeroed at random, its BSR, and the fp32 reference x @ w_masked.T."""
     import torch
+    import triton
     from slimfx.kernels import block_sparse as B
     n, k = w.shape
-    keep = torch.rand(triton_cdiv(n, blk[0]), triton_cdiv(k, blk[1]), device=x.device) >= pct / 100
+    keep = torch.rand(triton.cdiv(n, blk[0]), triton.cdiv(k, blk[1]), device=x.device) >= pct / 100
     mask = keep.repeat_interleave(blk[0], 0).repeat_interleave(blk[1], 1)[:n, :k]
     wm = (w * mask).contiguous()
     return wm, B.to_bsr(wm, blk), x.float() @ wm.float().T
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 def close_rel(y, ref, tol):
