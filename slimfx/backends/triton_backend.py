@@ -10,6 +10,9 @@ are cached in a JSON file keyed by (device name, op, bucket): ``$SLIMFX_KERNEL_C
 ``~/.cache/slimfx/kernel_choices.json`` (``SLIMFX_KERNEL_CHOICE=kernel`` or ``dense`` skips measuring). The choice and its reason ("int8_gemm 0.041 ms vs bf16 0.063 ms")
 go to ``ir.meta.info(node).kernel`` of the compiled graph's node.
 
+``cuda_graphs=True`` (``backend_options``) captures the whole lowered program into a CUDA graph per input
+signature and replays it (see TritonProgram); the per-layer choices are then timed by graph replay too.
+
 The dense path of a quantized linear is the bf16 GEMM with the dequantized weight (activations are not
 quantized there): what the layer would cost without its kernel. Under TRITON_INTERPRET=1 nothing can be
 measured: the kernel is always chosen ("interpreter: correctness mode") so the CPU tests exercise it.
