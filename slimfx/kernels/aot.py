@@ -221,6 +221,12 @@ def variants() -> list[Variant]:
                                  order_ptr="*i32",
                                  out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32",
                                  res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
+    for norm, bk in itertools.product((None, "rmsnorm", "layernorm"), (4096, 16384)):   # one row per program
+        vs.append(Variant(f"act_quant {norm or 'plain'}", act_quant._act_quant_kernel,
+                          dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", K="i32",
+                               K_F="fp32", stride_xm="i32", stride_qm="i32", eps="fp32"),
+                          dict(NORM=norm, HAS_BIAS=norm == "layernorm", BLOCK_K=bk),
+                          act_quant._num_warps(bk), 3, ("K", "stride_xm", "stride_qm"), f"BLOCK_K={bk}"))
     s24 = sparse24
     vs += _from_configs("sparse24 dot", s24._sparse24_kernel,
                         dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16", **sizes,
