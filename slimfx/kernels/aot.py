@@ -46,6 +46,7 @@ class Variant:
     num_stages: int = 3
     aligned: tuple = ()                 # int args specialized as multiples of 16
     label: str = ""
+    options: dict = field(default_factory=dict)   # more compile options, as the launcher passes them
 
 
 @dataclass
@@ -132,7 +133,7 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
     try:
         k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+                           options=dict(num_warps=v.num_warps, num_stages=v.num_stages, **v.options))
     except Exception as e:  # noqa: BLE001 - a compile error is the result
         return Result(v, False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e) else ''}",
                       seconds=time.time() - t0)
@@ -154,7 +155,8 @@ def _configs(kernel) -> list:
     return list(kernel.configs) if isinstance(kernel, Autotuner) else [None]
 
 
-def _from_configs(family, kernel, types, consts, aligned, label=lambda c: "", halves=False) -> list[Variant]:
+def _from_configs(family, kernel, types, consts, aligned, label=lambda c: "", halves=False,
+                  options=None) -> list[Variant]:
     """One Variant per autotune config; a callable type (a TMA descriptor's block shape) gets the config.
     halves: the kernel's HALVES heuristic (int8_gemm._halves) is applied to each config."""
     out = []
@@ -167,7 +169,7 @@ def _from_configs(family, kernel, types, consts, aligned, label=lambda c: "", ha
                 kw["FLATTEN"] = not heavy_epilogue({**consts, **kw})
         out.append(Variant(family, kernel, {k: (v(kw) if callable(v) else v) for k, v in types.items()},
                            {**consts, **kw}, c.num_warps if c else 4, c.num_stages if c else 3, aligned,
-                           label(kw) or " ".join(f"{k}={v}" for k, v in kw.items())))
+                           label(kw) or " ".join(f"{k}={v}" for k, v in kw.items()), dict(options or {})))
     return out
 
 
@@ -179,17 +181,18 @@ def variants() -> list[Variant]:
     aligned = ("N", "K", "stride_am", "stride_bn", "stride_om", "stride_rm", "stride_xm", "stride_wn",
                "stride_vn", "stride_pn", "stride_qm")
     epi = dict(a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", out_scale_ptr="*fp32")
+    no_fma = dict(enable_fp_fusion=False)     # the launchers that round like the numpy spec turn contraction off
     w8a8_flags = dict(HAS_SCALES=True, HAS_BIAS=True, ACT="gelu", HAS_RES=True, REQUANT=False, RAW_INT=False)
     vs = []
     vs += _from_configs("int8_gemm tiled", G._int8_gemm_kernel,
                         dict(a_ptr="*i8", b_ptr="*i8", out_ptr="*bf16", ws_ptr="*i32", sem_ptr="*i32", **epi, **sizes,
                              stride_am="i32", stride_bn="i32", stride_om="i32", stride_rm="i32"),
-                        dict(w8a8_flags, EVEN_K=True), aligned, halves=True)
+                        dict(w8a8_flags, EVEN_K=True), aligned, halves=True, options=no_fma)
     vs += _from_configs("int8_gemm tma", G._int8_gemm_tma_kernel,
                         dict(a_desc=lambda c: f"tensordesc<i8[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
                              b_desc=lambda c: f"tensordesc<i8[{c['BLOCK_N']}, {c['BLOCK_K']}]>",
                              out_ptr="*bf16", **epi, **sizes, stride_om="i32", stride_rm="i32"),
-                        dict(w8a8_flags, NUM_SMS=132), aligned, halves=True)
+                        dict(w8a8_flags, NUM_SMS=132), aligned, halves=True, options=no_fma)
     wo = weight_only
     vs += _from_configs("weight_only int8 gemv", wo._wo_int8_gemv_kernel,
                         dict(x_ptr="*bf16", w_ptr="*i8", out_ptr="*bf16", w_scale_ptr="*fp32", bias_ptr="*fp32",
@@ -214,19 +217,20 @@ def variants() -> list[Variant]:
                             dict(x_ptr=f"*{dtype}", v_ptr=f"*{dtype}", col_ptr="*i32", row_ptr="*i32",
                                  order_ptr="*i32", out_ptr="*bf16",
                                  a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", **sizes,
-                                 stride_xm="i32", stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
+                                 stride_xm="i32", stride_om="i32", stride_rm="i32"), flags, aligned, halves=True,
+                            options=no_fma)
         vs += _from_configs(f"block_sparse {dtype} {bn}x{bk} tma", bs._bsr_tma_kernel,
                             dict(x_desc=lambda c, d=dtype, bk=bk: f"tensordesc<{d}[{c['BLOCK_M']}, {bk}]>",
                                  v_desc=f"tensordesc<{dtype}[{bn}, {bk}]>", col_ptr="*i32", row_ptr="*i32",
-                                 order_ptr="*i32",
-                                 out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32",
-                                 res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"), flags, aligned, halves=True)
+                                 order_ptr="*i32", out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+                                 bias_ptr="*fp32", res_ptr="*bf16", **sizes, stride_om="i32", stride_rm="i32"),
+                            flags, aligned, halves=True, options=no_fma)
     for norm, bk in itertools.product((None, "rmsnorm", "layernorm"), (4096, 16384)):   # one row per program
         vs.append(Variant(f"act_quant {norm or 'plain'}", act_quant._act_quant_kernel,
                           dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", K="i32",
                                K_F="fp32", stride_xm="i32", stride_qm="i32", eps="fp32"),
                           dict(NORM=norm, HAS_BIAS=norm == "layernorm", BLOCK_K=bk),
-                          act_quant._num_warps(bk), 3, ("K", "stride_xm", "stride_qm"), f"BLOCK_K={bk}"))
+                          act_quant._num_warps(bk), 3, ("K", "stride_xm", "stride_qm"), f"BLOCK_K={bk}", no_fma))
     s24 = sparse24
     vs += _from_configs("sparse24 dot", s24._sparse24_kernel,
                         dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16", **sizes,
