@@ -320,7 +320,9 @@ def split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tiles, SPLIT_K: tl.constexp
     (SPLIT_K, tiles, BLOCK_M, BLOCK_N), then bumps the tile's counter (acq_rel: the partial is visible
     before the count). Returns (last, total): the slice that finds the count at SPLIT_K - 1 is the last,
     sums the partials in slice order (the same sum whichever slice finishes last: deterministic) and
-    resets the counter for the next launch; the others get last = False."""
+    resets the counter for the next launch; the others get last = False. Triton performs a scalar atomic
+    from one thread after a CTA barrier (bar.sync before the atom in the sm_90 PTX), so every thread's
+    partial store is ordered before the release, and the acquired count reaches all threads the same way."""
     part = ws_ptr + ((pid_k * tiles + tile) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * BLOCK_N \
         + tl.arange(0, BLOCK_N)[None, :]
     tl.store(part, acc)
