@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh OUT_DIR decode     new-path tests, gpu checks, bench at M = 1, 16   (~6 min)
 #   bash bench/gpu_session.sh OUT_DIR prefill    bench at M = 2048 and 8192^3, merged into decode's (~5 min)
 #   bash bench/gpu_session.sh OUT_DIR all-tests  the kernel and triton-backend tests on the GPU    (~2 min)
+#   bash bench/gpu_session.sh OUT_DIR e2e        a Llama-shaped bf16 model end to end, torch vs slimfx
+#                                                (bench/llama_gpu.py; not yet run: budget up to 9 min)
 # decode runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash
 #    there would poison the CUDA context for the bench, so they go first;
@@ -17,8 +19,8 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out=${1:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests}
-what=${2:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests}
+out=${1:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e}
+what=${2:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e}
 mkdir -p "$out"
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
@@ -42,6 +44,8 @@ case $what in
     step kernels-prefill 330 $bench --m 2048,8192 --budget-s 300 --merge ;;
   all-tests)
     step all-tests 400 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests ;;
-  *) echo "unknown part '$what': decode, prefill or all-tests" >&2; exit 2 ;;
+  e2e)
+    step llama-e2e 540 python3 bench/llama_gpu.py --out-dir "$out" ;;
+  *) echo "unknown part '$what': decode, prefill, all-tests or e2e" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -2,6 +2,7 @@
 made-up rows, and every bench case and GPU check runs under the interpreter."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,16 @@ def test_gpu_checks_script_runs_interpreted(tmp_path):
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["all_exact"] is True
     assert {r["case"].split(",")[0] for r in data["rows"]} >= {"int8_gemm tiled", "int8_gemm tma", "int8_gemm split-K 4"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the end-to-end bench")
+def test_llama_bench_smoke():
+    """bench/llama_gpu.py --smoke: a tiny bf16 Llama through both schemes on the triton backend
+    (interpreted): the script runs and slimfx's logits stay close to torch's."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "llama_gpu.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| slimfx")]
+    assert len(rows) == 2                                     # w8a8 and w8a16, eager
+    cosines = [float(c) for line in rows for c in re.findall(r"cos (\d\.\d+)", line)]
+    assert len(cosines) == 4 and min(cosines) > 0.999        # int8 weights on a random model: ~0.9999

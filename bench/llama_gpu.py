@@ -1,0 +1,183 @@
+"""End to end on a GPU: a Llama-shaped model in bf16, torch eager vs slimfx's triton backend, the way a
+user calls them.
+
+    python bench/llama_gpu.py                      # TinyLlama-1.1B dims, 8 of its 22 layers, random weights
+    python bench/llama_gpu.py --size small         # SmolLM2-360M dims
+    python bench/llama_gpu.py --smoke              # no GPU: a tiny model under TRITON_INTERPRET (tests the script)
+
+No model hub is reachable from the GPU machines and real checkpoints are larger than what travels there,
+so the weights are random (seeded): the timings depend only on the shapes; the check is that slimfx's
+output stays close to torch's (cosine of the logits). The model runs without a KV cache; a sequence of
+2 tokens stands for a decode step of the linear layers (M = 2 rows: the GEMV kernels' regime; 2, not 1,
+because one compile with a dynamic sequence length serves every row here and torch.export's dynamic
+dims start at 2). --layers cuts the depth to bound the time (compile, tuning and timing scale with it;
+the per-layer speedup does not).
+
+Rows, each timed with triton.testing.do_bench (median) in one process:
+    torch bf16 eager            model(ids)
+    torch bf16 CUDA graph       the same forward captured once and replayed (no launch cost)
+    slimfx <scheme> eager       slimfx.compile(..., backend="triton")
+    slimfx <scheme> graphs      ... backend_options={"cuda_graphs": True}
+for schemes W8A8 (dynamic per-token activations, per-channel int8 weights, Fuse) and W8A16
+(weight-only int8); lm_head stays bf16. Each scheme is compiled once (capture and passes on the CPU) and
+lowered twice; a row's first call (choices, autotuning, graph capture) is timed apart as first_call_s.
+Writes bench/results/llama_gpu-<card>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+SIZES = {   # hidden, intermediate, layers, heads, kv heads, vocab
+    "1b": (2048, 5632, 22, 32, 4, 32000),      # TinyLlama-1.1B
+    "small": (960, 2560, 32, 15, 5, 49152),    # SmolLM2-360M
+    "smoke": (64, 128, 2, 4, 2, 97),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="1b")
+    p.add_argument("--seqs", default="2,128,512", help="comma-separated sequence lengths >= 2 (batch 1)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (the size's full depth: 0)")
+    p.add_argument("--schemes", default="w8a8,w8a16")
+    p.add_argument("--smoke", action="store_true", help="no GPU: tiny model, interpreter, CPU timing")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    return p.parse_args(argv)
+
+
+def build(size: str, layers: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    h, inter, depth, heads, kv, vocab = SIZES[size]
+    layers = layers or depth
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      use_cache=False, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+
+
+def passes_for(scheme: str) -> list:
+    from slimfx import passes as P
+    if scheme == "w8a8":
+        return ["cse", "dce", P.Quantize(weights="int8", activations="dynamic", exclude=("lm_head",)), P.Fuse()]
+    if scheme == "w8a16":
+        return ["cse", "dce", P.Quantize(weights="int8", exclude=("lm_head",))]
+    raise ValueError(f"--schemes: unknown scheme {scheme!r} (w8a8, w8a16)")
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.size = "smoke"
+    import torch
+    import slimfx
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench/llama_gpu.py: no CUDA device here (--smoke runs a tiny model on the CPU interpreter)",
+              file=sys.stderr)
+        return 2
+    dev = "cpu" if args.smoke else "cuda"
+    seqs = [int(s) for s in args.seqs.split(",") if s] if not args.smoke else [2, 8]
+    if min(seqs) < 2:
+        raise SystemExit("--seqs: lengths >= 2 (see the module docstring)")
+    model = build(args.size, 0 if args.smoke else args.layers)
+    vocab = model.config.vocab_size
+    example = torch.randint(0, vocab, (1, 16))
+
+    if args.smoke:
+        def timer(fn):
+            fn()
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+        graph_timer = None
+    else:
+        import triton.testing
+        def timer(fn):
+            return float(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median"))
+
+        def graph_timer(fn):
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+    rows, compile_s = [], {}
+    gpu_model = model.to(dev)
+    with torch.no_grad():
+        inputs = {s: torch.randint(0, vocab, (1, s), device=dev) for s in seqs}
+        refs = {s: logits(gpu_model(ids)).float() for s, ids in inputs.items()}
+        for s, ids in inputs.items():
+            rows.append(dict(seq=s, path="torch bf16 eager", ms=timer(lambda: gpu_model(ids)), cosine=1.0))
+            if graph_timer:
+                rows.append(dict(seq=s, path="torch bf16 CUDA graph", ms=graph_timer(lambda: gpu_model(ids)),
+                                 cosine=1.0))
+        cpu_model = model.to("cpu")                       # capture and passes run on the CPU
+        from slimfx.backends import lower
+        for scheme in [x for x in args.schemes.split(",") if x]:
+            t0 = time.perf_counter()
+            cm = slimfx.compile(cpu_model, (example,), passes=passes_for(scheme), backend="torch", dynamic=True,
+                                measure=False, progress=False)
+            compile_s[f"slimfx {scheme}"] = round(time.perf_counter() - t0, 1)
+            for graphs in ((False,) if args.smoke else (False, True)):
+                exe = lower(cm.graph, "triton", {"cuda_graphs": graphs} if graphs else None)
+                name = f"slimfx {scheme} {'graphs' if graphs else 'eager'}"
+                for s, ids in inputs.items():
+                    t0 = time.perf_counter()
+                    y = logits(exe((ids,), {})).float()          # first call: choices, tuning, capture
+                    first_s = round(time.perf_counter() - t0, 1)
+                    cos = float(torch.nn.functional.cosine_similarity(y.flatten(), refs[s].flatten(), dim=0))
+                    rows.append(dict(seq=s, path=name, ms=timer(lambda: exe((ids,), {})), cosine=round(cos, 5),
+                                     first_call_s=first_s))
+                    print(rows[-1], flush=True)
+    card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
+    meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
+                torch=torch.__version__,
+                date=datetime.datetime.now().isoformat(timespec="seconds"), compile_s=compile_s)
+    md = markdown(rows, meta)
+    print(md)
+    if not args.smoke:
+        from kernel_report import card_slug
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.out_dir / f"llama_gpu-{card_slug(card)}"
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(md)
+        print(f"wrote {stem}.json and .md")
+    return 0
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """One row per path, one column per sequence length: ms and speedup vs torch bf16 eager."""
+    seqs = sorted({r["seq"] for r in rows})
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    cell = {(r["path"], r["seq"]): r for r in rows}
+    base = {s: cell[("torch bf16 eager", s)]["ms"] for s in seqs}
+    lines = [f"# Llama-shaped model end to end: {meta['card']}", "",
+             f"{meta['size']} dims (hidden, intermediate, layers, heads, kv heads, vocab) = {meta['dims']}, "
+             f"{meta['layers']} layers, random bf16 weights, batch 1, no KV cache (seq 2: decode-shaped linears); "
+             f"torch {meta['torch']}, {meta['date']}. Cells: ms "
+             "(median of triton.testing.do_bench) and speedup vs torch bf16 eager; cos: cosine of the logits to "
+             "torch's. Compile times (s): " + ", ".join(f"{k} {v}" for k, v in meta["compile_s"].items()) + ".",
+             "", "| path | " + " | ".join(f"seq {s}" for s in seqs) + " |", "|---|" + "---:|" * len(seqs)]
+    for p in paths:
+        cells = []
+        for s in seqs:
+            r = cell.get((p, s))
+            cells.append("-" if r is None else f"{r['ms']:.3f} ms ({base[s] / r['ms']:.2f}x, cos {r['cosine']:.4f})")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
