@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
     rows, compile_s = [], {}
-    gpu_model = model.to(dev)
+    gpu_model = model.to(dev)               # (in place: the baselines run first, then it goes back to the CPU)
     with torch.no_grad():
         inputs = {s: torch.randint(0, vocab, (1, s), device=dev) for s in seqs}
         refs = {s: logits(gpu_model(ids)).float() for s, ids in inputs.items()}
