@@ -75,6 +75,16 @@ def passes_for(scheme: str) -> list:
     raise ValueError(f"--schemes: unknown scheme {scheme!r} (w8a8, w8a16)")
 
 
+def attempt(fn) -> dict:
+    """fn()'s result (a float is the ms), or ms None and the error as a note: one failing row (a capture
+    that meets a host sync, a kernel that does not fit) does not lose the others."""
+    try:
+        r = fn()
+        return dict(ms=r) if isinstance(r, float) else r
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return dict(ms=None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+
 def logits(out):
     return out.logits if hasattr(out, "logits") else out[0]
 
@@ -121,8 +131,8 @@ def main(argv=None) -> int:
         for s, ids in inputs.items():
             rows.append(dict(seq=s, path="torch bf16 eager", ms=timer(lambda: gpu_model(ids)), cosine=1.0))
             if graph_timer:
-                rows.append(dict(seq=s, path="torch bf16 CUDA graph", ms=graph_timer(lambda: gpu_model(ids)),
-                                 cosine=1.0))
+                rows.append(dict(seq=s, path="torch bf16 CUDA graph", cosine=1.0,
+                                 **attempt(lambda: graph_timer(lambda: gpu_model(ids)))))
         cpu_model = model.to("cpu")                       # capture and passes run on the CPU
         from slimfx.backends import lower
         for scheme in [x for x in args.schemes.split(",") if x]:
@@ -134,12 +144,13 @@ def main(argv=None) -> int:
                 exe = lower(cm.graph, "triton", {"cuda_graphs": graphs} if graphs else None)
                 name = f"slimfx {scheme} {'graphs' if graphs else 'eager'}"
                 for s, ids in inputs.items():
-                    t0 = time.perf_counter()
-                    y = logits(exe((ids,), {})).float()          # first call: choices, tuning, capture
-                    first_s = round(time.perf_counter() - t0, 1)
-                    cos = float(torch.nn.functional.cosine_similarity(y.flatten(), refs[s].flatten(), dim=0))
-                    rows.append(dict(seq=s, path=name, ms=timer(lambda: exe((ids,), {})), cosine=round(cos, 5),
-                                     first_call_s=first_s))
+                    def run_row(ids=ids, s=s):
+                        t0 = time.perf_counter()
+                        y = logits(exe((ids,), {})).float()      # first call: choices, tuning, capture
+                        first_s = round(time.perf_counter() - t0, 1)
+                        cos = float(torch.nn.functional.cosine_similarity(y.flatten(), refs[s].flatten(), dim=0))
+                        return dict(ms=timer(lambda: exe((ids,), {})), cosine=round(cos, 5), first_call_s=first_s)
+                    rows.append(dict(seq=s, path=name, **attempt(run_row)))
                     print(rows[-1], flush=True)
     card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
@@ -174,8 +185,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         cells = []
         for s in seqs:
             r = cell.get((p, s))
-            cells.append("-" if r is None else f"{r['ms']:.3f} ms ({base[s] / r['ms']:.2f}x, cos {r['cosine']:.4f})")
+            ok = r is not None and r.get("ms")
+            cells.append(f"{r['ms']:.3f} ms ({base[s] / r['ms']:.2f}x, cos {r['cosine']:.4f})" if ok else "-")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    notes = [f"- {r['path']}, seq {r['seq']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Did not run:", *notes]
     return "\n".join(lines) + "\n"
 
 
