@@ -336,6 +336,16 @@ def split_k_fixup(acc, ws_ptr, sem_ptr, tile, pid_k, tiles, SPLIT_K: tl.constexp
     return last, total
 
 
+def prune_accumulator(k_key: str, regs: int):
+    """Autotune pruning for the GEMV kernels' 3-D fp32 accumulator (BLOCK_M x BLOCK_N x config[k_key]):
+    keep configs within ~``regs`` registers a thread (BLOCK_M is a launch argument)."""
+    def prune(configs, named_args, **kwargs):
+        bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+        keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs[k_key] <= regs * 32 * c.num_warps]
+        return keep or configs[:1]
+    return prune
+
+
 SPLIT_K_MAX_M = 16     # split-K configs are tried up to this many rows (decode), where N / BLOCK_N
 SPLIT_K_MAX = 8        # alone gives too few programs to keep the memory system busy
 
@@ -348,25 +358,21 @@ def prune_split_k(configs, named_args, **kwargs):
     return keep or configs[:1]
 
 
-def split_k_room(dev, dtype, m: int, n: int, meta: dict):
-    """(workspace, counters) for a launch whose config is ``meta`` (pinned) or any autotuned one: room
-    for SPLIT_K <= max(SPLIT_K_MAX, pinned), BLOCK_M = 16 (decode; or the pinned one) and BLOCK_N >= 16
-    dividing 128. Counted as (BLOCK_M, 16) tiles over N padded to 128: as many counters as the narrowest
-    tiles need and as many partial elements as the widest. Only needed when split configs may run."""
-    sk, bm = max(meta.get("SPLIT_K", 1), SPLIT_K_MAX), meta.get("BLOCK_M", 16)
-    return split_k_buffers(dev, dtype, sk, triton.cdiv(m, bm) * triton.cdiv(n, 128) * 8, bm, 16)
-
-
 _SEMAPHORES: dict = {}
 
 
-def split_k_buffers(dev: torch.device, dtype: torch.dtype, split_k: int, tiles: int, block_m: int,
-                    block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace for split_k_fixup's partials, its tile counters). The counters are zero between launches
-    (the last slice of each tile resets its own) and cached per device, grown as needed; kernels on one
-    stream use them one after another, so split-K launches on several streams at once must not share a
-    device. The workspace comes from the caching allocator per call."""
-    ws = torch.empty(split_k * tiles * block_m * block_n, dtype=dtype, device=dev)
+def split_k_room(dev, dtype, m: int, n: int, meta: dict):
+    """(workspace for split_k_fixup's partials, its tile counters) for a launch whose config is ``meta``
+    (pinned) or any autotuned one: room for SPLIT_K <= max(SPLIT_K_MAX, pinned), BLOCK_M = 16 (decode; or
+    the pinned one) and BLOCK_N >= 16 dividing 128. Counted as (BLOCK_M, 16) tiles over N padded to 128:
+    as many counters as the narrowest tiles need and as many partial elements as the widest. Only needed
+    when split configs may run. The workspace comes from the caching allocator per call; the counters
+    are zero between launches (the last slice of each tile resets its own) and cached per device, grown
+    as needed; kernels on one stream use them one after another, so split-K launches on several streams
+    at once must not share a device."""
+    sk, bm = max(meta.get("SPLIT_K", 1), SPLIT_K_MAX), meta.get("BLOCK_M", 16)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128) * 8
+    ws = torch.empty(sk * tiles * bm * 16, dtype=dtype, device=dev)
     sem = _SEMAPHORES.get(dev)
     if sem is None or sem.numel() < tiles:
         sem = _SEMAPHORES[dev] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)

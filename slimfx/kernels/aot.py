@@ -155,8 +155,7 @@ def _configs(kernel) -> list:
     return list(kernel.configs) if isinstance(kernel, Autotuner) else [None]
 
 
-def _from_configs(family, kernel, types, consts, aligned, label=lambda c: "", halves=False,
-                  options=None) -> list[Variant]:
+def _from_configs(family, kernel, types, consts, aligned, halves=False, options=None) -> list[Variant]:
     """One Variant per autotune config; a callable type (a TMA descriptor's block shape) gets the config.
     halves: the kernel's HALVES heuristic (int8_gemm._halves) is applied to each config."""
     out = []
@@ -169,7 +168,7 @@ def _from_configs(family, kernel, types, consts, aligned, label=lambda c: "", ha
                 kw["FLATTEN"] = not heavy_epilogue({**consts, **kw})
         out.append(Variant(family, kernel, {k: (v(kw) if callable(v) else v) for k, v in types.items()},
                            {**consts, **kw}, c.num_warps if c else 4, c.num_stages if c else 3, aligned,
-                           label(kw) or " ".join(f"{k}={v}" for k, v in kw.items()), dict(options or {})))
+                           " ".join(f"{k}={v}" for k, v in kw.items()), dict(options or {})))
     return out
 
 
@@ -261,7 +260,7 @@ def main(argv=None) -> int:
     except ImportError:
         it = todo
     results = [compile_variant(v, args.arch) for v in it]
-    rows = [["kernel", "config", "warps", "stages", "regs", "spill B", "smem KB", "loop instr", "uses", "status"]]
+    rows = []
     for r in results:
         v = r.variant
         status = "FAILS: " + r.error if not r.ok else ("spills" if r.stack else "ok")
@@ -271,9 +270,9 @@ def main(argv=None) -> int:
                      str(r.stack if r.stack is not None else "-"),
                      f"{r.shared / 1024:.0f}" if r.shared is not None else "-", str(r.loop or "-"),
                      ",".join(r.uses), status])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    from slimfx.ir.printer import format_table
+    print(format_table(["kernel", "config", "warps", "stages", "regs", "spill B", "smem KB", "loop instr", "uses",
+                        "status"], rows, "llrrrrrrll"))
     if args.json:
         import json
         with open(args.json, "w") as f:

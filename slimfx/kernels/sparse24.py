@@ -107,13 +107,6 @@ def _gemv_configs():
     return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_G": 8, "STAGES": 1}, num_warps=4))
 
 
-def _prune_gemv(configs, named_args, **kwargs):
-    """Keep the fp32 accumulator (BLOCK_M x BLOCK_N x BLOCK_G) within ~32 registers a thread."""
-    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_G"] <= 32 * 32 * c.num_warps]
-    return keep or configs[:1]
-
-
 @triton.jit
 def _select4(i, x0, x1, x2, x3):
     """x_i for a 2-bit index i, elementwise (three selects: no gather)."""
@@ -173,7 +166,7 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
 
 
 @triton.autotune(configs=_gemv_configs(), key=["BLOCK_M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_gemv})
+                 prune_configs_by={"early_config_prune": C.prune_accumulator("BLOCK_G", regs=32)})
 @triton.jit
 def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
                           stride_xm, stride_vn, stride_mn, stride_om, HAS_BIAS: tl.constexpr,

@@ -65,15 +65,8 @@ def _gemv_configs():
     return C.pick_configs(full, cfg({"BLOCK_N": 8, "BLOCK_K": 32, "STAGES": 1, "FAST_CVT": True}, num_warps=4))
 
 
-def _prune_gemv(configs, named_args, **kwargs):
-    """Keep the fp32 accumulator (BLOCK_M x BLOCK_N x BLOCK_K) within ~64 registers a thread."""
-    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    keep = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-    return keep or configs[:1]
-
-
 @triton.autotune(configs=_gemv_configs(), key=["BLOCK_M", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_gemv})
+                 prune_configs_by={"early_config_prune": C.prune_accumulator("BLOCK_K", regs=64)})
 @triton.jit
 def _wo_int8_gemv_kernel(x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr, res_ptr, M, N, K,
                          stride_xm, stride_wn, stride_om, stride_rm,

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from slimfx.kernels import aot
+
 SPILL_BYTES_OK = 128     # a few spilled registers (the TMA kernel's widest tiles with a heavy epilogue);
                          # more means an epilogue or tile change blew the register budget
 
@@ -35,7 +37,7 @@ def test_resources(compiled):
     _, results = compiled
     spills = [(r["family"], r["config"], r["stack"]) for r in results if (r["stack"] or 0) > SPILL_BYTES_OK]
     assert not spills
-    assert all(r["shared"] <= 232448 for r in results)          # 227 KB: the most one sm_90 block may use
+    assert all(r["shared"] <= aot.SHARED_LIMIT for r in results)   # 227 KB: the most one sm_90 block may use
 
 
 def test_the_instructions_the_designs_rely_on(compiled):
