@@ -20,7 +20,8 @@ def _linear_ops() -> set:
     """aten.linear and the slimfx dialect's linear ops (weight as argument 1)."""
     sf = torch.ops.slimfx
     return {aten.linear.default} | {getattr(sf, name).default for name in
-                                    ("quantized_linear", "weight_only_linear", "fused_linear") if hasattr(sf, name)}
+                                    ("quantized_linear", "weight_only_linear", "fused_linear", "sparse_linear")
+                                    if hasattr(sf, name)}
 
 
 def _clip(text: str, width: int) -> str:

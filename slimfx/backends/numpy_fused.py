@@ -1,4 +1,6 @@
-"""numpy implementations of the slimfx fusion ops (``slimfx.ir.dialect.fused``).
+"""numpy implementations of the slimfx fusion ops (``slimfx.ir.dialect.fused``) and of sparse_linear
+(``slimfx.ir.dialect.sparse``: fused_linear's math over the dense weight; the pattern only matters to a
+backend with sparse kernels).
 
 Each calls the numpy backend's own implementations of the ATen ops it replaces, in the same order, so a
 fused graph on the numpy backend gives bit for bit what the unfused graph gave.
@@ -10,6 +12,7 @@ import torch
 
 import slimfx.ir.dialect  # noqa: F401  (registers torch.ops.slimfx.*)
 from slimfx.ir.dialect.fused import check_activation, check_norm
+from slimfx.ir.dialect.sparse import parse_pattern
 from slimfx.quant import linear as qlinear
 
 from . import numpy_ops as N
@@ -26,6 +29,12 @@ def fused_linear(x, w, bias=None, activation="none", residual=None):
     check_activation(activation)
     y = _ACT[activation](N.linear(x, w, bias))
     return y if residual is None else N.add(y, residual)
+
+
+@numpy_op(ops.sparse_linear.default)
+def sparse_linear(x, w, bias=None, activation="none", residual=None, pattern="2:4"):
+    parse_pattern(pattern)
+    return fused_linear(x, w, bias, activation, residual)
 
 
 def rms_norm(x, weight, eps):

@@ -14,7 +14,9 @@ go to ``ir.meta.info(node).kernel`` of the compiled graph's node.
 signature and replays it (see TritonProgram); the per-layer choices are then timed by graph replay too.
 
 The dense path of a quantized linear is the bf16 GEMM with the dequantized weight (activations are not
-quantized there): what the layer would cost without its kernel. Under TRITON_INTERPRET=1 nothing can be
+quantized there): what the layer would cost without its kernel. A sparse_linear's dense path is the same
+layer through cuBLAS in the model's dtype; its kernel path packs the weight at lowering (2:4 values +
+metadata, or BSR blocks). Under TRITON_INTERPRET=1 nothing can be
 measured: the kernel is always chosen ("interpreter: correctness mode") so the CPU tests exercise it.
 """
 from __future__ import annotations
@@ -223,6 +225,71 @@ class LoweredFusedLinear(Lowered):
         return sf.fused_linear.default(*args)
 
 
+class LoweredSparseLinear(Lowered):
+    """sparse_linear: "2:4" -> sparse24_linear over compress_24(w) (fp16/bf16/fp32 weights), "block:BNxBK" ->
+    bsr_linear over to_bsr(w) (fp16/bf16), both packed here at lowering; the dense path is the same layer
+    through cuBLAS in the model's dtype (fused_linear in torch). The BSR kernel runs bias, relu/silu/
+    gelu_tanh and the residual in its epilogue; the rest of an epilogue (2:4's activation and residual,
+    erf GELU) runs in torch after the kernel."""
+    op = "sparse_linear"
+    _BSR_ACT = {"none": None, "relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}
+
+    def __init__(self, info, name, w: torch.Tensor, pattern: str):
+        from slimfx import kernels as K
+        from slimfx.ir.dialect.sparse import block_sparsity, parse_pattern, pattern_violation
+        self.block, self.pattern, self.w_dtype = parse_pattern(pattern), pattern, w.dtype
+        why = pattern_violation(w, pattern)
+        if why is not None:
+            raise ValueError(f"triton backend: node {name} (sparse_linear): the weight does not satisfy its "
+                             f"pattern {pattern!r}: {why}")
+        ok = (K.sparse24.DTYPES if self.block is None else (torch.float16, torch.bfloat16))
+        self.form = None if w.dtype not in ok else ("2:4" if self.block is None else "block")
+        dtype = str(w.dtype).replace("torch.", "")
+        self.kernel_name = {None: f"torch (no {pattern} kernel for {dtype} weights)", "2:4": "sparse24_linear",
+                            "block": f"bsr_linear {pattern[6:]}"}[self.form]
+        self.dense_name = f"dense {dtype}"
+        super().__init__(info, name)
+        if self.form is None:
+            self.info.kernel = self.kernel_name
+        self.density = 0.5 if self.block is None else 1.0 - block_sparsity(w, self.block)
+        if self.form == "2:4":
+            values, meta = K.compress_24(w.detach())
+            self.register_buffer("values", values)
+            self.register_buffer("meta", meta)
+        elif self.form == "block":
+            bsr = K.to_bsr(w.detach(), self.block)
+            for f in ("values", "col_idx", "row_ptr", "row_order"):
+                self.register_buffer(f"bsr_{f}", getattr(bsr, f))
+            self.shape = bsr.shape
+
+    def bucket(self, x, w, *rest):
+        return super().bucket(x, w) + f"|{self.pattern}|d{self.density:.2f}"
+
+    def forward(self, *args):
+        if self.form is None or args[0].dtype != self.w_dtype:
+            return self.dense(*args)
+        return super().forward(*args)
+
+    def kernel(self, x, w, bias=None, activation="none", residual=None, pattern="2:4"):
+        from slimfx import kernels as K
+        from slimfx.ir.dialect.fused import activate
+        x = x.contiguous()
+        if self.form == "block":
+            bsr = K.BSR(self.bsr_values, self.bsr_col_idx, self.bsr_row_ptr, self.shape, self.block,
+                        self.bsr_row_order)
+            if activation in self._BSR_ACT:          # the whole epilogue in the kernel
+                return K.bsr_linear(x, bsr, bias, self._BSR_ACT[activation],
+                                    None if residual is None else residual.contiguous())
+            y = K.bsr_linear(x, bsr, bias)
+        else:
+            y = K.sparse24_linear(x, self.values, self.meta, bias)
+        y = activate(y, activation)
+        return y if residual is None else y + residual
+
+    def dense(self, x, w, bias=None, activation="none", residual=None, pattern="2:4"):
+        return sf.fused_linear.default(x, w, bias, activation, residual)
+
+
 # --- lowering ----------------------------------------------------------------------------------------
 
 def _device() -> torch.device:
@@ -246,11 +313,18 @@ def _make(gm: fx.GraphModule, node: fx.Node) -> Lowered:
         return LoweredWeightOnly(info, node.name, w_q, gs, zp is not None)
     if t is sf.norm_quantize_per_token.default:
         return LoweredNormQuant(info, node.name)
+    if t is sf.sparse_linear.default:
+        a = torch.fx.operator_schemas.normalize_function(t, node.args, node.kwargs,
+                                                         normalize_to_only_use_kwargs=True).kwargs
+        if not isinstance(a["w"], fx.Node) or a["w"].op != "get_attr":
+            raise ValueError(f"triton backend: node {node.name} (sparse_linear): the weight must be a tensor of "
+                             f"the module (a get_attr node), got {a['w']}")
+        return LoweredSparseLinear(info, node.name, ir.meta.tensor_attr(gm, a["w"]), a.get("pattern", "2:4"))
     return LoweredFusedLinear(info, node.name)
 
 
 LOWERED_OPS = (sf.quantized_linear.default, sf.weight_only_linear.default, sf.norm_quantize_per_token.default,
-               sf.fused_linear.default)
+               sf.fused_linear.default, sf.sparse_linear.default)
 
 
 def _set_attr(mod: torch.nn.Module, dotted: str, t: torch.Tensor) -> None:

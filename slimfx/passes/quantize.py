@@ -51,6 +51,11 @@ def matches(name: str, patterns) -> bool:
     return any(re.search(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def module_patterns(v) -> tuple:
+    """An include/exclude argument as a tuple of patterns (one string is one pattern)."""
+    return (v,) if isinstance(v, str) else tuple(v)
+
+
 def selected_linears(gm: fx.GraphModule, include, exclude):
     """(node, module name) of each aten.linear whose module name passes the include/exclude patterns."""
     for n in gm.graph.nodes:
@@ -107,12 +112,7 @@ class Quantize(Pass):
             raise ValueError(f"Quantize.observer must be one of {OBSERVERS}, got {self.observer!r}")
         if tuple(self.op_types) != ("linear",):
             raise ValueError(f"Quantize.op_types: only ('linear',) is supported so far, got {self.op_types!r}")
-        for field in ("include", "exclude"):
-            v = getattr(self, field)
-            if isinstance(v, str):
-                setattr(self, field, (v,))
-            else:
-                setattr(self, field, tuple(v))
+        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
 
     @property
     def mode(self) -> str:

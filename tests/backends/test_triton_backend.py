@@ -192,3 +192,66 @@ def test_cuda_graphs_replay_matches_eager():
     y1 = graphed((torch.ones(2, 37),), {})
     y2 = graphed((torch.zeros(2, 37),), {})
     assert not torch.equal(y1, y2)            # the first result was not overwritten by the second replay
+
+
+class SparseNet(torch.nn.Module):
+    """a: 2:4 (+ relu after the kernel); b: 10 of 15 32x32 blocks zero (+ silu and the residual in the BSR
+    epilogue); c: 4 of 6 blocks zero (+ erf GELU, which the BSR epilogue lacks: in torch after it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.a, self.b, self.c = torch.nn.Linear(40, 130), torch.nn.Linear(130, 70), torch.nn.Linear(70, 33)
+        with torch.no_grad():
+            w = self.a.weight.view(130, 10, 4)
+            w.scatter_(-1, torch.rand(130, 10, 4).argsort(-1)[..., :2], 0.0)
+            self.b.weight[:, :64] = 0
+            self.b.weight[32:, 64:128] = 0
+            self.c.weight[:, :64] = 0
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = torch.nn.functional.silu(self.b(h)) + h[..., :70]
+        return torch.nn.functional.gelu(self.c(h))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_lowered_to_sparse_kernels(dtype):
+    m = SparseNet().eval().to(dtype)
+    x = torch.randn(3, 5, 40).to(dtype)
+    gm = ir.capture(m, (x,)).gm
+    gm = P.Fuse()(gm).graph_module
+    gm = P.LowerSparse(block=(32, 32))(gm).graph_module
+    nodes = {ir.meta.module_name(n): n for n in gm.graph.nodes if n.target is sf.sparse_linear.default}
+    assert {k: (n.args[3], n.args[5]) for k, n in nodes.items()} == \
+        {"a": ("relu", "2:4"), "b": ("silu", "block:32x32"), "c": ("gelu", "block:32x32")}
+    assert nodes["b"].args[4] is not None                          # the residual went into the op
+    ref, got = run(gm, "torch", x), run(gm, "triton", x)
+    kernels = {k: ir.meta.info(n).kernel for k, n in nodes.items()}
+    if dtype == torch.float32:
+        assert kernels["a"].startswith("sparse24_linear")
+        assert kernels["b"] == kernels["c"] == "torch (no block:32x32 kernel for float32 weights)"
+        # another summation order than the CPU GEMM: K * eps32 * (|x| @ |w|.T) per layer, ~2e-5 of the
+        # layer's scale at K = 130; three layers of O(1) gain stay well under 1e-4
+        tol = 1e-4
+    else:
+        assert kernels["a"].startswith("sparse24_linear") and kernels["b"].startswith("bsr_linear 32x32")
+        assert kernels["c"].startswith("bsr_linear 32x32")
+        # fp32 accumulation rounded once to bf16 vs torch's CPU bf16 GEMM: an output may differ by one bf16
+        # ulp (2^-8 relative) where the two sums fall on either side of a rounding boundary, and the next
+        # layers carry it: a few ulps of the output scale
+        tol = 2e-2
+    assert got.dtype == dtype
+    assert float((got.float() - ref.float()).abs().max() / ref.float().abs().max()) < tol
+
+
+def test_sparse_linear_pattern_checked_at_lowering():
+    x = torch.randn(2, 40)
+    gm = ir.capture(SparseNet().eval(), (x,)).gm
+    gm = P.LowerSparse(block=(32, 32))(gm).graph_module
+    b = [n for n in gm.graph.nodes if n.target is sf.sparse_linear.default and n.args[5] != "2:4"][0]
+    b.args = (*b.args[:5], "2:4")                   # a graph that declares a pattern its weight breaks
+    gm.recompile()
+    with pytest.raises(ValueError, match=rf"triton backend: node {b.name} \(sparse_linear\): the weight does not "
+                                         r"satisfy its pattern '2:4': K = 130 is not a multiple of 4"):
+        lower(gm, "triton")

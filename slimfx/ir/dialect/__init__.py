@@ -7,3 +7,5 @@ from . import quant  # noqa: F401  (registers the quantization ops)
 from .quant import OPS as QUANT_OPS  # noqa: F401
 from . import fused  # noqa: F401  (registers the fusion ops)
 from .fused import OPS as FUSED_OPS  # noqa: F401
+from . import sparse  # noqa: F401  (registers the sparsity op)
+from .sparse import OPS as SPARSE_OPS  # noqa: F401
