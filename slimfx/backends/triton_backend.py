@@ -133,12 +133,42 @@ def _dequant(w_q, w_scale, group_size=0, zp=None) -> torch.Tensor:
     return dequantize_weight_torch(w_q, w_scale, zp, group_size)
 
 
+def _pack_bsr(mod: torch.nn.Module, w: torch.Tensor, block: tuple[int, int]) -> None:
+    """w as BSR buffers of ``mod`` (they move to the device with it); _bsr(mod) reads them back."""
+    from slimfx.kernels import to_bsr
+    bsr = to_bsr(w.detach(), block)
+    for f in ("values", "col_idx", "row_ptr", "row_order"):
+        mod.register_buffer(f"bsr_{f}", getattr(bsr, f))
+    mod.bsr_shape = bsr.shape
+
+
+def _bsr(mod: torch.nn.Module):
+    from slimfx.kernels import BSR
+    return BSR(mod.bsr_values, mod.bsr_col_idx, mod.bsr_row_ptr, mod.bsr_shape, mod.block, mod.bsr_row_order)
+
+
 class LoweredQuantizedLinear(Lowered):
-    """quantized_linear: act_quant.quantize_per_token (float x) + int8_gemm with the dequant/bias epilogue."""
+    """quantized_linear: act_quant.quantize_per_token (float x) + int8_gemm with the dequant/bias epilogue;
+    with a block pattern in the node's info (LowerSparse), bsr_int8_gemm over the weight's BSR (packed
+    here) with the same epilogue: the same int32 sums (zero blocks add nothing), the same rounding."""
     op, kernel_name = "quantized_linear", "int8_gemm"
 
+    def __init__(self, info, name, w_q: torch.Tensor | None = None):
+        self.block = None
+        if info.sparse is not None and w_q is not None:
+            from slimfx.ir.dialect.sparse import block_sparsity, parse_pattern
+            self.block = parse_pattern(info.sparse)
+            if self.block is None:
+                raise ValueError(f"triton backend: node {name} (quantized_linear): int8 weights have no 2:4 kernel; "
+                                 f"the node's sparse pattern must be a block pattern, got {info.sparse!r}")
+            self.kernel_name, self.density = f"bsr_int8_gemm {info.sparse[6:]}", 1.0 - block_sparsity(w_q, self.block)
+        super().__init__(info, name)
+        if self.block is not None:
+            _pack_bsr(self, w_q, self.block)
+
     def bucket(self, x, w_q, *rest):
-        return super().bucket(x) + f"|N{w_q.shape[0]}"
+        sparse = "" if self.block is None else f"|{self.info.sparse}|d{self.density:.2f}"
+        return super().bucket(x) + f"|N{w_q.shape[0]}" + sparse
 
     def kernel(self, x, w_q, w_scale, bias=None, x_scale=None):
         from slimfx import kernels as K
@@ -149,6 +179,8 @@ class LoweredQuantizedLinear(Lowered):
             q, s, out_dtype = x, (s.expand(m) if s.numel() == 1 else s).contiguous(), torch.float32
         else:
             (q, s), out_dtype = K.quantize_per_token(x), x.dtype
+        if self.block is not None:
+            return K.bsr_int8_gemm(q, _bsr(self), s, w_scale, bias, out_dtype=out_dtype)
         return K.int8_gemm(q, w_q, a_scale=s, w_scale=w_scale, bias=bias, out_dtype=out_dtype)
 
     def dense(self, x, w_q, w_scale, bias=None, x_scale=None):
@@ -257,10 +289,7 @@ class LoweredSparseLinear(Lowered):
             self.register_buffer("values", values)
             self.register_buffer("meta", meta)
         elif self.form == "block":
-            bsr = K.to_bsr(w.detach(), self.block)
-            for f in ("values", "col_idx", "row_ptr", "row_order"):
-                self.register_buffer(f"bsr_{f}", getattr(bsr, f))
-            self.shape = bsr.shape
+            _pack_bsr(self, w, self.block)
 
     def bucket(self, x, w, *rest):
         return super().bucket(x, w) + f"|{self.pattern}|d{self.density:.2f}"
@@ -275,8 +304,7 @@ class LoweredSparseLinear(Lowered):
         from slimfx.ir.dialect.fused import activate
         x = x.contiguous()
         if self.form == "block":
-            bsr = K.BSR(self.bsr_values, self.bsr_col_idx, self.bsr_row_ptr, self.shape, self.block,
-                        self.bsr_row_order)
+            bsr = _bsr(self)
             if activation in self._BSR_ACT:          # the whole epilogue in the kernel
                 return K.bsr_linear(x, bsr, bias, self._BSR_ACT[activation],
                                     None if residual is None else residual.contiguous())
@@ -304,7 +332,8 @@ def _device() -> torch.device:
 def _make(gm: fx.GraphModule, node: fx.Node) -> Lowered:
     info, t = ir.meta.info(node), node.target
     if t is sf.quantized_linear.default:
-        return LoweredQuantizedLinear(info, node.name)
+        w = node.args[1]
+        return LoweredQuantizedLinear(info, node.name, ir.meta.tensor_attr(gm, w) if w.op == "get_attr" else None)
     if t is sf.weight_only_linear.default:
         args = list(node.args) + [None] * 6
         w_q = ir.meta.tensor_attr(gm, node.args[1]) if node.args[1].op == "get_attr" else torch.empty(0)

@@ -22,6 +22,8 @@ class NodeInfo:
     """Compression metadata of one node. Quantization and pruning passes fill the fields they own."""
     quant: Optional[dict] = None      # e.g. the QScheme and its parameters, as JSON-able data
     mask: Optional[str] = None        # name of the mask tensor attribute on the GraphModule
+    sparse: Optional[str] = None      # a sparsity pattern the (quantized) weight satisfies, which a backend
+                                      # may exploit ("block:64x64"; LowerSparse)
     kernel: Optional[str] = None      # what a backend chose for this node, and why
     origin: Optional[str] = None      # the pass that created this node
 

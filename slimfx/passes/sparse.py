@@ -11,7 +11,9 @@ Patterns, in the order "auto" tries them:
               them (compute and bytes shrink with the density: the prefill/large-M path)
     "2:4"     at most 2 nonzeros in every group of 4 along K: half the weight bytes (the decode path)
 Both aten.linear and fused_linear (after Fuse: activation and residual carried over) are lowered.
-Quantized layers (quantized_linear, weight_only_linear) are left as they are.
+A W8A8 layer (quantized_linear) stays that op: a block pattern of its int8 weight is recorded in
+``ir.meta.info(node).sparse``, and the triton backend runs it on bsr_int8_gemm (int8 has no 2:4 kernel).
+Weight-only layers are left as they are.
 """
 from __future__ import annotations
 
@@ -63,16 +65,19 @@ class LowerSparse(Pass):
         self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
 
     def choose(self, w: torch.Tensor) -> tuple[str | None, str]:
-        """(the pattern to lower to or None, why)."""
-        if w.ndim != 2 or not w.is_floating_point():
-            return None, f"weight of shape {tuple(w.shape)} / {w.dtype} is not a 2-D float tensor"
+        """(the pattern to lower to or None, why). int8 weights (W8A8 layers): block patterns only."""
+        int8 = w.dtype == torch.int8
+        if w.ndim != 2 or not (w.is_floating_point() or int8):
+            return None, f"weight of shape {tuple(w.shape)} / {w.dtype} is not a 2-D float or int8 tensor"
         reasons = []
         if self.pattern in ("auto", "block"):
             s = block_sparsity(w, self.block)
             if s >= self.min_block_sparsity and s > 0:
                 return block_pattern(self.block), f"{s:.0%} zero blocks"
             reasons.append(f"{s:.0%} zero {self.block[0]}x{self.block[1]} blocks < {self.min_block_sparsity:.0%}")
-        if self.pattern in ("auto", "2:4"):
+        if self.pattern in ("auto", "2:4") and int8:
+            reasons.append("int8 2:4 has no kernel")
+        elif self.pattern in ("auto", "2:4"):
             why = pattern_violation(w, "2:4")
             if why is None:
                 return "2:4", "2:4"
@@ -83,19 +88,24 @@ class LowerSparse(Pass):
         g = gm.graph
         lowered, skipped = {}, {}
         for n in list(g.nodes):
-            if n.op != "call_function" or n.target not in (aten.linear.default, sf.fused_linear.default):
+            if n.op != "call_function" or n.target not in (aten.linear.default, sf.fused_linear.default,
+                                                            sf.quantized_linear.default):
                 continue
             name = ir.meta.module_name(n) or n.name
             if (self.include and not matches(name, self.include)) or matches(name, self.exclude):
                 continue
             a = normalize_function(n.target, n.args, n.kwargs, normalize_to_only_use_kwargs=True).kwargs
-            w_node = a.get("weight", a.get("w"))
+            w_node = a.get("weight", a.get("w", a.get("w_q")))
             if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
                 skipped[name] = "weight is computed, not a tensor of the module"
                 continue
             pattern, why = self.choose(ir.meta.tensor_attr(gm, w_node))
             if pattern is None:
                 skipped[name] = why
+                continue
+            if n.target is sf.quantized_linear.default:
+                ir.meta.info(n).sparse = pattern
+                lowered[name] = f"{pattern} (int8)"
                 continue
             with g.inserting_before(n):
                 new = g.call_function(sf.sparse_linear.default,
