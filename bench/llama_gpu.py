@@ -18,8 +18,8 @@ Rows, each timed with triton.testing.do_bench (median) in one process:
     torch bf16 CUDA graph       the same forward captured once and replayed (no launch cost)
     slimfx <scheme> eager       slimfx.compile(..., backend="triton")
     slimfx <scheme> graphs      ... backend_options={"cuda_graphs": True}
-for schemes W8A8 (dynamic per-token activations, per-channel int8 weights, Fuse) and W8A16
-(weight-only int8); lm_head stays bf16. Each scheme is compiled once (capture and passes on the CPU) and
+for the schemes in SCHEMES (--schemes; default W8A8 and W8A16; the sparse ones prune a copy of the model
+by magnitude first, and their cosine is to that pruned model in torch); lm_head stays bf16. Each scheme is compiled once (capture and passes on the CPU) and
 lowered twice; a row's first call (choices, autotuning, graph capture) is timed apart as first_call_s.
 Writes bench/results/llama_gpu-<card>.{json,md}.
 """
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--seqs", default="2,128,512", help="comma-separated sequence lengths >= 2 (batch 1)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (the size's full depth: 0)")
-    p.add_argument("--schemes", default="w8a8,w8a16")
+    p.add_argument("--schemes", default="w8a8,w8a16", help=f"comma-separated, of: {', '.join(SCHEMES)}")
+    p.add_argument("--block", type=int, default=64, help="block side of the block-sparse schemes")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny model, interpreter, CPU timing")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     return p.parse_args(argv)
@@ -66,13 +67,51 @@ def build(size: str, layers: int = 0):
     return LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
 
 
-def passes_for(scheme: str) -> list:
+SCHEMES = {   # name: (how the weights are pruned first, or None; what the passes do)
+    "w8a8": (None, "int8 weights per channel, dynamic int8 activations per token, Fuse"),
+    "w8a16": (None, "int8 weights per channel (weight-only)"),
+    "2:4": ("2:4", "weights pruned 2:4 by magnitude, Fuse, LowerSparse: sparse24_linear"),
+    "bsr50": ("blocks", "50% of each weight's --block square blocks pruned by norm, Fuse, LowerSparse: "
+                        "bsr_linear"),
+    "w8a8-bsr50": ("blocks", "bsr50's weights, then W8A8 as above and LowerSparse: bsr_int8_gemm"),
+}
+
+
+def passes_for(scheme: str, block: int = 64) -> list:
     from slimfx import passes as P
-    if scheme == "w8a8":
-        return ["cse", "dce", P.Quantize(weights="int8", activations="dynamic", exclude=("lm_head",)), P.Fuse()]
-    if scheme == "w8a16":
-        return ["cse", "dce", P.Quantize(weights="int8", exclude=("lm_head",))]
-    raise ValueError(f"--schemes: unknown scheme {scheme!r} (w8a8, w8a16)")
+    w8a8 = P.Quantize(weights="int8", activations="dynamic", exclude=("lm_head",))
+    sparse = P.LowerSparse(pattern="block" if "bsr" in scheme else "2:4", block=(block, block),
+                           exclude=("lm_head",))
+    table = {"w8a8": [w8a8, P.Fuse()], "w8a16": [P.Quantize(weights="int8", exclude=("lm_head",))],
+             "2:4": [P.Fuse(), sparse], "bsr50": [P.Fuse(), sparse], "w8a8-bsr50": [w8a8, P.Fuse(), sparse]}
+    if scheme not in table:
+        raise ValueError(f"--schemes: unknown scheme {scheme!r} ({', '.join(SCHEMES)})")
+    return ["cse", "dce", *table[scheme]]
+
+
+def pruned(model, how: str, block: int, fraction: float = 0.5):
+    """A copy of ``model`` with every linear weight but lm_head pruned by magnitude: "2:4" keeps the two
+    largest of each 4 along K; "blocks" zeroes the ``fraction`` of (block x block) tiles with the smallest
+    norms (dims that are not multiples of the block: the layer stays dense). (A stand-in for a real pruning pass: on random weights only the shapes and the sparsity matter.)"""
+    import copy
+    import torch
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if not isinstance(mod, torch.nn.Linear) or name == "lm_head":
+                continue
+            w = mod.weight
+            n, k = w.shape
+            if how == "2:4":
+                g = w.view(n, k // 4, 4)
+                keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+                g.masked_fill_(~keep, 0)
+            elif n % block == 0 and k % block == 0:
+                tiles = w.view(n // block, block, k // block, block)
+                norms = tiles.float().pow(2).sum((1, 3))
+                cut = norms.flatten().kthvalue(max(1, int(fraction * norms.numel()))).values
+                tiles.masked_fill_((norms <= cut)[:, None, :, None], 0)
+    return m
 
 
 def attempt(fn) -> dict:
@@ -93,7 +132,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.size = "smoke"
+        args.size, args.block = "smoke", 16
     import torch
     import slimfx
     if not args.smoke and not torch.cuda.is_available():
@@ -104,6 +143,9 @@ def main(argv=None) -> int:
     seqs = [int(s) for s in args.seqs.split(",") if s] if not args.smoke else [2, 8]
     if min(seqs) < 2:
         raise SystemExit("--seqs: lengths >= 2 (see the module docstring)")
+    unknown = [x for x in args.schemes.split(",") if x and x not in SCHEMES]
+    if unknown:
+        raise SystemExit(f"--schemes: unknown {unknown}; the schemes: {', '.join(SCHEMES)}")
     model = build(args.size, 0 if args.smoke else args.layers)
     vocab = model.config.vocab_size
     example = torch.randint(0, vocab, (1, 16))
@@ -135,27 +177,41 @@ def main(argv=None) -> int:
                                  **attempt(lambda: graph_timer(lambda: gpu_model(ids)))))
         cpu_model = model.to("cpu")                       # capture and passes run on the CPU
         from slimfx.backends import lower
+        pruned_models, pruned_refs, sparse_layers = {}, {}, {}
         for scheme in [x for x in args.schemes.split(",") if x]:
+            how = SCHEMES[scheme][0]
+            if how is not None and how not in pruned_models:     # its reference: the pruned model in torch
+                pruned_models[how] = pruned(cpu_model, how, args.block)
+                gpu_pruned = pruned_models[how].to(dev)
+                pruned_refs[how] = {s: logits(gpu_pruned(ids)).float() for s, ids in inputs.items()}
+                pruned_models[how] = gpu_pruned.to("cpu")
+            scheme_refs = refs if how is None else pruned_refs[how]
             t0 = time.perf_counter()
-            cm = slimfx.compile(cpu_model, (example,), passes=passes_for(scheme), backend="torch", dynamic=True,
-                                measure=False, progress=False)
+            cm = slimfx.compile(pruned_models.get(how, cpu_model), (example,), passes=passes_for(scheme, args.block),
+                                backend="torch", dynamic=True, measure=False, progress=False)
             compile_s[f"slimfx {scheme}"] = round(time.perf_counter() - t0, 1)
+            if how is not None:          # that the pruned layers did reach the sparse kernels' ops
+                from slimfx import ir
+                sparse_layers[scheme] = sum(1 for n in cm.graph.graph.nodes if n.op == "call_function" and (
+                    n.target is torch.ops.slimfx.sparse_linear.default
+                    or (n.meta.get("slimfx") is not None and ir.meta.info(n).sparse)))
             for graphs in ((False,) if args.smoke else (False, True)):
                 exe = lower(cm.graph, "triton", {"cuda_graphs": graphs} if graphs else None)
                 name = f"slimfx {scheme} {'graphs' if graphs else 'eager'}"
                 for s, ids in inputs.items():
-                    def run_row(ids=ids, s=s):
+                    def run_row(ids=ids, s=s, ref=scheme_refs):
                         t0 = time.perf_counter()
                         y = logits(exe((ids,), {})).float()      # first call: choices, tuning, capture
                         first_s = round(time.perf_counter() - t0, 1)
-                        cos = float(torch.nn.functional.cosine_similarity(y.flatten(), refs[s].flatten(), dim=0))
+                        cos = float(torch.nn.functional.cosine_similarity(y.flatten(), ref[s].flatten(), dim=0))
                         return dict(ms=timer(lambda: exe((ids,), {})), cosine=round(cos, 5), first_call_s=first_s)
                     rows.append(dict(seq=s, path=name, **attempt(run_row)))
                     print(rows[-1], flush=True)
     card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
                 torch=torch.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"), compile_s=compile_s)
+                date=datetime.datetime.now().isoformat(timespec="seconds"), compile_s=compile_s,
+                sparse_layers=sparse_layers)
     md = markdown(rows, meta)
     print(md)
     if not args.smoke:
@@ -179,7 +235,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['layers']} layers, random bf16 weights, batch 1, no KV cache (seq 2: decode-shaped linears); "
              f"torch {meta['torch']}, {meta['date']}. Cells: ms "
              "(median of triton.testing.do_bench) and speedup vs torch bf16 eager; cos: cosine of the logits to "
-             "torch's. Compile times (s): " + ", ".join(f"{k} {v}" for k, v in meta["compile_s"].items()) + ".",
+             "torch's (the sparse schemes': to the pruned model in torch). Compile times (s): "
+             + ", ".join(f"{k} {v}" for k, v in meta["compile_s"].items()) + "."
+             + "".join(f" Layers on sparse kernels, {k}: {v}." for k, v in meta.get("sparse_layers", {}).items()),
              "", "| path | " + " | ".join(f"seq {s}" for s in seqs) + " |", "|---|" + "---:|" * len(seqs)]
     for p in paths:
         cells = []
