@@ -6,6 +6,8 @@
 #   bash bench/gpu_session.sh OUT_DIR all-tests  the kernel and triton-backend tests on the GPU    (~2 min)
 #   bash bench/gpu_session.sh OUT_DIR e2e        a Llama-shaped bf16 model end to end, torch vs slimfx
 #                                                (bench/llama_gpu.py; not yet run: budget up to 9 min)
+#   bash bench/gpu_session.sh OUT_DIR e2e-sparse the same model pruned 2:4 / 50% blocks, on the sparse
+#                                                kernels (float and W8A8; not yet run: up to 9 min)
 # decode runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash
 #    there would poison the CUDA context for the bench, so they go first;
@@ -19,8 +21,9 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out=${1:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e}
-what=${2:?usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e}
+usage="usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e|e2e-sparse"
+out=${1:?$usage}
+what=${2:?$usage}
 mkdir -p "$out"
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
@@ -46,6 +49,9 @@ case $what in
     step all-tests 400 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests ;;
   e2e)
     step llama-e2e 540 python3 bench/llama_gpu.py --out-dir "$out" ;;
-  *) echo "unknown part '$what': decode, prefill, all-tests or e2e" >&2; exit 2 ;;
+  e2e-sparse)
+    step llama-e2e-sparse 540 python3 bench/llama_gpu.py --out-dir "$out" --stem llama_gpu_sparse \
+      --schemes 2:4,bsr50,w8a8-bsr50 ;;
+  *) echo "unknown part '$what': decode, prefill, all-tests, e2e or e2e-sparse" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -21,7 +21,7 @@ Rows, each timed with triton.testing.do_bench (median) in one process:
 for the schemes in SCHEMES (--schemes; default W8A8 and W8A16; the sparse ones prune a copy of the model
 by magnitude first, and their cosine is to that pruned model in torch); lm_head stays bf16. Each scheme is compiled once (capture and passes on the CPU) and
 lowered twice; a row's first call (choices, autotuning, graph capture) is timed apart as first_call_s.
-Writes bench/results/llama_gpu-<card>.{json,md}.
+Writes bench/results/llama_gpu-<card>.{json,md} (--stem renames).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=64, help="block side of the block-sparse schemes")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny model, interpreter, CPU timing")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--stem", default="llama_gpu", help="output file names: <stem>-<card>.{json,md}")
     return p.parse_args(argv)
 
 
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
     if not args.smoke:
         from kernel_report import card_slug
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.out_dir / f"llama_gpu-{card_slug(card)}"
+        stem = args.out_dir / f"{args.stem}-{card_slug(card)}"
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         stem.with_suffix(".md").write_text(md)
         print(f"wrote {stem}.json and .md")
