@@ -231,10 +231,10 @@ def variants() -> list[Variant]:
                           dict(NORM=norm, HAS_BIAS=norm == "layernorm", BLOCK_K=bk),
                           act_quant._num_warps(bk), 3, ("K", "stride_xm", "stride_qm"), f"BLOCK_K={bk}", no_fma))
     s24 = sparse24
-    vs += _from_configs("sparse24 dot", s24._sparse24_kernel,
-                        dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16", **sizes,
+    vs += _from_configs("sparse24 dot", s24._sparse24_kernel,          # bf16 values read as 32-bit pairs
+                        dict(x_ptr="*bf16", v_ptr="*i32", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16", **sizes,
                              stride_xm="i32", stride_vn="i32", stride_mn="i32", stride_om="i32"),
-                        dict(HAS_BIAS=True, DOT="native"), aligned)
+                        dict(HAS_BIAS=True, DOT="native", WORDS=True), aligned)
     vs += _from_configs("sparse24 gemv", s24._sparse24_gemv_kernel,
                         dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16",
                              M="i32", N="i32", K="i32", stride_xm="i32", stride_vn="i32", stride_mn="i32",

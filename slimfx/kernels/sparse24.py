@@ -14,9 +14,10 @@ registers):
 * gemv (M <= 4, decode): x's columns split into the four positions of each group, and each kept value
   meets its x by a 2-bit select (no gather): y += v0 * x[i0] + v1 * x[i1], fp32 on CUDA cores. About 16
   instructions per kept value in the loop on sm_90, so it can run near the speed of reading the bytes.
-* dot (larger M): the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers (selects, then join and
-  reshape back into column order) and meets x in a dense tl.dot: about 11 instructions per weight
-  element in the loop.
+* dot (larger M): the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers (for 16-bit values each
+  group's pair is one 32-bit word, shifted and masked into positions (0, 1) and (2, 3) by a per-group
+  choice; fp32 values by per-element selects), joined back into column order, and meets x in a dense
+  tl.dot: about 9 (16-bit) / 11 (fp32) instructions per weight element in the loop.
 Those counts come from the sm_90 cubins (`python -m slimfx.kernels.aot` compiles every config; the
 instruction counting is in that module's loop_instructions).
 
@@ -114,17 +115,55 @@ def _select4(i, x0, x1, x2, x3):
 
 
 @triton.jit
-def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
-    """Step kb's G groups of ROWS weight rows, from contiguous loads: (v0, v1, i0, i1), each (ROWS, G):
-    the two kept values (v's dtype) and their positions 0..3 in the group. Values arrive as (ROWS, 2G) and
-    split into slots; meta bytes (ROWS, G/2) split into nibbles (group 2j low, 2j + 1 high), in registers."""
-    jv = kb * 2 * G + tl.arange(0, 2 * G)
-    v = tl.load(v_rows + jv[None, :], mask=(jv < K // 2)[None, :], other=0.0)
-    v0, v1 = tl.split(tl.reshape(v, (ROWS, G, 2)))
+def _nibbles(m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
+    """Step kb's G groups of ROWS rows: the kept positions (i0, i1), each (ROWS, G) in 0..3, from the meta
+    bytes (ROWS, G/2) loaded contiguously and split into nibbles (group 2j low, 2j + 1 high)."""
     jb = kb * (G // 2) + tl.arange(0, G // 2)
     byte = tl.load(m_rows + jb[None, :], mask=(jb < (K + 7) // 8)[None, :], other=0).to(tl.int32)
     nib = tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, G))
-    return v0, v1, nib & 3, nib >> 2
+    return nib & 3, nib >> 2
+
+
+@triton.jit
+def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
+    """Step kb's G groups of ROWS weight rows, from contiguous loads: (v0, v1, i0, i1), each (ROWS, G):
+    the two kept values (v's dtype) and their positions 0..3 in the group. Values arrive as (ROWS, 2G) and
+    split into slots, in registers."""
+    jv = kb * 2 * G + tl.arange(0, 2 * G)
+    v = tl.load(v_rows + jv[None, :], mask=(jv < K // 2)[None, :], other=0.0)
+    v0, v1 = tl.split(tl.reshape(v, (ROWS, G, 2)))
+    i0, i1 = _nibbles(m_rows, kb, K, G, ROWS)
+    return v0, v1, i0, i1
+
+
+@triton.jit
+def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr,
+                     DTYPE: tl.constexpr):
+    """The dense weights at positions 0..3 of step kb's G groups, (p0, p1, p2, p3) each (ROWS, G): position
+    p holds v0 where i0 == p, v1 where i1 == p, else 0.
+    WORDS (16-bit values, v_rows an int32 view): a group's pair (v0 | v1 << 16) is one 32-bit word and
+    positions (0, 1) and (2, 3) are each that word shifted and masked, chosen per group instead of per
+    element: (i0, i1) = (0,1): (v0,v1 | 0,0); (0,2): (v0,0 | v1,0); (0,3): (v0,0 | 0,v1); (1,2): (0,v0 | v1,0);
+    (1,3): (0,v0 | 0,v1); (2,3): (0,0 | v0,v1). On sm_90 the loop is ~9 instructions per weight this way
+    against ~11 with per-element selects (slimfx.kernels.aot)."""
+    if WORDS:
+        jw = kb * G + tl.arange(0, G)
+        vv = tl.load(v_rows + jw[None, :], mask=(jw < K // 4)[None, :], other=0).to(tl.uint32, bitcast=True)
+        i0, i1 = _nibbles(m_rows, kb, K, G, ROWS)
+        lo = tl.where(i0 == 0, tl.where(i1 == 1, vv, vv & 0xFFFF), tl.where(i0 == 1, vv << 16, 0))
+        hi = tl.where(i1 == 3, tl.where(i0 == 2, vv, vv & 0xFFFF0000), tl.where(i1 == 2, vv >> 16, 0))
+        p0 = (lo & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+        p1 = (lo >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+        p2 = (hi & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+        p3 = (hi >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+    else:
+        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, ROWS)
+        zero = tl.zeros_like(v0)
+        p0 = tl.where(i0 == 0, v0, zero)
+        p1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        p2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        p3 = tl.where(i1 == 3, v1, zero)
+    return p0, p1, p2, p3
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"],
@@ -133,12 +172,12 @@ def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
 def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKET,
                      stride_xm, stride_vn, stride_mn, stride_om,
                      HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor-core path: the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers from contiguous loads
-    (_groups), position p of each group taking v0 where i0 == p, v1 where i1 == p, else 0, joined back in
-    column order, then a dense tl.dot with the tile transposed. On sm_90 this is ~11 instructions per
-    weight element in the loop, against ~35 for rebuilding it with one gathered load per element
-    (slimfx.kernels.aot's cubins; the first version, with strided loads, measured 0.16x dense)."""
+    (_dense_positions), joined back in column order, then a dense tl.dot with the tile transposed. On sm_90
+    this is ~9 (16-bit values, WORDS) or ~11 (fp32) instructions per weight element in the loop, against
+    ~35 for rebuilding it with one gathered load per element (slimfx.kernels.aot's cubins; the first
+    version, with strided loads, measured 0.16x dense)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 4
@@ -150,12 +189,7 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
     m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, BLOCK_N)
-        zero = tl.zeros_like(v0)
-        p0 = tl.where(i0 == 0, v0, zero)
-        p1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-        p2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-        p3 = tl.where(i1 == 3, v1, zero)
+        p0, p1, p2, p3 = _dense_positions(v_rows, m_rows, kb, K, G, BLOCK_N, WORDS, x_ptr.dtype.element_ty)
         # join(join(p0, p2), join(p1, p3))[n, g, b, a] = p_(2b + a): flattened, column 4g + 2b + a
         w = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K))
         k = kb * BLOCK_K + rk
@@ -233,10 +267,14 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         _sparse24_gemv_kernel[lambda mt: (triton.cdiv(n, mt["BLOCK_N"]),)](
             x2, values, meta, out, b, m, n, k, *strides, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m))
 
+    # 16-bit values as 32-bit words (one group's pair each: _dense_positions), where the view is possible
+    words = values.element_size() == 2 and values.stride(0) % 2 == 0 and values.storage_offset() % 2 == 0
+
     def dot():
         grid = lambda mt: (triton.cdiv(n, mt["BLOCK_N"]), triton.cdiv(m, mt["BLOCK_M"]))
-        _sparse24_kernel[grid](x2, values, meta, out, b, m, n, k, C.m_bucket(m), *strides,
-                               HAS_BIAS=bias is not None, DOT=C.dot_mode(x.dtype))
+        v, stride_v = (values.view(torch.int32), values.stride(0) // 2) if words else (values, values.stride(0))
+        _sparse24_kernel[grid](x2, v, meta, out, b, m, n, k, C.m_bucket(m), x2.stride(0), stride_v, meta.stride(0),
+                               out.stride(0), HAS_BIAS=bias is not None, DOT=C.dot_mode(x.dtype), WORDS=words)
 
     if impl == "auto":
         impl = "dot" if m > GEMV_MAX_M else C.fastest(
