@@ -56,10 +56,11 @@ def module_patterns(v) -> tuple:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
-def selected_linears(gm: fx.GraphModule, include, exclude):
-    """(node, module name) of each aten.linear whose module name passes the include/exclude patterns."""
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is aten.linear.default:
+def selected_linears(gm: fx.GraphModule, include, exclude, targets=(aten.linear.default,)):
+    """(node, module name) of each node calling one of ``targets`` (aten.linear) whose module name passes
+    the include/exclude patterns."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in targets:
             name = ir.meta.module_name(n) or n.name
             if (not include or matches(name, include)) and not matches(name, exclude):
                 yield n, name
@@ -138,6 +139,10 @@ class Quantize(Pass):
                 skipped[name] = f"K={t.shape[1]} > {MAX_K} could overflow the int32 accumulator"
             else:
                 chosen.append(n)
+        for n, name in selected_linears(gm, self.include, self.exclude, (sf.fused_linear.default,
+                                                                        sf.sparse_linear.default)):
+            skipped[name] = f"{str(n.target).replace('.default', '')}: Quantize takes aten.linear (run it before " \
+                            f"Fuse and LowerSparse)"
         return chosen, skipped
 
     def run(self, gm, ctx):

@@ -26,7 +26,7 @@ from torch.fx.operator_schemas import normalize_function
 from .. import ir
 from ..ir.dialect.sparse import block_pattern, block_sparsity, parse_pattern, pattern_violation
 from .base import Pass, PassResult, register_pass
-from .quantize import matches, module_patterns
+from .quantize import module_patterns, selected_linears
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -87,13 +87,8 @@ class LowerSparse(Pass):
     def run(self, gm, ctx):
         g = gm.graph
         lowered, skipped = {}, {}
-        for n in list(g.nodes):
-            if n.op != "call_function" or n.target not in (aten.linear.default, sf.fused_linear.default,
-                                                            sf.quantized_linear.default):
-                continue
-            name = ir.meta.module_name(n) or n.name
-            if (self.include and not matches(name, self.include)) or matches(name, self.exclude):
-                continue
+        targets = (aten.linear.default, sf.fused_linear.default, sf.quantized_linear.default)
+        for n, name in selected_linears(gm, self.include, self.exclude, targets):
             a = normalize_function(n.target, n.args, n.kwargs, normalize_to_only_use_kwargs=True).kwargs
             w_node = a.get("weight", a.get("w", a.get("w_q")))
             if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":

@@ -148,3 +148,12 @@ def test_dynamic_shapes_propagate():
     for shape in [(1, 1, 40), (4, 7, 40)]:
         x = torch.randn(*shape)
         assert torch.equal(run_np(gm, x), before((x,), {}))
+
+
+def test_quantize_after_lower_sparse_says_why_it_skips():
+    gm, x = captured()
+    P.LowerSparse(block=(32, 32))(gm)
+    res = P.Quantize(weights="int8", activations="dynamic")(gm, P.PassContext((x,)))
+    assert res.stats["layers"] == 1                                     # c, the dense one
+    assert res.stats["skipped"] == {n: "slimfx.sparse_linear: Quantize takes aten.linear (run it before Fuse "
+                                       "and LowerSparse)" for n in ("a", "b")}
