@@ -58,6 +58,13 @@ def main():
         variants = {"auto": {}, "tiled": dict(impl="tiled"), "tma": dict(impl="tma"),
                     "split-K 4": dict(_config=dict(BLOCK_M=16, BLOCK_N=64 if not small else 32,
                                                    BLOCK_K=256 if not small else 32, SPLIT_K=4))}
+        if m > 1:    # the TMA configs that only a GPU runs, pinned: two programs per SM, 256-wide K steps
+            pins = ([dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, CTAS=2, num_warps=4, num_stages=1)] if small else
+                    [dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, CTAS=2, num_warps=4, num_stages=2),
+                     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=256, CTAS=1, num_warps=8, num_stages=2)])
+            for cfg in pins:
+                label = f"tma {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} CTAS={cfg['CTAS']}"
+                variants[label] = dict(impl="tma", _config=cfg)
         for name, kw in variants.items():
             try:
                 y = K.int8_gemm(xq.to(dev), wq.to(dev), xs.to(dev), ws.to(dev), bias=bias.to(dev),

@@ -4,7 +4,9 @@ Triton ships ptxas and cuobjdump, so a kernel compiles to sm_90 (H100/H200) cubi
 that only a GPU runs (TMA, split-K atomics, wgmma tiles) is checked for compile errors here, and each
 autotune config's registers, spilled bytes (STACK) and shared memory are read from the cubin. A config
 that spills or does not fit the 227 KB of shared memory per block is slow or fails at launch; the table
-says which, before any GPU time is spent.
+says which, before any GPU time is spent. It also says where a K step waits for its own wgmmas to finish
+("sync-wgmma": Triton keeps Hopper's asynchronous MMA in flight across K steps only for fp32
+accumulators, so the int8 GEMMs drain the tensor cores every step).
 
     python -m slimfx.kernels.aot                   # every kernel x every autotune config, sm_90
     python -m slimfx.kernels.aot --only int8_gemm --arch 90
@@ -144,6 +146,9 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
     instrs = sass_instructions(k.asm["cubin"])
     if {op for _, _, op in instrs} & {"I2F.S8", "I2F.S16"}:
         notes.append("I2F")             # small ints -> float on the conversion unit (a quarter-rate path)
+    waits = [text for _, text, op in instrs if op.startswith("WARPGROUP.DEPBAR")]
+    if waits and all(re.search(r"0x0\s*$", t) for t in waits):
+        notes.append("sync-wgmma")      # each K step waits for its wgmmas (Triton: int32 accumulators)
     shared = max(k.metadata.shared, use.get("SHARED", 0))
     return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
                   seconds=time.time() - t0, uses=notes, loop=sum(loop_instructions(instrs).values()))
@@ -164,7 +169,7 @@ def _from_configs(family, kernel, types, consts, aligned, halves=False, options=
         if halves:    # the kernels' heuristics, as a launch would apply them
             from slimfx.kernels._common import halves as _halves, heavy_epilogue
             kw["HALVES"] = _halves({**consts, **kw})
-            if "NUM_SMS" in consts:
+            if "CTAS" in kw:             # the persistent TMA kernel
                 kw["FLATTEN"] = not heavy_epilogue({**consts, **kw})
         out.append(Variant(family, kernel, {k: (v(kw) if callable(v) else v) for k, v in types.items()},
                            {**consts, **kw}, c.num_warps if c else 4, c.num_stages if c else 3, aligned,
@@ -191,7 +196,7 @@ def variants() -> list[Variant]:
                         dict(a_desc=lambda c: f"tensordesc<i8[{c['BLOCK_M']}, {c['BLOCK_K']}]>",
                              b_desc=lambda c: f"tensordesc<i8[{c['BLOCK_N']}, {c['BLOCK_K']}]>",
                              out_ptr="*bf16", **epi, **sizes, stride_om="i32", stride_rm="i32"),
-                        dict(w8a8_flags, NUM_SMS=132), aligned, halves=True, options=no_fma)
+                        w8a8_flags, aligned, halves=True, options=no_fma)
     wo = weight_only
     vs += _from_configs("weight_only int8 gemv", wo._wo_int8_gemv_kernel,
                         dict(x_ptr="*bf16", w_ptr="*i8", out_ptr="*bf16", w_scale_ptr="*fp32", bias_ptr="*fp32",

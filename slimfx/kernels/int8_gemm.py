@@ -103,16 +103,26 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
 
 
 def _tma_configs():
-    """Large-M tiles only: the TMA kernel is for compute-bound shapes (the tiled kernel keeps decode)."""
+    """Large-M tiles only: the TMA kernel is for compute-bound shapes (the tiled kernel keeps decode).
+
+    Triton (3.6) pipelines Hopper's asynchronous wgmma across K steps only for fp32 accumulators: with
+    int32 ones every K step ends waiting for its wgmmas to drain (`warpgroup.wait 0` in the cubin,
+    slimfx.kernels.aot), so the tensor cores idle at each step's end. Two kinds of config hide that: a
+    longer K step (BLOCK_K = 256: half the drains per tile), and two programs per SM (CTAS = 2, tiles
+    whose registers and shared memory fit twice), whose drains fall at different times."""
     cfg = triton.Config
-    full = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+    full = [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "CTAS": ctas}, num_warps=w, num_stages=s,
                 pre_hook=_tma_block_shapes)
-            for bm, bn, bk, w, s in [(128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                     (128, 256, 64, 8, 4), (128, 128, 64, 4, 5), (64, 128, 128, 4, 4),
-                                     # 4 stages of the widest tiles fit sm_90's 227 KB (224 KB with a light
-                                     # epilogue, per slimfx.kernels.aot)
-                                     (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 128, 256, 8, 3)]]
-    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1,
+            for bm, bn, bk, w, s, ctas in [
+                (128, 128, 128, 8, 4, 1), (128, 256, 128, 8, 3, 1), (256, 128, 128, 8, 3, 1), (128, 256, 64, 8, 4, 1),
+                (128, 128, 64, 4, 5, 1), (64, 128, 128, 4, 4, 1),
+                # 4 stages of the widest tiles fit sm_90's 227 KB (224 KB with a light epilogue, per aot)
+                (128, 256, 128, 8, 4, 1), (256, 128, 128, 8, 4, 1), (128, 128, 256, 8, 3, 1),
+                # half the wgmma drains per tile
+                (128, 256, 256, 8, 2, 1), (256, 128, 256, 8, 2, 1),
+                # two programs per SM (one warpgroup each, <= 113 KB of shared memory)
+                (64, 128, 128, 4, 4, 2), (128, 128, 128, 4, 3, 2), (64, 256, 128, 4, 2, 2)]]
+    interp = cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "CTAS": 1}, num_warps=4, num_stages=1,
                  pre_hook=_tma_block_shapes)
     return C.pick_configs(full, interp)
 
@@ -131,9 +141,10 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bia
                           HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                           HAS_RES: tl.constexpr, REQUANT: tl.constexpr, RAW_INT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HALVES: tl.constexpr,
+                          GROUP_M: tl.constexpr, CTAS: tl.constexpr, HALVES: tl.constexpr,
                           FLATTEN: tl.constexpr):
-    """Persistent (one program per SM, walking tiles in grouped order) with TMA loads (Hopper and newer).
+    """Persistent (CTAS programs per SM, each walking tiles in grouped order, tl.num_programs apart) with TMA
+    loads (Hopper and newer).
     FLATTEN (light epilogues): the loop over tiles is flattened with the K loop so the next tile's loads
     overlap this tile's epilogue; a heavy epilogue (activation, residual) would spill registers then.
     TMA zero-fills reads past M, N and K, so the int32 accumulation needs no masks and stays exact."""
@@ -141,15 +152,16 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bia
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    tile_c = start - NUM_SMS          # the epilogue's own tile counter (as in Triton's persistent tutorial)
-    for t in tl.range(start, grid_m * grid_n, NUM_SMS, flatten=FLATTEN):
+    progs = tl.num_programs(0)
+    tile_c = start - progs            # the epilogue's own tile counter (as in Triton's persistent tutorial)
+    for t in tl.range(start, grid_m * grid_n, progs, flatten=FLATTEN):
         pid_m, pid_n = C.grouped_tile(t, grid_m, grid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        tile_c += NUM_SMS
+        tile_c += progs
         pid_m, pid_n = C.grouped_tile(tile_c, grid_m, grid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,8 +189,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     impl: "tiled" (one program per output tile, pointer loads; every shape), "tma" (persistent, TMA loads;
     Hopper+, K a multiple of 16), or "auto": tiled below TMA_MIN_M rows; above, whichever of the two
     measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest).
-    _config: pin the tiled kernel's config (BLOCK_M/N/K, SPLIT_K, GROUP_M, num_warps, num_stages) instead
-    of autotuning: for tests (the interpreter has one config) and experiments.
+    _config: pin the tiled kernel's config (BLOCK_M/N/K, SPLIT_K, GROUP_M, num_warps, num_stages), or with
+    impl="tma" the TMA kernel's (BLOCK_M/N/K, GROUP_M, CTAS, num_warps, num_stages), instead of autotuning:
+    for tests (the interpreter has one config), the GPU checks of each config, and experiments.
     Returns (..., N).
     """
     # (1) check
@@ -237,11 +250,14 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
         sms = C.num_sms(dev)
         a_desc = TensorDescriptor.from_tensor(a2, [16, 16])     # block shapes: set per config (pre_hook)
         b_desc = TensorDescriptor.from_tensor(b, [16, 16])
-        grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-        _int8_gemm_tma_kernel[grid](a_desc, b_desc, out, *epi, m, n, k, C.m_bucket(m), out.stride(0),
-                                    res_stride, NUM_SMS=sms, **flags)
+        kernel, meta = _int8_gemm_tma_kernel, {}
+        if _config is not None:          # a pinned config; its block shapes set as the pre_hook would
+            kernel, meta = _int8_gemm_tma_kernel.fn, {"GROUP_M": 8, "CTAS": 1, **_config}
+            _tma_block_shapes({"a_desc": a_desc, "b_desc": b_desc, **meta})
+        grid = lambda mt: (min(sms * mt["CTAS"], triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"])),)
+        kernel[grid](a_desc, b_desc, out, *epi, m, n, k, C.m_bucket(m), out.stride(0), res_stride, **flags, **meta)
 
-    if _config is not None:
+    if _config is not None and impl == "auto":
         impl = "tiled"
     if impl == "auto":
         impl = "tiled"

@@ -154,6 +154,17 @@ def test_tma_kernel(dev, gen, m, n, k):
     assert_exact(out, int8_gemm_ref(a, b, sa, sb, bb, "relu", r, out_dtype=torch.int8, out_scale=torch.tensor([0.05])))
 
 
+def test_tma_pinned_config_two_programs_per_sm(dev, gen):
+    """A pinned TMA config (_config with impl="tma") with CTAS=2: twice as many programs, each walking every
+    other tile of its stride; the int32 result stays exact."""
+    if dev == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability >= 9.0")
+    a, b, *_ = _operands(gen, 70, 200, 96, False, False)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, CTAS=2, num_warps=4, num_stages=1)
+    acc = int8_gemm(a.to(dev), b.to(dev), out_dtype=torch.int32, impl="tma", _config=cfg)
+    assert_exact(acc, int8_gemm_ref(a, b, out_dtype=torch.int32))
+
+
 def test_gelu_is_torch_tanh_gelu():
     y = np.linspace(-8, 8, 1001, dtype=np.float32)
     want = torch.nn.functional.gelu(torch.from_numpy(y), approximate="tanh").numpy()
