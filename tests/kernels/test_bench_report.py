@@ -54,6 +54,19 @@ def test_markdown_and_goals():
     assert R.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_block_sparse_goal_takes_the_best_correct_block_shape():
+    def row(kernel, speedup, ok=True):
+        return dict(m=2048, n=4096, k=4096, kernel=kernel, ms=1.0, speedup_vs_bf16=speedup, ok=ok, check="", note="")
+    goal = "block-sparse 50% >= 1.6x at M=2048 (best block shape)"
+    rows = [row("block_sparse_50", 1.2), row("block_sparse_50_b128x128", 1.7)]
+    g = {g["goal"]: g for g in R.check_goals(rows)}[goal]
+    assert g["met"] is True and g["via"] == "block_sparse_50_b128x128" and g["cases"] == 1
+    assert f"| {goal} | 1 | 1.70x (block_sparse_50_b128x128) | yes |" in R.markdown(rows, {})
+    rows[1]["ok"] = False                                     # fast but wrong does not count
+    g = {g["goal"]: g for g in R.check_goals(rows)}[goal]
+    assert g["met"] is False and g["worst_speedup"] == 1.2
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the bench's cases on CPU tensors, interpreted")
 def test_every_bench_case_runs_under_the_interpreter(monkeypatch):
     """The GPU bench's own code (inputs, checks, the impl variants) on tiny shapes under TRITON_INTERPRET:
