@@ -40,7 +40,7 @@ case $what in
   decode)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
     step new-paths-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests \
-      -k "tma or decode or fastest or cuda_graphs or split_k or int8_to_f32 or halves"
+      -k "tma or decode or fastest or cuda_graphs or split_k or int8_to_f32 or halves or gluon or pinned or word_aligned or lowered or bsr_int8_bit"
     step gpu-checks 45 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
     step kernels-decode 230 $bench --m 1,16 --budget-s 200 ;;
   prefill)

@@ -150,6 +150,17 @@ class Bench:
                 self.case(shp, f"w8a8_{impl}", gemm,
                           lambda gemm=gemm: close(gemm(), deq_ref * xs * ws, 1e-2, "vs dequant ref"), base_ms)
 
+            def gluon():      # Hopper only; elsewhere the case notes the refusal
+                return K.int8_gemm(xq, wq, xs, ws, out_dtype=bf16, impl="gluon")
+
+            def check_gluon():
+                same = torch.equal(gluon(), K.int8_gemm(xq, wq, xs, ws, out_dtype=bf16, impl="tiled"))
+                rows = min(m, 64)
+                acc = K.int8_gemm(xq[:rows], wq, out_dtype=torch.int32, impl="gluon")
+                exact = torch.equal(acc.double(), xq[:rows].double() @ wq.double().T)
+                return same and exact, f"bit-identical to tiled={same}, int32 exact={exact}"
+            self.case(shp, "w8a8_gluon", gluon, check_gluon, base_ms)
+
         def w8a8_full():
             q, s = K.quantize_per_token(x)
             return K.int8_gemm(q, wq, s, ws, out_dtype=bf16)

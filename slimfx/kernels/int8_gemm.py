@@ -170,7 +170,7 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bia
                                 HAS_RES, REQUANT, RAW_INT, HALVES)
 
 
-IMPLS = ("auto", "tiled", "tma")
+IMPLS = ("auto", "tiled", "tma", "gluon")
 TMA_MIN_M = 128   # below this "auto" keeps the tiled kernel (its decode tiles); above, it measures both
 
 
@@ -189,6 +189,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     impl: "tiled" (one program per output tile, pointer loads; every shape), "tma" (persistent, TMA loads;
     Hopper+, K a multiple of 16), or "auto": tiled below TMA_MIN_M rows; above, whichever of the two
     measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest).
+    "gluon" (sm_90 only, light epilogues; see int8_gemm_gluon: wgmma kept in flight across K steps, which
+    Triton does not do for int32 accumulators) is explicit until a GPU run has measured it.
     _config: pin the tiled kernel's config (BLOCK_M/N/K, SPLIT_K, GROUP_M, num_warps, num_stages), or with
     impl="tma" the TMA kernel's (BLOCK_M/N/K, GROUP_M, CTAS, num_warps, num_stages), instead of autotuning:
     for tests (the interpreter has one config), the GPU checks of each config, and experiments.
@@ -222,9 +224,13 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return out.view(*a.shape[:-1], n)
-    refusal = C.tma_refusal(a=a2, b=b) if impl == "tma" or (impl == "auto" and m >= TMA_MIN_M) else None
+    refusal = C.tma_refusal(a=a2, b=b) if impl in ("tma", "gluon") or (impl == "auto" and m >= TMA_MIN_M) else None
     if impl == "tma" and refusal:
         raise ValueError(f"impl='tma': {refusal} (use impl='tiled' or 'auto')")
+    if impl == "gluon":
+        why = _gluon_refusal(dev, activation, residual, out_dtype) or refusal
+        if why:
+            raise ValueError(f"impl='gluon': {why} (use impl='tiled', 'tma' or 'auto')")
     # (3) launch
     d = C.dummy(dev)
     epi = (a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
@@ -257,6 +263,12 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
         grid = lambda mt: (min(sms * mt["CTAS"], triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"])),)
         kernel[grid](a_desc, b_desc, out, *epi, m, n, k, C.m_bucket(m), out.stride(0), res_stride, **flags, **meta)
 
+    if impl == "gluon":
+        from slimfx.kernels import int8_gemm_gluon as G
+        cfg = None if _config is None else [_config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages",
+                                                                  "num_warps")]
+        G.launch(a2, b, out, a_scale, w_scale, bias, raw, cfg)
+        return out.view(*a.shape[:-1], n)
     if _config is not None and impl == "auto":
         impl = "tiled"
     if impl == "auto":
@@ -265,6 +277,17 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
             impl = C.fastest("int8_gemm", (C.m_bucket(m), n, k, str(dev)), {"tiled": tiled, "tma": tma}, "tiled")
     (tma if impl == "tma" else tiled)()
     return out.view(*a.shape[:-1], n)
+
+
+def _gluon_refusal(dev, activation, residual, out_dtype) -> str | None:
+    """Why impl="gluon" cannot run this call (None when it can)."""
+    if C.interpreting() or dev.type != "cuda":
+        return "Gluon kernels run on a CUDA device only (not under TRITON_INTERPRET)"
+    if torch.cuda.get_device_capability(dev)[0] != 9:
+        return f"the kernel is written for Hopper's wgmma (sm_90), got {torch.cuda.get_device_capability(dev)}"
+    if activation is not None or residual is not None or out_dtype == torch.int8:
+        return "light epilogues only (scales, bias, float or int32 out): no activation, residual or requantization"
+    return None
 
 
 def int8_gemm_ref(a, b, a_scale=None, w_scale=None, bias=None, activation=None, residual=None,

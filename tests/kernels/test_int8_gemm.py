@@ -165,6 +165,33 @@ def test_tma_pinned_config_two_programs_per_sm(dev, gen):
     assert_exact(acc, int8_gemm_ref(a, b, out_dtype=torch.int32))
 
 
+GLUON_OK = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def test_gluon_refusals(dev, gen):
+    a, b, sa, sb, _, r = _operands(gen, 130, 64, 96, False, True)
+    a, b, sa, sb, r = _to(dev, a, b, sa, sb, r)
+    if not GLUON_OK:     # the CPU tier (and non-Hopper GPUs): refused with the reason, not a crash
+        with pytest.raises(ValueError, match=r"impl='gluon': (Gluon kernels run on a CUDA device only|the kernel "
+                                             r"is written for Hopper's wgmma)"):
+            int8_gemm(a, b, sa, sb, impl="gluon")
+    else:
+        with pytest.raises(ValueError, match=r"impl='gluon': light epilogues only"):
+            int8_gemm(a, b, sa, sb, residual=r, impl="gluon")
+
+
+@pytest.mark.skipif(not GLUON_OK, reason="the Gluon W8A8 kernel runs on sm_90 only (compiled for it on the CPU "
+                                         "by test_aot)")
+@pytest.mark.parametrize("m,n,k", [(1, 45, 96), (130, 33, 48), (300, 520, 1040)])
+def test_gluon_kernel_bit_exact(gen, m, n, k):
+    a, b, sa, sb, bb, _ = _operands(gen, m, n, k, True, False)
+    acc = int8_gemm(a.cuda(), b.cuda(), out_dtype=torch.int32, impl="gluon")
+    assert_exact(acc, int8_gemm_ref(a, b, out_dtype=torch.int32))
+    for dtype in (torch.float32, torch.bfloat16):
+        want = int8_gemm(*_to("cuda", a, b, sa, sb, bb), out_dtype=dtype, impl="tiled")
+        assert_exact(int8_gemm(*_to("cuda", a, b, sa, sb, bb), out_dtype=dtype, impl="gluon"), want)
+
+
 def test_gelu_is_torch_tanh_gelu():
     y = np.linspace(-8, 8, 1001, dtype=np.float32)
     want = torch.nn.functional.gelu(torch.from_numpy(y), approximate="tanh").numpy()
@@ -202,7 +229,7 @@ def test_refusals(dev, gen):
         int8_gemm(a, b, sa, sb, bias=torch.ones(7, device=dev))
     with pytest.raises(TypeError, match="out_dtype: expected one of"):
         int8_gemm(a, b, sa, sb, out_dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma', 'gluon'\), got 'fast'"):
         int8_gemm(a, b, sa, sb, impl="fast")
     a72, b72 = rand_int8(gen, 4, 72).to(dev), rand_int8(gen, 8, 72).to(dev)
     with pytest.raises(ValueError, match=r"impl='tma': TMA needs row strides that are multiples of 16 bytes, "
