@@ -12,7 +12,9 @@ accumulators, so the int8 GEMMs drain the tensor cores every step).
     python -m slimfx.kernels.aot --only int8_gemm --arch 90
 
 Argument specializations follow what real launches see (pointers 16-byte aligned, N, K and strides
-multiples of 16; M not). Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit).
+multiples of 16; M not, or with --aligned-m a multiple of 16 too: Triton compiles each separately, and a
+config has been seen to compile one way only). Must run without TRITON_INTERPRET (the interpreter
+replaces @triton.jit).
 """
 from __future__ import annotations
 
@@ -189,7 +191,7 @@ def variants() -> list[Variant]:
     G = sys.modules["slimfx.kernels.int8_gemm"]
     sizes = dict(M="i32", N="i32", K="i32", M_BUCKET="i32")
     aligned = ("N", "K", "stride_am", "stride_bn", "stride_om", "stride_rm", "stride_xm", "stride_wn",
-               "stride_vn", "stride_pn", "stride_qm")
+               "stride_vn", "stride_pn", "stride_qm", "stride_mn", "stride_sn")
     epi = dict(a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", res_ptr="*bf16", out_scale_ptr="*fp32")
     no_fma = dict(enable_fp_fusion=False)     # the launchers that round like the numpy spec turn contraction off
     w8a8_flags = dict(HAS_SCALES=True, HAS_BIAS=True, ACT="gelu", HAS_RES=True, REQUANT=False, RAW_INT=False)
@@ -259,7 +261,7 @@ def variants() -> list[Variant]:
                         dict(x_ptr="*bf16", v_ptr="*bf16", meta_ptr="*u8", out_ptr="*bf16", bias_ptr="*bf16",
                              M="i32", N="i32", K="i32", stride_xm="i32", stride_vn="i32", stride_mn="i32",
                              stride_om="i32"),
-                        dict(HAS_BIAS=True, BLOCK_M=1), aligned)
+                        dict(HAS_BIAS=True, BLOCK_M=1, EVEN=True), aligned)
     return vs
 
 
@@ -268,12 +270,18 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--only", default="", help="families whose name contains this")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--aligned-m", action="store_true",
+                    help="specialize M as a multiple of 16, as launches with such M (2048, 16) are compiled; by "
+                         "default M is not (M = 1, 130): a config can compile one way and fail the other")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("slimfx.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels with the interpreter)",
               file=sys.stderr)
         return 2
     todo = [v for v in variants() if args.only in v.family]
+    if args.aligned_m:
+        for v in todo:
+            v.aligned = tuple(v.aligned) + ("M", "M_BUCKET")
     try:
         from tqdm import tqdm
         it = tqdm(todo, desc=f"compiling for sm_{args.arch}", file=sys.stderr)

@@ -93,9 +93,11 @@ def _configs():
     cfg = triton.Config
     full = [cfg({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w, s in [(32, 128, 4, 4), (16, 256, 4, 4), (64, 64, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3)]]
+    # no 256-wide N tile: its (256, BLOCK_K / 8) tile of meta bytes fails Triton 3.6's sm_90 compile once
+    # the meta row stride is known to be a multiple of 16, as it is at run time (slimfx.kernels.aot)
     full += [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in [(64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
-                                      (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]]
+                                      (128, 128, 128, 8, 3), (64, 128, 128, 8, 3), (256, 128, 64, 8, 3)]]
     return C.pick_configs(full, cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 
@@ -115,30 +117,35 @@ def _select4(i, x0, x1, x2, x3):
 
 
 @triton.jit
-def _nibbles(m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
+def _nibbles(m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr):
     """Step kb's G groups of ROWS rows: the kept positions (i0, i1), each (ROWS, G) in 0..3, from the meta
-    bytes (ROWS, G/2) loaded contiguously and split into nibbles (group 2j low, 2j + 1 high)."""
+    bytes (ROWS, G/2) loaded contiguously and split into nibbles (group 2j low, 2j + 1 high). EVEN (K a
+    multiple of the step): no mask, so the bytes load as whole words (masked, sm_90 loads them one by one,
+    outside the cp.async pipeline)."""
     jb = kb * (G // 2) + tl.arange(0, G // 2)
-    byte = tl.load(m_rows + jb[None, :], mask=(jb < (K + 7) // 8)[None, :], other=0).to(tl.int32)
+    if EVEN:
+        byte = tl.load(m_rows + jb[None, :]).to(tl.int32)
+    else:
+        byte = tl.load(m_rows + jb[None, :], mask=(jb < (K + 7) // 8)[None, :], other=0).to(tl.int32)
     nib = tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, G))
     return nib & 3, nib >> 2
 
 
 @triton.jit
-def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr):
+def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr):
     """Step kb's G groups of ROWS weight rows, from contiguous loads: (v0, v1, i0, i1), each (ROWS, G):
     the two kept values (v's dtype) and their positions 0..3 in the group. Values arrive as (ROWS, 2G) and
     split into slots, in registers."""
     jv = kb * 2 * G + tl.arange(0, 2 * G)
-    v = tl.load(v_rows + jv[None, :], mask=(jv < K // 2)[None, :], other=0.0)
+    v = tl.load(v_rows + jv[None, :], mask=None if EVEN else (jv < K // 2)[None, :], other=None if EVEN else 0.0)
     v0, v1 = tl.split(tl.reshape(v, (ROWS, G, 2)))
-    i0, i1 = _nibbles(m_rows, kb, K, G, ROWS)
+    i0, i1 = _nibbles(m_rows, kb, K, G, ROWS, EVEN)
     return v0, v1, i0, i1
 
 
 @triton.jit
 def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr,
-                     DTYPE: tl.constexpr):
+                     DTYPE: tl.constexpr, EVEN: tl.constexpr):
     """The dense weights at positions 0..3 of step kb's G groups, (p0, p1, p2, p3) each (ROWS, G): position
     p holds v0 where i0 == p, v1 where i1 == p, else 0.
     WORDS (16-bit values, v_rows an int32 view): a group's pair (v0 | v1 << 16) is one 32-bit word and
@@ -148,8 +155,9 @@ def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr,
     against ~11 with per-element selects (slimfx.kernels.aot)."""
     if WORDS:
         jw = kb * G + tl.arange(0, G)
-        vv = tl.load(v_rows + jw[None, :], mask=(jw < K // 4)[None, :], other=0).to(tl.uint32, bitcast=True)
-        i0, i1 = _nibbles(m_rows, kb, K, G, ROWS)
+        vv = tl.load(v_rows + jw[None, :], mask=None if EVEN else (jw < K // 4)[None, :],
+                     other=None if EVEN else 0).to(tl.uint32, bitcast=True)
+        i0, i1 = _nibbles(m_rows, kb, K, G, ROWS, EVEN)
         lo = tl.where(i0 == 0, tl.where(i1 == 1, vv, vv & 0xFFFF), tl.where(i0 == 1, vv << 16, 0))
         hi = tl.where(i1 == 3, tl.where(i0 == 2, vv, vv & 0xFFFF0000), tl.where(i1 == 2, vv >> 16, 0))
         p0 = (lo & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
@@ -157,7 +165,7 @@ def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr,
         p2 = (hi & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
         p3 = (hi >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
     else:
-        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, ROWS)
+        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, ROWS, EVEN)
         zero = tl.zeros_like(v0)
         p0 = tl.where(i0 == 0, v0, zero)
         p1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
@@ -171,8 +179,8 @@ def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr,
 @triton.jit
 def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKET,
                      stride_xm, stride_vn, stride_mn, stride_om,
-                     HAS_BIAS: tl.constexpr, DOT: tl.constexpr,
-                     WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, DOT: tl.constexpr, WORDS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Tensor-core path: the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers from contiguous loads
     (_dense_positions), joined back in column order, then a dense tl.dot with the tile transposed. On sm_90
     this is ~9 (16-bit values, WORDS) or ~11 (fp32) instructions per weight element in the loop, against
@@ -189,7 +197,9 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
     m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        p0, p1, p2, p3 = _dense_positions(v_rows, m_rows, kb, K, G, BLOCK_N, WORDS, x_ptr.dtype.element_ty)
+        # masked loads even when K is a whole number of steps: unmasked, the meta bytes get a shared layout
+        # that doubles the loop at BLOCK_K = 256 and fails to compile at 128x256x64 (Triton 3.6, sm_90)
+        p0, p1, p2, p3 = _dense_positions(v_rows, m_rows, kb, K, G, BLOCK_N, WORDS, x_ptr.dtype.element_ty, False)
         # join(join(p0, p2), join(p1, p3))[n, g, b, a] = p_(2b + a): flattened, column 4g + 2b + a
         w = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K))
         k = kb * BLOCK_K + rk
@@ -201,11 +211,12 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
 
 @triton.autotune(configs=_gemv_configs(), key=["BLOCK_M", "N", "K"],
                  prune_configs_by={"early_config_prune": C.prune_accumulator("BLOCK_G", regs=32)})
+@triton.heuristics({"EVEN": lambda a: a["K"] % (4 * a["BLOCK_G"]) == 0})
 @triton.jit
 def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
                           stride_xm, stride_vn, stride_mn, stride_om, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                          STAGES: tl.constexpr):
+                          STAGES: tl.constexpr, EVEN: tl.constexpr):
     """Decode path, all loads contiguous: per step BLOCK_G groups, i.e. 2 * BLOCK_G values and BLOCK_G / 2
     meta bytes of each of BLOCK_N rows and 4 * BLOCK_G columns of x. Values split into slot 0 / slot 1,
     bytes into nibbles, x into its four group positions (reshape + split/join, in registers), and each
@@ -221,9 +232,10 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
     m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
     for kb in tl.range(0, tl.cdiv(K // 4, BLOCK_G), num_stages=STAGES):
-        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, BLOCK_G, BLOCK_N)
+        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, BLOCK_G, BLOCK_N, EVEN)
         jx = kb * 4 * BLOCK_G + rx
-        x = tl.load(x_rows + jx[None, :], mask=(jx < K)[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_rows + jx[None, :], mask=None if EVEN else (jx < K)[None, :],
+                    other=None if EVEN else 0.0).to(tl.float32)
         # [m, g, a, b] = x[m, 4g + 2a + b]: split takes b (even / odd positions), then a
         x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_G, 2, 2)))
         x0, x2 = tl.split(x_even)

@@ -24,6 +24,15 @@ def compiled(tmp_path_factory):
     return p, json.loads(out.read_text())
 
 
+def test_every_variant_compiles_with_m_a_multiple_of_16():
+    """Launches at M = 16, 2048, ... compile with M specialized as a multiple of 16: a config that fails
+    only then would crash the autotuner on the GPU (it skips only resource errors)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "slimfx.kernels.aot", "--aligned-m"], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0 and "0 failed to compile" in p.stdout, p.stdout[-3000:]
+
+
 def test_every_variant_compiles_for_sm90(compiled):
     p, results = compiled
     failed = [(r["family"], r["config"], r["error"]) for r in results if not r["ok"]]
