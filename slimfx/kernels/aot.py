@@ -273,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--aligned-m", action="store_true",
                     help="specialize M as a multiple of 16, as launches with such M (2048, 16) are compiled; by "
                          "default M is not (M = 1, 130): a config can compile one way and fail the other")
+    ap.add_argument("--m1", action="store_true", help="the decode configs (BLOCK_M <= 16) with M = 1, which "
+                                                       "Triton compiles as a constant")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("slimfx.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels with the interpreter)",
@@ -282,6 +284,11 @@ def main(argv=None) -> int:
     if args.aligned_m:
         for v in todo:
             v.aligned = tuple(v.aligned) + ("M", "M_BUCKET")
+    if args.m1:            # Triton compiles an int argument equal to 1 as the constant 1
+        todo = [v for v in todo if "M" in v.types and v.consts.get("BLOCK_M", 1) <= 16]
+        for v in todo:    # (M_BUCKET too: slimfx.kernels._common.m_bucket(1) is 1)
+            v.consts = dict(v.consts, **{k: 1 for k in ("M", "M_BUCKET") if k in v.types})
+            v.types = {k: t for k, t in v.types.items() if k not in ("M", "M_BUCKET")}
     try:
         from tqdm import tqdm
         it = tqdm(todo, desc=f"compiling for sm_{args.arch}", file=sys.stderr)
