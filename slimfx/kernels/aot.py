@@ -281,6 +281,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     todo = [v for v in variants() if args.only in v.family]
+    if args.arch < 90:     # TMA and wgmma are Hopper's (compiling them for older targets aborts LLVM)
+        skipped = sorted({v.family for v in todo if v.family.endswith((" tma", " gluon"))})
+        todo = [v for v in todo if v.family not in skipped]
+        print(f"sm_{args.arch}: skipping the Hopper-only {', '.join(skipped)}", file=sys.stderr)
     if args.aligned_m:
         for v in todo:
             v.aligned = tuple(v.aligned) + ("M", "M_BUCKET")
