@@ -106,10 +106,8 @@ class LowerSparse(Pass):
                 new = g.call_function(sf.sparse_linear.default,
                                       (a.get("input", a.get("x")), w_node, a.get("bias"),
                                        a.get("activation", "none"), a.get("residual"), pattern))
-            new.meta = {k: v for k, v in n.meta.items() if k != "slimfx"}
-            info = ir.meta.info(new)
-            info.origin = self.pass_name
-            info.kernel = None
+            new.meta = {k: v for k, v in n.meta.items() if k != "slimfx"}     # a fresh NodeInfo
+            ir.meta.info(new).origin = self.pass_name
             n.replace_all_uses_with(new)
             g.erase_node(n)
             lowered[name] = pattern
