@@ -19,8 +19,9 @@ Rows, each timed with triton.testing.do_bench (median) in one process:
     slimfx <scheme> eager       slimfx.compile(..., backend="triton")
     slimfx <scheme> graphs      ... backend_options={"cuda_graphs": True}
 for the schemes in SCHEMES (--schemes; default W8A8 and W8A16; the sparse ones prune a copy of the model
-by magnitude first, and their cosine is to that pruned model in torch); lm_head stays bf16. Each scheme is compiled once (capture and passes on the CPU) and
-lowered twice; a row's first call (choices, autotuning, graph capture) is timed apart as first_call_s.
+by magnitude first, and their cosine is to that pruned model in torch); lm_head stays bf16. Each scheme
+is compiled once (capture and passes on the CPU) and lowered twice; a row's first call (choices,
+autotuning, graph capture) is timed apart as first_call_s.
 Writes bench/results/llama_gpu-<card>.{json,md} (--stem renames).
 """
 from __future__ import annotations
@@ -93,7 +94,8 @@ def passes_for(scheme: str, block: int = 64) -> list:
 def pruned(model, how: str, block: int, fraction: float = 0.5):
     """A copy of ``model`` with every linear weight but lm_head pruned by magnitude: "2:4" keeps the two
     largest of each 4 along K; "blocks" zeroes the ``fraction`` of (block x block) tiles with the smallest
-    norms (dims that are not multiples of the block: the layer stays dense). (A stand-in for a real pruning pass: on random weights only the shapes and the sparsity matter.)"""
+    norms (dims that are not multiples of the block: the layer stays dense). A stand-in for a real pruning
+    pass: on random weights only the shapes and the sparsity matter."""
     import copy
     import torch
     m = copy.deepcopy(model)

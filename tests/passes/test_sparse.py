@@ -117,7 +117,8 @@ def test_bad_arguments_are_named():
         sf.sparse_linear(torch.ones(2, 4), torch.ones(3, 4), pattern="4:8")
     with pytest.raises(ValueError, match="LowerSparse.pattern must be one of"):
         P.LowerSparse(pattern="2:8")
-    with pytest.raises(ValueError, match=r"LowerSparse.block must be two powers of two >= 16 \(BN, BK\), got \(48, 64\)"):
+    with pytest.raises(ValueError, match=r"LowerSparse.block must be two powers of two >= 16 \(BN, BK\), "
+                                         r"got \(48, 64\)"):
         P.LowerSparse(block=(48, 64))
     with pytest.raises(ValueError, match="LowerSparse.block must be"):
         P.LowerSparse(block=(64,))
