@@ -71,6 +71,51 @@ GOALS = [
 ]
 
 
+# Bytes of weight each kernel reads per weight element (its data, plus the scales or indices it needs): at
+# decode shapes a linear layer is bound by reading its weight, so ms -> GB/s says how close a kernel gets to
+# the card's memory bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s). Kernels not listed are not modelled.
+WEIGHT_BYTES = [
+    (r"cublas_bf16$", 2.0),
+    (r"(w8a8|torch_int_mm|torch_compile).*", 1.0),
+    (r"weight_only_int8.*", 1.0),
+    (r"weight_only_int4.*", 0.5 + 4 / 128),           # nibbles + an fp32 scale per group of 128
+    (r"block_sparse_50.*", 2.0 * 0.5),
+    (r"block_sparse_90.*", 2.0 * 0.1),
+    (r"block_sparse_int8_90", 1.0 * 0.1),
+    (r"(sparse24|torch_semi_structured_24).*", 2.0 * 0.5 + 1 / 8),   # kept values + 4 bits per group of 4
+]
+
+
+def gbps(row: dict) -> float | None:
+    """Achieved GB/s of a row: its weight (WEIGHT_BYTES) plus bf16 x and y, over its time."""
+    per = next((b for pat, b in WEIGHT_BYTES if re.match(pat, row["kernel"])), None)
+    if per is None or not row.get("ms"):
+        return None
+    m, n, k = row["m"], row["n"], row["k"]
+    return (n * k * per + 2 * m * k + 2 * m * n) / (row["ms"] * 1e-3) / 1e9
+
+
+def _gbps_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: GB/s per decode shape (M <= 16) and modelled kernel, the baseline first."""
+    decode = [r for r in rows if r["m"] <= 16 and gbps(r) is not None]
+    if not decode:
+        return []
+    names = [k for k, _ in KERNELS + VARIANTS if any(r["kernel"] == k for r in decode)]
+    titles = dict(KERNELS + VARIANTS)
+    cell = {(r["m"], r["n"], r["k"], r["kernel"]): r for r in decode}
+    shapes = sorted({(r["m"], r["n"], r["k"]) for r in decode})
+    lines = ["", "## Bytes at decode", "",
+             "M <= 16: achieved GB/s (the weight in the kernel's format, plus x and y in bf16, over the median "
+             "time). A memory-bound kernel should approach the card's bandwidth.", "",
+             "| M | N | K | " + " | ".join(titles[k] for k in names) + " |",
+             "|---:|---:|---:|" + "---:|" * len(names)]
+    for m, n, k in shapes:
+        cells = [f"{gbps(cell[(m, n, k, kn)]):.0f}" if (m, n, k, kn) in cell and cell[(m, n, k, kn)]["ok"] is not False
+                 else "-" for kn in names]
+        lines.append(f"| {m} | {n} | {k} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def card_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (for file names)."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
@@ -132,6 +177,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += ["", "## Implementations behind auto", "",
                   "Each kernel's `impl=` choices timed on their own (the table above is `impl=\"auto\"`, which "
                   "times them once per shape and keeps the faster).", "", *_table(rows, VARIANTS)]
+    lines += _gbps_table(rows)
     lines += ["", "## Goals", "", "| goal | cases | worst speedup | met |", "|---|---:|---:|:---:|"]
     for g in check_goals(rows):
         worst = "-" if g["worst_speedup"] is None else f"{g['worst_speedup']:.2f}x"

@@ -54,6 +54,21 @@ def test_markdown_and_goals():
     assert R.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_decode_bandwidth_table():
+    rows = [dict(m=1, n=4096, k=4096, kernel="cublas_bf16", ms=0.01, speedup_vs_bf16=1.0, ok=True, check="", note=""),
+            dict(m=1, n=4096, k=4096, kernel="weight_only_int8", ms=0.005, speedup_vs_bf16=2.0, ok=True, check="",
+                 note=""),
+            dict(m=2048, n=4096, k=4096, kernel="cublas_bf16", ms=0.1, speedup_vs_bf16=1.0, ok=True, check="",
+                 note="")]
+    # bf16: 2 bytes per weight + x and y: (2 * 4096**2 + 2 * 4096 * 2) B / 10 us = 3357 GB/s; int8: half the
+    # weight bytes in half the time
+    assert R.gbps(rows[0]) == pytest.approx((2 * 4096 ** 2 + 4 * 4096) / 1e-5 / 1e9)
+    assert R.gbps(rows[1]) == pytest.approx((4096 ** 2 + 4 * 4096) / 5e-6 / 1e9)
+    md = R.markdown(rows, {})
+    assert "## Bytes at decode" in md and "| 1 | 4096 | 4096 | 3357 | 3359 |" in md
+    assert "| 2048 |" not in md.split("## Bytes at decode")[1].split("## Goals")[0]     # prefill: not memory bound
+
+
 def test_block_sparse_goal_takes_the_best_correct_block_shape():
     def row(kernel, speedup, ok=True):
         return dict(m=2048, n=4096, k=4096, kernel=kernel, ms=1.0, speedup_vs_bf16=speedup, ok=ok, check="", note="")
