@@ -119,9 +119,11 @@ def _int8_gemm_gluon_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, b
         gl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps): tiles the autotuner tries; 8 warps = two warpgroups along M
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps): tiles the autotuner tries; 8 warps = two warpgroups along M.
+# The last two fit twice per SM (<= 113 KB of shared memory, <= 128 registers a thread at 8 warps), so one
+# program's prologue and epilogue overlap the other's main loop (the kernel is not persistent).
 CONFIGS = [(128, 128, 128, 4, 8), (128, 256, 128, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 5, 4),
-           (64, 256, 128, 3, 4)]
+           (64, 256, 128, 3, 4), (128, 128, 128, 3, 8), (128, 128, 64, 4, 8)]
 GROUP_M = 8
 
 

@@ -192,6 +192,18 @@ def test_gluon_kernel_bit_exact(gen, m, n, k):
         assert_exact(int8_gemm(*_to("cuda", a, b, sa, sb, bb), out_dtype=dtype, impl="gluon"), want)
 
 
+@pytest.mark.skipif(not GLUON_OK, reason="the Gluon W8A8 kernel runs on sm_90 only")
+def test_gluon_every_config_bit_exact(gen):
+    """Each tile config pinned (impl="gluon" otherwise runs the fastest only): identical to the tiled kernel."""
+    from slimfx.kernels.int8_gemm_gluon import CONFIGS
+    a, b, sa, sb, bb, _ = _operands(gen, 300, 520, 1040, True, False)
+    args = _to("cuda", a, b, sa, sb, bb)
+    want = int8_gemm(*args, out_dtype=torch.bfloat16, impl="tiled")
+    for bm, bn, bk, stages, warps in CONFIGS:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
+        assert_exact(int8_gemm(*args, out_dtype=torch.bfloat16, impl="gluon", _config=cfg), want)
+
+
 def test_gelu_is_torch_tanh_gelu():
     y = np.linspace(-8, 8, 1001, dtype=np.float32)
     want = torch.nn.functional.gelu(torch.from_numpy(y), approximate="tanh").numpy()
