@@ -58,19 +58,29 @@ def m_bucket(m: int) -> int:
 _FASTEST: dict = {}
 
 
-def fastest(family: str, key: tuple, candidates: dict, default: str) -> str:
+def fastest(family: str, key: tuple, candidates: dict, default: str, output: torch.Tensor | None = None) -> str:
     """The name of the fastest of ``candidates`` (name -> zero-argument call) for this (family, key),
     timed once per process with triton.testing.do_bench (each candidate autotunes on its first call);
-    a candidate that fails to compile or run is skipped. Under the interpreter nothing is timed:
-    ``default``. ``fastest_choices()`` shows what was chosen and the times."""
+    a candidate that fails to compile or run is skipped. ``output``: the tensor every candidate writes,
+    where they must agree bit for bit (integer accumulation, one epilogue): a candidate whose result
+    differs from ``default``'s is skipped too, so a wrong kernel is never chosen for being fast. Under the
+    interpreter nothing is timed: ``default``. ``fastest_choices()`` shows what was chosen and the times."""
     if interpreting() or len(candidates) == 1:
         return default
     k = (family, key)
     if k not in _FASTEST:
         from triton.testing import do_bench
-        times, errors = {}, {}
-        for name, fn in candidates.items():
+        times, errors, want = {}, {}, None
+        for name in sorted(candidates, key=lambda n: n != default):      # the default first: the reference
+            fn = candidates[name]
             try:
+                if output is not None:
+                    fn()
+                    if want is None:
+                        want = output.clone()
+                    elif not torch.equal(output, want):
+                        errors[name] = f"differs from {default} in {int((output != want).sum())} elements"
+                        continue
                 times[name] = float(do_bench(fn, warmup=5, rep=25))
             except Exception as e:   # noqa: BLE001 - e.g. OutOfResources / no TMA on this device: not a choice
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"

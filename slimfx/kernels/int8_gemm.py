@@ -188,7 +188,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     int32 (the raw accumulator: no scales, bias, activation or residual allowed).
     impl: "tiled" (one program per output tile, pointer loads; every shape), "tma" (persistent, TMA loads;
     Hopper+, K a multiple of 16), or "auto": tiled below TMA_MIN_M rows; above, whichever of the two
-    measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest).
+    measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest; the two
+    must agree bit for bit there, or the TMA kernel is not chosen).
     "gluon" (sm_90 only, light epilogues; see int8_gemm_gluon: wgmma kept in flight across K steps, which
     Triton does not do for int32 accumulators) is explicit until a GPU run has measured it.
     _config: pin the tiled kernel's config (BLOCK_M/N/K, SPLIT_K, GROUP_M, num_warps, num_stages), or with
@@ -274,7 +275,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     if impl == "auto":
         impl = "tiled"
         if refusal is None and m >= TMA_MIN_M:
-            impl = C.fastest("int8_gemm", (C.m_bucket(m), n, k, str(dev)), {"tiled": tiled, "tma": tma}, "tiled")
+            impl = C.fastest("int8_gemm", (C.m_bucket(m), n, k, str(dev)), {"tiled": tiled, "tma": tma}, "tiled",
+                             output=out)
     (tma if impl == "tma" else tiled)()
     return out.view(*a.shape[:-1], n)
 

@@ -54,6 +54,23 @@ def test_a_candidate_that_fails_is_skipped(measured):
         C.fastest("fam", (4,), {"tma": broken, "also": broken}, "tma")
 
 
+def test_a_candidate_that_disagrees_is_never_chosen(measured):
+    """With ``output``, every candidate's result must equal the default's bit for bit; the fast wrong one
+    is skipped, and the reason recorded."""
+    import torch
+    out = torch.zeros(4)
+
+    def write(value, ms):
+        def fn():
+            out.fill_(value)
+            out[0] = value
+            return ms
+        return fn
+    cands = {"tma": write(1.0, 0.1), "tiled": write(1.0, 0.5), "fast_wrong": write(2.0, 0.01)}
+    assert C.fastest("fam", (6,), cands, "tiled", output=out) == "tma"
+    assert C.fastest_choices()[("fam", (6,))][2] == {"fast_wrong": "differs from tiled in 4 elements"}
+
+
 def test_interpreter_takes_the_default(monkeypatch):
     monkeypatch.setattr(C, "interpreting", lambda: True)
     assert C.fastest("fam", (5,), {"a": lambda: 1.0, "b": lambda: 0.1}, "a") == "a"
