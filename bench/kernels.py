@@ -231,6 +231,14 @@ class Bench:
                 refq = (xq.double() @ wq.double().T).float() * xs * ws
                 self.case(shp, "block_sparse_int8_90", lambda: B.bsr_int8_gemm(xq, bq, xs, ws),
                           lambda: close_rel(B.bsr_int8_gemm(xq, bq, xs, ws), refq, 1e-2), base_ms)
+                if m > 16:   # the Gluon form (sm_90; elsewhere the case notes the refusal): exact vs tiled
+                    def bsr_gluon():
+                        return B.bsr_int8_gemm(xq, bq, xs, ws, impl="gluon")
+
+                    def check_bsr_gluon():
+                        same = torch.equal(bsr_gluon(), B.bsr_int8_gemm(xq, bq, xs, ws, impl="tiled"))
+                        return same, f"bit-identical to tiled={same}"
+                    self.case(shp, "block_sparse_int8_90_gluon", bsr_gluon, check_bsr_gluon, base_ms)
         from slimfx.kernels import sparse24 as S
         w24 = prune_24(w)
         vals, meta = S.compress_24(w24)

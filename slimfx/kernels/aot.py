@@ -206,14 +206,19 @@ def variants() -> list[Variant]:
                              out_ptr="*bf16", **epi, **sizes, stride_om="i32", stride_rm="i32"),
                         w8a8_flags, aligned, halves=True, options=no_fma)
     from slimfx.kernels import int8_gemm_gluon as GL
-    for bm, bn, bk, stages, warps in GL.CONFIGS:      # Gluon: descriptor types carry their shared layout
+    gluon_args = dict(out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32", col_ptr="*i32",
+                      row_ptr="*i32", order_ptr="*i32", M="i32", N="i32", K="i32", stride_om="i32")
+
+    def gluon(family, bm, bn, bk, stages, warps, sparse):   # descriptor types carry their shared layout
         desc = {name: f"tensordesc<i8[{rows}, {bk}],{GL.descriptor_layout([rows, bk])!r}>"
                 for name, rows in (("a_desc", bm), ("b_desc", bn))}
-        vs.append(Variant("int8_gemm gluon", GL._int8_gemm_gluon_kernel,
-                          dict(desc, out_ptr="*bf16", a_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*fp32",
-                               M="i32", N="i32", K="i32", stride_om="i32"),
-                          dict(HAS_BIAS=True, RAW_INT=False, GROUP_M=GL.GROUP_M, STAGES=stages, num_warps=warps),
-                          warps, stages, aligned, f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk}", no_fma))
+        return Variant(family, GL._int8_gemm_gluon_kernel, dict(desc, **gluon_args),
+                       dict(HAS_BIAS=True, RAW_INT=False, GROUP_M=GL.GROUP_M, STAGES=stages, SPARSE=sparse,
+                            ORDERED=sparse, num_warps=warps),
+                       warps, stages, aligned, f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk}", no_fma)
+    vs += [gluon("int8_gemm gluon", *cfg, False) for cfg in GL.CONFIGS]
+    vs += [gluon(f"block_sparse i8 {bn}x{bk} gluon", bm, bn, bk, stages, warps, True)
+           for bn, bk in ((64, 64), (128, 128)) for bm, stages, warps in GL.BSR_CONFIGS]
     wo = weight_only
     vs += _from_configs("weight_only int8 gemv", wo._wo_int8_gemv_kernel,
                         dict(x_ptr="*bf16", w_ptr="*i8", out_ptr="*bf16", w_scale_ptr="*fp32", bias_ptr="*fp32",

@@ -184,7 +184,7 @@ def _bsr_tma_kernel(x_desc, v_desc, col_ptr, row_ptr, order_ptr, out_ptr, a_scal
                             False, HALVES)
 
 
-IMPLS = ("auto", "tiled", "tma")
+IMPLS = ("auto", "tiled", "tma", "gluon")
 
 
 def _check_bsr(bsr: BSR, dtypes):
@@ -215,7 +215,18 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
         impl = "tiled"
     if impl == "tma" and refusal:
         raise ValueError(f"impl='tma': {refusal} (use impl='tiled' or 'auto')")
+    if impl == "gluon":
+        from slimfx.kernels.int8_gemm import _gluon_refusal
+        why = ("the Gluon kernel is the int8 form (bsr_int8_gemm)" if not is_int8 else None) or \
+            _gluon_refusal(out.device, activation, residual, out.dtype) or \
+            C.tma_refusal(x=x2, values=values2d)
+        if why:
+            raise ValueError(f"impl='gluon': {why} (use impl='tiled', 'tma' or 'auto')")
     if m == 0 or n == 0:
+        return
+    if impl == "gluon":
+        from slimfx.kernels import int8_gemm_gluon as G
+        G.launch_bsr(x2, bsr, out, a_scale, w_scale, bias)
         return
     d = C.dummy(out.device)
     epi = (a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
@@ -241,7 +252,8 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
         impl = "tiled"
         if refusal is None and m > 16:
             key = (C.m_bucket(m), n, k, bn, bk, str(x2.dtype), bsr.values.shape[0], str(out.device))
-            impl = C.fastest("bsr", key, {"tiled": tiled, "tma": tma}, "tiled")
+            impl = C.fastest("bsr", key, {"tiled": tiled, "tma": tma}, "tiled",
+                             output=out if is_int8 else None)     # exact int32: the two must agree
     (tma if impl == "tma" else tiled)()
 
 
@@ -268,7 +280,8 @@ def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: tor
                   residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                   impl: str = "auto") -> torch.Tensor:
     """int8_gemm's W8A8 epilogue over an int8 BSR weight: int8 a (..., K), fp32 a_scale (M), w_scale (N).
-    impl: as in bsr_linear."""
+    impl: as in bsr_linear, or "gluon" (sm_90, scales and bias only: int8_gemm_gluon's block-sparse form,
+    wgmma kept in flight across blocks; explicit until a GPU run has measured it)."""
     C.check_tensor("a", a, dtypes=(torch.int8,))
     n, k, _, _ = _check_bsr(bsr, (torch.int8,))
     if out_dtype not in C.FLOAT_DTYPES:

@@ -1,4 +1,5 @@
-"""W8A8 GEMM for Hopper written in Gluon (Triton's explicit-layout dialect): ``int8_gemm(..., impl="gluon")``.
+"""W8A8 GEMM for Hopper written in Gluon (Triton's explicit-layout dialect): ``int8_gemm(..., impl="gluon")``,
+and its block-sparse form, ``bsr_int8_gemm(..., impl="gluon")``.
 
 Why a second W8A8 kernel: Triton 3.6's pipeliner keeps Hopper's asynchronous wgmma in flight across K steps
 only for fp32 accumulators. With int8's int32 accumulators every K step of the Triton kernels waits for its
@@ -49,21 +50,54 @@ def _instr_n(block_m, block_n, num_warps):
 
 
 @gluon.jit
-def _int8_gemm_gluon_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_om,
+def _step_coords(step, off_n, first, col_ptr, ok, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                 SPARSE: gl.constexpr):
+    """Where K step ``step`` reads: (a's column, b's row, b's column). Dense: K block ``step`` of both.
+    SPARSE (BSR): the block-row's kept block ``first + step``: x at its block column, the block itself
+    (values viewed as (nnzb * BN, BK)) whole. ``ok``: the step exists (past the row's last block, the
+    column index is not read)."""
+    if SPARSE:
+        return gl.load(col_ptr + first + step, mask=ok, other=0) * BLOCK_K, (first + step) * BLOCK_N, 0
+    return step * BLOCK_K, off_n, step * BLOCK_K
+
+
+@gluon.jit
+def _issue_loads(a_desc, b_desc, bar, a_buf, b_buf, step, off_m, off_n, first, col_ptr, ok,
+                 BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr, SPARSE: gl.constexpr):
+    a_col, b_row, b_col = _step_coords(step, off_n, first, col_ptr, ok, BLOCK_K, BLOCK_N, SPARSE)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=ok)   # zero fill counts too
+    tma.async_copy_global_to_shared(a_desc, [off_m, a_col], bar, a_buf, pred=ok)
+    tma.async_copy_global_to_shared(b_desc, [b_row, b_col], bar, b_buf, pred=ok)
+
+
+@gluon.jit
+def _int8_gemm_gluon_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, col_ptr, row_ptr,
+                            order_ptr, M, N, K, stride_om,
                             HAS_BIAS: gl.constexpr, RAW_INT: gl.constexpr, GROUP_M: gl.constexpr,
-                            STAGES: gl.constexpr, num_warps: gl.constexpr):
+                            STAGES: gl.constexpr, SPARSE: gl.constexpr, ORDERED: gl.constexpr,
+                            num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    # grouped tile order (slimfx.kernels._common.grouped_tile): GROUP_M row-tiles share their B tiles in L2
-    pid = gl.program_id(0)
-    grid_m = gl.cdiv(M, BLOCK_M)
-    grid_n = gl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = gl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    if SPARSE:   # as block_sparse's kernels: program (row tile, block-row), block-rows longest first if ORDERED
+        pid_m = gl.program_id(0)
+        brow = gl.program_id(1)
+        if ORDERED:
+            brow = gl.load(order_ptr + brow)
+        first = gl.load(row_ptr + brow)
+        steps = gl.load(row_ptr + brow + 1) - first
+        pid_n = brow
+    else:        # grouped tile order (_common.grouped_tile): GROUP_M row tiles share their B tiles in L2
+        pid = gl.program_id(0)
+        grid_m = gl.cdiv(M, BLOCK_M)
+        grid_n = gl.cdiv(N, BLOCK_N)
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = gl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        first = 0
+        steps = gl.cdiv(K, BLOCK_K)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
@@ -74,16 +108,12 @@ def _int8_gemm_gluon_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, b
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes   # TMA counts zero-filled bytes too
-    k_tiles = gl.cdiv(K, BLOCK_K)
     for i in gl.static_range(STAGES - 1):              # prologue: the first STAGES - 1 K steps in flight
-        ok = i < k_tiles
-        mbarrier.expect(bars.index(i), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], bars.index(i), a_bufs.index(i), pred=ok)
-        tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], bars.index(i), b_bufs.index(i), pred=ok)
+        _issue_loads(a_desc, b_desc, bars.index(i), a_bufs.index(i), b_bufs.index(i), i, off_m, off_n, first,
+                     col_ptr, i < steps, BLOCK_K, BLOCK_N, SPARSE)
 
     acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma)
-    for ki in range(k_tiles):
+    for ki in range(steps):
         s = ki % STAGES
         mbarrier.wait(bars.index(s), (ki // STAGES) & 1)
         acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
@@ -91,10 +121,8 @@ def _int8_gemm_gluon_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, b
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_bufs.index(s), b_bufs.index(s)))[0]
         nk = ki + STAGES - 1
         ns = nk % STAGES
-        ok = nk < k_tiles
-        mbarrier.expect(bars.index(ns), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [off_m, nk * BLOCK_K], bars.index(ns), a_bufs.index(ns), pred=ok)
-        tma.async_copy_global_to_shared(b_desc, [off_n, nk * BLOCK_K], bars.index(ns), b_bufs.index(ns), pred=ok)
+        _issue_loads(a_desc, b_desc, bars.index(ns), a_bufs.index(ns), b_bufs.index(ns), nk, off_m, off_n, first,
+                     col_ptr, nk < steps, BLOCK_K, BLOCK_N, SPARSE)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
@@ -131,27 +159,63 @@ def descriptor_layout(block_shape):
     return gl.NVMMASharedLayout.get_default_for(block_shape, gl.int8)
 
 
+# Block-sparse (BSR) row tiles: (BLOCK_M, STAGES, num_warps); BN x BK is the format's block
+BSR_CONFIGS = [(128, 4, 8), (128, 3, 4), (64, 4, 4), (256, 3, 8)]
+
+
+def _run(a2, b_view, out, a_scale, w_scale, bias, raw, bm, bn, bk, stages, warps, grid, bsr=None):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from slimfx.kernels import _common as C
+    d = C.dummy(out.device)
+    a_desc = TensorDescriptor.from_tensor(a2, [bm, bk], descriptor_layout([bm, bk]))
+    b_desc = TensorDescriptor.from_tensor(b_view, [bn, bk], descriptor_layout([bn, bk]))
+    sparse = bsr is not None
+    ordered = sparse and bsr.row_order is not None
+    idx = (bsr.col_idx, bsr.row_ptr, bsr.row_order if ordered else bsr.row_ptr) if sparse else (d, d, d)
+    _int8_gemm_gluon_kernel[grid](a_desc, b_desc, out, a_scale if a_scale is not None else d,
+                                  w_scale if w_scale is not None else d, bias if bias is not None else d, *idx,
+                                  a2.shape[0], out.shape[1], a2.shape[1], out.stride(0), HAS_BIAS=bias is not None,
+                                  RAW_INT=raw, GROUP_M=GROUP_M, STAGES=stages, SPARSE=sparse, ORDERED=ordered,
+                                  num_warps=warps, enable_fp_fusion=False)
+
+
+def _pick(family, key, fns):
+    from slimfx.kernels import _common as C
+    fns[C.fastest(family, key, fns, next(iter(fns)))]()
+
+
 def launch(a2, b, out, a_scale, w_scale, bias, raw: bool, config=None):
     """Run the kernel on int8 a2 (M, K) and b (N, K): one config, or (config=None) the fastest of CONFIGS
     for this (M bucket, N, K) on this device, timed once (slimfx.kernels._common.fastest)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from slimfx.kernels import _common as C
-    m, k = a2.shape
-    n = b.shape[0]
-    d = C.dummy(out.device)
+    m, n = a2.shape[0], b.shape[0]
 
     def run(cfg):
         bm, bn, bk, stages, warps = cfg
-        a_desc = TensorDescriptor.from_tensor(a2, [bm, bk], descriptor_layout([bm, bk]))
-        b_desc = TensorDescriptor.from_tensor(b, [bn, bk], descriptor_layout([bn, bk]))
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _int8_gemm_gluon_kernel[grid](a_desc, b_desc, out, a_scale if a_scale is not None else d,
-                                      w_scale if w_scale is not None else d, bias if bias is not None else d,
-                                      m, n, k, out.stride(0), HAS_BIAS=bias is not None, RAW_INT=raw,
-                                      GROUP_M=GROUP_M, STAGES=stages, num_warps=warps, enable_fp_fusion=False)
+        _run(a2, b, out, a_scale, w_scale, bias, raw, bm, bn, bk, stages, warps,
+             (triton.cdiv(m, bm) * triton.cdiv(n, bn),))
 
     if config is not None:
         return run(tuple(config))
-    fns = {"x".join(map(str, cfg)): (lambda cfg=cfg: run(cfg)) for cfg in CONFIGS}
-    key = (C.m_bucket(m), n, k, str(out.dtype), bias is not None, str(out.device))
-    fns[C.fastest("int8_gemm_gluon", key, fns, next(iter(fns)))]()
+    key = (C.m_bucket(m), n, a2.shape[1], str(out.dtype), bias is not None, str(out.device))
+    _pick("int8_gemm_gluon", key, {"x".join(map(str, cfg)): (lambda cfg=cfg: run(cfg)) for cfg in CONFIGS})
+
+
+def launch_bsr(a2, bsr, out, a_scale, w_scale, bias, config=None):
+    """The block-sparse form: int8 a2 (M, K) against an int8 BSR weight (block_sparse.BSR); programs are
+    (row tile, block-row) as in block_sparse. config: (BLOCK_M, STAGES, num_warps) or the fastest of
+    BSR_CONFIGS for this shape and block count."""
+    from slimfx.kernels import _common as C
+    (n, k), (bn, bk) = bsr.shape, bsr.block
+    m = a2.shape[0]
+    values = bsr.values.view(-1, bk)
+
+    def run(cfg):
+        bm, stages, warps = cfg
+        _run(a2, values, out, a_scale, w_scale, bias, False, bm, bn, bk, stages, warps,
+             (triton.cdiv(m, bm), triton.cdiv(n, bn)), bsr)
+
+    if config is not None:
+        return run(tuple(config))
+    key = (C.m_bucket(m), n, k, bn, bk, bsr.values.shape[0], str(out.dtype), bias is not None, str(out.device))
+    _pick("bsr_int8_gluon", key, {"x".join(map(str, cfg)): (lambda cfg=cfg: run(cfg)) for cfg in BSR_CONFIGS})

@@ -101,13 +101,15 @@ def test_every_bench_case_runs_under_the_interpreter(monkeypatch):
     for m, n, k in [(1, 128, 128), (130, 256, 192)]:
         bench.shape(m, n, k)
     ran = {r["kernel"] for r in bench.rows if r["ms"] is not None}
-    # every implementation ran at some shape, but the Gluon kernel, which needs sm_90: its refusal is the note
-    assert {k for k, _ in R.VARIANTS} - {"w8a8_gluon"} <= ran
-    gluon = [r for r in bench.rows if r["kernel"] == "w8a8_gluon"]
-    assert gluon and all("impl='gluon': Gluon kernels run on a CUDA device only" in r["note"] for r in gluon)
+    # every implementation ran at some shape, but the Gluon kernels, which need sm_90: their refusal is the note
+    gluon_kernels = {"w8a8_gluon", "block_sparse_int8_90_gluon"}
+    assert {k for k, _ in R.VARIANTS} - gluon_kernels <= ran
+    gluon = [r for r in bench.rows if r["kernel"] in gluon_kernels]
+    assert {r["kernel"] for r in gluon} == gluon_kernels
+    assert all("impl='gluon': Gluon kernels run on a CUDA device only" in r["note"] for r in gluon)
     assert {k for k, _ in R.KERNELS} - ran <= {"torch_int_mm_dequant", "torch_compile_w8a8",
                                                 "torch_semi_structured_24"}   # CPU lacks these baselines
-    failed = [(r["kernel"], r["m"], r["check"], r["note"]) for r in bench.rows if r["kernel"] != "w8a8_gluon"
+    failed = [(r["kernel"], r["m"], r["check"], r["note"]) for r in bench.rows if r["kernel"] not in gluon_kernels
               and (r["ok"] is False or (r["ms"] is None and not r["kernel"].startswith("torch_")))]
     assert not failed
 

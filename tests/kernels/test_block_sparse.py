@@ -118,6 +118,44 @@ def test_tma_kernel(dev, gen, m, n, k):
     assert torch.equal(bsr_linear(x.to(dev), empty, bias=b.to(dev), impl="tma").cpu(), b.expand(m, n))
 
 
+GLUON_OK = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def test_gluon_refusals(dev, gen):
+    w, _ = _block_masked(gen, 32, 64, 0.5, torch.int8)
+    bsr = to_bsr(w.to(dev), BLOCK)
+    a = rand_int8(gen, 3, 64).to(dev)
+    s = torch.ones(3, device=dev), torch.ones(32, device=dev)
+    if not GLUON_OK:
+        with pytest.raises(ValueError, match=r"impl='gluon': (Gluon kernels run on a CUDA device only|the kernel "
+                                             r"is written for Hopper's wgmma)"):
+            bsr_int8_gemm(a, bsr, *s, impl="gluon")
+    with pytest.raises(ValueError, match=r"impl='gluon': the Gluon kernel is the int8 form"):
+        bsr_linear(torch.randn(3, 64, device=dev, dtype=torch.float16),
+                   to_bsr(w.to(torch.float16).to(dev), BLOCK), impl="gluon")
+
+
+@pytest.mark.skipif(not GLUON_OK, reason="the Gluon kernels run on sm_90 only (compiled for it on the CPU by "
+                                         "test_aot)")
+@pytest.mark.parametrize("block", [(64, 64), (128, 128)])
+def test_gluon_bsr_int8_every_config_bit_exact(gen, block):
+    """The block-sparse Gluon kernel, each config pinned: identical to the tiled kernel (exact int32 sums,
+    one epilogue), with ragged M, N and K and an empty block-row."""
+    from slimfx.kernels import int8_gemm_gluon as G
+    m, n, k = 300, 330, 400
+    w, _ = _block_masked(gen, n, k, 0.4, torch.int8, block)
+    bsr = to_bsr(w.cuda(), block)
+    a = rand_int8(gen, m, k).cuda()
+    sa, sb = torch.rand(m, device="cuda") * 0.01, torch.rand(n, device="cuda") * 0.01
+    b = torch.randn(n, device="cuda")
+    want = bsr_int8_gemm(a, bsr, sa, sb, bias=b, out_dtype=torch.bfloat16, impl="tiled")
+    assert torch.equal(bsr_int8_gemm(a, bsr, sa, sb, bias=b, out_dtype=torch.bfloat16, impl="gluon"), want)
+    for cfg in G.BSR_CONFIGS:
+        out = torch.empty_like(want)
+        G.launch_bsr(a, bsr, out, sa, sb, b, config=cfg)
+        assert torch.equal(out, want), cfg
+
+
 def test_refusals(dev, gen):
     w, _ = _block_masked(gen, 32, 64, 0.5, torch.float16)
     bsr = to_bsr(w.to(dev), BLOCK)
@@ -134,7 +172,7 @@ def test_refusals(dev, gen):
         bsr_linear(x, w)
     with pytest.raises(TypeError, match=r"bsr.values: expected dtype in \(int8\)"):
         bsr_int8_gemm(x.to(torch.int8), bsr, torch.ones(3, device=dev), torch.ones(32, device=dev))
-    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma'\), got 'x'"):
+    with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma', 'gluon'\), got 'x'"):
         bsr_linear(x, bsr, impl="x")
     w60, _ = _block_masked(gen, 32, 60, 0.5, torch.float16)
     with pytest.raises(ValueError, match=r"impl='tma': TMA needs row strides that are multiples of 16 bytes, "
