@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 
 import triton
@@ -162,6 +163,34 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
                   seconds=time.time() - t0, uses=notes, loop=sum(loop_instructions(instrs).values()))
 
 
+_TODO: list = []          # the variants of compile_all, inherited by its forked workers
+
+
+def _compile_one(job: tuple[int, int]) -> dict:
+    """A worker's compile of _TODO[i]: the Result's fields without the Variant (kernels do not pickle)."""
+    i, arch = job
+    r = compile_variant(_TODO[i], arch)
+    return {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "variant"}
+
+
+def compile_all(todo: list, arch: int = 90, jobs: int = 1) -> list[Result]:
+    """compile_variant over ``todo`` in ``jobs`` forked processes (each compile is independent and
+    CPU-bound), with a progress bar; results in ``todo``'s order."""
+    import multiprocessing as mp
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def tqdm(it, **_):
+            return it
+    bar = dict(total=len(todo), desc=f"compiling for sm_{arch}", file=sys.stderr)
+    if jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
+        return [compile_variant(v, arch) for v in tqdm(todo, **bar)]
+    _TODO[:] = todo
+    with mp.get_context("fork").Pool(jobs) as pool:
+        fields = list(tqdm(pool.imap(_compile_one, [(i, arch) for i in range(len(todo))]), **bar))
+    return [Result(v, **f) for v, f in zip(todo, fields)]
+
+
 # --- the variants of slimfx's kernels ------------------------------------------------------------------
 
 def _configs(kernel) -> list:
@@ -278,6 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--aligned-m", action="store_true",
                     help="specialize M as a multiple of 16, as launches with such M (2048, 16) are compiled; by "
                          "default M is not (M = 1, 130): a config can compile one way and fail the other")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     ap.add_argument("--m1", action="store_true", help="the decode configs (BLOCK_M <= 16) with M = 1, which "
                                                        "Triton compiles as a constant")
     args = ap.parse_args(argv)
@@ -298,12 +328,7 @@ def main(argv=None) -> int:
         for v in todo:    # (M_BUCKET too: slimfx.kernels._common.m_bucket(1) is 1)
             v.consts = dict(v.consts, **{k: 1 for k in ("M", "M_BUCKET") if k in v.types})
             v.types = {k: t for k, t in v.types.items() if k not in ("M", "M_BUCKET")}
-    try:
-        from tqdm import tqdm
-        it = tqdm(todo, desc=f"compiling for sm_{args.arch}", file=sys.stderr)
-    except ImportError:
-        it = todo
-    results = [compile_variant(v, args.arch) for v in it]
+    results = compile_all(todo, args.arch, args.jobs)
     rows = []
     for r in results:
         v = r.variant
