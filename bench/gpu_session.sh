@@ -2,7 +2,8 @@
 # A GPU session's checks and measurements, in parts that each fit one device command (10 minutes at most;
 # a session has 15 minutes of device time, start-up included):
 #   bash bench/gpu_session.sh OUT_DIR decode     new-path tests, gpu checks, bench at M = 1, 16   (~6 min)
-#   bash bench/gpu_session.sh OUT_DIR prefill    bench at M = 2048 and 8192^3, merged into decode's (~5 min)
+#   bash bench/gpu_session.sh OUT_DIR prefill    Gluon tests, bench at M = 2048 and 8192^3, merged into
+#                                                decode's report (~6 min)
 #   bash bench/gpu_session.sh OUT_DIR all-tests  the kernel and triton-backend tests on the GPU    (~2 min)
 #   bash bench/gpu_session.sh OUT_DIR e2e        a Llama-shaped bf16 model end to end, torch vs slimfx
 #                                                (bench/llama_gpu.py; not yet run: budget up to 9 min)
@@ -36,15 +37,19 @@ step() {   # step NAME SECONDS CMD...
 }
 tests="tests/kernels tests/backends/test_triton_backend.py"
 bench="python3 bench/kernels.py --quick --cudagraph --out-dir $out"
+new_paths="(tma or decode or fastest or cuda_graphs or split_k or int8_to_f32 or halves or pinned or word_aligned"
+new_paths="$new_paths or lowered or bsr_int8_bit)"
 case $what in
   decode)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
     step new-paths-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests \
-      -k "tma or decode or fastest or cuda_graphs or split_k or int8_to_f32 or halves or gluon or pinned or word_aligned or lowered or bsr_int8_bit"
+      -k "$new_paths and not gluon"
     step gpu-checks 45 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
-    step kernels-decode 230 $bench --m 1,16 --budget-s 200 ;;
+    step kernels-decode 220 $bench --m 1,16 --budget-s 190 ;;
   prefill)
-    step kernels-prefill 330 $bench --m 2048,8192 --budget-s 300 --merge ;;
+    # the Gluon kernels (every config pinned, bit-exact vs tiled) before the bench that times them
+    step gluon-tests 75 python3 -m pytest -q -p no:cacheprovider $tests -k gluon
+    step kernels-prefill 300 $bench --m 2048,8192 --budget-s 270 --merge ;;
   all-tests)
     step all-tests 400 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests ;;
   e2e)
