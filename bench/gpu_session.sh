@@ -48,7 +48,7 @@ case $what in
     step kernels-decode 220 $bench --m 1,16 --budget-s 190 ;;
   prefill)
     # the Gluon kernels (every config pinned, bit-exact vs tiled) before the bench that times them
-    step gluon-tests 75 python3 -m pytest -q -p no:cacheprovider $tests -k gluon
+    step gluon-tests 75 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests -k gluon
     step kernels-prefill 300 $bench --m 2048,8192 --budget-s 270 --merge ;;
   all-tests)
     step all-tests 400 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests ;;
