@@ -224,10 +224,10 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
             raise ValueError(f"impl='gluon': {why} (use impl='tiled', 'tma' or 'auto')")
     if m == 0 or n == 0:
         return
-    if impl == "gluon":
+
+    def gluon():
         from slimfx.kernels import int8_gemm_gluon as G
         G.launch_bsr(x2, bsr, out, a_scale, w_scale, bias)
-        return
     d = C.dummy(out.device)
     epi = (a_scale if a_scale is not None else d, w_scale if w_scale is not None else d,
            bias if bias is not None else d, residual if residual is not None else d)
@@ -251,10 +251,14 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
     if impl == "auto":
         impl = "tiled"
         if refusal is None and m > 16:
-            key = (C.m_bucket(m), n, k, bn, bk, str(x2.dtype), bsr.values.shape[0], str(out.device))
-            impl = C.fastest("bsr", key, {"tiled": tiled, "tma": tma}, "tiled",
-                             output=out if is_int8 else None)     # exact int32: the two must agree
-    (tma if impl == "tma" else tiled)()
+            from slimfx.kernels.int8_gemm import _gluon_refusal, gluon_in_auto
+            cands = {"tiled": tiled, "tma": tma}
+            if is_int8 and gluon_in_auto() and _gluon_refusal(out.device, activation, residual, out.dtype) is None:
+                cands["gluon"] = gluon                     # SLIMFX_GLUON=1 (see int8_gemm.gluon_in_auto)
+            key = (C.m_bucket(m), n, k, bn, bk, str(x2.dtype), bsr.values.shape[0], str(out.device), tuple(cands))
+            impl = C.fastest("bsr", key, cands, "tiled",
+                             output=out if is_int8 else None)     # exact int32: the candidates must agree
+    {"tma": tma, "gluon": gluon}.get(impl, tiled)()
 
 
 def bsr_linear(x: torch.Tensor, bsr: BSR, bias: torch.Tensor | None = None, activation: str | None = None,

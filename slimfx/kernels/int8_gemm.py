@@ -14,6 +14,8 @@ it rounds exactly like the numpy reference (activations use the device's exp, wi
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import triton
@@ -174,6 +176,12 @@ IMPLS = ("auto", "tiled", "tma", "gluon")
 TMA_MIN_M = 128   # below this "auto" keeps the tiled kernel (its decode tiles); above, it measures both
 
 
+def gluon_in_auto() -> bool:
+    """SLIMFX_GLUON=1: "auto" also measures the Gluon kernel (sm_90, light epilogues), which it does not by
+    default until a GPU run has measured it; C.fastest still takes it only if it agrees bit for bit."""
+    return os.environ.get("SLIMFX_GLUON", "0") == "1"
+
+
 def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = None,
               w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
               activation: str | None = None, residual: torch.Tensor | None = None,
@@ -191,7 +199,8 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     measures faster for this (M bucket, N, K) on this device (timed once per process, C.fastest; the two
     must agree bit for bit there, or the TMA kernel is not chosen).
     "gluon" (sm_90 only, light epilogues; see int8_gemm_gluon: wgmma kept in flight across K steps, which
-    Triton does not do for int32 accumulators) is explicit until a GPU run has measured it.
+    Triton does not do for int32 accumulators) is explicit until a GPU run has measured it (SLIMFX_GLUON=1
+    adds it to auto's candidates).
     _config: pin the tiled kernel's config (BLOCK_M/N/K, SPLIT_K, GROUP_M, num_warps, num_stages), or with
     impl="tma" the TMA kernel's (BLOCK_M/N/K, GROUP_M, CTAS, num_warps, num_stages), instead of autotuning:
     for tests (the interpreter has one config), the GPU checks of each config, and experiments.
@@ -264,20 +273,22 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
         grid = lambda mt: (min(sms * mt["CTAS"], triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(n, mt["BLOCK_N"])),)
         kernel[grid](a_desc, b_desc, out, *epi, m, n, k, C.m_bucket(m), out.stride(0), res_stride, **flags, **meta)
 
-    if impl == "gluon":
+    def gluon():
         from slimfx.kernels import int8_gemm_gluon as G
         cfg = None if _config is None else [_config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages",
                                                                   "num_warps")]
         G.launch(a2, b, out, a_scale, w_scale, bias, raw, cfg)
-        return out.view(*a.shape[:-1], n)
+
     if _config is not None and impl == "auto":
         impl = "tiled"
     if impl == "auto":
         impl = "tiled"
         if refusal is None and m >= TMA_MIN_M:
-            impl = C.fastest("int8_gemm", (C.m_bucket(m), n, k, str(dev)), {"tiled": tiled, "tma": tma}, "tiled",
-                             output=out)
-    (tma if impl == "tma" else tiled)()
+            cands = {"tiled": tiled, "tma": tma}
+            if gluon_in_auto() and _gluon_refusal(dev, activation, residual, out_dtype) is None:
+                cands["gluon"] = gluon
+            impl = C.fastest("int8_gemm", (C.m_bucket(m), n, k, str(dev), tuple(cands)), cands, "tiled", output=out)
+    {"tma": tma, "gluon": gluon}.get(impl, tiled)()
     return out.view(*a.shape[:-1], n)
 
 

@@ -180,6 +180,29 @@ def test_gluon_refusals(dev, gen):
             int8_gemm(a, b, sa, sb, residual=r, impl="gluon")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks auto's candidates with the kernels interpreted")
+def test_auto_measures_gluon_only_when_asked(gen, monkeypatch):
+    """SLIMFX_GLUON=1 adds the Gluon kernel to auto's candidates (light epilogues only); by default auto
+    measures tiled and TMA. The choice is stubbed to the tiled kernel, which then runs."""
+    import importlib
+    G = importlib.import_module("slimfx.kernels.int8_gemm")   # (the package's int8_gemm is the function)
+    seen = []
+
+    def fake_fastest(family, key, cands, default, output=None):
+        seen.append(sorted(cands))
+        assert output is not None                     # int8 candidates are checked bit for bit
+        return "tiled"
+    monkeypatch.setattr(G.C, "fastest", fake_fastest)
+    monkeypatch.setattr(G, "_gluon_refusal", lambda dev, act, res, dt: "light only" if act or res is not None else None)
+    a, b, sa, sb, _, r = _operands(gen, 130, 33, 48, False, True)
+    G.int8_gemm(a, b, sa, sb)
+    monkeypatch.setenv("SLIMFX_GLUON", "1")
+    out = G.int8_gemm(a, b, sa, sb)
+    G.int8_gemm(a, b, sa, sb, residual=r)
+    assert seen == [["tiled", "tma"], ["gluon", "tiled", "tma"], ["tiled", "tma"]]
+    assert_cast_equal(out, int8_gemm_ref(a, b, sa, sb))
+
+
 @pytest.mark.skipif(not GLUON_OK, reason="the Gluon W8A8 kernel runs on sm_90 only (compiled for it on the CPU "
                                          "by test_aot)")
 @pytest.mark.parametrize("m,n,k", [(1, 45, 96), (130, 33, 48), (300, 520, 1040)])
