@@ -44,8 +44,8 @@ case $what in
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
     step new-paths-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests \
       -k "$new_paths and not gluon"
-    step gpu-checks 45 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
-    step kernels-decode 220 $bench --m 1,16 --budget-s 190 ;;
+    step gpu-checks 60 python3 bench/gpu_checks.py --out "$out/gpu_checks.json"
+    step kernels-decode 205 $bench --m 1,16 --budget-s 175 ;;
   prefill)
     # the Gluon kernels (every config pinned, bit-exact vs tiled) before the bench that times them
     step gluon-tests 75 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests -k gluon
