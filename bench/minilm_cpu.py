@@ -17,7 +17,7 @@ from common import cpu_name, paired_median_ms, save  # noqa: E402
 from models import load_minilm  # noqa: E402
 
 import slimfx  # noqa: E402
-from slimfx.report import format_table  # noqa: E402
+from slimfx.ir.printer import format_table  # noqa: E402
 
 
 # torch profiler names -> the ATen op the numpy backend runs for the same work

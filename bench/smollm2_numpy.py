@@ -19,7 +19,7 @@ from common import cpu_name, median_ms, save  # noqa: E402
 from models import english_text, load_smollm2  # noqa: E402
 
 import slimfx  # noqa: E402
-from slimfx.report import format_table  # noqa: E402
+from slimfx.ir.printer import format_table  # noqa: E402
 
 
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:

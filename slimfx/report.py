@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from . import ir
-from .ir.printer import format_table  # noqa: F401 - one table writer, used here and by benches
+from .ir.printer import format_table
 from .passes import PassRecord
 
 aten = torch.ops.aten

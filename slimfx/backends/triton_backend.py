@@ -133,13 +133,15 @@ def _dequant(w_q, w_scale, group_size=0, zp=None) -> torch.Tensor:
     return dequantize_weight_torch(w_q, w_scale, zp, group_size)
 
 
-def _pack_bsr(mod: torch.nn.Module, w: torch.Tensor, block: tuple[int, int]) -> None:
-    """w as BSR buffers of ``mod`` (they move to the device with it); _bsr(mod) reads them back."""
+def _pack_bsr(mod: torch.nn.Module, w: torch.Tensor, block: tuple[int, int]) -> float:
+    """w as BSR buffers of ``mod`` (they move to the device with it; _bsr(mod) reads them back); returns
+    the fraction of blocks kept."""
     from slimfx.kernels import to_bsr
     bsr = to_bsr(w.detach(), block)
     for f in ("values", "col_idx", "row_ptr", "row_order"):
         mod.register_buffer(f"bsr_{f}", getattr(bsr, f))
     mod.bsr_shape = bsr.shape
+    return bsr.density
 
 
 def _bsr(mod: torch.nn.Module):
@@ -156,15 +158,15 @@ class LoweredQuantizedLinear(Lowered):
     def __init__(self, info, name, w_q: torch.Tensor | None = None):
         self.block = None
         if info.sparse is not None and w_q is not None:
-            from slimfx.ir.dialect.sparse import block_sparsity, parse_pattern
+            from slimfx.ir.dialect.sparse import parse_pattern
             self.block = parse_pattern(info.sparse)
             if self.block is None:
                 raise ValueError(f"triton backend: node {name} (quantized_linear): int8 weights have no 2:4 kernel; "
                                  f"the node's sparse pattern must be a block pattern, got {info.sparse!r}")
-            self.kernel_name, self.density = f"bsr_int8_gemm {info.sparse[6:]}", 1.0 - block_sparsity(w_q, self.block)
+            self.kernel_name = f"bsr_int8_gemm {info.sparse[6:]}"
         super().__init__(info, name)
         if self.block is not None:
-            _pack_bsr(self, w_q, self.block)
+            self.density = _pack_bsr(self, w_q, self.block)
 
     def bucket(self, x, w_q, *rest):
         sparse = "" if self.block is None else f"|{self.info.sparse}|d{self.density:.2f}"
@@ -268,7 +270,7 @@ class LoweredSparseLinear(Lowered):
 
     def __init__(self, info, name, w: torch.Tensor, pattern: str):
         from slimfx import kernels as K
-        from slimfx.ir.dialect.sparse import block_sparsity, parse_pattern, pattern_violation
+        from slimfx.ir.dialect.sparse import parse_pattern, pattern_violation
         self.block, self.pattern, self.w_dtype = parse_pattern(pattern), pattern, w.dtype
         why = pattern_violation(w, pattern)
         if why is not None:
@@ -283,13 +285,13 @@ class LoweredSparseLinear(Lowered):
         super().__init__(info, name)
         if self.form is None:
             self.info.kernel = self.kernel_name
-        self.density = 0.5 if self.block is None else 1.0 - block_sparsity(w, self.block)
+        self.density = 0.5                       # 2:4; a block pattern's is what its packing keeps
         if self.form == "2:4":
             values, meta = K.compress_24(w.detach())
             self.register_buffer("values", values)
             self.register_buffer("meta", meta)
         elif self.form == "block":
-            _pack_bsr(self, w, self.block)
+            self.density = _pack_bsr(self, w, self.block)
 
     def bucket(self, x, w, *rest):
         return super().bucket(x, w) + f"|{self.pattern}|d{self.density:.2f}"

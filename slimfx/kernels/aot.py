@@ -216,8 +216,9 @@ def _from_configs(family, kernel, types, consts, aligned, halves=False, options=
 
 def variants() -> list[Variant]:
     """Every kernel x every autotune config, with the heaviest epilogue each supports."""
-    from slimfx.kernels import act_quant, block_sparse, int8_gemm as _g, sparse24, weight_only  # noqa: F401
-    G = sys.modules["slimfx.kernels.int8_gemm"]
+    import importlib
+    from slimfx.kernels import act_quant, block_sparse, sparse24, weight_only
+    G = importlib.import_module("slimfx.kernels.int8_gemm")      # (the package's int8_gemm is the function)
     sizes = dict(M="i32", N="i32", K="i32", M_BUCKET="i32")
     aligned = ("N", "K", "stride_am", "stride_bn", "stride_om", "stride_rm", "stride_xm", "stride_wn",
                "stride_vn", "stride_pn", "stride_qm", "stride_mn", "stride_sn")

@@ -25,6 +25,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from slimfx.kernels import _common as C
+
 # wgmma's N for 8-bit integer operands: multiples of 16 up to 224, and 8 and 24 (PTX ISA, wgmma shapes)
 _INT8_N = tuple(range(224, 15, -16)) + (24, 8)
 
@@ -88,14 +90,7 @@ def _int8_gemm_gluon_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, b
         steps = gl.load(row_ptr + brow + 1) - first
         pid_n = brow
     else:        # grouped tile order (_common.grouped_tile): GROUP_M row tiles share their B tiles in L2
-        pid = gl.program_id(0)
-        grid_m = gl.cdiv(M, BLOCK_M)
-        grid_n = gl.cdiv(N, BLOCK_N)
-        width = GROUP_M * grid_n
-        first_m = (pid // width) * GROUP_M
-        size_m = gl.minimum(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = C.grouped_tile(gl.program_id(0), gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), GROUP_M)
         first = 0
         steps = gl.cdiv(K, BLOCK_K)
     off_m = pid_m * BLOCK_M

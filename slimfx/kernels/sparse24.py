@@ -145,19 +145,20 @@ def _groups(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr, EVEN: tl
 
 @triton.jit
 def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr,
-                     DTYPE: tl.constexpr, EVEN: tl.constexpr):
+                     DTYPE: tl.constexpr):
     """The dense weights at positions 0..3 of step kb's G groups, (p0, p1, p2, p3) each (ROWS, G): position
     p holds v0 where i0 == p, v1 where i1 == p, else 0.
     WORDS (16-bit values, v_rows an int32 view): a group's pair (v0 | v1 << 16) is one 32-bit word and
     positions (0, 1) and (2, 3) are each that word shifted and masked, chosen per group instead of per
     element: (i0, i1) = (0,1): (v0,v1 | 0,0); (0,2): (v0,0 | v1,0); (0,3): (v0,0 | 0,v1); (1,2): (0,v0 | v1,0);
     (1,3): (0,v0 | 0,v1); (2,3): (0,0 | v0,v1). On sm_90 the loop is ~9 instructions per weight this way
-    against ~11 with per-element selects (slimfx.kernels.aot)."""
+    against ~11 with per-element selects (slimfx.kernels.aot). Loads stay masked even when K is a whole
+    number of steps: unmasked, the meta bytes get a shared layout that doubles the loop at BLOCK_K = 256
+    and fails to compile at 128x256x64 (Triton 3.6, sm_90)."""
     if WORDS:
         jw = kb * G + tl.arange(0, G)
-        vv = tl.load(v_rows + jw[None, :], mask=None if EVEN else (jw < K // 4)[None, :],
-                     other=None if EVEN else 0).to(tl.uint32, bitcast=True)
-        i0, i1 = _nibbles(m_rows, kb, K, G, ROWS, EVEN)
+        vv = tl.load(v_rows + jw[None, :], mask=(jw < K // 4)[None, :], other=0).to(tl.uint32, bitcast=True)
+        i0, i1 = _nibbles(m_rows, kb, K, G, ROWS, False)
         lo = tl.where(i0 == 0, tl.where(i1 == 1, vv, vv & 0xFFFF), tl.where(i0 == 1, vv << 16, 0))
         hi = tl.where(i1 == 3, tl.where(i0 == 2, vv, vv & 0xFFFF0000), tl.where(i1 == 2, vv >> 16, 0))
         p0 = (lo & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
@@ -165,7 +166,7 @@ def _dense_positions(v_rows, m_rows, kb, K, G: tl.constexpr, ROWS: tl.constexpr,
         p2 = (hi & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
         p3 = (hi >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
     else:
-        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, ROWS, EVEN)
+        v0, v1, i0, i1 = _groups(v_rows, m_rows, kb, K, G, ROWS, False)
         zero = tl.zeros_like(v0)
         p0 = tl.where(i0 == 0, v0, zero)
         p1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
@@ -197,9 +198,7 @@ def _sparse24_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K, M_BUCKE
     m_rows = meta_ptr + (rn % N)[:, None] * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        # masked loads even when K is a whole number of steps: unmasked, the meta bytes get a shared layout
-        # that doubles the loop at BLOCK_K = 256 and fails to compile at 128x256x64 (Triton 3.6, sm_90)
-        p0, p1, p2, p3 = _dense_positions(v_rows, m_rows, kb, K, G, BLOCK_N, WORDS, x_ptr.dtype.element_ty, False)
+        p0, p1, p2, p3 = _dense_positions(v_rows, m_rows, kb, K, G, BLOCK_N, WORDS, x_ptr.dtype.element_ty)
         # join(join(p0, p2), join(p1, p3))[n, g, b, a] = p_(2b + a): flattened, column 4g + 2b + a
         w = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BLOCK_K))
         k = kb * BLOCK_K + rk

@@ -42,7 +42,7 @@ def sensitivity(model: torch.nn.Module, example_inputs: tuple = (), example_kwar
 
 
 def format_sensitivity(rows: list[dict]) -> str:
-    from ..report import format_table
+    from ..ir.printer import format_table
     f = lambda v: "-" if v is None else f"{v:.1f}"
     return format_table(["module", "model SQNR dB (this layer alone)", "layer SQNR dB"],
                         [[r["module"], f(r["sqnr_db"]), f(r["layer_sqnr_db"])] for r in rows], "lrr")

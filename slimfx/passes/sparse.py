@@ -65,7 +65,7 @@ class LowerSparse(Pass):
         self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
 
     def choose(self, w: torch.Tensor) -> tuple[str | None, str]:
-        """(the pattern to lower to or None, why). int8 weights (W8A8 layers): block patterns only."""
+        """(the pattern to lower to, "") or (None, why not). int8 weights (W8A8 layers): block patterns only."""
         int8 = w.dtype == torch.int8
         if w.ndim != 2 or not (w.is_floating_point() or int8):
             return None, f"weight of shape {tuple(w.shape)} / {w.dtype} is not a 2-D float or int8 tensor"
@@ -73,14 +73,14 @@ class LowerSparse(Pass):
         if self.pattern in ("auto", "block"):
             s = block_sparsity(w, self.block)
             if s >= self.min_block_sparsity and s > 0:
-                return block_pattern(self.block), f"{s:.0%} zero blocks"
+                return block_pattern(self.block), ""
             reasons.append(f"{s:.0%} zero {self.block[0]}x{self.block[1]} blocks < {self.min_block_sparsity:.0%}")
         if self.pattern in ("auto", "2:4") and int8:
             reasons.append("int8 2:4 has no kernel")
         elif self.pattern in ("auto", "2:4"):
             why = pattern_violation(w, "2:4")
             if why is None:
-                return "2:4", "2:4"
+                return "2:4", ""
             reasons.append(why)
         return None, "; ".join(reasons)
 
