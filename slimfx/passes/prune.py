@@ -1,0 +1,216 @@
+"""Prune: magnitude pruning of linear weights, into the patterns the sparse kernels run.
+
+    Prune(sparsity=0.5)                       unstructured: the 50% smallest |w| of each layer become 0
+    Prune(sparsity=0.5, scope="global")       one magnitude cutoff over all the selected layers together
+    Prune(threshold=1e-3)                     every |w| < 1e-3 becomes 0 (threshold pruning)
+    Prune(pattern="2:4")                      in every 4 consecutive weights along K the 2 largest |w| stay
+                                              (any "N:M"; 2:4 is the one the sparse kernels run)
+    Prune(sparsity=0.5, pattern="block", block=(64, 64))
+                                              the 50% of (BN, BK) blocks with the smallest RMS become 0
+
+The mask is the zeros: each pruned weight is replaced by a new tensor holding its kept values and zeros
+(the user's model is untouched), so every backend runs the pruned model as it is, ``LowerSparse`` finds
+the pattern and lowers the layer to the sparse kernels, and ``Quantize`` after it keeps the zeros (zero
+quantizes to zero in every symmetric scheme). Ranking is deterministic: among equal magnitudes (or block
+scores) the earlier one in row-major order, and with scope="global" in graph order, goes first.
+
+aten.linear and fused_linear (after Fuse) are pruned; layers already quantized or lowered are skipped
+with the reason in the statistics (prune before Quantize and LowerSparse).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+from tqdm.auto import tqdm
+
+from .. import ir
+from .base import Pass, PassResult, register_pass
+from .quantize import module_patterns, selected_linears
+
+aten = torch.ops.aten
+sf = torch.ops.slimfx
+SCOPES = ("layer", "global")
+_NM = re.compile(r"(\d+):(\d+)")
+
+
+def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
+    """(N, M) for an "N:M" pattern with 0 < N < M, None for "unstructured" / "block"; else ValueError."""
+    if pattern in ("unstructured", "block"):
+        return None
+    m = _NM.fullmatch(pattern)
+    if m and 0 < int(m.group(1)) < int(m.group(2)):
+        return int(m.group(1)), int(m.group(2))
+    raise ValueError(f"Prune.pattern must be 'unstructured', 'block' or 'N:M' with 0 < N < M (e.g. '2:4'), "
+                     f"got {pattern!r}")
+
+
+def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Bool masks (True = prune) marking the ``k`` smallest entries over all ``scores`` together; among equal
+    scores the earlier (in list order, then row-major) goes first, so the count is exactly k."""
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    prune = torch.zeros_like(flat, dtype=torch.bool)
+    k = max(0, min(int(k), flat.numel()))
+    if k:
+        t = flat.kthvalue(k).values
+        prune = flat < t
+        ties = (flat == t).nonzero().squeeze(1)[: k - int(prune.sum())]
+        prune[ties] = True
+    return [p.view(s.shape) for p, s in zip(prune.split([s.numel() for s in scores]), scores)]
+
+
+def nm_prune_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True where N:M pruning zeroes w (rows, K): in each group of m along K, all but the n largest |w|
+    (the earlier of equal magnitudes stays)."""
+    rows, k = w.shape
+    a = w.detach().abs().float().reshape(rows, k // m, m)
+    keep = a.argsort(dim=-1, descending=True, stable=True)[..., :n]
+    return torch.ones_like(a, dtype=torch.bool).scatter_(-1, keep, False).reshape(rows, k)
+
+
+def block_rms(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """(ceil(N/BN), ceil(K/BK)) RMS of w's blocks; an edge block is scored over its real elements only."""
+    bn, bk = block
+    sq = w.detach().float().square()
+    nb, kb = -(-w.shape[0] // bn), -(-w.shape[1] // bk)
+
+    def sums(t):
+        t = torch.nn.functional.pad(t, (0, kb * bk - t.shape[1], 0, nb * bn - t.shape[0]))
+        return t.reshape(nb, bn, kb, bk).sum((1, 3))
+    return (sums(sq) / sums(torch.ones_like(sq))).sqrt()
+
+
+def expand_blocks(blocks: torch.Tensor, block: tuple[int, int], shape) -> torch.Tensor:
+    """A per-block mask as a per-element one of ``shape`` (edge blocks cropped)."""
+    bn, bk = block
+    return blocks.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: shape[0], : shape[1]]
+
+
+@register_pass(name="prune")
+@dataclasses.dataclass
+class Prune(Pass):
+    """Magnitude pruning of linear layers (see the module docstring).
+
+    sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"), per layer or,
+                     with scope="global", over all selected layers; "N:M" implies 1 - N/M
+    pattern:         "unstructured", "N:M" ("2:4") or "block"
+    threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
+    block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
+    scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
+    include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer"""
+    sparsity: Optional[float] = None
+    pattern: str = "unstructured"
+    threshold: Optional[float] = None
+    block: tuple = (64, 64)
+    scope: str = "layer"
+    include: tuple = ()
+    exclude: tuple = ()
+
+    def __post_init__(self):
+        nm = parse_nm(self.pattern)
+        if self.scope not in SCOPES:
+            raise ValueError(f"Prune.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.sparsity is not None and not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity <= 1):
+            raise ValueError(f"Prune.sparsity must be a fraction in [0, 1], got {self.sparsity!r}")
+        if self.threshold is not None:
+            if self.pattern != "unstructured":
+                raise ValueError(f"Prune.threshold applies to pattern='unstructured' only, not {self.pattern!r}")
+            if self.sparsity is not None:
+                raise ValueError("Prune: give sparsity or threshold, not both")
+            if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
+                raise ValueError(f"Prune.threshold must be a number >= 0, got {self.threshold!r}")
+        elif nm is not None:
+            if self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+                raise ValueError(f"Prune.sparsity: pattern {self.pattern!r} zeroes {1 - nm[0] / nm[1]:g} of the "
+                                 f"weights, got sparsity={self.sparsity!r} (leave it out)")
+        elif self.sparsity is None:
+            raise ValueError(f"Prune(pattern={self.pattern!r}) needs sparsity=<fraction>"
+                             + (" or threshold=<magnitude>" if self.pattern == "unstructured" else ""))
+        self.block = tuple(self.block)
+        if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
+            raise ValueError(f"Prune.block must be two positive ints (BN, BK), got {self.block!r}")
+        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
+        self._nm = nm
+
+    def select(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, str, fx.Node]], dict[str, str]]:
+        """The layers to prune as (linear node, module name, weight get_attr), and why others are not."""
+        chosen, skipped = [], {}
+        done = {sf.quantized_linear.default: "quantized (prune before Quantize)",
+                sf.weight_only_linear.default: "quantized (prune before Quantize)",
+                sf.sparse_linear.default: "already sparse_linear (prune before LowerSparse)"}
+        for n, name in selected_linears(gm, self.include, self.exclude, tuple(done)):
+            skipped[name] = done[n.target]
+        for n, name in selected_linears(gm, self.include, self.exclude, (aten.linear.default, sf.fused_linear.default)):
+            a = normalize_function(n.target, n.args, n.kwargs, normalize_to_only_use_kwargs=True).kwargs
+            w_node = a.get("weight", a.get("w"))
+            if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+                skipped[name] = "weight is computed, not a tensor of the module"
+                continue
+            w = ir.meta.tensor_attr(gm, w_node)
+            if not w.is_floating_point() or w.ndim != 2:
+                skipped[name] = f"weight of shape {tuple(w.shape)} / {w.dtype} is not a 2-D float tensor"
+            elif not torch.isfinite(w).all():
+                skipped[name] = "weight holds NaN or inf"
+            elif self._nm and w.shape[1] % self._nm[1]:
+                skipped[name] = f"K = {w.shape[1]} is not a multiple of {self._nm[1]}"
+            else:
+                chosen.append((n, name, w_node))
+        return chosen, skipped
+
+    def masks(self, weights: list[torch.Tensor]):
+        """For each weight in turn, True where it is pruned (a generator: per-layer masks are computed as they
+        are consumed; a global cutoff needs all the weights first)."""
+        if self._nm:
+            return (nm_prune_mask(w, *self._nm) for w in weights)
+        if self.threshold is not None:
+            return (w.detach().abs() < self.threshold for w in weights)
+        blocks = self.pattern == "block"
+
+        def score(w):
+            return block_rms(w, self.block) if blocks else w.detach().abs().float()
+
+        def element(m, w):
+            return expand_blocks(m, self.block, w.shape) if blocks else m
+
+        if self.scope == "global":
+            scores = [score(w) for w in weights]
+            cut = smallest(scores, round(self.sparsity * sum(s.numel() for s in scores)))
+            return (element(m, w) for m, w in zip(cut, weights))
+
+        def layer(w):
+            s = score(w)
+            return element(smallest([s], round(self.sparsity * s.numel()))[0], w)
+        return (layer(w) for w in weights)
+
+    def run(self, gm, ctx):
+        chosen, skipped = self.select(gm)
+        weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
+        g = gm.graph
+        pruned, zeros, total = {}, 0, 0
+        with torch.no_grad():
+            for (n, name, w_node), w, m in tqdm(zip(chosen, weights, self.masks(weights)), total=len(chosen),
+                                                desc="prune", leave=False, disable=not ctx.progress or len(chosen) < 8):
+                if not m.any():
+                    continue
+                with g.inserting_before(n):
+                    new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.weight_pruned",
+                                                             w.detach().masked_fill(m, 0).contiguous()))
+                new.meta.update(w_node.meta)        # still that layer's weight: the report names it so
+                n.replace_input_with(w_node, new)
+                nz = int(((w == 0) | m).sum())
+                zeros, total = zeros + nz, total + w.numel()
+                pruned[name] = round(nz / w.numel(), 4)
+        if pruned:
+            g.eliminate_dead_code()
+            ir.drop_unused_tensors(gm)
+            gm.recompile()
+        stats = {"layers": len(pruned), "pattern": self.pattern,
+                 "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
+        return PassResult(gm, bool(pruned), stats)
+
+
+__all__ = ["Prune", "SCOPES", "parse_nm", "smallest", "nm_prune_mask", "block_rms", "expand_blocks"]

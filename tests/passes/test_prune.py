@@ -1,0 +1,216 @@
+"""Prune: which weights become zero for each pattern and scope, checked against independent statements of
+the rule (exact counts, every pruned magnitude <= every kept one, kept values unchanged bit for bit), the
+refusals, and the pipeline Prune -> (Quantize) -> Fuse -> LowerSparse onto the sparse dialect op.
+Odd sizes throughout (K = 40, 136, 70; N = 136, 70, 9), so blocks are ragged at the edges."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slimfx
+from slimfx import ir, passes as P
+from slimfx.backends import lower
+from slimfx.ir.dialect.sparse import block_sparsity, pattern_violation
+
+from conftest import text_batch
+
+sf = torch.ops.slimfx
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(40, 136), torch.nn.Linear(136, 70), torch.nn.Linear(70, 9)
+        with torch.no_grad():
+            self.a.weight[:3, :5] = 0.0           # zeros already there count toward the target
+            self.b.weight[7, :] = self.b.weight[7, 0]   # ties: one row of equal magnitudes
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(F.gelu(self.a(x))))) + x[..., :9]
+
+
+def captured(m=None):
+    m = m or Net().eval()
+    x = torch.randn(3, 5, 40)
+    return m, ir.capture(m, (x,)).gm, x
+
+
+def weights(gm) -> dict:
+    """module name -> the weight tensor each linear-like node reads."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.linear.default, sf.fused_linear.default,
+                                                    sf.sparse_linear.default):
+            out[ir.meta.module_name(n)] = ir.meta.tensor_attr(gm, n.args[1])
+    return out
+
+
+def check_magnitude_order(orig: list, pruned: list):
+    """Every weight pruned is no larger in magnitude than every weight kept, and kept values are unchanged."""
+    o, p = torch.cat([t.reshape(-1) for t in orig]), torch.cat([t.reshape(-1) for t in pruned])
+    cut = (p == 0) & (o != 0)
+    assert torch.equal(p[~cut], o[~cut])
+    if cut.any() and (~cut).any():
+        assert o[cut].abs().max() <= o[~cut & (o != 0)].abs().min()
+
+
+def test_unstructured_layerwise_exact_count_and_order():
+    m, gm, x = captured()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = P.Prune(sparsity=0.3)(gm)
+    assert res.modified and res.stats["layers"] == 3 and res.stats["skipped"] == {}
+    for name, w in weights(gm).items():
+        orig = getattr(m, name).weight
+        assert int((w == 0).sum()) == round(0.3 * w.numel()), name
+        check_magnitude_order([orig], [w])
+        assert res.stats["pruned"][name] == round(round(0.3 * w.numel()) / w.numel(), 4)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())      # the user's model untouched
+    # the graph computes the model with its pruned weights (the same torch ops: exact)
+    ref = F.linear(torch.relu(F.linear(F.gelu(F.linear(x, weights(gm)["a"], m.a.bias)), weights(gm)["b"],
+                                       m.b.bias)), weights(gm)["c"], m.c.bias) + x[..., :9]
+    assert torch.equal(lower(gm, "torch")((x,), {}), ref)
+
+
+def test_unstructured_global_one_cutoff():
+    m, gm, _ = captured()
+    res = P.Prune(sparsity=0.6, scope="global")(gm)
+    ws = weights(gm)
+    names = sorted(ws)
+    total = sum(w.numel() for w in ws.values())
+    assert sum(int((w == 0).sum()) for w in ws.values()) == round(0.6 * total)
+    check_magnitude_order([getattr(m, k).weight for k in names], [ws[k] for k in names])
+    # one cutoff is not one fraction per layer: the layers end at different sparsities
+    assert len({res.stats["pruned"][k] for k in names}) == 3
+    assert res.stats["sparsity"] == round(round(0.6 * total) / total, 4)
+
+
+def test_threshold():
+    m, gm, _ = captured()
+    t = 0.05
+    P.Prune(threshold=t)(gm)
+    for name, w in weights(gm).items():
+        orig = getattr(m, name).weight
+        assert torch.equal(w, torch.where(orig.abs() < t, torch.zeros_like(orig), orig)), name
+
+
+@pytest.mark.parametrize("n,mm", [(2, 4), (1, 4), (4, 8)])
+def test_n_of_m(n, mm):
+    m, gm, _ = captured()
+    res = P.Prune(pattern=f"{n}:{mm}")(gm)
+    ws = weights(gm)
+    assert res.stats["skipped"] == {"c": f"K = 70 is not a multiple of {mm}"}
+    assert torch.equal(ws["c"], m.c.weight)
+    for name in ("a", "b"):
+        orig, w = getattr(m, name).weight, ws[name]
+        rows, k = w.shape
+        og, wg = orig.reshape(rows, k // mm, mm), w.reshape(rows, k // mm, mm)
+        # in every group: at most n nonzeros, and each zeroed |w| (an original zero too) <= each kept |w|
+        cut = wg == 0
+        assert ((~cut).sum(-1) <= n).all()
+        kept_min = torch.where(cut, torch.inf, og.abs()).amin(-1)
+        cut_max = torch.where(cut, og.abs(), -torch.inf).amax(-1)
+        assert (cut_max <= kept_min).all()
+        assert torch.equal(wg[~cut], og[~cut])
+    if mm == 4:
+        assert pattern_violation(ws["a"], "2:4") is None
+    # the tie row of b (all equal magnitudes): the earliest n of each group stay
+    if mm == 4:
+        assert torch.equal((ws["b"][7].reshape(-1, 4) != 0).sum(0)[:n], torch.full((n,), 136 // 4))
+
+
+def test_block_layerwise_ragged_edges():
+    m, gm, _ = captured()
+    block = (32, 32)
+    res = P.Prune(sparsity=0.5, pattern="block", block=block)(gm)
+    for name, w in weights(gm).items():
+        orig = getattr(m, name).weight
+        rows, k = w.shape
+        nb, kb = math.ceil(rows / 32), math.ceil(k / 32)
+        # the blocks' RMS computed independently, edge blocks over their real elements only
+        rms = torch.tensor([[orig.detach()[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32].float().square().mean().sqrt()
+                             for j in range(kb)] for i in range(nb)])
+        gone = torch.tensor([[bool((w[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] == 0).all())
+                              for j in range(kb)] for i in range(nb)])
+        assert int(gone.sum()) == round(0.5 * nb * kb), name
+        assert block_sparsity(w, block) == pytest.approx(int(gone.sum()) / (nb * kb))
+        assert rms[gone].max() <= rms[~gone].min()
+        assert torch.equal(w[w != 0], orig[w != 0])
+    assert res.stats["layers"] == 3
+
+
+def test_block_global():
+    m, gm, _ = captured()
+    P.Prune(sparsity=0.5, pattern="block", block=(16, 16), scope="global")(gm)
+    ws = weights(gm)
+    blocks = {k: math.ceil(w.shape[0] / 16) * math.ceil(w.shape[1] / 16) for k, w in ws.items()}
+    zero = {k: round(block_sparsity(w, (16, 16)) * blocks[k]) for k, w in ws.items()}
+    assert sum(zero.values()) == round(0.5 * sum(blocks.values()))
+
+
+def test_nothing_to_prune_is_unchanged():
+    _, gm, _ = captured()
+    code = gm.code
+    res = P.Prune(sparsity=0.0)(gm)
+    assert not res.modified and gm.code == code and res.stats["layers"] == 0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "needs sparsity=<fraction> or threshold"),
+    (dict(pattern="block"), r"Prune\(pattern='block'\) needs sparsity"),
+    (dict(sparsity=1.5), "Prune.sparsity must be a fraction"),
+    (dict(sparsity=0.5, threshold=0.1), "not both"),
+    (dict(threshold=0.1, pattern="2:4"), "threshold applies to pattern='unstructured' only"),
+    (dict(threshold=-1.0), "Prune.threshold must be a number >= 0"),
+    (dict(pattern="2:4", sparsity=0.3), "zeroes 0.5 of the weights"),
+    (dict(pattern="4:2"), "Prune.pattern must be"),
+    (dict(pattern="2to4"), "Prune.pattern must be"),
+    (dict(sparsity=0.5, scope="net"), "Prune.scope must be one of"),
+    (dict(sparsity=0.5, pattern="block", block=(0, 16)), "Prune.block must be two positive ints"),
+])
+def test_refusals(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        P.Prune(**kwargs)
+
+
+def test_2_4_with_matching_sparsity_is_accepted():
+    assert P.Prune(sparsity=0.5, pattern="2:4").pattern == "2:4"
+
+
+def test_include_exclude_and_quantized_layers_skipped():
+    m, gm, _ = captured()
+    P.Quantize(weights="int8", activations="dynamic", include=("a",))(gm)
+    res = P.Prune(sparsity=0.5, exclude=("c",))(gm)
+    assert res.stats["skipped"] == {"a": "quantized (prune before Quantize)"}
+    assert list(res.stats["pruned"]) == ["b"]
+
+
+def test_pipeline_to_sparse_ops(tiny_llama):
+    """Prune 2:4 -> Fuse -> LowerSparse: every pruned linear becomes a 2:4 sparse_linear, and the numpy and
+    torch backends agree (float32 sums in different orders: 1e-5 of the logits' scale)."""
+    ids, mask = text_batch(2, 12, 97)
+    cm = slimfx.compile(tiny_llama, (), dict(input_ids=ids, attention_mask=mask, use_cache=False),
+                        passes=[P.Prune(pattern="2:4", exclude="lm_head"), P.Fuse(), P.LowerSparse()],
+                        backend="numpy", progress=False)
+    patterns = [n.args[5] for n in cm.graph.graph.nodes if n.target is sf.sparse_linear.default]
+    assert patterns and set(patterns) == {"2:4"}
+    assert ir.op_counts(cm.graph)["aten.linear.default"] == 1                 # lm_head
+    out = cm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    ref = lower(cm.graph, "torch")((), dict(input_ids=ids, attention_mask=mask, use_cache=False)).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    rows = {r["module"]: r for r in cm.report().layers()}
+    assert rows["model.layers.0.mlp.down_proj"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_pipeline_block_then_w8a8(tiny_llama):
+    """Prune blocks -> Quantize W8A8 -> LowerSparse: the zeros survive quantization (zero quantizes to zero),
+    so every quantized layer records the block pattern for bsr_int8_gemm."""
+    ids, mask = text_batch(2, 12, 97)
+    cm = slimfx.compile(tiny_llama, (), dict(input_ids=ids, attention_mask=mask, use_cache=False),
+                        passes=[P.Prune(sparsity=0.6, pattern="block", block=(16, 16), exclude="lm_head"),
+                                P.Quantize(weights="int8", activations="dynamic", exclude="lm_head"),
+                                P.LowerSparse(block=(16, 16))],
+                        backend="numpy", progress=False)
+    q = [n for n in cm.graph.graph.nodes if n.target is sf.quantized_linear.default]
+    assert q and all(ir.meta.info(n).sparse == "block:16x16" for n in q)
