@@ -35,7 +35,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
     t0 = time.perf_counter()
     captured = ir.capture(model, example_inputs, example_kwargs, dynamic=dynamic, method=capture)
     capture_s = time.perf_counter() - t0
-    ctx = PassContext(example_inputs, example_kwargs, calibration, progress)
+    ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model)
     reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
     gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
                               progress=progress).run(captured.gm, ctx, reference)

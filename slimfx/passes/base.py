@@ -42,6 +42,8 @@ class PassContext:
     example_kwargs: dict = dataclasses.field(default_factory=dict)
     calibration: Optional[Iterable] = None     # an iterable of model inputs (tuples or dicts)
     progress: bool = True                      # passes with long loops show tqdm bars unless False
+    model: Optional[Any] = None                # the user's model (read only, never modified): the teacher
+                                               # of Distill; slimfx.compile sets it
 
 
 class Pass:

@@ -1,0 +1,183 @@
+"""Distill: recover what pruning cost by fine-tuning the graph against the uncompressed model.
+
+Knowledge distillation with the pruning masks held fixed: the teacher (by default the model being
+compiled, exactly as the user passed it) and the graph (the student) run on the same batches, and the
+student's linear weights and biases take ``steps`` AdamW steps on
+
+    logits (causal LMs, classifiers: the output has ``logits``)   T^2 * KL(softmax(t / T) || softmax(s / T)),
+                                                                  averaged over tokens (Hinton et al. 2015)
+    otherwise (encoders: hidden states)                           |s - t|^2 / |t|^2 over the first float output
+
+Each weight's zeros (the pruning mask: ``Prune`` makes it the zeros) are restored after every step, so
+the sparsity pattern and LowerSparse's choice survive training. The batches are ``calibration`` (cycled
+when there are fewer than ``steps``). Run it on the float graph, after Prune and before Quantize / Fuse /
+LowerSparse: the slimfx dialect ops have no gradients. Training writes only into tensors this pass adds
+(the user's model and the graph before the pass are untouched).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
+
+from .. import ir
+from .base import Pass, PassResult, register_pass
+from .quant_calibration import calibration_calls
+from .quantize import module_patterns, selected_linears
+
+aten = torch.ops.aten
+LOSSES = ("auto", "kl", "mse")
+
+
+def output_tensor(out, kind: str) -> torch.Tensor:
+    """The tensor the loss reads: ``logits`` for "kl" (an attribute or key of the output, or the output
+    itself when it is a tensor), else the first floating-point tensor of the output structure."""
+    if kind == "kl":
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, dict):
+            logits = out.get("logits")
+        if logits is None and isinstance(out, torch.Tensor):
+            logits = out
+        if logits is None:
+            raise ValueError("Distill(loss='kl'): the model's output has no logits")
+        return logits
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise ValueError("Distill: the model's output holds no floating-point tensor to match")
+    return leaves[0]
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over every position but the last dim."""
+    s = F.log_softmax(student.float().reshape(-1, student.shape[-1]) / temperature, -1)
+    t = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1]) / temperature, -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    t = teacher.float()
+    return (student.float() - t).square().sum() / t.square().sum().clamp(min=1e-30)
+
+
+@register_pass(name="distill")
+@dataclasses.dataclass
+class Distill(Pass):
+    """Fine-tune the float graph's linear layers to match a teacher, pruning masks fixed (module docstring).
+
+    steps:       optimizer steps (one calibration batch each)
+    lr:          AdamW learning rate (no weight decay)
+    temperature: the softening temperature T of the logits loss
+    loss:        "auto" (kl when the output has logits, else mse), "kl" or "mse"
+    teacher:     the model to match; None = the model being compiled (``slimfx.compile`` passes it)
+    include/exclude: module-name globs of the linears to train ("*.mlp.*") or "re:<regex>\""""
+    steps: int = 100
+    lr: float = 1e-4
+    temperature: float = 2.0
+    loss: str = "auto"
+    teacher: Optional[torch.nn.Module] = None
+    include: tuple = ()
+    exclude: tuple = ()
+
+    def __post_init__(self):
+        if not (isinstance(self.steps, int) and self.steps > 0):
+            raise ValueError(f"Distill.steps must be a positive int, got {self.steps!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"Distill.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"Distill.temperature must be > 0, got {self.temperature!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Distill.loss must be one of {LOSSES}, got {self.loss!r}")
+        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
+
+    def _trainable(self, gm: fx.GraphModule) -> list[fx.Node]:
+        """The get_attr nodes of the selected linears' float weights and biases (each once)."""
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "slimfx":
+                raise ValueError(f"Distill runs on the float graph, but node {n.name!r} "
+                                 f"({ir.meta.module_name(n) or 'no module'}) is {n.target}: put Distill after "
+                                 f"Prune and before Quantize / Fuse / LowerSparse (slimfx ops have no gradients)")
+        seen = {}
+        for n, _ in selected_linears(gm, self.include, self.exclude):
+            for a in n.args[1:3]:
+                if isinstance(a, fx.Node) and a.op == "get_attr" and ir.meta.tensor_attr(gm, a).is_floating_point():
+                    seen[a] = None
+        return list(seen)
+
+    def run(self, gm, ctx):
+        teacher = self.teacher if self.teacher is not None else ctx.model
+        if teacher is None:
+            raise ValueError("Distill needs a teacher: run it through slimfx.compile (the model is the teacher) "
+                             "or pass Distill(teacher=model)")
+        calls = calibration_calls(ctx, "Distill")
+        nodes = self._trainable(gm)
+        if not nodes:
+            return PassResult(gm, False, {"trained": 0, "why": "no float linear layer selected"})
+        # the student trains copies: the graph's tensors are shared with the user's model
+        params, keep = [], []
+        for a in nodes:
+            w = ir.meta.tensor_attr(gm, a)
+            p = torch.nn.Parameter(w.detach().clone())
+            a.target = ir.meta.add_tensor_attr(gm, f"{a.target}_distilled", p)
+            params.append(p)
+            keep.append(w != 0 if w.ndim == 2 else None)
+        ir.drop_unused_tensors(gm)
+        gm.recompile()
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        was_training = teacher.training
+        teacher.eval()
+        losses, kind = [], self.loss
+        batches = itertools.islice(itertools.cycle(calls), self.steps)
+        bar = tqdm(batches, total=self.steps, desc="distill", leave=False, disable=not ctx.progress)
+        try:
+            for args, kwargs in bar:
+                with torch.no_grad():
+                    try:
+                        t_out = teacher(*args, **kwargs)
+                    except Exception as e:
+                        raise ValueError(f"Distill: the teacher cannot run calibration batch {len(losses) + 1} "
+                                         f"({type(e).__name__}: {e}); each batch holds the model's inputs, over "
+                                         f"the example kwargs") from e
+                if kind == "auto":
+                    kind = "kl" if _has_logits(t_out) else "mse"
+                with torch.enable_grad():
+                    try:
+                        s_out = gm(*args, **kwargs)
+                    except Exception as e:
+                        raise ValueError(f"Distill: the graph cannot run calibration batch {len(losses) + 1} "
+                                         f"({type(e).__name__}: {e}); batches of other shapes than the example "
+                                         f"inputs need slimfx.compile(..., dynamic=True)") from e
+                    t, s = output_tensor(t_out, kind), output_tensor(s_out, kind)
+                    loss = kd_loss(s, t, self.temperature) if kind == "kl" else relative_mse(s, t)
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"Distill: the loss became {float(loss)} at step {len(losses) + 1}; "
+                                         f"lower lr (now {self.lr})")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for p, k in zip(params, keep):
+                        if k is not None:
+                            p.mul_(k)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        finally:
+            teacher.train(was_training)
+            for p in params:
+                p.requires_grad_(False)
+        head = max(1, len(losses) // 10)
+        return PassResult(gm, True, {"steps": len(losses), "loss": kind, "tensors": len(params),
+                                     "loss_first": round(sum(losses[:head]) / head, 6),
+                                     "loss_last": round(sum(losses[-head:]) / head, 6)})
+
+
+def _has_logits(out) -> bool:
+    return getattr(out, "logits", None) is not None or (isinstance(out, dict) and "logits" in out)
+
+
+__all__ = ["Distill", "LOSSES", "kd_loss", "relative_mse", "output_tensor"]
