@@ -7,6 +7,8 @@
                                               (any "N:M"; 2:4 is the one the sparse kernels run)
     Prune(sparsity=0.5, pattern="block", block=(64, 64))
                                               the 50% of (BN, BK) blocks with the smallest RMS become 0
+    Prune(sparsity=0.25, pattern="neurons")   structured: a quarter of each feed-forward block's neurons are
+                                              removed, and its layers physically shrink (prune_structured)
 
 The mask is the zeros: each pruned weight is replaced by a new tensor holding its kept values and zeros
 (the user's model is untouched), so every backend runs the pruned model as it is, ``LowerSparse`` finds
@@ -30,7 +32,8 @@ from tqdm.auto import tqdm
 
 from .. import ir
 from .base import Pass, PassResult, register_pass
-from .quantize import module_patterns, selected_linears
+from .prune_structured import neuron_groups, neuron_scores, shrink
+from .quantize import matches, module_patterns, selected_linears
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -39,14 +42,15 @@ _NM = re.compile(r"(\d+):(\d+)")
 
 
 def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
-    """(N, M) for an "N:M" pattern with 0 < N < M, None for "unstructured" / "block"; else ValueError."""
-    if pattern in ("unstructured", "block"):
+    """(N, M) for an "N:M" pattern with 0 < N < M, None for "unstructured" / "block" / "neurons"; else
+    ValueError."""
+    if pattern in ("unstructured", "block", "neurons"):
         return None
     m = _NM.fullmatch(pattern)
     if m and 0 < int(m.group(1)) < int(m.group(2)):
         return int(m.group(1)), int(m.group(2))
-    raise ValueError(f"Prune.pattern must be 'unstructured', 'block' or 'N:M' with 0 < N < M (e.g. '2:4'), "
-                     f"got {pattern!r}")
+    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons' or 'N:M' with 0 < N < M "
+                     f"(e.g. '2:4'), got {pattern!r}")
 
 
 def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -95,9 +99,10 @@ def expand_blocks(blocks: torch.Tensor, block: tuple[int, int], shape) -> torch.
 class Prune(Pass):
     """Magnitude pruning of linear layers (see the module docstring).
 
-    sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"), per layer or,
-                     with scope="global", over all selected layers; "N:M" implies 1 - N/M
-    pattern:         "unstructured", "N:M" ("2:4") or "block"
+    sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each group's
+                     neurons for "neurons"), per layer or, with scope="global", over all selected layers;
+                     "N:M" implies 1 - N/M
+    pattern:         "unstructured", "N:M" ("2:4"), "block" or "neurons"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
@@ -130,6 +135,9 @@ class Prune(Pass):
         elif self.sparsity is None:
             raise ValueError(f"Prune(pattern={self.pattern!r}) needs sparsity=<fraction>"
                              + (" or threshold=<magnitude>" if self.pattern == "unstructured" else ""))
+        if self.pattern == "neurons" and self.scope != "layer":
+            raise ValueError("Prune(pattern='neurons') prunes each feed-forward block by its own scores: "
+                             "scope must be 'layer'")
         self.block = tuple(self.block)
         if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
             raise ValueError(f"Prune.block must be two positive ints (BN, BK), got {self.block!r}")
@@ -187,6 +195,8 @@ class Prune(Pass):
         return (layer(w) for w in weights)
 
     def run(self, gm, ctx):
+        if self.pattern == "neurons":
+            return self._run_neurons(gm)
         chosen, skipped = self.select(gm)
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
         g = gm.graph
@@ -211,6 +221,25 @@ class Prune(Pass):
         stats = {"layers": len(pruned), "pattern": self.pattern,
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
         return PassResult(gm, bool(pruned), stats)
+
+    def _run_neurons(self, gm):
+        shrunk = {}
+        for grp in neuron_groups(gm):
+            names = [ir.meta.module_name(n) or n.name for n in (*grp.producers, grp.consumer)]
+            if any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
+                continue
+            # at least one neuron stays: a layer of width 0 is not a layer
+            cut = smallest([neuron_scores(gm, grp)], min(round(self.sparsity * grp.width), grp.width - 1))[0]
+            if not cut.any():
+                continue
+            shrink(gm, grp, (~cut).nonzero().squeeze(1))
+            shrunk[grp.name] = f"{grp.width} -> {int((~cut).sum())} neurons"
+        if shrunk:
+            gm.graph.eliminate_dead_code()
+            ir.drop_unused_tensors(gm)
+            gm.recompile()
+            ir.propagate_meta(gm)
+        return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": "neurons", "shrunk": shrunk})
 
 
 __all__ = ["Prune", "SCOPES", "parse_nm", "smallest", "nm_prune_mask", "block_rms", "expand_blocks"]
