@@ -136,26 +136,19 @@ class Distill(Pass):
         bar = tqdm(batches, total=self.steps, desc="distill", leave=False, disable=not ctx.progress)
         try:
             for args, kwargs in bar:
+                step = len(losses) + 1
                 with torch.no_grad():
-                    try:
-                        t_out = teacher(*args, **kwargs)
-                    except Exception as e:
-                        raise ValueError(f"Distill: the teacher cannot run calibration batch {len(losses) + 1} "
-                                         f"({type(e).__name__}: {e}); each batch holds the model's inputs, over "
-                                         f"the example kwargs") from e
+                    t_out = _run("teacher", teacher, args, kwargs, step,
+                                 "each batch holds the model's inputs, over the example kwargs")
                 if kind == "auto":
                     kind = "kl" if _has_logits(t_out) else "mse"
                 with torch.enable_grad():
-                    try:
-                        s_out = gm(*args, **kwargs)
-                    except Exception as e:
-                        raise ValueError(f"Distill: the graph cannot run calibration batch {len(losses) + 1} "
-                                         f"({type(e).__name__}: {e}); batches of other shapes than the example "
-                                         f"inputs need slimfx.compile(..., dynamic=True)") from e
+                    s_out = _run("graph", gm, args, kwargs, step, "batches of other shapes than the example "
+                                 "inputs need slimfx.compile(..., dynamic=True)")
                     t, s = output_tensor(t_out, kind), output_tensor(s_out, kind)
                     loss = kd_loss(s, t, self.temperature) if kind == "kl" else relative_mse(s, t)
                     if not torch.isfinite(loss):
-                        raise ValueError(f"Distill: the loss became {float(loss)} at step {len(losses) + 1}; "
+                        raise ValueError(f"Distill: the loss became {float(loss)} at step {step}; "
                                          f"lower lr (now {self.lr})")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -174,6 +167,14 @@ class Distill(Pass):
         return PassResult(gm, True, {"steps": len(losses), "loss": kind, "tensors": len(params),
                                      "loss_first": round(sum(losses[:head]) / head, 6),
                                      "loss_last": round(sum(losses[-head:]) / head, 6)})
+
+
+def _run(who: str, fn, args, kwargs, step: int, hint: str):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise ValueError(f"Distill: the {who} cannot run calibration batch {step} ({type(e).__name__}: {e}); "
+                         f"{hint}") from e
 
 
 def _has_logits(out) -> bool:
