@@ -30,6 +30,7 @@ bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/minilm_cpu.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_numpy.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_quant.py
+	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_prune.py
 
 clean:
 	rm -rf $(VENV)
