@@ -9,6 +9,8 @@
                                               the 50% of (BN, BK) blocks with the smallest RMS become 0
     Prune(sparsity=0.25, pattern="neurons")   structured: a quarter of each feed-forward block's neurons are
                                               removed, and its layers physically shrink (prune_structured)
+    Prune(sparsity=0.25, pattern="heads")     structured: a quarter of each attention block's heads (whole
+                                              key/value groups under grouped-query attention) are removed
 
 The mask is the zeros: each pruned weight is replaced by a new tensor holding its kept values and zeros
 (the user's model is untouched), so every backend runs the pruned model as it is, ``LowerSparse`` finds
@@ -32,25 +34,26 @@ from tqdm.auto import tqdm
 
 from .. import ir
 from .base import Pass, PassResult, register_pass
-from .prune_structured import neuron_groups, neuron_scores, shrink
+from .prune_structured import (attention_groups, head_scores, neuron_groups, neuron_scores, shrink,
+                               shrink_heads)
 from .quantize import matches, module_patterns, selected_linears
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
 SCOPES = ("layer", "global")
+STRUCTURED = ("neurons", "heads")
 _NM = re.compile(r"(\d+):(\d+)")
 
 
 def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
-    """(N, M) for an "N:M" pattern with 0 < N < M, None for "unstructured" / "block" / "neurons"; else
-    ValueError."""
-    if pattern in ("unstructured", "block", "neurons"):
+    """(N, M) for an "N:M" pattern with 0 < N < M, None for the named patterns; else ValueError."""
+    if pattern in STRUCTURED or pattern in ("unstructured", "block"):
         return None
     m = _NM.fullmatch(pattern)
     if m and 0 < int(m.group(1)) < int(m.group(2)):
         return int(m.group(1)), int(m.group(2))
-    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons' or 'N:M' with 0 < N < M "
-                     f"(e.g. '2:4'), got {pattern!r}")
+    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons', 'heads' or 'N:M' with "
+                     f"0 < N < M (e.g. '2:4'), got {pattern!r}")
 
 
 def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -99,10 +102,10 @@ def expand_blocks(blocks: torch.Tensor, block: tuple[int, int], shape) -> torch.
 class Prune(Pass):
     """Magnitude pruning of linear layers (see the module docstring).
 
-    sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each group's
-                     neurons for "neurons"), per layer or, with scope="global", over all selected layers;
-                     "N:M" implies 1 - N/M
-    pattern:         "unstructured", "N:M" ("2:4"), "block" or "neurons"
+    sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each block's
+                     neurons or kv head groups for "neurons" / "heads"), per layer or, with scope="global",
+                     over all selected layers; "N:M" implies 1 - N/M
+    pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons" or "heads"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
@@ -135,8 +138,8 @@ class Prune(Pass):
         elif self.sparsity is None:
             raise ValueError(f"Prune(pattern={self.pattern!r}) needs sparsity=<fraction>"
                              + (" or threshold=<magnitude>" if self.pattern == "unstructured" else ""))
-        if self.pattern == "neurons" and self.scope != "layer":
-            raise ValueError("Prune(pattern='neurons') prunes each feed-forward block by its own scores: "
+        if self.pattern in STRUCTURED and self.scope != "layer":
+            raise ValueError(f"Prune(pattern={self.pattern!r}) prunes each block by its own scores: "
                              "scope must be 'layer'")
         self.block = tuple(self.block)
         if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
@@ -195,8 +198,8 @@ class Prune(Pass):
         return (layer(w) for w in weights)
 
     def run(self, gm, ctx):
-        if self.pattern == "neurons":
-            return self._run_neurons(gm)
+        if self.pattern in STRUCTURED:
+            return self._run_structured(gm)
         chosen, skipped = self.select(gm)
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
         g = gm.graph
@@ -222,24 +225,32 @@ class Prune(Pass):
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
         return PassResult(gm, bool(pruned), stats)
 
-    def _run_neurons(self, gm):
+    def _run_structured(self, gm):
+        """Neurons or heads: per block, the lowest-scored units go and the layers shrink (prune_structured)."""
+        heads = self.pattern == "heads"
+        found, rejected = attention_groups(gm) if heads else (neuron_groups(gm), {})
         shrunk = {}
-        for grp in neuron_groups(gm):
-            names = [ir.meta.module_name(n) or n.name for n in (*grp.producers, grp.consumer)]
+        for grp in found:
+            members = (grp.q, grp.k, grp.v, grp.o) if heads else (*grp.producers, grp.consumer)
+            names = [ir.meta.module_name(n) or n.name for n in members]
             if any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
                 continue
-            # at least one neuron stays: a layer of width 0 is not a layer
-            cut = smallest([neuron_scores(gm, grp)], min(round(self.sparsity * grp.width), grp.width - 1))[0]
+            units, unit = (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
+            # at least one unit stays: a layer of width 0 is not a layer
+            score = head_scores(gm, grp) if heads else neuron_scores(gm, grp)
+            cut = smallest([score], min(round(self.sparsity * units), units - 1))[0]
             if not cut.any():
                 continue
-            shrink(gm, grp, (~cut).nonzero().squeeze(1))
-            shrunk[grp.name] = f"{grp.width} -> {int((~cut).sum())} neurons"
+            keep = (~cut).nonzero().squeeze(1)
+            (shrink_heads if heads else shrink)(gm, grp, keep)
+            shrunk[grp.name] = f"{units} -> {len(keep)} {unit}"
         if shrunk:
             gm.graph.eliminate_dead_code()
             ir.drop_unused_tensors(gm)
             gm.recompile()
             ir.propagate_meta(gm)
-        return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": "neurons", "shrunk": shrunk})
+        return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": self.pattern, "shrunk": shrunk,
+                                             "skipped": rejected})
 
 
 __all__ = ["Prune", "SCOPES", "parse_nm", "smallest", "nm_prune_mask", "block_rms", "expand_blocks"]

@@ -1,4 +1,5 @@
-"""Structured pruning of feed-forward neurons: the layers that must shrink together, found on the graph.
+"""Structured pruning: feed-forward neurons and attention heads, removed so that the layers physically
+shrink; the layers that must shrink together are found on the graph (networkx).
 
 A neuron group is a consumer linear C whose input is computed from the outputs of producer linears P_i
 by elementwise ops only (GELU/SiLU/ReLU/..., and products or sums of such values: Llama's
@@ -10,10 +11,12 @@ producers and their single consumer around them.
 
 Neuron j is scored by ||C[:, j]|| * prod_i ||P_i[j, :]|| (its output weights times its input weights; a
 neuron with a small path through the layer matters little), and the lowest-scored fraction is removed.
+Attention heads: see the section below (``attention_groups``).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import networkx as nx
 import torch
@@ -107,3 +110,159 @@ def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
             if len(p.args) > 2 and p.args[2] is not None:
                 replace(p, 2, ir.meta.tensor_attr(gm, p.args[2]).detach()[keep], "narrow")
         replace(group.consumer, 1, ir.meta.tensor_attr(gm, group.consumer.args[1]).detach()[:, keep], "narrow")
+
+
+# --- attention heads ---------------------------------------------------------------------------------------
+#
+# An attention block is a scaled_dot_product_attention node S whose q, k and v each come from one float
+# linear (q_proj, k_proj, v_proj) and whose output reaches one float linear (o_proj); the region is every
+# node on a path from those linears to o_proj, and nothing outside reads it. Heads are removed in whole
+# key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
+# repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases), columns of o.
+# Shape arguments in the region that spell a head count (view / reshape / expand literals equal to the
+# number of q or kv heads on that axis) are rewritten; a block where that is ambiguous is left alone.
+
+_SHAPED = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
+_SDPA = aten.scaled_dot_product_attention.default
+
+
+@dataclasses.dataclass
+class HeadGroup:
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    o: fx.Node
+    heads: int                        # q heads
+    kv_heads: int
+    head_dim: int
+    edits: list                       # (node, axis, "q" | "kv"): shape literals to rewrite
+
+    @property
+    def name(self) -> str:
+        """The modules' common prefix ("model.layers.0.self_attn", "encoder.layer.0.attention")."""
+        paths = [(ir.meta.module_name(n) or n.name).split(".") for n in (self.q, self.k, self.v, self.o)]
+        common = itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*paths))
+        return ".".join(parts[0] for parts in common) or self.o.name
+
+
+def _linears_reached(g: nx.DiGraph, node: dict, start: str, up: bool) -> list[str]:
+    """The linears reached walking up (or down) the graph from ``start`` without passing through a linear."""
+    seen, stack, found = set(), [start], []
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        n = node[v]
+        if n.op == "call_function" and n.target is aten.linear.default and v != start:
+            found.append(v)
+        elif n.op == "call_function":
+            stack.extend(g.predecessors(v) if up else g.successors(v))
+    return sorted(found)
+
+
+def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str]]:
+    """Attention blocks whose heads can be removed, and why others cannot (by block name)."""
+    g = ir.to_networkx(gm)
+    node = nx.get_node_attributes(g, "node")
+    groups, rejected = [], {}
+    for s in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _SDPA]:
+        where = ir.meta.module_name(s) or s.name
+        qkv = [_linears_reached(g, node, a.name, up=True) if isinstance(a, fx.Node) else [] for a in s.args[:3]]
+        if any(len(l) != 1 or not _float_linear(gm, node[l[0]]) for l in qkv) or len({l[0] for l in qkv}) != 3:
+            rejected[where] = "q, k and v do not each come from one linear layer of their own"
+            continue
+        q, k, v = (node[l[0]] for l in qkv)
+        outs = _linears_reached(g, node, s.name, up=False)
+        if len(outs) != 1 or not _float_linear(gm, node[outs[0]]):
+            rejected[where] = "the attention output does not reach exactly one linear layer first"
+            continue
+        o = node[outs[0]]
+        region = (nx.descendants(g, q.name) | nx.descendants(g, k.name) | nx.descendants(g, v.name)) \
+            & nx.ancestors(g, o.name)
+        leaks = sorted(u for r in region | {q.name, k.name, v.name} for u in g.successors(r)
+                       if u not in region and u != o.name)
+        if leaks:
+            rejected[where] = f"head-shaped values are read outside the block ({leaks[:3]})"
+            continue
+        dim = ir.meta.shape(s.args[0])[-1] if ir.meta.shape(s.args[0]) else None
+        wq, wk, wv, wo = (ir.meta.tensor_attr(gm, n.args[1]) for n in (q, k, v, o))
+        if not isinstance(dim, int) or wq.shape[0] % dim or wk.shape[0] % dim or wk.shape != wv.shape \
+                or wo.shape[1] != wq.shape[0]:
+            rejected[where] = "the projections' shapes are not whole heads"
+            continue
+        heads, kv = wq.shape[0] // dim, wk.shape[0] // dim
+        if heads % kv:
+            rejected[where] = f"{heads} q heads do not divide into {kv} kv groups"
+            continue
+        edits, why = _head_literals(node, region, heads, kv)
+        if why:
+            rejected[where] = why
+            continue
+        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits))
+    return groups, rejected
+
+
+def _head_literals(node: dict, region: set, heads: int, kv: int) -> tuple[list, str]:
+    """The (node, axis, kind) of every int literal in the region's shape arguments that spells a head count,
+    read off each node's output shape; expand's broadcast axes (input size 1) are not head axes."""
+    edits = []
+    for r in region:
+        n = node[r]
+        if n.op != "call_function" or n.target not in _SHAPED:
+            continue
+        out = ir.meta.shape(n)
+        src = ir.meta.shape(n.args[0]) if n.target is aten.expand.default else None
+        found = []
+        for a, lit in enumerate(n.args[1]):
+            # the last axis is never a head axis here (head_dim, or heads x head_dim)
+            if not isinstance(lit, int) or lit not in (heads, kv) or out is None or out[a] != lit \
+                    or a == len(out) - 1:
+                continue
+            if src is not None and (len(src) != len(out) or src[a] == 1):
+                continue
+            found.append((n, a, "q" if lit == heads else "kv"))
+        if heads == kv:
+            found = [(n, a, "q") for n, a, _ in found]
+        if len(found) > 1:
+            return [], f"node {n.name} has several axes that may count heads ({[a for _, a, _ in found]})"
+        edits += found
+    return edits, ""
+
+
+def head_scores(gm: fx.GraphModule, grp: HeadGroup) -> torch.Tensor:
+    """Per kv group: ||W_v[group rows]|| * ||W_o[:, its q heads' columns]|| (float64): the size of the
+    values the group can add to the output."""
+    rep, d = grp.heads // grp.kv_heads, grp.head_dim
+    wv = ir.meta.tensor_attr(gm, grp.v.args[1]).detach().double().reshape(grp.kv_heads, -1)
+    wo = ir.meta.tensor_attr(gm, grp.o.args[1]).detach().double()
+    wo = wo.reshape(wo.shape[0], grp.kv_heads, rep * d).transpose(0, 1).reshape(grp.kv_heads, -1)
+    return wv.norm(dim=1) * wo.norm(dim=1)
+
+
+def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None:
+    """Keep kv groups ``keep`` (sorted) and their q heads: narrower q/k/v rows (and biases), o columns, and
+    the head counts in the region's shape literals."""
+    rep, d = grp.heads // grp.kv_heads, grp.head_dim
+    kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
+    q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
+    q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+    g = gm.graph
+
+    def replace(user: fx.Node, i: int, t: torch.Tensor):
+        old = user.args[i]
+        with g.inserting_before(user):
+            new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{old.target}_heads", t.contiguous()))
+        new.meta.update(old.meta)
+        user.args = (*user.args[:i], new, *user.args[i + 1:])
+
+    with torch.no_grad():
+        for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
+            replace(lin, 1, ir.meta.tensor_attr(gm, lin.args[1]).detach()[idx])
+            if len(lin.args) > 2 and lin.args[2] is not None:
+                replace(lin, 2, ir.meta.tensor_attr(gm, lin.args[2]).detach()[idx])
+        replace(grp.o, 1, ir.meta.tensor_attr(gm, grp.o.args[1]).detach()[:, q_idx])
+    for n, a, kind in grp.edits:
+        shape = list(n.args[1])
+        shape[a] = len(q_heads) if kind == "q" else len(keep)
+        n.args = (n.args[0], shape, *n.args[2:])

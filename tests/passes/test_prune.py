@@ -288,3 +288,89 @@ def test_neurons_read_elsewhere_are_not_pruned():
 def test_neurons_refuse_global_scope():
     with pytest.raises(ValueError, match="scope must be 'layer'"):
         P.Prune(sparsity=0.5, pattern="neurons", scope="global")
+
+
+# --- structured: attention heads ---------------------------------------------------------------------------
+
+def _zero_heads(attn, o, heads, kv, dim):
+    """Zero, in place, the o_proj columns of the kv groups the stated score removes: a removed head adds
+    nothing to the output, so the shrunk graph must match this dense model. Score: ||W_v[group]|| x
+    ||W_o[:, the group's q heads]||; removes round(kv / 2) groups (at most kv - 1)."""
+    rep = heads // kv
+    wv = attn.v.weight.double().reshape(kv, -1)
+    wo = o.weight.double().reshape(o.weight.shape[0], kv, rep * dim)
+    score = wv.norm(dim=1) * wo.transpose(0, 1).reshape(kv, -1).norm(dim=1)
+    gone = score.argsort()[: min(round(kv / 2), kv - 1)]
+    for g_ in gone.tolist():
+        o.weight[:, g_ * rep * dim:(g_ + 1) * rep * dim] = 0
+    return len(gone)
+
+
+@pytest.mark.parametrize("heads,kv", [(6, 2), (9, 3), (4, 4)])
+def test_heads_llama_gqa_shrink_equals_zeroed_heads(heads, kv):
+    """Grouped-query attention: kv groups and their q heads go together, and the head counts spelled in
+    the graph (repeat_kv's expand and reshape) follow; 9/3 is the case where a kv count equals the repeat
+    count (SmolLM2's layout). Float32 sums over fewer terms: 1e-5 of the logits' scale."""
+    import copy
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=8 * heads, intermediate_size=40,
+                                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
+                                         head_dim=8)).eval()
+    ids, mask = text_batch(2, 12, 97)
+    cm = slimfx.compile(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), dynamic=True,
+                        backend="torch", progress=False, passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in zeroed.model.layers:
+            a = layer.self_attn
+            a.v = a.v_proj
+            gone = _zero_heads(a, a.o_proj, heads, kv, 8)
+    left = kv - gone
+    assert cm.report().records[0].stats["shrunk"] == {f"model.layers.{i}.self_attn": f"{kv} -> {left} kv heads"
+                                                      for i in range(2)}
+    rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert rows["model.layers.0.self_attn.k_proj"] == f"{8 * left} x {8 * heads}"
+    assert rows["model.layers.0.self_attn.o_proj"] == f"{8 * heads} x {8 * left * heads // kv}"
+    ids2, mask2 = text_batch(3, 9, 97, seed=4)
+    kw2 = dict(input_ids=ids2, attention_mask=mask2, use_cache=False)
+    assert _rel(cm(**kw2).logits, zeroed(**kw2).logits) < 1e-5
+    assert _rel(lower(cm.graph, "numpy")((), kw2).logits, zeroed(**kw2).logits) < 1e-5
+
+
+def test_heads_bert_biases():
+    import copy
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48)).eval()
+    ids, mask = text_batch(2, 10, 50)
+    cm = slimfx.compile(bert, (), dict(input_ids=ids, attention_mask=mask), backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    zeroed = copy.deepcopy(bert)
+    with torch.no_grad():
+        for layer in zeroed.encoder.layer:
+            s = layer.attention.self
+            s.v = s.value
+            _zero_heads(s, layer.attention.output.dense, 4, 4, 8)
+    assert cm.report().records[0].stats["shrunk"] == {f"encoder.layer.{i}.attention": "4 -> 2 kv heads"
+                                                      for i in range(2)}
+    assert _rel(cm(input_ids=ids, attention_mask=mask).last_hidden_state,
+                zeroed(input_ids=ids, attention_mask=mask).last_hidden_state) < 1e-5
+
+
+def test_heads_from_one_fused_projection_are_left_alone():
+    class Fused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            q, k, v = (t.view(2, 5, 4, 4).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+            y = F.scaled_dot_product_attention(q, k, v)
+            return self.o(y.transpose(1, 2).reshape(2, 5, 16))
+
+    gm = ir.capture(Fused().eval(), (torch.randn(2, 5, 16),)).gm
+    res = P.Prune(sparsity=0.5, pattern="heads")(gm)
+    assert not res.modified
+    assert list(res.stats["skipped"].values()) == ["q, k and v do not each come from one linear layer of their own"]
