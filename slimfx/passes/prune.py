@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from .. import ir
 from .base import Pass, PassResult, register_pass
-from .prune_structured import (attention_groups, head_scores, neuron_groups, neuron_scores, shrink,
+from .prune_structured import (attention_groups, column_importance, head_scores, neuron_groups, shrink,
                                shrink_heads)
+from .quant_calibration import calibration_calls
 from .quantize import matches, module_patterns, selected_linears
 
 aten = torch.ops.aten
@@ -199,7 +200,7 @@ class Prune(Pass):
 
     def run(self, gm, ctx):
         if self.pattern in STRUCTURED:
-            return self._run_structured(gm)
+            return self._run_structured(gm, ctx)
         chosen, skipped = self.select(gm)
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
         g = gm.graph
@@ -225,19 +226,30 @@ class Prune(Pass):
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
         return PassResult(gm, bool(pruned), stats)
 
-    def _run_structured(self, gm):
-        """Neurons or heads: per block, the lowest-scored units go and the layers shrink (prune_structured)."""
+    def _run_structured(self, gm, ctx):
+        """Neurons or heads: per block, the lowest-scored units go and the layers shrink (prune_structured).
+        Scores need activations: the calibration batches, or else the example inputs."""
         heads = self.pattern == "heads"
         found, rejected = attention_groups(gm) if heads else (neuron_groups(gm), {})
-        shrunk = {}
+        chosen = []
         for grp in found:
             members = (grp.q, grp.k, grp.v, grp.o) if heads else (*grp.producers, grp.consumer)
             names = [ir.meta.module_name(n) or n.name for n in members]
-            if any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
-                continue
+            if not any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
+                chosen.append(grp)
+        data = "calibration" if ctx.calibration is not None else "example inputs"
+        if chosen and ctx.calibration is None and not ctx.example_args and not ctx.example_kwargs:
+            raise ValueError(f"Prune(pattern={self.pattern!r}) scores units by their activations: it needs "
+                             f"calibration data or example inputs (slimfx.compile passes them)")
+        calls = calibration_calls(ctx, "Prune") if ctx.calibration is not None \
+            else [(tuple(ctx.example_args), dict(ctx.example_kwargs))]
+        importance = column_importance(gm, [grp.o if heads else grp.consumer for grp in chosen], calls) \
+            if chosen else {}
+        shrunk = {}
+        for grp in chosen:
             units, unit = (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
+            score = head_scores(importance[grp.o], grp) if heads else importance[grp.consumer]
             # at least one unit stays: a layer of width 0 is not a layer
-            score = head_scores(gm, grp) if heads else neuron_scores(gm, grp)
             cut = smallest([score], min(round(self.sparsity * units), units - 1))[0]
             if not cut.any():
                 continue
@@ -249,8 +261,8 @@ class Prune(Pass):
             ir.drop_unused_tensors(gm)
             gm.recompile()
             ir.propagate_meta(gm)
-        return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": self.pattern, "shrunk": shrunk,
-                                             "skipped": rejected})
+        return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": self.pattern, "scored_on": data,
+                                             "shrunk": shrunk, "skipped": rejected})
 
 
 __all__ = ["Prune", "SCOPES", "parse_nm", "smallest", "nm_prune_mask", "block_rms", "expand_blocks"]

@@ -9,8 +9,9 @@ bias) and column j of C: removing it removes exactly its contribution, and the g
 narrower. The groups are the weakly connected components of the elementwise nodes (networkx), with their
 producers and their single consumer around them.
 
-Neuron j is scored by ||C[:, j]|| * prod_i ||P_i[j, :]|| (its output weights times its input weights; a
-neuron with a small path through the layer matters little), and the lowest-scored fraction is removed.
+Neuron j is scored by E|h_j| * ||C[:, j]||, with h the consumer's input over the calibration tokens
+(``column_importance``: the mean size of what the neuron adds to the output), and the lowest-scored
+fraction is removed.
 Attention heads: see the section below (``attention_groups``).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from .quant_calibration import run_watching
 
 aten = torch.ops.aten
 ELEMENTWISE = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
@@ -80,14 +82,6 @@ def neuron_groups(gm: fx.GraphModule) -> list[NeuronGroup]:
             groups.append(NeuronGroup(n, [x], ir.meta.tensor_attr(gm, n.args[1]).shape[1]))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(groups, key=lambda grp: order[grp.consumer])
-
-
-def neuron_scores(gm: fx.GraphModule, group: NeuronGroup) -> torch.Tensor:
-    """||C[:, j]|| * prod_i ||P_i[j, :]|| for each neuron j (float64)."""
-    s = ir.meta.tensor_attr(gm, group.consumer.args[1]).detach().double().norm(dim=0)
-    for p in group.producers:
-        s = s * ir.meta.tensor_attr(gm, p.args[1]).detach().double().norm(dim=1)
-    return s
 
 
 def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
@@ -230,14 +224,29 @@ def _head_literals(node: dict, region: set, heads: int, kv: int) -> tuple[list, 
     return edits, ""
 
 
-def head_scores(gm: fx.GraphModule, grp: HeadGroup) -> torch.Tensor:
-    """Per kv group: ||W_v[group rows]|| * ||W_o[:, its q heads' columns]|| (float64): the size of the
-    values the group can add to the output."""
-    rep, d = grp.heads // grp.kv_heads, grp.head_dim
-    wv = ir.meta.tensor_attr(gm, grp.v.args[1]).detach().double().reshape(grp.kv_heads, -1)
-    wo = ir.meta.tensor_attr(gm, grp.o.args[1]).detach().double()
-    wo = wo.reshape(wo.shape[0], grp.kv_heads, rep * d).transpose(0, 1).reshape(grp.kv_heads, -1)
-    return wv.norm(dim=1) * wo.norm(dim=1)
+def column_importance(gm: fx.GraphModule, consumers: list[fx.Node], calls) -> dict[fx.Node, torch.Tensor]:
+    """For each consumer linear: E|x_j| * ||W[:, j]|| per input column j (float64), the mean size of what
+    column j adds to the output, with x its input over every token of ``calls`` (model inputs, run through
+    the graph in torch). A neuron or head whose weights are small may still carry large activations
+    (measured on SmolLM2: removing the quarter of MLP neurons with the smallest weight norms took its
+    perplexity from 22 to 1.1e6; a random quarter, to 169), so the activations must be in the score."""
+    sums = {c: 0.0 for c in consumers}
+    counts = {c: 0 for c in consumers}
+
+    def add(c):
+        def cb(x):
+            x = x.detach().reshape(-1, x.shape[-1]).double()
+            sums[c] = sums[c] + x.abs().sum(0)
+            counts[c] += x.shape[0]
+        return cb
+    run_watching(gm, calls, {c.args[0]: add(c) for c in consumers})
+    return {c: sums[c] / max(counts[c], 1) * ir.meta.tensor_attr(gm, c.args[1]).detach().double().norm(dim=0)
+            for c in consumers}
+
+
+def head_scores(importance: torch.Tensor, grp: HeadGroup) -> torch.Tensor:
+    """Per kv group: the column importance of o_proj summed over the group's q heads' columns."""
+    return importance.reshape(grp.kv_heads, -1).sum(1)
 
 
 def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None:

@@ -217,57 +217,76 @@ def test_pipeline_block_then_w8a8(tiny_llama):
 
 
 # --- structured: feed-forward neurons --------------------------------------------------------------------
+# The units removed are recomputed here independently: the consumer's input captured by a forward hook on
+# the eager model over the same inputs, score E|x_j| * ||W[:, j]|| per column (summed per kv group for
+# heads). Removing a unit = zeroing the consumer's columns for it, so the shrunk graph must match that
+# dense model (float32 sums over fewer terms: 1e-5 of the output's scale).
 
 def _rel(a, b):
     return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
+def _importance(model, consumers: list, calls: list) -> list:
+    """E|x_j| * ||W[:, j]|| for each consumer Linear's input columns, over the calls (kwargs dicts)."""
+    sums = [0.0] * len(consumers)
+    count = [0] * len(consumers)
+
+    def hook(i):
+        def fn(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[i] = sums[i] + x.abs().sum(0)
+            count[i] += x.shape[0]
+        return fn
+    handles = [c.register_forward_pre_hook(hook(i)) for i, c in enumerate(consumers)]
+    with torch.no_grad():
+        for kw in calls:
+            model(**kw)
+    for h in handles:
+        h.remove()
+    return [sums[i] / count[i] * c.weight.double().norm(dim=0) for i, c in enumerate(consumers)]
+
+
 def test_neurons_llama_shrink_equals_zeroed_neurons(tiny_llama):
-    """Removing a neuron = zeroing its rows in gate/up and its column in down: the shrunk graph matches the
-    model with those neurons zeroed (float32 sums over 60 instead of 80 terms: 1e-5 of the logits' scale).
-    The neurons removed are recomputed here from the stated score, ||down[:, j]|| ||gate[j]|| ||up[j]||."""
     import copy
     ids, mask = text_batch(2, 12, 97)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    cm = slimfx.compile(tiny_llama, (), kw, dynamic=True, backend="torch", progress=False,
+    cal = [dict(kw, input_ids=t[0], attention_mask=t[1]) for t in (text_batch(3, 10, 97, seed=s) for s in (7, 8))]
+    cm = slimfx.compile(tiny_llama, (), kw, dynamic=True, backend="torch", progress=False, calibration=cal,
                         passes=[P.Prune(sparsity=0.25, pattern="neurons")])
-    assert cm.report().records[0].stats["shrunk"] == {f"model.layers.{i}.mlp.down_proj": "80 -> 60 neurons"
-                                                      for i in range(2)}
+    stats = cm.report().records[0].stats
+    assert stats["scored_on"] == "calibration"
+    assert stats["shrunk"] == {f"model.layers.{i}.mlp.down_proj": "80 -> 60 neurons" for i in range(2)}
     rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
     assert rows["model.layers.1.mlp.up_proj"] == "60 x 48" and rows["model.layers.1.mlp.down_proj"] == "48 x 60"
     zeroed = copy.deepcopy(tiny_llama)
+    downs = [layer.mlp.down_proj for layer in zeroed.model.layers]
     with torch.no_grad():
-        for layer in zeroed.model.layers:
-            mlp = layer.mlp
-            score = mlp.down_proj.weight.double().norm(dim=0) * mlp.gate_proj.weight.double().norm(dim=1) \
-                * mlp.up_proj.weight.double().norm(dim=1)
-            cut = score.argsort()[:20]
-            mlp.gate_proj.weight[cut] = 0
-            mlp.up_proj.weight[cut] = 0
-            mlp.down_proj.weight[:, cut] = 0
+        for down, score in zip(downs, _importance(zeroed, downs, cal)):
+            down.weight[:, score.argsort()[:20]] = 0
     ids2, mask2 = text_batch(3, 9, 97, seed=4)                  # another shape: the graph stays dynamic
     kw2 = dict(input_ids=ids2, attention_mask=mask2, use_cache=False)
     assert _rel(cm(**kw2).logits, zeroed(**kw2).logits) < 1e-5
     assert _rel(lower(cm.graph, "numpy")((), kw2).logits, zeroed(**kw2).logits) < 1e-5
 
 
-def test_neurons_bert_biases():
+def test_neurons_bert_biases_scored_on_example_inputs():
     from transformers import BertConfig, BertModel
     import copy
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=48)).eval()
     ids, mask = text_batch(2, 10, 50)
-    cm = slimfx.compile(bert, (), dict(input_ids=ids, attention_mask=mask), backend="torch", progress=False,
+    kw = dict(input_ids=ids, attention_mask=mask)
+    cm = slimfx.compile(bert, (), kw, backend="torch", progress=False,
                         passes=[P.Prune(sparsity=0.5, pattern="neurons", exclude="*.layer.1.*")])
-    assert cm.report().records[0].stats["shrunk"] == {"encoder.layer.0.output.dense": "48 -> 24 neurons"}
+    stats = cm.report().records[0].stats
+    assert stats["scored_on"] == "example inputs"
+    assert stats["shrunk"] == {"encoder.layer.0.output.dense": "48 -> 24 neurons"}
     zeroed = copy.deepcopy(bert)
+    out = zeroed.encoder.layer[0].output.dense
     with torch.no_grad():
-        inter, out = zeroed.encoder.layer[0].intermediate.dense, zeroed.encoder.layer[0].output.dense
-        cut = (out.weight.double().norm(dim=0) * inter.weight.double().norm(dim=1)).argsort()[:24]
-        inter.weight[cut], inter.bias[cut], out.weight[:, cut] = 0, 0, 0     # gelu(0) = 0
-    assert _rel(cm(input_ids=ids, attention_mask=mask).last_hidden_state,
-                zeroed(input_ids=ids, attention_mask=mask).last_hidden_state) < 1e-5
+        out.weight[:, _importance(zeroed, [out], [kw])[0].argsort()[:24]] = 0
+    assert _rel(cm(**kw).last_hidden_state, zeroed(**kw).last_hidden_state) < 1e-5
 
 
 def test_neurons_read_elsewhere_are_not_pruned():
@@ -292,25 +311,23 @@ def test_neurons_refuse_global_scope():
 
 # --- structured: attention heads ---------------------------------------------------------------------------
 
-def _zero_heads(attn, o, heads, kv, dim):
-    """Zero, in place, the o_proj columns of the kv groups the stated score removes: a removed head adds
-    nothing to the output, so the shrunk graph must match this dense model. Score: ||W_v[group]|| x
-    ||W_o[:, the group's q heads]||; removes round(kv / 2) groups (at most kv - 1)."""
+def _zero_heads(model, os_: list, heads, kv, dim, calls) -> int:
+    """Zero, in place, the o_proj columns of the kv groups the stated score removes (round(kv / 2) groups,
+    at most kv - 1): a removed head adds nothing to the output."""
     rep = heads // kv
-    wv = attn.v.weight.double().reshape(kv, -1)
-    wo = o.weight.double().reshape(o.weight.shape[0], kv, rep * dim)
-    score = wv.norm(dim=1) * wo.transpose(0, 1).reshape(kv, -1).norm(dim=1)
-    gone = score.argsort()[: min(round(kv / 2), kv - 1)]
-    for g_ in gone.tolist():
-        o.weight[:, g_ * rep * dim:(g_ + 1) * rep * dim] = 0
-    return len(gone)
+    gone = min(round(kv / 2), kv - 1)
+    with torch.no_grad():
+        for o, score in zip(os_, _importance(model, os_, calls)):
+            for g_ in score.reshape(kv, -1).sum(1).argsort()[:gone].tolist():
+                o.weight[:, g_ * rep * dim:(g_ + 1) * rep * dim] = 0
+    return gone
 
 
 @pytest.mark.parametrize("heads,kv", [(6, 2), (9, 3), (4, 4)])
 def test_heads_llama_gqa_shrink_equals_zeroed_heads(heads, kv):
     """Grouped-query attention: kv groups and their q heads go together, and the head counts spelled in
     the graph (repeat_kv's expand and reshape) follow; 9/3 is the case where a kv count equals the repeat
-    count (SmolLM2's layout). Float32 sums over fewer terms: 1e-5 of the logits' scale."""
+    count (SmolLM2's layout)."""
     import copy
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -318,15 +335,11 @@ def test_heads_llama_gqa_shrink_equals_zeroed_heads(heads, kv):
                                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
                                          head_dim=8)).eval()
     ids, mask = text_batch(2, 12, 97)
-    cm = slimfx.compile(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), dynamic=True,
-                        backend="torch", progress=False, passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    cm = slimfx.compile(model, (), kw, dynamic=True, backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5, pattern="heads")])
     zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in zeroed.model.layers:
-            a = layer.self_attn
-            a.v = a.v_proj
-            gone = _zero_heads(a, a.o_proj, heads, kv, 8)
-    left = kv - gone
+    left = kv - _zero_heads(zeroed, [layer.self_attn.o_proj for layer in zeroed.model.layers], heads, kv, 8, [kw])
     assert cm.report().records[0].stats["shrunk"] == {f"model.layers.{i}.self_attn": f"{kv} -> {left} kv heads"
                                                       for i in range(2)}
     rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
@@ -345,18 +358,14 @@ def test_heads_bert_biases():
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=48)).eval()
     ids, mask = text_batch(2, 10, 50)
-    cm = slimfx.compile(bert, (), dict(input_ids=ids, attention_mask=mask), backend="torch", progress=False,
+    kw = dict(input_ids=ids, attention_mask=mask)
+    cm = slimfx.compile(bert, (), kw, backend="torch", progress=False,
                         passes=[P.Prune(sparsity=0.5, pattern="heads")])
     zeroed = copy.deepcopy(bert)
-    with torch.no_grad():
-        for layer in zeroed.encoder.layer:
-            s = layer.attention.self
-            s.v = s.value
-            _zero_heads(s, layer.attention.output.dense, 4, 4, 8)
+    _zero_heads(zeroed, [layer.attention.output.dense for layer in zeroed.encoder.layer], 4, 4, 8, [kw])
     assert cm.report().records[0].stats["shrunk"] == {f"encoder.layer.{i}.attention": "4 -> 2 kv heads"
                                                       for i in range(2)}
-    assert _rel(cm(input_ids=ids, attention_mask=mask).last_hidden_state,
-                zeroed(input_ids=ids, attention_mask=mask).last_hidden_state) < 1e-5
+    assert _rel(cm(**kw).last_hidden_state, zeroed(**kw).last_hidden_state) < 1e-5
 
 
 def test_heads_from_one_fused_projection_are_left_alone():
