@@ -1,16 +1,21 @@
-"""Prune: magnitude pruning of linear weights, into the patterns the sparse kernels run.
+"""Prune: pruning of linear weights, into the patterns the sparse kernels run.
 
-    Prune(sparsity=0.5)                       unstructured: the 50% smallest |w| of each layer become 0
-    Prune(sparsity=0.5, scope="global")       one magnitude cutoff over all the selected layers together
+    Prune(sparsity=0.5)                       unstructured: the 50% lowest-scored weights of each layer become 0
+    Prune(sparsity=0.5, scope="global")       one cutoff over all the selected layers together
     Prune(threshold=1e-3)                     every |w| < 1e-3 becomes 0 (threshold pruning)
-    Prune(pattern="2:4")                      in every 4 consecutive weights along K the 2 largest |w| stay
+    Prune(pattern="2:4")                      in every 4 consecutive weights along K the 2 best-scored stay
                                               (any "N:M"; 2:4 is the one the sparse kernels run)
     Prune(sparsity=0.5, pattern="block", block=(64, 64))
-                                              the 50% of (BN, BK) blocks with the smallest RMS become 0
+                                              the 50% of (BN, BK) blocks with the smallest RMS score become 0
     Prune(sparsity=0.25, pattern="neurons")   structured: a quarter of each feed-forward block's neurons are
                                               removed, and its layers physically shrink (prune_structured)
     Prune(sparsity=0.25, pattern="heads")     structured: a quarter of each attention block's heads (whole
                                               key/value groups under grouped-query attention) are removed
+
+A weight's score is |w_ij| * ||x_j|| (score="activation", the default; Wanda, Sun et al. 2023), with
+||x_j|| the RMS of input column j over the calibration batches (else the example inputs): a small weight
+on a large activation matters as much as a large weight on a small one. score="magnitude" ranks |w_ij|
+alone and needs no data. Measured on SmolLM2-135M (bench/smollm2_prune.py): see the README.
 
 The mask is the zeros: each pruned weight is replaced by a new tensor holding its kept values and zeros
 (the user's model is untouched), so every backend runs the pruned model as it is, ``LowerSparse`` finds
@@ -34,8 +39,8 @@ from tqdm.auto import tqdm
 
 from .. import ir
 from .base import Pass, PassResult, register_pass
-from .prune_structured import (attention_groups, column_importance, head_scores, neuron_groups, shrink,
-                               shrink_heads)
+from .prune_structured import (attention_groups, column_importance, head_scores, input_stats, neuron_groups,
+                               shrink, shrink_heads)
 from .quant_calibration import calibration_calls
 from .quantize import matches, module_patterns, selected_linears
 
@@ -43,6 +48,7 @@ aten = torch.ops.aten
 sf = torch.ops.slimfx
 SCOPES = ("layer", "global")
 STRUCTURED = ("neurons", "heads")
+SCORES = ("activation", "magnitude")
 _NM = re.compile(r"(\d+):(\d+)")
 
 
@@ -110,17 +116,25 @@ class Prune(Pass):
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
+    score:           "activation" (|w| * the RMS of its input column over calibration data or the example
+                     inputs) or "magnitude" (|w|; not for the structured patterns, which need activations)
     include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer"""
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
     threshold: Optional[float] = None
     block: tuple = (64, 64)
     scope: str = "layer"
+    score: str = "activation"
     include: tuple = ()
     exclude: tuple = ()
 
     def __post_init__(self):
         nm = parse_nm(self.pattern)
+        if self.score not in SCORES:
+            raise ValueError(f"Prune.score must be one of {SCORES}, got {self.score!r}")
+        if self.pattern in STRUCTURED and self.score != "activation":
+            raise ValueError(f"Prune(pattern={self.pattern!r}) scores units by their activations: score must be "
+                             "'activation' (by weight norms alone, 25% of SmolLM2's neurons took perplexity to 1e6)")
         if self.scope not in SCOPES:
             raise ValueError(f"Prune.scope must be one of {SCOPES}, got {self.scope!r}")
         if self.sparsity is not None and not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity <= 1):
@@ -173,40 +187,60 @@ class Prune(Pass):
                 chosen.append((n, name, w_node))
         return chosen, skipped
 
-    def masks(self, weights: list[torch.Tensor]):
+    def masks(self, weights: list[torch.Tensor], cols: list[Optional[torch.Tensor]]):
         """For each weight in turn, True where it is pruned (a generator: per-layer masks are computed as they
-        are consumed; a global cutoff needs all the weights first)."""
-        if self._nm:
-            return (nm_prune_mask(w, *self._nm) for w in weights)
+        are consumed; a global cutoff needs all the weights first). ``cols``: each layer's input-column RMS
+        (score="activation") or None (|w| alone)."""
         if self.threshold is not None:
             return (w.detach().abs() < self.threshold for w in weights)
+
+        def scaled(w, c):
+            w = w.detach().abs().float()
+            return w if c is None else w * c.float()[None, :]
+        if self._nm:
+            return (nm_prune_mask(scaled(w, c), *self._nm) for w, c in zip(weights, cols))
         blocks = self.pattern == "block"
 
-        def score(w):
-            return block_rms(w, self.block) if blocks else w.detach().abs().float()
+        def score(w, c):
+            return block_rms(scaled(w, c), self.block) if blocks else scaled(w, c)
 
         def element(m, w):
             return expand_blocks(m, self.block, w.shape) if blocks else m
 
         if self.scope == "global":
-            scores = [score(w) for w in weights]
+            scores = [score(w, c) for w, c in zip(weights, cols)]
             cut = smallest(scores, round(self.sparsity * sum(s.numel() for s in scores)))
             return (element(m, w) for m, w in zip(cut, weights))
 
-        def layer(w):
-            s = score(w)
+        def layer(w, c):
+            s = score(w, c)
             return element(smallest([s], round(self.sparsity * s.numel()))[0], w)
-        return (layer(w) for w in weights)
+        return (layer(w, c) for w, c in zip(weights, cols))
+
+    def _calls(self, ctx):
+        """The inputs activations are measured on: the calibration batches, else the example inputs."""
+        if ctx.calibration is not None:
+            return "calibration", calibration_calls(ctx, "Prune")
+        if not ctx.example_args and not ctx.example_kwargs:
+            raise ValueError(f"Prune(pattern={self.pattern!r}, score='activation') weighs weights by their "
+                             f"activations: it needs calibration data or example inputs (slimfx.compile passes "
+                             f"them), or score='magnitude'")
+        return "example inputs", [(tuple(ctx.example_args), dict(ctx.example_kwargs))]
 
     def run(self, gm, ctx):
         if self.pattern in STRUCTURED:
             return self._run_structured(gm, ctx)
         chosen, skipped = self.select(gm)
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
+        data, cols = "weights", [None] * len(chosen)
+        if self.score == "activation" and self.threshold is None and chosen:
+            data, calls = self._calls(ctx)
+            stats = input_stats(gm, [n for n, _, _ in chosen], calls)
+            cols = [stats[n][1] for n, _, _ in chosen]
         g = gm.graph
         pruned, zeros, total = {}, 0, 0
         with torch.no_grad():
-            for (n, name, w_node), w, m in tqdm(zip(chosen, weights, self.masks(weights)), total=len(chosen),
+            for (n, name, w_node), w, m in tqdm(zip(chosen, weights, self.masks(weights, cols)), total=len(chosen),
                                                 desc="prune", leave=False, disable=not ctx.progress or len(chosen) < 8):
                 if not m.any():
                     continue
@@ -222,7 +256,7 @@ class Prune(Pass):
             g.eliminate_dead_code()
             ir.drop_unused_tensors(gm)
             gm.recompile()
-        stats = {"layers": len(pruned), "pattern": self.pattern,
+        stats = {"layers": len(pruned), "pattern": self.pattern, "scored_on": data,
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
         return PassResult(gm, bool(pruned), stats)
 
@@ -237,12 +271,7 @@ class Prune(Pass):
             names = [ir.meta.module_name(n) or n.name for n in members]
             if not any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
                 chosen.append(grp)
-        data = "calibration" if ctx.calibration is not None else "example inputs"
-        if chosen and ctx.calibration is None and not ctx.example_args and not ctx.example_kwargs:
-            raise ValueError(f"Prune(pattern={self.pattern!r}) scores units by their activations: it needs "
-                             f"calibration data or example inputs (slimfx.compile passes them)")
-        calls = calibration_calls(ctx, "Prune") if ctx.calibration is not None \
-            else [(tuple(ctx.example_args), dict(ctx.example_kwargs))]
+        data, calls = self._calls(ctx) if chosen else ("-", [])
         importance = column_importance(gm, [grp.o if heads else grp.consumer for grp in chosen], calls) \
             if chosen else {}
         shrunk = {}

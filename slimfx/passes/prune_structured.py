@@ -224,24 +224,32 @@ def _head_literals(node: dict, region: set, heads: int, kv: int) -> tuple[list, 
     return edits, ""
 
 
-def column_importance(gm: fx.GraphModule, consumers: list[fx.Node], calls) -> dict[fx.Node, torch.Tensor]:
-    """For each consumer linear: E|x_j| * ||W[:, j]|| per input column j (float64), the mean size of what
-    column j adds to the output, with x its input over every token of ``calls`` (model inputs, run through
-    the graph in torch). A neuron or head whose weights are small may still carry large activations
-    (measured on SmolLM2: removing the quarter of MLP neurons with the smallest weight norms took its
-    perplexity from 22 to 1.1e6; a random quarter, to 169), so the activations must be in the score."""
-    sums = {c: 0.0 for c in consumers}
-    counts = {c: 0 for c in consumers}
+def input_stats(gm: fx.GraphModule, linears: list[fx.Node], calls) -> dict[fx.Node, tuple]:
+    """For each linear, (E|x_j|, sqrt(E x_j^2)) per input column j (float64), x its input over every token
+    of ``calls`` (model inputs, run through the graph in torch). Linears reading one input share its pass."""
+    acc = {}
 
-    def add(c):
+    def add(x_node):
         def cb(x):
             x = x.detach().reshape(-1, x.shape[-1]).double()
-            sums[c] = sums[c] + x.abs().sum(0)
-            counts[c] += x.shape[0]
+            a, s2, n = acc.get(x_node, (0.0, 0.0, 0))
+            acc[x_node] = (a + x.abs().sum(0), s2 + x.square().sum(0), n + x.shape[0])
         return cb
-    run_watching(gm, calls, {c.args[0]: add(c) for c in consumers})
-    return {c: sums[c] / max(counts[c], 1) * ir.meta.tensor_attr(gm, c.args[1]).detach().double().norm(dim=0)
-            for c in consumers}
+    run_watching(gm, calls, {x: add(x) for x in {lin.args[0] for lin in linears}})
+    out = {}
+    for lin in linears:
+        a, s2, n = acc[lin.args[0]]
+        out[lin] = (a / max(n, 1), (s2 / max(n, 1)).sqrt())
+    return out
+
+
+def column_importance(gm: fx.GraphModule, consumers: list[fx.Node], calls) -> dict[fx.Node, torch.Tensor]:
+    """For each consumer linear: E|x_j| * ||W[:, j]|| per input column j (float64), the mean size of what
+    column j adds to the output. A neuron or head whose weights are small may still carry large activations
+    (measured on SmolLM2: removing the quarter of MLP neurons with the smallest weight norms took its
+    perplexity from 22 to 1.1e6; a random quarter, to 169), so the activations must be in the score."""
+    stats = input_stats(gm, consumers, calls)
+    return {c: stats[c][0] * ir.meta.tensor_attr(gm, c.args[1]).detach().double().norm(dim=0) for c in consumers}
 
 
 def head_scores(importance: torch.Tensor, grp: HeadGroup) -> torch.Tensor:

@@ -2,7 +2,7 @@
 (SQNR on held-out example inputs, measured by the pass manager), the pruning zeros survive training, the
 user's model is untouched, and misuse is refused with the reason.
 
-Floors: on the tiny random-weight Llama, 2:4 pruning alone gives 9.6 dB and 40 distillation steps 14.4 dB
+Floors: on the tiny random-weight Llama, 2:4 magnitude pruning alone gives 9.6 dB and 40 distillation steps 14.4 dB
 (measured); the tests ask for +3 dB, which an optimizer that did nothing (or trained the wrong tensors)
 cannot reach, with room for other BLAS summation orders."""
 import pytest
@@ -28,7 +28,8 @@ def test_llama_kl_recovers_and_keeps_2_4(tiny_llama):
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     cm = slimfx.compile(tiny_llama, (), kw, dynamic=True, calibration=batches(97), backend="torch", progress=False,
-                        passes=[P.Prune(pattern="2:4", exclude="lm_head"), P.Distill(steps=40, lr=1e-3)])
+                        passes=[P.Prune(pattern="2:4", exclude="lm_head", score="magnitude"),
+                                P.Distill(steps=40, lr=1e-3)])
     rec = cm.report().records[-1]
     assert rec.stats["loss"] == "kl" and rec.stats["steps"] == 40
     assert rec.stats["loss_last"] < 0.5 * rec.stats["loss_first"]
@@ -51,7 +52,8 @@ def test_encoder_hidden_state_loss():
     ids, mask = text_batch(2, 10, 50)
     cm = slimfx.compile(bert, (), dict(input_ids=ids, attention_mask=mask), dynamic=True, backend="torch",
                         calibration=batches(50), progress=False,
-                        passes=[P.Prune(sparsity=0.5, exclude="*pooler*"), P.Distill(steps=40, lr=1e-3)])
+                        passes=[P.Prune(sparsity=0.5, exclude="*pooler*", score="magnitude"),
+                                P.Distill(steps=40, lr=1e-3)])
     rec = cm.report().records[-1]
     assert rec.stats["loss"] == "mse" and rec.stats["loss_last"] < rec.stats["loss_first"]
     assert sqnr(cm, "distill") > sqnr(cm, "prune") + 3.0
@@ -61,7 +63,7 @@ def test_explicit_teacher_and_include(tiny_llama):
     ids, mask = text_batch(2, 12, 97)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     gm = ir.capture(tiny_llama, (), kw, dynamic=True).gm
-    gm = P.Prune(pattern="2:4")(gm).graph_module
+    gm = P.Prune(pattern="2:4", score="magnitude")(gm).graph_module
     w_before = {n: ir.meta.tensor_attr(gm, n.args[1]) for n in gm.graph.nodes
                 if n.target is torch.ops.aten.linear.default}
     ctx = P.PassContext((), kw, calibration=batches(97, n=2))

@@ -1,6 +1,7 @@
 """Prune: which weights become zero for each pattern and scope, checked against independent statements of
-the rule (exact counts, every pruned magnitude <= every kept one, kept values unchanged bit for bit), the
-refusals, and the pipeline Prune -> (Quantize) -> Fuse -> LowerSparse onto the sparse dialect op.
+the rule (exact counts, every pruned score <= every kept one, kept values unchanged bit for bit; scores
+|w| with score="magnitude", |w| x the input column's RMS measured by forward hooks with "activation"),
+the refusals, and the pipeline Prune -> (Quantize) -> Fuse -> LowerSparse onto the sparse dialect op.
 Odd sizes throughout (K = 40, 136, 70; N = 136, 70, 9), so blocks are ragged at the edges."""
 import math
 
@@ -59,7 +60,7 @@ def check_magnitude_order(orig: list, pruned: list):
 def test_unstructured_layerwise_exact_count_and_order():
     m, gm, x = captured()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    res = P.Prune(sparsity=0.3)(gm)
+    res = P.Prune(sparsity=0.3, score="magnitude")(gm)
     assert res.modified and res.stats["layers"] == 3 and res.stats["skipped"] == {}
     for name, w in weights(gm).items():
         orig = getattr(m, name).weight
@@ -75,7 +76,7 @@ def test_unstructured_layerwise_exact_count_and_order():
 
 def test_unstructured_global_one_cutoff():
     m, gm, _ = captured()
-    res = P.Prune(sparsity=0.6, scope="global")(gm)
+    res = P.Prune(sparsity=0.6, scope="global", score="magnitude")(gm)
     ws = weights(gm)
     names = sorted(ws)
     total = sum(w.numel() for w in ws.values())
@@ -98,7 +99,7 @@ def test_threshold():
 @pytest.mark.parametrize("n,mm", [(2, 4), (1, 4), (4, 8)])
 def test_n_of_m(n, mm):
     m, gm, _ = captured()
-    res = P.Prune(pattern=f"{n}:{mm}")(gm)
+    res = P.Prune(pattern=f"{n}:{mm}", score="magnitude")(gm)
     ws = weights(gm)
     assert res.stats["skipped"] == {"c": f"K = 70 is not a multiple of {mm}"}
     assert torch.equal(ws["c"], m.c.weight)
@@ -123,7 +124,7 @@ def test_n_of_m(n, mm):
 def test_block_layerwise_ragged_edges():
     m, gm, _ = captured()
     block = (32, 32)
-    res = P.Prune(sparsity=0.5, pattern="block", block=block)(gm)
+    res = P.Prune(sparsity=0.5, pattern="block", block=block, score="magnitude")(gm)
     for name, w in weights(gm).items():
         orig = getattr(m, name).weight
         rows, k = w.shape
@@ -142,17 +143,74 @@ def test_block_layerwise_ragged_edges():
 
 def test_block_global():
     m, gm, _ = captured()
-    P.Prune(sparsity=0.5, pattern="block", block=(16, 16), scope="global")(gm)
+    P.Prune(sparsity=0.5, pattern="block", block=(16, 16), scope="global", score="magnitude")(gm)
     ws = weights(gm)
     blocks = {k: math.ceil(w.shape[0] / 16) * math.ceil(w.shape[1] / 16) for k, w in ws.items()}
     zero = {k: round(block_sparsity(w, (16, 16)) * blocks[k]) for k, w in ws.items()}
     assert sum(zero.values()) == round(0.5 * sum(blocks.values()))
 
 
+def _input_rms(m, x) -> dict:
+    """module name -> RMS over tokens of each input column, by forward pre-hooks on the eager model."""
+    got = {}
+    hooks = [getattr(m, k).register_forward_pre_hook(
+        lambda mod, a, k=k: got.__setitem__(k, a[0].detach().reshape(-1, a[0].shape[-1]).double().square()
+                                            .mean(0).sqrt())) for k in ("a", "b", "c")]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block"])
+def test_activation_score(pattern):
+    """score="activation" (the default) ranks |w_ij| * rms(x_j): checked with the columns' RMS taken by hooks
+    on the eager model over the example input the pass runs the graph on."""
+    m, gm, x = captured()
+    kwargs = {"2:4": dict(pattern="2:4"), "unstructured": dict(sparsity=0.5),
+              "block": dict(sparsity=0.5, pattern="block", block=(16, 16))}[pattern]
+    res = P.Prune(**kwargs)(gm, P.PassContext((x,)))
+    assert res.stats["scored_on"] == "example inputs"
+    rms = _input_rms(m, x)
+    ws = weights(gm)
+    for name in ("a", "b") if pattern == "2:4" else ("a", "b", "c"):
+        score = getattr(m, name).weight.detach().double().abs() * rms[name][None, :]
+        cut = ws[name] == 0
+        if pattern == "2:4":
+            rows = score.shape[0]
+            sg, cg = score.reshape(rows, -1, 4), cut.reshape(rows, -1, 4)
+            assert (cg.sum(-1) >= 2).all()
+            assert (torch.where(cg, sg, -torch.inf).amax(-1) <= torch.where(cg, torch.inf, sg).amin(-1)).all()
+        elif pattern == "unstructured":
+            assert int(cut.sum()) == round(0.5 * cut.numel())
+            assert score[cut].max() <= score[~cut].min()
+        else:
+            rows, k = score.shape
+            blk = torch.nn.functional.pad(score.square(), (0, -k % 16, 0, -rows % 16))
+            cnt = torch.nn.functional.pad(torch.ones_like(score), (0, -k % 16, 0, -rows % 16))
+            r = (blk.reshape(-1, 16, blk.shape[1] // 16, 16).sum((1, 3))
+                 / cnt.reshape(-1, 16, cnt.shape[1] // 16, 16).sum((1, 3))).sqrt()
+            gone = torch.nn.functional.pad(cut, (0, -k % 16, 0, -rows % 16), value=True) \
+                .reshape(-1, 16, blk.shape[1] // 16, 16).all(3).all(1)
+            assert int(gone.sum()) == round(0.5 * gone.numel())
+            assert r[gone].max() <= r[~gone].min()
+    # a different ranking than magnitude alone, on these inputs
+    _, gm2, _ = captured()
+    P.Prune(**kwargs, score="magnitude")(gm2)
+    assert any(not torch.equal(weights(gm2)[k] == 0, ws[k] == 0) for k in ws)
+
+
+def test_activation_score_needs_inputs():
+    _, gm, _ = captured()
+    with pytest.raises(ValueError, match="needs calibration data or example inputs"):
+        P.Prune(sparsity=0.5)(gm)
+
+
 def test_nothing_to_prune_is_unchanged():
     _, gm, _ = captured()
     code = gm.code
-    res = P.Prune(sparsity=0.0)(gm)
+    res = P.Prune(sparsity=0.0, score="magnitude")(gm)
     assert not res.modified and gm.code == code and res.stats["layers"] == 0
 
 
@@ -168,6 +226,8 @@ def test_nothing_to_prune_is_unchanged():
     (dict(pattern="2to4"), "Prune.pattern must be"),
     (dict(sparsity=0.5, scope="net"), "Prune.scope must be one of"),
     (dict(sparsity=0.5, pattern="block", block=(0, 16)), "Prune.block must be two positive ints"),
+    (dict(sparsity=0.5, score="wanda"), "Prune.score must be one of"),
+    (dict(sparsity=0.5, pattern="neurons", score="magnitude"), "score must be 'activation'"),
 ])
 def test_refusals(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -181,7 +241,7 @@ def test_2_4_with_matching_sparsity_is_accepted():
 def test_include_exclude_and_quantized_layers_skipped():
     m, gm, _ = captured()
     P.Quantize(weights="int8", activations="dynamic", include=("a",))(gm)
-    res = P.Prune(sparsity=0.5, exclude=("c",))(gm)
+    res = P.Prune(sparsity=0.5, exclude=("c",), score="magnitude")(gm)
     assert res.stats["skipped"] == {"a": "quantized (prune before Quantize)"}
     assert list(res.stats["pruned"]) == ["b"]
 
