@@ -286,6 +286,22 @@ def _rel(a, b):
     return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=48)).eval()
+
+
+def _matches_dense_llama(cm, dense):
+    """The shrunk graph, on torch and numpy, against the dense model with the removed units zeroed, on a
+    batch of another shape than the example (the graph stays dynamic)."""
+    ids, mask = text_batch(3, 9, 97, seed=4)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert _rel(cm(**kw).logits, dense(**kw).logits) < 1e-5
+    assert _rel(lower(cm.graph, "numpy")((), kw).logits, dense(**kw).logits) < 1e-5
+
+
 def _importance(model, consumers: list, calls: list) -> list:
     """E|x_j| * ||W[:, j]|| for each consumer Linear's input columns, over the calls (kwargs dicts)."""
     sums = [0.0] * len(consumers)
@@ -323,18 +339,12 @@ def test_neurons_llama_shrink_equals_zeroed_neurons(tiny_llama):
     with torch.no_grad():
         for down, score in zip(downs, _importance(zeroed, downs, cal)):
             down.weight[:, score.argsort()[:20]] = 0
-    ids2, mask2 = text_batch(3, 9, 97, seed=4)                  # another shape: the graph stays dynamic
-    kw2 = dict(input_ids=ids2, attention_mask=mask2, use_cache=False)
-    assert _rel(cm(**kw2).logits, zeroed(**kw2).logits) < 1e-5
-    assert _rel(lower(cm.graph, "numpy")((), kw2).logits, zeroed(**kw2).logits) < 1e-5
+    _matches_dense_llama(cm, zeroed)
 
 
 def test_neurons_bert_biases_scored_on_example_inputs():
-    from transformers import BertConfig, BertModel
     import copy
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=48)).eval()
+    bert = _tiny_bert()
     ids, mask = text_batch(2, 10, 50)
     kw = dict(input_ids=ids, attention_mask=mask)
     cm = slimfx.compile(bert, (), kw, backend="torch", progress=False,
@@ -405,18 +415,12 @@ def test_heads_llama_gqa_shrink_equals_zeroed_heads(heads, kv):
     rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
     assert rows["model.layers.0.self_attn.k_proj"] == f"{8 * left} x {8 * heads}"
     assert rows["model.layers.0.self_attn.o_proj"] == f"{8 * heads} x {8 * left * heads // kv}"
-    ids2, mask2 = text_batch(3, 9, 97, seed=4)
-    kw2 = dict(input_ids=ids2, attention_mask=mask2, use_cache=False)
-    assert _rel(cm(**kw2).logits, zeroed(**kw2).logits) < 1e-5
-    assert _rel(lower(cm.graph, "numpy")((), kw2).logits, zeroed(**kw2).logits) < 1e-5
+    _matches_dense_llama(cm, zeroed)
 
 
 def test_heads_bert_biases():
     import copy
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=48)).eval()
+    bert = _tiny_bert()
     ids, mask = text_batch(2, 10, 50)
     kw = dict(input_ids=ids, attention_mask=mask)
     cm = slimfx.compile(bert, (), kw, backend="torch", progress=False,
