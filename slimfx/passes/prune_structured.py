@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Optional
 
 import networkx as nx
 import torch
@@ -84,26 +85,31 @@ def neuron_groups(gm: fx.GraphModule) -> list[NeuronGroup]:
     return sorted(groups, key=lambda grp: order[grp.consumer])
 
 
-def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
-    """Keep only neurons ``keep`` (sorted indices): new, narrower tensors for the producers' weights and
-    biases and the consumer's weight (the old ones stay untouched, for the user's model)."""
-    g = gm.graph
+def _swap_tensor(gm: fx.GraphModule, user: fx.Node, i: int, t: torch.Tensor, suffix: str) -> None:
+    """Make argument ``i`` of ``user`` (a get_attr) read a new tensor ``t`` instead (the old one stays
+    untouched, for the user's model); the new node keeps the old one's metadata but its shape."""
+    old = user.args[i]
+    with gm.graph.inserting_before(user):
+        new = gm.graph.get_attr(ir.meta.add_tensor_attr(gm, f"{old.target}_{suffix}", t.contiguous()))
+    new.meta.update(old.meta)
+    user.args = (*user.args[:i], new, *user.args[i + 1:])
 
-    def replace(user: fx.Node, i: int, t: torch.Tensor, suffix: str):
-        old = user.args[i]
-        with g.inserting_before(user):
-            new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{old.target}_{suffix}", t.contiguous()))
-        new.meta.update(old.meta)
-        args = list(user.args)
-        args[i] = new
-        user.args = tuple(args)
 
+def _narrow(gm: fx.GraphModule, lin: fx.Node, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
+            suffix: str = "narrow") -> None:
+    """Keep rows ``rows`` of a linear's weight and bias (its outputs) or columns ``cols`` of its weight."""
     with torch.no_grad():
-        for p in group.producers:
-            replace(p, 1, ir.meta.tensor_attr(gm, p.args[1]).detach()[keep], "narrow")
-            if len(p.args) > 2 and p.args[2] is not None:
-                replace(p, 2, ir.meta.tensor_attr(gm, p.args[2]).detach()[keep], "narrow")
-        replace(group.consumer, 1, ir.meta.tensor_attr(gm, group.consumer.args[1]).detach()[:, keep], "narrow")
+        w = ir.meta.tensor_attr(gm, lin.args[1]).detach()
+        _swap_tensor(gm, lin, 1, w[rows] if rows is not None else w[:, cols], suffix)
+        if rows is not None and len(lin.args) > 2 and lin.args[2] is not None:
+            _swap_tensor(gm, lin, 2, ir.meta.tensor_attr(gm, lin.args[2]).detach()[rows], suffix)
+
+
+def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
+    """Keep only neurons ``keep`` (sorted indices): narrower producers (weights and biases) and consumer."""
+    for p in group.producers:
+        _narrow(gm, p, rows=keep)
+    _narrow(gm, group.consumer, cols=keep)
 
 
 # --- attention heads ---------------------------------------------------------------------------------------
@@ -264,21 +270,9 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
     kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
     q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
     q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-    g = gm.graph
-
-    def replace(user: fx.Node, i: int, t: torch.Tensor):
-        old = user.args[i]
-        with g.inserting_before(user):
-            new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{old.target}_heads", t.contiguous()))
-        new.meta.update(old.meta)
-        user.args = (*user.args[:i], new, *user.args[i + 1:])
-
-    with torch.no_grad():
-        for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
-            replace(lin, 1, ir.meta.tensor_attr(gm, lin.args[1]).detach()[idx])
-            if len(lin.args) > 2 and lin.args[2] is not None:
-                replace(lin, 2, ir.meta.tensor_attr(gm, lin.args[2]).detach()[idx])
-        replace(grp.o, 1, ir.meta.tensor_attr(gm, grp.o.args[1]).detach()[:, q_idx])
+    for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
+        _narrow(gm, lin, rows=idx, suffix="heads")
+    _narrow(gm, grp.o, cols=q_idx, suffix="heads")
     for n, a, kind in grp.edits:
         shape = list(n.args[1])
         shape[a] = len(q_heads) if kind == "q" else len(keep)
