@@ -20,8 +20,8 @@ alone and needs no data. Measured on SmolLM2-135M (bench/smollm2_prune.py): see 
 The mask is the zeros: each pruned weight is replaced by a new tensor holding its kept values and zeros
 (the user's model is untouched), so every backend runs the pruned model as it is, ``LowerSparse`` finds
 the pattern and lowers the layer to the sparse kernels, and ``Quantize`` after it keeps the zeros (zero
-quantizes to zero in every symmetric scheme). Ranking is deterministic: among equal magnitudes (or block
-scores) the earlier one in row-major order, and with scope="global" in graph order, goes first.
+quantizes to zero in every symmetric scheme). Ranking is deterministic: among equal scores (weights or
+blocks) the earlier one in row-major order, and with scope="global" in graph order, goes first.
 
 aten.linear and fused_linear (after Fuse) are pruned; layers already quantized or lowered are skipped
 with the reason in the statistics (prune before Quantize and LowerSparse).
