@@ -31,7 +31,6 @@ from .base import Pass, PassResult, register_pass
 from .quant_calibration import calibration_calls
 from .quantize import module_patterns, selected_linears
 
-aten = torch.ops.aten
 LOSSES = ("auto", "kl", "mse")
 
 
@@ -39,9 +38,7 @@ def output_tensor(out, kind: str) -> torch.Tensor:
     """The tensor the loss reads: ``logits`` for "kl" (an attribute or key of the output, or the output
     itself when it is a tensor), else the first floating-point tensor of the output structure."""
     if kind == "kl":
-        logits = getattr(out, "logits", None)
-        if logits is None and isinstance(out, dict):
-            logits = out.get("logits")
+        logits = _logits(out)
         if logits is None and isinstance(out, torch.Tensor):
             logits = out
         if logits is None:
@@ -141,7 +138,7 @@ class Distill(Pass):
                     t_out = _run("teacher", teacher, args, kwargs, step,
                                  "each batch holds the model's inputs, over the example kwargs")
                 if kind == "auto":
-                    kind = "kl" if _has_logits(t_out) else "mse"
+                    kind = "kl" if _logits(t_out) is not None else "mse"
                 with torch.enable_grad():
                     s_out = _run("graph", gm, args, kwargs, step, "batches of other shapes than the example "
                                  "inputs need slimfx.compile(..., dynamic=True)")
@@ -177,8 +174,10 @@ def _run(who: str, fn, args, kwargs, step: int, hint: str):
                          f"{hint}") from e
 
 
-def _has_logits(out) -> bool:
-    return getattr(out, "logits", None) is not None or (isinstance(out, dict) and "logits" in out)
+def _logits(out) -> Optional[torch.Tensor]:
+    """``out.logits`` or ``out["logits"]``, else None."""
+    logits = getattr(out, "logits", None)
+    return out.get("logits") if logits is None and isinstance(out, dict) else logits
 
 
 __all__ = ["Distill", "LOSSES", "kd_loss", "relative_mse", "output_tensor"]
