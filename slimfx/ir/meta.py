@@ -19,9 +19,9 @@ _PARAM = "slimfx_param"
 
 @dataclasses.dataclass
 class NodeInfo:
-    """Compression metadata of one node. Quantization and pruning passes fill the fields they own."""
+    """Compression metadata of one node. Quantization and sparsity passes fill the fields they own (a pruning
+    mask needs no field: Prune writes it as the weight's zeros)."""
     quant: Optional[dict] = None      # e.g. the QScheme and its parameters, as JSON-able data
-    mask: Optional[str] = None        # name of the mask tensor attribute on the GraphModule
     sparse: Optional[str] = None      # a sparsity pattern the (quantized) weight satisfies, which a backend
                                       # may exploit ("block:64x64"; LowerSparse)
     kernel: Optional[str] = None      # what a backend chose for this node, and why

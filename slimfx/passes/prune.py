@@ -38,6 +38,7 @@ from torch.fx.operator_schemas import normalize_function
 from tqdm.auto import tqdm
 
 from .. import ir
+from ..ir.dialect.sparse import blockwise
 from .base import Pass, PassResult, register_pass
 from .prune_structured import (attention_groups, column_importance, head_scores, input_stats, neuron_groups,
                                shrink, shrink_heads)
@@ -88,14 +89,8 @@ def nm_prune_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def block_rms(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """(ceil(N/BN), ceil(K/BK)) RMS of w's blocks; an edge block is scored over its real elements only."""
-    bn, bk = block
     sq = w.detach().float().square()
-    nb, kb = -(-w.shape[0] // bn), -(-w.shape[1] // bk)
-
-    def sums(t):
-        t = torch.nn.functional.pad(t, (0, kb * bk - t.shape[1], 0, nb * bn - t.shape[0]))
-        return t.reshape(nb, bn, kb, bk).sum((1, 3))
-    return (sums(sq) / sums(torch.ones_like(sq))).sqrt()
+    return (blockwise(sq, block).sum((1, 3)) / blockwise(torch.ones_like(sq), block).sum((1, 3))).sqrt()
 
 
 def expand_blocks(blocks: torch.Tensor, block: tuple[int, int], shape) -> torch.Tensor:
@@ -107,7 +102,7 @@ def expand_blocks(blocks: torch.Tensor, block: tuple[int, int], shape) -> torch.
 @register_pass(name="prune")
 @dataclasses.dataclass
 class Prune(Pass):
-    """Magnitude pruning of linear layers (see the module docstring).
+    """Pruning of linear layers: zeros by score, or structured units removed (see the module docstring).
 
     sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each block's
                      neurons or kv head groups for "neurons" / "heads"), per layer or, with scope="global",

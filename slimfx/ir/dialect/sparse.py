@@ -42,12 +42,18 @@ def block_pattern(block: tuple[int, int]) -> str:
     return f"block:{block[0]}x{block[1]}"
 
 
-def _blocks(w: Tensor, block: tuple[int, int]) -> Tensor:
-    """(N/BN, K/BK) bool: which blocks hold a nonzero (edges padded with zeros, as to_bsr pads them)."""
+def blockwise(t: Tensor, block: tuple[int, int]) -> Tensor:
+    """2-D ``t`` padded with zeros to whole (BN, BK) blocks (as to_bsr pads them) and viewed as
+    (N/BN, BN, K/BK, BK): reduce over dims (1, 3) for one value per block."""
     bn, bk = block
-    n, k = w.shape
-    nz = torch.nn.functional.pad(w != 0, (0, -k % bk, 0, -n % bn))
-    return nz.reshape(nz.shape[0] // bn, bn, nz.shape[1] // bk, bk).any(3).any(1)
+    n, k = t.shape
+    t = torch.nn.functional.pad(t, (0, -k % bk, 0, -n % bn))
+    return t.reshape(t.shape[0] // bn, bn, t.shape[1] // bk, bk)
+
+
+def _blocks(w: Tensor, block: tuple[int, int]) -> Tensor:
+    """(N/BN, K/BK) bool: which blocks hold a nonzero."""
+    return blockwise(w != 0, block).any(3).any(1)
 
 
 def block_sparsity(w: Tensor, block: tuple[int, int]) -> float:
