@@ -1,7 +1,6 @@
 """``slimfx.compile``: capture -> passes -> backend, and the compiled model it returns."""
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -44,7 +43,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
     lower_s = time.perf_counter() - t1
     report = Report(type(model).__name__, captured.method, backend, capture_s, lower_s, records,
                     len(captured.gm.graph.nodes), gm)
-    return CompiledModel(model, gm, executable, report, captured)
+    return CompiledModel(gm, executable, report, InputSignature.from_capture(model, captured))
 
 
 def _reference_outputs(model, args, kwargs):
@@ -60,14 +59,14 @@ def _reference_outputs(model, args, kwargs):
 class CompiledModel:
     """Call it like the model: same arguments, same output structure, torch tensors in and out."""
 
-    def __init__(self, model, gm: fx.GraphModule, executable, report: Report, captured: ir.Captured):
+    def __init__(self, gm: fx.GraphModule, executable, report: Report, signature: InputSignature):
         self.graph: fx.GraphModule = gm
         self.backend = executable.backend
         self._executable = executable
         self._report = report
-        self._signature = InputSignature.from_capture(model, captured)
-        self.__signature__ = inspect.signature(model.forward)
-        self.model_name = type(model).__name__
+        self._signature = signature
+        self.__signature__ = signature.forward
+        self.model_name = signature.model_name
 
     def __call__(self, *args, **kwargs):
         args, kwargs = self._signature.check(args, kwargs)
@@ -75,6 +74,12 @@ class CompiledModel:
 
     def report(self) -> Report:
         return self._report
+
+    def save(self, path):
+        """Write the compiled graph, its tensors (safetensors) and how to call it to the folder ``path``;
+        ``slimfx.load(path)`` gives it back, on any backend. Returns the folder's path."""
+        from .io import save
+        return save(self, path)
 
     def __repr__(self):
         return (f"CompiledModel({self.model_name}, backend={self.backend!r}, "

@@ -38,6 +38,38 @@ class InputSignature:
         return cls(type(model).__name__, sig, names[:n_pos], list(captured.example_kwargs), leaves, in_spec,
                    dict(captured.ranges))
 
+    def to_json(self) -> dict:
+        """As JSON-able data (``slimfx.save``): the forward's parameter names and kinds (defaults are not
+        needed to check a call), how the inputs were given, and the non-tensor inputs' compiled values."""
+        params = [{"name": p.name, "kind": p.kind.name, "default": p.default is not p.empty}
+                  for p in self.forward.parameters.values()]
+        consts = {name: v for name, v in self.leaves if not isinstance(v, torch.Tensor)}
+        bad = {k: v for k, v in consts.items() if not (v is None or isinstance(v, (bool, int, float, str)))}
+        if bad:
+            raise ValueError(f"{self.model_name}: compiled non-tensor inputs {bad} cannot be saved as JSON")
+        return {"model_name": self.model_name, "parameters": params, "positional": self.positional,
+                "keywords": self.keywords, "constants": consts,
+                "in_spec": None if self.in_spec is None else pytree.treespec_dumps(self.in_spec)}
+
+    @classmethod
+    def from_json(cls, data: dict, gm, ranges: dict) -> "InputSignature":
+        """The signature ``to_json`` saved, over a loaded graph (its placeholders' values, ``ranges`` of its
+        symbols)."""
+        P = inspect.Parameter
+        kinds = {k.name: k for k in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD, P.VAR_POSITIONAL, P.KEYWORD_ONLY,
+                                     P.VAR_KEYWORD)}
+        params = [inspect.Parameter(p["name"], kinds[p["kind"]],
+                                    default=None if p["default"] else inspect.Parameter.empty)
+                  for p in data["parameters"]]
+        leaves = []
+        for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
+            v = ir.meta.val(p)
+            leaves.append((p.name, v if isinstance(v, torch.Tensor) else data["constants"].get(p.name, v)))
+        from .ir.serialize import load_spec
+        spec = load_spec(data["in_spec"], "signature in_spec")
+        return cls(data["model_name"], inspect.Signature(params), list(data["positional"]), list(data["keywords"]),
+                   leaves, spec, dict(ranges))
+
     def _fail(self, msg: str):
         raise InputError(f"{self.model_name} (compiled): {msg}")
 

@@ -1,0 +1,103 @@
+"""Saving a compiled model and loading it back, with no pickle: structure in JSON, tensors in safetensors.
+
+    cm.save("minilm-w8a8")                      # a folder: slimfx.json + tensors.safetensors
+    cm = slimfx.load("minilm-w8a8", backend="triton")
+
+The folder holds the compressed graph (int8 weights and their scales, pruned and shrunk layers), how to
+call it (argument names, the dynamic dims and their ranges, the output structure) and the compile report.
+Loading needs neither the original model nor its weights, and may choose another backend: compress on a
+CPU, serve from the file on a GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import safetensors.torch
+import torch
+
+from . import ir
+from .backends import check_options, lower
+from .ir.serialize import FormatError, plain, unplain
+from .passes import PassRecord
+from .report import Report
+from .signature import InputSignature
+
+GRAPH_FILE, TENSOR_FILE = "slimfx.json", "tensors.safetensors"
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors stores each tensor once and refuses views of one storage: an attribute that is the very
+    same view as another (tied embeddings) becomes an alias of it; any other overlap is copied."""
+    out, aliases, seen, storages = {}, {}, {}, set()
+    for name, t in tensors.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+               t.device)
+        if key in seen and t.numel():
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        ptr = (t.device, t.untyped_storage().data_ptr())
+        whole = t.is_contiguous() and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+        shared = ptr in storages or not whole
+        storages.add(ptr)
+        out[name] = (t.contiguous().clone() if shared else t).cpu()
+    return out, aliases
+
+
+def save(cm, path) -> pathlib.Path:
+    """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its two files replaced)."""
+    from .ir.serialize import to_json
+    path = pathlib.Path(path)
+    graph, tensors = to_json(cm.graph, cm._signature.ranges)
+    tensors, aliases = _unshare(tensors)
+    report = cm.report()
+    from . import __version__
+    data = {"slimfx": __version__, "torch": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph, "aliases": aliases,
+            "report": {"model": report.model, "capture_method": report.capture_method, "capture_s": report.capture_s,
+                       "captured_nodes": report.captured_nodes,
+                       "records": plain([vars(r) for r in report.records])}}
+    path.mkdir(parents=True, exist_ok=True)
+    for name, write in ((TENSOR_FILE, lambda p: safetensors.torch.save_file(tensors, str(p), {"format": "slimfx"})),
+                        (GRAPH_FILE, lambda p: p.write_text(json.dumps(data, indent=1, default=str, allow_nan=False)))):
+        tmp = path / (name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path / name)           # a reader never sees half a file
+    return path
+
+
+def load(path, backend: str | None = None, backend_options: dict | None = None):
+    """The ``CompiledModel`` saved in the folder ``path``, lowered to ``backend`` (default: the one it was
+    saved with) with ``backend_options``."""
+    from .api import CompiledModel
+    from .ir.serialize import from_json
+    path = pathlib.Path(path)
+    for name in (GRAPH_FILE, TENSOR_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"slimfx.load: {path} has no {name} "
+                                    f"(is it a folder written by CompiledModel.save?)")
+    try:
+        data = json.loads((path / GRAPH_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"slimfx.load: {path / GRAPH_FILE} is not valid JSON: {e}") from e
+    backend = backend or data["backend"]
+    check_options(backend, backend_options)
+    tensors = safetensors.torch.load_file(str(path / TENSOR_FILE))
+    for name, target in data.get("aliases", {}).items():
+        tensors[name] = tensors[target]
+    try:
+        gm, ranges = from_json(data["graph"], tensors)
+    except (FormatError, ir.VerificationError) as e:
+        raise type(e)(f"slimfx.load({str(path)!r}): {e}") from e
+    signature = InputSignature.from_json(data["signature"], gm, ranges)
+    t0 = time.perf_counter()
+    executable = lower(gm, backend, backend_options)
+    r = data["report"]
+    records = [PassRecord(**rec) for rec in unplain(r["records"])]
+    report = Report(r["model"], r["capture_method"], backend, r["capture_s"], time.perf_counter() - t0, records,
+                    r["captured_nodes"], gm)
+    return CompiledModel(gm, executable, report, signature)

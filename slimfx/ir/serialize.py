@@ -1,0 +1,366 @@
+"""The IR as JSON + tensors, and back: how a compiled graph is saved without pickle.
+
+``to_json(gm)`` gives JSON-able data (nodes, their arguments, the metadata slimfx writes, the call
+convention as pytree specs, the symbolic input dims with their ranges) and the tensors the graph reads,
+by attribute name, for safetensors. ``from_json`` rebuilds the GraphModule, rebuilds every node's shape
+and dtype by propagation from the inputs (fresh symbols, the saved ranges) and verifies the graph: a file
+that does not describe a sound graph is refused with the node at fault.
+
+Call targets are resolved by name, never by unpickling: ops as ``torch.ops.<ns>.<op>.<overload>``
+(the slimfx dialect registers itself on import; another library's ops need it imported first), Python
+functions as ``module:qualname`` from a short list (operator, math, torch.sym_*: what capture leaves in
+graphs), so a file cannot make a graph call anything that reaches files, processes or code.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import operator  # noqa: F401 - resolvable targets live here
+import re
+import sys
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+from . import meta
+from .verify import output_signature, verify
+
+FORMAT = 1
+# modules a file may name (for call targets and output types) that load imports itself; any other module must
+# already be imported by the caller (importing runs its code, so a file must not pick arbitrary ones)
+IMPORTABLE = ("torch", "operator", "math", "builtins", "slimfx", "transformers")
+_KEPT_META = ("slimfx_param",)
+SAFE_BUILTINS = ("abs", "min", "max", "round", "int", "float", "bool", "len", "pow", "divmod")
+
+
+class FormatError(ValueError):
+    """A saved graph cannot be read back; the message names the node or field and why."""
+
+
+# --- arguments ------------------------------------------------------------------------------------------
+
+def _enc(a, where: str):
+    if isinstance(a, fx.Node):
+        return {"node": a.name}
+    if a is None or isinstance(a, (bool, int, str)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"float": repr(a)}
+    if isinstance(a, tuple):
+        return {"tuple": [_enc(x, where) for x in a]}
+    if isinstance(a, list):
+        return [_enc(x, where) for x in a]
+    if isinstance(a, dict):
+        if not all(isinstance(k, str) for k in a):
+            raise FormatError(f"{where}: a dict argument with non-string keys cannot be saved: {a!r}")
+        return {"dict": {k: _enc(v, where) for k, v in a.items()}}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    if isinstance(a, slice):
+        return {"slice": [_enc(a.start, where), _enc(a.stop, where), _enc(a.step, where)]}
+    if a is Ellipsis:
+        return {"ellipsis": True}
+    raise FormatError(f"{where}: an argument of type {type(a).__name__} ({a!r}) cannot be saved")
+
+
+def _torch_attr(kind: str, name: str, where: str):
+    v = getattr(torch, name, None)
+    expected = {"dtype": torch.dtype, "layout": torch.layout, "memory_format": torch.memory_format}[kind]
+    if not isinstance(v, expected):
+        raise FormatError(f"{where}: unknown {kind} {name!r}")
+    return v
+
+
+def _dec(a, env: dict, where: str):
+    if isinstance(a, list):
+        return [_dec(x, env, where) for x in a]
+    if not isinstance(a, dict):
+        return a
+    if len(a) != 1:
+        raise FormatError(f"{where}: malformed argument {a!r}")
+    (kind, v), = a.items()
+    if kind == "node":
+        if v not in env:
+            raise FormatError(f"{where}: refers to node {v!r} before it is defined")
+        return env[v]
+    if kind == "tuple":
+        return tuple(_dec(x, env, where) for x in v)
+    if kind == "dict":
+        return {k: _dec(x, env, where) for k, x in v.items()}
+    if kind == "float":
+        return float(v)
+    if kind in ("dtype", "layout", "memory_format"):
+        return _torch_attr(kind, v, where)
+    if kind == "device":
+        return torch.device(v)
+    if kind == "slice":
+        return slice(*(_dec(x, env, where) for x in v))
+    if kind == "ellipsis":
+        return Ellipsis
+    raise FormatError(f"{where}: unknown argument kind {kind!r}")
+
+
+def plain(x):
+    """Metadata as strict JSON: non-finite floats (an exact layer's SQNR is inf) become {"float": "inf"}."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return {"float": repr(x)}
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+def unplain(x):
+    if isinstance(x, dict):
+        if len(x) == 1 and x.get("float") in ("inf", "-inf", "nan"):
+            return float(x["float"])
+        return {k: unplain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [unplain(v) for v in x]
+    return x
+
+
+# --- call targets -----------------------------------------------------------------------------------------
+
+def _target_name(target, where: str) -> str:
+    if isinstance(target, str):                    # get_attr / call_method / placeholder / output
+        return target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return "torch.ops." + str(target) if isinstance(target, torch._ops.OpOverload) else \
+            "torch.ops." + str(target.default)
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if module is None and type(target).__name__ == "builtin_function_or_method":
+        module = "builtins"
+    module = {"_operator": "operator"}.get(module, module)
+    if not module or not qualname or not _callable(module, qualname):
+        raise FormatError(f"{where}: the call target {target!r} cannot be saved: a saved graph calls torch ops, "
+                          f"operator.* and math.* functions and torch.sym_* (register a custom op with "
+                          f"torch.library for anything else)")
+    return f"{module}:{qualname}"
+
+
+def _module(name: str, where: str):
+    """An output type's module, imported if a file may name it (importing runs a module's code, so a file
+    cannot make slimfx import just any)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if name.split(".")[0] not in IMPORTABLE:
+        raise FormatError(f"{where}: needs module {name!r}; import it before loading (a file only makes slimfx "
+                          f"import modules of {IMPORTABLE})")
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise FormatError(f"{where}: needs module {name!r}, which cannot be imported: {e}") from e
+
+
+def _callable(module: str, name: str) -> bool:
+    """Which Python functions a loaded graph may call: what capture leaves in graphs (getitem, symbolic
+    size arithmetic), nothing that reaches files, processes or code."""
+    if module in ("operator", "math"):
+        return not name.startswith("_")
+    if module == "builtins":
+        return name in SAFE_BUILTINS
+    return module == "torch" and (name.startswith(("sym_", "_sym_", "_check", "_assert")))
+
+
+def _tensor_method(name: str, where: str) -> None:
+    if not isinstance(name, str) or name.startswith("_") or not hasattr(torch.Tensor, name):
+        raise FormatError(f"{where}: a saved graph may call public torch.Tensor methods, not {name!r}")
+
+
+def _resolve(name: str, where: str):
+    if name.startswith("torch.ops."):
+        obj = torch.ops
+        try:
+            for part in name.removeprefix("torch.ops.").split("."):
+                obj = getattr(obj, part)
+        except (AttributeError, RuntimeError) as e:
+            raise FormatError(f"{where}: op {name} is not registered in this process (import the library that "
+                              f"defines it before loading)") from e
+        if not isinstance(obj, torch._ops.OpOverload):
+            raise FormatError(f"{where}: {name} is not an op overload")
+        return obj
+    module, _, qualname = name.partition(":")
+    if not _callable(module, qualname):
+        raise FormatError(f"{where}: a loaded graph may call torch ops, operator.* and math.* functions and "
+                          f"torch.sym_*; not {name!r}")
+    obj = getattr(sys.modules.get(module) or importlib.import_module(module), qualname, None)
+    if not callable(obj):
+        raise FormatError(f"{where}: {name} is not a function of this Python")
+    return obj
+
+
+# --- metadata ---------------------------------------------------------------------------------------------
+
+def _val_spec(v, symbols: dict, where: str):
+    """A placeholder's value as data: a tensor's dtype and shape (symbols by name), or a literal."""
+    if isinstance(v, torch.Tensor):
+        shape = []
+        for d in v.shape:
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                if expr.is_number:                          # specialized while tracing (a Linear's K)
+                    shape.append(int(expr))
+                    continue
+                if not expr.is_symbol:
+                    raise FormatError(f"{where}: input dim {d} is an expression, not a plain symbol")
+                symbols.setdefault(str(expr), {"hint": int(d.node.hint)})
+                shape.append(str(expr))
+            else:
+                shape.append(int(d))
+        return {"tensor": {"dtype": str(v.dtype).removeprefix("torch."), "shape": shape}}
+    return {"literal": _enc(v, where)}
+
+
+def _node_meta(node: fx.Node) -> dict:
+    out = {k: node.meta[k] for k in _KEPT_META if k in node.meta}
+    info = node.meta.get("slimfx")
+    if isinstance(info, meta.NodeInfo):
+        out["slimfx"] = plain({k: v for k, v in vars(info).items() if v is not None})
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        out["nn_module_stack"] = {k: [path, t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"]
+                                  for k, (path, t) in stack.items()}
+    return out
+
+
+# --- save -------------------------------------------------------------------------------------------------
+
+def to_json(gm: fx.GraphModule, ranges: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(data, tensors): the graph as JSON-able data, and the tensors it reads by attribute name.
+    ``ranges``: symbol name -> (min, max or None) of the dynamic input dims (capture's range constraints)."""
+    symbols: dict = {}
+    nodes, tensors = [], {}
+    for n in gm.graph.nodes:
+        where = f"node {n.name} ({n.op} {n.target})"
+        if n.op == "call_module":
+            raise FormatError(f"{where}: a call to module {type(gm.get_submodule(n.target)).__name__} cannot be "
+                              f"saved as data; capture with torch.export or make the module's forward traceable")
+        if n.op == "call_method":
+            _tensor_method(n.target, where)
+        entry = {"name": n.name, "op": n.op, "target": _target_name(n.target, where),
+                 "args": _enc(list(n.args), where), "kwargs": _enc(dict(n.kwargs), where)["dict"],
+                 "meta": _node_meta(n)}
+        if n.op == "placeholder":
+            entry["val"] = _val_spec(n.meta.get("val"), symbols, where)
+        elif n.op == "get_attr":
+            t = getattr(gm, n.target)
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"{where}: get_attr reads a {type(t).__name__}, not a tensor")
+            tensors[n.target] = t
+        nodes.append(entry)
+    for name, r in (ranges or {}).items():
+        if name in symbols:
+            symbols[name]["min"], symbols[name]["max"] = r
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    codegen = None if info is None else {
+        "orig_args": list(info.orig_args),
+        "in_spec": None if info.in_spec is None else pytree.treespec_dumps(info.in_spec),
+        "out_spec": None if info.out_spec is None else pytree.treespec_dumps(info.out_spec)}
+    data = {"format": FORMAT, "class_name": type(gm).__name__, "nodes": nodes, "codegen": codegen,
+            "symbols": symbols, "outputs": [[list(s) if s else s, str(d).removeprefix("torch.") if d else d]
+                                            for s, d in output_signature(gm)]}
+    return data, tensors
+
+
+# --- load -------------------------------------------------------------------------------------------------
+
+def load_spec(text: str | None, where: str):
+    """A pytree spec from ``treespec_dumps``; the modules of the types it names imported if a file may name them."""
+    if text is None:
+        return None
+    for t in re.findall(r'"type": "([\w.]+)\.\w+"', text):      # output types (e.g. transformers' ModelOutput)
+        _module(t, where)                                       # register their pytree nodes by importing them
+    try:
+        return pytree.treespec_loads(text)
+    except Exception as e:  # noqa: BLE001 - re-raised with the field named
+        raise FormatError(f"{where}: cannot read the pytree spec: {e}") from e
+
+
+def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
+    """Fake values of the placeholders: fresh symbols (with the saved hints and ranges) for dynamic dims.
+    Returns them and the rename old symbol name -> new one."""
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    made, rename = {}, {}
+    for name, s in data["symbols"].items():
+        sym = env.create_symbol(int(s["hint"]), ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        env.constrain_symbol_range(sym, compiler_min=int(s.get("min") or 0),
+                                   compiler_max=sys.maxsize - 1 if s.get("max") is None else int(s["max"]))
+        made[name] = env.create_symintnode(sym, hint=int(s["hint"]))
+        rename[name] = str(sym)
+    vals = []
+    for p, spec in placeholders:
+        where = f"input {p.name}"
+        if "tensor" in spec:
+            t = spec["tensor"]
+            try:
+                shape = [made[d] if isinstance(d, str) else int(d) for d in t["shape"]]
+            except KeyError as e:
+                raise FormatError(f"{where}: dim {e} is not among the saved symbols") from e
+            with mode:
+                vals.append(torch.empty(shape, dtype=_torch_attr("dtype", t["dtype"], where)))
+        else:
+            vals.append(_dec(spec.get("literal"), {}, where))
+    return vals, rename
+
+
+def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphModule, dict]:
+    """The GraphModule ``to_json`` described, every node's shape and dtype propagated and the graph verified.
+    Returns it and the dynamic dims' ranges under their new symbol names."""
+    if data.get("format") != FORMAT:
+        raise FormatError(f"graph format {data.get('format')!r} is not the one this slimfx reads ({FORMAT})")
+    graph = fx.Graph()
+    env: dict = {}
+    placeholders = []
+    for entry in data["nodes"]:
+        name, op = entry["name"], entry["op"]
+        where = f"node {name} ({op} {entry['target']})"
+        if op not in ("placeholder", "get_attr", "call_function", "call_method", "output"):
+            raise FormatError(f"{where}: unknown node kind {op!r}")
+        target = _resolve(entry["target"], where) if op == "call_function" else entry["target"]
+        if op == "call_method":
+            _tensor_method(target, where)
+        if op == "get_attr" and target not in tensors:
+            raise FormatError(f"{where}: its tensor {target!r} is missing from the tensor file")
+        args = tuple(_dec(entry["args"], env, where))
+        kwargs = {k: _dec(v, env, where) for k, v in entry["kwargs"].items()}
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        if node.name != name:
+            raise FormatError(f"{where}: the name is used twice")
+        m = entry.get("meta", {})
+        node.meta.update({k: m[k] for k in _KEPT_META if k in m})
+        if "slimfx" in m:
+            node.meta["slimfx"] = meta.NodeInfo(**unplain(m["slimfx"]))
+        if "nn_module_stack" in m:
+            node.meta["nn_module_stack"] = {k: tuple(v) for k, v in m["nn_module_stack"].items()}
+        env[name] = node
+        if op == "placeholder":
+            placeholders.append((node, entry["val"]))
+    cg = data.get("codegen")
+    if cg is not None:
+        info = fx.graph._PyTreeInfo(cg["orig_args"], load_spec(cg["in_spec"], "in_spec"),
+                                    load_spec(cg["out_spec"], "out_spec"))
+        graph._codegen = fx.graph._PyTreeCodeGen(info)
+    root = {n.target: tensors[n.target] for n in graph.nodes if n.op == "get_attr"}
+    gm = fx.GraphModule(root, graph, class_name=data.get("class_name", "GraphModule"))
+    vals, rename = _inputs(data, placeholders)
+    for (p, _), v in zip(placeholders, vals):
+        p.meta["val"] = v
+    sub = lambda s: re.sub(r"\b[a-z]+\d+\b", lambda m: rename.get(m.group(0), m.group(0)), s)
+    expected = [(None if s is None else tuple(sub(d) for d in s),
+                 None if d is None else _torch_attr("dtype", d, "outputs")) for s, d in data["outputs"]]
+    verify(gm, expected)
+    ranges = {rename[k]: (int(s.get("min") or 0), s.get("max")) for k, s in data["symbols"].items()}
+    return gm, ranges
