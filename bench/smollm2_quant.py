@@ -1,11 +1,13 @@
 """SmolLM2-135M perplexity under slimfx quantization vs fp32 and torch.ao's quantize_dynamic, in one run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_quant.py [--tokens 4096] [--window 256]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_quant.py [--tokens 4096] [--window 256] [--modes w4g64,...]
 
 Held-out text: pydoc_data prose from offset 200000 (calibration uses a different stretch, offset 20000).
 The compiled graphs run on backend="torch": the simulated graph, where each slimfx dialect op runs its torch
 reference (same integer arithmetic as the numpy backend, which agrees bit for bit on quantized_linear and is
 much slower on a 30-layer model). lm_head (tied to the embeddings) is left in fp32 in every slimfx mode.
+int4 groups are 64 or 32 wide (SmolLM2's K = 576 is not a multiple of 128); "GPTQ" rows choose the integers
+by ``Quantize(method="gptq")`` from the same calibration windows.
 Writes bench/results/smollm2_quant-<cpu>.json and .md.
 """
 from __future__ import annotations
@@ -45,6 +47,9 @@ def main():
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--modes", default="all", help="comma-separated keys of the modes to run (default: all)")
+    ap.add_argument("--name", default="smollm2_quant", help="results file stem (a subset run should not "
+                                                             "overwrite the full table)")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -54,34 +59,50 @@ def main():
     calibration = [dict(input_ids=cal_ids[i * a.window:(i + 1) * a.window][None]) for i in range(a.calib)]
     kw = dict(input_ids=windows[0], use_cache=False)
     skip = ("lm_head",)
+    w4 = lambda g, method: [Quantize(weights="int4", group_size=g, method=method, exclude=skip)]
     modes = {
-        "W8A16 (int8 per-channel weights)": [Quantize(weights="int8", exclude=skip)],
-        "W8A8 dynamic (per-token act.)": [Quantize(weights="int8", activations="dynamic", exclude=skip)],
-        f"W8A8 dynamic + SmoothQuant a={a.alpha}": [SmoothQuant(alpha=a.alpha, exclude=skip),
-                                                    Quantize(weights="int8", activations="dynamic", exclude=skip)],
-        "W8A8 static per-tensor + SmoothQuant": [SmoothQuant(alpha=a.alpha, exclude=skip),
-                                                 Quantize(weights="int8", activations="static", exclude=skip)],
+        "w8": ("W8A16 (int8 per-channel weights)", [Quantize(weights="int8", exclude=skip)]),
+        "w8a8": ("W8A8 dynamic (per-token act.)", [Quantize(weights="int8", activations="dynamic", exclude=skip)]),
+        "w8a8-sq": (f"W8A8 dynamic + SmoothQuant a={a.alpha}",
+                    [SmoothQuant(alpha=a.alpha, exclude=skip),
+                     Quantize(weights="int8", activations="dynamic", exclude=skip)]),
+        "w8a8-static": ("W8A8 static per-tensor + SmoothQuant",
+                        [SmoothQuant(alpha=a.alpha, exclude=skip),
+                         Quantize(weights="int8", activations="static", exclude=skip)]),
+        "w4g64": ("W4A16 groups of 64, round to nearest", w4(64, "rtn")),
+        "w4g64-gptq": ("W4A16 groups of 64, GPTQ", w4(64, "gptq")),
+        "w4g32": ("W4A16 groups of 32, round to nearest", w4(32, "rtn")),
+        "w4g32-gptq": ("W4A16 groups of 32, GPTQ", w4(32, "gptq")),
     }
+    keys = list(modes) + ["torchao"] if a.modes == "all" else a.modes.split(",")
+    unknown = set(keys) - set(modes) - {"torchao"}
+    if unknown:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {list(modes) + ['torchao']}")
     rows = []
     t0 = time.perf_counter()
     fp32 = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, windows)
     rows.append({"mode": "fp32", "ppl": fp32, "seconds": time.perf_counter() - t0, "weight_ratio": 1.0})
     print(f"fp32: {fp32:.3f}", flush=True)
-    for name, passes in modes.items():
+    for name, passes in (modes[k] for k in keys if k in modes):
         t0 = time.perf_counter()
         cm = slimfx.compile(model, (), kw, passes=passes, dynamic=True, backend="torch", calibration=calibration,
                             progress=False, measure=False)
         stats = cm.report().records[-1].stats
         ppl = perplexity(lambda x: cm(input_ids=x, use_cache=False).logits, windows)
         rows.append({"mode": name, "ppl": ppl, "seconds": time.perf_counter() - t0,
-                     "weight_ratio": stats["ratio"], "layers": stats["layers"]})
+                     "weight_ratio": stats["ratio"], "layers": stats["layers"],
+                     **({"gptq_error_vs_rtn": stats["gptq_error_vs_rtn"]} if "gptq_error_vs_rtn" in stats else {})})
         print(f"{name}: {ppl:.3f}", flush=True)
     t0 = time.perf_counter()
     try:
+        if "torchao" not in keys:
+            raise LookupError("not asked for")
         qm = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
         ppl = perplexity(lambda x: qm(input_ids=x, use_cache=False).logits, windows)
         rows.append({"mode": "torch.ao quantize_dynamic (all Linear, incl. lm_head)", "ppl": ppl,
                      "seconds": time.perf_counter() - t0, "weight_ratio": None})
+    except LookupError:
+        pass
     except Exception as e:  # no quantized engine
         rows.append({"mode": f"torch.ao quantize_dynamic: failed ({type(e).__name__})", "ppl": None})
     for r in rows:
@@ -98,7 +119,7 @@ def main():
         lines.append(f"| {r['mode']} | {ppl} | {vs} | {wr} | {r.get('seconds', 0):.1f} |")
     md = "\n".join(lines)
     print(md)
-    save("smollm2_quant", cpu, {"cpu": cpu, "tokens": len(windows) * a.window, "window": a.window,
+    save(a.name, cpu, {"cpu": cpu, "tokens": len(windows) * a.window, "window": a.window,
                                 "calibration_windows": a.calib, "alpha": a.alpha, "backend": "torch",
                                 "rows": rows}, md)
 

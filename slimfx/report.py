@@ -75,7 +75,8 @@ class Report:
                 continue
             w, a = q["weight"], q.get("activation") or {}
             ascheme = a.get("scheme", {})
-            rows.append({"module": q["module"], "mode": q["mode"], "weight": f"{w['kind']} int{w['bits']}",
+            rows.append({"module": q["module"], "mode": q["mode"],
+                         "weight": f"{w['kind']} int{w['bits']}" + (" gptq" if q.get("method") == "gptq" else ""),
                          "granularity": w["granularity"] + (f" {w['group_size']}" if w.get("group_size") else ""),
                          "act": ("-" if not ascheme else f"int{ascheme['bits']} per {ascheme['granularity']}"),
                          "w_range": q["weight_range"], "x_range": a.get("range") or q.get("x_range"),

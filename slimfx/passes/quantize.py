@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import operator
 import re
 from typing import Optional
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 import slimfx.ir.dialect  # noqa: F401  (registers torch.ops.slimfx.*)
 
 from .. import ir
 from ..quant import (MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver, QScheme,
-                     fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes)
+                     dequantize_tensor_torch, fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes)
+from ..quant.gptq import Hessian, gptq_quantize, output_error
 from ..quant.linear import MAX_K
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
@@ -43,6 +46,7 @@ WEIGHTS = ("int8", "int4", "log8", "log4")
 ACTIVATIONS = {None: None, "none": None, "dynamic": "dynamic", "dynamic-per-token": "dynamic",
                "static": "static", "static-per-tensor": "static"}
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+METHODS = ("rtn", "gptq")
 ACT_SCHEME = QScheme(bits=8, granularity="tensor")
 
 
@@ -91,7 +95,12 @@ class Quantize(Pass):
     op_types:     which ops to quantize (only "linear" so far)
     observer:     static calibration: "minmax", "moving_average" (0.01), "percentile" (99.99) or "mse"
     lower:        fold the Q/DQ ops into the fused dialect ops (``FoldQDQ``); False keeps the explicit form
-    measure_layers: per-layer SQNR (quantized layer vs float, same float input) on the example inputs"""
+    measure_layers: per-layer SQNR (quantized layer vs float, same float input) on the example inputs
+    method:       "rtn" rounds each weight to nearest; "gptq" (``slimfx.quant.gptq``) chooses the integers
+                  that minimize each layer's output error on ``ctx.calibration`` (same scheme, same ops and
+                  kernels: only the stored integers and group scales differ), with ``damp`` of the mean
+                  Hessian diagonal added for stability. Hessians come from the graph as it is when the
+                  pass runs (float inputs), not layer by layer from quantized predecessors."""
     weights: str = "int8"
     activations: Optional[str] = None
     group_size: int = 128
@@ -101,6 +110,8 @@ class Quantize(Pass):
     observer: str = "minmax"
     lower: bool = True
     measure_layers: bool = True
+    method: str = "rtn"
+    damp: float = 0.01
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -111,6 +122,10 @@ class Quantize(Pass):
             raise ValueError(f"Quantize: int8 activations need int8 or log weights, got weights={self.weights!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"Quantize.observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"Quantize.method must be one of {METHODS}, got {self.method!r}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"Quantize.damp must be in (0, 1), got {self.damp!r}")
         if tuple(self.op_types) != ("linear",):
             raise ValueError(f"Quantize.op_types: only ('linear',) is supported so far, got {self.op_types!r}")
         self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
@@ -157,22 +172,32 @@ class Quantize(Pass):
             floats = example_values(gm, ctx, x_nodes)
             refs = {n.name: (n.args[0], ir.meta.tensor_attr(gm, n.args[1]), _bias(gm, n)) for n in chosen}
         w_scheme = weight_scheme(self.weights, self.group_size)
+        hessians = _hessians(gm, ctx, x_nodes) if self.method == "gptq" else {}
         bytes_before = bytes_after = 0
-        for lin in chosen:
-            record = self._quantize_layer(gm, lin, w_scheme, act, ranges.get(lin.args[0]))
+        gains = []
+        for lin in tqdm(chosen, desc="quantize: GPTQ", disable=not (ctx.progress and hessians), leave=False):
+            x = lin.args[0]
+            record = self._quantize_layer(gm, lin, w_scheme, act, ranges.get(x), hessians.get(x))
             bytes_before += record["fp32_bytes"]
             bytes_after += record["weight_bytes"]
+            if "gptq" in record:
+                gains.append(record["gptq"]["output_error"] / max(record["gptq"]["output_error_rtn"], 1e-300))
         folded = FoldQDQ().run(gm, ctx).stats["folded"] if self.lower else 0
         gm.graph.eliminate_dead_code()
         ir.drop_unused_tensors(gm)
         gm.recompile()
         if floats:
             _measure_layers(gm, floats, refs)
-        return PassResult(gm, True, {"mode": self.mode, "layers": len(chosen), "folded": folded,
+        extra = {}
+        if gains:    # geometric mean over layers of GPTQ's output error / RTN's (calibration inputs)
+            extra["gptq_error_vs_rtn"] = round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4)
+        return PassResult(gm, True, {"mode": self.mode, "method": self.method, **extra,
+                                     "layers": len(chosen), "folded": folded,
                                      "weight_bytes_fp32": bytes_before, "weight_bytes": bytes_after,
                                      "ratio": round(bytes_after / bytes_before, 4), "skipped": skipped})
 
-    def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range) -> dict:
+    def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
+                        hessian: Optional[torch.Tensor] = None) -> dict:
         g = gm.graph
         x, w_node = lin.args[0], lin.args[1]
         bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
@@ -181,6 +206,13 @@ class Quantize(Pass):
         n_out, k = w.shape
         qp = qparams_torch(w, scheme, name=f"weight of {name}")
         codes = quantize_tensor_torch(w, scheme, qp).contiguous()
+        gptq_rec = None
+        if hessian is not None:
+            rtn = dequantize_tensor_torch(codes, scheme, qp)
+            codes, qp = gptq_quantize(w, hessian, scheme, self.damp, name=f"weight of {name}")
+            gptq = dequantize_tensor_torch(codes, scheme, qp)
+            gptq_rec = {"damp": self.damp, "output_error": output_error(w, gptq, hessian),
+                        "output_error_rtn": output_error(w, rtn, hessian)}
         stack = lin.meta.get("nn_module_stack")
         new_nodes = []
 
@@ -226,7 +258,9 @@ class Quantize(Pass):
         rec = {"module": name, "node": lin.name, "mode": self.mode, "weight": scheme.to_dict(),
                "weight_range": [float(w.min()), float(w.max())], "shape": [n_out, k],
                "activation": act_rec, "fp32_bytes": fp32_bytes(w.shape), "weight_bytes": weight_bytes(w.shape, scheme),
-               "sqnr_db": None}
+               "sqnr_db": None, "method": self.method}
+        if gptq_rec is not None:
+            rec["gptq"] = gptq_rec
         ir.meta.info(lin).quant = {**(ir.meta.info(lin).quant or {}), **rec}     # keeps e.g. SmoothQuant's record
         return rec
 
@@ -239,6 +273,16 @@ def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:
 def _static_scale(lo, hi) -> torch.Tensor:
     from ..quant import qparams_from_range_torch
     return qparams_from_range_torch(torch.tensor(float(lo)), torch.tensor(float(hi)), ACT_SCHEME).scale.to(torch.float32)
+
+
+def _hessians(gm, ctx: PassContext, x_nodes) -> dict:
+    """GPTQ's input Hessian X X^T / n of each linear input node over the calibration data."""
+    hs = {n: Hessian(int(ir.meta.shape(n)[-1])) for n in x_nodes}
+    calls = calibration_calls(ctx, "Quantize(method='gptq')")
+    count = run_watching(gm, calls, {n: h.add for n, h in hs.items()}, ctx.progress, "quantize: GPTQ statistics")
+    if count == 0:
+        raise ValueError("Quantize(method='gptq'): the calibration data is empty")
+    return {n: h.value() for n, h in hs.items()}
 
 
 def _static_ranges(gm, ctx: PassContext, x_nodes, observer: str) -> dict:

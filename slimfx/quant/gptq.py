@@ -1,0 +1,123 @@
+"""GPTQ: weight quantization that compensates each column's rounding error in the columns not yet quantized.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (2022).
+For a linear layer y = W x with inputs X seen on calibration data, H = X X^T / n. Round-to-nearest (RTN)
+rounds every weight on its own; GPTQ quantizes W one input column at a time and moves the column's error
+into the remaining columns along H^-1 (the optimal update for the layer output ||W X - Q X||^2 under the
+columns already fixed), working on blocks of columns with lazy updates, from the upper Cholesky factor of
+H^-1. The result is the same scheme (codes and scales, same ``QScheme``, the same dequantization) as RTN:
+only which integers are stored changes, so every backend and kernel runs it unchanged.
+
+Scales: per-channel schemes take their scales from the original W, as RTN does; per-group schemes take each
+group's scale from the group's columns as GPTQ has updated them when the group starts (the paper's
+choice). Columns the calibration never excites (H_jj = 0) get H_jj = 1 and are rounded as they are.
+
+``output_error(w, w_hat, H)`` = tr((W - W') H (W - W')^T) / tr(W H W^T): the relative output error on the
+calibration inputs, the quantity GPTQ minimizes (reported per layer, for GPTQ and for RTN).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .quantize import dequantize_tensor_torch, qparams_torch, quantize_tensor_torch
+from .scheme import QParams, QScheme
+
+
+class Hessian:
+    """H = X X^T / n over the rows of every tensor added (a linear's inputs, all leading dims flattened),
+    accumulated in float64."""
+
+    def __init__(self, k: int):
+        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.h += x.T @ x
+        self.n += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("GPTQ: no calibration rows reached this layer")
+        return self.h / self.n
+
+
+def _column_scheme(scheme: QScheme) -> QScheme:
+    """The scheme of one column (n_out x 1) under its own scales: per channel along the rows."""
+    return dataclasses.replace(scheme, granularity="channel", group_size=None, axis=0)
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; the damping grows tenfold (twice at
+    most) while that is not positive definite."""
+    k = h.shape[0]
+    if bool((h.diagonal() < 0).any()) or not torch.isfinite(h).all():
+        raise ValueError(f"GPTQ: the input Hessian of {name} has negative or non-finite entries on its diagonal: "
+                         f"it is not X X^T of any inputs")
+    mean_diag = float(h.diagonal().mean())
+    for attempt in range(3):
+        lam = damp * (10 ** attempt) * mean_diag
+        l, info = torch.linalg.cholesky_ex(h + lam * torch.eye(k, dtype=h.dtype))
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+    raise ValueError(f"GPTQ: the input Hessian of {name} is not positive definite even with damping "
+                     f"{damp * 100:g} x mean(diag); the calibration data may be degenerate")
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float = 0.01, block: int = 128,
+                  name: str = "weight") -> tuple[torch.Tensor, QParams]:
+    """(codes, qparams) of ``w`` (n_out x K) under ``scheme`` (per channel along axis 0, or per group along
+    K), chosen by GPTQ with input Hessian ``h`` (K x K). Codes are int8 in w's shape; qparams in the
+    scheme's parameter shape, as ``qparams_torch`` gives them."""
+    if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"GPTQ: {name} of shape {tuple(w.shape)} needs a {w.shape[1]} x {w.shape[1]} Hessian, "
+                         f"got {tuple(h.shape)}")
+    grouped = scheme.granularity == "group"
+    if not grouped and not (scheme.granularity == "channel" and scheme.axis == 0):
+        raise ValueError(f"GPTQ: {name}: weights per output channel or per group along K, not {scheme}")
+    n, k = w.shape
+    G = scheme.group_size if grouped else None
+    if grouped:
+        block = max(G, block // G * G)                   # groups start at block starts, where W is up to date
+    h = h.to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    hinv = _upper_inverse_cholesky(h, damp, name)
+    W = w.detach().to(torch.float64).clone()
+    col = _column_scheme(scheme)
+    codes = torch.zeros(n, k, dtype=torch.int8)
+    if grouped:
+        scale = torch.zeros(n, k // G, dtype=torch.float32)
+        zero = torch.zeros(n, k // G, dtype=torch.int8)
+    else:
+        qp = qparams_torch(w.to(torch.float32), scheme, name=name)     # (n, 1): the rows' ranges, as RTN
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, E1, Hb = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if grouped and j % G == 0:
+                g = qparams_torch(W1[:, i:i + G].to(torch.float32), _group_scheme(scheme, G), name=name)
+                scale[:, j // G], zero[:, j // G] = g.scale.reshape(n), g.zero_point.reshape(n)
+                qp = QParams(scale[:, j // G:j // G + 1], zero[:, j // G:j // G + 1])
+            c = W1[:, i:i + 1].to(torch.float32)
+            q = quantize_tensor_torch(c, col, qp)
+            codes[:, j:j + 1] = q
+            err = (W1[:, i] - dequantize_tensor_torch(q, col, qp).reshape(n).to(torch.float64)) / Hb[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hb[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    return codes, (QParams(scale, zero) if grouped else qp)
+
+
+def _group_scheme(scheme: QScheme, G: int) -> QScheme:
+    return dataclasses.replace(scheme, granularity="group", group_size=G)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - W') H (W - W')^T) / tr(W H W^T): the layer's output error relative to its output, on the
+    calibration inputs H summarizes."""
+    w, d, h = w.to(torch.float64), (w - w_hat).to(torch.float64), h.to(torch.float64)
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp(min=1e-300))
