@@ -59,7 +59,7 @@ def main():
     calibration = [dict(input_ids=cal_ids[i * a.window:(i + 1) * a.window][None]) for i in range(a.calib)]
     kw = dict(input_ids=windows[0], use_cache=False)
     skip = ("lm_head",)
-    w4 = lambda g, method: [Quantize(weights="int4", group_size=g, method=method, exclude=skip)]
+    w4 = lambda g, method, **kw: [Quantize(weights="int4", group_size=g, method=method, exclude=skip, **kw)]
     modes = {
         "w8": ("W8A16 (int8 per-channel weights)", [Quantize(weights="int8", exclude=skip)]),
         "w8a8": ("W8A8 dynamic (per-token act.)", [Quantize(weights="int8", activations="dynamic", exclude=skip)]),
@@ -71,6 +71,7 @@ def main():
                          Quantize(weights="int8", activations="static", exclude=skip)]),
         "w4g64": ("W4A16 groups of 64, round to nearest", w4(64, "rtn")),
         "w4g64-gptq": ("W4A16 groups of 64, GPTQ", w4(64, "gptq")),
+        "w4g64-gptq-act": ("W4A16 groups of 64, GPTQ act_order", w4(64, "gptq", act_order=True)),
         "w4g32": ("W4A16 groups of 32, round to nearest", w4(32, "rtn")),
         "w4g32-gptq": ("W4A16 groups of 32, GPTQ", w4(32, "gptq")),
     }

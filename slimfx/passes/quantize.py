@@ -99,7 +99,8 @@ class Quantize(Pass):
     method:       "rtn" rounds each weight to nearest; "gptq" (``slimfx.quant.gptq``) chooses the integers
                   that minimize each layer's output error on ``ctx.calibration`` (same scheme, same ops and
                   kernels: only the stored integers and group scales differ), with ``damp`` of the mean
-                  Hessian diagonal added for stability. Hessians come from the graph as it is when the
+                  Hessian diagonal added for stability; ``act_order`` takes the most excited input columns
+                  first (groups then keep RTN's scales). Hessians come from the graph as it is when the
                   pass runs (float inputs), not layer by layer from quantized predecessors."""
     weights: str = "int8"
     activations: Optional[str] = None
@@ -112,6 +113,7 @@ class Quantize(Pass):
     measure_layers: bool = True
     method: str = "rtn"
     damp: float = 0.01
+    act_order: bool = False
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:
@@ -209,9 +211,10 @@ class Quantize(Pass):
         gptq_rec = None
         if hessian is not None:
             rtn = dequantize_tensor_torch(codes, scheme, qp)
-            codes, qp = gptq_quantize(w, hessian, scheme, self.damp, name=f"weight of {name}")
+            codes, qp = gptq_quantize(w, hessian, scheme, self.damp, act_order=self.act_order,
+                                      name=f"weight of {name}")
             gptq = dequantize_tensor_torch(codes, scheme, qp)
-            gptq_rec = {"damp": self.damp, "output_error": output_error(w, gptq, hessian),
+            gptq_rec = {"damp": self.damp, "act_order": self.act_order, "output_error": output_error(w, gptq, hessian),
                         "output_error_rtn": output_error(w, rtn, hessian)}
         stack = lin.meta.get("nn_module_stack")
         new_nodes = []

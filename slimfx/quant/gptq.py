@@ -67,10 +67,14 @@ def _upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Te
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float = 0.01, block: int = 128,
-                  name: str = "weight") -> tuple[torch.Tensor, QParams]:
+                  act_order: bool = False, name: str = "weight") -> tuple[torch.Tensor, QParams]:
     """(codes, qparams) of ``w`` (n_out x K) under ``scheme`` (per channel along axis 0, or per group along
     K), chosen by GPTQ with input Hessian ``h`` (K x K). Codes are int8 in w's shape; qparams in the
-    scheme's parameter shape, as ``qparams_torch`` gives them."""
+    scheme's parameter shape, as ``qparams_torch`` gives them.
+
+    act_order: quantize the columns in order of decreasing H_jj (the most excited inputs first, while the
+    most columns remain to absorb their error). Groups then keep the scales RTN gives the original
+    weights ("static groups"), so the stored layout (contiguous groups along K) does not change."""
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ: {name} of shape {tuple(w.shape)} needs a {w.shape[1]} x {w.shape[1]} Hessian, "
                          f"got {tuple(h.shape)}")
@@ -79,37 +83,42 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
         raise ValueError(f"GPTQ: {name}: weights per output channel or per group along K, not {scheme}")
     n, k = w.shape
     G = scheme.group_size if grouped else None
-    if grouped:
-        block = max(G, block // G * G)                   # groups start at block starts, where W is up to date
     h = h.to(torch.float64).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    h = h[order][:, order]
     hinv = _upper_inverse_cholesky(h, damp, name)
-    W = w.detach().to(torch.float64).clone()
+    W = w.detach().to(torch.float64)[:, order].clone()
     col = _column_scheme(scheme)
-    codes = torch.zeros(n, k, dtype=torch.int8)
-    if grouped:
+    codes = torch.zeros(n, k, dtype=torch.int8)           # in processing order; put back in place at the end
+    static = not grouped or act_order
+    if static:                                            # (n, 1) per row, or (n, K/G) per group, as RTN
+        qp_all = qparams_torch(w.to(torch.float32), scheme, name=name)
+        scale, zero = qp_all.scale.reshape(n, -1), qp_all.zero_point.reshape(n, -1)
+    else:
         scale = torch.zeros(n, k // G, dtype=torch.float32)
         zero = torch.zeros(n, k // G, dtype=torch.int8)
-    else:
-        qp = qparams_torch(w.to(torch.float32), scheme, name=name)     # (n, 1): the rows' ranges, as RTN
+        block = max(G, block // G * G)                    # groups start at block starts, where W is up to date
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, E1, Hb = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if grouped and j % G == 0:
+            if not static and j % G == 0:
                 g = qparams_torch(W1[:, i:i + G].to(torch.float32), _group_scheme(scheme, G), name=name)
                 scale[:, j // G], zero[:, j // G] = g.scale.reshape(n), g.zero_point.reshape(n)
-                qp = QParams(scale[:, j // G:j // G + 1], zero[:, j // G:j // G + 1])
-            c = W1[:, i:i + 1].to(torch.float32)
-            q = quantize_tensor_torch(c, col, qp)
+            s = int(order[j]) // G if grouped else 0      # this column's scale slot
+            qp = QParams(scale[:, s:s + 1], zero[:, s:s + 1])
+            q = quantize_tensor_torch(W1[:, i:i + 1].to(torch.float32), col, qp)
             codes[:, j:j + 1] = q
             err = (W1[:, i] - dequantize_tensor_torch(q, col, qp).reshape(n).to(torch.float64)) / Hb[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hb[i, i:].unsqueeze(0)
             E1[:, i] = err
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
-    return codes, (QParams(scale, zero) if grouped else qp)
+    out = torch.empty_like(codes)
+    out[:, order] = codes
+    return out, QParams(scale, zero)
 
 
 def _group_scheme(scheme: QScheme, G: int) -> QScheme:

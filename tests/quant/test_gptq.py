@@ -28,9 +28,10 @@ def rtn(w, scheme):
     return quantize_tensor_torch(w, scheme, qp), qp
 
 
-def reference_gptq(w, h, scheme, damp=0.01):
-    """GPTQ from its definition: quantize column j, add its error times -H^-1[j, j:] / H^-1[j, j] to the
-    columns after it, then remove j from H^-1 (Schur complement); group scales from the updated columns."""
+def reference_gptq(w, h, scheme, damp=0.01, act_order=False):
+    """GPTQ from its definition: quantize column j, add its error times -H^-1[j, :] / H^-1[j, j] to the
+    columns not yet quantized, then remove j from H^-1 (Schur complement). Columns in index order with group
+    scales from the updated columns, or (act_order) by decreasing H_jj with RTN's scales."""
     n, k = w.shape
     h = h.double().clone()
     h[h.diagonal() == 0, h.diagonal() == 0] = 1.0
@@ -38,34 +39,37 @@ def reference_gptq(w, h, scheme, damp=0.01):
     W = w.double().clone()
     codes = torch.zeros(n, k, dtype=torch.int8)
     col = QScheme(kind=scheme.kind, bits=scheme.bits, granularity="channel", axis=0)
-    G = scheme.group_size
-    scales = []
-    qp = None if G else qparams_torch(w, scheme)
-    for j in range(k):
-        if G and j % G == 0:
-            qp = qparams_torch(W[:, j:j + G].float(), QScheme(kind=scheme.kind, bits=scheme.bits,
-                                                              granularity="group", group_size=G))
-            scales.append(qp.scale)
+    G = scheme.group_size or k
+    rtn_scale = qparams_torch(w, scheme).scale.reshape(n, -1)
+    scales = rtn_scale.clone()
+    order = sorted(range(k), key=lambda j: -float(h[j, j])) if act_order else range(k)
+    left = torch.ones(k, dtype=torch.bool)                       # columns not yet quantized
+    for j in order:
+        if scheme.group_size and not act_order and j % G == 0:
+            scales[:, j // G] = qparams_torch(W[:, j:j + G].float(), scheme).scale.reshape(n)
+        qp = QParams(scales[:, j // G:j // G + 1], torch.zeros(n, 1, dtype=torch.int8))
         q = quantize_tensor_torch(W[:, j:j + 1].float(), col, qp)
         codes[:, j:j + 1] = q
         err = W[:, j] - dequantize_tensor_torch(q, col, qp).reshape(n).double()
-        W[:, j + 1:] -= torch.outer(err / hinv[j, j], hinv[j, j + 1:])
+        left[j] = False
+        W[:, left] -= torch.outer(err / hinv[j, j], hinv[j, left])
         hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
-    return codes, (torch.cat(scales, 1) if G else qp.scale)
+    return codes, scales
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
 @pytest.mark.parametrize("n, k", [(1, 48), (13, 80)])           # one output row; K not a multiple of the block
-def test_matches_the_column_by_column_definition(name, n, k):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_matches_the_column_by_column_definition(name, n, k, act_order):
     scheme = SCHEMES[name]
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
     hs = Hessian(k)
-    hs.add(correlated(4 * k, k))
-    codes, qp = gptq_quantize(w, hs.value(), scheme, block=32)
-    want_codes, want_scale = reference_gptq(w, hs.value(), scheme)
+    hs.add(correlated(4 * k, k) * torch.linspace(0.2, 3, k))    # unequal H_jj: act_order reorders
+    codes, qp = gptq_quantize(w, hs.value(), scheme, block=32, act_order=act_order)
+    want_codes, want_scale = reference_gptq(w, hs.value(), scheme, act_order=act_order)
     # same decisions: the two compute the same updates in another order (fp64), no rounding tie lies that close
     assert_exact(codes, want_codes, f"GPTQ codes, {name}")
-    torch.testing.assert_close(qp.scale, want_scale.float(), rtol=1e-6, atol=0)   # fp64 path vs fp64 path
+    torch.testing.assert_close(qp.scale.reshape(n, -1), want_scale.float(), rtol=1e-6, atol=0)  # both from fp64
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
