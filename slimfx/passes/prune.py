@@ -11,6 +11,9 @@
                                               removed, and its layers physically shrink (prune_structured)
     Prune(sparsity=0.25, pattern="heads")     structured: a quarter of each attention block's heads (whole
                                               key/value groups under grouped-query attention) are removed
+    Prune(pattern="2:4", method="sparsegpt")  SparseGPT (prune_sparsegpt): weights chosen by OBS saliency as
+                                              the columns are walked, the kept ones re-fit to make up for the
+                                              pruned ones (unstructured per layer, or N:M)
 
 A weight's score is |w_ij| * ||x_j|| (score="activation", the default; Wanda, Sun et al. 2023), with
 ||x_j|| the RMS of input column j over the calibration batches (else the example inputs): a small weight
@@ -42,7 +45,8 @@ from ..ir.dialect.sparse import blockwise
 from .base import Pass, PassResult, register_pass
 from .prune_structured import (attention_groups, column_importance, head_scores, input_stats, neuron_groups,
                                shrink, shrink_heads)
-from .quant_calibration import calibration_calls
+from .prune_sparsegpt import sparsegpt_prune
+from .quant_calibration import calibration_calls, input_hessians
 from .quantize import matches, module_patterns, selected_linears
 
 aten = torch.ops.aten
@@ -50,6 +54,7 @@ sf = torch.ops.slimfx
 SCOPES = ("layer", "global")
 STRUCTURED = ("neurons", "heads")
 SCORES = ("activation", "magnitude")
+METHODS = ("mask", "sparsegpt")
 _NM = re.compile(r"(\d+):(\d+)")
 
 
@@ -113,7 +118,11 @@ class Prune(Pass):
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
     score:           "activation" (|w| * the RMS of its input column over calibration data or the example
                      inputs) or "magnitude" (|w|; not for the structured patterns, which need activations)
-    include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer"""
+    include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer
+    method:          "mask" zeroes the lowest-scored weights and leaves the rest as they are; "sparsegpt"
+                     chooses them by w^2 / [H^-1]_jj and updates the kept weights to keep each layer's output
+                     on the calibration data (else the example inputs), H = X X^T of the layer's input;
+                     unstructured sparsity is then met in each block of 128 input columns"""
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
     threshold: Optional[float] = None
@@ -122,9 +131,18 @@ class Prune(Pass):
     score: str = "activation"
     include: tuple = ()
     exclude: tuple = ()
+    method: str = "mask"
 
     def __post_init__(self):
         nm = parse_nm(self.pattern)
+        if self.method not in METHODS:
+            raise ValueError(f"Prune.method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "sparsegpt" and not (nm or (self.pattern == "unstructured" and self.threshold is None
+                                                     and self.scope == "layer")):
+            raise ValueError(f"Prune(method='sparsegpt') prunes unstructured by sparsity per layer, or N:M; "
+                             f"not pattern={self.pattern!r}, scope={self.scope!r}, threshold={self.threshold!r}")
+        if self.method == "sparsegpt" and self.score != "activation":
+            raise ValueError("Prune(method='sparsegpt') ranks weights by their OBS saliency: leave score out")
         if self.score not in SCORES:
             raise ValueError(f"Prune.score must be one of {SCORES}, got {self.score!r}")
         if self.pattern in STRUCTURED and self.score != "activation":
@@ -228,30 +246,37 @@ class Prune(Pass):
         chosen, skipped = self.select(gm)
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
         data, cols = "weights", [None] * len(chosen)
-        if self.score == "activation" and self.threshold is None and chosen:
+        if self.method == "sparsegpt" and chosen:
             data, calls = self._calls(ctx)
-            stats = input_stats(gm, [n for n, _, _ in chosen], calls)
-            cols = [stats[n][1] for n, _, _ in chosen]
+            hs = input_hessians(gm, calls, list(dict.fromkeys(n.args[0] for n, _, _ in chosen)), ctx.progress,
+                                "Prune(method='sparsegpt')")
+            new_weights = (sparsegpt_prune(w, hs[n.args[0]], self.sparsity or 0.0, self._nm, name=f"weight of {name}")
+                           for (n, name, _), w in zip(chosen, weights))
+        else:
+            if self.score == "activation" and self.threshold is None and chosen:
+                data, calls = self._calls(ctx)
+                stats = input_stats(gm, [n for n, _, _ in chosen], calls)
+                cols = [stats[n][1] for n, _, _ in chosen]
+            new_weights = (w.detach().masked_fill(m, 0) for w, m in zip(weights, self.masks(weights, cols)))
         g = gm.graph
         pruned, zeros, total = {}, 0, 0
         with torch.no_grad():
-            for (n, name, w_node), w, m in tqdm(zip(chosen, weights, self.masks(weights, cols)), total=len(chosen),
-                                                desc="prune", leave=False, disable=not ctx.progress or len(chosen) < 8):
-                if not m.any():
+            for (n, name, w_node), w, new_w in tqdm(zip(chosen, weights, new_weights), total=len(chosen), desc="prune",
+                                                    leave=False, disable=not ctx.progress or len(chosen) < 8):
+                if torch.equal(new_w, w):
                     continue
                 with g.inserting_before(n):
-                    new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.weight_pruned",
-                                                             w.detach().masked_fill(m, 0).contiguous()))
+                    new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.weight_pruned", new_w.contiguous()))
                 new.meta.update(w_node.meta)        # still that layer's weight: the report names it so
                 n.replace_input_with(w_node, new)
-                nz = int(((w == 0) | m).sum())
+                nz = int((new_w == 0).sum())
                 zeros, total = zeros + nz, total + w.numel()
                 pruned[name] = round(nz / w.numel(), 4)
         if pruned:
             g.eliminate_dead_code()
             ir.drop_unused_tensors(gm)
             gm.recompile()
-        stats = {"layers": len(pruned), "pattern": self.pattern, "scored_on": data,
+        stats = {"layers": len(pruned), "pattern": self.pattern, "method": self.method, "scored_on": data,
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
         return PassResult(gm, bool(pruned), stats)
 

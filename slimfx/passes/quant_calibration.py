@@ -80,6 +80,16 @@ def calibration_calls(ctx: PassContext, who: str) -> Iterable[tuple[tuple, dict]
     return calls
 
 
+def input_hessians(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str) -> dict[fx.Node, torch.Tensor]:
+    """X X^T / n of each node in ``x_nodes`` (a linear's input; all leading dims are rows) over ``calls``:
+    what GPTQ and SparseGPT weigh a layer's output error by."""
+    from ..quant.gptq import Hessian
+    hs = {n: Hessian(int(ir.meta.shape(n)[-1])) for n in x_nodes}
+    if run_watching(gm, calls, {n: h.add for n, h in hs.items()}, progress, f"{who}: input statistics") == 0:
+        raise ValueError(f"{who}: the calibration data is empty")
+    return {n: h.value() for n, h in hs.items()}
+
+
 def example_values(gm: fx.GraphModule, ctx: PassContext, nodes: Iterable[fx.Node]) -> dict[fx.Node, torch.Tensor]:
     """The values ``nodes`` take on the example inputs (for per-layer SQNR)."""
     got: dict[fx.Node, torch.Tensor] = {}

@@ -33,11 +33,11 @@ import slimfx.ir.dialect  # noqa: F401  (registers torch.ops.slimfx.*)
 from .. import ir
 from ..quant import (MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver, QScheme,
                      dequantize_tensor_torch, fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes)
-from ..quant.gptq import Hessian, gptq_quantize, output_error
+from ..quant.gptq import gptq_quantize, output_error
 from ..quant.linear import MAX_K
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
-from .quant_calibration import calibration_calls, example_values, run_watching
+from .quant_calibration import calibration_calls, example_values, input_hessians, run_watching
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -174,7 +174,8 @@ class Quantize(Pass):
             floats = example_values(gm, ctx, x_nodes)
             refs = {n.name: (n.args[0], ir.meta.tensor_attr(gm, n.args[1]), _bias(gm, n)) for n in chosen}
         w_scheme = weight_scheme(self.weights, self.group_size)
-        hessians = _hessians(gm, ctx, x_nodes) if self.method == "gptq" else {}
+        hessians = input_hessians(gm, calibration_calls(ctx, "Quantize(method='gptq')"), x_nodes, ctx.progress,
+                                  "Quantize(method='gptq')") if self.method == "gptq" else {}
         bytes_before = bytes_after = 0
         gains = []
         for lin in tqdm(chosen, desc="quantize: GPTQ", disable=not (ctx.progress and hessians), leave=False):
@@ -276,16 +277,6 @@ def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:
 def _static_scale(lo, hi) -> torch.Tensor:
     from ..quant import qparams_from_range_torch
     return qparams_from_range_torch(torch.tensor(float(lo)), torch.tensor(float(hi)), ACT_SCHEME).scale.to(torch.float32)
-
-
-def _hessians(gm, ctx: PassContext, x_nodes) -> dict:
-    """GPTQ's input Hessian X X^T / n of each linear input node over the calibration data."""
-    hs = {n: Hessian(int(ir.meta.shape(n)[-1])) for n in x_nodes}
-    calls = calibration_calls(ctx, "Quantize(method='gptq')")
-    count = run_watching(gm, calls, {n: h.add for n, h in hs.items()}, ctx.progress, "quantize: GPTQ statistics")
-    if count == 0:
-        raise ValueError("Quantize(method='gptq'): the calibration data is empty")
-    return {n: h.value() for n, h in hs.items()}
 
 
 def _static_ranges(gm, ctx: PassContext, x_nodes, observer: str) -> dict:

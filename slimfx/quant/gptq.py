@@ -49,7 +49,7 @@ def _column_scheme(scheme: QScheme) -> QScheme:
     return dataclasses.replace(scheme, granularity="channel", group_size=None, axis=0)
 
 
-def _upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+def upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; the damping grows tenfold (twice at
     most) while that is not positive definite."""
     k = h.shape[0]
@@ -88,7 +88,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
     h[dead, dead] = 1.0
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
     h = h[order][:, order]
-    hinv = _upper_inverse_cholesky(h, damp, name)
+    hinv = upper_inverse_cholesky(h, damp, name)
     W = w.detach().to(torch.float64)[:, order].clone()
     col = _column_scheme(scheme)
     codes = torch.zeros(n, k, dtype=torch.int8)           # in processing order; put back in place at the end
