@@ -1,14 +1,16 @@
 """SmolLM2-135M perplexity after pruning, and after distillation from the unpruned model, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_prune.py [--steps 60] [--lr 3e-4] [--modes 2:4,neurons]
+        [--score magnitude | --method sparsegpt]
 
 Per mode: Prune alone (weights scored by |w| x their input's RMS over the training windows, the default;
-``--score magnitude``: |w| alone), then Prune + Distill (the same pruning, then ``--steps`` AdamW steps on
+``--score magnitude``: |w| alone; ``--method sparsegpt``: SparseGPT, for 2:4 and unstructured, with the
+training windows as calibration), then Prune + Distill (the same pruning, then ``--steps`` AdamW steps on
 T^2 KL to the fp32 model's logits over pydoc_data prose from offset 20000, one window per step, zeros held
 fixed). Perplexity on held-out prose from offset 200000 (as bench/smollm2_quant.py). Every linear of the
 30 blocks is pruned (or, structured, every MLP / attention block shrinks); lm_head (tied to the
 embeddings) is neither pruned nor trained. Graphs run on backend="torch". Writes
-bench/results/smollm2_prune[-magnitude]-<cpu>.json and .md.
+bench/results/smollm2_prune[-magnitude|-sparsegpt]-<cpu>.json and .md.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from bench.smollm2_quant import perplexity  # noqa: E402
 from slimfx.passes import Distill, Prune  # noqa: E402
 
 MODES = {    # score: "activation" or "magnitude" (the structured patterns always score activations)
-    "2:4": lambda score: Prune(pattern="2:4", exclude="lm_head", score=score),
-    "unstructured": lambda score: Prune(sparsity=0.5, exclude="lm_head", score=score),
+    "2:4": lambda score, **kw: Prune(pattern="2:4", exclude="lm_head", score=score, **kw),
+    "unstructured": lambda score, **kw: Prune(sparsity=0.5, exclude="lm_head", score=score, **kw),
     "block": lambda score: Prune(sparsity=0.5, pattern="block", block=(64, 64), exclude="lm_head", score=score),
     "neurons": lambda score: Prune(sparsity=0.25, pattern="neurons"),
     "heads": lambda score: Prune(sparsity=1 / 3, pattern="heads"),
@@ -59,10 +61,14 @@ def main():
     ap.add_argument("--modes", default="2:4,unstructured,block,neurons,heads")
     ap.add_argument("--score", default="activation", choices=("activation", "magnitude"),
                     help="Prune's weight score for 2:4 / unstructured / block")
+    ap.add_argument("--method", default="mask", choices=("mask", "sparsegpt"),
+                    help="Prune's method for 2:4 / unstructured (sparsegpt re-fits the kept weights)")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if unknown := [m for m in modes if m not in MODES]:
         ap.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
+    if a.method == "sparsegpt" and (a.score != "activation" or set(modes) - {"2:4", "unstructured"}):
+        ap.error("--method sparsegpt: modes 2:4 and unstructured only, and no --score")
     torch.manual_seed(0)
     model, tok = load_smollm2()
     ids = tok(english_text(a.tokens * 8, offset=200000), return_tensors="pt").input_ids[0][: a.tokens]
@@ -79,7 +85,8 @@ def main():
     print(f"fp32: {fp32:.3f}", flush=True)
     for mode in modes:
         for distill in (False, True):
-            passes = [MODES[mode](a.score)] + ([Distill(steps=a.steps, lr=a.lr, temperature=a.temperature,
+            prune = MODES[mode](a.score, method=a.method) if a.method != "mask" else MODES[mode](a.score)
+            passes = [prune] + ([Distill(steps=a.steps, lr=a.lr, temperature=a.temperature,
                                                  exclude="lm_head")] if distill else [])
             t0 = time.perf_counter()
             cm = slimfx.compile(model, (), kw, passes=passes, dynamic=True, backend="torch", calibration=train,
@@ -94,8 +101,10 @@ def main():
             print(f"{row['mode']}: {ppl:.3f}", flush=True)
     cpu = cpu_name()
     head = (f"SmolLM2-135M perplexity, {len(windows)} windows x {a.window} tokens of held-out pydoc_data prose; "
-            f"every linear of the 30 blocks pruned (lm_head kept), score={a.score} (activation: |w| x input RMS "
-            f"on the training windows); weights removed = zeros or shrunk away, of the blocks' linear weights; "
+            f"every linear of the 30 blocks pruned (lm_head kept), "
+            + ("SparseGPT (OBS saliency, kept weights re-fit on the training windows)" if a.method == "sparsegpt"
+               else f"score={a.score} (activation: |w| x input RMS on the training windows)")
+            + f"; weights removed = zeros or shrunk away, of the blocks' linear weights; "
             f"distillation: {a.steps} AdamW steps, lr {a.lr}, T = {a.temperature}, {n_train} training windows "
             f"of {a.window} tokens (other prose), zeros held fixed; backend='torch'; {cpu}")
     lines = [head, "", "| mode | weights removed | perplexity | vs fp32 | KL first -> last | seconds |",
@@ -106,9 +115,10 @@ def main():
                      f"{kl} | {r['seconds']:.0f} |")
     md = "\n".join(lines)
     print(md)
-    name = "smollm2_prune" + ("" if a.score == "activation" else "-magnitude")
+    name = "smollm2_prune" + ("-sparsegpt" if a.method == "sparsegpt" else
+                              "" if a.score == "activation" else "-magnitude")
     save(name, cpu, {"cpu": cpu, "tokens": len(windows) * a.window, "window": a.window, "steps": a.steps,
-                     "lr": a.lr, "score": a.score, "temperature": a.temperature, "train_windows": n_train,
+                     "lr": a.lr, "score": a.score, "method": a.method, "temperature": a.temperature, "train_windows": n_train,
                      "rows": rows}, md)
 
 

@@ -70,10 +70,10 @@ def main():
                         [SmoothQuant(alpha=a.alpha, exclude=skip),
                          Quantize(weights="int8", activations="static", exclude=skip)]),
         "w4g64": ("W4A16 groups of 64, round to nearest", w4(64, "rtn")),
-        "w4g64-gptq": ("W4A16 groups of 64, GPTQ", w4(64, "gptq")),
-        "w4g64-gptq-act": ("W4A16 groups of 64, GPTQ act_order", w4(64, "gptq", act_order=True)),
+        "w4g64-gptq-noact": ("W4A16 groups of 64, GPTQ in column order", w4(64, "gptq", act_order=False)),
+        "w4g64-gptq": ("W4A16 groups of 64, GPTQ (act_order)", w4(64, "gptq")),
         "w4g32": ("W4A16 groups of 32, round to nearest", w4(32, "rtn")),
-        "w4g32-gptq": ("W4A16 groups of 32, GPTQ", w4(32, "gptq")),
+        "w4g32-gptq": ("W4A16 groups of 32, GPTQ (act_order)", w4(32, "gptq")),
     }
     keys = list(modes) + ["torchao"] if a.modes == "all" else a.modes.split(",")
     unknown = set(keys) - set(modes) - {"torchao"}

@@ -99,8 +99,9 @@ class Quantize(Pass):
     method:       "rtn" rounds each weight to nearest; "gptq" (``slimfx.quant.gptq``) chooses the integers
                   that minimize each layer's output error on ``ctx.calibration`` (same scheme, same ops and
                   kernels: only the stored integers and group scales differ), with ``damp`` of the mean
-                  Hessian diagonal added for stability; ``act_order`` takes the most excited input columns
-                  first (groups then keep RTN's scales). Hessians come from the graph as it is when the
+                  Hessian diagonal added for stability; ``act_order`` (default) takes the most excited input
+                  columns first, groups then keeping RTN's scales (SmolLM2 W4 g64: perplexity +18.9% vs fp32
+                  with it, +31.2% without, +44.7% by RTN). Hessians come from the graph as it is when the
                   pass runs (float inputs), not layer by layer from quantized predecessors."""
     weights: str = "int8"
     activations: Optional[str] = None
@@ -113,7 +114,7 @@ class Quantize(Pass):
     measure_layers: bool = True
     method: str = "rtn"
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
 
     def __post_init__(self):
         if self.weights not in WEIGHTS:

@@ -74,7 +74,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
 
     act_order: quantize the columns in order of decreasing H_jj (the most excited inputs first, while the
     most columns remain to absorb their error). Groups then keep the scales RTN gives the original
-    weights ("static groups"), so the stored layout (contiguous groups along K) does not change."""
+    weights ("static groups"), so the stored layout (contiguous groups along K) does not change.
+
+    Weights that are exactly zero stay zero (a pruned layer keeps its pattern, as under RTN): their error,
+    like any other, moves into the columns not yet quantized."""
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ: {name} of shape {tuple(w.shape)} needs a {w.shape[1]} x {w.shape[1]} Hessian, "
                          f"got {tuple(h.shape)}")
@@ -90,6 +93,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
     h = h[order][:, order]
     hinv = upper_inverse_cholesky(h, damp, name)
     W = w.detach().to(torch.float64)[:, order].clone()
+    zeros = W == 0
     col = _column_scheme(scheme)
     codes = torch.zeros(n, k, dtype=torch.int8)           # in processing order; put back in place at the end
     static = not grouped or act_order
@@ -111,6 +115,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
             s = int(order[j]) // G if grouped else 0      # this column's scale slot
             qp = QParams(scale[:, s:s + 1], zero[:, s:s + 1])
             q = quantize_tensor_torch(W1[:, i:i + 1].to(torch.float32), col, qp)
+            q = torch.where(zeros[:, j:j + 1], qp.zero_point.to(q.dtype), q)    # dequantizes to exactly 0
             codes[:, j:j + 1] = q
             err = (W1[:, i] - dequantize_tensor_torch(q, col, qp).reshape(n).to(torch.float64)) / Hb[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Hb[i, i:].unsqueeze(0)

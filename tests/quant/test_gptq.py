@@ -121,6 +121,23 @@ def test_dead_input_channel_is_rounded_alone():
     assert_exact(codes[:, 5], rtn(w, scheme)[0][:, 5], "the dead column")
 
 
+def test_zero_weights_stay_zero():
+    """A pruned layer (2:4 here) keeps its pattern through GPTQ, whose updates would otherwise fill it."""
+    from slimfx.passes.prune import nm_prune_mask
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(9))
+    w = w.masked_fill(nm_prune_mask(w, 2, 4), 0.0)
+    hs = Hessian(64)
+    hs.add(correlated(512, 64, seed=10))
+    for name in ("int4 groups of 16", "int8 per channel", "log4 per channel"):
+        scheme = SCHEMES[name]
+        codes, qp = gptq_quantize(w, hs.value(), scheme)
+        deq = dequantize_tensor_torch(codes, scheme, qp)
+        assert bool((deq[w == 0] == 0).all()), name
+        q_rtn, qp_rtn = rtn(w, scheme)
+        assert output_error(w, deq, hs.value()) < output_error(w, dequantize_tensor_torch(q_rtn, scheme, qp_rtn),
+                                                              hs.value()), name
+
+
 def test_refusals():
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match="weight of shape \\(4, 8\\) needs a 8 x 8 Hessian"):
