@@ -81,3 +81,19 @@ def test_gptq_refusals(tiny_llama):
         Quantize(method="gptq", damp=0)
     with pytest.raises(PassError, match="needs calibration data"):
         slimfx.compile(tiny_llama, (), call(tiny_llama, 1, 8, 0), passes=[Quantize(method="gptq")], progress=False)
+
+
+def test_pruned_layers_keep_their_pattern_through_gptq(tiny_llama):
+    """Prune 2:4 -> Quantize(gptq): GPTQ's updates do not fill the zeros, so every stored int8 weight is still
+    2:4 (what the sparse kernels need); its integers still beat RTN's on the calibration objective."""
+    from slimfx.passes import Prune
+    calibration = [call(tiny_llama, 4, 32, seed) for seed in range(4)]
+    cm = slimfx.compile(tiny_llama, (), call(tiny_llama, 2, 16, 100), dynamic=True, calibration=calibration,
+                        progress=False, passes=[Prune(pattern="2:4", exclude="lm_head"),
+                                                Quantize(weights="int8", activations="dynamic", method="gptq",
+                                                         exclude="lm_head")])
+    stats = {r.name: r.stats for r in cm.report().records}
+    assert stats["quantize"]["layers"] == 14 and stats["quantize"]["gptq_error_vs_rtn"] < 1.0
+    for n in quantized_linears(cm.graph):
+        w = getattr(cm.graph, n.args[1].target)
+        assert bool((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all()), n.name
