@@ -72,6 +72,7 @@ def main():
         "w4g64": ("W4A16 groups of 64, round to nearest", w4(64, "rtn")),
         "w4g64-gptq-noact": ("W4A16 groups of 64, GPTQ in column order", w4(64, "gptq", act_order=False)),
         "w4g64-gptq": ("W4A16 groups of 64, GPTQ (act_order)", w4(64, "gptq")),
+        "w4g64-gptq-seq": ("W4A16 groups of 64, GPTQ (act_order, sequential)", w4(64, "gptq", sequential=True)),
         "w4g32": ("W4A16 groups of 32, round to nearest", w4(32, "rtn")),
         "w4g32-gptq": ("W4A16 groups of 32, GPTQ (act_order)", w4(32, "gptq")),
     }

@@ -34,10 +34,15 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
         raise CalibrationError(f"an input does not match the captured call signature: {e}") from e
 
 
+class _Stop(Exception):
+    """Raised after the last node a run needs: the rest of the graph is not computed."""
+
+
 class _Watcher(fx.Interpreter):
-    def __init__(self, gm, watch: dict[fx.Node, Callable]):
+    def __init__(self, gm, watch: dict[fx.Node, Callable], stop_after: fx.Node | None = None):
         super().__init__(gm)
         self.watch = watch
+        self.stop_after = stop_after
 
     def run_node(self, n):
         out = super().run_node(n)
@@ -48,6 +53,8 @@ class _Watcher(fx.Interpreter):
                 raise CalibrationError(f"calibration: node {n.name!r} (input of the layer(s) "
                                        f"{_users(n)}) holds {bad} NaN/Inf value(s); check the calibration data")
             cb(out)
+        if n is self.stop_after:
+            raise _Stop
         return out
 
 
@@ -56,14 +63,19 @@ def _users(n: fx.Node) -> list[str]:
 
 
 def run_watching(gm: fx.GraphModule, calls: Iterable[tuple[tuple, dict]], watch: dict[fx.Node, Callable],
-                 progress: bool = False, desc: str = "calibrating") -> int:
+                 progress: bool = False, desc: str = "calibrating", stop_early: bool = False) -> int:
     """Run ``gm`` (torch) on each ``(args, kwargs)`` call; after each watched node runs, call its callback
-    with the node's value. Returns the number of calls run."""
+    with the node's value. ``stop_early``: stop each run after the last watched node (in graph order).
+    Returns the number of calls run."""
     total = len(calls) if hasattr(calls, "__len__") else None
+    last = [n for n in gm.graph.nodes if n in watch][-1] if stop_early and watch else None
     count = 0
     with torch.no_grad():
         for args, kwargs in tqdm(calls, desc=desc, total=total, disable=not progress, leave=False):
-            _Watcher(gm, watch).run(*flat_inputs(gm, args, kwargs))
+            try:
+                _Watcher(gm, watch, last).run(*flat_inputs(gm, args, kwargs))
+            except _Stop:
+                pass
             count += 1
     return count
 
@@ -85,7 +97,8 @@ def input_hessians(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str)
     what GPTQ and SparseGPT weigh a layer's output error by."""
     from ..quant.gptq import Hessian
     hs = {n: Hessian(int(ir.meta.shape(n)[-1])) for n in x_nodes}
-    if run_watching(gm, calls, {n: h.add for n, h in hs.items()}, progress, f"{who}: input statistics") == 0:
+    if run_watching(gm, calls, {n: h.add for n, h in hs.items()}, progress, f"{who}: input statistics",
+                    stop_early=True) == 0:
         raise ValueError(f"{who}: the calibration data is empty")
     return {n: h.value() for n, h in hs.items()}
 

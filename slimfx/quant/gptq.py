@@ -26,16 +26,17 @@ from .scheme import QParams, QScheme
 
 
 class Hessian:
-    """H = X X^T / n over the rows of every tensor added (a linear's inputs, all leading dims flattened),
-    accumulated in float64."""
+    """H = X X^T / n over the rows of every tensor added (a linear's inputs, all leading dims flattened):
+    each batch's X X^T in fp32 (twice as fast as fp64; a batch's few hundred rows lose nothing that
+    matters to a damped inverse), accumulated over batches in fp64."""
 
     def __init__(self, k: int):
         self.h = torch.zeros(k, k, dtype=torch.float64)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.h += x.T @ x
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.h += (x.T @ x).to(torch.float64)
         self.n += x.shape[0]
 
     def value(self) -> torch.Tensor:

@@ -97,3 +97,17 @@ def test_pruned_layers_keep_their_pattern_through_gptq(tiny_llama):
     for n in quantized_linears(cm.graph):
         w = getattr(cm.graph, n.args[1].target)
         assert bool((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all()), n.name
+
+
+def test_sequential_takes_hessians_from_the_quantized_layers_before(tiny_llama):
+    """sequential=True: the first layers (q/k/v of block 0, reading the embeddings) see the same inputs either
+    way and store the same integers; every later layer sees its quantized predecessors' outputs instead of the
+    float ones, so its Hessian, and its integers, differ."""
+    one, seq = compile_llama(tiny_llama, "gptq"), compile_llama(tiny_llama, "gptq", sequential=True)
+    layers = list(zip(quantized_linears(one.graph), quantized_linears(seq.graph)))
+    same = [torch.equal(getattr(one.graph, a.args[1].target), getattr(seq.graph, b.args[1].target))
+            for a, b in layers]
+    names = [slimfx.ir.meta.info(a).quant["module"] for a, _ in layers]
+    assert names[:3] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                         "model.layers.0.self_attn.v_proj"]
+    assert same[:3] == [True] * 3 and not any(same[3:]), dict(zip(names, same))
