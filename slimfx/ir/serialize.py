@@ -227,7 +227,8 @@ def _node_meta(node: fx.Node) -> dict:
     out = {k: node.meta[k] for k in _KEPT_META if k in node.meta}
     info = node.meta.get("slimfx")
     if isinstance(info, meta.NodeInfo):
-        out["slimfx"] = plain({k: v for k, v in vars(info).items() if v is not None})
+        # not the kernel: what a backend chose on one device is chosen again by the backend that loads it
+        out["slimfx"] = plain({k: v for k, v in vars(info).items() if v is not None and k != "kernel"})
     stack = node.meta.get("nn_module_stack")
     if stack:
         out["nn_module_stack"] = {k: [path, t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}"]

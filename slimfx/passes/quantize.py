@@ -130,6 +130,8 @@ class Quantize(Pass):
             raise ValueError(f"Quantize.observer must be one of {OBSERVERS}, got {self.observer!r}")
         if self.method not in METHODS:
             raise ValueError(f"Quantize.method must be one of {METHODS}, got {self.method!r}")
+        if self.sequential and self.method != "gptq":
+            raise ValueError("Quantize(sequential=True) orders GPTQ's calibration: it needs method='gptq'")
         if not 0 < self.damp < 1:
             raise ValueError(f"Quantize.damp must be in (0, 1), got {self.damp!r}")
         if tuple(self.op_types) != ("linear",):

@@ -77,6 +77,8 @@ def test_gptq_w8a8_runs_bit_for_bit_on_numpy():
 def test_gptq_refusals(tiny_llama):
     with pytest.raises(ValueError, match="Quantize.method must be one of"):
         Quantize(method="awq")
+    with pytest.raises(ValueError, match="it needs method='gptq'"):
+        Quantize(sequential=True)
     with pytest.raises(ValueError, match="Quantize.damp must be in"):
         Quantize(method="gptq", damp=0)
     with pytest.raises(PassError, match="needs calibration data"):
