@@ -100,8 +100,8 @@ class Quantize(Pass):
                   that minimize each layer's output error on ``ctx.calibration`` (same scheme, same ops and
                   kernels: only the stored integers and group scales differ), with ``damp`` of the mean
                   Hessian diagonal added for stability; ``act_order`` (default) takes the most excited input
-                  columns first, groups then keeping RTN's scales (SmolLM2 W4 g64: perplexity +18.9% vs fp32
-                  with it, +31.2% without, +44.7% by RTN). Hessians come from the graph as it is when the
+                  columns first, groups then keeping RTN's scales (SmolLM2 W4 g64: perplexity +18.6% vs fp32
+                  with it, +31.4% without, +44.7% by RTN). Hessians come from the graph as it is when the
                   pass runs (float inputs), or with ``sequential`` layer by layer from the graph with the
                   layers before already quantized (one calibration run per group of layers sharing an
                   input, each stopped at that input)."""
