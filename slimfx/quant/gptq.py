@@ -10,7 +10,9 @@ only which integers are stored changes, so every backend and kernel runs it unch
 
 Scales: per-channel schemes take their scales from the original W, as RTN does; per-group schemes take each
 group's scale from the group's columns as GPTQ has updated them when the group starts (the paper's
-choice). Columns the calibration never excites (H_jj = 0) get H_jj = 1 and are rounded as they are.
+choice), or with ``act_order`` (columns by decreasing H_jj; ``Quantize``'s default) RTN's scales of the
+original W, so that the groups stay contiguous along K. Columns the calibration never excites (H_jj = 0)
+get H_jj = 1: no error moves into or out of them.
 
 ``output_error(w, w_hat, H)`` = tr((W - W') H (W - W')^T) / tr(W H W^T): the relative output error on the
 calibration inputs, the quantity GPTQ minimizes (reported per layer, for GPTQ and for RTN).
