@@ -13,7 +13,8 @@
                                               key/value groups under grouped-query attention) are removed
     Prune(pattern="2:4", method="sparsegpt")  SparseGPT (prune_sparsegpt): weights chosen by OBS saliency as
                                               the columns are walked, the kept ones re-fit to make up for the
-                                              pruned ones (unstructured per layer, or N:M)
+                                              pruned ones (unstructured per layer, or N:M; blocks, a global
+                                              cutoff or a threshold choose by score, then SparseGPT re-fits)
 
 A weight's score is |w_ij| * ||x_j|| (score="activation", the default; Wanda, Sun et al. 2023), with
 ||x_j|| the RMS of input column j over the calibration batches (else the example inputs): a small weight
@@ -120,9 +121,10 @@ class Prune(Pass):
                      inputs) or "magnitude" (|w|; not for the structured patterns, which need activations)
     include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer
     method:          "mask" zeroes the lowest-scored weights and leaves the rest as they are; "sparsegpt"
-                     chooses them by w^2 / [H^-1]_jj and updates the kept weights to keep each layer's output
-                     on the calibration data (else the example inputs), H = X X^T of the layer's input;
-                     unstructured sparsity is then met in each block of 128 input columns"""
+                     updates the kept weights to keep each layer's output on the calibration data (else the
+                     example inputs), H = X X^T of the layer's input, and for N:M and unstructured-per-layer
+                     also chooses the weights, by w^2 / [H^-1]_jj (unstructured sparsity is then met in each
+                     block of 128 input columns)"""
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
     threshold: Optional[float] = None
@@ -137,11 +139,10 @@ class Prune(Pass):
         nm = parse_nm(self.pattern)
         if self.method not in METHODS:
             raise ValueError(f"Prune.method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "sparsegpt" and not (nm or (self.pattern == "unstructured" and self.threshold is None
-                                                     and self.scope == "layer")):
-            raise ValueError(f"Prune(method='sparsegpt') prunes unstructured by sparsity per layer, or N:M; "
-                             f"not pattern={self.pattern!r}, scope={self.scope!r}, threshold={self.threshold!r}")
-        if self.method == "sparsegpt" and self.score != "activation":
+        if self.method == "sparsegpt" and self.pattern in STRUCTURED:
+            raise ValueError(f"Prune(method='sparsegpt') re-fits the weights a zero pattern keeps; "
+                             f"pattern={self.pattern!r} removes whole units instead")
+        if self.method == "sparsegpt" and self._adaptive(nm) and self.score != "activation":
             raise ValueError("Prune(method='sparsegpt') ranks weights by their OBS saliency: leave score out")
         if self.score not in SCORES:
             raise ValueError(f"Prune.score must be one of {SCORES}, got {self.score!r}")
@@ -174,6 +175,12 @@ class Prune(Pass):
             raise ValueError(f"Prune.block must be two positive ints (BN, BK), got {self.block!r}")
         self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
         self._nm = nm
+
+    def _adaptive(self, nm=None) -> bool:
+        """SparseGPT chooses the weights itself (N:M, or unstructured by sparsity per layer); other patterns
+        (blocks, a global cutoff, a threshold) choose them by ``score`` first and SparseGPT re-fits the rest."""
+        nm = nm if nm is not None else getattr(self, "_nm", None)
+        return bool(nm) or (self.pattern == "unstructured" and self.threshold is None and self.scope == "layer")
 
     def select(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, str, fx.Node]], dict[str, str]]:
         """The layers to prune as (linear node, module name, weight get_attr), and why others are not."""
@@ -250,8 +257,14 @@ class Prune(Pass):
             data, calls = self._calls(ctx)
             hs = input_hessians(gm, calls, list(dict.fromkeys(n.args[0] for n, _, _ in chosen)), ctx.progress,
                                 "Prune(method='sparsegpt')")
-            new_weights = (sparsegpt_prune(w, hs[n.args[0]], self.sparsity or 0.0, self._nm, name=f"weight of {name}")
-                           for (n, name, _), w in zip(chosen, weights))
+            if self._adaptive():
+                new_weights = (sparsegpt_prune(w, hs[n.args[0]], self.sparsity or 0.0, self._nm,
+                                               name=f"weight of {name}") for (n, name, _), w in zip(chosen, weights))
+            else:        # the pattern's own choice (by score), then the re-fit
+                cols = [hs[n.args[0]].diagonal().sqrt() for n, _, _ in chosen] if self.score == "activation" \
+                    else cols
+                new_weights = (sparsegpt_prune(w, hs[n.args[0]], mask=m, name=f"weight of {name}")
+                               for (n, name, _), w, m in zip(chosen, weights, self.masks(weights, cols)))
         else:
             if self.score == "activation" and self.threshold is None and chosen:
                 data, calls = self._calls(ctx)

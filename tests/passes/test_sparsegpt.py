@@ -24,7 +24,7 @@ def hessian(x):
     return hs.value()
 
 
-def reference_sparsegpt(w, h, sparsity, nm, block, damp=0.01):
+def reference_sparsegpt(w, h, sparsity, nm, block, damp=0.01, mask=None):
     """SparseGPT from its definition. d_c = [H^-1]_cc once the columns before c are eliminated (it does not
     depend on the weights, so it is computed first); the walk then zeroes column c's pruned entries and adds
     -err * H^-1[c, later] / H^-1[c, c] to the later columns, eliminating c from H^-1."""
@@ -34,16 +34,17 @@ def reference_sparsegpt(w, h, sparsity, nm, block, damp=0.01):
     for c in range(k):
         d[c] = cur[c, c]
         cur = cur - torch.outer(cur[:, c], cur[c, :]) / cur[c, c]
-    W, mask = w.double().clone(), torch.zeros(n, k, dtype=torch.bool)
+    fixed = mask is not None
+    W, mask = w.double().clone(), (mask.clone() if fixed else torch.zeros(n, k, dtype=torch.bool))
     for c in range(k):
-        if nm is None and c % block == 0:                     # this block's share, by saliency at its start
+        if not fixed and nm is None and c % block == 0:         # this block's share, by saliency at its start
             sal = W[:, c:c + block].square() / d[c:c + block]
             cut = round(sparsity * sal.numel())
             order = sal.flatten().argsort(stable=True)[:cut]
             flat = torch.zeros(sal.numel(), dtype=torch.bool)
             flat[order] = True
             mask[:, c:c + block] = flat.view(sal.shape)
-        if nm is not None and c % nm[1] == 0:
+        elif not fixed and nm is not None and c % nm[1] == 0:
             sal = W[:, c:c + nm[1]].square() / d[c:c + nm[1]]
             drop = sal.argsort(dim=1, stable=True)[:, : nm[1] - nm[0]]
             mask[:, c:c + nm[1]].scatter_(1, drop, True)
@@ -115,13 +116,52 @@ def test_pass_on_llama_keeps_the_pattern_and_beats_masking(tiny_llama):
 def test_refusals():
     with pytest.raises(ValueError, match="Prune.method must be one of"):
         Prune(0.5, method="obs")
-    with pytest.raises(ValueError, match="unstructured by sparsity per layer, or N:M; not pattern='block'"):
-        Prune(0.5, pattern="block", method="sparsegpt")
-    with pytest.raises(ValueError, match="scope='global'"):
-        Prune(0.5, scope="global", method="sparsegpt")
+    with pytest.raises(ValueError, match="pattern='neurons' removes whole units instead"):
+        Prune(0.25, pattern="neurons", method="sparsegpt")
     with pytest.raises(ValueError, match="leave score out"):
         Prune(pattern="2:4", score="magnitude", method="sparsegpt")
     with pytest.raises(ValueError, match="needs a 8 x 8 Hessian"):
         sparsegpt_prune(torch.randn(3, 8), torch.eye(4))
     with pytest.raises(ValueError, match="K = 6 is not a multiple of 4"):
         sparsegpt_prune(torch.randn(3, 6), torch.eye(6), nm=(2, 4))
+    with pytest.raises(ValueError, match="mask of shape \\(3, 5\\) for a weight of \\(3, 6\\)"):
+        sparsegpt_prune(torch.randn(3, 6), torch.eye(6), mask=torch.zeros(3, 5, dtype=torch.bool))
+
+
+def test_a_given_mask_is_kept_and_the_rest_refit():
+    """mask=: SparseGPT only re-fits (blocks chosen by activation score, a global cutoff, a threshold)."""
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(11))
+    h = hessian(correlated(1024, 96, seed=12))
+    mask = torch.zeros(32, 96, dtype=torch.bool)
+    mask[:16, :32] = mask[16:, 64:] = True                 # two of six 16x32 blocks
+    got = sparsegpt_prune(w, h, mask=mask)
+    assert torch.equal(got == 0, mask)
+    assert output_error(w, got, h) < 0.8 * output_error(w, w.masked_fill(mask, 0.0), h)
+    torch.testing.assert_close(got, reference_sparsegpt(w, h, 0, None, 96, mask=mask).float(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_block_pattern_keeps_its_blocks_and_refits(tiny_llama):
+    calibration = [call(tiny_llama, 4, 32, seed) for seed in range(4)]
+    example = call(tiny_llama, 2, 16, 100)
+    prune = lambda m: Prune(0.5, pattern="block", block=(16, 16), method=m, exclude="lm_head")
+    cms = {m: slimfx.compile(tiny_llama, (), example, dynamic=True, calibration=calibration, progress=False,
+                             passes=[prune(m)]) for m in ("mask", "sparsegpt")}
+    pruned = lambda cm: [getattr(cm.graph, n.args[1].target) for n in cm.graph.graph.nodes
+                         if n.op == "call_function" and "linear" in str(n.target) and n.args[1].op == "get_attr"
+                         and "pruned" in n.args[1].target]
+    a, b = pruned(cms["mask"]), pruned(cms["sparsegpt"])
+    assert len(a) == len(b) == 14
+    for wa, wb in zip(a, b):             # the same blocks (scored on the same data), other kept values
+        assert torch.equal(wa == 0, wb == 0)
+        # errors only move to later columns: a layer changes iff some row keeps a weight after a pruned one
+        later = any(bool(m.any()) and bool((~m).any()) and int(m.nonzero().min()) < int((~m).nonzero().max())
+                    for m in (wa == 0))
+        assert torch.equal(wa, wb) != later
+    held_out = call(tiny_llama, 3, 24, seed=7)
+    with torch.no_grad():
+        ref = tiny_llama(**held_out).logits
+    s = {m: sqnr_db(ref, cm(**held_out).logits) for m, cm in cms.items()}
+    # measured 6.7 -> 7.0 dB: whole blocks of a random model leave the re-fit little to work with (SmolLM2,
+    # 50% of 64x64 blocks: perplexity 156656 -> 16453); it must still not hurt
+    assert s["sparsegpt"] > s["mask"], s
