@@ -4,8 +4,8 @@
         [--score magnitude | --method sparsegpt]
 
 Per mode: Prune alone (weights scored by |w| x their input's RMS over the training windows, the default;
-``--score magnitude``: |w| alone; ``--method sparsegpt``: SparseGPT, for 2:4 and unstructured, with the
-training windows as calibration), then Prune + Distill (the same pruning, then ``--steps`` AdamW steps on
+``--score magnitude``: |w| alone; ``--method sparsegpt``: SparseGPT, for 2:4, unstructured and block (blocks
+chosen by score, the rest re-fit), with the training windows as calibration), then Prune + Distill (the same pruning, then ``--steps`` AdamW steps on
 T^2 KL to the fp32 model's logits over pydoc_data prose from offset 20000, one window per step, zeros held
 fixed). Perplexity on held-out prose from offset 200000 (as bench/smollm2_quant.py). Every linear of the
 30 blocks is pruned (or, structured, every MLP / attention block shrinks); lm_head (tied to the
@@ -34,7 +34,8 @@ from slimfx.passes import Distill, Prune  # noqa: E402
 MODES = {    # score: "activation" or "magnitude" (the structured patterns always score activations)
     "2:4": lambda score, **kw: Prune(pattern="2:4", exclude="lm_head", score=score, **kw),
     "unstructured": lambda score, **kw: Prune(sparsity=0.5, exclude="lm_head", score=score, **kw),
-    "block": lambda score: Prune(sparsity=0.5, pattern="block", block=(64, 64), exclude="lm_head", score=score),
+    "block": lambda score, **kw: Prune(sparsity=0.5, pattern="block", block=(64, 64), exclude="lm_head",
+                                       score=score, **kw),
     "neurons": lambda score: Prune(sparsity=0.25, pattern="neurons"),
     "heads": lambda score: Prune(sparsity=1 / 3, pattern="heads"),
 }
@@ -62,13 +63,14 @@ def main():
     ap.add_argument("--score", default="activation", choices=("activation", "magnitude"),
                     help="Prune's weight score for 2:4 / unstructured / block")
     ap.add_argument("--method", default="mask", choices=("mask", "sparsegpt"),
-                    help="Prune's method for 2:4 / unstructured (sparsegpt re-fits the kept weights)")
+                    help="Prune's method for 2:4 / unstructured / block (sparsegpt re-fits the kept weights)")
+    ap.add_argument("--name", help="results file stem (default: smollm2_prune[-magnitude|-sparsegpt])")
     a = ap.parse_args()
     modes = a.modes.split(",")
     if unknown := [m for m in modes if m not in MODES]:
         ap.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    if a.method == "sparsegpt" and (a.score != "activation" or set(modes) - {"2:4", "unstructured"}):
-        ap.error("--method sparsegpt: modes 2:4 and unstructured only, and no --score")
+    if a.method == "sparsegpt" and (a.score != "activation" or set(modes) - {"2:4", "unstructured", "block"}):
+        ap.error("--method sparsegpt: modes 2:4, unstructured and block only, and no --score")
     torch.manual_seed(0)
     model, tok = load_smollm2()
     ids = tok(english_text(a.tokens * 8, offset=200000), return_tensors="pt").input_ids[0][: a.tokens]
@@ -115,8 +117,8 @@ def main():
                      f"{kl} | {r['seconds']:.0f} |")
     md = "\n".join(lines)
     print(md)
-    name = "smollm2_prune" + ("-sparsegpt" if a.method == "sparsegpt" else
-                              "" if a.score == "activation" else "-magnitude")
+    name = a.name or "smollm2_prune" + ("-sparsegpt" if a.method == "sparsegpt" else
+                                        "" if a.score == "activation" else "-magnitude")
     save(name, cpu, {"cpu": cpu, "tokens": len(windows) * a.window, "window": a.window, "steps": a.steps,
                      "lr": a.lr, "score": a.score, "method": a.method, "temperature": a.temperature, "train_windows": n_train,
                      "rows": rows}, md)

@@ -194,6 +194,12 @@ def _node(data, op):
     (lambda d: _node(d, "call_function")["args"].__setitem__(1, {"node": _node(d, "placeholder")["name"]}),
      slimfx.VerificationError, "shape/dtype propagation failed"),
     (lambda d: d["graph"].update(format=99), FormatError, "format 99"),
+    # names fx writes into the code it generates: a crafted one must not run
+    (lambda d: d["graph"]["codegen"]["orig_args"].__setitem__(0, "x=print('ran')"), FormatError,
+     "argument name \"x=print\('ran'\)\" is not a Python identifier"),
+    (lambda d: _node(d, "call_function")["kwargs"].update({"a=print('ran'), b": 1}), FormatError,
+     "keyword argument .* is not a Python identifier"),
+    (lambda d: _node(d, "get_attr").update(target="__class__"), FormatError, "target '__class__' is not"),
 ])
 def test_load_refuses_a_bad_file_naming_the_node(tmp_path, edit, error, match):
     path = _saved(tmp_path)

@@ -14,6 +14,7 @@ graphs), so a file cannot make a graph call anything that reaches files, process
 from __future__ import annotations
 
 import importlib
+import keyword
 import math
 import operator  # noqa: F401 - resolvable targets live here
 import re
@@ -317,6 +318,15 @@ def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
     return vals, rename
 
 
+def _identifier(s, where: str, what: str, dotted: bool = False) -> None:
+    """fx writes names into the Python code it generates and runs: each must be a plain identifier (a
+    crafted one, "x=__import__('os')...", would otherwise run when the code is compiled)."""
+    parts = s.split(".") if dotted and isinstance(s, str) else [s]
+    if not all(isinstance(p, str) and p.isidentifier() and not keyword.iskeyword(p) and not p.startswith("__")
+               for p in parts):
+        raise FormatError(f"{where}: {what} {s!r} is not a Python identifier")
+
+
 def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphModule, dict]:
     """The GraphModule ``to_json`` described, every node's shape and dtype propagated and the graph verified.
     Returns it and the dynamic dims' ranges under their new symbol names."""
@@ -330,6 +340,11 @@ def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphMod
         where = f"node {name} ({op} {entry['target']})"
         if op not in ("placeholder", "get_attr", "call_function", "call_method", "output"):
             raise FormatError(f"{where}: unknown node kind {op!r}")
+        _identifier(name, where, "the node name")
+        if op in ("placeholder", "get_attr"):
+            _identifier(entry["target"], where, "the target", dotted=op == "get_attr")
+        for k in entry["kwargs"]:
+            _identifier(k, where, "the keyword argument")
         target = _resolve(entry["target"], where) if op == "call_function" else entry["target"]
         if op == "call_method":
             _tensor_method(target, where)
@@ -351,6 +366,8 @@ def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphMod
             placeholders.append((node, entry["val"]))
     cg = data.get("codegen")
     if cg is not None:
+        for a in cg["orig_args"]:
+            _identifier(a, "codegen", "the argument name")
         info = fx.graph._PyTreeInfo(cg["orig_args"], load_spec(cg["in_spec"], "in_spec"),
                                     load_spec(cg["out_spec"], "out_spec"))
         graph._codegen = fx.graph._PyTreeCodeGen(info)
