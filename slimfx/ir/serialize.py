@@ -138,8 +138,7 @@ def _target_name(target, where: str) -> str:
     if isinstance(target, str):                    # get_attr / call_method / placeholder / output
         return target
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return "torch.ops." + str(target) if isinstance(target, torch._ops.OpOverload) else \
-            "torch.ops." + str(target.default)
+        return "torch.ops." + str(target)         # aten.linear.default, or a packet's aten.linear
     module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
     if module is None and type(target).__name__ == "builtin_function_or_method":
         module = "builtins"
@@ -189,8 +188,8 @@ def _resolve(name: str, where: str):
         except (AttributeError, RuntimeError) as e:
             raise FormatError(f"{where}: op {name} is not registered in this process (import the library that "
                               f"defines it before loading)") from e
-        if not isinstance(obj, torch._ops.OpOverload):
-            raise FormatError(f"{where}: {name} is not an op overload")
+        if not isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            raise FormatError(f"{where}: {name} is not an op")
         return obj
     module, _, qualname = name.partition(":")
     if not _callable(module, qualname):
