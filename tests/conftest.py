@@ -30,6 +30,19 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+def llama_call(model, batch: int, seq: int, seed: int = 0) -> dict:
+    """Keyword inputs of a causal LM call: ``text_batch`` ids and mask, no KV cache."""
+    ids, mask = text_batch(batch, seq, model.config.vocab_size, seed=seed)
+    return dict(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+def correlated(n_rows: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose channels are mixed, as a transformer's are: where GPTQ / SparseGPT can move error usefully."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5
+    return torch.randn(n_rows, k, generator=g) @ mix + 0.3 * torch.randn(n_rows, k, generator=g)
+
+
 def text_batch(batch: int, seq: int, vocab: int, pad_left: bool = False, seed: int = 0):
     """Random token ids with a padding mask: row 1 is padded to half its length (left or right)."""
     g = torch.Generator().manual_seed(seed)

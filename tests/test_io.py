@@ -16,16 +16,11 @@ if not torch.cuda.is_available():
 import safetensors.torch  # noqa: E402
 
 import slimfx  # noqa: E402
-from conftest import text_batch  # noqa: E402
+from conftest import llama_call  # noqa: E402
 from slimfx import passes as P  # noqa: E402
 from slimfx.ir.serialize import FormatError, to_json  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-def llama_call(tiny_llama, batch, seq, seed=0):
-    ids, mask = text_batch(batch, seq, tiny_llama.config.vocab_size, seed=seed)
-    return dict(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def strict_json(path):

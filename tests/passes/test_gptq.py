@@ -4,14 +4,9 @@ import pytest
 import torch
 
 import slimfx
-from conftest import text_batch
+from conftest import llama_call as call
 from slimfx.passes import PassError, Quantize, sqnr_db
 from slimfx.passes.quantize import quantized_linears
-
-
-def call(model, batch, seq, seed):
-    ids, mask = text_batch(batch, seq, model.config.vocab_size, seed=seed)
-    return dict(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def compile_llama(model, method, weights="int4", **kw):

@@ -5,17 +5,11 @@ import pytest
 import torch
 
 import slimfx
-from conftest import text_batch
+from conftest import correlated, llama_call as call
 from slimfx.passes import LowerSparse, Prune, sqnr_db
 from slimfx.passes.prune import nm_prune_mask
 from slimfx.passes.prune_sparsegpt import sparsegpt_prune
 from slimfx.quant.gptq import Hessian, output_error
-
-
-def correlated(n_rows: int, k: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) / k ** 0.5
-    return torch.randn(n_rows, k, generator=g) @ mix + 0.3 * torch.randn(n_rows, k, generator=g)
 
 
 def hessian(x):
@@ -89,11 +83,6 @@ def test_lower_output_error_than_masking_alone(nm):
     assert float((got == 0).float().mean()) == 0.5
     # measured over three seeds: 0.81-0.84 (unstructured), 0.65-0.68 (2:4) of Wanda's error
     assert output_error(w, got, h) < 0.9 * output_error(w, wanda, h)
-
-
-def call(model, batch, seq, seed):
-    ids, mask = text_batch(batch, seq, model.config.vocab_size, seed=seed)
-    return dict(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def test_pass_on_llama_keeps_the_pattern_and_beats_masking(tiny_llama):

@@ -8,19 +8,13 @@ import torch
 from slimfx.quant import QParams, QScheme, dequantize_tensor_torch, qparams_torch, quantize_tensor_torch
 from slimfx.quant.gptq import Hessian, gptq_quantize, output_error
 
+from conftest import correlated
 from qtest_util import assert_exact
 
 SCHEMES = {"int4 groups of 16": QScheme(bits=4, granularity="group", group_size=16),
            "int8 per channel": QScheme(bits=8, granularity="channel", axis=0),
            "int3 per channel": QScheme(bits=3, granularity="channel", axis=0),
            "log4 per channel": QScheme(kind="log", bits=4, granularity="channel", axis=0)}
-
-
-def correlated(n_rows: int, k: int, seed: int = 0) -> torch.Tensor:
-    """Inputs whose channels are mixed (as a transformer's are): where GPTQ can move error usefully."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(k, k, generator=g) / k ** 0.5
-    return torch.randn(n_rows, k, generator=g) @ mix + 0.3 * torch.randn(n_rows, k, generator=g)
 
 
 def rtn(w, scheme):
