@@ -31,6 +31,7 @@ bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_numpy.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_quant.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_prune.py
+	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_save.py
 
 clean:
 	rm -rf $(VENV)

@@ -3,8 +3,9 @@
     cm.save("minilm-w8a8")                      # a folder: slimfx.json + tensors.safetensors
     cm = slimfx.load("minilm-w8a8", backend="triton")
 
-The folder holds the compressed graph (int8 weights and their scales, pruned and shrunk layers), how to
-call it (argument names, the dynamic dims and their ranges, the output structure) and the compile report.
+The folder holds the compressed graph (int8 weights and their scales, int4 codes two per byte, pruned and
+shrunk layers), how to call it (argument names, the dynamic dims and their ranges, the output structure)
+and the compile report.
 Loading needs neither the original model nor its weights, and may choose another backend: compress on a
 CPU, serve from the file on a GPU.
 """
@@ -22,6 +23,7 @@ from . import ir
 from .backends import check_options, lower
 from .ir.serialize import FormatError, plain, unplain
 from .passes import PassRecord
+from .quant.int4 import pack_int4_torch, unpack_int4_torch
 from .report import Report
 from .signature import InputSignature
 
@@ -48,16 +50,28 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return out, aliases
 
 
+def _pack_int4(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """int8 tensors whose values all fit 4 bits (int4 weight codes, which the graph keeps one per byte) are
+    stored two per byte (``slimfx.quant.int4``), in place; returns their names and last-axis lengths."""
+    packed = {}
+    for name, t in tensors.items():
+        if t.dtype == torch.int8 and t.numel() >= 64 and int(t.min()) >= -8 and int(t.max()) <= 7:
+            packed[name] = int(t.shape[-1])
+            tensors[name] = pack_int4_torch(t)
+    return packed
+
+
 def save(cm, path) -> pathlib.Path:
     """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its two files replaced)."""
     from .ir.serialize import to_json
     path = pathlib.Path(path)
     graph, tensors = to_json(cm.graph, cm._signature.ranges)
     tensors, aliases = _unshare(tensors)
+    int4 = _pack_int4(tensors)
     report = cm.report()
     from . import __version__
     data = {"slimfx": __version__, "torch": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph, "aliases": aliases,
+            "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph, "aliases": aliases, "int4_packed": int4,
             "report": {"model": report.model, "capture_method": report.capture_method, "capture_s": report.capture_s,
                        "captured_nodes": report.captured_nodes,
                        "records": plain([vars(r) for r in report.records])}}
@@ -87,6 +101,10 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
     backend = backend or data["backend"]
     check_options(backend, backend_options)
     tensors = safetensors.torch.load_file(str(path / TENSOR_FILE))
+    for name, k in data.get("int4_packed", {}).items():
+        if name not in tensors:
+            raise FormatError(f"slimfx.load({str(path)!r}): packed tensor {name!r} is missing from the tensor file")
+        tensors[name] = unpack_int4_torch(tensors[name], int(k))
     for name, target in data.get("aliases", {}).items():
         tensors[name] = tensors[target]
     try:

@@ -46,7 +46,13 @@ def test_saved_llama_runs_the_same_at_every_shape(tiny_llama, tmp_path, name):
                         progress=False)
     path = cm.save(tmp_path / "model")
     assert sorted(p.name for p in path.iterdir()) == ["slimfx.json", "tensors.safetensors"]   # no temp files left
-    strict_json(path / "slimfx.json")
+    data = strict_json(path / "slimfx.json")
+    codes = [n.args[1].target for n in cm.graph.graph.nodes if n.op == "call_function"
+             and n.target is torch.ops.slimfx.weight_only_linear.default and n.args[5]]
+    assert sorted(data["int4_packed"]) == sorted(codes)                   # int4 codes two per byte on disk
+    stored = safetensors.torch.load_file(str(path / "tensors.safetensors"))
+    assert all(stored[c].dtype == torch.uint8 and stored[c].numel() * 2 == getattr(cm.graph, c).numel()
+               for c in codes)
     loaded = slimfx.load(path)
     assert loaded.backend == "numpy" and loaded.model_name == "LlamaForCausalLM"
     for batch, seq, seed in ((2, 8, 1), (1, 13, 2), (3, 5, 3)):        # batch 1 and odd lengths: still dynamic
