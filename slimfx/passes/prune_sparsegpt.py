@@ -34,9 +34,6 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm:
         if k % nm[1]:
             raise ValueError(f"SparseGPT: {name}: K = {k} is not a multiple of {nm[1]}")
         block = max(nm[1], block // nm[1] * nm[1])
-    h = h.to(torch.float64).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
     hinv = upper_inverse_cholesky(h, damp, name)
     W = w.detach().to(torch.float64).clone()
     for i1 in range(0, k, block):

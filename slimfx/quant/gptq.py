@@ -53,8 +53,12 @@ def _column_scheme(scheme: QScheme) -> QScheme:
 
 
 def upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; the damping grows tenfold (twice at
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in fp64, with H_jj = 1 for the columns
+    calibration never excites (so no error moves into or out of them); the damping grows tenfold (twice at
     most) while that is not positive definite."""
+    h = h.to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
     k = h.shape[0]
     if bool((h.diagonal() < 0).any()) or not torch.isfinite(h).all():
         raise ValueError(f"GPTQ: the input Hessian of {name} has negative or non-finite entries on its diagonal: "
@@ -89,12 +93,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
         raise ValueError(f"GPTQ: {name}: weights per output channel or per group along K, not {scheme}")
     n, k = w.shape
     G = scheme.group_size if grouped else None
-    h = h.to(torch.float64).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
-    h = h[order][:, order]
-    hinv = upper_inverse_cholesky(h, damp, name)
+    diag = h.diagonal().to(torch.float64)
+    diag = diag.masked_fill(diag == 0, 1.0)              # as upper_inverse_cholesky sees the dead columns
+    order = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(k)
+    hinv = upper_inverse_cholesky(h[order][:, order], damp, name)
     W = w.detach().to(torch.float64)[:, order].clone()
     zeros = W == 0
     col = _column_scheme(scheme)
