@@ -64,6 +64,9 @@ def _pack_int4(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
 def save(cm, path) -> pathlib.Path:
     """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its two files replaced)."""
     from .ir.serialize import to_json
+    from .lm import CompiledCausalLM
+    if isinstance(cm, CompiledCausalLM):
+        return cm.save(path)
     path = pathlib.Path(path)
     graph, tensors = to_json(cm.graph, cm._signature.ranges)
     tensors, aliases = _unshare(tensors)
@@ -86,7 +89,7 @@ def save(cm, path) -> pathlib.Path:
 
 def load(path, backend: str | None = None, backend_options: dict | None = None):
     """The ``CompiledModel`` saved in the folder ``path``, lowered to ``backend`` (default: the one it was
-    saved with) with ``backend_options``."""
+    saved with) with ``backend_options``; a ``CompiledCausalLM`` when the folder holds one."""
     from .api import CompiledModel
     from .ir.serialize import from_json
     path = pathlib.Path(path)
@@ -118,4 +121,6 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
     records = [PassRecord(**rec) for rec in unplain(r["records"])]
     report = Report(r["model"], r["capture_method"], backend, r["capture_s"], time.perf_counter() - t0, records,
                     r["captured_nodes"], gm)
-    return CompiledModel(gm, executable, report, signature)
+    cm = CompiledModel(gm, executable, report, signature)
+    from .lm import LM_FILE, CompiledCausalLM
+    return CompiledCausalLM.from_saved(cm, path) if (path / LM_FILE).is_file() else cm

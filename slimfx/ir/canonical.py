@@ -5,8 +5,9 @@ Three steps, each small and table-driven:
    ``F.linear``, ``operator.add`` on tensors, ``x.view(...)``) become their ATen ops.
 2. ``LINEAR_RULES``: every spelling of a linear layer (``addmm(b, x, t(w))``, ``matmul(x, t(w))``,
    ``mm``) becomes ``aten.linear.default(x, w, b)``, the one form passes match.
-3. ``drop_noops``: export's metadata asserts, inference dropout and dtype conversions to the same
-   dtype disappear.
+3. ``drop_noops``: export's metadata asserts, inference dropout, dtype conversions to the same
+   dtype, in-place ``detach_`` and empty 1-D tensors in ``cat`` (torch skips them; a Hugging Face KV
+   cache starts from one) disappear.
 """
 from __future__ import annotations
 
@@ -189,8 +190,34 @@ def _is_noop(node: fx.Node) -> bool:
     if t in _CONVERSIONS and isinstance(node.args[0], fx.Node):
         src, out = meta.dtype(node.args[0]), meta.dtype(node)
         return src is not None and src == out
-    if t is aten.alias.default:
+    if t in (aten.alias.default, aten.detach_.default, aten.detach.default):
+        return True                  # inference graphs carry no autograd state
+    return False
+
+
+def _is_empty_1d(a, gm: fx.GraphModule) -> bool:
+    """A tensor operand statically of shape (0,): ``cat`` skips those (torch's legacy rule)."""
+    if not isinstance(a, fx.Node):
+        return False
+    v = meta.val(a)
+    if v is None and a.op == "get_attr":
+        v = meta.tensor_attr(gm, a)
+    if v is None and a.op == "call_function" and a.target is aten.lift_fresh_copy.default:
+        return _is_empty_1d(a.args[0], gm)
+    return isinstance(v, torch.Tensor) and tuple(v.shape) == (0,)
+
+
+def _drop_empty_cat_inputs(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """cat([empty, x, ...]) -> cat([x, ...]); cat([x]) -> x. True when the node was erased."""
+    tensors = node.args[0]
+    kept = [a for a in tensors if not _is_empty_1d(a, gm)]
+    if len(kept) == len(tensors) or not kept:
+        return False
+    if len(kept) == 1 and meta.shape(kept[0]) == meta.shape(node):
+        node.replace_all_uses_with(kept[0])
+        gm.graph.erase_node(node)
         return True
+    node.args = (kept,) + tuple(node.args[1:])
     return False
 
 
@@ -203,6 +230,8 @@ def drop_noops(gm: fx.GraphModule) -> int:
         elif _is_noop(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+            n += 1
+        elif node.op == "call_function" and node.target is aten.cat.default and _drop_empty_cat_inputs(gm, node):
             n += 1
     if n:
         gm.recompile()

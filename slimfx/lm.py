@@ -1,0 +1,285 @@
+"""Text generation with a KV cache from a compiled causal language model.
+
+    lm = slimfx.compile_causal_lm(model, passes=[P.Quantize(weights="int8", activations="dynamic-per-token")],
+                                  calibration=[ids, ...], backend="numpy")
+    out = lm.generate(ids, max_new_tokens=32)            # greedy; temperature/top_k sample
+    lm.save("smollm2-w8a8"); lm = slimfx.load("smollm2-w8a8", backend="triton")
+
+What slimfx compiles is the model's *step*: ``(input_ids, position_ids, attention_mask, cache) -> (logits,
+new cache)`` with the cache as plain tensors, one (keys, values) pair per layer of shape (batch, kv heads,
+length, head dim). One graph serves the prompt (prefill) and every new token (decode), with batch, sequence
+and cache length dynamic, so the passes (and their calibration) run once. Two facts of torch.export shape the
+calls ``generate`` makes:
+- a sequence of 1 token is specialized (sdpa's causal flag branches on it), so a decode step feeds 2 tokens:
+  the previous one again (its cache entry is dropped and recomputed; the numbers are the same) and the new
+  one. Linear layers then see 2 rows per sequence, which costs a decode step nothing measurable on a GPU
+  (weight-bound) and 2x the arithmetic of the linear layers on the numpy backend;
+- an empty cache is specialized too, so the cache always holds one masked slot (zeros) before the first
+  token: the prompt is a step with a cache of length 1, attention masked there.
+Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
+real tokens, as ``transformers``' ``generate`` does.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import pathlib
+import time
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+LM_FILE = "causal_lm.json"
+
+
+def _cache_kw(model: nn.Module) -> str:
+    """The keyword the model's forward takes its KV cache by (transformers renamed it in 5.2x)."""
+    params = inspect.signature(model.forward).parameters
+    for kw in ("cache", "past_key_values"):
+        if kw in params:
+            return kw
+    raise TypeError(f"{type(model).__name__}.forward takes no KV cache (no 'cache' or 'past_key_values' "
+                    f"argument): compile_causal_lm needs a Hugging Face causal LM")
+
+
+class CausalLMStep(nn.Module):
+    """One generation step of ``model`` with the cache as plain tensors (what ``compile_causal_lm`` captures).
+
+    forward(input_ids (B, S), position_ids (B, S), attention_mask (B, P + S), cache [(k, v)] * layers,
+            each (B, kv heads, P, head dim)) -> {"logits": (B, S, vocab), "cache": [(k, v)] * layers, P + S long}
+    It shares the model's submodules (parameter names stay the model's: ``model.layers.0.mlp.up_proj``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        ours = dict(self.named_parameters())
+        missing = [n for n, _ in model.named_parameters() if n not in ours]
+        if missing:
+            raise TypeError(f"{type(model).__name__}: parameters {missing[:3]} live on the model itself, not in a "
+                            f"submodule; compile_causal_lm wraps Hugging Face causal LMs")
+        object.__setattr__(self, "_model", model)      # not a submodule: its children are ours already
+        self._kw = _cache_kw(model)
+
+    def forward(self, input_ids, position_ids, attention_mask, cache):
+        from transformers import DynamicCache
+        dc = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache])
+        out = self._model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=True, **{self._kw: dc})
+        new = getattr(out, self._kw)
+        return {"logits": out.logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
+
+
+def cache_layout(model: nn.Module) -> list[tuple[int, int]]:
+    """(kv heads, head dim) of each layer's cache, read from one eager call of ``model``; refuses caches that
+    are not one growing tensor per layer (sliding windows, linear attention, quantized caches)."""
+    from transformers.cache_utils import DynamicLayer
+    kw = _cache_kw(model)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev), use_cache=True)
+    cache = getattr(out, kw, None)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise TypeError(f"{type(model).__name__} returned no layered KV cache ({type(cache).__name__}); "
+                        f"compile_causal_lm needs transformers' DynamicCache")
+    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise TypeError(f"{type(model).__name__}: cache layers {odd} (sliding window or other) are not supported; "
+                        f"compile_causal_lm handles full-attention caches (DynamicLayer)")
+    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
+
+
+def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1) -> tuple:
+    """The step's inputs for a prompt (prefill): ``slots`` masked cache slots of zeros, positions that
+    count only the real tokens."""
+    ids, mask = _prompt(ids, mask)
+    b = ids.shape[0]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = torch.cat([torch.zeros(b, slots, dtype=mask.dtype, device=mask.device), mask], 1)
+    cache = [(torch.zeros(b, h, slots, d, dtype=dtype, device=ids.device),
+              torch.zeros(b, h, slots, d, dtype=dtype, device=ids.device)) for h, d in layout]
+    return ids, pos, full, cache
+
+
+def _prompt(ids, mask):
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+    ids = ids.long()
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+    mask = mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("the prompts are right-padded (attention_mask ends in 0); left-pad them "
+                         "(tokenizer.padding_side = 'left'): generation appends after the last position")
+    if ids.shape[1] < 2:     # the step takes >= 2 tokens (module docstring): one masked pad in front
+        ids = torch.cat([ids.new_zeros(ids.shape[0], 2 - ids.shape[1]), ids], 1)
+        mask = torch.cat([mask.new_zeros(mask.shape[0], 2 - mask.shape[1]), mask], 1)
+    return ids, mask
+
+
+def _calibration(items: Iterable, layout, dtype) -> list:
+    """Token batches (a tensor, (ids,), (ids, mask) or {"input_ids", "attention_mask"}) as step inputs."""
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            ids, mask = item["input_ids"], item.get("attention_mask")
+        elif isinstance(item, (tuple, list)):
+            ids, mask = item[0], (item[1] if len(item) > 1 else None)
+        else:
+            ids, mask = item, None
+        out.append(step_inputs(ids, mask, layout, dtype))
+    return out
+
+
+def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: Optional[Iterable] = None,
+                      example_ids: Optional[torch.Tensor] = None, backend: str = "numpy",
+                      backend_options: Optional[dict] = None, **compile_kwargs) -> "CompiledCausalLM":
+    """Compile ``model`` (a Hugging Face causal LM) for generation with a KV cache (module docstring).
+
+    calibration: token batches, each a (batch, length) id tensor, (ids, mask) or a dict with input_ids and
+                 attention_mask; passes see them as prompts
+    example_ids: the prompt capture and the passes' measurements use (default: 2 x 16 random tokens, or the
+                 first calibration batch)
+    The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
+    from .api import compile as compile_graph
+    if (backend_options or {}).get("cuda_graphs"):
+        raise ValueError("compile_causal_lm: backend_options cuda_graphs=True would capture a graph for every "
+                         "cache length (each decode step has a new one); leave it off for generation")
+    for key in ("dynamic", "example_inputs", "example_kwargs"):
+        if key in compile_kwargs:
+            raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
+    layout = cache_layout(model)
+    dtype = next(model.parameters()).dtype
+    cal = _calibration(calibration, layout, dtype) if calibration is not None else None
+    if example_ids is None:
+        example_ids = (cal[0][0] if cal else
+                       torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 16),
+                                     generator=torch.Generator().manual_seed(0)))
+    # two masked slots: an example dim of 1 would be specialized; at run time the prompt step holds one
+    example = step_inputs(example_ids.to(next(model.parameters()).device), None, layout, dtype, slots=2)
+    batch, seq, past = Dim("batch", min=1), Dim("seq", min=2), Dim("past", min=1)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq},
+               "attention_mask": {0: batch, 1: Dim("total", min=3)},
+               "cache": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in layout]}
+    step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
+    cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
+                       dynamic=dynamic, calibration=cal, **compile_kwargs)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    pad = getattr(gen, "pad_token_id", None)
+    return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad)
+
+
+class CompiledCausalLM:
+    """A compiled step and the generation loop around it (``compile_causal_lm``)."""
+
+    def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None):
+        self.step = step                               # the CompiledModel of CausalLMStep
+        self.layout = [tuple(x) for x in layout]
+        self.dtype = dtype
+        eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos_token_id = [eos] if isinstance(eos, int) else (eos or [])
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_id or [0])[0]
+        self.last_timing: dict = {}
+
+    def report(self):
+        return self.step.report()
+
+    @property
+    def graph(self):
+        return self.step.graph
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """The prompt's logits (batch, length, vocab) and the state ``decode`` continues from."""
+        ids, pos, mask, cache = step_inputs(input_ids, attention_mask, self.layout, self.dtype)
+        out = self.step(ids, pos, mask, cache)
+        state = {"cache": out["cache"], "mask": mask, "token": ids[:, -1:], "position": pos[:, -1:]}
+        return out["logits"], state
+
+    def decode(self, tokens: torch.Tensor, state: dict):
+        """Logits (batch, vocab) after appending ``tokens`` (batch,) to ``state`` (updated in place)."""
+        prev_cache = [(k[:, :, :-1], v[:, :, :-1]) for k, v in state["cache"]]   # the previous token again
+        ids = torch.cat([state["token"], tokens[:, None]], 1)
+        pos = torch.cat([state["position"], state["position"] + 1], 1)
+        mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
+        out = self.step(ids, pos, mask, prev_cache)
+        state.update(cache=out["cache"], mask=mask, token=tokens[:, None], position=pos[:, -1:])
+        return out["logits"][:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, eos_token_id=None, progress: bool = False):
+        """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
+        ``temperature`` is 0, else sampled from softmax(logits / temperature) (over the ``top_k`` largest).
+        A row that emitted an end-of-sequence token continues with the pad token; generation stops when every
+        row has. Timings of the call are in ``last_timing``."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        eos = self.eos_token_id if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        t0 = time.perf_counter()
+        logits, state = self.prefill(input_ids, attention_mask)
+        t1 = time.perf_counter()
+        logits = logits[:, -1]
+        out = [input_ids.long()]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        from tqdm.auto import trange
+        for i in trange(max_new_tokens, desc="generate", disable=not progress, leave=False):
+            tok = self._pick(logits, temperature, top_k, generator)
+            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
+            out.append(tok[:, None])
+            if eos:
+                done |= torch.isin(tok, torch.tensor(eos, device=tok.device))
+            if i + 1 == max_new_tokens or bool(done.all()):
+                break
+            logits = self.decode(tok, state)
+        t2 = time.perf_counter()
+        n = len(out) - 1
+        self.last_timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": n,
+                            "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
+        return torch.cat(out, 1)
+
+    @staticmethod
+    def _pick(logits, temperature, top_k, generator):
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+    def save(self, path) -> pathlib.Path:
+        """The step (``CompiledModel.save``) plus causal_lm.json; ``slimfx.load`` gives back a CompiledCausalLM."""
+        path = self.step.save(path)
+        data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
+                "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        tmp = path / (LM_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path / LM_FILE)
+        return path
+
+    @classmethod
+    def from_saved(cls, step, path) -> "CompiledCausalLM":
+        data = json.loads((pathlib.Path(path) / LM_FILE).read_text())
+        dtype = getattr(torch, data["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"slimfx.load({str(path)!r}): {LM_FILE} names an unknown dtype {data['dtype']!r}")
+        return cls(step, data["layout"], dtype, data["eos_token_id"] or None, data["pad_token_id"])
+
+    def __repr__(self):
+        return f"CompiledCausalLM({self.step!r}, layers={len(self.layout)})"

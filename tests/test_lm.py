@@ -1,0 +1,161 @@
+"""slimfx.compile_causal_lm: generation with a KV cache from one compiled step graph.
+
+What must hold: greedy tokens equal transformers' own ``generate`` (with its KV cache, left padding, a
+1-token prompt, end-of-sequence); the cache a decode step builds gives the logits a fresh prefill of the whole
+sequence gives (the cache is consistent, also after quantization); saved and loaded, it generates the same.
+"""
+import pytest
+import torch
+
+import slimfx
+from conftest import text_batch
+from slimfx import passes as P
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def compiled(llama):
+    return {b: slimfx.compile_causal_lm(llama, backend=b, progress=False) for b in ("torch", "numpy")}
+
+
+def hf_generate(model, ids, mask, n, eos=None, pad=0):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                          pad_token_id=pad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("batch, length", [(2, 9), (1, 1), (1, 2), (3, 5)])
+def test_greedy_tokens_equal_transformers_generate(llama, compiled, backend, batch, length):
+    ids, mask = text_batch(batch, length, 97, pad_left=True, seed=batch * 10 + length)
+    mask[:, -1] = 1                                     # left padding only
+    ref = hf_generate(llama, ids, mask, 11)
+    got = compiled[backend].generate(ids, mask, max_new_tokens=11)
+    # exact: argmax of logits that agree to float rounding (the torch backend runs the same ops as eager)
+    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
+    assert compiled[backend].last_timing["new_tokens"] == 11
+
+
+def test_end_of_sequence_stops_a_row_and_pads_it(llama, compiled):
+    ids, mask = text_batch(2, 6, 97, pad_left=True, seed=3)
+    free = compiled["numpy"].generate(ids, mask, max_new_tokens=8)
+    eos = int(free[0, 6 + 2])                          # row 0's third new token becomes end-of-sequence
+    ref = hf_generate(llama, ids, mask, 8, eos=eos, pad=5)
+    lm = compiled["numpy"]
+    lm.pad_token_id, pad = 5, lm.pad_token_id
+    try:
+        got = lm.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
+    finally:
+        lm.pad_token_id = pad
+    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
+    assert (got[0, 6 + 3:] == 5).all()                 # padded after its end-of-sequence
+
+
+def _decode_vs_prefill(lm, ids, mask, steps=6):
+    """Max |decode-step logits - logits of a prefill of the whole sequence so far| over ``steps`` tokens."""
+    logits, state = lm.prefill(ids, mask)
+    tok = logits[:, -1].argmax(-1)
+    seq, full_mask, worst, scale = ids, mask, 0.0, logits.abs().max().item()
+    for _ in range(steps):
+        step_logits = lm.decode(tok, state)
+        seq = torch.cat([seq, tok[:, None]], 1)
+        full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+        fresh = lm.prefill(seq, full_mask)[0][:, -1]
+        worst = max(worst, (step_logits - fresh).abs().max().item())
+        tok = step_logits.argmax(-1)
+    return worst, scale
+
+
+@pytest.mark.parametrize("passes", [
+    pytest.param(lambda: [], id="float"),
+    pytest.param(lambda: [P.Quantize(weights="int8", activations="dynamic-per-token")], id="W8A8"),
+    pytest.param(lambda: [P.Prune(0.5, pattern="2:4"), P.Quantize(weights="int4", group_size=16)], id="2:4+W4"),
+])
+def test_the_cache_gives_the_logits_of_a_fresh_prefill(llama, passes):
+    """Per-token activation scales and weight-only layers make each row's result independent of the other
+    rows, so a decode step over the cache computes what a prefill of the whole sequence computes for its last
+    position, up to float summation order: 1e-5 of the logits' scale (fp32 has 6e-8 per rounding; sums of 48-80
+    terms and softmax over <= 16 positions stay far below)."""
+    lm = slimfx.compile_causal_lm(llama, passes=passes(), backend="numpy", progress=False)
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=4)
+    mask[:, -1] = 1
+    worst, scale = _decode_vs_prefill(lm, ids, mask)
+    assert worst <= 1e-5 * scale, (worst, scale)
+
+
+def test_calibrated_passes_see_the_prompts(llama):
+    """Static activation scales come from the calibration prompts, given as plain token batches."""
+    cal = [text_batch(2, 12, 97, seed=s)[0] for s in range(3)]
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Quantize(weights="int8", activations="static")],
+                                  calibration=cal, backend="numpy", progress=False)
+    rec = lm.report().records[0]
+    assert rec.name == "quantize" and rec.stats["layers"] == 15
+    ids = text_batch(1, 6, 97, seed=9)[0]
+    ref = hf_generate(llama, ids, None, 4)
+    got = lm.generate(ids, max_new_tokens=4)
+    assert got.shape == ref.shape and torch.equal(got[:, :6], ids)
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(compiled):
+    lm = compiled["numpy"]
+    ids = text_batch(2, 5, 97, seed=6)[0]
+    draw = lambda seed, **kw: lm.generate(ids, max_new_tokens=8, temperature=1.0,
+                                          generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))            # 8 tokens x 2 rows from a near-uniform 97-way draw
+    assert torch.equal(draw(3, top_k=1), lm.generate(ids, max_new_tokens=8))
+
+
+def test_saved_and_loaded_generates_the_same(llama, tmp_path):
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Quantize(weights="int8", activations="dynamic-per-token")],
+                                  backend="numpy", progress=False)
+    path = slimfx.save(lm, tmp_path / "lm")
+    assert (path / "causal_lm.json").is_file()
+    back = slimfx.load(path)
+    assert isinstance(back, slimfx.CompiledCausalLM) and back.layout == lm.layout
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=8)
+    mask[:, -1] = 1
+    assert torch.equal(back.generate(ids, mask, max_new_tokens=6), lm.generate(ids, mask, max_new_tokens=6))
+    assert isinstance(slimfx.load(path, backend="torch"), slimfx.CompiledCausalLM)
+
+
+def test_refusals(llama, compiled):
+    lm = compiled["numpy"]
+    ids = text_batch(2, 6, 97)[0]
+    right = torch.ones_like(ids)
+    right[1, -2:] = 0
+    with pytest.raises(ValueError, match="right-padded.*left-pad"):
+        lm.generate(ids, right)
+    with pytest.raises(ValueError, match="integer tensor"):
+        lm.generate(ids.float())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="0 \\(padding\\) and 1"):
+        lm.generate(ids, torch.full_like(ids, 2))
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        slimfx.compile_causal_lm(llama, backend="triton", backend_options={"cuda_graphs": True})
+    with pytest.raises(TypeError, match="dynamic"):
+        slimfx.compile_causal_lm(llama, dynamic=True)
+
+
+def test_models_without_a_plain_kv_cache_are_refused():
+    from transformers import BertConfig, BertModel, MistralConfig, MistralForCausalLM
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=40)).eval()
+    with pytest.raises(TypeError, match="BertModel.*KV cache"):
+        slimfx.compile_causal_lm(bert)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=40,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               sliding_window=4)).eval()
+    with pytest.raises(TypeError, match="MistralForCausalLM: cache layers.*not supported"):
+        slimfx.compile_causal_lm(mistral)
