@@ -32,6 +32,7 @@ bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_quant.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_prune.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_save.py
+	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_generate.py
 
 clean:
 	rm -rf $(VENV)

@@ -9,6 +9,9 @@
 #                                                (bench/llama_gpu.py; not yet run: budget up to 9 min)
 #   bash bench/gpu_session.sh OUT_DIR e2e-sparse the same model pruned 2:4 / 50% blocks, on the sparse
 #                                                kernels (float and W8A8; not yet run: up to 9 min)
+#   bash bench/gpu_session.sh OUT_DIR generate   tokens/s with a KV cache, transformers generate vs
+#                                                compile_causal_lm on triton (bench/llama_generate.py;
+#                                                not yet run: up to 9 min)
 # decode runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash
 #    there would poison the CUDA context for the bench, so they go first;
@@ -22,7 +25,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-usage="usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e|e2e-sparse"
+usage="usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e|e2e-sparse|generate"
 out=${1:?$usage}
 what=${2:?$usage}
 mkdir -p "$out"
@@ -57,6 +60,8 @@ case $what in
   e2e-sparse)
     step llama-e2e-sparse 540 python3 bench/llama_gpu.py --out-dir "$out" --stem llama_gpu_sparse \
       --schemes 2:4,bsr50,w8a8-bsr50 ;;
-  *) echo "unknown part '$what': decode, prefill, all-tests, e2e or e2e-sparse" >&2; exit 2 ;;
+  generate)
+    step llama-generate 540 python3 bench/llama_generate.py --out-dir "$out" --schemes none,w8a8,w8a16 ;;
+  *) echo "unknown part '$what': decode, prefill, all-tests, e2e, e2e-sparse or generate" >&2; exit 2 ;;
 esac
 ls -la "$out"

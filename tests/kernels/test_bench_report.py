@@ -161,3 +161,20 @@ def test_llama_bench_smoke():
     # 16x16 blocks divide all of them) and lowered; lm_head stays dense
     counts = dict(re.findall(r"Layers on sparse kernels, ([\w:-]+): (\d+)", p.stdout))
     assert counts == {"2:4": "8", "bsr50": "8", "w8a8-bsr50": "8"}, counts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the generation bench")
+def test_llama_generate_bench_smoke():
+    """bench/llama_generate.py --smoke: a tiny bf16 Llama generating through compile_causal_lm on the triton
+    backend (interpreted) beside transformers' generate: the script runs and the prompt logits stay close."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "llama_generate.py"), "--smoke", "--schemes",
+                        "none,w8a16"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split("|") for line in p.stdout.splitlines() if line.startswith("| slimfx")]
+    assert len(rows) == 2, p.stdout[-2000:]
+    cos = [float(r[5]) for r in rows]
+    # none: the same bf16 ops as eager (cos ~1); w8a16: int8 weights of a random model: ~0.9999
+    assert min(cos) > 0.999, cos
+    same = [int(r[6]) for r in rows]
+    assert same[0] == 4, same                  # no passes: transformers' greedy tokens, all 4

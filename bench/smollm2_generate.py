@@ -1,0 +1,116 @@
+"""Text generation with a KV cache from a compressed SmolLM2-135M-Instruct: does it still answer the same?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_generate.py [--modes fp32,w8a8,w4-gptq] [--backend numpy]
+
+Four chat prompts (left-padded into one batch) are answered greedily, up to --new-tokens tokens each, by
+transformers' own ``generate`` (fp32, its KV cache) and by ``slimfx.compile_causal_lm`` for each mode. A row
+reports how many of the reference's tokens each mode reproduces before its first difference (greedy decoding
+copies a difference forward, so this is the strict measure), the prefill time and decode tokens/s of the batch;
+the answers follow as text, prompt by prompt. Times are of this CPU and of the chosen backend (numpy: the reference interpreter,
+not a fast path); the GPU numbers come from bench/llama_gpu.py. Writes
+bench/results/smollm2_generate-<cpu>.{json,md} (--name renames).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import slimfx  # noqa: E402
+from bench.common import cpu_name, save  # noqa: E402
+from bench.models import english_text, load_smollm2  # noqa: E402
+from slimfx.passes import Quantize  # noqa: E402
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain in one sentence what a compiler does.", "List three prime numbers."]
+MODES = {
+    "fp32": lambda: [],
+    "w8a8": lambda: [Quantize(weights="int8", activations="dynamic-per-token", exclude="lm_head")],
+    "w8a16": lambda: [Quantize(weights="int8", exclude="lm_head")],
+    "w4-gptq": lambda: [Quantize(weights="int4", group_size=64, method="gptq", exclude="lm_head")],
+    "w4-rtn": lambda: [Quantize(weights="int4", group_size=64, exclude="lm_head")],
+}
+LABELS = {"fp32": "fp32 (no passes)", "w8a8": "W8A8 dynamic per-token", "w8a16": "W8A16 per-channel",
+          "w4-gptq": "W4A16 g64 GPTQ", "w4-rtn": "W4A16 g64 round-to-nearest"}
+
+
+def agreement(got: torch.Tensor, ref: torch.Tensor, start: int) -> list[int]:
+    """Per row: how many generated tokens equal the reference's before the first difference."""
+    n = min(got.shape[1], ref.shape[1]) - start
+    same = (got[:, start:start + n] == ref[:, start:start + n]).int()
+    return [int(row.cumprod(0).sum()) for row in same]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default="fp32,w8a8,w8a16,w4-gptq,w4-rtn")
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--name", default="smollm2_generate")
+    args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        p.error(f"unknown modes {bad}; choose from {sorted(MODES)}")
+    model, tok = load_smollm2()
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in PROMPTS]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    start = enc.input_ids.shape[1]
+    cal_ids = tok(english_text(20000, offset=20000), return_tensors="pt").input_ids[0]
+    calibration = [cal_ids[i * 256:(i + 1) * 256][None] for i in range(8)]
+    n = args.new_tokens
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref_s = time.perf_counter() - t0
+    answers = lambda ids: [tok.decode(row[start:], skip_special_tokens=True).strip() for row in ids]
+    rows = [{"mode": "transformers generate (fp32, eager)", "compile_s": None, "prefill_s": None,
+             "decode_tokens_per_s": (ref.shape[1] - start) * len(PROMPTS) / ref_s, "agree": [ref.shape[1] - start] * 4,
+             "answers": answers(ref)}]
+    print(rows[-1], flush=True)
+    for mode in modes:
+        t0 = time.perf_counter()
+        lm = slimfx.compile_causal_lm(model, passes=MODES[mode](), calibration=calibration, backend=args.backend,
+                                      progress=False, measure=False)
+        compile_s = time.perf_counter() - t0
+        out = lm.generate(enc.input_ids, enc.attention_mask, max_new_tokens=n)
+        t = lm.last_timing
+        rows.append({"mode": LABELS[mode], "compile_s": compile_s, "prefill_s": t["prefill_s"],
+                     "decode_tokens_per_s": (t["decode_tokens_per_s"] or 0) * len(PROMPTS),
+                     "agree": agreement(out, ref, start), "answers": answers(out)})
+        print(rows[-1], flush=True)
+        del lm
+
+    cpu = cpu_name()
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    lines = [f"SmolLM2-135M-Instruct answering {len(PROMPTS)} chat prompts (one left-padded batch), greedy, "
+             f"up to {n} new tokens; slimfx backend {args.backend!r}, lm_head kept fp32; {cpu}.", "",
+             "`agree`: per prompt, the tokens equal to transformers' own greedy answer before the first difference "
+             f"(of {ref.shape[1] - start}).", "",
+             "| mode | compile s | prefill s | decode tok/s (batch) | agree |",
+             "|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {fmt(r['compile_s'], '.1f')} | {fmt(r['prefill_s'], '.2f')} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {', '.join(map(str, r['agree']))} |")
+    for i, q in enumerate(PROMPTS):
+        lines += ["", f"**{q}**", "", "| mode | answer |", "|---|---|"]
+        for r in rows:
+            text = r["answers"][i].replace("\n", " / ").replace("|", "\\|")
+            lines.append(f"| {r['mode']} | {text} |")
+    md = "\n".join(lines) + "\n"
+    save(args.name, cpu, {"cpu": cpu, "backend": args.backend, "new_tokens": n,
+                                          "prompts": PROMPTS, "rows": rows}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
