@@ -166,10 +166,11 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
                                      generator=torch.Generator().manual_seed(0)))
     # two masked slots: an example dim of 1 would be specialized; at run time the prompt step holds one
     example = step_inputs(example_ids.to(next(model.parameters()).device), None, layout, dtype, slots=2)
-    batch, seq, past = Dim("batch", min=1), Dim("seq", min=2), Dim("past", min=1)
-    dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq},
-               "attention_mask": {0: batch, 1: Dim("total", min=3)},
-               "cache": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in layout]}
+    # Dim.AUTO: export finds how the dims relate (one batch, total = past + seq) and the ranges the model allows
+    # (seq >= 2; batch >= 2 where the model's rotary embedding goes through a batched matmul: transformers < 5.2x)
+    auto = Dim.AUTO
+    dynamic = {"input_ids": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+               "attention_mask": {0: auto, 1: auto}, "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout]}
     step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)

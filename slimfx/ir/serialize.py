@@ -375,9 +375,8 @@ def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphMod
     vals, rename = _inputs(data, placeholders)
     for (p, _), v in zip(placeholders, vals):
         p.meta["val"] = v
-    sub = lambda s: re.sub(r"\b[a-z]+\d+\b", lambda m: rename.get(m.group(0), m.group(0)), s)
-    expected = [(None if s is None else tuple(sub(d) for d in s),
-                 None if d is None else _torch_attr("dtype", d, "outputs")) for s, d in data["outputs"]]
-    verify(gm, expected)
+    expected = [(None if s is None else tuple(s), None if d is None else _torch_attr("dtype", d, "outputs"))
+                for s, d in data["outputs"]]
+    verify(gm, expected, names={new: old for old, new in rename.items()})   # compared under the saved names
     ranges = {rename[k]: (int(s.get("min") or 0), s.get("max")) for k, s in data["symbols"].items()}
     return gm, ranges

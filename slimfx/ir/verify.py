@@ -15,15 +15,27 @@ class VerificationError(RuntimeError):
     pass
 
 
-def output_signature(gm: fx.GraphModule) -> list[tuple]:
-    """(shape, dtype) of each graph output, shapes as strings so symbolic dims compare without guards."""
+def output_signature(gm: fx.GraphModule, names: Optional[dict] = None) -> list[tuple]:
+    """(shape, dtype) of each graph output, shapes as strings so symbolic dims compare without guards: sympy's
+    printing, which orders terms by name (torch's keeps the order the expression was built in). ``names``
+    renames symbols first (``slimfx.load``: the new symbols back to the saved names)."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     leaves = pytree.tree_leaves(out.args[0])
-    sig = lambda a: (None if meta.shape(a) is None else tuple(str(d) for d in meta.shape(a)), meta.dtype(a))
+
+    def dim(d):
+        if not isinstance(d, torch.SymInt):
+            return str(d)
+        expr = d.node.expr
+        if names:
+            expr = expr.xreplace({s: type(s)(names[s.name], **s.assumptions0) for s in expr.free_symbols
+                                  if s.name in names})
+        return str(expr)
+    sig = lambda a: (None if meta.shape(a) is None else tuple(dim(d) for d in meta.shape(a)), meta.dtype(a))
     return [sig(a) if isinstance(a, fx.Node) else (None, None) for a in leaves]
 
 
-def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = None) -> None:
+def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = None,
+           names: Optional[dict] = None) -> None:
     """Check (1) fx's structural lint (defined-before-use, one output), (2) every get_attr reads a tensor
     that exists, (3) shapes and dtypes propagate through every node (a pass that wires a wrong shape fails
     here, at the node), (4) the outputs keep the shapes and dtypes they had."""
@@ -45,7 +57,7 @@ def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = Non
         if n.op not in ("output",) and n.users and "val" not in n.meta:
             raise VerificationError(f"node {n.name} ({n.op} {n.target}) has no shape/dtype after propagation")
     if expected_outputs is not None:
-        got = output_signature(gm)
+        got = output_signature(gm, names)
         if len(got) != len(expected_outputs):
             raise VerificationError(f"the graph returns {len(got)} outputs, expected {len(expected_outputs)}")
         for i, (g, e) in enumerate(zip(got, expected_outputs)):
