@@ -8,7 +8,8 @@ The model and schemes are bench/llama_gpu.py's (random seeded weights: timings d
 sparse schemes prune a copy first). Per row: a prompt of --prompt tokens (batch --batch), then --new-tokens
 greedy tokens with end-of-sequence disabled, so every row produces the same count. Timed: the median over
 --repeats whole generate calls after one warm-up call (which also makes the triton backend's per-shape kernel
-choices); prefill is timed apart. Checks in the same run: the cosine of slimfx's prompt logits to torch's (to the
+choices and, for the "graphs" rows, captures one CUDA graph per cache-buffer size); prefill is timed apart.
+Each scheme runs eager and with backend_options={"cuda_graphs": True} (``lm.with_backend``). Checks in the same run: the cosine of slimfx's prompt logits to torch's (to the
 pruned model's for sparse schemes) and how many greedy tokens equal transformers' before the first difference
 (random bf16 weights make near-ties common, so a short run of equal tokens is no error; the cosine is the check).
 Writes bench/results/llama_generate-<card>.{json,md} (--stem renames).
@@ -117,25 +118,30 @@ def main(argv=None) -> int:
             references[how] = hf_row(pruned_models[how], f"transformers generate bf16, pruned {how}")
         ref_logits, ref_tokens = references[how]
 
-        def run(scheme=scheme, how=how, ref_logits=ref_logits, ref_tokens=ref_tokens):
-            passes = [] if scheme == "none" else passes_for(scheme, args.block)
-            t0 = time.perf_counter()
-            lm = slimfx.compile_causal_lm(pruned_models.get(how, model), passes=passes, backend="triton",
-                                          measure=False, progress=False)
-            compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            logits, _ = lm.prefill(prompt)
-            first_s = time.perf_counter() - t0
-            cos = float(torch.nn.functional.cosine_similarity(logits[:, -1].float().flatten(),
-                                                              ref_logits.flatten(), dim=0))
-            prefill_s, _ = timed(lambda: lm.prefill(prompt), args.repeats, sync)
-            total_s, out = timed(lambda: lm.generate(prompt, max_new_tokens=n), args.repeats, sync)
-            return dict(prefill_ms=prefill_s * 1e3, total_s=total_s,
-                        decode_tok_s=args.batch * (n - 1) / max(total_s - prefill_s, 1e-9), cosine=round(cos, 5),
-                        same_tokens=equal_prefix(out, ref_tokens, start), compile_s=round(compile_s, 1),
-                        first_call_s=round(first_s, 1))
-        rows.append(dict(path=f"slimfx {scheme}", **attempt(run)))
-        print(rows[-1], flush=True)
+        t0 = time.perf_counter()
+        compiled = attempt(lambda: {"lm": slimfx.compile_causal_lm(
+            pruned_models.get(how, model), passes=[] if scheme == "none" else passes_for(scheme, args.block),
+            backend="triton", measure=False, progress=False)})
+        compile_s = round(time.perf_counter() - t0, 1)
+        for graphs in ((False,) if args.smoke else (False, True)):
+            def run(ref_logits=ref_logits, ref_tokens=ref_tokens, graphs=graphs):
+                if "lm" not in compiled:
+                    raise RuntimeError(compiled.get("note", "compile failed"))
+                lm = compiled["lm"].with_backend("triton", {"cuda_graphs": True}) if graphs else compiled["lm"]
+                t0 = time.perf_counter()
+                logits, _ = lm.prefill(prompt)
+                first_s = time.perf_counter() - t0
+                cos = float(torch.nn.functional.cosine_similarity(logits[:, -1].float().flatten(),
+                                                                  ref_logits.flatten(), dim=0))
+                prefill_s, _ = timed(lambda: lm.prefill(prompt), args.repeats, sync)
+                total_s, out = timed(lambda: lm.generate(prompt, max_new_tokens=n), args.repeats, sync)
+                return dict(prefill_ms=prefill_s * 1e3, total_s=total_s,
+                            decode_tok_s=args.batch * (n - 1) / max(total_s - prefill_s, 1e-9), cosine=round(cos, 5),
+                            same_tokens=equal_prefix(out, ref_tokens, start), compile_s=compile_s,
+                            first_call_s=round(first_s, 1))
+            rows.append(dict(path=f"slimfx {scheme}{' graphs' if graphs else ''}", **attempt(run)))
+            print(rows[-1], flush=True)
+        compiled.clear()                                  # the weights on the GPU go before the next scheme
     card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
                 batch=args.batch, prompt=args.prompt, new_tokens=n, torch=torch.__version__,

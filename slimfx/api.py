@@ -75,6 +75,17 @@ class CompiledModel:
     def report(self) -> Report:
         return self._report
 
+    def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledModel":
+        """The same compiled graph lowered to another backend (or with other options), e.g. compiled and
+        checked on the CPU, then ``with_backend("triton", {"cuda_graphs": True})``."""
+        check_options(backend, backend_options)
+        t0 = time.perf_counter()
+        executable = lower(self.graph, backend, backend_options)
+        r = self._report
+        report = Report(r.model, r.capture_method, backend, r.capture_s, time.perf_counter() - t0, r.records,
+                        r.captured_nodes, self.graph)
+        return CompiledModel(self.graph, executable, report, self._signature)
+
     def save(self, path):
         """Write the compiled graph, its tensors (safetensors) and how to call it to the folder ``path``;
         ``slimfx.load(path)`` gives it back, on any backend. Returns the folder's path."""

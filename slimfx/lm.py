@@ -18,6 +18,12 @@ calls ``generate`` makes:
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
 real tokens, as ``transformers``' ``generate`` does.
+
+During decoding the cache is a buffer of slots, a power of two from ``min_cache``, the unfilled ones masked:
+a decode step reads the whole buffer and returns it with the two fed tokens' keys and values appended, which
+``decode`` writes back into their slots. So every decode step of a buffer size has the same shapes, which is
+what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer size and batch; the prompt runs
+without a graph), at the price of attending over masked slots (at most half the buffer).
 """
 from __future__ import annotations
 
@@ -151,9 +157,6 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
                  first calibration batch)
     The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
     from .api import compile as compile_graph
-    if (backend_options or {}).get("cuda_graphs"):
-        raise ValueError("compile_causal_lm: backend_options cuda_graphs=True would capture a graph for every "
-                         "cache length (each decode step has a new one); leave it off for generation")
     for key in ("dynamic", "example_inputs", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
@@ -185,6 +188,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
 class CompiledCausalLM:
     """A compiled step and the generation loop around it (``compile_causal_lm``)."""
 
+    min_cache = 64          # cache slots to begin with (then powers of two)
+
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None):
         self.step = step                               # the CompiledModel of CausalLMStep
         self.layout = [tuple(x) for x in layout]
@@ -197,6 +202,11 @@ class CompiledCausalLM:
     def report(self):
         return self.step.report()
 
+    def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledCausalLM":
+        """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
+        return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
+                                self.eos_token_id or None, self.pad_token_id)
+
     @property
     def graph(self):
         return self.step.graph
@@ -204,19 +214,54 @@ class CompiledCausalLM:
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """The prompt's logits (batch, length, vocab) and the state ``decode`` continues from."""
         ids, pos, mask, cache = step_inputs(input_ids, attention_mask, self.layout, self.dtype)
-        out = self.step(ids, pos, mask, cache)
-        state = {"cache": out["cache"], "mask": mask, "token": ids[:, -1:], "position": pos[:, -1:]}
+        out = self._run(ids, pos, mask, cache, eager=True)      # one shape per prompt: no CUDA graph for it
+        n = mask.shape[1]                                      # slots filled: the masked one and the prompt
+        cap = self._capacity(n + 1)
+        buffers = []
+        for k, v in out["cache"]:
+            kb, vb = k.new_zeros(k.shape[:2] + (cap,) + k.shape[3:]), v.new_zeros(v.shape[:2] + (cap,) + v.shape[3:])
+            kb[:, :, :n], vb[:, :, :n] = k, v
+            buffers.append((kb, vb))
+        slots = torch.zeros(mask.shape[0], cap, dtype=mask.dtype, device=mask.device)
+        slots[:, :n] = mask
+        state = {"cache": buffers, "mask": slots, "filled": n, "token": ids[:, -1:], "position": pos[:, -1:]}
         return out["logits"], state
 
+    def _capacity(self, n: int) -> int:
+        """Cache slots for ``n`` tokens: powers of two from ``min_cache``, so decode steps share a few shapes."""
+        cap = self.min_cache
+        while cap < n:
+            cap *= 2
+        return cap
+
     def decode(self, tokens: torch.Tensor, state: dict):
-        """Logits (batch, vocab) after appending ``tokens`` (batch,) to ``state`` (updated in place)."""
-        prev_cache = [(k[:, :, :-1], v[:, :, :-1]) for k, v in state["cache"]]   # the previous token again
+        """Logits (batch, vocab) after appending ``tokens`` (batch,) to ``state`` (updated in place).
+
+        The cache is a buffer of ``capacity`` slots, the unfilled ones masked; the step reads all of them and
+        returns them with the two fed tokens' keys and values appended, which go back into their slots. The
+        previous token is fed again (module docstring), so its slot is masked for the step, not read twice."""
+        n = state["filled"]
+        if n + 1 > state["mask"].shape[1]:                     # full: the next power of two
+            cap = self._capacity(n + 1)
+            grow = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (cap - t.shape[2],) + t.shape[3:])], 2)
+            state["cache"] = [(grow(k), grow(v)) for k, v in state["cache"]]
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_zeros(state["mask"].shape[0],
+                                                                                cap - state["mask"].shape[1])], 1)
+        slots = state["mask"]
+        step_mask = slots.clone()
+        step_mask[:, n - 1] = 0
         ids = torch.cat([state["token"], tokens[:, None]], 1)
         pos = torch.cat([state["position"], state["position"] + 1], 1)
-        mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], 1)
-        out = self.step(ids, pos, mask, prev_cache)
-        state.update(cache=out["cache"], mask=mask, token=tokens[:, None], position=pos[:, -1:])
+        out = self._run(ids, pos, torch.cat([step_mask, torch.ones_like(slots[:, :2])], 1), state["cache"])
+        for (kb, vb), (k, v) in zip(state["cache"], out["cache"]):
+            kb[:, :, n - 1:n + 1], vb[:, :, n - 1:n + 1] = k[:, :, -2:], v[:, :, -2:]
+        slots[:, n] = 1
+        state.update(filled=n + 1, token=tokens[:, None], position=pos[:, -1:])
         return out["logits"][:, -1]
+
+    def _run(self, ids, pos, mask, cache, eager: bool = False):
+        args, kwargs = self.step._signature.check((ids, pos, mask, cache), {})
+        return self.step._executable(args, kwargs, eager=eager)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,

@@ -75,6 +75,11 @@ def test_load_on_another_backend_equals_compiling_for_it(tiny_llama, tmp_path):
     call = llama_call(tiny_llama, 3, 7, seed=4)
     assert loaded.backend == "torch" and loaded.report().backend == "torch"
     assert torch.equal(loaded(**call).logits, on_torch(**call).logits)
+    moved = on_torch.with_backend("numpy")       # no file between: the same graph, lowered again
+    assert moved.backend == "numpy" and moved.graph is on_torch.graph and moved.report().records == on_torch.report().records
+    assert torch.equal(moved(**call).logits, loaded.with_backend("numpy")(**call).logits)
+    with pytest.raises(slimfx.InputError, match="input_ids"):
+        moved(input_ids=call["input_ids"].float(), attention_mask=call["attention_mask"], use_cache=False)
 
 
 class Net(torch.nn.Module):

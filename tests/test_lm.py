@@ -26,7 +26,9 @@ def llama():
 
 @pytest.fixture(scope="module")
 def compiled(llama):
-    return {b: slimfx.compile_causal_lm(llama, backend=b, progress=False) for b in ("torch", "numpy")}
+    lms = {b: slimfx.compile_causal_lm(llama, backend=b, progress=False) for b in ("torch", "numpy")}
+    lms["numpy"].min_cache = 8        # its cache buffer grows 8 -> 16 -> 32 slots within a test's generation
+    return lms
 
 
 def hf_generate(model, ids, mask, n, eos=None, pad=0):
@@ -142,8 +144,6 @@ def test_refusals(llama, compiled):
         lm.generate(ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="0 \\(padding\\) and 1"):
         lm.generate(ids, torch.full_like(ids, 2))
-    with pytest.raises(ValueError, match="cuda_graphs"):
-        slimfx.compile_causal_lm(llama, backend="triton", backend_options={"cuda_graphs": True})
     with pytest.raises(TypeError, match="dynamic"):
         slimfx.compile_causal_lm(llama, dynamic=True)
 

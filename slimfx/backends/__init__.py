@@ -50,12 +50,14 @@ class Executable:
             from .triton_backend import TritonProgram
             self.program = TritonProgram(gm, **options)
 
-    def __call__(self, args: tuple, kwargs: dict):
+    def __call__(self, args: tuple, kwargs: dict, eager: bool = False):
+        """eager: run without a CUDA graph even where the triton backend captures them (e.g. a prompt whose
+        length no other call shares)."""
         if self.program is None:
             with torch.no_grad():
                 return self.gm(*args, **kwargs)
         if self.backend == "triton":
-            return self.program(args, kwargs)
+            return self.program(args, kwargs, eager=eager)
         from .numpy_backend import to_torch
         flat = self.program.run(flatten_inputs(self.gm, args, kwargs))
         return unflatten_outputs(self.gm, pytree.tree_map(to_torch, flat))

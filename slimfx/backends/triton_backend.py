@@ -406,11 +406,11 @@ class TritonProgram:
                 new.args, new.kwargs = _on(new.args, dev), _on(new.kwargs, dev)
         self.gm = fx.GraphModule(root, graph)
 
-    def __call__(self, args: tuple, kwargs: dict):
+    def __call__(self, args: tuple, kwargs: dict, eager: bool = False):
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v
         args, kwargs = pytree.tree_map(move, (tuple(args), dict(kwargs)))
         with torch.no_grad():
-            if not self.cuda_graphs:
+            if not self.cuda_graphs or eager:
                 return self.gm(*args, **kwargs)
             return self._replay(args, kwargs)
 
