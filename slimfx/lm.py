@@ -222,9 +222,11 @@ class CompiledCausalLM:
             kb, vb = k.new_zeros(k.shape[:2] + (cap,) + k.shape[3:]), v.new_zeros(v.shape[:2] + (cap,) + v.shape[3:])
             kb[:, :, :n], vb[:, :, :n] = k, v
             buffers.append((kb, vb))
-        slots = torch.zeros(mask.shape[0], cap, dtype=mask.dtype, device=mask.device)
+        dev = out["logits"].device                             # the backend's (triton: the GPU's)
+        slots = torch.zeros(mask.shape[0], cap, dtype=mask.dtype, device=dev)
         slots[:, :n] = mask
-        state = {"cache": buffers, "mask": slots, "filled": n, "token": ids[:, -1:], "position": pos[:, -1:]}
+        state = {"cache": buffers, "mask": slots, "filled": n, "token": ids[:, -1:].to(dev),
+                 "position": pos[:, -1:].to(dev)}
         return out["logits"], state
 
     def _capacity(self, n: int) -> int:
@@ -279,20 +281,23 @@ class CompiledCausalLM:
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask)
+        sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
+        sync()
         t1 = time.perf_counter()
         logits = logits[:, -1]
         out = [input_ids.long()]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
         from tqdm.auto import trange
         for i in trange(max_new_tokens, desc="generate", disable=not progress, leave=False):
             tok = self._pick(logits, temperature, top_k, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
-            out.append(tok[:, None])
+            out.append(tok[:, None].to(input_ids.device))
             if eos:
                 done |= torch.isin(tok, torch.tensor(eos, device=tok.device))
-            if i + 1 == max_new_tokens or bool(done.all()):
+            if i + 1 == max_new_tokens or (eos and bool(done.all())):     # (a host sync: only with eos)
                 break
             logits = self.decode(tok, state)
+        sync()
         t2 = time.perf_counter()
         n = len(out) - 1
         self.last_timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": n,
@@ -307,7 +312,10 @@ class CompiledCausalLM:
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+        probs = torch.softmax(logits, -1)
+        if generator is not None and generator.device != probs.device:    # e.g. a CPU generator, GPU logits
+            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def save(self, path) -> pathlib.Path:
         """The step (``CompiledModel.save``) plus causal_lm.json; ``slimfx.load`` gives back a CompiledCausalLM."""
