@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from llama_gpu import SCHEMES, SIZES, attempt, build, passes_for, pruned  # noqa: E402
+from llama_gpu import SCHEMES, SIZES, attempt, build, passes_for, pruned, write_results  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -149,12 +148,7 @@ def main(argv=None) -> int:
     md = markdown(rows, meta, base)
     print(md)
     if not args.smoke:
-        from kernel_report import card_slug
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.out_dir / f"{args.stem}-{card_slug(card)}"
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(md)
-        print(f"wrote {stem}.json and .md")
+        write_results(args.out_dir, args.stem, meta, rows, md)
     return 0
 
 

@@ -10,8 +10,8 @@ so the weights are random (seeded): the timings depend only on the shapes; the c
 output stays close to torch's (cosine of the logits). The model runs without a KV cache; a sequence of
 2 tokens stands for a decode step of the linear layers (M = 2 rows: the GEMV kernels' regime; 2, not 1,
 because one compile with a dynamic sequence length serves every row here and torch.export's dynamic
-dims start at 2). --layers cuts the depth to bound the time (compile, tuning and timing scale with it;
-the per-layer speedup does not).
+dims start at 2; bench/llama_generate.py times real generation with a KV cache). --layers cuts the
+depth to bound the time (compile, tuning and timing scale with it; the per-layer speedup does not).
 
 Rows, each timed with triton.testing.do_bench (median) in one process:
     torch bf16 eager            model(ids)
@@ -218,13 +218,18 @@ def main(argv=None) -> int:
     md = markdown(rows, meta)
     print(md)
     if not args.smoke:
-        from kernel_report import card_slug
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.out_dir / f"{args.stem}-{card_slug(card)}"
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(md)
-        print(f"wrote {stem}.json and .md")
+        write_results(args.out_dir, args.stem, meta, rows, md)
     return 0
+
+
+def write_results(out_dir: Path, stem: str, meta: dict, rows: list[dict], md: str) -> None:
+    """<out_dir>/<stem>-<card>.json (meta and rows) and .md."""
+    from kernel_report import card_slug
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}-{card_slug(meta['card'])}"
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    path.with_suffix(".md").write_text(md)
+    print(f"wrote {path}.json and .md")
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

@@ -25,18 +25,20 @@ sys.path.insert(0, str(ROOT))
 import slimfx  # noqa: E402
 from bench.common import cpu_name, save  # noqa: E402
 from bench.models import english_text, load_smollm2  # noqa: E402
-from slimfx.passes import Quantize  # noqa: E402
+from slimfx.passes import Quantize, SmoothQuant, sqnr_db  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain in one sentence what a compiler does.", "List three prime numbers."]
 MODES = {
     "fp32": lambda: [],
     "w8a8": lambda: [Quantize(weights="int8", activations="dynamic-per-token", exclude="lm_head")],
+    "w8a8-sq": lambda: [SmoothQuant(alpha=0.5),
+                        Quantize(weights="int8", activations="dynamic-per-token", exclude="lm_head")],
     "w8a16": lambda: [Quantize(weights="int8", exclude="lm_head")],
     "w4-gptq": lambda: [Quantize(weights="int4", group_size=64, method="gptq", exclude="lm_head")],
     "w4-rtn": lambda: [Quantize(weights="int4", group_size=64, exclude="lm_head")],
 }
-LABELS = {"fp32": "fp32 (no passes)", "w8a8": "W8A8 dynamic per-token", "w8a16": "W8A16 per-channel",
+LABELS = {"fp32": "fp32 (no passes)", "w8a8": "W8A8 dynamic per-token", "w8a8-sq": "SmoothQuant 0.5 + W8A8", "w8a16": "W8A16 per-channel",
           "w4-gptq": "W4A16 g64 GPTQ", "w4-rtn": "W4A16 g64 round-to-nearest"}
 
 
@@ -49,7 +51,7 @@ def agreement(got: torch.Tensor, ref: torch.Tensor, start: int) -> list[int]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--modes", default="fp32,w8a8,w8a16,w4-gptq,w4-rtn")
+    p.add_argument("--modes", default="fp32,w8a8,w8a8-sq,w8a16,w4-gptq,w4-rtn")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--name", default="smollm2_generate")
@@ -68,13 +70,17 @@ def main(argv=None):
     calibration = [cal_ids[i * 256:(i + 1) * 256][None] for i in range(8)]
     n = args.new_tokens
 
+    real = enc.attention_mask.bool()
+    with torch.no_grad():
+        ref_logits = model(**enc, use_cache=False).logits[real]
+    prompt_sqnr = lambda logits: round(float(sqnr_db(logits[real], ref_logits)), 1)
     t0 = time.perf_counter()
     with torch.no_grad():
         ref = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
     ref_s = time.perf_counter() - t0
     answers = lambda ids: [tok.decode(row[start:], skip_special_tokens=True).strip() for row in ids]
     rows = [{"mode": "transformers generate (fp32, eager)", "compile_s": None, "prefill_s": None,
-             "decode_tokens_per_s": (ref.shape[1] - start) * len(PROMPTS) / ref_s, "agree": [ref.shape[1] - start] * 4,
+             "decode_tokens_per_s": (ref.shape[1] - start) * len(PROMPTS) / ref_s, "prompt_sqnr_db": None, "agree": [ref.shape[1] - start] * 4,
              "answers": answers(ref)}]
     print(rows[-1], flush=True)
     for mode in modes:
@@ -84,8 +90,9 @@ def main(argv=None):
         compile_s = time.perf_counter() - t0
         out = lm.generate(enc.input_ids, enc.attention_mask, max_new_tokens=n)
         t = lm.last_timing
+        sqnr = prompt_sqnr(lm.prefill(enc.input_ids, enc.attention_mask)[0])
         rows.append({"mode": LABELS[mode], "compile_s": compile_s, "prefill_s": t["prefill_s"],
-                     "decode_tokens_per_s": (t["decode_tokens_per_s"] or 0) * len(PROMPTS),
+                     "decode_tokens_per_s": (t["decode_tokens_per_s"] or 0) * len(PROMPTS), "prompt_sqnr_db": sqnr,
                      "agree": agreement(out, ref, start), "answers": answers(out)})
         print(rows[-1], flush=True)
         del lm
@@ -96,11 +103,16 @@ def main(argv=None):
              f"up to {n} new tokens; slimfx backend {args.backend!r}, lm_head kept fp32; {cpu}.", "",
              "`agree`: per prompt, the tokens equal to transformers' own greedy answer before the first difference "
              f"(of {ref.shape[1] - start}).", "",
-             "| mode | compile s | prefill s | decode tok/s (batch) | agree |",
-             "|---|---:|---:|---:|---|"]
+             f"`prompt SQNR`: the logits at every real prompt position ({int(real.sum())} x {ref_logits.shape[-1]}) "
+             "vs transformers' fp32 ones, in dB: a measure over all of them, where `agree` hangs on near-ties (a "
+             "greedy choice between two tokens whose fp32 logits almost agree flips with any noise, and every "
+             "later token differs).", "",
+             "| mode | compile s | prefill s | decode tok/s (batch) | prompt SQNR dB | agree |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {fmt(r['compile_s'], '.1f')} | {fmt(r['prefill_s'], '.2f')} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {', '.join(map(str, r['agree']))} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {fmt(r['prompt_sqnr_db'], '.1f')} | "
+                     f"{', '.join(map(str, r['agree']))} |")
     for i, q in enumerate(PROMPTS):
         lines += ["", f"**{q}**", "", "| mode | answer |", "|---|---|"]
         for r in rows:

@@ -265,7 +265,6 @@ class CompiledCausalLM:
         args, kwargs = self.step._signature.check((ids, pos, mask, cache), {})
         return self.step._executable(args, kwargs, eager=eager)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, eos_token_id=None, progress: bool = False):
@@ -273,25 +272,42 @@ class CompiledCausalLM:
         ``temperature`` is 0, else sampled from softmax(logits / temperature) (over the ``top_k`` largest).
         A row that emitted an end-of-sequence token continues with the pad token; generation stops when every
         row has. Timings of the call are in ``last_timing``."""
+        from tqdm.auto import tqdm
+        steps = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, generator=generator, eos_token_id=eos_token_id)
+        new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
+                                            leave=False)]
+        return torch.cat([input_ids.long(), *new], 1)
+
+    def stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+               max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, eos_token_id=None):
+        """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
+        on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
+        end."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         eos = self.eos_token_id if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        return self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos)
+
+    @torch.no_grad()
+    def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos):
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
         sync()
         t1 = time.perf_counter()
         logits = logits[:, -1]
-        out = [input_ids.long()]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
-        from tqdm.auto import trange
-        for i in trange(max_new_tokens, desc="generate", disable=not progress, leave=False):
+        n = 0
+        for i in range(max_new_tokens):
             tok = self._pick(logits, temperature, top_k, generator)
             tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
-            out.append(tok[:, None].to(input_ids.device))
+            n += 1
+            yield tok.to(input_ids.device)
             if eos:
                 done |= torch.isin(tok, torch.tensor(eos, device=tok.device))
             if i + 1 == max_new_tokens or (eos and bool(done.all())):     # (a host sync: only with eos)
@@ -299,10 +315,8 @@ class CompiledCausalLM:
             logits = self.decode(tok, state)
         sync()
         t2 = time.perf_counter()
-        n = len(out) - 1
         self.last_timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": n,
                             "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
-        return torch.cat(out, 1)
 
     @staticmethod
     def _pick(logits, temperature, top_k, generator):

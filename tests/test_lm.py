@@ -159,3 +159,29 @@ def test_models_without_a_plain_kv_cache_are_refused():
                                                sliding_window=4)).eval()
     with pytest.raises(TypeError, match="MistralForCausalLM: cache layers.*not supported"):
         slimfx.compile_causal_lm(mistral)
+
+
+def test_stream_yields_what_generate_returns(compiled):
+    lm = compiled["numpy"]
+    ids, mask = text_batch(2, 6, 97, pad_left=True, seed=11)
+    mask[:, -1] = 1
+    steps = lm.stream(ids, mask, max_new_tokens=7)
+    first = next(steps)                                   # a token per row before the rest is computed
+    assert first.shape == (2,) and first.dtype == torch.long
+    streamed = torch.stack([first, *steps], 1)
+    assert torch.equal(torch.cat([ids, streamed], 1), lm.generate(ids, mask, max_new_tokens=7))
+    assert lm.last_timing["new_tokens"] == 7
+    with pytest.raises(ValueError, match="temperature"):
+        lm.stream(ids, temperature=-1)                    # checked at the call, not at the first token
+
+
+def test_distillation_through_the_step_graph(llama):
+    """Prune 2:4, then Distill against the model itself (its step wrapper is the teacher): the loss falls,
+    the masks hold, and the result generates."""
+    cal = [text_batch(2, 12, 97, seed=s)[0] for s in range(4)]
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Prune(0.5, pattern="2:4"), P.Distill(steps=10)],
+                                  calibration=cal, progress=False)
+    stats = lm.report().records[1].stats
+    assert stats["loss_last"] < stats["loss_first"], stats
+    assert all(r["sparsity"] == 0.5 for r in lm.report().layers() if r["module"] != "lm_head")
+    assert lm.generate(cal[0], max_new_tokens=3).shape == (2, 15)
