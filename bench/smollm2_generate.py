@@ -90,7 +90,7 @@ def main(argv=None):
         compile_s = time.perf_counter() - t0
         out = lm.generate(enc.input_ids, enc.attention_mask, max_new_tokens=n)
         t = lm.last_timing
-        sqnr = prompt_sqnr(lm.prefill(enc.input_ids, enc.attention_mask)[0])
+        sqnr = prompt_sqnr(lm.prefill(enc.input_ids, enc.attention_mask, all_logits=True)[0])
         rows.append({"mode": LABELS[mode], "compile_s": compile_s, "prefill_s": t["prefill_s"],
                      "decode_tokens_per_s": (t["decode_tokens_per_s"] or 0) * len(PROMPTS), "prompt_sqnr_db": sqnr,
                      "agree": agreement(out, ref, start), "answers": answers(out)})

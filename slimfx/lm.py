@@ -5,8 +5,8 @@
     out = lm.generate(ids, max_new_tokens=32)            # greedy; temperature/top_k sample
     lm.save("smollm2-w8a8"); lm = slimfx.load("smollm2-w8a8", backend="triton")
 
-What slimfx compiles is the model's *step*: ``(input_ids, position_ids, attention_mask, cache) -> (logits,
-new cache)`` with the cache as plain tensors, one (keys, values) pair per layer of shape (batch, kv heads,
+What slimfx compiles is the model's *step*: ``(input_ids, position_ids, attention_mask, cache, logits_at) ->
+(logits, new cache)`` with the cache as plain tensors, one (keys, values) pair per layer of shape (batch, kv heads,
 length, head dim). One graph serves the prompt (prefill) and every new token (decode), with batch, sequence
 and cache length dynamic, so the passes (and their calibration) run once. Two facts of torch.export shape the
 calls ``generate`` makes:
@@ -55,8 +55,12 @@ class CausalLMStep(nn.Module):
     """One generation step of ``model`` with the cache as plain tensors (what ``compile_causal_lm`` captures).
 
     forward(input_ids (B, S), position_ids (B, S), attention_mask (B, P + S), cache [(k, v)] * layers,
-            each (B, kv heads, P, head dim)) -> {"logits": (B, S, vocab), "cache": [(k, v)] * layers, P + S long}
-    It shares the model's submodules (parameter names stay the model's: ``model.layers.0.mlp.up_proj``)."""
+            each (B, kv heads, P, head dim), logits_at (K,) positions in 0..S-1)
+        -> {"logits": (B, K, vocab), "cache": [(k, v)] * layers, P + S long}
+    ``logits_at`` picks the positions whose logits are computed (transformers' ``logits_to_keep``): all of
+    them for calibration and distillation, the last one when generating (a long prompt's (S, vocab) logits
+    are neither computed nor stored). It shares the model's submodules (parameter names stay the model's:
+    ``model.layers.0.mlp.up_proj``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -69,14 +73,17 @@ class CausalLMStep(nn.Module):
                             f"submodule; compile_causal_lm wraps Hugging Face causal LMs")
         object.__setattr__(self, "_model", model)      # not a submodule: its children are ours already
         self._kw = _cache_kw(model)
+        self._keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def forward(self, input_ids, position_ids, attention_mask, cache):
+    def forward(self, input_ids, position_ids, attention_mask, cache, logits_at):
         from transformers import DynamicCache
         dc = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache])
+        keep = {"logits_to_keep": logits_at} if self._keeps else {}
         out = self._model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=True, **{self._kw: dc})
+                          use_cache=True, **{self._kw: dc}, **keep)
+        logits = out.logits if self._keeps else out.logits[:, logits_at]
         new = getattr(out, self._kw)
-        return {"logits": out.logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
+        return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
 
 
 def cache_layout(model: nn.Module) -> list[tuple[int, int]]:
@@ -99,16 +106,19 @@ def cache_layout(model: nn.Module) -> list[tuple[int, int]]:
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
 
 
-def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1) -> tuple:
+def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1,
+                all_logits: bool = True) -> tuple:
     """The step's inputs for a prompt (prefill): ``slots`` masked cache slots of zeros, positions that
-    count only the real tokens."""
+    count only the real tokens, logits at every position or the last."""
     ids, mask = _prompt(ids, mask)
     b = ids.shape[0]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     full = torch.cat([torch.zeros(b, slots, dtype=mask.dtype, device=mask.device), mask], 1)
     cache = [(torch.zeros(b, h, slots, d, dtype=dtype, device=ids.device),
               torch.zeros(b, h, slots, d, dtype=dtype, device=ids.device)) for h, d in layout]
-    return ids, pos, full, cache
+    n = ids.shape[1]
+    at = torch.arange(0 if all_logits else n - 1, n, device=ids.device)
+    return ids, pos, full, cache, at
 
 
 def _prompt(ids, mask):
@@ -173,7 +183,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     # (seq >= 2; batch >= 2 where the model's rotary embedding goes through a batched matmul: transformers < 5.2x)
     auto = Dim.AUTO
     dynamic = {"input_ids": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
-               "attention_mask": {0: auto, 1: auto}, "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout]}
+               "attention_mask": {0: auto, 1: auto}, "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout],
+               "logits_at": {0: auto}}
     step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
@@ -211,10 +222,13 @@ class CompiledCausalLM:
     def graph(self):
         return self.step.graph
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-        """The prompt's logits (batch, length, vocab) and the state ``decode`` continues from."""
-        ids, pos, mask, cache = step_inputs(input_ids, attention_mask, self.layout, self.dtype)
-        out = self._run(ids, pos, mask, cache, eager=True)      # one shape per prompt: no CUDA graph for it
+    def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                all_logits: bool = False):
+        """The logits of the prompt's last position (batch, 1, vocab), or of every position (batch, length,
+        vocab) with ``all_logits``, and the state ``decode`` continues from."""
+        ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
+                                                all_logits=all_logits)
+        out = self._run(ids, pos, mask, cache, at, eager=True)  # one shape per prompt: no CUDA graph for it
         n = mask.shape[1]                                      # slots filled: the masked one and the prompt
         cap = self._capacity(n + 1)
         buffers = []
@@ -226,7 +240,7 @@ class CompiledCausalLM:
         slots = torch.zeros(mask.shape[0], cap, dtype=mask.dtype, device=dev)
         slots[:, :n] = mask
         state = {"cache": buffers, "mask": slots, "filled": n, "token": ids[:, -1:].to(dev),
-                 "position": pos[:, -1:].to(dev)}
+                 "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
         return out["logits"], state
 
     def _capacity(self, n: int) -> int:
@@ -254,15 +268,16 @@ class CompiledCausalLM:
         step_mask[:, n - 1] = 0
         ids = torch.cat([state["token"], tokens[:, None]], 1)
         pos = torch.cat([state["position"], state["position"] + 1], 1)
-        out = self._run(ids, pos, torch.cat([step_mask, torch.ones_like(slots[:, :2])], 1), state["cache"])
+        out = self._run(ids, pos, torch.cat([step_mask, torch.ones_like(slots[:, :2])], 1), state["cache"],
+                        state["at"])                          # the logits of the new token only
         for (kb, vb), (k, v) in zip(state["cache"], out["cache"]):
             kb[:, :, n - 1:n + 1], vb[:, :, n - 1:n + 1] = k[:, :, -2:], v[:, :, -2:]
         slots[:, n] = 1
         state.update(filled=n + 1, token=tokens[:, None], position=pos[:, -1:])
         return out["logits"][:, -1]
 
-    def _run(self, ids, pos, mask, cache, eager: bool = False):
-        args, kwargs = self.step._signature.check((ids, pos, mask, cache), {})
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False):
+        args, kwargs = self.step._signature.check((ids, pos, mask, cache, at), {})
         return self.step._executable(args, kwargs, eager=eager)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,

@@ -185,3 +185,20 @@ def test_distillation_through_the_step_graph(llama):
     assert stats["loss_last"] < stats["loss_first"], stats
     assert all(r["sparsity"] == 0.5 for r in lm.report().layers() if r["module"] != "lm_head")
     assert lm.generate(cal[0], max_new_tokens=3).shape == (2, 15)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_prefill_logits_are_the_models(llama, compiled, backend):
+    """All positions' logits (what calibration and distillation see) equal the model's on the real tokens;
+    generation computes only the last position's."""
+    from conftest import rel_err
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=12)
+    mask[:, -1] = 1
+    every, _ = compiled[backend].prefill(ids, mask, all_logits=True)
+    last, _ = compiled[backend].prefill(ids, mask)
+    with torch.no_grad():
+        ref = llama(ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    # fp32, 2 layers: only summation order differs (torch: the same kernels; numpy: its own matmuls)
+    assert every.shape == ref.shape and rel_err(every[real], ref[real]) <= 1e-5
+    assert last.shape == (2, 1, 97) and rel_err(last[:, 0], every[:, -1]) <= 1e-6
