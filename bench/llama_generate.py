@@ -9,9 +9,10 @@ sparse schemes prune a copy first). Per row: a prompt of --prompt tokens (batch 
 greedy tokens with end-of-sequence disabled, so every row produces the same count. Timed: the median over
 --repeats whole generate calls after one warm-up call (which also makes the triton backend's per-shape kernel
 choices and, for the "graphs" rows, captures one CUDA graph per cache-buffer size); prefill is timed apart.
-Each scheme runs eager and with backend_options={"cuda_graphs": True} (``lm.with_backend``). Checks in the same run: the cosine of slimfx's prompt logits to torch's (to the
-pruned model's for sparse schemes) and how many greedy tokens equal transformers' before the first difference
-(random bf16 weights make near-ties common, so a short run of equal tokens is no error; the cosine is the check).
+Each scheme runs eager and with backend_options={"cuda_graphs": True} (``lm.with_backend``). Checks in the
+same run: the cosine of slimfx's prompt logits to torch's (to the pruned model's for sparse schemes) and how
+many greedy tokens equal transformers' before the first difference (random bf16 weights make near-ties common,
+so a short run of equal tokens is no error; the cosine is the check).
 Writes bench/results/llama_generate-<card>.{json,md} (--stem renames).
 """
 from __future__ import annotations

@@ -6,8 +6,8 @@ Four chat prompts (left-padded into one batch) are answered greedily, up to --ne
 transformers' own ``generate`` (fp32, its KV cache) and by ``slimfx.compile_causal_lm`` for each mode. A row
 reports how many of the reference's tokens each mode reproduces before its first difference (greedy decoding
 copies a difference forward, so this is the strict measure), the prefill time and decode tokens/s of the batch;
-the answers follow as text, prompt by prompt. Times are of this CPU and of the chosen backend (numpy: the reference interpreter,
-not a fast path); the GPU numbers come from bench/llama_gpu.py. Writes
+the answers follow as text, prompt by prompt. Times are of this CPU and of the chosen backend (numpy: the
+reference interpreter, not a fast path); the GPU numbers come from bench/llama_generate.py. Writes
 bench/results/smollm2_generate-<cpu>.{json,md} (--name renames).
 """
 from __future__ import annotations

@@ -11,9 +11,9 @@ length, head dim). One graph serves the prompt (prefill) and every new token (de
 and cache length dynamic, so the passes (and their calibration) run once. Two facts of torch.export shape the
 calls ``generate`` makes:
 - a sequence of 1 token is specialized (sdpa's causal flag branches on it), so a decode step feeds 2 tokens:
-  the previous one again (its cache entry is dropped and recomputed; the numbers are the same) and the new
-  one. Linear layers then see 2 rows per sequence, which costs a decode step nothing measurable on a GPU
-  (weight-bound) and 2x the arithmetic of the linear layers on the numpy backend;
+  the previous one again (its cache slot is masked for the step and rewritten with the same numbers) and the
+  new one. Linear layers then see 2 rows per sequence: 2x their arithmetic on the numpy backend; on a GPU,
+  where a decode step is bound by reading the weights, it should cost little (not measured yet);
 - an empty cache is specialized too, so the cache always holds one masked slot (zeros) before the first
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
@@ -179,12 +179,13 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
                                      generator=torch.Generator().manual_seed(0)))
     # two masked slots: an example dim of 1 would be specialized; at run time the prompt step holds one
     example = step_inputs(example_ids.to(next(model.parameters()).device), None, layout, dtype, slots=2)
-    # Dim.AUTO: export finds how the dims relate (one batch, total = past + seq) and the ranges the model allows
-    # (seq >= 2; batch >= 2 where the model's rotary embedding goes through a batched matmul: transformers < 5.2x)
+    # Dim.AUTO: export finds how the dims relate and the ranges the model allows (seq >= 2). Named Dims fail
+    # under transformers 5.17, whose rotary embedding is a batched matmul that guards batch != 1; traced size
+    # obliviously (capture does), AUTO keeps the batch dynamic from 1 and the graph is right there (tests)
     auto = Dim.AUTO
     dynamic = {"input_ids": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
-               "attention_mask": {0: auto, 1: auto}, "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout],
-               "logits_at": {0: auto}}
+               "attention_mask": {0: auto, 1: auto}, "logits_at": {0: auto},
+               "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout]}
     step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
