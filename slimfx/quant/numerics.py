@@ -5,8 +5,11 @@ Rounding is round-half-to-even (numpy.round and torch.round both are), and ``x /
 division in both libraries, so the integer outputs are identical. Kernels must match these exactly.
 
 int8 x int8 products accumulate in int32 exactly. numpy's integer matmul does not use BLAS, so
-``int_matmul_np`` multiplies in float64: every partial sum of int8 products is an integer below
-2**53 (|sum| <= K * 128 * 128 = K * 2**14, exact for K < 2**39), so the float64 BLAS result is exact.
+``int_matmul_np`` multiplies in float32 over blocks of ``F32_EXACT_K`` = 1024 along K: every partial sum
+of a block's int8 products is an integer of magnitude <= 1024 * 128 * 128 = 2**24, which float32 holds
+exactly in any summation order (FMA included); the blocks' results are added in float64 (exact below
+2**53). 1.5-2.2x faster than one float64 matmul here (2-core EPYC: 0.41 vs 0.89 ms at 2 x 576 x 1536,
+33 vs 54 ms at 2 x 49152 x 576), and exact.
 """
 from __future__ import annotations
 
@@ -44,10 +47,20 @@ def absmax_scale_np(x: np.ndarray, axis, qmax: int = SYM_INT8_QMAX) -> np.ndarra
     return np.maximum(amax / np.float32(qmax), np.float32(MIN_SCALE)).astype(np.float32)
 
 
+F32_EXACT_K = 1024     # int8 products summed over this many terms stay within float32's exact integers
+
+
 def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
-    """Exact int32 result of a @ b_t.T for integer a (M, K) and b_t (N, K) (see module docstring)."""
-    assert a.shape[-1] < 2**39, "K too large for the exact float64 path"
-    out = np.asarray(a, dtype=np.float64) @ np.asarray(b_t, dtype=np.float64).swapaxes(-1, -2)
+    """Exact int32 result of a @ b_t.T for int8 a (..., K) and b_t (N, K) (see module docstring)."""
+    k = a.shape[-1]
+    assert k < 2**39, "K too large for exact float64 block sums"
+    a32, b32 = np.asarray(a, dtype=np.float32), np.asarray(b_t, dtype=np.float32).swapaxes(-1, -2)
+    if k <= F32_EXACT_K:
+        return (a32 @ b32).astype(np.int32)
+    out = None
+    for s in range(0, k, F32_EXACT_K):
+        part = (a32[..., s:s + F32_EXACT_K] @ b32[..., s:s + F32_EXACT_K, :]).astype(np.float64)
+        out = part if out is None else out + part
     return out.astype(np.int32)
 
 
@@ -81,6 +94,17 @@ def absmax_scale_torch(x: torch.Tensor, dim, qmax: int = SYM_INT8_QMAX) -> torch
 
 
 def int_matmul_torch(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a @ b_t.T. Uses float64 like the numpy twin (exact, see module docstring);
-    torch._int_mm would also do on CUDA, but it has shape restrictions and no CPU kernel for all sizes."""
-    return (a.to(torch.float64) @ b_t.to(torch.float64).transpose(-1, -2)).to(torch.int32)
+    """Exact int32 a @ b_t.T: float32 blocks like the numpy twin on the CPU (module docstring); float64 on
+    other devices, where a float32 matmul may run in TF32 (torch.backends.cuda.matmul.allow_tf32) and lose
+    bits. torch._int_mm would also do on CUDA, but it has shape restrictions and no CPU kernel for all sizes."""
+    if a.device.type != "cpu":
+        return (a.to(torch.float64) @ b_t.to(torch.float64).transpose(-1, -2)).to(torch.int32)
+    a32, b32 = a.to(torch.float32), b_t.to(torch.float32).transpose(-1, -2)
+    k = a.shape[-1]
+    if k <= F32_EXACT_K:
+        return (a32 @ b32).to(torch.int32)
+    out = None
+    for s in range(0, k, F32_EXACT_K):
+        part = (a32[..., s:s + F32_EXACT_K] @ b32[..., s:s + F32_EXACT_K, :]).to(torch.float64)
+        out = part if out is None else out + part
+    return out.to(torch.int32)

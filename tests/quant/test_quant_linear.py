@@ -34,6 +34,23 @@ def test_int8_matmul_exact(a_shape, n):
     assert_exact(_np_op(ops.int8_matmul)(a, b), want, "numpy int8_matmul")
 
 
+@pytest.mark.parametrize("k", [1023, 1024, 1025, 2048, 3001])
+def test_float32_blocks_exact_at_their_edges(k):
+    """int_matmul sums int8 products in float32 blocks of F32_EXACT_K = 1024: the worst case (-128 * -128 in
+    every term: a block sum of exactly 2**24 at K = 1024) and random values stay exact across block edges."""
+    assert numerics.F32_EXACT_K == 1024
+    rng = np.random.default_rng(k)
+    odd = np.full((1, k), -128, np.int8)
+    odd[0, -1] = 1                 # (k - 1) * 2**14 + 1: odd, so above 2**24 one float32 sum would round it
+    a = np.concatenate([np.full((1, k), -128, np.int8), odd, _rand_int8(rng, (2, k))])
+    b = np.concatenate([np.full((1, k), -128, np.int8), odd, _rand_int8(rng, (5, k))])
+    want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
+    assert want[0, 0] == k * 2**14 and want[1, 1] == (k - 1) * 2**14 + 1
+    assert_exact(numerics.int_matmul_np(a, b), want, "numpy")
+    assert_exact(numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b)), want, "torch")
+    assert_exact(numerics.int_matmul_np(a.reshape(2, 2, k), b), want.reshape(2, 2, -1), "numpy, batched")
+
+
 def test_int32_accumulator_exact_at_the_largest_k():
     # -128 * -128 summed MAX_K times is 2**31 - 2**14: the largest accumulator the int32 contract allows
     a = np.full((1, MAX_K), -128, np.int8)
