@@ -197,6 +197,13 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad)
 
 
+def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``t`` extended with zeros along ``dim`` to ``size`` (cache slots: zero keys and values, mask 0)."""
+    shape = list(t.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
 class CompiledCausalLM:
     """A compiled step and the generation loop around it (``compile_causal_lm``)."""
 
@@ -232,15 +239,9 @@ class CompiledCausalLM:
         out = self._run(ids, pos, mask, cache, at, eager=True)  # one shape per prompt: no CUDA graph for it
         n = mask.shape[1]                                      # slots filled: the masked one and the prompt
         cap = self._capacity(n + 1)
-        buffers = []
-        for k, v in out["cache"]:
-            kb, vb = k.new_zeros(k.shape[:2] + (cap,) + k.shape[3:]), v.new_zeros(v.shape[:2] + (cap,) + v.shape[3:])
-            kb[:, :, :n], vb[:, :, :n] = k, v
-            buffers.append((kb, vb))
         dev = out["logits"].device                             # the backend's (triton: the GPU's)
-        slots = torch.zeros(mask.shape[0], cap, dtype=mask.dtype, device=dev)
-        slots[:, :n] = mask
-        state = {"cache": buffers, "mask": slots, "filled": n, "token": ids[:, -1:].to(dev),
+        state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
+                 "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
                  "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
         return out["logits"], state
 
@@ -260,10 +261,8 @@ class CompiledCausalLM:
         n = state["filled"]
         if n + 1 > state["mask"].shape[1]:                     # full: the next power of two
             cap = self._capacity(n + 1)
-            grow = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (cap - t.shape[2],) + t.shape[3:])], 2)
-            state["cache"] = [(grow(k), grow(v)) for k, v in state["cache"]]
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_zeros(state["mask"].shape[0],
-                                                                                cap - state["mask"].shape[1])], 1)
+            state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
+            state["mask"] = _pad(state["mask"], cap, 1)
         slots = state["mask"]
         step_mask = slots.clone()
         step_mask[:, n - 1] = 0
