@@ -47,13 +47,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
 
 
 def _reference_outputs(model, args, kwargs):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*args, **kwargs)
-    finally:
-        model.train(was_training)
+    with ir.eval_mode(model), torch.no_grad():
+        return model(*args, **kwargs)
 
 
 class CompiledModel:

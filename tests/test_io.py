@@ -157,7 +157,7 @@ class Tied(torch.nn.Module):
         self.register_buffer("v", self.w.data)
 
     def forward(self, x):
-        return x @ self.w + torch.relu(x) @ self.v + x @ self.v.t()
+        return x @ self.w.t() + torch.relu(x) @ self.v + x @ self.v.t()
 
 
 def test_static_symbolic_trace_graph_with_tied_tensors(tmp_path):

@@ -1,7 +1,7 @@
 """The slimfx IR: a torch.fx GraphModule in the canonical ATen op set, with typed node metadata."""
 from . import meta
 from .canonical import canonicalize
-from .capture import CaptureError, Captured, capture
+from .capture import CaptureError, Captured, capture, eval_mode
 from .module import drop_unused_tensors, flatten_inputs, fork, tensors
 from .graphview import match, to_dot, to_networkx, topological_order
 from .printer import code, op_counts, table
@@ -10,5 +10,5 @@ from .rewrite import Rule, apply_rules
 from .verify import VerificationError, output_signature, verify
 
 __all__ = ["meta", "flatten_inputs", "fork", "tensors", "drop_unused_tensors", "canonicalize", "CaptureError",
-           "Captured", "capture", "match", "to_dot", "to_networkx", "topological_order", "code", "op_counts", "table",
+           "Captured", "capture", "eval_mode", "match", "to_dot", "to_networkx", "topological_order", "code", "op_counts", "table",
            "propagate_meta", "Rule", "apply_rules", "VerificationError", "output_signature", "verify"]

@@ -3,8 +3,11 @@
 Three steps, each small and table-driven:
 1. ``canonicalize_calls``: torch-level calls from ``fx.symbolic_trace`` (``nn.Linear`` modules,
    ``F.linear``, ``operator.add`` on tensors, ``x.view(...)``) become their ATen ops.
-2. ``LINEAR_RULES``: every spelling of a linear layer (``addmm(b, x, t(w))``, ``matmul(x, t(w))``,
-   ``mm``) becomes ``aten.linear.default(x, w, b)``, the one form passes match.
+2. ``canonicalize_aliases``: ``x.T`` and ``chunk`` become ``t``/``permute`` and ``split``.
+   ``LINEAR_RULES``: every spelling of a linear layer (``addmm(b, x, t(w))``, ``matmul(x, t(w))``,
+   ``mm``, a weight stored transposed as GPT-2's ``Conv1D`` keeps it, a bias added after the product)
+   becomes ``aten.linear.default(x, w, b)``, the one form passes match; ``fold_weight_transposes``
+   then stores transposed weights as tensors of their own (after capture flattened the namespace).
 3. ``drop_noops``: export's metadata asserts, inference dropout, dtype conversions to the same
    dtype, in-place ``detach_`` and empty 1-D tensors in ``cat`` (torch skips them; a Hugging Face KV
    cache starts from one) disappear.
@@ -158,6 +161,33 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
 
 # --- 2. every linear spelling -> aten.linear --------------------------------------------------------
 
+def _attr_tensor(node: fx.Node):
+    """The tensor a get_attr node reads, or None for any other node."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    obj = node.graph.owning_module
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _weight_param(name: str, ndim: int):
+    """A rule filter: the pattern placeholder ``name`` matched a floating parameter of ``ndim`` dims."""
+    def where(match, original_graph, pattern_graph) -> bool:
+        placeholder = next(p for p in pattern_graph.nodes if p.op == "placeholder" and p.target == name)
+        t = _attr_tensor(match.nodes_map[placeholder])
+        return isinstance(t, nn.Parameter) and t.ndim == ndim and t.is_floating_point()
+    return where
+
+
+def _bias_of(match, original_graph, pattern_graph) -> bool:
+    """add(linear(x, w), b) with b a 1-D parameter as long as the linear's output features."""
+    placeholders = {p.target: match.nodes_map[p] for p in pattern_graph.nodes if p.op == "placeholder"}
+    b, w = _attr_tensor(placeholders["a2"]), _attr_tensor(placeholders["a1"])
+    return isinstance(b, nn.Parameter) and b.ndim == 1 and w is not None and w.ndim == 2 and \
+        b.shape[0] == w.shape[0]
+
+
 LINEAR_RULES = [
     Rule("addmm(b, x, t(w)) => linear(x, w, b)",
          lambda b, x, w: aten.addmm.default(b, x, aten.t.default(w)),
@@ -171,7 +201,102 @@ LINEAR_RULES = [
     Rule("matmul(x, t(w)) => linear(x, w)",
          lambda x, w: aten.matmul.default(x, aten.t.default(w)),
          lambda x, w: aten.linear.default(x, w)),
+    Rule("matmul(x, permute(w, [1, 0])) => linear(x, w)",
+         lambda x, w: aten.matmul.default(x, aten.permute.default(w, [1, 0])),
+         lambda x, w: aten.linear.default(x, w)),
+    # weights stored (in, out), as GPT-2's Conv1D keeps them: the transpose is folded into a new tensor
+    # attribute after capture (fold_weight_transposes), so passes see a plain linear
+    Rule("addmm(b, x, W) => linear(x, t(W), b)",
+         lambda b, x, w: aten.addmm.default(b, x, w),
+         lambda b, x, w: aten.linear.default(x, aten.t.default(w), b), where=_weight_param("a2", 2)),
+    Rule("mm(x, W) => linear(x, t(W))",
+         lambda x, w: aten.mm.default(x, w),
+         lambda x, w: aten.linear.default(x, aten.t.default(w)), where=_weight_param("a1", 2)),
+    Rule("matmul(x, W) => linear(x, t(W))",
+         lambda x, w: aten.matmul.default(x, w),
+         lambda x, w: aten.linear.default(x, aten.t.default(w)), where=_weight_param("a1", 2)),
+    # a bias added after the product (Falcon's ``x @ w.T + b``)
+    Rule("linear(x, w) + b => linear(x, w, b)",
+         lambda x, w, b: aten.add.Tensor(aten.linear.default(x, w), b),
+         lambda x, w, b: aten.linear.default(x, w, b), where=_bias_of),
+    Rule("b + linear(x, w) => linear(x, w, b)",
+         lambda x, w, b: aten.add.Tensor(b, aten.linear.default(x, w)),
+         lambda x, w, b: aten.linear.default(x, w, b), where=_bias_of),
 ]
+
+
+def fold_weight_transposes(gm: fx.GraphModule) -> int:
+    """linear(x, t(W)) with W a tensor attribute -> linear(x, W'), W' = W.t() stored as a new attribute, so
+    every linear reads its weight straight from a get_attr node. Run after the tensors were moved into the
+    flat namespace. W' is a contiguous copy: a strided view would run a different BLAS path than the same
+    weight saved and loaded (results differing in the last bit), and the kernels want rows."""
+    n, sources = 0, set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default or len(node.args) < 2:
+            continue
+        tw = node.args[1]
+        if not (isinstance(tw, fx.Node) and tw.op == "call_function" and tw.target in (aten.t.default,
+                aten.permute.default) and isinstance(tw.args[0], fx.Node) and tw.args[0].op == "get_attr"):
+            continue
+        if tw.target is aten.permute.default and list(tw.args[1]) != [1, 0]:
+            continue
+        src = tw.args[0]
+        weight = meta.tensor_attr(gm, src)
+        if weight.ndim != 2:
+            continue
+        wt = weight.detach().t().contiguous()
+        name = meta.add_tensor_attr(gm, f"{src.target}_t", nn.Parameter(wt, weight.requires_grad)
+                                    if isinstance(weight, nn.Parameter) else wt)
+        with gm.graph.inserting_before(tw):
+            new = gm.graph.get_attr(name)
+        new.meta.update(src.meta)
+        new.meta["val"] = src.meta["val"].t().contiguous() if isinstance(src.meta.get("val"), torch.Tensor) \
+            else wt
+        if meta.param_name(src):
+            meta.set_param_name(new, meta.param_name(src))    # the user's parameter (its transpose)
+        node.replace_input_with(tw, new)
+        sources.add(src.target)
+        n += 1
+    if n:
+        gm.graph.eliminate_dead_code()
+        read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+        for target in sources - read:
+            delattr(gm, target)                 # the (in, out) original: the graph no longer holds it
+        gm.recompile()
+    return n
+
+
+# --- 2b. ops with one canonical spelling -----------------------------------------------------------
+
+def canonicalize_aliases(gm: fx.GraphModule) -> int:
+    """``numpy_T`` (``x.T``) -> ``t`` (2-D) or ``permute``; ``chunk`` -> ``split`` (torch defines chunk as a
+    split into pieces of ceil(size / chunks)) where the split dim's size is static."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        new = None
+        if node.target is aten.numpy_T.default and meta.shape(node.args[0]) is not None:
+            ndim = len(meta.shape(node.args[0]))
+            new = (aten.t.default, (node.args[0],)) if ndim <= 2 else \
+                (aten.permute.default, (node.args[0], list(range(ndim))[::-1]))
+        elif node.target is aten.chunk.default and meta.shape(node.args[0]) is not None:
+            chunks = node.args[1] if len(node.args) > 1 else node.kwargs["chunks"]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            size = meta.shape(node.args[0])[dim]
+            if isinstance(size, int) and isinstance(chunks, int) and size > 0:
+                new = (aten.split.Tensor, (node.args[0], -(-size // chunks), dim))
+        if new is None:
+            continue
+        with gm.graph.inserting_before(node):
+            repl = gm.graph.call_function(*new)
+        repl.meta.update(node.meta)
+        node.replace_all_uses_with(repl)
+        gm.graph.erase_node(node)
+        n += 1
+    if n:
+        gm.recompile()
+    return n
 
 
 # --- 3. no-ops --------------------------------------------------------------------------------------
@@ -242,6 +367,7 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
     """Bring a freshly captured graph to the canonical op set; returns counts per step."""
     from .propagate import propagate_meta
     counts = {"torch->aten": canonicalize_calls(gm)}
+    counts["aliases"] = canonicalize_aliases(gm)
     counts.update(apply_rules(gm, LINEAR_RULES))
     if any("val" not in n.meta for n in gm.graph.nodes if n.op not in ("output", "placeholder")):
         if all("val" in p.meta for p in gm.graph.nodes if p.op == "placeholder"):

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from . import meta
-from .canonical import canonicalize
+from .canonical import canonicalize, fold_weight_transposes
 from .propagate import propagate_meta, size_oblivious
 
 
@@ -48,14 +48,17 @@ def _dynamic_shapes(dynamic, args, kwargs):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Capture the inference graph (no dropout) and give the model back in the mode it came in."""
-    was_training = model.training
+def eval_mode(model: torch.nn.Module):
+    """Run the inference graph (no dropout) and give back every submodule in the mode it came in: restoring
+    with ``model.train(mode)`` would set one mode on all of them (GPT-2's dropout switched on in a model the
+    user had put in eval mode, when it was wrapped in a module still in training mode)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
@@ -69,8 +72,25 @@ def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
         ds = merged
     with size_oblivious(ds is not None):
         ep = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
+        if _mutates(ep.graph):
+            # in-place ops (Falcon's ``mlp_output += attention_output``): export's own functionalization,
+            # which keeps every other op as it is (an empty decomposition table)
+            ep = ep.run_decompositions({})
     ranges = {str(sym): (_as_int(r.lower) or 0, _as_int(r.upper)) for sym, r in ep.range_constraints.items()}
     return ep.module(), ranges
+
+
+# in-place ops canonicalization drops by itself (inference graphs carry no autograd state)
+_DROPPED_MUTATIONS = {"aten::detach_"}
+
+
+def _mutates(graph: fx.Graph) -> bool:
+    """Does the graph hold an op that writes into one of its operands?"""
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable and schema.name not in _DROPPED_MUTATIONS:
+            return True
+    return False
 
 
 def _as_int(bound):
@@ -138,7 +158,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     args, kwargs = tuple(args), dict(kwargs or {})
     errors, ranges = [], {}
     name = type(model).__name__
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if method in ("auto", "export"):
             try:
                 gm, ranges = _export(model, args, kwargs, dynamic)
@@ -163,6 +183,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         propagate_meta(gm, args)          # canonicalization reads shapes (tensor or int operands)
     canonicalize(gm)
     gm = _flatten_attributes(gm)
+    fold_weight_transposes(gm)
     return Captured(gm, used, args, kwargs, ranges)
 
 

@@ -51,9 +51,22 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:
         pattern, replacement = rule.traced()
         filters = [rule.where] if rule.where else None
         done = replace_pattern_with_filters(gm, pattern, replacement, match_filters=filters)
+        for replaced in done:
+            _inherit_source(replaced.nodes_map[replaced.anchor], replaced.replacements)   # anchor: a pattern node
         if done:
             counts[rule.name] = len(done)
     if counts:
         gm.graph.lint()
         gm.recompile()
     return counts
+
+
+# where a node came from: the replacement of a match comes from where the matched output came from
+_SOURCE_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _inherit_source(anchor: fx.Node, replacements) -> None:
+    for node in replacements:
+        for key in _SOURCE_KEYS:
+            if key in anchor.meta and key not in node.meta:
+                node.meta[key] = anchor.meta[key]

@@ -126,40 +126,38 @@ class Distill(Pass):
         ir.drop_unused_tensors(gm)
         gm.recompile()
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-        was_training = teacher.training
-        teacher.eval()
-        losses, kind = [], self.loss
-        batches = itertools.islice(itertools.cycle(calls), self.steps)
-        bar = tqdm(batches, total=self.steps, desc="distill", leave=False, disable=not ctx.progress)
-        try:
-            for args, kwargs in bar:
-                step = len(losses) + 1
-                with torch.no_grad():
-                    t_out = _run("teacher", teacher, args, kwargs, step,
-                                 "each batch holds the model's inputs, over the example kwargs")
-                if kind == "auto":
-                    kind = "kl" if _logits(t_out) is not None else "mse"
-                with torch.enable_grad():
-                    s_out = _run("graph", gm, args, kwargs, step, "batches of other shapes than the example "
-                                 "inputs need slimfx.compile(..., dynamic=True)")
-                    t, s = output_tensor(t_out, kind), output_tensor(s_out, kind)
-                    loss = kd_loss(s, t, self.temperature) if kind == "kl" else relative_mse(s, t)
-                    if not torch.isfinite(loss):
-                        raise ValueError(f"Distill: the loss became {float(loss)} at step {step}; "
-                                         f"lower lr (now {self.lr})")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for p, k in zip(params, keep):
-                        if k is not None:
-                            p.mul_(k)
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
-        finally:
-            teacher.train(was_training)
-            for p in params:
-                p.requires_grad_(False)
+        with ir.eval_mode(teacher):            # each submodule back in its own mode afterwards
+            losses, kind = [], self.loss
+            batches = itertools.islice(itertools.cycle(calls), self.steps)
+            bar = tqdm(batches, total=self.steps, desc="distill", leave=False, disable=not ctx.progress)
+            try:
+                for args, kwargs in bar:
+                    step = len(losses) + 1
+                    with torch.no_grad():
+                        t_out = _run("teacher", teacher, args, kwargs, step,
+                                     "each batch holds the model's inputs, over the example kwargs")
+                    if kind == "auto":
+                        kind = "kl" if _logits(t_out) is not None else "mse"
+                    with torch.enable_grad():
+                        s_out = _run("graph", gm, args, kwargs, step, "batches of other shapes than the example "
+                                     "inputs need slimfx.compile(..., dynamic=True)")
+                        t, s = output_tensor(t_out, kind), output_tensor(s_out, kind)
+                        loss = kd_loss(s, t, self.temperature) if kind == "kl" else relative_mse(s, t)
+                        if not torch.isfinite(loss):
+                            raise ValueError(f"Distill: the loss became {float(loss)} at step {step}; "
+                                             f"lower lr (now {self.lr})")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        for p, k in zip(params, keep):
+                            if k is not None:
+                                p.mul_(k)
+                    losses.append(loss.item())
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            finally:
+                for p in params:
+                    p.requires_grad_(False)
         head = max(1, len(losses) // 10)
         return PassResult(gm, True, {"steps": len(losses), "loss": kind, "tensors": len(params),
                                      "loss_first": round(sum(losses[:head]) / head, 6),

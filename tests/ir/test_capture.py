@@ -87,3 +87,76 @@ def test_hf_model_returning_a_cache_gets_the_use_cache_hint(tiny_llama):
     ids = torch.randint(0, 97, (2, 5))
     with pytest.raises(ir.CaptureError, match="use_cache=False"):
         ir.capture(tiny_llama, (), dict(input_ids=ids), method="export")
+
+
+class Spellings(nn.Module):
+    """Weights stored (in, out) as GPT-2's Conv1D keeps them, a bias added after the product (Falcon),
+    x.T, chunk into uneven pieces, and an in-place add on an intermediate."""
+    def __init__(self):
+        super().__init__()
+        self.w_in_out = nn.Parameter(torch.randn(12, 9))       # used as x @ W (Conv1D: addmm(b, x, W))
+        self.b = nn.Parameter(torch.randn(9))
+        self.w2 = nn.Parameter(torch.randn(9, 7))              # x @ W, no bias, through matmul
+        self.w3 = nn.Parameter(torch.randn(5, 7))              # x @ W.T + b: Falcon's FalconLinear
+        self.b3 = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = torch.addmm(self.b, x.view(-1, 12), self.w_in_out).view(x.shape[0], x.shape[1], 9)
+        g = h @ self.w2
+        y = g @ self.w3.T + self.b3
+        a, b, c = torch.chunk(y, 3, dim=-1)                      # 5 into 2 + 2 + 1
+        a += c                                                   # in place, on an intermediate
+        return torch.cat([a, b], -1)
+
+
+def test_transposed_weights_late_biases_chunks_and_in_place_ops_are_canonical():
+    torch.manual_seed(0)
+    m, x = Spellings().eval(), torch.randn(2, 3, 12)
+    c = ir.capture(m, (x,), method="export")
+    ts = targets(c.gm)
+    assert ts.count(aten.linear.default) == 3
+    for bad in (aten.addmm.default, aten.mm.default, aten.matmul.default, aten.numpy_T.default,
+                aten.chunk.default, aten.add_.Tensor, aten.t.default, aten.permute.default):
+        assert bad not in ts, bad
+    weights = [ir.meta.tensor_attr(c.gm, n.args[1]) for n in c.gm.graph.nodes if n.target is aten.linear.default]
+    # every linear reads an (out, in) weight from a tensor of its own: W.T copied (contiguous), W3 as is
+    assert [tuple(w.shape) for w in weights] == [(9, 12), (7, 9), (5, 7)]
+    assert torch.equal(weights[0], m.w_in_out.t()) and weights[0].is_contiguous()
+    assert weights[2] is not None and weights[2].data_ptr() == m.w3.data_ptr()   # shared, not copied
+    biases = [n.args[2] if len(n.args) > 2 else None for n in c.gm.graph.nodes if n.target is aten.linear.default]
+    assert biases[0] is not None and biases[1] is None and biases[2] is not None
+    # the (in, out) originals are not kept on the graph module; linears keep their source's name
+    assert not any(t.shape == (12, 9) for t in c.gm.state_dict().values())
+    with torch.no_grad():
+        got, want = c.gm(x), m(x)
+    # fp32, the same math with the sums reordered: errors of a few ulp of the outputs' scale (~70 here)
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    ir.verify(c.gm)
+
+
+def test_transposed_linear_keeps_its_module_name():
+    from transformers import GPT2Config, GPT2Model
+    torch.manual_seed(0)
+    m = GPT2Model(GPT2Config(vocab_size=61, n_embd=16, n_head=2, n_layer=1, n_positions=32)).eval()
+    c = ir.capture(m, (), dict(input_ids=torch.randint(0, 61, (1, 5)), use_cache=False))
+    names = [ir.meta.module_name(n) for n in c.gm.graph.nodes if n.target is aten.linear.default]
+    assert names == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.0.mlp.c_fc", "h.0.mlp.c_proj"]
+
+
+def test_compile_and_distill_give_back_every_submodule_in_its_own_mode():
+    """Capture, the reference run and Distill's teacher run in eval mode; afterwards each submodule is as it
+    was (restoring with model.train(mode) would set one mode on all: a user's dropout switched on)."""
+    import slimfx
+    from slimfx.passes import Distill
+    torch.manual_seed(0)
+    m, x = MLP(), torch.randn(5, 12)
+    m.train()
+    m.fc1.eval()
+    modes = [s.training for s in m.modules()]
+    slimfx.compile(m, (x,), passes=[Distill(steps=2)], calibration=[(x,)], backend="torch", progress=False)
+    assert [s.training for s in m.modules()] == modes
+    m.eval()
+    m.fc2.train()
+    modes = [s.training for s in m.modules()]
+    slimfx.compile(m, (x,), passes=[Distill(steps=2)], calibration=[(x,)], backend="torch", progress=False)
+    assert [s.training for s in m.modules()] == modes
