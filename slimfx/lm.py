@@ -17,7 +17,9 @@ calls ``generate`` makes:
 - an empty cache is specialized too, so the cache always holds one masked slot (zeros) before the first
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
-real tokens, as ``transformers``' ``generate`` does.
+real tokens, as ``transformers``' ``generate`` does. A model whose forward takes no ``position_ids`` must derive
+them from the attention mask (BLOOM's ALiBi); ``compile_causal_lm`` checks that on one eager generation and
+refuses the model otherwise (MPT, BART: positions from the cache length would count the masked slots).
 
 During decoding the cache is a buffer of slots, a power of two from ``min_cache``, the unfilled ones masked:
 a decode step reads the whole buffer and returns it with the two fed tokens' keys and values appended, which
@@ -37,6 +39,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch.export import Dim
+
+from . import ir
 
 LM_FILE = "causal_lm.json"
 
@@ -72,15 +76,22 @@ class CausalLMStep(nn.Module):
             raise TypeError(f"{type(model).__name__}: parameters {missing[:3]} live on the model itself, not in a "
                             f"submodule; compile_causal_lm wraps Hugging Face causal LMs")
         object.__setattr__(self, "_model", model)      # not a submodule: its children are ours already
+        self.training = model.training                 # a new Module would say training mode
+        params = inspect.signature(model.forward).parameters
         self._kw = _cache_kw(model)
-        self._keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._keeps = "logits_to_keep" in params
+        # without a position_ids argument the model derives positions itself (BLOOM: from the attention mask);
+        # compile_causal_lm checks that they still ignore masked cache slots (check_masked_slots)
+        self.takes_positions = "position_ids" in params
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logits_at):
         from transformers import DynamicCache
         dc = DynamicCache(ddp_cache_data=[(k, v) for k, v in cache])
         keep = {"logits_to_keep": logits_at} if self._keeps else {}
-        out = self._model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=True, **{self._kw: dc}, **keep)
+        if self.takes_positions:
+            keep["position_ids"] = position_ids
+        out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{self._kw: dc},
+                          **keep)
         logits = out.logits if self._keeps else out.logits[:, logits_at]
         new = getattr(out, self._kw)
         return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
@@ -103,6 +114,11 @@ def cache_layout(model: nn.Module) -> list[tuple[int, int]]:
     if odd:
         raise TypeError(f"{type(model).__name__}: cache layers {odd} (sliding window or other) are not supported; "
                         f"compile_causal_lm handles full-attention caches (DynamicLayer)")
+    empty = [i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is None]
+    if empty:
+        raise TypeError(f"{type(model).__name__}: its cache has {len(layers)} layers but a call fills only "
+                        f"{len(layers) - len(empty)} (empty: {empty[:4]}); compile_causal_lm needs one (keys, values) "
+                        f"pair per layer, all filled")
     return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
 
 
@@ -187,6 +203,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
                "attention_mask": {0: auto, 1: auto}, "logits_at": {0: auto},
                "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout]}
     step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
+    if not step.takes_positions:
+        check_masked_slots(model, step, layout, dtype)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
     gen = getattr(model, "generation_config", None)
@@ -195,6 +213,40 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
         eos = getattr(model.config, "eos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
     return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad)
+
+
+def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype) -> None:
+    """Refuse ``model`` unless generating through ``step`` gives the logits of the model run on the real tokens
+    alone (a left-padded prompt, then two decode steps: masked slots in front, the re-fed token's slot masked,
+    unfilled slots between the prompt and the new tokens). A model that takes position_ids gets them from the
+    step, counted over real tokens only; one that does not must derive its positions from the attention mask
+    (BLOOM's ALiBi does), not from the cache length (MPT's ALiBi, BART's learned positions): those would see
+    every masked slot as a position."""
+    dev = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(dev)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    lm = _EagerCausalLM(step, layout, dtype)
+    with ir.eval_mode(model), torch.no_grad():
+        try:
+            logits, state = lm.prefill(ids[:, :4], mask[:, :4])
+            got = torch.stack([logits[:, -1], lm.decode(ids[:, 4], state), lm.decode(ids[:, 5], state)], 1)
+        except Exception as e:
+            raise TypeError(f"{type(model).__name__} is not supported: its forward takes no position_ids and "
+                            f"fails on the cache compile_causal_lm gives it, masked slots included "
+                            f"({type(e).__name__}: {e})") from e
+        ref = torch.stack([model(input_ids=row[m.bool()][None]).logits[0, -3:] for row, m in zip(ids, mask)])
+    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+    # fp32: only summation order differs (9e-8 of the logits' scale for a tiny BLOOM); positions that count
+    # masked slots move them by a sizeable fraction of it (0.12 for a tiny MPT). bf16/fp16 round each layer's
+    # output to 3 significant digits, hence the looser bound there
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    if not err <= tol:
+        raise TypeError(f"{type(model).__name__} is not supported: its forward takes no position_ids and its "
+                        f"positions do not come from the attention mask (logits change by {err:.2g} of their scale "
+                        f"when masked cache slots are present), so the masked slots compile_causal_lm keeps in the "
+                        f"cache (left padding, the re-fed token, unfilled buffer slots) would shift its positions")
 
 
 def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -282,21 +334,23 @@ class CompiledCausalLM:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, eos_token_id=None, progress: bool = False):
+                 generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
+                 progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
         ``temperature`` is 0, else sampled from softmax(logits / temperature) (over the ``top_k`` largest).
-        A row that emitted an end-of-sequence token continues with the pad token; generation stops when every
-        row has. Timings of the call are in ``last_timing``."""
+        A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
+        the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
+        has. Timings of the call are in ``last_timing``."""
         from tqdm.auto import tqdm
         steps = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, generator=generator, eos_token_id=eos_token_id)
+                            top_k=top_k, generator=generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
                                             leave=False)]
         return torch.cat([input_ids.long(), *new], 1)
 
     def stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, eos_token_id=None):
+               generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None):
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
         on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
         end."""
@@ -306,10 +360,11 @@ class CompiledCausalLM:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         eos = self.eos_token_id if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        return self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos)
+        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        return self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos, pad)
 
     @torch.no_grad()
-    def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos):
+    def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos, pad):
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
@@ -320,7 +375,7 @@ class CompiledCausalLM:
         n = 0
         for i in range(max_new_tokens):
             tok = self._pick(logits, temperature, top_k, generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
             n += 1
             yield tok.to(input_ids.device)
             if eos:
@@ -366,3 +421,10 @@ class CompiledCausalLM:
 
     def __repr__(self):
         return f"CompiledCausalLM({self.step!r}, layers={len(self.layout)})"
+
+
+class _EagerCausalLM(CompiledCausalLM):
+    """The generation loop around the uncompiled step module (``check_masked_slots``)."""
+
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False):
+        return self.step(ids, pos, mask, cache, at)

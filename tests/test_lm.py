@@ -53,12 +53,7 @@ def test_end_of_sequence_stops_a_row_and_pads_it(llama, compiled):
     free = compiled["numpy"].generate(ids, mask, max_new_tokens=8)
     eos = int(free[0, 6 + 2])                          # row 0's third new token becomes end-of-sequence
     ref = hf_generate(llama, ids, mask, 8, eos=eos, pad=5)
-    lm = compiled["numpy"]
-    lm.pad_token_id, pad = 5, lm.pad_token_id
-    try:
-        got = lm.generate(ids, mask, max_new_tokens=8, eos_token_id=eos)
-    finally:
-        lm.pad_token_id = pad
+    got = compiled["numpy"].generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=5)
     assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
     assert (got[0, 6 + 3:] == 5).all()                 # padded after its end-of-sequence
 
@@ -202,3 +197,72 @@ def test_prefill_logits_are_the_models(llama, compiled, backend):
     # fp32, 2 layers: only summation order differs (torch: the same kernels; numpy: its own matmuls)
     assert every.shape == ref.shape and rel_err(every[real], ref[real]) <= 1e-5
     assert last.shape == (2, 1, 97) and rel_err(last[:, 0], every[:, -1]) <= 1e-6
+
+
+def _tiny(family):
+    """Tiny random models of the families whose positions or layers differ from Llama's: GPT-2 (learned
+    positions from position_ids, dropout 0.1 by default), OPT (learned positions offset by 2, dropout), Phi
+    (partial rotary, LayerNorm, biases; its end-of-sequence token 2 lies in the vocabulary), BLOOM (no
+    position_ids: ALiBi from the attention mask)."""
+    import transformers as T
+    torch.manual_seed(0)
+    make = {
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=97, n_embd=32, n_head=4, n_layer=2, n_positions=64,
+                                                       eos_token_id=None, bos_token_id=None)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                                    num_hidden_layers=2, ffn_dim=64, max_position_embeddings=64,
+                                                    word_embed_proj_dim=32)),
+        "phi": lambda: T.PhiForCausalLM(T.PhiConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                                    num_hidden_layers=2, intermediate_size=64,
+                                                    max_position_embeddings=64)),
+        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=97, hidden_size=32, n_head=4, n_layer=2)),
+    }
+    return make[family]().eval()
+
+
+@pytest.mark.parametrize("family, backend", [("gpt2", "numpy"), ("opt", "numpy"), ("phi", "numpy"),
+                                             ("bloom", "numpy"), ("bloom", "torch")])
+def test_other_families_generate_what_transformers_generates(family, backend):
+    model = _tiny(family)
+    modes = [m.training for m in model.modules()]
+    lm = slimfx.compile_causal_lm(model, backend=backend, progress=False)
+    lm.min_cache = 8                                     # the buffer grows 8 -> 16 within the generation
+    # compiling leaves every submodule in its mode: GPT-2's and OPT's dropout stays off in the model itself
+    assert [m.training for m in model.modules()] == modes
+    for batch, length, seed in [(2, 5, 1), (3, 9, 2), (1, 1, 3)]:
+        ids, mask = text_batch(batch, length, 97, pad_left=True, seed=seed)
+        if batch > 2:
+            mask[0, :2] = 0                              # two rows left-padded, by different amounts
+        # transformers' default pad token (the model's, else its end-of-sequence token) for both; Phi emits its
+        # end-of-sequence token 2 in a row of each of the first two batches, then one given pad token
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        got = lm.generate(ids, mask, max_new_tokens=12)
+        assert torch.equal(got, ref), f"{family} {batch}x{length}\n got {got.tolist()}\n ref {ref.tolist()}"
+        if seed == 1:
+            ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            got = lm.generate(ids, mask, max_new_tokens=12, pad_token_id=0)
+            assert torch.equal(got, ref), f"{family} pad 0\n got {got.tolist()}\n ref {ref.tolist()}"
+
+
+def test_compiling_keeps_a_training_model_training():
+    model = _tiny("gpt2").train()
+    model.transformer.h[0].eval()                        # mixed modes survive too
+    modes = [m.training for m in model.modules()]
+    slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_models_whose_positions_count_masked_cache_slots_are_refused():
+    """MPT's ALiBi and BART's learned positions come from the cache length, not the attention mask, and their
+    forward takes no position_ids: the masked slots of the step's cache would shift them."""
+    from transformers import BartConfig, BartForCausalLM, MptConfig, MptForCausalLM
+    mpt = MptForCausalLM(MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=256)).eval()
+    with pytest.raises(TypeError, match="MptForCausalLM is not supported: its forward takes no position_ids"):
+        slimfx.compile_causal_lm(mpt)
+    short = MptForCausalLM(MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)).eval()
+    with pytest.raises(TypeError, match="MptForCausalLM is not supported: .*no position_ids.*fails"):
+        slimfx.compile_causal_lm(short)
+    bart = BartForCausalLM(BartConfig(vocab_size=97, d_model=32, decoder_attention_heads=4, decoder_layers=2,
+                                      decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    with pytest.raises(TypeError, match="BartForCausalLM: its cache has 12 layers but a call fills only 2"):
+        slimfx.compile_causal_lm(bart)
