@@ -11,6 +11,7 @@
                                               removed, and its layers physically shrink (prune_structured)
     Prune(sparsity=0.25, pattern="heads")     structured: a quarter of each attention block's heads (whole
                                               key/value groups under grouped-query attention) are removed
+                                              (prune_heads)
     Prune(pattern="2:4", method="sparsegpt")  SparseGPT (prune_sparsegpt): weights chosen by OBS saliency as
                                               the columns are walked, the kept ones re-fit to make up for the
                                               pruned ones (unstructured per layer, or N:M; blocks, a global
@@ -44,8 +45,8 @@ from tqdm.auto import tqdm
 from .. import ir
 from ..ir.dialect.sparse import blockwise
 from .base import Pass, PassResult, register_pass
-from .prune_structured import (attention_groups, column_importance, head_scores, input_stats, neuron_groups,
-                               shrink, shrink_heads)
+from .prune_heads import attention_groups, head_scores, shrink_heads
+from .prune_structured import column_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
 from .quant_calibration import calibration_calls, input_hessians
 from .quantize import matches, module_patterns, selected_linears
@@ -294,14 +295,15 @@ class Prune(Pass):
         return PassResult(gm, bool(pruned), stats)
 
     def _run_structured(self, gm, ctx):
-        """Neurons or heads: per block, the lowest-scored units go and the layers shrink (prune_structured).
+        """Neurons or heads: per block, the lowest-scored units go and the layers shrink (prune_structured,
+        prune_heads); a block left whole is in the statistics' "skipped" with the reason.
         Scores need activations: the calibration batches, or else the example inputs."""
         heads = self.pattern == "heads"
-        found, rejected = attention_groups(gm) if heads else (neuron_groups(gm), {})
+        found, rejected = attention_groups(gm) if heads else neuron_groups(gm)
         chosen = []
         for grp in found:
             members = (grp.q, grp.k, grp.v, grp.o) if heads else (*grp.producers, grp.consumer)
-            names = [ir.meta.module_name(n) or n.name for n in members]
+            names = [layer_name(n) for n in members]
             if not any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
                 chosen.append(grp)
         data, calls = self._calls(ctx) if chosen else ("-", [])
@@ -314,6 +316,9 @@ class Prune(Pass):
             # at least one unit stays: a layer of width 0 is not a layer
             cut = smallest([score], min(round(self.sparsity * units), units - 1))[0]
             if not cut.any():
+                if self.sparsity > 0:
+                    rejected[grp.name] = f"one {unit[:-1]} only: it stays" if units == 1 else \
+                        f"sparsity {self.sparsity:g} of {units} {unit} rounds to none"
                 continue
             keep = (~cut).nonzero().squeeze(1)
             (shrink_heads if heads else shrink)(gm, grp, keep)

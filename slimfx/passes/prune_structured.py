@@ -1,23 +1,30 @@
-"""Structured pruning: feed-forward neurons and attention heads, removed so that the layers physically
-shrink; the layers that must shrink together are found on the graph (networkx).
+"""Structured pruning: feed-forward neurons removed so that the layers physically shrink; the layers that
+must shrink together are found on the graph (networkx). Attention heads: ``prune_heads``.
 
-A neuron group is a consumer linear C whose input is computed from the outputs of producer linears P_i
-by elementwise ops only (GELU/SiLU/ReLU/..., and products or sums of such values: Llama's
-``down(silu(gate(x)) * up(x))``, BERT's ``output(gelu(intermediate(x)))``), where nothing else reads the
-producers' outputs or the values between. Then intermediate neuron j is row j of every P_i (and its
-bias) and column j of C: removing it removes exactly its contribution, and the group can be made
-narrower. The groups are the weakly connected components of the elementwise nodes (networkx), with their
-producers and their single consumer around them.
+A neuron block is a consumer linear C whose input is computed from the outputs of producer linears P_i
+(and nothing that depends on the model's inputs other than through them), by ops that carry each position
+of the last axis through on its own: elementwise ops (activations, also spelled out as GPT-2's and Phi's
+``0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3)))``; products and sums of such values; scalars, and values
+that broadcast over the last axis), reshapes that keep the last axis (GPT-2 flattens the tokens around
+each linear) and splits along it (Phi-3's one ``gate_up_proj`` split into gate and up). Nothing else may
+read the values between. Then neuron j is column j of C, and, in each of a producer's ``N / width``
+segments of rows (one for Llama's gate and up, two for Phi-3's gate_up), row j (and its bias): removing
+it removes exactly its contribution, and the block can be made narrower. The width literals the graph
+spells on the way (the reshapes' last size, the split sizes) follow.
+
+Every consumer whose input is computed from linears only is a block; one that cannot be narrowed is
+reported with the reason (an op that mixes the neurons such as OLMo-style norms over them, values read
+elsewhere, a per-neuron constant, a quantized layer). Consumers fed by the residual stream (their input
+depends on the model's inputs without passing a linear) and attention outputs are not neuron blocks.
 
 Neuron j is scored by E|h_j| * ||C[:, j]||, with h the consumer's input over the calibration tokens
 (``column_importance``: the mean size of what the neuron adds to the output), and the lowest-scored
 fraction is removed.
-Attention heads: see the section below (``attention_groups``).
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import operator
 from typing import Optional
 
 import networkx as nx
@@ -28,19 +35,34 @@ from .. import ir
 from .quant_calibration import run_watching
 
 aten = torch.ops.aten
-ELEMENTWISE = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
-               aten.mul.Tensor, aten.add.Tensor, aten.mul.Scalar, aten.add.Scalar}
+# position by position along the last axis: output j depends on the inputs' position j only (or on scalars)
+ELEMENTWISE = {
+    aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
+    aten.exp.default, aten.erf.default, aten.neg.default, aten.abs.default, aten.reciprocal.default,
+    aten.sqrt.default, aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.clamp.default,
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.maximum.default,
+    aten.minimum.default, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.rsub.Scalar,
+    aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default, aten.contiguous.default,
+    aten.alias.default, aten.detach.default}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}     # shape literal: args[1]
+_KEEP_LAST = _RESHAPES | {aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+_ATTENTION = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default}
 
 
-@dataclasses.dataclass
-class NeuronGroup:
-    consumer: fx.Node                 # the linear reading the neurons (down_proj)
-    producers: list[fx.Node]          # the linears writing them (gate_proj, up_proj), in graph order
-    width: int                        # neurons: the producers' N = the consumer's K
+def linear_like() -> set:
+    """The ops that are a linear layer: aten.linear and the slimfx dialect's linears (fused, quantized,
+    lowered to sparse kernels)."""
+    sf = torch.ops.slimfx
+    return {aten.linear.default, sf.fused_linear.default, sf.quantized_linear.default,
+            sf.weight_only_linear.default, sf.sparse_linear.default}
 
-    @property
-    def name(self) -> str:
-        return ir.meta.module_name(self.consumer) or self.consumer.name
+
+def layer_name(n: fx.Node) -> str:
+    """A linear's module name: the node's module metadata, else its weight's parameter path, else the node."""
+    w = n.args[1] if len(n.args) > 1 and isinstance(n.args[1], fx.Node) else None
+    return ir.meta.module_name(n) or (ir.meta.module_name(w) if w is not None and w.op == "get_attr" else "") \
+        or n.name
 
 
 def _float_linear(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -51,38 +73,140 @@ def _float_linear(gm: fx.GraphModule, n: fx.Node) -> bool:
     return ok and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr"))
 
 
-def neuron_groups(gm: fx.GraphModule) -> list[NeuronGroup]:
-    """Every group whose neurons can be removed, in the consumers' graph order."""
-    g = ir.to_networkx(gm)
-    node = nx.get_node_attributes(g, "node")
-    elementwise = [k for k, n in node.items() if n.op == "call_function" and n.target in ELEMENTWISE]
-    regions = [set(c) for c in nx.weakly_connected_components(g.subgraph(elementwise))]
-    groups = []
-    for region in regions:
-        preds = {p for v in region for p in g.predecessors(v)} - region
-        succs = {s for v in region for s in g.successors(v)} - region
-        if not any(_float_linear(gm, node[p]) for p in preds):
-            continue                       # not between linears: nothing to do with neurons
-        if len(succs) != 1 or not _float_linear(gm, node[next(iter(succs))]):
-            continue                       # e.g. a residual stream: read by more than one layer
-        consumer = node[next(iter(succs))]
-        feeding = [v for v in region if consumer in node[v].users]
-        if len(feeding) != 1 or consumer.args[0] is not node[feeding[0]] or len(node[feeding[0]].users) != 1:
-            continue                       # the values reach the consumer other than as its input
-        if any(not _float_linear(gm, node[p]) or not set(g.successors(p)) <= region for p in preds):
-            continue                       # computed from something else too, or a producer read elsewhere
-        producers = [n for n in gm.graph.nodes if n.name in preds]
-        k = ir.meta.tensor_attr(gm, consumer.args[1]).shape[1]
-        if {ir.meta.tensor_attr(gm, p.args[1]).shape[0] for p in producers} != {k}:
-            continue
-        groups.append(NeuronGroup(consumer, producers, k))
-    # linear -> linear with nothing between
+@dataclasses.dataclass
+class NeuronGroup:
+    consumer: fx.Node                 # the linear reading the neurons (down_proj)
+    producers: list[fx.Node]          # the linears writing them (gate_proj, up_proj), in graph order
+    width: int                        # neurons: the consumer's K; each producer's N is a multiple of it
+    edits: list = dataclasses.field(default_factory=list)    # reshapes and splits whose literals spell widths
+
+    @property
+    def name(self) -> str:
+        return layer_name(self.consumer)
+
+
+def _is_value(n: fx.Node) -> bool:
+    """A tensor (or a split's tuple of them), not a size: sym_size nodes only feed shape arguments."""
+    return not isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _value_inputs(n: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``n`` reads (a reshape's sizes and type_as's dtype donor are not)."""
+    if n.target in _KEEP_LAST or n.target in _SPLITS or n.target in (operator.getitem, aten.type_as.default):
+        return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+    return [a for a in n.all_input_nodes if _is_value(a)]
+
+
+def _flow(gm: fx.GraphModule, linears: set) -> nx.DiGraph:
+    """Value edges (input -> user) of the graph, none into a linear: walks up from a node stop at the linears
+    that compute it."""
+    g = nx.DiGraph()
     for n in gm.graph.nodes:
-        x = n.args[0] if _float_linear(gm, n) else None
-        if isinstance(x, fx.Node) and _float_linear(gm, x) and len(x.users) == 1:
-            groups.append(NeuronGroup(n, [x], ir.meta.tensor_attr(gm, n.args[1]).shape[1]))
+        g.add_node(n.name, node=n)
+        if n.op == "call_function" and n.target not in linears:
+            g.add_edges_from((a.name, n.name) for a in _value_inputs(n))
+    return g
+
+
+def _last(n: fx.Node) -> Optional[int]:
+    shape = ir.meta.shape(n.args[0] if n.target in _SPLITS else n)
+    return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+
+def _broadcast(n: fx.Node) -> bool:
+    """A value the same for every neuron: a scalar, or of size 1 along the last axis."""
+    shape = ir.meta.shape(n)
+    return shape is not None and (len(shape) == 0 or shape[-1] == 1)
+
+
+def _split_problem(n: fx.Node, width: int) -> str:
+    shape = ir.meta.shape(n.args[0])
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    if shape is None or dim not in (-1, len(shape) - 1):
+        return f"{n.name} splits along axis {dim}, not the neurons' axis"
+    sizes = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+    if not all(isinstance(s, int) and s % width == 0 for s in sizes):
+        return f"{n.name} splits into pieces of {list(sizes)}, not whole multiples of the {width} neurons"
+    return ""
+
+
+def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list, leaves: list,
+                   width: int) -> str:
+    """Why the neurons between ``producers`` and consumer ``c`` cannot be removed, or ''."""
+    for p in [*producers, c]:
+        if not _float_linear(gm, p):
+            return (f"{layer_name(p)} is not a float linear layer with its weight as a tensor (prune before "
+                    "Quantize, Fuse and LowerSparse)")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(groups, key=lambda grp: order[grp.consumer])
+    region = sorted(region, key=order.get)
+    for n in region:
+        where = f"{n.name} ({ir.meta.module_name(n) or '-'})"
+        if n.target in _KEEP_LAST:
+            out, src = ir.meta.shape(n), ir.meta.shape(n.args[0])
+            if not out or not src or out[-1] != src[-1]:
+                return f"{where} reshapes the neurons' axis ({n.target} to {out})"
+            if n.target in _RESHAPES and not (isinstance(n.args[1][-1], int)):
+                return f"{where} spells the neurons' axis as {n.args[1][-1]}"
+        elif n.target in _SPLITS:
+            why = _split_problem(n, width)
+            if why:
+                return why
+        elif n.target is operator.getitem:
+            if n.args[0].target not in _SPLITS:
+                return f"{where} takes item {n.args[1]} of {n.args[0].name}"
+        elif n.target not in ELEMENTWISE:
+            return (f"{where} runs {n.target}, which mixes the neurons: only elementwise ops, reshapes that keep "
+                    "the last axis and splits along it may stand between the layers")
+    for n in [*region, *producers]:
+        last = _last(n)
+        if last is None or last % width:
+            return f"{n.name} has {last} features, not a multiple of the {width} neurons {layer_name(c)} reads"
+    for leaf in leaves:
+        if not _broadcast(leaf):
+            return (f"{leaf.name} of shape {ir.meta.shape(leaf)} is applied to the neurons one by one (a per-neuron "
+                    "tensor the pass does not narrow)")
+    inside = {*region, *producers}
+    for n in sorted(inside, key=order.get):
+        for u in n.users:
+            shape_only = u.target is aten.sym_size.int and u.args[1] not in (-1, len(ir.meta.shape(n) or ()) - 1)
+            if u not in inside and not (u is c and n is c.args[0]) and not shape_only:
+                return f"the neurons are also read by {u.name} ({ir.meta.module_name(u) or '-'}), not only by " \
+                       f"{layer_name(c)}"
+    return ""
+
+
+def neuron_groups(gm: fx.GraphModule) -> tuple[list[NeuronGroup], dict[str, str]]:
+    """Every block whose neurons can be removed, in the consumers' graph order, and why the other blocks'
+    cannot (by the consumer's module name)."""
+    linears = linear_like()
+    g = _flow(gm, linears)
+    node = nx.get_node_attributes(g, "node")
+    # values that depend on the model's inputs without passing a linear (the residual stream, masks)
+    fed = set()
+    for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        fed |= nx.descendants(g, p.name) | {p.name}
+    groups, rejected = [], {}
+    for c in gm.graph.nodes:
+        x = c.args[0] if c.op == "call_function" and c.target in linears and c.args else None
+        if not isinstance(x, fx.Node) or x.name in fed:
+            continue
+        up = {node[v] for v in nx.ancestors(g, x.name) | {x.name}}
+        producers = [n for n in gm.graph.nodes if n in up and n.target in linears]
+        if not producers or any(n.target in _ATTENTION for n in up):
+            continue                          # not computed from linears, or an attention output
+        leaves = [n for n in gm.graph.nodes if n in up and n not in producers and not _value_inputs(n)]
+        region = up - set(producers) - set(leaves)
+        if not _float_linear(gm, c):
+            rejected[layer_name(c)] = _block_problem(gm, c, region, producers, leaves, 1)
+            continue
+        width = ir.meta.tensor_attr(gm, c.args[1]).shape[1]
+        why = _block_problem(gm, c, region, producers, leaves, width)
+        if why:
+            rejected[layer_name(c)] = why
+            continue
+        edits = [n for n in region if n.target in _RESHAPES | _SPLITS]
+        groups.append(NeuronGroup(c, producers, width, edits))
+    return groups, rejected
 
 
 def _swap_tensor(gm: fx.GraphModule, user: fx.Node, i: int, t: torch.Tensor, suffix: str) -> None:
@@ -106,128 +230,22 @@ def _narrow(gm: fx.GraphModule, lin: fx.Node, rows: Optional[torch.Tensor] = Non
 
 
 def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
-    """Keep only neurons ``keep`` (sorted indices): narrower producers (weights and biases) and consumer."""
+    """Keep only neurons ``keep`` (sorted indices): in every width-sized segment of the producers' rows
+    (weights and biases), the consumer's columns, and the widths spelled by the reshapes and splits."""
+    old, new = group.width, len(keep)
     for p in group.producers:
-        _narrow(gm, p, rows=keep)
+        segments = ir.meta.tensor_attr(gm, p.args[1]).shape[0] // old
+        _narrow(gm, p, rows=(torch.arange(segments)[:, None] * old + keep).reshape(-1))
     _narrow(gm, group.consumer, cols=keep)
 
-
-# --- attention heads ---------------------------------------------------------------------------------------
-#
-# An attention block is a scaled_dot_product_attention node S whose q, k and v each come from one float
-# linear (q_proj, k_proj, v_proj) and whose output reaches one float linear (o_proj); the region is every
-# node on a path from those linears to o_proj, and nothing outside reads it. Heads are removed in whole
-# key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
-# repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases), columns of o.
-# Shape arguments in the region that spell a head count (view / reshape / expand literals equal to the
-# number of q or kv heads on that axis) are rewritten; a block where that is ambiguous is left alone.
-
-_SHAPED = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
-_SDPA = aten.scaled_dot_product_attention.default
-
-
-@dataclasses.dataclass
-class HeadGroup:
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    o: fx.Node
-    heads: int                        # q heads
-    kv_heads: int
-    head_dim: int
-    edits: list                       # (node, axis, "q" | "kv"): shape literals to rewrite
-
-    @property
-    def name(self) -> str:
-        """The modules' common prefix ("model.layers.0.self_attn", "encoder.layer.0.attention")."""
-        paths = [(ir.meta.module_name(n) or n.name).split(".") for n in (self.q, self.k, self.v, self.o)]
-        common = itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*paths))
-        return ".".join(parts[0] for parts in common) or self.o.name
-
-
-def _linears_reached(g: nx.DiGraph, node: dict, start: str, up: bool) -> list[str]:
-    """The linears reached walking up (or down) the graph from ``start`` without passing through a linear."""
-    seen, stack, found = set(), [start], []
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        n = node[v]
-        if n.op == "call_function" and n.target is aten.linear.default and v != start:
-            found.append(v)
-        elif n.op == "call_function":
-            stack.extend(g.predecessors(v) if up else g.successors(v))
-    return sorted(found)
-
-
-def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str]]:
-    """Attention blocks whose heads can be removed, and why others cannot (by block name)."""
-    g = ir.to_networkx(gm)
-    node = nx.get_node_attributes(g, "node")
-    groups, rejected = [], {}
-    for s in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _SDPA]:
-        where = ir.meta.module_name(s) or s.name
-        qkv = [_linears_reached(g, node, a.name, up=True) if isinstance(a, fx.Node) else [] for a in s.args[:3]]
-        if any(len(l) != 1 or not _float_linear(gm, node[l[0]]) for l in qkv) or len({l[0] for l in qkv}) != 3:
-            rejected[where] = "q, k and v do not each come from one linear layer of their own"
-            continue
-        q, k, v = (node[l[0]] for l in qkv)
-        outs = _linears_reached(g, node, s.name, up=False)
-        if len(outs) != 1 or not _float_linear(gm, node[outs[0]]):
-            rejected[where] = "the attention output does not reach exactly one linear layer first"
-            continue
-        o = node[outs[0]]
-        region = (nx.descendants(g, q.name) | nx.descendants(g, k.name) | nx.descendants(g, v.name)) \
-            & nx.ancestors(g, o.name)
-        leaks = sorted(u for r in region | {q.name, k.name, v.name} for u in g.successors(r)
-                       if u not in region and u != o.name)
-        if leaks:
-            rejected[where] = f"head-shaped values are read outside the block ({leaks[:3]})"
-            continue
-        dim = ir.meta.shape(s.args[0])[-1] if ir.meta.shape(s.args[0]) else None
-        wq, wk, wv, wo = (ir.meta.tensor_attr(gm, n.args[1]) for n in (q, k, v, o))
-        if not isinstance(dim, int) or wq.shape[0] % dim or wk.shape[0] % dim or wk.shape != wv.shape \
-                or wo.shape[1] != wq.shape[0]:
-            rejected[where] = "the projections' shapes are not whole heads"
-            continue
-        heads, kv = wq.shape[0] // dim, wk.shape[0] // dim
-        if heads % kv:
-            rejected[where] = f"{heads} q heads do not divide into {kv} kv groups"
-            continue
-        edits, why = _head_literals(node, region, heads, kv)
-        if why:
-            rejected[where] = why
-            continue
-        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits))
-    return groups, rejected
-
-
-def _head_literals(node: dict, region: set, heads: int, kv: int) -> tuple[list, str]:
-    """The (node, axis, kind) of every int literal in the region's shape arguments that spells a head count,
-    read off each node's output shape; expand's broadcast axes (input size 1) are not head axes."""
-    edits = []
-    for r in region:
-        n = node[r]
-        if n.op != "call_function" or n.target not in _SHAPED:
-            continue
-        out = ir.meta.shape(n)
-        src = ir.meta.shape(n.args[0]) if n.target is aten.expand.default else None
-        found = []
-        for a, lit in enumerate(n.args[1]):
-            # the last axis is never a head axis here (head_dim, or heads x head_dim)
-            if not isinstance(lit, int) or lit not in (heads, kv) or out is None or out[a] != lit \
-                    or a == len(out) - 1:
-                continue
-            if src is not None and (len(src) != len(out) or src[a] == 1):
-                continue
-            found.append((n, a, "q" if lit == heads else "kv"))
-        if heads == kv:
-            found = [(n, a, "q") for n, a, _ in found]
-        if len(found) > 1:
-            return [], f"node {n.name} has several axes that may count heads ({[a for _, a, _ in found]})"
-        edits += found
-    return edits, ""
+    def scaled(size):
+        return size // old * new if isinstance(size, int) and size != -1 else size
+    for n in group.edits:
+        if n.target in _RESHAPES:
+            n.args = (n.args[0], [*n.args[1][:-1], scaled(n.args[1][-1])], *n.args[2:])
+        else:
+            sizes = [scaled(s) for s in n.args[1]] if isinstance(n.args[1], (list, tuple)) else scaled(n.args[1])
+            n.args = (n.args[0], sizes, *n.args[2:])
 
 
 def input_stats(gm: fx.GraphModule, linears: list[fx.Node], calls) -> dict[fx.Node, tuple]:
@@ -256,24 +274,3 @@ def column_importance(gm: fx.GraphModule, consumers: list[fx.Node], calls) -> di
     perplexity from 22 to 1.1e6; a random quarter, to 169), so the activations must be in the score."""
     stats = input_stats(gm, consumers, calls)
     return {c: stats[c][0] * ir.meta.tensor_attr(gm, c.args[1]).detach().double().norm(dim=0) for c in consumers}
-
-
-def head_scores(importance: torch.Tensor, grp: HeadGroup) -> torch.Tensor:
-    """Per kv group: the column importance of o_proj summed over the group's q heads' columns."""
-    return importance.reshape(grp.kv_heads, -1).sum(1)
-
-
-def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None:
-    """Keep kv groups ``keep`` (sorted) and their q heads: narrower q/k/v rows (and biases), o columns, and
-    the head counts in the region's shape literals."""
-    rep, d = grp.heads // grp.kv_heads, grp.head_dim
-    kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
-    q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
-    q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-    for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
-        _narrow(gm, lin, rows=idx, suffix="heads")
-    _narrow(gm, grp.o, cols=q_idx, suffix="heads")
-    for n, a, kind in grp.edits:
-        shape = list(n.args[1])
-        shape[a] = len(q_heads) if kind == "q" else len(keep)
-        n.args = (n.args[0], shape, *n.args[2:])

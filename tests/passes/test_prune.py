@@ -302,8 +302,9 @@ def _matches_dense_llama(cm, dense):
     assert _rel(lower(cm.graph, "numpy")((), kw).logits, dense(**kw).logits) < 1e-5
 
 
-def _importance(model, consumers: list, calls: list) -> list:
-    """E|x_j| * ||W[:, j]|| for each consumer Linear's input columns, over the calls (kwargs dicts)."""
+def _importance(model, consumers: list, calls: list, transposed: bool = False) -> list:
+    """E|x_j| * ||W[:, j]|| for each consumer Linear's input columns, over the calls (kwargs dicts);
+    ``transposed``: the layers keep W as (in, out) (GPT-2's Conv1D)."""
     sums = [0.0] * len(consumers)
     count = [0] * len(consumers)
 
@@ -319,7 +320,8 @@ def _importance(model, consumers: list, calls: list) -> list:
             model(**kw)
     for h in handles:
         h.remove()
-    return [sums[i] / count[i] * c.weight.double().norm(dim=0) for i, c in enumerate(consumers)]
+    return [sums[i] / count[i] * (c.weight.T if transposed else c.weight).double().norm(dim=0)
+            for i, c in enumerate(consumers)]
 
 
 def test_neurons_llama_shrink_equals_zeroed_neurons(tiny_llama):
@@ -447,3 +449,148 @@ def test_heads_from_one_fused_projection_are_left_alone():
     res = P.Prune(sparsity=0.5, pattern="heads")(gm)
     assert not res.modified
     assert list(res.stats["skipped"].values()) == ["q, k and v do not each come from one linear layer of their own"]
+
+
+# --- structured: other model families ----------------------------------------------------------------------
+# Tiny random-weight transformers models whose blocks are spelled differently from Llama's: GPT-2's Conv1D
+# MLP (reshapes around each linear, tanh GELU), Phi's gelu_new as separate ops, Phi-3's one gate_up_proj
+# split in two, Gemma-2's eager (soft-capped) attention, OLMo-2's norm over the whole q and k projections.
+
+def _tiny(family: str):
+    import transformers as T
+    common = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=56,
+                  max_position_embeddings=64)
+    cfg, cls = {
+        "gpt2": (T.GPT2Config(vocab_size=97, n_embd=32, n_head=4, n_layer=2, n_inner=56, n_positions=64),
+                 T.GPT2LMHeadModel),
+        "phi": (T.PhiConfig(**common), T.PhiForCausalLM),
+        "phi3": (T.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0), T.Phi3ForCausalLM),
+        "gemma2": (T.Gemma2Config(**common, num_key_value_heads=2, head_dim=8), T.Gemma2ForCausalLM),
+        "olmo2": (T.Olmo2Config(**common, num_key_value_heads=2), T.Olmo2ForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def _pruned(model, pattern: str, sparsity: float):
+    ids, mask = text_batch(2, 12, 97)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    cm = slimfx.compile(model, (), kw, dynamic=True, backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=sparsity, pattern=pattern)])
+    return cm, kw, cm.report().records[0].stats
+
+
+@pytest.mark.parametrize("family,mlp,fc,out", [
+    ("gpt2", "transformer.h.{}.mlp", "c_fc", "c_proj"),           # Conv1D: reshape -> linear -> view -> gelu(tanh)
+    ("phi", "model.layers.{}.mlp", "fc1", "fc2"),                 # gelu_new: mul, pow, tanh, add
+    ("phi3", "model.layers.{}.mlp", "gate_up_proj", "down_proj"),  # gate and up: the two halves of one linear
+])
+def test_neurons_other_families_shrink_equals_zeroed_neurons(family, mlp, fc, out):
+    import copy
+    model = _tiny(family)
+    cm, kw, stats = _pruned(model, "neurons", 0.25)
+    assert stats["shrunk"] == {f"{mlp.format(i)}.{out}": "56 -> 42 neurons" for i in range(2)}
+    assert stats["skipped"] == {}
+    rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    segments = 2 if family == "phi3" else 1           # Phi-3's gate_up: rows j and 56 + j are neuron j
+    assert rows[f"{mlp.format(1)}.{fc}"] == f"{42 * segments} x 32" and rows[f"{mlp.format(1)}.{out}"] == "32 x 42"
+    zeroed = copy.deepcopy(model)
+    consumers = [zeroed.get_submodule(f"{mlp.format(i)}.{out}") for i in range(2)]
+    conv1d = family == "gpt2"                          # Conv1D keeps its weight as (in, out): a neuron is a row
+    with torch.no_grad():
+        for c, score in zip(consumers, _importance(zeroed, consumers, [kw], transposed=conv1d)):
+            if conv1d:
+                c.weight[score.argsort()[:14]] = 0
+            else:
+                c.weight[:, score.argsort()[:14]] = 0
+    _matches_dense_llama(cm, zeroed)
+
+
+def test_heads_gemma2_eager_attention_shrinks():
+    """Gemma-2 computes attention eagerly (softmax(soft_cap(q k^T * scale) + mask) v), not as one
+    scaled_dot_product_attention: its heads are found and removed all the same."""
+    import copy
+    model = _tiny("gemma2")
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    assert stats["shrunk"] == {f"model.layers.{i}.self_attn": "2 -> 1 kv heads" for i in range(2)}
+    rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert rows["model.layers.0.self_attn.q_proj"] == "16 x 32" and rows["model.layers.0.self_attn.o_proj"] == "32 x 16"
+    zeroed = copy.deepcopy(model)
+    _zero_heads(zeroed, [layer.self_attn.o_proj for layer in zeroed.model.layers], 4, 2, 8, [kw])
+    _matches_dense_llama(cm, zeroed)
+
+
+def test_heads_olmo2_norm_over_all_heads_left_whole():
+    """OLMo-2 normalizes q_proj's whole output (every head together) before the split into heads: removing
+    heads would change the norm's mean, so the blocks stay whole and say why; their neurons still go."""
+    ids, mask = text_batch(2, 12, 97)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    gm = ir.capture(_tiny("olmo2"), (), kw).gm
+    ctx = P.PassContext((), kw)
+    res = P.Prune(sparsity=0.5, pattern="heads")(gm, ctx)
+    assert not res.modified and res.stats["shrunk"] == {}
+    assert set(res.stats["skipped"]) == {f"model.layers.{i}.self_attn" for i in range(2)}
+    why = res.stats["skipped"]["model.layers.0.self_attn"]
+    assert why.startswith("model.layers.0.self_attn.q_norm uses model.layers.0.self_attn.q_proj's output over all "
+                          "its heads at once (aten.mean.dim)"), why
+    res = P.Prune(sparsity=0.25, pattern="neurons")(gm, ctx)
+    assert res.stats["shrunk"] == {f"model.layers.{i}.mlp.down_proj": "56 -> 42 neurons" for i in range(2)}
+
+
+def test_neurons_blocks_left_whole_say_why():
+    """Each feed-forward block the pass cannot narrow is in the statistics with its reason: neurons read
+    elsewhere, a norm over the neurons (its mean would change), a per-neuron constant."""
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up = torch.nn.ModuleList(torch.nn.Linear(8, 24) for _ in range(4))
+            self.down = torch.nn.ModuleList(torch.nn.Linear(24, 8) for _ in range(4))
+            self.scale = torch.nn.Parameter(torch.rand(24))
+
+        def forward(self, x):
+            h0 = torch.relu(self.up[0](x))
+            h1 = self.up[1](x)
+            h1 = h1 * torch.rsqrt(h1.pow(2).mean(-1, keepdim=True) + 1e-6)     # an RMS over the neurons
+            h2 = F.gelu(self.up[2](x)) * self.scale
+            h3 = F.silu(self.up[3](x)) * 2.0                                  # prunable
+            return self.down[0](h0) + self.down[1](h1) + self.down[2](h2) + self.down[3](h3), h0.sum(-1)
+
+    x = torch.randn(3, 5, 8)
+    gm = ir.capture(Blocks().eval(), (x,)).gm
+    res = P.Prune(sparsity=0.5, pattern="neurons")(gm, P.PassContext((x,)))
+    assert res.stats["shrunk"] == {"down.3": "24 -> 12 neurons"}
+    why = res.stats["skipped"]
+    assert set(why) == {"down.0", "down.1", "down.2"}
+    assert why["down.0"].startswith("the neurons are also read by sum"), why
+    assert "aten.mean.dim, which mixes the neurons" in why["down.1"], why
+    assert "of shape (24,) is applied to the neurons one by one" in why["down.2"], why
+
+
+def test_neurons_named_from_the_weight_without_module_metadata():
+    """A linear whose node lost its module metadata (a rewrite rule's new node) is still named after its
+    module, through its weight's parameter path."""
+    m = Net().eval()
+    x = torch.randn(3, 5, 40)
+    gm = ir.capture(m, (x,)).gm
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.aten.linear.default:
+            n.meta.pop("nn_module_stack", None)
+    res = P.Prune(sparsity=0.5, pattern="neurons")(gm, P.PassContext((x,)))
+    assert set(res.stats["shrunk"]) == {"b", "c"}
+
+
+def test_heads_single_kv_head_says_why():
+    class OneHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            q, k, v = (p(x).view(2, 5, 1, 16).transpose(1, 2) for p in (self.q, self.k, self.v))
+            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16))
+
+    x = torch.randn(2, 5, 16)
+    gm = ir.capture(OneHead().eval(), (x,)).gm
+    res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,)))
+    assert not res.modified and list(res.stats["skipped"].values()) == ["one kv head only: it stays"]
