@@ -300,7 +300,7 @@ def matmul(a, b):
     return np.matmul(a, b)
 
 
-@numpy_op(aten.addmm.default, aten.baddbmm.default)
+@numpy_op(aten.addmm.default)
 def addmm(bias, a, b, beta=1, alpha=1):
     return beta * bias + alpha * (a @ b)
 

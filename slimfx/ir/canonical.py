@@ -270,7 +270,8 @@ def fold_weight_transposes(gm: fx.GraphModule) -> int:
 
 def canonicalize_aliases(gm: fx.GraphModule) -> int:
     """``numpy_T`` (``x.T``) -> ``t`` (2-D) or ``permute``; ``chunk`` -> ``split`` (torch defines chunk as a
-    split into pieces of ceil(size / chunks)) where the split dim's size is static."""
+    split into pieces of ceil(size / chunks)) where the split dim's size is static; ``baddbmm`` -> add, mul
+    and ``bmm``."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -286,6 +287,10 @@ def canonicalize_aliases(gm: fx.GraphModule) -> int:
             size = meta.shape(node.args[0])[dim]
             if isinstance(size, int) and isinstance(chunks, int) and size > 0:
                 new = (aten.split.Tensor, (node.args[0], -(-size // chunks), dim))
+        elif node.target is aten.baddbmm.default:
+            _expand_baddbmm(gm, node)
+            n += 1
+            continue
         if new is None:
             continue
         with gm.graph.inserting_before(node):
@@ -297,6 +302,30 @@ def canonicalize_aliases(gm: fx.GraphModule) -> int:
     if n:
         gm.recompile()
     return n
+
+
+def _expand_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
+    """baddbmm(c, a, b, beta, alpha) -> beta * c + alpha * bmm(a, b) (BLOOM's ALiBi scores). torch 2.13's fake
+    kernel refuses a broadcast ``c`` with symbolic sizes, so shapes could not be propagated after a pass."""
+    c, a, b = node.args[:3]
+    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+    alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+    g, made = gm.graph, []
+    with g.inserting_before(node):
+        prod = g.call_function(aten.bmm.default, (a, b))
+        made.append(prod)
+        if alpha != 1:
+            prod = g.call_function(aten.mul.Tensor, (prod, alpha))
+            made.append(prod)
+        if beta != 1:
+            c = g.call_function(aten.mul.Tensor, (c, beta))
+            made.append(c)
+        out = g.call_function(aten.add.Tensor, (c, prod))
+        made.append(out)
+    for new in made:                    # where it came from; shapes are propagated afterwards
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
 
 
 # --- 3. no-ops --------------------------------------------------------------------------------------
