@@ -52,7 +52,7 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:
         filters = [rule.where] if rule.where else None
         done = replace_pattern_with_filters(gm, pattern, replacement, match_filters=filters)
         for replaced in done:
-            _inherit_source(replaced.nodes_map[replaced.anchor], replaced.replacements)   # anchor: a pattern node
+            _inherit_source(replaced)
         if done:
             counts[rule.name] = len(done)
     if counts:
@@ -61,12 +61,17 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:
     return counts
 
 
-# where a node came from: the replacement of a match comes from where the matched output came from
+# where a node came from: the replacement of a match comes from the most specific module among the matched
+# nodes (a fused linear + GELU from the linear's module, not the block that applies the GELU)
 _SOURCE_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
-def _inherit_source(anchor: fx.Node, replacements) -> None:
-    for node in replacements:
+def _inherit_source(replaced) -> None:
+    anchor = replaced.nodes_map[replaced.anchor]             # ``anchor`` is the pattern's node
+    matched = [anchor] + [g for p, g in replaced.nodes_map.items()
+                          if p.op not in ("placeholder", "output") and g is not anchor]
+    source = max(matched, key=lambda g: len(g.meta.get("nn_module_stack") or ()))
+    for node in replaced.replacements:
         for key in _SOURCE_KEYS:
-            if key in anchor.meta and key not in node.meta:
-                node.meta[key] = anchor.meta[key]
+            if key in source.meta and key not in node.meta:
+                node.meta[key] = source.meta[key]
