@@ -36,7 +36,9 @@ def _load_extensions():
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype not in NP_DTYPE:
-        raise TypeError(f"the numpy backend cannot hold {t.dtype} tensors (numpy has no such type)")
+        hint = ("; compile a float32 copy (model.float()) for the numpy backend, or use backend='torch' or "
+                "'triton'") if t.dtype is torch.bfloat16 else ""
+        raise TypeError(f"the numpy backend cannot hold {t.dtype} tensors (numpy has no such type){hint}")
     return t.detach().cpu().numpy()
 
 
