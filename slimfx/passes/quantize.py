@@ -38,6 +38,7 @@ from ..quant.linear import MAX_K
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
 from .quant_calibration import calibration_calls, example_values, input_hessians, run_watching
+from .quantize_experts import expert_weights, quantize_expert_weight
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -171,7 +172,14 @@ class Quantize(Pass):
     def run(self, gm, ctx):
         act = ACTIVATIONS[self.activations]
         chosen, skipped = self.select(gm)
+        experts = self._quantize_experts(gm, skipped)
         if not chosen:
+            if experts:
+                gm.graph.eliminate_dead_code()
+                ir.drop_unused_tensors(gm)
+                gm.recompile()
+                return PassResult(gm, True, {"mode": self.mode, "layers": 0, **_expert_stats(experts),
+                                             "skipped": skipped})
             return PassResult(gm, False, {"layers": 0, "skipped": skipped})
         x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
         ranges = _static_ranges(gm, ctx, x_nodes, self.observer) if act == "static" else {}
@@ -185,7 +193,8 @@ class Quantize(Pass):
             calls = list(calibration_calls(ctx, "Quantize(method='gptq')"))   # sequential runs it many times
             if not self.sequential:
                 hessians = input_hessians(gm, calls, x_nodes, ctx.progress, "Quantize(method='gptq')")
-        bytes_before = bytes_after = 0
+        bytes_before = sum(r["fp32_bytes"] for r in experts)
+        bytes_after = sum(r["weight_bytes"] for r in experts)
         gains = []
         gptq = self.method == "gptq"
         for lin in tqdm(chosen, desc="quantize: GPTQ", disable=not (ctx.progress and gptq), leave=False):
@@ -207,9 +216,24 @@ class Quantize(Pass):
         if gains:    # geometric mean over layers of GPTQ's output error / RTN's (calibration inputs)
             extra["gptq_error_vs_rtn"] = round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4)
         return PassResult(gm, True, {"mode": self.mode, "method": self.method, **extra,
-                                     "layers": len(chosen), "folded": folded,
+                                     "layers": len(chosen), **_expert_stats(experts), "folded": folded,
                                      "weight_bytes_fp32": bytes_before, "weight_bytes": bytes_after,
                                      "ratio": round(bytes_after / bytes_before, 4), "skipped": skipped})
+
+    def _quantize_experts(self, gm, skipped: dict) -> list[dict]:
+        """Mixture-of-experts tensors (quantize_experts): weight-only, RTN, with the linear layers' scheme."""
+        if self.weights.startswith("log"):
+            return []
+        found, refused = expert_weights(gm)
+        skipped.update({f"experts {k}": v for k, v in refused.items()})
+        records = []
+        scheme = weight_scheme(self.weights, self.group_size)
+        for ew in found:
+            module = ew.name.rsplit(".", 1)[0]
+            if self.include and not matches(module, self.include) or matches(module, self.exclude):
+                continue
+            records.append(quantize_expert_weight(gm, ew, scheme, module))
+        return records
 
     def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
                         hessian: Optional[torch.Tensor] = None) -> dict:
@@ -279,6 +303,15 @@ class Quantize(Pass):
             rec["gptq"] = gptq_rec
         ir.meta.info(lin).quant = {**(ir.meta.info(lin).quant or {}), **rec}     # keeps e.g. SmoothQuant's record
         return rec
+
+
+def _expert_stats(records: list[dict]) -> dict:
+    """The pass statistics' view of the expert tensors quantized (none: nothing to show)."""
+    if not records:
+        return {}
+    return {"expert_tensors": len(records),
+            "experts": {r["tensor"]: f"{r['shape'][0]} x {r['shape'][1]} x {r['shape'][2]}, weight-only, "
+                                     f"SQNR {r['weight_sqnr_db']} dB" for r in records}}
 
 
 def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:

@@ -1,0 +1,140 @@
+"""Mixture-of-experts weights: the experts of a transformers 5.x MoE block (Mixtral, Qwen2-MoE, ...) are not
+linear layers but 3-D tensors, (experts, out, in) or (experts, in, out), multiplied by a grouped GEMM
+(``transformers::grouped_mm_fallback`` on the CPU, ``aten._grouped_mm`` on a GPU) over the tokens routed to
+each expert. They hold most of such a model's weights, so ``Quantize`` stores them quantized too, weight-only
+with the same scheme as the linear layers (int8 per output channel of each expert, int4 per group along
+the input axis): the graph reads ``dequantize(w_q, s_w)`` in place of the float tensor. The grouped GEMM
+itself stays in float (no int8 grouped kernel yet): what shrinks is the memory, not the arithmetic.
+
+    grouped_mm(x, transpose(W, -2, -1), offs)     W: (E, N, K)   ->  transpose(dequantize(w_q, s_w), -2, -1)
+    grouped_mm(x, W, offs)                        W: (E, K, N)   ->  transpose(dequantize(w_q, s_w), -2, -1)
+                                                                     with w_q stored (E, N, K)
+"""
+from __future__ import annotations
+
+import dataclasses
+import torch
+import torch.fx as fx
+
+from .. import ir
+from ..quant import QScheme, dequantize_tensor_torch, fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes
+from .manager import sqnr_db
+
+aten = torch.ops.aten
+sf = torch.ops.slimfx
+_TRANSPOSES = (aten.transpose.int, aten.permute.default)
+
+
+def grouped_gemm_ops() -> set:
+    """The grouped GEMMs transformers' MoE blocks call (those this torch and transformers provide)."""
+    ops = set()
+    if hasattr(aten, "_grouped_mm"):
+        ops.add(aten._grouped_mm.default)
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
+        ops.add(transformers_ops.grouped_mm_fallback.default)
+    return ops
+
+
+@dataclasses.dataclass
+class ExpertWeight:
+    node: fx.Node           # the get_attr of the float (E, ., .) tensor
+    rows_out: bool          # True: stored (E, N, K) and transposed before the GEMM; False: stored (E, K, N)
+    gemms: list             # the grouped GEMM nodes reading it
+
+    @property
+    def name(self) -> str:
+        return ir.meta.param_name(self.node) or self.node.target
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in _TRANSPOSES:
+        return False
+    if node.target is aten.transpose.int:
+        return sorted(d % 3 for d in node.args[1:3]) == [1, 2]
+    return list(node.args[1]) == [0, 2, 1]
+
+
+def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, str]]:
+    """The 3-D float tensors that only feed grouped GEMMs as their weight (directly or transposed), and the
+    ones left alone with why."""
+    ops = grouped_gemm_ops()
+    found: dict[fx.Node, ExpertWeight] = {}
+    skipped: dict[str, str] = {}
+    for gemm in gm.graph.nodes:
+        if gemm.op != "call_function" or gemm.target not in ops or len(gemm.args) < 2:
+            continue
+        w = gemm.args[1]
+        rows_out = isinstance(w, fx.Node) and _swaps_last_two(w)
+        src = w.args[0] if rows_out else w
+        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+            continue
+        t = ir.meta.tensor_attr(gm, src)
+        if t.ndim != 3 or not t.is_floating_point():
+            continue
+        ew = found.setdefault(src, ExpertWeight(src, rows_out, []))
+        if ew.rows_out != rows_out:
+            skipped[ew.name] = "used both transposed and not"
+        ew.gemms.append(gemm)
+    chosen = []
+    for src, ew in found.items():
+        readers = {u for u in src.users}
+        expected = {g for g in ew.gemms} if not ew.rows_out else {g.args[1] for g in ew.gemms}
+        if ew.name in skipped:
+            continue
+        if readers != expected:
+            skipped[ew.name] = "read by other ops than the grouped GEMM"
+        else:
+            chosen.append(ew)
+    return chosen, skipped
+
+
+def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme, module: str) -> dict:
+    """Replace the float tensor by transpose(dequantize(w_q, s_w)) / dequantize(w_q, s_w) with w_q (E, N, K)
+    int8 codes; returns the layer's record."""
+    g = gm.graph
+    w = ir.meta.tensor_attr(gm, ew.node).detach().to(torch.float32)
+    enk = w if ew.rows_out else w.transpose(1, 2)            # (experts, out, in): scales per output channel
+    e, n, k = enk.shape
+    flat = enk.reshape(e * n, k)
+    if scheme.granularity == "group" and k % scheme.group_size:
+        raise ValueError(f"Quantize: group_size={scheme.group_size} does not divide K={k} of the experts "
+                         f"{ew.name!r}; choose a divisor or exclude {module!r}")
+    qp = qparams_torch(flat, scheme, name=f"experts {ew.name}")
+    codes = quantize_tensor_torch(flat, scheme, qp)
+    error = sqnr_db(flat, dequantize_tensor_torch(codes, scheme, qp))
+    new = []
+    with g.inserting_before(ew.node):
+        def attr(suffix, t):
+            node = g.get_attr(ir.meta.add_tensor_attr(gm, f"{ew.node.target}.{suffix}", t.contiguous()))
+            new.append(node)
+            return node
+
+        def call(target, *args, **kwargs):
+            node = g.call_function(target, args, kwargs)
+            new.append(node)
+            return node
+
+        if scheme.granularity == "group":
+            G = scheme.group_size
+            wq = attr("w_q", codes.reshape(e, n, k // G, G))
+            ws = attr("w_scale", qp.scale.to(torch.float32).reshape(e, n, k // G, 1))
+            wd = call(aten.view.default, call(sf.dequantize.default, wq, ws, None), [e, n, k])
+        else:
+            wq = attr("w_q", codes.reshape(e, n, k))
+            ws = attr("w_scale", qp.scale.to(torch.float32).reshape(e, n, 1))
+            wd = call(sf.dequantize.default, wq, ws, None)
+        dtype = w.dtype if ew.node.meta.get("val") is None else ew.node.meta["val"].dtype
+        if dtype != torch.float32:
+            wd = call(aten._to_copy.default, wd, dtype=dtype)
+        if not ew.rows_out:
+            wd = call(aten.transpose.int, wd, 1, 2)          # back to (E, K, N), as the GEMM read it
+    for node in new:
+        node.meta.update({k_: v for k_, v in ew.node.meta.items() if k_ == "nn_module_stack"})
+        ir.meta.info(node).origin = "quantize"
+    ew.node.replace_all_uses_with(wd)
+    g.erase_node(ew.node)
+    return {"module": module, "tensor": ew.name, "shape": [e, n, k], "weight": scheme.to_dict(),
+            "fp32_bytes": fp32_bytes((e, n, k)), "weight_bytes": weight_bytes((e * n, k), scheme),
+            "weight_sqnr_db": None if error == float("inf") else round(error, 2),
+            "mode": "weight-only (grouped GEMM in float)"}
