@@ -26,6 +26,18 @@ a decode step reads the whole buffer and returns it with the two fed tokens' key
 ``decode`` writes back into their slots. So every decode step of a buffer size has the same shapes, which is
 what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer size and batch; the prompt runs
 without a graph), at the price of attending over masked slots (at most half the buffer).
+
+Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window) is
+exact within the window. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)`` without the config,
+so every layer is a full one, and the model's sliding layers get transformers' sliding mask over cache *slots*:
+key slot k is seen from query slot q when q - window < k <= q (and unmasked). The slots are the prompt's
+positions shifted by one (the masked slot in front), so a prompt alone gets exactly the model's mask at any length
+(transformers counts left padding in the window too). Decode steps put masked slots between the tokens (the
+re-fed token's, the unfilled ones) and their two fed tokens at the buffer's end, so there it is exact only while
+a step sees at most ``window`` slots: the window then excludes nothing, as it excludes nothing in the model, whose
+tokens are fewer. The buffer grows to ``window - 2`` slots at most, and ``generate`` refuses a prompt of n tokens
+(padding included) with more than ``window - 2 - n`` new ones (or 1, which comes from the prompt alone) before
+its first step; ``decode`` refuses a step past the window itself.
 """
 from __future__ import annotations
 
@@ -97,10 +109,17 @@ class CausalLMStep(nn.Module):
         return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
 
 
-def cache_layout(model: nn.Module) -> list[tuple[int, int]]:
-    """(kv heads, head dim) of each layer's cache, read from one eager call of ``model``; refuses caches that
-    are not one growing tensor per layer (sliding windows, linear attention, quantized caches)."""
-    from transformers.cache_utils import DynamicLayer
+def cache_layout(model: nn.Module) -> tuple[list[tuple[int, int]], Optional[int]]:
+    """(kv heads, head dim) of each layer's cache, and the smallest sliding window of its attention (None when every
+    layer attends to the whole sequence), read from one eager call of ``model``. Refuses caches that are not one
+    growing tensor per layer (linear attention, quantized caches) and chunked attention (Llama 4).
+
+    A sliding-window layer's cache (``DynamicSlidingWindowLayer``) is captured as a full one: ``CausalLMStep``
+    rebuilds the cache without the config, so every layer keeps all its slots, and the model's sliding layers
+    mask keys by slot index (transformers' ``kv_idx > q_idx - window``). ``CompiledCausalLM`` keeps every decode
+    step within ``window`` slots, where that mask excludes nothing (module docstring)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    name = type(model).__name__
     kw = _cache_kw(model)
     dev = next(model.parameters()).device
     with torch.no_grad():
@@ -108,18 +127,30 @@ def cache_layout(model: nn.Module) -> list[tuple[int, int]]:
     cache = getattr(out, kw, None)
     layers = getattr(cache, "layers", None)
     if not layers:
-        raise TypeError(f"{type(model).__name__} returned no layered KV cache ({type(cache).__name__}); "
+        raise TypeError(f"{name} returned no layered KV cache ({type(cache).__name__}); "
                         f"compile_causal_lm needs transformers' DynamicCache")
-    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    odd = sorted({type(layer).__name__ for layer in layers
+                  if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})
     if odd:
-        raise TypeError(f"{type(model).__name__}: cache layers {odd} (sliding window or other) are not supported; "
-                        f"compile_causal_lm handles full-attention caches (DynamicLayer)")
+        raise TypeError(f"{name}: cache layers {odd} (linear attention, quantized or other) are not supported; "
+                        f"compile_causal_lm handles full-attention and sliding-window caches (DynamicLayer, "
+                        f"DynamicSlidingWindowLayer)")
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None:      # its cache layers are sliding ones too; its mask (chunks from the first token) is not
+        raise TypeError(f"{name}: chunked attention (attention_chunk_size={chunk}) is not supported; "
+                        f"compile_causal_lm handles full-attention and sliding-window caches")
     empty = [i for i, layer in enumerate(layers) if getattr(layer, "keys", None) is None]
     if empty:
-        raise TypeError(f"{type(model).__name__}: its cache has {len(layers)} layers but a call fills only "
+        raise TypeError(f"{name}: its cache has {len(layers)} layers but a call fills only "
                         f"{len(layers) - len(empty)} (empty: {empty[:4]}); compile_causal_lm needs one (keys, values) "
                         f"pair per layer, all filled")
-    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
+    # the cache layers' windows and the one the mask is built with (config.sliding_window): the smallest counts
+    windows = [int(layer.sliding_window) for layer in layers if type(layer) is DynamicSlidingWindowLayer]
+    if windows and getattr(config, "sliding_window", None) is not None:
+        windows.append(int(config.sliding_window))
+    layout = [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
+    return layout, (min(windows) if windows else None)
 
 
 def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1,
@@ -186,7 +217,7 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     for key in ("dynamic", "example_inputs", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
-    layout = cache_layout(model)
+    layout, window = cache_layout(model)
     dtype = next(model.parameters()).dtype
     cal = _calibration(calibration, layout, dtype) if calibration is not None else None
     if example_ids is None:
@@ -204,7 +235,7 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
                "cache": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in layout]}
     step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
     if not step.takes_positions:
-        check_masked_slots(model, step, layout, dtype)
+        check_masked_slots(model, step, layout, dtype, window)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
     gen = getattr(model, "generation_config", None)
@@ -212,10 +243,11 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
-    return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad)
+    return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
+                            model_name=type(model).__name__)
 
 
-def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype) -> None:
+def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, window: Optional[int] = None) -> None:
     """Refuse ``model`` unless generating through ``step`` gives the logits of the model run on the real tokens
     alone (a left-padded prompt, then two decode steps: masked slots in front, the re-fed token's slot masked,
     unfilled slots between the prompt and the new tokens). A model that takes position_ids gets them from the
@@ -227,7 +259,7 @@ def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype) -> N
     ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(dev)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    lm = _EagerCausalLM(step, layout, dtype)
+    lm = _EagerCausalLM(step, layout, dtype, sliding_window=window, model_name=type(model).__name__)
     with ir.eval_mode(model), torch.no_grad():
         try:
             logits, state = lm.prefill(ids[:, :4], mask[:, :4])
@@ -257,14 +289,20 @@ def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 
 class CompiledCausalLM:
-    """A compiled step and the generation loop around it (``compile_causal_lm``)."""
+    """A compiled step and the generation loop around it (``compile_causal_lm``).
+
+    ``sliding_window``: the model's smallest attention window (None: full attention), which bounds the cache slots
+    a decode step may see (module docstring); ``model_name`` names the model in errors."""
 
     min_cache = 64          # cache slots to begin with (then powers of two)
 
-    def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None):
+    def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
+                 model_name: Optional[str] = None):
         self.step = step                               # the CompiledModel of CausalLMStep
         self.layout = [tuple(x) for x in layout]
         self.dtype = dtype
+        self.sliding_window = None if sliding_window is None else int(sliding_window)
+        self.model_name = model_name or "the model"
         eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_token_id = [eos] if isinstance(eos, int) else (eos or [])
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_id or [0])[0]
@@ -276,7 +314,7 @@ class CompiledCausalLM:
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledCausalLM":
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
         return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
-                                self.eos_token_id or None, self.pad_token_id)
+                                self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name)
 
     @property
     def graph(self):
@@ -285,12 +323,13 @@ class CompiledCausalLM:
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 all_logits: bool = False):
         """The logits of the prompt's last position (batch, 1, vocab), or of every position (batch, length,
-        vocab) with ``all_logits``, and the state ``decode`` continues from."""
+        vocab) with ``all_logits``, and the state ``decode`` continues from. A prompt longer than a sliding window
+        is exact too (module docstring); decoding after it is refused."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
         out = self._run(ids, pos, mask, cache, at, eager=True)  # one shape per prompt: no CUDA graph for it
         n = mask.shape[1]                                      # slots filled: the masked one and the prompt
-        cap = self._capacity(n + 1)
+        cap = max(self._capacity(n + 1), n)                    # (n when a sliding window leaves no room to decode)
         dev = out["logits"].device                             # the backend's (triton: the GPU's)
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
@@ -298,11 +337,19 @@ class CompiledCausalLM:
         return out["logits"], state
 
     def _capacity(self, n: int) -> int:
-        """Cache slots for ``n`` tokens: powers of two from ``min_cache``, so decode steps share a few shapes."""
+        """Cache slots for ``n`` tokens: powers of two from ``min_cache``, so decode steps share a few shapes; with a
+        sliding window at most ``window - 2`` (a decode step sees the buffer and the 2 tokens it feeds), which may
+        be fewer than ``n``."""
         cap = self.min_cache
         while cap < n:
             cap *= 2
-        return cap
+        return cap if self.sliding_window is None else min(cap, self.sliding_window - 2)
+
+    def _beyond_window(self, what: str, slots: int, fits: str) -> ValueError:
+        w = self.sliding_window
+        return ValueError(f"{self.model_name} attends within a sliding window of {w} tokens, and its compiled step "
+                          f"applies the window to cache slots, masked ones included, so a decode step is exact only "
+                          f"while it sees at most {w} slots: {what} would see {slots}. {fits}")
 
     def decode(self, tokens: torch.Tensor, state: dict):
         """Logits (batch, vocab) after appending ``tokens`` (batch,) to ``state`` (updated in place).
@@ -313,6 +360,10 @@ class CompiledCausalLM:
         n = state["filled"]
         if n + 1 > state["mask"].shape[1]:                     # full: the next power of two
             cap = self._capacity(n + 1)
+            if cap < n + 1:                                    # capped by a sliding window
+                raise self._beyond_window(
+                    "the next decode step", n + 3, f"The cache holds {n} slots (the masked one in front, the prompt "
+                    f"with its padding, the tokens fed so far); the step adds the new token's slot and feeds 2 tokens.")
             state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
             state["mask"] = _pad(state["mask"], cap, 1)
         slots = state["mask"]
@@ -358,6 +409,15 @@ class CompiledCausalLM:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
+            n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
+            slots = n + max_new_tokens + 2                         # module docstring
+            if slots > self.sliding_window:
+                fit = self.sliding_window - 2 - n
+                raise self._beyond_window(
+                    f"the last decode step of {max_new_tokens} new tokens after a {n}-token prompt (padding "
+                    f"included)", slots, f"At most {fit} new tokens fit after this prompt." if fit > 1 else
+                    "Only 1 new token fits after this prompt (a prompt's own logits are exact at any length).")
         eos = self.eos_token_id if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
@@ -405,7 +465,8 @@ class CompiledCausalLM:
         """The step (``CompiledModel.save``) plus causal_lm.json; ``slimfx.load`` gives back a CompiledCausalLM."""
         path = self.step.save(path)
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
-                "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+                "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                "sliding_window": self.sliding_window, "model": self.model_name}
         tmp = path / (LM_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path / LM_FILE)
@@ -417,10 +478,12 @@ class CompiledCausalLM:
         dtype = getattr(torch, data["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"slimfx.load({str(path)!r}): {LM_FILE} names an unknown dtype {data['dtype']!r}")
-        return cls(step, data["layout"], dtype, data["eos_token_id"] or None, data["pad_token_id"])
+        return cls(step, data["layout"], dtype, data["eos_token_id"] or None, data["pad_token_id"],
+                   data.get("sliding_window"), data.get("model"))      # (absent from files saved before)
 
     def __repr__(self):
-        return f"CompiledCausalLM({self.step!r}, layers={len(self.layout)})"
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
+        return f"CompiledCausalLM({self.step!r}, layers={len(self.layout)}{window})"
 
 
 class _EagerCausalLM(CompiledCausalLM):

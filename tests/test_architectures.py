@@ -100,3 +100,18 @@ def test_family_runs_on_numpy_and_quantizes_in_every_linear_layer(family):
     # any of them and far above a layer left unquantized by mistake in the comparison's other direction
     # (a wrong scale or a dropped bias costs tens of dB)
     assert sqnr_db(ref, _first(q(**call))) > 25
+
+
+GENERATORS = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "stablelm", "olmo2", "granite", "gpt_neox",
+              "falcon"]
+
+
+@pytest.mark.parametrize("family", GENERATORS)   # Llama, GPT-2, OPT, Phi, BLOOM, sliding windows: tests/test_lm.py
+def test_decoder_family_generates_transformers_tokens(family):
+    model, _ = _model_and_call(family)
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    ids, mask = text_batch(2, 5, VOCAB, pad_left=True, seed=3)
+    # the same pad token on both sides: a row that emits end-of-sequence pads with it (ids in the vocabulary)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"

@@ -144,16 +144,83 @@ def test_refusals(llama, compiled):
 
 
 def test_models_without_a_plain_kv_cache_are_refused():
-    from transformers import BertConfig, BertModel, MistralConfig, MistralForCausalLM
+    from transformers import BertConfig, BertModel, Llama4ForCausalLM, Llama4TextConfig
     bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=40)).eval()
     with pytest.raises(TypeError, match="BertModel.*KV cache"):
         slimfx.compile_causal_lm(bert)
-    mistral = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=40,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                               sliding_window=4)).eval()
-    with pytest.raises(TypeError, match="MistralForCausalLM: cache layers.*not supported"):
-        slimfx.compile_causal_lm(mistral)
+    # Llama 4's chunked attention keeps sliding-window cache layers, but its mask is another one
+    llama4 = Llama4ForCausalLM(Llama4TextConfig(vocab_size=50, hidden_size=32, intermediate_size=40,
+                                                intermediate_size_mlp=40, num_hidden_layers=1, num_attention_heads=2,
+                                                num_key_value_heads=1, head_dim=16, attention_chunk_size=8,
+                                                num_local_experts=2)).eval()
+    with pytest.raises(TypeError, match="Llama4ForCausalLM: chunked attention .*not supported"):
+        slimfx.compile_causal_lm(llama4)
+
+
+_SMALL = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+              intermediate_size=64, max_position_embeddings=128)
+
+
+def _sliding(family, window):
+    import transformers as T
+    torch.manual_seed(0)
+    make = {
+        "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_SMALL, head_dim=8, sliding_window=window)),
+        # one layer of each kind (2 layers would both be sliding by default)
+        "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_SMALL, head_dim=8, sliding_window=window,
+                                                                 layer_types=["sliding_attention", "full_attention"])),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**_SMALL, sliding_window=window)),
+    }
+    return make[family]().eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral"])
+def test_sliding_window_models_generate_transformers_tokens_within_the_window(family):
+    """The step captures sliding-window layers as full ones; their mask (transformers' kv_idx > q_idx - window
+    over cache slots) excludes nothing while a step sees at most ``window`` slots, which generation keeps to.
+    The last decode step here sees exactly 32 slots: 5 prompt tokens (one row left-padded), 24 of the 25 new ones
+    fed, the masked slot in front, the re-fed token's and the new token's (a window off by one would drop the
+    first prompt token there)."""
+    model = _sliding(family, 32)
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    assert lm.sliding_window == 32
+    lm.min_cache = 8                                      # the buffer grows 8 -> 16 -> 30 (the window's cap)
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
+    ref = hf_generate(model, ids, mask, 25)
+    got = lm.generate(ids, mask, max_new_tokens=25, pad_token_id=0)
+    assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"
+
+
+def test_generating_past_a_sliding_window_is_refused(tmp_path):
+    """Past the window the slot-index mask would drop real tokens (the masked slots count), so generation refuses
+    before the first step; a prompt alone is exact at any length (its slots are its positions, shifted by one)."""
+    from conftest import rel_err
+    model = _sliding("mistral", 16)
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    lm.min_cache = 4
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
+    beyond = "MistralForCausalLM attends within a sliding window of 16 tokens.* would see 17. At most 9 new tokens"
+    with pytest.raises(ValueError, match=beyond):
+        lm.generate(ids, mask, max_new_tokens=10)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=9, pad_token_id=0),
+                       hf_generate(model, ids, mask, 9))
+    back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
+    assert back.sliding_window == 16
+    with pytest.raises(ValueError, match=beyond):
+        back.generate(ids, mask, max_new_tokens=10)
+
+    ids, mask = text_batch(2, 40, 97, pad_left=True, seed=5)    # 40 slots and more in a row
+    every, state = lm.prefill(ids, mask, all_logits=True)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    assert rel_err(every[real], ref[real]) <= 1e-5                # fp32: summation order only
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=1), hf_generate(model, ids, mask, 1))
+    with pytest.raises(ValueError, match="window of 16 tokens.*the next decode step would see 44"):
+        lm.decode(every[:, -1].argmax(-1), state)
+    with pytest.raises(ValueError, match="Only 1 new token fits after this prompt"):
+        lm.generate(ids, mask, max_new_tokens=2)
 
 
 def test_stream_yields_what_generate_returns(compiled):
