@@ -1,7 +1,10 @@
 """numpy implementations of the canonical ATen op set: what BERT-style encoders and Llama-style decoders
-(RMSNorm, SiLU-gated MLP, rotary embeddings, grouped-query attention, causal and padding masks) use.
+(RMSNorm, SiLU-gated MLP, rotary embeddings, grouped-query attention, causal and padding masks), T5's
+relative position buckets and mixture-of-experts routing (top-k, sort, histc, index_put) use.
 Each function takes numpy arrays / Python values and mirrors the ATen op's semantics; the interpreter
-casts every result to the dtype recorded on its node, so torch's type promotion rules hold."""
+casts every result to the dtype recorded on its node, so torch's type promotion rules hold. Where the
+precision of the arithmetic itself changes the answer (a floor of a quotient), ``promoted`` first casts
+the operands to torch's result dtype. Ops that transformers defines are in numpy_transformers.py."""
 from __future__ import annotations
 
 import math
@@ -18,6 +21,7 @@ aten = torch.ops.aten
 NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
             torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
             torch.uint8: np.uint8, torch.bool: np.bool_}
+TORCH_DTYPE = {v: k for k, v in NP_DTYPE.items()}
 INT64_MAX = 2**63 - 1
 
 
@@ -27,6 +31,19 @@ def np_dtype(dt, default=None):
     if dt not in NP_DTYPE:
         raise NotImplementedError(f"the numpy backend has no dtype for {dt} (bfloat16 has no numpy type)")
     return NP_DTYPE[dt]
+
+
+def promoted(a, b):
+    """a and b (arrays or Python scalars) cast to the dtype torch's type promotion gives them, so numpy computes
+    in torch's precision: numpy takes int64 array // 0.7 in float64 (floor 9 for 7 // 0.7) where torch takes it in
+    float32 (floor 10). torch decides: a Python scalar or a 0-d tensor only contributes its category."""
+    a, b = (np.asarray(v) if isinstance(v, np.generic) else v for v in (a, b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype:
+        return a, b
+    probe = lambda v: torch.empty((0,) * v.ndim, dtype=TORCH_DTYPE[v.dtype.type]) if isinstance(v, np.ndarray) else v
+    dt = NP_DTYPE[torch.result_type(probe(a), probe(b))]
+    cast = lambda v: v.astype(dt, copy=False) if isinstance(v, np.ndarray) else v
+    return cast(a), cast(b)
 
 
 def blocked(fn, x, block: int = 1 << 17):
@@ -103,6 +120,15 @@ def div_mode(a, b, rounding_mode=None):
     return np.trunc(q) if rounding_mode == "trunc" else q
 
 
+@numpy_op(aten.floor_divide.default, aten.floor_divide.Scalar)
+def floor_divide(a, b):
+    """Rounds toward -inf (torch >= 1.13), in torch's result dtype; integer division by zero raises, as in torch."""
+    a, b = promoted(a, b)
+    if np.result_type(a, b).kind in "iu" and np.any(np.asarray(b) == 0):
+        raise ZeroDivisionError("integer floor_divide by zero")
+    return np.floor_divide(a, b)
+
+
 @numpy_op(aten.remainder.Scalar, aten.remainder.Tensor)
 def remainder(a, b):
     return np.remainder(a, b)          # both take the divisor's sign (Python's %)
@@ -121,8 +147,16 @@ for _name, _fn in {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.l
 numpy_op(aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)(np.logical_and)
 numpy_op(aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default)(np.logical_or)
 numpy_op(aten.logical_not.default, aten.bitwise_not.default)(np.logical_not)
-numpy_op(aten.maximum.default)(np.maximum)
-numpy_op(aten.minimum.default)(np.minimum)
+
+
+@numpy_op(aten.maximum.default, aten.max.other)
+def maximum(a, b):
+    return np.maximum(*promoted(a, b))        # NaN propagates, in both
+
+
+@numpy_op(aten.minimum.default, aten.min.other)
+def minimum(a, b):
+    return np.minimum(*promoted(a, b))
 
 
 @numpy_op(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
@@ -255,9 +289,47 @@ def amax(x, dims=(), keepdim=False):
     return np.max(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
 
 
+# torch's CPU cumsum accumulates in acc_type (float32 in float64, float16 in float32) and rounds each partial sum:
+# a float32 cumsum of 1e5 values of scale 100 is 2.0 away from torch in float32, identical in float64.
+_CUMSUM_ACC = {np.float32: np.float64, np.float16: np.float32}
+
+
 @numpy_op(aten.cumsum.default)
 def cumsum(x, dim, dtype=None):
-    return np.cumsum(x, axis=dim)
+    """x is cast to dtype first (an int32 cumsum of a float histogram truncates each count); without one,
+    integers and bools sum in int64, as in torch."""
+    out = np_dtype(dtype, np.int64 if x.dtype.kind in "biu" else x.dtype.type)
+    x = x.astype(out, copy=False)
+    return np.cumsum(x, axis=dim, dtype=_CUMSUM_ACC.get(out, out)).astype(out, copy=False)
+
+
+@numpy_op(aten.histc.default)
+def histc(x, bins=100, lo=0, hi=0):
+    """torch.histc: `bins` equal-width bins over [lo, hi] (the data's min and max when lo == hi, widened by 1 each
+    way when those are equal too); values outside, and NaN, are dropped; a value equal to hi counts in the last
+    bin. The bin is torch's kernel arithmetic in x's dtype: trunc((v - lo) * bins / (hi - lo)). Integer x (which
+    only torch's CUDA kernel takes) uses exact integer arithmetic with truncated bounds, as that kernel does."""
+    integer = x.dtype.kind in "iu"
+    if integer:
+        lo, hi = int(lo), int(hi)
+    if lo == hi and x.size:
+        lo, hi = x.min().item(), x.max().item()
+    if lo == hi:
+        lo, hi = lo - 1, hi + 1
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"torch.histc: range of [{lo}, {hi}] is not finite")
+    if not lo < hi:
+        raise ValueError("torch.histc: max must be larger than min")
+    t = x.dtype.type
+    lo, hi = t(lo), t(hi)
+    v = x.reshape(-1)
+    v = v[(v >= lo) & (v <= hi)]
+    if integer:
+        pos = (v.astype(np.int64) - int(lo)) * bins // (int(hi) - int(lo))
+    else:
+        pos = ((v - lo) * t(bins) / (hi - lo)).astype(np.int64)
+    pos[pos == bins] = bins - 1
+    return np.bincount(pos, minlength=bins).astype(x.dtype)
 
 
 def _softmax(x, dim):
@@ -283,6 +355,43 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enab
     if bias is not None:
         y += bias
     return y
+
+
+# --- sorting ----------------------------------------------------------------------------------------
+# Order among equal keys: lowest index first (a stable sort), always. That is torch's answer for sort(stable=True);
+# for sort(stable=False) and topk torch leaves it unspecified, and its CPU kernels give whatever their introsort
+# (sort beyond 16 elements) or nth_element / partial_sort (topk beyond 3; for topk also *which* of the tied values
+# at the k-th place make the cut) happen to leave, which no numpy code reproduces. Any consumer that depends on it
+# is not specified by torch either; MoE routing permutes rows by the sort and gathers them back, so it doesn't.
+# NaN sorts as the largest value, as in torch.
+def _argsort(x, dim, descending):
+    if not descending:
+        return np.argsort(x, axis=dim, kind="stable")
+    rev = np.flip(x, axis=dim)                    # stable descending: sort the reversal, reverse, map indices back
+    return x.shape[dim] - 1 - np.flip(np.argsort(rev, axis=dim, kind="stable"), axis=dim)
+
+
+@numpy_op(aten.sort.default)
+def sort(x, dim=-1, descending=False):
+    if x.ndim == 0:
+        return x, np.zeros((), np.int64)
+    idx = _argsort(x, dim, descending)
+    return np.take_along_axis(x, idx, axis=dim), idx
+
+
+@numpy_op(aten.sort.stable)
+def sort_stable(x, *, stable=None, dim=-1, descending=False):
+    return sort(x, dim, descending)
+
+
+@numpy_op(aten.topk.default)
+def topk(x, k, dim=-1, largest=True, sorted=True):
+    """Largest (or smallest) k along dim, in order, ties lowest index first; sorted=False returns them in that
+    same order (torch's CPU order is then unspecified)."""
+    if x.ndim == 0:
+        return x, np.zeros((), np.int64)
+    idx = np.take(_argsort(x, dim, largest), np.arange(k), axis=dim)
+    return np.take_along_axis(x, idx, axis=dim), idx
 
 
 # --- linear algebra ---------------------------------------------------------------------------------
@@ -408,6 +517,21 @@ def index(x, indices):
     return x[tuple(slice(None) if i is None else i for i in indices)]
 
 
+@numpy_op(aten.index_put.default)
+def index_put(x, indices, values, accumulate=False):
+    """Out of place: a copy of x with x[indices] = values (None in indices is a full slice). accumulate adds, in
+    index order, once per occurrence of a repeated index; without it a repeated index keeps the last value, as
+    torch's serial CPU kernel does (torch itself leaves that case undefined)."""
+    out = x.copy()
+    idx = tuple(slice(None) if i is None else i for i in indices)
+    values = np.asarray(values, dtype=x.dtype)
+    if accumulate:
+        np.add.at(out, idx, values)
+    else:
+        out[idx] = values
+    return out
+
+
 @numpy_op(aten.gather.default)
 def gather(x, dim, idx, sparse_grad=False):
     return np.take_along_axis(x, idx, axis=dim)
@@ -497,6 +621,11 @@ def zeros_like(x, dtype=None, **kwargs):
     return np.zeros(x.shape, dtype=np_dtype(dtype, x.dtype))
 
 
+@numpy_op(aten.empty_like.default)
+def empty_like(x, dtype=None, **kwargs):
+    return np.zeros(x.shape, dtype=np_dtype(dtype, x.dtype))    # any values are valid; zeros are reproducible
+
+
 @numpy_op(aten.full_like.default)
 def full_like(x, value, dtype=None, **kwargs):
     return np.full(x.shape, value, dtype=np_dtype(dtype, x.dtype))
@@ -505,3 +634,6 @@ def full_like(x, value, dtype=None, **kwargs):
 @numpy_op(aten.scalar_tensor.default)
 def scalar_tensor(value, dtype=None, **kwargs):
     return np.asarray(value, dtype=np_dtype(dtype, np.float32))
+
+
+from . import numpy_transformers  # noqa: E402,F401 - ops that transformers defines; registered with these

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -7,18 +8,24 @@ import slimfx
 from slimfx.backends.numpy_backend import UnsupportedOpError
 
 
-class Sorts(nn.Module):
+class CumMax(nn.Module):
     def forward(self, x):
-        return torch.sort(x).values + 1
+        return torch.cummax(x, 1).values + 1
 
 
 def test_missing_op_names_the_op_and_the_node():
-    with pytest.raises(UnsupportedOpError, match=r"aten\.sort\.\w+ \(node sort"):
-        slimfx.compile(Sorts(), (torch.randn(4, 5),), backend="numpy", progress=False)
+    with pytest.raises(UnsupportedOpError, match=r"aten\.cummax\.\w+ \(node cummax"):
+        slimfx.compile(CumMax(), (torch.randn(4, 5),), backend="numpy", progress=False)
     # the torch backend runs it
-    cm = slimfx.compile(Sorts(), (torch.randn(4, 5),), backend="torch", progress=False)
+    cm = slimfx.compile(CumMax(), (torch.randn(4, 5),), backend="torch", progress=False)
     x = torch.randn(4, 5)
-    assert torch.equal(cm(x), torch.sort(x).values + 1)
+    assert torch.equal(cm(x), torch.cummax(x, 1).values + 1)
+
+
+def test_bfloat16_model_is_refused_with_what_to_do():
+    m = nn.Linear(6, 3).to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"cannot hold torch\.bfloat16 tensors.*model\.float\(\).*backend='torch'"):
+        slimfx.compile(m, (torch.randn(2, 6, dtype=torch.bfloat16),), backend="numpy", progress=False)
 
 
 class Ops(nn.Module):
@@ -89,3 +96,222 @@ def test_gelu_numpy_matches_torch_both_forms():
         got = torch.from_numpy(gelu(x.numpy().copy(), approximate=approx))
         # fp32 GELU: the erf approximation (1e-6 abs) and ulp-level differences in tanh/exp
         assert torch.allclose(got, F.gelu(x, approximate=approx), rtol=1e-5, atol=2e-6), approx
+
+
+# --- ops of MoE routing and T5: each against torch, exactly (they select, count and index; no rounding) ----------
+def _np(name):
+    from slimfx.backends import numpy_ops
+    return getattr(numpy_ops, name)
+
+
+def _ties(shape, dtype, seed):
+    """Values from a handful of levels: most entries tie with many others. Floats get NaN and -inf too."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 4, shape, generator=g).to(dtype)
+    if dtype.is_floating_point:
+        x.view(-1)[::7] = float("nan")
+        x.view(-1)[3::11] = float("-inf")
+    return x
+
+
+SORT_DTYPES = [torch.float32, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+
+@pytest.mark.parametrize("dtype", SORT_DTYPES)
+def test_sort_is_torchs_stable_sort_with_ties_and_nan(dtype):
+    sort = _np("sort")
+    for shape, dim in (((1, 1), -1), ((3, 37), -1), ((37, 5), 0), ((2, 19, 3), 1), ((), 0)):
+        x = _ties(shape, dtype, seed=len(shape) + dim)
+        for descending in (False, True):
+            v, i = sort(x.numpy(), dim, descending)
+            want = torch.sort(x, dim=dim, descending=descending, stable=True)
+            assert torch.equal(torch.from_numpy(i), want.indices), (shape, dim, descending)
+            assert torch.equal(torch.from_numpy(v), want.values) or dtype.is_floating_point and \
+                torch.equal(torch.from_numpy(v).nan_to_num(7), want.values.nan_to_num(7))
+            # torch's unstable sort (past 16 elements) orders ties otherwise, but its values are the same
+            assert torch.equal(torch.from_numpy(v).nan_to_num(7), torch.sort(x, dim, descending).values.nan_to_num(7))
+
+
+@pytest.mark.parametrize("dtype", SORT_DTYPES[:-1])
+def test_topk_matches_torch_values_and_breaks_ties_lowest_index_first(dtype):
+    topk = _np("topk")
+    for shape, dim, k in (((1, 1), -1, 1), ((3, 37), -1, 5), ((37, 5), 0, 37), ((2, 19, 3), 1, 2)):
+        x = _ties(shape, dtype, seed=k)
+        for largest in (True, False):
+            v, i = topk(x.numpy(), k, dim, largest)
+            want = torch.topk(x, k, dim, largest)
+            assert torch.equal(torch.from_numpy(v).nan_to_num(7), want.values.nan_to_num(7)), (shape, largest)
+            # ties: the first k of the stable sort (torch's CPU topk picks among ties arbitrarily; see numpy_ops)
+            stable = torch.sort(x, dim=dim, descending=largest, stable=True).indices.narrow(dim, 0, k)
+            assert torch.equal(torch.from_numpy(i), stable)
+    # without ties the indices are torch's too
+    x = torch.randn(5, 33)
+    for largest in (True, False):
+        assert torch.equal(torch.from_numpy(topk(x.numpy(), 4, 1, largest)[1]), torch.topk(x, 4, 1, largest).indices)
+    assert topk(np.float32([0.25, 0.25, 0.25, 0.25]), 2)[1].tolist() == [0, 1]     # torch on CPU: [2, 3]
+
+
+def test_histc_bins_edges_and_range_rules_match_torch():
+    histc = _np("histc")
+    nan, inf = float("nan"), float("inf")
+    cases = [  # (values, bins, min, max)
+        ([0.0, 1, 2, 3, 3, -0.5, 3.0001, nan, inf, -inf], 4, 0, 3),  # max: last bin; outside and NaN: dropped
+        ([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.7000001], 10, 0.1, 0.7),  # edges that are not binary fractions
+        ([2.0, 2, 2], 4, 0, 0),            # min == max: the data's range, widened by 1 as it is a point
+        ([1.0, 2, 3, 9], 4, 5, 5),         # min == max: the data's range [1, 9]
+        ([], 3, 0, 0),                     # empty: range [-1, 1], all zero
+        ([-3.0, -1, 0, 1], 3, -3, 1),
+    ]
+    for values, bins, lo, hi in cases:
+        for dtype in (torch.float32, torch.float64):
+            x = torch.tensor(values, dtype=dtype)
+            want = torch.histc(x, bins, lo, hi)
+            got = torch.from_numpy(histc(x.numpy(), bins, lo, hi))
+            assert got.dtype == want.dtype and torch.equal(got, want), (values, got, want)
+    x = torch.randn(7, 1001) * 3
+    assert torch.equal(torch.from_numpy(histc(x.numpy(), 17, -2.5, 4)), torch.histc(x, 17, -2.5, 4))
+    # MoE's use: expert ids (ints as floats) counted into one bin each
+    ids = torch.randint(0, 5, (31,)).float()
+    assert torch.equal(torch.from_numpy(histc(ids.numpy(), 5, 0, 4)), torch.histc(ids, 5, 0, 4))
+    # integer input (torch's CUDA kernel only): exact integer arithmetic, same counts as the float form here
+    values = [0, 1, 2, 3, 3, -1, 4, 2]
+    got = histc(np.int32(values), 4, 0, 3)
+    assert got.dtype == np.int32 and got.tolist() == torch.histc(torch.tensor(values).float(), 4, 0, 3).tolist()
+    with pytest.raises(ValueError, match="not finite"):
+        histc(np.float32([1, nan]), 3, 0, 0)
+    with pytest.raises(ValueError, match="max must be larger than min"):
+        histc(np.float32([1, 2]), 3, 3, 1)
+
+
+def test_index_put_assigns_and_accumulates_like_torch():
+    index_put = _np("index_put")
+    x = torch.randn(5, 4, 3)
+    rows = torch.tensor([4, 0, 4, 2, 0, 0])           # repeats: accumulate adds each occurrence
+    cols = torch.tensor([1, 3, 1, 0, 2, 2])
+    mask = torch.tensor([True, False, True, False, True])
+    for indices, values in (([rows], torch.randn(6, 4, 3)), ([rows, cols], torch.randn(6, 3)),
+                            ([None, cols[:3]], torch.randn(5, 3, 3)), ([mask], torch.randn(3, 4, 3)),
+                            ([rows[:2]], torch.tensor(2.5)), ([rows, None, cols % 3], torch.randn(6, 4))):
+        for accumulate in (False, True):
+            if not accumulate and len(set(rows.tolist())) < 6 and indices[0] is rows and len(indices) == 1:
+                continue                               # repeated index without accumulate: torch leaves it undefined
+            want = torch.ops.aten.index_put(x, indices, values, accumulate)
+            got = index_put(x.numpy(), [None if i is None else i.numpy() for i in indices], values.numpy(), accumulate)
+            # accumulate sums repeats in index order in both: identical fp32 rounding
+            assert torch.equal(torch.from_numpy(got), want), (indices, accumulate)
+    # an int64 inverse permutation (what MoE routing builds with empty_like + index_put)
+    perm = torch.randperm(11)
+    inv = torch.empty_like(perm).index_put([perm], torch.arange(11))
+    assert np.array_equal(index_put(_np("empty_like")(perm.numpy()), [perm.numpy()], np.arange(11)), inv.numpy())
+    assert _np("empty_like")(np.ones((2, 3), np.int32), dtype=torch.float16).dtype == np.float16
+
+
+def test_cumsum_casts_first_and_accumulates_as_torch_does():
+    cumsum = _np("cumsum")
+    x = torch.tensor([[1.7, 2.9, -0.5], [3.2, 0.0, 1.0]])
+    for dim, dtype in ((1, torch.int32), (0, torch.int64), (1, torch.float64), (1, None)):
+        want = torch.cumsum(x, dim, dtype=dtype)               # to int: each value truncated before summing
+        got = cumsum(x.numpy(), dim, dtype)
+        assert torch.equal(torch.from_numpy(got), want), (dim, dtype)
+    for ints in (torch.tensor([3, -1, 2], dtype=torch.int32), torch.tensor([True, False, True])):
+        assert torch.equal(torch.from_numpy(cumsum(ints.numpy(), 0)), torch.cumsum(ints, 0))   # int64, as torch
+    # long float32 and float16 sums: torch accumulates in float64 / float32; bit for bit the same here
+    long = torch.randn(3, 20001) * 100
+    assert torch.equal(torch.from_numpy(cumsum(long.numpy(), 1)), torch.cumsum(long, 1))
+    half = long[:, :3001].half()
+    assert torch.equal(torch.from_numpy(cumsum(half.numpy(), 1)), torch.cumsum(half, 1))
+
+
+def test_floor_divide_and_min_max_other_follow_torch():
+    floor_divide = _np("floor_divide")
+    i = torch.arange(-13, 14)
+    for d in (7, -3, 1):
+        assert torch.equal(torch.from_numpy(np.asarray(floor_divide(i.numpy(), d))), torch.floor_divide(i, d))
+    # int // float: torch computes in float32, where 7 // 0.7 is 10.0 (float64 says 9.0)
+    got = floor_divide(i.numpy(), 0.7)
+    assert got.dtype == np.float32 and torch.equal(torch.from_numpy(got), torch.floor_divide(i, 0.7))
+    f = torch.cat([torch.randn(3001) * 50, torch.tensor([0.0, -0.0, 5, -5, float("inf"), float("nan")])])
+    for d in (torch.randn(f.shape) * 3, torch.zeros(f.shape), 0.3, -2.5):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            got = torch.from_numpy(floor_divide(f.numpy(), d.numpy() if torch.is_tensor(d) else d))
+        want = torch.floor_divide(f, d)
+        same = (got == want) & (got.signbit() == want.signbit()) | got.isnan() & want.isnan()
+        assert same.all(), (f[~same], got[~same], want[~same])
+    with pytest.raises(ZeroDivisionError):
+        floor_divide(np.int64([4, 5]), np.int64([1, 0]))
+    a = torch.tensor([1.0, float("nan"), -2.0, 5.0])
+    b = torch.tensor([3, 0, -7, 5])                       # int64 against float32: float32, as torch promotes
+    for name, op in (("minimum", torch.min), ("maximum", torch.max)):
+        got = torch.from_numpy(_np(name)(a.numpy(), b.numpy()))
+        want = op(a, b)
+        assert got.dtype == want.dtype and torch.equal(got.nan_to_num(9), want.nan_to_num(9)), name
+
+
+def test_grouped_mm_fallback_matches_transformers():
+    pytest.importorskip("transformers")
+    from slimfx.backends.numpy_transformers import grouped_mm_fallback, transformers_op
+    op = transformers_op("grouped_mm_fallback")
+    if op is None:
+        pytest.skip("this transformers defines no grouped_mm_fallback")
+    x, w = torch.randn(13, 6), torch.randn(5, 6, 3)
+    # experts 1 and 3 get no rows; rows 11 and 12 (past the last offset) stay zero
+    for offs in (torch.tensor([4, 4, 9, 9, 11], dtype=torch.int32), torch.tensor([13, 13, 13, 13, 13])):
+        want = op(x, w, offs)
+        got = torch.from_numpy(grouped_mm_fallback(x.numpy(), w.numpy(), offs.numpy()))
+        # one fp32 (m x 6) @ (6 x 3) per expert: numpy's and torch's GEMMs may sum K in different orders
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert (got[int(offs[-1]):] == 0).all()
+
+
+class Routing(nn.Module):
+    """MoE routing as transformers 5 writes it, plus T5's bucket clamp: through the whole interpreter, so the node
+    dtypes the interpreter casts to are checked too."""
+    def forward(self, logits, h):
+        w, top = torch.topk(logits.softmax(-1), 2, dim=-1)
+        ids, perm = torch.sort(top.reshape(-1))
+        rows = perm // 2
+        counts = torch.histc(ids.float(), bins=5, min=0, max=4)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        inv = torch.empty_like(perm).index_put([perm], torch.arange(perm.numel()))
+        y = (h[rows] * w.reshape(-1)[perm, None])[inv].view(h.shape[0], 2, -1).sum(1)
+        return y, offs, torch.min(top, torch.full_like(top, 3))
+
+
+def test_routing_ops_through_the_interpreter_match_torch():
+    logits, h = torch.randn(9, 5), torch.randn(9, 4)
+    cm = slimfx.compile(Routing(), (logits, h), backend="numpy", progress=False)
+    (y, offs, clamped), (y_t, offs_t, clamped_t) = cm(logits, h), Routing()(logits, h)
+    assert offs.dtype == torch.int32 and torch.equal(offs, offs_t) and torch.equal(clamped, clamped_t)
+    # y: the routing weights come from a softmax, whose exp numpy and torch round differently (a few ulp)
+    assert y.dtype == y_t.dtype and torch.allclose(y, y_t, rtol=1e-6, atol=1e-6)
+
+
+def _tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=5,
+                                            num_experts_per_tok=2, max_position_embeddings=64)).eval()
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                               num_heads=4)).eval()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "t5"])
+def test_moe_and_t5_models_match_torch_on_numpy(family):
+    pytest.importorskip("transformers")
+    from conftest import rel_err, text_batch
+    model = _tiny_mixtral() if family == "mixtral" else _tiny_t5()
+    ids, mask = text_batch(2, 11, 97, pad_left=family == "mixtral")
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    if family == "t5":
+        kw["decoder_input_ids"] = ids[:, :5]
+    cm = slimfx.compile(model, (), kw, backend="numpy", progress=False)
+    with torch.no_grad():
+        want = model(**kw).logits
+    # fp32 throughout: numpy's and torch's GEMMs and reductions round differently, ~1e-7 per op over 2 layers
+    assert rel_err(cm(**kw).logits, want) < 1e-5
