@@ -41,6 +41,10 @@ def _families():
                                                     word_embed_proj_dim=32)),
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=32,
                                                              num_attention_heads=4, num_hidden_layers=2)),
+        "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**_GQA, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**_GQA, num_experts=4, num_experts_per_tok=2,
+                                                                   moe_intermediate_size=32,
+                                                                   shared_expert_intermediate_size=32)),
         "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_head=4, n_layer=2)),
         "bert": lambda: T.BertModel(T.BertConfig(**_C)),
         "roberta": lambda: T.RobertaModel(T.RobertaConfig(**_C, pad_token_id=1)),
@@ -51,7 +55,8 @@ def _families():
 
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi", "phi3", "stablelm", "olmo2", "granite",
-            "gpt_neox", "gpt2", "opt", "falcon", "bloom", "bert", "roberta", "distilbert", "electra"]
+            "gpt_neox", "gpt2", "opt", "falcon", "bloom", "mixtral", "qwen2moe", "bert", "roberta", "distilbert",
+            "electra"]
 
 
 def _model_and_call(family):
@@ -65,9 +70,15 @@ def _model_and_call(family):
 
 
 def _weight_matrices(model) -> int:
-    """Elements of every weight matrix a linear layer multiplies by (nn.Linear and GPT-2's Conv1D)."""
-    from transformers.pytorch_utils import Conv1D
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)))
+    """Elements of every weight matrix a linear layer multiplies by: each module's own 2-D ``weight`` but the
+    embeddings' (nn.Linear, GPT-2's Conv1D, MoE routers; a tied lm_head counts, as it is quantized apart)."""
+    return sum(m.weight.numel() for m in model.modules() if not isinstance(m, nn.Embedding) and
+               isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2)
+
+
+def _expert_tensors(model) -> int:
+    """Elements of the mixture-of-experts tensors (3-D: experts x out x in), which a grouped GEMM multiplies by."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.ndim == 3 and ".experts." in n)
 
 
 def _first(out):
@@ -94,8 +105,9 @@ def test_family_runs_on_numpy_and_quantizes_in_every_linear_layer(family):
 
     q = slimfx.compile(model, (), call, dynamic=True, passes=[Quantize(weights="int8", activations="dynamic"),
                                                               Fuse()], backend="numpy", progress=False)
-    int8 = sum(t.numel() for t in q.graph.state_dict().values() if t.dtype == torch.int8 and t.ndim == 2)
-    assert int8 == _weight_matrices(model)                # every linear layer holds int8 weights, fused or not
+    int8 = sum(t.numel() for t in q.graph.state_dict().values() if t.dtype == torch.int8 and t.ndim >= 2)
+    # every linear layer holds int8 weights, fused or not, and so do the experts of MoE blocks
+    assert int8 == _weight_matrices(model) + _expert_tensors(model)
     # int8 per channel x int8 per token on random weights: 33-45 dB across these families; 25 dB is far below
     # any of them and far above a layer left unquantized by mistake in the comparison's other direction
     # (a wrong scale or a dropped bias costs tens of dB)
@@ -103,7 +115,7 @@ def test_family_runs_on_numpy_and_quantizes_in_every_linear_layer(family):
 
 
 GENERATORS = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "stablelm", "olmo2", "granite", "gpt_neox",
-              "falcon"]
+              "falcon", "mixtral", "qwen2moe"]
 
 
 @pytest.mark.parametrize("family", GENERATORS)   # Llama, GPT-2, OPT, Phi, BLOOM, sliding windows: tests/test_lm.py
