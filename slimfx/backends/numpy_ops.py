@@ -114,8 +114,12 @@ def div(a, b):
 
 @numpy_op(aten.div.Tensor_mode)
 def div_mode(a, b, rounding_mode=None):
+    a, b = promoted(a, b)                  # in torch's dtype: an int64 tensor // 0.7 is a float32 quotient
     if rounding_mode == "floor":
         return np.floor_divide(a, b)
+    if rounding_mode == "trunc" and np.result_type(a, b).kind in "iu":
+        q = np.abs(a) // np.abs(b)         # exact for integers, where a float quotient rounds beyond 2**53
+        return np.where((np.asarray(a) < 0) != (np.asarray(b) < 0), -q, q)
     q = np.true_divide(a, b)
     return np.trunc(q) if rounding_mode == "trunc" else q
 
@@ -131,7 +135,7 @@ def floor_divide(a, b):
 
 @numpy_op(aten.remainder.Scalar, aten.remainder.Tensor)
 def remainder(a, b):
-    return np.remainder(a, b)          # both take the divisor's sign (Python's %)
+    return np.remainder(*promoted(a, b))   # both take the divisor's sign (Python's %), in torch's dtype
 
 
 @numpy_op(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor)

@@ -315,3 +315,18 @@ def test_moe_and_t5_models_match_torch_on_numpy(family):
         want = model(**kw).logits
     # fp32 throughout: numpy's and torch's GEMMs and reductions round differently, ~1e-7 per op over 2 layers
     assert rel_err(cm(**kw).logits, want) < 1e-5
+
+
+def test_division_modes_and_remainder_compute_in_torchs_dtype():
+    """int64 by a Python float is a float32 quotient in torch (numpy would take float64), and an integer trunc
+    division is exact (a float64 quotient rounds beyond 2**53): exact agreement either way."""
+    div_mode, remainder = _np("div_mode"), _np("remainder")
+    a = torch.tensor([7, -7, 2 ** 60 + 1, -(2 ** 60) - 5, 0, 13, 1 << 40])
+    for b in (0.7, 3, -3, torch.tensor([3, 3, 3, 3, -3, -4, 7])):
+        bn = b.numpy() if isinstance(b, torch.Tensor) else b
+        for mode in ("floor", "trunc", None):
+            want = torch.div(a, b, rounding_mode=mode)
+            got = np.asarray(div_mode(a.numpy(), bn, mode)).astype(want.numpy().dtype)
+            assert np.array_equal(got, want.numpy()), (b, mode)
+        want = torch.remainder(a, b)
+        assert np.array_equal(np.asarray(remainder(a.numpy(), bn)).astype(want.numpy().dtype), want.numpy()), b
