@@ -38,7 +38,7 @@ from ..quant.linear import MAX_K
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
 from .quant_calibration import calibration_calls, example_values, input_hessians, run_watching
-from .quantize_experts import expert_weights, quantize_expert_weight
+from .quantize_experts import expert_hessians, expert_weights, quantize_expert_weight
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -172,7 +172,7 @@ class Quantize(Pass):
     def run(self, gm, ctx):
         act = ACTIVATIONS[self.activations]
         chosen, skipped = self.select(gm)
-        experts = self._quantize_experts(gm, skipped)
+        experts = self._quantize_experts(gm, ctx, skipped)
         if not chosen:
             if experts:
                 gm.graph.eliminate_dead_code()
@@ -220,20 +220,22 @@ class Quantize(Pass):
                                      "weight_bytes_fp32": bytes_before, "weight_bytes": bytes_after,
                                      "ratio": round(bytes_after / bytes_before, 4), "skipped": skipped})
 
-    def _quantize_experts(self, gm, skipped: dict) -> list[dict]:
-        """Mixture-of-experts tensors (quantize_experts): weight-only, RTN, with the linear layers' scheme."""
+    def _quantize_experts(self, gm, ctx, skipped: dict) -> list[dict]:
+        """Mixture-of-experts tensors (quantize_experts): weight-only with the linear layers' scheme, each expert
+        by GPTQ on the calibration tokens routed to it (method="gptq"; the float graph's routing) or RTN."""
         if self.weights.startswith("log"):
             return []
         found, refused = expert_weights(gm)
         skipped.update({f"experts {k}": v for k, v in refused.items()})
-        records = []
+        chosen = [ew for ew in found if not (self.include and not matches(ew.name.rsplit(".", 1)[0], self.include)
+                                             or matches(ew.name.rsplit(".", 1)[0], self.exclude))]
+        hessians = {}
+        if chosen and self.method == "gptq":
+            calls = list(calibration_calls(ctx, "Quantize(method='gptq')"))
+            hessians = expert_hessians(gm, chosen, calls, ctx.progress, "Quantize(method='gptq')")
         scheme = weight_scheme(self.weights, self.group_size)
-        for ew in found:
-            module = ew.name.rsplit(".", 1)[0]
-            if self.include and not matches(module, self.include) or matches(module, self.exclude):
-                continue
-            records.append(quantize_expert_weight(gm, ew, scheme, module))
-        return records
+        return [quantize_expert_weight(gm, ew, scheme, ew.name.rsplit(".", 1)[0], hessians.get(ew.node), self.damp,
+                                       self.act_order) for ew in chosen]
 
     def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
                         hessian: Optional[torch.Tensor] = None) -> dict:
@@ -309,9 +311,15 @@ def _expert_stats(records: list[dict]) -> dict:
     """The pass statistics' view of the expert tensors quantized (none: nothing to show)."""
     if not records:
         return {}
-    return {"expert_tensors": len(records),
-            "experts": {r["tensor"]: f"{r['shape'][0]} x {r['shape'][1]} x {r['shape'][2]}, weight-only, "
-                                     f"SQNR {r['weight_sqnr_db']} dB" for r in records}}
+    def line(r):
+        text = f"{r['shape'][0]} x {r['shape'][1]} x {r['shape'][2]}, weight-only, SQNR {r['weight_sqnr_db']} dB"
+        if "gptq" in r:                     # relative output error on the calibration tokens, GPTQ vs RTN
+            g = r["gptq"]
+            text += (f", GPTQ on {g['experts_fitted']}/{r['shape'][0]} experts: output error "
+                     f"{g['output_error']:.3g} (RTN {g['output_error_rtn']:.3g})") if g["output_error"] is not None \
+                else ", GPTQ: no calibration token reached these experts (RTN)"
+        return text
+    return {"expert_tensors": len(records), "experts": {r["tensor"]: line(r) for r in records}}
 
 
 def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:

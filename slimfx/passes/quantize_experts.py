@@ -13,12 +13,16 @@ itself stays in float (no int8 grouped kernel yet): what shrinks is the memory, 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
+
 import torch
 import torch.fx as fx
 
 from .. import ir
 from ..quant import QScheme, dequantize_tensor_torch, fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes
+from ..quant.gptq import gptq_quantize, output_error
 from .manager import sqnr_db
+from .quant_calibration import run_watching
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -89,9 +93,65 @@ def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, st
     return chosen, skipped
 
 
-def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme, module: str) -> dict:
+def _offsets(gemm: fx.Node):
+    return gemm.args[2] if len(gemm.args) > 2 else gemm.kwargs.get("offs")
+
+
+def ew_shape(gm: fx.GraphModule, ew: ExpertWeight) -> tuple[int, int, int]:
+    """(experts, out, in) of an expert tensor, whichever way it is stored."""
+    e, a, b = ir.meta.tensor_attr(gm, ew.node).shape
+    return (e, a, b) if ew.rows_out else (e, b, a)
+
+
+def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, progress: bool, who: str) -> dict:
+    """{expert tensor's node: [H_e per expert]}: X_e X_e^T / n_e of the rows each expert's GEMM block reads
+    (rows offs[e-1]:offs[e] of the grouped GEMM's input) over ``calls``, summed over the GEMMs reading it.
+    An expert no calibration token reached gets None (it falls back to rounding to nearest)."""
+    from ..quant.gptq import Hessian
+    watch, per_gemm = {}, {}
+
+    def chain(node, cb):          # a node may feed several GEMMs (one offsets tensor per MoE block)
+        prev = watch.get(node)
+        watch[node] = cb if prev is None else (lambda v, a=prev, b=cb: (a(v), b(v)))
+
+    for ew in experts:
+        n_exp, _, k = ew_shape(gm, ew)
+        for gemm in ew.gemms:
+            if gemm in per_gemm:
+                continue
+            hs = per_gemm[gemm] = [Hessian(k) for _ in range(n_exp)]
+            seen: dict = {}
+
+            def put(key, seen=seen, hs=hs):
+                def callback(v):
+                    seen[key] = v
+                    if "x" in seen and "offs" in seen:          # both values of this run: split the rows
+                        rows, start = seen.pop("x"), 0
+                        for h, end in zip(hs, seen.pop("offs").tolist()):
+                            if end > start:
+                                h.add(rows[start:end])
+                            start = end
+                return callback
+            chain(gemm.args[0], put("x"))
+            chain(_offsets(gemm), put("offs"))
+    if run_watching(gm, calls, watch, progress, f"{who}: expert input statistics") == 0:
+        raise ValueError(f"{who}: the calibration data is empty")
+    out = {}
+    for ew in experts:
+        total = [None] * ew_shape(gm, ew)[0]
+        for gemm in ew.gemms:
+            for i, h in enumerate(per_gemm[gemm]):
+                if h.n:
+                    total[i] = h.value() if total[i] is None else total[i] + h.value()
+        out[ew.node] = total
+    return out
+
+
+def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme, module: str,
+                           hessians: Optional[list] = None, damp: float = 0.01, act_order: bool = True) -> dict:
     """Replace the float tensor by transpose(dequantize(w_q, s_w)) / dequantize(w_q, s_w) with w_q (E, N, K)
-    int8 codes; returns the layer's record."""
+    int8 codes, rounded to nearest or, given each expert's input Hessian (None for an expert calibration never
+    reached), chosen by GPTQ expert by expert; returns the tensor's record."""
     g = gm.graph
     w = ir.meta.tensor_attr(gm, ew.node).detach().to(torch.float32)
     enk = w if ew.rows_out else w.transpose(1, 2)            # (experts, out, in): scales per output channel
@@ -102,6 +162,18 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
                          f"{ew.name!r}; choose a divisor or exclude {module!r}")
     qp = qparams_torch(flat, scheme, name=f"experts {ew.name}")
     codes = quantize_tensor_torch(flat, scheme, qp)
+    gptq_rec = None
+    if hessians is not None:
+        rtn_error = output_errors(enk, dequantize_tensor_torch(codes, scheme, qp).view(e, n, k), hessians)
+        parts = [gptq_quantize(enk[i], h, scheme, damp, act_order=act_order, name=f"expert {i} of {ew.name}")
+                 if h is not None else None for i, h in enumerate(hessians)]
+        rtn_codes, rtn_scale = codes.view(e, n, k), qp.scale.reshape(e, n, -1)
+        codes = torch.cat([p[0] if p else rtn_codes[i] for i, p in enumerate(parts)])
+        scale = torch.stack([p[1].scale.reshape(n, -1) if p else rtn_scale[i] for i, p in enumerate(parts)])
+        qp = qp._replace(scale=scale.reshape(qp.scale.shape))
+        gptq_error = output_errors(enk, dequantize_tensor_torch(codes, scheme, qp).view(e, n, k), hessians)
+        gptq_rec = {"experts_fitted": sum(p is not None for p in parts), "output_error": gptq_error,
+                    "output_error_rtn": rtn_error}
     error = sqnr_db(flat, dequantize_tensor_torch(codes, scheme, qp))
     new = []
     with g.inserting_before(ew.node):
@@ -134,7 +206,16 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
         ir.meta.info(node).origin = "quantize"
     ew.node.replace_all_uses_with(wd)
     g.erase_node(ew.node)
-    return {"module": module, "tensor": ew.name, "shape": [e, n, k], "weight": scheme.to_dict(),
-            "fp32_bytes": fp32_bytes((e, n, k)), "weight_bytes": weight_bytes((e * n, k), scheme),
-            "weight_sqnr_db": None if error == float("inf") else round(error, 2),
-            "mode": "weight-only (grouped GEMM in float)"}
+    rec = {"module": module, "tensor": ew.name, "shape": [e, n, k], "weight": scheme.to_dict(),
+           "fp32_bytes": fp32_bytes((e, n, k)), "weight_bytes": weight_bytes((e * n, k), scheme),
+           "weight_sqnr_db": None if error == float("inf") else round(error, 2),
+           "mode": "weight-only (grouped GEMM in float)", "method": "gptq" if gptq_rec else "rtn"}
+    if gptq_rec:
+        rec["gptq"] = gptq_rec
+    return rec
+
+
+def output_errors(w: torch.Tensor, wq: torch.Tensor, hessians: list) -> Optional[float]:
+    """GPTQ's relative output error of each expert calibration reached (``output_error``), averaged."""
+    errs = [output_error(w[i], wq[i], h) for i, h in enumerate(hessians) if h is not None]
+    return round(sum(errs) / len(errs), 8) if errs else None

@@ -1,6 +1,7 @@
 """The Quantize / FoldQDQ / SmoothQuant passes: integer paths agree bit for bit between the torch reference
 of the graph and the numpy backend, layer selection, calibration errors, folding, storage, float preservation."""
 import json
+import re
 
 import pytest
 import torch
@@ -293,3 +294,27 @@ def test_experts_stored_input_major_get_per_output_channel_scales():
     wd = (wq.float() * ws).transpose(1, 2)
     want = torch.cat([x[:4] @ wd[0], x[4:] @ wd[2]])
     assert rel_err(cm(x, offs), want) < 1e-6               # the same products, fp32 (mm into slices vs @)
+
+
+def test_gptq_fits_each_expert_on_the_tokens_routed_to_it():
+    """method="gptq": each expert's Hessian comes from the rows of the grouped GEMM's input in its block
+    (offs), and GPTQ lowers each expert tensor's output error on them below RTN's (measured 1.4-2.5x lower
+    here: int4 in groups of 16)."""
+    model = _tiny_mixtral()
+    g = torch.Generator().manual_seed(1)
+    cal = [dict(input_ids=torch.randint(0, 97, (4, 24), generator=g), use_cache=False) for _ in range(3)]
+    call = dict(input_ids=torch.randint(0, 97, (2, 11), generator=g), use_cache=False)
+    q = Quantize(weights="int4", group_size=16, include=("*.experts",), method="gptq")
+    cm = slimfx.compile(model, (), call, dynamic=True, passes=[q], calibration=cal, backend="numpy", progress=False)
+    stats = next(r for r in cm.report().records if r.name == "quantize").stats
+    assert len(stats["experts"]) == 4 and stats["layers"] == 0
+    for line in stats["experts"].values():
+        m = re.search(r"GPTQ on 4/4 experts: output error ([\d.e-]+) \(RTN ([\d.e-]+)\)", line)
+        assert m and float(m[1]) < float(m[2]), line
+    q_rtn = Quantize(weights="int4", group_size=16, include=("*.experts",))
+    rtn = slimfx.compile(model, (), call, dynamic=True, passes=[q_rtn], backend="numpy", progress=False)
+    with torch.no_grad():
+        ref = model(**call).logits
+    # the logits: GPTQ at least as close to fp32 as RTN (44.4 vs 43.2 dB in this tiny model, whose
+    # residual stream dwarfs the experts' contribution)
+    assert sqnr_db(ref, cm(**call).logits) > sqnr_db(ref, rtn(**call).logits)
