@@ -298,6 +298,13 @@ def amax(x, dims=(), keepdim=False):
 _CUMSUM_ACC = {np.float32: np.float64, np.float16: np.float32}
 
 
+@numpy_op(aten.diff.default)
+def diff(x, n=1, dim=-1, prepend=None, append=None):
+    """torch.diff: bools by inequality (numpy's diff does the same), numbers by subtraction."""
+    kw = {k: v for k, v in (("prepend", prepend), ("append", append)) if v is not None}
+    return np.diff(x, n, axis=dim, **kw)
+
+
 @numpy_op(aten.cumsum.default)
 def cumsum(x, dim, dtype=None):
     """x is cast to dtype first (an int32 cumsum of a float histogram truncates each count); without one,

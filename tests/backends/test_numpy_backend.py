@@ -330,3 +330,14 @@ def test_division_modes_and_remainder_compute_in_torchs_dtype():
             assert np.array_equal(got, want.numpy()), (b, mode)
         want = torch.remainder(a, b)
         assert np.array_equal(np.asarray(remainder(a.numpy(), bn)).astype(want.numpy().dtype), want.numpy()), b
+
+
+def test_diff_matches_torch_for_numbers_and_bools():
+    diff = _np("diff")
+    x = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    for t in (x, x.float() / 3, x > 2):
+        for n, dim in ((1, -1), (2, 1), (1, 0)):
+            want = torch.diff(t, n=n, dim=dim)
+            assert np.array_equal(diff(t.numpy(), n, dim), want.numpy()), (t.dtype, n, dim)
+        pre = t[:, :1]
+        assert np.array_equal(diff(t.numpy(), 1, 1, pre.numpy()), torch.diff(t, dim=1, prepend=pre).numpy())
