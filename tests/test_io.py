@@ -234,3 +234,32 @@ def test_save_refuses_what_json_cannot_hold():
     g.output(g.call_function(lambda t: t + 1, (x,)))
     with pytest.raises(FormatError, match="cannot be saved: a saved graph calls torch ops"):
         to_json(fx.GraphModule({}, g))
+
+
+def test_moe_model_loads_in_a_fresh_process(tmp_path):
+    """A mixture-of-experts graph holds transformers' grouped GEMM op, registered only once
+    transformers.integrations.moe is imported: load imports it (a fixed table of namespaces), so a process
+    that never built the model loads the file and computes the same logits bit for bit."""
+    import subprocess
+    import sys
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, num_hidden_layers=1, intermediate_size=48,
+                                             num_local_experts=4, num_experts_per_tok=2)).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    cm = slimfx.compile(model, (), dict(input_ids=ids, use_cache=False), dynamic=True,
+                        passes=[P.Quantize(weights="int8")], backend="numpy", progress=False)
+    path = cm.save(tmp_path / "moe")
+    safetensors.torch.save_file({"ids": ids, "logits": cm(input_ids=ids, use_cache=False).logits},
+                                str(tmp_path / "io.safetensors"))
+    script = (
+        "import sys, torch, safetensors.torch, slimfx\n"
+        "assert 'transformers.integrations.moe' not in sys.modules\n"
+        f"cm = slimfx.load({str(path)!r})\n"
+        f"io = safetensors.torch.load_file({str(tmp_path / 'io.safetensors')!r})\n"
+        "print(torch.equal(cm(input_ids=io['ids'], use_cache=False).logits, io['logits']))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

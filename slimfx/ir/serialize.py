@@ -179,13 +179,30 @@ def _tensor_method(name: str, where: str) -> None:
         raise FormatError(f"{where}: a saved graph may call public torch.Tensor methods, not {name!r}")
 
 
+# op namespaces outside aten and slimfx that captured graphs hold, and the module of a known library that
+# registers them (a fixed table: a file names a namespace, never what to import)
+OP_LIBRARIES = {"transformers": "transformers.integrations.moe"}    # grouped_mm_fallback: MoE experts
+
+
+def _op(name: str):
+    obj = torch.ops
+    for part in name.removeprefix("torch.ops.").split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _resolve(name: str, where: str):
     if name.startswith("torch.ops."):
-        obj = torch.ops
+        library = OP_LIBRARIES.get(name.removeprefix("torch.ops.").split(".")[0])
         try:
-            for part in name.removeprefix("torch.ops.").split("."):
-                obj = getattr(obj, part)
-        except (AttributeError, RuntimeError) as e:
+            try:
+                obj = _op(name)
+            except (AttributeError, RuntimeError):
+                if library is None:
+                    raise
+                importlib.import_module(library)            # registers the op, then look again
+                obj = _op(name)
+        except (AttributeError, RuntimeError, ImportError) as e:
             raise FormatError(f"{where}: op {name} is not registered in this process (import the library that "
                               f"defines it before loading)") from e
         if not isinstance(obj, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
