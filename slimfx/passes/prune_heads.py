@@ -2,12 +2,17 @@
 
 An attention block is a core, ``scaled_dot_product_attention`` or its eager spelling
 ``softmax(q @ k^T ...) @ v`` (Gemma-2's soft-capped scores), whose q, k and v each come from one float
-linear (q_proj, k_proj, v_proj) and whose output reaches one float linear (o_proj); the region is every
-node on a path from those linears to o_proj, and nothing outside reads it. Heads are removed in whole
+linear (q_proj, k_proj, v_proj), or all three from one fused linear whose output is cut along its last axis
+into three contiguous parts (GPT-2's c_attn split in three, Phi-3's qkv_proj sliced into [H_q*D, H_kv*D,
+H_kv*D]), and whose output reaches one float linear (o_proj); the region is every node on a path from those
+linears to o_proj, and nothing outside reads it. A fused projection viewed into heads before q, k and v are
+cut apart (GPT-NeoX's and Falcon's per-head layouts) is left whole. Heads are removed in whole
 key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
-repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases), columns of o.
-Shape arguments in the region that spell a head count (view / reshape / expand literals equal to the
-number of q or kv heads on that axis) are rewritten; a block where that is ambiguous is left alone, and so
+repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
+projection's three parts), columns of o. Shape arguments in the region that spell a head count (view /
+reshape / expand literals equal to the number of q or kv heads on that axis) or a width over all heads (a
+last-axis literal of heads x head_dim, GPT-2's views around its linears), and the fused split's sizes or
+slice bounds, are rewritten; a block where that is ambiguous is left alone, and so
 is one that uses a projection's output over all its heads at once before splitting it into heads (OLMo-2's
 q_norm and k_norm: an RMSNorm over the whole projection, whose mean would change with the heads removed).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 
 import networkx as nx
 import torch
@@ -41,7 +47,9 @@ class HeadGroup:
     heads: int                        # q heads
     kv_heads: int
     head_dim: int
-    edits: list                       # (node, axis, "q" | "kv"): shape literals to rewrite
+    edits: list                       # (node, axis, "q" | "kv" | "width"): shape literals to rewrite
+    segments: dict = dataclasses.field(default_factory=dict)   # fused q/k/v: part -> its first row
+    cuts: list = dataclasses.field(default_factory=list)       # fused q/k/v: the split / slice nodes
 
     @property
     def name(self) -> str:
@@ -134,6 +142,77 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
             f"({what}) before the split into heads: removing heads would change what the kept heads compute")
 
 
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str]:
+    """The contiguous parts a fused projection's output (``width`` wide) is cut into along its last axis:
+    ([(start, end, node)], [split / slice nodes], '') or ([], [], why). Views that keep the last axis whole
+    (GPT-2's token flattening) may come first; a view into heads before the cut (GPT-NeoX's per-head
+    (q, k, v) layout, Falcon's (heads + 2, head_dim)) is refused."""
+    flat, parts, cuts = [lin], [], []
+    for f in flat:
+        for u in f.users:
+            if u.name not in region:
+                continue
+            out, rank = ir.meta.shape(u), len(ir.meta.shape(f) or ())
+            dim = (u.args[2] if len(u.args) > 2 else 0) if u.target in _SPLITS else \
+                (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.slice.Tensor else None
+            if u.target in _SHAPED and out and out[-1] == width:
+                flat.append(u)
+            elif u.target in _SHAPED:
+                heads = ", ".join(map(str, (out or ())[-2:]))
+                return [], [], (f"{layer_name(lin)}'s output is viewed into heads (..., {heads}) before q, k and v "
+                                f"are cut apart: q, k and v are interleaved per head in one fused projection, not "
+                                f"three contiguous parts")
+            elif dim is not None and rank and dim % rank == rank - 1:
+                cuts.append(u)
+                if u.target is aten.slice.Tensor:
+                    start, end = (list(u.args[2:4]) + [None, None])[:2]
+                    step = u.args[4] if len(u.args) > 4 else 1
+                    if not isinstance(start, int) or not isinstance(end, (int, type(None))) or step != 1:
+                        return [], [], f"{u.name} slices {layer_name(lin)}'s output with non-literal bounds"
+                    end = width if end is None else min(end if end >= 0 else width + end, width)
+                    parts.append((start if start >= 0 else width + start, end, u))
+                    continue
+                sizes = u.args[1]
+                if isinstance(sizes, int):
+                    sizes = [sizes] * -(-width // sizes)
+                if not all(isinstance(z, int) for z in sizes):
+                    return [], [], f"{u.name} splits {layer_name(lin)}'s output with non-literal sizes"
+                bounds = list(itertools.accumulate([0, *sizes]))
+                for g_ in u.users:
+                    if g_.target is not operator.getitem or not isinstance(g_.args[1], int):
+                        return [], [], f"{u.name}'s parts are not read one by one"
+                    parts.append((bounds[g_.args[1]], bounds[g_.args[1] + 1], g_))
+            else:
+                return [], [], (f"{layer_name(lin)}'s output is used whole ({u.target}) before it is cut into q, "
+                                f"k and v")
+    parts.sort(key=lambda t: t[0])
+    if [p[0] for p in parts[1:]] != [p[1] for p in parts[:-1]] or not parts or parts[0][0] != 0 \
+            or parts[-1][1] != width:
+        return [], [], f"{layer_name(lin)}'s output is not cut into contiguous parts along its last axis"
+    return parts, cuts, ""
+
+
+def _fused_qkv(g: nx.DiGraph, region: set, lin: fx.Node, width: int, qkv_args: list) -> tuple[dict, list, str]:
+    """For q, k and v (the core's arguments) all from one fused linear: {"q"|"k"|"v": (start, end, part node)},
+    the cut nodes, or why not."""
+    parts, cuts, why = _fused_parts(region, lin, width)
+    if why:
+        return {}, [], why
+    found = {}
+    for name, a in zip("qkv", qkv_args):
+        up = nx.ancestors(g, a.name) | {a.name}
+        mine = [p for p in parts if p[2].name in up]
+        if len(mine) != 1:
+            return {}, [], f"{name} does not come from exactly one part of {layer_name(lin)}'s output"
+        found[name] = mine[0]
+    if len({p[0] for p in found.values()}) != 3 or len(parts) != 3:
+        return {}, [], f"{layer_name(lin)}'s output is not cut into three parts, one each for q, k and v"
+    return found, cuts, ""
+
+
 def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str]]:
     """Attention blocks whose heads can be removed, and why others cannot (by block name)."""
     g = ir.to_networkx(gm)
@@ -142,7 +221,9 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
     for s, *qkv_args in attention_cores(gm):
         where = ir.meta.module_name(s) or s.name
         qkv = [_linears_reached(g, node, a.name, up=True) if isinstance(a, fx.Node) else [] for a in qkv_args]
-        if any(len(l) != 1 or not _float_linear(gm, node[l[0]]) for l in qkv) or len({l[0] for l in qkv}) != 3:
+        fused = all(len(l) == 1 for l in qkv) and len({l[0] for l in qkv}) == 1
+        if any(len(l) != 1 or not _float_linear(gm, node[l[0]]) for l in qkv) \
+                or len({l[0] for l in qkv}) != 3 and not fused:
             rejected[where] = "q, k and v do not each come from one linear layer of their own"
             continue
         q, k, v = (node[l[0]] for l in qkv)
@@ -159,28 +240,40 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             rejected[where] = f"head-shaped values are read outside the block ({leaks[:3]})"
             continue
         dim = ir.meta.shape(qkv_args[0])[-1] if ir.meta.shape(qkv_args[0]) else None
-        wq, wk, wv, wo = (ir.meta.tensor_attr(gm, n.args[1]) for n in (q, k, v, o))
-        if not isinstance(dim, int) or wq.shape[0] % dim or wk.shape[0] % dim or wk.shape != wv.shape \
-                or wo.shape[1] != wq.shape[0]:
+        wo = ir.meta.tensor_attr(gm, o.args[1])
+        segments, cuts = {}, []
+        if fused:
+            segments, cuts, why = _fused_qkv(g, region, q, ir.meta.tensor_attr(gm, q.args[1]).shape[0], qkv_args)
+            if why:
+                rejected[where] = why
+                continue
+            nq, nk, nv = (segments[p][1] - segments[p][0] for p in "qkv")
+            projs = [(segments[p][2], w) for p, w in zip("qkv", (nq, nk, nv))]
+        else:
+            nq, nk, nv = (ir.meta.tensor_attr(gm, n.args[1]).shape[0] for n in (q, k, v))
+            projs = [(q, nq), (k, nk), (v, nv)]
+        if not isinstance(dim, int) or nq % dim or nk % dim or nk != nv or wo.shape[1] != nq:
             rejected[where] = "the projections' shapes are not whole heads"
             continue
-        heads, kv = wq.shape[0] // dim, wk.shape[0] // dim
+        heads, kv = nq // dim, nk // dim
         if heads % kv:
             rejected[where] = f"{heads} q heads do not divide into {kv} kv groups"
             continue
-        why = next(filter(None, (_whole_projection_use(region, p, w.shape[0], dim)
-                                 for p, w in ((q, wq), (k, wk), (v, wv)))), "")
-        edits, why = _head_literals(node, region, heads, kv) if not why else ([], why)
+        why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "")
+        widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
+        edits, why = _head_literals(node, region, heads, kv, widths) if not why else ([], why)
         if why:
             rejected[where] = why
             continue
-        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits))
+        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits,
+                                {p: seg[0] for p, seg in segments.items()}, cuts))
     return groups, rejected
 
 
-def _head_literals(node: dict, region: set, heads: int, kv: int) -> tuple[list, str]:
+def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) -> tuple[list, str]:
     """The (node, axis, kind) of every int literal in the region's shape arguments that spells a head count,
-    read off each node's output shape; expand's broadcast axes (input size 1) are not head axes."""
+    read off each node's output shape (expand's broadcast axes, input size 1, are not head axes), or, on the
+    last axis, a width over all heads (``widths``: q's, k's and v's, the fused projection's; not head_dim)."""
     edits = []
     for r in region:
         n = node[r]
@@ -188,7 +281,9 @@ def _head_literals(node: dict, region: set, heads: int, kv: int) -> tuple[list, 
             continue
         out = ir.meta.shape(n)
         src = ir.meta.shape(n.args[0]) if n.target is aten.expand.default else None
-        found = []
+        found, last = [], len(n.args[1]) - 1
+        if out is not None and last >= 0 and n.args[1][last] in widths and out[last] == n.args[1][last]:
+            edits.append((n, last, "width"))
         for a, lit in enumerate(n.args[1]):
             # the last axis is never a head axis here (head_dim, or heads x head_dim)
             if not isinstance(lit, int) or lit not in (heads, kv) or out is None or out[a] != lit \
@@ -217,10 +312,24 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
     kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
     q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
     q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-    for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
-        _narrow(gm, lin, rows=idx, suffix="heads")
+    if grp.segments:                  # one fused projection: the kept rows of each part, in the parts' order
+        idx = {"q": q_idx, "k": kv_idx, "v": kv_idx}
+        rows = torch.cat([grp.segments[p] + idx[p] for p in sorted(grp.segments, key=grp.segments.get)])
+        _narrow(gm, grp.q, rows=rows, suffix="heads")
+    else:
+        for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
+            _narrow(gm, lin, rows=idx, suffix="heads")
     _narrow(gm, grp.o, cols=q_idx, suffix="heads")
+
+    def scaled(size):                 # every width over heads scales alike: heads, kv heads, the fused parts
+        return size * len(keep) // grp.kv_heads if isinstance(size, int) and abs(size) < 2 ** 62 else size
     for n, a, kind in grp.edits:
         shape = list(n.args[1])
-        shape[a] = len(q_heads) if kind == "q" else len(keep)
+        shape[a] = scaled(shape[a]) if kind == "width" else len(q_heads) if kind == "q" else len(keep)
         n.args = (n.args[0], shape, *n.args[2:])
+    for n in grp.cuts:
+        if n.target is aten.slice.Tensor:
+            n.args = (*n.args[:2], *(scaled(b) for b in n.args[2:4]), *n.args[4:])
+        else:
+            sizes = [scaled(z) for z in n.args[1]] if isinstance(n.args[1], (list, tuple)) else scaled(n.args[1])
+            n.args = (n.args[0], sizes, *n.args[2:])

@@ -434,7 +434,9 @@ def test_heads_bert_biases():
     assert _rel(cm(**kw).last_hidden_state, zeroed(**kw).last_hidden_state) < 1e-5
 
 
-def test_heads_from_one_fused_projection_are_left_alone():
+def test_heads_from_one_fused_projection_cut_in_three_shrink():
+    """q, k and v as the three contiguous parts of one linear (chunk along its last axis): each part loses
+    the removed heads' rows, the split sizes and the width literals follow."""
     class Fused(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -445,10 +447,32 @@ def test_heads_from_one_fused_projection_are_left_alone():
             y = F.scaled_dot_product_attention(q, k, v)
             return self.o(y.transpose(1, 2).reshape(2, 5, 16))
 
-    gm = ir.capture(Fused().eval(), (torch.randn(2, 5, 16),)).gm
-    res = P.Prune(sparsity=0.5, pattern="heads")(gm)
-    assert not res.modified
-    assert list(res.stats["skipped"].values()) == ["q, k and v do not each come from one linear layer of their own"]
+    torch.manual_seed(0)
+    model, x = Fused().eval(), torch.randn(2, 5, 16)
+    gm = ir.capture(model, (x,)).gm
+    res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,)))
+    assert list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"]   # named after o: no common module prefix
+    assert weights(res.graph_module)["qkv"].shape == (24, 16)
+    gone = _importance(model, [model.o], [dict(x=x)])[0].reshape(4, 4).sum(1).argsort()[:2].tolist()
+    with torch.no_grad():
+        for h in gone:
+            model.o.weight[:, h * 4:(h + 1) * 4] = 0
+    assert _rel(res.graph_module(x), model(x)) < 1e-5
+
+
+def test_heads_fused_projection_interleaved_per_head_left_whole():
+    """GPT-NeoX views its query_key_value output into (heads, 3 x head_dim) before cutting q, k and v apart:
+    the block stays whole and says why."""
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                                 num_hidden_layers=2, intermediate_size=56,
+                                                 max_position_embeddings=64)).eval()
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    assert stats["shrunk"] == {}
+    assert stats["skipped"]["gpt_neox.layers.0.attention"] == (
+        "gpt_neox.layers.0.attention.query_key_value's output is viewed into heads (..., 4, 24) before q, k and v "
+        "are cut apart: q, k and v are interleaved per head in one fused projection, not three contiguous parts")
 
 
 # --- structured: other model families ----------------------------------------------------------------------
@@ -594,3 +618,30 @@ def test_heads_single_kv_head_says_why():
     gm = ir.capture(OneHead().eval(), (x,)).gm
     res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,)))
     assert not res.modified and list(res.stats["skipped"].values()) == ["one kv head only: it stays"]
+
+
+@pytest.mark.parametrize("family,attn,qkv,o,heads,kv,rows", [
+    ("gpt2", "transformer.h.{}.attn", "c_attn", "c_proj", 4, 4, "48 x 32"),           # split(H) in three
+    ("phi3", "model.layers.{}.self_attn", "qkv_proj", "o_proj", 4, 2, "32 x 32"),  # slices [32 | 16 | 16]
+])
+def test_heads_fused_qkv_shrink_equals_zeroed_heads(family, attn, qkv, o, heads, kv, rows):
+    """One projection for q, k and v, cut along its output axis into contiguous parts: every part loses the
+    removed groups' rows (GPT-2: 96 -> 48; Phi-3: 32 + 16 + 16 -> 16 + 8 + 8), the split sizes, slice
+    bounds and GPT-2's width views follow."""
+    import copy
+    model = _tiny(family)
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    assert stats["shrunk"] == {attn.format(i): f"{kv} -> {kv // 2} kv heads" for i in range(2)}
+    assert stats["skipped"] == {}
+    layers = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert layers[f"{attn.format(1)}.{qkv}"] == rows and layers[f"{attn.format(1)}.{o}"] == "32 x 16"
+    zeroed = copy.deepcopy(model)
+    os_ = [zeroed.get_submodule(f"{attn.format(i)}.{o}") for i in range(2)]
+    if family == "gpt2":                               # Conv1D keeps (in, out): zero rows, scored transposed
+        with torch.no_grad():
+            for c, score in zip(os_, _importance(zeroed, os_, [kw], transposed=True)):
+                for h in score.reshape(4, -1).sum(1).argsort()[:2].tolist():
+                    c.weight[h * 8:(h + 1) * 8] = 0
+    else:
+        _zero_heads(zeroed, os_, heads, kv, 8, [kw])
+    _matches_dense_llama(cm, zeroed)
