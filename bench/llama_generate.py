@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from llama_gpu import SCHEMES, SIZES, attempt, build, passes_for, pruned, write_results  # noqa: E402
+from llama_gpu import (SCHEMES, SIZES, attempt, build, finish_markdown, passes_for, pruned,  # noqa: E402
+                       write_results)
 
 
 def parse_args(argv=None):
@@ -168,10 +169,7 @@ def markdown(rows: list[dict], meta: dict, base: dict) -> str:
         lines.append(f"| {r['path']} | {r['prefill_ms']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['cosine']:.4f} | {r['same_tokens']} | "
                      f"{r.get('compile_s', '-')} |")
-    notes = [f"- {r['path']}: {r['note']}" for r in rows if r.get("note")]
-    if notes:
-        lines += ["", "Did not run:", *notes]
-    return "\n".join(lines) + "\n"
+    return finish_markdown(lines, [f"- {r['path']}: {r['note']}" for r in rows if r.get("note")])
 
 
 if __name__ == "__main__":

@@ -254,9 +254,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
             ok = r is not None and r.get("ms")
             cells.append(f"{r['ms']:.3f} ms ({base[s] / r['ms']:.2f}x, cos {r['cosine']:.4f})" if ok else "-")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    notes = [f"- {r['path']}, seq {r['seq']}: {r['note']}" for r in rows if r.get("note")]
+    return finish_markdown(lines, [f"- {r['path']}, seq {r['seq']}: {r['note']}" for r in rows if r.get("note")])
+
+
+def finish_markdown(lines: list[str], notes: list[str]) -> str:
+    """The table's lines, then the paths that did not run with why (when any), as one markdown text."""
     if notes:
-        lines += ["", "Did not run:", *notes]
+        lines = [*lines, "", "Did not run:", *notes]
     return "\n".join(lines) + "\n"
 
 

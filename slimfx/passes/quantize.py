@@ -227,15 +227,15 @@ class Quantize(Pass):
             return []
         found, refused = expert_weights(gm)
         skipped.update({f"experts {k}": v for k, v in refused.items()})
-        chosen = [ew for ew in found if not (self.include and not matches(ew.name.rsplit(".", 1)[0], self.include)
-                                             or matches(ew.name.rsplit(".", 1)[0], self.exclude))]
+        chosen = [ew for ew in found if not (self.include and not matches(ew.module, self.include)
+                                             or matches(ew.module, self.exclude))]
         hessians = {}
         if chosen and self.method == "gptq":
             calls = list(calibration_calls(ctx, "Quantize(method='gptq')"))
             hessians = expert_hessians(gm, chosen, calls, ctx.progress, "Quantize(method='gptq')")
         scheme = weight_scheme(self.weights, self.group_size)
-        return [quantize_expert_weight(gm, ew, scheme, ew.name.rsplit(".", 1)[0], hessians.get(ew.node), self.damp,
-                                       self.act_order) for ew in chosen]
+        return [quantize_expert_weight(gm, ew, scheme, ew.module, hessians.get(ew.node), self.damp, self.act_order)
+                for ew in chosen]
 
     def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
                         hessian: Optional[torch.Tensor] = None) -> dict:

@@ -50,6 +50,10 @@ class ExpertWeight:
     def name(self) -> str:
         return ir.meta.param_name(self.node) or self.node.target
 
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
 
 def _swaps_last_two(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _TRANSPOSES:
@@ -82,11 +86,9 @@ def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, st
         ew.gemms.append(gemm)
     chosen = []
     for src, ew in found.items():
-        readers = {u for u in src.users}
-        expected = {g for g in ew.gemms} if not ew.rows_out else {g.args[1] for g in ew.gemms}
         if ew.name in skipped:
             continue
-        if readers != expected:
+        if set(src.users) != ({g.args[1] for g in ew.gemms} if ew.rows_out else set(ew.gemms)):
             skipped[ew.name] = "read by other ops than the grouped GEMM"
         else:
             chosen.append(ew)
