@@ -38,8 +38,8 @@ step() {   # step NAME SECONDS CMD...
   tail -n 30 "$out/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
-tests="tests/kernels tests/backends/test_triton_backend.py"
-bench="python3 bench/kernels.py --quick --cudagraph --out-dir $out"
+tests="tests/test_kernels tests/backends/test_triton_backend.py"
+bench="python3 bench/kernel_bench.py --quick --cudagraph --out-dir $out"
 new_paths="(tma or decode or fastest or cuda_graphs or split_k or int8_to_f32 or halves or pinned or word_aligned"
 new_paths="$new_paths or lowered or bsr_int8_bit)"
 case $what in

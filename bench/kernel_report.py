@@ -1,4 +1,4 @@
-"""Writing bench/kernels.py's results: JSON, a markdown table, a png plot, and the issue's goals checked.
+"""Writing bench/kernel_bench.py's results: JSON, a markdown table, a png plot, and the issue's goals checked.
 
 Pure Python + matplotlib, no GPU needed: ``fake_results`` lets the CPU tier exercise all of it.
 A result row is a dict:

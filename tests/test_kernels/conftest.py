@@ -10,7 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-else:   # correctness, not speed: one config per kernel variant (bench/kernels.py tunes and checks big shapes)
+else:   # correctness, not speed: one config per kernel variant (bench/kernel_bench.py tunes and checks big shapes)
     os.environ.setdefault("SLIMFX_AUTOTUNE", "0")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,6 +31,6 @@ def pytest_collection_modifyitems(config, items):
     """Under the interpreter, triton warns about numpy scalar conversion and exp overflowing to inf
     (sigmoid of a large negative: the correct 0). Neither says anything about our kernels."""
     for item in items:
-        if "tests/kernels" in str(item.path).replace("\\", "/"):
+        if "tests/test_kernels" in str(item.path).replace("\\", "/"):
             item.add_marker(pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter"))
             item.add_marker(pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"))

@@ -1,4 +1,4 @@
-"""bench/kernels.py and bench/gpu_checks.py without a GPU: the bench refuses clearly, its report writers work on
+"""bench/kernel_bench.py and bench/gpu_checks.py without a GPU: the bench refuses clearly, its report writers work on
 made-up rows, and every bench case and GPU check runs under the interpreter."""
 import json
 import os
@@ -17,7 +17,7 @@ import kernel_report as R  # noqa: E402
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_bench_exits_clearly_without_cuda(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--quick", "--out-dir", str(tmp_path)],
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--quick", "--out-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "no CUDA device" in p.stderr and "--fake" in p.stderr
@@ -25,7 +25,7 @@ def test_bench_exits_clearly_without_cuda(tmp_path):
 
 
 def test_fake_run_writes_json_md_png(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--quick",
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--quick",
                         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     names = sorted(f.name for f in tmp_path.iterdir())
@@ -87,7 +87,7 @@ def test_every_bench_case_runs_under_the_interpreter(monkeypatch):
     """The GPU bench's own code (inputs, checks, the impl variants) on tiny shapes under TRITON_INTERPRET:
     a GPU session should spend its minutes measuring, not finding a typo. Timing is stubbed (one call)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernel_bench.py")
     bench_kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_kernels)
     bench = bench_kernels.Bench(set())
@@ -116,7 +116,7 @@ def test_every_bench_case_runs_under_the_interpreter(monkeypatch):
 
 def test_a_sweep_split_over_runs_merges(tmp_path):
     """--m picks shapes by M; --merge keeps the other shapes of the earlier run and reports them all."""
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--quick",
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--quick",
                                      "--out-dir", str(tmp_path), *a], capture_output=True, text=True, timeout=120)
     assert run("--m", "1,16").returncode == 0
     p = run("--m", "2048", "--merge")
@@ -126,7 +126,7 @@ def test_a_sweep_split_over_runs_merges(tmp_path):
                                                                    (2048, 4096, 4096)}
     assert len(data["meta"]["merged_runs"]) == 2
     assert "| 2048 | 4096 | 4096 |" in (tmp_path / "kernels-fake-card-fake.md").read_text()
-    full = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--fake", "--m", "1", "--merge",
+    full = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--m", "1", "--merge",
                            "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert full.returncode != 0 and "merge like with like" in full.stderr     # full sweep rows into a quick file
 

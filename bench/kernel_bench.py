@@ -1,8 +1,8 @@
 """Benchmark slimfx's Triton kernels against their torch baselines, in one process, on one GPU.
 
-    python bench/kernels.py            # full sweep: M in {1,16,128,512,2048} x (N,K) in {4096,11008}^2, + 8192^3
-    python bench/kernels.py --quick    # a subset that fits in ~3 minutes, compile and autotune included
-    python bench/kernels.py --fake     # no GPU: write the report from made-up numbers (tests the writers)
+    python bench/kernel_bench.py            # full sweep: M in {1,16,128,512,2048} x (N,K) in {4096,11008}^2, + 8192^3
+    python bench/kernel_bench.py --quick    # a subset that fits in ~3 minutes, compile and autotune included
+    python bench/kernel_bench.py --fake     # no GPU: write the report from made-up numbers (tests the writers)
 
 Every case is timed with triton.testing.do_bench (median) and checked on fresh random inputs in the same
 run; speedups are against cuBLAS bf16 (F.linear) measured in the same process. Writes
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         except ImportError:
             has_cuda = False
         if not has_cuda:
-            print("bench/kernels.py: no CUDA device here; it measures GPU kernels and needs one "
+            print("bench/kernel_bench.py: no CUDA device here; it measures GPU kernels and needs one "
                   "(run with --fake to exercise the report writing on the CPU)", file=sys.stderr)
             return 2
         rows, meta = run_gpu(args)
