@@ -173,13 +173,21 @@ def test_smoothquant_preserves_float_and_folds_into_norms(tiny_llama):
     cm = slimfx.compile(tiny_llama, (), kw, passes=[SmoothQuant(alpha=0.5)], calibration=cal, backend="numpy",
                         progress=False)
     st = cm.report().records[0].stats
-    # 2 layers x (q/k/v, gate/up) + lm_head after the final norm fold into norms; o_proj/down_proj get a mul
-    assert st["folded_into_norm"] == 5 and st["mul_inserted"] == 4
+    # 2 layers x (q/k/v, gate/up) + lm_head after the final norm fold into norms; down_proj's 1/s goes into
+    # up_proj's rows; o_proj (attention output) gets a mul
+    assert (st["folded_into_norm"], st["folded_into_linear"], st["mul_inserted"]) == (5, 2, 2)
     with torch.no_grad():
         ref = tiny_llama(**kw).logits
     assert sqnr_db(ref, cm(**kw).logits) > 100            # only fp32 rounding changes
-    changed = [t for k, t in ir.tensors(cm.graph).items() if k.endswith("weight_smoothed")]
-    assert len(changed) == 15 + 5                          # every linear's weight and the 5 norms' weights
+    names = list(ir.tensors(cm.graph))
+    # every linear's weight but up_proj's (scaled again, by rows) and the 5 norms' weights are new
+    assert sum(k.endswith("weight_smoothed") for k in names) == 15 - 2
+    assert sum(k.endswith("weight_rows_scaled") for k in names) == 2
+    assert sum(k.endswith("_scaled") and "norm" in k for k in names) == 5
+    downs = [n for n in cm.graph.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+             and ir.meta.module_name(n).endswith("down_proj")]
+    assert [ir.meta.info(n).quant["smoothquant"]["folded_into"] for n in downs] == \
+        [f"model.layers.{i}.mlp.up_proj" for i in range(2)]
     with pytest.raises(ValueError, match="alpha"):
         SmoothQuant(alpha=1.5)
 

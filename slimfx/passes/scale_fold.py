@@ -1,0 +1,131 @@
+"""Per-input-channel scaling of linear layers, with the inverse folded where it costs nothing at run time.
+
+SmoothQuant and AWQ both rewrite ``W x`` as ``(W diag(s)) (x / s)`` for the linears reading one input x: the
+float function is unchanged (up to fp32 rounding) and the quantizer then sees ``W diag(s)``. ``scale_input``
+puts the ``1 / s`` in the first of these places that applies:
+
+    norm     x is a LayerNorm / RMSNorm output read only by these linears: its affine weight (and bias)
+             divided by s
+    linear   x is another linear's output, or an elementwise product with one (Llama's act(gate) * up),
+             read only by these linears: that linear's output rows (weight rows and bias) divided by s
+    mul      otherwise, when allowed: a new ``x * (1 / s)`` node before the linears (an elementwise op at
+             run time)
+
+and replaces each linear's weight by ``W * s`` (a new tensor: a weight shared elsewhere is left alone).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ir
+
+aten = torch.ops.aten
+
+
+def _new_attr(gm, before: fx.Node, like: fx.Node, name: str, t: torch.Tensor) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(ir.meta.add_tensor_attr(gm, name, t))
+    node.meta.update({k: v for k, v in like.meta.items() if k != "slimfx_param"})
+    return node
+
+
+def fold_into_norm(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Optional[str]:
+    """Divide the norm's affine parameters by s when x is a norm output read only by ``lins``."""
+    if set(x.users) != set(lins) or x.op != "call_function":
+        return None
+    if x.target is aten.layer_norm.default:
+        params = [a for a in x.args[2:4] if isinstance(a, fx.Node)]
+        if not params or x.args[2] is None or any(p.op != "get_attr" for p in params):
+            return None
+        where = {2: x.args[2]} | ({3: x.args[3]} if len(x.args) > 3 and isinstance(x.args[3], fx.Node) else {})
+    elif x.target is aten.mul.Tensor:       # RMSNorm: weight * normalized
+        where = {i: a for i, a in enumerate(x.args[:2]) if isinstance(a, fx.Node) and a.op == "get_attr"
+                 and ir.meta.tensor_attr(gm, a).shape == s.shape}
+        if len(where) != 1:
+            return None
+    else:
+        return None
+    args = list(x.args)
+    for i, p in where.items():
+        t = ir.meta.tensor_attr(gm, p).detach()
+        args[i] = _new_attr(gm, x, p, f"{p.target}_scaled", (t / s).to(t.dtype))
+    x.args = tuple(args)
+    return ir.meta.module_name(x) or x.name
+
+
+def _producer_linear(gm, x: fx.Node) -> Optional[fx.Node]:
+    """The linear whose output rows can absorb a per-channel scale of x: x itself, or the factor of an
+    elementwise product x = a * lin(..) that only x reads; its weight and bias must be module tensors."""
+    def ok(n):
+        return (isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.linear.default
+                and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
+                and ir.meta.tensor_attr(gm, n.args[1]).ndim == 2
+                and (len(n.args) < 3 or n.args[2] is None
+                     or isinstance(n.args[2], fx.Node) and n.args[2].op == "get_attr"))
+    if ok(x):
+        return x
+    if x.op == "call_function" and x.target is aten.mul.Tensor:
+        facs = [a for a in x.args[:2] if ok(a) and set(a.users) == {x}]
+        shapes = [ir.meta.shape(a) for a in x.args[:2]]
+        if len(facs) == 1 and all(isinstance(a, fx.Node) for a in x.args[:2]) and shapes[0] == shapes[1]:
+            return facs[0]
+    return None
+
+
+def fold_into_linear(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Optional[str]:
+    """Divide the output rows of the linear producing x (see ``_producer_linear``) by s."""
+    if set(x.users) != set(lins):
+        return None
+    prod = _producer_linear(gm, x)
+    if prod is None or ir.meta.tensor_attr(gm, prod.args[1]).shape[0] != s.numel():
+        return None
+    name = ir.meta.module_name(prod) or prod.name
+    w = ir.meta.tensor_attr(gm, prod.args[1]).detach()
+    args = list(prod.args)
+    args[1] = _new_attr(gm, prod, prod.args[1], f"{name}.weight_rows_scaled", (w / s[:, None]).to(w.dtype))
+    if len(args) > 2 and args[2] is not None:
+        b = ir.meta.tensor_attr(gm, prod.args[2]).detach()
+        args[2] = _new_attr(gm, prod, prod.args[2], f"{name}.bias_scaled", (b / s).to(b.dtype))
+    prod.args = tuple(args)
+    return name
+
+
+def insert_mul(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> fx.Node:
+    """A new ``x * (1 / s)`` node that ``lins`` read instead of x; returns it."""
+    name = ir.meta.module_name(lins[0]) or lins[0].name
+    with gm.graph.inserting_before(lins[0]):
+        inv = gm.graph.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.input_inv_scale", 1.0 / s))
+        m = gm.graph.call_function(aten.mul.Tensor, (x, inv))
+    if "val" in x.meta:
+        m.meta["val"] = x.meta["val"]
+    if "nn_module_stack" in lins[0].meta:
+        m.meta["nn_module_stack"] = lins[0].meta["nn_module_stack"]
+        inv.meta["nn_module_stack"] = lins[0].meta["nn_module_stack"]
+    for l in lins:
+        l.args = (m, *l.args[1:])
+    return m
+
+
+def scale_input(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor, allow_mul: bool,
+                suffix: str) -> Optional[tuple[str, str, fx.Node]]:
+    """Scale the linears ``lins`` reading x by s per input channel (module docstring). Returns (how, where,
+    the node the linears now read: x, or the new mul) or None when nothing applies (``allow_mul`` False);
+    the new weights are named ``<module>.weight_<suffix>``."""
+    where = fold_into_norm(gm, x, lins, s)
+    how = "norm"
+    if where is None:
+        where, how = fold_into_linear(gm, x, lins, s), "linear"
+    if where is None:
+        if not allow_mul:
+            return None
+        x = insert_mul(gm, x, lins, s)
+        where, how = x.name, "mul"
+    for l in lins:
+        name = ir.meta.module_name(l) or l.name
+        w = ir.meta.tensor_attr(gm, l.args[1]).detach().to(torch.float32)
+        nw = _new_attr(gm, l, l.args[1], f"{name}.weight_{suffix}", w * s)
+        l.args = (l.args[0], nw, *l.args[2:])
+    return how, where, x
