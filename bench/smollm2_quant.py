@@ -73,8 +73,18 @@ def main():
         "w4g64-gptq-noact": ("W4A16 groups of 64, GPTQ in column order", w4(64, "gptq", act_order=False)),
         "w4g64-gptq": ("W4A16 groups of 64, GPTQ (act_order)", w4(64, "gptq")),
         "w4g64-gptq-seq": ("W4A16 groups of 64, GPTQ (act_order, sequential)", w4(64, "gptq", sequential=True)),
+        "w4g64-clip": ("W4A16 groups of 64, round to nearest, clip search", w4(64, "rtn", clip=True)),
+        "w4g64-awq": ("W4A16 groups of 64, AWQ + clip search", w4(64, "rtn", clip=True, awq=True)),
+        "w4g64-awq-nomul": ("W4A16 groups of 64, AWQ (folded scales only) + clip search",
+                            w4(64, "rtn", clip=True, awq=True, awq_insert_mul=False)),
+        "w4g64-gptq-clip": ("W4A16 groups of 64, GPTQ (act_order) + clip search", w4(64, "gptq", clip=True)),
+        "w4g64-awq-gptq": ("W4A16 groups of 64, AWQ + GPTQ (act_order) + clip search",
+                           w4(64, "gptq", clip=True, awq=True)),
         "w4g32": ("W4A16 groups of 32, round to nearest", w4(32, "rtn")),
         "w4g32-gptq": ("W4A16 groups of 32, GPTQ (act_order)", w4(32, "gptq")),
+        "w4g32-awq": ("W4A16 groups of 32, AWQ + clip search", w4(32, "rtn", clip=True, awq=True)),
+        "w4g32-awq-gptq": ("W4A16 groups of 32, AWQ + GPTQ (act_order) + clip search",
+                           w4(32, "gptq", clip=True, awq=True)),
     }
     keys = list(modes) + ["torchao"] if a.modes == "all" else a.modes.split(",")
     unknown = set(keys) - set(modes) - {"torchao"}

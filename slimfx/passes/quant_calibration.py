@@ -103,6 +103,29 @@ def input_hessians(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str)
     return {n: h.value() for n, h in hs.items()}
 
 
+class _MeanSquare:
+    """The mean over rows of x_j^2 per column j (the diagonal of X^T X / n), in fp64."""
+
+    def __init__(self, k: int):
+        self.sum = torch.zeros(k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.sum += x.square().sum(0)
+        self.n += x.shape[0]
+
+
+def input_mean_squares(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str) -> dict[fx.Node, torch.Tensor]:
+    """The diagonal of ``input_hessians`` (each input column's mean square) without the K x K products:
+    what the weight scale search weighs each column's error by."""
+    acc = {n: _MeanSquare(int(ir.meta.shape(n)[-1])) for n in x_nodes}
+    if run_watching(gm, calls, {n: a.add for n, a in acc.items()}, progress, f"{who}: input statistics",
+                    stop_early=True) == 0:
+        raise ValueError(f"{who}: the calibration data is empty")
+    return {n: a.sum / max(a.n, 1) for n, a in acc.items()}
+
+
 def example_values(gm: fx.GraphModule, ctx: PassContext, nodes: Iterable[fx.Node]) -> dict[fx.Node, torch.Tensor]:
     """The values ``nodes`` take on the example inputs (for per-layer SQNR)."""
     got: dict[fx.Node, torch.Tensor] = {}

@@ -20,6 +20,7 @@ calibration inputs, the quantity GPTQ minimizes (reported per layer, for GPTQ an
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import torch
 
@@ -74,7 +75,8 @@ def upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Ten
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False, name: str = "weight") -> tuple[torch.Tensor, QParams]:
+                  act_order: bool = False, name: str = "weight",
+                  choose_qparams: Optional[Callable] = None) -> tuple[torch.Tensor, QParams]:
     """(codes, qparams) of ``w`` (n_out x K) under ``scheme`` (per channel along axis 0, or per group along
     K), chosen by GPTQ with input Hessian ``h`` (K x K). Codes are int8 in w's shape; qparams in the
     scheme's parameter shape, as ``qparams_torch`` gives them.
@@ -84,7 +86,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
     weights ("static groups"), so the stored layout (contiguous groups along K) does not change.
 
     Weights that are exactly zero stay zero (a pruned layer keeps its pattern, as under RTN): their error,
-    like any other, moves into the columns not yet quantized."""
+    like any other, moves into the columns not yet quantized.
+
+    choose_qparams(w_part, scheme, columns) -> QParams: how scales are chosen (default: absmax,
+    ``qparams_torch``), called on the whole original W with ``columns`` = slice(0, K) for static scales, or
+    per group on its updated columns (a per-group scheme, ``columns`` that group's slice of K)."""
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"GPTQ: {name} of shape {tuple(w.shape)} needs a {w.shape[1]} x {w.shape[1]} Hessian, "
                          f"got {tuple(h.shape)}")
@@ -100,10 +106,11 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
     W = w.detach().to(torch.float64)[:, order].clone()
     zeros = W == 0
     col = _column_scheme(scheme)
+    choose = choose_qparams or (lambda part, sch, cols: qparams_torch(part, sch, name=name))
     codes = torch.zeros(n, k, dtype=torch.int8)           # in processing order; put back in place at the end
     static = not grouped or act_order
     if static:                                            # (n, 1) per row, or (n, K/G) per group, as RTN
-        qp_all = qparams_torch(w.to(torch.float32), scheme, name=name)
+        qp_all = choose(w.to(torch.float32), scheme, slice(0, k))
         scale, zero = qp_all.scale.reshape(n, -1), qp_all.zero_point.reshape(n, -1)
     else:
         scale = torch.zeros(n, k // G, dtype=torch.float32)
@@ -115,7 +122,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % G == 0:
-                g = qparams_torch(W1[:, i:i + G].to(torch.float32), _group_scheme(scheme, G), name=name)
+                g = choose(W1[:, i:i + G].to(torch.float32), _group_scheme(scheme, G), slice(j, j + G))
                 scale[:, j // G], zero[:, j // G] = g.scale.reshape(n), g.zero_point.reshape(n)
             s = int(order[j]) // G if grouped else 0      # this column's scale slot
             qp = QParams(scale[:, s:s + 1], zero[:, s:s + 1])
