@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh OUT_DIR generate   tokens/s with a KV cache, transformers generate vs
 #                                                compile_causal_lm on triton (bench/llama_generate.py;
 #                                                not yet run: up to 9 min)
+#   bash bench/gpu_session.sh OUT_DIR moe        int8 experts: the grouped weight-only kernel vs bf16 grouped
+#                                                GEMM and dequantize + grouped GEMM (bench/moe_gpu.py, ~2 min)
 # decode runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash
 #    there would poison the CUDA context for the bench, so they go first;
@@ -25,7 +27,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-usage="usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e|e2e-sparse|generate"
+usage="usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e|e2e-sparse|generate|moe"
 out=${1:?$usage}
 what=${2:?$usage}
 mkdir -p "$out"
@@ -62,6 +64,9 @@ case $what in
       --schemes 2:4,bsr50,w8a8-bsr50 ;;
   generate)
     step llama-generate 540 python3 bench/llama_generate.py --out-dir "$out" --schemes none,w8a8,w8a16 ;;
-  *) echo "unknown part '$what': decode, prefill, all-tests, e2e, e2e-sparse or generate" >&2; exit 2 ;;
+  moe)
+    step moe-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests -k "grouped or experts"
+    step moe-bench 200 python3 bench/moe_gpu.py --cudagraph --out-dir "$out" ;;
+  *) echo "unknown part '$what': decode, prefill, all-tests, e2e, e2e-sparse, generate or moe" >&2; exit 2 ;;
 esac
 ls -la "$out"

@@ -320,6 +320,55 @@ class LoweredSparseLinear(Lowered):
         return sf.fused_linear.default(x, w, bias, activation, residual)
 
 
+class LoweredGroupedWeightOnly(Lowered):
+    """A mixture-of-experts grouped GEMM over experts ``Quantize`` stored int8 per output channel
+    (``transpose(dequantize(w_q, w_scale))``, maybe cast to the model's dtype): int8_grouped_weight_only
+    reads the int8 experts the tokens were routed to; the dense path is the graph as it was (every expert
+    dequantized at each call, then the model's grouped GEMM)."""
+    op, kernel_name, dense_name = "grouped_weight_only", "int8_grouped_weight_only", "dequantize + grouped GEMM"
+
+    def __init__(self, info, name, gemm, w_dtype: torch.dtype):
+        super().__init__(info, name)
+        self.gemm, self.w_dtype = gemm, w_dtype
+
+    def bucket(self, x, w_q, w_scale, offs):
+        e, n, k = w_q.shape
+        rows = x.shape[0] // max(e, 1)            # rows per expert on average: decode ~1, prefill many
+        return f"M{C.m_bucket(rows)}|K{k}|N{n}|E{e}|{str(x.dtype).replace('torch.', '')}"
+
+    def kernel(self, x, w_q, w_scale, offs):
+        from slimfx import kernels as K
+        return K.int8_grouped_weight_only(x.contiguous(), w_q, w_scale, offs)
+
+    def dense(self, x, w_q, w_scale, offs):
+        w = sf.dequantize.default(w_q, w_scale, None).to(self.w_dtype)
+        return self.gemm(x, w.transpose(1, 2), offs)
+
+
+def quantized_experts(gm: fx.GraphModule, gemm: fx.Node):
+    """(w_q, w_scale, weight dtype) get_attr nodes and dtype when ``gemm`` (a grouped GEMM) multiplies by
+    experts stored int8 per output channel (slimfx.passes.quantize_experts' graph form), else None."""
+    from slimfx.passes.quantize_experts import _swaps_last_two, grouped_gemm_ops
+    if gemm.op != "call_function" or gemm.target not in grouped_gemm_ops() or gemm.kwargs or len(gemm.args) != 3:
+        return None
+    w = gemm.args[1]
+    if not (isinstance(w, fx.Node) and _swaps_last_two(w)):
+        return None
+    dq, dtype = w.args[0], torch.float32
+    if dq.op == "call_function" and dq.target is torch.ops.aten._to_copy.default and set(dq.kwargs) == {"dtype"}:
+        dq, dtype = dq.args[0], dq.kwargs["dtype"]
+    if not (dq.op == "call_function" and dq.target is sf.dequantize.default
+            and (len(dq.args) < 3 or dq.args[2] is None) and not dq.kwargs):
+        return None
+    q, sc = dq.args[:2]
+    if not (q.op == "get_attr" and sc.op == "get_attr"):
+        return None
+    qt, st = ir.meta.tensor_attr(gm, q), ir.meta.tensor_attr(gm, sc)
+    if qt.dtype != torch.int8 or qt.ndim != 3 or tuple(st.shape) != (*qt.shape[:2], 1):
+        return None
+    return q, sc, dtype
+
+
 # --- lowering ----------------------------------------------------------------------------------------
 
 def _device() -> torch.device:
@@ -394,6 +443,21 @@ class TritonProgram:
         graph._codegen = gm.graph._codegen
         root = torch.nn.Module()
         for old, new in val_map.items():
+            experts = quantized_experts(gm, old)
+            if experts is not None:
+                q, sc, dtype = experts
+                name = f"lowered_{old.name}"
+                lowered = LoweredGroupedWeightOnly(ir.meta.info(old), old.name, old.target, dtype).to(dev)
+                lowered.graphs = cuda_graphs
+                root.add_module(name, lowered)
+                new.op, new.target = "call_module", name
+                chain = new.args[1]
+                new.args = (new.args[0], val_map[q], val_map[sc], new.args[2])
+                while isinstance(chain, fx.Node) and chain.op == "call_function" and not chain.users:
+                    nxt = chain.args[0]           # transpose -> (_to_copy ->) dequantize: now unread
+                    graph.erase_node(chain)
+                    chain = nxt
+                continue
             if old.op == "get_attr":
                 _set_attr(root, old.target, getattr(gm, old.target).detach().to(dev))
             elif old.op == "call_function" and old.target in LOWERED_OPS:

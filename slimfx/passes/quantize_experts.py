@@ -3,8 +3,9 @@ linear layers but 3-D tensors, (experts, out, in) or (experts, in, out), multipl
 (``transformers::grouped_mm_fallback`` on the CPU, ``aten._grouped_mm`` on a GPU) over the tokens routed to
 each expert. They hold most of such a model's weights, so ``Quantize`` stores them quantized too, weight-only
 with the same scheme as the linear layers (int8 per output channel of each expert, int4 per group along
-the input axis): the graph reads ``dequantize(w_q, s_w)`` in place of the float tensor. The grouped GEMM
-itself stays in float (no int8 grouped kernel yet): what shrinks is the memory, not the arithmetic.
+the input axis): the graph reads ``dequantize(w_q, s_w)`` in place of the float tensor, and the grouped GEMM
+stays in float there. The triton backend lowers the int8 form to ``kernels.grouped_weight_only`` (the routed
+tokens times the int8 experts, dequantized per tile); int4 experts keep the graph's dequantize + float GEMM.
 
     grouped_mm(x, transpose(W, -2, -1), offs)     W: (E, N, K)   ->  transpose(dequantize(w_q, s_w), -2, -1)
     grouped_mm(x, W, offs)                        W: (E, K, N)   ->  transpose(dequantize(w_q, s_w), -2, -1)

@@ -178,3 +178,14 @@ def test_llama_generate_bench_smoke():
     assert min(cos) > 0.999, cos
     same = [int(r[6]) for r in rows]
     assert same[0] == 4, same                  # no passes: transformers' greedy tokens, all 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the MoE bench")
+def test_moe_bench_smoke():
+    """bench/moe_gpu.py --smoke: the three expert-GEMM paths on tiny shapes (interpreted) agree with the fp32
+    reference and the table has a row per case."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_gpu.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2 and not any(" !" in r for r in rows), p.stdout[-2000:]
