@@ -139,3 +139,35 @@ def test_decoder_family_generates_transformers_tokens(family):
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0)
     assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
+    """What SmoothQuant and AWQ do to every group of linears reading one input (passes.scale_fold): x / s put
+    into the producing norm, the producing linear's rows or a new mul, W * s into the linears. The model must
+    compute the same thing in every family, whatever produces x (LayerNorm with bias, RMSNorm, Gemma's
+    1 + weight, GELU * up, attention outputs, fused projections)."""
+    from slimfx.passes.quantize import selected_linears
+    from slimfx.passes.scale_fold import scale_input
+    model, call = _model_and_call(family)
+    with torch.no_grad():
+        ref = _first(model(**call))
+    cm = slimfx.compile(model, (), call, dynamic=True, backend="torch", progress=False)
+    gm, groups = cm.graph, {}
+    for n, _ in selected_linears(gm, (), ()):
+        if n.args[1].op == "get_attr" and slimfx.ir.meta.tensor_attr(gm, n.args[1]).ndim == 2:
+            groups.setdefault(n.args[0], []).append(n)
+    gen = torch.Generator().manual_seed(0)
+    hows = []
+    for x, lins in groups.items():
+        k = slimfx.ir.meta.tensor_attr(gm, lins[0].args[1]).shape[1]
+        s = torch.exp(torch.randn(k, generator=gen))          # scales over a ~20x range, as AWQ's can be
+        hows.append(scale_input(gm, x, lins, s, True, "test")[0])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    # fp32: x / s and W * s round differently than x and W (~1e-7 of the output's scale per layer)
+    assert rel_err(_first(cm.with_backend("torch")(**call)), ref) < 1e-5, hows
+    # pre-norm families fold into their norms; Gemma's norm multiplies by 1 + weight, and post-norm ones
+    # (BERT's family, OLMo-2) feed the norm output to the residual too (or have none before a linear)
+    post_norm = ("bert", "roberta", "distilbert", "electra", "olmo2")
+    assert ("norm" in hows) == (family not in ("gemma", "gemma2") + post_norm), hows

@@ -4,8 +4,8 @@ SmoothQuant and AWQ both rewrite ``W x`` as ``(W diag(s)) (x / s)`` for the line
 float function is unchanged (up to fp32 rounding) and the quantizer then sees ``W diag(s)``. ``scale_input``
 puts the ``1 / s`` in the first of these places that applies:
 
-    norm     x is a LayerNorm / RMSNorm output read only by these linears: its affine weight (and bias)
-             divided by s
+    norm     x is a LayerNorm / RMSNorm output read only by these linears (maybe through reshapes that keep
+             the channel axis): its affine weight (and bias) divided by s
     linear   x is another linear's output, or an elementwise product with one (Llama's act(gate) * up),
              read only by these linears: that linear's output rows (weight rows and bias) divided by s
     mul      otherwise, when allowed: a new ``x * (1 / s)`` node before the linears (an elementwise op at
@@ -32,9 +32,25 @@ def _new_attr(gm, before: fx.Node, like: fx.Node, name: str, t: torch.Tensor) ->
     return node
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _through_views(gm, x: fx.Node, lins: list[fx.Node]) -> Optional[fx.Node]:
+    """The node whose value x is, seen through reshapes that keep the last (channel) axis, each read only by
+    the next (GPT-2 flattens its tokens between the norm and the linear); None unless only ``lins`` read x."""
+    if set(x.users) != set(lins):
+        return None
+    while (x.op == "call_function" and x.target in _VIEWS and isinstance(x.args[0], fx.Node)
+           and len(x.args[0].users) == 1 and ir.meta.shape(x) is not None and ir.meta.shape(x.args[0]) is not None
+           and ir.meta.shape(x)[-1] == ir.meta.shape(x.args[0])[-1]):
+        x = x.args[0]
+    return x
+
+
 def fold_into_norm(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Optional[str]:
     """Divide the norm's affine parameters by s when x is a norm output read only by ``lins``."""
-    if set(x.users) != set(lins) or x.op != "call_function":
+    x = _through_views(gm, x, lins)
+    if x is None or x.op != "call_function":
         return None
     if x.target is aten.layer_norm.default:
         params = [a for a in x.args[2:4] if isinstance(a, fx.Node)]
@@ -77,7 +93,8 @@ def _producer_linear(gm, x: fx.Node) -> Optional[fx.Node]:
 
 def fold_into_linear(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Optional[str]:
     """Divide the output rows of the linear producing x (see ``_producer_linear``) by s."""
-    if set(x.users) != set(lins):
+    x = _through_views(gm, x, lins)
+    if x is None:
         return None
     prod = _producer_linear(gm, x)
     if prod is None or ir.meta.tensor_attr(gm, prod.args[1]).shape[0] != s.numel():
