@@ -267,12 +267,12 @@ class Quantize(Pass):
         chosen = [ew for ew in found if not (self.include and not matches(ew.module, self.include)
                                              or matches(ew.module, self.exclude))]
         hessians = {}
-        if chosen and self.method == "gptq":
-            calls = list(calibration_calls(ctx, "Quantize(method='gptq')"))
-            hessians = expert_hessians(gm, chosen, calls, ctx.progress, "Quantize(method='gptq')")
+        if chosen and (self.method == "gptq" or self.clip):
+            who = f"Quantize({self._calibrated_options()})"
+            hessians = expert_hessians(gm, chosen, list(calibration_calls(ctx, who)), ctx.progress, who)
         scheme = weight_scheme(self.weights, self.group_size)
-        return [quantize_expert_weight(gm, ew, scheme, ew.module, hessians.get(ew.node), self.damp, self.act_order)
-                for ew in chosen]
+        return [quantize_expert_weight(gm, ew, scheme, ew.module, hessians.get(ew.node), self.damp, self.act_order,
+                                       gptq=self.method == "gptq", clip=self.clip) for ew in chosen]
 
     def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
                         hessian: Optional[torch.Tensor] = None, importance: Optional[torch.Tensor] = None) -> dict:
@@ -353,6 +353,8 @@ def _expert_stats(records: list[dict]) -> dict:
         return {}
     def line(r):
         text = f"{r['shape'][0]} x {r['shape'][1]} x {r['shape'][2]}, weight-only, SQNR {r['weight_sqnr_db']} dB"
+        if r.get("clip"):
+            text += ", scales by clip search"
         if "gptq" in r:                     # relative output error on the calibration tokens, GPTQ vs RTN
             g = r["gptq"]
             text += (f", GPTQ on {g['experts_fitted']}/{r['shape'][0]} experts: output error "

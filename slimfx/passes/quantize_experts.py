@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..quant import QScheme, dequantize_tensor_torch, fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes
+from ..quant.clip import search_qparams_torch
 from ..quant.gptq import gptq_quantize, output_error
 from .manager import sqnr_db
 from .quant_calibration import run_watching
@@ -151,10 +152,14 @@ def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, prog
 
 
 def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme, module: str,
-                           hessians: Optional[list] = None, damp: float = 0.01, act_order: bool = True) -> dict:
+                           hessians: Optional[list] = None, damp: float = 0.01, act_order: bool = True,
+                           gptq: bool = True, clip: bool = False) -> dict:
     """Replace the float tensor by transpose(dequantize(w_q, s_w)) / dequantize(w_q, s_w) with w_q (E, N, K)
     int8 codes, rounded to nearest or, given each expert's input Hessian (None for an expert calibration never
-    reached), chosen by GPTQ expert by expert; returns the tensor's record."""
+    reached), chosen by GPTQ expert by expert; returns the tensor's record. ``gptq=False`` with Hessians:
+    round to nearest with scales searched (``quant.clip``) by the error weighted by each expert's input
+    mean squares (the Hessians' diagonals), as ``Quantize(clip=True)``; with ``gptq`` those searched scales
+    are GPTQ's too."""
     g = gm.graph
     w = ir.meta.tensor_attr(gm, ew.node).detach().to(torch.float32)
     enk = w if ew.rows_out else w.transpose(1, 2)            # (experts, out, in): scales per output channel
@@ -164,12 +169,19 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
         raise ValueError(f"Quantize: group_size={scheme.group_size} does not divide K={k} of the experts "
                          f"{ew.name!r}; choose a divisor or exclude {module!r}")
     qp = qparams_torch(flat, scheme, name=f"experts {ew.name}")
+    chooser = [None] * e
+    if hessians is not None and clip:           # each reached expert's scales by search, on its own inputs
+        chooser = [None if h is None else (lambda part, sch, cols, d=h.diagonal(), i=i: search_qparams_torch(
+            part, sch, d[cols], name=f"expert {i} of {ew.name}")) for i, h in enumerate(hessians)]
+        scales = [qp.scale.reshape(e, n, -1)[i] if c is None else c(enk[i], scheme, slice(0, k)).scale.reshape(n, -1)
+                  for i, c in enumerate(chooser)]
+        qp = qp._replace(scale=torch.stack(scales).reshape(qp.scale.shape))
     codes = quantize_tensor_torch(flat, scheme, qp)
     gptq_rec = None
-    if hessians is not None:
+    if hessians is not None and gptq:
         rtn_error = output_errors(enk, dequantize_tensor_torch(codes, scheme, qp).view(e, n, k), hessians)
-        parts = [gptq_quantize(enk[i], h, scheme, damp, act_order=act_order, name=f"expert {i} of {ew.name}")
-                 if h is not None else None for i, h in enumerate(hessians)]
+        parts = [gptq_quantize(enk[i], h, scheme, damp, act_order=act_order, name=f"expert {i} of {ew.name}",
+                               choose_qparams=chooser[i]) if h is not None else None for i, h in enumerate(hessians)]
         rtn_codes, rtn_scale = codes.view(e, n, k), qp.scale.reshape(e, n, -1)
         codes = torch.cat([p[0] if p else rtn_codes[i] for i, p in enumerate(parts)])
         scale = torch.stack([p[1].scale.reshape(n, -1) if p else rtn_scale[i] for i, p in enumerate(parts)])
@@ -212,7 +224,8 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
     rec = {"module": module, "tensor": ew.name, "shape": [e, n, k], "weight": scheme.to_dict(),
            "fp32_bytes": fp32_bytes((e, n, k)), "weight_bytes": weight_bytes((e * n, k), scheme),
            "weight_sqnr_db": None if error == float("inf") else round(error, 2),
-           "mode": "weight-only (grouped GEMM in float)", "method": "gptq" if gptq_rec else "rtn"}
+           "mode": "weight-only (grouped GEMM in float)", "method": "gptq" if gptq_rec else "rtn",
+           "clip": hessians is not None and clip}
     if gptq_rec:
         rec["gptq"] = gptq_rec
     return rec

@@ -118,3 +118,30 @@ def test_refusals(tiny_llama):
     with pytest.raises(Exception, match=r"Quantize\(clip=True\) needs calibration data"):
         slimfx.compile(tiny_llama, (), kw, passes=[Quantize(weights="int4", group_size=16, clip=True)],
                        progress=False)
+
+
+def test_clip_reaches_the_experts_of_moe_blocks():
+    """Quantize(clip=True) on a Mixtral: each expert's scales searched on the tokens routed to it (RTN and GPTQ),
+    closer to the float model than absmax scales."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, num_hidden_layers=2, intermediate_size=48,
+                                             max_position_embeddings=64, num_local_experts=4,
+                                             num_experts_per_tok=2)).eval()
+    held_out = call(model, 3, 24, seed=7)
+    with torch.no_grad():
+        ref = model(**held_out).logits
+    got = {}
+    for kw in (dict(), dict(clip=True), dict(clip=True, method="gptq")):
+        cm = slimfx.compile(model, (), call(model, 2, 16, 100), dynamic=True, calibration=calibration(model),
+                            progress=False, backend="torch",
+                            passes=[Quantize(weights="int4", group_size=16, include="*.experts", **kw)])
+        st = cm.report().records[0].stats
+        assert st["expert_tensors"] == 4 and st["layers"] == 0
+        assert all(("clip search" in line) == bool(kw) for line in st["experts"].values())
+        got[str(kw)] = sqnr_db(ref, cm(**held_out).logits)
+    plain, clip, gptq = got.values()
+    # measured on held-out tokens: absmax 44.52 dB, clip 44.75 dB, clip + GPTQ 45.50 dB (the experts carry
+    # little of this random model's output; the order is what is checked)
+    assert clip > plain + 0.1 and gptq > clip + 0.3, got
