@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from llama_gpu import (SCHEMES, SIZES, attempt, build, finish_markdown, passes_for, pruned,  # noqa: E402
+from llama_gpu import (SCHEMES, SIZES, attempt, build, finish_markdown, int4_group, passes_for, pruned,  # noqa: E402
                        write_results)
 
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (the size's full depth: 0)")
-    p.add_argument("--schemes", default="w8a8,w8a16", help=f"comma-separated, of: none, {', '.join(SCHEMES)}")
+    p.add_argument("--schemes", default="w8a8,w8a16,w4a16", help=f"comma-separated, of: none, {', '.join(SCHEMES)}")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
 
         t0 = time.perf_counter()
         compiled = attempt(lambda: {"lm": slimfx.compile_causal_lm(
-            pruned_models.get(how, model), passes=[] if scheme == "none" else passes_for(scheme, args.block),
+            pruned_models.get(how, model), passes=[] if scheme == "none" else passes_for(scheme, args.block,
+                                                                                       int4_group(args.size)),
             backend="triton", measure=False, progress=False)})
         compile_s = round(time.perf_counter() - t0, 1)
         for graphs in ((False,) if args.smoke else (False, True)):

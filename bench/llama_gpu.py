@@ -18,7 +18,7 @@ Rows, each timed with triton.testing.do_bench (median) in one process:
     torch bf16 CUDA graph       the same forward captured once and replayed (no launch cost)
     slimfx <scheme> eager       slimfx.compile(..., backend="triton")
     slimfx <scheme> graphs      ... backend_options={"cuda_graphs": True}
-for the schemes in SCHEMES (--schemes; default W8A8 and W8A16; the sparse ones prune a copy of the model
+for the schemes in SCHEMES (--schemes; default W8A8, W8A16 and W4A16; the sparse ones prune a copy of the model
 by magnitude first, and their cosine is to that pruned model in torch); lm_head stays bf16. Each scheme
 is compiled once (capture and passes on the CPU) and lowered twice; a row's first call (choices,
 autotuning, graph capture) is timed apart as first_call_s.
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--seqs", default="2,128,512", help="comma-separated sequence lengths >= 2 (batch 1)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (the size's full depth: 0)")
-    p.add_argument("--schemes", default="w8a8,w8a16", help=f"comma-separated, of: {', '.join(SCHEMES)}")
+    p.add_argument("--schemes", default="w8a8,w8a16,w4a16", help=f"comma-separated, of: {', '.join(SCHEMES)}")
     p.add_argument("--block", type=int, default=64, help="block side of the block-sparse schemes")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny model, interpreter, CPU timing")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
@@ -72,6 +72,8 @@ def build(size: str, layers: int = 0):
 SCHEMES = {   # name: (how the weights are pruned first, or None; what the passes do)
     "w8a8": (None, "int8 weights per channel, dynamic int8 activations per token, Fuse"),
     "w8a16": (None, "int8 weights per channel (weight-only)"),
+    "w4a16": (None, "int4 weights in groups of 128 (64, 32 where 128 does not divide; weight-only): "
+                    "int4_weight_only_linear"),
     "2:4": ("2:4", "weights pruned 2:4 by magnitude, Fuse, LowerSparse: sparse24_linear"),
     "bsr50": ("blocks", "50% of each weight's --block square blocks pruned by norm, Fuse, LowerSparse: "
                         "bsr_linear"),
@@ -79,12 +81,19 @@ SCHEMES = {   # name: (how the weights are pruned first, or None; what the passe
 }
 
 
-def passes_for(scheme: str, block: int = 64) -> list:
+def int4_group(size: str) -> int:
+    """The widest group (128, 64, 32) dividing the size's hidden and intermediate widths (every linear's K)."""
+    h, inter = SIZES[size][:2]
+    return next(g for g in (128, 64, 32) if h % g == 0 and inter % g == 0)
+
+
+def passes_for(scheme: str, block: int = 64, group: int = 128) -> list:
     from slimfx import passes as P
     w8a8 = P.Quantize(weights="int8", activations="dynamic", exclude=("lm_head",))
     sparse = P.LowerSparse(pattern="block" if "bsr" in scheme else "2:4", block=(block, block),
                            exclude=("lm_head",))
     table = {"w8a8": [w8a8, P.Fuse()], "w8a16": [P.Quantize(weights="int8", exclude=("lm_head",))],
+             "w4a16": [P.Quantize(weights="int4", group_size=group, exclude=("lm_head",))],
              "2:4": [P.Fuse(), sparse], "bsr50": [P.Fuse(), sparse], "w8a8-bsr50": [w8a8, P.Fuse(), sparse]}
     if scheme not in table:
         raise ValueError(f"--schemes: unknown scheme {scheme!r} ({', '.join(SCHEMES)})")
@@ -190,7 +199,7 @@ def main(argv=None) -> int:
                 pruned_models[how] = gpu_pruned.to("cpu")
             scheme_refs = refs if how is None else pruned_refs[how]
             t0 = time.perf_counter()
-            cm = slimfx.compile(pruned_models.get(how, cpu_model), (example,), passes=passes_for(scheme, args.block),
+            cm = slimfx.compile(pruned_models.get(how, cpu_model), (example,), passes=passes_for(scheme, args.block, int4_group(args.size)),
                                 backend="torch", dynamic=True, measure=False, progress=False)
             compile_s[f"slimfx {scheme}"] = round(time.perf_counter() - t0, 1)
             if how is not None:          # that the pruned layers did reach the sparse kernels' ops

@@ -149,14 +149,16 @@ def test_llama_bench_smoke():
     """bench/llama_gpu.py --smoke: a tiny bf16 Llama through every scheme on the triton backend
     (interpreted): the script runs, the pruned layers reach the sparse ops, and slimfx's logits stay close
     to torch's (to the pruned model's, for the sparse schemes)."""
-    schemes = "w8a8,w8a16,2:4,bsr50,w8a8-bsr50"
+    schemes = "w8a8,w8a16,2:4,bsr50,w8a8-bsr50,w4a16"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "llama_gpu.py"), "--smoke", "--schemes", schemes],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [line for line in p.stdout.splitlines() if line.startswith("| slimfx")]
-    assert len(rows) == 5                                     # each scheme, eager
-    cosines = [float(c) for line in rows for c in re.findall(r"cos (\d\.\d+)", line)]
-    assert len(cosines) == 10 and min(cosines) > 0.999       # int8 weights on a random model: ~0.9999
+    assert len(rows) == 6                                     # each scheme, eager
+    cosines = {line.split()[2]: [float(c) for c in re.findall(r"cos (\d\.\d+)", line)] for line in rows}
+    assert all(len(c) == 2 for c in cosines.values())
+    # int8 weights on a random model: ~0.9999; int4 in groups of 32 (RTN): ~0.989
+    assert min(min(c) for k, c in cosines.items() if k != "w4a16") > 0.999 and min(cosines["w4a16"]) > 0.98
     # 2 layers x (q/k/v merged, o, gate/up merged, down) = 8 linears, every one pruned (the smoke run's
     # 16x16 blocks divide all of them) and lowered; lm_head stays dense
     counts = dict(re.findall(r"Layers on sparse kernels, ([\w:-]+): (\d+)", p.stdout))
