@@ -29,6 +29,11 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _awq(rec) -> str:
+    """' awq a=0.4' for a layer AWQ scaled (its group's alpha), '' otherwise."""
+    return f" awq a={rec['alpha']:g}" if rec and rec.get("alpha") else ""
+
+
 def _db(v: Optional[float]) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -76,7 +81,8 @@ class Report:
             w, a = q["weight"], q.get("activation") or {}
             ascheme = a.get("scheme", {})
             rows.append({"module": q["module"], "mode": q["mode"],
-                         "weight": f"{w['kind']} int{w['bits']}" + (" gptq" if q.get("method") == "gptq" else ""),
+                         "weight": f"{w['kind']} int{w['bits']}" + (" gptq" if q.get("method") == "gptq" else "")
+                         + (" clip" if q.get("clip") else "") + _awq(q.get("awq")),
                          "granularity": w["granularity"] + (f" {w['group_size']}" if w.get("group_size") else ""),
                          "act": ("-" if not ascheme else f"int{ascheme['bits']} per {ascheme['granularity']}"),
                          "w_range": q["weight_range"], "x_range": a.get("range") or q.get("x_range"),

@@ -346,8 +346,9 @@ class LoweredGroupedWeightOnly(Lowered):
 
 
 def quantized_experts(gm: fx.GraphModule, gemm: fx.Node):
-    """(w_q, w_scale, weight dtype) get_attr nodes and dtype when ``gemm`` (a grouped GEMM) multiplies by
-    experts stored int8 per output channel (slimfx.passes.quantize_experts' graph form), else None."""
+    """(w_q get_attr, w_scale get_attr, the dtype the graph casts the dequantized weight to) when ``gemm`` (a
+    grouped GEMM) multiplies by experts stored int8 per output channel (slimfx.passes.quantize_experts' graph
+    form), else None."""
     from slimfx.passes.quantize_experts import _swaps_last_two, grouped_gemm_ops
     if gemm.op != "call_function" or gemm.target not in grouped_gemm_ops() or gemm.kwargs or len(gemm.args) != 3:
         return None
