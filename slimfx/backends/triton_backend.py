@@ -345,12 +345,12 @@ class LoweredGroupedWeightOnly(Lowered):
         return self.gemm(x, w.transpose(1, 2), offs)
 
 
-def quantized_experts(gm: fx.GraphModule, gemm: fx.Node):
+def quantized_experts(gm: fx.GraphModule, gemm: fx.Node, gemm_ops: set):
     """(w_q get_attr, w_scale get_attr, the dtype the graph casts the dequantized weight to) when ``gemm`` (a
     grouped GEMM) multiplies by experts stored int8 per output channel (slimfx.passes.quantize_experts' graph
-    form), else None."""
-    from slimfx.passes.quantize_experts import _swaps_last_two, grouped_gemm_ops
-    if gemm.op != "call_function" or gemm.target not in grouped_gemm_ops() or gemm.kwargs or len(gemm.args) != 3:
+    form), else None. ``gemm_ops``: quantize_experts.grouped_gemm_ops()."""
+    from slimfx.passes.quantize_experts import _swaps_last_two
+    if gemm.op != "call_function" or gemm.target not in gemm_ops or gemm.kwargs or len(gemm.args) != 3:
         return None
     w = gemm.args[1]
     if not (isinstance(w, fx.Node) and _swaps_last_two(w)):
@@ -443,8 +443,10 @@ class TritonProgram:
         graph.output(graph.graph_copy(gm.graph, val_map))
         graph._codegen = gm.graph._codegen
         root = torch.nn.Module()
+        from slimfx.passes.quantize_experts import grouped_gemm_ops
+        gemm_ops = grouped_gemm_ops()
         for old, new in val_map.items():
-            experts = quantized_experts(gm, old)
+            experts = quantized_experts(gm, old, gemm_ops)
             if experts is not None:
                 q, sc, dtype = experts
                 name = f"lowered_{old.name}"
