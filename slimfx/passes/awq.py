@@ -22,22 +22,17 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from .. import ir
-from ..quant import QScheme, dequantize_tensor_torch, qparams_torch, quantize_tensor_torch
+from ..quant import QScheme, fake_quantize_torch
 from .scale_fold import scale_input
 
 GRID = 10       # alpha = 0, 0.1, ..., 1 (AWQ's own grid has 20 points; 10 lost nothing measurable on SmolLM2)
-
-
-def _rtn(w: torch.Tensor, scheme: QScheme) -> torch.Tensor:
-    qp = qparams_torch(w, scheme)
-    return dequantize_tensor_torch(quantize_tensor_torch(w, scheme, qp), scheme, qp)
 
 
 def output_error_sum(ws: list[torch.Tensor], s: torch.Tensor, h: torch.Tensor, scheme: QScheme) -> float:
     """sum_i tr(D_i H D_i^T) for the weights ``ws`` quantized after scaling their input channels by s."""
     total = 0.0
     for w in ws:
-        d = w - _rtn(w * s, scheme) / s
+        d = w - fake_quantize_torch(w * s, scheme) / s
         total += float(((d @ h) * d).sum())
     return total
 
