@@ -23,8 +23,10 @@ $(VENV)/.models: $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m slimfx.demo
 
+# one worker per core (pytest-xdist; each runs torch on one thread); a module's tests stay on one worker, so
+# its fixtures (models, compiled kernels) are built once
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --dist loadscope
 
 bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/minilm_cpu.py

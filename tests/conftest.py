@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):       # one process per core (make test runs -n auto): no oversubscription
+    torch.set_num_threads(1)
+
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: the error relative to the tensor's scale (elementwise
