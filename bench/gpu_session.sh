@@ -12,7 +12,7 @@
 #   bash bench/gpu_session.sh OUT_DIR generate   tokens/s with a KV cache, transformers generate vs
 #                                                compile_causal_lm on triton (bench/llama_generate.py;
 #                                                not yet run: up to 9 min)
-#   bash bench/gpu_session.sh OUT_DIR moe        int8 experts: the grouped weight-only kernel vs bf16 grouped
+#   bash bench/gpu_session.sh OUT_DIR moe        int8 and int4 experts: the grouped weight-only kernels vs bf16 grouped
 #                                                GEMM and dequantize + grouped GEMM (bench/moe_gpu.py, ~2 min)
 # decode runs, in order:
 # 1. the GPU paths added since the last measured run, as tests (one config per kernel variant): a crash

@@ -1,5 +1,5 @@
-"""Mixture-of-experts layers with int8 experts on a GPU: slimfx's grouped weight-only kernel against the
-baselines, in one process.
+"""Mixture-of-experts layers with int8 and int4 experts on a GPU: slimfx's grouped weight-only kernels against
+the baselines, in one process.
 
     python bench/moe_gpu.py [--out-dir DIR]      # a GPU: Mixtral-8x7B-shaped expert GEMMs (E=8, top-2)
     python bench/moe_gpu.py --smoke              # no GPU: tiny shapes under TRITON_INTERPRET (tests the script)
@@ -10,6 +10,8 @@ Per case (tokens S = routed rows, i.e. batch x top-k; N x K one projection of ev
   dequant+grouped what a Quantize'd graph did before the kernel: every expert dequantized to bf16 at each
                  call, then the same grouped GEMM
   int8 grouped   int8_grouped_weight_only (slimfx.kernels.grouped_weight_only): int8 experts read directly
+  int4 grouped   int4_grouped_weight_only: int4 experts in groups of 128 along K, packed two per byte
+  int4 dequant+grouped  the int4 graph's path before the kernel (unpack, dequantize, bf16 grouped GEMM)
 Medians by triton.testing.do_bench (CUDA-graph replay with --cudagraph); each output checked against an fp32
 reference on the same inputs. Writes moe-<card>.json and .md.
 """
@@ -26,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CASES = [(2, 14336, 4096), (2, 4096, 14336), (32, 14336, 4096), (512, 14336, 4096), (4096, 14336, 4096)]
-SMOKE = [(2, 40, 64), (9, 24, 96)]
+SMOKE = [(2, 40, 64), (9, 24, 96)]      # K a multiple of the smoke run's int4 group (32)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes on the interpreter")
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size along K")
     p.add_argument("--cudagraph", action="store_true", help="time by CUDA-graph replay")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     return p.parse_args(argv)
@@ -52,6 +55,7 @@ def main(argv=None) -> int:
     import torch
     import triton.testing
     from slimfx import kernels as K
+    from slimfx.kernels.weight_only import unpack_int4
     sf = torch.ops.slimfx
     if not args.smoke and not torch.cuda.is_available():
         print("bench/moe_gpu.py: no CUDA device here (--smoke runs tiny shapes on the CPU interpreter)",
@@ -82,39 +86,54 @@ def main(argv=None) -> int:
         offs = routing(s, e, gen, dev)
         w_bf = (w.float() * sc[:, :, None]).to(torch.bfloat16).transpose(1, 2)       # (E, K, N) view
         ref = _grouped_mm_fallback(x.float(), w_bf.float(), offs)
+        gs = 32 if args.smoke else args.group_size
+        q4 = torch.randint(-8, 8, (e, n, k), generator=gen, dtype=torch.int8).to(dev)
+        sc4 = (torch.rand(e, n, k // gs, 1, generator=gen) * 0.1 + 1e-3).to(dev)
+        p4 = K.pack_int4_experts(q4)
+        w4_bf = (q4.float().view(e, n, k // gs, gs) * sc4).view(e, n, k).to(torch.bfloat16).transpose(1, 2)
+        ref4 = _grouped_mm_fallback(x.float(), w4_bf.float(), offs)
+        gemm = (lambda a, b: grouped(a, b, offs=offs)) if grouped is not None and dev == "cuda" else \
+            (lambda a, b: _grouped_mm_fallback(a, b, offs))
 
         def bf16():
-            if grouped is not None and dev == "cuda":
-                return grouped(x, w_bf, offs=offs)
-            return _grouped_mm_fallback(x, w_bf, offs)
+            return gemm(x, w_bf)
 
         def dequant():
-            wd = sf.dequantize.default(w, sc[:, :, None], None).to(torch.bfloat16).transpose(1, 2)
-            return _grouped_mm_fallback(x, wd, offs) if grouped is None or dev != "cuda" else grouped(x, wd, offs=offs)
+            return gemm(x, sf.dequantize.default(w, sc[:, :, None], None).to(torch.bfloat16).transpose(1, 2))
 
         def ours():
             return K.int8_grouped_weight_only(x, w, sc, offs)
 
-        row = {"S": s, "N": n, "K": k, "E": e}
-        for name, fn in (("bf16_grouped", bf16), ("dequant_grouped", dequant), ("int8_grouped", ours)):
+        def dequant4():
+            codes = unpack_int4(p4.view(e * n, k // 2)).view(e, n, k // gs, gs)
+            return gemm(x, sf.dequantize.default(codes, sc4, None).view(e, n, k).to(torch.bfloat16).transpose(1, 2))
+
+        def ours4():
+            return K.int4_grouped_weight_only(x, p4, sc4, gs, offs)
+
+        row = {"S": s, "N": n, "K": k, "E": e, "group_size": gs}
+        for name, fn, want in (("bf16_grouped", bf16, ref), ("dequant_grouped", dequant, ref),
+                               ("int8_grouped", ours, ref), ("int4_dequant_grouped", dequant4, ref4),
+                               ("int4_grouped", ours4, ref4)):
             try:
                 y = fn().float()
-                err = float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+                err = float((y - want).abs().max() / want.abs().max().clamp(min=1e-30))
                 row[name] = {"ms": timer(fn), "rel_err": err, "ok": err < 2e-2}   # bf16 output: ~2^-8 relative
             except Exception as ex:      # a baseline this torch lacks is a note, not a crash
                 row[name] = {"error": f"{type(ex).__name__}: {ex}"[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    head = (f"# MoE expert GEMMs, int8 experts: {card}\n\ntorch {torch.__version__}, "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')}, E = {e}"
+    head = (f"# MoE expert GEMMs, int8 and int4 experts: {card}\n\ntorch {torch.__version__}, "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}, E = {e}, int4 groups of {rows[0]['group_size']}"
             f"{', CUDA-graph replay' if args.cudagraph else ''}. Cells: ms (speedup vs bf16 grouped).\n")
-    lines = [head, "| S | N | K | bf16 grouped | dequant + grouped | int8 grouped (ours) |", "|---:|---:|---:|---:|---:|---:|"]
+    cols = ("bf16_grouped", "dequant_grouped", "int8_grouped", "int4_dequant_grouped", "int4_grouped")
+    lines = [head, "| S | N | K | bf16 grouped | int8: dequant + grouped | int8 grouped (ours) | int4: dequant + grouped "
+                   "| int4 grouped (ours) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = r["bf16_grouped"].get("ms")
         cell = lambda c: ("- (" + c["error"].split(":")[0] + ")") if "error" in c else \
             f"{c['ms']:.4f}{'' if c['ok'] else ' !'}" + (f" ({base / c['ms']:.2f}x)" if base else "")
-        lines.append(f"| {r['S']} | {r['N']} | {r['K']} | " + " | ".join(cell(r[c]) for c in
-                     ("bf16_grouped", "dequant_grouped", "int8_grouped")) + " |")
+        lines.append(f"| {r['S']} | {r['N']} | {r['K']} | " + " | ".join(cell(r[c]) for c in cols) + " |")
     md = "\n".join(lines)
     print(md)
     if not args.smoke:
@@ -123,7 +142,7 @@ def main(argv=None) -> int:
         stem.with_suffix(".json").write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows},
                                                         indent=1) + "\n")
         stem.with_suffix(".md").write_text(md + "\n")
-    bad = [r for r in rows if not r["int8_grouped"].get("ok")]
+    bad = [r for r in rows if not (r["int8_grouped"].get("ok") and r["int4_grouped"].get("ok"))]
     return 1 if bad else 0
 
 

@@ -271,6 +271,11 @@ def variants() -> list[Variant]:
                              N="i32", K="i32", E="i32", M_BUCKET="i32", stride_xm="i32", stride_we="i32",
                              stride_wn="i32", stride_se="i32", stride_om="i32"),
                         dict(DOT="native"), aligned)
+    vs += _from_configs("grouped weight_only int4", gwo._grouped_wo_int4_kernel,
+                        dict(x_ptr="*bf16", p_ptr="*u8", s_ptr="*fp32", offs_ptr="*i32", out_ptr="*bf16", S="i32",
+                             N="i32", K="i32", E="i32", M_BUCKET="i32", stride_xm="i32", stride_pe="i32",
+                             stride_pn="i32", stride_se="i32", stride_sn="i32", stride_om="i32"),
+                        dict(DOT="native", GROUP=128), aligned)
     bs = block_sparse
     for (dtype, is_int8), (bn, bk) in itertools.product((("bf16", False), ("i8", True)), ((64, 64), (128, 128))):
         flags = dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=bn, BK=bk,

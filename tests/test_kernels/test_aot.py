@@ -42,7 +42,8 @@ def test_every_variant_compiles_for_sm90(compiled):
     families = {r["family"] for r in results}
     assert {"int8_gemm tiled", "int8_gemm tma", "int8_gemm gluon", "block_sparse i8 64x64 gluon",
             "weight_only int8 gemv", "weight_only int8 dot",
-            "block_sparse bf16 64x64 tma", "block_sparse i8 128x128 tma", "sparse24 gemv", "sparse24 dot"} <= families
+            "block_sparse bf16 64x64 tma", "block_sparse i8 128x128 tma", "sparse24 gemv", "sparse24 dot",
+            "grouped weight_only int8", "grouped weight_only int4"} <= families
 
 
 def test_resources(compiled):

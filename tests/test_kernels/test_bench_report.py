@@ -184,8 +184,8 @@ def test_llama_generate_bench_smoke():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the MoE bench")
 def test_moe_bench_smoke():
-    """bench/moe_gpu.py --smoke: the three expert-GEMM paths on tiny shapes (interpreted) agree with the fp32
-    reference and the table has a row per case."""
+    """bench/moe_gpu.py --smoke: the five expert-GEMM paths (int8 and int4) on tiny shapes (interpreted) agree
+    with the fp32 reference and the table has a row per case."""
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_gpu.py"), "--smoke"], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert p.returncode == 0, p.stderr[-3000:]
