@@ -196,11 +196,12 @@ class LoweredQuantizedLinear(Lowered):
 
 class LoweredWeightOnly(Lowered):
     """weight_only_linear: int8 per channel -> int8_weight_only_linear; int4 codes per group (G a power of
-    two >= 32) -> int4_weight_only_linear over weights packed at lowering; other forms -> torch reference."""
+    two >= 32) -> int4_weight_only_linear over the weight packed two per byte at lowering (TritonProgram
+    passes the packed tensor in place of the codes, which stay off the device); other forms -> torch
+    reference."""
     op = "weight_only_linear"
 
     def __init__(self, info, name, w_q: torch.Tensor, group_size: int, has_zp: bool):
-        from slimfx.kernels.weight_only import pack_int4
         self.form = None
         if not has_zp and group_size == 0 and w_q.dtype == torch.int8:
             self.form, self.kernel_name = "int8", "int8_weight_only_linear"
@@ -210,8 +211,6 @@ class LoweredWeightOnly(Lowered):
         else:
             self.kernel_name = "torch reference (no kernel for this weight form)"
         super().__init__(info, name)
-        if self.form == "int4":
-            self.register_buffer("packed", pack_int4(w_q).to(w_q.device))
 
     def bucket(self, x, w_q, *rest):
         return super().bucket(x) + f"|N{w_q.shape[0]}|{self.form}"
@@ -226,10 +225,13 @@ class LoweredWeightOnly(Lowered):
         x = x.contiguous()
         if self.form == "int8":
             return K.int8_weight_only_linear(x, w_q, w_scale, bias)
-        return K.int4_weight_only_linear(x, self.packed, w_scale.contiguous(), group_size, bias)
+        return K.int4_weight_only_linear(x, w_q, w_scale.contiguous(), group_size, bias)   # w_q: packed
 
     def dense(self, x, w_q, w_scale, w_zero_point=None, bias=None, group_size=0):
         if not hasattr(self, "_w"):
+            if self.form == "int4":
+                from slimfx.kernels.weight_only import unpack_int4
+                w_q = unpack_int4(w_q)
             self._w = _dequant(w_q, w_scale, group_size, w_zero_point).to(torch.bfloat16)
             self._b = None if bias is None else bias.to(torch.bfloat16)
         return F.linear(x.to(torch.bfloat16), self._w, self._b).to(x.dtype)
@@ -322,33 +324,47 @@ class LoweredSparseLinear(Lowered):
 
 class LoweredGroupedWeightOnly(Lowered):
     """A mixture-of-experts grouped GEMM over experts ``Quantize`` stored int8 per output channel
-    (``transpose(dequantize(w_q, w_scale))``, maybe cast to the model's dtype): int8_grouped_weight_only
-    reads the int8 experts the tokens were routed to; the dense path is the graph as it was (every expert
-    dequantized at each call, then the model's grouped GEMM)."""
-    op, kernel_name, dense_name = "grouped_weight_only", "int8_grouped_weight_only", "dequantize + grouped GEMM"
+    (``transpose(dequantize(w_q, w_scale))``, maybe cast to the model's dtype) or int4 per group of
+    ``group_size`` along K (``transpose(view(dequantize(w_q (E, N, G, group), w_scale (E, N, G, 1))))``):
+    int8_grouped_weight_only / int4_grouped_weight_only read the quantized experts the tokens were routed to
+    (int4 packed two per byte at lowering: the int8 codes do not reach the device); the dense path is the
+    graph as it was (every expert dequantized at each call, then the model's grouped GEMM)."""
+    op, dense_name = "grouped_weight_only", "dequantize + grouped GEMM"
 
-    def __init__(self, info, name, gemm, w_dtype: torch.dtype):
+    def __init__(self, info, name, gemm, w_dtype: torch.dtype, group_size: int = 0):
+        self.group_size = group_size
+        self.kernel_name = "int4_grouped_weight_only" if group_size else "int8_grouped_weight_only"
         super().__init__(info, name)
         self.gemm, self.w_dtype = gemm, w_dtype
 
-    def bucket(self, x, w_q, w_scale, offs):
-        e, n, k = w_q.shape
+    def bucket(self, x, w, w_scale, offs):
+        e, n = w.shape[:2]
         rows = x.shape[0] // max(e, 1)            # rows per expert on average: decode ~1, prefill many
-        return f"M{C.m_bucket(rows)}|K{k}|N{n}|E{e}|{str(x.dtype).replace('torch.', '')}"
+        form = f"int4g{self.group_size}" if self.group_size else "int8"
+        return f"M{C.m_bucket(rows)}|K{x.shape[1]}|N{n}|E{e}|{form}|{str(x.dtype).replace('torch.', '')}"
 
-    def kernel(self, x, w_q, w_scale, offs):
+    def kernel(self, x, w, w_scale, offs):
         from slimfx import kernels as K
-        return K.int8_grouped_weight_only(x.contiguous(), w_q, w_scale, offs)
+        if self.group_size:
+            return K.int4_grouped_weight_only(x.contiguous(), w, w_scale, self.group_size, offs)
+        return K.int8_grouped_weight_only(x.contiguous(), w, w_scale, offs)
 
-    def dense(self, x, w_q, w_scale, offs):
-        w = sf.dequantize.default(w_q, w_scale, None).to(self.w_dtype)
-        return self.gemm(x, w.transpose(1, 2), offs)
+    def dense(self, x, w, w_scale, offs):
+        if self.group_size:          # the graph's own dequantize, of the codes unpacked
+            from slimfx.kernels.weight_only import unpack_int4
+            e, n, half = w.shape
+            codes = unpack_int4(w.reshape(e * n, half)).reshape(e, n, -1, self.group_size)
+            w = sf.dequantize.default(codes, w_scale, None).reshape(e, n, 2 * half)
+        else:
+            w = sf.dequantize.default(w, w_scale, None)
+        return self.gemm(x, w.to(self.w_dtype).transpose(1, 2), offs)
 
 
 def quantized_experts(gm: fx.GraphModule, gemm: fx.Node, gemm_ops: set):
-    """(w_q get_attr, w_scale get_attr, the dtype the graph casts the dequantized weight to) when ``gemm`` (a
-    grouped GEMM) multiplies by experts stored int8 per output channel (slimfx.passes.quantize_experts' graph
-    form), else None. ``gemm_ops``: quantize_experts.grouped_gemm_ops()."""
+    """(w_q get_attr, w_scale get_attr, the dtype the graph casts the dequantized weight to, group size: 0 for
+    int8 per output channel) when ``gemm`` (a grouped GEMM) multiplies by experts in one of the forms
+    slimfx.passes.quantize_experts writes that a kernel runs (int8 per channel; int4 codes in groups of a
+    power of two >= 32), else None. ``gemm_ops``: quantize_experts.grouped_gemm_ops()."""
     from slimfx.passes.quantize_experts import _swaps_last_two
     if gemm.op != "call_function" or gemm.target not in gemm_ops or gemm.kwargs or len(gemm.args) != 3:
         return None
@@ -358,16 +374,25 @@ def quantized_experts(gm: fx.GraphModule, gemm: fx.Node, gemm_ops: set):
     dq, dtype = w.args[0], torch.float32
     if dq.op == "call_function" and dq.target is torch.ops.aten._to_copy.default and set(dq.kwargs) == {"dtype"}:
         dq, dtype = dq.args[0], dq.kwargs["dtype"]
-    if not (dq.op == "call_function" and dq.target is sf.dequantize.default
+    grouped = dq.op == "call_function" and dq.target is torch.ops.aten.view.default and len(dq.users) == 1
+    if grouped:
+        dq = dq.args[0]
+    if not (isinstance(dq, fx.Node) and dq.op == "call_function" and dq.target is sf.dequantize.default
             and (len(dq.args) < 3 or dq.args[2] is None) and not dq.kwargs):
         return None
     q, sc = dq.args[:2]
     if not (q.op == "get_attr" and sc.op == "get_attr"):
         return None
     qt, st = ir.meta.tensor_attr(gm, q), ir.meta.tensor_attr(gm, sc)
-    if qt.dtype != torch.int8 or qt.ndim != 3 or tuple(st.shape) != (*qt.shape[:2], 1):
+    if qt.dtype != torch.int8:
         return None
-    return q, sc, dtype
+    if not grouped:
+        return (q, sc, dtype, 0) if qt.ndim == 3 and tuple(st.shape) == (*qt.shape[:2], 1) else None
+    gs = qt.shape[-1] if qt.ndim == 4 else 0
+    if (gs < 32 or gs & (gs - 1) or tuple(st.shape) != (*qt.shape[:3], 1)
+            or not qt.numel() or int(qt.min()) < -8 or int(qt.max()) > 7):
+        return None
+    return q, sc, dtype, gs
 
 
 # --- lowering ----------------------------------------------------------------------------------------
@@ -408,6 +433,31 @@ LOWERED_OPS = (sf.quantized_linear.default, sf.weight_only_linear.default, sf.no
                sf.fused_linear.default, sf.sparse_linear.default)
 
 
+def _packed_in_place_of(gm, root, graph, user: fx.Node, codes: fx.Node, codes_new: fx.Node, dev) -> None:
+    """``user`` (a lowered node of the new graph) reads int4 ``codes`` (a get_attr of ``gm``: int8 (N, K) or
+    (E, N, G, group)) packed two per byte from a new attribute instead; the codes' get_attr goes when nothing
+    else reads it, so they never reach the device (TritonProgram moves only the attributes left)."""
+    from slimfx.kernels.weight_only import pack_int4
+    t = ir.meta.tensor_attr(gm, codes)
+    lead = t.shape[:-2] if t.ndim == 4 else t.shape[:-1]          # (E, N) or (N,)
+    target = f"{codes.target}_packed"
+    if not _has_attr(root, target):       # codes read by two lowered nodes are packed once
+        _set_attr(root, target, pack_int4(t.reshape(lead.numel(), -1)).reshape(*lead, -1).to(dev))
+    with graph.inserting_before(user):
+        node = graph.get_attr(target)
+    user.args = tuple(node if a is codes_new else a for a in user.args)
+    if not codes_new.users:
+        graph.erase_node(codes_new)
+
+
+def _has_attr(mod: torch.nn.Module, dotted: str) -> bool:
+    for p in dotted.split("."):
+        if not hasattr(mod, p):
+            return False
+        mod = getattr(mod, p)
+    return True
+
+
 def _set_attr(mod: torch.nn.Module, dotted: str, t: torch.Tensor) -> None:
     *path, leaf = dotted.split(".")
     for p in path:
@@ -445,32 +495,41 @@ class TritonProgram:
         root = torch.nn.Module()
         from slimfx.passes.quantize_experts import grouped_gemm_ops
         gemm_ops = grouped_gemm_ops()
+        attrs = []
         for old, new in val_map.items():
             experts = quantized_experts(gm, old, gemm_ops)
             if experts is not None:
-                q, sc, dtype = experts
+                q, sc, dtype, gs = experts
                 name = f"lowered_{old.name}"
-                lowered = LoweredGroupedWeightOnly(ir.meta.info(old), old.name, old.target, dtype).to(dev)
+                lowered = LoweredGroupedWeightOnly(ir.meta.info(old), old.name, old.target, dtype, gs).to(dev)
                 lowered.graphs = cuda_graphs
                 root.add_module(name, lowered)
                 new.op, new.target = "call_module", name
                 chain = new.args[1]
                 new.args = (new.args[0], val_map[q], val_map[sc], new.args[2])
                 while isinstance(chain, fx.Node) and chain.op == "call_function" and not chain.users:
-                    nxt = chain.args[0]           # transpose -> (_to_copy ->) dequantize: now unread
+                    nxt = chain.args[0]           # transpose -> (_to_copy ->) (view ->) dequantize: now unread
                     graph.erase_node(chain)
                     chain = nxt
+                if gs:                            # int4 codes packed two per byte in their place
+                    _packed_in_place_of(gm, root, graph, new, q, val_map[q], dev)
                 continue
             if old.op == "get_attr":
-                _set_attr(root, old.target, getattr(gm, old.target).detach().to(dev))
+                attrs.append((old.target, new))
             elif old.op == "call_function" and old.target in LOWERED_OPS:
                 name = f"lowered_{old.name}"
                 lowered = _make(gm, old).to(dev)
                 lowered.graphs = cuda_graphs
                 root.add_module(name, lowered)
                 new.op, new.target = "call_module", name
+                if getattr(lowered, "form", None) == "int4":      # the codes packed two per byte in their place
+                    _packed_in_place_of(gm, root, graph, new, old.args[1], val_map[old.args[1]], dev)
             if new.op == "call_function":
                 new.args, new.kwargs = _on(new.args, dev), _on(new.kwargs, dev)
+        kept = set(graph.nodes)
+        for target, new in attrs:             # only the tensors the lowered graph still reads go to the device
+            if new in kept:
+                _set_attr(root, target, getattr(gm, target).detach().to(dev))
         self.gm = fx.GraphModule(root, graph)
 
     def __call__(self, args: tuple, kwargs: dict, eager: bool = False):

@@ -5,7 +5,8 @@ each expert. They hold most of such a model's weights, so ``Quantize`` stores th
 with the same scheme as the linear layers (int8 per output channel of each expert, int4 per group along
 the input axis): the graph reads ``dequantize(w_q, s_w)`` in place of the float tensor, and the grouped GEMM
 stays in float there. The triton backend lowers the int8 form to ``kernels.grouped_weight_only`` (the routed
-tokens times the int8 experts, dequantized per tile); int4 experts keep the graph's dequantize + float GEMM.
+tokens times the int8 experts, dequantized per tile), and int4 in groups of a power of two >= 32 to
+``int4_grouped_weight_only`` (packed two per byte); other int4 groups keep the dequantize + float GEMM.
 
     grouped_mm(x, transpose(W, -2, -1), offs)     W: (E, N, K)   ->  transpose(dequantize(w_q, s_w), -2, -1)
     grouped_mm(x, W, offs)                        W: (E, K, N)   ->  transpose(dequantize(w_q, s_w), -2, -1)

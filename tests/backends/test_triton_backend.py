@@ -112,6 +112,21 @@ def test_weight_only_linear(weights, k, n):
     bound = k * EPS32 * (x.abs() @ w.abs().T + m.a.bias.abs())
     bound2 = (bound @ m.b.weight.abs().T) + n * EPS32 * (h.abs() @ m.b.weight.abs().T + m.b.bias.abs()) * 2
     assert ((got - h_ref).abs() <= bound2.detach() + 1e-7).all(), (got - h_ref).abs().max()
+    from slimfx.backends.triton_backend import TritonProgram
+    prog = TritonProgram(gm)
+    buffers = dict(prog.gm.named_buffers())
+    packed = [name for name in buffers if name.endswith("_packed")]
+    # int4: the codes reach the device packed two per byte, and only so
+    assert len(packed) == (2 if weights == "int4" else 0)
+    assert (not [t for t in buffers.values() if t.dtype == torch.int8]) == (weights == "int4")
+    for mod in [m for m in prog.gm.modules() if type(m).__name__ == "LoweredWeightOnly"]:
+        node = next(n for n in prog.gm.graph.nodes if n.op == "call_module" and n.target.endswith(mod.node_name))
+        args = [buffers[a.target] if isinstance(a, torch.fx.Node) else a for a in node.args[1:]]
+        k_in = args[0].shape[1] * (2 if weights == "int4" else 1)            # int4: two codes per byte
+        xs = torch.randn(3, k_in)
+        y, d = mod.kernel(xs, *args), mod.dense(xs, *args)
+        # the dense path runs the dequantized weight in bf16 (8 significant bits): a few 2^-8 of the scale
+        assert float((d - y).abs().max() / y.abs().max()) < 2e-2
 
 
 def test_llama_quantized_and_fused_matches_torch_backend(tiny_llama):
@@ -275,30 +290,58 @@ def test_block_sparse_w8a8_runs_bsr_int8_bit_exact():
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2     # moved by one step at a tie
 
 
-def test_quantized_experts_run_the_grouped_kernel():
-    """A Mixtral whose experts Quantize stored int8: the triton backend multiplies the routed tokens by the int8
-    experts in int8_grouped_weight_only (no dequantize left in the lowered graph) and matches the torch
-    backend; int4 experts keep the torch path."""
+@pytest.mark.parametrize("weights,group_size", [("int8", None), ("int4", 32)])
+def test_quantized_experts_run_the_grouped_kernel(weights, group_size, monkeypatch):
+    """A Mixtral whose experts Quantize stored int8 per channel or int4 per group: the triton backend multiplies
+    the routed tokens by the quantized experts in int8/int4_grouped_weight_only (no dequantize left in the
+    lowered graph; int4 packed two per byte, the int8 codes not kept) and matches the torch backend; the
+    dense path a GPU may choose instead (dequantize the packed codes + grouped GEMM) agrees at every call."""
     from transformers import MixtralConfig, MixtralForCausalLM
     from slimfx.backends.triton_backend import TritonProgram
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                        num_hidden_layers=2, intermediate_size=48, max_position_embeddings=64,
+    cfg = MixtralConfig(vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=2, intermediate_size=96, max_position_embeddings=64,
                         num_local_experts=4, num_experts_per_tok=2)
     model = MixtralForCausalLM(cfg).eval()
     ids, mask = text_batch(2, 7, 97, pad_left=True, seed=2)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    gm = ir.capture(model, (), kw, dynamic=True).gm
-    gm8 = P.Quantize(weights="int8", include=("*.experts",))(gm, P.PassContext((), kw)).graph_module
-    prog = TritonProgram(gm8)
+    gm = P.Quantize(weights=weights, group_size=group_size, include=("*.experts",))(
+        ir.capture(model, (), kw, dynamic=True).gm, P.PassContext((), kw)).graph_module
+    prog = TritonProgram(gm)
     lowered = [m for m in prog.gm.modules() if type(m).__name__ == "LoweredGroupedWeightOnly"]
     assert len(lowered) == 4                                    # gate_up and down in 2 blocks
     assert not [n for n in prog.gm.graph.nodes if n.target is sf.dequantize.default]
-    assert all(ir.meta.info(n).kernel.startswith("int8_grouped_weight_only") for n in gm8.graph.nodes
+    kernel = f"{weights}_grouped_weight_only"
+    assert all(ir.meta.info(n).kernel.startswith(kernel) for n in gm.graph.nodes
                if n.op == "call_function" and "grouped_mm" in str(n.target))
-    got, ref = run(gm8, "triton", **kw).logits, run(gm8, "torch", **kw).logits
-    # fp32 both: the kernel scales the fp32 sum where the graph sums the dequantized products
+    codes = [t for name, t in prog.gm.named_buffers() if t.dtype == torch.int8]
+    packed = [t for name, t in prog.gm.named_buffers() if name.endswith("_packed")]
+    assert (len(codes), len(packed)) == ((4, 0) if weights == "int8" else (0, 4))
+    kernel_fn, gaps = type(lowered[0]).kernel, []
+
+    def kernel_and_dense(self, *args):
+        y = kernel_fn(self, *args)
+        gaps.append(float((self.dense(*args) - y).abs().max() / y.abs().max()))
+        return y
+
+    monkeypatch.setattr(type(lowered[0]), "kernel", kernel_and_dense)
+    got, ref = run(gm, "triton", **kw).logits, run(gm, "torch", **kw).logits
+    # fp32 both: the kernel scales the fp32 (group) sums where the graph sums the dequantized products
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert len(gaps) == 4 and max(gaps) < 1e-5, gaps
+
+
+def test_experts_in_other_int4_groups_keep_the_torch_path():
+    """int4 groups narrower than the kernel's two 16-deep dots (16 here): dequantize + the grouped GEMM."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    from slimfx.backends.triton_backend import TritonProgram
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=1, intermediate_size=48, max_position_embeddings=64,
+                        num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg).eval()
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     gm4 = P.Quantize(weights="int4", group_size=16, include=("*.experts",))(
         ir.capture(model, (), kw, dynamic=True).gm, P.PassContext((), kw)).graph_module
     assert not [m for m in TritonProgram(gm4).gm.modules() if type(m).__name__ == "LoweredGroupedWeightOnly"]
