@@ -257,6 +257,24 @@ def int8_to_f32(w, FAST: tl.constexpr):
 
 
 @triton.jit
+def int4_group_dot(acc, x, p, s_ptrs, DOT: tl.constexpr):
+    """acc + (x @ unpack(p)) * scale for one group of an int4 weight: x (BLOCK_M, GROUP) float, p (GROUP/2,
+    BLOCK_N) bytes of two signed nibbles (low = even k), the (BLOCK_N,) fp32 scales loaded from s_ptrs after
+    the dots (loaded before them, they held registers across the dots: a 128 x 128 tile spilled). x is split into its even and
+    odd columns in registers, which meet the low and high nibbles in two dots (no interleave of the weights;
+    strided loads of x were one 2-byte load and shared-memory store per element on sm_90)."""
+    x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+    p = p.to(tl.int32)
+    # the sign-extended nibble, exact in any float; through int8, which Triton turns into bf16/fp16 with
+    # byte permutes and packed adds (straight from int32 it is a quarter-rate I2F per element)
+    lo = (((p & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
+    hi = ((((p >> 4) & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
+    part = fdot(x_even, lo, tl.zeros(acc.shape, dtype=tl.float32), DOT)
+    part = fdot(x_odd, hi, part, DOT)
+    return acc + part * tl.load(s_ptrs)[None, :]
+
+
+@triton.jit
 def activate(y, ACT: tl.constexpr):
     if ACT == "relu":
         y = tl.maximum(y, 0.0)

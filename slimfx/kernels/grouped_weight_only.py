@@ -119,21 +119,14 @@ def _grouped_wo_int4_kernel(x_ptr, p_ptr, s_ptr, offs_ptr, out_ptr, S, N, K, E, 
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rj = tl.arange(0, HALF)
         m_ok = rm < row_end
-        # as weight_only._wo_int4_kernel: x loaded contiguously and split into even and odd columns, which
-        # meet the low and high nibbles in two dots (no interleave of the weights)
+        # as weight_only._wo_int4_kernel: x loaded contiguously, a group at a time (C.int4_group_dot)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]
         p_ptrs = p_ptr + expert.to(tl.int64) * stride_pe + (rn % N)[None, :] * stride_pn + rj[:, None]
         s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (rn % N) * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for g in range(0, K // GROUP):
-            x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs, mask=m_ok[:, None], other=0.0), (BLOCK_M, HALF, 2)))
-            p = tl.load(p_ptrs).to(tl.int32)
-            # the sign-extended nibble, exact in any float (through int8: byte permutes on sm_90, no I2F)
-            lo = (((p & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
-            hi = ((((p >> 4) & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
-            part = C.fdot(x_even, lo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
-            part = C.fdot(x_odd, hi, part, DOT)
-            acc += part * tl.load(s_ptrs)[None, :]
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            acc = C.int4_group_dot(acc, x, tl.load(p_ptrs), s_ptrs, DOT)
             x_ptrs += GROUP
             p_ptrs += HALF
             s_ptrs += 1

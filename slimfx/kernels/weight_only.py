@@ -152,23 +152,13 @@ def _wo_int4_kernel(x_ptr, p_ptr, out_ptr, s_ptr, bias_ptr, M, N, K, M_BUCKET,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = tl.arange(0, HALF)
-    # Even and odd columns of x meet the low and high nibbles: two dots, no interleave of the weights.
-    # x is loaded contiguously and split into its even and odd columns in registers (strided loads
-    # were one 2-byte load and shared-memory store per element on sm_90).
+    # x loaded contiguously, one group at a time: C.int4_group_dot splits it for the two nibbles
     x_ptrs = x_ptr + (rm % M)[:, None] * stride_xm + tl.arange(0, GROUP)[None, :]
     p_ptrs = p_ptr + (rn % N)[None, :] * stride_pn + rj[:, None]                 # (HALF, BLOCK_N)
     s_ptrs = s_ptr + (rn % N) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, K // GROUP):
-        x_even, x_odd = tl.split(tl.reshape(tl.load(x_ptrs), (BLOCK_M, HALF, 2)))
-        p = tl.load(p_ptrs).to(tl.int32)
-        # the sign-extended nibble, exact in any float; through int8, which Triton turns into bf16/fp16
-        # with byte permutes and packed adds (straight from int32 it is a quarter-rate I2F per element)
-        lo = (((p & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
-        hi = ((((p >> 4) & 15) ^ 8) - 8).to(tl.int8).to(tl.float32).to(x_even.dtype)
-        part = C.fdot(x_even, lo, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT)
-        part = C.fdot(x_odd, hi, part, DOT)
-        acc += part * tl.load(s_ptrs)[None, :]
+        acc = C.int4_group_dot(acc, tl.load(x_ptrs), tl.load(p_ptrs), s_ptrs, DOT)
         x_ptrs += GROUP
         p_ptrs += HALF
         s_ptrs += 1

@@ -290,23 +290,29 @@ def test_block_sparse_w8a8_runs_bsr_int8_bit_exact():
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2     # moved by one step at a tie
 
 
+def _mixtral_experts_quantized(hidden: int, intermediate: int, layers: int, **quantize):
+    """A tiny random Mixtral (4 experts, top 2) captured with its experts Quantize'd, and its call."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=97, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=layers, intermediate_size=intermediate, max_position_embeddings=64,
+                        num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg).eval()
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    gm = P.Quantize(include=("*.experts",), **quantize)(ir.capture(model, (), kw, dynamic=True).gm,
+                                                        P.PassContext((), kw)).graph_module
+    return gm, kw
+
+
 @pytest.mark.parametrize("weights,group_size", [("int8", None), ("int4", 32)])
 def test_quantized_experts_run_the_grouped_kernel(weights, group_size, monkeypatch):
     """A Mixtral whose experts Quantize stored int8 per channel or int4 per group: the triton backend multiplies
     the routed tokens by the quantized experts in int8/int4_grouped_weight_only (no dequantize left in the
     lowered graph; int4 packed two per byte, the int8 codes not kept) and matches the torch backend; the
     dense path a GPU may choose instead (dequantize the packed codes + grouped GEMM) agrees at every call."""
-    from transformers import MixtralConfig, MixtralForCausalLM
     from slimfx.backends.triton_backend import TritonProgram
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                        num_hidden_layers=2, intermediate_size=96, max_position_embeddings=64,
-                        num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(cfg).eval()
-    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=2)
-    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    gm = P.Quantize(weights=weights, group_size=group_size, include=("*.experts",))(
-        ir.capture(model, (), kw, dynamic=True).gm, P.PassContext((), kw)).graph_module
+    gm, kw = _mixtral_experts_quantized(64, 96, 2, weights=weights, group_size=group_size)
     prog = TritonProgram(gm)
     lowered = [m for m in prog.gm.modules() if type(m).__name__ == "LoweredGroupedWeightOnly"]
     assert len(lowered) == 4                                    # gate_up and down in 2 blocks
@@ -333,16 +339,7 @@ def test_quantized_experts_run_the_grouped_kernel(weights, group_size, monkeypat
 
 def test_experts_in_other_int4_groups_keep_the_torch_path():
     """int4 groups narrower than the kernel's two 16-deep dots (16 here): dequantize + the grouped GEMM."""
-    from transformers import MixtralConfig, MixtralForCausalLM
     from slimfx.backends.triton_backend import TritonProgram
-    torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                        num_hidden_layers=1, intermediate_size=48, max_position_embeddings=64,
-                        num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(cfg).eval()
-    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=2)
-    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    gm4 = P.Quantize(weights="int4", group_size=16, include=("*.experts",))(
-        ir.capture(model, (), kw, dynamic=True).gm, P.PassContext((), kw)).graph_module
+    gm4, kw = _mixtral_experts_quantized(32, 48, 1, weights="int4", group_size=16)
     assert not [m for m in TritonProgram(gm4).gm.modules() if type(m).__name__ == "LoweredGroupedWeightOnly"]
     assert torch.equal(run(gm4, "triton", **kw).logits, run(gm4, "torch", **kw).logits)
