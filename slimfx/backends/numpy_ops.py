@@ -145,6 +145,12 @@ def pow_(a, b):
     return np.power(a, b)
 
 
+@numpy_op(aten.pow.Scalar)
+def pow_scalar_base(a, b):
+    """A Python number raised to a tensor (rotary embeddings: base ** (arange(0, d, 2) / d)), in torch's dtype."""
+    return np.power(*promoted(a, b))
+
+
 for _name, _fn in {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
                    "ge": np.greater_equal}.items():
     numpy_op(getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)(_fn)
@@ -176,6 +182,16 @@ def masked_fill(x, mask, value):
 @numpy_op(aten.clamp.default)
 def clamp(x, lo=None, hi=None):
     return np.clip(x, lo, hi)
+
+
+@numpy_op(aten.clamp.Tensor)
+def clamp_tensor(x, lo=None, hi=None):
+    """Bounds that are tensors (broadcast), in torch's promoted dtype; NaN in x stays NaN."""
+    if lo is not None:
+        x = np.maximum(*promoted(x, lo))
+    if hi is not None:
+        x = np.minimum(*promoted(x, hi))
+    return x
 
 
 _UNARY = {aten.neg.default: np.negative, aten.exp.default: np.exp, aten.log.default: np.log,
@@ -291,6 +307,21 @@ def sum_(x, dims, keepdim=False, dtype=None):
 @numpy_op(aten.amax.default)
 def amax(x, dims=(), keepdim=False):
     return np.max(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
+
+
+@numpy_op(aten.max.dim)
+def max_dim(x, dim, keepdim=False):
+    """(values, indices) along dim; the first index of the maximum, as torch's CPU kernel returns."""
+    idx = np.argmax(x, axis=dim, keepdims=True)
+    vals = np.take_along_axis(x, idx, axis=dim)
+    return (vals, idx) if keepdim else (vals.squeeze(dim), idx.squeeze(dim))
+
+
+@numpy_op(aten.min.dim)
+def min_dim(x, dim, keepdim=False):
+    idx = np.argmin(x, axis=dim, keepdims=True)
+    vals = np.take_along_axis(x, idx, axis=dim)
+    return (vals, idx) if keepdim else (vals.squeeze(dim), idx.squeeze(dim))
 
 
 # torch's CPU cumsum accumulates in acc_type (float32 in float64, float16 in float32) and rounds each partial sum:
@@ -509,13 +540,25 @@ def flatten(x, start=0, end=-1):
     return x.reshape(*x.shape[:start], -1, *x.shape[end + 1:])
 
 
-@numpy_op(aten.slice.Tensor)
-def slice_(x, dim=0, start=None, end=None, step=1):
+def _slice_index(ndim, dim, start, end, step):
     if end is not None and end >= INT64_MAX:
         end = None
-    idx = [slice(None)] * x.ndim
+    idx = [slice(None)] * ndim
     idx[dim] = slice(start, end, step)
-    return x[tuple(idx)]
+    return tuple(idx)
+
+
+@numpy_op(aten.slice.Tensor)
+def slice_(x, dim=0, start=None, end=None, step=1):
+    return x[_slice_index(x.ndim, dim, start, end, step)]
+
+
+@numpy_op(aten.slice_scatter.default)
+def slice_scatter(x, src, dim=0, start=None, end=None, step=1):
+    """x with the slice replaced by src (the functional form of writing into a slice)."""
+    out = x.copy()
+    out[_slice_index(x.ndim, dim, start, end, step)] = src
+    return out
 
 
 @numpy_op(aten.select.int)
@@ -548,12 +591,34 @@ def gather(x, dim, idx, sparse_grad=False):
     return np.take_along_axis(x, idx, axis=dim)
 
 
+def _scatter_where(index, dim):
+    """Coordinates of torch.scatter's writes: index's own coordinates, with index's values along dim (index may
+    be smaller than self in every dimension)."""
+    where = list(np.indices(index.shape, sparse=True))
+    where[dim] = index
+    return tuple(where)
+
+
+@numpy_op(aten.scatter.value)
+def scatter_value(x, dim, index, value):
+    out = x.copy()
+    out[_scatter_where(index, dim)] = value
+    return out
+
+
+@numpy_op(aten.scatter.src)
+def scatter_src(x, dim, index, src):
+    out = x.copy()
+    out[_scatter_where(index, dim)] = src[tuple(slice(0, n) for n in index.shape)]
+    return out
+
+
 @numpy_op(aten.embedding.default)
 def embedding(weight, ids, padding_idx=-1, scale_grad=False, sparse=False):
     return np.take(weight, ids, axis=0)
 
 
-@numpy_op(aten.cat.default)
+@numpy_op(aten.cat.default, aten.concat.default)
 def cat(tensors, dim=0):
     return np.concatenate(tensors, axis=dim)
 
@@ -577,6 +642,11 @@ def split_with_sizes(x, sizes, dim=0):
 @numpy_op(aten.repeat.default)
 def repeat(x, reps):
     return np.tile(x, reps)
+
+
+@numpy_op(aten.repeat_interleave.self_int)
+def repeat_interleave(x, repeats, dim=None, output_size=None):
+    return np.repeat(x, repeats, axis=dim)          # dim None: flattened, as torch
 
 
 @numpy_op(aten.triu.default)
@@ -620,6 +690,22 @@ def new_ones(x, size, dtype=None, layout=None, device=None, pin_memory=None):
 @numpy_op(aten.new_zeros.default)
 def new_zeros(x, size, dtype=None, layout=None, device=None, pin_memory=None):
     return np.zeros(size, dtype=np_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.copy.default)
+def copy(x, src, non_blocking=False):
+    """The functional copy_: src broadcast to x's shape, in x's dtype."""
+    return np.array(np.broadcast_to(src, x.shape), dtype=x.dtype)
+
+
+@numpy_op(aten.new_empty.default)
+def new_empty(x, size, dtype=None, layout=None, device=None, pin_memory=None):
+    return np.zeros(size, dtype=np_dtype(dtype, x.dtype))      # any values are valid; zeros are reproducible
+
+
+@numpy_op(aten.empty.memory_format)
+def empty(size, dtype=None, layout=None, device=None, pin_memory=None, memory_format=None):
+    return np.zeros(size, dtype=np_dtype(dtype, np.float32))
 
 
 @numpy_op(aten.ones_like.default)

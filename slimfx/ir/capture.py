@@ -66,7 +66,15 @@ def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
     if ds is not None and kwargs and isinstance(ds, tuple) and len(ds) == 2 and isinstance(ds[1], dict):
         # export wants dynamic_shapes keyed like forward's signature: merge positional and keyword specs
         import inspect
-        names = list(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters
+        names = list(params)
+        var_kw = [n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+        extra = [k for k in ds[1] if k not in params]
+        if var_kw and extra:
+            # torch.export (2.13) fails matching dynamic shapes inside **kwargs ("Must provide a tree_name")
+            raise ValueError(f"{type(model).__name__}.forward takes {extra} only through **{var_kw[0]}, where "
+                             f"torch.export cannot mark dynamic shapes: leave {extra} out of the call (GraniteMoE "
+                             f"reads use_cache from its config), or compile with dynamic=False")
         merged = {names[i]: s for i, s in enumerate(ds[0])}
         merged.update(ds[1])
         ds = merged

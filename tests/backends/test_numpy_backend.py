@@ -341,3 +341,30 @@ def test_diff_matches_torch_for_numbers_and_bools():
             assert np.array_equal(diff(t.numpy(), n, dim), want.numpy()), (t.dtype, n, dim)
         pre = t[:, :1]
         assert np.array_equal(diff(t.numpy(), 1, 1, pre.numpy()), torch.diff(t, dim=1, prepend=pre).numpy())
+
+
+def test_scatter_slice_scatter_max_clamp_and_rotary_ops_match_torch():
+    """The ops newer families need (Phi-MoE's router, DeepSeek-V3's latent attention, Cohere's rotary table),
+    against torch on odd shapes: exact, as they only move, compare or pick values (pow: one rounding each)."""
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, generator=g)
+    x[1, 2] = x[1, 5]                                       # a tie: the first index wins in both
+    idx = torch.randint(0, 7, (4, 3), generator=g)          # smaller than x in both dimensions
+    src = torch.randn(6, 4, generator=g)
+    perm = torch.stack([torch.randperm(7, generator=g)[:2] for _ in range(4)])   # no repeats in a row
+    ours = {"scatter_value": (aten.scatter.value, (x, 1, idx, -1.5)),
+            "scatter_src": (aten.scatter.src, (x, 1, perm, src)),
+            "slice_scatter": (aten.slice_scatter.default, (x, src[:5, :3], 1, 2, 7, 2)),
+            "max_dim": (aten.max.dim, (x, 1, True)),
+            "min_dim": (aten.min.dim, (x, 0)),
+            "clamp_tensor": (aten.clamp.Tensor, (x, torch.full((7,), -0.5), torch.tensor(0.7))),
+            "repeat_interleave": (aten.repeat_interleave.self_int, (x, 3, 0)),
+            "copy": (aten.copy.default, (x, torch.arange(7))),
+            "pow_scalar_base": (aten.pow.Scalar, (10000.0, torch.arange(0, 8, 2) / 8))}
+    for name, (op, args) in ours.items():
+        want = op(*args)
+        got = _np(name)(*[a.numpy() if torch.is_tensor(a) else a for a in args])
+        for w, o in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            o = torch.from_numpy(np.asarray(o))
+            assert o.dtype == w.dtype and torch.equal(o, w), name

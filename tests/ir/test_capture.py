@@ -89,6 +89,23 @@ def test_hf_model_returning_a_cache_gets_the_use_cache_hint(tiny_llama):
         ir.capture(tiny_llama, (), dict(input_ids=ids), method="export")
 
 
+class TakesKwargs(nn.Module):
+    def forward(self, x, mask=None, **kwargs):
+        return x * 2 + mask if kwargs.get("flag", True) else x
+
+
+def test_keyword_only_in_var_kwargs_says_what_to_do():
+    """torch.export cannot take dynamic shapes for inputs inside **kwargs (GraniteMoE's use_cache): the error
+    names the keyword and the two ways out, and both work."""
+    x = torch.randn(2, 3)
+    with pytest.raises(ir.CaptureError, match=r"takes \['flag'\] only through \*\*kwargs.*dynamic=False"):
+        ir.capture(TakesKwargs(), (), dict(x=x, mask=x, flag=False), dynamic=True, method="export")
+    gm = ir.capture(TakesKwargs(), (), dict(x=x, mask=x), dynamic=True, method="export").gm
+    assert torch.equal(gm(x=torch.ones(4, 3), mask=torch.ones(4, 3)), torch.full((4, 3), 3.0))
+    gm = ir.capture(TakesKwargs(), (), dict(x=x, mask=x, flag=False), dynamic=False, method="export").gm
+    assert torch.equal(gm(x=x, mask=x, flag=False), x)
+
+
 class Spellings(nn.Module):
     """Weights stored (in, out) as GPT-2's Conv1D keeps them, a bias added after the product (Falcon),
     x.T, chunk into uneven pieces, and an in-place add on an intermediate."""
