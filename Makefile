@@ -23,10 +23,10 @@ $(VENV)/.models: $(VENV)/.installed
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m slimfx.demo
 
-# one worker per core (pytest-xdist; each runs torch on one thread); a module's tests stay on one worker, so
-# its fixtures (models, compiled kernels) are built once
+# one worker per core (pytest-xdist; each runs torch on one thread), tests handed out one at a time; those
+# marked xdist_group (the sm_90 compile of every kernel) stay together on one worker
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --dist loadscope
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --dist loadgroup
 
 bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/minilm_cpu.py

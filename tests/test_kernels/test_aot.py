@@ -10,6 +10,10 @@ import pytest
 
 from slimfx.kernels import aot
 
+# make test runs pytest-xdist with --dist loadgroup: this module's tests stay on one worker, so the compile of
+# every variant (the module fixture, about a minute) happens once
+pytestmark = pytest.mark.xdist_group("aot")
+
 SPILL_BYTES_OK = 128     # a few spilled registers (the TMA kernel's widest tiles with a heavy epilogue);
                          # more means an epilogue or tile change blew the register budget
 
