@@ -55,7 +55,6 @@ def main(argv=None) -> int:
     import torch
     import triton.testing
     from slimfx import kernels as K
-    from slimfx.kernels.weight_only import unpack_int4
     sf = torch.ops.slimfx
     if not args.smoke and not torch.cuda.is_available():
         print("bench/moe_gpu.py: no CUDA device here (--smoke runs tiny shapes on the CPU interpreter)",
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
             return K.int8_grouped_weight_only(x, w, sc, offs)
 
         def dequant4():
-            codes = unpack_int4(p4.view(e * n, k // 2)).view(e, n, k // gs, gs)
+            codes = K.unpack_int4_experts(p4).view(e, n, k // gs, gs)
             return gemm(x, sf.dequantize.default(codes, sc4, None).view(e, n, k).to(torch.bfloat16).transpose(1, 2))
 
         def ours4():

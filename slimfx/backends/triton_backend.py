@@ -351,10 +351,9 @@ class LoweredGroupedWeightOnly(Lowered):
 
     def dense(self, x, w, w_scale, offs):
         if self.group_size:          # the graph's own dequantize, of the codes unpacked
-            from slimfx.kernels.weight_only import unpack_int4
-            e, n, half = w.shape
-            codes = unpack_int4(w.reshape(e * n, half)).reshape(e, n, -1, self.group_size)
-            w = sf.dequantize.default(codes, w_scale, None).reshape(e, n, 2 * half)
+            from slimfx.kernels.grouped_weight_only import unpack_int4_experts
+            codes = unpack_int4_experts(w)
+            w = sf.dequantize.default(codes.unflatten(-1, (-1, self.group_size)), w_scale, None).flatten(-2)
         else:
             w = sf.dequantize.default(w, w_scale, None)
         return self.gemm(x, w.to(self.w_dtype).transpose(1, 2), offs)
@@ -437,12 +436,11 @@ def _packed_in_place_of(gm, root, graph, user: fx.Node, codes: fx.Node, codes_ne
     """``user`` (a lowered node of the new graph) reads int4 ``codes`` (a get_attr of ``gm``: int8 (N, K) or
     (E, N, G, group)) packed two per byte from a new attribute instead; the codes' get_attr goes when nothing
     else reads it, so they never reach the device (TritonProgram moves only the attributes left)."""
-    from slimfx.kernels.weight_only import pack_int4
+    from slimfx.kernels import pack_int4, pack_int4_experts
     t = ir.meta.tensor_attr(gm, codes)
-    lead = t.shape[:-2] if t.ndim == 4 else t.shape[:-1]          # (E, N) or (N,)
     target = f"{codes.target}_packed"
     if not _has_attr(root, target):       # codes read by two lowered nodes are packed once
-        _set_attr(root, target, pack_int4(t.reshape(lead.numel(), -1)).reshape(*lead, -1).to(dev))
+        _set_attr(root, target, (pack_int4_experts(t.flatten(-2)) if t.ndim == 4 else pack_int4(t)).to(dev))
     with graph.inserting_before(user):
         node = graph.get_attr(target)
     user.args = tuple(node if a is codes_new else a for a in user.args)

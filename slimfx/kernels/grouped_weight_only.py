@@ -209,6 +209,13 @@ def pack_int4_experts(q: torch.Tensor) -> torch.Tensor:
     return pack_int4(q.reshape(e * n, k)).reshape(e, n, k // 2)
 
 
+def unpack_int4_experts(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4_experts: uint8 (E, N, K/2) -> int8 (E, N, K)."""
+    from slimfx.kernels.weight_only import unpack_int4
+    e, n, half = p.shape
+    return unpack_int4(p.reshape(e * n, half)).reshape(e, n, 2 * half)
+
+
 def _routed_rows(x, offs):
     """(expert, lo, hi) of each expert's rows, clipped to x's rows as the kernels clip them."""
     ends = np.minimum(offs.cpu().numpy().astype(np.int64), x.shape[0])
@@ -222,11 +229,9 @@ def _routed_rows(x, offs):
 def int4_grouped_weight_only_ref(x, w_packed, scales, group_size, offs) -> np.ndarray:
     """float64 per expert and group (exact products of the integer weights up to fp64 rounding), times the
     group's fp32 scale, summed; then x's dtype via fp32."""
-    from slimfx.kernels.weight_only import unpack_int4
     e, n, half = w_packed.shape
     k = 2 * half
-    q = unpack_int4(w_packed.cpu().reshape(e * n, half)).numpy().astype(np.float64).reshape(e, n, k // group_size,
-                                                                                            group_size)
+    q = unpack_int4_experts(w_packed.cpu()).numpy().astype(np.float64).reshape(e, n, k // group_size, group_size)
     sc = C.np32(scales).astype(np.float64).reshape(e, n, -1)
     xs = C.np32(x).astype(np.float64)
     y = np.zeros((xs.shape[0], n), dtype=np.float32)
