@@ -7,7 +7,7 @@
 
 What slimfx compiles is the model's *step*: ``(input_ids, position_ids, attention_mask, cache, logits_at) ->
 (logits, new cache)`` with the cache as plain tensors, one (keys, values) pair per layer of shape (batch, kv heads,
-length, head dim). One graph serves the prompt (prefill) and every new token (decode), with batch, sequence
+length, head dim; keys and values may differ in head dim, as in DeepSeek's latent attention). One graph serves the prompt (prefill) and every new token (decode), with batch, sequence
 and cache length dynamic, so the passes (and their calibration) run once. Two facts of torch.export shape the
 calls ``generate`` makes:
 - a sequence of 1 token is specialized (sdpa's causal flag branches on it), so a decode step feeds 2 tokens:
@@ -109,8 +109,8 @@ class CausalLMStep(nn.Module):
         return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
 
 
-def cache_layout(model: nn.Module) -> tuple[list[tuple[int, int]], Optional[int]]:
-    """(kv heads, head dim) of each layer's cache, and the smallest sliding window of its attention (None when every
+def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
+    """((key heads, key dim), (value heads, value dim)) of each layer's cache, and the smallest sliding window of its attention (None when every
     layer attends to the whole sequence), read from one eager call of ``model``. Refuses caches that are not one
     growing tensor per layer (linear attention, quantized caches) and chunked attention (Llama 4).
 
@@ -149,8 +149,22 @@ def cache_layout(model: nn.Module) -> tuple[list[tuple[int, int]], Optional[int]
     windows = [int(layer.sliding_window) for layer in layers if type(layer) is DynamicSlidingWindowLayer]
     if windows and getattr(config, "sliding_window", None) is not None:
         windows.append(int(config.sliding_window))
-    layout = [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in layers]
+    # keys and values may differ in width (DeepSeek's multi-head latent attention: rope + nope dims vs v_head_dim)
+    layout = [((int(layer.keys.shape[1]), int(layer.keys.shape[3])),
+               (int(layer.values.shape[1]), int(layer.values.shape[3]))) for layer in layers]
     return layout, (min(windows) if windows else None)
+
+
+def _normalized_layout(layout) -> list:
+    """``layout`` as ((key heads, key dim), (value heads, value dim)) per layer; files saved before keys and values
+    could differ hold (heads, dim) for both."""
+    out = []
+    for entry in layout:
+        if len(entry) == 2 and all(isinstance(x, int) for x in entry):
+            entry = (entry, entry)
+        (hk, dk), (hv, dv) = entry
+        out.append(((int(hk), int(dk)), (int(hv), int(dv))))
+    return out
 
 
 def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1,
@@ -161,8 +175,9 @@ def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, 
     b = ids.shape[0]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     full = torch.cat([torch.zeros(b, slots, dtype=mask.dtype, device=mask.device), mask], 1)
-    cache = [(torch.zeros(b, h, slots, d, dtype=dtype, device=ids.device),
-              torch.zeros(b, h, slots, d, dtype=dtype, device=ids.device)) for h, d in layout]
+    cache = [(torch.zeros(b, hk, slots, dk, dtype=dtype, device=ids.device),
+              torch.zeros(b, hv, slots, dv, dtype=dtype, device=ids.device))
+             for (hk, dk), (hv, dv) in _normalized_layout(layout)]
     n = ids.shape[1]
     at = torch.arange(0 if all_logits else n - 1, n, device=ids.device)
     return ids, pos, full, cache, at
@@ -299,7 +314,7 @@ class CompiledCausalLM:
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
                  model_name: Optional[str] = None):
         self.step = step                               # the CompiledModel of CausalLMStep
-        self.layout = [tuple(x) for x in layout]
+        self.layout = _normalized_layout(layout)
         self.dtype = dtype
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.model_name = model_name or "the model"

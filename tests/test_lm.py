@@ -4,6 +4,8 @@ What must hold: greedy tokens equal transformers' own ``generate`` (with its KV 
 1-token prompt, end-of-sequence); the cache a decode step builds gives the logits a fresh prefill of the whole
 sequence gives (the cache is consistent, also after quantization); saved and loaded, it generates the same.
 """
+import json
+
 import pytest
 import torch
 
@@ -124,6 +126,12 @@ def test_saved_and_loaded_generates_the_same(llama, tmp_path):
     mask[:, -1] = 1
     assert torch.equal(back.generate(ids, mask, max_new_tokens=6), lm.generate(ids, mask, max_new_tokens=6))
     assert isinstance(slimfx.load(path, backend="torch"), slimfx.CompiledCausalLM)
+    # files saved before keys and values could differ in width hold one (heads, dim) per layer
+    data = json.loads((path / "causal_lm.json").read_text())
+    assert data["layout"][0] == [[2, 8], [2, 8]]
+    data["layout"] = [k for k, _ in data["layout"]]
+    (path / "causal_lm.json").write_text(json.dumps(data))
+    assert slimfx.load(path).layout == lm.layout
 
 
 def test_refusals(llama, compiled):
