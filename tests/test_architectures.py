@@ -1,7 +1,7 @@
 """The model families users bring, as tiny random-weight transformers models: each captures into the canonical
 op set (every weight matrix an aten.linear, so passes see every layer), runs on the numpy backend as torch
-runs it, and quantizes in every linear layer. Generation with a KV cache is tested per family in test_lm.py;
-structured pruning in passes/test_prune.py."""
+runs it, and quantizes in every linear layer. Each decoder generates transformers' tokens with a KV cache (here and
+in test_lm.py); structured pruning is tested in passes/test_prune.py, and here for the newer families."""
 import pytest
 import torch
 import torch.nn as nn
@@ -51,7 +51,7 @@ def _families():
         "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_heads=4, n_layers=2,
                                                                    hidden_dim=64, max_position_embeddings=64)),
         "electra": lambda: T.ElectraModel(T.ElectraConfig(**_C, embedding_size=32)),
-        # newer families, in the main test only (CI time): MoE routers with scatter / max / clamp (Phi-MoE),
+        # newer families (not in every test: CI time): MoE routers with scatter / max / clamp (Phi-MoE),
         # multi-head latent attention writing into slices (DeepSeek-V3), rotary tables from pow and
         # repeat_interleave (Phi-MoE, Cohere), sliding-window + global layers (Gemma 3)
         "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**_GQA, head_dim=8, num_experts=4,
@@ -147,10 +147,12 @@ def test_decoder_family_runs_without_an_attention_mask(family):
 
 
 GENERATORS = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "stablelm", "olmo2", "granite", "gpt_neox",
-              "falcon", "mixtral", "qwen2moe"]
+              "falcon", "mixtral", "qwen2moe"] + [f for f in NEWER if f != "gemma3"]
 
 
-@pytest.mark.parametrize("family", GENERATORS)   # Llama, GPT-2, OPT, Phi, BLOOM, sliding windows: tests/test_lm.py
+# Llama, GPT-2, OPT, Phi, BLOOM, sliding windows (Gemma 3's too): tests/test_lm.py. DeepSeek-V3's cache holds keys
+# and values of different widths (latent attention: 16 = rope 8 + nope 8 vs v_head_dim 8)
+@pytest.mark.parametrize("family", GENERATORS)
 def test_decoder_family_generates_transformers_tokens(family):
     model, _ = _model_and_call(family)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
@@ -161,7 +163,7 @@ def test_decoder_family_generates_transformers_tokens(family):
     assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEWER)
 def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     """What SmoothQuant and AWQ do to every group of linears reading one input (passes.scale_fold): x / s put
     into the producing norm, the producing linear's rows or a new mul, W * s into the linears. The model must
@@ -190,4 +192,60 @@ def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     # pre-norm families fold into their norms; Gemma's norm multiplies by 1 + weight, and post-norm ones
     # (BERT's family, OLMo-2) feed the norm output to the residual too (or have none before a linear)
     post_norm = ("bert", "roberta", "distilbert", "electra", "olmo2")
-    assert ("norm" in hows) == (family not in ("gemma", "gemma2") + post_norm), hows
+    assert ("norm" in hows) == (family not in ("gemma", "gemma2", "gemma3") + post_norm), hows
+
+
+def _zero_what_the_graph_removed(model, gm) -> list[str]:
+    """A copy of ``model`` with the inputs zeroed that the pruned graph's layers no longer read: each weight that
+    lost input columns (o_proj after heads, down_proj after neurons; per expert for 3-D expert tensors) keeps
+    the columns found in the graph's narrower tensor and gets zeros in the rest. Returns the copy and the
+    names of the narrowed weights."""
+    import copy
+    zeroed = copy.deepcopy(model)
+    params = dict(zeroed.named_parameters())
+    narrowed = []
+    for n in gm.graph.nodes:
+        name = slimfx.ir.meta.param_name(n) if n.op == "get_attr" else None
+        if name not in params:
+            continue
+        new, old = getattr(gm, n.target), params[name]
+        if new.shape == old.shape or new.shape[0] != old.shape[0] or new.shape[-2] != old.shape[-2]:
+            continue                                     # untouched, or rows removed (a producer)
+        narrowed.append(name)
+        with torch.no_grad():
+            for o, k in zip(old.reshape(-1, *old.shape[-2:]), new.reshape(-1, *new.shape[-2:])):
+                kept = {col.numpy().tobytes() for col in k.T}
+                for j in range(o.shape[1]):
+                    if o[:, j].detach().numpy().tobytes() not in kept:
+                        o[:, j] = 0
+    return zeroed, narrowed
+
+
+@pytest.mark.parametrize("family", NEWER)
+def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):
+    """Half the kv heads and a quarter of the neurons (each expert's own, in MoE blocks) removed: the shrunk
+    graph computes what the model computes with those units zeroed. Blocks the passes leave whole say why:
+    OLMoE's q/k norms over all heads, DeepSeek-V3's latent attention (no q/k/v of their own)."""
+    from slimfx.passes import Prune
+    model, call = _model_and_call(family)
+    cm = slimfx.compile(model, (), call, dynamic=True, backend="torch", progress=False,
+                        passes=[Prune(sparsity=0.5, pattern="heads"), Prune(sparsity=0.25, pattern="neurons")])
+    heads, neurons = (r.stats for r in cm.report().records[:2])
+    whole = {"olmoe": "q_norm uses", "deepseek_v3": "q, k and v do not each come from one linear layer"}
+    if family in whole:
+        assert not heads["shrunk"] and all(whole[family] in why for why in heads["skipped"].values()), heads
+    else:
+        assert list(heads["shrunk"].values()) == ["2 -> 1 kv heads"] * 2, heads
+    assert neurons["shrunk"] and all(v.startswith(("64 -> 48 neurons", "32 -> 24 neurons"))
+                                     for v in neurons["shrunk"].values()), neurons
+    assert any(v.endswith("per expert") for v in neurons["shrunk"].values()) == ("moe" in family or
+                                                                                 family == "deepseek_v3")
+    zeroed, narrowed = _zero_what_the_graph_removed(model, cm.graph)
+    assert len(narrowed) == len(heads["shrunk"]) + len(neurons["shrunk"]), narrowed
+    ids, mask = text_batch(3, 7, VOCAB, pad_left=True, seed=5)          # another shape than the example
+    call = dict(call, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = _first(zeroed(**call))
+    # fp32, summation order only; a unit removed from the wrong place would change the logits by far more
+    assert rel_err(_first(cm(**call)), ref) < 1e-5
+    assert rel_err(_first(cm.with_backend("numpy")(**call)), ref) < 1e-5

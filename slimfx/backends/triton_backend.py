@@ -364,11 +364,11 @@ def quantized_experts(gm: fx.GraphModule, gemm: fx.Node, gemm_ops: set):
     int8 per output channel) when ``gemm`` (a grouped GEMM) multiplies by experts in one of the forms
     slimfx.passes.quantize_experts writes that a kernel runs (int8 per channel; int4 codes in groups of a
     power of two >= 32), else None. ``gemm_ops``: quantize_experts.grouped_gemm_ops()."""
-    from slimfx.passes.quantize_experts import _swaps_last_two
+    from slimfx.passes.quantize_experts import swaps_last_two
     if gemm.op != "call_function" or gemm.target not in gemm_ops or gemm.kwargs or len(gemm.args) != 3:
         return None
     w = gemm.args[1]
-    if not (isinstance(w, fx.Node) and _swaps_last_two(w)):
+    if not (isinstance(w, fx.Node) and swaps_last_two(w)):
         return None
     dq, dtype = w.args[0], torch.float32
     if dq.op == "call_function" and dq.target is torch.ops.aten._to_copy.default and set(dq.kwargs) == {"dtype"}:

@@ -46,7 +46,7 @@ from .. import ir
 from ..ir.dialect.sparse import blockwise
 from .base import Pass, PassResult, register_pass
 from .prune_heads import attention_groups, head_scores, shrink_heads
-from .prune_structured import column_importance, input_stats, layer_name, neuron_groups, shrink
+from .prune_structured import column_importance, expert_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
 from .quant_calibration import calibration_calls, input_hessians
 from .quantize import matches, module_patterns, selected_linears
@@ -307,22 +307,28 @@ class Prune(Pass):
             if not any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
                 chosen.append(grp)
         data, calls = self._calls(ctx) if chosen else ("-", [])
-        importance = column_importance(gm, [grp.o if heads else grp.consumer for grp in chosen], calls) \
-            if chosen else {}
+        if chosen and not isinstance(calls, list):
+            calls = list(calls)                   # a generator: linears and experts are scored in two runs
+        experts = [grp for grp in chosen if not heads and grp.experts]
+        importance = column_importance(gm, [grp.o if heads else grp.consumer for grp in chosen
+                                             if heads or not grp.experts], calls) if chosen else {}
+        if experts:
+            importance.update(expert_importance(gm, [grp.consumer for grp in experts], calls))
         shrunk = {}
         for grp in chosen:
             units, unit = (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
             score = head_scores(importance[grp.o], grp) if heads else importance[grp.consumer]
-            # at least one unit stays: a layer of width 0 is not a layer
-            cut = smallest([score], min(round(self.sparsity * units), units - 1))[0]
+            # at least one unit stays: a layer of width 0 is not a layer; every expert keeps as many
+            count = min(round(self.sparsity * units), units - 1)
+            cut = torch.stack([smallest([row], count)[0] for row in score.reshape(-1, units)]).view(score.shape)
             if not cut.any():
                 if self.sparsity > 0:
                     rejected[grp.name] = f"one {unit[:-1]} only: it stays" if units == 1 else \
                         f"sparsity {self.sparsity:g} of {units} {unit} rounds to none"
                 continue
-            keep = (~cut).nonzero().squeeze(1)
+            keep = (~cut).nonzero()[:, -1].view(*cut.shape[:-1], -1)
             (shrink_heads if heads else shrink)(gm, grp, keep)
-            shrunk[grp.name] = f"{units} -> {len(keep)} {unit}"
+            shrunk[grp.name] = f"{units} -> {keep.shape[-1]} {unit}" + (" per expert" if score.ndim == 2 else "")
         if shrunk:
             gm.graph.eliminate_dead_code()
             ir.drop_unused_tensors(gm)

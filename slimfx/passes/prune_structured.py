@@ -20,6 +20,13 @@ depends on the model's inputs without passing a linear) and attention outputs ar
 Neuron j is scored by E|h_j| * ||C[:, j]||, with h the consumer's input over the calibration tokens
 (``column_importance``: the mean size of what the neuron adds to the output), and the lowest-scored
 fraction is removed.
+
+Mixture-of-experts blocks are the same blocks with grouped GEMMs for linears: the experts' 3-D tensors
+(``quantize_experts.expert_weights``; gate_up (E, 2I, H) and down (E, H, I), transposed or not) between one
+grouped GEMM's output and the next one's input. Each expert has its own I neurons and keeps its own best
+ones, scored on the tokens routed to it (``expert_importance``); every expert keeps the same number, so the
+tensors stay rectangular: (E, 2I', H) and (E, H, I'). An expert no calibration token reached is scored by
+its weights alone (||C_e[:, j]||).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import torch.fx as fx
 
 from .. import ir
 from .quant_calibration import run_watching
+from .quantize_experts import chain_watch, gemm_offsets, grouped_gemm_ops, swaps_last_two
 
 aten = torch.ops.aten
 # position by position along the last axis: output j depends on the inputs' position j only (or on scalars)
@@ -58,19 +66,49 @@ def linear_like() -> set:
             sf.weight_only_linear.default, sf.sparse_linear.default}
 
 
+def _expert_tensor(n: fx.Node) -> tuple[Optional[fx.Node], bool]:
+    """For a grouped GEMM: the get_attr of its experts' tensor and whether the GEMM reads it transposed
+    (stored (E, N, K)); (None, False) when its weight is computed (a dequantize)."""
+    w = n.args[1] if len(n.args) > 1 else None
+    rows_out = isinstance(w, fx.Node) and swaps_last_two(w)
+    src = w.args[0] if rows_out else w
+    return (src, rows_out) if isinstance(src, fx.Node) and src.op == "get_attr" else (None, False)
+
+
 def layer_name(n: fx.Node) -> str:
-    """A linear's module name: the node's module metadata, else its weight's parameter path, else the node."""
+    """A linear's module name: the node's module metadata, else its weight's parameter path, else the node.
+    A grouped GEMM is named by its experts' tensor (``model.layers.0.mlp.experts.down_proj``)."""
+    if n.op == "call_function" and n.target in grouped_gemm_ops():
+        src, _ = _expert_tensor(n)
+        return (ir.meta.param_name(src) if src is not None else None) or ir.meta.module_name(n) or n.name
     w = n.args[1] if len(n.args) > 1 and isinstance(n.args[1], fx.Node) else None
     return ir.meta.module_name(n) or (ir.meta.module_name(w) if w is not None and w.op == "get_attr" else "") \
         or n.name
 
 
 def _float_linear(gm: fx.GraphModule, n: fx.Node) -> bool:
-    if n.op != "call_function" or n.target is not aten.linear.default:
+    """A float linear with its weight (and bias) as tensors, or a grouped GEMM over a float experts' tensor."""
+    if n.op != "call_function":
+        return False
+    if n.target in grouped_gemm_ops():
+        src, _ = _expert_tensor(n)
+        if src is None:
+            return False
+        t = ir.meta.tensor_attr(gm, src)
+        return t.ndim == 3 and t.is_floating_point()
+    if n.target is not aten.linear.default:
         return False
     w, b = n.args[1], n.args[2] if len(n.args) > 2 else None
     ok = isinstance(w, fx.Node) and w.op == "get_attr" and ir.meta.tensor_attr(gm, w).is_floating_point()
     return ok and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr"))
+
+
+def _in_features(gm: fx.GraphModule, n: fx.Node) -> int:
+    """K of a float linear or of each expert of a grouped GEMM."""
+    if n.target is aten.linear.default:
+        return ir.meta.tensor_attr(gm, n.args[1]).shape[1]
+    src, rows_out = _expert_tensor(n)
+    return ir.meta.tensor_attr(gm, src).shape[2 if rows_out else 1]
 
 
 @dataclasses.dataclass
@@ -83,6 +121,11 @@ class NeuronGroup:
     @property
     def name(self) -> str:
         return layer_name(self.consumer)
+
+    @property
+    def experts(self) -> bool:
+        """A mixture-of-experts block: grouped GEMMs over experts' tensors, neurons chosen per expert."""
+        return self.consumer.target in grouped_gemm_ops()
 
 
 def _is_value(n: fx.Node) -> bool:
@@ -178,7 +221,7 @@ def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list,
 def neuron_groups(gm: fx.GraphModule) -> tuple[list[NeuronGroup], dict[str, str]]:
     """Every block whose neurons can be removed, in the consumers' graph order, and why the other blocks'
     cannot (by the consumer's module name)."""
-    linears = linear_like()
+    linears = linear_like() | grouped_gemm_ops()
     g = _flow(gm, linears)
     node = nx.get_node_attributes(g, "node")
     # values that depend on the model's inputs without passing a linear (the residual stream, masks)
@@ -199,7 +242,13 @@ def neuron_groups(gm: fx.GraphModule) -> tuple[list[NeuronGroup], dict[str, str]
         if not _float_linear(gm, c):
             rejected[layer_name(c)] = _block_problem(gm, c, region, producers, leaves, 1)
             continue
-        width = ir.meta.tensor_attr(gm, c.args[1]).shape[1]
+        kinds = {n.target in grouped_gemm_ops() for n in [*producers, c]}
+        if len(kinds) > 1:
+            rejected[layer_name(c)] = (f"{layer_name(c)} and the layers writing its input "
+                                       f"({', '.join(layer_name(p) for p in producers)}) are not all linear layers "
+                                       "or all experts' grouped GEMMs")
+            continue
+        width = _in_features(gm, c)
         why = _block_problem(gm, c, region, producers, leaves, width)
         if why:
             rejected[layer_name(c)] = why
@@ -219,6 +268,18 @@ def _swap_tensor(gm: fx.GraphModule, user: fx.Node, i: int, t: torch.Tensor, suf
     user.args = (*user.args[:i], new, *user.args[i + 1:])
 
 
+def _narrow_experts(gm: fx.GraphModule, gemm: fx.Node, index: torch.Tensor, outputs: bool) -> None:
+    """Keep, in each expert e of a grouped GEMM's tensor, the outputs (``outputs``) or inputs ``index[e]``."""
+    src, rows_out = _expert_tensor(gemm)
+    t = ir.meta.tensor_attr(gm, src).detach()
+    axis = (1 if rows_out else 2) if outputs else (2 if rows_out else 1)
+    shape = list(t.shape)
+    shape[axis] = index.shape[1]
+    index = index.to(t.device).view(index.shape[0], *[-1 if a == axis else 1 for a in (1, 2)]).expand(shape)
+    with torch.no_grad():
+        _swap_tensor(gm, gemm.args[1] if rows_out else gemm, 0 if rows_out else 1, t.gather(axis, index), "narrow")
+
+
 def _narrow(gm: fx.GraphModule, lin: fx.Node, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
             suffix: str = "narrow") -> None:
     """Keep rows ``rows`` of a linear's weight and bias (its outputs) or columns ``cols`` of its weight."""
@@ -230,13 +291,22 @@ def _narrow(gm: fx.GraphModule, lin: fx.Node, rows: Optional[torch.Tensor] = Non
 
 
 def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
-    """Keep only neurons ``keep`` (sorted indices): in every width-sized segment of the producers' rows
-    (weights and biases), the consumer's columns, and the widths spelled by the reshapes and splits."""
-    old, new = group.width, len(keep)
+    """Keep only neurons ``keep`` (sorted indices; for experts, (E, kept) sorted per row, the same number in
+    each): in every width-sized segment of the producers' rows (weights and biases), the consumer's columns,
+    and the widths spelled by the reshapes and splits."""
+    old, new = group.width, keep.shape[-1]
     for p in group.producers:
-        segments = ir.meta.tensor_attr(gm, p.args[1]).shape[0] // old
-        _narrow(gm, p, rows=(torch.arange(segments)[:, None] * old + keep).reshape(-1))
-    _narrow(gm, group.consumer, cols=keep)
+        if group.experts:
+            src, rows_out = _expert_tensor(p)
+            segments = ir.meta.tensor_attr(gm, src).shape[1 if rows_out else 2] // old
+            _narrow_experts(gm, p, (torch.arange(segments)[:, None] * old + keep[:, None, :]).flatten(1), True)
+        else:
+            segments = ir.meta.tensor_attr(gm, p.args[1]).shape[0] // old
+            _narrow(gm, p, rows=(torch.arange(segments)[:, None] * old + keep).reshape(-1))
+    if group.experts:
+        _narrow_experts(gm, group.consumer, keep, False)
+    else:
+        _narrow(gm, group.consumer, cols=keep)
 
     def scaled(size):
         return size // old * new if isinstance(size, int) and size != -1 else size
@@ -264,6 +334,40 @@ def input_stats(gm: fx.GraphModule, linears: list[fx.Node], calls) -> dict[fx.No
     for lin in linears:
         a, s2, n = acc[lin.args[0]]
         out[lin] = (a / max(n, 1), (s2 / max(n, 1)).sqrt())
+    return out
+
+
+def expert_importance(gm: fx.GraphModule, consumers: list[fx.Node], calls) -> dict[fx.Node, torch.Tensor]:
+    """For each consumer grouped GEMM: (experts, K) scores E_e|x_j| * ||W_e[:, j]|| (float64), x the rows routed
+    to expert e (rows offs[e-1]:offs[e] of the GEMM's input) over ``calls``; an expert no row reached scores
+    ||W_e[:, j]|| alone."""
+    acc, watch = {}, {}
+    for c in consumers:
+        seen: dict = {}
+        e = ir.meta.tensor_attr(gm, _expert_tensor(c)[0]).shape[0]
+        acc[c] = [torch.zeros(e, _in_features(gm, c), dtype=torch.float64), torch.zeros(e, dtype=torch.float64)]
+
+        def put(key, seen=seen, sums=acc[c]):
+            def callback(v):
+                seen[key] = v
+                if "x" in seen and "offs" in seen:
+                    rows, start = seen.pop("x").detach(), 0
+                    for i, end in enumerate(seen.pop("offs").tolist()):
+                        if end > start:
+                            sums[0][i] += rows[start:end].double().abs().sum(0).cpu()
+                            sums[1][i] += end - start
+                        start = end
+            return callback
+        chain_watch(watch, c.args[0], put("x"))
+        chain_watch(watch, gemm_offsets(c), put("offs"))
+    run_watching(gm, calls, watch)
+    out = {}
+    for c, (sums, count) in acc.items():
+        src, rows_out = _expert_tensor(c)
+        w = ir.meta.tensor_attr(gm, src).detach().double().cpu()          # (E, K, N) or (E, N, K)
+        norms = w.norm(dim=1 if rows_out else 2)                           # (E, K): per input column
+        mean = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], torch.ones_like(sums))
+        out[c] = mean * norms
     return out
 
 

@@ -58,7 +58,8 @@ class ExpertWeight:
         return self.name.rsplit(".", 1)[0]
 
 
-def _swaps_last_two(node: fx.Node) -> bool:
+def swaps_last_two(node: fx.Node) -> bool:
+    """``node`` transposes the last two axes of a 3-D tensor (how a GEMM reads an (E, N, K) experts' tensor)."""
     if node.op != "call_function" or node.target not in _TRANSPOSES:
         return False
     if node.target is aten.transpose.int:
@@ -76,7 +77,7 @@ def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, st
         if gemm.op != "call_function" or gemm.target not in ops or len(gemm.args) < 2:
             continue
         w = gemm.args[1]
-        rows_out = isinstance(w, fx.Node) and _swaps_last_two(w)
+        rows_out = isinstance(w, fx.Node) and swaps_last_two(w)
         src = w.args[0] if rows_out else w
         if not (isinstance(src, fx.Node) and src.op == "get_attr"):
             continue
@@ -98,8 +99,16 @@ def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, st
     return chosen, skipped
 
 
-def _offsets(gemm: fx.Node):
+def gemm_offsets(gemm: fx.Node):
+    """A grouped GEMM's offsets: the end row of each expert's tokens in its input."""
     return gemm.args[2] if len(gemm.args) > 2 else gemm.kwargs.get("offs")
+
+
+def chain_watch(watch: dict, node: fx.Node, cb) -> None:
+    """Add callback ``cb`` for ``node`` to a ``run_watching`` dict, after any it has (one offsets tensor feeds
+    every grouped GEMM of its MoE block)."""
+    prev = watch.get(node)
+    watch[node] = cb if prev is None else (lambda v, a=prev, b=cb: (a(v), b(v)))
 
 
 def ew_shape(gm: fx.GraphModule, ew: ExpertWeight) -> tuple[int, int, int]:
@@ -114,11 +123,6 @@ def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, prog
     An expert no calibration token reached gets None (it falls back to rounding to nearest)."""
     from ..quant.gptq import Hessian
     watch, per_gemm = {}, {}
-
-    def chain(node, cb):          # a node may feed several GEMMs (one offsets tensor per MoE block)
-        prev = watch.get(node)
-        watch[node] = cb if prev is None else (lambda v, a=prev, b=cb: (a(v), b(v)))
-
     for ew in experts:
         n_exp, _, k = ew_shape(gm, ew)
         for gemm in ew.gemms:
@@ -137,8 +141,8 @@ def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, prog
                                 h.add(rows[start:end])
                             start = end
                 return callback
-            chain(gemm.args[0], put("x"))
-            chain(_offsets(gemm), put("offs"))
+            chain_watch(watch, gemm.args[0], put("x"))
+            chain_watch(watch, gemm_offsets(gemm), put("offs"))
     if run_watching(gm, calls, watch, progress, f"{who}: expert input statistics") == 0:
         raise ValueError(f"{who}: the calibration data is empty")
     out = {}

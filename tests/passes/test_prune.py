@@ -645,3 +645,105 @@ def test_heads_fused_qkv_shrink_equals_zeroed_heads(family, attn, qkv, o, heads,
     else:
         _zero_heads(zeroed, os_, heads, kv, 8, [kw])
     _matches_dense_llama(cm, zeroed)
+
+
+# --- structured: mixture-of-experts neurons ----------------------------------------------------------------
+
+def _expert_scores(model, calls: list) -> list:
+    """(experts, I) reference scores per MoE layer: E_e|h_j| * ||down_e[:, j]||, h = act(gate) * up of the tokens
+    routed to expert e, computed in plain torch from what each experts module is called with (Mixtral's
+    layout: gate_up_proj (E, 2I, H), down_proj (E, H, I))."""
+    mods = [layer.mlp.experts for layer in model.model.layers]
+    sums = [0.0] * len(mods)
+    counts = [0] * len(mods)
+
+    def hook(i):
+        def fn(mod, args):
+            x, top_k_index = args[0].detach().double(), args[1]
+            e_count, two_i, _ = mod.gate_up_proj.shape
+            s, c = torch.zeros(e_count, two_i // 2, dtype=torch.float64), torch.zeros(e_count, dtype=torch.float64)
+            for e in range(e_count):
+                rows = (top_k_index == e).any(-1)
+                gate, up = (x[rows] @ mod.gate_up_proj[e].double().T).chunk(2, -1)
+                s[e] = (F.silu(gate) * up).abs().sum(0)
+                c[e] = rows.sum()
+            sums[i], counts[i] = sums[i] + s, counts[i] + c
+        return fn
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(mods)]
+    with torch.no_grad():
+        for kw in calls:
+            model(**kw)
+    for h in handles:
+        h.remove()
+    return [sums[i] / counts[i][:, None] * m.down_proj.double().norm(dim=1) for i, m in enumerate(mods)]
+
+
+def test_neurons_experts_shrink_per_expert_equals_zeroed_neurons():
+    """Mixtral's experts (3-D tensors behind grouped GEMMs): every expert keeps its own best 42 of 56 neurons,
+    scored on the tokens routed to it; gate_up loses both halves' rows, down its columns, the split its size,
+    and the shrunk graph computes what the model computes with those neurons zeroed, on torch and numpy."""
+    import copy
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                                 num_key_value_heads=2, num_hidden_layers=2, intermediate_size=56,
+                                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    cm, kw, stats = _pruned(model, "neurons", 0.25)
+    assert stats["shrunk"] == {f"model.layers.{i}.mlp.experts.down_proj": "56 -> 42 neurons per expert"
+                               for i in range(2)}
+    gm = cm.graph
+    new = {ir.meta.param_name(n): getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
+           and ir.meta.param_name(n) and ".experts." in ir.meta.param_name(n)}
+    assert new["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 84, 32)
+    assert new["model.layers.1.mlp.experts.down_proj"].shape == (4, 32, 42)
+    zeroed = copy.deepcopy(model)
+    for layer, score in zip(zeroed.model.layers, _expert_scores(model, [kw])):
+        for e in range(4):
+            gone = score[e].argsort()[:14]
+            kept = torch.ones(56, dtype=torch.bool).index_fill(0, gone, False)
+            # the graph holds exactly the best-scored neurons of each expert, in their order
+            assert torch.equal(new[f"model.layers.{layer.self_attn.layer_idx}.mlp.experts.down_proj"][e],
+                               layer.mlp.experts.down_proj[e][:, kept])
+            with torch.no_grad():
+                layer.mlp.experts.down_proj[e][:, gone] = 0
+    _matches_dense_llama(cm, zeroed)
+
+
+def test_neurons_an_expert_no_token_reached_keeps_its_largest_columns():
+    """Scores need the tokens routed to an expert; one that calibration never reached is scored by its down
+    projection's column norms alone. Here expert 1 gets no rows (offsets [3, 3, 7])."""
+    import copy
+    grouped = P.quantize_experts.grouped_gemm_ops()
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is None or fallback.default not in grouped:
+        pytest.skip("transformers' grouped_mm_fallback is not registered")
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.gate_up = torch.nn.Parameter(torch.randn(3, 2 * 6, 8))
+            self.down = torch.nn.Parameter(torch.randn(3, 8, 6))
+
+        def forward(self, x, offs):
+            h = fallback(x, self.gate_up.transpose(1, 2), offs)
+            gate, up = h.chunk(2, -1)
+            return fallback(F.silu(gate) * up, self.down.transpose(1, 2), offs)
+
+    model, x, offs = Experts().eval(), torch.randn(7, 8), torch.tensor([3, 3, 7], dtype=torch.int32)
+    gm = ir.capture(model, (x, offs)).gm
+    res = P.Prune(sparsity=0.5, pattern="neurons")(gm, P.PassContext((x, offs)))
+    assert res.stats["shrunk"] == {"down": "6 -> 3 neurons per expert"}
+    down = [getattr(res.graph_module, n.target) for n in res.graph_module.graph.nodes
+            if n.op == "get_attr" and ir.meta.param_name(n) == "down"][0]
+    zeroed = copy.deepcopy(model)
+    for e, rows in enumerate([slice(0, 3), slice(3, 3), slice(3, 7)]):
+        norms = model.down[e].detach().double().norm(dim=0)
+        gate, up = (x[rows] @ model.gate_up[e].detach().T).double().chunk(2, -1)
+        score = (F.silu(gate) * up).abs().mean(0) * norms if e != 1 else norms
+        kept = score.argsort(descending=True)[:3].sort().values
+        assert torch.equal(down[e], model.down[e][:, kept].detach()), e
+        with torch.no_grad():
+            zeroed.down[e][:, score.argsort()[:3]] = 0
+    # and the graph computes the model with each expert's removed neurons zeroed
+    assert _rel(res.graph_module(x, offs), zeroed(x, offs)) < 1e-5
