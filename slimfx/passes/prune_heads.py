@@ -4,22 +4,25 @@ An attention block is a core, ``scaled_dot_product_attention`` or its eager spel
 ``softmax(q @ k^T ...) @ v`` (Gemma-2's soft-capped scores), whose q, k and v each come from one float
 linear (q_proj, k_proj, v_proj), or all three from one fused linear whose output is cut along its last axis
 into three contiguous parts (GPT-2's c_attn split in three, Phi-3's qkv_proj sliced into [H_q*D, H_kv*D,
-H_kv*D]), and whose output reaches one float linear (o_proj); the region is every node on a path from those
-linears to o_proj, and nothing outside reads it. A fused projection viewed into heads before q, k and v are
-cut apart (GPT-NeoX's and Falcon's per-head layouts) is left whole. Heads are removed in whole
+H_kv*D]) or laid out per kv group (viewed into one block per group before q, k and v are cut out of each:
+GPT-NeoX's (..., heads, 3 x D), BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose
+output reaches one float linear (o_proj); the region is every node on a path from those linears to o_proj,
+and nothing outside reads it. Heads are removed in whole
 key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
 repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
-projection's three parts), columns of o. Shape arguments in the region that spell a head count (view /
+projection's three parts, or a per-group projection's whole block), columns of o. Shape arguments in the region that spell a head count (view /
 reshape / expand literals equal to the number of q or kv heads on that axis) or a width over all heads (a
 last-axis literal of heads x head_dim, GPT-2's views around its linears), and the fused split's sizes or
 slice bounds, are rewritten; a block where that is ambiguous is left alone, and so
 is one that uses a projection's output over all its heads at once before splitting it into heads (OLMo-2's
-q_norm and k_norm: an RMSNorm over the whole projection, whose mean would change with the heads removed).
+q_norm and k_norm: an RMSNorm over the whole projection, whose mean would change with the heads removed), and
+one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to the scores).
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import operator
 
 import networkx as nx
@@ -50,6 +53,7 @@ class HeadGroup:
     edits: list                       # (node, axis, "q" | "kv" | "width"): shape literals to rewrite
     segments: dict = dataclasses.field(default_factory=dict)   # fused q/k/v: part -> its first row
     cuts: list = dataclasses.field(default_factory=list)       # fused q/k/v: the split / slice nodes
+    group_rows: int = 0               # fused q/k/v laid out per kv group: the projection's rows per group
 
     @property
     def name(self) -> str:
@@ -102,8 +106,9 @@ def attention_cores(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node,
         if n.target is _SDPA:
             cores.append((n, *n.args[:3]))
         elif n.target in _SOFTMAX:
-            scores = _reached(n, _SCORE_OPS, _MATMUL, up=True)
-            mixes = _reached(n, ELEMENTWISE, _MATMUL, up=False)
+            # views between: BLOOM flattens (batch, heads) for its bmm's and views them apart around the softmax
+            scores = _reached(n, _SCORE_OPS | _SHAPED, _MATMUL, up=True)
+            mixes = _reached(n, ELEMENTWISE | _SHAPED, _MATMUL, up=False)
             if len(scores) == 1 and len(mixes) == 1 and mixes[0][0].args[0] is mixes[0][1]:
                 qk, pv = scores[0][0], mixes[0][0]
                 cores.append((n, qk.args[0], qk.args[1], pv.args[1]))
@@ -148,8 +153,8 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str]:
     """The contiguous parts a fused projection's output (``width`` wide) is cut into along its last axis:
     ([(start, end, node)], [split / slice nodes], '') or ([], [], why). Views that keep the last axis whole
-    (GPT-2's token flattening) may come first; a view into heads before the cut (GPT-NeoX's per-head
-    (q, k, v) layout, Falcon's (heads + 2, head_dim)) is refused."""
+    (GPT-2's token flattening) may come first; a view into heads before the cut that ``_grouped_view`` did not
+    take as one block per group is refused."""
     flat, parts, cuts = [lin], [], []
     for f in flat:
         for u in f.users:
@@ -193,6 +198,66 @@ def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str
             or parts[-1][1] != width:
         return [], [], f"{layer_name(lin)}'s output is not cut into contiguous parts along its last axis"
     return parts, cuts, ""
+
+
+def _grouped_view(region: set, lin: fx.Node, width: int) -> tuple[int, list, list]:
+    """For a fused projection whose output (``width`` wide) is viewed into per-group blocks before q, k and v are
+    cut out of each (GPT-NeoX's (..., heads, 3 x head_dim), BLOOM's (..., heads, 3, head_dim), Falcon's
+    (..., kv heads, q heads per kv head + 2, head_dim)): the number of groups (the first new axis of the last
+    such view), the views, and the (view, axis, "width") edits of the group counts they spell. (0, [], []) when
+    the output is not viewed so. Views that keep the last axis whole (GPT-2's token flattening) may come first."""
+    flat = [lin]
+    for f in flat:
+        flat += [u for u in f.users if u.name in region and u.target in _SHAPED
+                 and (ir.meta.shape(u) or (None,))[-1] == width]
+    rank = len(ir.meta.shape(lin) or ())
+    views = [u for f in flat for u in f.users if u.name in region and u not in flat]
+    chain = []
+    while len(views) == 1 and views[0].target in _SHAPED and views[0].target is not aten.expand.default:
+        out = ir.meta.shape(views[0])
+        if not out or len(out) <= rank or not all(isinstance(d, int) for d in out[rank - 1:]) \
+                or math.prod(out[rank - 1:]) != width:
+            break
+        chain.append(views[0])
+        views = [u for u in views[0].users if u.name in region]
+    if not chain:
+        return 0, [], []
+    edits = [(v, rank - 1, "width") for v in chain if isinstance(v.args[1][rank - 1], int) and v.args[1][rank - 1] > 0]
+    return ir.meta.shape(chain[-1])[rank - 1], chain, edits
+
+
+def _per_head_inputs(node: dict, region: set, heads: int, kv: int) -> str:
+    """Why values from outside the block that differ per head would have to shrink with it (BLOOM's ALiBi bias,
+    one slope per head, added to the scores), else ''. A value entering an elementwise op of the block must
+    be of size 1 on the op's head axes: a size that equals the q or kv head count, or a symbolic size that is a
+    multiple of it (batch x heads, flattened). Masks and rotary tables broadcast over the heads. (Compiled with
+    static shapes, a sequence as long as the head count reads as a head axis too: the block is then left
+    whole, with this reason.)"""
+    for r in sorted(region):
+        n = node[r]
+        if n.op != "call_function" or n.target not in ELEMENTWISE:
+            continue
+        out = ir.meta.shape(n) or ()
+        axes = [i for i, d in enumerate(out[:-1]) if _counts_heads(d, heads, kv)]
+        for a in n.all_input_nodes:
+            if a.name in region or a.op == "get_attr" and ir.meta.tensor_attr(n.graph.owning_module, a).numel() == 1:
+                continue
+            shape = ir.meta.shape(a)
+            if shape is None:
+                continue
+            aligned = (1,) * (len(out) - len(shape)) + tuple(shape)
+            if any(aligned[i] != 1 for i in axes if i < len(aligned)):
+                return (f"{a.name} of shape {tuple(shape)} from outside the attention block enters {n.name} per head "
+                        f"(a per-head bias such as ALiBi's): it would have to lose the removed heads too")
+    return ""
+
+
+def _counts_heads(d, heads: int, kv: int) -> bool:
+    """A size that counts heads: the q or kv head count, or a symbolic multiple of it (batch x heads)."""
+    if isinstance(d, int):
+        return d in (heads, kv) and d > 1
+    coeff, _ = d.node.expr.as_coeff_Mul()
+    return kv > 1 and int(coeff) % kv == 0 and int(coeff) > 1
 
 
 def _fused_qkv(g: nx.DiGraph, region: set, lin: fx.Node, width: int, qkv_args: list) -> tuple[dict, list, str]:
@@ -241,9 +306,16 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             continue
         dim = ir.meta.shape(qkv_args[0])[-1] if ir.meta.shape(qkv_args[0]) else None
         wo = ir.meta.tensor_attr(gm, o.args[1])
-        segments, cuts = {}, []
+        segments, cuts, groups_in_view, views, view_edits = {}, [], 0, [], []
         if fused:
-            segments, cuts, why = _fused_qkv(g, region, q, ir.meta.tensor_attr(gm, q.args[1]).shape[0], qkv_args)
+            width = ir.meta.tensor_attr(gm, q.args[1]).shape[0]
+            groups_in_view, views, view_edits = _grouped_view(region, q, width)
+        if groups_in_view:                # per kv group: its q heads' rows, then its k and v rows, in one block
+            nq = wo.shape[1]
+            nk = nv = (width - nq) // 2
+            projs = [(q, width)]
+        elif fused:
+            segments, cuts, why = _fused_qkv(g, region, q, width, qkv_args)
             if why:
                 rejected[where] = why
                 continue
@@ -259,14 +331,20 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         if heads % kv:
             rejected[where] = f"{heads} q heads do not divide into {kv} kv groups"
             continue
+        if groups_in_view and groups_in_view != kv and kv > 1:
+            rejected[where] = (f"{layer_name(q)}'s output is viewed into {groups_in_view} blocks before q, k and v "
+                               f"are cut apart, not one per kv group ({kv}): its rows are not laid out per group")
+            continue
         why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "")
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
-        edits, why = _head_literals(node, region, heads, kv, widths) if not why else ([], why)
+        edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths) if not why else ([], why)
+        why = why or _per_head_inputs(node, region, heads, kv)
         if why:
             rejected[where] = why
             continue
-        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits,
-                                {p: seg[0] for p, seg in segments.items()}, cuts))
+        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits + view_edits,
+                                {p: seg[0] for p, seg in segments.items()}, cuts,
+                                width // kv if groups_in_view else 0))
     return groups, rejected
 
 
@@ -312,7 +390,10 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
     kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
     q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
     q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
-    if grp.segments:                  # one fused projection: the kept rows of each part, in the parts' order
+    if grp.group_rows:                # one fused projection laid out per kv group: the kept groups' blocks
+        rows = (keep[:, None] * grp.group_rows + torch.arange(grp.group_rows)).reshape(-1)
+        _narrow(gm, grp.q, rows=rows, suffix="heads")
+    elif grp.segments:                # one fused projection: the kept rows of each part, in the parts' order
         idx = {"q": q_idx, "k": kv_idx, "v": kv_idx}
         rows = torch.cat([grp.segments[p] + idx[p] for p in sorted(grp.segments, key=grp.segments.get)])
         _narrow(gm, grp.q, rows=rows, suffix="heads")

@@ -460,19 +460,47 @@ def test_heads_from_one_fused_projection_cut_in_three_shrink():
     assert _rel(res.graph_module(x), model(x)) < 1e-5
 
 
-def test_heads_fused_projection_interleaved_per_head_left_whole():
-    """GPT-NeoX views its query_key_value output into (heads, 3 x head_dim) before cutting q, k and v apart:
-    the block stays whole and says why."""
+@pytest.mark.parametrize("family", ["gpt_neox", "falcon"])
+def test_heads_fused_projection_laid_out_per_group_shrinks(family):
+    """One projection whose output is viewed into per-group blocks before q, k and v are cut out of each:
+    GPT-NeoX's (..., heads, 3 x head_dim), Falcon's (..., kv heads, q heads per kv head + 2, head_dim) (the
+    new decoder architecture: 6 q heads in 2 kv groups, 5 x 8 rows each). A removed group takes its whole block
+    of rows, and the views' group counts follow."""
+    import copy
     import transformers as T
     torch.manual_seed(0)
-    model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
-                                                 num_hidden_layers=2, intermediate_size=56,
-                                                 max_position_embeddings=64)).eval()
+    if family == "gpt_neox":
+        model, attn, heads, kv = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
+            vocab_size=97, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=56,
+            max_position_embeddings=64)), "gpt_neox.layers.{}.attention", 4, 4
+    else:
+        model, attn, heads, kv = T.FalconForCausalLM(T.FalconConfig(
+            vocab_size=97, hidden_size=48, num_attention_heads=6, num_kv_heads=2, num_hidden_layers=2,
+            new_decoder_architecture=True)), "transformer.h.{}.self_attention", 6, 2
+    model.eval()
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    left = kv - min(round(kv / 2), kv - 1)
+    assert stats["shrunk"] == {attn.format(i): f"{kv} -> {left} kv heads" for i in range(2)}, stats
+    layers = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    hidden = 8 * heads
+    assert layers[f"{attn.format(1)}.query_key_value"] == f"{8 * (heads + 2 * kv) * left // kv} x {hidden}"
+    assert layers[f"{attn.format(1)}.dense"] == f"{hidden} x {8 * heads * left // kv}"
+    zeroed = copy.deepcopy(model)
+    _zero_heads(zeroed, [zeroed.get_submodule(f"{attn.format(i)}.dense") for i in range(2)], heads, kv, 8, [kw])
+    _matches_dense_llama(cm, zeroed)
+
+
+def test_heads_alibi_left_whole_says_why():
+    """BLOOM adds a per-head ALiBi bias to the scores (one slope per head, from outside the block, flattened
+    with the batch): its heads stay, and the statistics say why."""
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.BloomForCausalLM(T.BloomConfig(vocab_size=97, hidden_size=32, n_head=4, n_layer=2)).eval()
     cm, kw, stats = _pruned(model, "heads", 0.5)
     assert stats["shrunk"] == {}
-    assert stats["skipped"]["gpt_neox.layers.0.attention"] == (
-        "gpt_neox.layers.0.attention.query_key_value's output is viewed into heads (..., 4, 24) before q, k and v "
-        "are cut apart: q, k and v are interleaved per head in one fused projection, not three contiguous parts")
+    assert set(stats["skipped"]) == {f"transformer.h.{i}.self_attention" for i in range(2)}
+    why = stats["skipped"]["transformer.h.0.self_attention"]
+    assert "from outside the attention block enters" in why and "ALiBi" in why, why
 
 
 # --- structured: other model families ----------------------------------------------------------------------
