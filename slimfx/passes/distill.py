@@ -2,7 +2,7 @@
 
 Knowledge distillation with the pruning masks held fixed: the teacher (by default the model being
 compiled, exactly as the user passed it) and the graph (the student) run on the same batches, and the
-student's linear weights and biases take ``steps`` AdamW steps on
+student's linear weights and biases (and mixture-of-experts tensors) take ``steps`` AdamW steps on
 
     logits (causal LMs, classifiers: the output has ``logits``)   T^2 * KL(softmax(t / T) || softmax(s / T)),
                                                                   averaged over tokens (Hinton et al. 2015)
@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from .. import ir
 from .base import Pass, PassResult, register_pass
 from .quant_calibration import calibration_calls
-from .quantize import module_patterns, selected_linears
+from .quantize import matches, module_patterns, selected_linears
+from .quantize_experts import expert_weights
 
 LOSSES = ("auto", "kl", "mse")
 
@@ -93,7 +94,8 @@ class Distill(Pass):
         self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
 
     def _trainable(self, gm: fx.GraphModule) -> list[fx.Node]:
-        """The get_attr nodes of the selected linears' float weights and biases (each once)."""
+        """The get_attr nodes of the selected linears' float weights and biases and of the selected
+        mixture-of-experts tensors (each once)."""
         for n in gm.graph.nodes:
             if n.op == "call_function" and getattr(n.target, "namespace", None) == "slimfx":
                 raise ValueError(f"Distill runs on the float graph, but node {n.name!r} "
@@ -104,6 +106,10 @@ class Distill(Pass):
             for a in n.args[1:3]:
                 if isinstance(a, fx.Node) and a.op == "get_attr" and ir.meta.tensor_attr(gm, a).is_floating_point():
                     seen[a] = None
+        experts, _ = expert_weights(gm)
+        for ew in experts:
+            if (not self.include or matches(ew.name, self.include)) and not matches(ew.name, self.exclude):
+                seen[ew.node] = None
         return list(seen)
 
     def run(self, gm, ctx):
@@ -122,7 +128,7 @@ class Distill(Pass):
             p = torch.nn.Parameter(w.detach().clone())
             a.target = ir.meta.add_tensor_attr(gm, f"{a.target}_distilled", p)
             params.append(p)
-            keep.append(w != 0 if w.ndim == 2 else None)
+            keep.append(w != 0 if w.ndim >= 2 else None)
         ir.drop_unused_tensors(gm)
         gm.recompile()
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)

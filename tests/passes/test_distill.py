@@ -44,6 +44,36 @@ def test_llama_kl_recovers_and_keeps_2_4(tiny_llama):
     assert not tiny_llama.training
 
 
+def test_moe_experts_train_after_their_neurons_are_pruned():
+    """Mixture-of-experts tensors (most of such a model's weights) train like linear layers: half of each Mixtral
+    expert's neurons pruned, then only the experts distilled (include). Measured: the loss falls to 0.32 of
+    its start and the logits' SQNR gains 2.0 dB (3.0 -> 5.0; the experts are scaled up 4x so that they matter
+    to the tiny model's logits); the floors ask for half of each."""
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                                 num_key_value_heads=2, num_hidden_layers=2, intermediate_size=48,
+                                                 num_local_experts=4, num_experts_per_tok=2)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.mul_(4)
+            layer.mlp.experts.down_proj.mul_(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = text_batch(2, 12, 97)
+    cm = slimfx.compile(model, (), dict(input_ids=ids, attention_mask=mask, use_cache=False), dynamic=True,
+                        calibration=batches(97), backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5, pattern="neurons"),
+                                P.Distill(steps=40, lr=1e-3, include="*.experts.*")])
+    rec = cm.report().records[-1]
+    assert rec.stats["tensors"] == 4                     # gate_up and down of both layers, nothing else
+    assert rec.stats["loss_last"] < 0.65 * rec.stats["loss_first"]
+    assert sqnr(cm, "distill") > sqnr(cm, "prune") + 1.0
+    trained = {ir.meta.param_name(n): ir.meta.tensor_attr(cm.graph, n) for n in cm.graph.graph.nodes
+               if n.op == "get_attr" and ".experts." in (ir.meta.param_name(n) or "")}
+    assert trained["model.layers.0.mlp.experts.down_proj"].shape == (4, 32, 24)      # still shrunk
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_encoder_hidden_state_loss():
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
