@@ -68,6 +68,9 @@ def _families():
         "smollm3": lambda: T.SmolLM3ForCausalLM(T.SmolLM3Config(**_GQA, pad_token_id=0)),
         "cohere": lambda: T.CohereForCausalLM(T.CohereConfig(**_GQA)),
         "starcoder2": lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**_GQA)),
+        # a state-space model, no attention: causal depthwise conv1d, softplus, a selective scan
+        "mamba": lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                          state_size=8, expand=2)),
     }
 
 
@@ -105,7 +108,7 @@ def _first(out):
     return out.logits if getattr(out, "logits", None) is not None else out[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEWER)
+@pytest.mark.parametrize("family", FAMILIES + NEWER + ["mamba"])
 def test_family_runs_on_numpy_and_quantizes_in_every_linear_layer(family):
     model, call = _model_and_call(family)
     with torch.no_grad():

@@ -197,9 +197,22 @@ def clamp_tensor(x, lo=None, hi=None):
 _UNARY = {aten.neg.default: np.negative, aten.exp.default: np.exp, aten.log.default: np.log,
           aten.sqrt.default: np.sqrt, aten.tanh.default: np.tanh, aten.cos.default: np.cos,
           aten.sin.default: np.sin, aten.abs.default: np.abs,
-          aten.reciprocal.default: np.reciprocal, aten.floor.default: np.floor, aten.ceil.default: np.ceil}
+          aten.reciprocal.default: np.reciprocal, aten.floor.default: np.floor, aten.ceil.default: np.ceil,
+          aten.expm1.default: np.expm1, aten.log1p.default: np.log1p}
 for _t, _fn in _UNARY.items():
     numpy_op(_t)(_fn)
+
+
+@numpy_op(aten.square.default)
+def square(x):
+    return x * x
+
+
+@numpy_op(aten.softplus.default)
+def softplus(x, beta=1, threshold=20):
+    """log(1 + exp(beta x)) / beta, and x itself where beta x > threshold (torch's linear region)."""
+    bx = x * x.dtype.type(beta)
+    return np.where(bx > threshold, x, np.logaddexp(x.dtype.type(0), bx) / x.dtype.type(beta)).astype(x.dtype)
 
 
 @numpy_op(aten.rsqrt.default)
@@ -446,6 +459,12 @@ def linear(x, w, b=None):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+@numpy_op(aten.einsum.default)
+def einsum(equation, operands, path=None):
+    out = np.einsum(equation, *operands, optimize=True)
+    return out.astype(np.result_type(*operands))
+
+
 @numpy_op(aten.matmul.default, aten.bmm.default, aten.mm.default)
 def matmul(a, b):
     return np.matmul(a, b)
@@ -520,9 +539,9 @@ def unsqueeze(x, dim):
     return np.expand_dims(x, dim if dim >= 0 else x.ndim + 1 + dim)
 
 
-@numpy_op(aten.squeeze.dim, aten.squeeze.dims)
-def squeeze(x, dims):
-    dims = [dims] if isinstance(dims, int) else dims
+@numpy_op(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def squeeze(x, dims=None):
+    dims = range(x.ndim) if dims is None else [dims] if isinstance(dims, int) else dims
     dims = tuple(d % x.ndim for d in dims if x.shape[d] == 1)
     return np.squeeze(x, axis=dims) if dims else x
 
@@ -561,8 +580,20 @@ def slice_scatter(x, src, dim=0, start=None, end=None, step=1):
     return out
 
 
+@numpy_op(aten.select_scatter.default)
+def select_scatter(x, src, dim, index):
+    out = x.copy()
+    out[(slice(None),) * (dim % x.ndim) + (index,)] = src
+    return out
+
+
 @numpy_op(aten.select.int)
 def select(x, dim, index):
+    return np.take(x, index, axis=dim)
+
+
+@numpy_op(aten.index_select.default)
+def index_select(x, dim, index):
     return np.take(x, index, axis=dim)
 
 
@@ -613,6 +644,33 @@ def scatter_src(x, dim, index, src):
     return out
 
 
+@numpy_op(aten.conv1d.default, aten.conv1d.padding)
+def conv1d(x, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
+    """torch's conv1d (cross-correlation) on (N, C_in, L) or (C_in, L): each output position sums its window
+    of every input channel of its group (Mamba's causal depthwise convolution: groups = channels)."""
+    one = lambda v: v[0] if isinstance(v, (list, tuple)) else v     # noqa: E731
+    stride, dilation = one(stride), one(dilation)
+    batched = x.ndim == 3
+    x = x if batched else x[None]
+    c_out, c_group, k = weight.shape
+    if isinstance(padding, str):                 # "valid" or "same" (stride 1)
+        total = 0 if padding == "valid" else dilation * (k - 1)
+        left, right = total // 2, total - total // 2
+    else:
+        left = right = one(padding)
+    x = np.pad(x, ((0, 0), (0, 0), (left, right)))
+    length = (x.shape[-1] - dilation * (k - 1) - 1) // stride + 1
+    # windows: (N, C_in, L_out, K), tap j of output position t at t * stride + j * dilation
+    taps = np.arange(length)[:, None] * stride + np.arange(k)[None, :] * dilation
+    win = x[:, :, taps].reshape(x.shape[0], groups, c_group, length, k)
+    w = weight.reshape(groups, c_out // groups, c_group, k)
+    out = np.einsum("ngclk,gock->ngol", win, w, optimize=True).reshape(x.shape[0], c_out, length)
+    if bias is not None:
+        out = out + bias[:, None]
+    out = out.astype(x.dtype)
+    return out if batched else out[0]
+
+
 @numpy_op(aten.embedding.default)
 def embedding(weight, ids, padding_idx=-1, scale_grad=False, sparse=False):
     return np.take(weight, ids, axis=0)
@@ -632,6 +690,30 @@ def stack(tensors, dim=0):
 def split(x, size, dim=0):
     n = x.shape[dim]
     return tuple(np.split(x, list(range(size, n, size)), axis=dim))
+
+
+@numpy_op(aten.tensor_split.indices)
+def tensor_split(x, indices, dim=0):
+    return tuple(np.split(x, list(indices), axis=dim))
+
+
+@numpy_op(aten.constant_pad_nd.default)
+def constant_pad_nd(x, pad, value=0):
+    return pad_(x, pad, "constant", value)
+
+
+@numpy_op(aten.pad.default)
+def pad_(x, pad, mode="constant", value=None):
+    """torch.nn.functional.pad: ``pad`` lists (before, after) pairs from the last axis backwards; negative
+    amounts crop. Constant mode only."""
+    if mode != "constant":
+        raise ValueError(f"aten.pad: mode {mode!r} is not supported on the numpy backend (constant only)")
+    widths = [(0, 0)] * x.ndim
+    for i in range(len(pad) // 2):
+        widths[x.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+    crop = tuple(slice(max(0, -a), x.shape[d] - max(0, -b) if b < 0 else None) for d, (a, b) in enumerate(widths))
+    out = np.pad(x[crop], [(max(0, a), max(0, b)) for a, b in widths], constant_values=0 if value is None else value)
+    return out.astype(x.dtype)
 
 
 @numpy_op(aten.split_with_sizes.default)
@@ -670,6 +752,11 @@ def arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
 def full(size, value, dtype=None, layout=None, device=None, pin_memory=None):
     default = np.bool_ if isinstance(value, bool) else np.int64 if isinstance(value, int) else np.float32
     return np.full(size, value, dtype=np_dtype(dtype, default))
+
+
+@numpy_op(aten.eye.default, aten.eye.m)
+def eye(n, m=None, dtype=None, layout=None, device=None, pin_memory=None):
+    return np.eye(n, n if m is None else m, dtype=np_dtype(dtype, np.float32))
 
 
 @numpy_op(aten.ones.default)

@@ -188,6 +188,14 @@ def _bias_of(match, original_graph, pattern_graph) -> bool:
         b.shape[0] == w.shape[0]
 
 
+def _weight_left_3d(match, original_graph, pattern_graph) -> bool:
+    """W @ x.transpose(1, 2) is a linear layer only when x has 3 dims (then 1, 2 are its last two)."""
+    x = next(match.nodes_map[p] for p in pattern_graph.nodes if p.op == "placeholder" and p.target == "a1")
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    return _weight_param("a0", 2)(match, original_graph, pattern_graph) and isinstance(val, torch.Tensor) \
+        and val.ndim == 3
+
+
 LINEAR_RULES = [
     Rule("addmm(b, x, t(w)) => linear(x, w, b)",
          lambda b, x, w: aten.addmm.default(b, x, aten.t.default(w)),
@@ -215,6 +223,13 @@ LINEAR_RULES = [
     Rule("matmul(x, W) => linear(x, t(W))",
          lambda x, w: aten.matmul.default(x, w),
          lambda x, w: aten.linear.default(x, aten.t.default(w)), where=_weight_param("a1", 2)),
+    # the weight on the left of a transposed input (Mamba's ``dt_proj.weight @ x.transpose(1, 2)``)
+    Rule("matmul(W, transpose(x, -2, -1)) => transpose(linear(x, W), -2, -1)",
+         lambda w, x: aten.matmul.default(w, aten.transpose.int(x, -2, -1)),
+         lambda w, x: aten.transpose.int(aten.linear.default(x, w), -2, -1), where=_weight_param("a0", 2)),
+    Rule("matmul(W, transpose(x, 1, 2)) => transpose(linear(x, W), 1, 2), x 3-D",
+         lambda w, x: aten.matmul.default(w, aten.transpose.int(x, 1, 2)),
+         lambda w, x: aten.transpose.int(aten.linear.default(x, w), 1, 2), where=_weight_left_3d),
     # a bias added after the product (Falcon's ``x @ w.T + b``)
     Rule("linear(x, w) + b => linear(x, w, b)",
          lambda x, w, b: aten.add.Tensor(aten.linear.default(x, w), b),

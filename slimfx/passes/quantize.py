@@ -235,11 +235,15 @@ class Quantize(Pass):
             bytes_after += record["weight_bytes"]
             if "gptq" in record:
                 gains.append(record["gptq"]["output_error"] / max(record["gptq"]["output_error_rtn"], 1e-300))
-        folded = FoldQDQ().run(gm, ctx).stats["folded"] if self.lower else 0
+        fold = FoldQDQ()
+        folded = fold.run(gm, ctx).stats["folded"] if self.lower else 0
         gm.graph.eliminate_dead_code()
         ir.drop_unused_tensors(gm)
         gm.recompile()
-        if floats:
+        if floats:      # a layer's input may be a linear folded just now (Kimi's f_a_proj -> f_b_proj)
+            replaced = getattr(fold, "replaced", {})          # (not folded: lower=False)
+            refs = {k: (replaced.get(x, x), w, b) for k, (x, w, b) in refs.items()}
+            floats = {replaced.get(x, x): v for x, v in floats.items()}
             _measure_layers(gm, floats, refs)
         extra = {}
         if awq_counts is not None:
@@ -445,6 +449,7 @@ class FoldQDQ(Pass):
     def run(self, gm, ctx):
         g = gm.graph
         folded = 0
+        self.replaced = {}             # each folded linear -> the node computing it now
         for lin in list(g.nodes):
             if not _is(lin, aten.linear.default):
                 continue
@@ -477,6 +482,7 @@ class FoldQDQ(Pass):
                 info.quant = dict(info.quant, folded=str(new.target).replace("slimfx.", "").split(".")[0])
             lin.replace_all_uses_with(new)
             g.erase_node(lin)
+            self.replaced[lin] = new
             folded += 1
         if folded:
             g.eliminate_dead_code()

@@ -368,3 +368,42 @@ def test_scatter_slice_scatter_max_clamp_and_rotary_ops_match_torch():
         for w, o in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
             o = torch.from_numpy(np.asarray(o))
             assert o.dtype == w.dtype and torch.equal(o, w), name
+
+
+def test_state_space_and_newer_mlp_ops_match_torch():
+    """The ops Mamba-style mixers (causal depthwise conv1d, chunked scans: pad, tensor_split, einsum, eye,
+    select_scatter, softplus, expm1) and newer MLPs (squared ReLU: square; xIELU: softplus, expm1) need, against
+    torch on odd shapes. Moving and picking values is exact; arithmetic within a few ulp (conv1d and einsum sum
+    in another order)."""
+    from slimfx.backends.optable import NUMPY_OPS
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 11, generator=g)
+    w_dw, w_grp, b = torch.randn(6, 1, 4, generator=g), torch.randn(4, 3, 3, generator=g), torch.randn(6, generator=g)
+    big = torch.linspace(-30, 30, 13)                       # softplus's linear region past the threshold
+    exact = {"squeeze": (aten.squeeze.default, (x[:1, :, None],)),
+             "index_select": (aten.index_select.default, (x, 2, torch.tensor([10, 0, 3, 3]))),
+             "tensor_split": (aten.tensor_split.indices, (x, [2, 7], -1)),
+             "pad_": (aten.pad.default, (x, [1, 2, 0, -2], "constant", 0.5)),
+             "constant_pad_nd": (aten.constant_pad_nd.default, (x, [3, 0])),
+             "select_scatter": (aten.select_scatter.default, (x, torch.ones(2, 11), 1, 4)),
+             "eye": (aten.eye.m, (3, 5)),
+             "square": (aten.square.default, (x,))}
+    close = {"conv1d": (aten.conv1d.default, (x, w_dw, b, [1], [3], [1], 6)),            # Mamba: groups = C
+             "conv1d_grouped": (aten.conv1d.default, (x[:, :6], w_grp, None, [2], [1], [2], 2)),
+             "conv1d_same": (aten.conv1d.padding, (x[0], w_dw, b, [1], "same", [1], 6)),   # unbatched
+             "softplus": (aten.softplus.default, (big, 2.0, 20.0)),
+             "expm1": (aten.expm1.default, (x,)),
+             "log1p": (aten.log1p.default, (x.abs(),)),
+             "einsum": (aten.einsum.default, ("bcl,dc->bdl", [x, w_dw[:, 0, :].T.contiguous()[:, :6]]))}
+    for name, (op, args) in {**exact, **close}.items():
+        want = op(*args)
+        fn = NUMPY_OPS[op]
+        got = fn(*[a.numpy() if torch.is_tensor(a) else [t.numpy() for t in a] if isinstance(a, list) and a
+                   and torch.is_tensor(a[0]) else a for a in args])
+        want, got = [want] if torch.is_tensor(want) else want, [got] if isinstance(got, np.ndarray) else got
+        assert len(want) == len(got), name
+        for w, o in zip(want, got):
+            o = torch.from_numpy(np.asarray(o))
+            assert o.dtype == w.dtype and o.shape == w.shape, name
+            assert torch.equal(o, w) if name in exact else torch.allclose(o, w, rtol=1e-5, atol=1e-5), name

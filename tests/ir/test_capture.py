@@ -60,6 +60,54 @@ def test_dynamic_capture_gives_symbolic_dims_and_keeps_training_mode():
     assert aten.dropout.default not in targets(c.gm)
 
 
+class WeightLeft(nn.Module):
+    """Mamba's dt_proj: the weight on the left of the transposed input, W @ x^T."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x3, x4, y4):
+        # y4 (2, 4, 3, 5): W contracts its axis 1 (not the last), which is no linear layer
+        return self.w @ x3.transpose(1, 2), self.w @ x4.transpose(-2, -1), self.w @ y4.transpose(1, 2)
+
+
+def test_weight_on_the_left_of_a_transposed_input_becomes_a_linear():
+    """W @ x.transpose(-2, -1) is transpose(linear(x, W)); W @ x.transpose(1, 2) too, when x has 3 dims only."""
+    m, xs = WeightLeft().eval(), (torch.randn(2, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 4, 3, 5))
+    c = ir.capture(m, xs)
+    assert targets(c.gm).count(aten.linear.default) == 2, c.gm.code
+    for got, want in zip(c.gm(*xs), m(*xs)):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+class ChunkPad(nn.Module):
+    """Mamba-2's chunked scan pads the sequence up to a multiple of the chunk size (a symbolic pad), and its
+    causal convolution pads a constant amount in front of a tensor with a symbolic batch."""
+
+    def forward(self, x):
+        n = x.shape[1]
+        y = F.pad(x, (0, 0, 0, (4 - n % 4) % 4))                      # (B, ceil(S / 4) * 4, C)
+        return F.pad(y.transpose(1, 2), (3, 0)).sum(-1)               # (B, C)
+
+
+def test_propagation_keeps_symbolic_pads_and_batches():
+    """torch.export traces constant padding through its Python decomposition; propagating again must too: the
+    C++ kernel fails on a symbolic pad (Falcon-H1) and specializes the symbolic batch it reads (Bamba's became
+    the example's 2)."""
+    x = torch.randn(2, 7, 5)
+    c = ir.capture(ChunkPad(), (x,), dynamic=True)
+    ph = next(n for n in c.gm.graph.nodes if n.op == "placeholder")
+    ir.propagate_meta(c.gm)
+    batch, seq, _ = ir.meta.shape(ph)
+    assert not isinstance(batch, int) and not isinstance(seq, int), ir.meta.shape(ph)
+    out = next(n for n in c.gm.graph.nodes if n.op == "output").args[0][0]
+    assert not isinstance(ir.meta.shape(out)[0], int), ir.meta.shape(out)
+    for shape in [(3, 9, 5), (1, 4, 5)]:
+        x = torch.randn(*shape)
+        assert torch.equal(c.gm(x), ChunkPad()(x))
+
+
 class DataDependent(nn.Module):
     def forward(self, x):
         if x.sum() > 0:
