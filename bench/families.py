@@ -1,0 +1,129 @@
+"""Which transformers model families slimfx compiles: a support matrix beyond the families the tests check.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py                    # every family below (~25 min, 2 cores)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py --families mamba,gpt_oss [--update]
+
+Per family, a tiny random-weight causal LM from its own config class (hidden 32, 4 heads, 2 layers; MoE with
+4 experts, top 2), then: capture (``slimfx.compile``, dynamic batch and sequence), the numpy backend's logits
+against torch's (relative max error; fp32, so summation order only: ~1e-7), and W8A8 (int8 per channel x int8
+per token, every linear, MoE experts weight-only int8) + Fuse on numpy, as SQNR of the logits in dB. Parameters
+that a family's init leaves at zero (routers) are drawn at random first: all-zero router scores tie, and torch's
+and numpy's top-k break exact ties differently. A failure is recorded with its message. Writes
+bench/results/families-<cpu>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import slimfx  # noqa: E402
+from bench.common import cpu_name, save, slug  # noqa: E402
+from conftest import rel_err, text_batch  # noqa: E402
+from slimfx.passes import Fuse, Quantize, sqnr_db  # noqa: E402
+
+BASE = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+            intermediate_size=64, max_position_embeddings=64, head_dim=8, num_experts=4, num_local_experts=4,
+            num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, pad_token_id=0)
+# what a family's config needs beyond BASE to be a valid tiny model
+EXTRA = {
+    "gptj": dict(rotary_dim=4), "codegen": dict(rotary_dim=4),
+    "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "deepseek_v3": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=16,
+                        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "mamba2": dict(num_heads=8, head_dim=8, expand=2, n_groups=1),
+    "bamba": dict(mamba_n_heads=8, mamba_d_head=8, mamba_expand=2, attn_layer_indices=[1]),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["full_attention", "conv"]),
+}
+DROP = {"falcon": ("head_dim",),                       # a read-only property there
+        "deepseek_v3": ("num_key_value_heads", "head_dim")}   # latent attention: every head reads the latents
+NO_USE_CACHE = {"granitemoe", "granitemoehybrid"}     # use_cache only through **kwargs (see the README)
+FAMILIES = [
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "stablelm", "olmo",
+    "olmo2", "olmo3", "granite", "gpt_neox", "gpt2", "gpt_bigcode", "gptj", "codegen", "opt", "falcon", "bloom",
+    "mpt", "xglm", "persimmon", "nemotron", "cohere", "starcoder2", "smollm3", "glm", "glm4", "helium",
+    "exaone4", "ernie4_5", "seed_oss", "apertus", "arcee", "bitnet", "doge", "hunyuan_v1_dense", "lfm2",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "deepseek_v3", "dots1", "gpt_oss",
+    "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "minimax_m2", "flex_olmo", "afmoe", "lfm2_moe",
+    "mamba", "mamba2", "jamba", "bamba", "falcon_h1", "qwen3_next", "kimi_linear",
+]
+
+
+def check(family: str) -> dict:
+    import transformers as T
+    kwargs = {k: v for k, v in {**BASE, **EXTRA.get(family, {})}.items() if k not in DROP.get(family, ())}
+    if family in NO_USE_CACHE:
+        kwargs["use_cache"] = False
+    cfg = T.AutoConfig.for_model(family, **kwargs)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, 0.02)
+    ids, mask = text_batch(2, 9, 97, pad_left=True, seed=1)
+    call = dict(input_ids=ids, attention_mask=mask)
+    if family not in NO_USE_CACHE:
+        call["use_cache"] = False
+    with torch.no_grad():
+        ref = model(**call).logits
+    row = {"family": family, "model": type(model).__name__,
+           "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    cm = slimfx.compile(model, (), call, dynamic=True, backend="numpy", progress=False)
+    row["compile_s"] = round(time.perf_counter() - t0, 1)
+    row["numpy_rel_err"] = float(rel_err(cm(**call).logits, ref))
+    q = slimfx.compile(model, (), call, dynamic=True, backend="numpy", progress=False,
+                       passes=[Quantize(weights="int8", activations="dynamic"), Fuse()])
+    row["w8a8_sqnr_db"] = round(float(sqnr_db(ref, q(**call).logits)), 1)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated transformers model types")
+    ap.add_argument("--name", default="families")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these families' rows in the saved results of this machine")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    rows = []
+    for family in tqdm(args.families.split(","), desc="families"):
+        try:
+            rows.append(check(family))
+        except Exception as e:           # recorded, not raised: the matrix shows what fails and why
+            rows.append({"family": family, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        tqdm.write(str(rows[-1]))
+    saved = ROOT / "bench" / "results" / f"{args.name}-{slug(cpu_name())}.json"
+    if args.update and saved.is_file():
+        new = {r["family"]: r for r in rows}
+        old = json.loads(saved.read_text())["rows"]
+        rows = [new.pop(r["family"], r) for r in old] + list(new.values())
+    ok = [r for r in rows if "error" not in r]
+    lines = [f"# Model families on slimfx ({len(ok)} of {len(rows)} compile)", "",
+             "Tiny random-weight configs; numpy vs torch logits (fp32: summation order only), W8A8 dynamic + Fuse "
+             "on numpy (SQNR of the logits). `HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
+             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | |")
+        else:
+            lines.append(f"| {r['family']} | {r['model']} | {r['compile_s']} | {r['numpy_rel_err']:.1e} | "
+                         f"{r['w8a8_sqnr_db']} |")
+    import transformers
+    save(args.name, cpu_name(), {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
