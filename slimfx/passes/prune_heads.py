@@ -10,10 +10,11 @@ output reaches one float linear (o_proj); the region is every node on a path fro
 and nothing outside reads it. Heads are removed in whole
 key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
 repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
-projection's three parts, or a per-group projection's whole block), columns of o. Shape arguments in the region that spell a head count (view /
-reshape / expand literals equal to the number of q or kv heads on that axis) or a width over all heads (a
-last-axis literal of heads x head_dim, GPT-2's views around its linears), and the fused split's sizes or
-slice bounds, are rewritten; a block where that is ambiguous is left alone, and so
+projection's three parts, or a per-group projection's whole block), columns of o. Shape arguments in the
+region that spell a head count (view / reshape / expand literals equal to the number of q or kv heads on
+that axis) or a width over all heads (a last-axis literal of heads x head_dim, GPT-2's views around its
+linears), and the fused split's sizes or slice bounds, are rewritten; a block where that is ambiguous is
+left alone, and so
 is one that uses a projection's output over all its heads at once before splitting it into heads (OLMo-2's
 q_norm and k_norm: an RMSNorm over the whole projection, whose mean would change with the heads removed), and
 one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to the scores).
@@ -337,7 +338,8 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             continue
         why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "")
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
-        edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths) if not why else ([], why)
+        if not why:                   # the views into groups spell group counts: view_edits has them
+            edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)
         why = why or _per_head_inputs(node, region, heads, kv)
         if why:
             rejected[where] = why
