@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from .. import ir
 from .quant_calibration import run_watching
-from .quantize_experts import chain_watch, gemm_offsets, grouped_gemm_ops, swaps_last_two
+from .quantize_experts import expert_source, grouped_gemm_ops, watch_expert_rows
 
 aten = torch.ops.aten
 # position by position along the last axis: output j depends on the inputs' position j only (or on scalars)
@@ -66,20 +66,11 @@ def linear_like() -> set:
             sf.weight_only_linear.default, sf.sparse_linear.default}
 
 
-def _expert_tensor(n: fx.Node) -> tuple[Optional[fx.Node], bool]:
-    """For a grouped GEMM: the get_attr of its experts' tensor and whether the GEMM reads it transposed
-    (stored (E, N, K)); (None, False) when its weight is computed (a dequantize)."""
-    w = n.args[1] if len(n.args) > 1 else None
-    rows_out = isinstance(w, fx.Node) and swaps_last_two(w)
-    src = w.args[0] if rows_out else w
-    return (src, rows_out) if isinstance(src, fx.Node) and src.op == "get_attr" else (None, False)
-
-
 def layer_name(n: fx.Node) -> str:
     """A linear's module name: the node's module metadata, else its weight's parameter path, else the node.
     A grouped GEMM is named by its experts' tensor (``model.layers.0.mlp.experts.down_proj``)."""
     if n.op == "call_function" and n.target in grouped_gemm_ops():
-        src, _ = _expert_tensor(n)
+        src, _ = expert_source(n)
         return (ir.meta.param_name(src) if src is not None else None) or ir.meta.module_name(n) or n.name
     w = n.args[1] if len(n.args) > 1 and isinstance(n.args[1], fx.Node) else None
     return ir.meta.module_name(n) or (ir.meta.module_name(w) if w is not None and w.op == "get_attr" else "") \
@@ -91,7 +82,7 @@ def _float_linear(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op != "call_function":
         return False
     if n.target in grouped_gemm_ops():
-        src, _ = _expert_tensor(n)
+        src, _ = expert_source(n)
         if src is None:
             return False
         t = ir.meta.tensor_attr(gm, src)
@@ -107,7 +98,7 @@ def _in_features(gm: fx.GraphModule, n: fx.Node) -> int:
     """K of a float linear or of each expert of a grouped GEMM."""
     if n.target is aten.linear.default:
         return ir.meta.tensor_attr(gm, n.args[1]).shape[1]
-    src, rows_out = _expert_tensor(n)
+    src, rows_out = expert_source(n)
     return ir.meta.tensor_attr(gm, src).shape[2 if rows_out else 1]
 
 
@@ -270,7 +261,7 @@ def _swap_tensor(gm: fx.GraphModule, user: fx.Node, i: int, t: torch.Tensor, suf
 
 def _narrow_experts(gm: fx.GraphModule, gemm: fx.Node, index: torch.Tensor, outputs: bool) -> None:
     """Keep, in each expert e of a grouped GEMM's tensor, the outputs (``outputs``) or inputs ``index[e]``."""
-    src, rows_out = _expert_tensor(gemm)
+    src, rows_out = expert_source(gemm)
     t = ir.meta.tensor_attr(gm, src).detach()
     axis = (1 if rows_out else 2) if outputs else (2 if rows_out else 1)
     shape = list(t.shape)
@@ -297,7 +288,7 @@ def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
     old, new = group.width, keep.shape[-1]
     for p in group.producers:
         if group.experts:
-            src, rows_out = _expert_tensor(p)
+            src, rows_out = expert_source(p)
             segments = ir.meta.tensor_attr(gm, src).shape[1 if rows_out else 2] // old
             _narrow_experts(gm, p, (torch.arange(segments)[:, None] * old + keep[:, None, :]).flatten(1), True)
         else:
@@ -343,27 +334,18 @@ def expert_importance(gm: fx.GraphModule, consumers: list[fx.Node], calls) -> di
     ||W_e[:, j]|| alone."""
     acc, watch = {}, {}
     for c in consumers:
-        seen: dict = {}
-        e = ir.meta.tensor_attr(gm, _expert_tensor(c)[0]).shape[0]
-        acc[c] = [torch.zeros(e, _in_features(gm, c), dtype=torch.float64), torch.zeros(e, dtype=torch.float64)]
+        e = ir.meta.tensor_attr(gm, expert_source(c)[0]).shape[0]
+        sums = acc[c] = [torch.zeros(e, _in_features(gm, c), dtype=torch.float64),   # sum |x_j|, rows
+                         torch.zeros(e, dtype=torch.float64)]
 
-        def put(key, seen=seen, sums=acc[c]):
-            def callback(v):
-                seen[key] = v
-                if "x" in seen and "offs" in seen:
-                    rows, start = seen.pop("x").detach(), 0
-                    for i, end in enumerate(seen.pop("offs").tolist()):
-                        if end > start:
-                            sums[0][i] += rows[start:end].double().abs().sum(0).cpu()
-                            sums[1][i] += end - start
-                        start = end
-            return callback
-        chain_watch(watch, c.args[0], put("x"))
-        chain_watch(watch, gemm_offsets(c), put("offs"))
+        def add(i, rows, sums=sums):
+            sums[0][i] += rows.detach().double().abs().sum(0).cpu()
+            sums[1][i] += rows.shape[0]
+        watch_expert_rows(watch, c, add)
     run_watching(gm, calls, watch)
     out = {}
     for c, (sums, count) in acc.items():
-        src, rows_out = _expert_tensor(c)
+        src, rows_out = expert_source(c)
         w = ir.meta.tensor_attr(gm, src).detach().double().cpu()          # (E, K, N) or (E, N, K)
         norms = w.norm(dim=1 if rows_out else 2)                           # (E, K): per input column
         mean = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], torch.ones_like(sums))

@@ -76,10 +76,8 @@ def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, st
     for gemm in gm.graph.nodes:
         if gemm.op != "call_function" or gemm.target not in ops or len(gemm.args) < 2:
             continue
-        w = gemm.args[1]
-        rows_out = isinstance(w, fx.Node) and swaps_last_two(w)
-        src = w.args[0] if rows_out else w
-        if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        src, rows_out = expert_source(gemm)
+        if src is None:
             continue
         t = ir.meta.tensor_attr(gm, src)
         if t.ndim != 3 or not t.is_floating_point():
@@ -97,6 +95,34 @@ def expert_weights(gm: fx.GraphModule) -> tuple[list[ExpertWeight], dict[str, st
         else:
             chosen.append(ew)
     return chosen, skipped
+
+
+def expert_source(gemm: fx.Node) -> tuple[Optional[fx.Node], bool]:
+    """A grouped GEMM's experts' tensor as a get_attr node, and whether the GEMM reads it transposed (stored
+    (E, N, K)); (None, False) when its weight is computed (a dequantize)."""
+    w = gemm.args[1] if len(gemm.args) > 1 else None
+    rows_out = isinstance(w, fx.Node) and swaps_last_two(w)
+    src = w.args[0] if rows_out else w
+    return (src, rows_out) if isinstance(src, fx.Node) and src.op == "get_attr" else (None, False)
+
+
+def watch_expert_rows(watch: dict, gemm: fx.Node, add) -> None:
+    """Add to a ``run_watching`` dict what calls ``add(e, rows)`` with each expert's rows of ``gemm``'s input
+    (rows offs[e-1]:offs[e]; experts no row reached are not called) on every run."""
+    seen: dict = {}
+
+    def put(key):
+        def callback(v):
+            seen[key] = v
+            if "x" in seen and "offs" in seen:          # both values of this run: split the rows
+                rows, start = seen.pop("x"), 0
+                for e, end in enumerate(seen.pop("offs").tolist()):
+                    if end > start:
+                        add(e, rows[start:end])
+                    start = end
+        return callback
+    chain_watch(watch, gemm.args[0], put("x"))
+    chain_watch(watch, gemm_offsets(gemm), put("offs"))
 
 
 def gemm_offsets(gemm: fx.Node):
@@ -129,20 +155,7 @@ def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, prog
             if gemm in per_gemm:
                 continue
             hs = per_gemm[gemm] = [Hessian(k) for _ in range(n_exp)]
-            seen: dict = {}
-
-            def put(key, seen=seen, hs=hs):
-                def callback(v):
-                    seen[key] = v
-                    if "x" in seen and "offs" in seen:          # both values of this run: split the rows
-                        rows, start = seen.pop("x"), 0
-                        for h, end in zip(hs, seen.pop("offs").tolist()):
-                            if end > start:
-                                h.add(rows[start:end])
-                            start = end
-                return callback
-            chain_watch(watch, gemm.args[0], put("x"))
-            chain_watch(watch, gemm_offsets(gemm), put("offs"))
+            watch_expert_rows(watch, gemm, lambda e, rows, hs=hs: hs[e].add(rows))
     if run_watching(gm, calls, watch, progress, f"{who}: expert input statistics") == 0:
         raise ValueError(f"{who}: the calibration data is empty")
     out = {}
