@@ -85,14 +85,14 @@ def main():
     fp32 = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, windows)
     rows = [{"mode": "fp32", "ppl": fp32, "sparsity": 0.0, "seconds": time.perf_counter() - t0}]
     print(f"fp32: {fp32:.3f}", flush=True)
+    captured = slimfx.capture(model, (), kw, dynamic=True)          # once: every mode compiles from it
     for mode in modes:
         for distill in (False, True):
             prune = MODES[mode](a.score, method=a.method) if a.method != "mask" else MODES[mode](a.score)
             passes = [prune] + ([Distill(steps=a.steps, lr=a.lr, temperature=a.temperature,
                                                  exclude="lm_head")] if distill else [])
             t0 = time.perf_counter()
-            cm = slimfx.compile(model, (), kw, passes=passes, dynamic=True, backend="torch", calibration=train,
-                                measure=False)
+            cm = slimfx.compile(captured, passes=passes, backend="torch", calibration=train, measure=False)
             recs = {r.name: r for r in cm.report().records}
             ppl = perplexity(lambda x: cm(input_ids=x, use_cache=False).logits, windows)
             row = {"mode": LABELS[mode] + (f" + distill {a.steps} steps" if distill else ""), "ppl": ppl,

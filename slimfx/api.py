@@ -14,13 +14,50 @@ from .report import Report
 from .signature import InputSignature
 
 
-def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
+class CapturedModel:
+    """A model captured once (``slimfx.capture``), to compile with several pipelines or backends: capture is
+    most of a compile's time when the passes are few (torch.export traces the whole model), so a sweep over
+    quantization or pruning settings captures once. Every compile starts from the same captured graph (passes
+    work on copies); the graph shares the model's tensors, so in-place changes to the weights show in later
+    compiles, while a changed structure (modules replaced) needs a new capture."""
+
+    def __init__(self, model: torch.nn.Module, captured: "ir.Captured", seconds: float):
+        self.model, self.captured, self.seconds = model, captured, seconds
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, example_inputs=(), example_kwargs: Optional[dict] = None, dynamic=None,
+           method: str = "auto") -> "CapturedModel":
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        t0 = time.perf_counter()
+        captured = ir.capture(model, example_inputs, dict(example_kwargs or {}), dynamic=dynamic, method=method)
+        return cls(model, captured, time.perf_counter() - t0)
+
+    @property
+    def graph(self) -> fx.GraphModule:
+        return self.captured.gm
+
+    def __repr__(self):
+        return (f"CapturedModel({type(self.model).__name__}, method={self.captured.method!r}, "
+                f"nodes={len(self.captured.gm.graph.nodes)}, {self.seconds:.1f} s)")
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
+            dynamic=None, method: str = "auto") -> CapturedModel:
+    """Capture ``model`` as called with ``model(*example_inputs, **example_kwargs)`` into the canonical graph,
+    for ``slimfx.compile(captured, passes=...)`` to start from; arguments as ``compile``'s (``method`` is its
+    ``capture``)."""
+    return CapturedModel.of(model, example_inputs, example_kwargs, dynamic, method)
+
+
+def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
             passes: Sequence = (), backend: str = "numpy", backend_options: Optional[dict] = None,
             dynamic=None, calibration: Optional[Iterable] = None,
             capture: str = "auto", verify: bool = True, measure: bool = True, dump_dir: Optional[str] = None,
             progress: bool = True) -> "CompiledModel":
     """Compile ``model`` as called with ``model(*example_inputs, **example_kwargs)``.
 
+    model:    a torch.nn.Module, or a ``CapturedModel`` from ``slimfx.capture`` (its example inputs, dynamic
+              dims and capture method hold; giving them again here is an error)
     passes:   pipeline entries: registered names ("dce"), Pass objects, or functions ``fn(gm[, ctx])``
     backend:  "numpy" (reference interpreter), "torch" (the graph as is) or "triton" (kernels on a GPU)
     backend_options: per backend; triton: {"cuda_graphs": True} replays a captured CUDA graph per input
@@ -29,19 +66,27 @@ def compile(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
     dump_dir: write the IR after each pass to numbered files there
     The model is never modified; a failing pass raises ``PassError`` naming it."""
     check_options(backend, backend_options)             # before any work: a typo fails at once
-    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    example_kwargs = dict(example_kwargs or {})
-    t0 = time.perf_counter()
-    captured = ir.capture(model, example_inputs, example_kwargs, dynamic=dynamic, method=capture)
-    capture_s = time.perf_counter() - t0
+    if isinstance(model, CapturedModel):
+        given = (["example_inputs"] * (not isinstance(example_inputs, (tuple, list)) or len(example_inputs) > 0)
+                 + ["example_kwargs"] * (example_kwargs not in (None, {})) + ["dynamic"] * (dynamic is not None)
+                 + ["capture"] * (capture != "auto"))
+        if given:
+            raise TypeError(f"slimfx.compile: {', '.join(given)} given with a CapturedModel, which was captured "
+                            "with its own; capture again to change them (calibration= takes other data)")
+        cap, gm = model, ir.fork(model.captured.gm)         # compiled graphs never share the capture's
+    else:
+        cap = CapturedModel.of(model, example_inputs, example_kwargs, dynamic, capture)
+        gm = cap.captured.gm
+    model, captured = cap.model, cap.captured
+    example_inputs, example_kwargs = captured.example_args, captured.example_kwargs
     ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model)
     reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
     gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
-                              progress=progress).run(captured.gm, ctx, reference)
+                              progress=progress).run(gm, ctx, reference)
     t1 = time.perf_counter()
     executable = lower(gm, backend, backend_options)
     lower_s = time.perf_counter() - t1
-    report = Report(type(model).__name__, captured.method, backend, capture_s, lower_s, records,
+    report = Report(type(model).__name__, captured.method, backend, cap.seconds, lower_s, records,
                     len(captured.gm.graph.nodes), gm)
     return CompiledModel(gm, executable, report, InputSignature.from_capture(model, captured))
 

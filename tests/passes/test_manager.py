@@ -130,3 +130,37 @@ def test_dump_dir_and_debug_levels(net, tmp_path, capsys, monkeypatch):
     assert "approximate = 'tanh'" in (tmp_path / "01_gelu_tanh.txt").read_text()
     err = capsys.readouterr().err
     assert "[slimfx]  1 gelu_tanh" in err and "def forward" in err
+
+
+def test_one_capture_compiles_with_several_pipelines(net):
+    """slimfx.capture once, then compile it with other passes and backends: each compile is what compiling the
+    model gives, no compile changes the capture or another compile's graph, and a failed pass leaves it too."""
+    from slimfx.passes import Quantize
+    cap = slimfx.capture(net, X, dynamic=True)
+    captured_code = ir.code(cap.graph)
+    for passes in ([gelu_tanh], [Quantize(weights="int8", activations="dynamic"), "dce"]):
+        got = slimfx.compile(cap, passes=passes, progress=False)
+        want = slimfx.compile(net, X, dynamic=True, passes=passes, progress=False)
+        assert ir.code(got.graph) == ir.code(want.graph)
+        x = torch.randn(3, 8)                           # another batch: the capture's dynamic dims hold
+        assert torch.equal(got(x), want(x))             # the same graph on numpy: the same fp32 ops, bit for bit
+    plain = slimfx.compile(cap, backend="torch", progress=False)        # no passes: still a graph of its own
+    gelu = next(n for n in plain.graph.graph.nodes if n.target is aten.gelu.default)
+    gelu.kwargs = {"approximate": "tanh"}
+    assert ir.code(cap.graph) == captured_code
+
+    def broken(gm):
+        next(n for n in gm.graph.nodes if n.target is aten.gelu.default).kwargs = {"approximate": "tanh"}
+        raise RuntimeError("half done")
+    with pytest.raises(slimfx.PassError, match="broken"):
+        slimfx.compile(cap, passes=[broken], progress=False)
+    assert ir.code(cap.graph) == captured_code
+    assert "CapturedModel(Net" in repr(cap)
+
+
+def test_a_capture_keeps_its_own_example_inputs(net):
+    cap = slimfx.capture(net, X)
+    with pytest.raises(TypeError, match="example_inputs, dynamic given with a CapturedModel"):
+        slimfx.compile(cap, X, dynamic=True, progress=False)
+    with pytest.raises(TypeError, match="capture given"):
+        slimfx.compile(cap, capture="symbolic_trace", progress=False)
