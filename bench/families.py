@@ -80,10 +80,11 @@ def check(family: str) -> dict:
     row = {"family": family, "model": type(model).__name__,
            "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
-    cm = slimfx.compile(model, (), call, dynamic=True, backend="numpy", progress=False)
+    captured = slimfx.capture(model, (), call, dynamic=True)          # both compiles start from it
+    cm = slimfx.compile(captured, backend="numpy", progress=False)
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     row["numpy_rel_err"] = float(rel_err(cm(**call).logits, ref))
-    q = slimfx.compile(model, (), call, dynamic=True, backend="numpy", progress=False,
+    q = slimfx.compile(captured, backend="numpy", progress=False,
                        passes=[Quantize(weights="int8", activations="dynamic"), Fuse()])
     row["w8a8_sqnr_db"] = round(float(sqnr_db(ref, q(**call).logits)), 1)
     return row

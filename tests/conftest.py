@@ -9,6 +9,11 @@ import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):       # one process per core (make test runs -n auto): no oversubscription
     torch.set_num_threads(1)
+    # numpy's OpenBLAS too: its threads spin while they wait, so two workers' BLAS threads on two cores made the
+    # numpy backend's tests ~2x slower. The variable is for the subprocesses some tests start.
+    import threadpoolctl
+    threadpoolctl.threadpool_limits(1)
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -31,6 +36,14 @@ def tiny_llama():
     cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_capture(tiny_llama):
+    """tiny_llama captured once, every dim dynamic, from a ``llama_call(.., 2, 8)``: for the tests that compile it
+    with several pipelines (capture is most of a small pipeline's compile time)."""
+    import slimfx
+    return slimfx.capture(tiny_llama, (), llama_call(tiny_llama, 2, 8), dynamic=True)
 
 
 def llama_call(model, batch: int, seq: int, seed: int = 0) -> dict:

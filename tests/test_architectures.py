@@ -2,6 +2,8 @@
 op set (every weight matrix an aten.linear, so passes see every layer), runs on the numpy backend as torch
 runs it, and quantizes in every linear layer. Each decoder generates transformers' tokens with a KV cache (here and
 in test_lm.py); structured pruning is tested in passes/test_prune.py, and here for the newer families."""
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -92,6 +94,18 @@ def _model_and_call(family):
     return model, call
 
 
+@functools.lru_cache(maxsize=None)
+def _captured(family):
+    """The family's model, call and one capture of it (dynamic dims), shared by this module's tests of the
+    family: capture is most of their time. ``per_family`` keeps those tests on one pytest-xdist worker."""
+    model, call = _model_and_call(family)
+    return model, call, slimfx.capture(model, (), call, dynamic=True)
+
+
+def per_family(families):
+    return [pytest.param(f, marks=pytest.mark.xdist_group(f"family-{f}")) for f in families]
+
+
 def _weight_matrices(model) -> int:
     """Elements of every weight matrix a linear layer multiplies by: each module's own 2-D ``weight`` but the
     embeddings' (nn.Linear, GPT-2's Conv1D, MoE routers; a tied lm_head counts, as it is quantized apart)."""
@@ -108,13 +122,12 @@ def _first(out):
     return out.logits if getattr(out, "logits", None) is not None else out[0]
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEWER + ["mamba"])
+@pytest.mark.parametrize("family", per_family(FAMILIES + NEWER + ["mamba"]))
 def test_family_runs_on_numpy_and_quantizes_in_every_linear_layer(family):
-    model, call = _model_and_call(family)
+    model, call, cap = _captured(family)
     with torch.no_grad():
         ref = _first(model(**call))
-    cm = slimfx.compile(model, (), call, dynamic=True, passes=["const_fold", "cse", "dce"], backend="numpy",
-                        progress=False)
+    cm = slimfx.compile(cap, passes=["const_fold", "cse", "dce"], backend="numpy", progress=False)
     ops = {n.target for n in cm.graph.graph.nodes if n.op == "call_function"}
     # one spelling per op: no transposed-weight products, chunks, x.T or in-place ops left for passes to miss
     assert not ops & {aten.addmm.default, aten.mm.default, aten.numpy_T.default, aten.chunk.default,
@@ -126,8 +139,8 @@ def test_family_runs_on_numpy_and_quantizes_in_every_linear_layer(family):
     # fp32 on numpy: the same math as torch, summed in another order (errors of ~1e-7 of the output's scale)
     assert rel_err(_first(cm(**call)), ref) < 1e-5
 
-    q = slimfx.compile(model, (), call, dynamic=True, passes=[Quantize(weights="int8", activations="dynamic"),
-                                                              Fuse()], backend="numpy", progress=False)
+    q = slimfx.compile(cap, passes=[Quantize(weights="int8", activations="dynamic"), Fuse()], backend="numpy",
+                       progress=False)
     int8 = sum(t.numel() for t in q.graph.state_dict().values() if t.dtype == torch.int8 and t.ndim >= 2)
     # every linear layer holds int8 weights, fused or not, and so do the experts of MoE blocks
     assert int8 == _weight_matrices(model) + _expert_tensors(model)
@@ -167,7 +180,7 @@ def test_decoder_family_generates_transformers_tokens(family):
     assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["deepseek_v3", "gemma3"])     # the newer MoE blocks: as Mixtral's
+@pytest.mark.parametrize("family", per_family(FAMILIES + ["deepseek_v3", "gemma3"]))  # newer MoE blocks: as Mixtral's
 def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     """What SmoothQuant and AWQ do to every group of linears reading one input (passes.scale_fold): x / s put
     into the producing norm, the producing linear's rows or a new mul, W * s into the linears. The model must
@@ -175,10 +188,10 @@ def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     1 + weight, GELU * up, attention outputs, fused projections)."""
     from slimfx.passes.quantize import selected_linears
     from slimfx.passes.scale_fold import scale_input
-    model, call = _model_and_call(family)
+    model, call, cap = _captured(family)
     with torch.no_grad():
         ref = _first(model(**call))
-    cm = slimfx.compile(model, (), call, dynamic=True, backend="torch", progress=False)
+    cm = slimfx.compile(cap, backend="torch", progress=False)
     gm, groups = cm.graph, {}
     for n, _ in selected_linears(gm, (), ()):
         if n.args[1].op == "get_attr" and slimfx.ir.meta.tensor_attr(gm, n.args[1]).ndim == 2:
@@ -225,14 +238,14 @@ def _zero_what_the_graph_removed(model, gm) -> list[str]:
     return zeroed, narrowed
 
 
-@pytest.mark.parametrize("family", [f for f in NEWER if f not in ("smollm3", "cohere", "starcoder2")])  # Llama-like
-def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):
+@pytest.mark.parametrize("family", per_family([f for f in NEWER if f not in ("smollm3", "cohere", "starcoder2")]))
+def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):          # (those: Llama-like)
     """Half the kv heads and a quarter of the neurons (each expert's own, in MoE blocks) removed: the shrunk
     graph computes what the model computes with those units zeroed. Blocks the passes leave whole say why:
     OLMoE's q/k norms over all heads, DeepSeek-V3's latent attention (no q/k/v of their own)."""
     from slimfx.passes import Prune
-    model, call = _model_and_call(family)
-    cm = slimfx.compile(model, (), call, dynamic=True, backend="torch", progress=False,
+    model, call, cap = _captured(family)
+    cm = slimfx.compile(cap, backend="torch", progress=False,
                         passes=[Prune(sparsity=0.5, pattern="heads"), Prune(sparsity=0.25, pattern="neurons")])
     heads, neurons = (r.stats for r in cm.report().records[:2])
     whole = {"olmoe": "q_norm uses", "deepseek_v3": "q, k and v do not each come from one linear layer"}

@@ -40,10 +40,9 @@ PIPELINES = {
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
-def test_saved_llama_runs_the_same_at_every_shape(tiny_llama, tmp_path, name):
+def test_saved_llama_runs_the_same_at_every_shape(tiny_llama, tiny_llama_capture, tmp_path, name):
     example = llama_call(tiny_llama, 2, 8)
-    cm = slimfx.compile(tiny_llama, (), example, dynamic=True, passes=PIPELINES[name](), calibration=[example],
-                        progress=False)
+    cm = slimfx.compile(tiny_llama_capture, passes=PIPELINES[name](), calibration=[example], progress=False)
     path = cm.save(tmp_path / "model")
     assert sorted(p.name for p in path.iterdir()) == ["slimfx.json", "tensors.safetensors"]   # no temp files left
     data = strict_json(path / "slimfx.json")
@@ -65,12 +64,10 @@ def test_saved_llama_runs_the_same_at_every_shape(tiny_llama, tmp_path, name):
     assert loaded.graph.code == cm.graph.code
 
 
-def test_load_on_another_backend_equals_compiling_for_it(tiny_llama, tmp_path):
-    example = llama_call(tiny_llama, 2, 8)
+def test_load_on_another_backend_equals_compiling_for_it(tiny_llama, tiny_llama_capture, tmp_path):
     pipeline = lambda: [P.Quantize(weights="int8", activations="dynamic"), P.Fuse()]
-    saved = slimfx.compile(tiny_llama, (), example, dynamic=True, passes=pipeline(),
-                           progress=False).save(tmp_path / "m")
-    on_torch = slimfx.compile(tiny_llama, (), example, dynamic=True, passes=pipeline(), progress=False, backend="torch")
+    saved = slimfx.compile(tiny_llama_capture, passes=pipeline(), progress=False).save(tmp_path / "m")
+    on_torch = slimfx.compile(tiny_llama_capture, passes=pipeline(), progress=False, backend="torch")
     loaded = slimfx.load(saved, backend="torch")
     call = llama_call(tiny_llama, 3, 7, seed=4)
     assert loaded.backend == "torch" and loaded.report().backend == "torch"
@@ -132,9 +129,9 @@ def test_minilm_w8a8_file_holds_int8_weights(minilm, tmp_path):
     assert os.path.getsize(path / "tensors.safetensors") < 0.66 * fp32
 
 
-def test_loaded_model_checks_inputs_as_compiled(tiny_llama, tmp_path):
+def test_loaded_model_checks_inputs_as_compiled(tiny_llama, tiny_llama_capture, tmp_path):
     example = llama_call(tiny_llama, 2, 8)
-    cm = slimfx.compile(tiny_llama, (), example, dynamic=True, passes=["dce"], progress=False)
+    cm = slimfx.compile(tiny_llama_capture, passes=["dce"], progress=False)
     loaded = slimfx.load(cm.save(tmp_path / "m"))
     ids, mask = example["input_ids"], example["attention_mask"]
     for bad in (dict(input_ids=ids[:, :1], attention_mask=mask[:, :1], use_cache=False),   # seq 1 < the range's 2

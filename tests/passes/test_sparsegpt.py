@@ -88,7 +88,8 @@ def test_lower_output_error_than_masking_alone(nm):
 def test_pass_on_llama_keeps_the_pattern_and_beats_masking(tiny_llama):
     calibration = [call(tiny_llama, 4, 32, seed) for seed in range(4)]
     example = call(tiny_llama, 2, 16, 100)
-    cms = {m: slimfx.compile(tiny_llama, (), example, dynamic=True, calibration=calibration, progress=False,
+    cap = slimfx.capture(tiny_llama, (), example, dynamic=True)
+    cms = {m: slimfx.compile(cap, calibration=calibration, progress=False,
                              passes=[Prune(pattern="2:4", method=m), LowerSparse(pattern="2:4")])
            for m in ("mask", "sparsegpt")}
     stats = [r.stats for r in cms["sparsegpt"].report().records]
@@ -134,8 +135,9 @@ def test_block_pattern_keeps_its_blocks_and_refits(tiny_llama):
     calibration = [call(tiny_llama, 4, 32, seed) for seed in range(4)]
     example = call(tiny_llama, 2, 16, 100)
     prune = lambda m: Prune(0.5, pattern="block", block=(16, 16), method=m, exclude="lm_head")
-    cms = {m: slimfx.compile(tiny_llama, (), example, dynamic=True, calibration=calibration, progress=False,
-                             passes=[prune(m)]) for m in ("mask", "sparsegpt")}
+    cap = slimfx.capture(tiny_llama, (), example, dynamic=True)
+    cms = {m: slimfx.compile(cap, calibration=calibration, progress=False, passes=[prune(m)])
+           for m in ("mask", "sparsegpt")}
     pruned = lambda cm: [getattr(cm.graph, n.args[1].target) for n in cm.graph.graph.nodes
                          if n.op == "call_function" and "linear" in str(n.target) and n.args[1].op == "get_attr"
                          and "pruned" in n.args[1].target]
