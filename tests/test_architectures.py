@@ -206,10 +206,14 @@ def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     gm.recompile()
     # fp32: x / s and W * s round differently than x and W (~1e-7 of the output's scale per layer)
     assert rel_err(_first(cm.with_backend("torch")(**call)), ref) < 1e-5, hows
-    # pre-norm families fold into their norms; Gemma's norm multiplies by 1 + weight, and post-norm ones
-    # (BERT's family, OLMo-2) feed the norm output to the residual too (or have none before a linear)
-    post_norm = ("bert", "roberta", "distilbert", "electra", "olmo2")
-    assert ("norm" in hows) == (family not in ("gemma", "gemma2", "gemma3") + post_norm), hows
+    # pre-norm families fold into their norms (Gemma's multiplies by 1 + weight: by (1 + weight) / s then);
+    # post-norm ones (BERT's family) feed the norm output to the residual too; OLMo-2 normalizes the blocks'
+    # outputs, so only its final norm (before lm_head) reaches a linear
+    post_norm = ("bert", "roberta", "distilbert", "electra")
+    assert ("norm" in hows) == (family not in post_norm), hows
+    if family.startswith("gemma") or family == "llama":    # each block's two norms and the final one
+        assert hows.count("norm") == 5, hows
+    assert hows.count("norm") == 1 or family != "olmo2", hows
 
 
 def _zero_what_the_graph_removed(model, gm) -> list[str]:

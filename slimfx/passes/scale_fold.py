@@ -5,7 +5,8 @@ float function is unchanged (up to fp32 rounding) and the quantizer then sees ``
 puts the ``1 / s`` in the first of these places that applies:
 
     norm     x is a LayerNorm / RMSNorm output read only by these linears (maybe through reshapes that keep
-             the channel axis): its affine weight (and bias) divided by s
+             the channel axis, or dtype casts): its affine weight (and bias) divided by s; Gemma's
+             ``normalized * (1 + w)`` multiplies by one new tensor ``(1 + w) / s`` instead
     linear   x is another linear's output, or an elementwise product with one (Llama's act(gate) * up),
              read only by these linears: that linear's output rows (weight rows and bias) divided by s
     mul      otherwise, when allowed: a new ``x * (1 / s)`` node before the linears (an elementwise op at
@@ -33,18 +34,46 @@ def _new_attr(gm, before: fx.Node, like: fx.Node, name: str, t: torch.Tensor) ->
 
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_CASTS = (aten.type_as.default, aten._to_copy.default, aten.to.dtype)
 
 
 def _through_views(gm, x: fx.Node, lins: list[fx.Node]) -> Optional[fx.Node]:
-    """The node whose value x is, seen through reshapes that keep the last (channel) axis, each read only by
-    the next (GPT-2 flattens its tokens between the norm and the linear); None unless only ``lins`` read x."""
+    """The node whose value x is, seen through reshapes that keep the last (channel) axis (GPT-2 flattens its
+    tokens between the norm and the linear), slices along other axes and dtype casts (Gemma's norm ends in
+    ``type_as(x)``), each read only by the next; None unless only ``lins`` read x. A scale moved before a cast
+    rounds differently only."""
     if set(x.users) != set(lins):
         return None
-    while (x.op == "call_function" and x.target in _VIEWS and isinstance(x.args[0], fx.Node)
-           and len(x.args[0].users) == 1 and ir.meta.shape(x) is not None and ir.meta.shape(x.args[0]) is not None
-           and ir.meta.shape(x)[-1] == ir.meta.shape(x.args[0])[-1]):
+    while (x.op == "call_function" and isinstance(x.args[0], fx.Node) and len(x.args[0].users) == 1
+           and ir.meta.shape(x) is not None and ir.meta.shape(x.args[0]) is not None
+           and (x.target in _VIEWS and ir.meta.shape(x)[-1] == ir.meta.shape(x.args[0])[-1]
+                or x.target in _CASTS and ir.meta.shape(x) == ir.meta.shape(x.args[0])
+                and set(x.kwargs) <= {"dtype", "memory_format"}
+                or x.target is aten.slice.Tensor and _not_last(x, len(ir.meta.shape(x))))):
         x = x.args[0]
     return x
+
+
+def _not_last(x: fx.Node, ndim: int) -> bool:
+    """A slice along another axis than the last: the tokens a causal LM's head keeps (logits_to_keep)."""
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+    return isinstance(dim, int) and dim % ndim != ndim - 1
+
+
+def _plus_constant(gm, a, n: int) -> Optional[tuple[torch.Tensor, float]]:
+    """(w, c) when ``a`` is ``w + c``, read only by one node, for a module tensor w of n elements (maybe cast
+    first) and a number c: Gemma's RMSNorm multiplies by ``1 + weight.float()``."""
+    if not (isinstance(a, fx.Node) and a.op == "call_function" and a.target is aten.add.Tensor
+            and len(a.users) == 1 and len(a.args) == 2 and not a.kwargs):
+        return None
+    w, c = a.args if isinstance(a.args[0], fx.Node) else a.args[::-1]
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not isinstance(w, fx.Node):
+        return None
+    if w.op == "call_function" and w.target in _CASTS and isinstance(w.args[0], fx.Node):
+        w = w.args[0]
+    if w.op == "get_attr" and ir.meta.tensor_attr(gm, w).numel() == n:
+        return ir.meta.tensor_attr(gm, w).detach(), float(c)
+    return None
 
 
 def fold_into_norm(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Optional[str]:
@@ -52,15 +81,18 @@ def fold_into_norm(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Opti
     x = _through_views(gm, x, lins)
     if x is None or x.op != "call_function":
         return None
+    plus = {}
     if x.target is aten.layer_norm.default:
         params = [a for a in x.args[2:4] if isinstance(a, fx.Node)]
         if not params or x.args[2] is None or any(p.op != "get_attr" for p in params):
             return None
         where = {2: x.args[2]} | ({3: x.args[3]} if len(x.args) > 3 and isinstance(x.args[3], fx.Node) else {})
-    elif x.target is aten.mul.Tensor:       # RMSNorm: weight * normalized
+    elif x.target is aten.mul.Tensor:       # RMSNorm: weight * normalized, or normalized * (1 + weight) (Gemma)
         where = {i: a for i, a in enumerate(x.args[:2]) if isinstance(a, fx.Node) and a.op == "get_attr"
                  and ir.meta.tensor_attr(gm, a).shape == s.shape}
-        if len(where) != 1:
+        plus = {i: _plus_constant(gm, a, s.numel()) for i, a in enumerate(x.args[:2])}
+        plus = {i: wc for i, wc in plus.items() if wc is not None}
+        if len(where) + len(plus) != 1:
             return None
     else:
         return None
@@ -68,6 +100,11 @@ def fold_into_norm(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Opti
     for i, p in where.items():
         t = ir.meta.tensor_attr(gm, p).detach()
         args[i] = _new_attr(gm, x, p, f"{p.target}_scaled", (t / s).to(t.dtype))
+    for i, (t, c) in plus.items():          # (c + w) / s as one tensor, in place of the add (now dead)
+        add = x.args[i]
+        dtype = ir.meta.val(add).dtype if ir.meta.val(add) is not None else t.dtype
+        args[i] = _new_attr(gm, x, add, f"{ir.meta.module_name(x) or x.name}.weight_plus_{c:g}_scaled",
+                            ((t.double() + c) / s.reshape(t.shape)).to(dtype))
     x.args = tuple(args)
     return ir.meta.module_name(x) or x.name
 
@@ -113,8 +150,9 @@ def fold_into_linear(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Op
 def insert_mul(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> fx.Node:
     """A new ``x * (1 / s)`` node that ``lins`` read instead of x; returns it."""
     name = ir.meta.module_name(lins[0]) or lins[0].name
-    with gm.graph.inserting_before(lins[0]):
-        inv = gm.graph.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.input_inv_scale", 1.0 / s))
+    dtype = ir.meta.val(x).dtype if isinstance(ir.meta.val(x), torch.Tensor) else torch.float32
+    with gm.graph.inserting_before(lins[0]):        # in x's dtype: a bf16 x times fp32 scales would be fp32
+        inv = gm.graph.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.input_inv_scale", (1.0 / s).to(dtype)))
         m = gm.graph.call_function(aten.mul.Tensor, (x, inv))
     if "val" in x.meta:
         m.meta["val"] = x.meta["val"]
@@ -142,7 +180,7 @@ def scale_input(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor, allow_mul:
         where, how = x.name, "mul"
     for l in lins:
         name = ir.meta.module_name(l) or l.name
-        w = ir.meta.tensor_attr(gm, l.args[1]).detach().to(torch.float32)
-        nw = _new_attr(gm, l, l.args[1], f"{name}.weight_{suffix}", w * s)
+        w = ir.meta.tensor_attr(gm, l.args[1]).detach()
+        nw = _new_attr(gm, l, l.args[1], f"{name}.weight_{suffix}", (w.float() * s).to(w.dtype))
         l.args = (l.args[0], nw, *l.args[2:])
     return how, where, x
