@@ -14,7 +14,7 @@ from .ir import CaptureError, VerificationError
 from .passes import Pass, PassContext, PassError, PassResult, register_pass
 from .signature import InputError
 
-__all__ = ["ir", "passes", "capture", "CapturedModel", "compile", "CompiledModel", "compile_causal_lm", "CompiledCausalLM", "save", "load",
-           "CaptureError", "VerificationError", "Pass", "PassContext", "PassError", "PassResult", "register_pass",
-           "InputError"]
+__all__ = ["ir", "passes", "capture", "CapturedModel", "compile", "CompiledModel", "compile_causal_lm",
+           "CompiledCausalLM", "save", "load", "CaptureError", "VerificationError", "Pass", "PassContext",
+           "PassError", "PassResult", "register_pass", "InputError"]
 __version__ = "0.1.0"
