@@ -1,7 +1,7 @@
 """Per-layer quantization sensitivity: quantize one layer at a time and measure the model's output SQNR.
 
     rows = sensitivity(model, (), dict(input_ids=ids), Quantize(activations="dynamic"))
-    print(format_sensitivity(rows))      # least sensitive first; exclude the worst layers from Quantize
+    print(format_sensitivity(rows))      # most sensitive first: exclude those layers from Quantize
 """
 from __future__ import annotations
 
@@ -17,20 +17,25 @@ from .manager import run_torch, sqnr_db
 from .quantize import Quantize
 
 
-def sensitivity(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None,
+def sensitivity(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = None,
                 quantize: Quantize = Quantize(), calibration: Optional[Iterable] = None,
-                dynamic=None) -> list[dict]:
+                dynamic=None, progress: bool = True) -> list[dict]:
     """One row per layer ``quantize`` would select: {"module", "sqnr_db" (model output, that layer alone
-    quantized, vs fp32), "layer_sqnr_db" (the layer's own output)}, sorted from most to least sensitive."""
-    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    kwargs = dict(example_kwargs or {})
-    gm = ir.capture(model, example_inputs, kwargs, dynamic=dynamic).gm
+    quantized, vs fp32), "layer_sqnr_db" (the layer's own output)}, sorted from most to least sensitive.
+    ``model`` may be a ``slimfx.capture`` of the model (then without example inputs or ``dynamic``)."""
+    from tqdm.auto import tqdm
+    from ..api import CapturedModel
+    if not isinstance(model, CapturedModel):
+        model = CapturedModel.of(model, example_inputs, example_kwargs, dynamic)
+    elif example_inputs or example_kwargs or dynamic is not None:
+        raise TypeError("sensitivity: example inputs or dynamic given with a CapturedModel, which has its own")
+    gm, example_inputs, kwargs = model.graph, model.captured.example_args, model.captured.example_kwargs
     calibration = list(calibration) if calibration is not None else None
     ctx = PassContext(example_inputs, kwargs, calibration, progress=False)
     ref = run_torch(gm, ctx)
     layers, _ = quantize.select(gm)
     rows = []
-    for lin in layers:
+    for lin in tqdm(layers, desc="sensitivity", unit="layer", disable=not progress, leave=False):
         name = ir.meta.module_name(lin) or lin.name
         one = dataclasses.replace(quantize, include=(f"re:^{re.escape(name)}$",), exclude=())
         res = one(ir.fork(gm), ctx)

@@ -229,8 +229,13 @@ def test_report_table_and_sensitivity(tiny_llama):
     assert "15 quantized layers" in text and "model.layers.1.mlp.down_proj" in text
     json.dumps(cm.report().to_dict()["quantized"])
     assert all("smoothquant" in ir.meta.info(n).quant for n in quantized_linears(cm.graph))
-    sens = sensitivity(tiny_llama, (), kw, Quantize(activations="dynamic", exclude="lm_head"))
+    sens = sensitivity(tiny_llama, (), kw, Quantize(activations="dynamic", exclude="lm_head"), progress=False)
     assert len(sens) == 14 and sens == sorted(sens, key=lambda r: r["sqnr_db"])
+    # from a capture: the same rows (the same graph, the same layers quantized one at a time)
+    cap = slimfx.capture(tiny_llama, (), kw)
+    assert sensitivity(cap, quantize=Quantize(activations="dynamic", exclude="lm_head"), progress=False) == sens
+    with pytest.raises(TypeError, match="sensitivity: example inputs"):
+        sensitivity(cap, (), kw)
     # one int8 layer alone costs far less than all of them together (~30 dB measured for all)
     assert all(r["sqnr_db"] > 30 for r in sens)
     assert "model.layers.0.self_attn.q_proj" in format_sensitivity(sens)
