@@ -32,6 +32,22 @@ class CapturedModel:
         captured = ir.capture(model, example_inputs, dict(example_kwargs or {}), dynamic=dynamic, method=method)
         return cls(model, captured, time.perf_counter() - t0)
 
+    @classmethod
+    def given(cls, who: str, model, example_inputs=(), example_kwargs: Optional[dict] = None, dynamic=None,
+              method: str = "auto") -> "CapturedModel":
+        """``model`` as a capture: captured now if it is a module; if it is a capture already, the capture
+        arguments must be left out (``who`` names the function refusing them)."""
+        if not isinstance(model, cls):
+            return cls.of(model, example_inputs, example_kwargs, dynamic, method)
+        given = (["example_inputs"] * (not isinstance(example_inputs, (tuple, list)) or len(example_inputs) > 0)
+                 + ["example_kwargs"] * (example_kwargs not in (None, {})) + ["dynamic"] * (dynamic is not None)
+                 + ["capture"] * (method != "auto"))
+        if given:
+            raise TypeError(f"{who}: example inputs / capture settings: {', '.join(given)} given with a "
+                            "CapturedModel, which was captured with its own; capture again to change them "
+                            "(calibration= takes other data)")
+        return model
+
     @property
     def graph(self) -> fx.GraphModule:
         return self.captured.gm
@@ -66,17 +82,9 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
     dump_dir: write the IR after each pass to numbered files there
     The model is never modified; a failing pass raises ``PassError`` naming it."""
     check_options(backend, backend_options)             # before any work: a typo fails at once
-    if isinstance(model, CapturedModel):
-        given = (["example_inputs"] * (not isinstance(example_inputs, (tuple, list)) or len(example_inputs) > 0)
-                 + ["example_kwargs"] * (example_kwargs not in (None, {})) + ["dynamic"] * (dynamic is not None)
-                 + ["capture"] * (capture != "auto"))
-        if given:
-            raise TypeError(f"slimfx.compile: {', '.join(given)} given with a CapturedModel, which was captured "
-                            "with its own; capture again to change them (calibration= takes other data)")
-        cap, gm = model, ir.fork(model.captured.gm)         # compiled graphs never share the capture's
-    else:
-        cap = CapturedModel.of(model, example_inputs, example_kwargs, dynamic, capture)
-        gm = cap.captured.gm
+    cap = CapturedModel.given("slimfx.compile", model, example_inputs, example_kwargs, dynamic, capture)
+    # a capture given is forked: compiled graphs never share the capture's (one made here is this compile's own)
+    gm = ir.fork(cap.captured.gm) if cap is model else cap.captured.gm
     model, captured = cap.model, cap.captured
     example_inputs, example_kwargs = captured.example_args, captured.example_kwargs
     ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model)

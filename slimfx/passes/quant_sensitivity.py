@@ -25,10 +25,7 @@ def sensitivity(model, example_inputs: tuple = (), example_kwargs: Optional[dict
     ``model`` may be a ``slimfx.capture`` of the model (then without example inputs or ``dynamic``)."""
     from tqdm.auto import tqdm
     from ..api import CapturedModel
-    if not isinstance(model, CapturedModel):
-        model = CapturedModel.of(model, example_inputs, example_kwargs, dynamic)
-    elif example_inputs or example_kwargs or dynamic is not None:
-        raise TypeError("sensitivity: example inputs or dynamic given with a CapturedModel, which has its own")
+    model = CapturedModel.given("sensitivity", model, example_inputs, example_kwargs, dynamic)
     gm, example_inputs, kwargs = model.graph, model.captured.example_args, model.captured.example_kwargs
     calibration = list(calibration) if calibration is not None else None
     ctx = PassContext(example_inputs, kwargs, calibration, progress=False)
