@@ -6,7 +6,10 @@
 Per family, a tiny random-weight causal LM from its own config class (hidden 32, 4 heads, 2 layers; MoE with
 4 experts, top 2), then: capture (``slimfx.compile``, dynamic batch and sequence), the numpy backend's logits
 against torch's (relative max error; fp32, so summation order only: ~1e-7), and W8A8 (int8 per channel x int8
-per token, every linear, MoE experts weight-only int8) + Fuse on numpy, as SQNR of the logits in dB. Parameters
+per token, every linear, MoE experts weight-only int8) + Fuse on numpy, as SQNR of the logits in dB. MoE families
+also lose a quarter of each block's experts (``Prune(pattern="experts")``, on numpy) and are compared with the
+model whose removed experts are never chosen (tests/conftest.py's ``experts_never_chosen``), or say why a block
+stays whole. Parameters
 that a family's init leaves at zero (routers) are drawn at random first: all-zero router scores tie, and torch's
 and numpy's top-k break exact ties differently. A failure is recorded with its message. Writes
 bench/results/families-<cpu>.json and .md.
@@ -29,8 +32,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import slimfx  # noqa: E402
 from bench.common import cpu_name, save, slug  # noqa: E402
-from conftest import rel_err, text_batch  # noqa: E402
-from slimfx.passes import Fuse, Quantize, sqnr_db  # noqa: E402
+from conftest import experts_never_chosen, rel_err, text_batch  # noqa: E402
+from slimfx.ir.module import flatten_inputs  # noqa: E402
+from slimfx.passes import Fuse, Prune, Quantize, sqnr_db  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
             intermediate_size=64, max_position_embeddings=64, head_dim=8, num_experts=4, num_local_experts=4,
@@ -57,6 +61,22 @@ FAMILIES = [
     "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "minimax_m2", "flex_olmo", "afmoe", "lfm2_moe",
     "mamba", "mamba2", "jamba", "bamba", "falcon_h1", "qwen3_next", "kimi_linear",
 ]
+
+
+def experts_pruned(captured, call) -> str:
+    """A quarter of each MoE block's experts removed: the blocks' counts and the logits' error against the
+    model with those experts never chosen, or why the blocks stay whole."""
+    pruned = slimfx.compile(captured, backend="numpy", progress=False,
+                            passes=[Prune(sparsity=0.25, pattern="experts")])
+    stats = pruned.report().records[0].stats
+    if not stats["shrunk"]:
+        return "whole: " + "; ".join(sorted(set(stats["skipped"].values())))
+    ref_gm = experts_never_chosen(captured.graph, stats["removed"])
+    with torch.no_grad():
+        ref = ref_gm(*flatten_inputs(ref_gm, (), call))[0]
+    counts = ", ".join(sorted(set(stats["shrunk"].values())))
+    blocks = len(stats["shrunk"])
+    return f"{blocks} block{'s' * (blocks > 1)} {counts}: {rel_err(pruned(**call).logits, ref):.1e}"
 
 
 def check(family: str) -> dict:
@@ -87,6 +107,8 @@ def check(family: str) -> dict:
     q = slimfx.compile(captured, backend="numpy", progress=False,
                        passes=[Quantize(weights="int8", activations="dynamic"), Fuse()])
     row["w8a8_sqnr_db"] = round(float(sqnr_db(ref, q(**call).logits)), 1)
+    if any(p.ndim == 3 and ".experts." in n for n, p in model.named_parameters()):
+        row["experts_pruned"] = experts_pruned(captured, call)
     return row
 
 
@@ -113,14 +135,16 @@ def main():
     ok = [r for r in rows if "error" not in r]
     lines = [f"# Model families on slimfx ({len(ok)} of {len(rows)} compile)", "",
              "Tiny random-weight configs; numpy vs torch logits (fp32: summation order only), W8A8 dynamic + Fuse "
-             "on numpy (SQNR of the logits). `HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
-             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB |", "|---|---|---|---|---|"]
+             "on numpy (SQNR of the logits); MoE: a quarter of each block's experts removed, rel. error vs the model "
+             "with them never chosen. `HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
+             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | experts -25% |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | |")
+            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | |")
         else:
             lines.append(f"| {r['family']} | {r['model']} | {r['compile_s']} | {r['numpy_rel_err']:.1e} | "
-                         f"{r['w8a8_sqnr_db']} |")
+                         f"{r['w8a8_sqnr_db']} | {r.get('experts_pruned', '').replace('|', '/')} |")
     import transformers
     save(args.name, cpu_name(), {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "rows": rows}, "\n".join(lines))

@@ -70,3 +70,46 @@ def text_batch(batch: int, seq: int, vocab: int, pad_left: bool = False, seed: i
         else:
             mask[1, seq // 2:] = 0
     return ids, mask
+
+
+
+def experts_never_chosen(gm, removed: dict):
+    """A copy of a captured (unpruned) graph in which the experts ``removed`` ({experts' module name: [expert
+    ids]}, as ``Prune(pattern="experts")`` reports them) are never chosen: -inf added to their router logits
+    and to their entries of every score topk / max chooses experts from. Softmax then gives them weight 0 and
+    leaves them out of its sum, and a sigmoid router with a choice bias (DeepSeek-V3's, LFM2's) cannot pick
+    them, nor count them in a group's score: what a router over the kept experts computes. Found by module
+    names and shapes, not by the pass's code."""
+    import copy
+    from slimfx.ir.meta import module_name, param_name
+    gm = copy.deepcopy(gm)
+    aten = torch.ops.aten
+    for name, ids in removed.items():
+        block = name.rsplit(".", 1)[0] + "."                                  # model.layers.1.mlp.
+        experts = next(getattr(gm, n.target).shape[0] for n in gm.graph.nodes
+                       if n.op == "get_attr" and (param_name(n) or "").startswith(name + "."))
+        mask = torch.zeros(experts)
+        mask[ids] = float("-inf")
+        for n in list(gm.graph.nodes):
+            if n.op != "call_function" or not (module_name(n) + ".").startswith(block):
+                continue
+            router = n.target is aten.linear.default and getattr(gm, n.args[1].target).shape[0] == experts
+            shape = n.args[0].meta["val"].shape if n.target in (aten.topk.default, aten.max.dim) else ()
+            chooser = shape[-1:] == (experts,) or len(shape) >= 2 and type(shape[-2]) is int and \
+                shape[-2] * shape[-1] == experts
+            if not (router or chooser):             # (a top-k within groups of experts: (groups, E / groups))
+                continue
+            attr = f"never_chosen_{n.name}"
+            gm.register_buffer(attr, mask if router or shape[-1] == experts else mask.view(shape[-2:]))
+            x = n if router else n.args[0]
+            with gm.graph.inserting_after(x):
+                m = gm.graph.get_attr(attr)
+            with gm.graph.inserting_after(m):
+                add = gm.graph.call_function(aten.add.Tensor, (x, m))
+            add.meta["val"] = x.meta["val"]
+            if router:
+                n.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+            else:
+                n.args = (add, *n.args[1:])
+    gm.recompile()
+    return gm

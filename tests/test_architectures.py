@@ -66,6 +66,11 @@ def _families():
             **_C, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8, n_group=1, topk_group=1)),
+        # group-limited routing: 8 experts in 2 groups, tokens routed within the better group (expert pruning only)
+        "deepseek_v3_groups": lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+            **_C, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, n_group=2, topk_group=1)),
         "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_GQA, head_dim=8, sliding_window=4)),
         "smollm3": lambda: T.SmolLM3ForCausalLM(T.SmolLM3Config(**_GQA, pad_token_id=0)),
         "cohere": lambda: T.CohereForCausalLM(T.CohereConfig(**_GQA)),
@@ -270,3 +275,102 @@ def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):  
     # fp32, summation order only; a unit removed from the wrong place would change the logits by far more
     assert rel_err(_first(cm(**call)), ref) < 1e-5
     assert rel_err(_first(cm.with_backend("numpy")(**call)), ref) < 1e-5
+
+
+def _experts_pruned(family, **prune):
+    from slimfx.passes import Prune
+    model, call, cap = _captured(family)
+    cm = slimfx.compile(cap, backend="torch", progress=False, passes=[Prune(pattern="experts", **prune)])
+    return model, call, cap, cm, cm.report().records[0].stats
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral", "qwen2moe", "phimoe", "deepseek_v3", "deepseek_v3_groups"]))
+def test_moe_family_without_half_its_experts_routes_among_the_rest(family):
+    """Prune(pattern="experts") removes the lowest-scored half of each MoE block's experts: the kept experts'
+    tensors and router rows are the model's own, and the graph computes what the model computes with the
+    removed experts never chosen (an independent edit of the unpruned graph: -inf on their logits and choice
+    scores). Mixtral renormalizes the top-k weights, Qwen2-MoE does not (the softmax's sum over the kept
+    experts shows), Phi-MoE's sparsemixer picks by two maxima in turn, DeepSeek-V3 routes by sigmoid scores
+    plus a choice bias within the best groups of experts (2 of 4 go from each of its 2 groups)."""
+    from conftest import experts_never_chosen
+    from slimfx.ir.module import flatten_inputs
+    model, call, cap, cm, stats = _experts_pruned(family, sparsity=0.5)
+    deepseek = family.startswith("deepseek")              # one MoE block (the first layer is dense)
+    experts = 8 if family == "deepseek_v3_groups" else 4
+    shrunk = "8 -> 4 experts (2 groups)" if family == "deepseek_v3_groups" else "4 -> 2 experts"
+    assert list(stats["shrunk"].values()) == [shrunk] * (1 if deepseek else 2), stats
+    if family == "deepseek_v3_groups":                    # as many from each group
+        assert [sum(e < 4 for e in ids) for ids in stats["removed"].values()] == [2], stats
+    params, narrowed = dict(model.named_parameters()), 0
+    params.update(dict(model.named_buffers()))
+    for n in cm.graph.graph.nodes:
+        name = slimfx.ir.meta.param_name(n) if n.op == "get_attr" else None
+        block = name and next((b for b in stats["removed"] if name.startswith(b.rsplit(".", 1)[0] + ".")), None)
+        if block and params[name].shape[0] == experts:          # experts' tensors (E, ...), router (E, H), bias (E,)
+            keep = [e for e in range(experts) if e not in stats["removed"][block]]
+            assert torch.equal(getattr(cm.graph, n.target), params[name][keep].detach()), name
+            narrowed += 1
+    # gate_up, down, router per block; DeepSeek's choice bias too
+    assert narrowed == (4 if deepseek else 3) * len(stats["shrunk"]), narrowed
+    ids, mask = text_batch(3, 7, VOCAB, pad_left=True, seed=5)          # another shape than the example
+    call = dict(call, input_ids=ids, attention_mask=mask)
+    ref_gm = experts_never_chosen(cap.graph, stats["removed"])
+    with torch.no_grad():
+        ref, full = ref_gm(*flatten_inputs(ref_gm, (), call))[0], _first(model(**call))
+    assert rel_err(ref, full) > 1e-3                # the removed experts mattered to these tokens
+    # fp32: the kept experts' softmax sums in another order than with -inf entries (~1e-7 measured)
+    assert rel_err(_first(cm(**call)), ref) < 1e-5
+    assert rel_err(_first(cm.with_backend("numpy")(**call)), ref) < 1e-5
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_expert_scores_are_the_mean_routed_contribution(family):
+    """REAP scores, recomputed from the model's modules: for each token and each expert it is routed to,
+    ||routing weight x expert output||, averaged per expert over the tokens routed to it."""
+    from slimfx.passes.prune_experts import expert_blocks, expert_scores
+    model, call, cap = _captured(family)
+    inputs = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for layer in model.model.layers]
+    with torch.no_grad():
+        model(**call)
+    for h in hooks:
+        h.remove()
+    blocks, _ = expert_blocks(cap.graph)
+    got = expert_scores(cap.graph, blocks, [((), call)])
+    for layer, x, block in zip(model.model.layers, inputs, blocks):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        probs = torch.softmax(x @ layer.mlp.gate.weight.double().T, -1)
+        w, idx = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)                                 # Mixtral renormalizes the top 2
+        ex = layer.mlp.experts
+        total, count = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for j in range(2):
+                e = int(idx[t, j])
+                gate, up = (ex.gate_up_proj[e].double() @ x[t]).chunk(2)
+                out = ex.down_proj[e].double() @ (torch.nn.functional.silu(gate) * up)
+                total[e] += (w[t, j] * out).norm()
+                count[e] += 1
+        # float64 here vs the graph's fp32: ~1e-7 relative
+        torch.testing.assert_close(got[block.name], total / count.clamp_min(1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_expert_pruning_keeps_what_each_token_picks_and_says_why(family):
+    _, _, _, _, most = _experts_pruned(family, sparsity=0.9)            # 4 experts, 2 picked per token
+    assert list(most["shrunk"].values()) == ["4 -> 2 experts (all but the 2 each token picks)"] * 2, most
+    _, _, _, _, none = _experts_pruned(family, sparsity=0.1)
+    assert not none["shrunk"] and all("rounds to none" in why for why in none["skipped"].values()), none
+    _, _, _, _, one = _experts_pruned(family, sparsity=0.25, exclude="model.layers.0.*")
+    assert list(one["shrunk"].items()) == [("model.layers.1.mlp.experts", "4 -> 3 experts")], one
+    # the routing probabilities also returned (as transformers' output_router_logits would): left whole
+    import copy
+    from slimfx.passes.prune_experts import expert_blocks
+    gm = copy.deepcopy(_captured(family)[2].graph)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    probs = [n for n in gm.graph.nodes if n.target is aten.softmax.int and "mlp" in slimfx.ir.meta.module_name(n)]
+    out.args = ((*out.args[0], probs[1]),)
+    blocks, why = expert_blocks(gm)
+    assert [b.name for b in blocks] == ["model.layers.0.mlp.experts"], why
+    assert why == {"model.layers.1.mlp.experts": f"the router's logits are also read by output (-), not only by "
+                                                 "the routing"}, why

@@ -12,6 +12,8 @@
     Prune(sparsity=0.25, pattern="heads")     structured: a quarter of each attention block's heads (whole
                                               key/value groups under grouped-query attention) are removed
                                               (prune_heads)
+    Prune(sparsity=0.25, pattern="experts")   structured: a quarter of each mixture-of-experts block's experts
+                                              are removed, with their router rows (prune_experts)
     Prune(pattern="2:4", method="sparsegpt")  SparseGPT (prune_sparsegpt): weights chosen by OBS saliency as
                                               the columns are walked, the kept ones re-fit to make up for the
                                               pruned ones (unstructured per layer, or N:M; blocks, a global
@@ -45,6 +47,7 @@ from tqdm.auto import tqdm
 from .. import ir
 from ..ir.dialect.sparse import blockwise
 from .base import Pass, PassResult, register_pass
+from .prune_experts import expert_blocks, expert_scores, remove_experts
 from .prune_heads import attention_groups, head_scores, shrink_heads
 from .prune_structured import column_importance, expert_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
@@ -54,7 +57,7 @@ from .quantize import matches, module_patterns, selected_linears
 aten = torch.ops.aten
 sf = torch.ops.slimfx
 SCOPES = ("layer", "global")
-STRUCTURED = ("neurons", "heads")
+STRUCTURED = ("neurons", "heads", "experts")
 SCORES = ("activation", "magnitude")
 METHODS = ("mask", "sparsegpt")
 _NM = re.compile(r"(\d+):(\d+)")
@@ -67,8 +70,8 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
     m = _NM.fullmatch(pattern)
     if m and 0 < int(m.group(1)) < int(m.group(2)):
         return int(m.group(1)), int(m.group(2))
-    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons', 'heads' or 'N:M' with "
-                     f"0 < N < M (e.g. '2:4'), got {pattern!r}")
+    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons', 'heads', 'experts' or 'N:M' "
+                     f"with 0 < N < M (e.g. '2:4'), got {pattern!r}")
 
 
 def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -112,9 +115,9 @@ class Prune(Pass):
     """Pruning of linear layers: zeros by score, or structured units removed (see the module docstring).
 
     sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each block's
-                     neurons or kv head groups for "neurons" / "heads"), per layer or, with scope="global",
-                     over all selected layers; "N:M" implies 1 - N/M
-    pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons" or "heads"
+                     neurons, kv head groups or experts for "neurons" / "heads" / "experts"), per layer or,
+                     with scope="global", over all selected layers; "N:M" implies 1 - N/M
+    pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons", "heads" or "experts"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
@@ -294,10 +297,48 @@ class Prune(Pass):
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
         return PassResult(gm, bool(pruned), stats)
 
+    def _run_experts(self, gm, ctx):
+        """Whole experts: per mixture-of-experts block, the lowest-scored experts go (prune_experts), at most
+        all but the experts each token picks."""
+        found, rejected = expert_blocks(gm)
+        chosen = [b for b in found if not any(self.include and not matches(m, self.include) or matches(m, self.exclude)
+                                              for m in (b.name, layer_name(b.router)))]
+        data, calls = self._calls(ctx) if chosen else ("-", [])
+        scores = expert_scores(gm, chosen, calls, ctx.progress) if chosen else {}
+        shrunk, removed = {}, {}
+        for b in chosen:
+            groups = b.routing.groups               # group-limited routing: as many go from every group
+            per = b.experts // groups
+            asked = round(self.sparsity * per)
+            count = min(asked, per - b.keep_min)
+            in_groups = " per group" if groups > 1 else ""
+            if count <= 0:
+                if self.sparsity > 0:
+                    rejected[b.name] = f"each token picks {b.keep_min} of the {per} experts{in_groups}: none can go" \
+                        if asked else f"sparsity {self.sparsity:g} of {per} experts{in_groups} rounds to none"
+                continue
+            cut = torch.cat([smallest([row], count)[0] for row in scores[b.name].view(groups, per)])
+            remove_experts(gm, b, (~cut).nonzero()[:, 0])
+            removed[b.name] = cut.nonzero()[:, 0].tolist()
+            shrunk[b.name] = f"{b.experts} -> {b.experts - count * groups} experts" + \
+                (f" ({groups} groups)" if groups > 1 else "") + \
+                (f" (all but the {b.keep_min} each token picks{in_groups})" if count < asked else "")
+        if shrunk:
+            gm.graph.eliminate_dead_code()
+            ir.drop_unused_tensors(gm)
+            gm.recompile()
+            ir.propagate_meta(gm)
+        return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": self.pattern, "scored_on": data,
+                                             "shrunk": shrunk, "removed": removed,
+                                             "scores": {k: [float(f"{v:.4g}") for v in s] for k, s in scores.items()},
+                                             "skipped": rejected})
+
     def _run_structured(self, gm, ctx):
         """Neurons or heads: per block, the lowest-scored units go and the layers shrink (prune_structured,
         prune_heads); a block left whole is in the statistics' "skipped" with the reason.
         Scores need activations: the calibration batches, or else the example inputs."""
+        if self.pattern == "experts":
+            return self._run_experts(gm, ctx)
         heads = self.pattern == "heads"
         found, rejected = attention_groups(gm) if heads else neuron_groups(gm)
         chosen = []

@@ -106,9 +106,10 @@ def expert_source(gemm: fx.Node) -> tuple[Optional[fx.Node], bool]:
     return (src, rows_out) if isinstance(src, fx.Node) and src.op == "get_attr" else (None, False)
 
 
-def watch_expert_rows(watch: dict, gemm: fx.Node, add) -> None:
+def watch_expert_rows(watch: dict, gemm: fx.Node, add, of: Optional[fx.Node] = None) -> None:
     """Add to a ``run_watching`` dict what calls ``add(e, rows)`` with each expert's rows of ``gemm``'s input
-    (rows offs[e-1]:offs[e]; experts no row reached are not called) on every run."""
+    (rows offs[e-1]:offs[e]; experts no row reached are not called) on every run; of node ``of`` instead when
+    given (a value laid out in the GEMM's rows, as its output)."""
     seen: dict = {}
 
     def put(key):
@@ -121,7 +122,7 @@ def watch_expert_rows(watch: dict, gemm: fx.Node, add) -> None:
                         add(e, rows[start:end])
                     start = end
         return callback
-    chain_watch(watch, gemm.args[0], put("x"))
+    chain_watch(watch, gemm.args[0] if of is None else of, put("x"))
     chain_watch(watch, gemm_offsets(gemm), put("offs"))
 
 
