@@ -301,7 +301,7 @@ def test_moe_family_without_half_its_experts_routes_among_the_rest(family):
     assert list(stats["shrunk"].values()) == [shrunk] * (1 if deepseek else 2), stats
     if family == "deepseek_v3_groups":                    # as many from each group
         assert [sum(e < 4 for e in ids) for ids in stats["removed"].values()] == [2], stats
-    params, narrowed = dict(model.named_parameters()), 0
+    params, narrowed, gone = dict(model.named_parameters()), 0, 0
     params.update(dict(model.named_buffers()))
     for n in cm.graph.graph.nodes:
         name = slimfx.ir.meta.param_name(n) if n.op == "get_attr" else None
@@ -309,9 +309,10 @@ def test_moe_family_without_half_its_experts_routes_among_the_rest(family):
         if block and params[name].shape[0] == experts:          # experts' tensors (E, ...), router (E, H), bias (E,)
             keep = [e for e in range(experts) if e not in stats["removed"][block]]
             assert torch.equal(getattr(cm.graph, n.target), params[name][keep].detach()), name
-            narrowed += 1
-    # gate_up, down, router per block; DeepSeek's choice bias too
+            narrowed, gone = narrowed + 1, gone + params[name].numel() - getattr(cm.graph, n.target).numel()
+    # gate_up, down, router per block; DeepSeek's choice bias too; the graph holds none of the old tensors
     assert narrowed == (4 if deepseek else 3) * len(stats["shrunk"]), narrowed
+    assert stats["params_removed"] == gone, (stats["params_removed"], gone)
     ids, mask = text_batch(3, 7, VOCAB, pad_left=True, seed=5)          # another shape than the example
     call = dict(call, input_ids=ids, attention_mask=mask)
     ref_gm = experts_never_chosen(cap.graph, stats["removed"])

@@ -305,7 +305,7 @@ class Prune(Pass):
                                               for m in (b.name, layer_name(b.router)))]
         data, calls = self._calls(ctx) if chosen else ("-", [])
         scores = expert_scores(gm, chosen, calls, ctx.progress) if chosen else {}
-        shrunk, removed = {}, {}
+        shrunk, removed, before = {}, {}, sum(t.numel() for t in ir.tensors(gm).values())
         for b in chosen:
             groups = b.routing.groups               # group-limited routing: as many go from every group
             per = b.experts // groups
@@ -328,8 +328,9 @@ class Prune(Pass):
             ir.drop_unused_tensors(gm)
             gm.recompile()
             ir.propagate_meta(gm)
+        params_removed = before - sum(t.numel() for t in ir.tensors(gm).values())
         return PassResult(gm, bool(shrunk), {"groups": len(shrunk), "pattern": self.pattern, "scored_on": data,
-                                             "shrunk": shrunk, "removed": removed,
+                                             "shrunk": shrunk, "params_removed": params_removed, "removed": removed,
                                              "scores": {k: [float(f"{v:.4g}") for v in s] for k, s in scores.items()},
                                              "skipped": rejected})
 
