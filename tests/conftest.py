@@ -72,7 +72,6 @@ def text_batch(batch: int, seq: int, vocab: int, pad_left: bool = False, seed: i
     return ids, mask
 
 
-
 def experts_never_chosen(gm, removed: dict):
     """A copy of a captured (unpruned) graph in which the experts ``removed`` ({experts' module name: [expert
     ids]}, as ``Prune(pattern="experts")`` reports them) are never chosen: -inf added to their router logits

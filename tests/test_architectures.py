@@ -373,5 +373,5 @@ def test_expert_pruning_keeps_what_each_token_picks_and_says_why(family):
     out.args = ((*out.args[0], probs[1]),)
     blocks, why = expert_blocks(gm)
     assert [b.name for b in blocks] == ["model.layers.0.mlp.experts"], why
-    assert why == {"model.layers.1.mlp.experts": f"the router's logits are also read by output (-), not only by "
+    assert why == {"model.layers.1.mlp.experts": "the router's logits are also read by output (-), not only by "
                                                  "the routing"}, why

@@ -9,8 +9,6 @@ import dataclasses
 import re
 from typing import Iterable, Optional
 
-import torch
-
 from .. import ir
 from .base import PassContext
 from .manager import run_torch, sqnr_db
