@@ -72,16 +72,16 @@ def text_batch(batch: int, seq: int, vocab: int, pad_left: bool = False, seed: i
     return ids, mask
 
 
-def experts_never_chosen(gm, removed: dict):
+def experts_never_chosen(gm, removed: dict, copy: bool = True):
     """A copy of a captured (unpruned) graph in which the experts ``removed`` ({experts' module name: [expert
     ids]}, as ``Prune(pattern="experts")`` reports them) are never chosen: -inf added to their router logits
     and to their entries of every score topk / max chooses experts from. Softmax then gives them weight 0 and
     leaves them out of its sum, and a sigmoid router with a choice bias (DeepSeek-V3's, LFM2's) cannot pick
     them, nor count them in a group's score: what a router over the kept experts computes. Found by module
-    names and shapes, not by the pass's code."""
-    import copy
+    names and shapes, not by the pass's code. ``copy=False`` edits ``gm`` itself (as a pass)."""
+    import copy as copies
     from slimfx.ir.meta import module_name, param_name
-    gm = copy.deepcopy(gm)
+    gm = copies.deepcopy(gm) if copy else gm
     aten = torch.ops.aten
     for name, ids in removed.items():
         block = name.rsplit(".", 1)[0] + "."                                  # model.layers.1.mlp.

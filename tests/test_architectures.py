@@ -375,3 +375,23 @@ def test_expert_pruning_keeps_what_each_token_picks_and_says_why(family):
     assert [b.name for b in blocks] == ["model.layers.0.mlp.experts"], why
     assert why == {"model.layers.1.mlp.experts": "the router's logits are also read by output (-), not only by "
                                                  "the routing"}, why
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_lm_without_half_its_experts_generates_as_the_model_that_never_picks_them(family):
+    """compile_causal_lm's step graph (prompt and cached decode steps) loses experts as the plain graph does:
+    its tokens are those of the same step with the removed experts never chosen (-inf added by a user pass)."""
+    from conftest import experts_never_chosen
+    from slimfx.passes import Prune
+    model, _, _ = _captured(family)
+    ids, mask = text_batch(2, 5, VOCAB, pad_left=True, seed=3)
+    lm = slimfx.compile_causal_lm(model, passes=[Prune(sparsity=0.5, pattern="experts")], calibration=[(ids, mask)],
+                                  backend="numpy", progress=False)
+    removed = lm.report().records[0].stats["removed"]
+    assert len(removed) == 2, removed
+    ref = slimfx.compile_causal_lm(model, passes=[lambda gm: experts_never_chosen(gm, removed, copy=False)],
+                                   calibration=[(ids, mask)], backend="numpy", progress=False)
+    got, want = (m.generate(ids, mask, max_new_tokens=8, pad_token_id=0) for m in (lm, ref))
+    assert torch.equal(got, want), f"\n got {got.tolist()}\n ref {want.tolist()}"
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert not torch.equal(got, full)                # without those experts, other tokens
