@@ -364,6 +364,13 @@ def test_expert_pruning_keeps_what_each_token_picks_and_says_why(family):
     assert not none["shrunk"] and all("rounds to none" in why for why in none["skipped"].values()), none
     _, _, _, _, one = _experts_pruned(family, sparsity=0.25, exclude="model.layers.0.*")
     assert list(one["shrunk"].items()) == [("model.layers.1.mlp.experts", "4 -> 3 experts")], one
+    # experts already quantized: the graph reads dequantize(codes, scales), which the pass does not slice
+    from slimfx.passes import Prune
+    q = slimfx.compile(_captured(family)[2], backend="torch", progress=False,
+                       passes=[Quantize(weights="int8"), Prune(sparsity=0.5, pattern="experts")])
+    late = q.report().records[1].stats
+    assert not late["shrunk"] and len(late["skipped"]) == 2, late
+    assert all("prune before Quantize" in why for why in late["skipped"].values()), late
     # the routing probabilities also returned (as transformers' output_router_logits would): left whole
     import copy
     from slimfx.passes.prune_experts import expert_blocks
