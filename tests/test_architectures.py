@@ -402,3 +402,16 @@ def test_lm_without_half_its_experts_generates_as_the_model_that_never_picks_the
     assert torch.equal(got, want), f"\n got {got.tolist()}\n ref {want.tolist()}"
     full = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert not torch.equal(got, full)                # without those experts, other tokens
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_awq_on_a_moe_model_says_its_experts_are_unscaled(family):
+    model, call, cap = _captured(family)
+    cm = slimfx.compile(cap, backend="torch", progress=False, calibration=[call],
+                        passes=[Quantize(weights="int4", group_size=16, awq=True)])
+    awq = cm.report().records[0].stats["awq"]
+    # q/k/v into the input norms, lm_head into the final norm; o_proj and the routers through a mul
+    assert awq == {"norm": 3, "linear": 0, "mul": 4, "unscaled": 0, "left": 0, "experts_unscaled": 4}, awq
+    with torch.no_grad():
+        ref = _first(model(**call))
+    assert sqnr_db(ref, _first(cm(**call))) > 10       # int4 in groups of 16 on random weights: ~20 dB

@@ -246,8 +246,8 @@ class Quantize(Pass):
             floats = {replaced.get(x, x): v for x, v in floats.items()}
             _measure_layers(gm, floats, refs)
         extra = {}
-        if awq_counts is not None:
-            extra["awq"] = awq_counts
+        if awq_counts is not None:         # (AWQ scales linear layers; experts' tensors are rounded as they are)
+            extra["awq"] = {**awq_counts, **({"experts_unscaled": len(experts)} if experts else {})}
         if gains:    # geometric mean over layers of GPTQ's output error / RTN's (calibration inputs)
             extra["gptq_error_vs_rtn"] = round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4)
         return PassResult(gm, True, {"mode": self.mode, "method": self.method, "clip": self.clip, **extra,
