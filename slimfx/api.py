@@ -84,7 +84,8 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
     check_options(backend, backend_options)             # before any work: a typo fails at once
     cap = CapturedModel.given("slimfx.compile", model, example_inputs, example_kwargs, dynamic, capture)
     # a capture given is forked: compiled graphs never share the capture's (one made here is this compile's own)
-    gm = ir.fork(cap.captured.gm) if cap is model else cap.captured.gm
+    reused = cap is model
+    gm = ir.fork(cap.captured.gm) if reused else cap.captured.gm
     model, captured = cap.model, cap.captured
     example_inputs, example_kwargs = captured.example_args, captured.example_kwargs
     ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model)
@@ -95,7 +96,7 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
     executable = lower(gm, backend, backend_options)
     lower_s = time.perf_counter() - t1
     report = Report(type(model).__name__, captured.method, backend, cap.seconds, lower_s, records,
-                    len(captured.gm.graph.nodes), gm)
+                    len(captured.gm.graph.nodes), gm, capture_reused=reused)
     return CompiledModel(gm, executable, report, InputSignature.from_capture(model, captured))
 
 
@@ -131,7 +132,7 @@ class CompiledModel:
         executable = lower(self.graph, backend, backend_options)
         r = self._report
         report = Report(r.model, r.capture_method, backend, r.capture_s, time.perf_counter() - t0, r.records,
-                        r.captured_nodes, self.graph)
+                        r.captured_nodes, self.graph, capture_reused=r.capture_reused)
         return CompiledModel(self.graph, executable, report, self._signature)
 
     def save(self, path):

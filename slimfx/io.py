@@ -76,7 +76,7 @@ def save(cm, path) -> pathlib.Path:
     data = {"slimfx": __version__, "torch": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph, "aliases": aliases, "int4_packed": int4,
             "report": {"model": report.model, "capture_method": report.capture_method, "capture_s": report.capture_s,
-                       "captured_nodes": report.captured_nodes,
+                       "capture_reused": report.capture_reused, "captured_nodes": report.captured_nodes,
                        "records": plain([vars(r) for r in report.records])}}
     path.mkdir(parents=True, exist_ok=True)
     for name, write in ((TENSOR_FILE, lambda p: safetensors.torch.save_file(tensors, str(p), {"format": "slimfx"})),
@@ -120,7 +120,7 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
     r = data["report"]
     records = [PassRecord(**rec) for rec in unplain(r["records"])]
     report = Report(r["model"], r["capture_method"], backend, r["capture_s"], time.perf_counter() - t0, records,
-                    r["captured_nodes"], gm)
+                    r["captured_nodes"], gm, capture_reused=r.get("capture_reused", False))
     cm = CompiledModel(gm, executable, report, signature)
     from .lm import LM_FILE, CompiledCausalLM
     return CompiledCausalLM.from_saved(cm, path) if (path / LM_FILE).is_file() else cm

@@ -51,6 +51,7 @@ class Report:
     captured_nodes: int
     gm: fx.GraphModule
     max_layer_rows: int = 12
+    capture_reused: bool = False          # compiled from a slimfx.capture: capture_s was spent once, before
 
     def layers(self) -> list[dict]:
         """One row per linear layer (float, quantized, fused): module, weight shape, dtype, sparsity, and what
@@ -92,7 +93,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "capture": self.capture_method, "backend": self.backend,
-                "capture_s": self.capture_s, "passes_s": sum(r.seconds for r in self.records),
+                "capture_s": self.capture_s, "capture_reused": self.capture_reused, "passes_s": sum(r.seconds for r in self.records),
                 "lower_s": self.lower_s, "nodes_captured": self.captured_nodes,
                 "nodes_final": len(self.gm.graph.nodes),
                 "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers(),
@@ -100,8 +101,9 @@ class Report:
 
     def __str__(self) -> str:
         passes_s = sum(r.seconds for r in self.records)
+        reused = ", once for every compile of the capture" if self.capture_reused else ""
         head = (f"slimfx report: {self.model}, captured with {self.capture_method} "
-                f"({self.captured_nodes} nodes, {self.capture_s:.2f} s), backend {self.backend} "
+                f"({self.captured_nodes} nodes, {self.capture_s:.2f} s{reused}), backend {self.backend} "
                 f"(lowered in {self.lower_s:.2f} s)")
         rows = [[i, r.name, f"{r.seconds * 1e3:.1f}", f"{r.nodes_before} -> {r.nodes_after}",
                  "yes" if r.modified else "no", _db(r.sqnr_db),

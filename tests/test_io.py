@@ -61,6 +61,7 @@ def test_saved_llama_runs_the_same_at_every_shape(tiny_llama, tiny_llama_capture
     assert [(r.name, r.modified, r.nodes_before, r.nodes_after, r.sqnr_db) for r in before.records] == \
         [(r.name, r.modified, r.nodes_before, r.nodes_after, r.sqnr_db) for r in after.records]
     assert before.layers() == after.layers() and before.quant_layers() == after.quant_layers()
+    assert before.capture_reused and after.capture_reused             # compiled from tiny_llama_capture
     assert loaded.graph.code == cm.graph.code
 
 

@@ -156,6 +156,10 @@ def test_one_capture_compiles_with_several_pipelines(net):
         slimfx.compile(cap, passes=[broken], progress=False)
     assert ir.code(cap.graph) == captured_code
     assert "CapturedModel(Net" in repr(cap)
+    # the report says the capture's time was spent once, not by this compile (a compile of the model: its own)
+    assert "s, once for every compile of the capture)" in str(plain.report()) and plain.report().capture_reused
+    assert plain.with_backend("numpy").report().capture_reused
+    assert not slimfx.compile(net, X, progress=False).report().capture_reused
 
 
 def test_a_capture_keeps_its_own_example_inputs(net):
