@@ -93,9 +93,9 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "capture": self.capture_method, "backend": self.backend,
-                "capture_s": self.capture_s, "capture_reused": self.capture_reused, "passes_s": sum(r.seconds for r in self.records),
-                "lower_s": self.lower_s, "nodes_captured": self.captured_nodes,
-                "nodes_final": len(self.gm.graph.nodes),
+                "capture_s": self.capture_s, "capture_reused": self.capture_reused,
+                "passes_s": sum(r.seconds for r in self.records), "lower_s": self.lower_s,
+                "nodes_captured": self.captured_nodes, "nodes_final": len(self.gm.graph.nodes),
                 "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers(),
                 "quantized": self.quant_layers()}
 

@@ -383,4 +383,5 @@ def remove_experts(gm: fx.GraphModule, block: ExpertBlock, keep: torch.Tensor) -
             last = e // block.routing.groups if kind == "per_group" else e
             n.args = (n.args[0], [*n.args[1][:-1], last], *n.args[2:])
 
+
 __all__ = ["ExpertBlock", "Routing", "expert_blocks", "read_routing", "expert_scores", "remove_experts"]
