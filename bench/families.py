@@ -6,7 +6,10 @@
 Per family, a tiny random-weight causal LM from its own config class (hidden 32, 4 heads, 2 layers; MoE with
 4 experts, top 2), then: capture (``slimfx.compile``, dynamic batch and sequence), the numpy backend's logits
 against torch's (relative max error; fp32, so summation order only: ~1e-7), and W8A8 (int8 per channel x int8
-per token, every linear, MoE experts weight-only int8) + Fuse on numpy, as SQNR of the logits in dB. MoE families
+per token, every linear, MoE experts weight-only int8) + Fuse on numpy, as SQNR of the logits in dB. Half of each
+attention block's kv heads and a quarter of each feed-forward block's neurons are removed (``Prune(pattern=
+"heads")``, ``"neurons"``, on numpy) and compared with the model with those units zeroed (tests/conftest.py's
+``zero_what_the_graph_removed``); the blocks left whole are listed with the reasons in the JSON. MoE families
 also lose a quarter of each block's experts (``Prune(pattern="experts")``, on numpy) and are compared with the
 model whose removed experts are never chosen (tests/conftest.py's ``experts_never_chosen``), or say why a block
 stays whole. Parameters
@@ -32,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import slimfx  # noqa: E402
 from bench.common import cpu_name, save, slug  # noqa: E402
-from conftest import experts_never_chosen, rel_err, text_batch  # noqa: E402
+from conftest import experts_never_chosen, rel_err, text_batch, zero_what_the_graph_removed  # noqa: E402
 from slimfx.ir.module import flatten_inputs  # noqa: E402
 from slimfx.passes import Fuse, Prune, Quantize, sqnr_db  # noqa: E402
 
@@ -79,6 +82,21 @@ def experts_pruned(captured, call) -> str:
     return f"{blocks} block{'s' * (blocks > 1)} {counts}: {rel_err(pruned(**call).logits, ref):.1e}"
 
 
+def units_pruned(model, captured, call) -> dict:
+    """Half of each attention block's kv head groups and a quarter of each feed-forward block's neurons removed:
+    how many blocks shrank of those found, the logits' error against the model with those units zeroed, and
+    why the others stay whole."""
+    pruned = slimfx.compile(captured, backend="numpy", progress=False,
+                            passes=[Prune(sparsity=0.5, pattern="heads"), Prune(sparsity=0.25, pattern="neurons")])
+    heads, neurons = (r.stats for r in pruned.report().records)
+    zeroed, _ = zero_what_the_graph_removed(model, pruned.graph)
+    with torch.no_grad():
+        err = rel_err(pruned(**call).logits, zeroed(**call).logits)
+    count = lambda st: f"{len(st['shrunk'])}/{len(st['shrunk']) + len(st['skipped'])}"     # noqa: E731
+    return {"units_pruned": f"heads {count(heads)}, neurons {count(neurons)}: {err:.1e}",
+            "units_whole": sorted(set(heads["skipped"].values()) | set(neurons["skipped"].values()))}
+
+
 def check(family: str) -> dict:
     import transformers as T
     kwargs = {k: v for k, v in {**BASE, **EXTRA.get(family, {})}.items() if k not in DROP.get(family, ())}
@@ -109,6 +127,7 @@ def check(family: str) -> dict:
     row["w8a8_sqnr_db"] = round(float(sqnr_db(ref, q(**call).logits)), 1)
     if any(p.ndim == 3 and ".experts." in n for n, p in model.named_parameters()):
         row["experts_pruned"] = experts_pruned(captured, call)
+    row.update(units_pruned(model, captured, call))
     return row
 
 
@@ -135,16 +154,19 @@ def main():
     ok = [r for r in rows if "error" not in r]
     lines = [f"# Model families on slimfx ({len(ok)} of {len(rows)} compile)", "",
              "Tiny random-weight configs; numpy vs torch logits (fp32: summation order only), W8A8 dynamic + Fuse "
-             "on numpy (SQNR of the logits); MoE: a quarter of each block's experts removed, rel. error vs the model "
-             "with them never chosen. `HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
-             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | experts -25% |",
-             "|---|---|---|---|---|---|"]
+             "on numpy (SQNR of the logits); heads -50% and neurons -25%: blocks shrunk of those found, rel. error vs "
+             "the model with those units zeroed (the JSON says why a block stays whole); MoE: a quarter of each "
+             "block's experts removed, rel. error vs the model with them never chosen. "
+             "`HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
+             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, neurons | experts -25% |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | |")
+            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | | |")
         else:
             lines.append(f"| {r['family']} | {r['model']} | {r['compile_s']} | {r['numpy_rel_err']:.1e} | "
-                         f"{r['w8a8_sqnr_db']} | {r.get('experts_pruned', '').replace('|', '/')} |")
+                         f"{r['w8a8_sqnr_db']} | {r.get('units_pruned', '')} | "
+                         f"{r.get('experts_pruned', '').replace('|', '/')} |")
     import transformers
     save(args.name, cpu_name(), {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "rows": rows}, "\n".join(lines))

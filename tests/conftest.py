@@ -112,3 +112,34 @@ def experts_never_chosen(gm, removed: dict, copy: bool = True):
                 n.args = (add, *n.args[1:])
     gm.recompile()
     return gm
+
+
+def zero_what_the_graph_removed(model, gm) -> tuple:
+    """A copy of ``model`` with the inputs zeroed that the pruned graph's layers no longer read: each weight that
+    lost input columns (o_proj after heads, down_proj after neurons; per expert for 3-D expert tensors; GPT-2's
+    Conv1D weights, stored transposed, too) keeps the columns found in the graph's narrower tensor and gets
+    zeros in the rest. Returns the copy and the
+    names of the narrowed weights."""
+    import copy
+    import slimfx
+    zeroed = copy.deepcopy(model)
+    params = dict(zeroed.named_parameters())
+    narrowed = []
+    for n in gm.graph.nodes:
+        name = slimfx.ir.meta.param_name(n) if n.op == "get_attr" else None
+        if name not in params:
+            continue
+        new, old = getattr(gm, n.target), params[name]
+        if type(zeroed.get_submodule(name.rsplit(".", 1)[0])).__name__ == "Conv1D":
+            old = old.T                                  # GPT-2 keeps (in, out), the graph (out, in)
+        if new.shape == old.shape or new.shape[0] != old.shape[0] or new.shape[-2] != old.shape[-2]:
+            continue                                     # untouched, or rows removed (a producer)
+        narrowed.append(name)
+        with torch.no_grad():                            # (views of the parameter: zeroed in place)
+            mats = [old] if old.ndim == 2 else old.reshape(-1, *old.shape[-2:])
+            for o, k in zip(mats, new.reshape(-1, *new.shape[-2:])):
+                kept = {col.numpy().tobytes() for col in k.T}
+                for j in range(o.shape[1]):
+                    if o[:, j].detach().numpy().tobytes() not in kept:
+                        o[:, j] = 0
+    return zeroed, narrowed

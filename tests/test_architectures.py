@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import slimfx
 from slimfx.passes import Fuse, Quantize, sqnr_db
-from conftest import rel_err, text_batch
+from conftest import rel_err, text_batch, zero_what_the_graph_removed
 
 aten = torch.ops.aten
 VOCAB = 97
@@ -221,32 +221,6 @@ def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     assert hows.count("norm") == 1 or family != "olmo2", hows
 
 
-def _zero_what_the_graph_removed(model, gm) -> list[str]:
-    """A copy of ``model`` with the inputs zeroed that the pruned graph's layers no longer read: each weight that
-    lost input columns (o_proj after heads, down_proj after neurons; per expert for 3-D expert tensors) keeps
-    the columns found in the graph's narrower tensor and gets zeros in the rest. Returns the copy and the
-    names of the narrowed weights."""
-    import copy
-    zeroed = copy.deepcopy(model)
-    params = dict(zeroed.named_parameters())
-    narrowed = []
-    for n in gm.graph.nodes:
-        name = slimfx.ir.meta.param_name(n) if n.op == "get_attr" else None
-        if name not in params:
-            continue
-        new, old = getattr(gm, n.target), params[name]
-        if new.shape == old.shape or new.shape[0] != old.shape[0] or new.shape[-2] != old.shape[-2]:
-            continue                                     # untouched, or rows removed (a producer)
-        narrowed.append(name)
-        with torch.no_grad():
-            for o, k in zip(old.reshape(-1, *old.shape[-2:]), new.reshape(-1, *new.shape[-2:])):
-                kept = {col.numpy().tobytes() for col in k.T}
-                for j in range(o.shape[1]):
-                    if o[:, j].detach().numpy().tobytes() not in kept:
-                        o[:, j] = 0
-    return zeroed, narrowed
-
-
 @pytest.mark.parametrize("family", per_family([f for f in NEWER if f not in ("smollm3", "cohere", "starcoder2")]))
 def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):          # (those: Llama-like)
     """Half the kv heads and a quarter of the neurons (each expert's own, in MoE blocks) removed: the shrunk
@@ -266,7 +240,7 @@ def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):  
                                      for v in neurons["shrunk"].values()), neurons
     assert any(v.endswith("per expert") for v in neurons["shrunk"].values()) == ("moe" in family or
                                                                                  family == "deepseek_v3")
-    zeroed, narrowed = _zero_what_the_graph_removed(model, cm.graph)
+    zeroed, narrowed = zero_what_the_graph_removed(model, cm.graph)
     assert len(narrowed) == len(heads["shrunk"]) + len(neurons["shrunk"]), narrowed
     ids, mask = text_batch(3, 7, VOCAB, pad_left=True, seed=5)          # another shape than the example
     call = dict(call, input_ids=ids, attention_mask=mask)

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from .prune_structured import ELEMENTWISE, _float_linear, _narrow, layer_name
+from .prune_structured import ELEMENTWISE, _float_linear, _narrow, layer_name, linear_like
 
 aten = torch.ops.aten
 _SHAPED = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
@@ -146,6 +146,35 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
     u, what = min(found, key=lambda t: order[t[0]])
     return (f"{ir.meta.module_name(u) or u.name} uses {layer_name(proj)}'s output over all its heads at once "
             f"({what}) before the split into heads: removing heads would change what the kept heads compute")
+
+
+def _whole_output_use(region: set, node: dict, o: fx.Node, width: int) -> str:
+    """Why heads cannot be cut out of the attention output o reads: a use of it over all heads together after
+    they are merged and before o (BitNet's attn_sub_norm: an RMSNorm over every head; AFMoE's output gate, a
+    per-channel tensor from outside the block), else ''. Walks up from o's input through reshapes, moves and
+    elementwise ops with scalars or values of size 1 along the last axis, to where the heads are merged."""
+    todo, seen = [o.args[0]], set()
+    while todo:
+        f = todo.pop()
+        if f in seen or f.name not in region:
+            continue
+        seen.add(f)
+        where = f"{ir.meta.module_name(f) or f.name}"
+        if f.target in _SHAPED | _MOVES:
+            src = f.args[0]
+            if isinstance(src, fx.Node) and (ir.meta.shape(src) or (None,))[-1] == width:
+                todo.append(src)      # still every head along the last axis
+            continue                  # the merge of the heads
+        if f.target not in ELEMENTWISE:
+            return (f"{where} uses the attention output over all its heads at once ({f.target}) before "
+                    f"{layer_name(o)}: removing heads would change what the kept heads give it")
+        for a in f.all_input_nodes:
+            if a.name in region:
+                todo.append(a)
+            elif (ir.meta.shape(a) or (1,))[-1] != 1:
+                return (f"{where} applies {a.name} of shape {tuple(ir.meta.shape(a))} to the attention output "
+                        f"over all its heads before {layer_name(o)}: a per-channel value the pass does not narrow")
+    return ""
 
 
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
@@ -283,6 +312,7 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
     """Attention blocks whose heads can be removed, and why others cannot (by block name)."""
     g = ir.to_networkx(gm)
     node = nx.get_node_attributes(g, "node")
+    linears = linear_like()
     groups, rejected = [], {}
     for s, *qkv_args in attention_cores(gm):
         where = ir.meta.module_name(s) or s.name
@@ -304,6 +334,11 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
                        if u not in region and u != o.name)
         if leaks:
             rejected[where] = f"head-shaped values are read outside the block ({leaks[:3]})"
+            continue
+        inner = [node[r] for r in sorted(region) if node[r].op == "call_function" and node[r].target in linears]
+        if inner:                         # Doge's dt_proj: a linear over the values of every head
+            rejected[where] = (f"{layer_name(inner[0])} is a linear layer inside the attention block: it reads "
+                               "head-shaped values across the heads")
             continue
         dim = ir.meta.shape(qkv_args[0])[-1] if ir.meta.shape(qkv_args[0]) else None
         wo = ir.meta.tensor_attr(gm, o.args[1])
@@ -336,7 +371,8 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             rejected[where] = (f"{layer_name(q)}'s output is viewed into {groups_in_view} blocks before q, k and v "
                                f"are cut apart, not one per kv group ({kv}): its rows are not laid out per group")
             continue
-        why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "")
+        why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "") or \
+            (_whole_output_use(region, node, o, nq) if nq != dim else "")
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
         if not why:                   # the views into groups spell group counts: view_edits has them
             edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)

@@ -51,7 +51,13 @@ ELEMENTWISE = {
     aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.maximum.default,
     aten.minimum.default, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.rsub.Scalar,
     aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.clone.default, aten.contiguous.default,
-    aten.alias.default, aten.detach.default}
+    aten.alias.default, aten.detach.default,
+    # relu^2 (Nemotron, Persimmon, Arcee), xIELU's softplus / expm1 / where (Apertus), other activations
+    aten.square.default, aten.softplus.default, aten.expm1.default, aten.log1p.default, aten.log.default,
+    aten.where.self, aten.sign.default, aten.elu.default, aten.leaky_relu.default, aten.hardtanh.default,
+    aten.mish.default, aten.hardswish.default, aten.hardsigmoid.default, aten.where.ScalarOther,
+    aten.where.ScalarSelf, aten.gt.Scalar, aten.ge.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.eq.Scalar,
+    aten.ne.Scalar, aten.gt.Tensor, aten.ge.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.min.other, aten.max.other}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}     # shape literal: args[1]
 _KEEP_LAST = _RESHAPES | {aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}

@@ -775,3 +775,38 @@ def test_neurons_an_expert_no_token_reached_keeps_its_largest_columns():
             zeroed.down[e][:, score.argsort()[:3]] = 0
     # and the graph computes the model with each expert's removed neurons zeroed
     assert _rel(res.graph_module(x, offs), zeroed(x, offs)) < 1e-5
+
+
+def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
+    """Blocks whose heads meet again before o_proj stay whole and say why: a norm over the merged heads
+    (BitNet's attn_sub_norm), an output gate per channel (AFMoE's), a linear inside the block over every head's
+    values (Doge's dt_proj, which feeds the scores' mask)."""
+    class Attn(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            torch.manual_seed(0)
+            self.kind = kind
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16, bias=False) for _ in range(4))
+            self.norm, self.gate = torch.nn.RMSNorm(16), torch.nn.Linear(16, 16, bias=False)
+            self.dt = torch.nn.Linear(16, 4, bias=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+            mask = self.dt(v.transpose(1, 2).reshape(b, t, 16)).transpose(1, 2)[:, :, None, :] \
+                if self.kind == "inner linear" else None
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.transpose(1, 2).reshape(b, t, 16)
+            y = self.norm(y) if self.kind == "norm" else y * torch.sigmoid(self.gate(x)) if self.kind == "gate" else y
+            return self.o(y)
+    x = torch.randn(2, 5, 16)
+    why = {"norm": "over all its heads at once (aten.rms_norm", "gate": "applies sigmoid",
+           "inner linear": "dt is a linear layer inside the attention"}
+    for kind, says in why.items():
+        gm = ir.capture(Attn(kind), (x,)).gm
+        res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,), {}))
+        assert not res.modified and len(res.stats["skipped"]) == 1, (kind, res.stats)
+        assert says in next(iter(res.stats["skipped"].values())), (kind, res.stats)
+    # the same block with nothing between the merge and o: its heads go
+    res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(Attn("plain"), (x,)).gm, P.PassContext((x,), {}))
+    assert res.modified and list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"], res.stats
