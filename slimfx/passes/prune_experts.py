@@ -47,10 +47,8 @@ aten = torch.ops.aten
 # ops that keep the experts' axis (last) of the router's logits, position by position or as a softmax / a
 # scatter along it: a removed expert's entry is absent, as at -inf
 _KEEP_AXIS = ELEMENTWISE | {
-    aten.gt.Scalar, aten.ge.Scalar, aten.lt.Scalar, aten.le.Scalar, aten.eq.Scalar, aten.ne.Scalar,
-    aten.gt.Tensor, aten.ge.Tensor, aten.lt.Tensor, aten.le.Tensor, aten.eq.Tensor, aten.ne.Tensor,
-    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.clamp.Tensor, aten.logical_not.default,
-    aten.bitwise_not.default,
+    aten.eq.Tensor, aten.ne.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.clamp.Tensor,
+    aten.logical_not.default, aten.bitwise_not.default,
     aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
     aten.scatter.value, aten.scatter.src}
 _ALONG_AXIS = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,

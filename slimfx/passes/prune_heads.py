@@ -148,7 +148,7 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
             f"({what}) before the split into heads: removing heads would change what the kept heads compute")
 
 
-def _whole_output_use(region: set, node: dict, o: fx.Node, width: int) -> str:
+def _whole_output_use(region: set, o: fx.Node, width: int) -> str:
     """Why heads cannot be cut out of the attention output o reads: a use of it over all heads together after
     they are merged and before o (BitNet's attn_sub_norm: an RMSNorm over every head; AFMoE's output gate, a
     per-channel tensor from outside the block), else ''. Walks up from o's input through reshapes, moves and
@@ -159,7 +159,7 @@ def _whole_output_use(region: set, node: dict, o: fx.Node, width: int) -> str:
         if f in seen or f.name not in region:
             continue
         seen.add(f)
-        where = f"{ir.meta.module_name(f) or f.name}"
+        where = ir.meta.module_name(f) or f.name
         if f.target in _SHAPED | _MOVES:
             src = f.args[0]
             if isinstance(src, fx.Node) and (ir.meta.shape(src) or (None,))[-1] == width:
@@ -372,7 +372,7 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
                                f"are cut apart, not one per kv group ({kv}): its rows are not laid out per group")
             continue
         why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "") or \
-            (_whole_output_use(region, node, o, nq) if nq != dim else "")
+            (_whole_output_use(region, o, nq) if nq != dim else "")
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
         if not why:                   # the views into groups spell group counts: view_edits has them
             edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)
@@ -395,6 +395,14 @@ def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) ->
         n = node[r]
         if n.op != "call_function" or n.target not in _SHAPED:
             continue
+        computed = [a for a in n.args[1] if isinstance(a, fx.Node) and any(
+            type(v) is int and v in (heads, kv) for v in a.args)]
+        if computed and max(heads, kv) > 1:      # XGLM's reshape(x, [heads * batch, -1, head_dim])
+            c = computed[0]
+            terms = [a.name if isinstance(a, fx.Node) else str(a) for a in c.args]
+            expr = " * ".join(terms) if c.target is operator.mul else f"{c.target}({', '.join(terms)})"
+            return [], (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another "
+                        "size, which the pass does not rewrite")
         out = ir.meta.shape(n)
         src = ir.meta.shape(n.args[0]) if n.target is aten.expand.default else None
         found, last = [], len(n.args[1]) - 1

@@ -780,7 +780,8 @@ def test_neurons_an_expert_no_token_reached_keeps_its_largest_columns():
 def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
     """Blocks whose heads meet again before o_proj stay whole and say why: a norm over the merged heads
     (BitNet's attn_sub_norm), an output gate per channel (AFMoE's), a linear inside the block over every head's
-    values (Doge's dt_proj, which feeds the scores' mask)."""
+    values (Doge's dt_proj, which feeds the scores' mask); so does one that folds the head count into a computed
+    size (XGLM's batch x heads for bmm), which the pass cannot rewrite."""
     class Attn(torch.nn.Module):
         def __init__(self, kind):
             super().__init__()
@@ -795,18 +796,24 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
             q, k, v = (p(x).view(b, t, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
             mask = self.dt(v.transpose(1, 2).reshape(b, t, 16)).transpose(1, 2)[:, :, None, :] \
                 if self.kind == "inner linear" else None
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if self.kind == "batch x heads":     # XGLM: (batch * heads) flattened for bmm, a computed size
+                q, k, v = (z.reshape(b * 4, t, 4) for z in (q, k, v))
+                y = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) / 2, -1), v).view(b, 4, t, 4)
+            else:
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             y = y.transpose(1, 2).reshape(b, t, 16)
             y = self.norm(y) if self.kind == "norm" else y * torch.sigmoid(self.gate(x)) if self.kind == "gate" else y
             return self.o(y)
     x = torch.randn(2, 5, 16)
     why = {"norm": "over all its heads at once (aten.rms_norm", "gate": "applies sigmoid",
-           "inner linear": "dt is a linear layer inside the attention"}
+           "inner linear": "dt is a linear layer inside the attention",
+           "batch x heads": "* 4, a count of heads folded into another size"}
     for kind, says in why.items():
-        gm = ir.capture(Attn(kind), (x,)).gm
+        gm = ir.capture(Attn(kind), (x,), dynamic=True).gm
         res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,), {}))
         assert not res.modified and len(res.stats["skipped"]) == 1, (kind, res.stats)
         assert says in next(iter(res.stats["skipped"].values())), (kind, res.stats)
     # the same block with nothing between the merge and o: its heads go
-    res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(Attn("plain"), (x,)).gm, P.PassContext((x,), {}))
+    res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(Attn("plain"), (x,), dynamic=True).gm,
+                                                 P.PassContext((x,), {}))
     assert res.modified and list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"], res.stats
