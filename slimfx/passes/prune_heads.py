@@ -376,7 +376,7 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
         if not why:                   # the views into groups spell group counts: view_edits has them
             edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)
-        why = why or _per_head_inputs(node, region, heads, kv)
+        why = why or _per_head_inputs(node, region, heads, kv) or _computed_head_sizes(node, region, heads, kv)
         if why:
             rejected[where] = why
             continue
@@ -395,14 +395,6 @@ def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) ->
         n = node[r]
         if n.op != "call_function" or n.target not in _SHAPED:
             continue
-        computed = [a for a in n.args[1] if isinstance(a, fx.Node) and any(
-            type(v) is int and v in (heads, kv) for v in a.args)]
-        if computed and max(heads, kv) > 1:      # XGLM's reshape(x, [heads * batch, -1, head_dim])
-            c = computed[0]
-            terms = [a.name if isinstance(a, fx.Node) else str(a) for a in c.args]
-            expr = " * ".join(terms) if c.target is operator.mul else f"{c.target}({', '.join(terms)})"
-            return [], (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another "
-                        "size, which the pass does not rewrite")
         out = ir.meta.shape(n)
         src = ir.meta.shape(n.args[0]) if n.target is aten.expand.default else None
         found, last = [], len(n.args[1]) - 1
@@ -422,6 +414,22 @@ def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) ->
             return [], f"node {n.name} has several axes that may count heads ({[a for _, a, _ in found]})"
         edits += found
     return edits, ""
+
+
+def _computed_head_sizes(node: dict, region: set, heads: int, kv: int) -> str:
+    """Why the region's shapes cannot follow the removed heads: a size computed from a head count (XGLM's
+    reshape(x, [heads * batch, -1, head_dim]) for its bmm's), which the pass does not rewrite; else ''."""
+    for r in sorted(region):
+        n = node[r]
+        if n.op != "call_function" or n.target not in _SHAPED or max(heads, kv) == 1:
+            continue
+        for c in n.args[1]:
+            if isinstance(c, fx.Node) and any(type(v) is int and v in (heads, kv) for v in c.args):
+                terms = [a.name if isinstance(a, fx.Node) else str(a) for a in c.args]
+                expr = " * ".join(terms) if c.target is operator.mul else f"{c.target}({', '.join(terms)})"
+                return (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another "
+                        "size, which the pass does not rewrite")
+    return ""
 
 
 def head_scores(importance: torch.Tensor, grp: HeadGroup) -> torch.Tensor:
