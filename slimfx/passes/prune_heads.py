@@ -424,9 +424,9 @@ def _computed_head_sizes(node: dict, region: set, heads: int, kv: int) -> str:
         if n.op != "call_function" or n.target not in _SHAPED or max(heads, kv) == 1:
             continue
         for c in n.args[1]:
-            if isinstance(c, fx.Node) and any(type(v) is int and v in (heads, kv) for v in c.args):
-                terms = [a.name if isinstance(a, fx.Node) else str(a) for a in c.args]
-                expr = " * ".join(terms) if c.target is operator.mul else f"{c.target}({', '.join(terms)})"
+            if isinstance(c, fx.Node) and c.target is operator.mul and \
+                    any(type(v) is int and v > 1 and v in (heads, kv) for v in c.args):
+                expr = " * ".join(a.name if isinstance(a, fx.Node) else str(a) for a in c.args)
                 return (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another "
                         "size, which the pass does not rewrite")
     return ""
