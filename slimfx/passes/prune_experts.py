@@ -115,8 +115,6 @@ def _dim(n: fx.Node) -> object:
     """The axis a softmax / scatter / topk / max / gather works along."""
     if n.target is aten.topk.default:
         return n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", -1)
-    if n.target is aten.argmax.default:
-        return n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     return n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
 
 
@@ -245,9 +243,8 @@ def read_routing(gm: fx.GraphModule, router: fx.Node, region: set, experts: int)
         elif _per_expert_rows(gm, n, experts):
             r.per_expert.append((n.args[0], 0))      # its rows at the experts' ids: loses the removed ones'
         elif n.target is aten.expand.default and (ir.meta.shape(n.args[0]) or (0,))[-1] == 1 and \
-                _regrouped(n, experts, groups):
-            kind = _regrouped(n, experts, groups)     # a per-group (or per-token) value spread over the experts
-            (grouped if kind == "per_group" else axis).add(n)
+                (kind := _regrouped(n, experts, groups)):
+            (grouped if kind == "per_group" else axis).add(n)   # a per-group (or per-token) value spread out
             if _last_size(n) != -1:
                 r.literals.append((n, kind))
         elif n.target is aten.histc.default and n.args[1:4] == (experts, 0, experts - 1):
