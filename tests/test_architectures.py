@@ -378,14 +378,108 @@ def test_lm_without_half_its_experts_generates_as_the_model_that_never_picks_the
     assert not torch.equal(got, full)                # without those experts, other tokens
 
 
+def _moe_awq_only(family, edit=None):
+    """The family's graph after only the scaling of Quantize(awq=True)'s MoE step (weights W4 g16 for the search),
+    with every linear weighed; ``edit(gm)`` first. Returns (model, call, compiled, counts, records)."""
+    from slimfx.passes.awq_experts import apply_moe_awq
+    from slimfx.passes.quantize import weight_scheme
+    from slimfx.passes.quantize_experts import expert_weights
+    model, call, cap = _captured(family)
+    got = {}
+
+    def awq_only(gm):
+        if edit is not None:
+            edit(gm)
+        linears = [n for n in gm.graph.nodes if n.target is aten.linear.default]
+        got["counts"], _, got["records"] = apply_moe_awq(gm, expert_weights(gm)[0], linears, [((), call)],
+                                                         weight_scheme("int4", 16), True)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+    cm = slimfx.compile(cap, backend="torch", progress=False, passes=[awq_only])
+    return model, call, cm, got["counts"], got["records"]
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral", "qwen2moe", "deepseek_v3"]))
+def test_awq_scales_each_moe_block_and_each_experts_down_input_keeping_the_function(family):
+    """Quantize(awq=True)'s MoE step: one channel scale per block input, into the post-attention norm, for the
+    router, the shared experts (Qwen2-MoE, DeepSeek-V3) and every expert's gate/up slice; per expert, a scale of
+    its down input with 1/s_e in its own up rows. The float graph still computes the model's function."""
+    model, call, cm, counts, records = _moe_awq_only(family)
+    blocks = 1 if family == "deepseek_v3" else 2          # (DeepSeek-V3's first layer is dense)
+    assert counts == {"blocks": blocks, "norm": blocks, "linear": 0, "mul": 0, "unscaled": 0, "left": 0,
+                      "down_scaled": 4 * blocks, "down_unscaled": 0, "down_left": 0}, counts
+    for name, rec in records.items():                 # the search's error never exceeds no scaling's
+        r = rec if name.endswith("gate_up_proj") else rec["down"]
+        assert 0 < r["output_error"] <= r["output_error_unscaled"], (name, r)
+    params = dict(model.named_parameters())
+    moe_norms = [n for n in params if "post_attention_layernorm" in n and (family != "deepseek_v3" or ".1." in n)]
+    assert len(moe_norms) == blocks
+    changed = {slimfx.ir.meta.param_name(n) for n in cm.graph.graph.nodes if n.op == "get_attr"
+               and slimfx.ir.meta.param_name(n) in params
+               and not torch.equal(getattr(cm.graph, n.target), params[slimfx.ir.meta.param_name(n)].detach())}
+    assert {n for n in changed if "experts." in n and "shared" not in n} == \
+        {n.replace("post_attention_layernorm.weight", f"mlp.experts.{t}") for n in moe_norms
+         for t in ("gate_up_proj", "down_proj")}, changed
+    assert not any("layernorm" in n for n in changed)     # the norms' new weights are new tensors (1/s in them)
+    ids, mask = text_batch(3, 7, VOCAB, pad_left=True, seed=5)          # other tokens than the calibration's
+    call = dict(call, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        ref = _first(model(**call))
+    assert rel_err(_first(cm(**call)), ref) < 1e-5        # fp32 rounding only (~2e-7 measured)
+    assert rel_err(_first(cm.with_backend("numpy")(**call)), ref) < 1e-5
+
+
 @pytest.mark.parametrize("family", per_family(["mixtral"]))
-def test_awq_on_a_moe_model_says_its_experts_are_unscaled(family):
+def test_awq_leaves_an_experts_down_input_alone_unless_it_is_act_gate_times_up(family):
+    """A down input that is not act(gate) * up of the gate/up GEMM's columns (here ``(up + 1) * silu(gate)``, as
+    GPT-OSS computes) cannot take 1/s_e in the up rows: that tensor stays unscaled, with the reason, and the
+    block input is still scaled; the function is kept."""
+    def up_plus_one(gm):
+        for n in list(gm.graph.nodes):
+            if n.target is aten.mul.Tensor and any(getattr(a, "target", None) is aten.silu.default for a in n.args):
+                up = n.args[1]
+                with gm.graph.inserting_before(n):
+                    plus = gm.graph.call_function(aten.add.Tensor, (up, 1.0))
+                plus.meta["val"] = up.meta["val"]
+                n.replace_input_with(up, plus)
+    model, call, cm, counts, records = _moe_awq_only(family, up_plus_one)
+    assert counts["norm"] == 2 and counts["down_left"] == 2 and counts["down_scaled"] == 0, counts
+    downs = {k: v["down"] for k, v in records.items() if k.endswith("down_proj")}
+    assert all(d == {"scaled": 0, "why_not": "its input is not act(gate) * up of the gate/up GEMM's columns "
+                                             "(e.g. a bias or (up + 1))"} for d in downs.values()), downs
+    model_edit = _captured(family)[2]
+    ref_cm = slimfx.compile(model_edit, backend="torch", progress=False, passes=[lambda gm: up_plus_one(gm) or gm])
+    with torch.no_grad():
+        assert rel_err(_first(cm(**call)), _first(ref_cm(**call))) < 1e-5
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_awq_on_a_moe_model_scales_its_experts_and_beats_rounding_on_outlier_channels(family):
+    """Quantize(awq=True) on Mixtral: q/k/v and lm_head into their norms, o_proj through a mul; each MoE block's
+    router and experts into the post-attention norm. With a few large input channels (what AWQ is for), int4
+    experts lose less of the logits than by rounding to nearest."""
     model, call, cap = _captured(family)
     cm = slimfx.compile(cap, backend="torch", progress=False, calibration=[call],
                         passes=[Quantize(weights="int4", group_size=16, awq=True)])
-    awq = cm.report().records[0].stats["awq"]
-    # q/k/v into the input norms, lm_head into the final norm; o_proj and the routers through a mul
-    assert awq == {"norm": 3, "linear": 0, "mul": 4, "unscaled": 0, "left": 0, "experts_unscaled": 4}, awq
+    stats = cm.report().records[0].stats
+    assert stats["awq"] == {"norm": 3, "linear": 0, "mul": 2, "unscaled": 0, "left": 0, "experts": {
+        "blocks": 2, "norm": 2, "linear": 0, "mul": 0, "unscaled": 0, "left": 0, "down_scaled": 8,
+        "down_unscaled": 0, "down_left": 0}}, stats["awq"]
+    assert all("1/s into their up rows" in line for k, line in stats["experts"].items() if k.endswith("down_proj"))
     with torch.no_grad():
         ref = _first(model(**call))
-    assert sqnr_db(ref, _first(cm(**call))) > 10       # int4 in groups of 16 on random weights: ~20 dB
+    assert sqnr_db(ref, _first(cm(**call))) > 15       # int4 in groups of 16 on random weights: ~20 dB
+
+    model, call = _model_and_call(family)
+    with torch.no_grad():
+        for layer in model.model.layers:                 # two input channels of each MoE block 10x larger
+            layer.post_attention_layernorm.weight[[3, 17]] *= 10
+        ref = _first(model(**call))
+    cap = slimfx.capture(model, (), call, dynamic=True)
+    sqnr = {}
+    for awq in (False, True):
+        cm = slimfx.compile(cap, backend="torch", progress=False, calibration=[call],
+                            passes=[Quantize(weights="int4", group_size=16, awq=awq, include=("*.experts",))])
+        sqnr[awq] = sqnr_db(ref, _first(cm(**call)))
+    assert sqnr[True] > sqnr[False] + 1, sqnr           # measured: AWQ ~ +2.5 dB

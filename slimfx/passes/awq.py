@@ -17,6 +17,8 @@ search that follow use them without another calibration run.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
@@ -37,24 +39,27 @@ def output_error_sum(ws: list[torch.Tensor], s: torch.Tensor, h: torch.Tensor, s
     return total
 
 
-def search_scale(ws: list[torch.Tensor], h: torch.Tensor, scheme: QScheme,
-                 grid: int = GRID) -> tuple[float, torch.Tensor, float, float]:
+def search_scale(ws: list[torch.Tensor], h: torch.Tensor, scheme: QScheme, grid: int = GRID,
+                 extra: Optional[Callable[[torch.Tensor], float]] = None) -> tuple[float, torch.Tensor, float, float]:
     """(alpha, s, error with s, error without scaling) for the weights ``ws`` reading one input whose
-    Hessian is ``h`` (module docstring)."""
-    h = h.to(torch.float32)
+    Hessian is ``h`` (module docstring); ``extra(s)``: more error to add (the experts reading that input)."""
+    def error(s):
+        return output_error_sum(ws, s, h, scheme) + (extra(s) if extra is not None else 0.0)
+
+    h = h.to(ws[0].device if ws else h.device, torch.float32)
     rms = h.diagonal().clamp(min=0).sqrt()
     live = rms > 0
     if not bool(live.any()):
         return 0.0, torch.ones_like(rms), 0.0, 0.0
     floor = rms[live].min()
     rms = torch.where(live, rms, floor)                  # a column never excited keeps the smallest scale
-    base = output_error_sum(ws, torch.ones_like(rms), h, scheme)
+    base = error(torch.ones_like(rms))
     best = (0.0, torch.ones_like(rms), base)
     for i in range(1, grid + 1):
         alpha = i / grid
         s = rms.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        err = output_error_sum(ws, s, h, scheme)
+        err = error(s)
         if err < best[2]:
             best = (alpha, s, err)
     return best[0], best[1], best[2], base

@@ -37,6 +37,7 @@ from ..quant.clip import search_qparams_torch
 from ..quant.gptq import gptq_quantize, output_error
 from ..quant.linear import MAX_K
 from .awq import apply_awq
+from .awq_experts import apply_moe_awq
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
 from .quant_calibration import calibration_calls, example_values, input_hessians, input_mean_squares, run_watching
@@ -115,7 +116,9 @@ class Quantize(Pass):
     awq:          activation-aware scaling (``slimfx.passes.awq``) before quantizing, weight-only: per group
                   of linears reading one input, input channels scaled by rms(x)^alpha (alpha searched by the
                   layers' output error on ``ctx.calibration``), 1/s folded into the norm or the producing
-                  linear's rows, or (``awq_insert_mul``) a new mul before the layer."""
+                  linear's rows, or (``awq_insert_mul``) a new mul before the layer; mixture-of-experts
+                  blocks (``slimfx.passes.awq_experts``) by one scale of the block input for the router,
+                  shared experts and experts, and per expert a scale of its down input into its up rows."""
     weights: str = "int8"
     activations: Optional[str] = None
     group_size: int = 128
@@ -190,25 +193,36 @@ class Quantize(Pass):
     def run(self, gm, ctx):
         act = ACTIVATIONS[self.activations]
         chosen, skipped = self.select(gm)
+        w_scheme = weight_scheme(self.weights, self.group_size)
+        awq_experts = self._chosen_experts(gm, {}) if self.awq else []
+        calls = None
+        if (self.method == "gptq" or self.awq or self.clip) and (chosen or awq_experts):
+            # a list: sequential GPTQ runs them many times
+            calls = list(calibration_calls(ctx, f"Quantize({self._calibrated_options()})"))
+        moe_awq, moe_scaled, moe_records = None, set(), {}
+        if awq_experts:                 # the experts' blocks first: their tensors are quantized next
+            moe_awq, moe_scaled, moe_records = apply_moe_awq(gm, awq_experts, chosen, calls, w_scheme,
+                                                             self.awq_insert_mul, ctx.progress)
         experts = self._quantize_experts(gm, ctx, skipped)
+        for r in experts:
+            if r["tensor"] in moe_records:
+                r["awq"] = moe_records[r["tensor"]]
         if not chosen:
             if experts:
                 gm.graph.eliminate_dead_code()
                 ir.drop_unused_tensors(gm)
                 gm.recompile()
-                return PassResult(gm, True, {"mode": self.mode, "layers": 0, **_expert_stats(experts),
+                awq = {"awq": {"experts": moe_awq}} if moe_awq and moe_awq["blocks"] else {}
+                return PassResult(gm, True, {"mode": self.mode, "layers": 0, **awq, **_expert_stats(experts),
                                              "skipped": skipped})
             return PassResult(gm, False, {"layers": 0, "skipped": skipped})
-        w_scheme = weight_scheme(self.weights, self.group_size)
-        calls = None
-        if self.method == "gptq" or self.awq or self.clip:     # sequential GPTQ runs them many times
-            calls = list(calibration_calls(ctx, f"Quantize({self._calibrated_options()})"))
         x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
         hessians, awq_counts = {}, None
         if self.awq or (self.method == "gptq" and not self.sequential):
             hessians = input_hessians(gm, calls, x_nodes, ctx.progress, "Quantize")
         if self.awq:
-            groups = {x: [n for n in chosen if n.args[0] is x] for x in x_nodes}
+            groups = {x: [n for n in chosen if n.args[0] is x and n not in moe_scaled] for x in x_nodes}
+            groups = {x: lins for x, lins in groups.items() if lins}
             hessians, awq_counts = apply_awq(gm, groups, hessians, w_scheme, self.awq_insert_mul, ctx.progress)
             x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
             if self.sequential:
@@ -246,8 +260,8 @@ class Quantize(Pass):
             floats = {replaced.get(x, x): v for x, v in floats.items()}
             _measure_layers(gm, floats, refs)
         extra = {}
-        if awq_counts is not None:         # (AWQ scales linear layers; experts' tensors are rounded as they are)
-            extra["awq"] = {**awq_counts, **({"experts_unscaled": len(experts)} if experts else {})}
+        if awq_counts is not None:
+            extra["awq"] = {**awq_counts, **({"experts": moe_awq} if moe_awq and moe_awq["blocks"] else {})}
         if gains:    # geometric mean over layers of GPTQ's output error / RTN's (calibration inputs)
             extra["gptq_error_vs_rtn"] = round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4)
         return PassResult(gm, True, {"mode": self.mode, "method": self.method, "clip": self.clip, **extra,
@@ -264,12 +278,7 @@ class Quantize(Pass):
     def _quantize_experts(self, gm, ctx, skipped: dict) -> list[dict]:
         """Mixture-of-experts tensors (quantize_experts): weight-only with the linear layers' scheme, each expert
         by GPTQ on the calibration tokens routed to it (method="gptq"; the float graph's routing) or RTN."""
-        if self.weights.startswith("log"):
-            return []
-        found, refused = expert_weights(gm)
-        skipped.update({f"experts {k}": v for k, v in refused.items()})
-        chosen = [ew for ew in found if not (self.include and not matches(ew.module, self.include)
-                                             or matches(ew.module, self.exclude))]
+        chosen = self._chosen_experts(gm, skipped)
         hessians = {}
         if chosen and (self.method == "gptq" or self.clip):
             who = f"Quantize({self._calibrated_options()})"
@@ -277,6 +286,15 @@ class Quantize(Pass):
         scheme = weight_scheme(self.weights, self.group_size)
         return [quantize_expert_weight(gm, ew, scheme, ew.module, hessians.get(ew.node), self.damp, self.act_order,
                                        gptq=self.method == "gptq", clip=self.clip) for ew in chosen]
+
+    def _chosen_experts(self, gm, skipped: dict) -> list:
+        """The experts' tensors this pass quantizes; the ones it cannot go into ``skipped`` with why."""
+        if self.weights.startswith("log"):
+            return []
+        found, refused = expert_weights(gm)
+        skipped.update({f"experts {k}": v for k, v in refused.items()})
+        return [ew for ew in found if not (self.include and not matches(ew.module, self.include)
+                                           or matches(ew.module, self.exclude))]
 
     def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
                         hessian: Optional[torch.Tensor] = None, importance: Optional[torch.Tensor] = None) -> dict:
@@ -359,6 +377,11 @@ def _expert_stats(records: list[dict]) -> dict:
         text = f"{r['shape'][0]} x {r['shape'][1]} x {r['shape'][2]}, weight-only, SQNR {r['weight_sqnr_db']} dB"
         if r.get("clip"):
             text += ", scales by clip search"
+        awq = r.get("awq") or {}
+        if awq.get("alpha"):
+            text += f", AWQ alpha {awq['alpha']:g} (1/s into {awq['folded_into']})"
+        if awq.get("down", {}).get("scaled"):
+            text += f", AWQ on {awq['down']['scaled']}/{awq['down']['experts']} experts (1/s into their up rows)"
         if "gptq" in r:                     # relative output error on the calibration tokens, GPTQ vs RTN
             g = r["gptq"]
             text += (f", GPTQ on {g['experts_fitted']}/{r['shape'][0]} experts: output error "

@@ -148,7 +148,8 @@ def fold_into_linear(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> Op
 
 
 def insert_mul(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> fx.Node:
-    """A new ``x * (1 / s)`` node that ``lins`` read instead of x; returns it."""
+    """A new ``x * (1 / s)`` node that ``lins`` (in graph order: linears, or any ops reading x) read instead of
+    x; returns it."""
     name = ir.meta.module_name(lins[0]) or lins[0].name
     dtype = ir.meta.val(x).dtype if isinstance(ir.meta.val(x), torch.Tensor) else torch.float32
     with gm.graph.inserting_before(lins[0]):        # in x's dtype: a bf16 x times fp32 scales would be fp32
@@ -160,7 +161,7 @@ def insert_mul(gm, x: fx.Node, lins: list[fx.Node], s: torch.Tensor) -> fx.Node:
         m.meta["nn_module_stack"] = lins[0].meta["nn_module_stack"]
         inv.meta["nn_module_stack"] = lins[0].meta["nn_module_stack"]
     for l in lins:
-        l.args = (m, *l.args[1:])
+        l.replace_input_with(x, m)
     return m
 
 

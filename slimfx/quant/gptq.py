@@ -39,7 +39,7 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.h += (x.T @ x).to(torch.float64)
+        self.h += (x.T @ x).to(torch.float64).cpu()      # (a graph on a GPU: the sum stays on the CPU)
         self.n += x.shape[0]
 
     def value(self) -> torch.Tensor:
