@@ -12,7 +12,8 @@ attention block's kv heads and a quarter of each feed-forward block's neurons ar
 ``zero_what_the_graph_removed``); the blocks left whole are listed with the reasons in the JSON. MoE families
 also lose a quarter of each block's experts (``Prune(pattern="experts")``, on numpy) and are compared with the
 model whose removed experts are never chosen (tests/conftest.py's ``experts_never_chosen``), or say why a block
-stays whole. Parameters
+stays whole; and their experts are quantized int4 (groups of 16) with ``Quantize(awq=True)``: its MoE scaling alone
+must keep the model's function, and the logits' SQNR is shown next to rounding to nearest's. Parameters
 that a family's init leaves at zero (routers) are drawn at random first: all-zero router scores tie, and torch's
 and numpy's top-k break exact ties differently. A failure is recorded with its message. Writes
 bench/results/families-<cpu>.json and .md.
@@ -82,6 +83,37 @@ def experts_pruned(captured, call) -> str:
     return f"{blocks} block{'s' * (blocks > 1)} {counts}: {rel_err(pruned(**call).logits, ref):.1e}"
 
 
+def experts_awq(captured, call, ref) -> str:
+    """Quantize(awq=True) on the experts: its MoE step alone (the float graph's error against the model: the
+    scaling must keep the function), what it scaled, and the logits' SQNR with int4 g16 experts by AWQ vs by
+    rounding to nearest."""
+    from slimfx.passes.awq_experts import apply_moe_awq
+    from slimfx.passes.quantize import weight_scheme
+    from slimfx.passes.quantize_experts import expert_weights
+    got = {}
+
+    def awq_only(gm):
+        linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+        got["counts"], _, got["records"] = apply_moe_awq(gm, expert_weights(gm)[0], linears, [((), call)],
+                                                         weight_scheme("int4", 16), True)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+    scaled = slimfx.compile(captured, backend="torch", progress=False, passes=[awq_only])
+    c = got["counts"]
+    sqnr = {}
+    for awq in (False, True):
+        q = slimfx.compile(captured, backend="torch", progress=False, calibration=[call],
+                           passes=[Quantize(weights="int4", group_size=16, awq=awq, include=("*.experts",))])
+        sqnr[awq] = sqnr_db(ref, q(**call).logits)
+    why = sorted({r.get("why_not") or r.get("down", {}).get("why_not") for r in got["records"].values()} - {None})
+    down = f"down {c['down_scaled']}/{c['down_scaled'] + c['down_unscaled']} experts" if not c["down_left"] else \
+        f"down left in {c['down_left']} block{'s' * (c['down_left'] > 1)}"
+    return (f"inputs {c['norm'] + c['linear'] + c['mul']}/{c['blocks']} ({c['norm']} norm, {c['mul']} mul), {down}: "
+            f"{rel_err(scaled(**call).logits, ref):.1e}; W4 {sqnr[True]:.1f} vs RTN {sqnr[False]:.1f} dB"
+            + (f" ({'; '.join(why)})" if why else ""))
+
+
 def units_pruned(model, captured, call) -> dict:
     """Half of each attention block's kv head groups and a quarter of each feed-forward block's neurons removed:
     how many blocks shrank of those found, the logits' error against the model with those units zeroed, and
@@ -127,6 +159,7 @@ def check(family: str) -> dict:
     row["w8a8_sqnr_db"] = round(float(sqnr_db(ref, q(**call).logits)), 1)
     if any(p.ndim == 3 and ".experts." in n for n, p in model.named_parameters()):
         row["experts_pruned"] = experts_pruned(captured, call)
+        row["experts_awq"] = experts_awq(captured, call, ref)
     row.update(units_pruned(model, captured, call))
     return row
 
@@ -156,17 +189,20 @@ def main():
              "Tiny random-weight configs; numpy vs torch logits (fp32: summation order only), W8A8 dynamic + Fuse "
              "on numpy (SQNR of the logits); heads -50% and neurons -25%: blocks shrunk of those found, rel. error vs "
              "the model with those units zeroed (the JSON says why a block stays whole); MoE: a quarter of each "
-             "block's experts removed, rel. error vs the model with them never chosen. "
+             "block's experts removed, rel. error vs the model with them never chosen; AWQ on the experts: block "
+             "inputs and experts' down inputs scaled, the scaled float graph's rel. error vs the model, the logits' "
+             "SQNR with int4 g16 experts by AWQ vs by rounding to nearest (random weights have no outlier channels). "
              "`HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
-             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, neurons | experts -25% |",
-             "|---|---|---|---|---|---|---|"]
+             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, neurons | experts -25% "
+             "| experts AWQ |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | | |")
+            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | | | |")
         else:
             lines.append(f"| {r['family']} | {r['model']} | {r['compile_s']} | {r['numpy_rel_err']:.1e} | "
                          f"{r['w8a8_sqnr_db']} | {r.get('units_pruned', '')} | "
-                         f"{r.get('experts_pruned', '').replace('|', '/')} |")
+                         f"{r.get('experts_pruned', '').replace('|', '/')} | {r.get('experts_awq', '')} |")
     import transformers
     save(args.name, cpu_name(), {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "rows": rows}, "\n".join(lines))
