@@ -483,3 +483,36 @@ def test_awq_on_a_moe_model_scales_its_experts_and_beats_rounding_on_outlier_cha
                             passes=[Quantize(weights="int4", group_size=16, awq=awq, include=("*.experts",))])
         sqnr[awq] = sqnr_db(ref, _first(cm(**call)))
     assert sqnr[True] > sqnr[False] + 1, sqnr           # measured: AWQ ~ +2.5 dB
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_expert_gptq_gathers_hessians_in_runs_of_blocks_that_fit(family, monkeypatch):
+    """GPTQ on experts holds at most quantize_experts.HESSIAN_BYTES of their Hessians (E K x K each): with room
+    for one MoE block's, it takes the blocks in two runs. The first block's integers equal the one-run pass's
+    bit for bit (the same float graph feeds them); the second's Hessians come from the graph with the first
+    block quantized, which the records say. RTN with clip needs only the diagonals: one run."""
+    from slimfx.passes import quantize_experts
+    model, call, cap = _captured(family)
+
+    def compiled(**opts):
+        cm = slimfx.compile(cap, backend="torch", progress=False, calibration=[call],
+                            passes=[Quantize(weights="int4", group_size=16, include=("*.experts",), **opts)])
+        codes = {n.target: getattr(cm.graph, n.target) for n in cm.graph.graph.nodes
+                 if n.op == "get_attr" and n.target.endswith("_w_q")}
+        return cm, codes
+    one_cm, one = compiled(method="gptq")
+    block = 4 * 32 * 32 * 8 + 4 * 64 * 64 * 8        # one block's: 4 experts' gate_up (K = 32) and down (K = 64)
+    monkeypatch.setattr(quantize_experts, "HESSIAN_BYTES", block)
+    runs_cm, runs = compiled(method="gptq")
+    assert sorted(one) == sorted(runs) and len(one) == 4
+    for name in one:
+        same = torch.equal(one[name], runs[name])
+        assert same == ("layers_0" in name), name        # the second block's inputs saw the first quantized
+    assert "expert_hessian_runs" not in one_cm.report().records[0].stats
+    assert runs_cm.report().records[0].stats["expert_hessian_runs"] == 2
+    with torch.no_grad():
+        ref = _first(model(**call))
+    assert sqnr_db(ref, _first(runs_cm(**call))) > 20         # GPTQ on the calibration tokens: ~40 dB measured
+    monkeypatch.setattr(quantize_experts, "HESSIAN_BYTES", 4 * 64 * 8 * 4)      # all four diagonals fit
+    clip_cm, _ = compiled(clip=True)
+    assert "expert_hessian_runs" not in clip_cm.report().records[0].stats

@@ -35,8 +35,8 @@ from ..quant import QScheme, fake_quantize_torch
 from .awq import GRID, search_scale
 from .prune_structured import ELEMENTWISE
 from .quant_calibration import run_watching
-from .quantize_experts import (ExpertWeight, expert_source, expert_weights, gemm_offsets, grouped_gemm_ops,
-                               watch_expert_rows)
+from .quantize_experts import (ExpertMeanSquares, ExpertWeight, expert_source, expert_weights, gemm_offsets,
+                               grouped_gemm_ops, watch_expert_rows)
 from .scale_fold import _CASTS, _VIEWS, _new_attr, _not_last, fold_into_linear, fold_into_norm, insert_mul
 
 aten = torch.ops.aten
@@ -166,22 +166,6 @@ def _expert_error(w_enk: torch.Tensor, s: torch.Tensor, weights: torch.Tensor, s
     return torch.cat(out)
 
 
-class _MeanSquares:
-    """Per expert: the mean square of each input column over the rows routed to it, and how many."""
-
-    def __init__(self, e: int, k: int):
-        self.sum = torch.zeros(e, k, dtype=torch.float64)
-        self.n = torch.zeros(e, dtype=torch.float64)
-
-    def add(self, e: int, rows: torch.Tensor) -> None:
-        rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
-        self.sum[e] += rows.square().sum(0).cpu()
-        self.n[e] += rows.shape[0]
-
-    def mean(self) -> torch.Tensor:
-        return (self.sum / self.n.clamp(min=1)[:, None]).to(torch.float32)
-
-
 @dataclasses.dataclass
 class _Down:
     gate_up: fx.Node                # the GEMM whose output columns ``cols`` are the up projection
@@ -274,14 +258,14 @@ def apply_moe_awq(gm: fx.GraphModule, experts: list[ExpertWeight], quantized_lin
     # one calibration run: each block input's Hessian, each expert's mean squares at its GEMMs
     from ..quant.gptq import Hessian
     hs = {r: Hessian(int(ir.meta.shape(r)[-1])) for r in blocks}
-    ms: dict[fx.Node, _MeanSquares] = {}
+    ms: dict[fx.Node, ExpertMeanSquares] = {}
     watch = {r: h.add for r, h in hs.items()}
     for g in list(gemm_set) + [d.down for d in downs.values()]:
         src, rows_out = expert_source(g)
         if src is None:
             continue
         e, _, k = _enk(ir.meta.tensor_attr(gm, src), rows_out).shape
-        acc = ms[g] = _MeanSquares(e, k)
+        acc = ms[g] = ExpertMeanSquares(e, k)
         watch_expert_rows(watch, g, acc.add)
     if run_watching(gm, calls, watch, progress, "Quantize(awq=True): MoE input statistics") == 0:
         raise ValueError("Quantize(awq=True): the calibration data is empty")

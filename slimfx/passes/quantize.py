@@ -41,7 +41,7 @@ from .awq_experts import apply_moe_awq
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
 from .quant_calibration import calibration_calls, example_values, input_hessians, input_mean_squares, run_watching
-from .quantize_experts import expert_hessians, expert_weights, quantize_expert_weight
+from .quantize_experts import expert_hessians, expert_weights, hessian_runs, quantize_expert_weight
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -277,15 +277,26 @@ class Quantize(Pass):
 
     def _quantize_experts(self, gm, ctx, skipped: dict) -> list[dict]:
         """Mixture-of-experts tensors (quantize_experts): weight-only with the linear layers' scheme, each expert
-        by GPTQ on the calibration tokens routed to it (method="gptq"; the float graph's routing) or RTN."""
+        by GPTQ on the calibration tokens routed to it (method="gptq"; the float graph's routing) or RTN. Their
+        Hessians (clip alone: their diagonals) are gathered in runs of MoE blocks that fit
+        ``quantize_experts.HESSIAN_BYTES``; a run's come from the graph with the runs before it quantized."""
         chosen = self._chosen_experts(gm, skipped)
-        hessians = {}
-        if chosen and (self.method == "gptq" or self.clip):
-            who = f"Quantize({self._calibrated_options()})"
-            hessians = expert_hessians(gm, chosen, list(calibration_calls(ctx, who)), ctx.progress, who)
         scheme = weight_scheme(self.weights, self.group_size)
-        return [quantize_expert_weight(gm, ew, scheme, ew.module, hessians.get(ew.node), self.damp, self.act_order,
-                                       gptq=self.method == "gptq", clip=self.clip) for ew in chosen]
+        gptq = self.method == "gptq"
+        if not (gptq or self.clip):
+            return [quantize_expert_weight(gm, ew, scheme, ew.module, None, gptq=False) for ew in chosen]
+        records, who = [], f"Quantize({self._calibrated_options()})"
+        runs = hessian_runs(gm, chosen, diagonal=not gptq) if chosen else []
+        calls = list(calibration_calls(ctx, who)) if chosen else []
+        for run in runs:
+            hessians = expert_hessians(gm, run, calls, ctx.progress, who, diagonal=not gptq, stop_early=len(runs) > 1)
+            records += [quantize_expert_weight(gm, ew, scheme, ew.module, hessians[ew.node], self.damp,
+                                               self.act_order, gptq=gptq, clip=self.clip) for ew in run]
+            del hessians
+        if len(runs) > 1:
+            for r in records:
+                r["hessian_runs"] = len(runs)
+        return records
 
     def _chosen_experts(self, gm, skipped: dict) -> list:
         """The experts' tensors this pass quantizes; the ones it cannot go into ``skipped`` with why."""
@@ -388,7 +399,8 @@ def _expert_stats(records: list[dict]) -> dict:
                      f"{g['output_error']:.3g} (RTN {g['output_error_rtn']:.3g})") if g["output_error"] is not None \
                 else ", GPTQ: no calibration token reached these experts (RTN)"
         return text
-    return {"expert_tensors": len(records), "experts": {r["tensor"]: line(r) for r in records}}
+    runs = {"expert_hessian_runs": records[0]["hessian_runs"]} if "hessian_runs" in records[0] else {}
+    return {"expert_tensors": len(records), **runs, "experts": {r["tensor"]: line(r) for r in records}}
 
 
 def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:

@@ -144,10 +144,54 @@ def ew_shape(gm: fx.GraphModule, ew: ExpertWeight) -> tuple[int, int, int]:
     return (e, a, b) if ew.rows_out else (e, b, a)
 
 
-def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, progress: bool, who: str) -> dict:
+class ExpertMeanSquares:
+    """Per expert: the sum of squares of each input column over the rows routed to it, and how many rows (on
+    the CPU, whatever device the graph runs on)."""
+
+    def __init__(self, e: int, k: int):
+        self.sum = torch.zeros(e, k, dtype=torch.float64)
+        self.n = torch.zeros(e, dtype=torch.float64)
+
+    def add(self, e: int, rows: torch.Tensor) -> None:
+        rows = rows.detach().reshape(-1, rows.shape[-1]).to(torch.float64)
+        self.sum[e] += rows.square().sum(0).cpu()
+        self.n[e] += rows.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """(E, K) mean squares (0 for an expert no row reached)."""
+        return (self.sum / self.n.clamp(min=1)[:, None]).to(torch.float32)
+
+
+HESSIAN_BYTES = 2 << 30     # expert Hessians held at once (fp64 K x K per expert); more: in runs of MoE blocks
+
+
+def hessian_runs(gm: fx.GraphModule, experts: list[ExpertWeight], diagonal: bool = False,
+                 budget: Optional[int] = None) -> list[list[ExpertWeight]]:
+    """The experts' tensors in graph order, in runs whose input statistics (``expert_hessians``: E K x K fp64
+    matrices per GEMM reading the tensor, or E K-vectors with ``diagonal``) fit ``budget`` bytes together
+    (default ``HESSIAN_BYTES``; a tensor over it alone is a run of its own). Mixtral-8x7B's experts need
+    ~450 GB of Hessians: one run for all would not fit."""
+    budget = HESSIAN_BYTES if budget is None else budget
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    runs, size = [[]], 0
+    for ew in sorted(experts, key=lambda ew: min(order[g] for g in ew.gemms)):
+        e, _, k = ew_shape(gm, ew)
+        need = e * k * (1 if diagonal else k) * 8 * len(ew.gemms)
+        if runs[-1] and size + need > budget:
+            runs.append([])
+            size = 0
+        runs[-1].append(ew)
+        size += need
+    return [r for r in runs if r]
+
+
+def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, progress: bool, who: str,
+                    diagonal: bool = False, stop_early: bool = False) -> dict:
     """{expert tensor's node: [H_e per expert]}: X_e X_e^T / n_e of the rows each expert's GEMM block reads
-    (rows offs[e-1]:offs[e] of the grouped GEMM's input) over ``calls``, summed over the GEMMs reading it.
-    An expert no calibration token reached gets None (it falls back to rounding to nearest)."""
+    (rows offs[e-1]:offs[e] of the grouped GEMM's input) over ``calls``, summed over the GEMMs reading it; with
+    ``diagonal`` only its diagonal (each column's mean square: what the scale search needs), a K-vector.
+    An expert no calibration token reached gets None (it falls back to rounding to nearest). ``stop_early``:
+    each calibration run stops after the last of these GEMMs' inputs."""
     from ..quant.gptq import Hessian
     watch, per_gemm = {}, {}
     for ew in experts:
@@ -155,17 +199,24 @@ def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, prog
         for gemm in ew.gemms:
             if gemm in per_gemm:
                 continue
-            hs = per_gemm[gemm] = [Hessian(k) for _ in range(n_exp)]
-            watch_expert_rows(watch, gemm, lambda e, rows, hs=hs: hs[e].add(rows))
-    if run_watching(gm, calls, watch, progress, f"{who}: expert input statistics") == 0:
+            if diagonal:
+                acc = per_gemm[gemm] = ExpertMeanSquares(n_exp, k)
+                watch_expert_rows(watch, gemm, acc.add)
+            else:
+                hs = per_gemm[gemm] = [Hessian(k) for _ in range(n_exp)]
+                watch_expert_rows(watch, gemm, lambda e, rows, hs=hs: hs[e].add(rows))
+    if run_watching(gm, calls, watch, progress, f"{who}: expert input statistics", stop_early=stop_early) == 0:
         raise ValueError(f"{who}: the calibration data is empty")
     out = {}
     for ew in experts:
         total = [None] * ew_shape(gm, ew)[0]
         for gemm in ew.gemms:
-            for i, h in enumerate(per_gemm[gemm]):
-                if h.n:
-                    total[i] = h.value() if total[i] is None else total[i] + h.value()
+            acc = per_gemm[gemm]
+            parts = list(zip((acc.n > 0).tolist(), acc.mean())) if diagonal else \
+                [(h.n > 0, h.value() if h.n else None) for h in acc]
+            for i, (reached, h) in enumerate(parts):
+                if reached:
+                    total[i] = h if total[i] is None else total[i] + h
         out[ew.node] = total
     return out
 
@@ -190,8 +241,10 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
     qp = qparams_torch(flat, scheme, name=f"experts {ew.name}")
     chooser = [None] * e
     if hessians is not None and clip:           # each reached expert's scales by search, on its own inputs
-        chooser = [None if h is None else (lambda part, sch, cols, d=h.diagonal(), i=i: search_qparams_torch(
-            part, sch, d[cols], name=f"expert {i} of {ew.name}")) for i, h in enumerate(hessians)]
+        def searcher(i, h):         # (h: a Hessian or its diagonal)
+            d = h if h.ndim == 1 else h.diagonal()
+            return lambda part, sch, cols: search_qparams_torch(part, sch, d[cols], name=f"expert {i} of {ew.name}")
+        chooser = [None if h is None else searcher(i, h) for i, h in enumerate(hessians)]
         scales = [qp.scale.reshape(e, n, -1)[i] if c is None else c(enk[i], scheme, slice(0, k)).scale.reshape(n, -1)
                   for i, c in enumerate(chooser)]
         qp = qp._replace(scale=torch.stack(scales).reshape(qp.scale.shape))
