@@ -30,8 +30,34 @@ def _clip(text: str, width: int) -> str:
 
 
 def _awq(rec) -> str:
-    """' awq a=0.4' for a layer AWQ scaled (its group's alpha), '' otherwise."""
-    return f" awq a={rec['alpha']:g}" if rec and rec.get("alpha") else ""
+    """' awq a=0.4' for a layer AWQ scaled (its group's alpha), ' awq 4/4 experts' for experts' down inputs
+    scaled expert by expert, '' otherwise."""
+    down = (rec or {}).get("down") or {}
+    return f" awq a={rec['alpha']:g}" if rec and rec.get("alpha") else \
+        f" awq {down['scaled']}/{down['experts']} experts" if down.get("scaled") else ""
+
+
+def _expert_weight(gm: fx.GraphModule, gemm: fx.Node) -> Optional[tuple[str, tuple, torch.Tensor, Optional[dict]]]:
+    """(name, (experts, out, in), the stored tensor, its Quantize record or None) of the experts' tensor a
+    grouped GEMM multiplies by: float (a module tensor, maybe transposed) or as ``Quantize`` stores it (int8
+    codes dequantized, the record on the node the GEMM reads)."""
+    from .passes.quantize_experts import expert_source
+    w = gemm.args[1] if len(gemm.args) > 1 else None
+    if not isinstance(w, fx.Node):
+        return None
+    n, q = w, None
+    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
+        if q is None and n.meta.get("slimfx") and "tensor" in (ir.meta.info(n).quant or {}):
+            q = ir.meta.info(n).quant
+        n = n.args[0]                            # transpose / cast / view / dequantize, back to the codes
+    if q is not None:
+        return q["tensor"], tuple(q["shape"]), ir.meta.tensor_attr(gm, n) if n.op == "get_attr" else None, q
+    src, rows_out = expert_source(gemm)
+    if src is None:
+        return None
+    t = ir.meta.tensor_attr(gm, src)
+    e, a, b = t.shape
+    return ir.meta.param_name(src) or src.target, (e, a, b) if rows_out else (e, b, a), t, None
 
 
 def _db(v: Optional[float]) -> str:
@@ -54,10 +80,22 @@ class Report:
     capture_reused: bool = False          # compiled from a slimfx.capture: capture_s was spent once, before
 
     def layers(self) -> list[dict]:
-        """One row per linear layer (float, quantized, fused): module, weight shape, dtype, sparsity, and what
-        the backend runs for it."""
+        """One row per linear layer (float, quantized, fused) and per mixture-of-experts grouped GEMM (its
+        experts' tensor, experts x out x in): module, weight shape, dtype, sparsity, and what the backend runs
+        for it."""
+        from .passes.quantize_experts import grouped_gemm_ops
+        gemm_ops = grouped_gemm_ops()
         rows = []
         for n in self.gm.graph.nodes:
+            found = _expert_weight(self.gm, n) if n.op == "call_function" and n.target in gemm_ops else None
+            if found is not None:
+                name, shape, t, q = found
+                rows.append({"module": name, "op": str(n.target).replace(".default", "").split(".")[-1],
+                             "out x in": " x ".join(map(str, shape)),
+                             "dtype": "-" if t is None else str(t.dtype).replace("torch.", ""),
+                             "sparsity": float("nan") if t is None else float((t == 0).float().mean()),
+                             "kernel": ir.meta.info(n).kernel or f"{self.backend} "
+                             + ("dequantize + grouped GEMM" if q else "grouped GEMM")})
             if n.op == "call_function" and n.target in _linear_ops() and isinstance(n.args[1], fx.Node) \
                     and n.args[1].op == "get_attr":
                 w = ir.meta.tensor_attr(self.gm, n.args[1])
@@ -81,14 +119,14 @@ class Report:
                 continue
             w, a = q["weight"], q.get("activation") or {}
             ascheme = a.get("scheme", {})
-            rows.append({"module": q["module"], "mode": q["mode"],
+            rows.append({"module": q.get("tensor") or q["module"], "mode": q["mode"],
                          "weight": f"{w['kind']} int{w['bits']}" + (" gptq" if q.get("method") == "gptq" else "")
                          + (" clip" if q.get("clip") else "") + _awq(q.get("awq")),
                          "granularity": w["granularity"] + (f" {w['group_size']}" if w.get("group_size") else ""),
                          "act": ("-" if not ascheme else f"int{ascheme['bits']} per {ascheme['granularity']}"),
                          "w_range": q["weight_range"], "x_range": a.get("range") or q.get("x_range"),
                          "sqnr_db": q.get("sqnr_db"), "fp32_bytes": q["fp32_bytes"], "weight_bytes": q["weight_bytes"],
-                         "op": q.get("folded", "Q/DQ + linear")})
+                         "op": q.get("folded") or ("dequantize + grouped GEMM" if "tensor" in q else "Q/DQ + linear")})
         return rows
 
     def to_dict(self) -> dict:
@@ -116,9 +154,12 @@ class Report:
         layers = self.layers()
         if layers:
             shown = layers[: self.max_layer_rows]
-            out += ["", f"{len(layers)} linear layers:",
-                    format_table(list(layers[0]), [[l["module"], l["op"], l["out x in"], l["dtype"],
-                                                    f"{l['sparsity']:.1%}", l["kernel"]] for l in shown], "llrlrl")]
+            gemms = sum("grouped" in row["op"] for row in layers)
+            title = f"{len(layers) - gemms} linear layers" + \
+                (f" and {gemms} experts' grouped GEMMs (experts x out x in)" if gemms else "")
+            out += ["", title + ":",
+                    format_table(list(layers[0]), [[r["module"], r["op"], r["out x in"], r["dtype"],
+                                                    f"{r['sparsity']:.1%}", r["kernel"]] for r in shown], "llrlrl")]
             if len(layers) > len(shown):
                 out.append(f"... {len(layers) - len(shown)} more (report().layers() lists them all)")
         q = self.quant_layers()

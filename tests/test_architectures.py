@@ -455,7 +455,7 @@ def test_awq_leaves_an_experts_down_input_alone_unless_it_is_act_gate_times_up(f
 
 
 @pytest.mark.parametrize("family", per_family(["mixtral"]))
-def test_awq_on_a_moe_model_scales_its_experts_and_beats_rounding_on_outlier_channels(family):
+def test_awq_on_a_moe_model_scales_its_experts_and_beats_rounding_on_outlier_channels(family, tmp_path):
     """Quantize(awq=True) on Mixtral: q/k/v and lm_head into their norms, o_proj through a mul; each MoE block's
     router and experts into the post-attention norm. With a few large input channels (what AWQ is for), int4
     experts lose less of the logits than by rounding to nearest."""
@@ -470,6 +470,19 @@ def test_awq_on_a_moe_model_scales_its_experts_and_beats_rounding_on_outlier_cha
     with torch.no_grad():
         ref = _first(model(**call))
     assert sqnr_db(ref, _first(cm(**call))) > 15       # int4 in groups of 16 on random weights: ~20 dB
+    # the report lists the experts' tensors with the linear layers: most of an MoE model's bytes are theirs
+    report = cm.report()
+    gemms = {r["module"]: r for r in report.layers() if r["op"] == "grouped_mm_fallback"}
+    assert {k: (r["out x in"], r["dtype"]) for k, r in gemms.items()} == {
+        f"model.layers.{i}.mlp.experts.{t}": (shape, "int8") for i in (0, 1)
+        for t, shape in (("gate_up_proj", "4 x 128 x 32"), ("down_proj", "4 x 32 x 64"))}
+    rows = {r["module"]: r for r in report.quant_layers()}
+    assert rows["model.layers.1.mlp.experts.gate_up_proj"]["weight"] == "uniform int4 awq a=0.2", rows
+    assert rows["model.layers.1.mlp.experts.down_proj"]["weight"] == "uniform int4 awq 4/4 experts", rows
+    assert sum(r["weight_bytes"] for r in rows.values()) == stats["weight_bytes"]     # linears and experts
+    assert "11 linear layers and 4 experts' grouped GEMMs" in str(report)
+    loaded = slimfx.load(cm.save(tmp_path / "mixtral-w4-awq"), backend="torch").report()
+    assert loaded.layers() == report.layers() and loaded.quant_layers() == report.quant_layers()
 
     model, call = _model_and_call(family)
     with torch.no_grad():

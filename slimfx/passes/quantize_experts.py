@@ -297,9 +297,10 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
            "fp32_bytes": fp32_bytes((e, n, k)), "weight_bytes": weight_bytes((e * n, k), scheme),
            "weight_sqnr_db": None if error == float("inf") else round(error, 2),
            "mode": "weight-only (grouped GEMM in float)", "method": "gptq" if gptq_rec else "rtn",
-           "clip": hessians is not None and clip}
+           "clip": hessians is not None and clip, "weight_range": [float(w.min()), float(w.max())]}
     if gptq_rec:
         rec["gptq"] = gptq_rec
+    ir.meta.info(wd).quant = rec            # what the report lists (the GEMM's weight is this node)
     return rec
 
 
