@@ -83,9 +83,10 @@ def weight_scheme(weights: str, group_size: int) -> QScheme:
 
 
 def quantized_linears(gm: fx.GraphModule) -> list[fx.Node]:
-    """The nodes that carry a quantized layer's record (``ir.meta.info(node).quant``)."""
+    """The nodes that carry a quantized linear layer's record (``ir.meta.info(node).quant``; an experts'
+    tensor's record, on its dequantized weight, has a "tensor")."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("slimfx") is not None
-            and "mode" in (ir.meta.info(n).quant or {})]
+            and "mode" in (ir.meta.info(n).quant or {}) and "tensor" not in ir.meta.info(n).quant]
 
 
 @register_pass(name="quantize")
