@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import slimfx  # noqa: E402
 from bench.common import cpu_name, save, slug  # noqa: E402
-from conftest import experts_never_chosen, rel_err, text_batch, zero_what_the_graph_removed  # noqa: E402
+from conftest import (experts_never_chosen, moe_awq_only, rel_err, text_batch,  # noqa: E402
+                      zero_what_the_graph_removed)
 from slimfx.ir.module import flatten_inputs  # noqa: E402
 from slimfx.passes import Fuse, Prune, Quantize, sqnr_db  # noqa: E402
 
@@ -87,26 +88,13 @@ def experts_awq(captured, call, ref) -> str:
     """Quantize(awq=True) on the experts: its MoE step alone (the float graph's error against the model: the
     scaling must keep the function), what it scaled, and the logits' SQNR with int4 g16 experts by AWQ vs by
     rounding to nearest."""
-    from slimfx.passes.awq_experts import apply_moe_awq
-    from slimfx.passes.quantize import weight_scheme
-    from slimfx.passes.quantize_experts import expert_weights
-    got = {}
-
-    def awq_only(gm):
-        linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
-        got["counts"], _, got["records"] = apply_moe_awq(gm, expert_weights(gm)[0], linears, [((), call)],
-                                                         weight_scheme("int4", 16), True)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return gm
-    scaled = slimfx.compile(captured, backend="torch", progress=False, passes=[awq_only])
-    c = got["counts"]
+    scaled, c, records = moe_awq_only(captured, call)
     sqnr = {}
     for awq in (False, True):
         q = slimfx.compile(captured, backend="torch", progress=False, calibration=[call],
                            passes=[Quantize(weights="int4", group_size=16, awq=awq, include=("*.experts",))])
         sqnr[awq] = sqnr_db(ref, q(**call).logits)
-    why = sorted({r.get("why_not") or r.get("down", {}).get("why_not") for r in got["records"].values()} - {None})
+    why = sorted({r.get("why_not") or r.get("down", {}).get("why_not") for r in records.values()} - {None})
     down = f"down {c['down_scaled']}/{c['down_scaled'] + c['down_unscaled']} experts" if not c["down_left"] else \
         f"down left in {c['down_left']} block{'s' * (c['down_left'] > 1)}"
     return (f"inputs {c['norm'] + c['linear'] + c['mul']}/{c['blocks']} ({c['norm']} norm, {c['mul']} mul), {down}: "

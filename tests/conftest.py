@@ -143,3 +143,26 @@ def zero_what_the_graph_removed(model, gm) -> tuple:
                     if o[:, j].detach().numpy().tobytes() not in kept:
                         o[:, j] = 0
     return zeroed, narrowed
+
+
+def moe_awq_only(captured, call: dict, edit=None) -> tuple:
+    """A compile (torch) of a capture through only the scaling of Quantize(awq=True)'s MoE step (its search for
+    int4 in groups of 16, every linear weighed, calibrated on ``call``), ``edit(gm)`` first. Returns (compiled,
+    counts, records) of ``awq_experts.apply_moe_awq``: the function must be the model's."""
+    import slimfx
+    from slimfx.passes.awq_experts import apply_moe_awq
+    from slimfx.passes.quantize import weight_scheme
+    from slimfx.passes.quantize_experts import expert_weights
+    got = {}
+
+    def awq_only(gm):
+        if edit is not None:
+            edit(gm)
+        linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+        got["counts"], _, got["records"] = apply_moe_awq(gm, expert_weights(gm)[0], linears, [((), call)],
+                                                         weight_scheme("int4", 16), True)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+    cm = slimfx.compile(captured, backend="torch", progress=False, passes=[awq_only])
+    return cm, got["counts"], got["records"]

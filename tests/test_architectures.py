@@ -379,25 +379,10 @@ def test_lm_without_half_its_experts_generates_as_the_model_that_never_picks_the
 
 
 def _moe_awq_only(family, edit=None):
-    """The family's graph after only the scaling of Quantize(awq=True)'s MoE step (weights W4 g16 for the search),
-    with every linear weighed; ``edit(gm)`` first. Returns (model, call, compiled, counts, records)."""
-    from slimfx.passes.awq_experts import apply_moe_awq
-    from slimfx.passes.quantize import weight_scheme
-    from slimfx.passes.quantize_experts import expert_weights
+    """(model, call, the family's graph after only Quantize(awq=True)'s MoE scaling, its counts, its records)."""
+    from conftest import moe_awq_only
     model, call, cap = _captured(family)
-    got = {}
-
-    def awq_only(gm):
-        if edit is not None:
-            edit(gm)
-        linears = [n for n in gm.graph.nodes if n.target is aten.linear.default]
-        got["counts"], _, got["records"] = apply_moe_awq(gm, expert_weights(gm)[0], linears, [((), call)],
-                                                         weight_scheme("int4", 16), True)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        return gm
-    cm = slimfx.compile(cap, backend="torch", progress=False, passes=[awq_only])
-    return model, call, cm, got["counts"], got["records"]
+    return (model, call, *moe_awq_only(cap, call, edit))
 
 
 @pytest.mark.parametrize("family", per_family(["mixtral", "qwen2moe", "deepseek_v3"]))
