@@ -41,6 +41,15 @@ def perplexity(run, windows) -> float:
     return math.exp(nll / count)
 
 
+def text_windows(tok, tokens: int, window: int, calib: int) -> tuple[list, list]:
+    """Held-out windows (``tokens`` of pydoc_data prose from offset 200000, ``window`` each) and ``calib``
+    calibration windows from another stretch (offset 20000), as Quantize's calibration items."""
+    ids = tok(english_text(tokens * 8, offset=200000), return_tensors="pt").input_ids[0][:tokens]
+    windows = [ids[i:i + window][None] for i in range(0, len(ids) - window + 1, window)]
+    cal_ids = tok(english_text(calib * window * 8, offset=20000), return_tensors="pt").input_ids[0]
+    return windows, [dict(input_ids=cal_ids[i * window:(i + 1) * window][None]) for i in range(calib)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -53,10 +62,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    ids = tok(english_text(a.tokens * 8, offset=200000), return_tensors="pt").input_ids[0][: a.tokens]
-    windows = [ids[i:i + a.window][None] for i in range(0, len(ids) - a.window + 1, a.window)]
-    cal_ids = tok(english_text(a.calib * a.window * 8, offset=20000), return_tensors="pt").input_ids[0]
-    calibration = [dict(input_ids=cal_ids[i * a.window:(i + 1) * a.window][None]) for i in range(a.calib)]
+    windows, calibration = text_windows(tok, a.tokens, a.window, a.calib)
     kw = dict(input_ids=windows[0], use_cache=False)
     skip = ("lm_head",)
     w4 = lambda g, method, **kw: [Quantize(weights="int4", group_size=g, method=method, exclude=skip, **kw)]

@@ -440,6 +440,31 @@ def test_awq_leaves_an_experts_down_input_alone_unless_it_is_act_gate_times_up(f
 
 
 @pytest.mark.parametrize("family", per_family(["mixtral"]))
+def test_awq_puts_a_moe_blocks_scale_in_a_mul_when_the_norm_output_is_read_elsewhere(family):
+    """When the block input is read by more than its router and experts (here the residual adds half of it),
+    1/s cannot go into the norm: a mul before the router and the experts' gather takes it, and the other reader
+    still reads the norm's output as it was."""
+    def residual_reads_the_norm(gm):
+        for norm in [n for n in gm.graph.nodes if n.target is aten.mul.Tensor and any(
+                "post_attention_layernorm" in str(getattr(a, "target", "")) for a in n.args)]:
+            res = next(u for u in norm.args[1].args[0].users if u.target is aten.add.Tensor and u is not norm)
+            with gm.graph.inserting_before(res):
+                half = gm.graph.call_function(aten.mul.Tensor, (norm, 0.5))
+                plus = gm.graph.call_function(aten.add.Tensor, (res.args[0], half))
+            half.meta["val"] = plus.meta["val"] = norm.meta["val"]
+            res.replace_input_with(res.args[0], plus)
+        gm.graph.lint()
+    model, call, cm, counts, _ = _moe_awq_only(family, residual_reads_the_norm)
+    assert counts["mul"] == 2 and counts["norm"] == 0 and counts["down_scaled"] == 8, counts
+    ref_cm = slimfx.compile(_captured(family)[2], backend="torch", progress=False,
+                            passes=[lambda gm: residual_reads_the_norm(gm) or gm])
+    with torch.no_grad():
+        ref = _first(ref_cm(**call))
+        assert rel_err(ref, _first(model(**call))) > 1e-3          # the edit changed the function
+        assert rel_err(_first(cm(**call)), ref) < 1e-5
+
+
+@pytest.mark.parametrize("family", per_family(["mixtral"]))
 def test_awq_on_a_moe_model_scales_its_experts_and_beats_rounding_on_outlier_channels(family, tmp_path):
     """Quantize(awq=True) on Mixtral: q/k/v and lm_head into their norms, o_proj through a mul; each MoE block's
     router and experts into the post-attention norm. With a few large input channels (what AWQ is for), int4
