@@ -75,6 +75,8 @@ def _families():
         "smollm3": lambda: T.SmolLM3ForCausalLM(T.SmolLM3Config(**_GQA, pad_token_id=0)),
         "cohere": lambda: T.CohereForCausalLM(T.CohereConfig(**_GQA)),
         "starcoder2": lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**_GQA)),
+        # xIELU activation: learned scalars (softplus of them) applied to every neuron (neuron pruning only)
+        "apertus": lambda: T.ApertusForCausalLM(T.ApertusConfig(**_GQA, head_dim=8)),
         # a state-space model, no attention: causal depthwise conv1d, softplus, a selective scan
         "mamba": lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                                           state_size=8, expand=2)),
@@ -221,11 +223,13 @@ def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
     assert hows.count("norm") == 1 or family != "olmo2", hows
 
 
-@pytest.mark.parametrize("family", per_family([f for f in NEWER if f not in ("smollm3", "cohere", "starcoder2")]))
+@pytest.mark.parametrize("family", per_family([f for f in NEWER if f not in ("smollm3", "cohere", "starcoder2")]
+                                              + ["apertus"]))
 def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):          # (those: Llama-like)
     """Half the kv heads and a quarter of the neurons (each expert's own, in MoE blocks) removed: the shrunk
     graph computes what the model computes with those units zeroed. Blocks the passes leave whole say why:
-    OLMoE's q/k norms over all heads, DeepSeek-V3's latent attention (no q/k/v of their own)."""
+    OLMoE's q/k norms over all heads, DeepSeek-V3's latent attention (no q/k/v of their own). Apertus' xIELU
+    computes its scalars from parameters between up_proj and down_proj: they apply to every neuron alike."""
     from slimfx.passes import Prune
     model, call, cap = _captured(family)
     cm = slimfx.compile(cap, backend="torch", progress=False,

@@ -148,6 +148,17 @@ def _flow(gm: fx.GraphModule, linears: set) -> nx.DiGraph:
     return g
 
 
+def _computed_from(producers: list, region: set) -> set:
+    """The nodes of ``region`` computed from the producers' outputs (through other nodes of it)."""
+    seen, todo = set(), list(producers)
+    while todo:
+        for u in todo.pop().users:
+            if u in region and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
 def _last(n: fx.Node) -> Optional[int]:
     shape = ir.meta.shape(n.args[0] if n.target in _SPLITS else n)
     return shape[-1] if shape and isinstance(shape[-1], int) else None
@@ -236,6 +247,11 @@ def neuron_groups(gm: fx.GraphModule) -> tuple[list[NeuronGroup], dict[str, str]
             continue                          # not computed from linears, or an attention output
         leaves = [n for n in gm.graph.nodes if n in up and n not in producers and not _value_inputs(n)]
         region = up - set(producers) - set(leaves)
+        flowing = _computed_from(producers, region)
+        # what the rest computes from parameters alone (Apertus' xIELU: softplus of a learned scalar) is applied
+        # to the neurons as a leaf is
+        leaves += [n for n in gm.graph.nodes if n in region - flowing and any(u in flowing for u in n.users)]
+        region = flowing
         if not _float_linear(gm, c):
             rejected[layer_name(c)] = _block_problem(gm, c, region, producers, leaves, 1)
             continue
