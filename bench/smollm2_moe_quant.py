@@ -90,8 +90,11 @@ def main():
         "gptq-clip": ("experts W4 g64, GPTQ + clip search", "moe", w4(experts, method="gptq", clip=True)),
         "awq-gptq-clip": ("experts W4 g64, AWQ + GPTQ + clip search", "moe",
                           w4(experts, awq=True, method="gptq", clip=True)),
+        "awq-gptq": ("experts W4 g64, AWQ + GPTQ", "moe", w4(experts, awq=True, method="gptq")),
         "dense-rtn": ("dense SmolLM2, MLPs W4 g64, round to nearest", "dense", w4(mlps)),
+        "dense-awq": ("dense SmolLM2, MLPs W4 g64, AWQ", "dense", w4(mlps, awq=True)),
         "dense-awq-clip": ("dense SmolLM2, MLPs W4 g64, AWQ + clip search", "dense", w4(mlps, awq=True, clip=True)),
+        "dense-gptq": ("dense SmolLM2, MLPs W4 g64, GPTQ (act_order)", "dense", w4(mlps, method="gptq")),
     }
     keys = list(modes) if a.modes == "all" else a.modes.split(",")
     if set(keys) - set(modes):
