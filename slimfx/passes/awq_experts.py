@@ -34,7 +34,7 @@ from .. import ir
 from ..quant import QScheme, fake_quantize_torch
 from .awq import GRID, search_scale
 from .prune_structured import ELEMENTWISE
-from .quant_calibration import run_watching
+from .quant_calibration import budget_runs, run_watching
 from .quantize_experts import (ExpertMeanSquares, ExpertWeight, expert_source, expert_weights, gemm_offsets,
                                grouped_gemm_ops, watch_expert_rows)
 from .scale_fold import _CASTS, _VIEWS, _new_attr, _not_last, fold_into_linear, fold_into_norm, insert_mul
@@ -255,31 +255,58 @@ def apply_moe_awq(gm: fx.GraphModule, experts: list[ExpertWeight], quantized_lin
     for d in downs.values():            # (separate gate and up GEMMs: the gate's try says no, the up's yes)
         reasons.pop(every[expert_source(d.down)[0]].name, None)
 
-    # one calibration run: each block input's Hessian, each expert's mean squares at its GEMMs
-    from ..quant.gptq import Hessian
-    hs = {r: Hessian(int(ir.meta.shape(r)[-1])) for r in blocks}
-    ms: dict[fx.Node, ExpertMeanSquares] = {}
-    watch = {r: h.add for r, h in hs.items()}
-    for g in list(gemm_set) + [d.down for d in downs.values()]:
+    # each block input's Hessian and each expert's mean squares at its GEMMs, in runs of blocks that fit
+    # HESSIAN_BYTES (DeepSeek-V3's 58 blocks: ~26 GB), each run's from the graph scaled so far
+    def stat_shape(g):
         src, rows_out = expert_source(g)
-        if src is None:
-            continue
-        e, _, k = _enk(ir.meta.tensor_attr(gm, src), rows_out).shape
-        acc = ms[g] = ExpertMeanSquares(e, k)
-        watch_expert_rows(watch, g, acc.add)
-    if run_watching(gm, calls, watch, progress, "Quantize(awq=True): MoE input statistics") == 0:
-        raise ValueError("Quantize(awq=True): the calibration data is empty")
+        return None if src is None else _enk(ir.meta.tensor_attr(gm, src), rows_out).shape
 
+    def block_gemms(r):
+        gs = [g for g in blocks[r].gemms if g in gemm_set]
+        return gs + [downs[g].down for g in gs if g in downs]
+
+    def need(r):
+        k = int(ir.meta.shape(r)[-1])
+        return k * k * 8 + sum(sh[0] * sh[2] * 8 for sh in map(stat_shape, block_gemms(r)) if sh is not None)
+    runs = budget_runs(list(blocks), need)
     records: dict[str, dict] = {}
     scaled: set = set()
-    for root, b in tqdm(list(blocks.items()), desc="quantize: AWQ (experts)", disable=not progress, leave=False):
-        _scale_block_input(gm, b, hs[root], ms, every, chosen, quantized, scheme, allow_mul, counts, records, scaled)
-    for d in downs.values():
-        _scale_down(gm, d, ms, scheme, counts, records)
+    for i, run in enumerate(runs):
+        hs, ms = _moe_statistics(gm, run, [g for r in run for g in block_gemms(r)], stat_shape, calls, progress,
+                                 "Quantize(awq=True): MoE input statistics" +
+                                 (f", run {i + 1}/{len(runs)}" if len(runs) > 1 else ""), len(runs) > 1)
+        for root in tqdm(run, desc="quantize: AWQ (experts)", disable=not progress, leave=False):
+            _scale_block_input(gm, blocks[root], hs[root], ms, every, chosen, quantized, scheme, allow_mul, counts,
+                               records, scaled)
+        for r in run:
+            for g in blocks[r].gemms:
+                if g in downs:
+                    _scale_down(gm, downs[g], ms, scheme, counts, records)
+        del hs, ms
+    if len(runs) > 1:
+        counts["runs"] = len(runs)
     for name, why in reasons.items():
         counts["down_left"] += 1
         records.setdefault(name, {})["down"] = {"scaled": 0, "why_not": why}
     return counts, scaled, records
+
+
+def _moe_statistics(gm, roots: list, gemms: list, stat_shape, calls, progress: bool, desc: str,
+                    stop_early: bool) -> tuple[dict, dict]:
+    """One calibration pass: the Hessian of each block input in ``roots`` and, at each grouped GEMM of
+    ``gemms``, every expert's mean squares of the rows routed to it."""
+    from ..quant.gptq import Hessian
+    hs = {r: Hessian(int(ir.meta.shape(r)[-1])) for r in roots}
+    ms: dict[fx.Node, ExpertMeanSquares] = {}
+    watch = {r: h.add for r, h in hs.items()}
+    for g in gemms:
+        shape = stat_shape(g)
+        if shape is not None:
+            acc = ms[g] = ExpertMeanSquares(shape[0], shape[2])
+            watch_expert_rows(watch, g, acc.add)
+    if run_watching(gm, calls, watch, progress, desc, stop_early=stop_early) == 0:
+        raise ValueError("Quantize(awq=True): the calibration data is empty")
+    return hs, ms
 
 
 def _consumers_gemms(g: fx.Node) -> list:

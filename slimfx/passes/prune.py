@@ -51,7 +51,7 @@ from .prune_experts import expert_blocks, expert_scores, remove_experts
 from .prune_heads import attention_groups, head_scores, shrink_heads
 from .prune_structured import column_importance, expert_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
-from .quant_calibration import calibration_calls, input_hessians
+from .quant_calibration import budget_runs, calibration_calls, hessian_bytes, hessians_in_runs
 from .quantize import matches, module_patterns, selected_linears
 
 aten = torch.ops.aten
@@ -256,19 +256,10 @@ class Prune(Pass):
             return self._run_structured(gm, ctx)
         chosen, skipped = self.select(gm)
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
-        data, cols = "weights", [None] * len(chosen)
+        data, cols, runs = "weights", [None] * len(chosen), 1
         if self.method == "sparsegpt" and chosen:
             data, calls = self._calls(ctx)
-            hs = input_hessians(gm, calls, list(dict.fromkeys(n.args[0] for n, _, _ in chosen)), ctx.progress,
-                                "Prune(method='sparsegpt')")
-            if self._adaptive():
-                new_weights = (sparsegpt_prune(w, hs[n.args[0]], self.sparsity or 0.0, self._nm,
-                                               name=f"weight of {name}") for (n, name, _), w in zip(chosen, weights))
-            else:        # the pattern's own choice (by score), then the re-fit
-                cols = [hs[n.args[0]].diagonal().sqrt() for n, _, _ in chosen] if self.score == "activation" \
-                    else cols
-                new_weights = (sparsegpt_prune(w, hs[n.args[0]], mask=m, name=f"weight of {name}")
-                               for (n, name, _), w, m in zip(chosen, weights, self.masks(weights, cols)))
+            new_weights, runs = self._sparsegpt(gm, chosen, weights, calls, ctx.progress)
         else:
             if self.score == "activation" and self.threshold is None and chosen:
                 data, calls = self._calls(ctx)
@@ -295,7 +286,39 @@ class Prune(Pass):
             gm.recompile()
         stats = {"layers": len(pruned), "pattern": self.pattern, "method": self.method, "scored_on": data,
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
+        if runs > 1:
+            stats["hessian_runs"] = runs
         return PassResult(gm, bool(pruned), stats)
+
+    def _sparsegpt(self, gm, chosen, weights, calls, progress: bool) -> tuple[list[torch.Tensor], int]:
+        """Every layer's re-fit weight, and in how many runs its input Hessians were gathered
+        (``hessians_in_runs``), all from the float graph: the caller replaces the weights after the last run. A
+        pattern that chooses by score (blocks, a global cutoff, a threshold) needs every layer's input RMS
+        first: with more than one run, the runs are gathered twice."""
+        who = "Prune(method='sparsegpt')"
+        xs = list(dict.fromkeys(n.args[0] for n, _, _ in chosen))
+        calls = calls if hasattr(calls, "__len__") else list(calls)
+        runs = len(budget_runs(xs, hessian_bytes))
+        one_run = runs == 1
+        masks, new, kept = None, [None] * len(chosen), None
+        if not self._adaptive():        # the pattern's own choice (by score), then the re-fit
+            cols = [None] * len(chosen)
+            if self.score == "activation":
+                rms = {}
+                for hs in hessians_in_runs(gm, calls, xs, progress, who):
+                    rms.update({x: h.diagonal().sqrt() for x, h in hs.items()})
+                    kept = hs if one_run else None
+                    del hs
+                cols = [rms[n.args[0]] for n, _, _ in chosen]
+            masks = list(self.masks(weights, cols))
+        for hs in [kept] if kept is not None else hessians_in_runs(gm, calls, xs, progress, who):
+            for i, ((n, name, _), w) in enumerate(zip(chosen, weights)):
+                if n.args[0] in hs:
+                    h = hs[n.args[0]]
+                    new[i] = sparsegpt_prune(w, h, self.sparsity or 0.0, self._nm, name=f"weight of {name}") \
+                        if masks is None else sparsegpt_prune(w, h, mask=masks[i], name=f"weight of {name}")
+            del hs
+        return new, runs
 
     def _run_experts(self, gm, ctx):
         """Whole experts: per mixture-of-experts block, the lowest-scored experts go (prune_experts), at most

@@ -3,7 +3,7 @@ chosen nodes to callbacks (observers). Shared by ``Quantize`` (static activation
 ``SmoothQuant`` (per-channel activation ranges)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -92,6 +92,33 @@ def calibration_calls(ctx: PassContext, who: str) -> Iterable[tuple[tuple, dict]
     return calls
 
 
+HESSIAN_BYTES = 2 << 30
+"""Input Hessians (fp64, K x K per layer input; per expert for MoE tensors) that GPTQ, AWQ and SparseGPT hold at
+once. Where a model's need more (Llama-2-7B's: ~44 GB; 70B's: ~650 GB), they are gathered in runs that fit,
+one calibration pass per run, each stopped after its last input (``budget_runs``). Raise it to trade memory for
+fewer passes; the results do not depend on it (``Quantize``'s ``hessian_runs`` statistic counts the runs)."""
+
+
+def budget_runs(items: list, need: Callable[[object], int], budget: int | None = None) -> list[list]:
+    """``items`` (in graph order) in consecutive runs whose ``need`` bytes fit ``budget`` together (default
+    ``HESSIAN_BYTES``, read when called); an item over the budget alone is a run of its own."""
+    budget = HESSIAN_BYTES if budget is None else budget
+    runs, size = [[]], 0
+    for item in items:
+        b = need(item)
+        if runs[-1] and size + b > budget:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += b
+    return [r for r in runs if r]
+
+
+def hessian_bytes(n: fx.Node) -> int:
+    """What ``input_hessians`` holds for input ``n``: a K x K fp64 matrix."""
+    return int(ir.meta.shape(n)[-1]) ** 2 * 8
+
+
 def input_hessians(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str) -> dict[fx.Node, torch.Tensor]:
     """X X^T / n of each node in ``x_nodes`` (a linear's input; all leading dims are rows) over ``calls``:
     what GPTQ and SparseGPT weigh a layer's output error by."""
@@ -101,6 +128,17 @@ def input_hessians(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str)
                     stop_early=True) == 0:
         raise ValueError(f"{who}: the calibration data is empty")
     return {n: h.value() for n, h in hs.items()}
+
+
+def hessians_in_runs(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: str) -> Iterator[dict]:
+    """``input_hessians`` of ``x_nodes`` a run at a time (``budget_runs``: at most ``HESSIAN_BYTES`` held),
+    each from the graph as it is when that run is reached: the caller changes the graph after the last run to
+    keep every run's from the float graph."""
+    runs = budget_runs(list(x_nodes), hessian_bytes)
+    if len(runs) > 1 and not hasattr(calls, "__len__"):
+        calls = list(calls)
+    for i, run in enumerate(runs):
+        yield input_hessians(gm, calls, run, progress, who if len(runs) == 1 else f"{who}, run {i + 1}/{len(runs)}")
 
 
 class _MeanSquare:

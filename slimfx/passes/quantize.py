@@ -40,8 +40,10 @@ from .awq import apply_awq
 from .awq_experts import apply_moe_awq
 from .base import Pass, PassContext, PassResult, register_pass
 from .manager import sqnr_db
-from .quant_calibration import calibration_calls, example_values, input_hessians, input_mean_squares, run_watching
-from .quantize_experts import expert_hessians, expert_weights, hessian_runs, quantize_expert_weight
+from .quant_calibration import budget_runs, calibration_calls, example_values, hessian_bytes, input_hessians, \
+    input_mean_squares, run_watching
+from .quantize_experts import expert_hessians, expert_weights, fit_expert_weight, hessian_runs, \
+    quantize_expert_weight
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -218,16 +220,32 @@ class Quantize(Pass):
                                              "skipped": skipped})
             return PassResult(gm, False, {"layers": 0, "skipped": skipped})
         x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
+        gptq = self.method == "gptq"
+        full = self.awq or (gptq and not self.sequential)           # every input's K x K Hessian
+        runs = budget_runs(x_nodes, hessian_bytes) if full else [x_nodes]
         hessians, awq_counts = {}, None
-        if self.awq or (self.method == "gptq" and not self.sequential):
+        if full and len(runs) == 1:
             hessians = input_hessians(gm, calls, x_nodes, ctx.progress, "Quantize")
         if self.awq:
             groups = {x: [n for n in chosen if n.args[0] is x and n not in moe_scaled] for x in x_nodes}
             groups = {x: lins for x, lins in groups.items() if lins}
-            hessians, awq_counts = apply_awq(gm, groups, hessians, w_scheme, self.awq_insert_mul, ctx.progress)
+            if len(runs) == 1:
+                hessians, awq_counts = apply_awq(gm, groups, hessians, w_scheme, self.awq_insert_mul, ctx.progress)
+            else:       # run by run, each from the graph scaled so far (the scaling keeps the function)
+                awq_counts = {}
+                for i, run in enumerate(runs):
+                    hs = input_hessians(gm, calls, run, ctx.progress, f"Quantize(awq=True), run {i + 1}/{len(runs)}")
+                    hs, counts = apply_awq(gm, {x: groups[x] for x in run if x in groups}, hs, w_scheme,
+                                           self.awq_insert_mul, ctx.progress)
+                    awq_counts = {k: awq_counts.get(k, 0) + v for k, v in counts.items()}
+                    if self.clip and not gptq:              # the scale search needs only the diagonals
+                        hessians.update({x: h.diagonal().clone() for x, h in hs.items()})
+                    del hs
             x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
             if self.sequential:
                 hessians = {}
+            elif gptq and len(runs) > 1:
+                runs = budget_runs(x_nodes, hessian_bytes)       # AWQ's muls are inputs now
         if self.clip and self.method != "gptq" and not hessians:
             hessians = input_mean_squares(gm, calls, x_nodes, ctx.progress, "Quantize(clip=True)")
         ranges = _static_ranges(gm, ctx, x_nodes, self.observer) if act == "static" else {}
@@ -235,21 +253,32 @@ class Quantize(Pass):
         if self.measure_layers and (ctx.example_args or ctx.example_kwargs):
             floats = example_values(gm, ctx, x_nodes)
             refs = {n.name: (n.args[0], ir.meta.tensor_attr(gm, n.args[1]), _bias(gm, n)) for n in chosen}
-        bytes_before = sum(r["fp32_bytes"] for r in experts)
-        bytes_after = sum(r["weight_bytes"] for r in experts)
-        gains = []
-        gptq = self.method == "gptq"
-        for lin in tqdm(chosen, desc="quantize: GPTQ", disable=not (ctx.progress and gptq), leave=False):
+        # GPTQ in runs: every run's Hessians from the float graph, the layers replaced after the last run
+        in_runs = gptq and not self.sequential and len(runs) > 1
+        run_of = {x: i for i, run in enumerate(runs) for x in run} if in_runs else {}
+        order = sorted(chosen, key=lambda n: run_of[n.args[0]]) if in_runs else chosen
+        records, puts = [], []
+        for lin in tqdm(order, desc="quantize: GPTQ", disable=not (ctx.progress and gptq), leave=False):
             x = lin.args[0]
-            if gptq and x not in hessians:       # sequential: the layers before are quantized in the graph now
+            if in_runs and x not in hessians:
+                i = run_of[x]
+                hessians.clear()
+                hessians.update(input_hessians(gm, calls, runs[i], False,
+                                               f"Quantize(method='gptq'), run {i + 1}/{len(runs)}"))
+            elif gptq and x not in hessians:    # sequential: the layers before are quantized in the graph now
                 hessians.update(input_hessians(gm, calls, [x], False, "Quantize(method='gptq')"))
             h = hessians.get(x)
             importance = None if h is None or not self.clip else (h if h.ndim == 1 else h.diagonal())
-            record = self._quantize_layer(gm, lin, w_scheme, act, ranges.get(x), h if gptq else None, importance)
-            bytes_before += record["fp32_bytes"]
-            bytes_after += record["weight_bytes"]
-            if "gptq" in record:
-                gains.append(record["gptq"]["output_error"] / max(record["gptq"]["output_error_rtn"], 1e-300))
+            put = self._fit_layer(gm, lin, w_scheme, h if gptq else None, importance)
+            if in_runs:
+                puts.append((lin, put))
+            else:
+                records.append(put(act, ranges.get(x)))
+        records += [put(act, ranges.get(lin.args[0])) for lin, put in puts]
+        hessians.clear()
+        bytes_before = sum(r["fp32_bytes"] for r in experts + records)
+        bytes_after = sum(r["weight_bytes"] for r in experts + records)
+        gains = [r["gptq"]["output_error"] / max(r["gptq"]["output_error_rtn"], 1e-300) for r in records if "gptq" in r]
         fold = FoldQDQ()
         folded = fold.run(gm, ctx).stats["folded"] if self.lower else 0
         gm.graph.eliminate_dead_code()
@@ -263,6 +292,8 @@ class Quantize(Pass):
         extra = {}
         if awq_counts is not None:
             extra["awq"] = {**awq_counts, **({"experts": moe_awq} if moe_awq and moe_awq["blocks"] else {})}
+        if in_runs or (self.awq and len(runs) > 1):
+            extra["hessian_runs"] = len(runs)
         if gains:    # geometric mean over layers of GPTQ's output error / RTN's (calibration inputs)
             extra["gptq_error_vs_rtn"] = round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4)
         return PassResult(gm, True, {"mode": self.mode, "method": self.method, "clip": self.clip, **extra,
@@ -280,20 +311,21 @@ class Quantize(Pass):
         """Mixture-of-experts tensors (quantize_experts): weight-only with the linear layers' scheme, each expert
         by GPTQ on the calibration tokens routed to it (method="gptq"; the float graph's routing) or RTN. Their
         Hessians (clip alone: their diagonals) are gathered in runs of MoE blocks that fit
-        ``quantize_experts.HESSIAN_BYTES``; a run's come from the graph with the runs before it quantized."""
+        ``quant_calibration.HESSIAN_BYTES``, all from the float graph: the tensors are replaced after the last run."""
         chosen = self._chosen_experts(gm, skipped)
         scheme = weight_scheme(self.weights, self.group_size)
         gptq = self.method == "gptq"
         if not (gptq or self.clip):
             return [quantize_expert_weight(gm, ew, scheme, ew.module, None, gptq=False) for ew in chosen]
-        records, who = [], f"Quantize({self._calibrated_options()})"
+        puts, who = [], f"Quantize({self._calibrated_options()})"
         runs = hessian_runs(gm, chosen, diagonal=not gptq) if chosen else []
         calls = list(calibration_calls(ctx, who)) if chosen else []
         for run in runs:
             hessians = expert_hessians(gm, run, calls, ctx.progress, who, diagonal=not gptq, stop_early=len(runs) > 1)
-            records += [quantize_expert_weight(gm, ew, scheme, ew.module, hessians[ew.node], self.damp,
-                                               self.act_order, gptq=gptq, clip=self.clip) for ew in run]
+            puts += [fit_expert_weight(gm, ew, scheme, ew.module, hessians[ew.node], self.damp,
+                                       self.act_order, gptq=gptq, clip=self.clip) for ew in run]
             del hessians
+        records = [put() for put in puts]
         if len(runs) > 1:
             for r in records:
                 r["hessian_runs"] = len(runs)
@@ -310,11 +342,15 @@ class Quantize(Pass):
 
     def _quantize_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range,
                         hessian: Optional[torch.Tensor] = None, importance: Optional[torch.Tensor] = None) -> dict:
-        g = gm.graph
-        x, w_node = lin.args[0], lin.args[1]
-        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        return self._fit_layer(gm, lin, scheme, hessian, importance)(act, x_range)
+
+    def _fit_layer(self, gm, lin: fx.Node, scheme: QScheme, hessian: Optional[torch.Tensor] = None,
+                   importance: Optional[torch.Tensor] = None):
+        """The layer's weight codes now (by GPTQ given its input Hessian; scales by search given
+        ``importance``); returns ``put(act, x_range)``, which writes them into the graph and returns the record
+        (later, when every run of Hessians has been gathered from the float graph)."""
+        w = ir.meta.tensor_attr(gm, lin.args[1]).detach().to(torch.float32)
         name = ir.meta.module_name(lin) or lin.name
-        w = ir.meta.tensor_attr(gm, w_node).detach().to(torch.float32)
         n_out, k = w.shape
         choose = None
         if importance is not None:      # clip: scales by search (slimfx.quant.clip), for RTN and GPTQ alike
@@ -329,6 +365,18 @@ class Quantize(Pass):
             gptq = dequantize_tensor_torch(codes, scheme, qp)
             gptq_rec = {"damp": self.damp, "act_order": self.act_order, "output_error": output_error(w, gptq, hessian),
                         "output_error_rtn": output_error(w, rtn, hessian)}
+        w_range = [float(w.min()), float(w.max())]
+        clipped = importance is not None
+        return lambda act, x_range: self._put_layer(gm, lin, scheme, act, x_range, codes, qp, gptq_rec, w_range,
+                                                    clipped)
+
+    def _put_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range, codes, qp, gptq_rec,
+                   w_range, clipped: bool) -> dict:
+        g = gm.graph
+        x = lin.args[0]
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        name = ir.meta.module_name(lin) or lin.name
+        n_out, k = codes.shape
         stack = lin.meta.get("nn_module_stack")
         new_nodes = []
 
@@ -372,9 +420,9 @@ class Quantize(Pass):
         lin.args = (xd, wd, bias)
         lin.kwargs = {}
         rec = {"module": name, "node": lin.name, "mode": self.mode, "weight": scheme.to_dict(),
-               "weight_range": [float(w.min()), float(w.max())], "shape": [n_out, k],
-               "activation": act_rec, "fp32_bytes": fp32_bytes(w.shape), "weight_bytes": weight_bytes(w.shape, scheme),
-               "sqnr_db": None, "method": self.method, "clip": importance is not None}
+               "weight_range": w_range, "shape": [n_out, k], "activation": act_rec,
+               "fp32_bytes": fp32_bytes((n_out, k)), "weight_bytes": weight_bytes((n_out, k), scheme),
+               "sqnr_db": None, "method": self.method, "clip": clipped}
         if gptq_rec is not None:
             rec["gptq"] = gptq_rec
         ir.meta.info(lin).quant = {**(ir.meta.info(lin).quant or {}), **rec}     # keeps e.g. SmoothQuant's record

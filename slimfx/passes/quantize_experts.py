@@ -15,7 +15,7 @@ tokens times the int8 experts, dequantized per tile), and int4 in groups of a po
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,7 @@ from ..quant import QScheme, dequantize_tensor_torch, fp32_bytes, qparams_torch,
 from ..quant.clip import search_qparams_torch
 from ..quant.gptq import gptq_quantize, output_error
 from .manager import sqnr_db
-from .quant_calibration import run_watching
+from .quant_calibration import budget_runs, run_watching
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -162,27 +162,18 @@ class ExpertMeanSquares:
         return (self.sum / self.n.clamp(min=1)[:, None]).to(torch.float32)
 
 
-HESSIAN_BYTES = 2 << 30     # expert Hessians held at once (fp64 K x K per expert); more: in runs of MoE blocks
-
-
 def hessian_runs(gm: fx.GraphModule, experts: list[ExpertWeight], diagonal: bool = False,
                  budget: Optional[int] = None) -> list[list[ExpertWeight]]:
     """The experts' tensors in graph order, in runs whose input statistics (``expert_hessians``: E K x K fp64
     matrices per GEMM reading the tensor, or E K-vectors with ``diagonal``) fit ``budget`` bytes together
-    (default ``HESSIAN_BYTES``; a tensor over it alone is a run of its own). Mixtral-8x7B's experts need
-    ~450 GB of Hessians: one run for all would not fit."""
-    budget = HESSIAN_BYTES if budget is None else budget
+    (default ``quant_calibration.HESSIAN_BYTES``; a tensor over it alone is a run of its own). Mixtral-8x7B's
+    experts need ~450 GB of Hessians: one run for all would not fit."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    runs, size = [[]], 0
-    for ew in sorted(experts, key=lambda ew: min(order[g] for g in ew.gemms)):
+
+    def need(ew):
         e, _, k = ew_shape(gm, ew)
-        need = e * k * (1 if diagonal else k) * 8 * len(ew.gemms)
-        if runs[-1] and size + need > budget:
-            runs.append([])
-            size = 0
-        runs[-1].append(ew)
-        size += need
-    return [r for r in runs if r]
+        return e * k * (1 if diagonal else k) * 8 * len(ew.gemms)
+    return budget_runs(sorted(experts, key=lambda ew: min(order[g] for g in ew.gemms)), need, budget)
 
 
 def expert_hessians(gm: fx.GraphModule, experts: list[ExpertWeight], calls, progress: bool, who: str,
@@ -230,7 +221,14 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
     round to nearest with scales searched (``quant.clip``) by the error weighted by each expert's input
     mean squares (the Hessians' diagonals), as ``Quantize(clip=True)``; with ``gptq`` those searched scales
     are GPTQ's too."""
-    g = gm.graph
+    return fit_expert_weight(gm, ew, scheme, module, hessians, damp, act_order, gptq, clip)()
+
+
+def fit_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme, module: str,
+                      hessians: Optional[list] = None, damp: float = 0.01, act_order: bool = True,
+                      gptq: bool = True, clip: bool = False) -> Callable[[], dict]:
+    """``quantize_expert_weight`` in two steps: the codes now, and a function that puts them in the graph and
+    returns the record, for when every run's Hessians have been gathered from the float graph."""
     w = ir.meta.tensor_attr(gm, ew.node).detach().to(torch.float32)
     enk = w if ew.rows_out else w.transpose(1, 2)            # (experts, out, in): scales per output channel
     e, n, k = enk.shape
@@ -262,6 +260,15 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
         gptq_rec = {"experts_fitted": sum(p is not None for p in parts), "output_error": gptq_error,
                     "output_error_rtn": rtn_error}
     error = sqnr_db(flat, dequantize_tensor_torch(codes, scheme, qp))
+    w_range, clipped = [float(w.min()), float(w.max())], hessians is not None and clip
+    dtype = w.dtype if ew.node.meta.get("val") is None else ew.node.meta["val"].dtype
+    return lambda: _put_expert_weight(gm, ew, scheme, module, codes, qp, (e, n, k), dtype, error, gptq_rec,
+                                      w_range, clipped)
+
+
+def _put_expert_weight(gm, ew, scheme, module, codes, qp, shape, dtype, error, gptq_rec, w_range, clipped) -> dict:
+    g = gm.graph
+    e, n, k = shape
     new = []
     with g.inserting_before(ew.node):
         def attr(suffix, t):
@@ -283,7 +290,6 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
             wq = attr("w_q", codes.reshape(e, n, k))
             ws = attr("w_scale", qp.scale.to(torch.float32).reshape(e, n, 1))
             wd = call(sf.dequantize.default, wq, ws, None)
-        dtype = w.dtype if ew.node.meta.get("val") is None else ew.node.meta["val"].dtype
         if dtype != torch.float32:
             wd = call(aten._to_copy.default, wd, dtype=dtype)
         if not ew.rows_out:
@@ -297,7 +303,7 @@ def quantize_expert_weight(gm: fx.GraphModule, ew: ExpertWeight, scheme: QScheme
            "fp32_bytes": fp32_bytes((e, n, k)), "weight_bytes": weight_bytes((e * n, k), scheme),
            "weight_sqnr_db": None if error == float("inf") else round(error, 2),
            "mode": "weight-only (grouped GEMM in float)", "method": "gptq" if gptq_rec else "rtn",
-           "clip": hessians is not None and clip, "weight_range": [float(w.min()), float(w.max())]}
+           "clip": clipped, "weight_range": w_range}
     if gptq_rec:
         rec["gptq"] = gptq_rec
     ir.meta.info(wd).quant = rec            # what the report lists (the GEMM's weight is this node)

@@ -156,3 +156,38 @@ def test_block_pattern_keeps_its_blocks_and_refits(tiny_llama):
     # measured 6.7 -> 7.0 dB: whole blocks of a random model leave the re-fit little to work with (SmolLM2,
     # 50% of 64x64 blocks: perplexity 156656 -> 16453); it must still not hurt
     assert s["sparsegpt"] > s["mask"], s
+
+
+@pytest.mark.parametrize("prune", [dict(pattern="2:4"), dict(sparsity=0.5, pattern="block", block=(16, 16))],
+                         ids=["2:4", "blocks"])
+def test_hessians_in_runs_give_the_same_weights(tiny_llama_capture, tiny_llama, monkeypatch, prune):
+    """SparseGPT holds at most quant_calibration.HESSIAN_BYTES of input Hessians; a model needing more gathers
+    them in runs (here 7: room for one 80-wide input's), every run from the float graph, the weights replaced
+    after the last: the same weights bit for bit. Blocks chosen by activation score need every layer's input
+    RMS first, so their runs are gathered twice; the masks are the same too."""
+    from slimfx.passes import quant_calibration
+    calibration = [call(tiny_llama, 4, 32, seed) for seed in range(4)]
+    stats = {}
+
+    def pruned():
+        cm = slimfx.compile(tiny_llama_capture, calibration=calibration, progress=False,
+                            passes=[Prune(method="sparsegpt", exclude="lm_head", **prune)])
+        stats.clear()
+        stats.update(cm.report().records[0].stats)
+        return {n.target: getattr(cm.graph, n.target) for n in cm.graph.graph.nodes
+                if n.op == "get_attr" and "pruned" in n.target}
+    calls = []
+    real = quant_calibration.input_hessians
+    monkeypatch.setattr(quant_calibration, "input_hessians", lambda gm, c, xs, *a: calls.append(len(xs)) or
+                        real(gm, c, xs, *a))
+    one = pruned()
+    one_stats = dict(stats)
+    assert calls == [8], calls                  # one run: gathered once, also for the blocks' scores
+    calls.clear()
+    monkeypatch.setattr(quant_calibration, "HESSIAN_BYTES", 80 * 80 * 8)
+    runs = pruned()
+    assert stats["hessian_runs"] == 6 and "hessian_runs" not in one_stats
+    assert len(calls) == (6 if prune["pattern"] == "2:4" else 12), calls     # 8 inputs (lm_head's excluded)
+    assert sorted(one) == sorted(runs) and len(one) == 14
+    for name in one:
+        assert torch.equal(one[name], runs[name]), name
