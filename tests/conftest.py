@@ -118,18 +118,30 @@ def zero_what_the_graph_removed(model, gm) -> tuple:
     """A copy of ``model`` with the inputs zeroed that the pruned graph's layers no longer read: each weight that
     lost input columns (o_proj after heads, down_proj after neurons; per expert for 3-D expert tensors; GPT-2's
     Conv1D weights, stored transposed, too) keeps the columns found in the graph's narrower tensor and gets
-    zeros in the rest. Returns the copy and the
-    names of the narrowed weights."""
+    zeros in the rest. A norm over a whole projection whose weight lost entries (OLMo-2's q_norm / k_norm,
+    narrowed with the heads) takes its mean over the kept channels (the rows of its projection, q_proj for
+    q_norm, found in the graph's narrower weight): its input, kept channels only, is scaled by sqrt(W / W')
+    going in and its output divided by that coming out. Returns the copy and the names of the narrowed
+    weights."""
     import copy
     import slimfx
     zeroed = copy.deepcopy(model)
     params = dict(zeroed.named_parameters())
+    graph_tensors = {slimfx.ir.meta.param_name(n): getattr(gm, n.target) for n in gm.graph.nodes
+                     if n.op == "get_attr" and slimfx.ir.meta.param_name(n) in params}
     narrowed = []
     for n in gm.graph.nodes:
         name = slimfx.ir.meta.param_name(n) if n.op == "get_attr" else None
         if name not in params:
             continue
         new, old = getattr(gm, n.target), params[name]
+        if old.ndim == 1 and new.shape[0] < old.shape[0] and name.endswith("_norm.weight"):
+            proj = name.replace("_norm.weight", "_proj.weight")
+            rows = {r.numpy().tobytes() for r in graph_tensors[proj]}
+            kept = [i for i, r in enumerate(params[proj].detach()) if r.numpy().tobytes() in rows]
+            assert len(kept) == new.shape[0], (name, len(kept))
+            _mean_over(zeroed.get_submodule(name.rsplit(".", 1)[0]), torch.tensor(kept), old.shape[0])
+            continue
         if type(zeroed.get_submodule(name.rsplit(".", 1)[0])).__name__ == "Conv1D":
             old = old.T                                  # GPT-2 keeps (in, out), the graph (out, in)
         if new.shape == old.shape or new.shape[0] != old.shape[0] or new.shape[-2] != old.shape[-2]:
@@ -143,6 +155,17 @@ def zero_what_the_graph_removed(model, gm) -> tuple:
                     if o[:, j].detach().numpy().tobytes() not in kept:
                         o[:, j] = 0
     return zeroed, narrowed
+
+
+def _mean_over(norm, kept: torch.Tensor, width: int) -> None:
+    """Make an RMS norm over ``width`` channels take its mean over the channels ``kept`` only (the others give 0)."""
+    forward, c = norm.forward, (width / len(kept)) ** 0.5
+    mask = torch.zeros(width)
+    mask[kept] = c
+
+    def masked(x):
+        return forward(x * mask.to(x.dtype)) / c
+    norm.forward = masked
 
 
 def moe_awq_only(captured, call: dict, edit=None) -> tuple:

@@ -227,15 +227,16 @@ def test_family_keeps_its_function_when_linear_inputs_are_rescaled(family):
                                               + ["apertus"]))
 def test_newer_family_pruned_heads_and_neurons_equal_the_zeroed_model(family):          # (those: Llama-like)
     """Half the kv heads and a quarter of the neurons (each expert's own, in MoE blocks) removed: the shrunk
-    graph computes what the model computes with those units zeroed. Blocks the passes leave whole say why:
-    OLMoE's q/k norms over all heads, DeepSeek-V3's latent attention (no q/k/v of their own). Apertus' xIELU
+    graph computes what the model computes with those units zeroed (OLMoE's q/k norms over all heads: with
+    their means over the kept heads). Blocks the passes leave whole say why: DeepSeek-V3's latent attention
+    (no q/k/v of their own). Apertus' xIELU
     computes its scalars from parameters between up_proj and down_proj: they apply to every neuron alike."""
     from slimfx.passes import Prune
     model, call, cap = _captured(family)
     cm = slimfx.compile(cap, backend="torch", progress=False,
                         passes=[Prune(sparsity=0.5, pattern="heads"), Prune(sparsity=0.25, pattern="neurons")])
     heads, neurons = (r.stats for r in cm.report().records[:2])
-    whole = {"olmoe": "q_norm uses", "deepseek_v3": "q, k and v do not each come from one linear layer"}
+    whole = {"deepseek_v3": "q, k and v do not each come from one linear layer"}
     if family in whole:
         assert not heads["shrunk"] and all(whole[family] in why for why in heads["skipped"].values()), heads
     else:

@@ -14,10 +14,11 @@ projection's three parts, or a per-group projection's whole block), columns of o
 region that spell a head count (view / reshape / expand literals equal to the number of q or kv heads on
 that axis) or a width over all heads (a last-axis literal of heads x head_dim, GPT-2's views around its
 linears), and the fused split's sizes or slice bounds, are rewritten; a block where that is ambiguous is
-left alone, and so
-is one that uses a projection's output over all its heads at once before splitting it into heads (OLMo-2's
-q_norm and k_norm: an RMSNorm over the whole projection, whose mean would change with the heads removed), and
-one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to the scores).
+left alone. A projection's output may be used over all its heads at once before the split into heads only
+elementwise, through means over its last axis and per-channel parameters: OLMo-2's q_norm and k_norm, RMS
+norms over the whole projection, lose the removed heads' weight entries and take their mean over the kept
+heads, as OLMo-2 built with that many heads computes. A block with any other such use is left alone, and so
+is one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to the scores).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from .prune_structured import ELEMENTWISE, _float_linear, _narrow, layer_name, linear_like
+from .prune_structured import ELEMENTWISE, _float_linear, _narrow, _swap_tensor, layer_name, linear_like
 
 aten = torch.ops.aten
 _SHAPED = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
@@ -55,6 +56,8 @@ class HeadGroup:
     segments: dict = dataclasses.field(default_factory=dict)   # fused q/k/v: part -> its first row
     cuts: list = dataclasses.field(default_factory=list)       # fused q/k/v: the split / slice nodes
     group_rows: int = 0               # fused q/k/v laid out per kv group: the projection's rows per group
+    params: list = dataclasses.field(default_factory=list)     # (user, get_attr, "q" | "k" | "v" | "rows"):
+    #                                   per-channel tensors applied to a projection's output (q_norm's weight)
 
     @property
     def name(self) -> str:
@@ -116,13 +119,23 @@ def attention_cores(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node,
     return cores
 
 
-def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int) -> str:
+def _is_channel_mean(u: fx.Node, f: fx.Node) -> bool:
+    """u is a mean of f over its last axis, kept as size 1 (an RMSNorm's)."""
+    rank = len(ir.meta.shape(f) or ())
+    return u.target is aten.mean.dim and u.args[0] is f and rank > 0 and len(u.args) > 2 and u.args[2] is True \
+        and [d % rank for d in u.args[1]] == [rank - 1]
+
+
+def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int) -> tuple[str, list]:
     """Why heads cannot be cut out of ``proj``'s output: a use of its values over all heads together before
-    they are split into heads (OLMo-2's q_norm: the RMS over the whole projection), else ''. Elementwise ops
-    with scalars (or values of size 1 along the last axis) and reshapes that keep the last axis pass."""
+    they are split into heads, else ''; and the per-channel parameters (``(user, get_attr)``) applied to it
+    there, which narrow with the heads. Elementwise ops with scalars, values of size 1 along the last axis
+    or parameters of its width pass, as do reshapes that keep the last axis and means over it (OLMo-2's
+    q_norm and k_norm, an RMSNorm over the whole projection: pruned, the norm takes its mean over the kept
+    heads, as the architecture with that many heads computes)."""
     if width == head_dim:
-        return ""                     # one head: nothing to keep apart
-    flat, found = [proj], []
+        return "", []                 # one head: nothing to keep apart
+    flat, found, params = [proj], [], []
     for f in flat:
         for u in f.users:
             if u.name not in region or u in flat:
@@ -132,20 +145,25 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
                 if out and out[-1] == width:
                     flat.append(u)    # still every head along the last axis (tokens flattened, say)
                 continue              # the split into heads
+            if _is_channel_mean(u, f):
+                continue              # (..., 1): what it feeds passes as a value of size 1
             if u.target in ELEMENTWISE:
                 others = [a for a in u.all_input_nodes if a not in flat and a.name not in region
                           and (ir.meta.shape(a) or (1,))[-1] != 1]
-                if others:
-                    found.append((u, f"{others[0].name} of shape {tuple(ir.meta.shape(others[0]))}"))
+                for a in others:
+                    if a.op == "get_attr" and tuple(ir.meta.shape(a) or ()) == (width,) and len(a.users) == 1:
+                        params.append((u, a))
+                    else:
+                        found.append((u, f"{a.name} of shape {tuple(ir.meta.shape(a))}"))
                 flat.append(u)
                 continue
             found.append((u, str(u.target)))
     if not found:
-        return ""
+        return "", params
     order = {n: i for i, n in enumerate(proj.graph.nodes)}
     u, what = min(found, key=lambda t: order[t[0]])
     return (f"{ir.meta.module_name(u) or u.name} uses {layer_name(proj)}'s output over all its heads at once "
-            f"({what}) before the split into heads: removing heads would change what the kept heads compute")
+            f"({what}) before the split into heads: removing heads would change what the kept heads compute"), []
 
 
 def _whole_output_use(region: set, o: fx.Node, width: int) -> str:
@@ -371,8 +389,10 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             rejected[where] = (f"{layer_name(q)}'s output is viewed into {groups_in_view} blocks before q, k and v "
                                f"are cut apart, not one per kv group ({kv}): its rows are not laid out per group")
             continue
-        why = next(filter(None, (_whole_projection_use(region, p, w, dim) for p, w in projs)), "") or \
-            (_whole_output_use(region, o, nq) if nq != dim else "")
+        uses = [_whole_projection_use(region, p, w, dim) for p, w in projs]
+        why = next(filter(None, (u[0] for u in uses)), "") or (_whole_output_use(region, o, nq) if nq != dim else "")
+        kinds = ["rows"] if groups_in_view else ["q", "k", "v"]
+        params = [(user, param, kind) for (_, ps), kind in zip(uses, kinds) for user, param in ps]
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
         if not why:                   # the views into groups spell group counts: view_edits has them
             edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)
@@ -382,7 +402,7 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             continue
         groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits + view_edits,
                                 {p: seg[0] for p, seg in segments.items()}, cuts,
-                                width // kv if groups_in_view else 0))
+                                width // kv if groups_in_view else 0, params))
     return groups, rejected
 
 
@@ -444,6 +464,7 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
     kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
     q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
     q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+    rows = None
     if grp.group_rows:                # one fused projection laid out per kv group: the kept groups' blocks
         rows = (keep[:, None] * grp.group_rows + torch.arange(grp.group_rows)).reshape(-1)
         _narrow(gm, grp.q, rows=rows, suffix="heads")
@@ -455,6 +476,10 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
         for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
             _narrow(gm, lin, rows=idx, suffix="heads")
     _narrow(gm, grp.o, cols=q_idx, suffix="heads")
+    for user, param, kind in grp.params:
+        idx = {"q": q_idx, "k": kv_idx, "v": kv_idx, "rows": rows}[kind]
+        with torch.no_grad():
+            _swap_tensor(gm, user, user.args.index(param), ir.meta.tensor_attr(gm, param).detach()[idx], "heads")
 
     def scaled(size):                 # every width over heads scales alike: heads, kv heads, the fused parts
         return size * len(keep) // grp.kv_heads if isinstance(size, int) and abs(size) < 2 ** 62 else size

@@ -572,21 +572,56 @@ def test_heads_gemma2_eager_attention_shrinks():
     _matches_dense_llama(cm, zeroed)
 
 
-def test_heads_olmo2_norm_over_all_heads_left_whole():
-    """OLMo-2 normalizes q_proj's whole output (every head together) before the split into heads: removing
-    heads would change the norm's mean, so the blocks stay whole and say why; their neurons still go."""
-    ids, mask = text_batch(2, 12, 97)
-    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    gm = ir.capture(_tiny("olmo2"), (), kw).gm
+def test_heads_olmo2_norm_over_all_heads_shrinks_to_the_architecture_with_fewer_heads():
+    """OLMo-2 normalizes q_proj's and k_proj's whole outputs (every head together) before the split into heads.
+    Pruned, those norms take their mean over the kept heads' channels, their weights narrowed alike: what
+    OLMo-2 computes with that many heads. The reference is transformers' own Olmo2 built with 2 q heads and
+    1 kv head (head_dim 8 kept), holding the original weights of the kv group the stated score keeps (o_proj's
+    input importance, recomputed here): q/k/v rows, o_proj columns, q_norm / k_norm entries (made unequal, so
+    a wrong slice shows). Its neurons still go too."""
+    import transformers as T
+    model = _tiny("olmo2")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    assert stats["shrunk"] == {f"model.layers.{i}.self_attn": "2 -> 1 kv heads" for i in range(2)}, stats
+    assert stats["skipped"] == {}
+    rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert rows["model.layers.0.self_attn.q_proj"] == "16 x 32" and rows["model.layers.0.self_attn.k_proj"] == "8 x 32"
+    os_ = [layer.self_attn.o_proj for layer in model.model.layers]
+    kept = [int(score.reshape(2, -1).sum(1).argmax()) for score in _importance(model, os_, [kw])]
+    small = T.Olmo2ForCausalLM(T.Olmo2Config(vocab_size=97, hidden_size=32, num_attention_heads=2,
+                                             num_key_value_heads=1, head_dim=8, num_hidden_layers=2,
+                                             intermediate_size=56, max_position_embeddings=64)).eval()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, g in enumerate(kept):
+        pre = f"model.layers.{i}.self_attn."
+        q, kv = slice(g * 16, (g + 1) * 16), slice(g * 8, (g + 1) * 8)      # 2 q heads of 8 per kv group
+        for name, rows_ in (("q_proj.weight", q), ("k_proj.weight", kv), ("v_proj.weight", kv),
+                            ("q_norm.weight", q), ("k_norm.weight", kv)):
+            sd[pre + name] = sd[pre + name][rows_]
+        sd[pre + "o_proj.weight"] = sd[pre + "o_proj.weight"][:, q]
+    small.load_state_dict(sd)
+    _matches_dense_llama(cm, small)
     ctx = P.PassContext((), kw)
-    res = P.Prune(sparsity=0.5, pattern="heads")(gm, ctx)
-    assert not res.modified and res.stats["shrunk"] == {}
-    assert set(res.stats["skipped"]) == {f"model.layers.{i}.self_attn" for i in range(2)}
-    why = res.stats["skipped"]["model.layers.0.self_attn"]
-    assert why.startswith("model.layers.0.self_attn.q_norm uses model.layers.0.self_attn.q_proj's output over all "
-                          "its heads at once (aten.mean.dim)"), why
+    gm = ir.capture(model, (), kw).gm
     res = P.Prune(sparsity=0.25, pattern="neurons")(gm, ctx)
     assert res.stats["shrunk"] == {f"model.layers.{i}.mlp.down_proj": "56 -> 42 neurons" for i in range(2)}
+
+
+def test_heads_left_whole_when_a_projection_is_used_across_heads_otherwise():
+    """A use of the whole projection that is not elementwise, a mean over its last axis or a per-channel
+    parameter (here a sum over it, added back) keeps the block whole, with the reason."""
+    model = _tiny("olmo2")
+    for layer in model.model.layers:
+        layer.self_attn.q_norm.forward = lambda x: x + x.sum(-1, keepdim=True).tanh()
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    assert stats["shrunk"] == {}
+    why = stats["skipped"]["model.layers.0.self_attn"]
+    assert why.startswith("model.layers.0.self_attn.q_norm uses model.layers.0.self_attn.q_proj's output over all "
+                          "its heads at once (aten.sum.dim_IntList)"), why
 
 
 def test_neurons_blocks_left_whole_say_why():
