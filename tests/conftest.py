@@ -118,15 +118,16 @@ def zero_what_the_graph_removed(model, gm) -> tuple:
     """A copy of ``model`` with the inputs zeroed that the pruned graph's layers no longer read: each weight that
     lost input columns (o_proj after heads, down_proj after neurons; per expert for 3-D expert tensors; GPT-2's
     Conv1D weights, stored transposed, too) keeps the columns found in the graph's narrower tensor and gets
-    zeros in the rest. A norm over a whole projection whose weight lost entries (OLMo-2's q_norm / k_norm,
-    narrowed with the heads) takes its mean over the kept channels (the rows of its projection, q_proj for
-    q_norm, found in the graph's narrower weight): its input, kept channels only, is scaled by sqrt(W / W')
-    going in and its output divided by that coming out. Returns the copy and the names of the narrowed
-    weights."""
+    zeros in the rest. A norm whose weight lost entries (OLMo-2's q_norm / k_norm and BitNet's attn_sub_norm,
+    narrowed with the heads; BitNet's ffn_sub_norm with the neurons) takes its mean over the kept channels (the
+    rows of its projection, q_proj for q_norm, or the columns of the linear after it, found in the graph's
+    narrower weight): its input, kept channels only, is scaled by sqrt(W / W') going in and its output divided
+    by that coming out. Returns the copy and
+    the names of the narrowed weights."""
     import copy
     import slimfx
     zeroed = copy.deepcopy(model)
-    params = dict(zeroed.named_parameters())
+    params, originals = dict(zeroed.named_parameters()), dict(model.named_parameters())
     graph_tensors = {slimfx.ir.meta.param_name(n): getattr(gm, n.target) for n in gm.graph.nodes
                      if n.op == "get_attr" and slimfx.ir.meta.param_name(n) in params}
     narrowed = []
@@ -135,10 +136,18 @@ def zero_what_the_graph_removed(model, gm) -> tuple:
         if name not in params:
             continue
         new, old = getattr(gm, n.target), params[name]
-        if old.ndim == 1 and new.shape[0] < old.shape[0] and name.endswith("_norm.weight"):
-            proj = name.replace("_norm.weight", "_proj.weight")
-            rows = {r.numpy().tobytes() for r in graph_tensors[proj]}
-            kept = [i for i, r in enumerate(params[proj].detach()) if r.numpy().tobytes() in rows]
+        if old.ndim == 1 and new.shape[0] < old.shape[0] and "norm" in name.rsplit(".", 2)[-2]:
+            proj = name[:-len("_norm.weight")] + "_proj.weight"         # q_norm: q_proj's rows
+            by_rows = name.endswith("_norm.weight") and proj in params
+            if not by_rows:             # a norm before a linear (attn_sub_norm: o_proj; ffn_sub_norm: down_proj):
+                parent = name.rsplit(".", 2)[0] + "."                   # the one beside it that lost columns
+                proj, = (k for k, t in graph_tensors.items() if k.startswith(parent) and t.ndim == 2
+                         and originals[k].shape[1] == old.shape[0] and t.shape[1] < old.shape[0])
+
+            def keys(w):
+                return [r.numpy().tobytes() for r in (w if by_rows else w.T)]
+            found = set(keys(graph_tensors[proj]))
+            kept = [i for i, r in enumerate(keys(originals[proj].detach())) if r in found]
             assert len(kept) == new.shape[0], (name, len(kept))
             _mean_over(zeroed.get_submodule(name.rsplit(".", 1)[0]), torch.tensor(kept), old.shape[0])
             continue

@@ -58,6 +58,8 @@ class HeadGroup:
     group_rows: int = 0               # fused q/k/v laid out per kv group: the projection's rows per group
     params: list = dataclasses.field(default_factory=list)     # (user, get_attr, "q" | "k" | "v" | "rows"):
     #                                   per-channel tensors applied to a projection's output (q_norm's weight)
+    #                                   or to the merged heads (BitNet's attn_sub_norm weight)
+    gates: list = dataclasses.field(default_factory=list)      # linears whose outputs gate the merged heads
 
     @property
     def name(self) -> str:
@@ -166,12 +168,30 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
             f"({what}) before the split into heads: removing heads would change what the kept heads compute"), []
 
 
-def _whole_output_use(region: set, o: fx.Node, width: int) -> str:
-    """Why heads cannot be cut out of the attention output o reads: a use of it over all heads together after
-    they are merged and before o (BitNet's attn_sub_norm: an RMSNorm over every head; AFMoE's output gate, a
-    per-channel tensor from outside the block), else ''. Walks up from o's input through reshapes, moves and
-    elementwise ops with scalars or values of size 1 along the last axis, to where the heads are merged."""
-    todo, seen = [o.args[0]], set()
+def _gate_linear(gm: fx.GraphModule, a: fx.Node, width: int):
+    """The float linear of output width ``width`` that ``a`` is computed from through elementwise ops alone
+    (each with one input of more than one channel), read by nothing else on the way: AFMoE's
+    ``sigmoid(gate_proj(x))``; else None."""
+    n = a
+    while len(n.users) == 1 and n.op == "call_function":
+        if n.target is aten.linear.default:
+            return n if (ir.meta.shape(n) or (0,))[-1] == width and _float_linear(gm, n) else None
+        wide = [x for x in n.all_input_nodes if (ir.meta.shape(x) or (1,))[-1] != 1]
+        if n.target not in ELEMENTWISE or len(wide) != 1:
+            return None
+        n = wide[0]
+    return None
+
+
+def _whole_output_use(gm: fx.GraphModule, region: set, o: fx.Node, width: int) -> tuple[str, list, list]:
+    """Why heads cannot be cut out of the attention output o reads, a use of it over all heads together after
+    they are merged and before o, else ''; with the per-channel parameters applied to it there (``(user,
+    get_attr)``: BitNet's attn_sub_norm weight) and the linears computing a per-channel value applied to it
+    (AFMoE's output gate, ``sigmoid(gate_proj(x))``), which narrow with the heads. Walks up from o's input
+    through reshapes, moves, elementwise ops with scalars or values of size 1 along the last axis, and means
+    over the last axis (BitNet's RMS norm over every head: pruned, it takes its mean over the kept heads), to
+    where the heads are merged."""
+    todo, seen, params, gates = [o.args[0]], set(), [], []
     while todo:
         f = todo.pop()
         if f in seen or f.name not in region:
@@ -183,16 +203,26 @@ def _whole_output_use(region: set, o: fx.Node, width: int) -> str:
             if isinstance(src, fx.Node) and (ir.meta.shape(src) or (None,))[-1] == width:
                 todo.append(src)      # still every head along the last axis
             continue                  # the merge of the heads
+        if isinstance(f.args[0], fx.Node) and _is_channel_mean(f, f.args[0]):
+            todo.append(f.args[0])
+            continue
         if f.target not in ELEMENTWISE:
             return (f"{where} uses the attention output over all its heads at once ({f.target}) before "
-                    f"{layer_name(o)}: removing heads would change what the kept heads give it")
+                    f"{layer_name(o)}: removing heads would change what the kept heads give it"), [], []
         for a in f.all_input_nodes:
             if a.name in region:
                 todo.append(a)
-            elif (ir.meta.shape(a) or (1,))[-1] != 1:
+            elif (ir.meta.shape(a) or (1,))[-1] == 1:
+                continue
+            elif a.op == "get_attr" and tuple(ir.meta.shape(a) or ()) == (width,) and len(a.users) == 1:
+                params.append((f, a))
+            elif (lin := _gate_linear(gm, a, width)) is not None:
+                gates.append(lin)
+            else:
                 return (f"{where} applies {a.name} of shape {tuple(ir.meta.shape(a))} to the attention output "
-                        f"over all its heads before {layer_name(o)}: a per-channel value the pass does not narrow")
-    return ""
+                        f"over all its heads before {layer_name(o)}: a per-channel value the pass does not "
+                        f"narrow"), [], []
+    return "", params, gates
 
 
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
@@ -390,9 +420,11 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
                                f"are cut apart, not one per kv group ({kv}): its rows are not laid out per group")
             continue
         uses = [_whole_projection_use(region, p, w, dim) for p, w in projs]
-        why = next(filter(None, (u[0] for u in uses)), "") or (_whole_output_use(region, o, nq) if nq != dim else "")
+        out_why, out_params, gates = _whole_output_use(gm, region, o, nq) if nq != dim else ("", [], [])
+        why = next(filter(None, (u[0] for u in uses)), "") or out_why
         kinds = ["rows"] if groups_in_view else ["q", "k", "v"]
-        params = [(user, param, kind) for (_, ps), kind in zip(uses, kinds) for user, param in ps]
+        params = [(user, param, kind) for (_, ps), kind in zip(uses, kinds) for user, param in ps] + \
+            [(user, param, "q") for user, param in out_params]
         widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
         if not why:                   # the views into groups spell group counts: view_edits has them
             edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)
@@ -402,7 +434,7 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             continue
         groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits + view_edits,
                                 {p: seg[0] for p, seg in segments.items()}, cuts,
-                                width // kv if groups_in_view else 0, params))
+                                width // kv if groups_in_view else 0, params, gates))
     return groups, rejected
 
 
@@ -476,6 +508,8 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
         for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
             _narrow(gm, lin, rows=idx, suffix="heads")
     _narrow(gm, grp.o, cols=q_idx, suffix="heads")
+    for lin in grp.gates:             # AFMoE's gate_proj: one output per q channel
+        _narrow(gm, lin, rows=q_idx, suffix="heads")
     for user, param, kind in grp.params:
         idx = {"q": q_idx, "k": kv_idx, "v": kv_idx, "rows": rows}[kind]
         with torch.no_grad():

@@ -10,11 +10,14 @@ each linear) and splits along it (Phi-3's one ``gate_up_proj`` split into gate a
 read the values between. Then neuron j is column j of C, and, in each of a producer's ``N / width``
 segments of rows (one for Llama's gate and up, two for Phi-3's gate_up), row j (and its bias): removing
 it removes exactly its contribution, and the block can be made narrower. The width literals the graph
-spells on the way (the reshapes' last size, the split sizes) follow.
+spells on the way (the reshapes' last size, the split sizes) follow. An RMS norm over the neurons (a mean
+over the last axis of a value holding exactly the neurons: BitNet's ffn_sub_norm, DeepSeek-V3's
+q_a_layernorm over its latent) takes its mean over the kept neurons, and a per-neuron parameter read once
+(its weight) loses the removed entries: what the block built with that many neurons computes.
 
 Every consumer whose input is computed from linears only is a block; one that cannot be narrowed is
-reported with the reason (an op that mixes the neurons such as OLMo-style norms over them, values read
-elsewhere, a per-neuron constant, a quantized layer). Consumers fed by the residual stream (their input
+reported with the reason (another op that mixes the neurons, values read elsewhere, a per-neuron tensor
+read twice or applied to every expert alike, a quantized layer). Consumers fed by the residual stream (their input
 depends on the model's inputs without passing a linear) and attention outputs are not neuron blocks.
 
 Neuron j is scored by E|h_j| * ||C[:, j]||, with h the consumer's input over the calibration tokens
@@ -114,6 +117,7 @@ class NeuronGroup:
     producers: list[fx.Node]          # the linears writing them (gate_proj, up_proj), in graph order
     width: int                        # neurons: the consumer's K; each producer's N is a multiple of it
     edits: list = dataclasses.field(default_factory=list)    # reshapes and splits whose literals spell widths
+    params: list = dataclasses.field(default_factory=list)   # (user, get_attr): per-neuron tensors (a norm's weight)
 
     @property
     def name(self) -> str:
@@ -181,6 +185,23 @@ def _split_problem(n: fx.Node, width: int) -> str:
     return ""
 
 
+def _neuron_mean(n: fx.Node, width: int) -> bool:
+    """n is a mean over the last axis of a value holding exactly the ``width`` neurons, kept as size 1: an RMS
+    norm over the neurons (BitNet's ffn_sub_norm, DeepSeek-V3's q_a_layernorm over its latent). Pruned, it takes
+    its mean over the kept neurons, as the block built with that many computes."""
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    shape = ir.meta.shape(src) if src is not None else None
+    return n.target is aten.mean.dim and bool(shape) and shape[-1] == width and len(n.args) > 2 and \
+        n.args[2] is True and [d % len(shape) for d in n.args[1]] == [len(shape) - 1]
+
+
+def _neuron_params(leaves: list, width: int) -> list:
+    """The leaves that are per-neuron parameters (get_attr of shape (width,), read once): a norm's weight,
+    narrowed with the neurons."""
+    return [n for n in leaves if n.op == "get_attr" and tuple(ir.meta.shape(n) or ()) == (width,)
+            and len(n.users) == 1]
+
+
 def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list, leaves: list,
                    width: int) -> str:
     """Why the neurons between ``producers`` and consumer ``c`` cannot be removed, or ''."""
@@ -205,15 +226,21 @@ def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list,
         elif n.target is operator.getitem:
             if n.args[0].target not in _SPLITS:
                 return f"{where} takes item {n.args[1]} of {n.args[0].name}"
-        elif n.target not in ELEMENTWISE:
+        elif n.target not in ELEMENTWISE and not _neuron_mean(n, width):
             return (f"{where} runs {n.target}, which mixes the neurons: only elementwise ops, reshapes that keep "
-                    "the last axis and splits along it may stand between the layers")
+                    "the last axis, splits along it and means over it may stand between the layers")
+    per_token = {n for n in region if _neuron_mean(n, width)}
+    per_token |= {n for n in _computed_from(list(per_token), set(region)) if _last(n) == 1}
     for n in [*region, *producers]:
         last = _last(n)
-        if last is None or last % width:
+        if n not in per_token and (last is None or last % width):
             return f"{n.name} has {last} features, not a multiple of the {width} neurons {layer_name(c)} reads"
+    params = _neuron_params(leaves, width)
+    if params and c.target in grouped_gemm_ops():
+        return (f"{params[0].name} of shape {ir.meta.shape(params[0])} is applied to every expert's neurons alike: "
+                "the experts keep different neurons")
     for leaf in leaves:
-        if not _broadcast(leaf):
+        if not _broadcast(leaf) and leaf not in params:
             return (f"{leaf.name} of shape {ir.meta.shape(leaf)} is applied to the neurons one by one (a per-neuron "
                     "tensor the pass does not narrow)")
     inside = {*region, *producers}
@@ -267,7 +294,8 @@ def neuron_groups(gm: fx.GraphModule) -> tuple[list[NeuronGroup], dict[str, str]
             rejected[layer_name(c)] = why
             continue
         edits = [n for n in region if n.target in _RESHAPES | _SPLITS]
-        groups.append(NeuronGroup(c, producers, width, edits))
+        params = [(u, p) for p in _neuron_params(leaves, width) for u in p.users]
+        groups.append(NeuronGroup(c, producers, width, edits, params))
     return groups, rejected
 
 
@@ -320,6 +348,9 @@ def shrink(gm: fx.GraphModule, group: NeuronGroup, keep: torch.Tensor) -> None:
         _narrow_experts(gm, group.consumer, keep, False)
     else:
         _narrow(gm, group.consumer, cols=keep)
+        for user, param in group.params:
+            with torch.no_grad():
+                _swap_tensor(gm, user, user.args.index(param), ir.meta.tensor_attr(gm, param).detach()[keep], "narrow")
 
     def scaled(size):
         return size // old * new if isinstance(size, int) and size != -1 else size

@@ -626,7 +626,8 @@ def test_heads_left_whole_when_a_projection_is_used_across_heads_otherwise():
 
 def test_neurons_blocks_left_whole_say_why():
     """Each feed-forward block the pass cannot narrow is in the statistics with its reason: neurons read
-    elsewhere, a norm over the neurons (its mean would change), a per-neuron constant."""
+    elsewhere, an op other than a mean that mixes the neurons (a max over them), a per-neuron tensor read
+    twice."""
     class Blocks(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -638,8 +639,8 @@ def test_neurons_blocks_left_whole_say_why():
         def forward(self, x):
             h0 = torch.relu(self.up[0](x))
             h1 = self.up[1](x)
-            h1 = h1 * torch.rsqrt(h1.pow(2).mean(-1, keepdim=True) + 1e-6)     # an RMS over the neurons
-            h2 = F.gelu(self.up[2](x)) * self.scale
+            h1 = h1 - h1.amax(-1, keepdim=True)                               # a max over the neurons
+            h2 = F.gelu(self.up[2](x)) * self.scale + self.scale
             h3 = F.silu(self.up[3](x)) * 2.0                                  # prunable
             return self.down[0](h0) + self.down[1](h1) + self.down[2](h2) + self.down[3](h3), h0.sum(-1)
 
@@ -650,8 +651,45 @@ def test_neurons_blocks_left_whole_say_why():
     why = res.stats["skipped"]
     assert set(why) == {"down.0", "down.1", "down.2"}
     assert why["down.0"].startswith("the neurons are also read by sum"), why
-    assert "aten.mean.dim, which mixes the neurons" in why["down.1"], why
+    assert "aten.amax.default, which mixes the neurons" in why["down.1"], why
     assert "of shape (24,) is applied to the neurons one by one" in why["down.2"], why
+
+
+def test_neurons_through_an_rms_norm_shrink_to_the_narrower_block():
+    """An RMS norm over the neurons (BitNet's ffn_sub_norm, DeepSeek-V3's q_a_layernorm over its latent) takes
+    its mean over the kept neurons and loses the removed entries of its weight: the block computes what it
+    computes built with that many neurons. Reference: by hand, with the kept neurons' slices of every weight
+    (which neurons: read off the graph's up rows)."""
+    torch.manual_seed(0)
+    w = dict(wu=torch.randn(24, 8) / 3, bu=torch.randn(24), wd=torch.randn(8, 24) / 5, bd=torch.randn(8),
+             g=torch.rand(24) + 0.5)
+
+    def block(x, wu, bu, wd, bd, g):
+        h = F.silu(F.linear(x, wu, bu))
+        return F.linear(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * g, wd, bd)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, t in w.items():
+                self.register_parameter(k, torch.nn.Parameter(t.clone()))
+
+        def forward(self, x):
+            return block(x, *(getattr(self, k) for k in w))
+    x = torch.randn(3, 5, 8)
+    gm = ir.capture(Block(), (x,), dynamic=True).gm
+    res = P.Prune(sparsity=0.5, pattern="neurons")(gm, P.PassContext((x,)))
+    assert list(res.stats["shrunk"].values()) == ["24 -> 12 neurons"], res.stats
+    up = next(getattr(res.graph_module, n.args[1].target) for n in res.graph_module.graph.nodes
+              if n.target is torch.ops.aten.linear.default)
+    kept = torch.tensor([i for i in range(24) if any(torch.equal(w["wu"][i], r) for r in up)])
+    assert len(kept) == 12
+    small = dict(wu=w["wu"][kept], bu=w["bu"][kept], wd=w["wd"][:, kept], bd=w["bd"], g=w["g"][kept])
+    for xi in (x, torch.randn(1, 2, 8)):
+        with torch.no_grad():
+            ref = block(xi, **small)
+        assert _rel(res.graph_module(xi), ref) < 1e-5
+        assert _rel(lower(res.graph_module, "numpy")((xi,), {}), ref) < 1e-5
 
 
 def test_neurons_named_from_the_weight_without_module_metadata():
@@ -812,11 +850,60 @@ def test_neurons_an_expert_no_token_reached_keeps_its_largest_columns():
     assert _rel(res.graph_module(x, offs), zeroed(x, offs)) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["gate", "norm"])
+def test_heads_gated_or_normed_after_the_merge_shrink(kind):
+    """An output gate per channel computed by a linear (AFMoE's ``y * sigmoid(gate_proj(x))``) loses the removed
+    heads' rows of that linear; an RMS norm over the merged heads written out (BitNet's attn_sub_norm) loses
+    their weight entries and takes its mean over the kept heads, as the block built with that many heads
+    computes. Reference: the block computed by hand with the kept heads' slices of every weight (which heads
+    were kept: read off the graph's q rows)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    w = {n: torch.randn(16, 16) / 4 for n in "qkvog"}
+    bias_g, norm_w = torch.randn(16), torch.rand(16) + 0.5
+
+    def block(x, w, bias_g, norm_w, heads):
+        b, t, _ = x.shape
+        q, k, v = ((x @ w[n].T).view(b, t, heads, 4).transpose(1, 2) for n in "qkv")
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, heads * 4)
+        if kind == "gate":
+            y = y * torch.sigmoid(x @ w["g"].T + bias_g)
+        else:
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
+        return y @ w["o"].T
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for n, t in w.items():
+                self.register_parameter(n, torch.nn.Parameter(t.clone()))
+            self.bias_g, self.norm_w = torch.nn.Parameter(bias_g.clone()), torch.nn.Parameter(norm_w.clone())
+
+        def forward(self, x):
+            return block(x, {n: getattr(self, n) for n in "qkvog"}, self.bias_g, self.norm_w, 4)
+    x = torch.randn(2, 5, 16)
+    gm = ir.capture(Block(), (x,), dynamic=True).gm
+    res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,), {}))
+    assert res.modified and list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"], res.stats
+    q_rows = next(getattr(res.graph_module, n.args[1].target) for n in res.graph_module.graph.nodes
+                  if n.target is torch.ops.aten.linear.default)
+    heads = [h for h in range(4) if any(torch.equal(w["q"][h * 4:h * 4 + 4], q_rows[i:i + 4]) for i in (0, 4))]
+    assert len(heads) == 2, heads
+    ch = torch.tensor([h * 4 + j for h in heads for j in range(4)])
+    kept = {n: w[n][ch] for n in "qkvg"} | {"o": w["o"][:, ch]}
+    for xi in (x, torch.randn(1, 3, 16)):
+        with torch.no_grad():
+            ref = block(xi, kept, bias_g[ch], norm_w[ch], 2)
+        assert _rel(res.graph_module(xi), ref) < 1e-5
+        assert _rel(lower(res.graph_module, "numpy")((xi,), {}), ref) < 1e-5
+
+
 def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
-    """Blocks whose heads meet again before o_proj stay whole and say why: a norm over the merged heads
-    (BitNet's attn_sub_norm), an output gate per channel (AFMoE's), a linear inside the block over every head's
-    values (Doge's dt_proj, which feeds the scores' mask); so does one that folds the head count into a computed
-    size (XGLM's batch x heads for bmm), which the pass cannot rewrite."""
+    """Blocks whose heads meet again before o_proj stay whole and say why: a norm op over the merged heads
+    (torch's fused rms_norm), a per-channel value applied to them that no linear of their width computes, a
+    linear inside the block over every head's values (Doge's dt_proj, which feeds the scores' mask); so does
+    one that folds the head count into a computed size (XGLM's batch x heads for bmm), which the pass cannot
+    rewrite."""
     class Attn(torch.nn.Module):
         def __init__(self, kind):
             super().__init__()
@@ -837,7 +924,9 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
             else:
                 y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             y = y.transpose(1, 2).reshape(b, t, 16)
-            y = self.norm(y) if self.kind == "norm" else y * torch.sigmoid(self.gate(x)) if self.kind == "gate" else y
+            g = self.gate(x)            # (read twice: not a gate of its own the pass could narrow)
+            y = self.norm(y) if self.kind == "norm" else y * torch.sigmoid(g * g.sum(-1, keepdim=True)) \
+                if self.kind == "gate" else y
             return self.o(y)
     x = torch.randn(2, 5, 16)
     why = {"norm": "over all its heads at once (aten.rms_norm", "gate": "applies sigmoid",
