@@ -53,6 +53,7 @@ EXTRA = {
     "mamba2": dict(num_heads=8, head_dim=8, expand=2, n_groups=1),
     "bamba": dict(mamba_n_heads=8, mamba_d_head=8, mamba_expand=2, attn_layer_indices=[1]),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["full_attention", "conv"]),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),     # (its gated attention too)
 }
 DROP = {"falcon": ("head_dim",),                       # a read-only property there
         "deepseek_v3": ("num_key_value_heads", "head_dim")}   # latent attention: every head reads the latents

@@ -17,8 +17,12 @@ linears), and the fused split's sizes or slice bounds, are rewritten; a block wh
 left alone. A projection's output may be used over all its heads at once before the split into heads only
 elementwise, through means over its last axis and per-channel parameters: OLMo-2's q_norm and k_norm, RMS
 norms over the whole projection, lose the removed heads' weight entries and take their mean over the kept
-heads, as OLMo-2 built with that many heads computes. A block with any other such use is left alone, and so
-is one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to the scores).
+heads, as OLMo-2 built with that many heads computes; likewise after the heads are merged (BitNet's
+attn_sub_norm), where an output gate computed by a linear (AFMoE's ``sigmoid(gate_proj(x))``) loses the
+removed heads' rows. q_proj may hold more rows per head than head_dim when viewed per head before they are
+cut apart (Qwen3-Next: each head's query, then its output gate). A block with any other such use is left
+alone, and so is one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to
+the scores).
 """
 from __future__ import annotations
 
@@ -56,10 +60,11 @@ class HeadGroup:
     segments: dict = dataclasses.field(default_factory=dict)   # fused q/k/v: part -> its first row
     cuts: list = dataclasses.field(default_factory=list)       # fused q/k/v: the split / slice nodes
     group_rows: int = 0               # fused q/k/v laid out per kv group: the projection's rows per group
-    params: list = dataclasses.field(default_factory=list)     # (user, get_attr, "q" | "k" | "v" | "rows"):
+    params: list = dataclasses.field(default_factory=list)     # (user, get_attr, "q_proj" | "q" | "k" | "v" | "rows"):
     #                                   per-channel tensors applied to a projection's output (q_norm's weight)
     #                                   or to the merged heads (BitNet's attn_sub_norm weight)
     gates: list = dataclasses.field(default_factory=list)      # linears whose outputs gate the merged heads
+    q_rows: int = 0                   # q_proj's rows per q head when not head_dim (Qwen3-Next: query and gate)
 
     @property
     def name(self) -> str:
@@ -181,6 +186,16 @@ def _gate_linear(gm: fx.GraphModule, a: fx.Node, width: int):
             return None
         n = wide[0]
     return None
+
+
+def _q_rows_per_head(q: fx.Node, nq: int, merged: int, dim) -> int:
+    """q_proj's rows per q head when they hold more than the head's query (Qwen3-Next: query and output gate,
+    2 x head_dim rows per head, viewed into (..., heads, 2 * head_dim) before both are cut out), else 0."""
+    if not isinstance(dim, int) or not merged or nq <= merged or nq % merged or merged % dim or len(q.users) != 1:
+        return 0
+    (u,) = q.users
+    out = tuple(ir.meta.shape(u) or ())
+    return nq // (merged // dim) if u.target in _SHAPED and out[-2:] == (merged // dim, nq // (merged // dim)) else 0
 
 
 def _whole_output_use(gm: fx.GraphModule, region: set, o: fx.Node, width: int) -> tuple[str, list, list]:
@@ -408,6 +423,9 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         else:
             nq, nk, nv = (ir.meta.tensor_attr(gm, n.args[1]).shape[0] for n in (q, k, v))
             projs = [(q, nq), (k, nk), (v, nv)]
+        q_rows = _q_rows_per_head(q, nq, wo.shape[1], dim) if not fused else 0
+        if q_rows:                        # Qwen3-Next: each q head's rows hold its query and its output gate
+            nq = wo.shape[1]
         if not isinstance(dim, int) or nq % dim or nk % dim or nk != nv or wo.shape[1] != nq:
             rejected[where] = "the projections' shapes are not whole heads"
             continue
@@ -422,19 +440,24 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         uses = [_whole_projection_use(region, p, w, dim) for p, w in projs]
         out_why, out_params, gates = _whole_output_use(gm, region, o, nq) if nq != dim else ("", [], [])
         why = next(filter(None, (u[0] for u in uses)), "") or out_why
-        kinds = ["rows"] if groups_in_view else ["q", "k", "v"]
+        kinds = ["rows"] if groups_in_view else ["q_proj", "k", "v"]
         params = [(user, param, kind) for (_, ps), kind in zip(uses, kinds) for user, param in ps] + \
             [(user, param, "q") for user, param in out_params]
-        widths = {nq, nk, *([nq + 2 * nk] if fused else [])} - {dim}   # head_dim is never a width to scale
+        widths = {nq, nk, *([nq + 2 * nk] if fused else []), *([projs[0][1]] if q_rows else [])} - {dim}
+        #                                 (head_dim is never a width to scale; nor q_rows, in the q view only)
         if not why:                   # the views into groups spell group counts: view_edits has them
-            edits, why = _head_literals(node, region - {v.name for v in views}, heads, kv, widths)
+            q_view = next(iter(q.users)) if q_rows else None      # (its last literal: 2 x head_dim, no width)
+            edits, why = _head_literals(node, region - {v.name for v in views} - {getattr(q_view, "name", None)},
+                                        heads, kv, widths)
+            if q_view is not None and q_view.args[1][-2] == heads:    # the head count spelled there
+                edits.append((q_view, len(q_view.args[1]) - 2, "q"))
         why = why or _per_head_inputs(node, region, heads, kv) or _computed_head_sizes(node, region, heads, kv)
         if why:
             rejected[where] = why
             continue
         groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits + view_edits,
                                 {p: seg[0] for p, seg in segments.items()}, cuts,
-                                width // kv if groups_in_view else 0, params, gates))
+                                width // kv if groups_in_view else 0, params, gates, q_rows))
     return groups, rejected
 
 
@@ -496,6 +519,8 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
     kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
     q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
     q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+    qr = grp.q_rows or d                                      # q_proj's rows per head
+    q_proj_idx = (q_heads[:, None] * qr + torch.arange(qr)).reshape(-1)
     rows = None
     if grp.group_rows:                # one fused projection laid out per kv group: the kept groups' blocks
         rows = (keep[:, None] * grp.group_rows + torch.arange(grp.group_rows)).reshape(-1)
@@ -505,13 +530,13 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
         rows = torch.cat([grp.segments[p] + idx[p] for p in sorted(grp.segments, key=grp.segments.get)])
         _narrow(gm, grp.q, rows=rows, suffix="heads")
     else:
-        for lin, idx in ((grp.q, q_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
+        for lin, idx in ((grp.q, q_proj_idx), (grp.k, kv_idx), (grp.v, kv_idx)):
             _narrow(gm, lin, rows=idx, suffix="heads")
     _narrow(gm, grp.o, cols=q_idx, suffix="heads")
     for lin in grp.gates:             # AFMoE's gate_proj: one output per q channel
         _narrow(gm, lin, rows=q_idx, suffix="heads")
     for user, param, kind in grp.params:
-        idx = {"q": q_idx, "k": kv_idx, "v": kv_idx, "rows": rows}[kind]
+        idx = {"q_proj": q_proj_idx, "q": q_idx, "k": kv_idx, "v": kv_idx, "rows": rows}[kind]
         with torch.no_grad():
             _swap_tensor(gm, user, user.args.index(param), ir.meta.tensor_attr(gm, param).detach()[idx], "heads")
 

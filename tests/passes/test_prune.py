@@ -898,6 +898,48 @@ def test_heads_gated_or_normed_after_the_merge_shrink(kind):
         assert _rel(lower(res.graph_module, "numpy")((xi,), {}), ref) < 1e-5
 
 
+def test_heads_whose_q_rows_hold_an_output_gate_shrink():
+    """Qwen3-Next's gated attention: q_proj gives each head 2 x head_dim rows (its query, then its output gate),
+    viewed into (..., heads, 2 x head_dim) and chunked in two; the gate multiplies the merged heads before
+    o_proj. A kept head keeps both halves of its rows (the view's last size, 2 x head_dim = 8 here, equals
+    k's width and must not be taken for it). Reference: by hand with the kept heads' slices."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    w = {"q": torch.randn(32, 16) / 4, "k": torch.randn(8, 16) / 4, "v": torch.randn(8, 16) / 4,
+         "o": torch.randn(16, 16) / 4}
+
+    def block(x, w):                  # head_dim 4; 4 q heads, 2 kv heads
+        b, t, _ = x.shape
+        q, gate = torch.chunk(F.linear(x, w["q"]).view(b, t, -1, 8), 2, dim=-1)
+        q = q.transpose(1, 2)
+        k, v = (F.linear(x, w[n]).view(b, t, -1, 4).transpose(1, 2) for n in "kv")
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+        return F.linear(y * torch.sigmoid(gate.reshape(b, t, -1)), w["o"])
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for n, t in w.items():
+                self.register_parameter(n, torch.nn.Parameter(t.clone()))
+
+        def forward(self, x):
+            return block(x, {n: getattr(self, n) for n in w})
+    x = torch.randn(2, 5, 16)
+    gm = ir.capture(Block(), (x,), dynamic=True).gm
+    res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,), {}))
+    assert res.modified and list(res.stats["shrunk"].values()) == ["2 -> 1 kv heads"], res.stats
+    k_rows = [getattr(res.graph_module, n.args[1].target) for n in res.graph_module.graph.nodes
+              if n.target is torch.ops.aten.linear.default][1]
+    (g,) = [g for g in range(2) if torch.equal(w["k"][g * 4:g * 4 + 4], k_rows)]
+    small = {"q": w["q"][g * 16:g * 16 + 16], "k": w["k"][g * 4:g * 4 + 4], "v": w["v"][g * 4:g * 4 + 4],
+             "o": w["o"][:, g * 8:g * 8 + 8]}        # kv group g: q heads 2g, 2g + 1 (8 q rows each, 4 o columns)
+    for xi in (x, torch.randn(1, 3, 16)):
+        with torch.no_grad():
+            ref = block(xi, small)
+        assert _rel(res.graph_module(xi), ref) < 1e-5
+        assert _rel(lower(res.graph_module, "numpy")((xi,), {}), ref) < 1e-5
+
+
 def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
     """Blocks whose heads meet again before o_proj stay whole and say why: a norm op over the merged heads
     (torch's fused rms_norm), a per-channel value applied to them that no linear of their width computes, a
