@@ -263,7 +263,7 @@ class Quantize(Pass):
             if in_runs and x not in hessians:
                 i = run_of[x]
                 hessians.clear()
-                hessians.update(input_hessians(gm, calls, runs[i], False,
+                hessians.update(input_hessians(gm, calls, runs[i], ctx.progress,
                                                f"Quantize(method='gptq'), run {i + 1}/{len(runs)}"))
             elif gptq and x not in hessians:    # sequential: the layers before are quantized in the graph now
                 hessians.update(input_hessians(gm, calls, [x], False, "Quantize(method='gptq')"))
