@@ -1,6 +1,7 @@
 """Calibration for quantization passes: run the graph in torch over model inputs and hand the values of
-chosen nodes to callbacks (observers). Shared by ``Quantize`` (static activations, layer SQNR) and
-``SmoothQuant`` (per-channel activation ranges)."""
+chosen nodes to callbacks (observers). Shared by ``Quantize`` (static activations, layer SQNR; GPTQ's and
+AWQ's input Hessians, in runs that fit ``HESSIAN_BYTES``), ``Prune`` (SparseGPT's) and ``SmoothQuant``
+(per-channel activation ranges)."""
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
@@ -96,7 +97,9 @@ HESSIAN_BYTES = 2 << 30
 """Input Hessians (fp64, K x K per layer input; per expert for MoE tensors) that GPTQ, AWQ and SparseGPT hold at
 once. Where a model's need more (Llama-2-7B's: ~44 GB; 70B's: ~650 GB), they are gathered in runs that fit,
 one calibration pass per run, each stopped after its last input (``budget_runs``). Raise it to trade memory for
-fewer passes; the results do not depend on it (``Quantize``'s ``hessian_runs`` statistic counts the runs)."""
+fewer passes. GPTQ's and SparseGPT's results do not depend on it (every run's Hessians come from the float
+graph); AWQ searches each run on the graph scaled so far, the same up to float rounding. The statistics'
+``hessian_runs`` counts the runs."""
 
 
 def budget_runs(items: list, need: Callable[[object], int], budget: int | None = None) -> list[list]:
