@@ -36,7 +36,8 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from .prune_structured import ELEMENTWISE, _float_linear, _narrow, _swap_tensor, layer_name, linear_like
+from .prune_structured import (ELEMENTWISE, _float_linear, _narrow, _swap_tensor, channel_param, last_axis_mean,
+                               layer_name, linear_like)
 
 aten = torch.ops.aten
 _SHAPED = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
@@ -126,13 +127,6 @@ def attention_cores(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node,
     return cores
 
 
-def _is_channel_mean(u: fx.Node, f: fx.Node) -> bool:
-    """u is a mean of f over its last axis, kept as size 1 (an RMSNorm's)."""
-    rank = len(ir.meta.shape(f) or ())
-    return u.target is aten.mean.dim and u.args[0] is f and rank > 0 and len(u.args) > 2 and u.args[2] is True \
-        and [d % rank for d in u.args[1]] == [rank - 1]
-
-
 def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int) -> tuple[str, list]:
     """Why heads cannot be cut out of ``proj``'s output: a use of its values over all heads together before
     they are split into heads, else ''; and the per-channel parameters (``(user, get_attr)``) applied to it
@@ -152,13 +146,13 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
                 if out and out[-1] == width:
                     flat.append(u)    # still every head along the last axis (tokens flattened, say)
                 continue              # the split into heads
-            if _is_channel_mean(u, f):
+            if last_axis_mean(u) is f:
                 continue              # (..., 1): what it feeds passes as a value of size 1
             if u.target in ELEMENTWISE:
                 others = [a for a in u.all_input_nodes if a not in flat and a.name not in region
                           and (ir.meta.shape(a) or (1,))[-1] != 1]
                 for a in others:
-                    if a.op == "get_attr" and tuple(ir.meta.shape(a) or ()) == (width,) and len(a.users) == 1:
+                    if channel_param(a, width):
                         params.append((u, a))
                     else:
                         found.append((u, f"{a.name} of shape {tuple(ir.meta.shape(a))}"))
@@ -218,7 +212,7 @@ def _whole_output_use(gm: fx.GraphModule, region: set, o: fx.Node, width: int) -
             if isinstance(src, fx.Node) and (ir.meta.shape(src) or (None,))[-1] == width:
                 todo.append(src)      # still every head along the last axis
             continue                  # the merge of the heads
-        if isinstance(f.args[0], fx.Node) and _is_channel_mean(f, f.args[0]):
+        if last_axis_mean(f) is not None:
             todo.append(f.args[0])
             continue
         if f.target not in ELEMENTWISE:
@@ -229,7 +223,7 @@ def _whole_output_use(gm: fx.GraphModule, region: set, o: fx.Node, width: int) -
                 todo.append(a)
             elif (ir.meta.shape(a) or (1,))[-1] == 1:
                 continue
-            elif a.op == "get_attr" and tuple(ir.meta.shape(a) or ()) == (width,) and len(a.users) == 1:
+            elif channel_param(a, width):
                 params.append((f, a))
             elif (lin := _gate_linear(gm, a, width)) is not None:
                 gates.append(lin)

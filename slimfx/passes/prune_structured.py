@@ -185,21 +185,31 @@ def _split_problem(n: fx.Node, width: int) -> str:
     return ""
 
 
+def last_axis_mean(n: fx.Node) -> Optional[fx.Node]:
+    """What n averages over its last axis, kept as size 1 (an RMS norm's mean of squares), else None."""
+    src = n.args[0] if n.target is aten.mean.dim and isinstance(n.args[0], fx.Node) else None
+    rank = len(ir.meta.shape(src) or ()) if src is not None else 0
+    ok = rank > 0 and len(n.args) > 2 and n.args[2] is True and [d % rank for d in n.args[1]] == [rank - 1]
+    return src if ok else None
+
+
+def channel_param(n: fx.Node, width: int) -> bool:
+    """n is a parameter of one value per channel (shape (width,)) read once: a norm's weight, which narrows
+    with the channels."""
+    return n.op == "get_attr" and tuple(ir.meta.shape(n) or ()) == (width,) and len(n.users) == 1
+
+
 def _neuron_mean(n: fx.Node, width: int) -> bool:
-    """n is a mean over the last axis of a value holding exactly the ``width`` neurons, kept as size 1: an RMS
-    norm over the neurons (BitNet's ffn_sub_norm, DeepSeek-V3's q_a_layernorm over its latent). Pruned, it takes
-    its mean over the kept neurons, as the block built with that many computes."""
-    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    shape = ir.meta.shape(src) if src is not None else None
-    return n.target is aten.mean.dim and bool(shape) and shape[-1] == width and len(n.args) > 2 and \
-        n.args[2] is True and [d % len(shape) for d in n.args[1]] == [len(shape) - 1]
+    """n is a mean over the last axis of a value holding exactly the ``width`` neurons: an RMS norm over the
+    neurons (BitNet's ffn_sub_norm, DeepSeek-V3's q_a_layernorm over its latent). Pruned, it takes its mean
+    over the kept neurons, as the block built with that many computes."""
+    src = last_axis_mean(n)
+    return src is not None and (ir.meta.shape(src) or (None,))[-1] == width
 
 
 def _neuron_params(leaves: list, width: int) -> list:
-    """The leaves that are per-neuron parameters (get_attr of shape (width,), read once): a norm's weight,
-    narrowed with the neurons."""
-    return [n for n in leaves if n.op == "get_attr" and tuple(ir.meta.shape(n) or ()) == (width,)
-            and len(n.users) == 1]
+    """The leaves that are per-neuron parameters (``channel_param``), narrowed with the neurons."""
+    return [n for n in leaves if channel_param(n, width)]
 
 
 def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list, leaves: list,
