@@ -1,6 +1,6 @@
 """Which transformers model families slimfx compiles: a support matrix beyond the families the tests check.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py                    # every family below (~25 min, 2 cores)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py                    # every family below (~15 min, 2 cores)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py --families mamba,gpt_oss [--update]
 
 Per family, a tiny random-weight causal LM from its own config class (hidden 32, 4 heads, 2 layers; MoE with
@@ -8,8 +8,9 @@ Per family, a tiny random-weight causal LM from its own config class (hidden 32,
 against torch's (relative max error; fp32, so summation order only: ~1e-7), and W8A8 (int8 per channel x int8
 per token, every linear, MoE experts weight-only int8) + Fuse on numpy, as SQNR of the logits in dB. Half of each
 attention block's kv heads and a quarter of each feed-forward block's neurons are removed (``Prune(pattern=
-"heads")``, ``"neurons"``, on numpy) and compared with the model with those units zeroed (tests/conftest.py's
-``zero_what_the_graph_removed``); the blocks left whole are listed with the reasons in the JSON. MoE families
+"heads")``, ``"neurons"``, on numpy), and apart half the q heads in each kv group (``"query_heads"``), and compared
+with the model with those units zeroed (tests/conftest.py's ``zero_what_the_graph_removed``); the blocks left whole
+are listed with the reasons in the JSON. MoE families
 also lose a quarter of each block's experts (``Prune(pattern="experts")``, on numpy) and are compared with the
 model whose removed experts are never chosen (tests/conftest.py's ``experts_never_chosen``), or say why a block
 stays whole; and their experts are quantized int4 (groups of 16) with ``Quantize(awq=True)``: its MoE scaling alone
@@ -104,18 +105,23 @@ def experts_awq(captured, call, ref) -> str:
 
 
 def units_pruned(model, captured, call) -> dict:
-    """Half of each attention block's kv head groups and a quarter of each feed-forward block's neurons removed:
-    how many blocks shrank of those found, the logits' error against the model with those units zeroed, and
-    why the others stay whole."""
-    pruned = slimfx.compile(captured, backend="numpy", progress=False,
-                            passes=[Prune(sparsity=0.5, pattern="heads"), Prune(sparsity=0.25, pattern="neurons")])
-    heads, neurons = (r.stats for r in pruned.report().records)
-    zeroed, _ = zero_what_the_graph_removed(model, pruned.graph)
-    with torch.no_grad():
-        err = rel_err(pruned(**call).logits, zeroed(**call).logits)
+    """Half of each attention block's kv head groups and a quarter of each feed-forward block's neurons removed,
+    and, apart, half the q heads in each kv group: how many blocks shrank of those found, the logits' largest
+    error against the model with those units zeroed, and why the others stay whole."""
+    errs, stats = [], []
+    for passes in ([Prune(sparsity=0.5, pattern="heads"), Prune(sparsity=0.25, pattern="neurons")],
+                   [Prune(sparsity=0.5, pattern="query_heads")]):
+        pruned = slimfx.compile(captured, backend="numpy", progress=False, passes=passes)
+        stats += [r.stats for r in pruned.report().records]
+        zeroed, _ = zero_what_the_graph_removed(model, pruned.graph)
+        with torch.no_grad():
+            errs.append(rel_err(pruned(**call).logits, zeroed(**call).logits))
+    heads, neurons, q_heads = stats
     count = lambda st: f"{len(st['shrunk'])}/{len(st['shrunk']) + len(st['skipped'])}"     # noqa: E731
-    return {"units_pruned": f"heads {count(heads)}, neurons {count(neurons)}: {err:.1e}",
-            "units_whole": sorted(set(heads["skipped"].values()) | set(neurons["skipped"].values()))}
+    return {"units_pruned": f"heads {count(heads)}, q heads {count(q_heads)}, neurons {count(neurons)}: "
+                            f"{max(errs):.1e}",
+            "units_whole": sorted(set(heads["skipped"].values()) | set(neurons["skipped"].values())),
+            "q_heads_whole": sorted(set(q_heads["skipped"].values()))}
 
 
 def check(family: str) -> dict:
@@ -176,13 +182,14 @@ def main():
     ok = [r for r in rows if "error" not in r]
     lines = [f"# Model families on slimfx ({len(ok)} of {len(rows)} compile)", "",
              "Tiny random-weight configs; numpy vs torch logits (fp32: summation order only), W8A8 dynamic + Fuse "
-             "on numpy (SQNR of the logits); heads -50% and neurons -25%: blocks shrunk of those found, rel. error vs "
-             "the model with those units zeroed (the JSON says why a block stays whole); MoE: a quarter of each "
-             "block's experts removed, rel. error vs the model with them never chosen; AWQ on the experts: block "
-             "inputs and experts' down inputs scaled, the scaled float graph's rel. error vs the model, the logits' "
+             "on numpy (SQNR of the logits); kv heads -50% and neurons -25%, and apart q heads -50% per kv group: "
+             "blocks shrunk of those found, the larger rel. error vs the model with those units zeroed (the JSON says "
+             "why a block stays whole); MoE: a quarter of each block's experts removed, rel. error vs the model with "
+             "them never chosen; AWQ on the experts: block inputs and experts' down inputs scaled, the scaled float "
+             "graph's rel. error vs the model, the logits' "
              "SQNR with int4 g16 experts by AWQ vs by rounding to nearest (random weights have no outlier channels). "
              "`HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
-             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, neurons | experts -25% "
+             "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, q heads, neurons | experts -25% "
              "| experts AWQ |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -38,10 +38,12 @@ MODES = {    # score: "activation" or "magnitude" (the structured patterns alway
                                        score=score, **kw),
     "neurons": lambda score: Prune(sparsity=0.25, pattern="neurons"),
     "heads": lambda score: Prune(sparsity=1 / 3, pattern="heads"),
+    "query_heads": lambda score: Prune(sparsity=1 / 3, pattern="query_heads"),
 }
 LABELS = {"2:4": "2:4 (50%)", "unstructured": "unstructured 50%, per layer", "block": "50% of 64x64 blocks",
           "neurons": "25% of the MLP neurons removed (layers shrink)",
-          "heads": "1 of 3 kv groups (3 of 9 heads) removed per block"}
+          "heads": "1 of 3 kv groups (3 of 9 heads) removed per block",
+          "query_heads": "1 of 3 q heads in each kv group (3 of 9 heads; k, v whole) removed per block"}
 
 
 def removed_fraction(cm, dense: int) -> float:

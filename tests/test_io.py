@@ -36,6 +36,7 @@ PIPELINES = {
     "W4 grouped": lambda: [P.Quantize(weights="int4", group_size=16)],
     "log8 static, Q/DQ kept": lambda: [P.Quantize(weights="log8", activations="static", lower=False)],
     "heads pruned (layers shrink)": lambda: [P.Prune(1 / 2, pattern="heads"), "dce"],
+    "q heads pruned (repeat_kv's count rewritten)": lambda: [P.Prune(1 / 3, pattern="query_heads")],
 }
 
 

@@ -92,6 +92,30 @@ def test_the_cache_gives_the_logits_of_a_fresh_prefill(llama, passes):
     assert worst <= 1e-5 * scale, (worst, scale)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_query_heads_pruned_through_the_step_graph_generate_as_the_zeroed_model(llama, backend):
+    """Prune(pattern="query_heads") on the step graph: the step returns each layer's keys and values as the new
+    cache, which removing q heads leaves as they are (the cache layout stays), so q_proj and o_proj shrink and the
+    tokens are transformers' from the model with those heads' o_proj columns zeroed; whole kv groups would change
+    the cache, and "heads" says so."""
+    from conftest import zero_what_the_graph_removed
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Prune(1 / 3, pattern="query_heads")], backend=backend,
+                                  progress=False)
+    stats = lm.step.report().records[0].stats
+    assert stats["shrunk"] == {f"model.layers.{i}.self_attn": "6 -> 4 q heads (2 kv)" for i in range(2)}, stats
+    zeroed, narrowed = zero_what_the_graph_removed(llama, lm.step.graph)
+    assert narrowed == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=6)
+    mask[:, -1] = 1
+    got = lm.generate(ids, mask, max_new_tokens=9)
+    assert torch.equal(got, hf_generate(zeroed, ids, mask, 9)), got
+    assert not torch.equal(got, hf_generate(llama, ids, mask, 9))        # the heads were in use
+
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Prune(0.5, pattern="heads")], backend="torch", progress=False)
+    stats = lm.step.report().records[0].stats
+    assert stats["shrunk"] == {} and all("read outside the block" in why for why in stats["skipped"].values())
+
+
 def test_calibrated_passes_see_the_prompts(llama):
     """Static activation scales come from the calibration prompts, given as plain token batches."""
     cal = [text_batch(2, 12, 97, seed=s)[0] for s in range(3)]

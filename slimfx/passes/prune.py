@@ -12,6 +12,9 @@
     Prune(sparsity=0.25, pattern="heads")     structured: a quarter of each attention block's heads (whole
                                               key/value groups under grouped-query attention) are removed
                                               (prune_heads)
+    Prune(sparsity=0.5, pattern="query_heads")
+                                              structured: half the q heads in each key/value group are removed,
+                                              k and v stay (multi-query attention's head pruning; prune_heads)
     Prune(sparsity=0.25, pattern="experts")   structured: a quarter of each mixture-of-experts block's experts
                                               are removed, with their router rows (prune_experts)
     Prune(pattern="2:4", method="sparsegpt")  SparseGPT (prune_sparsegpt): weights chosen by OBS saliency as
@@ -57,7 +60,7 @@ from .quantize import matches, module_patterns, selected_linears
 aten = torch.ops.aten
 sf = torch.ops.slimfx
 SCOPES = ("layer", "global")
-STRUCTURED = ("neurons", "heads", "experts")
+STRUCTURED = ("neurons", "heads", "query_heads", "experts")
 SCORES = ("activation", "magnitude")
 METHODS = ("mask", "sparsegpt")
 _NM = re.compile(r"(\d+):(\d+)")
@@ -70,8 +73,8 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
     m = _NM.fullmatch(pattern)
     if m and 0 < int(m.group(1)) < int(m.group(2)):
         return int(m.group(1)), int(m.group(2))
-    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons', 'heads', 'experts' or 'N:M' "
-                     f"with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+    raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons', 'heads', 'query_heads', 'experts' "
+                     f"or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
 
 
 def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -115,9 +118,10 @@ class Prune(Pass):
     """Pruning of linear layers: zeros by score, or structured units removed (see the module docstring).
 
     sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each block's
-                     neurons, kv head groups or experts for "neurons" / "heads" / "experts"), per layer or,
+                     neurons, kv head groups, q heads per kv group or experts for "neurons" / "heads" /
+                     "query_heads" / "experts"), per layer or,
                      with scope="global", over all selected layers; "N:M" implies 1 - N/M
-    pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons", "heads" or "experts"
+    pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons", "heads", "query_heads" or "experts"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
@@ -363,8 +367,12 @@ class Prune(Pass):
         Scores need activations: the calibration batches, or else the example inputs."""
         if self.pattern == "experts":
             return self._run_experts(gm, ctx)
-        heads = self.pattern == "heads"
+        heads, query = self.pattern in ("heads", "query_heads"), self.pattern == "query_heads"
         found, rejected = attention_groups(gm) if heads else neuron_groups(gm)
+        if heads:                                 # what keeps this pattern's units from going
+            why = {grp.name: grp.query_why if query else grp.kv_why for grp in found}
+            rejected.update({name: w for name, w in why.items() if w})
+            found = [grp for grp in found if not why[grp.name]]
         chosen = []
         for grp in found:
             members = (grp.q, grp.k, grp.v, grp.o) if heads else (*grp.producers, grp.consumer)
@@ -381,8 +389,9 @@ class Prune(Pass):
             importance.update(expert_importance(gm, [grp.consumer for grp in experts], calls))
         shrunk = {}
         for grp in chosen:
-            units, unit = (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
-            score = head_scores(importance[grp.o], grp) if heads else importance[grp.consumer]
+            units, unit = (grp.heads // grp.kv_heads, "q heads per kv group") if query else \
+                (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
+            score = head_scores(importance[grp.o], grp, query) if heads else importance[grp.consumer]
             # at least one unit stays: a layer of width 0 is not a layer; every expert keeps as many
             count = min(round(self.sparsity * units), units - 1)
             cut = torch.stack([smallest([row], count)[0] for row in score.reshape(-1, units)]).view(score.shape)
@@ -392,8 +401,12 @@ class Prune(Pass):
                         f"sparsity {self.sparsity:g} of {units} {unit} rounds to none"
                 continue
             keep = (~cut).nonzero()[:, -1].view(*cut.shape[:-1], -1)
-            (shrink_heads if heads else shrink)(gm, grp, keep)
-            shrunk[grp.name] = f"{units} -> {keep.shape[-1]} {unit}" + (" per expert" if score.ndim == 2 else "")
+            if heads:
+                shrink_heads(gm, grp, keep, query)
+            else:
+                shrink(gm, grp, keep)
+            shrunk[grp.name] = f"{grp.heads} -> {keep.numel()} q heads ({grp.kv_heads} kv)" if query \
+                else f"{units} -> {keep.shape[-1]} {unit}" + (" per expert" if score.ndim == 2 else "")
         if shrunk:
             gm.graph.eliminate_dead_code()
             ir.drop_unused_tensors(gm)

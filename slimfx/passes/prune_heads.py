@@ -23,6 +23,14 @@ removed heads' rows. q_proj may hold more rows per head than head_dim when viewe
 cut apart (Qwen3-Next: each head's query, then its output gate). A block with any other such use is left
 alone, and so is one where a value from outside the block differs per head (BLOOM's ALiBi slopes, added to
 the scores).
+
+``shrink_heads(..., query=True)`` (``Prune(pattern="query_heads")``) removes q heads within the kv groups instead,
+as many in each, and k and v stay whole: the only head pruning left to multi-query attention (Falcon-7B's one kv
+head), and a finer one under grouped-query attention (a 4-to-1 group loses one q head at a time). The q heads per
+kv head change too: repeat_kv's broadcast (..., kv, rep, ...), and in a projection laid out per group (Falcon's
+(..., kv, rep + 2, head_dim)) each group's block and the cuts of q, k and v out of it. Keys and values may be read
+outside the block then (compile_causal_lm's step returns them as the new cache), as they stay; a value on the q
+side may not.
 """
 from __future__ import annotations
 
@@ -57,7 +65,7 @@ class HeadGroup:
     heads: int                        # q heads
     kv_heads: int
     head_dim: int
-    edits: list                       # (node, axis, "q" | "kv" | "width"): shape literals to rewrite
+    edits: list                       # (node, axis, kind): shape literals to rewrite (kinds: shrink_heads.resized)
     segments: dict = dataclasses.field(default_factory=dict)   # fused q/k/v: part -> its first row
     cuts: list = dataclasses.field(default_factory=list)       # fused q/k/v: the split / slice nodes
     group_rows: int = 0               # fused q/k/v laid out per kv group: the projection's rows per group
@@ -66,6 +74,10 @@ class HeadGroup:
     #                                   or to the merged heads (BitNet's attn_sub_norm weight)
     gates: list = dataclasses.field(default_factory=list)      # linears whose outputs gate the merged heads
     q_rows: int = 0                   # q_proj's rows per q head when not head_dim (Qwen3-Next: query and gate)
+    in_group: list = dataclasses.field(default_factory=list)   # per-group view: the cuts of q, k and v in a group
+    query_why: str = ""               # why q heads cannot be removed within the kv groups (pattern "query_heads")
+    kv_why: str = ""                  # why whole kv groups cannot be removed (pattern "heads"): keys or values
+    #                                   read outside the block (compile_causal_lm's cache), which q heads leave be
 
     @property
     def name(self) -> str:
@@ -250,8 +262,8 @@ def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str
             out, rank = ir.meta.shape(u), len(ir.meta.shape(f) or ())
             dim = (u.args[2] if len(u.args) > 2 else 0) if u.target in _SPLITS else \
                 (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.slice.Tensor else None
-            if u.target in _SHAPED and out and out[-1] == width:
-                flat.append(u)
+            if (u.target in _SHAPED or u.target is aten.unsqueeze.default) and out and out[-1] == width:
+                flat.append(u)        # (GPT-BigCode's multi-query c_attn(x).unsqueeze(1) before its split)
             elif u.target in _SHAPED:
                 heads = ", ".join(map(str, (out or ())[-2:]))
                 return [], [], (f"{layer_name(lin)}'s output is viewed into heads (..., {heads}) before q, k and v "
@@ -291,7 +303,7 @@ def _grouped_view(region: set, lin: fx.Node, width: int) -> tuple[int, list, lis
     """For a fused projection whose output (``width`` wide) is viewed into per-group blocks before q, k and v are
     cut out of each (GPT-NeoX's (..., heads, 3 x head_dim), BLOOM's (..., heads, 3, head_dim), Falcon's
     (..., kv heads, q heads per kv head + 2, head_dim)): the number of groups (the first new axis of the last
-    such view), the views, and the (view, axis, "width") edits of the group counts they spell. (0, [], []) when
+    such view), the views, and the (view, axis, "groups") edits of the group counts they spell. (0, [], []) when
     the output is not viewed so. Views that keep the last axis whole (GPT-2's token flattening) may come first."""
     flat = [lin]
     for f in flat:
@@ -309,7 +321,7 @@ def _grouped_view(region: set, lin: fx.Node, width: int) -> tuple[int, list, lis
         views = [u for u in views[0].users if u.name in region]
     if not chain:
         return 0, [], []
-    edits = [(v, rank - 1, "width") for v in chain if isinstance(v.args[1][rank - 1], int) and v.args[1][rank - 1] > 0]
+    edits = [(v, rank - 1, "groups") for v in chain if isinstance(v.args[1][rank - 1], int) and v.args[1][rank - 1] > 0]
     return ir.meta.shape(chain[-1])[rank - 1], chain, edits
 
 
@@ -387,11 +399,11 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         o = node[outs[0]]
         region = (nx.descendants(g, q.name) | nx.descendants(g, k.name) | nx.descendants(g, v.name)) \
             & nx.ancestors(g, o.name)
-        leaks = sorted(u for r in region | {q.name, k.name, v.name} for u in g.successors(r)
-                       if u not in region and u != o.name)
-        if leaks:
-            rejected[where] = f"head-shaped values are read outside the block ({leaks[:3]})"
-            continue
+        leaks = {r: sorted(u for u in g.successors(r) if u not in region and u != o.name)
+                 for r in region | {q.name, k.name, v.name}}
+        leaks = {r: us for r, us in leaks.items() if us}
+        kv_why = f"head-shaped values are read outside the block ({sorted(set().union(*leaks.values()))[:3]})" \
+            if leaks else ""
         inner = [node[r] for r in sorted(region) if node[r].op == "call_function" and node[r].target in linears]
         if inner:                         # Doge's dt_proj: a linear over the values of every head
             rejected[where] = (f"{layer_name(inner[0])} is a linear layer inside the attention block: it reads "
@@ -449,10 +461,101 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         if why:
             rejected[where] = why
             continue
-        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits + view_edits,
-                                {p: seg[0] for p, seg in segments.items()}, cuts,
-                                width // kv if groups_in_view else 0, params, gates, q_rows))
+        edits += view_edits + _rep_literals(node, region, heads, kv)
+        in_group, query_why = [], ""
+        if heads == kv:
+            query_why = "one q head per kv head (multi-head attention): whole heads go with pattern='heads'"
+        elif groups_in_view:
+            in_edits, in_group, query_why = _in_group_cuts(region, views[-1], heads // kv, dim)
+            edits += [e for e in in_edits if e[:2] not in {x[:2] for x in edits}]
+        elif any(c.target is aten.split.Tensor and isinstance(c.args[1], int) for c in cuts):
+            query_why = f"{layer_name(q)}'s output is split into equal parts: with fewer q heads they differ"
+        query_why = query_why or _rep_unexplained(node, region, heads // kv, edits) or \
+            _query_side_leaks(g, s, qkv_args[0], edits, leaks)
+        if kv_why and query_why:
+            rejected[where] = kv_why
+            continue
+        groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits, {p: seg[0] for p, seg in segments.items()}, cuts,
+                                width // kv if groups_in_view else 0, params, gates, q_rows, in_group, query_why,
+                                kv_why))
     return groups, rejected
+
+
+def _query_side_leaks(g: nx.DiGraph, core: fx.Node, q_in: fx.Node, edits: list, leaks: dict) -> str:
+    """Why q heads cannot go when values of the block are read outside it: a value on the q side (q's path to the
+    core, the core and after) or shaped by the q heads per kv head (repeat_kv's repeated keys); else ''. Keys and
+    values themselves may be read outside (compile_causal_lm's step returns them as the new cache): they stay."""
+    q_side = nx.ancestors(g, q_in.name) | {q_in.name} | nx.descendants(g, core.name) | {core.name}
+    for n, _, kind in edits:
+        if kind in ("q", "rep"):
+            q_side |= nx.descendants(g, n.name) | {n.name}
+    bad = sorted({u for r, us in leaks.items() if r in q_side for u in us})
+    return f"head-shaped values are read outside the block ({bad[:3]})" if bad else ""
+
+
+def _rep_literals(node: dict, region: set, heads: int, kv: int) -> list:
+    """The (expand, axis, "rep") of repeat_kv's broadcast (..., kv, 1, ...) -> (..., kv, rep, ...): the q heads per
+    kv head, which removing q heads within the groups changes."""
+    rep, edits = heads // kv, []
+    for r in region:
+        n = node[r]
+        if rep == 1 or n.op != "call_function" or n.target is not aten.expand.default:
+            continue
+        out, src = ir.meta.shape(n), ir.meta.shape(n.args[0])
+        if out is None or src is None or len(src) != len(out):
+            continue
+        edits += [(n, a, "rep") for a, lit in enumerate(n.args[1]) if 0 < a < len(out) - 1 and type(lit) is int
+                  and lit == rep and out[a] == rep and src[a] == 1 and out[a - 1] == kv]
+    return edits
+
+
+def _rep_unexplained(node: dict, region: set, rep: int, edits: list) -> str:
+    """Why q heads cannot be removed within the groups: a shape literal equal to the q heads per kv head that is
+    not one the pass rewrites (a grouped einsum's (..., kv, rep, ...) view, say); else ''."""
+    known = {(n.name, a) for n, a, _ in edits}
+    for r in sorted(region):
+        n = node[r]
+        if n.op != "call_function" or n.target not in _SHAPED:
+            continue
+        out = ir.meta.shape(n) or ()
+        for a, lit in enumerate(n.args[1][:-1]):
+            if type(lit) is int and lit == rep and a < len(out) and out[a] == rep and (n.name, a) not in known:
+                return (f"{n.name} has an axis of {rep} (as many as the q heads per kv head) that the pass does not "
+                        "know how to rewrite")
+    return ""
+
+
+_IN_GROUP_CUTS = {aten.split_with_sizes.default, aten.slice.Tensor, aten.select.int}
+
+
+def _in_group_cuts(region: set, view: fx.Node, rep: int, dim: int) -> tuple[list, list, str]:
+    """For q heads removed within the kv groups of a fused projection viewed per group (Falcon's (..., kv heads,
+    rep + 2, head_dim); with one kv head (..., heads + 2, head_dim)): the edit of the in-group count where the
+    view spells it, and the cuts of q, k and v along that axis (splits [rep, 1, 1]; slices and selects whose
+    positive bounds are 0 or past the q heads): (edits, cuts, '') or ([], [], why)."""
+    out = ir.meta.shape(view)
+    if not out or len(out) < 2 or out[-1] != dim or out[-2] != rep + 2:
+        return [], [], (f"{view.name} does not view each kv group as its {rep} q heads, its key and its value "
+                        f"(..., {rep + 2}, {dim})")
+    axis = len(out) - 2
+    lit = view.args[1][axis]
+    edits = [(view, axis, "in_group")] if type(lit) is int and lit > 0 else []
+    cuts = []
+    for u in view.users:
+        if u.name not in region:
+            continue
+        at = (u.args[2] if len(u.args) > 2 else 0) if u.target is aten.split_with_sizes.default else \
+            (u.args[1] if len(u.args) > 1 else 0)
+        bounds = list(u.args[2:4]) if u.target is aten.slice.Tensor else [u.args[2]] if u.target is aten.select.int \
+            else []
+        if u.target not in _IN_GROUP_CUTS or not isinstance(at, int) or at % len(out) != axis:
+            return [], [], f"{u.name} ({u.target}) reads {view.name}'s groups other than by cutting q, k and v apart"
+        if u.target is aten.split_with_sizes.default and list(u.args[1]) != [rep, 1, 1] or \
+                u.target is aten.slice.Tensor and (len(u.args) > 4 and u.args[4] != 1) or \
+                any(not isinstance(b, (int, type(None))) or isinstance(b, int) and 0 < b < rep for b in bounds):
+            return [], [], f"{u.name} cuts {view.name}'s groups elsewhere than between the q heads and the key"
+        cuts.append(u)
+    return edits, cuts, ""
 
 
 def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) -> tuple[list, str]:
@@ -501,23 +604,32 @@ def _computed_head_sizes(node: dict, region: set, heads: int, kv: int) -> str:
     return ""
 
 
-def head_scores(importance: torch.Tensor, grp: HeadGroup) -> torch.Tensor:
-    """Per kv group: the column importance of o_proj summed over the group's q heads' columns."""
-    return importance.reshape(grp.kv_heads, -1).sum(1)
+def head_scores(importance: torch.Tensor, grp: HeadGroup, query: bool = False) -> torch.Tensor:
+    """Per kv group: the column importance of o_proj summed over the group's q heads' columns; with ``query``,
+    (kv groups, q heads per group): each q head's own sum."""
+    return importance.reshape(grp.heads, -1).sum(1).view(grp.kv_heads, -1) if query else \
+        importance.reshape(grp.kv_heads, -1).sum(1)
 
 
-def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None:
-    """Keep kv groups ``keep`` (sorted) and their q heads: narrower q/k/v rows (and biases), o columns, and
-    the head counts in the region's shape literals."""
+def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor, query: bool = False) -> None:
+    """Keep kv groups ``keep`` (sorted) and their q heads; or, with ``query``, every kv group and in group g its
+    q heads ``keep[g]`` (sorted, as many in each). Narrower q/k/v rows (and biases), o columns, and the head
+    counts in the region's shape literals."""
     rep, d = grp.heads // grp.kv_heads, grp.head_dim
-    kv_idx = (keep[:, None] * d + torch.arange(d)).reshape(-1)
-    q_heads = (keep[:, None] * rep + torch.arange(rep)).reshape(-1)
+    kv_keep = torch.arange(grp.kv_heads) if query else keep
+    in_group = keep if query else torch.arange(rep).expand(len(keep), rep)      # (kept groups, q heads kept in each)
+    kv_idx = (kv_keep[:, None] * d + torch.arange(d)).reshape(-1)
+    q_heads = (kv_keep[:, None] * rep + in_group).reshape(-1)
     q_idx = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
     qr = grp.q_rows or d                                      # q_proj's rows per head
     q_proj_idx = (q_heads[:, None] * qr + torch.arange(qr)).reshape(-1)
+    kv2, rep2 = len(kv_keep), in_group.shape[1]
     rows = None
-    if grp.group_rows:                # one fused projection laid out per kv group: the kept groups' blocks
-        rows = (keep[:, None] * grp.group_rows + torch.arange(grp.group_rows)).reshape(-1)
+    if grp.group_rows:                # one fused projection laid out per kv group: in each kept group's block, its
+        #                               kept q heads' rows, then its key's and value's
+        mine = torch.cat([(in_group[:, :, None] * d + torch.arange(d)).reshape(kv2, -1),
+                          torch.arange(rep * d, grp.group_rows).expand(kv2, -1)], 1)
+        rows = (kv_keep[:, None] * grp.group_rows + mine).reshape(-1)
         _narrow(gm, grp.q, rows=rows, suffix="heads")
     elif grp.segments:                # one fused projection: the kept rows of each part, in the parts' order
         idx = {"q": q_idx, "k": kv_idx, "v": kv_idx}
@@ -534,15 +646,48 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor) -> None
         with torch.no_grad():
             _swap_tensor(gm, user, user.args.index(param), ir.meta.tensor_attr(gm, param).detach()[idx], "heads")
 
-    def scaled(size):                 # every width over heads scales alike: heads, kv heads, the fused parts
-        return size * len(keep) // grp.kv_heads if isinstance(size, int) and abs(size) < 2 ** 62 else size
+    nq, nk, heads2 = grp.heads * d, grp.kv_heads * d, len(q_heads)
+    widths = {nq: heads2 * d, nk: kv2 * d, nq + 2 * nk: (heads2 + 2 * kv2) * d}
+    if grp.q_rows:
+        widths[grp.heads * qr] = heads2 * qr
+
+    counts = {"q": heads2, "kv": kv2, "rep": rep2, "in_group": rep2 + 2}
+
+    def resized(size, kind):
+        if kind in counts:
+            return counts[kind]
+        if kind == "width":           # over all heads: q's, k's, v's, the fused projection's, q_proj's view
+            return widths[size]
+        # a view's group count ("groups"): kv groups, or every group's q, k and v heads, or GPT-NeoX's heads
+        return kv2 if size == grp.kv_heads else kv2 * (rep2 + 2) if size == grp.kv_heads * (rep + 2) \
+            else size * kv2 // grp.kv_heads
+
     for n, a, kind in grp.edits:
         shape = list(n.args[1])
-        shape[a] = scaled(shape[a]) if kind == "width" else len(q_heads) if kind == "q" else len(keep)
+        shape[a] = resized(shape[a], kind)
         n.args = (n.args[0], shape, *n.args[2:])
+
+    def moved(b):                     # a bound along the fused projection's rows: the kept rows before it
+        if not isinstance(b, int) or abs(b) >= 2 ** 62:
+            return b
+        before = int((rows < (b if b >= 0 else rows_in + b)).sum())
+        return before if b >= 0 else before - len(rows)
+    rows_in = nq + 2 * nk
     for n in grp.cuts:
         if n.target is aten.slice.Tensor:
-            n.args = (*n.args[:2], *(scaled(b) for b in n.args[2:4]), *n.args[4:])
+            n.args = (*n.args[:2], *(moved(b) for b in n.args[2:4]), *n.args[4:])
+        elif isinstance(n.args[1], (list, tuple)):
+            ends = [moved(b) for b in itertools.accumulate(n.args[1])]
+            n.args = (n.args[0], [e - s for s, e in zip([0, *ends], ends)], *n.args[2:])
+        else:                         # equal parts (multi-head attention, whole heads only): they stay equal
+            n.args = (n.args[0], moved(n.args[1]), *n.args[2:])
+
+    def in_group_moved(b):            # a bound along a group's heads: past its q heads, it moves with them
+        return b if not isinstance(b, int) or b < rep or abs(b) >= 2 ** 62 else b - rep + rep2
+    for n in grp.in_group:
+        if n.target is aten.split_with_sizes.default:
+            n.args = (n.args[0], [rep2, 1, 1], *n.args[2:])
+        elif n.target is aten.slice.Tensor:
+            n.args = (*n.args[:2], *(in_group_moved(b) for b in n.args[2:4]), *n.args[4:])
         else:
-            sizes = [scaled(z) for z in n.args[1]] if isinstance(n.args[1], (list, tuple)) else scaled(n.args[1])
-            n.args = (n.args[0], sizes, *n.args[2:])
+            n.args = (*n.args[:2], in_group_moved(n.args[2]), *n.args[3:])

@@ -983,3 +983,123 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
     res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(Attn("plain"), (x,), dynamic=True).gm,
                                                  P.PassContext((x,), {}))
     assert res.modified and list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"], res.stats
+
+
+# --- structured: q heads within the kv groups ----------------------------------------------------------------
+
+def _q_heads_gone(model, os_: list, heads: int, kv: int, sparsity: float, calls: list) -> list:
+    """Per attention block, the q heads the stated score removes: in each kv group, the round(sparsity x rep)
+    (at most rep - 1) heads whose o_proj columns have the least importance summed over the head."""
+    rep = heads // kv
+    gone = min(round(sparsity * rep), rep - 1)
+    return [sorted(g_ * rep + h for g_, row in enumerate(score.reshape(heads, -1).sum(1).reshape(kv, rep))
+                   for h in row.argsort()[:gone].tolist())
+            for score in _importance(model, os_, calls)]
+
+
+@pytest.mark.parametrize("heads,kv,sparsity", [(8, 2, 0.5), (9, 3, 1 / 3), (6, 1, 0.5)])
+def test_query_heads_llama_equal_the_llama_built_with_fewer_heads(heads, kv, sparsity):
+    """q heads removed within each kv group, as many in each (9/3: SmolLM2's layout, one of three per group;
+    6/1: multi-query): k_proj and v_proj stay whole, q_proj and o_proj lose the heads, repeat_kv's broadcast
+    counts the q heads left per kv head; the shrunk graph computes what transformers' Llama built with that
+    many heads computes, holding the kept heads' weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, hidden_size=8 * heads, intermediate_size=40, num_hidden_layers=2,
+               num_key_value_heads=kv, head_dim=8)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, num_attention_heads=heads)).eval()
+    cm, kw, stats = _pruned(model, "query_heads", sparsity)
+    gone = _q_heads_gone(model, [layer.self_attn.o_proj for layer in model.model.layers], heads, kv, sparsity, [kw])
+    left = heads - len(gone[0])
+    assert stats["shrunk"] == {f"model.layers.{i}.self_attn": f"{heads} -> {left} q heads ({kv} kv)"
+                               for i in range(2)}, stats
+    rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert rows["model.layers.1.self_attn.q_proj"] == f"{8 * left} x {8 * heads}"
+    assert rows["model.layers.1.self_attn.k_proj"] == f"{8 * kv} x {8 * heads}"
+    assert rows["model.layers.1.self_attn.o_proj"] == f"{8 * heads} x {8 * left}"
+    small = LlamaForCausalLM(LlamaConfig(**cfg, num_attention_heads=left)).eval()
+    state = model.state_dict()
+    for i, g_ in enumerate(gone):
+        kept = torch.tensor([h for h in range(heads) if h not in g_])
+        cols = (kept[:, None] * 8 + torch.arange(8)).reshape(-1)
+        state[f"model.layers.{i}.self_attn.q_proj.weight"] = state[f"model.layers.{i}.self_attn.q_proj.weight"][cols]
+        state[f"model.layers.{i}.self_attn.o_proj.weight"] = state[f"model.layers.{i}.self_attn.o_proj.weight"][:, cols]
+    small.load_state_dict(state)
+    _matches_dense_llama(cm, small)
+
+
+@pytest.mark.parametrize("family", ["falcon", "falcon_mqa", "phi3", "gpt_bigcode"])
+def test_query_heads_from_one_fused_projection_shrink(family):
+    """One projection for q, k and v: Falcon's laid out per kv group ((..., kv, rep + 2, head_dim): each group's
+    block keeps its kept q heads' rows and its key's and value's, the cut of q, k and v out of a group follows),
+    Falcon-7B's multi-query (..., heads + 2, head_dim) split [heads, 1, 1], Phi-3's slices [q | k | v] and
+    GPT-BigCode's multi-query c_attn(x).unsqueeze(1).split([q, k, v]) (the bounds after q move with it)."""
+    import copy
+    import transformers as T
+    torch.manual_seed(0)
+    if family == "falcon":
+        model, attn, qkv, o, heads, kv = T.FalconForCausalLM(T.FalconConfig(
+            vocab_size=97, hidden_size=48, num_attention_heads=6, num_kv_heads=2, num_hidden_layers=2,
+            new_decoder_architecture=True)), "transformer.h.{}.self_attention", "query_key_value", "dense", 6, 2
+    elif family == "falcon_mqa":
+        model, attn, qkv, o, heads, kv = T.FalconForCausalLM(T.FalconConfig(
+            vocab_size=97, hidden_size=48, num_attention_heads=6, num_hidden_layers=2, multi_query=True)), \
+            "transformer.h.{}.self_attention", "query_key_value", "dense", 6, 1
+    elif family == "phi3":
+        model, attn, qkv, o, heads, kv = _tiny("phi3"), "model.layers.{}.self_attn", "qkv_proj", "o_proj", 4, 2
+    else:
+        model, attn, qkv, o, heads, kv = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
+            vocab_size=97, n_embd=32, n_head=4, n_layer=2, n_inner=56, n_positions=64, multi_query=True)), \
+            "transformer.h.{}.attn", "c_attn", "c_proj", 4, 1
+    model.eval()
+    cm, kw, stats = _pruned(model, "query_heads", 0.5)
+    left = heads - min(round(heads // kv / 2), heads // kv - 1) * kv       # (Falcon's 3 per group: 2 go)
+    assert stats["shrunk"] == {attn.format(i): f"{heads} -> {left} q heads ({kv} kv)" for i in range(2)}, stats
+    layers = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert layers[f"{attn.format(1)}.{qkv}"] == f"{8 * (left + 2 * kv)} x {8 * heads}"
+    assert layers[f"{attn.format(1)}.{o}"] == f"{8 * heads} x {8 * left}"
+    zeroed = copy.deepcopy(model)
+    os_ = [zeroed.get_submodule(f"{attn.format(i)}.{o}") for i in range(2)]
+    with torch.no_grad():
+        for c, g_ in zip(os_, _q_heads_gone(zeroed, os_, heads, kv, 0.5, [kw])):
+            for h in g_:
+                c.weight[:, h * 8:(h + 1) * 8] = 0
+    _matches_dense_llama(cm, zeroed)
+
+
+def test_query_heads_refused_say_why():
+    """Multi-head attention has one q head per kv head (whole heads go with pattern='heads'); a shape literal
+    equal to the q heads per kv head that the pass does not rewrite (a grouped view of q) leaves the block
+    whole under "query_heads", named, while "heads" still shrinks it; a sparsity that rounds to no head says
+    so."""
+    class GroupedView(torch.nn.Module):          # 6 q heads in 2 kv groups, q viewed (..., kv, 3, head_dim)
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(24, 24), torch.nn.Linear(24, 24)
+            self.k, self.v = torch.nn.Linear(24, 8), torch.nn.Linear(24, 8)
+
+        def forward(self, x):
+            q = self.q(x).view(4, 5, 2, 3, 4).reshape(4, 5, 6, 4).transpose(1, 2)
+            k, v = (p(x).view(4, 5, 2, 4).transpose(1, 2) for p in (self.k, self.v))
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return self.o(y.transpose(1, 2).reshape(4, 5, 24))
+
+    torch.manual_seed(0)
+    model, x = GroupedView().eval(), torch.randn(4, 5, 24)
+    gm = ir.capture(model, (x,)).gm
+    res = P.Prune(sparsity=0.5, pattern="query_heads")(gm, P.PassContext((x,)))
+    why, = res.stats["skipped"].values()
+    assert not res.modified and "has an axis of 3 (as many as the q heads per kv head)" in why, why
+    res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(model, (x,)).gm, P.PassContext((x,)))
+    assert list(res.stats["shrunk"].values()) == ["2 -> 1 kv heads"]
+    gone = _importance(model, [model.o], [dict(x=x)])[0].reshape(2, 12).sum(1).argmin().item()
+    with torch.no_grad():
+        model.o.weight[:, gone * 12:(gone + 1) * 12] = 0
+    assert _rel(res.graph_module(x), model(x)) < 1e-5
+
+    cm, _, stats = _pruned(_tiny("gpt2"), "query_heads", 0.5)
+    assert stats["shrunk"] == {} and set(stats["skipped"].values()) == {
+        "one q head per kv head (multi-head attention): whole heads go with pattern='heads'"}
+    cm, _, stats = _pruned(_tiny("phi3"), "query_heads", 0.2)
+    assert stats["shrunk"] == {} and set(stats["skipped"].values()) == {
+        "sparsity 0.2 of 2 q heads per kv group rounds to none"}
