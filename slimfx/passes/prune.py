@@ -51,7 +51,7 @@ from .. import ir
 from ..ir.dialect.sparse import blockwise
 from .base import Pass, PassResult, register_pass
 from .prune_experts import expert_blocks, expert_scores, remove_experts
-from .prune_heads import attention_groups, head_scores, shrink_heads
+from .prune_heads import attention_groups, head_importance, head_scores, shrink_heads
 from .prune_structured import column_importance, expert_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
 from .quant_calibration import budget_runs, calibration_calls, hessian_bytes, hessians_in_runs
@@ -383,8 +383,8 @@ class Prune(Pass):
         if chosen and not isinstance(calls, list):
             calls = list(calls)                   # a generator: linears and experts are scored in two runs
         experts = [grp for grp in chosen if not heads and grp.experts]
-        importance = column_importance(gm, [grp.o if heads else grp.consumer for grp in chosen
-                                             if heads or not grp.experts], calls) if chosen else {}
+        importance = head_importance(gm, chosen, calls) if heads and chosen else \
+            column_importance(gm, [grp.consumer for grp in chosen if not grp.experts], calls) if chosen else {}
         if experts:
             importance.update(expert_importance(gm, [grp.consumer for grp in experts], calls))
         shrunk = {}

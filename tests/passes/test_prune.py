@@ -383,13 +383,37 @@ def test_neurons_refuse_global_scope():
 
 # --- structured: attention heads ---------------------------------------------------------------------------
 
-def _zero_heads(model, os_: list, heads, kv, dim, calls) -> int:
-    """Zero, in place, the o_proj columns of the kv groups the stated score removes (round(kv / 2) groups,
-    at most kv - 1): a removed head adds nothing to the output."""
-    rep = heads // kv
-    gone = min(round(kv / 2), kv - 1)
+def _head_sizes(model, os_: list, heads: int, calls: list, transposed: bool = False) -> list:
+    """Per o_proj (a Linear; ``transposed``: GPT-2's Conv1D, W kept (in, out)), (heads,) E_t ||W[:, h] y_t,h||
+    over the calls' tokens (kwargs dicts): the size of what each head adds to the output, in plain torch."""
+    sums, count = [0.0] * len(os_), [0] * len(os_)
+
+    def hook(i):
+        def fn(mod, args):
+            y = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            w = (mod.weight if transposed else mod.weight.T).detach().double()          # (in, out)
+            d = y.shape[1] // heads
+            sums[i] = sums[i] + torch.stack([(y[:, h * d:(h + 1) * d] @ w[h * d:(h + 1) * d]).norm(dim=1).sum()
+                                             for h in range(heads)])
+            count[i] += y.shape[0]
+        return fn
+    handles = [o.register_forward_pre_hook(hook(i)) for i, o in enumerate(os_)]
     with torch.no_grad():
-        for o, score in zip(os_, _importance(model, os_, calls)):
+        for kw in calls:
+            model(**kw)
+    for h in handles:
+        h.remove()
+    return [sums[i] / count[i] for i in range(len(os_))]
+
+
+def _zero_heads(model, os_: list, heads, kv, dim, calls, gone=None) -> int:
+    """Zero, in place, the o_proj columns of the kv groups the stated score removes (``gone``, else round(kv / 2)
+    groups, at most kv - 1; a group scored by its q heads' ``_head_sizes`` summed): a removed head adds nothing
+    to the output."""
+    rep = heads // kv
+    gone = min(round(kv / 2), kv - 1) if gone is None else gone
+    with torch.no_grad():
+        for o, score in zip(os_, _head_sizes(model, os_, heads, calls)):
             for g_ in score.reshape(kv, -1).sum(1).argsort()[:gone].tolist():
                 o.weight[:, g_ * rep * dim:(g_ + 1) * rep * dim] = 0
     return gone
@@ -453,7 +477,7 @@ def test_heads_from_one_fused_projection_cut_in_three_shrink():
     res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,)))
     assert list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"]   # named after o: no common module prefix
     assert weights(res.graph_module)["qkv"].shape == (24, 16)
-    gone = _importance(model, [model.o], [dict(x=x)])[0].reshape(4, 4).sum(1).argsort()[:2].tolist()
+    gone = _head_sizes(model, [model.o], 4, [dict(x=x)])[0].argsort()[:2].tolist()
     with torch.no_grad():
         for h in gone:
             model.o.weight[:, h * 4:(h + 1) * 4] = 0
@@ -501,6 +525,27 @@ def test_heads_alibi_left_whole_says_why():
     assert set(stats["skipped"]) == {f"transformer.h.{i}.self_attention" for i in range(2)}
     why = stats["skipped"]["transformer.h.0.self_attention"]
     assert "from outside the attention block enters" in why and "ALiBi" in why, why
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_heads_alibi_along_a_head_axis_loses_the_removed_heads(sparsity):
+    """MPT adds its ALiBi bias as (heads, 1, keys), sliced from one table built outside the blocks: each pruned
+    block reads the kept heads' slopes of it (an index_select before the add) and computes what the model with
+    the removed heads' o columns zeroed computes, the other blocks' bias untouched."""
+    import copy
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.MptForCausalLM(T.MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2,
+                                         max_seq_len=64)).eval()
+    cm, kw, stats = _pruned(model, "heads", sparsity)
+    left = 4 - round(4 * sparsity)
+    assert stats["shrunk"] == {f"transformer.blocks.{i}.attn": f"4 -> {left} kv heads" for i in range(2)}, stats
+    picks = [n for n in cm.graph.graph.nodes if n.target is torch.ops.aten.index_select.default]
+    assert len(picks) == 2 and all(tuple(getattr(cm.graph, n.args[2].target).shape) == (left,) for n in picks)
+    zeroed = copy.deepcopy(model)
+    _zero_heads(zeroed, [blk.attn.out_proj for blk in zeroed.transformer.blocks], 4, 4, 8, [kw],
+                gone=round(4 * sparsity))
+    _matches_dense_llama(cm, zeroed)
 
 
 # --- structured: other model families ----------------------------------------------------------------------
@@ -591,7 +636,7 @@ def test_heads_olmo2_norm_over_all_heads_shrinks_to_the_architecture_with_fewer_
     rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
     assert rows["model.layers.0.self_attn.q_proj"] == "16 x 32" and rows["model.layers.0.self_attn.k_proj"] == "8 x 32"
     os_ = [layer.self_attn.o_proj for layer in model.model.layers]
-    kept = [int(score.reshape(2, -1).sum(1).argmax()) for score in _importance(model, os_, [kw])]
+    kept = [int(score.argmax()) for score in _head_sizes(model, os_, 2, [kw])]
     small = T.Olmo2ForCausalLM(T.Olmo2Config(vocab_size=97, hidden_size=32, num_attention_heads=2,
                                              num_key_value_heads=1, head_dim=8, num_hidden_layers=2,
                                              intermediate_size=56, max_position_embeddings=64)).eval()
@@ -740,8 +785,8 @@ def test_heads_fused_qkv_shrink_equals_zeroed_heads(family, attn, qkv, o, heads,
     os_ = [zeroed.get_submodule(f"{attn.format(i)}.{o}") for i in range(2)]
     if family == "gpt2":                               # Conv1D keeps (in, out): zero rows, scored transposed
         with torch.no_grad():
-            for c, score in zip(os_, _importance(zeroed, os_, [kw], transposed=True)):
-                for h in score.reshape(4, -1).sum(1).argsort()[:2].tolist():
+            for c, score in zip(os_, _head_sizes(zeroed, os_, 4, [kw], transposed=True)):
+                for h in score.argsort()[:2].tolist():
                     c.weight[h * 8:(h + 1) * 8] = 0
     else:
         _zero_heads(zeroed, os_, heads, kv, 8, [kw])
@@ -989,12 +1034,11 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
 
 def _q_heads_gone(model, os_: list, heads: int, kv: int, sparsity: float, calls: list) -> list:
     """Per attention block, the q heads the stated score removes: in each kv group, the round(sparsity x rep)
-    (at most rep - 1) heads whose o_proj columns have the least importance summed over the head."""
+    (at most rep - 1) heads that add the least to o_proj's output (``_head_sizes``)."""
     rep = heads // kv
     gone = min(round(sparsity * rep), rep - 1)
-    return [sorted(g_ * rep + h for g_, row in enumerate(score.reshape(heads, -1).sum(1).reshape(kv, rep))
-                   for h in row.argsort()[:gone].tolist())
-            for score in _importance(model, os_, calls)]
+    return [sorted(g_ * rep + h for g_, row in enumerate(score.reshape(kv, rep)) for h in row.argsort()[:gone].tolist())
+            for score in _head_sizes(model, os_, heads, calls)]
 
 
 @pytest.mark.parametrize("heads,kv,sparsity", [(8, 2, 0.5), (9, 3, 1 / 3), (6, 1, 0.5)])
@@ -1092,7 +1136,7 @@ def test_query_heads_refused_say_why():
     assert not res.modified and "has an axis of 3 (as many as the q heads per kv head)" in why, why
     res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(model, (x,)).gm, P.PassContext((x,)))
     assert list(res.stats["shrunk"].values()) == ["2 -> 1 kv heads"]
-    gone = _importance(model, [model.o], [dict(x=x)])[0].reshape(2, 12).sum(1).argmin().item()
+    gone = _head_sizes(model, [model.o], 6, [dict(x=x)])[0].reshape(2, 3).sum(1).argmin().item()
     with torch.no_grad():
         model.o.weight[:, gone * 12:(gone + 1) * 12] = 0
     assert _rel(res.graph_module(x), model(x)) < 1e-5
