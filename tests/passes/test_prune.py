@@ -302,26 +302,31 @@ def _matches_dense_llama(cm, dense):
     assert _rel(lower(cm.graph, "numpy")((), kw).logits, dense(**kw).logits) < 1e-5
 
 
-def _importance(model, consumers: list, calls: list, transposed: bool = False) -> list:
-    """E|x_j| * ||W[:, j]|| for each consumer Linear's input columns, over the calls (kwargs dicts);
-    ``transposed``: the layers keep W as (in, out) (GPT-2's Conv1D)."""
-    sums = [0.0] * len(consumers)
-    count = [0] * len(consumers)
+def _token_means(model, layers: list, calls: list, per_token) -> list:
+    """For each layer, the mean over the calls' tokens (kwargs dicts) of ``per_token(layer, x)``, x its input
+    as (tokens, features) float64, summed over the tokens by per_token."""
+    sums, count = [0.0] * len(layers), [0] * len(layers)
 
     def hook(i):
         def fn(mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[i] = sums[i] + x.abs().sum(0)
+            sums[i] = sums[i] + per_token(mod, x)
             count[i] += x.shape[0]
         return fn
-    handles = [c.register_forward_pre_hook(hook(i)) for i, c in enumerate(consumers)]
+    handles = [c.register_forward_pre_hook(hook(i)) for i, c in enumerate(layers)]
     with torch.no_grad():
         for kw in calls:
             model(**kw)
     for h in handles:
         h.remove()
-    return [sums[i] / count[i] * (c.weight.T if transposed else c.weight).double().norm(dim=0)
-            for i, c in enumerate(consumers)]
+    return [sums[i] / count[i] for i in range(len(layers))]
+
+
+def _importance(model, consumers: list, calls: list, transposed: bool = False) -> list:
+    """E|x_j| * ||W[:, j]|| for each consumer Linear's input columns, over the calls (kwargs dicts);
+    ``transposed``: the layers keep W as (in, out) (GPT-2's Conv1D)."""
+    means = _token_means(model, consumers, calls, lambda mod, x: x.abs().sum(0))
+    return [m * (c.weight.T if transposed else c.weight).double().norm(dim=0) for m, c in zip(means, consumers)]
 
 
 def test_neurons_llama_shrink_equals_zeroed_neurons(tiny_llama):
@@ -386,24 +391,11 @@ def test_neurons_refuse_global_scope():
 def _head_sizes(model, os_: list, heads: int, calls: list, transposed: bool = False) -> list:
     """Per o_proj (a Linear; ``transposed``: GPT-2's Conv1D, W kept (in, out)), (heads,) E_t ||W[:, h] y_t,h||
     over the calls' tokens (kwargs dicts): the size of what each head adds to the output, in plain torch."""
-    sums, count = [0.0] * len(os_), [0] * len(os_)
-
-    def hook(i):
-        def fn(mod, args):
-            y = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            w = (mod.weight if transposed else mod.weight.T).detach().double()          # (in, out)
-            d = y.shape[1] // heads
-            sums[i] = sums[i] + torch.stack([(y[:, h * d:(h + 1) * d] @ w[h * d:(h + 1) * d]).norm(dim=1).sum()
-                                             for h in range(heads)])
-            count[i] += y.shape[0]
-        return fn
-    handles = [o.register_forward_pre_hook(hook(i)) for i, o in enumerate(os_)]
-    with torch.no_grad():
-        for kw in calls:
-            model(**kw)
-    for h in handles:
-        h.remove()
-    return [sums[i] / count[i] for i in range(len(os_))]
+    def sizes(mod, y):
+        w = (mod.weight if transposed else mod.weight.T).detach().double()                # (in, out)
+        d = y.shape[1] // heads
+        return torch.stack([(y[:, h * d:(h + 1) * d] @ w[h * d:(h + 1) * d]).norm(dim=1).sum() for h in range(heads)])
+    return _token_means(model, os_, calls, sizes)
 
 
 def _zero_heads(model, os_: list, heads, kv, dim, calls, gone=None) -> int:
