@@ -19,8 +19,9 @@
                                               are removed, with their router rows (prune_experts)
     Prune(pattern="2:4", method="sparsegpt")  SparseGPT (prune_sparsegpt): weights chosen by OBS saliency as
                                               the columns are walked, the kept ones re-fit to make up for the
-                                              pruned ones (unstructured per layer, or N:M; blocks, a global
-                                              cutoff or a threshold choose by score, then SparseGPT re-fits)
+                                              pruned ones (unstructured per layer, or N:M); blocks per layer
+                                              go by the output error removing each one costs; a global cutoff
+                                              or a threshold choose by score, then SparseGPT re-fits
 
 A weight's score is |w_ij| * ||x_j|| (score="activation", the default; Wanda, Sun et al. 2023), with
 ||x_j|| the RMS of input column j over the calibration batches (else the example inputs): a small weight
@@ -130,9 +131,10 @@ class Prune(Pass):
     include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer
     method:          "mask" zeroes the lowest-scored weights and leaves the rest as they are; "sparsegpt"
                      updates the kept weights to keep each layer's output on the calibration data (else the
-                     example inputs), H = X X^T of the layer's input, and for N:M and unstructured-per-layer
-                     also chooses the weights, by w^2 / [H^-1]_jj (unstructured sparsity is then met in each
-                     block of 128 input columns)"""
+                     example inputs), H = X X^T of the layer's input, and for N:M, unstructured and block
+                     per layer also chooses the weights: by w^2 / [H^-1]_jj (unstructured sparsity is then met
+                     in each block of 128 input columns), whole blocks by the output error of removing each
+                     one (prune_sparsegpt.block_costs)"""
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
     threshold: Optional[float] = None
@@ -185,10 +187,11 @@ class Prune(Pass):
         self._nm = nm
 
     def _adaptive(self, nm=None) -> bool:
-        """SparseGPT chooses the weights itself (N:M, or unstructured by sparsity per layer); other patterns
-        (blocks, a global cutoff, a threshold) choose them by ``score`` first and SparseGPT re-fits the rest."""
+        """SparseGPT chooses the weights itself (N:M, or unstructured or blocks by sparsity per layer); other
+        patterns (a global cutoff, a threshold) choose them by ``score`` first and SparseGPT re-fits the rest."""
         nm = nm if nm is not None else getattr(self, "_nm", None)
-        return bool(nm) or (self.pattern == "unstructured" and self.threshold is None and self.scope == "layer")
+        return bool(nm) or (self.pattern in ("unstructured", "block") and self.threshold is None
+                             and self.scope == "layer")
 
     def select(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, str, fx.Node]], dict[str, str]]:
         """The layers to prune as (linear node, module name, weight get_attr), and why others are not."""
@@ -297,7 +300,7 @@ class Prune(Pass):
     def _sparsegpt(self, gm, chosen, weights, calls, progress: bool) -> tuple[list[torch.Tensor], int]:
         """Every layer's re-fit weight, and in how many runs its input Hessians were gathered
         (``hessians_in_runs``), all from the float graph: the caller replaces the weights after the last run. A
-        pattern that chooses by score (blocks, a global cutoff, a threshold) needs every layer's input RMS
+        pattern that chooses by score (a global cutoff, a threshold) needs every layer's input RMS
         first: with more than one run, the runs are gathered twice."""
         who = "Prune(method='sparsegpt')"
         xs = list(dict.fromkeys(n.args[0] for n, _, _ in chosen))
@@ -319,7 +322,8 @@ class Prune(Pass):
             for i, ((n, name, _), w) in enumerate(zip(chosen, weights)):
                 if n.args[0] in hs:
                     h = hs[n.args[0]]
-                    new[i] = sparsegpt_prune(w, h, self.sparsity or 0.0, self._nm, name=f"weight of {name}") \
+                    new[i] = sparsegpt_prune(w, h, self.sparsity or 0.0, self._nm, name=f"weight of {name}",
+                                             blocks=self.block if self.pattern == "block" else None) \
                         if masks is None else sparsegpt_prune(w, h, mask=masks[i], name=f"weight of {name}")
             del hs
         return new, runs

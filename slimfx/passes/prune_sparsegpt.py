@@ -8,9 +8,20 @@ Which entries go is chosen as the walk reaches them, by the OBS saliency w_ij^2 
 error removing w_ij alone would cost, given the columns already fixed): per block of ``block`` columns for
 unstructured sparsity (the block's share of zeros is the layer's), per group of M for N:M. Blocks start at
 multiples of M, so N:M groups never straddle two blocks. Given a ``mask`` (chosen beforehand, e.g. whole
-64x64 blocks by their activation score), only the re-fit is SparseGPT's.
+64x64 blocks by a global activation score), only the re-fit is SparseGPT's.
+
+Whole (BN, BK) weight blocks (``blocks=``) are chosen before the walk, over the whole layer, by the output
+error each one's removal costs on its own: for a row r and the block's BK columns S, removing w_rS with the
+columns after S free to compensate costs ||e||^2 with e U_SS = w_rS, U the upper Cholesky factor of H^-1
+(the sum of the walk's own errors over S), and a block costs that summed over its BN rows; the cheapest
+``sparsity`` of the blocks go, then the walk re-fits the rest. On SmolLM2-135M, 50% of 64x64 blocks chosen so
+give perplexity 3620 before any training, against 16453 for blocks chosen by activation score and then
+re-fit (and 45890 for choosing afresh as the walk reaches each run of 128 columns, as unstructured does:
+coarse blocks need the whole layer to choose from).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,11 +30,12 @@ from ..quant.gptq import upper_inverse_cholesky
 
 def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
                     damp: float = 0.01, block: int = 128, name: str = "weight",
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, blocks: tuple[int, int] | None = None) -> torch.Tensor:
     """``w`` (n_out x K) pruned by SparseGPT with input Hessian ``h`` (K x K): ``sparsity`` of each block of
-    columns, N:M along K when ``nm`` is given, or exactly ``mask`` (True = pruned) when that is given.
-    Returns the new weight (w's dtype): zeros where pruned, the kept weights updated."""
-    from .prune import smallest            # prune imports this module
+    columns, N:M along K when ``nm`` is given, ``sparsity`` of the layer's (BN, BK) weight blocks when ``blocks``
+    is (edge blocks cropped), or exactly ``mask`` (True = pruned) when that is given. Returns the new weight
+    (w's dtype): zeros where pruned, the kept weights updated."""
+    from .prune import expand_blocks, smallest            # prune imports this module
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"SparseGPT: {name} of shape {tuple(w.shape)} needs a {w.shape[1]} x {w.shape[1]} "
                          f"Hessian, got {tuple(h.shape)}")
@@ -36,6 +48,11 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm:
         block = max(nm[1], block // nm[1] * nm[1])
     hinv = upper_inverse_cholesky(h, damp, name)
     W = w.detach().to(torch.float64).clone()
+    if blocks is not None and mask is None:
+        if len(blocks) != 2 or not all(isinstance(b, int) and b > 0 for b in blocks):
+            raise ValueError(f"SparseGPT: {name}: blocks must be two positive ints (BN, BK), got {blocks!r}")
+        cost = block_costs(W, hinv, blocks)
+        mask = expand_blocks(smallest([cost], round(sparsity * cost.numel()))[0], blocks, W.shape)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, E1, Hb = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]
@@ -61,3 +78,17 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm:
         W[:, i1:i2] = W1
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     return W.to(w.dtype)
+
+
+def block_costs(w: torch.Tensor, u: torch.Tensor, blocks: tuple[int, int]) -> torch.Tensor:
+    """(ceil(n/BN), ceil(k/BK)): the output error of removing each (BN, BK) block of ``w`` (n x k) alone, the
+    columns before it kept and those after it free to compensate: per row r and block columns S, ||e||^2 with
+    e U_SS = w_rS (``u``: the upper Cholesky factor of H^-1), summed over the block's rows."""
+    bn, bk = blocks
+    n, k = w.shape
+    rows = torch.empty(n, math.ceil(k / bk), dtype=w.dtype)
+    for j, c in enumerate(range(0, k, bk)):
+        e = torch.linalg.solve_triangular(u[c:c + bk, c:c + bk], w[:, c:c + bk], upper=True, left=False)
+        rows[:, j] = e.square().sum(1)
+    pad = -n % bn
+    return torch.nn.functional.pad(rows, (0, 0, 0, pad)).view(-1, bn, rows.shape[1]).sum(1)
