@@ -1,16 +1,19 @@
 """SmolLM2-135M perplexity after pruning, and after distillation from the unpruned model, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_prune.py [--steps 60] [--lr 3e-4] [--modes 2:4,neurons]
-        [--score magnitude | --method sparsegpt]
+        [--score magnitude | --method sparsegpt] [--name STEM]
+
+Modes: 2:4, unstructured, block (64x64), block32, block16, neurons, heads, query_heads.
 
 Per mode: Prune alone (weights scored by |w| x their input's RMS over the training windows, the default;
-``--score magnitude``: |w| alone; ``--method sparsegpt``: SparseGPT, for 2:4, unstructured and block (blocks
-chosen by score, the rest re-fit), with the training windows as calibration), then Prune + Distill (the same pruning, then ``--steps`` AdamW steps on
-T^2 KL to the fp32 model's logits over pydoc_data prose from offset 20000, one window per step, zeros held
-fixed). Perplexity on held-out prose from offset 200000 (as bench/smollm2_quant.py). Every linear of the
-30 blocks is pruned (or, structured, every MLP / attention block shrinks); lm_head (tied to the
-embeddings) is neither pruned nor trained. Graphs run on backend="torch". Writes
-bench/results/smollm2_prune[-magnitude|-sparsegpt]-<cpu>.json and .md.
+``--score magnitude``: |w| alone; ``--method sparsegpt``: SparseGPT, for 2:4, unstructured and blocks (64x64,
+32x32, 16x16: blocks chosen by the output error of removing each, the rest re-fit), with the training windows
+as calibration), then Prune + Distill (the same pruning, then ``--steps`` AdamW steps on T^2 KL to the fp32
+model's logits over pydoc_data prose from offset 20000, one window per step, zeros held fixed). Perplexity
+on held-out prose from offset 200000 (as bench/smollm2_quant.py). Every linear of the 30 blocks is pruned
+(or, structured, every MLP / attention block shrinks); lm_head (tied to the embeddings) is neither pruned nor
+trained. Graphs run on backend="torch". Writes bench/results/<STEM>-<cpu>.json and .md (STEM by default
+smollm2_prune[-magnitude|-sparsegpt]).
 """
 from __future__ import annotations
 
@@ -36,11 +39,16 @@ MODES = {    # score: "activation" or "magnitude" (the structured patterns alway
     "unstructured": lambda score, **kw: Prune(sparsity=0.5, exclude="lm_head", score=score, **kw),
     "block": lambda score, **kw: Prune(sparsity=0.5, pattern="block", block=(64, 64), exclude="lm_head",
                                        score=score, **kw),
+    "block32": lambda score, **kw: Prune(sparsity=0.5, pattern="block", block=(32, 32), exclude="lm_head",
+                                         score=score, **kw),
+    "block16": lambda score, **kw: Prune(sparsity=0.5, pattern="block", block=(16, 16), exclude="lm_head",
+                                         score=score, **kw),
     "neurons": lambda score: Prune(sparsity=0.25, pattern="neurons"),
     "heads": lambda score: Prune(sparsity=1 / 3, pattern="heads"),
     "query_heads": lambda score: Prune(sparsity=1 / 3, pattern="query_heads"),
 }
 LABELS = {"2:4": "2:4 (50%)", "unstructured": "unstructured 50%, per layer", "block": "50% of 64x64 blocks",
+          "block32": "50% of 32x32 blocks", "block16": "50% of 16x16 blocks",
           "neurons": "25% of the MLP neurons removed (layers shrink)",
           "heads": "1 of 3 kv groups (3 of 9 heads) removed per block",
           "query_heads": "1 of 3 q heads in each kv group (3 of 9 heads; k, v whole) removed per block"}
@@ -71,8 +79,9 @@ def main():
     modes = a.modes.split(",")
     if unknown := [m for m in modes if m not in MODES]:
         ap.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    if a.method == "sparsegpt" and (a.score != "activation" or set(modes) - {"2:4", "unstructured", "block"}):
-        ap.error("--method sparsegpt: modes 2:4, unstructured and block only, and no --score")
+    adaptive = {"2:4", "unstructured", "block", "block32", "block16"}
+    if a.method == "sparsegpt" and (a.score != "activation" or set(modes) - adaptive):
+        ap.error("--method sparsegpt: modes 2:4, unstructured and block* only, and no --score")
     torch.manual_seed(0)
     model, tok = load_smollm2()
     ids = tok(english_text(a.tokens * 8, offset=200000), return_tensors="pt").input_ids[0][: a.tokens]

@@ -277,7 +277,8 @@ def variants() -> list[Variant]:
                              stride_pn="i32", stride_se="i32", stride_sn="i32", stride_om="i32"),
                         dict(DOT="native", GROUP=128), aligned)
     bs = block_sparse
-    for (dtype, is_int8), (bn, bk) in itertools.product((("bf16", False), ("i8", True)), ((64, 64), (128, 128))):
+    for (dtype, is_int8), (bn, bk) in itertools.product((("bf16", False), ("i8", True)),
+                                                          ((64, 64), (128, 128), (32, 32))):
         flags = dict(IS_INT8=is_int8, HAS_BIAS=True, ACT="gelu", HAS_RES=True, DOT="native", BN=bn, BK=bk,
                      ORDERED=True)
         vs += _from_configs(f"block_sparse {dtype} {bn}x{bk} tiled", bs._bsr_kernel,
