@@ -16,8 +16,8 @@ columns after S free to compensate costs ||e||^2 with e U_SS = w_rS, U the upper
 (the sum of the walk's own errors over S), and a block costs that summed over its BN rows; the cheapest
 ``sparsity`` of the blocks go, then the walk re-fits the rest. On SmolLM2-135M, 50% of 64x64 blocks chosen so
 give perplexity 3620 before any training, against 16453 for blocks chosen by activation score and then
-re-fit (and 45890 for choosing afresh as the walk reaches each run of 128 columns, as unstructured does:
-coarse blocks need the whole layer to choose from).
+re-fit (bench/smollm2_prune.py). Choosing afresh as the walk reaches each run of 128 columns, as unstructured
+does, gave 45890 in an ad-hoc run: coarse blocks need the whole layer to choose from.
 """
 from __future__ import annotations
 

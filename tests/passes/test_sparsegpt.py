@@ -7,10 +7,9 @@ import torch
 import slimfx
 from conftest import correlated, llama_call as call
 from slimfx.passes import LowerSparse, Prune, sqnr_db
-from slimfx.passes.prune import nm_prune_mask
-from slimfx.passes.prune import block_rms, expand_blocks, smallest
+from slimfx.passes.prune import block_rms, expand_blocks, nm_prune_mask, smallest
 from slimfx.passes.prune_sparsegpt import block_costs, sparsegpt_prune
-from slimfx.quant.gptq import Hessian, output_error
+from slimfx.quant.gptq import Hessian, output_error, upper_inverse_cholesky
 
 
 def hessian(x):
@@ -143,7 +142,6 @@ def test_block_costs_are_the_output_error_of_removing_each_block():
     Odd shapes: 13 rows in bands of 4 (the last has 1), 50 columns in blocks of 16 (the last has 2)."""
     w = torch.randn(13, 50, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
     h = damped(hessian(correlated(300, 50, seed=21)))
-    from slimfx.quant.gptq import upper_inverse_cholesky
     got = block_costs(w, upper_inverse_cholesky(h, 0.0, "w"), (4, 16))
     assert got.shape == (4, 4)
     want = torch.zeros(4, 4, dtype=torch.float64)
@@ -161,7 +159,6 @@ def test_blocks_chosen_by_their_cost_then_refit():
     for the blocks activation scores choose, re-fit the same way."""
     w = torch.randn(40, 72, generator=torch.Generator().manual_seed(22))      # 5 x 5 blocks, the last 8 wide
     h = hessian(correlated(1024, 72, seed=23))
-    from slimfx.quant.gptq import upper_inverse_cholesky
     cost = block_costs(w.double(), upper_inverse_cholesky(h, 0.01, "w"), (8, 16))
     mask = expand_blocks(smallest([cost], 12)[0], (8, 16), w.shape)          # round(0.5 * 25) = 12
     got = sparsegpt_prune(w, h, 0.5, blocks=(8, 16))
