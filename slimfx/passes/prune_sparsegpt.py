@@ -21,10 +21,9 @@ does, gave 45890 in an ad-hoc run: coarse blocks need the whole layer to choose 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..ir.dialect.sparse import blockwise
 from ..quant.gptq import upper_inverse_cholesky
 
 
@@ -46,11 +45,11 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm:
         if k % nm[1]:
             raise ValueError(f"SparseGPT: {name}: K = {k} is not a multiple of {nm[1]}")
         block = max(nm[1], block // nm[1] * nm[1])
+    if blocks is not None and (len(blocks) != 2 or not all(isinstance(b, int) and b > 0 for b in blocks)):
+        raise ValueError(f"SparseGPT: {name}: blocks must be two positive ints (BN, BK), got {blocks!r}")
     hinv = upper_inverse_cholesky(h, damp, name)
     W = w.detach().to(torch.float64).clone()
     if blocks is not None and mask is None:
-        if len(blocks) != 2 or not all(isinstance(b, int) and b > 0 for b in blocks):
-            raise ValueError(f"SparseGPT: {name}: blocks must be two positive ints (BN, BK), got {blocks!r}")
         cost = block_costs(W, hinv, blocks)
         mask = expand_blocks(smallest([cost], round(sparsity * cost.numel()))[0], blocks, W.shape)
     for i1 in range(0, k, block):
@@ -84,11 +83,8 @@ def block_costs(w: torch.Tensor, u: torch.Tensor, blocks: tuple[int, int]) -> to
     """(ceil(n/BN), ceil(k/BK)): the output error of removing each (BN, BK) block of ``w`` (n x k) alone, the
     columns before it kept and those after it free to compensate: per row r and block columns S, ||e||^2 with
     e U_SS = w_rS (``u``: the upper Cholesky factor of H^-1), summed over the block's rows."""
-    bn, bk = blocks
-    n, k = w.shape
-    rows = torch.empty(n, math.ceil(k / bk), dtype=w.dtype)
-    for j, c in enumerate(range(0, k, bk)):
-        e = torch.linalg.solve_triangular(u[c:c + bk, c:c + bk], w[:, c:c + bk], upper=True, left=False)
-        rows[:, j] = e.square().sum(1)
-    pad = -n % bn
-    return torch.nn.functional.pad(rows, (0, 0, 0, pad)).view(-1, bn, rows.shape[1]).sum(1)
+    bk = blocks[1]
+    e = torch.empty_like(w)
+    for c in range(0, w.shape[1], bk):
+        e[:, c:c + bk] = torch.linalg.solve_triangular(u[c:c + bk, c:c + bk], w[:, c:c + bk], upper=True, left=False)
+    return blockwise(e.square(), blocks).sum((1, 3))

@@ -18,12 +18,18 @@ def hessian(x):
     return hs.value()
 
 
+def damped(h, damp=0.01):
+    """H + damp * mean(diag H) * I in fp64, as SparseGPT (and GPTQ) condition it."""
+    h = h.double()
+    return h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
+
+
 def reference_sparsegpt(w, h, sparsity, nm, block, damp=0.01, mask=None):
     """SparseGPT from its definition. d_c = [H^-1]_cc once the columns before c are eliminated (it does not
     depend on the weights, so it is computed first); the walk then zeroes column c's pruned entries and adds
     -err * H^-1[c, later] / H^-1[c, c] to the later columns, eliminating c from H^-1."""
     n, k = w.shape
-    hinv = torch.linalg.inv(h.double() + damp * float(h.diagonal().mean()) * torch.eye(k, dtype=torch.float64))
+    hinv = torch.linalg.inv(damped(h, damp))
     d, cur = torch.zeros(k, dtype=torch.float64), hinv.clone()
     for c in range(k):
         d[c] = cur[c, c]
@@ -129,11 +135,6 @@ def test_a_given_mask_is_kept_and_the_rest_refit():
     assert output_error(w, got, h) < 0.8 * output_error(w, w.masked_fill(mask, 0.0), h)
     torch.testing.assert_close(got, reference_sparsegpt(w, h, 0, None, 96, mask=mask).float(), rtol=1e-5,
                                atol=1e-6)
-
-
-def damped(h, damp=0.01):
-    h = h.double()
-    return h + damp * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
 
 
 def test_block_costs_are_the_output_error_of_removing_each_block():
