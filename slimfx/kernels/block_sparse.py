@@ -32,6 +32,8 @@ from slimfx.kernels import _common as C
 from slimfx.quant.numerics import int_matmul_np
 
 DEFAULT_BLOCK = (64, 64)
+INT8_MIN_BK = 32           # tl.dot of int8 operands needs K >= 32 on NVIDIA GPUs (16 for fp16/bf16); the IR's
+                           # sparse dialect holds the same bound (kernels do not import the IR)
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 
 
@@ -60,6 +62,8 @@ def to_bsr(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> BSR:
     for name, b in (("block[0]", bn), ("block[1]", bk)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name}: expected a power of two >= 16 (a tensor-core tile), got {b}")
+    if w.dtype == torch.int8 and bk < INT8_MIN_BK:
+        raise ValueError(f"block[1]: int8 blocks need BK >= {INT8_MIN_BK} (the K of an int8 tensor-core dot), got {bk}")
     n, k = w.shape
     nb, kb = triton.cdiv(n, bn), triton.cdiv(k, bk)
     padded = torch.zeros((nb * bn, kb * bk), dtype=w.dtype, device=w.device)
@@ -194,6 +198,9 @@ def _check_bsr(bsr: BSR, dtypes):
     C.check_tensor("bsr.values", bsr.values, dtypes=dtypes, ndim=3, contiguous=True)
     if tuple(bsr.values.shape[1:]) != (bn, bk):
         raise ValueError(f"bsr.values: expected blocks of shape {(bn, bk)}, got {tuple(bsr.values.shape[1:])}")
+    if bsr.values.dtype == torch.int8 and bk < INT8_MIN_BK:
+        raise ValueError(f"bsr.block: int8 blocks need BK >= {INT8_MIN_BK} (the K of an int8 tensor-core dot), "
+                         f"got {bk}")
     C.check_tensor("bsr.col_idx", bsr.col_idx, dtypes=(torch.int32,), shape=(bsr.values.shape[0],), contiguous=True)
     C.check_tensor("bsr.row_ptr", bsr.row_ptr, dtypes=(torch.int32,), shape=(triton.cdiv(n, bn) + 1,),
                    contiguous=True)

@@ -124,7 +124,8 @@ class Prune(Pass):
                      with scope="global", over all selected layers; "N:M" implies 1 - N/M
     pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons", "heads", "query_heads" or "experts"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
-    block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16: 64x64, 128x128)
+    block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16, BK >= 32 for W8A8;
+                     LowerSparse reads the shape off the zeros)
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
     score:           "activation" (|w| * the RMS of its input column over calibration data or the example
                      inputs) or "magnitude" (|w|; not for the structured patterns, which need activations)

@@ -8,7 +8,11 @@ sparse kernel where it measures faster than the dense GEMM.
 
 Patterns, in the order "auto" tries them:
     "block"   at least ``min_block_sparsity`` of W's (BN, BK) blocks are all zero: block-sparse GEMM skips
-              them (compute and bytes shrink with the density: the prefill/large-M path)
+              them (compute and bytes shrink with the density: the prefill/large-M path). With
+              ``block="auto"`` (the default) the shape is read off each weight: of BN, BK in 16..128, the
+              largest blocks (fewest to index, larger tiles) that skip at least ``AUTO_KEEP`` of the weights
+              the best shape skips, so a weight pruned in 32x32 blocks runs in 32x32 blocks, one pruned in
+              64x64 blocks in 64x64 (its 32x32 blocks are as empty, and four times as many)
     "2:4"     at most 2 nonzeros in every group of 4 along K: half the weight bytes (the decode path)
 Both aten.linear and fused_linear (after Fuse: activation and residual carried over) are lowered.
 A W8A8 layer (quantized_linear) stays that op: a block pattern of its int8 weight is recorded in
@@ -18,19 +22,22 @@ Weight-only layers are left as they are.
 from __future__ import annotations
 
 import dataclasses
+from typing import Union
 
 import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from .. import ir
-from ..ir.dialect.sparse import block_pattern, block_sparsity, parse_pattern, pattern_violation
+from ..ir.dialect.sparse import INT8_MIN_BK, block_pattern, nonzero_blocks, parse_pattern, pattern_violation
 from .base import Pass, PassResult, register_pass
 from .quantize import module_patterns, selected_linears
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
 PATTERNS = ("auto", "2:4", "block")
+BLOCK_SHAPES = tuple((bn, bk) for bn in (128, 64, 32, 16) for bk in (128, 64, 32, 16))   # block="auto" tries
+AUTO_KEEP = 0.95          # block="auto": a larger shape must skip this fraction of the weights the best one skips
 
 
 @register_pass(name="lower_sparse")
@@ -39,12 +46,13 @@ class LowerSparse(Pass):
     """Linears with sparse weights => slimfx.sparse_linear (see the module docstring).
 
     pattern:            "auto" (block if sparse enough in blocks, else 2:4), "2:4" or "block"
-    block:              (BN, BK), powers of two >= 16: the block shape of the block-sparse kernel
+    block:              "auto" (per layer, the shape its zeros were pruned in: see the module docstring) or
+                        (BN, BK), powers of two >= 16: the block shape of the block-sparse kernel
     min_block_sparsity: the fraction of all-zero blocks a layer needs for "block" (below it the skipped
                         work does not pay for the sparse kernel's indexing)
     include/exclude:    module-name globs ("*.mlp.*") or "re:<regex>"; empty include = every layer"""
     pattern: str = "auto"
-    block: tuple = (64, 64)
+    block: Union[str, tuple] = "auto"
     min_block_sparsity: float = 0.5
     include: tuple = ()
     exclude: tuple = ()
@@ -52,29 +60,40 @@ class LowerSparse(Pass):
     def __post_init__(self):
         if self.pattern not in PATTERNS:
             raise ValueError(f"LowerSparse.pattern must be one of {PATTERNS}, got {self.pattern!r}")
-        self.block = tuple(self.block)
-        try:
-            if len(self.block) != 2:
-                raise ValueError
-            parse_pattern(block_pattern(self.block))
-        except (ValueError, TypeError):
-            raise ValueError(f"LowerSparse.block must be two powers of two >= 16 (BN, BK), got {self.block!r}") \
-                from None
+        if self.block != "auto":
+            try:
+                self.block = tuple(self.block)
+                if len(self.block) != 2:
+                    raise ValueError
+                parse_pattern(block_pattern(self.block))
+            except (ValueError, TypeError):
+                raise ValueError(f"LowerSparse.block must be 'auto' or two powers of two >= 16 (BN, BK), "
+                                 f"got {self.block!r}") from None
         if not 0.0 <= self.min_block_sparsity <= 1.0:
             raise ValueError(f"LowerSparse.min_block_sparsity must be in [0, 1], got {self.min_block_sparsity!r}")
         self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
 
     def choose(self, w: torch.Tensor) -> tuple[str | None, str]:
-        """(the pattern to lower to, "") or (None, why not). int8 weights (W8A8 layers): block patterns only."""
+        """(the pattern to lower to, "") or (None, why not). int8 weights (W8A8 layers): block patterns only,
+        BK >= 32."""
         int8 = w.dtype == torch.int8
         if w.ndim != 2 or not (w.is_floating_point() or int8):
             return None, f"weight of shape {tuple(w.shape)} / {w.dtype} is not a 2-D float or int8 tensor"
         reasons = []
-        if self.pattern in ("auto", "block"):
-            s = block_sparsity(w, self.block)
+        if self.pattern in ("auto", "block") and int8 and self.block != "auto" and self.block[1] < INT8_MIN_BK:
+            reasons.append(f"int8 blocks need BK >= {INT8_MIN_BK} (an int8 tensor-core dot's K), got "
+                           f"{self.block[0]}x{self.block[1]}")
+        elif self.pattern in ("auto", "block"):
+            block, s = self.choose_block(w)
             if s >= self.min_block_sparsity and s > 0:
-                return block_pattern(self.block), ""
-            reasons.append(f"{s:.0%} zero {self.block[0]}x{self.block[1]} blocks < {self.min_block_sparsity:.0%}")
+                return block_pattern(block), ""
+            if self.block != "auto":
+                reasons.append(f"{s:.0%} zero {block[0]}x{block[1]} blocks < {self.min_block_sparsity:.0%}")
+            elif s == 0:
+                reasons.append("no all-zero blocks of any shape")
+            else:
+                reasons.append(f"{s:.0%} zero {block[0]}x{block[1]} blocks (the most of any shape) < "
+                               f"{self.min_block_sparsity:.0%}")
         if self.pattern in ("auto", "2:4") and int8:
             reasons.append("int8 2:4 has no kernel")
         elif self.pattern in ("auto", "2:4"):
@@ -83,6 +102,42 @@ class LowerSparse(Pass):
                 return "2:4", ""
             reasons.append(why)
         return None, "; ".join(reasons)
+
+    def choose_block(self, w: torch.Tensor) -> tuple[tuple[int, int], float]:
+        """(block shape, its fraction of all-zero blocks): ``self.block`` as given, or for "auto" the largest
+        of BLOCK_SHAPES with at least min_block_sparsity of its blocks zero whose zero blocks hold at least
+        AUTO_KEEP of the weights the best shape's do (counted inside W: the shape pruned in and its every
+        sub-shape skip the same weights, a larger one fewer). Largest by the block's extent inside W (a
+        128-row block of a 48-row weight is a 48-row block), then the one skipping more, then the smaller
+        (less padding), then the taller. Where none qualifies, the largest of the shapes with the most zero
+        blocks, to say why."""
+        shapes = BLOCK_SHAPES if self.block == "auto" else (self.block,)
+        if w.dtype == torch.int8:
+            shapes = tuple(b for b in shapes if b[1] >= INT8_MIN_BK)
+        if not shapes:
+            raise ValueError(f"LowerSparse: int8 blocks need BK >= {INT8_MIN_BK}, got block={self.block!r}")
+        if not w.numel():
+            return shapes[-1], 0.0
+        n, k = w.shape
+
+        def extents(size, b, count):      # each block's rows (or columns) inside W: the last one ragged
+            e = torch.full((count,), float(b))
+            e[-1] = size - b * (count - 1)
+            return e
+
+        frac, skipped = {}, {}
+        for (bn, bk), nz in nonzero_blocks(w, shapes).items():
+            inside = extents(n, bn, nz.shape[0]) @ (~nz).float() @ extents(k, bk, nz.shape[1])
+            frac[bn, bk] = 1.0 - nz.float().mean().item()
+            skipped[bn, bk] = inside.item() / (n * k)
+        best = max(skipped.values())
+        ok = [b for b in shapes if frac[b] > 0 and frac[b] >= self.min_block_sparsity
+              and skipped[b] >= AUTO_KEEP * best]
+        if not ok:
+            most = max(frac.values())
+            ok = [b for b in shapes if frac[b] == most]
+        block = max(ok, key=lambda b: (min(b[0], n) * min(b[1], k), skipped[b], -b[0] * b[1], b[0]))
+        return block, frac[block]
 
     def run(self, gm, ctx):
         g = gm.graph
@@ -119,4 +174,4 @@ class LowerSparse(Pass):
         return PassResult(gm, bool(lowered), {**stats, "lowered": lowered, "skipped": skipped})
 
 
-__all__ = ["LowerSparse", "PATTERNS"]
+__all__ = ["AUTO_KEEP", "BLOCK_SHAPES", "LowerSparse", "PATTERNS"]

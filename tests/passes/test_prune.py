@@ -268,12 +268,12 @@ def test_pipeline_block_then_w8a8(tiny_llama):
     so every quantized layer records the block pattern for bsr_int8_gemm."""
     ids, mask = text_batch(2, 12, 97)
     cm = slimfx.compile(tiny_llama, (), dict(input_ids=ids, attention_mask=mask, use_cache=False),
-                        passes=[P.Prune(sparsity=0.6, pattern="block", block=(16, 16), exclude="lm_head"),
+                        passes=[P.Prune(sparsity=0.6, pattern="block", block=(16, 32), exclude="lm_head"),
                                 P.Quantize(weights="int8", activations="dynamic", exclude="lm_head"),
-                                P.LowerSparse(block=(16, 16))],
+                                P.LowerSparse(block=(16, 32))],                  # int8 blocks: BK >= 32
                         backend="numpy", progress=False)
     q = [n for n in cm.graph.graph.nodes if n.target is sf.quantized_linear.default]
-    assert q and all(ir.meta.info(n).sparse == "block:16x16" for n in q)
+    assert q and all(ir.meta.info(n).sparse == "block:16x32" for n in q)
 
 
 # --- structured: feed-forward neurons --------------------------------------------------------------------

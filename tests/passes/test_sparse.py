@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from slimfx import ir, passes as P
 from slimfx.backends import lower
-from slimfx.ir.dialect.sparse import block_sparsity, parse_pattern, pattern_violation
+from slimfx.ir.dialect.sparse import block_sparsity, nonzero_blocks, parse_pattern, pattern_violation
+from slimfx.passes.sparse import BLOCK_SHAPES
 
 sf = torch.ops.slimfx
 
@@ -100,6 +101,97 @@ def test_block_sparsity_counts_ragged_blocks_like_bsr():
         assert block_sparsity(w, block) == pytest.approx(1 - to_bsr(w.half(), block).density, abs=1e-6)
 
 
+def test_nonzero_blocks_is_each_shapes_own_map():
+    """The 16x16 map pooled to each shape equals the shape's map computed from w itself (ragged edges)."""
+    g = torch.Generator().manual_seed(2)
+    for n, k in [(197, 326), (1, 17), (130, 40)]:
+        w = torch.randn(n, k, generator=g)
+        w[torch.rand(n, k, generator=g) < 0.995] = 0
+        maps = nonzero_blocks(w, BLOCK_SHAPES)
+        for (bn, bk), m in maps.items():
+            direct = F.pad(w != 0, (0, -k % bk, 0, -n % bn)).reshape(-(-n // bn), bn, -(-k // bk), bk)
+            assert torch.equal(m, direct.any(3).any(1)), (n, k, bn, bk)
+            assert block_sparsity(w, (bn, bk)) == pytest.approx(1 - m.float().mean().item(), abs=1e-7)
+
+
+def block_pruned(n, k, block, sparsity, seed=0):
+    """An (n, k) weight with ``sparsity`` of its ``block``-blocks zeroed at random (ragged edges included)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    (bn, bk), nb, kb = block, -(-n // block[0]), -(-k // block[1])
+    drop = torch.randperm(nb * kb, generator=g)[:round(sparsity * nb * kb)]
+    keep = torch.ones(nb * kb)
+    keep[drop] = 0
+    mask = keep.reshape(nb, kb).repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    return w * mask
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (128, 128), (32, 64), (128, 32)])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_auto_block_finds_the_shape_pruned_in(block, sparsity):
+    """block="auto" picks the shape the zeros were made in: not a smaller one (as empty, more to index), not
+    a larger one (few of its blocks are all zero). Sizes off every block multiple, as a real weight's are."""
+    n, k = 3 * 128 + 72, 5 * 128 + 104
+    w = block_pruned(n, k, block, sparsity)
+    got, frac = P.LowerSparse().choose_block(w)
+    assert got == block
+    blocks = -(-n // block[0]) * -(-k // block[1])
+    assert frac == pytest.approx(round(sparsity * blocks) / blocks, abs=1e-6)
+    assert P.LowerSparse().choose(w) == (f"block:{block[0]}x{block[1]}", "")
+
+
+def test_auto_block_falls_back_and_says_why():
+    lower_sparse = P.LowerSparse()
+    w = block_pruned(256, 256, (16, 16), 0.3)                        # too few zero blocks of any shape
+    assert lower_sparse.choose(w) == (None, "30% zero 16x16 blocks (the most of any shape) < 50%; "
+                                            "not 2:4: row 0, columns 0..3 hold 4 nonzeros")
+    assert P.LowerSparse(min_block_sparsity=0.3).choose(w) == ("block:16x16", "")
+    w24 = torch.randn(256, 256)
+    make_24(w24)                                                     # 2:4 leaves no block empty
+    assert lower_sparse.choose(w24) == ("2:4", "")
+    w = block_pruned(256, 256, (64, 64), 0.5)                        # given a shape, it is kept
+    assert P.LowerSparse(block=(32, 32)).choose(w) == ("block:32x32", "")
+    assert P.LowerSparse(block=(128, 128)).choose(w)[0] is None
+    w = block_pruned(48, 200, (48, 16), 0.6)                         # zero columns of a 48-row weight:
+    assert P.LowerSparse().choose_block(w)[0] == (64, 16)            # the least padded block that is them
+
+
+def test_kernel_and_dialect_agree_on_the_int8_block_bound():
+    pytest.importorskip("triton")
+    from slimfx.ir.dialect.sparse import INT8_MIN_BK
+    from slimfx.kernels import block_sparse
+    assert INT8_MIN_BK == block_sparse.INT8_MIN_BK
+
+
+def test_int8_weights_take_blocks_with_bk_32_or_more():
+    """An int8 tl.dot needs K >= 32: a W8A8 weight pruned in 16x16 blocks is lowered in 16x32 ones where
+    they are as empty (here: pruned as 16x32 blocks), never with BK = 16, and a given BK = 16 is refused."""
+    w = block_pruned(100, 200, (16, 32), 0.6).mul(40).round().clamp(-127, 127).to(torch.int8)
+    assert P.LowerSparse().choose(w) == ("block:16x32", "")
+    assert P.LowerSparse().choose(w.float()) == ("block:16x32", "")
+    w16 = block_pruned(256, 256, (16, 16), 0.6).mul(40).round().to(torch.int8)
+    assert P.LowerSparse().choose(w16.float()) == ("block:16x16", "")
+    assert P.LowerSparse().choose(w16) == (                         # both halves empty: ~0.6^2
+        None, "38% zero 16x32 blocks (the most of any shape) < 50%; int8 2:4 has no kernel")
+    assert P.LowerSparse(block=(16, 16)).choose(w16) == (
+        None, "int8 blocks need BK >= 32 (an int8 tensor-core dot's K), got 16x16; int8 2:4 has no kernel")
+
+
+def test_auto_block_through_prune():
+    """Prune(pattern="block", block=(32, 32)) then LowerSparse(): every pruned linear is lowered in 32x32
+    blocks with no block shape given to it (sizes 32-multiples, not 64-multiples), and nothing changes."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(224, 352), torch.nn.ReLU(), torch.nn.Linear(352, 224),
+                            torch.nn.ReLU(), torch.nn.Linear(224, 9)).eval()
+    gm, x = captured(m, torch.randn(3, 5, 224))
+    P.Prune(sparsity=0.6, pattern="block", block=(32, 32), exclude="4")(gm, P.PassContext((x,)))
+    ref = run_np(gm, x)
+    res = P.LowerSparse()(gm)
+    assert sparse_nodes(gm) == {"0": "block:32x32", "2": "block:32x32"}
+    assert res.stats["skipped"]["4"].startswith("no all-zero blocks of any shape; ")
+    assert torch.equal(run_np(gm, x), ref)
+
+
 def test_pattern_violation_names_the_group():
     w = torch.zeros(3, 8)
     assert pattern_violation(w, "2:4") is None
@@ -117,11 +209,12 @@ def test_bad_arguments_are_named():
         sf.sparse_linear(torch.ones(2, 4), torch.ones(3, 4), pattern="4:8")
     with pytest.raises(ValueError, match="LowerSparse.pattern must be one of"):
         P.LowerSparse(pattern="2:8")
-    with pytest.raises(ValueError, match=r"LowerSparse.block must be two powers of two >= 16 \(BN, BK\), "
-                                         r"got \(48, 64\)"):
+    with pytest.raises(ValueError, match=r"LowerSparse.block must be 'auto' or two powers of two >= 16 "
+                                         r"\(BN, BK\), got \(48, 64\)"):
         P.LowerSparse(block=(48, 64))
-    with pytest.raises(ValueError, match="LowerSparse.block must be"):
-        P.LowerSparse(block=(64,))
+    for bad in ((64,), "64x64", None):
+        with pytest.raises(ValueError, match="LowerSparse.block must be"):
+            P.LowerSparse(block=bad)
     with pytest.raises(ValueError, match=r"min_block_sparsity must be in \[0, 1\]"):
         P.LowerSparse(min_block_sparsity=1.5)
 

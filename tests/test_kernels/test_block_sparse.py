@@ -164,6 +164,15 @@ def test_refusals(dev, gen):
         to_bsr(w, (16, 24))
     with pytest.raises(TypeError, match=r"w: expected dtype in \(float16, bfloat16, int8\), got float32"):
         to_bsr(w.float())
+    w8 = w.mul(10).round().to(torch.int8)
+    with pytest.raises(ValueError, match=r"block\[1\]: int8 blocks need BK >= 32 \(the K of an int8 tensor-core "
+                                         r"dot\), got 16"):
+        to_bsr(w8, (32, 16))
+    to_bsr(w8.float().half(), (32, 16))                          # fp16 blocks may be 16 wide
+    bsr16 = to_bsr(w8.to(dev), (32, 32))
+    bsr16.values, bsr16.block = bsr16.values.reshape(-1, 32, 2, 16)[:, :, 0].contiguous(), (32, 16)
+    with pytest.raises(ValueError, match=r"bsr.block: int8 blocks need BK >= 32"):
+        bsr_int8_gemm(x.to(torch.int8), bsr16, torch.ones(3, device=dev), torch.ones(32, device=dev))
     with pytest.raises(TypeError, match="bsr.values: expected x's dtype"):
         bsr_linear(x.bfloat16(), bsr)
     with pytest.raises(ValueError, match="x: expected last dimension 64"):

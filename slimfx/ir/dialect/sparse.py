@@ -4,13 +4,15 @@
         y = act(linear(x, w, bias)) + residual, exactly fused_linear's math: w is the dense weight with
         its zeros, and ``pattern`` declares the sparsity it satisfies, which a backend may exploit:
         "2:4"           at most 2 nonzeros in every group of 4 consecutive elements along K (K % 4 == 0)
-        "block:BNxBK"   W cut into (BN, BK) blocks (powers of two >= 16; edge blocks padded with zeros)
-                        has all-zero blocks, which a block-sparse kernel skips
+        "block:BNxBK"   W cut into (BN, BK) blocks (powers of two >= 16, BK >= 32 for int8 weights: an
+                        int8 tensor-core dot's K; edge blocks padded with zeros) has all-zero blocks, which
+                        a block-sparse kernel skips
         The torch and numpy implementations ignore the pattern (the zeros are in w); the triton backend
         packs w into the kernel's format (compress_24 / to_bsr) at lowering.
 
-``pattern_violation(w, pattern)`` checks a weight against a pattern (None when it satisfies it), and
-``block_sparsity(w, block)`` is the fraction of all-zero blocks: the LowerSparse pass uses both.
+``pattern_violation(w, pattern)`` checks a weight against a pattern (None when it satisfies it),
+``block_sparsity(w, block)`` is the fraction of all-zero blocks and ``nonzero_blocks(w, blocks)`` the map of
+blocks holding a nonzero for many block shapes from one pass over w: the LowerSparse pass uses them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import Tensor
 from .fused import check_activation, fused_linear
 
 _BLOCK = re.compile(r"block:(\d+)x(\d+)")
+INT8_MIN_BK = 32       # int8 blocks: BK >= 32, the K of an int8 tl.dot (kernels.block_sparse.INT8_MIN_BK)
 
 
 def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
@@ -59,6 +62,14 @@ def _blocks(w: Tensor, block: tuple[int, int]) -> Tensor:
 def block_sparsity(w: Tensor, block: tuple[int, int]) -> float:
     """The fraction of W's (BN, BK) blocks that are all zero."""
     return 1.0 - _blocks(w, block).float().mean().item() if w.numel() else 0.0
+
+
+def nonzero_blocks(w: Tensor, blocks) -> dict[tuple[int, int], Tensor]:
+    """{block: (N/BN, K/BK) bool, which blocks hold a nonzero} for every (BN, BK) in ``blocks`` (powers of
+    two >= 16), from one pass over w: the 16x16 map, padded and OR-pooled to each shape (padding w to whole
+    (BN, BK) blocks pads that map to whole (BN/16, BK/16) cells, so each is exactly the shape's own map)."""
+    nz16 = _blocks(w, (16, 16))
+    return {tuple(b): blockwise(nz16, (b[0] // 16, b[1] // 16)).any(3).any(1) for b in blocks}
 
 
 def pattern_violation(w: Tensor, pattern: str) -> Optional[str]:
