@@ -21,7 +21,8 @@ Rows, each timed with triton.testing.do_bench (median) in one process:
 for the schemes in SCHEMES (--schemes; default W8A8, W8A16 and W4A16; the sparse ones prune a copy of the model
 by magnitude first, and their cosine is to that pruned model in torch); lm_head stays bf16. Each scheme
 is compiled once (capture and passes on the CPU) and lowered twice; a row's first call (choices,
-autotuning, graph capture) is timed apart as first_call_s.
+autotuning, graph capture) is timed apart as first_call_s. The weights each path holds on the device
+(TritonProgram.held_bytes after the eager rows) go beside the table.
 Writes bench/results/llama_gpu-<card>.{json,md} (--stem renames).
 """
 from __future__ import annotations
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.size, args.block = "smoke", 16
+        args.size, args.block = "smoke", 32           # int8 blocks are >= 32 wide (w8a8-bsr50)
     import torch
     import slimfx
     if not args.smoke and not torch.cuda.is_available():
@@ -177,6 +178,7 @@ def main(argv=None) -> int:
             return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
     rows, compile_s = [], {}
+    held_mb = {"torch bf16": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 2)}
     gpu_model = model.to(dev)               # (in place: the baselines run first, then it goes back to the CPU)
     with torch.no_grad():
         inputs = {s: torch.randint(0, vocab, (1, s), device=dev) for s in seqs}
@@ -220,11 +222,13 @@ def main(argv=None) -> int:
                         return dict(ms=timer(lambda: exe((ids,), {})), cosine=round(cos, 5), first_call_s=first_s)
                     rows.append(dict(seq=s, path=name, **attempt(run_row)))
                     print(rows[-1], flush=True)
+                if not graphs:              # after every length's choices: what stays on the device
+                    held_mb[f"slimfx {scheme}"] = {k: round(v / 2**20, 2) for k, v in exe.program.held_bytes().items()}
     card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
                 torch=torch.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), compile_s=compile_s,
-                sparse_layers=sparse_layers)
+                sparse_layers=sparse_layers, held_mb=held_mb)
     md = markdown(rows, meta)
     print(md)
     if not args.smoke:
@@ -256,7 +260,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "torch's (the sparse schemes': to the pruned model in torch). Compile times (s; a model's first scheme "
              "includes its capture, which the others reuse): "
              + ", ".join(f"{k} {v}" for k, v in meta["compile_s"].items()) + "."
-             + "".join(f" Layers on sparse kernels, {k}: {v}." for k, v in meta.get("sparse_layers", {}).items()),
+             + "".join(f" Layers on sparse kernels, {k}: {v}." for k, v in meta.get("sparse_layers", {}).items())
+             + held_line(meta.get("held_mb")),
              "", "| path | " + " | ".join(f"seq {s}" for s in seqs) + " |", "|---|" + "---:|" * len(seqs)]
     for p in paths:
         cells = []
@@ -266,6 +271,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
             cells.append(f"{r['ms']:.3f} ms ({base[s] / r['ms']:.2f}x, cos {r['cosine']:.4f})" if ok else "-")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return finish_markdown(lines, [f"- {r['path']}, seq {r['seq']}: {r['note']}" for r in rows if r.get("note")])
+
+
+def held_line(held: dict | None) -> str:
+    """" Weights on the device (MiB): ..." from meta's held_mb (TritonProgram.held_bytes after the eager rows:
+    the tensors the program keeps, and the dense copies that buckets choosing the dense path rebuilt)."""
+    if not held:
+        return ""
+    cells = [f"{k} {v}" if not isinstance(v, dict) else
+             f"{k} {v['weights']}" + (f" + {v['dense_copies']} dense copies" if v["dense_copies"] else "")
+             for k, v in held.items()]
+    return " Weights on the device (MiB; lm_head and embeddings bf16 in all): " + ", ".join(cells) + "."
 
 
 def finish_markdown(lines: list[str], notes: list[str]) -> str:

@@ -124,6 +124,18 @@ class CompiledModel:
     def report(self) -> Report:
         return self._report
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the model's tensors as its backend holds them: "weights" (as stored: int8 / int4 codes,
+        packed sparse forms, scales, the float tensors left) and "dense_copies" (triton: the dense weights
+        rebuilt for shape buckets where the dense path measured faster; 0 on the other backends, which
+        run the graph's own tensors)."""
+        if self.backend == "triton":
+            return self._executable.program.held_bytes()
+        read = (ir.meta.tensor_attr(self.graph, n) for n in self.graph.graph.nodes if n.op == "get_attr")
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in read if isinstance(t, torch.Tensor)}
+        return {"weights": sum(storages.values()), "dense_copies": 0}
+
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledModel":
         """The same compiled graph lowered to another backend (or with other options), e.g. compiled and
         checked on the CPU, then ``with_backend("triton", {"cuda_graphs": True})``."""

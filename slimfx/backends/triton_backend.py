@@ -16,7 +16,9 @@ signature and replays it (see TritonProgram); the per-layer choices are then tim
 The dense path of a quantized linear is the bf16 GEMM with the dequantized weight (activations are not
 quantized there): what the layer would cost without its kernel. A sparse_linear's dense path is the same
 layer through cuBLAS in the model's dtype; its kernel path packs the weight at lowering (2:4 values +
-metadata, or BSR blocks). Under TRITON_INTERPRET=1 nothing can be
+metadata, or BSR blocks), and only the packed form goes to the device (see Lowered: dense weights are
+rebuilt for the buckets that use them, and dequantized copies let go once the kernel wins;
+``TritonProgram.held_bytes`` counts both). Under TRITON_INTERPRET=1 nothing can be
 measured: the kernel is always chosen ("interpreter: correctness mode") so the CPU tests exercise it.
 """
 from __future__ import annotations
@@ -94,10 +96,17 @@ def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, d
 
 
 class Lowered(torch.nn.Module):
-    """One dialect node: runs ``kernel`` or ``dense`` per shape bucket, and says which in the node's info."""
+    """One dialect node: runs ``kernel`` or ``dense`` per shape bucket, and says which in the node's info.
+
+    The dense path may build its weight at its first call (dequantized to bf16, unpacked from 2:4 or BSR)
+    and keep it in ``_w`` / ``_b``; once every bucket met so far chose the kernel, those go again, so a
+    compressed layer holds only its compressed weight on the device. ``drops_weight``: the layer packed its
+    weight at lowering and the kernel reads only the packed form, so TritonProgram passes None in place
+    of the dense weight, which then never reaches the device (the dense path rebuilds it from the packed)."""
     op = ""
     kernel_name = ""
     dense_name = "bf16"
+    drops_weight = False
 
     def __init__(self, info: ir.meta.NodeInfo, name: str):
         super().__init__()
@@ -108,6 +117,10 @@ class Lowered(torch.nn.Module):
             self.info.kernel = f"{self.kernel_name} ({INTERPRETER})"
         else:
             self.info.kernel = f"{self.kernel_name} or {self.dense_name}: measured at the first call per shape bucket"
+
+    def release_dense(self) -> None:
+        """Drop what the dense path built for itself (no bucket uses it now; it is rebuilt if one does)."""
+        self._w = self._b = None
 
     def bucket(self, x, w=None, *args) -> str:
         """M rounded up to a power of two; K, N (the weight's rows) and dtype exact."""
@@ -122,6 +135,8 @@ class Lowered(torch.nn.Module):
                                        self.dense_name, lambda: self.dense(*args), self.graphs)
             self.info.kernel = "; ".join(f"{k.split('|')[0]}: {r}" for k, (_, r) in self.decisions.items()) \
                 if len(self.decisions) > 1 else self.decisions[b][1]
+            if all(use for use, _ in self.decisions.values()):
+                self.release_dense()
         try:
             return self.kernel(*args) if self.decisions[b][0] else self.dense(*args)
         except (TypeError, ValueError) as e:
@@ -156,7 +171,7 @@ class LoweredQuantizedLinear(Lowered):
     op, kernel_name = "quantized_linear", "int8_gemm"
 
     def __init__(self, info, name, w_q: torch.Tensor | None = None):
-        self.block = None
+        self.block, self._w, self._b = None, None, None
         if info.sparse is not None and w_q is not None:
             from slimfx.ir.dialect.sparse import parse_pattern
             self.block = parse_pattern(info.sparse)
@@ -167,10 +182,11 @@ class LoweredQuantizedLinear(Lowered):
         super().__init__(info, name)
         if self.block is not None:
             self.density = _pack_bsr(self, w_q, self.block)
+            self.drops_weight, self.n = True, w_q.shape[0]        # the BSR holds the int8 weight
 
     def bucket(self, x, w_q, *rest):
         sparse = "" if self.block is None else f"|{self.info.sparse}|d{self.density:.2f}"
-        return super().bucket(x) + f"|N{w_q.shape[0]}" + sparse
+        return super().bucket(x) + f"|N{self.n if w_q is None else w_q.shape[0]}" + sparse
 
     def kernel(self, x, w_q, w_scale, bias=None, x_scale=None):
         from slimfx import kernels as K
@@ -186,7 +202,10 @@ class LoweredQuantizedLinear(Lowered):
         return K.int8_gemm(q, w_q, a_scale=s, w_scale=w_scale, bias=bias, out_dtype=out_dtype)
 
     def dense(self, x, w_q, w_scale, bias=None, x_scale=None):
-        if not hasattr(self, "_w"):
+        if self._w is None:
+            if w_q is None:
+                from slimfx.kernels.block_sparse import bsr_to_dense
+                w_q = bsr_to_dense(_bsr(self))
             self._w = _dequant(w_q, w_scale).to(torch.bfloat16)
             self._b = None if bias is None else bias.to(torch.bfloat16)
         out_dtype = torch.float32 if x.dtype == torch.int8 else x.dtype
@@ -202,7 +221,7 @@ class LoweredWeightOnly(Lowered):
     op = "weight_only_linear"
 
     def __init__(self, info, name, w_q: torch.Tensor, group_size: int, has_zp: bool):
-        self.form = None
+        self.form, self._w, self._b = None, None, None
         if not has_zp and group_size == 0 and w_q.dtype == torch.int8:
             self.form, self.kernel_name = "int8", "int8_weight_only_linear"
         elif (not has_zp and group_size >= 32 and group_size & (group_size - 1) == 0 and w_q.dtype == torch.int8
@@ -228,7 +247,7 @@ class LoweredWeightOnly(Lowered):
         return K.int4_weight_only_linear(x, w_q, w_scale.contiguous(), group_size, bias)   # w_q: packed
 
     def dense(self, x, w_q, w_scale, w_zero_point=None, bias=None, group_size=0):
-        if not hasattr(self, "_w"):
+        if self._w is None:
             if self.form == "int4":
                 from slimfx.kernels.weight_only import unpack_int4
                 w_q = unpack_int4(w_q)
@@ -288,15 +307,30 @@ class LoweredSparseLinear(Lowered):
         if self.form is None:
             self.info.kernel = self.kernel_name
         self.density = 0.5                       # 2:4; a block pattern's is what its packing keeps
+        self.shape, self._w = tuple(w.shape), None
         if self.form == "2:4":
             values, meta = K.compress_24(w.detach())
             self.register_buffer("values", values)
             self.register_buffer("meta", meta)
         elif self.form == "block":
             self.density = _pack_bsr(self, w, self.block)
+        self.drops_weight = self.form is not None      # the packed form holds every nonzero
 
     def bucket(self, x, w, *rest):
-        return super().bucket(x, w) + f"|{self.pattern}|d{self.density:.2f}"
+        m = x.numel() // max(x.shape[-1], 1)
+        return (f"M{C.m_bucket(m)}|K{x.shape[-1]}|N{self.shape[0]}|{str(x.dtype).replace('torch.', '')}"
+                f"|{self.pattern}|d{self.density:.2f}")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight, unpacked from the 2:4 values + metadata or the BSR blocks (exactly: the
+        packing keeps every nonzero), and kept until no bucket uses the dense path."""
+        if self._w is None:
+            from slimfx.kernels.block_sparse import bsr_to_dense
+            from slimfx.kernels.sparse24 import decompress_24
+            w = (decompress_24(self.values, self.meta, self.shape[1]) if self.form == "2:4"
+                 else bsr_to_dense(_bsr(self)))
+            self._w = w.clone(memory_format=torch.contiguous_format)     # bsr_to_dense: a view of padded blocks
+        return self._w
 
     def forward(self, *args):
         if self.form is None or args[0].dtype != self.w_dtype:
@@ -319,7 +353,7 @@ class LoweredSparseLinear(Lowered):
         return y if residual is None else y + residual
 
     def dense(self, x, w, bias=None, activation="none", residual=None, pattern="2:4"):
-        return sf.fused_linear.default(x, w, bias, activation, residual)
+        return sf.fused_linear.default(x, self.dense_weight() if w is None else w, bias, activation, residual)
 
 
 class LoweredGroupedWeightOnly(Lowered):
@@ -448,6 +482,21 @@ def _packed_in_place_of(gm, root, graph, user: fx.Node, codes: fx.Node, codes_ne
         graph.erase_node(codes_new)
 
 
+def _drop_weight(graph: fx.Graph, user: fx.Node) -> None:
+    """``user`` (a lowered node whose module holds its weight packed) gets None for its dense weight (its
+    second argument); the weight's get_attr goes when nothing else reads it, so it never reaches the device.
+    Sparse layers and W8A8 block-sparse ones: their packed form holds every nonzero."""
+    w = user.args[1] if len(user.args) > 1 else user.kwargs.get("w", user.kwargs.get("w_q"))
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return
+    if len(user.args) > 1:
+        user.args = (user.args[0], None, *user.args[2:])
+    else:
+        user.kwargs = {k: (None if v is w else v) for k, v in user.kwargs.items()}
+    if not w.users:
+        graph.erase_node(w)
+
+
 def _has_attr(mod: torch.nn.Module, dotted: str) -> bool:
     for p in dotted.split("."):
         if not hasattr(mod, p):
@@ -522,6 +571,8 @@ class TritonProgram:
                 new.op, new.target = "call_module", name
                 if getattr(lowered, "form", None) == "int4":      # the codes packed two per byte in their place
                     _packed_in_place_of(gm, root, graph, new, old.args[1], val_map[old.args[1]], dev)
+                elif lowered.drops_weight:                        # the packed form in its place
+                    _drop_weight(graph, new)
             if new.op == "call_function":
                 new.args, new.kwargs = _on(new.args, dev), _on(new.kwargs, dev)
         kept = set(graph.nodes)
@@ -529,6 +580,23 @@ class TritonProgram:
             if new in kept:
                 _set_attr(root, target, getattr(gm, target).detach().to(dev))
         self.gm = fx.GraphModule(root, graph)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors the program holds on its device: "weights" (the graph's tensors: weights as
+        stored, packed forms, scales, biases, buffers) and "dense_copies" (what dense paths built for
+        buckets that chose them: dequantized or unpacked weights). Activations and CUDA-graph pools aside."""
+        seen, held = set(), {"weights": 0, "dense_copies": 0}
+
+        def add(kind, t):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                held[kind] += t.untyped_storage().nbytes()
+        for t in (*self.gm.parameters(), *self.gm.buffers()):
+            add("weights", t)
+        for mod in self.gm.modules():
+            for name in ("_w", "_b"):
+                add("dense_copies", mod.__dict__.get(name))
+        return held
 
     def __call__(self, args: tuple, kwargs: dict, eager: bool = False):
         move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v

@@ -10,9 +10,10 @@ Patterns, in the order "auto" tries them:
     "block"   at least ``min_block_sparsity`` of W's (BN, BK) blocks are all zero: block-sparse GEMM skips
               them (compute and bytes shrink with the density: the prefill/large-M path). With
               ``block="auto"`` (the default) the shape is read off each weight: of BN, BK in 16..128, the
-              largest blocks (fewest to index, larger tiles) that skip at least ``AUTO_KEEP`` of the weights
-              the best shape skips, so a weight pruned in 32x32 blocks runs in 32x32 blocks, one pruned in
-              64x64 blocks in 64x64 (its 32x32 blocks are as empty, and four times as many)
+              largest blocks (fewest to index, larger tiles) whose kept blocks hold at most ``AUTO_SLACK``
+              times the weights the leanest shape keeps (edge blocks count whole, as the kernel computes
+              them), so a weight pruned in 32x32 blocks runs in 32x32 blocks, one pruned in 64x64 blocks in
+              64x64 (its 32x32 blocks are as empty, and four times as many)
     "2:4"     at most 2 nonzeros in every group of 4 along K: half the weight bytes (the decode path)
 Both aten.linear and fused_linear (after Fuse: activation and residual carried over) are lowered.
 A W8A8 layer (quantized_linear) stays that op: a block pattern of its int8 weight is recorded in
@@ -37,7 +38,7 @@ aten = torch.ops.aten
 sf = torch.ops.slimfx
 PATTERNS = ("auto", "2:4", "block")
 BLOCK_SHAPES = tuple((bn, bk) for bn in (128, 64, 32, 16) for bk in (128, 64, 32, 16))   # block="auto" tries
-AUTO_KEEP = 0.95          # block="auto": a larger shape must skip this fraction of the weights the best one skips
+AUTO_SLACK = 1.1          # block="auto": a larger shape may compute this many times the leanest shape's blocks
 
 
 @register_pass(name="lower_sparse")
@@ -105,12 +106,10 @@ class LowerSparse(Pass):
 
     def choose_block(self, w: torch.Tensor) -> tuple[tuple[int, int], float]:
         """(block shape, its fraction of all-zero blocks): ``self.block`` as given, or for "auto" the largest
-        of BLOCK_SHAPES with at least min_block_sparsity of its blocks zero whose zero blocks hold at least
-        AUTO_KEEP of the weights the best shape's do (counted inside W: the shape pruned in and its every
-        sub-shape skip the same weights, a larger one fewer). Largest by the block's extent inside W (a
-        128-row block of a 48-row weight is a 48-row block), then the one skipping more, then the smaller
-        (less padding), then the taller. Where none qualifies, the largest of the shapes with the most zero
-        blocks, to say why."""
+        of BLOCK_SHAPES with at least min_block_sparsity of its blocks zero whose kept blocks hold at most
+        AUTO_SLACK times the weights the leanest shape keeps, counted as the kernel computes and stores them
+        (edge blocks padded whole). Ties: the leaner, then the taller. Where none qualifies, the largest of
+        the shapes with the most zero blocks, to say why."""
         shapes = BLOCK_SHAPES if self.block == "auto" else (self.block,)
         if w.dtype == torch.int8:
             shapes = tuple(b for b in shapes if b[1] >= INT8_MIN_BK)
@@ -118,25 +117,17 @@ class LowerSparse(Pass):
             raise ValueError(f"LowerSparse: int8 blocks need BK >= {INT8_MIN_BK}, got block={self.block!r}")
         if not w.numel():
             return shapes[-1], 0.0
-        n, k = w.shape
-
-        def extents(size, b, count):      # each block's rows (or columns) inside W: the last one ragged
-            e = torch.full((count,), float(b))
-            e[-1] = size - b * (count - 1)
-            return e
-
-        frac, skipped = {}, {}
+        frac, kept = {}, {}
         for (bn, bk), nz in nonzero_blocks(w, shapes).items():
-            inside = extents(n, bn, nz.shape[0]) @ (~nz).float() @ extents(k, bk, nz.shape[1])
             frac[bn, bk] = 1.0 - nz.float().mean().item()
-            skipped[bn, bk] = inside.item() / (n * k)
-        best = max(skipped.values())
+            kept[bn, bk] = nz.sum().item() * bn * bk
+        lean = min(kept.values())
         ok = [b for b in shapes if frac[b] > 0 and frac[b] >= self.min_block_sparsity
-              and skipped[b] >= AUTO_KEEP * best]
+              and kept[b] <= AUTO_SLACK * lean]
         if not ok:
             most = max(frac.values())
             ok = [b for b in shapes if frac[b] == most]
-        block = max(ok, key=lambda b: (min(b[0], n) * min(b[1], k), skipped[b], -b[0] * b[1], b[0]))
+        block = max(ok, key=lambda b: (b[0] * b[1], -kept[b], b[0]))
         return block, frac[block]
 
     def run(self, gm, ctx):
@@ -174,4 +165,4 @@ class LowerSparse(Pass):
         return PassResult(gm, bool(lowered), {**stats, "lowered": lowered, "skipped": skipped})
 
 
-__all__ = ["AUTO_KEEP", "BLOCK_SHAPES", "LowerSparse", "PATTERNS"]
+__all__ = ["AUTO_SLACK", "BLOCK_SHAPES", "LowerSparse", "PATTERNS"]

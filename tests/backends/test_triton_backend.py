@@ -290,6 +290,112 @@ def test_block_sparse_w8a8_runs_bsr_int8_bit_exact():
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2     # moved by one step at a tie
 
 
+def _lowered_sparse(dtype, quantize: bool, lower_sparse: bool = True):
+    """SparseNet (a: 2:4, b and c: 32x32 blocks) in ``dtype``, Fuse'd and LowerSparse'd (after W8A8 where
+    ``quantize``), and its input."""
+    m = SparseNet().eval().to(dtype)
+    x = torch.randn(3, 5, 40).to(dtype)
+    gm = _quantized(m, x, weights="int8", activations="dynamic") if quantize else ir.capture(m, (x,)).gm
+    if not quantize:
+        gm = P.Fuse()(gm).graph_module
+    if lower_sparse:
+        gm = P.LowerSparse()(gm).graph_module
+    return gm, x
+
+
+def _measured(monkeypatch, use_kernel: bool):
+    """Each new shape bucket runs both paths, as a measurement does, then takes the kernel or the dense
+    path (the interpreter itself always takes the kernel)."""
+    from slimfx.backends import triton_backend
+
+    def choose(op, bucket, kernel_name, kernel_fn, dense_name, dense_fn, graphs=False):
+        kernel_fn(), dense_fn()
+        return use_kernel, kernel_name if use_kernel else dense_name
+    monkeypatch.setattr(triton_backend, "choose", choose)
+
+
+def parse_pattern(pattern):
+    from slimfx.ir.dialect.sparse import parse_pattern
+    return parse_pattern(pattern)
+
+
+def _dense_weights(gm, op):
+    return {n.args[1].target for n in gm.graph.nodes if n.target is op}
+
+
+def test_sparse_layers_hold_only_their_packed_weights(monkeypatch):
+    """A 2:4 / block-sparse layer keeps its packed weight on the device, not the dense one beside it: the
+    program holds the packed forms and biases, here less than half the dense weights. A bucket that takes
+    the dense path rebuilds the dense weight from the packed form, exactly (the same torch ops as
+    backend="torch": equal outputs), keeps it while some bucket uses it, and lets it go when every bucket
+    takes the kernel."""
+    gm, x = _lowered_sparse(torch.bfloat16, quantize=False)
+    dense = _dense_weights(gm, sf.sparse_linear.default)
+    dense_bytes = sum(getattr(gm, t).untyped_storage().nbytes() for t in dense)
+    exe = lower(gm, "triton")
+    assert len(dense) == 3 and not {name for name, _ in exe.program.gm.named_buffers()} & dense
+    from slimfx.kernels import compress_24, to_bsr
+    packed = 2 * (130 + 70 + 33)                                     # the biases
+    for n in gm.graph.nodes:
+        if n.target is sf.sparse_linear.default:
+            w, pattern = getattr(gm, n.args[1].target), n.args[5]
+            parts = compress_24(w) if pattern == "2:4" else \
+                [t for t in vars(to_bsr(w, parse_pattern(pattern))).values() if isinstance(t, torch.Tensor)]
+            packed += sum(t.untyped_storage().nbytes() for t in parts)
+    assert exe.program.held_bytes() == {"weights": packed, "dense_copies": 0}
+    assert packed < 0.5 * dense_bytes
+    _measured(monkeypatch, use_kernel=False)
+    exe = lower(gm, "triton")
+    assert torch.equal(exe((x,), {}), run(gm, "torch", x))
+    assert exe.program.held_bytes()["dense_copies"] == dense_bytes
+    _measured(monkeypatch, use_kernel=True)
+    exe((torch.randn(4, 9, 40).to(torch.bfloat16),), {})           # another bucket takes the kernel: the
+    assert exe.program.held_bytes()["dense_copies"] == dense_bytes   # first one still runs the dense path
+    exe = lower(gm, "triton")
+    exe((x,), {})
+    assert exe.program.held_bytes()["dense_copies"] == 0
+
+
+def test_w8a8_layers_let_their_dequantized_copies_go(monkeypatch):
+    """Measuring builds a bf16 copy of each W8A8 weight for the dense side; once the kernel is chosen it
+    goes, so the program holds int8 weights, the block-sparse layers only their int8 BSR blocks. Their dense
+    path rebuilds the int8 weight from the blocks: the same outputs as the layers without a block pattern."""
+    gm, x = _lowered_sparse(torch.float32, quantize=True)
+    blocky = {n.args[1].target for n in gm.graph.nodes
+              if n.target is sf.quantized_linear.default and ir.meta.info(n).sparse}
+    assert len(blocky) == 2
+    _measured(monkeypatch, use_kernel=True)
+    exe = lower(gm, "triton")
+    assert not {name for name, _ in exe.program.gm.named_buffers()} & blocky
+    exe((x,), {})
+    assert exe.program.held_bytes()["dense_copies"] == 0
+    _measured(monkeypatch, use_kernel=False)
+    exe = lower(gm, "triton")
+    got = exe((x,), {})
+    bf16 = 2 * sum(getattr(gm, t).numel() for t in _dense_weights(gm, sf.quantized_linear.default))
+    assert exe.program.held_bytes()["dense_copies"] == bf16 + 2 * (130 + 70 + 33)        # weights + biases
+    plain, _ = _lowered_sparse(torch.float32, quantize=True, lower_sparse=False)
+    assert torch.equal(got, lower(plain, "triton")((x,), {}))
+
+
+def test_held_bytes_counts_what_each_backend_keeps():
+    """CompiledModel.held_bytes: the float model's parameters; after int4 Quantize, the int8 codes + scales +
+    biases on torch, and on triton the codes packed two per byte (half their bytes), nothing else changed."""
+    import slimfx
+    m, x = Net(k=64, n=64).eval(), torch.randn(3, 64)
+    params = sum(p.numel() * 4 for p in m.parameters())
+    assert slimfx.compile(m, (x,), passes=[], progress=False).held_bytes() == {"weights": params,
+                                                                               "dense_copies": 0}
+    cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int4", group_size=32)], backend="torch",
+                        progress=False)
+    codes, scales, biases = 64 * 64 + 11 * 64, 4 * (64 * 2 + 11 * 2), 4 * (64 + 11)
+    assert cm.held_bytes() == {"weights": codes + scales + biases, "dense_copies": 0}
+    on_triton = cm.with_backend("triton")
+    assert on_triton.held_bytes() == {"weights": codes // 2 + scales + biases, "dense_copies": 0}
+    ref = cm(x)                 # the same dequantized weights, fp32 sums in another order (K = 64)
+    assert float((on_triton(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 def _mixtral_experts_quantized(hidden: int, intermediate: int, layers: int, **quantize):
     """A tiny random Mixtral (4 experts, top 2) captured with its experts Quantize'd, and its call."""
     from transformers import MixtralConfig, MixtralForCausalLM

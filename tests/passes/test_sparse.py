@@ -130,8 +130,8 @@ def block_pruned(n, k, block, sparsity, seed=0):
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_auto_block_finds_the_shape_pruned_in(block, sparsity):
     """block="auto" picks the shape the zeros were made in: not a smaller one (as empty, more to index), not
-    a larger one (few of its blocks are all zero). Sizes off every block multiple, as a real weight's are."""
-    n, k = 3 * 128 + 72, 5 * 128 + 104
+    a larger one (few of its blocks are all zero)."""
+    n, k = 7 * 128, 6 * 128
     w = block_pruned(n, k, block, sparsity)
     got, frac = P.LowerSparse().choose_block(w)
     assert got == block
@@ -152,8 +152,18 @@ def test_auto_block_falls_back_and_says_why():
     w = block_pruned(256, 256, (64, 64), 0.5)                        # given a shape, it is kept
     assert P.LowerSparse(block=(32, 32)).choose(w) == ("block:32x32", "")
     assert P.LowerSparse(block=(128, 128)).choose(w)[0] is None
-    w = block_pruned(48, 200, (48, 16), 0.6)                         # zero columns of a 48-row weight:
-    assert P.LowerSparse().choose_block(w)[0] == (64, 16)            # the least padded block that is them
+
+def test_auto_block_weighs_the_padding_of_ragged_edges():
+    """Edge blocks are computed and stored whole: on 392 rows (8 past a multiple of 64) with every other
+    64-column stripe zero, 64x64 blocks compute 448 rows per kept stripe, 32x64 416, 16x64 400: auto takes
+    32x64, the largest within AUTO_SLACK (1.1) of the leanest."""
+    w = torch.randn(392, 704)
+    w.view(392, 11, 64)[:, ::2] = 0
+    got, frac = P.LowerSparse().choose_block(w)
+    assert got == (32, 64) and frac == pytest.approx(6 / 11, abs=1e-6)
+    kept = {b: int(m.sum()) * b[0] for b, m in nonzero_blocks(w, [(64, 64), (32, 64), (16, 64)]).items()}
+    assert kept == {(64, 64): 448 * 5, (32, 64): 416 * 5, (16, 64): 400 * 5}
+    assert P.LowerSparse().choose_block(w[:384])[0] == (128, 64)        # no ragged edge: 3 x 128 rows
 
 
 def test_kernel_and_dialect_agree_on_the_int8_block_bound():
@@ -166,7 +176,7 @@ def test_kernel_and_dialect_agree_on_the_int8_block_bound():
 def test_int8_weights_take_blocks_with_bk_32_or_more():
     """An int8 tl.dot needs K >= 32: a W8A8 weight pruned in 16x16 blocks is lowered in 16x32 ones where
     they are as empty (here: pruned as 16x32 blocks), never with BK = 16, and a given BK = 16 is refused."""
-    w = block_pruned(100, 200, (16, 32), 0.6).mul(40).round().clamp(-127, 127).to(torch.int8)
+    w = block_pruned(128, 256, (16, 32), 0.6).mul(40).round().clamp(-127, 127).to(torch.int8)
     assert P.LowerSparse().choose(w) == ("block:16x32", "")
     assert P.LowerSparse().choose(w.float()) == ("block:16x32", "")
     w16 = block_pruned(256, 256, (16, 16), 0.6).mul(40).round().to(torch.int8)
