@@ -128,7 +128,8 @@ class Prune(Pass):
     sparsity:        the fraction of weights to zero ("unstructured"; of blocks for "block"; of each block's
                      neurons, kv head groups, q heads per kv group or experts for "neurons" / "heads" /
                      "query_heads" / "experts"), per layer or,
-                     with scope="global", over all selected layers; "N:M" implies 1 - N/M
+                     with scope="global", over all selected layers; "N:M" implies 1 - N/M; counts are
+                     the nearest, halves up (count_of)
     pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons", "heads", "query_heads" or "experts"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16, BK >= 32 for W8A8;
