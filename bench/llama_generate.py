@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         m.to("cpu")
         rows.append(dict(path=label, prefill_ms=prefill_s * 1e3, total_s=total_s,
                          decode_tok_s=args.batch * (n - 1) / max(total_s - prefill_s, 1e-9), cosine=1.0,
-                         same_tokens=n))
+                         same_tokens=n, weights_mb=round(sum(p.numel() * p.element_size()
+                                                             for p in m.parameters()) / 1e6, 3)))
         print(rows[-1], flush=True)
         return ref_logits, out
 
@@ -137,7 +138,9 @@ def main(argv=None) -> int:
                                                                   ref_logits.flatten(), dim=0))
                 prefill_s, _ = timed(lambda: lm.prefill(prompt), args.repeats, sync)
                 total_s, out = timed(lambda: lm.generate(prompt, max_new_tokens=n), args.repeats, sync)
+                held = lm.step.held_bytes()          # after the choices: weights as stored + dense copies kept
                 return dict(prefill_ms=prefill_s * 1e3, total_s=total_s,
+                            weights_mb=round((held["weights"] + held["dense_copies"]) / 1e6, 3),
                             decode_tok_s=args.batch * (n - 1) / max(total_s - prefill_s, 1e-9), cosine=round(cos, 5),
                             same_tokens=equal_prefix(out, ref_tokens, start), compile_s=compile_s,
                             first_call_s=round(first_s, 1))
@@ -161,15 +164,17 @@ def markdown(rows: list[dict], meta: dict, base: dict) -> str:
              f"prompt {meta['prompt']} tokens, {meta['new_tokens']} new tokens (greedy, no end-of-sequence); "
              f"torch {meta['torch']}, {meta['date']}. decode tok/s = batch x (new tokens - 1) / (generate time - "
              "prefill time); speedup vs transformers generate bf16; cos: prompt logits vs torch's; same: greedy "
-             "tokens equal to transformers' before the first difference.", "",
-             "| path | prefill ms | decode tok/s | speedup | cos | same | compile s |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "tokens equal to transformers' before the first difference; weights MB: what the path holds on the "
+             "device (slimfx: CompiledModel.held_bytes after generating, dense copies included).", "",
+             "| path | prefill ms | decode tok/s | speedup | cos | same | weights MB | compile s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("decode_tok_s") is None:
-            lines.append(f"| {r['path']} | - | - | - | - | - | - |")
+            lines.append(f"| {r['path']} | - | - | - | - | - | - | - |")
             continue
         lines.append(f"| {r['path']} | {r['prefill_ms']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['cosine']:.4f} | {r['same_tokens']} | "
-                     f"{r.get('compile_s', '-')} |")
+                     f"{r.get('weights_mb', '-')} | {r.get('compile_s', '-')} |")
     return finish_markdown(lines, [f"- {r['path']}: {r['note']}" for r in rows if r.get("note")])
 
 

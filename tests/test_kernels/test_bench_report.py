@@ -186,6 +186,10 @@ def test_llama_generate_bench_smoke():
     assert min(cos) > 0.999, cos
     same = [int(r[6]) for r in rows]
     assert same[0] == 4, same                  # no passes: transformers' greedy tokens, all 4
+    hf = [line.split("|") for line in p.stdout.splitlines() if line.startswith("| transformers generate bf16 |")]
+    weights = {"bf16": float(hf[0][7]), "none": float(rows[0][7]), "w8a16": float(rows[1][7])}
+    # the same bf16 weights (and the rotary buffer) with no passes; int8 linears below (embeddings, lm_head bf16)
+    assert abs(weights["none"] - weights["bf16"]) <= 0.001 and weights["w8a16"] < 0.9 * weights["bf16"], weights
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the MoE bench")
