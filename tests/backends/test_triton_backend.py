@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 from conftest import text_batch  # noqa: E402
 from slimfx import ir, passes as P  # noqa: E402
 from slimfx.backends import lower  # noqa: E402
+from slimfx.ir.dialect.sparse import parse_pattern  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 sf = torch.ops.slimfx
@@ -291,8 +292,8 @@ def test_block_sparse_w8a8_runs_bsr_int8_bit_exact():
 
 
 def _lowered_sparse(dtype, quantize: bool, lower_sparse: bool = True):
-    """SparseNet (a: 2:4, b and c: 32x32 blocks) in ``dtype``, Fuse'd and LowerSparse'd (after W8A8 where
-    ``quantize``), and its input."""
+    """SparseNet (a: 2:4, b and c: zero blocks, lowered in the shapes LowerSparse reads off them) in
+    ``dtype``, Fuse'd and LowerSparse'd (after W8A8 where ``quantize``), and its input."""
     m = SparseNet().eval().to(dtype)
     x = torch.randn(3, 5, 40).to(dtype)
     gm = _quantized(m, x, weights="int8", activations="dynamic") if quantize else ir.capture(m, (x,)).gm
@@ -312,11 +313,6 @@ def _measured(monkeypatch, use_kernel: bool):
         kernel_fn(), dense_fn()
         return use_kernel, kernel_name if use_kernel else dense_name
     monkeypatch.setattr(triton_backend, "choose", choose)
-
-
-def parse_pattern(pattern):
-    from slimfx.ir.dialect.sparse import parse_pattern
-    return parse_pattern(pattern)
 
 
 def _dense_weights(gm, op):

@@ -153,6 +153,7 @@ def test_auto_block_falls_back_and_says_why():
     assert P.LowerSparse(block=(32, 32)).choose(w) == ("block:32x32", "")
     assert P.LowerSparse(block=(128, 128)).choose(w)[0] is None
 
+
 def test_auto_block_weighs_the_padding_of_ragged_edges():
     """Edge blocks are computed and stored whole: on 392 rows (8 past a multiple of 64) with every other
     64-column stripe zero, 64x64 blocks compute 448 rows per kept stripe, 32x64 416, 16x64 400: auto takes
@@ -174,8 +175,9 @@ def test_kernel_and_dialect_agree_on_the_int8_block_bound():
 
 
 def test_int8_weights_take_blocks_with_bk_32_or_more():
-    """An int8 tl.dot needs K >= 32: a W8A8 weight pruned in 16x16 blocks is lowered in 16x32 ones where
-    they are as empty (here: pruned as 16x32 blocks), never with BK = 16, and a given BK = 16 is refused."""
+    """An int8 tl.dot needs K >= 32, so auto tries only BK >= 32 on int8 weights: one pruned in 16x32 blocks
+    lowers in them; one pruned in 16x16 blocks has too few empty 16x32 ones and stays dense (its float copy
+    lowers in 16x16); a given BK = 16 is refused with the reason."""
     w = block_pruned(128, 256, (16, 32), 0.6).mul(40).round().clamp(-127, 127).to(torch.int8)
     assert P.LowerSparse().choose(w) == ("block:16x32", "")
     assert P.LowerSparse().choose(w.float()) == ("block:16x32", "")
