@@ -178,7 +178,7 @@ def main(argv=None) -> int:
             return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
     rows, compile_s = [], {}
-    held_mb = {"torch bf16": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 2)}
+    held_mb = {"torch bf16": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6, 2)}
     gpu_model = model.to(dev)               # (in place: the baselines run first, then it goes back to the CPU)
     with torch.no_grad():
         inputs = {s: torch.randint(0, vocab, (1, s), device=dev) for s in seqs}
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
                     rows.append(dict(seq=s, path=name, **attempt(run_row)))
                     print(rows[-1], flush=True)
                 if not graphs:              # after every length's choices: what stays on the device
-                    held_mb[f"slimfx {scheme}"] = {k: round(v / 2**20, 2) for k, v in exe.program.held_bytes().items()}
+                    held_mb[f"slimfx {scheme}"] = {k: round(v / 1e6, 2) for k, v in exe.program.held_bytes().items()}
     card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
                 torch=torch.__version__,
@@ -274,14 +274,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def held_line(held: dict | None) -> str:
-    """" Weights on the device (MiB): ..." from meta's held_mb (TritonProgram.held_bytes after the eager rows:
-    the tensors the program keeps, and the dense copies that buckets choosing the dense path rebuilt)."""
+    """The sentence on the weights each path holds on the device (MB), from meta's held_mb: TritonProgram.held_bytes
+    after the eager rows, the tensors the program keeps and the dense copies buckets choosing the dense path
+    rebuilt."""
     if not held:
         return ""
     cells = [f"{k} {v}" if not isinstance(v, dict) else
              f"{k} {v['weights']}" + (f" + {v['dense_copies']} dense copies" if v["dense_copies"] else "")
              for k, v in held.items()]
-    return " Weights on the device (MiB; lm_head and embeddings bf16 in all): " + ", ".join(cells) + "."
+    return " Weights on the device (MB; lm_head and embeddings bf16 in all): " + ", ".join(cells) + "."
 
 
 def finish_markdown(lines: list[str], notes: list[str]) -> str:
