@@ -575,10 +575,14 @@ class TritonProgram:
                     _drop_weight(graph, new)
             if new.op == "call_function":
                 new.args, new.kwargs = _on(new.args, dev), _on(new.kwargs, dev)
-        kept = set(graph.nodes)
-        for target, new in attrs:             # only the tensors the lowered graph still reads go to the device
-            if new in kept:
-                _set_attr(root, target, getattr(gm, target).detach().to(dev))
+        kept, moved = set(graph.nodes), {}
+        for target, new in attrs:             # only the tensors the lowered graph still reads go to the device,
+            if new in kept:                   # each once (one tensor under two names, tied weights: one copy)
+                t = getattr(gm, target).detach()
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+                if key not in moved:
+                    moved[key] = t.to(dev)
+                _set_attr(root, target, moved[key])
         self.gm = fx.GraphModule(root, graph)
 
     def held_bytes(self) -> dict[str, int]:

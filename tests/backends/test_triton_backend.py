@@ -392,6 +392,28 @@ def test_held_bytes_counts_what_each_backend_keeps():
     assert float((on_triton(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
+def test_one_tensor_under_two_names_goes_to_the_device_once():
+    """A graph reading one tensor under two attribute names (tied weights a capture did not merge) gets one
+    device copy, read by both: held_bytes counts it once and both layers compute with it."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)).eval()
+    x = torch.randn(2, 8)
+    gm = ir.capture(m, (x,)).gm
+    targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    assert len(targets) == 2
+    first = getattr(gm, targets[0])
+    *path, leaf = targets[1].split(".")
+    owner = gm.get_submodule(".".join(path)) if path else gm
+    delattr(owner, leaf)
+    owner.register_buffer(leaf, first)                    # the second name now reads the first tensor
+    exe = lower(gm, "triton")
+    on_device = [exe.program.gm.get_buffer(t) for t in targets]
+    assert on_device[0] is on_device[1]          # one copy (on the CPU .to() would share storage anyway)
+    assert exe.program.held_bytes() == {"weights": 8 * 8 * 4, "dense_copies": 0}
+    w = first.detach()
+    assert torch.equal(exe((x,), {}), x @ w.T @ w.T)
+
+
 def _mixtral_experts_quantized(hidden: int, intermediate: int, layers: int, **quantize):
     """A tiny random Mixtral (4 experts, top 2) captured with its experts Quantize'd, and its call."""
     from transformers import MixtralConfig, MixtralForCausalLM
