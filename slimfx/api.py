@@ -131,9 +131,8 @@ class CompiledModel:
         run the graph's own tensors)."""
         if self.backend == "triton":
             return self._executable.program.held_bytes()
-        read = (ir.meta.tensor_attr(self.graph, n) for n in self.graph.graph.nodes if n.op == "get_attr")
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for t in read if isinstance(t, torch.Tensor)}
+                    for t in ir.tensors(self.graph).values()}
         return {"weights": sum(storages.values()), "dense_copies": 0}
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledModel":

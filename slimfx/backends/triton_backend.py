@@ -316,10 +316,8 @@ class LoweredSparseLinear(Lowered):
             self.density = _pack_bsr(self, w, self.block)
         self.drops_weight = self.form is not None      # the packed form holds every nonzero
 
-    def bucket(self, x, w, *rest):
-        m = x.numel() // max(x.shape[-1], 1)
-        return (f"M{C.m_bucket(m)}|K{x.shape[-1]}|N{self.shape[0]}|{str(x.dtype).replace('torch.', '')}"
-                f"|{self.pattern}|d{self.density:.2f}")
+    def bucket(self, x, w, *rest):       # w may be None (dropped): N from the shape kept at lowering
+        return super().bucket(x) + f"|N{self.shape[0]}|{self.pattern}|d{self.density:.2f}"
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight, unpacked from the 2:4 values + metadata or the BSR blocks (exactly: the
