@@ -88,7 +88,10 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
     gm = ir.fork(cap.captured.gm) if reused else cap.captured.gm
     model, captured = cap.model, cap.captured
     example_inputs, example_kwargs = captured.example_args, captured.example_kwargs
-    ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model)
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)    # a generator or other one-shot iterator: every pass reads all of it
+    signature = InputSignature.from_capture(model, captured)
+    ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model, signature.check)
     reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
     gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
                               progress=progress).run(gm, ctx, reference)
@@ -97,7 +100,7 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
     lower_s = time.perf_counter() - t1
     report = Report(type(model).__name__, captured.method, backend, cap.seconds, lower_s, records,
                     len(captured.gm.graph.nodes), gm, capture_reused=reused)
-    return CompiledModel(gm, executable, report, InputSignature.from_capture(model, captured))
+    return CompiledModel(gm, executable, report, signature)
 
 
 def _reference_outputs(model, args, kwargs):

@@ -44,6 +44,8 @@ class PassContext:
     progress: bool = True                      # passes with long loops show tqdm bars unless False
     model: Optional[Any] = None                # the user's model (read only, never modified): the teacher
                                                # of Distill; slimfx.compile sets it
+    check_call: Optional[Callable] = None      # (args, kwargs) -> (args, kwargs): raises InputError for a call the
+                                               # graph was not compiled for (slimfx.compile sets it: the signature)
 
 
 class Pass:

@@ -117,8 +117,8 @@ class Distill(Pass):
         if teacher is None:
             raise ValueError("Distill needs a teacher: run it through slimfx.compile (the model is the teacher) "
                              "or pass Distill(teacher=model)")
-        calls = calibration_calls(ctx, "Distill")
         nodes = self._trainable(gm)
+        calls = calibration_calls(ctx, "Distill")
         if not nodes:
             return PassResult(gm, False, {"trained": 0, "why": "no float linear layer selected"})
         # the student trains copies: the graph's tensors are shared with the user's model
@@ -152,8 +152,10 @@ class Distill(Pass):
                         if not torch.isfinite(loss):
                             raise ValueError(f"Distill: the loss became {float(loss)} at step {step}; "
                                              f"lower lr (now {self.lr})")
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        # gradients of the copies only: backward() would also leave .grad on the model's own
+                        # tensors the graph still reads (embeddings, norms, the layers not trained)
+                        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+                            p.grad = g
                     opt.step()
                     with torch.no_grad():
                         for p, k in zip(params, keep):
@@ -164,6 +166,8 @@ class Distill(Pass):
             finally:
                 for p in params:
                     p.requires_grad_(False)
+        if not losses:
+            raise ValueError("Distill: the calibration data is empty (no batch to train on)")
         head = max(1, len(losses) // 10)
         return PassResult(gm, True, {"steps": len(losses), "loss": kind, "tensors": len(params),
                                      "loss_first": round(sum(losses[:head]) / head, 6),

@@ -82,15 +82,30 @@ def run_watching(gm: fx.GraphModule, calls: Iterable[tuple[tuple, dict]], watch:
 
 
 def calibration_calls(ctx: PassContext, who: str) -> Iterable[tuple[tuple, dict]]:
-    """ctx.calibration as (args, kwargs) calls; a clear error when there is none."""
+    """ctx.calibration as (args, kwargs) calls, each checked against the compiled inputs (``ctx.check_call``):
+    a clear error, naming the pass and the batch, when there is no data, none at all (an empty list), or a batch
+    the graph was not compiled for (another shape without dynamic dims, a missing argument)."""
     if ctx.calibration is None:
         raise ValueError(f"{who} needs calibration data: pass calibration=[inputs, ...] to slimfx.compile "
                          f"(each a tuple of positional args or a dict of keyword args, like the example inputs)")
     cal = ctx.calibration
-    calls = (call_of(item, ctx) for item in cal)
+    calls = (_checked(call_of(item, ctx), ctx, who, i) for i, item in enumerate(cal))
     if hasattr(cal, "__len__"):
         calls = list(calls)
+        if not calls:
+            raise ValueError(f"{who}: the calibration data is empty; give calibration= at least one batch of "
+                             f"inputs")
     return calls
+
+
+def _checked(call: tuple[tuple, dict], ctx: PassContext, who: str, i: int) -> tuple[tuple, dict]:
+    if ctx.check_call is None:
+        return call
+    from ..signature import InputError
+    try:
+        return ctx.check_call(*call)
+    except InputError as e:
+        raise CalibrationError(f"{who}: calibration batch {i} does not fit the compiled inputs: {e}") from e
 
 
 HESSIAN_BYTES = 2 << 30

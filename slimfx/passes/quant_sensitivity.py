@@ -23,10 +23,12 @@ def sensitivity(model, example_inputs: tuple = (), example_kwargs: Optional[dict
     ``model`` may be a ``slimfx.capture`` of the model (then without example inputs or ``dynamic``)."""
     from tqdm.auto import tqdm
     from ..api import CapturedModel
+    from ..signature import InputSignature
     model = CapturedModel.given("sensitivity", model, example_inputs, example_kwargs, dynamic)
     gm, example_inputs, kwargs = model.graph, model.captured.example_args, model.captured.example_kwargs
     calibration = list(calibration) if calibration is not None else None
-    ctx = PassContext(example_inputs, kwargs, calibration, progress=False)
+    ctx = PassContext(example_inputs, kwargs, calibration, progress=False,
+                      check_call=InputSignature.from_capture(model.model, model.captured).check)
     ref = run_torch(gm, ctx)
     layers, _ = quantize.select(gm)
     rows = []

@@ -27,7 +27,10 @@ def test_llama_kl_recovers_and_keeps_2_4(tiny_llama):
     ids, mask = text_batch(2, 12, 97)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    cm = slimfx.compile(tiny_llama, (), kw, dynamic=True, calibration=batches(97), backend="torch", progress=False,
+    tiny_llama.zero_grad(set_to_none=True)
+    # a generator: read once by compile, so both passes (and all 40 steps, cycling) see its 8 batches
+    cm = slimfx.compile(tiny_llama, (), kw, dynamic=True, calibration=iter(batches(97)), backend="torch",
+                        progress=False,
                         passes=[P.Prune(pattern="2:4", exclude="lm_head", score="magnitude"),
                                 P.Distill(steps=40, lr=1e-3)])
     rec = cm.report().records[-1]
@@ -41,6 +44,8 @@ def test_llama_kl_recovers_and_keeps_2_4(tiny_llama):
             assert pattern_violation(w, "2:4") is None and float((w == 0).float().mean()) == 0.5
             assert not w.requires_grad
     assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items())
+    # nor any gradient: the graph reads the model's embedding and norms, whose .grad backward() used to fill
+    assert [n for n, p in tiny_llama.named_parameters() if p.grad is not None] == []
     assert not tiny_llama.training
 
 
@@ -112,7 +117,13 @@ def test_refusals(tiny_llama):
                        passes=[P.Fuse(), P.Distill(steps=2)])
     with pytest.raises(slimfx.PassError, match="Distill needs calibration data"):
         slimfx.compile(tiny_llama, (), kw, progress=False, passes=[P.Distill(steps=2)])
-    with pytest.raises(slimfx.PassError, match="dynamic=True"):            # batches of another shape, static graph
+    with pytest.raises(slimfx.PassError, match="Distill: the calibration data is empty"):
+        slimfx.compile(tiny_llama, (), kw, calibration=[], progress=False, passes=[P.Distill(steps=2)])
+    with pytest.raises(slimfx.PassError, match="Distill: the calibration data is empty"):   # an empty re-iterable
+        slimfx.compile(tiny_llama, (), kw, calibration=range(0), progress=False, passes=[P.Distill(steps=2)])
+    # batches of another shape, static graph: named before any step
+    with pytest.raises(slimfx.PassError, match=r"Distill: calibration batch 0 does not fit.*'input_ids' dim 0 is 4.*"
+                                               r"dynamic=True"):
         slimfx.compile(tiny_llama, (), kw, calibration=batches(97), progress=False, passes=[P.Distill(steps=2)])
     gm = ir.capture(tiny_llama, (), kw).gm
     with pytest.raises(ValueError, match="Distill needs a teacher"):
