@@ -16,6 +16,25 @@ from .passes import PassRecord
 aten = torch.ops.aten
 
 
+def _stored_weight(n: fx.Node):
+    """The get_attr node of the tensor a linear's weight is stored as: the weight itself, or the codes of a
+    weight dequantized in the graph (Quantize's Q/DQ form: log weights, ``lower=False``), through the
+    dequantize op and any view or dtype cast after it; None for a weight computed otherwise."""
+    sf = torch.ops.slimfx
+    w = n.args[1] if len(n.args) > 1 else None
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return w
+    for _ in range(3):                  # (_to_copy ->) (view ->) dequantize -> the codes
+        if not (isinstance(w, fx.Node) and w.op == "call_function"):
+            return None
+        if w.target in (sf.dequantize.default, sf.log_dequantize.default):
+            return w.args[0] if isinstance(w.args[0], fx.Node) and w.args[0].op == "get_attr" else None
+        if w.target not in (aten.view.default, aten._to_copy.default):
+            return None
+        w = w.args[0]
+    return None
+
+
 def _linear_ops() -> set:
     """aten.linear and the slimfx dialect's linear ops (weight as argument 1)."""
     sf = torch.ops.slimfx
@@ -96,14 +115,15 @@ class Report:
                              "sparsity": float("nan") if t is None else float((t == 0).float().mean()),
                              "kernel": ir.meta.info(n).kernel or f"{self.backend} "
                              + ("dequantize + grouped GEMM" if q else "grouped GEMM")})
-            if n.op == "call_function" and n.target in _linear_ops() and isinstance(n.args[1], fx.Node) \
-                    and n.args[1].op == "get_attr":
-                w = ir.meta.tensor_attr(self.gm, n.args[1])
+            stored = _stored_weight(n) if n.op == "call_function" and n.target in _linear_ops() else None
+            if stored is not None:
+                w = ir.meta.tensor_attr(self.gm, stored)
                 q = (ir.meta.info(n).quant or {}) if n.meta.get("slimfx") else {}
+                out_in = ir.meta.shape(n.args[1]) if stored is not n.args[1] else w.shape   # codes may be grouped
                 rows.append({"module": q.get("module") or ir.meta.module_name(n.args[1]) or ir.meta.module_name(n)
                              or n.name,
-                             "op": str(n.target).replace(".default", ""),
-                             "out x in": f"{w.shape[0]} x {w.shape[1]}",
+                             "op": str(n.target).replace(".default", "") + ("" if stored is n.args[1] else " (Q/DQ)"),
+                             "out x in": f"{out_in[0]} x {out_in[1]}",
                              "dtype": str(w.dtype).replace("torch.", ""),
                              "sparsity": float((w == 0).float().mean()),
                              "kernel": ir.meta.info(n).kernel or f"{self.backend} dense"})

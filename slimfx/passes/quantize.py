@@ -385,8 +385,8 @@ class Quantize(Pass):
             new_nodes.append(node)
             return node
 
-        def call(target, *args):
-            node = g.call_function(target, args)
+        def call(target, *args, **kwargs):
+            node = g.call_function(target, args, kwargs)
             new_nodes.append(node)
             return node
 
@@ -413,6 +413,13 @@ class Quantize(Pass):
                 xd = call(sf.dequantize.default, xq, xs, None)
                 act_rec = {"scheme": ACT_SCHEME.to_dict() | {"dynamic": False, "observer": self.observer},
                            "range": [float(lo), float(hi)], "scale": float(s)}
+            dtype = ir.meta.dtype(x)
+            if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
+                # dequantize gives fp32: back to the layer's dtype (bf16/fp16 models), so the linear and what
+                # reads it keep the model's dtype (FoldQDQ sees through these casts)
+                wd = call(aten._to_copy.default, wd, dtype=dtype)
+                if xd is not x:
+                    xd = call(aten._to_copy.default, xd, dtype=dtype)
         for node in new_nodes:
             if stack is not None:
                 node.meta["nn_module_stack"] = stack
@@ -485,8 +492,16 @@ def _is(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
+def _uncast(node):
+    """``node`` without a dtype cast (``_to_copy(node, dtype=...)``: Quantize's return to a bf16/fp16 layer's dtype)."""
+    if _is(node, aten._to_copy.default) and set(node.kwargs) == {"dtype"} and len(node.args) == 1:
+        return node.args[0]
+    return node
+
+
 def _weight_dq(gm, w: fx.Node):
     """(w_q, w_scale flat, group_size) tensors of a dequantized weight feeding a linear, or None."""
+    w = _uncast(w)
     if _is(w, aten.view.default) and _is(w.args[0], sf.dequantize.default):
         dq, grouped = w.args[0], True
     elif _is(w, sf.dequantize.default):
@@ -510,6 +525,7 @@ def _weight_dq(gm, w: fx.Node):
 
 def _act_dq(x: fx.Node):
     """("dynamic", x) / ("static", q_node, scale_node) for a dequantized activation, else None."""
+    x = _uncast(x)
     if not _is(x, sf.dequantize.default) or (len(x.args) > 2 and x.args[2] is not None):
         return None
     q, s = x.args[0], x.args[1]
@@ -528,11 +544,12 @@ def _act_dq(x: fx.Node):
 class FoldQDQ(Pass):
     """Fold ``linear(dequantize(..x..), dequantize(w_q, s_w), b)`` into ``quantized_linear`` (int8 x and w) or
     ``weight_only_linear`` (float x). Layers whose pattern has no fused op (log weights, grouped weights
-    with int8 activations, non-float32 static inputs) stay in Q/DQ form."""
+    with int8 activations) stay in Q/DQ form. In a bf16/fp16 layer the dequantized operands are cast back to
+    its dtype; the fold sees through those casts, and a static layer (int8 x: fp32 out) gets its output cast."""
 
     def run(self, gm, ctx):
         g = gm.graph
-        folded = 0
+        folded = casts = 0
         self.replaced = {}             # each folded linear -> the node computing it now
         for lin in list(g.nodes):
             if not _is(lin, aten.linear.default):
@@ -546,8 +563,6 @@ class FoldQDQ(Pass):
             act = _act_dq(lin.args[0])
             if act is not None and G:
                 continue
-            if act is not None and act[0] == "static" and ir.meta.dtype(act[1].args[0]) not in (None, torch.float32):
-                continue
             with g.inserting_before(lin):
                 wq_n = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.w_q", wq.contiguous()))
                 ws_n = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.w_scale", ws.contiguous()))
@@ -557,14 +572,22 @@ class FoldQDQ(Pass):
                     new = g.call_function(sf.quantized_linear.default, (act[1], wq_n, ws_n, bias))
                 else:
                     new = g.call_function(sf.quantized_linear.default, (act[1], wq_n, ws_n, bias, act[2]))
-            for node in (wq_n, ws_n, new):
+            made, out = [wq_n, ws_n, new], new
+            dtype = ir.meta.dtype(lin)
+            if act is not None and act[0] == "static" and dtype not in (None, torch.float32):
+                # int8 x gives fp32 out: back to the layer's dtype (a bf16/fp16 model), as the Q/DQ form computed
+                with g.inserting_before(lin):
+                    out = g.call_function(aten._to_copy.default, (new,), {"dtype": dtype})
+                made.append(out)
+                casts += 1
+            for node in made:
                 node.meta.update({k: v for k, v in lin.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            new.meta["val"] = lin.meta.get("val")
+            out.meta["val"] = lin.meta.get("val")
             info = ir.meta.info(new)
             info.quant, info.origin = ir.meta.info(lin).quant, "fold_qdq"
             if info.quant is not None:
                 info.quant = dict(info.quant, folded=str(new.target).replace("slimfx.", "").split(".")[0])
-            lin.replace_all_uses_with(new)
+            lin.replace_all_uses_with(out)
             g.erase_node(lin)
             self.replaced[lin] = new
             folded += 1
@@ -572,6 +595,8 @@ class FoldQDQ(Pass):
             g.eliminate_dead_code()
             ir.drop_unused_tensors(gm)
             gm.recompile()
+            if casts:                      # the fp32 outputs under the casts
+                ir.propagate_meta(gm)
         return PassResult(gm, folded > 0, {"folded": folded})
 
 
