@@ -60,8 +60,10 @@ def _fingerprint(gm: fx.GraphModule) -> tuple:
     return str(gm.graph), tuple(id(t) for t in ir.tensors(gm).values())
 
 
-def _versions(gm: fx.GraphModule) -> dict[str, int]:
-    return {k: t._version for k, t in ir.tensors(gm).items()}
+def _written(tensors: dict, versions: dict) -> list[str]:
+    """The graph's tensors (as before a pass) written in place since ``versions`` was taken (writes through
+    ``.data`` do not count: torch does not track them)."""
+    return [k for k, t in tensors.items() if t._version != versions[k]]
 
 
 class PassManager:
@@ -84,20 +86,21 @@ class PassManager:
             name = p.pass_name
             bar.set_postfix_str(name)
             before = ir.fork(gm)
-            fp, versions = _fingerprint(before), _versions(before)
+            fp, tensors = _fingerprint(before), ir.tensors(before)
+            versions = {k: t._version for k, t in tensors.items()}
             n_before = len(before.graph.nodes)
             t0 = time.perf_counter()
             try:
                 res = p(before, ctx)
             except Exception as e:
-                raise self._error(name, records, f"raised {type(e).__name__}: {e}") from e
+                raise self._error(name, records, f"raised {type(e).__name__}: {e}",
+                                  _written(tensors, versions)) from e
             seconds = time.perf_counter() - t0
             new = res.graph_module
-            changed = [k for k, v in versions.items() if getattr(new, k, None) is not None
-                       and getattr(new, k)._version != v]
-            if changed:
-                raise self._error(name, records, f"wrote into tensor(s) {changed[:3]} in place; passes must add "
-                                                 "new tensors (ir.meta.add_tensor_attr) - the model shares them")
+            written = _written(tensors, versions)
+            if written:
+                raise self._error(name, records, "wrote into tensors in place; passes must add new tensors "
+                                                 "(ir.meta.add_tensor_attr)", written)
             modified = res.modified if res.modified is not None else _fingerprint(new) != fp
             if modified:
                 new.recompile()
@@ -123,8 +126,13 @@ class PassManager:
                 print(ir.table(gm), file=sys.stderr)
         return gm, records
 
-    def _error(self, name: str, records: list[PassRecord], what: str) -> PassError:
+    def _error(self, name: str, records: list[PassRecord], what: str, written: Sequence[str] = ()) -> PassError:
         before = [r.name for r in records]
+        if written:       # the graph shares the model's tensors: a write in place reached the model
+            more = f" and {len(written) - 3} more" if len(written) > 3 else ""
+            return PassError(f"pass {name!r} {what}\n  (it ran after the passes: {before}; it wrote in place into "
+                             f"{list(written[:3])}{more}, tensors the graph shares with the model, so the model "
+                             f"holds those writes now; the graph before this pass is otherwise untouched)")
         return PassError(f"pass {name!r} {what}\n  (it ran after the passes: {before}; the model and the "
                          f"graph before this pass are untouched)")
 

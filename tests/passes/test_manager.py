@@ -104,8 +104,16 @@ def test_a_pass_writing_into_the_models_tensors_is_caught(net):
         with torch.no_grad():
             gm.a_weight.mul_(1.0)
         return PassResult(gm, True)
-    with pytest.raises(slimfx.PassError, match="in place"):
+    with pytest.raises(slimfx.PassError, match=r"in place[\s\S]*\['a_weight'\][\s\S]*model holds those writes"):
         slimfx.compile(net, X, passes=[scale_in_place], progress=False)
+
+    def write_then_raise(gm):            # caught on the raise path too, and never called untouched
+        with torch.no_grad():
+            gm.a_weight.mul_(1.0)
+        raise RuntimeError("oops")
+    with pytest.raises(slimfx.PassError, match=r"raised RuntimeError: oops[\s\S]*model holds") as e:
+        slimfx.compile(net, X, passes=[write_then_raise], progress=False)
+    assert "the model and the graph before this pass are untouched" not in str(e.value)
 
 
 def test_class_pass_with_options_and_stats(net):
