@@ -594,6 +594,7 @@ def select(x, dim, index):
 
 @numpy_op(aten.index_select.default)
 def index_select(x, dim, index):
+    _check_index(index, x.shape[dim], f"index_select along dim {dim}")
     return np.take(x, index, axis=dim)
 
 
@@ -671,8 +672,17 @@ def conv1d(x, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), group
     return out if batched else out[0]
 
 
+def _check_index(index, size: int, what: str):
+    """torch refuses an index outside [0, size) here; np.take would wrap a negative one around."""
+    index = np.asarray(index)
+    if index.size and (index.min() < 0 or index.max() >= size):
+        bad = int(index.min()) if index.min() < 0 else int(index.max())
+        raise IndexError(f"{what}: index {bad} out of range [0, {size})")
+
+
 @numpy_op(aten.embedding.default)
 def embedding(weight, ids, padding_idx=-1, scale_grad=False, sparse=False):
+    _check_index(ids, weight.shape[0], f"embedding of {weight.shape[0]} rows")
     return np.take(weight, ids, axis=0)
 
 

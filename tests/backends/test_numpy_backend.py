@@ -78,6 +78,28 @@ def test_call_time_input_errors(minilm):
         static(ids[:, :8], mask[:, :8])
 
 
+def test_out_of_range_indices_fail_as_in_torch():
+    """np.take wraps a negative index around (id -1 would read the last embedding row); torch refuses it."""
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 4)
+
+        def forward(self, ids, idx):
+            return self.emb(ids) + torch.index_select(self.emb.weight, 0, idx).sum(0)
+
+    m, ids, idx = Lookup().eval(), torch.tensor([[0, 10, 3]]), torch.tensor([1, 2])
+    cm = slimfx.compile(m, (ids, idx), progress=False, dynamic=True)
+    assert torch.equal(cm(ids, idx), m(ids, idx))
+    for bad_ids, bad_idx, what in [([[0, -1, 3]], [1, 2], r"embedding of 11 rows: index -1 out of range \[0, 11\)"),
+                                   ([[0, 11, 3]], [1, 2], "embedding of 11 rows: index 11 out of range"),
+                                   ([[0, 1, 3]], [-2, 2], "index_select along dim 0: index -2 out of range")]:
+        with pytest.raises(IndexError):
+            m(torch.tensor(bad_ids), torch.tensor(bad_idx))
+        with pytest.raises(RuntimeError, match=what):
+            cm(torch.tensor(bad_ids), torch.tensor(bad_idx))
+
+
 def test_gelu_erf_is_within_its_absolute_bound():
     import numpy as np
     from scipy import special
