@@ -403,7 +403,8 @@ class CompiledCausalLM:
                  generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
                  progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
-        ``temperature`` is 0, else sampled from softmax(logits / temperature) (over the ``top_k`` largest).
+        ``temperature`` is 0, else sampled from softmax(logits / temperature) (over the ``top_k`` largest; None
+        or 0: all).
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
         the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
         has. Timings of the call are in ``last_timing``."""
@@ -424,6 +425,8 @@ class CompiledCausalLM:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None: all tokens), got {top_k}")
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
             n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
             slots = n + max_new_tokens + 2                         # module docstring
@@ -468,7 +471,7 @@ class CompiledCausalLM:
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / temperature
-        if top_k is not None:
+        if top_k:                               # None or 0: every token (as in transformers)
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, -1)

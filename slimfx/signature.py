@@ -96,6 +96,10 @@ class InputSignature:
         kwargs = {n: given[n] for n in self.keywords}
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:
+            tensors = {name for name, v in self.leaves if isinstance(v, torch.Tensor)}
+            for name, v in [*zip(self.positional, args), *kwargs.items()]:
+                if name in tensors and not isinstance(v, torch.Tensor):     # e.g. a list of token ids
+                    self._fail(f"input {name!r} must be a tensor, got {type(v).__name__}")
             self._fail(f"the inputs' structure differs from the compiled one:\n  got      {spec}\n  expected {self.in_spec}")
         symbols: dict[str, tuple[int, str]] = {}
         for (name, exp), got in zip(self.leaves, flat):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def _written(tensors: dict, versions: dict) -> list[str]:
 class PassManager:
     def __init__(self, passes: Sequence, *, verify: bool = True, measure: bool = True,
                  dump_dir: Optional[str] = None, progress: bool = True):
+        if isinstance(passes, (str, Pass)) or callable(passes):     # one pass given alone ("dce" is not 3 passes)
+            passes = [passes]
         self.passes: list[Pass] = [as_pass(p) for p in passes]
         self.verify, self.measure, self.progress = verify, measure, progress
         self.dump_dir = Path(dump_dir) if dump_dir else None
@@ -140,7 +143,8 @@ class PassManager:
         if self.dump_dir is None:
             return
         self.dump_dir.mkdir(parents=True, exist_ok=True)
-        (self.dump_dir / f"{i:02d}_{name}.txt").write_text(ir.code(gm) + "\n\n" + ir.table(gm) + "\n")
+        safe = re.sub(r"[^\w.-]", "_", name)          # a file name, whatever the pass is called
+        (self.dump_dir / f"{i:02d}_{safe}.txt").write_text(ir.code(gm) + "\n\n" + ir.table(gm) + "\n")
 
 
 def run_torch(gm: fx.GraphModule, ctx: PassContext):

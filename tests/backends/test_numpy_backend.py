@@ -73,6 +73,8 @@ def test_call_time_input_errors(minilm):
         cm(long, torch.ones_like(long))
     with pytest.raises(slimfx.InputError, match="has 1 dims"):
         cm(ids[0], mask)
+    with pytest.raises(slimfx.InputError, match="input 'input_ids' must be a tensor, got list"):   # not a TreeSpec dump
+        cm(ids.tolist(), mask)
     static = slimfx.compile(minilm, (), dict(input_ids=ids, attention_mask=mask), progress=False)
     with pytest.raises(slimfx.InputError, match="compiled static at 12"):
         static(ids[:, :8], mask[:, :8])

@@ -139,6 +139,16 @@ def test_dump_dir_and_debug_levels(net, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "[slimfx]  1 gelu_tanh" in err and "def forward" in err
 
+    class Slashed(Pass):                 # a pass name is no path: its dump file takes it with "/" replaced
+        name = "my/pass"
+
+        def run(self, gm, ctx):
+            return gm
+    monkeypatch.setenv("SLIMFX_DEBUG", "0")
+    slimfx.compile(net, X, passes=Slashed(), dump_dir=str(tmp_path / "one"), progress=False)   # one pass alone
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["00_captured.txt", "01_my_pass.txt"]
+    assert [r.name for r in slimfx.compile(net, X, passes="dce", progress=False).report().records] == ["dce"]
+
 
 def test_one_capture_compiles_with_several_pipelines(net):
     """slimfx.capture once, then compile it with other passes and backends: each compile is what compiling the
