@@ -120,8 +120,9 @@ class Report:
                 w = ir.meta.tensor_attr(self.gm, stored)
                 q = (ir.meta.info(n).quant or {}) if n.meta.get("slimfx") else {}
                 out_in = ir.meta.shape(n.args[1]) if stored is not n.args[1] else w.shape   # codes may be grouped
-                rows.append({"module": q.get("module") or ir.meta.module_name(n.args[1]) or ir.meta.module_name(n)
-                             or n.name,
+                rows.append({"module": q.get("module") or (ir.meta.layer_name(n) if ir.meta.merged_modules(n) else
+                                                           ir.meta.module_name(n.args[1]) or ir.meta.module_name(n)
+                                                           or n.name),
                              "op": str(n.target).replace(".default", "") + ("" if stored is n.args[1] else " (Q/DQ)"),
                              "out x in": f"{out_in[0]} x {out_in[1]}",
                              "dtype": str(w.dtype).replace("torch.", ""),
@@ -146,7 +147,9 @@ class Report:
                          "act": ("-" if not ascheme else f"int{ascheme['bits']} per {ascheme['granularity']}"),
                          "w_range": q["weight_range"], "x_range": a.get("range") or q.get("x_range"),
                          "sqnr_db": q.get("sqnr_db"), "fp32_bytes": q["fp32_bytes"], "weight_bytes": q["weight_bytes"],
-                         "op": q.get("folded") or ("dequantize + grouped GEMM" if "tensor" in q else "Q/DQ + linear")})
+                         "op": (q.get("folded") or ("dequantize + grouped GEMM" if "tensor" in q else "Q/DQ + linear"))
+                         + (f" (weight stored once, with {q['weight_shared_with']})" if q.get("weight_shared_with")
+                            else "")})
         return rows
 
     def to_dict(self) -> dict:

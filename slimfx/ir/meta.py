@@ -8,6 +8,7 @@ Keys:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional
 
 import torch
@@ -26,6 +27,7 @@ class NodeInfo:
                                       # may exploit ("block:64x64"; LowerSparse)
     kernel: Optional[str] = None      # what a backend chose for this node, and why
     origin: Optional[str] = None      # the pass that created this node
+    merged: Optional[list] = None     # the modules of the layers one GEMM computes (merge_qkv), in row order
 
 
 def val(node: fx.Node) -> Any:
@@ -66,6 +68,24 @@ def module_name(node: fx.Node) -> str:
     return path.replace("L['self'].", "").replace("[", ".").replace("]", "")
 
 
+def merged_modules(node: fx.Node) -> Optional[list]:
+    """The module names of the layers a merged linear computes (q/k/v after merge_qkv), else None."""
+    got = node.meta.get(_INFO)
+    return list(got.merged) if got is not None and got.merged else None
+
+
+def layer_name(node: fx.Node) -> str:
+    """A linear node's module name; a merged one's names joined after their common prefix
+    ("model.layers.0.self_attn.q_proj+k_proj+v_proj")."""
+    parts = merged_modules(node)
+    if not parts:
+        return module_name(node) or node.name
+    prefix = parts[0].rsplit(".", 1)[0] + "." if "." in parts[0] else ""
+    if all(p.startswith(prefix) for p in parts):
+        return prefix + "+".join(p[len(prefix):] for p in parts)
+    return "+".join(parts)
+
+
 def param_name(node: fx.Node) -> Optional[str]:
     """For a get_attr node: the parameter's fully qualified name in the user's model."""
     return node.meta.get(_PARAM)
@@ -84,7 +104,7 @@ def tensor_attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 def add_tensor_attr(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
     """Store ``tensor`` on gm under a fresh flat attribute name derived from ``name``; returns the name.
     Passes never write into existing tensors (the user's model shares them); they add new ones."""
-    base = name.replace(".", "_")
+    base = re.sub(r"\W", "_", name)          # an identifier: the graph's code reads it as self.<name>
     new, i = base, 0
     while hasattr(gm, new):
         i += 1

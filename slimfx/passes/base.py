@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
 import torch.fx as fx
@@ -33,6 +34,23 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: Optional[bool]              # None: the pass did not say; the manager finds out
     stats: dict = dataclasses.field(default_factory=dict)
+
+
+def number_in(value, what: str, lo: float, hi: float = float("inf"), *, integer: bool = False,
+              open_lo: bool = False, open_hi: bool = False):
+    """A pass option checked and made a plain Python number: a real (an integer with ``integer``; numpy scalars
+    too, never a bool) in [lo, hi] (open at either end with ``open_lo`` / ``open_hi``); else a ValueError naming
+    ``what``."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        value = int(value) if integer else float(value)
+        ok = (lo < value if open_lo else lo <= value) and (value < hi if open_hi else value <= hi)
+    if not ok:
+        span = ("> " if open_lo else ">= ") + f"{lo:g}" if hi == float("inf") else \
+            f"in {'(' if open_lo else '['}{lo:g}, {hi:g}{')' if open_hi else ']'}"
+        raise ValueError(f"{what} must be {'an integer' if integer else 'a number'} {span}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

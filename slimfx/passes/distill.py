@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
 from .. import ir
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, number_in, register_pass
 from .quant_calibration import calibration_calls
 from .quantize import matches, module_patterns, selected_linears
 from .quantize_experts import expert_weights
@@ -83,15 +83,13 @@ class Distill(Pass):
     exclude: tuple = ()
 
     def __post_init__(self):
-        if not (isinstance(self.steps, int) and self.steps > 0):
-            raise ValueError(f"Distill.steps must be a positive int, got {self.steps!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"Distill.lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"Distill.temperature must be > 0, got {self.temperature!r}")
+        self.steps = number_in(self.steps, "Distill.steps", 1, integer=True)
+        self.lr = number_in(self.lr, "Distill.lr", 0, open_lo=True)
+        self.temperature = number_in(self.temperature, "Distill.temperature", 0, open_lo=True)
         if self.loss not in LOSSES:
             raise ValueError(f"Distill.loss must be one of {LOSSES}, got {self.loss!r}")
-        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
+        self.include = module_patterns(self.include, "Distill.include")
+        self.exclude = module_patterns(self.exclude, "Distill.exclude")
 
     def _trainable(self, gm: fx.GraphModule) -> list[fx.Node]:
         """The get_attr nodes of the selected linears' float weights and biases and of the selected

@@ -93,6 +93,7 @@ def _merge(gm: fx.GraphModule, group: list[fx.Node]) -> None:
         if "nn_module_stack" in first.meta:
             merged.meta["nn_module_stack"] = first.meta["nn_module_stack"]
         ir.meta.info(merged).origin = "merge_qkv"
+        ir.meta.info(merged).merged = [ir.meta.module_name(n) or n.name for n in group]
         ir.meta.info(merged).quant = _merged_record(group)
     start = 0
     for n, size in zip(group, sizes):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Optional
 
@@ -51,13 +52,13 @@ from tqdm.auto import tqdm
 
 from .. import ir
 from ..ir.dialect.sparse import blockwise
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, number_in, register_pass
 from .prune_experts import expert_blocks, expert_scores, remove_experts
 from .prune_heads import attention_groups, head_importance, head_scores, shrink_heads
 from .prune_structured import column_importance, expert_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
 from .quant_calibration import budget_runs, calibration_calls, hessian_bytes, hessians_in_runs
-from .quantize import matches, module_patterns, selected_linears
+from .quantize import matches, module_patterns, selected_linears, unmatched_include
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -83,6 +84,13 @@ def count_of(fraction: float, n: int) -> int:
     """The number of n that ``fraction`` asks for: the nearest, halves up (50% of 81 blocks is 41, not
     Python's round-half-even 40), so a "50%" prune reaches 50%, as LowerSparse's default threshold asks."""
     return math.floor(fraction * n + 0.5)
+
+
+def layer_count(fraction: float, n: int) -> int:
+    """``count_of`` for the units of one layer, never all n of them while ``fraction`` < 1: a layer of one 64x64
+    block would otherwise be zeroed whole at 50% (halves up: 1 of 1)."""
+    k = count_of(fraction, n)
+    return min(k, n - 1) if fraction < 1 and n else k
 
 
 def smallest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -129,7 +137,7 @@ class Prune(Pass):
                      neurons, kv head groups, q heads per kv group or experts for "neurons" / "heads" /
                      "query_heads" / "experts"), per layer or,
                      with scope="global", over all selected layers; "N:M" implies 1 - N/M; counts are
-                     the nearest, halves up (count_of)
+                     the nearest, halves up (count_of), but never a whole layer below sparsity 1
     pattern:         "unstructured", "N:M" ("2:4"), "block", "neurons", "heads", "query_heads" or "experts"
     threshold:       unstructured only, instead of sparsity: zero every |w| < threshold
     block:           (BN, BK) for "block" (the sparse kernels run powers of two >= 16, BK >= 32 for W8A8;
@@ -137,7 +145,9 @@ class Prune(Pass):
     scope:           "layer" or "global" (sparsity targets of "unstructured" and "block")
     score:           "activation" (|w| * the RMS of its input column over calibration data or the example
                      inputs) or "magnitude" (|w|; not for the structured patterns, which need activations)
-    include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer
+    include/exclude: module-name globs ("*.mlp.*", "lm_head") or "re:<regex>"; empty include = every layer.
+                     Structured patterns take a block when include matches its name (the statistics') or one
+                     of its layers', and leave it whole, with the reason, when exclude matches any of them
     method:          "mask" zeroes the lowest-scored weights and leaves the rest as they are; "sparsegpt"
                      updates the kept weights to keep each layer's output on the calibration data (else the
                      example inputs), H = X X^T of the layer's input, and for N:M, unstructured and block
@@ -170,15 +180,14 @@ class Prune(Pass):
                              "'activation' (by weight norms alone, 25% of SmolLM2's neurons took perplexity to 1e6)")
         if self.scope not in SCOPES:
             raise ValueError(f"Prune.scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.sparsity is not None and not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity <= 1):
-            raise ValueError(f"Prune.sparsity must be a fraction in [0, 1], got {self.sparsity!r}")
+        if self.sparsity is not None:
+            self.sparsity = number_in(self.sparsity, "Prune.sparsity", 0, 1)
         if self.threshold is not None:
             if self.pattern != "unstructured":
                 raise ValueError(f"Prune.threshold applies to pattern='unstructured' only, not {self.pattern!r}")
             if self.sparsity is not None:
                 raise ValueError("Prune: give sparsity or threshold, not both")
-            if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
-                raise ValueError(f"Prune.threshold must be a number >= 0, got {self.threshold!r}")
+            self.threshold = number_in(self.threshold, "Prune.threshold", 0)
         elif nm is not None:
             if self.sparsity is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
                 raise ValueError(f"Prune.sparsity: pattern {self.pattern!r} zeroes {1 - nm[0] / nm[1]:g} of the "
@@ -189,10 +198,14 @@ class Prune(Pass):
         if self.pattern in STRUCTURED and self.scope != "layer":
             raise ValueError(f"Prune(pattern={self.pattern!r}) prunes each block by its own scores: "
                              "scope must be 'layer'")
-        self.block = tuple(self.block)
-        if len(self.block) != 2 or not all(isinstance(b, int) and b > 0 for b in self.block):
-            raise ValueError(f"Prune.block must be two positive ints (BN, BK), got {self.block!r}")
-        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
+        block = (self.block, self.block) if isinstance(self.block, numbers.Integral) else self.block
+        if not (isinstance(block, (tuple, list)) and len(block) == 2
+                and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise ValueError(f"Prune.block must be two positive ints (BN, BK), or one for square blocks, got "
+                             f"{self.block!r}")
+        self.block = tuple(int(b) for b in block)
+        self.include = module_patterns(self.include, "Prune.include")
+        self.exclude = module_patterns(self.exclude, "Prune.exclude")
         self._nm = nm
 
     def _adaptive(self, nm=None) -> bool:
@@ -208,9 +221,10 @@ class Prune(Pass):
         done = {sf.quantized_linear.default: "quantized (prune before Quantize)",
                 sf.weight_only_linear.default: "quantized (prune before Quantize)",
                 sf.sparse_linear.default: "already sparse_linear (prune before LowerSparse)"}
-        for n, name in selected_linears(gm, self.include, self.exclude, tuple(done)):
+        for n, name in selected_linears(gm, self.include, self.exclude, tuple(done), skipped):
             skipped[name] = done[n.target]
-        for n, name in selected_linears(gm, self.include, self.exclude, (aten.linear.default, sf.fused_linear.default)):
+        for n, name in selected_linears(gm, self.include, self.exclude, (aten.linear.default, sf.fused_linear.default),
+                                        skipped):
             a = normalize_function(n.target, n.args, n.kwargs, normalize_to_only_use_kwargs=True).kwargs
             w_node = a.get("weight", a.get("w"))
             if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
@@ -254,7 +268,7 @@ class Prune(Pass):
 
         def layer(w, c):
             s = score(w, c)
-            return element(smallest([s], count_of(self.sparsity, s.numel()))[0], w)
+            return element(smallest([s], layer_count(self.sparsity, s.numel()))[0], w)
         return (layer(w, c) for w, c in zip(weights, cols))
 
     def _calls(self, ctx):
@@ -271,6 +285,7 @@ class Prune(Pass):
         if self.pattern in STRUCTURED:
             return self._run_structured(gm, ctx)
         chosen, skipped = self.select(gm)
+        skipped.update(unmatched_include(gm, self.include))
         weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
         data, cols, runs = "weights", [None] * len(chosen), 1
         if self.method == "sparsegpt" and chosen:
@@ -288,6 +303,11 @@ class Prune(Pass):
             for (n, name, w_node), w, new_w in tqdm(zip(chosen, weights, new_weights), total=len(chosen), desc="prune",
                                                     leave=False, disable=not ctx.progress or len(chosen) < 8):
                 if torch.equal(new_w, w):
+                    if self.pattern == "block" and self.threshold is None and self.scope == "layer" and self.sparsity:
+                        units = math.ceil(w.shape[0] / self.block[0]) * math.ceil(w.shape[1] / self.block[1])
+                        skipped[name] = (f"{units} block(s) of {self.block[0]}x{self.block[1]}: {self.sparsity:g} of "
+                                         f"them rounds to none or to all (a layer is never zeroed whole below "
+                                         f"sparsity 1); prune it in smaller blocks")
                     continue
                 with g.inserting_before(n):
                     new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.weight_pruned", new_w.contiguous()))
@@ -341,6 +361,7 @@ class Prune(Pass):
         """Whole experts: per mixture-of-experts block, the lowest-scored experts go (prune_experts), at most
         all but the experts each token picks."""
         found, rejected = expert_blocks(gm)
+        rejected.update(unmatched_include(gm, self.include))
         chosen = [b for b in found if not any(self.include and not matches(m, self.include) or matches(m, self.exclude)
                                               for m in (b.name, layer_name(b.router)))]
         data, calls = self._calls(ctx) if chosen else ("-", [])
@@ -382,6 +403,7 @@ class Prune(Pass):
             return self._run_experts(gm, ctx)
         heads, query = self.pattern in ("heads", "query_heads"), self.pattern == "query_heads"
         found, rejected = attention_groups(gm) if heads else neuron_groups(gm)
+        rejected.update(unmatched_include(gm, self.include))
         if heads:                                 # what keeps this pattern's units from going
             why = {grp.name: grp.query_why if query else grp.kv_why for grp in found}
             rejected.update({name: w for name, w in why.items() if w})
@@ -389,9 +411,14 @@ class Prune(Pass):
         chosen = []
         for grp in found:
             members = (grp.q, grp.k, grp.v, grp.o) if heads else (*grp.producers, grp.consumer)
-            names = [layer_name(n) for n in members]
-            if not any(self.include and not matches(m, self.include) or matches(m, self.exclude) for m in names):
-                chosen.append(grp)
+            names = [grp.name] + [layer_name(n) for n in members]
+            if self.include and not any(matches(m, self.include) for m in names):
+                continue
+            excluded = [m for m in names if matches(m, self.exclude)]
+            if excluded:            # the block's layers shrink together: one excluded keeps them all
+                rejected[grp.name] = f"exclude matches {excluded}: the block's layers shrink together or not at all"
+                continue
+            chosen.append(grp)
         data, calls = self._calls(ctx) if chosen else ("-", [])
         if chosen and not isinstance(calls, list):
             calls = list(calls)                   # a generator: linears and experts are scored in two runs

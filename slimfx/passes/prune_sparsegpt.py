@@ -34,7 +34,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm:
     columns, N:M along K when ``nm`` is given, ``sparsity`` of the layer's (BN, BK) weight blocks when ``blocks``
     is (edge blocks cropped), or exactly ``mask`` (True = pruned) when that is given. Returns the new weight
     (w's dtype): zeros where pruned, the kept weights updated."""
-    from .prune import count_of, expand_blocks, smallest  # prune imports this module
+    from .prune import count_of, expand_blocks, layer_count, smallest  # prune imports this module
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"SparseGPT: {name} of shape {tuple(w.shape)} needs a {w.shape[1]} x {w.shape[1]} "
                          f"Hessian, got {tuple(h.shape)}")
@@ -51,7 +51,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float = 0.5, nm:
     W = w.detach().to(torch.float64).clone()
     if blocks is not None and mask is None:
         cost = block_costs(W, hinv, blocks)
-        mask = expand_blocks(smallest([cost], count_of(sparsity, cost.numel()))[0], blocks, W.shape)
+        mask = expand_blocks(smallest([cost], layer_count(sparsity, cost.numel()))[0], blocks, W.shape)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, E1, Hb = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64), hinv[i1:i2, i1:i2]

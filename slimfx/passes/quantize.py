@@ -38,7 +38,7 @@ from ..quant.gptq import gptq_quantize, output_error
 from ..quant.linear import MAX_K
 from .awq import apply_awq
 from .awq_experts import apply_moe_awq
-from .base import Pass, PassContext, PassResult, register_pass
+from .base import Pass, PassContext, PassResult, number_in, register_pass
 from .manager import sqnr_db
 from .quant_calibration import budget_runs, calibration_calls, example_values, hessian_bytes, input_hessians, \
     input_mean_squares, run_watching
@@ -61,19 +61,59 @@ def matches(name: str, patterns) -> bool:
     return any(re.search(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def module_patterns(v) -> tuple:
-    """An include/exclude argument as a tuple of patterns (one string is one pattern)."""
-    return (v,) if isinstance(v, str) else tuple(v)
+def module_patterns(v, what: str = "include/exclude") -> tuple:
+    """An include/exclude argument (``what`` names it in errors: "Quantize.exclude") as a tuple of patterns: one
+    string is one pattern, None none; a regex (``re:<regex>``) that does not compile is refused here, not when
+    the pass runs."""
+    if v is None:
+        return ()
+    pats = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, (tuple, list, set, frozenset)) else None
+    if pats is None or not all(isinstance(p, str) for p in pats):
+        raise ValueError(f"{what}: expected a module-name pattern or a list of them (\"*.q_proj\", "
+                         f"\"re:<regex>\"), got {v!r}")
+    for p in pats:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"{what}: pattern {p!r} is not a valid regex: {e}") from None
+    return pats
 
 
-def selected_linears(gm: fx.GraphModule, include, exclude, targets=(aten.linear.default,)):
+def unmatched_include(gm: fx.GraphModule, include) -> dict:
+    """{"include": why} when ``include`` matches no module of the graph (a pattern missing its "*."), else {}:
+    for the statistics' "skipped", so a pass that selected nothing says so."""
+    if not include:
+        return {}
+    names = {ir.meta.module_name(n) for n in gm.graph.nodes} - {""}
+    if any(matches(name, include) for name in names):
+        return {}
+    example = next((ir.meta.module_name(n) for n in gm.graph.nodes
+                    if n.op == "call_function" and n.target is aten.linear.default and ir.meta.module_name(n)), "")
+    return {"include": f"{list(include)} matches no module of the graph" +
+            (f" (its names look like {example!r}: a glob such as '*.{example.rsplit('.', 1)[-1]}' matches "
+             f"in every block)" if example else "")}
+
+
+def selected_linears(gm: fx.GraphModule, include, exclude, targets=(aten.linear.default,),
+                     skipped: Optional[dict] = None):
     """(node, module name) of each node calling one of ``targets`` (aten.linear) whose module name passes
-    the include/exclude patterns."""
+    the include/exclude patterns. A GEMM merged from several layers (Fuse's merge_qkv) passes when all of its
+    layers do (its name: ``ir.meta.layer_name``); one whose layers the patterns split goes into ``skipped`` with
+    why: it can only be taken whole."""
     for n in list(gm.graph.nodes):
         if n.op == "call_function" and n.target in targets:
-            name = ir.meta.module_name(n) or n.name
-            if (not include or matches(name, include)) and not matches(name, exclude):
+            parts = ir.meta.merged_modules(n)
+            names = parts or [ir.meta.module_name(n) or n.name]
+            ok = [(not include or matches(p, include)) and not matches(p, exclude) for p in names]
+            name = ir.meta.layer_name(n)
+            if all(ok):
                 yield n, name
+            elif any(ok) and skipped is not None:
+                chosen = [p.rsplit(".", 1)[-1] for p, o in zip(parts, ok) if o]
+                skipped[name] = (f"one GEMM merged by Fuse from {len(parts)} layers, of which include/exclude "
+                                 f"select only {chosen}: it goes whole or not at all (select all its layers or "
+                                 f"none, or run this pass before Fuse)")
 
 
 def weight_scheme(weights: str, group_size: int) -> QScheme:
@@ -152,8 +192,9 @@ class Quantize(Pass):
             raise ValueError(f"Quantize.method must be one of {METHODS}, got {self.method!r}")
         if self.sequential and self.method != "gptq":
             raise ValueError("Quantize(sequential=True) orders GPTQ's calibration: it needs method='gptq'")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"Quantize.damp must be in (0, 1), got {self.damp!r}")
+        self.damp = number_in(self.damp, "Quantize.damp", 0, 1, open_lo=True, open_hi=True)
+        if self.weights == "int4" or self.group_size is not None:        # (int8 and log weights ignore it)
+            self.group_size = number_in(self.group_size, "Quantize.group_size", 1, integer=True)
         if (self.clip or self.awq) and self.weights not in ("int8", "int4"):
             raise ValueError(f"Quantize(clip/awq): uniform int8 or int4 weights, got weights={self.weights!r}")
         if self.awq and self.activations is not None:
@@ -161,7 +202,8 @@ class Quantize(Pass):
                              "for int8 activations use SmoothQuant before Quantize")
         if tuple(self.op_types) != ("linear",):
             raise ValueError(f"Quantize.op_types: only ('linear',) is supported so far, got {self.op_types!r}")
-        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
+        self.include = module_patterns(self.include, "Quantize.include")
+        self.exclude = module_patterns(self.exclude, "Quantize.exclude")
 
     @property
     def mode(self) -> str:
@@ -172,7 +214,7 @@ class Quantize(Pass):
     def select(self, gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, str]]:
         """The linear nodes to quantize, and the skipped ones with why."""
         chosen, skipped = [], {}
-        for n, name in selected_linears(gm, self.include, self.exclude):
+        for n, name in selected_linears(gm, self.include, self.exclude, skipped=skipped):
             w = n.args[1]
             if not isinstance(w, fx.Node) or w.op != "get_attr":
                 skipped[name] = "weight is not a tensor of the module (already quantized?)"
@@ -188,7 +230,7 @@ class Quantize(Pass):
             else:
                 chosen.append(n)
         for n, name in selected_linears(gm, self.include, self.exclude, (sf.fused_linear.default,
-                                                                        sf.sparse_linear.default)):
+                                                                        sf.sparse_linear.default), skipped):
             skipped[name] = f"{str(n.target).replace('.default', '')}: Quantize takes aten.linear (run it before " \
                             f"Fuse and LowerSparse)"
         return chosen, skipped
@@ -196,6 +238,7 @@ class Quantize(Pass):
     def run(self, gm, ctx):
         act = ACTIVATIONS[self.activations]
         chosen, skipped = self.select(gm)
+        skipped.update(unmatched_include(gm, self.include))
         w_scheme = weight_scheme(self.weights, self.group_size)
         awq_experts = self._chosen_experts(gm, {}) if self.awq else []
         calls = None
@@ -258,8 +301,22 @@ class Quantize(Pass):
         run_of = {x: i for i, run in enumerate(runs) for x in run} if in_runs else {}
         order = sorted(chosen, key=lambda n: run_of[n.args[0]]) if in_runs else chosen
         records, puts = [], []
+        # a weight read by several layers (ALBERT's shared blocks, one module called twice) is quantized once: one
+        # fit (GPTQ / clip on all its inputs together where their statistics are at hand) and one stored tensor
+        uses = {}
+        for lin in order:
+            uses.setdefault(lin.args[1].target, []).append(lin)
+        fitted = {}
         for lin in tqdm(order, desc="quantize: GPTQ", disable=not (ctx.progress and gptq), leave=False):
             x = lin.args[0]
+            first = uses[lin.args[1].target][0]
+            if first is not lin:            # the same weight as an earlier layer: its codes, stored once
+                put = fitted[first]
+                if in_runs:
+                    puts.append((lin, lambda act, x_range, put=put, lin=lin: put(act, x_range, lin, first)))
+                else:
+                    records.append(put(act, ranges.get(x), lin, first))
+                continue
             if in_runs and x not in hessians:
                 i = run_of[x]
                 hessians.clear()
@@ -268,8 +325,11 @@ class Quantize(Pass):
             elif gptq and x not in hessians:    # sequential: the layers before are quantized in the graph now
                 hessians.update(input_hessians(gm, calls, [x], False, "Quantize(method='gptq')"))
             h = hessians.get(x)
+            inputs = list(dict.fromkeys(u.args[0] for u in uses[lin.args[1].target]))
+            if h is not None and len(inputs) > 1 and all(i in hessians for i in inputs):
+                h = sum(hessians[i] for i in inputs)      # one weight's error over all the inputs it sees
             importance = None if h is None or not self.clip else (h if h.ndim == 1 else h.diagonal())
-            put = self._fit_layer(gm, lin, w_scheme, h if gptq else None, importance)
+            put = fitted[lin] = self._fit_layer(gm, lin, w_scheme, h if gptq else None, importance)
             if in_runs:
                 puts.append((lin, put))
             else:
@@ -348,9 +408,10 @@ class Quantize(Pass):
                    importance: Optional[torch.Tensor] = None):
         """The layer's weight codes now (by GPTQ given its input Hessian; scales by search given
         ``importance``); returns ``put(act, x_range)``, which writes them into the graph and returns the record
-        (later, when every run of Hessians has been gathered from the float graph)."""
+        (later, when every run of Hessians has been gathered from the float graph); ``put(act, x_range, at,
+        shared_with)`` writes the same codes into another layer ``at`` reading the weight ``shared_with`` reads."""
         w = ir.meta.tensor_attr(gm, lin.args[1]).detach().to(torch.float32)
-        name = ir.meta.module_name(lin) or lin.name
+        name = ir.meta.layer_name(lin)
         n_out, k = w.shape
         choose = None
         if importance is not None:      # clip: scales by search (slimfx.quant.clip), for RTN and GPTQ alike
@@ -367,15 +428,15 @@ class Quantize(Pass):
                         "output_error_rtn": output_error(w, rtn, hessian)}
         w_range = [float(w.min()), float(w.max())]
         clipped = importance is not None
-        return lambda act, x_range: self._put_layer(gm, lin, scheme, act, x_range, codes, qp, gptq_rec, w_range,
-                                                    clipped)
+        return lambda act, x_range, at=lin, shared_with=None: self._put_layer(
+            gm, at, scheme, act, x_range, codes, qp, gptq_rec, w_range, clipped, shared_with)
 
     def _put_layer(self, gm, lin: fx.Node, scheme: QScheme, act: Optional[str], x_range, codes, qp, gptq_rec,
-                   w_range, clipped: bool) -> dict:
+                   w_range, clipped: bool, shared_with: Optional[fx.Node] = None) -> dict:
         g = gm.graph
         x = lin.args[0]
         bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
-        name = ir.meta.module_name(lin) or lin.name
+        name = ir.meta.layer_name(lin)
         n_out, k = codes.shape
         stack = lin.meta.get("nn_module_stack")
         new_nodes = []
@@ -432,6 +493,8 @@ class Quantize(Pass):
                "sqnr_db": None, "method": self.method, "clip": clipped}
         if gptq_rec is not None:
             rec["gptq"] = gptq_rec
+        if shared_with is not None:     # stored once: its bytes are counted with that layer
+            rec.update(weight_shared_with=ir.meta.layer_name(shared_with), fp32_bytes=0, weight_bytes=0)
         ir.meta.info(lin).quant = {**(ir.meta.info(lin).quant or {}), **rec}     # keeps e.g. SmoothQuant's record
         return rec
 

@@ -15,9 +15,9 @@ import torch.fx as fx
 
 from .. import ir
 from ..quant import MinMaxObserver
-from .base import Pass, PassResult, register_pass
+from .base import Pass, PassResult, number_in, register_pass
 from .quant_calibration import calibration_calls, run_watching
-from .quantize import selected_linears
+from .quantize import module_patterns, selected_linears
 from .scale_fold import scale_input
 
 aten = torch.ops.aten
@@ -36,10 +36,9 @@ class SmoothQuant(Pass):
     min_scale: float = 1e-5
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"SmoothQuant.alpha must be in [0, 1], got {self.alpha}")
-        self.include = (self.include,) if isinstance(self.include, str) else tuple(self.include)
-        self.exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        self.alpha = number_in(self.alpha, "SmoothQuant.alpha", 0, 1)
+        self.include = module_patterns(self.include, "SmoothQuant.include")
+        self.exclude = module_patterns(self.exclude, "SmoothQuant.exclude")
 
     def _groups(self, gm) -> dict[fx.Node, list[fx.Node]]:
         groups: dict[fx.Node, list[fx.Node]] = {}

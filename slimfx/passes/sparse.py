@@ -31,8 +31,8 @@ from torch.fx.operator_schemas import normalize_function
 
 from .. import ir
 from ..ir.dialect.sparse import INT8_MIN_BK, block_pattern, nonzero_blocks, parse_pattern, pattern_violation
-from .base import Pass, PassResult, register_pass
-from .quantize import module_patterns, selected_linears
+from .base import Pass, PassResult, number_in, register_pass
+from .quantize import module_patterns, selected_linears, unmatched_include
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -70,9 +70,9 @@ class LowerSparse(Pass):
             except (ValueError, TypeError):
                 raise ValueError(f"LowerSparse.block must be 'auto' or two powers of two >= 16 (BN, BK), "
                                  f"got {self.block!r}") from None
-        if not 0.0 <= self.min_block_sparsity <= 1.0:
-            raise ValueError(f"LowerSparse.min_block_sparsity must be in [0, 1], got {self.min_block_sparsity!r}")
-        self.include, self.exclude = module_patterns(self.include), module_patterns(self.exclude)
+        self.min_block_sparsity = number_in(self.min_block_sparsity, "LowerSparse.min_block_sparsity", 0, 1)
+        self.include = module_patterns(self.include, "LowerSparse.include")
+        self.exclude = module_patterns(self.exclude, "LowerSparse.exclude")
 
     def choose(self, w: torch.Tensor) -> tuple[str | None, str]:
         """(the pattern to lower to, "") or (None, why not). int8 weights (W8A8 layers): block patterns only,
@@ -132,9 +132,9 @@ class LowerSparse(Pass):
 
     def run(self, gm, ctx):
         g = gm.graph
-        lowered, skipped = {}, {}
+        lowered, skipped = {}, unmatched_include(gm, self.include)
         targets = (aten.linear.default, sf.fused_linear.default, sf.quantized_linear.default)
-        for n, name in selected_linears(gm, self.include, self.exclude, targets):
+        for n, name in selected_linears(gm, self.include, self.exclude, targets, skipped):
             a = normalize_function(n.target, n.args, n.kwargs, normalize_to_only_use_kwargs=True).kwargs
             w_node = a.get("weight", a.get("w", a.get("w_q")))
             if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":

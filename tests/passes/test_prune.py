@@ -141,6 +141,22 @@ def test_block_layerwise_ragged_edges():
     assert res.stats["layers"] == 3
 
 
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_block_never_zeroes_a_whole_layer_below_sparsity_1(method):
+    """3 of 4 blocks of 128x128 rounds to 2 of a's 2 and b's 2 and 1 of c's 1: all of each layer (attention
+    layers of a small model are one block); a layer keeps at least one block and one that loses none says why."""
+    m, _, x = captured()
+    kw = dict(score="magnitude") if method == "magnitude" else dict(method="sparsegpt")
+    cm = slimfx.compile(m, (x,), passes=[P.Prune(sparsity=0.75, pattern="block", block=(128, 128), **kw)],
+                        backend="torch", progress=False)
+    stats = cm.report().records[0].stats
+    assert set(stats["pruned"]) == {"a", "b"}
+    assert "1 block(s) of 128x128: 0.75 of them rounds to none or to all" in stats["skipped"]["c"]
+    w = weights(cm.graph)
+    assert block_sparsity(w["a"], (128, 128)) == block_sparsity(w["b"], (128, 128)) == 0.5    # 1 of 2 blocks each
+    assert int((w["c"] == 0).sum()) == 0
+
+
 def test_block_global():
     m, gm, _ = captured()
     P.Prune(sparsity=0.5, pattern="block", block=(16, 16), scope="global", score="magnitude")(gm)
@@ -217,7 +233,12 @@ def test_nothing_to_prune_is_unchanged():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), "needs sparsity=<fraction> or threshold"),
     (dict(pattern="block"), r"Prune\(pattern='block'\) needs sparsity"),
-    (dict(sparsity=1.5), "Prune.sparsity must be a fraction"),
+    (dict(sparsity=1.5), r"Prune.sparsity must be a number in \[0, 1\], got 1.5"),
+    (dict(sparsity=True), "Prune.sparsity must be a number"),          # a bool is no fraction (it pruned 100%)
+    (dict(sparsity="0.5"), "Prune.sparsity must be a number"),
+    (dict(sparsity=0.5, include="re:("), r"Prune.include: pattern 're:\(' is not a valid regex"),
+    (dict(sparsity=0.5, exclude=5), "Prune.exclude: expected a module-name pattern"),
+    (dict(sparsity=0.5, pattern="block", block=(16,)), "Prune.block must be two positive ints"),
     (dict(sparsity=0.5, threshold=0.1), "not both"),
     (dict(threshold=0.1, pattern="2:4"), "threshold applies to pattern='unstructured' only"),
     (dict(threshold=-1.0), "Prune.threshold must be a number >= 0"),
@@ -238,12 +259,42 @@ def test_2_4_with_matching_sparsity_is_accepted():
     assert P.Prune(sparsity=0.5, pattern="2:4").pattern == "2:4"
 
 
+def test_numpy_numbers_and_square_blocks_are_accepted():
+    import numpy as np
+    p = P.Prune(sparsity=np.float32(0.5), pattern="block", block=16, exclude=None)
+    assert (p.sparsity, type(p.sparsity), p.block, p.exclude) == (0.5, float, (16, 16), ())
+    d = P.Distill(steps=np.int64(10), lr=np.float32(0.5))
+    assert (d.steps, type(d.steps), d.lr) == (10, int, 0.5)
+
+
 def test_include_exclude_and_quantized_layers_skipped():
     m, gm, _ = captured()
     P.Quantize(weights="int8", activations="dynamic", include=("a",))(gm)
     res = P.Prune(sparsity=0.5, exclude=("c",), score="magnitude")(gm)
     assert res.stats["skipped"] == {"a": "quantized (prune before Quantize)"}
     assert list(res.stats["pruned"]) == ["b"]
+
+
+def test_include_exclude_after_fuse_see_every_merged_layer(tiny_llama_capture):
+    """Fuse merges q/k/v and gate/up into one GEMM each; the patterns must read all the merged layers' names
+    (they used to see only the first one's: exclude="*.k_proj" pruned k anyway, include="*.k_proj" nothing)."""
+    merged = P.Fuse()(ir.fork(tiny_llama_capture.graph)).graph_module
+    names = {ir.meta.layer_name(n) for n in merged.graph.nodes if ir.meta.merged_modules(n)}
+    assert names == {f"model.layers.{i}.{m}" for i in range(2)
+                     for m in ("self_attn.q_proj+k_proj+v_proj", "mlp.gate_proj+up_proj")}
+    res = P.Prune(sparsity=0.5, score="magnitude", exclude=("*.k_proj", "*.v_proj", "lm_head"))(ir.fork(merged))
+    kept = ("mlp.gate_proj+up_proj", "mlp.down_proj", "self_attn.o_proj")
+    assert sorted(res.stats["pruned"]) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in kept)
+    why = res.stats["skipped"]["model.layers.0.self_attn.q_proj+k_proj+v_proj"]
+    assert "select only ['q_proj']" in why and "before Fuse" in why
+    res = P.Prune(sparsity=0.5, score="magnitude", include="*.k_proj")(ir.fork(merged))
+    assert not res.stats.get("pruned") and "select only ['k_proj']" in \
+        res.stats["skipped"]["model.layers.1.self_attn.q_proj+k_proj+v_proj"]
+    res = P.Quantize(include=("*.q_proj", "*.k_proj", "*.v_proj"))(ir.fork(merged))     # all three: taken whole
+    assert res.stats["layers"] == 2
+    q = [ir.meta.info(n).quant["module"] for n in res.graph_module.graph.nodes
+         if n.meta.get("slimfx") and (ir.meta.info(n).quant or {}).get("mode")]
+    assert q == [f"model.layers.{i}.self_attn.q_proj+k_proj+v_proj" for i in range(2)]
 
 
 def test_pipeline_to_sparse_ops(tiny_llama):
@@ -347,6 +398,26 @@ def test_neurons_llama_shrink_equals_zeroed_neurons(tiny_llama):
         for down, score in zip(downs, _importance(zeroed, downs, cal)):
             down.weight[:, score.argsort()[:20]] = 0
     _matches_dense_llama(cm, zeroed)
+
+
+def test_structured_include_exclude_by_block_or_any_of_its_layers(tiny_llama_capture):
+    """A block is named in the statistics (the attention module, the MLP's down_proj): include may name it or any
+    of its layers; exclude naming any of them keeps the block whole and says so (both used to be silent)."""
+    def run(**kw):
+        return P.Prune(sparsity=0.5, **kw)(ir.fork(tiny_llama_capture.graph), P.PassContext(
+            tiny_llama_capture.captured.example_args, tiny_llama_capture.captured.example_kwargs)).stats
+    blocks = [f"model.layers.{i}.self_attn" for i in range(2)]
+    for include in ("*.self_attn", "*.k_proj", "model.layers.*"):
+        assert sorted(run(pattern="heads", include=include)["shrunk"]) == blocks, include
+    assert list(run(pattern="heads", include="model.layers.1.self_attn")["shrunk"]) == blocks[1:]
+    stats = run(pattern="heads", exclude="*.o_proj")
+    assert stats["shrunk"] == {}
+    assert "exclude matches ['model.layers.0.self_attn.o_proj']" in stats["skipped"][blocks[0]]
+    assert list(run(pattern="neurons", include="model.layers.0.mlp.down_proj")["shrunk"]) == \
+        ["model.layers.0.mlp.down_proj"]
+    stats = run(pattern="neurons", exclude="model.layers.1.mlp.up_proj")
+    assert list(stats["shrunk"]) == ["model.layers.0.mlp.down_proj"]
+    assert "shrink together" in stats["skipped"]["model.layers.1.mlp.down_proj"]
 
 
 def test_neurons_bert_biases_scored_on_example_inputs():

@@ -227,7 +227,7 @@ def test_bad_arguments_are_named():
     for bad in ((64,), "64x64", None):
         with pytest.raises(ValueError, match="LowerSparse.block must be"):
             P.LowerSparse(block=bad)
-    with pytest.raises(ValueError, match=r"min_block_sparsity must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"min_block_sparsity must be a number in \[0, 1\]"):
         P.LowerSparse(min_block_sparsity=1.5)
 
 
