@@ -313,7 +313,7 @@ class Quantize(Pass):
             if first is not lin:            # the same weight as an earlier layer: its codes, stored once
                 put = fitted[first]
                 if in_runs:
-                    puts.append((lin, lambda act, x_range, put=put, lin=lin: put(act, x_range, lin, first)))
+                    puts.append((lin, lambda act, x_range, put=put, lin=lin, first=first: put(act, x_range, lin, first)))
                 else:
                     records.append(put(act, ranges.get(x), lin, first))
                 continue

@@ -218,11 +218,18 @@ class Twice(nn.Module):
         return self.out(torch.relu(self.shared(torch.relu(self.shared(x)))))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(method="gptq"), dict(weights="int4", group_size=8, clip=True),
-                                dict(activations="dynamic")], ids=["rtn", "gptq", "int4-clip", "w8a8"])
-def test_a_weight_read_twice_is_quantized_and_stored_once(kw, tmp_path):
+@pytest.mark.parametrize("kw", [dict(), dict(method="gptq"), dict(method="gptq", runs=True),
+                                dict(weights="int4", group_size=8, clip=True), dict(activations="dynamic")],
+                         ids=["rtn", "gptq", "gptq-in-runs", "int4-clip", "w8a8"])
+def test_a_weight_read_twice_is_quantized_and_stored_once(kw, tmp_path, monkeypatch):
     """It used to be quantized once per read: two int8 copies (ALBERT's 8 shared layers held 4.4 MB after W8, 2.5 MB
-    in fp32) while the report said 0.25x. GPTQ / clip fit it on both reads' inputs together."""
+    in fp32) while the report said 0.25x. GPTQ / clip fit it on both reads' inputs together (in runs of Hessians,
+    on the first read's)."""
+    from slimfx.passes import quant_calibration
+    kw = dict(kw)
+    runs = kw.pop("runs", False)
+    if runs:                                        # one 40 x 40 Hessian per run
+        monkeypatch.setattr(quant_calibration, "HESSIAN_BYTES", 40 * 40 * 8)
     m, x = Twice().eval(), torch.randn(2, 5, 40)
     cal = [torch.randn(2, 5, 40) for _ in range(4)]
     ct, cn = both(m, (x,), [Quantize(**kw)], calibration=cal, dynamic=True)
@@ -236,6 +243,8 @@ def test_a_weight_read_twice_is_quantized_and_stored_once(kw, tmp_path):
     assert [r.get("weight_shared_with") for r in recs].count("shared") == 1
     stats = cn.report().records[0].stats
     assert stats["layers"] == 3 and stats["weight_bytes_fp32"] == 4 * (40 * 40 + 40 * 13)
+    if kw.get("method") == "gptq":                  # the three inputs (x, relu(shared(x)), the last relu)
+        assert stats.get("hessian_runs", 1) == (3 if runs else 1)
     if kw.get("activations"):
         assert torch.equal(ct(x), cn(x))            # integer path: exact across backends
     else:
