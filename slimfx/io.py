@@ -97,28 +97,50 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
         if not (path / name).is_file():
             raise FileNotFoundError(f"slimfx.load: {path} has no {name} "
                                     f"(is it a folder written by CompiledModel.save?)")
+    def bad(what: str) -> FormatError:
+        return FormatError(f"slimfx.load({str(path)!r}): {what}")
+
     try:
         data = json.loads((path / GRAPH_FILE).read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"slimfx.load: {path / GRAPH_FILE} is not valid JSON: {e}") from e
+    missing = [k for k in ("backend", "graph", "signature", "report") if k not in data] \
+        if isinstance(data, dict) else ["everything"]
+    if missing:
+        raise bad(f"{GRAPH_FILE} lacks {missing} (is it a file written by CompiledModel.save?)")
     backend = backend or data["backend"]
     check_options(backend, backend_options)
-    tensors = safetensors.torch.load_file(str(path / TENSOR_FILE))
+    try:
+        tensors = safetensors.torch.load_file(str(path / TENSOR_FILE))
+    except Exception as e:            # safetensors' own errors: a truncated or foreign file
+        raise bad(f"{TENSOR_FILE} is not a readable safetensors file ({type(e).__name__}: {e})") from e
     for name, k in data.get("int4_packed", {}).items():
-        if name not in tensors:
-            raise FormatError(f"slimfx.load({str(path)!r}): packed tensor {name!r} is missing from the tensor file")
-        tensors[name] = unpack_int4_torch(tensors[name], int(k))
+        t = tensors.get(name)
+        if t is None or t.dtype != torch.uint8:
+            raise bad(f"packed int4 tensor {name!r} is " + ("missing from the tensor file" if t is None else
+                                                           f"{t.dtype}, not uint8 (two 4-bit codes per byte)"))
+        try:
+            tensors[name] = unpack_int4_torch(t, int(k))
+        except ValueError as e:
+            raise bad(f"packed int4 tensor {name!r}: {e}") from e
     for name, target in data.get("aliases", {}).items():
+        if target not in tensors:
+            raise bad(f"tensor {name!r} is an alias of {target!r}, which the tensor file does not hold")
         tensors[name] = tensors[target]
     try:
         gm, ranges = from_json(data["graph"], tensors)
     except (FormatError, ir.VerificationError) as e:
         raise type(e)(f"slimfx.load({str(path)!r}): {e}") from e
-    signature = InputSignature.from_json(data["signature"], gm, ranges)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:      # a damaged graph
+        raise bad(f"the graph in {GRAPH_FILE} cannot be rebuilt ({type(e).__name__}: {e})") from e
+    try:
+        signature = InputSignature.from_json(data["signature"], gm, ranges)
+        r = data["report"]
+        records = [PassRecord(**rec) for rec in unplain(r["records"])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"the call signature or report in {GRAPH_FILE} is damaged ({type(e).__name__}: {e})") from e
     t0 = time.perf_counter()
     executable = lower(gm, backend, backend_options)
-    r = data["report"]
-    records = [PassRecord(**rec) for rec in unplain(r["records"])]
     report = Report(r["model"], r["capture_method"], backend, r["capture_s"], time.perf_counter() - t0, records,
                     r["captured_nodes"], gm, capture_reused=r.get("capture_reused", False))
     cm = CompiledModel(gm, executable, report, signature)

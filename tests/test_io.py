@@ -205,6 +205,11 @@ def _node(data, op):
     (lambda d: _node(d, "call_function")["kwargs"].update({"a=print('ran'), b": 1}), FormatError,
      "keyword argument .* is not a Python identifier"),
     (lambda d: _node(d, "get_attr").update(target="__class__"), FormatError, "target '__class__' is not"),
+    # damage anywhere else is named too, not a bare KeyError / TypeError from deep inside
+    (lambda d: d.pop("report"), FormatError, r"slimfx.json lacks \['report'\]"),
+    (lambda d: d["graph"].update(nodes=3), FormatError, "the graph in slimfx.json cannot be rebuilt"),
+    (lambda d: d["aliases"].update(x="nowhere"), FormatError, "alias of 'nowhere', which the tensor file"),
+    (lambda d: d["report"].update(records=[{"bogus": 1}]), FormatError, "signature or report in slimfx.json"),
 ])
 def test_load_refuses_a_bad_file_naming_the_node(tmp_path, edit, error, match):
     path = _saved(tmp_path)
@@ -220,6 +225,11 @@ def test_load_refuses_missing_files(tmp_path):
     path = _saved(tmp_path)
     (path / "slimfx.json").write_text("{ not json")
     with pytest.raises(FormatError, match="not valid JSON"):
+        slimfx.load(path)
+    path = _saved(tmp_path / "again")
+    data = (path / "tensors.safetensors").read_bytes()
+    (path / "tensors.safetensors").write_bytes(data[:len(data) // 2])         # a truncated copy
+    with pytest.raises(FormatError, match="tensors.safetensors is not a readable safetensors file"):
         slimfx.load(path)
 
 
