@@ -86,8 +86,9 @@ def calibration_calls(ctx: PassContext, who: str) -> Iterable[tuple[tuple, dict]
     a clear error, naming the pass and the batch, when there is no data, none at all (an empty list), or a batch
     the graph was not compiled for (another shape without dynamic dims, a missing argument)."""
     if ctx.calibration is None:
-        raise ValueError(f"{who} needs calibration data: pass calibration=[inputs, ...] to slimfx.compile "
-                         f"(each a tuple of positional args or a dict of keyword args, like the example inputs)")
+        raise ValueError(f"{who} needs calibration data: pass calibration=[inputs, ...] to slimfx.compile (or to "
+                         f"sensitivity, compile_causal_lm: whichever runs the pass), each a tuple of positional args "
+                         f"or a dict of keyword args, like the example inputs")
     cal = ctx.calibration
     calls = (_checked(call_of(item, ctx), ctx, who, i) for i, item in enumerate(cal))
     if hasattr(cal, "__len__"):
