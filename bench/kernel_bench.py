@@ -341,8 +341,18 @@ def run_gpu(args) -> tuple[list[dict], dict]:
     return bench.rows, meta
 
 
+# the names --only takes begin with one of these (block_sparse_90_tma, sparse24_gemv, w8a8_gluon, ...)
+KERNEL_FAMILIES = ("cublas_bf16", "w8a8", "torch_int_mm_dequant", "torch_compile_w8a8", "weight_only_int8",
+                   "weight_only_int4", "block_sparse", "sparse24", "torch_semi_structured_24")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    unknown = [s for s in args.only.split(",") if s and not s.startswith(KERNEL_FAMILIES)]
+    if unknown:               # a typo would time only the baselines: a GPU session spent on nothing
+        print(f"bench/kernel_bench.py: --only {unknown}: no such kernel; names begin with one of "
+              f"{list(KERNEL_FAMILIES)}", file=sys.stderr)
+        return 2
     if args.fake:
         meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
                     date=datetime.datetime.now().isoformat(timespec="seconds"))

@@ -22,6 +22,7 @@ order, so under the interpreter the two agree bit for bit):
 """
 from __future__ import annotations
 
+import numbers
 import os
 
 import numpy as np
@@ -159,12 +160,19 @@ def check_activation(activation) -> None:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
+def is_int(v) -> bool:
+    """A Python or numpy integer (not a bool, not a float that happens to be whole)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def as_rows(name: str, x: torch.Tensor, k: int) -> torch.Tensor:
     """View x (..., K) as (M, K) with unit stride along K, or refuse."""
     if x.dim() < 2:
         raise ValueError(f"{name}: expected at least 2 dimensions (..., {k}), got shape {tuple(x.shape)}")
     if x.shape[-1] != k:
         raise ValueError(f"{name}: expected last dimension {k} (K of the weight), got shape {tuple(x.shape)}")
+    if k == 0:
+        raise ValueError(f"{name}: K = 0 (an empty reduction) is not supported, got shape {tuple(x.shape)}")
     try:
         x2 = x.view(-1, k)
     except RuntimeError:
@@ -287,8 +295,11 @@ def activate(y, ACT: tl.constexpr):
 
 @triton.jit
 def quantize_sym(y, scale):
-    """clamp(round_half_even(y / scale), -127, 127) with a correctly rounded fp32 division."""
+    """clamp(round_half_even(y / scale), -127, 127) with a correctly rounded fp32 division; a NaN quotient (a
+    NaN scale or input, inf / inf) gives 0, as numpy's and torch's casts of NaN to int8 do (tl.minimum /
+    tl.maximum would clamp it to a bound)."""
     v = tl.math.div_rn(y, scale)
+    v = tl.where(v == v, v, 0.0)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     return round_half_even(v).to(tl.int8)
 
@@ -392,14 +403,16 @@ _SEMAPHORES: dict = {}
 def split_k_room(dev, dtype, m: int, n: int, meta: dict):
     """(workspace for split_k_fixup's partials, its tile counters) for a launch whose config is ``meta``
     (pinned) or any autotuned one: room for SPLIT_K <= max(SPLIT_K_MAX, pinned), BLOCK_M = 16 (decode; or
-    the pinned one) and BLOCK_N >= 16 dividing 128. Counted as (BLOCK_M, 16) tiles over N padded to 128:
+    the pinned one) and BLOCK_N >= 16 dividing 128 (or the pinned one, if wider: a pinned 256-wide tile
+    overran a workspace sized for 128). Counted as (BLOCK_M, 16) tiles over N padded to that width:
     as many counters as the narrowest tiles need and as many partial elements as the widest. Only needed
     when split configs may run. The workspace comes from the caching allocator per call; the counters
     are zero between launches (the last slice of each tile resets its own) and cached per device, grown
     as needed; kernels on one stream use them one after another, so split-K launches on several streams
     at once must not share a device."""
     sk, bm = max(meta.get("SPLIT_K", 1), SPLIT_K_MAX), meta.get("BLOCK_M", 16)
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, 128) * 8
+    width = max(128, meta.get("BLOCK_N", 128))
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, width) * (width // 16)
     ws = torch.empty(sk * tiles * bm * 16, dtype=dtype, device=dev)
     sem = _SEMAPHORES.get(dev)
     if sem is None or sem.numel() < tiles:

@@ -53,7 +53,10 @@ def _act_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, K, K_F, stride_xm, stri
         if HAS_BIAS:
             x = x + tl.load(b_ptr + rk, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+    # a NaN in the row makes the scale NaN, as in the reference (tl.max and tl.maximum drop NaN)
+    amax = tl.where(tl.sum(tl.where(mask & (x != x), 1, 0), axis=0) > 0, float("nan"), amax)
     scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)   # MIN_SCALE = fp32 tiny
+    scale = tl.where(amax != amax, amax, scale)
     tl.store(s_ptr + row, scale)
     tl.store(q_ptr + row * stride_qm + rk, C.quantize_sym(x, scale), mask=mask)
 
@@ -118,7 +121,7 @@ def act_quant_ref(x, weight=None, bias=None, eps=1e-6, norm=None) -> tuple[np.nd
     scale = absmax_scale_np(y, axis=1)
     q = quantize_np(y, scale, qmin=-SYM_INT8_QMAX, qmax=SYM_INT8_QMAX)
     lead = tuple(x.shape[:-1])
-    return q.reshape(*lead, -1), scale.reshape(*lead, 1)
+    return q.reshape(*lead, q.shape[-1]), scale.reshape(*lead, 1)
 
 
 assert MIN_SCALE == np.float32(1.1754943508222875e-38), "the kernel's MIN_SCALE literal must match numerics"

@@ -297,6 +297,8 @@ def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: tor
     n, k, _, _ = _check_bsr(bsr, (torch.int8,))
     if out_dtype not in C.FLOAT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {C.FLOAT_DTYPES}, got {out_dtype}")
+    if a_scale is None or w_scale is None:     # the kernel reads both (a placeholder would be read out of bounds)
+        raise ValueError("a_scale and w_scale: both required (per token (M,) and per output channel (N,), fp32)")
     a2 = C.as_rows("a", a, k)
     a_scale, w_scale, bias, residual, _ = C.check_epilogue(a2.shape[0], n, bias=bias, residual=residual,
                                                            a_scale=a_scale, w_scale=w_scale, activation=activation)
@@ -313,7 +315,7 @@ def bsr_linear_ref(x, bsr: BSR, bias=None, activation=None, residual=None) -> np
     acc = C.np32(x).reshape(-1, w.shape[1]).astype(np.float64) @ w.T
     y = C.epilogue_np(acc, bias=bias, activation=activation,
                       residual=None if residual is None else residual.reshape(acc.shape))
-    return y.reshape(*x.shape[:-1], -1)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def bsr_int8_gemm_ref(a, bsr: BSR, a_scale, w_scale, bias=None, activation=None, residual=None) -> np.ndarray:
@@ -322,4 +324,4 @@ def bsr_int8_gemm_ref(a, bsr: BSR, a_scale, w_scale, bias=None, activation=None,
     acc = int_matmul_np(a.reshape(-1, w.shape[1]).cpu().numpy(), w)
     y = C.epilogue_np(acc, a_scale=a_scale, w_scale=w_scale, bias=bias, activation=activation,
                       residual=None if residual is None else residual.reshape(acc.shape))
-    return y.reshape(*a.shape[:-1], -1)
+    return y.reshape(*a.shape[:-1], y.shape[-1])

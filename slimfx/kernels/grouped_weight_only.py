@@ -174,8 +174,9 @@ def int4_grouped_weight_only(x: torch.Tensor, w_packed: torch.Tensor, scales: to
     offs (E,) int32/int64."""
     C.check_tensor("x", x, dtypes=C.FLOAT_DTYPES, ndim=2, unit_last_stride=True)
     C.check_tensor("w_packed", w_packed, dtypes=(torch.uint8,), ndim=3, unit_last_stride=True)
-    if group_size < 32 or group_size & (group_size - 1):
-        raise ValueError(f"group_size: expected a power of two >= 32 (two 16-deep dots per group), got {group_size}")
+    if not C.is_int(group_size) or group_size < 32 or group_size & (group_size - 1):
+        raise ValueError(f"group_size: expected a power of two >= 32 (two 16-deep dots per group), "
+                         f"got {group_size!r}")
     e, n, k = w_packed.shape[0], w_packed.shape[1], 2 * w_packed.shape[2]
     if k % group_size:
         raise ValueError(f"w_packed: K = {k} (2 x {w_packed.shape[2]} bytes) is not a multiple of "

@@ -313,8 +313,8 @@ def int8_gemm_ref(a, b, a_scale=None, w_scale=None, bias=None, activation=None, 
     k = b.shape[1]
     acc = int_matmul_np(a.reshape(-1, k).cpu().numpy(), b.cpu().numpy())
     if out_dtype == torch.int32:
-        return acc.reshape(*a.shape[:-1], -1)
+        return acc.reshape(*a.shape[:-1], acc.shape[-1])
     y = C.epilogue_np(acc, a_scale=a_scale, w_scale=w_scale, bias=bias, activation=activation,
                       residual=None if residual is None else residual.reshape(acc.shape),
                       out_scale=out_scale)
-    return y.reshape(*a.shape[:-1], -1)
+    return y.reshape(*a.shape[:-1], y.shape[-1])

@@ -301,4 +301,4 @@ def sparse24_linear_ref(x, values, meta, bias=None) -> np.ndarray:
     y = C.np32(x).reshape(-1, k).astype(np.float64) @ w.T
     if bias is not None:
         y = y + C.np32(bias)[None]
-    return y.astype(np.float32).reshape(*x.shape[:-1], -1)
+    return y.astype(np.float32).reshape(*x.shape[:-1], y.shape[-1])

@@ -186,6 +186,8 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     n, k = w.shape
     x2 = C.as_rows("x", x, k)
     m = x2.shape[0]
+    if w_scale is None:
+        raise ValueError("w_scale: required (fp32, one scale per output channel (N,))")
     _, w_scale, bias, residual, _ = C.check_epilogue(m, n, bias=bias, residual=residual, w_scale=w_scale,
                                                      activation=activation)
     dev = C.check_device(x=x2, w=w, w_scale=w_scale, bias=bias, residual=residual)
@@ -229,8 +231,8 @@ def int4_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: tor
     """x @ dequant(w).T + bias with packed int4 w (N, K/2) uint8 and fp32 scales (N, K/group_size)."""
     C.check_tensor("x", x, dtypes=C.FLOAT_DTYPES)
     C.check_tensor("w_packed", w_packed, dtypes=(torch.uint8,), ndim=2, unit_last_stride=True)
-    if group_size < 32 or group_size & (group_size - 1):
-        raise ValueError(f"group_size: expected a power of two >= 32, got {group_size}")
+    if not C.is_int(group_size) or group_size < 32 or group_size & (group_size - 1):
+        raise ValueError(f"group_size: expected a power of two >= 32, got {group_size!r}")
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
     if k % group_size:
         raise ValueError(f"w_packed: K = {k} (2 x {w_packed.shape[1]} bytes) is not a multiple of "
@@ -296,7 +298,7 @@ def int8_weight_only_ref(x, w, w_scale, bias=None, activation=None, residual=Non
     acc = (C.np32(x).reshape(-1, k).astype(np.float64) @ w.cpu().numpy().astype(np.float64).T)
     y = C.epilogue_np(acc, w_scale=w_scale, bias=bias, activation=activation,
                       residual=None if residual is None else residual.reshape(acc.shape))
-    return y.reshape(*x.shape[:-1], -1)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def int4_weight_only_ref(x, w_packed, scales, group_size, bias=None) -> np.ndarray:

@@ -34,6 +34,19 @@ def test_round_half_to_even_and_zero_rows(dev):
     assert_exact(q, act_quant_ref(x)[0])
 
 
+def test_nan_and_inf_rows_match_the_reference(dev):
+    """A NaN anywhere in a row makes its scale NaN and its codes 0, as numerics and torch give (tl.max and
+    tl.maximum dropped the NaN: the kernel returned a finite scale, and 127 for the other elements)."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, 1.0, -2.0], [1.0, 2.0, nan], [inf, 1.0, 0.0], [1.0, -3.0, 0.5]])
+    q, s = quantize_per_token(x.to(dev))
+    q_ref, s_ref = act_quant_ref(x)
+    assert_exact(q, q_ref)
+    assert q.cpu()[:3].abs().max() == 0 and s.cpu()[:2].isnan().all() and s.cpu()[2].isinf().all()
+    assert torch.equal(s.cpu()[3:], torch.from_numpy(s_ref[3:]))
+    assert torch.equal(s.cpu().isnan(), torch.from_numpy(np.isnan(s_ref)))
+
+
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 64), (7, 130)])

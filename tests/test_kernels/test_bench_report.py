@@ -22,6 +22,11 @@ def test_bench_exits_clearly_without_cuda(tmp_path):
     assert p.returncode == 2
     assert "no CUDA device" in p.stderr and "--fake" in p.stderr
     assert not list(tmp_path.iterdir())
+    # a misspelt --only is refused before anything runs (on a GPU it would time the baselines alone)
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--only", "sparse_24",
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--only ['sparse_24']: no such kernel" in p.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_fake_run_writes_json_md_png(tmp_path):
@@ -134,8 +139,9 @@ def test_a_sweep_split_over_runs_merges(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter smoke run of the GPU check")
 def test_gpu_checks_script_runs_interpreted(tmp_path):
     """bench/gpu_checks.py on small shapes under the interpreter: the script works and finds the kernels
-    (every int8_gemm implementation included) exact against the numpy spec."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    (every int8_gemm implementation included) exact against the numpy spec. Without TRITON_INTERPRET set: the
+    script sets it itself where there is no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_checks.py"), "--out", str(tmp_path / "c.json")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-2000:]

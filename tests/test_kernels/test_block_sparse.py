@@ -181,6 +181,11 @@ def test_refusals(dev, gen):
         bsr_linear(x, w)
     with pytest.raises(TypeError, match=r"bsr.values: expected dtype in \(int8\)"):
         bsr_int8_gemm(x.to(torch.int8), bsr, torch.ones(3, device=dev), torch.ones(32, device=dev))
+    bsr8 = to_bsr(w8.to(dev), (32, 32))
+    for a_s, w_s in [(None, torch.ones(32, device=dev)), (torch.ones(3, device=dev), None)]:
+        # both scales are read: a placeholder was read out of bounds (values near 1e33, no error)
+        with pytest.raises(ValueError, match="a_scale and w_scale: both required"):
+            bsr_int8_gemm(x.to(torch.int8), bsr8, a_s, w_s)
     with pytest.raises(ValueError, match=r"impl: expected one of \('auto', 'tiled', 'tma', 'gluon'\), got 'x'"):
         bsr_linear(x, bsr, impl="x")
     w60, _ = _block_masked(gen, 32, 60, 0.5, torch.float16)

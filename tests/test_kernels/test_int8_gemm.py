@@ -120,6 +120,21 @@ def test_split_k(dev, gen, m, n, k, split):
     assert_exact(out, int8_gemm(*_to(dev, a, b, sa, sb, bb), _config={**cfg, "SPLIT_K": 1}, **kw))
 
 
+def test_split_k_pinned_wide_tile_has_room(dev, gen):
+    """A pinned 256-wide split-K tile: the workspace was sized for tiles up to 128 wide (N=300 needed 65536
+    partials, got 49152: heap corruption)."""
+    a, b, sa, sb, bb, _ = _operands(gen, 5, 300, 96, True, False)
+    cfg = dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32, SPLIT_K=8)
+    out = int8_gemm(*_to(dev, a, b, sa, sb, bb), out_dtype=torch.float32, _config=cfg)
+    assert_exact(out, int8_gemm(*_to(dev, a, b, sa, sb, bb), out_dtype=torch.float32, _config={**cfg, "SPLIT_K": 1}))
+
+
+def test_references_take_zero_rows():
+    a, b = torch.zeros(0, 32, dtype=torch.int8), torch.ones(8, 32, dtype=torch.int8)
+    assert int8_gemm_ref(a, b, out_dtype=torch.int32).shape == (0, 8)
+    assert int8_gemm_ref(a.reshape(2, 0, 32), b, torch.ones(0), torch.ones(8)).shape == (2, 0, 8)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.int8])
 def test_epilogue_on_column_halves(dev, gen, out_dtype):
     """A 128-wide tile with an activation and a residual runs its epilogue on column halves (HALVES, to

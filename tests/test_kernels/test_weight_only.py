@@ -133,6 +133,12 @@ def test_refusals(dev, gen):
     p, sc = p.to(dev), sc.to(dev)
     with pytest.raises(ValueError, match="group_size: expected a power of two >= 32, got 48"):
         int4_weight_only_linear(x, p, sc, 48)
+    with pytest.raises(ValueError, match="group_size: expected a power of two >= 32, got 32.0"):   # not a & TypeError
+        int4_weight_only_linear(x, p, sc, 32.0)
+    with pytest.raises(ValueError, match=r"w_scale: required"):        # not an interpreter AttributeError
+        int8_weight_only_linear(x, w, None)
+    with pytest.raises(ValueError, match=r"x: K = 0 \(an empty reduction\) is not supported"):
+        int8_weight_only_linear(x[:, :0], w[:, :0], s)
     with pytest.raises(ValueError, match=r"K = 64 \(2 x 32 bytes\) is not a multiple of group_size 128"):
         int4_weight_only_linear(x, p, sc, 128)
     with pytest.raises(ValueError, match=r"scales: expected shape \(8, 2\), got \(8, 1\)"):
