@@ -13,9 +13,9 @@ go to ``ir.meta.info(node).kernel`` of the compiled graph's node.
 ``cuda_graphs=True`` (``backend_options``) captures the whole lowered program into a CUDA graph per input
 signature and replays it (see TritonProgram); the per-layer choices are then timed by graph replay too.
 
-The dense path of a quantized linear is the bf16 GEMM with the dequantized weight (activations are not
-quantized there): what the layer would cost without its kernel. A sparse_linear's dense path is the same
-layer through cuBLAS in the model's dtype; its kernel path packs the weight at lowering (2:4 values +
+The dense path of a quantized linear is the GEMM with the dequantized weight in the layer's dtype (bf16 for a
+bf16 model; activations are not quantized there): what the layer would cost without its kernel. A
+sparse_linear's dense path is the same layer through cuBLAS in the model's dtype; its kernel path packs the weight at lowering (2:4 values +
 metadata, or BSR blocks), and only the packed form goes to the device (see Lowered: dense weights are
 rebuilt for the buckets that use them, and dequantized copies let go once the kernel wins;
 ``TritonProgram.held_bytes`` counts both). Under TRITON_INTERPRET=1 nothing can be
@@ -50,21 +50,53 @@ def cache_path() -> pathlib.Path:
 _MEMO: dict[str, dict] = {}       # this process's view of the cache file (measurements are costly)
 
 
+_ENTRY = {"kernel": str, "kernel_ms": (int, float), "dense": str, "dense_ms": (int, float), "use_kernel": bool}
+_WARNED: set = set()
+
+
+def _warn(what: str) -> None:
+    """Once per message: a cache the backend cannot read or write costs measurements, never a forward."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        import warnings
+        warnings.warn(f"slimfx triton backend: {what}", RuntimeWarning, stacklevel=3)
+
+
 def _load() -> dict:
+    """The cache file's entries, those of the expected form (a missing, unreadable or damaged file is empty, with a
+    warning naming SLIMFX_KERNEL_CACHE for the unreadable and damaged)."""
+    path = cache_path()
     try:
-        return json.loads(cache_path().read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        _warn(f"cannot read the kernel-choice cache {path} ({type(e).__name__}: {e}; SLIMFX_KERNEL_CACHE may name "
+              f"another file); measuring again")
+        return {}
+    if not isinstance(data, dict):
+        _warn(f"the kernel-choice cache {path} holds no JSON object; measuring again")
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)
+            and all(isinstance(v.get(f), t) for f, t in _ENTRY.items())}
 
 
 def _store(key: str, entry: dict) -> None:
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _load()
-    data[key] = entry
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load()
+        data[key] = entry
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:            # a read-only home, a directory in the way: keep the choice in this process
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        _warn(f"cannot write the kernel-choice cache {path} ({type(e).__name__}: {e}; set SLIMFX_KERNEL_CACHE "
+              f"to a writable file); choices are kept for this process only")
 
 
 def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, dense_fn,
@@ -72,9 +104,11 @@ def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, d
     """(use the kernel?, reason). Measured once per (device, op, bucket, timing mode), then read from the
     cache. ``graphs``: the program replays CUDA graphs, so both sides are timed by graph replay (no host
     launch cost, which would otherwise decide every decode-shape choice)."""
+    forced = os.environ.get("SLIMFX_KERNEL_CHOICE", "measure")
+    if forced not in ("kernel", "dense", "measure"):
+        raise ValueError(f"SLIMFX_KERNEL_CHOICE={forced!r}: expected 'kernel', 'dense' or 'measure' (unset)")
     if C.interpreting():
         return True, f"{kernel_name} ({INTERPRETER})"
-    forced = os.environ.get("SLIMFX_KERNEL_CHOICE", "measure")
     if forced in ("kernel", "dense"):
         return forced == "kernel", f"{kernel_name if forced == 'kernel' else dense_name} (SLIMFX_KERNEL_CHOICE={forced})"
     key = f"{torch.cuda.get_device_name()}|{op}|{bucket}" + ("|cudagraph" if graphs else "")
@@ -98,14 +132,14 @@ def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, d
 class Lowered(torch.nn.Module):
     """One dialect node: runs ``kernel`` or ``dense`` per shape bucket, and says which in the node's info.
 
-    The dense path may build its weight at its first call (dequantized to bf16, unpacked from 2:4 or BSR)
+    The dense path may build its weight at its first call (dequantized, unpacked from 2:4 or BSR)
     and keep it in ``_w`` / ``_b``; once every bucket met so far chose the kernel, those go again, so a
     compressed layer holds only its compressed weight on the device. ``drops_weight``: the layer packed its
     weight at lowering and the kernel reads only the packed form, so TritonProgram passes None in place
     of the dense weight, which then never reaches the device (the dense path rebuilds it from the packed)."""
     op = ""
     kernel_name = ""
-    dense_name = "bf16"
+    dense_name = "dense"
     drops_weight = False
 
     def __init__(self, info: ir.meta.NodeInfo, name: str):
@@ -117,6 +151,10 @@ class Lowered(torch.nn.Module):
             self.info.kernel = f"{self.kernel_name} ({INTERPRETER})"
         else:
             self.info.kernel = f"{self.kernel_name} or {self.dense_name}: measured at the first call per shape bucket"
+
+    def dense_label(self, *args) -> str:
+        """What the dense path is called in the reasons for these arguments."""
+        return self.dense_name
 
     def release_dense(self) -> None:
         """Drop what the dense path built for itself (no bucket uses it now; it is rebuilt if one does)."""
@@ -132,7 +170,7 @@ class Lowered(torch.nn.Module):
         b = self.bucket(*args)
         if b not in self.decisions:
             self.decisions[b] = choose(self.op, b, self.kernel_name, lambda: self.kernel(*args),
-                                       self.dense_name, lambda: self.dense(*args), self.graphs)
+                                       self.dense_label(*args), lambda: self.dense(*args), self.graphs)
             self.info.kernel = "; ".join(f"{k.split('|')[0]}: {r}" for k, (_, r) in self.decisions.items()) \
                 if len(self.decisions) > 1 else self.decisions[b][1]
             if all(use for use, _ in self.decisions.values()):
@@ -141,6 +179,14 @@ class Lowered(torch.nn.Module):
             return self.kernel(*args) if self.decisions[b][0] else self.dense(*args)
         except (TypeError, ValueError) as e:
             raise type(e)(f"triton backend: node {self.node_name} ({self.op}): {e}") from e
+
+
+def _dense_dtype(x: torch.Tensor, bias) -> torch.dtype:
+    """The dtype a quantized layer's dense path computes in: the layer's (its float input's; for int8 input,
+    static activations, its bias's, else fp32, the op's output dtype)."""
+    if x.is_floating_point():
+        return x.dtype
+    return bias.dtype if isinstance(bias, torch.Tensor) and bias.is_floating_point() else torch.float32
 
 
 def _dequant(w_q, w_scale, group_size=0, zp=None) -> torch.Tensor:
@@ -201,16 +247,20 @@ class LoweredQuantizedLinear(Lowered):
             return K.bsr_int8_gemm(q, _bsr(self), s, w_scale, bias, out_dtype=out_dtype)
         return K.int8_gemm(q, w_q, a_scale=s, w_scale=w_scale, bias=bias, out_dtype=out_dtype)
 
+    def dense_label(self, x, w_q, w_scale, bias=None, x_scale=None):
+        return f"dense {_dense_dtype(x, bias)}".replace("torch.", "")
+
     def dense(self, x, w_q, w_scale, bias=None, x_scale=None):
+        dtype = _dense_dtype(x, bias)
         if self._w is None:
             if w_q is None:
                 from slimfx.kernels.block_sparse import bsr_to_dense
                 w_q = bsr_to_dense(_bsr(self))
-            self._w = _dequant(w_q, w_scale).to(torch.bfloat16)
-            self._b = None if bias is None else bias.to(torch.bfloat16)
+            self._w = _dequant(w_q, w_scale).to(dtype)
+            self._b = None if bias is None else bias.to(dtype)
         out_dtype = torch.float32 if x.dtype == torch.int8 else x.dtype
         xf = x.to(torch.float32) * x_scale if x.dtype == torch.int8 else x
-        return F.linear(xf.to(torch.bfloat16), self._w, self._b).to(out_dtype)
+        return F.linear(xf.to(dtype), self._w, self._b).to(out_dtype)
 
 
 class LoweredWeightOnly(Lowered):
@@ -231,8 +281,8 @@ class LoweredWeightOnly(Lowered):
             self.kernel_name = "torch reference (no kernel for this weight form)"
         super().__init__(info, name)
 
-    def bucket(self, x, w_q, *rest):
-        return super().bucket(x) + f"|N{w_q.shape[0]}|{self.form}"
+    def bucket(self, x, w_q, w_scale=None, w_zero_point=None, bias=None, group_size=0):
+        return super().bucket(x) + f"|N{w_q.shape[0]}|{self.form}" + (f"|g{group_size}" if group_size else "")
 
     def forward(self, *args):
         if self.form is None:
@@ -246,19 +296,25 @@ class LoweredWeightOnly(Lowered):
             return K.int8_weight_only_linear(x, w_q, w_scale, bias)
         return K.int4_weight_only_linear(x, w_q, w_scale.contiguous(), group_size, bias)   # w_q: packed
 
+    def dense_label(self, x, *rest):
+        return f"dense {x.dtype}".replace("torch.", "")
+
     def dense(self, x, w_q, w_scale, w_zero_point=None, bias=None, group_size=0):
         if self._w is None:
             if self.form == "int4":
                 from slimfx.kernels.weight_only import unpack_int4
                 w_q = unpack_int4(w_q)
-            self._w = _dequant(w_q, w_scale, group_size, w_zero_point).to(torch.bfloat16)
-            self._b = None if bias is None else bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), self._w, self._b).to(x.dtype)
+            self._w = _dequant(w_q, w_scale, group_size, w_zero_point).to(x.dtype)
+            self._b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, self._w, self._b)
 
 
 class LoweredNormQuant(Lowered):
     """norm_quantize_per_token: act_quant.norm_quantize_per_token (one pass over x) vs the torch ops."""
     op, kernel_name, dense_name = "norm_quantize_per_token", "act_quant", "torch"
+
+    def bucket(self, x, weight, bias, eps, norm):
+        return super().bucket(x) + f"|{norm}"        # rmsnorm and layernorm are two kernels
 
     def kernel(self, x, weight, bias, eps, norm):
         from slimfx import kernels as K

@@ -169,6 +169,66 @@ def test_choice_measured_once_and_cached(monkeypatch, tmp_path):
     assert T.choose("quantized_linear", "M16|K64|N32", "int8_gemm", None, "bf16", None)[0] is True
 
 
+def test_a_bad_cache_or_choice_never_breaks_a_forward(monkeypatch, tmp_path):
+    """A kernel-choice cache the backend cannot read or write (a directory, a JSON list, a damaged entry, an
+    unwritable place) costs a measurement and one warning naming it, not the model's first forward; a misspelt
+    SLIMFX_KERNEL_CHOICE is refused instead of silently measuring."""
+    from slimfx.backends import triton_backend as T
+    monkeypatch.setattr(T.C, "interpreting", lambda: False)
+    monkeypatch.setenv("SLIMFX_KERNEL_CHOICE", "measure")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    import triton.testing
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: 0.05)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "entry.json").write_text(json.dumps({"Fake GPU|op|M1": {"kernel": "k"}}))
+    (tmp_path / "file").write_text("")
+    for name, warns in [("dir", "cannot read the kernel-choice cache"), ("list.json", "holds no JSON object"),
+                        ("entry.json", None), ("file/choices.json", "cannot write the kernel-choice cache")]:
+        monkeypatch.setenv("SLIMFX_KERNEL_CACHE", str(tmp_path / name))
+        monkeypatch.setattr(T, "_MEMO", {})
+        monkeypatch.setattr(T, "_WARNED", set())
+        import warnings
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            assert T.choose("op", "M1", "k", None, "dense", None) == (False, "dense: dense 0.050 ms vs k 0.050 ms")
+        text = " ".join(str(w.message) for w in got)
+        assert (warns in text) if warns else not got, (name, text)
+    monkeypatch.setenv("SLIMFX_KERNEL_CHOICE", "Kernel")
+    with pytest.raises(ValueError, match=r"SLIMFX_KERNEL_CHOICE='Kernel': expected 'kernel', 'dense' or 'measure'"):
+        T.choose("op", "M1", "k", None, "dense", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kw", [dict(weights="int8"), dict(weights="int8", activations="dynamic"),
+                                dict(weights="int4", group_size=32)], ids=["w8", "w8a8", "w4"])
+def test_dense_path_computes_in_the_layers_dtype(monkeypatch, dtype, kw):
+    """Where a bucket measures the dense path faster, it runs the dequantized weight in the model's dtype (it ran in
+    bf16 whatever the model: an fp16 model lost 3 mantissa bits there, an fp32 one 16). Forced here on the CPU."""
+    from slimfx.backends import triton_backend as T
+    monkeypatch.setattr(T.C, "interpreting", lambda: False)
+    monkeypatch.setattr(T, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setenv("SLIMFX_KERNEL_CHOICE", "dense")
+    torch.manual_seed(0)
+    m, x = Net(k=64, n=64).eval().to(dtype), torch.randn(5, 64).to(dtype)
+    gm = _quantized(m, x, **kw)
+    wq = [n for n in gm.graph.nodes if n.target in (sf.weight_only_linear.default, sf.quantized_linear.default)]
+    assert len(wq) == 2
+    got = run(gm, "triton", x)
+    from slimfx.quant.linear import dequantize_weight_torch
+    # the dense path: x @ dequant(w).T (+ b) in the model's dtype, activations not quantized
+    ref = x.float()
+    for n, lin in zip(wq, (m.a, m.b)):
+        q, s = ir.meta.tensor_attr(gm, n.args[1]), ir.meta.tensor_attr(gm, n.args[2])
+        w = dequantize_weight_torch(q, s, None, kw.get("group_size", 0)).to(dtype)
+        ref = torch.nn.functional.linear(ref.to(dtype), w, lin.bias)
+        ref = torch.relu(ref) if lin is m.a else ref
+    assert got.dtype == dtype
+    # the same ops in the same dtype: only CPU summation order may differ
+    assert float((got.double() - ref.double()).abs().max() / ref.double().abs().max()) < (1e-6 if dtype == torch.float32
+                                                                                          else 2e-3)
+
+
 def test_kernel_errors_name_the_node():
     torch.manual_seed(3)
     x = torch.randn(2, 37)
@@ -353,7 +413,8 @@ def test_sparse_layers_hold_only_their_packed_weights(monkeypatch):
 
 
 def test_w8a8_layers_let_their_dequantized_copies_go(monkeypatch):
-    """Measuring builds a bf16 copy of each W8A8 weight for the dense side; once the kernel is chosen it
+    """Measuring builds a copy of each W8A8 weight in the layer's dtype (fp32 here) for the dense side; once the
+    kernel is chosen it
     goes, so the program holds int8 weights, the block-sparse layers only their int8 BSR blocks. Their dense
     path rebuilds the int8 weight from the blocks: the same outputs as the layers without a block pattern."""
     gm, x = _lowered_sparse(torch.float32, quantize=True)
@@ -368,8 +429,8 @@ def test_w8a8_layers_let_their_dequantized_copies_go(monkeypatch):
     _measured(monkeypatch, use_kernel=False)
     exe = lower(gm, "triton")
     got = exe((x,), {})
-    bf16 = 2 * sum(getattr(gm, t).numel() for t in _dense_weights(gm, sf.quantized_linear.default))
-    assert exe.program.held_bytes()["dense_copies"] == bf16 + 2 * (130 + 70 + 33)        # weights + biases
+    fp32 = 4 * sum(getattr(gm, t).numel() for t in _dense_weights(gm, sf.quantized_linear.default))
+    assert exe.program.held_bytes()["dense_copies"] == fp32      # the weights (the fp32 biases are not copied)
     plain, _ = _lowered_sparse(torch.float32, quantize=True, lower_sparse=False)
     assert torch.equal(got, lower(plain, "triton")((x,), {}))
 
