@@ -219,6 +219,18 @@ def test_load_refuses_a_bad_file_naming_the_node(tmp_path, edit, error, match):
     assert str(path) in str(e.value)
 
 
+def test_sequential_with_numbered_layers_round_trips(tmp_path):
+    """nn.Sequential's parameters are "0.weight", ...: flattened to "0_weight" they were no identifiers, so the
+    file saved and could never be loaded."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(3, 24)
+    cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="dynamic")], progress=False)
+    assert all(n.target.isidentifier() for n in cm.graph.graph.nodes if n.op == "get_attr")
+    back = slimfx.load(cm.save(tmp_path / "seq"))
+    assert torch.equal(back(x), cm(x))
+
+
 def test_load_refuses_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no slimfx.json"):
         slimfx.load(tmp_path / "nothing")
@@ -226,6 +238,20 @@ def test_load_refuses_missing_files(tmp_path):
     (path / "slimfx.json").write_text("{ not json")
     with pytest.raises(FormatError, match="not valid JSON"):
         slimfx.load(path)
+    path = _saved(tmp_path / "dtype")             # a tensor edited to another dtype: refused, not mixed precision
+    import safetensors.torch as st
+    tensors = st.load_file(str(path / "tensors.safetensors"))
+    name = next(k for k, t in tensors.items() if t.ndim == 2)
+    tensors[name] = tensors[name].half()
+    st.save_file(tensors, str(path / "tensors.safetensors"))
+    with pytest.raises(FormatError, match=f"its tensor '{name}' is float16 .* saved with float32"):
+        slimfx.load(path)
+    path = slimfx.compile(Net().eval(), (torch.randn(2, 37),), dynamic=True, progress=False).save(tmp_path / "dyn")
+    data = json.loads((path / "slimfx.json").read_text())
+    next(iter(data["graph"]["symbols"].values())).update(hint=-4)
+    (path / "slimfx.json").write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=r"slimfx.load.*symbol s\w+: needs 0 <= min <= hint <= max"):
+        slimfx.load(path)                        # torch's own check asserted, naming neither the file nor the symbol
     path = _saved(tmp_path / "again")
     data = (path / "tensors.safetensors").read_bytes()
     (path / "tensors.safetensors").write_bytes(data[:len(data) // 2])         # a truncated copy

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import traceback
 from typing import Any, Optional
 
@@ -43,7 +44,12 @@ def _dynamic_shapes(dynamic, args, kwargs):
         return None
     if dynamic is not True:
         return dynamic
-    spec = lambda v: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+    def spec(v):      # every tensor leaf, also inside lists, tuples and dicts of them
+        if isinstance(v, (list, tuple, dict)):
+            import torch.utils._pytree as pytree
+            return pytree.tree_map(spec, v) if any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v)) \
+                else None
+        return {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
     return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else tuple(spec(a) for a in args)
 
 
@@ -124,7 +130,9 @@ def _flatten_attributes(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "get_attr":
             fqn = node.target
             tensor = gm.get_parameter(fqn) if _is_param(gm, fqn) else _get(gm, fqn)
-            flat = fqn.replace(".", "_")
+            flat = re.sub(r"\W", "_", fqn)
+            if not flat.isidentifier():      # nn.Sequential's "0.weight": a saved graph's names are identifiers
+                flat = "p_" + flat
             while flat in root and root[flat] is not tensor:
                 flat += "_"
             root[flat] = tensor
@@ -163,7 +171,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         raise CaptureError(f"slimfx captures torch.nn.Module objects, got {type(model).__name__}")
     if method not in ("auto", "export", "symbolic_trace"):
         raise CaptureError(f"capture method must be 'auto', 'export' or 'symbolic_trace', got {method!r}")
-    args, kwargs = tuple(args), dict(kwargs or {})
+    args, kwargs = _unaliased(tuple(args), dict(kwargs or {}))
     errors, ranges = [], {}
     name = type(model).__name__
     with eval_mode(model), torch.no_grad():
@@ -188,11 +196,33 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)         # export's own input guards; slimfx checks inputs itself
     if used == "symbolic_trace":
-        propagate_meta(gm, args)          # canonicalization reads shapes (tensor or int operands)
+        try:
+            propagate_meta(gm, args)      # canonicalization reads shapes (tensor or int operands)
+        except Exception as e:            # noqa: BLE001 - e.g. a list of tensors as one placeholder
+            errors.append(("fx.symbolic_trace (propagating shapes)", e))
+            raise CaptureError(_explain(name, errors, dynamic)) from e
     canonicalize(gm)
     gm = _flatten_attributes(gm)
     fold_weight_transposes(gm)
     return Captured(gm, used, args, kwargs, ranges)
+
+
+def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example inputs with any tensor that shares storage with an earlier one replaced by a copy: given
+    ``model(x, x)``, torch.export captures a graph that reads one placeholder for both (the first argument's
+    uses read the second), which is wrong for any other call."""
+    import torch.utils._pytree as pytree
+    seen = set()
+
+    def own(t):
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return t
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key in seen:
+            return t.clone()
+        seen.add(key)
+        return t
+    return pytree.tree_map(own, (args, kwargs))
 
 
 def _explain(name, errors, dynamic) -> str:

@@ -105,6 +105,8 @@ def add_tensor_attr(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
     """Store ``tensor`` on gm under a fresh flat attribute name derived from ``name``; returns the name.
     Passes never write into existing tensors (the user's model shares them); they add new ones."""
     base = re.sub(r"\W", "_", name)          # an identifier: the graph's code reads it as self.<name>
+    if not base.isidentifier():               # "0_w_q" (a layer of an nn.Sequential)
+        base = "t_" + base
     new, i = base, 0
     while hasattr(gm, new):
         i += 1

@@ -277,6 +277,7 @@ def to_json(gm: fx.GraphModule, ranges: dict | None = None) -> tuple[dict, dict[
             if not isinstance(t, torch.Tensor):
                 raise FormatError(f"{where}: get_attr reads a {type(t).__name__}, not a tensor")
             tensors[n.target] = t
+            entry["tensor"] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}   # checked at load
         nodes.append(entry)
     for name, r in (ranges or {}).items():
         if name in symbols:
@@ -313,10 +314,16 @@ def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     made, rename = {}, {}
     for name, s in data["symbols"].items():
-        sym = env.create_symbol(int(s["hint"]), ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
-        env.constrain_symbol_range(sym, compiler_min=int(s.get("min") or 0),
-                                   compiler_max=sys.maxsize - 1 if s.get("max") is None else int(s["max"]))
-        made[name] = env.create_symintnode(sym, hint=int(s["hint"]))
+        try:
+            hint, lo = int(s["hint"]), int(s.get("min") or 0)
+            hi = sys.maxsize - 1 if s.get("max") is None else int(s["max"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"symbol {name}: hint, min and max must be integers ({type(e).__name__}: {e})") from e
+        if not 0 <= lo <= hint <= hi:        # (torch's own checks fail with a bare AssertionError)
+            raise FormatError(f"symbol {name}: needs 0 <= min <= hint <= max, got min {lo}, hint {hint}, max {hi}")
+        sym = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        env.constrain_symbol_range(sym, compiler_min=lo, compiler_max=hi)
+        made[name] = env.create_symintnode(sym, hint=hint)
         rename[name] = str(sym)
     vals = []
     for p, spec in placeholders:
@@ -366,6 +373,13 @@ def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphMod
             _tensor_method(target, where)
         if op == "get_attr" and target not in tensors:
             raise FormatError(f"{where}: its tensor {target!r} is missing from the tensor file")
+        if op == "get_attr" and "tensor" in entry:       # (files saved before do not say)
+            t, want = tensors[target], entry["tensor"]
+            got = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            if got != {"dtype": want.get("dtype"), "shape": list(want.get("shape", []))}:
+                raise FormatError(f"{where}: its tensor {target!r} is {got['dtype']} {tuple(got['shape'])} in the "
+                                  f"tensor file, but the graph was saved with {want.get('dtype')} "
+                                  f"{tuple(want.get('shape', []))}")
         args = tuple(_dec(entry["args"], env, where))
         kwargs = {k: _dec(v, env, where) for k, v in entry["kwargs"].items()}
         node = graph.create_node(op, target, args, kwargs, name=name)

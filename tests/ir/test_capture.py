@@ -72,6 +72,47 @@ class WeightLeft(nn.Module):
         return self.w @ x3.transpose(1, 2), self.w @ x4.transpose(-2, -1), self.w @ y4.transpose(1, 2)
 
 
+def test_dynamic_capture_of_lists_and_dicts_of_tensors():
+    """dynamic=True marks the tensors inside a list or dict argument too (export refused the list, and the
+    fallback capture failed in propagation with no reason given)."""
+    import slimfx
+
+    class ListIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, xs, d):
+            return self.lin(xs[0]) + self.lin(xs[1]) * d["b"]
+
+    m, x = ListIn().eval(), torch.randn(3, 4)
+    cm = slimfx.compile(m, ([x, x + 1], {"b": x - 1}), dynamic=True, progress=False)
+    assert cm.report().capture_method == "export"
+    y = torch.randn(6, 4)                              # another batch: the list's and the dict's dims vary too
+    assert torch.allclose(cm([y, 2 * y], {"b": y}), m([y, 2 * y], {"b": y}), atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_one_tensor_given_for_two_inputs_captures_two(dynamic):
+    """model(x, x) at capture: torch.export reads one placeholder for both (a's uses read b), so every later call
+    with two different tensors was wrong. The example inputs are unaliased (copied) before export."""
+    import slimfx
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, a, b):
+            return self.lin(a) - b
+
+    m, x = Two().eval(), torch.randn(3, 4)
+    cm = slimfx.compile(m, (x, x), dynamic=dynamic, progress=False)
+    y, z = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.allclose(cm(y, z), m(y, z), atol=1e-6)
+    assert torch.allclose(slimfx.compile(m, (x, x[:, :]), progress=False)(y, z), m(y, z), atol=1e-6)   # a view
+
+
 def test_weight_on_the_left_of_a_transposed_input_becomes_a_linear():
     """W @ x.transpose(-2, -1) is transpose(linear(x, W)); W @ x.transpose(1, 2) too, when x has 3 dims only."""
     m, xs = WeightLeft().eval(), (torch.randn(2, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 4, 3, 5))
