@@ -79,6 +79,9 @@ def save(cm, path) -> pathlib.Path:
                        "capture_reused": report.capture_reused, "captured_nodes": report.captured_nodes,
                        "records": plain([vars(r) for r in report.records])}}
     path.mkdir(parents=True, exist_ok=True)
+    from .lm import LM_FILE
+    (path / LM_FILE).unlink(missing_ok=True)   # a causal LM saved here before: this is a plain model (the LM's
+    #                                            save writes its file again after this)
     for name, write in ((TENSOR_FILE, lambda p: safetensors.torch.save_file(tensors, str(p), {"format": "slimfx"})),
                         (GRAPH_FILE, lambda p: p.write_text(json.dumps(data, indent=1, default=str, allow_nan=False)))):
         tmp = path / (name + ".tmp")

@@ -187,6 +187,8 @@ def _prompt(ids, mask):
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {tuple(ids.shape)}")
     ids = ids.long()
     if mask is None:
         mask = torch.ones_like(ids)
@@ -195,6 +197,9 @@ def _prompt(ids, mask):
     mask = mask.long()
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError(f"rows {(mask.sum(-1) == 0).nonzero()[:, 0].tolist()} of attention_mask are all padding: "
+                         f"each prompt needs at least one token")
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("the prompts are right-padded (attention_mask ends in 0); left-pad them "
                          "(tokenizer.padding_side = 'left'): generation appends after the last position")
@@ -207,14 +212,19 @@ def _prompt(ids, mask):
 def _calibration(items: Iterable, layout, dtype) -> list:
     """Token batches (a tensor, (ids,), (ids, mask) or {"input_ids", "attention_mask"}) as step inputs."""
     out = []
-    for item in items:
-        if isinstance(item, dict):
-            ids, mask = item["input_ids"], item.get("attention_mask")
-        elif isinstance(item, (tuple, list)):
-            ids, mask = item[0], (item[1] if len(item) > 1 else None)
-        else:
-            ids, mask = item, None
-        out.append(step_inputs(ids, mask, layout, dtype))
+    for i, item in enumerate(items):
+        try:
+            if isinstance(item, dict):
+                if "input_ids" not in item:
+                    raise ValueError(f"a dict batch needs 'input_ids' (and may have 'attention_mask'), got {list(item)}")
+                ids, mask = item["input_ids"], item.get("attention_mask")
+            elif isinstance(item, (tuple, list)):
+                ids, mask = item[0], (item[1] if len(item) > 1 else None)
+            else:
+                ids, mask = item, None
+            out.append(step_inputs(ids, mask, layout, dtype))
+        except ValueError as e:
+            raise ValueError(f"compile_causal_lm: calibration batch {i}: {e}") from e
     return out
 
 
@@ -294,6 +304,14 @@ def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, wind
                         f"positions do not come from the attention mask (logits change by {err:.2g} of their scale "
                         f"when masked cache slots are present), so the masked slots compile_causal_lm keeps in the "
                         f"cache (left padding, the re-fed token, unfilled buffer slots) would shift its positions")
+
+
+def _is_int(v) -> bool:
+    """A Python or numpy integer (a 0-d integer tensor too), never a bool."""
+    import numbers
+    if isinstance(v, torch.Tensor):
+        return v.ndim == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -421,12 +439,12 @@ class CompiledCausalLM:
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
         on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
         end."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 or None: all tokens), got {top_k}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 or None: all tokens), got {top_k!r}")
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
             n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
             slots = n + max_new_tokens + 2                         # module docstring
@@ -437,7 +455,7 @@ class CompiledCausalLM:
                     f"included)", slots, f"At most {fit} new tokens fit after this prompt." if fit > 1 else
                     "Only 1 new token fits after this prompt (a prompt's own logits are exact at any length).")
         eos = self.eos_token_id if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+            [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         return self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos, pad)
 
@@ -492,12 +510,43 @@ class CompiledCausalLM:
 
     @classmethod
     def from_saved(cls, step, path) -> "CompiledCausalLM":
-        data = json.loads((pathlib.Path(path) / LM_FILE).read_text())
-        dtype = getattr(torch, data["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"slimfx.load({str(path)!r}): {LM_FILE} names an unknown dtype {data['dtype']!r}")
-        return cls(step, data["layout"], dtype, data["eos_token_id"] or None, data["pad_token_id"],
-                   data.get("sliding_window"), data.get("model"))      # (absent from files saved before)
+        """The generation loop around a loaded ``step``, from causal_lm.json, checked against the step graph's
+        cache inputs (a damaged or edited file is refused here, naming what is wrong, not at generate)."""
+        from .ir.serialize import FormatError
+        where = f"slimfx.load({str(path)!r}): {LM_FILE}"
+        try:
+            data = json.loads((pathlib.Path(path) / LM_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{where} is not valid JSON: {e}") from e
+        missing = [k for k in ("layout", "dtype", "eos_token_id", "pad_token_id") if k not in data] \
+            if isinstance(data, dict) else ["everything"]
+        if missing:
+            raise FormatError(f"{where} lacks {missing}")
+        dtype = getattr(torch, str(data["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")
+        try:
+            layout = _normalized_layout(data["layout"])
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{where}: layout is not ((key heads, key dim), (value heads, value dim)) per "
+                              f"layer: {data['layout']!r:.80}") from e
+        cache = [v for _, v in step._signature.leaves[3:-1]]           # (ids, positions, mask, *cache, logits_at)
+        if len(cache) != 2 * len(layout):
+            raise FormatError(f"{where}: layout has {len(layout)} layers, the step graph's cache {len(cache) // 2}")
+        for i, entry in enumerate(layout):
+            for (heads, dim), t, what in zip(entry, cache[2 * i:2 * i + 2], ("keys", "values")):
+                shape = tuple(getattr(t, "shape", ()))
+                if len(shape) != 4 or shape[1] != heads or shape[3] != dim or t.dtype != dtype:
+                    raise FormatError(f"{where}: layer {i}'s {what} are ({heads} heads, dim {dim}, {data['dtype']}), "
+                                      f"the step graph's cache input is {shape} {getattr(t, 'dtype', None)}")
+        window = data.get("sliding_window")           # (absent from files saved before)
+        if window is not None and not (isinstance(window, int) and window >= 3):
+            raise FormatError(f"{where}: sliding_window must be null or an int >= 3, got {window!r}")
+        eos, pad = data["eos_token_id"], data["pad_token_id"]
+        if not (eos is None or isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)) \
+                or not (pad is None or isinstance(pad, int)):
+            raise FormatError(f"{where}: eos_token_id / pad_token_id must be token ids, got {eos!r} / {pad!r}")
+        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"))
 
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"

@@ -159,6 +159,19 @@ def test_saved_and_loaded_generates_the_same(llama, tmp_path):
     data["layout"] = [k for k, _ in data["layout"]]
     (path / "causal_lm.json").write_text(json.dumps(data))
     assert slimfx.load(path).layout == lm.layout
+    from slimfx.ir.serialize import FormatError
+    for edit, match in [(lambda d: d.pop("dtype"), r"lacks \['dtype'\]"),
+                        (lambda d: d.update(layout=d["layout"][:1]), "layout has 1 layers, the step graph's cache 2"),
+                        (lambda d: d.update(dtype="bfloat16"), "layer 0's keys are .* bfloat16"),
+                        (lambda d: d.update(sliding_window=-3), "sliding_window must be null or an int >= 3")]:
+        damaged = json.loads(json.dumps(data))
+        edit(damaged)
+        (path / "causal_lm.json").write_text(json.dumps(damaged))
+        with pytest.raises(FormatError, match=match):     # at load, naming the file (not a KeyError, or at generate)
+            slimfx.load(path)
+    # a plain compiled model saved over the folder is what loads from it (the LM's file used to stay behind)
+    lm.step.save(path)
+    assert not (path / "causal_lm.json").exists() and isinstance(slimfx.load(path), slimfx.CompiledModel)
 
 
 def test_refusals(llama, compiled):
@@ -174,8 +187,25 @@ def test_refusals(llama, compiled):
         lm.generate(ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="0 \\(padding\\) and 1"):
         lm.generate(ids, torch.full_like(ids, 2))
+    pad = torch.ones_like(ids)
+    pad[0] = 0
+    with pytest.raises(ValueError, match=r"rows \[0\] of attention_mask are all padding"):     # not "right-padded"
+        lm.generate(ids, pad)
+    with pytest.raises(ValueError, match="at least one token"):
+        lm.generate(ids[:, :0])
+    for bad in (dict(max_new_tokens=2.5), dict(max_new_tokens=None), dict(top_k=2.5, temperature=1.0)):
+        with pytest.raises(ValueError, match="must be an integer"):
+            lm.generate(ids, **bad)
+    import numpy as np
+    assert lm.generate(ids, max_new_tokens=np.int64(2), eos_token_id=np.int64(5)).shape == (2, 8)
     with pytest.raises(TypeError, match="dynamic"):
         slimfx.compile_causal_lm(llama, dynamic=True)
+    right = torch.ones_like(ids)
+    right[1, -1] = 0
+    for cal, match in [([dict(ids=ids)], r"calibration batch 0: a dict batch needs 'input_ids'"),
+                       ([ids, (ids, right)], r"calibration batch 1: the prompts are right-padded")]:
+        with pytest.raises(ValueError, match=match):
+            slimfx.compile_causal_lm(llama, calibration=cal, progress=False)
 
 
 def test_models_without_a_plain_kv_cache_are_refused():
