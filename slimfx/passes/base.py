@@ -120,8 +120,9 @@ def register_pass(obj=None, *, name: str = ""):
     classes). Usable as ``@register_pass`` or ``@register_pass(name="...")``."""
     def do(o):
         key = name or (o.name if isinstance(o, type) and getattr(o, "name", "") else _snake(o.__name__))
-        if key in PASSES:
+        if key in PASSES and _source(key) != (o.__module__, o.__qualname__):
             raise ValueError(f"a pass named {key!r} is already registered ({PASSES[key]})")
+        # the same definition again (a notebook cell run twice, a module reloaded) replaces it
         if isinstance(o, type):
             if not issubclass(o, Pass):
                 raise TypeError(f"{o.__name__} must subclass slimfx.passes.Pass to be registered")
@@ -133,6 +134,13 @@ def register_pass(obj=None, *, name: str = ""):
             PASSES[key] = lambda: fp
         return o
     return do(obj) if obj is not None else do
+
+
+def _source(key: str) -> tuple:
+    """(module, qualified name) of what is registered as ``key``."""
+    entry = PASSES[key]
+    o = entry if isinstance(entry, type) else getattr(entry(), "fn", None)
+    return (getattr(o, "__module__", None), getattr(o, "__qualname__", None))
 
 
 def _snake(s: str) -> str:

@@ -19,13 +19,18 @@ class CalibrationError(ValueError):
 
 
 def call_of(item, ctx: PassContext) -> tuple[tuple, dict]:
-    """(args, kwargs) for one calibration input: a tuple/list of positional args, a dict of keyword args
-    (merged over ``ctx.example_kwargs``, so e.g. ``use_cache=False`` need not be repeated), or a tensor."""
+    """(args, kwargs) for one calibration input: a tuple/list of positional args, a dict of keyword args, or a
+    tensor; the example's keyword constants (``use_cache=False``) are merged in, so they need not be repeated,
+    but never its tensors: a batch without the example's ``attention_mask`` is refused as missing it, not
+    calibrated with the example's mask."""
+    import torch.utils._pytree as pytree
+    consts = {k: v for k, v in ctx.example_kwargs.items()
+              if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(v))}
     if isinstance(item, dict):
-        return (), {**ctx.example_kwargs, **item}
+        return (), {**consts, **item}
     if isinstance(item, (tuple, list)):
-        return tuple(item), dict(ctx.example_kwargs)
-    return (item,), dict(ctx.example_kwargs)
+        return tuple(item), {k: v for k, v in consts.items()}
+    return (item,), dict(consts)
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:

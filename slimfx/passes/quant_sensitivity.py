@@ -24,6 +24,8 @@ def sensitivity(model, example_inputs: tuple = (), example_kwargs: Optional[dict
     from tqdm.auto import tqdm
     from ..api import CapturedModel
     from ..signature import InputSignature
+    if isinstance(model, CapturedModel) and isinstance(example_inputs, Quantize):    # sensitivity(cap, Quantize())
+        example_inputs, quantize = (), example_inputs
     model = CapturedModel.given("sensitivity", model, example_inputs, example_kwargs, dynamic)
     gm, example_inputs, kwargs = model.graph, model.captured.example_args, model.captured.example_kwargs
     calibration = list(calibration) if calibration is not None else None

@@ -66,10 +66,17 @@ def test_registry_by_name_and_duplicates():
     @register_pass(name="test_noop_registered")
     def noop(gm):
         return PassResult(gm, False)
+    def other(gm):
+        return PassResult(gm, False)
     try:
         assert "test_noop_registered" in PASSES
-        with pytest.raises(ValueError, match="already registered"):
-            register_pass(name="test_noop_registered")(noop)
+        with pytest.raises(ValueError, match="already registered"):        # another pass under that name
+            register_pass(name="test_noop_registered")(other)
+
+        def noop(gm):                   # the same definition again (a notebook cell run twice): replaces it
+            return PassResult(gm, True)
+        register_pass(name="test_noop_registered")(noop)
+        assert PASSES["test_noop_registered"]().fn is noop
         with pytest.raises(KeyError, match="no pass named 'nope'"):
             slimfx.passes.as_pass("nope")
     finally:

@@ -194,6 +194,23 @@ def test_option_refusals_name_the_option(kwargs, match):
     assert Quantize(exclude=None).exclude == ()
 
 
+def test_calibration_batches_take_the_examples_constants_not_its_tensors(tiny_llama_capture):
+    """A batch without the attention_mask the graph was compiled with is refused (it was calibrated with the
+    example's mask, silently); a tuple batch gets use_cache=False from the example (it clashed with the
+    example's input_ids: "multiple values")."""
+    ids, mask = text_batch(2, 8, 97, seed=5)
+    with pytest.raises(slimfx.PassError, match=r"calibration batch 0 does not fit.*missing input\(s\) "
+                                               r"\['attention_mask'\]"):
+        slimfx.compile(tiny_llama_capture, passes=[Quantize(activations="static")], calibration=[dict(input_ids=ids)],
+                       progress=False)
+    as_dict = slimfx.compile(tiny_llama_capture, passes=[Quantize(activations="static")], progress=False,
+                             calibration=[dict(input_ids=ids, attention_mask=mask)], backend="torch")
+    as_tuple = slimfx.compile(tiny_llama_capture, passes=[Quantize(activations="static")], progress=False,
+                              calibration=[(ids, mask)], backend="torch")
+    kw = tiny_llama_capture.captured.example_kwargs
+    assert torch.equal(as_dict(**kw).logits, as_tuple(**kw).logits)       # the same ranges, the same integers
+
+
 def test_an_include_matching_nothing_says_so(tiny_llama_capture):
     for p in (Quantize(include="q_proj"), P.Prune(sparsity=0.5, include="q_proj", score="magnitude"),
               P.Prune(sparsity=0.5, pattern="neurons", include="mlp"), P.LowerSparse(include="q_proj")):
@@ -273,7 +290,7 @@ def test_smoothquant_preserves_float_and_folds_into_norms(tiny_llama):
     vocab = tiny_llama.config.vocab_size
     ids, mask = text_batch(2, 8, vocab)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    cal = [dict(input_ids=text_batch(2, 8, vocab, seed=s)[0]) for s in range(3)]
+    cal = [dict(zip(("input_ids", "attention_mask"), text_batch(2, 8, vocab, seed=s))) for s in range(3)]
     cm = slimfx.compile(tiny_llama, (), kw, passes=[SmoothQuant(alpha=0.5)], calibration=cal, backend="numpy",
                         progress=False)
     st = cm.report().records[0].stats
@@ -322,7 +339,8 @@ def test_report_table_and_sensitivity(tiny_llama):
     from slimfx.passes import format_sensitivity, sensitivity
     ids, mask = text_batch(2, 8, tiny_llama.config.vocab_size)
     kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
-    cal = [dict(input_ids=text_batch(2, 8, tiny_llama.config.vocab_size, seed=s)[0]) for s in range(2)]
+    cal = [dict(zip(("input_ids", "attention_mask"), text_batch(2, 8, tiny_llama.config.vocab_size, seed=s)))
+           for s in range(2)]
     cm = slimfx.compile(tiny_llama, (), kw, passes=[SmoothQuant(), Quantize(activations="static")],
                         calibration=cal, backend="torch", progress=False)
     rows = cm.report().quant_layers()
@@ -338,6 +356,7 @@ def test_report_table_and_sensitivity(tiny_llama):
     # from a capture: the same rows (the same graph, the same layers quantized one at a time)
     cap = slimfx.capture(tiny_llama, (), kw)
     assert sensitivity(cap, quantize=Quantize(activations="dynamic", exclude="lm_head"), progress=False) == sens
+    assert sensitivity(cap, Quantize(activations="dynamic", exclude="lm_head"), progress=False) == sens   # 2nd
     with pytest.raises(TypeError, match="sensitivity: example inputs"):
         sensitivity(cap, (), kw)
     # one int8 layer alone costs far less than all of them together (~30 dB measured for all)
