@@ -54,6 +54,24 @@ class BSR:
         nb = triton.cdiv(self.shape[0], self.block[0]) * triton.cdiv(self.shape[1], self.block[1])
         return self.values.shape[0] / max(nb, 1)
 
+    def check(self) -> "BSR":
+        """Refuse index contents the kernels would follow out of bounds: row_ptr not running from 0 to the
+        block count without decreasing, a col_idx outside the block-columns, row_order not a permutation.
+        The launchers run it on CPU tensors; on a GPU it costs a synchronization, so they leave it to a BSR built
+        by hand (to_bsr's are valid by construction)."""
+        nnzb, kb = self.values.shape[0], triton.cdiv(self.shape[1], self.block[1])
+        rp, ci = self.row_ptr.cpu().long(), self.col_idx.cpu().long()
+        if rp.numel() and (int(rp[0]) != 0 or int(rp[-1]) != nnzb or bool((rp[1:] < rp[:-1]).any())):
+            raise ValueError(f"bsr.row_ptr: expected offsets rising from 0 to the {nnzb} blocks, got "
+                             f"{rp.tolist()[:8]}{'...' if rp.numel() > 8 else ''}")
+        if ci.numel() and (int(ci.min()) < 0 or int(ci.max()) >= kb):
+            raise ValueError(f"bsr.col_idx: block-columns must be in [0, {kb}), got {int(ci.min())}..{int(ci.max())}")
+        if self.row_order is not None:
+            ro = self.row_order.cpu().long()
+            if not torch.equal(ro.sort().values, torch.arange(ro.numel())):
+                raise ValueError("bsr.row_order: expected a permutation of the block-rows")
+        return self
+
 
 def to_bsr(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> BSR:
     """Dense (masked) W (N, K) -> BSR keeping every block with any nonzero. Block dims: powers of two >= 16."""
@@ -207,6 +225,8 @@ def _check_bsr(bsr: BSR, dtypes):
     if bsr.row_order is not None:
         C.check_tensor("bsr.row_order", bsr.row_order, dtypes=(torch.int32,), shape=(triton.cdiv(n, bn),),
                        contiguous=True)
+    if not bsr.values.is_cuda:         # free here; on a GPU a synchronization (BSR.check's docstring)
+        bsr.check()
     return n, k, bn, bk
 
 

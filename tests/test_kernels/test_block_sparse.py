@@ -181,6 +181,16 @@ def test_refusals(dev, gen):
         bsr_linear(x, w)
     with pytest.raises(TypeError, match=r"bsr.values: expected dtype in \(int8\)"):
         bsr_int8_gemm(x.to(torch.int8), bsr, torch.ones(3, device=dev), torch.ones(32, device=dev))
+    bad = to_bsr(w.to(dev), BLOCK)
+    bad.col_idx = bad.col_idx.clone()
+    bad.col_idx[0] = -1                                      # read before x: refused, not computed
+    with pytest.raises(ValueError, match=r"bsr.col_idx: block-columns must be in \[0, 2\), got -1"):
+        bad.check() if bad.values.is_cuda else bsr_linear(x, bad)
+    bad = to_bsr(w.to(dev), BLOCK)
+    bad.row_ptr = bad.row_ptr.clone()
+    bad.row_ptr[-1] += 1                                     # read past the blocks
+    with pytest.raises(ValueError, match="bsr.row_ptr: expected offsets rising from 0"):
+        bad.check() if bad.values.is_cuda else bsr_linear(x, bad)
     bsr8 = to_bsr(w8.to(dev), (32, 32))
     for a_s, w_s in [(None, torch.ones(32, device=dev)), (torch.ones(3, device=dev), None)]:
         # both scales are read: a placeholder was read out of bounds (values near 1e33, no error)
