@@ -138,7 +138,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(compiled):
     assert not torch.equal(draw(1), draw(2))            # 8 tokens x 2 rows from a near-uniform 97-way draw
     assert torch.equal(draw(3, top_k=1), lm.generate(ids, max_new_tokens=8))
     assert torch.equal(draw(4, top_k=0), draw(4))       # 0 is no top-k, as in transformers (it used to fail)
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
         draw(4, top_k=-1)
 
 
