@@ -154,9 +154,15 @@ def pow_scalar_base(a, b):
 for _name, _fn in {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
                    "ge": np.greater_equal}.items():
     numpy_op(getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)(_fn)
-numpy_op(aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)(np.logical_and)
-numpy_op(aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default)(np.logical_or)
-numpy_op(aten.logical_not.default, aten.bitwise_not.default)(np.logical_not)
+numpy_op(aten.logical_and.default)(np.logical_and)
+numpy_op(aten.logical_or.default)(np.logical_or)
+numpy_op(aten.logical_xor.default)(np.logical_xor)
+numpy_op(aten.logical_not.default)(np.logical_not)
+# bitwise on integers (5 & 3 = 1, ~5 = -6), logical on bools: numpy's bitwise functions do both, as torch's do
+for _name, _fn in {"and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor}.items():
+    numpy_op(*[getattr(getattr(aten, op), overload) for op in (f"bitwise_{_name}", f"__{_name}__")
+               for overload in ("Tensor", "Scalar") if hasattr(getattr(aten, op), overload)])(_fn)
+numpy_op(aten.bitwise_not.default)(np.invert)
 
 
 @numpy_op(aten.maximum.default, aten.max.other)
@@ -317,6 +323,22 @@ def sum_(x, dims, keepdim=False, dtype=None):
     return np.sum(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
 
 
+@numpy_op(aten.sum.default)
+def sum_all(x, dtype=None):
+    return np.sum(x)
+
+
+@numpy_op(aten.argmax.default)
+def argmax(x, dim=None, keepdim=False):
+    """The first index of the maximum, as torch's CPU kernel; no dim: over the flattened tensor."""
+    if dim is None:
+        return np.argmax(x)
+    return np.argmax(x, axis=dim, keepdims=keepdim)
+
+
+numpy_op(aten.isnan.default)(np.isnan)
+
+
 @numpy_op(aten.amax.default)
 def amax(x, dims=(), keepdim=False):
     return np.max(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
@@ -398,6 +420,12 @@ def softmax(x, dim, half_to_float_or_dtype=None):
     return _softmax(x, dim)
 
 
+@numpy_op(aten.log_softmax.int, aten._log_softmax.default)
+def log_softmax(x, dim, half_to_float_or_dtype=None):
+    y = x - np.max(x, axis=dim, keepdims=True)
+    return y - np.log(np.sum(np.exp(y), axis=dim, keepdims=True))
+
+
 @numpy_op(aten.layer_norm.default)
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
@@ -456,7 +484,7 @@ def linear(x, w, b=None):
     y = x.reshape(-1, x.shape[-1]) @ w.T
     if b is not None:
         y += b
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return y.reshape(*x.shape[:-1], *w.shape[:-1])      # a 1-D weight (torch allows it): one output, no dim
 
 
 @numpy_op(aten.einsum.default)
@@ -620,6 +648,10 @@ def index_put(x, indices, values, accumulate=False):
 
 @numpy_op(aten.gather.default)
 def gather(x, dim, idx, sparse_grad=False):
+    """torch.gather: the index may be smaller than x in the other dims (x is read at the index's coordinates
+    there); take_along_axis would broadcast it over x instead."""
+    dim = dim % max(x.ndim, 1)
+    x = x[tuple(slice(0, s) if d != dim else slice(None) for d, s in enumerate(idx.shape))]
     return np.take_along_axis(x, idx, axis=dim)
 
 

@@ -58,7 +58,10 @@ _METHODS = {
     "exp": aten.exp.default, "neg": aten.neg.default, "matmul": aten.matmul.default,
     "add": aten.add.Tensor, "sub": aten.sub.Tensor, "mul": aten.mul.Tensor, "div": aten.div.Tensor,
     "pow": aten.pow.Tensor_Scalar, "mean": aten.mean.dim, "rsqrt": aten.rsqrt.default,
+    "abs": aten.abs.default, "sqrt": aten.sqrt.default, "sin": aten.sin.default, "cos": aten.cos.default,
+    "clamp": aten.clamp.default, "softmax": aten.softmax.int,
 }
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 _VARARG_SHAPE_METHODS = {"view", "reshape", "permute", "expand"}   # x.view(a, b) == x.view((a, b))
 
 
@@ -104,6 +107,33 @@ def _replace_with_constant(node: fx.Node, value) -> None:
         user.kwargs = fx.node.map_aggregate(user.kwargs, swap)
 
 
+def _function_call(node: fx.Node):
+    """(target, args, kwargs) of the ATen call for a torch-level function call, or None to leave it: the torch
+    signature's arguments put where ATen's take them (F.embedding's input and weight swap), options ATen does
+    not take dropped where they change no value (``inplace``), the overload chosen by the operands' kinds."""
+    fn, args, kwargs = node.target, list(node.args), dict(node.kwargs)
+    if fn in (F.relu, F.silu, torch.relu):          # inplace=...: the graph's value is the same either way
+        return _FUNCTIONS[fn], tuple(args[:1]), {}
+    if fn is F.embedding:                           # F.embedding(input, weight, padding_idx, max_norm, ...)
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = {**dict(zip(names, args)), **kwargs}
+        if bound.get("max_norm") is not None:       # renormalizes the weight in place: no ATen call of ours
+            return None
+        return aten.embedding.default, (bound["weight"], bound["input"]), {}
+    if fn is torch.pow:
+        base, exp = (args + [kwargs.get("exponent")])[:2] if len(args) < 2 else args[:2]
+        target = (aten.pow.Tensor_Tensor if _is_tensor_arg(base) and _is_tensor_arg(exp) else
+                  aten.pow.Tensor_Scalar if _is_tensor_arg(base) else aten.pow.Scalar)
+        return target, (base, exp), {}
+    if fn is torch.where and len(args) == 3:
+        cond, a, b = args
+        target = (aten.where.self if _is_tensor_arg(a) and _is_tensor_arg(b) else
+                  aten.where.ScalarOther if _is_tensor_arg(a) else
+                  aten.where.ScalarSelf if _is_tensor_arg(b) else aten.where.Scalar)
+        return target, (cond, a, b), {}
+    return _FUNCTIONS[fn], tuple(args), kwargs
+
+
 def canonicalize_calls(gm: fx.GraphModule) -> int:
     """Rewrite torch-level calls into ATen calls in place; returns how many nodes changed."""
     changed = 0
@@ -113,8 +143,7 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
         if node.op == "call_module":
             new = _module_call(gm, node, gm.get_submodule(node.target))
         elif node.op == "call_function" and node.target in _FUNCTIONS:
-            target = _FUNCTIONS[node.target]
-            new = target, tuple(node.args), dict(node.kwargs)
+            new = _function_call(node)
         elif node.op == "call_function" and node.target is F.softmax:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             new = aten.softmax.int, (node.args[0], dim), {}
@@ -129,7 +158,17 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
                 args = [args[0], list(args[1])]
             if node.target == "mean" and len(args) == 2 and isinstance(args[1], int):
                 args[1] = [args[1]]
-            new = _METHODS[node.target], tuple(args), dict(node.kwargs)
+            target = _METHODS[node.target]
+            if node.target == "pow" and _is_tensor_arg(args[1] if len(args) > 1 else node.kwargs.get("exponent")):
+                target = aten.pow.Tensor_Tensor
+            new = target, tuple(args), dict(node.kwargs)
+        elif node.op == "call_method" and node.target == "sum" and not node.kwargs.get("dtype"):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            new = (aten.sum.default, (node.args[0],), {}) if dim is None else \
+                (aten.sum.dim_IntList, (node.args[0], [dim] if isinstance(dim, int) else list(dim), keep), {})
+        elif node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
+            new = aten._to_copy.default, (node.args[0],), {"dtype": _CAST_METHODS[node.target]}
         elif node.op == "call_method" and node.target == "size" and meta.is_tensor(node.args[0]) and \
                 all(isinstance(d, int) for d in meta.shape(node.args[0])):
             size = meta.shape(node.args[0])          # static shapes (symbolic_trace): sizes are constants

@@ -80,6 +80,54 @@ def test_call_time_input_errors(minilm):
         static(ids[:, :8], mask[:, :8])
 
 
+def test_a_forward_taking_star_args_is_called_as_compiled():
+    """forward(self, x, *rest): the compiled model refused the very inputs it was compiled with (the starred ones
+    arrived as one nested tuple)."""
+    class Star(nn.Module):
+        def forward(self, x, *rest):
+            return x * 2 + rest[0] - rest[1]
+
+    x, y, z = torch.randn(3), torch.randn(3), torch.randn(3)
+    cm = slimfx.compile(Star(), (x, y, z), progress=False)
+    assert torch.equal(cm(x, y, z), Star()(x, y, z))
+    with pytest.raises(slimfx.InputError):
+        cm(x, y)
+
+
+def test_linear_with_a_vector_weight():
+    """F.linear(h, w) with w of shape (K,) (torch allows it) failed to reshape on numpy, and the report's layer
+    table raised IndexError formatting its "out x in"."""
+    class Vec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8))
+
+        def forward(self, h):
+            return F.linear(h, self.w)
+
+    m, h = Vec().eval(), torch.randn(2, 3, 8)
+    cm = slimfx.compile(m, (h,), progress=False)
+    assert torch.allclose(cm(h), m(h), atol=1e-6) and cm(h).shape == (2, 3)
+    assert cm.report().layers()[0]["out x in"] == "8" and "linear" in str(cm.report())
+
+
+def test_bitwise_ops_and_a_narrow_gather_match_torch():
+    """Integer &, |, ^, ~ ran as logical ops (5 & 3 gave 1, ~5 gave 0, silently); a gather index smaller than x
+    in another dim was broadcast over x (shape (4, 3) for torch's (1, 3)). With the reductions added since."""
+    class Ops(nn.Module):
+        def forward(self, a, b, m, x, idx):
+            return (a & b, a | b, a ^ b, ~a, a & 6, m & (a > 5), ~m, torch.gather(x, 1, idx),
+                    x.sum(), a.sum(), torch.argmax(x, 1), torch.argmax(x), (x / (x - 3)).isnan(),
+                    F.log_softmax(x, -1))
+
+    a, b = torch.tensor([5, 6, 7, 12, -3]), torch.tensor([3, 3, 3, 10, 7])
+    m, idx = torch.tensor([True, False, True, True, False]), torch.tensor([[0, 4, 2]])
+    x = torch.arange(20.0).reshape(4, 5)
+    cm = slimfx.compile(Ops().eval(), (a, b, m, x, idx), progress=False)
+    for got, want in zip(cm(a, b, m, x, idx), Ops()(a, b, m, x, idx)):
+        assert got.dtype == want.dtype and (torch.equal(got, want) or torch.allclose(got, want, atol=1e-6))
+
+
 def test_out_of_range_indices_fail_as_in_torch():
     """np.take wraps a negative index around (id -1 would read the last embedding row); torch refuses it."""
     class Lookup(nn.Module):

@@ -113,6 +113,30 @@ def test_one_tensor_given_for_two_inputs_captures_two(dynamic):
     assert torch.allclose(slimfx.compile(m, (x, x[:, :]), progress=False)(y, z), m(y, z), atol=1e-6)   # a view
 
 
+def test_symbolic_trace_calls_become_the_right_aten_calls():
+    """fx.symbolic_trace records torch-level calls; they were mapped to ATen with their arguments copied as they
+    were (F.embedding's input and weight swapped, F.relu's inplace passed on, torch.pow / torch.where always one
+    overload) and methods beyond a few stayed call_method (the numpy backend then had no 'sum')."""
+    import slimfx
+
+    class Calls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Parameter(torch.randn(11, 6))
+
+        def forward(self, ids, x, e):
+            h = F.embedding(ids, self.emb) + F.relu(x, inplace=False) + torch.pow(x.abs() + 1, e)
+            h = torch.where(h > 0, h, 0.0) + F.silu(x, inplace=False)
+            return h.softmax(0) + h.sum(-1, keepdim=True) + h.half().float().clamp(-1, 1) + h.sum()
+
+    m = Calls().eval()
+    args = (torch.tensor([[1, 3, 10]]), torch.randn(1, 3, 6), torch.rand(6))
+    for backend in ("numpy", "torch"):
+        cm = slimfx.compile(m, args, capture="symbolic_trace", backend=backend, progress=False)
+        assert not [n for n in cm.graph.graph.nodes if n.op == "call_method"]
+        assert torch.allclose(cm(*args), m(*args), atol=1e-5), backend
+
+
 def test_weight_on_the_left_of_a_transposed_input_becomes_a_linear():
     """W @ x.transpose(-2, -1) is transpose(linear(x, W)); W @ x.transpose(1, 2) too, when x has 3 dims only."""
     m, xs = WeightLeft().eval(), (torch.randn(2, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 4, 3, 5))
