@@ -79,6 +79,18 @@ def _expert_weight(gm: fx.GraphModule, gemm: fx.Node) -> Optional[tuple[str, tup
     return ir.meta.param_name(src) or src.target, (e, a, b) if rows_out else (e, b, a), t, None
 
 
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return v
+    return str(v)
+
+
 def _db(v: Optional[float]) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -124,7 +136,7 @@ class Report:
                                                            ir.meta.module_name(n.args[1]) or ir.meta.module_name(n)
                                                            or n.name),
                              "op": str(n.target).replace(".default", "") + ("" if stored is n.args[1] else " (Q/DQ)"),
-                             "out x in": f"{out_in[0]} x {out_in[1]}",
+                             "out x in": " x ".join(map(str, out_in)),        # (a 1-D weight: "in")
                              "dtype": str(w.dtype).replace("torch.", ""),
                              "sparsity": float((w == 0).float().mean()),
                              "kernel": ir.meta.info(n).kernel or f"{self.backend} dense"})
@@ -153,12 +165,14 @@ class Report:
         return rows
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "capture": self.capture_method, "backend": self.backend,
-                "capture_s": self.capture_s, "capture_reused": self.capture_reused,
-                "passes_s": sum(r.seconds for r in self.records), "lower_s": self.lower_s,
-                "nodes_captured": self.captured_nodes, "nodes_final": len(self.gm.graph.nodes),
-                "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers(),
-                "quantized": self.quant_layers()}
+        """The report as strict JSON data: non-finite numbers (an exact pass's SQNR is inf) become the strings
+        "inf", "-inf" and "nan", anything else not JSON-able (a tensor in a pass's statistics) its str."""
+        return _json_safe({"model": self.model, "capture": self.capture_method, "backend": self.backend,
+                           "capture_s": self.capture_s, "capture_reused": self.capture_reused,
+                           "passes_s": sum(r.seconds for r in self.records), "lower_s": self.lower_s,
+                           "nodes_captured": self.captured_nodes, "nodes_final": len(self.gm.graph.nodes),
+                           "passes": [dataclasses.asdict(r) for r in self.records], "layers": self.layers(),
+                           "quantized": self.quant_layers()})
 
     def __str__(self) -> str:
         passes_s = sum(r.seconds for r in self.records)

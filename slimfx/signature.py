@@ -92,7 +92,9 @@ class InputSignature:
         if extra:
             self._fail(f"input(s) {extra} were not given at compile time (compiled with {expected}); "
                        f"compile with them in the example inputs")
-        args = tuple(given[n] for n in self.positional)
+        # forward(self, *args): the captured call's positional values are the starred ones, one by one
+        args = tuple(v for n in self.positional for v in
+                     (given[n] if self.forward.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL else (given[n],)))
         kwargs = {n: given[n] for n in self.keywords}
         flat, spec = pytree.tree_flatten((args, kwargs))
         if self.in_spec is not None and spec != self.in_spec:

@@ -19,7 +19,9 @@ def output_signature(gm: fx.GraphModule, names: Optional[dict] = None) -> list[t
     """(shape, dtype) of each graph output, shapes as strings so symbolic dims compare without guards: sympy's
     printing, which orders terms by name (torch's keeps the order the expression was built in). ``names``
     renames symbols first (``slimfx.load``: the new symbols back to the saved names)."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    if out is None:
+        raise VerificationError("the graph has no output node")
     leaves = pytree.tree_leaves(out.args[0])
 
     def dim(d):

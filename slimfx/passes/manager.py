@@ -38,13 +38,24 @@ class PassRecord:
 
 
 def sqnr_db(reference, actual) -> float:
-    """10 log10(signal / noise) over all floating-point output tensors; inf when they are identical."""
+    """10 log10(signal / noise) over all floating-point output tensors; inf when they are identical, nan when
+    they cannot be compared. Non-finite values count where the two agree (a fully masked row's NaN in both)
+    and make it -inf where they do not (a NaN or inf the other side lacks: the outputs are broken there)."""
     ref = [r for r in pytree.tree_leaves(reference) if isinstance(r, torch.Tensor) and r.is_floating_point()]
     act = [a for a in pytree.tree_leaves(actual) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    if len(ref) != len(act) or not ref:
+    if len(ref) != len(act) or not ref or any(r.shape != a.shape for r, a in zip(ref, act)):
         return float("nan")
-    sig = sum(float(r.double().pow(2).sum()) for r in ref)
-    noise = sum(float((r.double() - a.double()).pow(2).sum()) for r, a in zip(ref, act))
+    sig = noise = 0.0
+    for r, a in zip(ref, act):
+        r, a = r.detach().double(), a.detach().double()
+        finite = torch.isfinite(r) & torch.isfinite(a)
+        if not bool(finite.all()):
+            same = (r == a) | (torch.isnan(r) & torch.isnan(a))
+            if not bool((finite | same).all()):
+                return -math.inf
+            r, a = r[finite], a[finite]
+        sig += float(r.pow(2).sum())
+        noise += float((r - a).pow(2).sum())
     if noise == 0:
         return math.inf
     return 10 * math.log10(sig / noise) if sig > 0 else -math.inf
@@ -104,16 +115,24 @@ class PassManager:
             if written:
                 raise self._error(name, records, "wrote into tensors in place; passes must add new tensors "
                                                  "(ir.meta.add_tensor_attr)", written)
+            if not isinstance(res.stats, dict):
+                raise self._error(name, records, f"returned stats of type {type(res.stats).__name__}; "
+                                                 f"PassResult's stats must be a dict")
             modified = res.modified if res.modified is not None else _fingerprint(new) != fp
             if modified:
-                new.recompile()
-                if self.verify:
-                    try:
+                try:
+                    new.recompile()
+                    if self.verify:
                         ir.verify(new, expected)
-                    except ir.VerificationError as e:
-                        raise self._error(name, records, f"left a graph the verifier rejects: {e}") from e
+                except Exception as e:      # noqa: BLE001 - the verifier's reasons and anything recompiling hits
+                    raise self._error(name, records, f"left a graph the verifier rejects: {e}") from e
                 if self.measure and reference is not None:
-                    sqnr = sqnr_db(reference, run_torch(new, ctx))
+                    try:
+                        out = run_torch(new, ctx)
+                    except Exception as e:      # noqa: BLE001 - shapes propagate, the values fail
+                        raise self._error(name, records, f"left a graph that fails on the example inputs: "
+                                                         f"{type(e).__name__}: {e}") from e
+                    sqnr = sqnr_db(reference, out)
             elif sqnr is None and self.measure and reference is not None:
                 sqnr = math.inf
             rec = PassRecord(name, seconds, n_before, len(new.graph.nodes), modified, sqnr, dict(res.stats))

@@ -116,6 +116,13 @@ def selected_linears(gm: fx.GraphModule, include, exclude, targets=(aten.linear.
                                  f"none, or run this pass before Fuse)")
 
 
+def _divisors(k: int) -> str:
+    """Group sizes that divide K, for an error message: its powers of two (the kernels' groups), else any."""
+    twos = [g for g in (256, 128, 64, 32, 16, 8) if k % g == 0]
+    return "e.g. " + ", ".join(map(str, twos[:3])) if twos else \
+        f"K = {k} has no power-of-two divisor >= 8; divisors: {[g for g in range(2, k + 1) if k % g == 0][:6]}"
+
+
 def weight_scheme(weights: str, group_size: int) -> QScheme:
     if weights == "int8":
         return QScheme(bits=8, granularity="channel", axis=0)
@@ -224,7 +231,8 @@ class Quantize(Pass):
                 skipped[name] = f"weight of shape {tuple(t.shape)} / {t.dtype} is not a 2-D float tensor"
             elif self.weights == "int4" and t.shape[1] % self.group_size:
                 raise ValueError(f"Quantize: group_size={self.group_size} does not divide K={t.shape[1]} of layer "
-                                 f"{name!r} (node {n.name}); choose a divisor (e.g. 64, 32) or exclude the layer")
+                                 f"{name!r} (node {n.name}); choose a divisor ({_divisors(t.shape[1])}) or exclude "
+                                 f"the layer")
             elif self.activations is not None and t.shape[1] > MAX_K:
                 skipped[name] = f"K={t.shape[1]} > {MAX_K} could overflow the int32 accumulator"
             else:
@@ -394,6 +402,9 @@ class Quantize(Pass):
     def _chosen_experts(self, gm, skipped: dict) -> list:
         """The experts' tensors this pass quantizes; the ones it cannot go into ``skipped`` with why."""
         if self.weights.startswith("log"):
+            found, _ = expert_weights(gm)
+            skipped.update({f"experts {ew.name}": f"weights={self.weights!r}: experts take uniform int8 / int4 "
+                                                  f"only; they stay float" for ew in found})
             return []
         found, refused = expert_weights(gm)
         skipped.update({f"experts {k}": v for k, v in refused.items()})

@@ -71,7 +71,8 @@ def upper_inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Ten
         if int(info) == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
     raise ValueError(f"GPTQ: the input Hessian of {name} is not positive definite even with damping "
-                     f"{damp * 100:g} x mean(diag); the calibration data may be degenerate")
+                     f"{damp * 100:g} x mean(diag) (Quantize.damp={damp:g}); raise damp (0.01 is the default), "
+                     f"or give more calibration tokens than its {k} input columns")
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scheme: QScheme, damp: float = 0.01, block: int = 128,

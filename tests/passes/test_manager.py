@@ -193,3 +193,45 @@ def test_a_capture_keeps_its_own_example_inputs(net):
         slimfx.compile(cap, X, dynamic=True, progress=False)
     with pytest.raises(TypeError, match="capture given"):
         slimfx.compile(cap, capture="symbolic_trace", progress=False)
+
+
+def test_every_failure_is_a_pass_error_naming_the_pass(net):
+    """Raw exceptions used to escape: a graph that propagates shapes but fails on the example inputs (from the
+    SQNR measurement), a pass that erased the output (StopIteration), stats that are no dict (TypeError)."""
+    def bad_index(gm):
+        for n in gm.graph.nodes:
+            if n.target is aten.gelu.default:
+                with gm.graph.inserting_after(n):
+                    sel = gm.graph.call_function(aten.index_select.default, (n, 1, torch.tensor([99])))
+                n.replace_all_uses_with(sel)
+                sel.args = (n, 1, torch.tensor([99]))
+        return PassResult(gm, True)
+
+    def no_output(gm):
+        gm.graph.erase_node(next(n for n in gm.graph.nodes if n.op == "output"))
+        return PassResult(gm, True)
+
+    for fn, match in [(no_output, "pass 'no_output' left a graph the verifier rejects: the graph has no output"),
+                      (lambda gm: PassResult(gm, True, None), "returned stats of type NoneType")]:
+        with pytest.raises(slimfx.PassError, match=match):
+            slimfx.compile(net, X, passes=[fn], progress=False)
+    with pytest.raises(slimfx.PassError, match="pass 'bad_index' left a graph"):
+        slimfx.compile(net, X, passes=[bad_index], progress=False)
+
+
+def test_sqnr_of_non_finite_outputs():
+    from slimfx.passes import sqnr_db
+    nan, inf = float("nan"), float("inf")
+    ref = torch.tensor([[nan, nan], [1.0, 2.0]])          # a fully masked row: NaN in the model too
+    assert sqnr_db(ref, ref.clone()) == math.inf         # unchanged (it said -inf: NaN noise, NaN signal)
+    assert 30 < sqnr_db(ref, ref + torch.tensor([[0.0, 0.0], [0.01, 0.0]])) < 60
+    assert sqnr_db(torch.ones(2, 2), torch.tensor([[1.0, nan], [1.0, 1.0]])) == -math.inf   # a pass made NaN
+    assert sqnr_db(torch.ones(2, 2), torch.tensor([[1.0, inf], [1.0, 1.0]])) == -math.inf
+
+
+def test_report_to_dict_is_strict_json(net):
+    import json
+    cm = slimfx.compile(net, X, passes=["dce", lambda gm: PassResult(gm, False, {"t": torch.ones(1)})],
+                        progress=False)
+    data = json.loads(json.dumps(cm.report().to_dict(), allow_nan=False))    # the exact pass: inf SQNR
+    assert data["passes"][0]["sqnr_db"] == "inf" and isinstance(data["passes"][1]["stats"]["t"], str)

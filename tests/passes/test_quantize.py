@@ -478,3 +478,17 @@ def test_gptq_fits_each_expert_on_the_tokens_routed_to_it():
     # the logits: GPTQ at least as close to fp32 as RTN (44.4 vs 43.2 dB in this tiny model, whose
     # residual stream dwarfs the experts' contribution)
     assert sqnr_db(ref, cm(**call).logits) > sqnr_db(ref, rtn(**call).logits)
+
+
+def test_what_quantize_cannot_do_it_says():
+    """A group size that does not divide K names real divisors (it suggested 64 and 32 for any K); log weights
+    leave the experts' tensors float and say so (they did so silently)."""
+    with pytest.raises(slimfx.PassError, match=r"group_size=128 does not divide K=40 .* \(e.g. 8\)"):
+        slimfx.compile(MLP().eval(), (torch.randn(2, 40),), passes=[Quantize(weights="int4")], progress=False)
+    m = _tiny_mixtral()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    cm = slimfx.compile(m, (), dict(input_ids=ids, use_cache=False), passes=[Quantize(weights="log8")], progress=False,
+                        backend="torch")
+    skipped = cm.report().records[0].stats["skipped"]
+    assert [k for k in skipped if k.startswith("experts ")] and all(
+        "experts take uniform int8 / int4 only" in v for k, v in skipped.items() if k.startswith("experts "))
