@@ -21,7 +21,7 @@ import torch
 
 from . import ir
 from .backends import check_options, lower
-from .ir.serialize import FormatError, plain, unplain
+from .ir.serialize import FormatError, plain, read_json, unplain
 from .passes import PassRecord
 from .quant.int4 import pack_int4_torch, unpack_int4_torch
 from .report import Report
@@ -103,14 +103,8 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
     def bad(what: str) -> FormatError:
         return FormatError(f"slimfx.load({str(path)!r}): {what}")
 
-    try:
-        data = json.loads((path / GRAPH_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"slimfx.load: {path / GRAPH_FILE} is not valid JSON: {e}") from e
-    missing = [k for k in ("backend", "graph", "signature", "report") if k not in data] \
-        if isinstance(data, dict) else ["everything"]
-    if missing:
-        raise bad(f"{GRAPH_FILE} lacks {missing} (is it a file written by CompiledModel.save?)")
+    data = read_json(path / GRAPH_FILE, f"slimfx.load({str(path)!r}): {GRAPH_FILE}",
+                     ("backend", "graph", "signature", "report"))
     backend = backend or data["backend"]
     check_options(backend, backend_options)
     try:

@@ -512,16 +512,9 @@ class CompiledCausalLM:
     def from_saved(cls, step, path) -> "CompiledCausalLM":
         """The generation loop around a loaded ``step``, from causal_lm.json, checked against the step graph's
         cache inputs (a damaged or edited file is refused here, naming what is wrong, not at generate)."""
-        from .ir.serialize import FormatError
+        from .ir.serialize import FormatError, read_json
         where = f"slimfx.load({str(path)!r}): {LM_FILE}"
-        try:
-            data = json.loads((pathlib.Path(path) / LM_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{where} is not valid JSON: {e}") from e
-        missing = [k for k in ("layout", "dtype", "eos_token_id", "pad_token_id") if k not in data] \
-            if isinstance(data, dict) else ["everything"]
-        if missing:
-            raise FormatError(f"{where} lacks {missing}")
+        data = read_json(pathlib.Path(path) / LM_FILE, where, ("layout", "dtype", "eos_token_id", "pad_token_id"))
         dtype = getattr(torch, str(data["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")

@@ -14,6 +14,7 @@ graphs), so a file cannot make a graph call anything that reaches files, process
 from __future__ import annotations
 
 import importlib
+import json
 import keyword
 import math
 import operator  # noqa: F401 - resolvable targets live here
@@ -294,6 +295,19 @@ def to_json(gm: fx.GraphModule, ranges: dict | None = None) -> tuple[dict, dict[
 
 
 # --- load -------------------------------------------------------------------------------------------------
+
+def read_json(file, where: str, keys) -> dict:
+    """The JSON object in ``file`` holding every one of ``keys``, or a FormatError starting with ``where``."""
+    import pathlib
+    try:
+        data = json.loads(pathlib.Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where} is not valid JSON: {e}") from e
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else ["everything"]
+    if missing:
+        raise FormatError(f"{where} lacks {missing} (is it a file slimfx saved?)")
+    return data
+
 
 def load_spec(text: str | None, where: str):
     """A pytree spec from ``treespec_dumps``; the modules of the types it names imported if a file may name them."""
