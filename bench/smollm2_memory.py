@@ -61,6 +61,8 @@ def dropped_dense_bytes(cm) -> int:
 
 
 def main():
+    import argparse      # no options: --help says what it does instead of running it
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     model, tok = load_smollm2()
     model = model.to(torch.bfloat16)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :64]

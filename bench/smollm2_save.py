@@ -26,6 +26,8 @@ from slimfx.passes import Fuse, Quantize  # noqa: E402
 
 
 def main():
+    import argparse      # no options: --help says what it does instead of running it
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_model_s = time.perf_counter() - t0

@@ -79,6 +79,13 @@ def _expert_weight(gm: fx.GraphModule, gemm: fx.Node) -> Optional[tuple[str, tup
     return ir.meta.param_name(src) or src.target, (e, a, b) if rows_out else (e, b, a), t, None
 
 
+def _gptq_errors(g) -> Optional[list]:
+    """[GPTQ's, rounding's] relative output error of a layer on its calibration inputs, or None."""
+    if not g or g.get("output_error") is None:
+        return None
+    return [g["output_error"], g["output_error_rtn"]]
+
+
 def _json_safe(v):
     if isinstance(v, dict):
         return {str(k): _json_safe(x) for k, x in v.items()}
@@ -159,6 +166,7 @@ class Report:
                          "act": ("-" if not ascheme else f"int{ascheme['bits']} per {ascheme['granularity']}"),
                          "w_range": q["weight_range"], "x_range": a.get("range") or q.get("x_range"),
                          "sqnr_db": q.get("sqnr_db"), "fp32_bytes": q["fp32_bytes"], "weight_bytes": q["weight_bytes"],
+                         "gptq_error": _gptq_errors(q.get("gptq")),
                          "op": (q.get("folded") or ("dequantize + grouped GEMM" if "tensor" in q else "Q/DQ + linear"))
                          + (f" (weight stored once, with {q['weight_shared_with']})" if q.get("weight_shared_with")
                             else "")})
@@ -210,6 +218,13 @@ class Report:
                                    rng(r["x_range"]), _db(r["sqnr_db"]), f"{r['fp32_bytes']} -> {r['weight_bytes']}",
                                    r["op"]] for r in q], "lllllrrrl"),
                     f"weight bytes of the quantized layers: {before} -> {after} ({after / before:.3f}x)"]
+            gptq = [r for r in q if r["gptq_error"]]
+            if gptq:          # the relative output error on the calibration inputs each layer was fitted to
+                out += ["", "GPTQ: each layer's output error on the calibration inputs, GPTQ's vs rounding's:",
+                        format_table(["module", "GPTQ", "round to nearest", "ratio"],
+                                     [[r["module"], f"{r['gptq_error'][0]:.3g}", f"{r['gptq_error'][1]:.3g}",
+                                       f"{r['gptq_error'][0] / max(r['gptq_error'][1], 1e-300):.3f}"] for r in gptq],
+                                     "lrrr")]
         return "\n".join(out)
 
     def _repr_pretty_(self, p, cycle):

@@ -78,8 +78,11 @@ def layer_name(node: fx.Node) -> str:
     """A linear node's module name; a merged one's names joined after their common prefix
     ("model.layers.0.self_attn.q_proj+k_proj+v_proj")."""
     parts = merged_modules(node)
-    if not parts:
-        return module_name(node) or node.name
+    return joined_name(parts) if parts else (module_name(node) or node.name)
+
+
+def joined_name(parts: list) -> str:
+    """Module names of merged layers as one: "model.layers.0.self_attn.q_proj+k_proj+v_proj"."""
     prefix = parts[0].rsplit(".", 1)[0] + "." if "." in parts[0] else ""
     if all(p.startswith(prefix) for p in parts):
         return prefix + "+".join(p[len(prefix):] for p in parts)

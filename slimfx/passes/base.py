@@ -121,7 +121,8 @@ def register_pass(obj=None, *, name: str = ""):
     def do(o):
         key = name or (o.name if isinstance(o, type) and getattr(o, "name", "") else _snake(o.__name__))
         if key in PASSES and _source(key) != (o.__module__, o.__qualname__):
-            raise ValueError(f"a pass named {key!r} is already registered ({PASSES[key]})")
+            where = ".".join(x for x in _source(key) if x) or PASSES[key]
+            raise ValueError(f"a pass named {key!r} is already registered ({where}); choose another name")
         # the same definition again (a notebook cell run twice, a module reloaded) replaces it
         if isinstance(o, type):
             if not issubclass(o, Pass):

@@ -111,11 +111,14 @@ def _merged_record(group: list[fx.Node]):
     if not all(r and "mode" in r for r in recs):
         return None
     rec = dict(recs[0])
-    rec["module"] = " + ".join(r["module"] for r in recs)
+    rec["module"] = ir.meta.joined_name([r["module"] for r in recs])     # as include/exclude spell it
     rec["fp32_bytes"] = sum(r["fp32_bytes"] for r in recs)
     rec["weight_bytes"] = sum(r["weight_bytes"] for r in recs)
     sqnrs = [r["sqnr_db"] for r in recs if r.get("sqnr_db") is not None]
     rec["sqnr_db"] = min(sqnrs) if sqnrs else None              # the worst of the merged layers
+    fits = [r["gptq"] for r in recs if (r.get("gptq") or {}).get("output_error") is not None]
+    if fits:                                                    # and GPTQ's worst fit, with its rounding's
+        rec["gptq"] = max(fits, key=lambda g: g["output_error"])
     ranges = [r["weight_range"] for r in recs if r.get("weight_range")]
     if ranges:
         rec["weight_range"] = [min(lo for lo, _ in ranges), max(hi for _, hi in ranges)]

@@ -154,6 +154,7 @@ class LowerSparse(Pass):
                                        a.get("activation", "none"), a.get("residual"), pattern))
             new.meta = {k: v for k, v in n.meta.items() if k != "slimfx"}     # a fresh NodeInfo
             ir.meta.info(new).origin = self.pass_name
+            ir.meta.info(new).merged = ir.meta.merged_modules(n)               # q+k+v stays named as one
             n.replace_all_uses_with(new)
             g.erase_node(n)
             lowered[name] = pattern

@@ -91,6 +91,10 @@ def test_pruned_layers_keep_their_pattern_through_gptq(tiny_llama):
                                                          exclude="lm_head")])
     stats = {r.name: r.stats for r in cm.report().records}
     assert stats["quantize"]["layers"] == 14 and stats["quantize"]["gptq_error_vs_rtn"] < 1.0
+    # the report lists each layer's fit as the README says: GPTQ's output error beside rounding's
+    errors = [r["gptq_error"] for r in cm.report().quant_layers()]
+    assert len(errors) == 14 and all(g <= r for g, r in errors)
+    assert "GPTQ: each layer's output error on the calibration inputs" in str(cm.report())
     for n in quantized_linears(cm.graph):
         w = getattr(cm.graph, n.args[1].target)
         assert bool((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).le(2).all()), n.name

@@ -290,6 +290,9 @@ def test_include_exclude_after_fuse_see_every_merged_layer(tiny_llama_capture):
     res = P.Prune(sparsity=0.5, score="magnitude", include="*.k_proj")(ir.fork(merged))
     assert not res.stats.get("pruned") and "select only ['k_proj']" in \
         res.stats["skipped"]["model.layers.1.self_attn.q_proj+k_proj+v_proj"]
+    pruned = P.Prune(pattern="2:4", score="magnitude", exclude="lm_head")(ir.fork(merged)).graph_module
+    lowered = P.LowerSparse()(pruned).graph_module                 # sparse_linear keeps the merged name
+    assert {ir.meta.layer_name(n) for n in lowered.graph.nodes if ir.meta.merged_modules(n)} == names
     res = P.Quantize(include=("*.q_proj", "*.k_proj", "*.v_proj"))(ir.fork(merged))     # all three: taken whole
     assert res.stats["layers"] == 2
     q = [ir.meta.info(n).quant["module"] for n in res.graph_module.graph.nodes
