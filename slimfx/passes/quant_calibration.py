@@ -29,7 +29,7 @@ def call_of(item, ctx: PassContext) -> tuple[tuple, dict]:
     if isinstance(item, dict):
         return (), {**consts, **item}
     if isinstance(item, (tuple, list)):
-        return tuple(item), {k: v for k, v in consts.items()}
+        return tuple(item), dict(consts)
     return (item,), dict(consts)
 
 
