@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import traceback
 from typing import Any, Optional
 
@@ -130,9 +129,7 @@ def _flatten_attributes(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "get_attr":
             fqn = node.target
             tensor = gm.get_parameter(fqn) if _is_param(gm, fqn) else _get(gm, fqn)
-            flat = re.sub(r"\W", "_", fqn)
-            if not flat.isidentifier():      # nn.Sequential's "0.weight": a saved graph's names are identifiers
-                flat = "p_" + flat
+            flat = meta.attr_name(fqn, "p_")
             while flat in root and root[flat] is not tensor:
                 flat += "_"
             root[flat] = tensor

@@ -104,12 +104,18 @@ def tensor_attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return getattr(gm, node.target)
 
 
+def attr_name(name: str, prefix: str) -> str:
+    """``name`` as an identifier, which a saved graph's attribute names must be (its code reads self.<name>):
+    non-word characters become "_", and ``prefix`` goes in front of one that would start with a digit
+    (nn.Sequential's "0.weight")."""
+    flat = re.sub(r"\W", "_", name)
+    return flat if flat.isidentifier() else prefix + flat
+
+
 def add_tensor_attr(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> str:
     """Store ``tensor`` on gm under a fresh flat attribute name derived from ``name``; returns the name.
     Passes never write into existing tensors (the user's model shares them); they add new ones."""
-    base = re.sub(r"\W", "_", name)          # an identifier: the graph's code reads it as self.<name>
-    if not base.isidentifier():               # "0_w_q" (a layer of an nn.Sequential)
-        base = "t_" + base
+    base = attr_name(name, "t_")
     new, i = base, 0
     while hasattr(gm, new):
         i += 1
