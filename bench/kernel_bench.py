@@ -48,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new shapes after this many seconds (default 150 quick, 420 full)")
-    p.add_argument("--only", default="", help="comma-separated kernel names to run (default: all)")
+    p.add_argument("--only", default="", help="comma-separated kernel names to run, each with its implementations "
+                                             "(w8a8: every W8A8 case; block_sparse_50: its tiled/TMA/block-shape "
+                                             "variants); cuBLAS bf16 always runs (default: all)")
     p.add_argument("--m", default="", help="comma-separated M values: only the shapes with these M (a sweep "
                                           "split over several runs; see --merge)")
     p.add_argument("--merge", action="store_true",
@@ -85,7 +87,7 @@ class Bench:
 
     def case(self, shape, kernel, fn, check, base_ms):
         """Run check() (returns (ok, description)), then time fn(). Failures become notes, not crashes."""
-        if self.only and kernel not in self.only and kernel != "cublas_bf16":
+        if not selected(kernel, self.only):
             return None
         m, n, k = shape
         row = dict(m=m, n=n, k=k, kernel=kernel, ms=None, speedup_vs_bf16=None, ok=None, check="", note="")
@@ -341,22 +343,30 @@ def run_gpu(args) -> tuple[list[dict], dict]:
     return bench.rows, meta
 
 
-# the names --only takes begin with one of these (block_sparse_90_tma, sparse24_gemv, w8a8_gluon, ...)
-KERNEL_FAMILIES = ("cublas_bf16", "w8a8", "torch_int_mm_dequant", "torch_compile_w8a8", "weight_only_int8",
-                   "weight_only_int4", "block_sparse", "sparse24", "torch_semi_structured_24")
+def selected(kernel: str, only: set[str]) -> bool:
+    """--only's rule: a name picks that kernel and its implementations (``block_sparse_50`` picks
+    ``block_sparse_50_tma`` too, ``w8a8`` every W8A8 case); cuBLAS bf16, the baseline, always runs."""
+    return not only or kernel == "cublas_bf16" or any(kernel == s or kernel.startswith(s + "_") for s in only)
+
+
+def unknown_only(only: set[str]) -> list[str]:
+    """The --only names that pick no kernel of the bench (a typo would time the baselines alone)."""
+    names = [k for k, _ in R.KERNELS + R.VARIANTS]
+    return sorted(s for s in only if not any(k == s or k.startswith(s + "_") for k in names))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    unknown = [s for s in args.only.split(",") if s and not s.startswith(KERNEL_FAMILIES)]
+    only = {s for s in args.only.split(",") if s}
+    unknown = unknown_only(only)
     if unknown:               # a typo would time only the baselines: a GPU session spent on nothing
-        print(f"bench/kernel_bench.py: --only {unknown}: no such kernel; names begin with one of "
-              f"{list(KERNEL_FAMILIES)}", file=sys.stderr)
+        print(f"bench/kernel_bench.py: --only {unknown}: no such kernel; a name picks the kernels it is, or "
+              f"begins, followed by '_': {[k for k, _ in R.KERNELS + R.VARIANTS]}", file=sys.stderr)
         return 2
     if args.fake:
         meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
                     date=datetime.datetime.now().isoformat(timespec="seconds"))
-        rows = R.fake_results(shapes(args.quick, args.m))
+        rows = [r for r in R.fake_results(shapes(args.quick, args.m)) if selected(r["kernel"], only)]
     else:
         try:
             import torch

@@ -29,6 +29,24 @@ def test_bench_exits_clearly_without_cuda(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_only_picks_kernels_with_their_variants(tmp_path):
+    """--only's names pick the same cases on the GPU and in --fake: a name and its implementations, never a
+    longer name it merely begins (block_sparse_50 is not block_sparse_500), and the baseline always."""
+    import kernel_bench as B
+    assert B.selected("w8a8_tma", {"w8a8"}) and B.selected("w8a8_fused_with_act_quant", {"w8a8"})
+    assert B.selected("block_sparse_50_b32x32", {"block_sparse_50"}) and B.selected("cublas_bf16", {"sparse24"})
+    assert not B.selected("block_sparse_90", {"block_sparse_50"}) and not B.selected("sparse24", {"sparse2"})
+    assert B.unknown_only({"w8a8", "sparse2", "cublas_bf16", "block_sparse_int8", "w8a8_"}) == ["sparse2", "w8a8_"]
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--quick", "--only",
+                        "sparse24,block_sparse_90", "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    data = json.loads((tmp_path / "kernels-fake-card-fake.json").read_text())
+    assert {r["kernel"] for r in data["results"]} == {
+        "cublas_bf16", "sparse24", "sparse24_gemv", "sparse24_dot", "block_sparse_90", "block_sparse_90_tiled",
+        "block_sparse_90_tma", "block_sparse_90_b128x64", "block_sparse_90_b128x128", "block_sparse_90_b32x32"}
+
+
 def test_fake_run_writes_json_md_png(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--quick",
                         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
