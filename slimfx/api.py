@@ -80,7 +80,8 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
               signature (no per-kernel launch cost: what decode needs)
     dynamic:  True lets every input dim vary (one compile serves several shapes), or export's dynamic_shapes
     dump_dir: write the IR after each pass to numbered files there
-    The model is never modified; a failing pass raises ``PassError`` naming it."""
+    The model is never modified (a forward that writes into the model's buffers writes into the compiled
+    model's own copies); a failing pass raises ``PassError`` naming it."""
     check_options(backend, backend_options)             # before any work: a typo fails at once
     cap = CapturedModel.given("slimfx.compile", model, example_inputs, example_kwargs, dynamic, capture)
     # a capture given is forked: compiled graphs never share the capture's (one made here is this compile's own)
@@ -92,7 +93,10 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
         calibration = list(calibration)    # a generator or other one-shot iterator: every pass reads all of it
     signature = InputSignature.from_capture(model, captured)
     ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model, signature.check)
-    reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
+    # a forward that writes into its own buffers (a counter, a static KV cache): the compiled graph gets its own
+    # copies, and the model's are put back after the reference call (the pass manager keeps the graph's)
+    with ir.state_kept(ir.own_state(gm)):
+        reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
     gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
                               progress=progress).run(gm, ctx, reference)
     t1 = time.perf_counter()

@@ -5,6 +5,7 @@ node's implementation up front, so a missing op fails at compile time naming the
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 
@@ -16,6 +17,8 @@ from .. import ir
 from . import numpy_ops  # noqa: F401 - registers the ATen implementations
 from .numpy_ops import NP_DTYPE
 from .optable import NUMPY_OPS
+
+aten = torch.ops.aten
 
 # Modules that register numpy implementations of slimfx dialect ops (imported when present).
 _EXTENSIONS = ("slimfx.backends.numpy_quant", "slimfx.backends.numpy_fused")
@@ -52,9 +55,18 @@ class NumpyProgram:
         self.placeholders = [n for n in nodes if n.op == "placeholder"]
         self.output = nodes[-1]
         self.consts = {n: to_numpy(getattr(gm, n.target)) for n in nodes if n.op == "get_attr"}
+        # the model's state (export's copy_ into a buffer): held as fresh arrays, replaced on each write, never
+        # written in place (numpy ops here return their operands' arrays as views: an earlier read keeps its value)
+        self.state = {n.args[0].target for n in nodes if n.op == "call_function" and n.target is aten.copy_.default
+                      and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
+        for target in self.state:
+            value = to_numpy(getattr(gm, target)).copy()
+            self.consts.update({n: value for n in self.consts if n.target == target})
         self.steps = []
         for n in nodes:
-            if n.op == "call_function":
+            if n.op == "call_function" and n.target is aten.copy_.default and n.args[0] in self.consts:
+                self.steps.append((n, functools.partial(self._write_state, n.args[0].target), None))
+            elif n.op == "call_function":
                 fn = NUMPY_OPS.get(n.target)
                 if fn is None:
                     raise UnsupportedOpError(_missing(n))
@@ -72,6 +84,15 @@ class NumpyProgram:
         for a, i in last_use.items():
             if a.op == "call_function" and a not in outs:
                 self.free_after[i].append(a)
+
+    def _write_state(self, target: str, dst: np.ndarray, src, non_blocking=False) -> np.ndarray:
+        """aten.copy_(buffer, value): the next run reads ``value`` (cast and broadcast as copy_ does); the graph's
+        tensor follows, so saving the compiled model saves its state as the torch backend would."""
+        new = np.array(np.broadcast_to(np.asarray(src).astype(dst.dtype, copy=False), dst.shape))
+        self.consts.update({n: new for n in self.consts if n.target == target})
+        with torch.no_grad():
+            getattr(self.gm, target).copy_(torch.from_numpy(new))
+        return new
 
     def run(self, flat_inputs: list, timings: dict | None = None) -> list:
         """Execute on the placeholders' values; with ``timings``, add each op's seconds to timings[op name]."""

@@ -117,7 +117,25 @@ def _as_int(bound):
 def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
     if kwargs:
         raise CaptureError("fx.symbolic_trace takes positional example inputs only; pass example_inputs as a tuple")
-    return fx.symbolic_trace(model)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    versions = {k: t._version for k, t in tensors.items()}
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+    gm = fx.symbolic_trace(model)
+    written = [k for k, t in tensors.items() if t._version != versions[k]]
+    with torch.no_grad():
+        for k in written:
+            if k in buffers:           # put back what the trace wrote (a parameter written in forward is rarer)
+                tensors[k].copy_(buffers[k])
+    # a write whose value the trace could not compute (``self.mean.add_(x)``): a node on a constant
+    written += [n.args[0].target for n in gm.graph.nodes if n.op in ("call_method", "call_function")
+                and str(getattr(n.target, "__name__", n.target)).endswith("_") and n.args
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"]
+    if written:
+        raise CaptureError(f"{type(model).__name__}.forward writes into its tensors {sorted(set(written))[:5]}: "
+                           f"fx.symbolic_trace runs such writes once while tracing (or records them on a "
+                           f"constant), so its graph would not hold them; capture with method='export', which "
+                           f"keeps them as the compiled model's own state")
+    return gm
 
 
 def _flatten_attributes(gm: fx.GraphModule) -> fx.GraphModule:
@@ -229,6 +247,8 @@ def _explain(name, errors, dynamic) -> str:
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" (at {where.filename}:{where.lineno})" if where else ""
         lines.append(f"  {how}: {type(e).__name__}: {first}{at}")
+    if all(isinstance(e, CaptureError) for _, e in errors):
+        return "\n".join(lines)          # slimfx's own refusals say what to do
     lines.append("what to try:")
     if any("Cache" in str(e) for _, e in errors):
         lines.append("  - the model returns a KV-cache object: pass use_cache=False with the example inputs")

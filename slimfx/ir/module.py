@@ -1,6 +1,7 @@
 """Copying a GraphModule cheaply: a new graph (nodes, metadata, call convention) over the same tensors."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -36,6 +37,48 @@ def tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the graph reads, by attribute name."""
     return {n.target: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
             and isinstance(getattr(gm, n.target, None), torch.Tensor)}
+
+
+def state_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors the graph writes into when it runs, by attribute name: a model's state (a counter, a running
+    mean, a static KV cache kept in buffers), which torch.export leaves as ``copy_`` into the buffer after the
+    graph's pure computation."""
+    out = {}
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None or not schema.is_mutable or not node.args:
+            continue
+        dst = node.args[0]
+        if isinstance(dst, fx.Node) and dst.op == "get_attr" and isinstance(getattr(gm, dst.target, None),
+                                                                           torch.Tensor):
+            out[dst.target] = getattr(gm, dst.target)
+    return out
+
+
+def own_state(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Give ``gm`` its own copy of each state tensor (the ones it writes into), so running it never writes into
+    the model it was captured from nor into another graph's; returns {name: the model's tensor}."""
+    theirs = state_tensors(gm)
+    for name, t in theirs.items():
+        mine = t.detach().clone()
+        if name in gm._parameters:
+            gm._parameters[name] = torch.nn.Parameter(mine, requires_grad=t.requires_grad)
+        else:
+            gm._buffers[name] = mine
+    return theirs
+
+
+@contextlib.contextmanager
+def state_kept(tensors):
+    """Run a block that may write into ``tensors`` (a dict or iterable of them) and put their values back after."""
+    tensors = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
+    saved = [t.detach().clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in zip(tensors, saved):
+                t.copy_(v)
 
 
 def drop_unused_tensors(gm: fx.GraphModule) -> int:

@@ -100,12 +100,14 @@ class PassManager:
             name = p.pass_name
             bar.set_postfix_str(name)
             before = ir.fork(gm)
-            fp, tensors = _fingerprint(before), ir.tensors(before)
+            state = ir.state_tensors(before)   # the graph's own writes when it runs (calibration runs it)
+            fp, tensors = _fingerprint(before), {k: t for k, t in ir.tensors(before).items() if k not in state}
             versions = {k: t._version for k, t in tensors.items()}
             n_before = len(before.graph.nodes)
             t0 = time.perf_counter()
             try:
-                res = p(before, ctx)
+                with ir.state_kept(state):    # runs on calibration data leave the state as it was
+                    res = p(before, ctx)
             except Exception as e:
                 raise self._error(name, records, f"raised {type(e).__name__}: {e}",
                                   _written(tensors, versions)) from e
@@ -167,7 +169,8 @@ class PassManager:
 
 
 def run_torch(gm: fx.GraphModule, ctx: PassContext):
-    with torch.no_grad():
+    """The graph's output on the example inputs, from the state it had (a measurement does not advance it)."""
+    with torch.no_grad(), ir.state_kept(ir.state_tensors(gm)):
         return gm(*ctx.example_args, **ctx.example_kwargs)
 
 
