@@ -162,19 +162,24 @@ def check(family: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated transformers model types")
-    ap.add_argument("--name", default="families")
+    ap.add_argument("--name", default="families", help="results file name (before the CPU name)")
     ap.add_argument("--update", action="store_true",
                     help="replace only these families' rows in the saved results of this machine")
     args = ap.parse_args()
+    chosen = [f for f in args.families.split(",") if f]
+    saved = ROOT / "bench" / "results" / f"{args.name}-{slug(cpu_name())}.json"
+    if set(chosen) != set(FAMILIES) and not args.update and saved.is_file():
+        ap.error(f"--families gives {len(chosen)} of the {len(FAMILIES)} families: it would write over the whole "
+                 f"matrix in {saved.relative_to(ROOT)}; add --update to replace those rows there, or --name to "
+                 f"write a file of its own")
     warnings.filterwarnings("ignore")
     rows = []
-    for family in tqdm(args.families.split(","), desc="families"):
+    for family in tqdm(chosen, desc="families"):
         try:
             rows.append(check(family))
         except Exception as e:           # recorded, not raised: the matrix shows what fails and why
             rows.append({"family": family, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         tqdm.write(str(rows[-1]))
-    saved = ROOT / "bench" / "results" / f"{args.name}-{slug(cpu_name())}.json"
     if args.update and saved.is_file():
         new = {r["family"]: r for r in rows}
         old = json.loads(saved.read_text())["rows"]
