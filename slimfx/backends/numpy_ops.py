@@ -87,13 +87,27 @@ def assert_scalar(cond, msg):
 
 
 # --- elementwise ------------------------------------------------------------------------------------
+def wrapped(a, b):
+    """A Python int operand of an integer array as torch takes it, cast to the array's dtype with wraparound
+    (int8 x < 200 compares with -56, x + 200 adds -56): numpy compares the true value and refuses the sum."""
+    def wrap(v, arr):
+        if isinstance(v, int) and not isinstance(v, bool) and isinstance(arr, np.ndarray) and arr.dtype.kind in "iu":
+            info = np.iinfo(arr.dtype)
+            if not info.min <= v <= info.max:
+                return (v - info.min) % (int(info.max) - int(info.min) + 1) + int(info.min)
+        return v
+    return wrap(a, b), wrap(b, a)
+
+
 @numpy_op(aten.add.Tensor, aten.add.Scalar)
 def add(a, b, alpha=1):
+    a, b = wrapped(a, b)
     return a + (b * alpha if alpha != 1 else b)
 
 
 @numpy_op(aten.sub.Tensor, aten.sub.Scalar)
 def sub(a, b, alpha=1):
+    a, b = wrapped(a, b)
     return a - (b * alpha if alpha != 1 else b)
 
 
@@ -104,6 +118,7 @@ def rsub(a, b, alpha=1):
 
 @numpy_op(aten.mul.Tensor, aten.mul.Scalar)
 def mul(a, b):
+    a, b = wrapped(a, b)
     return a * b
 
 
@@ -151,9 +166,13 @@ def pow_scalar_base(a, b):
     return np.power(*promoted(a, b))
 
 
+def _compare(fn):
+    return lambda a, b: fn(*wrapped(a, b))
+
+
 for _name, _fn in {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
                    "ge": np.greater_equal}.items():
-    numpy_op(getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)(_fn)
+    numpy_op(getattr(aten, _name).Tensor, getattr(aten, _name).Scalar)(_compare(_fn))
 numpy_op(aten.logical_and.default)(np.logical_and)
 numpy_op(aten.logical_or.default)(np.logical_or)
 numpy_op(aten.logical_xor.default)(np.logical_xor)

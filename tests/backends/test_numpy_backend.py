@@ -128,6 +128,20 @@ def test_bitwise_ops_and_a_narrow_gather_match_torch():
         assert got.dtype == want.dtype and (torch.equal(got, want) or torch.allclose(got, want, atol=1e-6))
 
 
+def test_python_ints_beyond_an_integer_dtype_wrap_as_in_torch():
+    """torch casts a Python int operand to an int8/uint8 tensor's dtype with wraparound (x < 200 compares with
+    -56, x + 200 adds -56); numpy compared the true values (silently other booleans) and refused the sums."""
+    class Ops(nn.Module):
+        def forward(self, x, u):
+            return (x < 200, x > -300, x == 356, x + 200, x - 300, x * 1000, u < 300, u + 511, x <= 100, x * 3)
+
+    x = torch.tensor([[-5, 100, 127, -128]], dtype=torch.int8)
+    u = torch.tensor([0, 7, 255, 44], dtype=torch.uint8)
+    cm = slimfx.compile(Ops().eval(), (x, u), progress=False)
+    for got, want in zip(cm(x, u), Ops()(x, u)):
+        assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
+
+
 def test_out_of_range_indices_fail_as_in_torch():
     """np.take wraps a negative index around (id -1 would read the last embedding row); torch refuses it."""
     class Lookup(nn.Module):
