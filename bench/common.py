@@ -1,9 +1,13 @@
 """What the CPU benchmarks share: the machine's name, median timing, and writing results."""
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,9 +55,32 @@ def paired_median_ms(fa, fb, repeats: int, rounds: int = 3) -> tuple[float, floa
     return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
 
 
+def provenance(machine: str | None = None) -> dict:
+    """Where a result came from: the date, the machine, the command, slimfx's git revision (``+dirty`` with
+    uncommitted changes) and the versions of the libraries that decide the numbers."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = (rev + ("+dirty" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        rev = "unknown"
+    versions = {}
+    for lib in ("torch", "transformers", "numpy", "triton"):
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine or cpu_name(),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "git": rev, **versions}
+
+
 def save(name: str, machine: str, res: dict, md: str) -> Path:
-    """Write results/<name>-<machine>.json and .md; returns the stem."""
+    """Write results/<name>-<machine>.json (with its provenance) and .md; returns the stem."""
     RESULTS.mkdir(exist_ok=True)
+    res = {**res, "provenance": provenance(machine)}
     stem = RESULTS / f"{name}-{slug(machine)}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     stem.with_suffix(".md").write_text(md + "\n")

@@ -18,6 +18,7 @@ import torch
 if not torch.cuda.is_available():         # no GPU: the checks run under Triton's interpreter, a smoke test
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import provenance  # noqa: E402
 from slimfx import kernels as K  # noqa: E402
 from slimfx.quant import linear as QL  # noqa: E402
 from slimfx.quant.numerics import absmax_scale_torch, quantize_torch  # noqa: E402
@@ -88,7 +89,7 @@ def main():
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)"
     print("ALL EXACT" if ok else "MISMATCHES FOUND", name)
     if a.out:
-        a.out.write_text(json.dumps({"device": name, "torch": torch.__version__,
+        a.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "provenance": provenance(name),
                                      "all_exact": ok, "rows": rows}, indent=1) + "\n")
 
 

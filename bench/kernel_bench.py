@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import kernel_report as R  # noqa: E402
+from common import provenance  # noqa: E402
 
 FULL_MS = [1, 16, 128, 512, 2048]
 FULL_NK = [(4096, 4096), (11008, 4096), (4096, 11008), (11008, 11008)]
@@ -321,7 +322,7 @@ def run_gpu(args) -> tuple[list[dict], dict]:
     import triton
     card = torch.cuda.get_device_name()
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, quick=args.quick, fake=False,
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
+                date=datetime.datetime.now().isoformat(timespec="seconds"), provenance=provenance(card))
     bench = Bench({s for s in args.only.split(",") if s}, cudagraph=args.cudagraph)
     meta["timing"] = "CUDA-graph replay" if args.cudagraph else "eager launches"
     budget = args.budget_s if args.budget_s is not None else (150 if args.quick else 420)

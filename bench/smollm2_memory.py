@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
-from bench.common import RESULTS  # noqa: E402
+from bench.common import RESULTS, provenance  # noqa: E402
 from bench.models import load_smollm2  # noqa: E402
 from slimfx.passes import Fuse, LowerSparse, Prune, Quantize  # noqa: E402
 
@@ -92,7 +92,7 @@ def main():
     md = "\n".join(lines) + "\n"
     print(md)
     RESULTS.mkdir(exist_ok=True)
-    res = {"torch": torch.__version__, "rows": rows}
+    res = {"torch": torch.__version__, "rows": rows, "provenance": provenance()}   # bytes: any machine alike
     (RESULTS / "smollm2_memory.json").write_text(json.dumps(res, indent=1) + "\n")
     (RESULTS / "smollm2_memory.md").write_text(md)
     print(f"wrote {RESULTS / 'smollm2_memory'}.json and .md")
