@@ -53,7 +53,7 @@ class NumpyProgram:
         self.gm = gm
         nodes = list(gm.graph.nodes)
         self.placeholders = [n for n in nodes if n.op == "placeholder"]
-        self.output = nodes[-1]
+        self.output = next(n for n in nodes if n.op == "output")
         self.consts = {n: to_numpy(getattr(gm, n.target)) for n in nodes if n.op == "get_attr"}
         # the model's state (export's copy_ into a buffer): held as fresh arrays, replaced on each write, never
         # written in place (numpy ops here return their operands' arrays as views: an earlier read keeps its value)
@@ -131,8 +131,8 @@ def _missing(n: fx.Node) -> str:
 
 
 def to_torch(x):
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, np.ndarray):      # np.ascontiguousarray would make a 0-d array 1-d
+        return torch.from_numpy(x if x.flags.c_contiguous else np.ascontiguousarray(x))
     if isinstance(x, np.generic):
         return torch.from_numpy(np.asarray(x))
     return x

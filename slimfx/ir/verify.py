@@ -38,13 +38,19 @@ def output_signature(gm: fx.GraphModule, names: Optional[dict] = None) -> list[t
 
 def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = None,
            names: Optional[dict] = None) -> None:
-    """Check (1) fx's structural lint (defined-before-use, one output), (2) every get_attr reads a tensor
+    """Check (1) fx's structural lint (defined-before-use, one output, the last node), (2) every get_attr reads a tensor
     that exists, (3) shapes and dtypes propagate through every node (a pass that wires a wrong shape fails
     here, at the node), (4) the outputs keep the shapes and dtypes they had."""
     try:
         gm.graph.lint()
     except Exception as e:
         raise VerificationError(f"graph is malformed: {e}") from e
+    last = list(gm.graph.nodes)[-1] if len(gm.graph.nodes) else None
+    if last is not None and last.op != "output" and any(n.op == "output" for n in gm.graph.nodes):
+        # graph.call_function outside an inserting_* block appends after the output: fx lints it, torch's code
+        # ignores it, a backend reading the last node as the output would return it
+        raise VerificationError(f"node {last.name} ({last.op} {last.target}) comes after the output node; insert "
+                                f"nodes with graph.inserting_before/inserting_after")
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             t = getattr(gm, n.target, None)

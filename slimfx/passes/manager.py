@@ -120,7 +120,9 @@ class PassManager:
             if not isinstance(res.stats, dict):
                 raise self._error(name, records, f"returned stats of type {type(res.stats).__name__}; "
                                                  f"PassResult's stats must be a dict")
-            modified = res.modified if res.modified is not None else _fingerprint(new) != fp
+            # a pass's own word counts only when it says it changed the graph: one that edited the graph and said
+            # False would skip the recompile, the verifier and the measurement (torch then ran the old code)
+            modified = bool(res.modified) or _fingerprint(new) != fp
             if modified:
                 try:
                     new.recompile()

@@ -142,6 +142,19 @@ def test_python_ints_beyond_an_integer_dtype_wrap_as_in_torch():
         assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
 
 
+def test_zero_dim_outputs_keep_their_shape():
+    """np.ascontiguousarray makes a 0-d array 1-d: y.sum() came back with shape (1,) where torch gives ()."""
+    class Sums(nn.Module):
+        def forward(self, y):
+            return y.sum(), {"peak": y.amax(dim=(0, 1))}, (y * y).sum() / 12
+
+    y = torch.randn(3, 4)
+    cm = slimfx.compile(Sums().eval(), (y,), progress=False)
+    got, want = cm(y), Sums()(y)
+    assert [t.shape for t in (got[0], got[1]["peak"], got[2])] == [torch.Size([])] * 3
+    torch.testing.assert_close(got, want)
+
+
 def test_out_of_range_indices_fail_as_in_torch():
     """np.take wraps a negative index around (id -1 would read the last embedding row); torch refuses it."""
     class Lookup(nn.Module):

@@ -235,3 +235,37 @@ def test_report_to_dict_is_strict_json(net):
                         progress=False)
     data = json.loads(json.dumps(cm.report().to_dict(), allow_nan=False))    # the exact pass: inf SQNR
     assert data["passes"][0]["sqnr_db"] == "inf" and isinstance(data["passes"][1]["stats"]["t"], str)
+
+
+def test_a_node_appended_after_the_output_is_refused_naming_it(net):
+    """graph.call_function outside an inserting_* block lands after the output node: torch's code ignored it
+    and the numpy backend returned it as the output (fc1's activations instead of the model's)."""
+    model, x = net, X[0]
+
+    def stray(gm):
+        fc = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+        gm.graph.call_function(torch.ops.aten.relu.default, (fc,))
+        return gm
+
+    with pytest.raises(slimfx.PassError, match=r"comes after the output node"):
+        slimfx.compile(model, (x,), passes=[stray], progress=False)
+
+
+def test_a_pass_saying_unchanged_after_editing_the_graph_is_still_checked(net):
+    """PassResult(modified=False) from a pass that dropped a bias: the torch backend ran the stale code (as if
+    unchanged) while the numpy backend and save ran the edited graph; the report said SQNR inf."""
+    model, x = net, X[0]
+
+    def drop_bias(gm):
+        fc = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default and len(n.args) > 2)
+        fc.args = fc.args[:2]
+        return PassResult(gm, False, {})
+
+    outs = []
+    for backend in ("torch", "numpy"):
+        cm = slimfx.compile(model, (x,), passes=[drop_bias], backend=backend, progress=False)
+        rec = cm.report().records[0]
+        assert rec.modified and rec.sqnr_db < 100
+        outs.append(cm(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[0], model(x), atol=1e-4)
