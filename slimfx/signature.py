@@ -120,10 +120,14 @@ class InputSignature:
             self._fail(f"input {name!r} has {got.dim()} dims {tuple(got.shape)}, expected {exp.dim()} "
                        f"{tuple(str(d) for d in exp.shape)}")
         for d, (g, e) in enumerate(zip(got.shape, exp.shape)):
+            fixed = not isinstance(e, int) and str(e).lstrip("-").isdigit()
+            if fixed:
+                e = int(str(e))      # dynamic=True, and export kept the dim static (a loop over it): a SymInt 5
             if isinstance(e, int):
                 if g != e:
-                    self._fail(f"input {name!r} dim {d} is {g}, but it was compiled static at {e} "
-                               f"(compile with dynamic=True to let it vary)")
+                    why = ("the model fixes it: export specialized it to the example's size, e.g. for a Python "
+                           "loop over it" if fixed else "compile with dynamic=True to let it vary")
+                    self._fail(f"input {name!r} dim {d} is {g}, but it was compiled static at {e} ({why})")
                 continue
             sym = str(e)
             lo, hi = self.ranges.get(sym, (0, None))

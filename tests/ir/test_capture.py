@@ -346,3 +346,30 @@ def test_symbolic_trace_of_a_forward_writing_its_buffers_is_refused_and_puts_the
     with pytest.raises(ir.CaptureError, match=r"writes into its tensors \['calls', 'mean'\].*method='export'"):
         slimfx.compile(model, (x,), capture="symbolic_trace", progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+
+
+def test_dynamic_capture_checks_the_dims_export_kept_static():
+    """dynamic=True on a forward that loops over the sequence: export unrolls the loop for the example's length
+    and keeps that dim as a constant SymInt, which the input check took for a symbol (any size): T=7 ran the
+    first 5 steps only, silently, and a wrong feature size failed deep inside."""
+    import slimfx
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.zeros_like(x[:, 0])
+            for t in range(x.shape[1]):
+                h = torch.tanh(self.lin(x[:, t]) + h)
+            return h
+
+    model, x = Loop().eval(), torch.randn(2, 5, 8)
+    cm = slimfx.compile(model, (x,), dynamic=True, progress=False)
+    x3 = torch.randn(3, 5, 8)                                   # the batch still varies
+    torch.testing.assert_close(cm(x3), model(x3), rtol=1e-5, atol=1e-6)
+    with pytest.raises(slimfx.InputError, match=r"dim 1 is 7, but it was compiled static at 5 \(the model fixes"):
+        cm(torch.randn(2, 7, 8))
+    with pytest.raises(slimfx.InputError, match=r"dim 2 is 9, but it was compiled static at 8"):
+        cm(torch.randn(2, 5, 9))
