@@ -297,20 +297,25 @@ def gelu(x, approximate="none"):
     return blocked(lambda c: _gelu(c, approximate), x)
 
 
+def const(x, v):
+    """A constant in x's precision where that is float64 (else float32, as these ops always computed)."""
+    return np.float64(v) if getattr(x, "dtype", None) == np.float64 else np.float32(v)
+
+
 def _gelu(x, approximate):
     if approximate == "tanh":
         inner = x * x
-        inner *= np.float32(0.044715)
+        inner *= const(x, 0.044715)
         inner += 1
         inner *= x
-        inner *= np.float32(math.sqrt(2 / math.pi))
+        inner *= const(x, math.sqrt(2 / math.pi))
         y = np.tanh(inner, out=inner)
     else:
         y = erf_abs_f32(x * np.float32(1 / math.sqrt(2))) if x.dtype == np.float32 else \
             special.erf(x * (1 / math.sqrt(2)))
     y += 1
     y *= x
-    y *= np.float32(0.5)
+    y *= const(x, 0.5)
     return y
 
 
@@ -450,7 +455,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enab
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     y = x - np.mean(x, axis=axes, keepdims=True)
     var = np.mean(np.square(y), axis=axes, keepdims=True)
-    var += np.float32(eps)
+    var += const(x, eps)
     y *= 1 / np.sqrt(var)
     if weight is not None:
         y *= weight
@@ -547,7 +552,7 @@ def _guarded_softmax(scores):
 @numpy_op(aten.scaled_dot_product_attention.default)
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     L, S = q.shape[-2], k.shape[-2]
-    scale = np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    scale = const(q, 1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)

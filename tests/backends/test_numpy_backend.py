@@ -155,6 +155,22 @@ def test_zero_dim_outputs_keep_their_shape():
     torch.testing.assert_close(got, want)
 
 
+def test_float64_models_keep_float64_precision():
+    """SDPA's scale, tanh-GELU's and LayerNorm's constants were float32: a float64 model on numpy was off by
+    ~1e-8 (float32's precision) where its other ops agree with torch to a few float64 ulp."""
+    class Block(nn.Module):
+        def forward(self, q, k, v, x):
+            return (F.scaled_dot_product_attention(q, k, v), F.gelu(x, approximate="tanh"),
+                    F.layer_norm(x, (x.shape[-1],), eps=1e-5))
+
+    torch.manual_seed(0)
+    args = (torch.randn(2, 3, 7, 16, dtype=torch.float64), torch.randn(2, 3, 7, 16, dtype=torch.float64),
+            torch.randn(2, 3, 7, 16, dtype=torch.float64), torch.randn(4, 33, dtype=torch.float64) * 3)
+    cm = slimfx.compile(Block().eval(), args, progress=False)
+    for got, want in zip(cm(*args), Block()(*args)):
+        assert got.dtype == torch.float64 and (got - want).abs().max() < 1e-13     # ~5 ulp of values ~1-10
+
+
 def test_out_of_range_indices_fail_as_in_torch():
     """np.take wraps a negative index around (id -1 would read the last embedding row); torch refuses it."""
     class Lookup(nn.Module):
