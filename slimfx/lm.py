@@ -27,7 +27,7 @@ a decode step reads the whole buffer and returns it with the two fed tokens' key
 what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer size and batch; the prompt runs
 without a graph), at the price of attending over masked slots (at most half the buffer).
 
-Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window) is
+Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window, GPT-Neo's local layers) is
 exact within the window. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)`` without the config,
 so every layer is a full one, and the model's sliding layers get transformers' sliding mask over cache *slots*:
 key slot k is seen from query slot q when q - window < k <= q (and unmasked). The slots are the prompt's
@@ -149,6 +149,10 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     windows = [int(layer.sliding_window) for layer in layers if type(layer) is DynamicSlidingWindowLayer]
     if windows and getattr(config, "sliding_window", None) is not None:
         windows.append(int(config.sliding_window))
+    if "local" in (getattr(config, "attention_layers", None) or ()) and getattr(config, "window_size", None):
+        # GPT-Neo: its local layers keep full caches and mask by slot index (a banded causal buffer), the same
+        # contract as the sliding layers above
+        windows.append(int(config.window_size))
     # keys and values may differ in width (DeepSeek's multi-head latent attention: rope + nope dims vs v_head_dim)
     layout = [((int(layer.keys.shape[1]), int(layer.keys.shape[3])),
                (int(layer.values.shape[1]), int(layer.values.shape[3]))) for layer in layers]

@@ -236,11 +236,16 @@ def _sliding(family, window):
         "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_SMALL, head_dim=8, sliding_window=window,
                                                                  layer_types=["sliding_attention", "full_attention"])),
         "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**_SMALL, sliding_window=window)),
+        # local layers by config.window_size and attention_layers, not sliding_window (it was missed: wrong tokens
+        # from the window's end on)
+        "gpt_neo": lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
+            vocab_size=97, hidden_size=32, num_heads=4, num_layers=2, attention_types=[[["global", "local"], 1]],
+            window_size=window, max_position_embeddings=128, intermediate_size=64)),
     }
     return make[family]().eval()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "gpt_neo"])
 def test_sliding_window_models_generate_transformers_tokens_within_the_window(family):
     """The step captures sliding-window layers as full ones; their mask (transformers' kv_idx > q_idx - window
     over cache slots) excludes nothing while a step sees at most ``window`` slots, which generation keeps to.
