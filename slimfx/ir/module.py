@@ -22,9 +22,13 @@ def fork(gm: fx.GraphModule) -> fx.GraphModule:
     out_val, out_node = graph.graph_copy(gm.graph, val_map, return_output_node=True)
     new_out = graph.output(out_val, type_expr=out_node.type)
     new_out.meta = copy.copy(out_node.meta)
-    for node in graph.nodes:
-        if isinstance(node.meta.get("slimfx"), meta.NodeInfo):
-            node.meta["slimfx"] = dataclasses.replace(node.meta["slimfx"])
+    for node in graph.nodes:       # graph_copy copies each meta dict, not what it holds: the mutable parts too
+        info = node.meta.get("slimfx")
+        if isinstance(info, meta.NodeInfo):
+            node.meta["slimfx"] = dataclasses.replace(info, quant=copy.deepcopy(info.quant),
+                                                      merged=None if info.merged is None else list(info.merged))
+        if isinstance(node.meta.get("nn_module_stack"), dict):
+            node.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
     root = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):

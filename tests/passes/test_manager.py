@@ -269,3 +269,30 @@ def test_a_pass_saying_unchanged_after_editing_the_graph_is_still_checked(net):
         outs.append(cm(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outs[0], model(x), atol=1e-4)
+
+
+def test_a_pass_editing_node_metadata_in_place_leaves_the_graph_before_it_alone(net):
+    """ir.fork copied each node's meta dict but shared what it holds: a pass that edited nn_module_stack or
+    info(node).quant in place changed the capture (a later Quantize(include="a") found no layer "a") and the
+    graph before it, also when it then failed."""
+    from slimfx.passes import PassContext, PassManager, Quantize
+    model, x = net, X[0]
+    cap = slimfx.capture(model, (x,))
+
+    def rename_then_fail(gm):
+        for n in gm.graph.nodes:
+            for k, (path, ty) in list((n.meta.get("nn_module_stack") or {}).items()):
+                n.meta["nn_module_stack"][k] = (path + "_seen", ty)
+            if n.meta.get("slimfx") is not None and ir.meta.info(n).quant:
+                ir.meta.info(n).quant["note"] = "mine"
+        raise RuntimeError("after touching meta")
+
+    with pytest.raises(slimfx.PassError, match="graph before this pass are untouched"):
+        slimfx.compile(cap, passes=[rename_then_fail], progress=False)
+    cm = slimfx.compile(cap, passes=[Quantize(include=("a",))], progress=False)
+    assert cm.report().records[0].stats["layers"] == 1
+    with pytest.raises(slimfx.PassError):
+        PassManager([rename_then_fail], progress=False).run(cm.graph, PassContext())
+    assert not any((ir.meta.info(n).quant or {}).get("note") for n in cm.graph.graph.nodes
+                   if n.meta.get("slimfx") is not None)
+    assert {ir.meta.module_name(n) for n in cm.graph.graph.nodes} >= {"a", "b"}
