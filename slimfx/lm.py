@@ -27,8 +27,8 @@ a decode step reads the whole buffer and returns it with the two fed tokens' key
 what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer size and batch; the prompt runs
 without a graph), at the price of attending over masked slots (at most half the buffer).
 
-Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window, GPT-Neo's local layers) is
-exact within the window. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)`` without the config,
+Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window,
+GPT-Neo's local layers) is exact within the window. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)`` without the config,
 so every layer is a full one, and the model's sliding layers get transformers' sliding mask over cache *slots*:
 key slot k is seen from query slot q when q - window < k <= q (and unmasked). The slots are the prompt's
 positions shifted by one (the masked slot in front), so a prompt alone gets exactly the model's mask at any length
