@@ -57,9 +57,7 @@ class NumpyProgram:
         self.consts = {n: to_numpy(getattr(gm, n.target)) for n in nodes if n.op == "get_attr"}
         # the model's state (export's copy_ into a buffer): held as fresh arrays, replaced on each write, never
         # written in place (numpy ops here return their operands' arrays as views: an earlier read keeps its value)
-        self.state = {n.args[0].target for n in nodes if n.op == "call_function" and n.target is aten.copy_.default
-                      and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"}
-        for target in self.state:
+        for target in ir.state_tensors(gm):
             value = to_numpy(getattr(gm, target)).copy()
             self.consts.update({n: value for n in self.consts if n.target == target})
         self.steps = []
