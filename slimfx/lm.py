@@ -11,9 +11,10 @@ length, head dim; keys and values may differ in head dim, as in DeepSeek's laten
 and cache length dynamic, so the passes (and their calibration) run once. Two facts of torch.export shape the
 calls ``generate`` makes:
 - a sequence of 1 token is specialized (sdpa's causal flag branches on it), so a decode step feeds 2 tokens:
-  the previous one again (its cache slot is masked for the step and rewritten with the same numbers) and the
-  new one. Linear layers then see 2 rows per sequence: 2x their arithmetic on the numpy backend; on a GPU,
-  where a decode step is bound by reading the weights, it should cost little (not measured yet);
+  the previous one again, masked (the new token reads its keys and values from its cache slot, as written by
+  the step that fed it; only the new token's slot is written), and the new one. Linear layers then see 2 rows
+  per sequence: 2x their arithmetic on the numpy backend; on a GPU, where a decode step is bound by reading the
+  weights, it should cost little (not measured yet);
 - an empty cache is specialized too, so the cache always holds one masked slot (zeros) before the first
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
@@ -33,11 +34,15 @@ so every layer is a full one, and the model's sliding layers get transformers' s
 key slot k is seen from query slot q when q - window < k <= q (and unmasked). The slots are the prompt's
 positions shifted by one (the masked slot in front), so a prompt alone gets exactly the model's mask at any length
 (transformers counts left padding in the window too). Decode steps put masked slots between the tokens (the
-re-fed token's, the unfilled ones) and their two fed tokens at the buffer's end, so there it is exact only while
+unfilled ones, the re-fed token's copy) and their two fed tokens at the buffer's end, so there it is exact only while
 a step sees at most ``window`` slots: the window then excludes nothing, as it excludes nothing in the model, whose
 tokens are fewer. The buffer grows to ``window - 2`` slots at most, and ``generate`` refuses a prompt of n tokens
 (padding included) with more than ``window - 2 - n`` new ones (or 1, which comes from the prompt alone) before
 its first step; ``decode`` refuses a step past the window itself.
+
+Long-context Phi-3 (``rope_type="longrope"``) rotates with short factors up to ``original_max_position_embeddings``
+tokens and long ones past it, chosen per call; transformers' ``generate`` drops the cache at the step that crosses
+that length and runs the whole sequence with the long factors, and so does ``decode`` (once, a prefill-sized step).
 """
 from __future__ import annotations
 
@@ -171,6 +176,26 @@ def _normalized_layout(layout) -> list:
     return out
 
 
+def rope_switch(model: nn.Module) -> Optional[int]:
+    """The sequence length past which the model's rotary embedding switches from its short to its long factors
+    (``rope_type="longrope"``: Phi-3 and PhiMoE's long-context models), else None. Keys cached before the switch
+    were rotated with the short factors, so transformers' Phi-3 drops the cache at the step that crosses it and
+    runs the whole sequence again; ``CompiledCausalLM.decode`` does the same."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return None
+    nested = [v for v in params.values() if isinstance(v, dict)]    # one set per attention type (Gemma-3's layout)
+    switches = []
+    for p in nested or [params]:
+        if p.get("rope_type", p.get("type")) == "longrope":
+            n = p.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+            if n is None:
+                raise TypeError(f"{type(model).__name__}: longrope scaling without original_max_position_embeddings")
+            switches.append(int(n))
+    return min(switches) if switches else None
+
+
 def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1,
                 all_logits: bool = True) -> tuple:
     """The step's inputs for a prompt (prefill): ``slots`` masked cache slots of zeros, positions that
@@ -273,12 +298,12 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
         eos = getattr(model.config, "eos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
     return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
-                            model_name=type(model).__name__)
+                            model_name=type(model).__name__, rope_switch=rope_switch(model))
 
 
 def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, window: Optional[int] = None) -> None:
     """Refuse ``model`` unless generating through ``step`` gives the logits of the model run on the real tokens
-    alone (a left-padded prompt, then two decode steps: masked slots in front, the re-fed token's slot masked,
+    alone (a left-padded prompt, then two decode steps: masked slots in front, the re-fed token masked,
     unfilled slots between the prompt and the new tokens). A model that takes position_ids gets them from the
     step, counted over real tokens only; one that does not must derive its positions from the attention mask
     (BLOOM's ALiBi does), not from the cache length (MPT's ALiBi, BART's learned positions): those would see
@@ -334,12 +359,13 @@ class CompiledCausalLM:
     min_cache = 64          # cache slots to begin with (then powers of two)
 
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
-                 model_name: Optional[str] = None):
+                 model_name: Optional[str] = None, rope_switch: Optional[int] = None):
         self.step = step                               # the CompiledModel of CausalLMStep
         self.layout = _normalized_layout(layout)
         self.dtype = dtype
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.model_name = model_name or "the model"
+        self.rope_switch = None if rope_switch is None else int(rope_switch)
         eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_token_id = [eos] if isinstance(eos, int) else (eos or [])
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_id or [0])[0]
@@ -351,7 +377,8 @@ class CompiledCausalLM:
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledCausalLM":
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
         return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
-                                self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name)
+                                self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name,
+                                self.rope_switch)
 
     @property
     def graph(self):
@@ -371,6 +398,8 @@ class CompiledCausalLM:
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
                  "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
+        if self.rope_switch is not None and ids.shape[1] <= self.rope_switch:   # decode may run it all again
+            state["ids"], state["ids_mask"] = ids.to(dev), mask[:, -ids.shape[1]:].to(dev)
         return out["logits"], state
 
     def _capacity(self, n: int) -> int:
@@ -392,8 +421,18 @@ class CompiledCausalLM:
         """Logits (batch, vocab) after appending ``tokens`` (batch,) to ``state`` (updated in place).
 
         The cache is a buffer of ``capacity`` slots, the unfilled ones masked; the step reads all of them and
-        returns them with the two fed tokens' keys and values appended, which go back into their slots. The
-        previous token is fed again (module docstring), so its slot is masked for the step, not read twice."""
+        returns them with the two fed tokens' keys and values appended, of which the new token's go into its slot.
+        The previous token is fed again (module docstring), masked: its slot is read instead, not its copy.
+        Crossing a longrope model's switch (``rope_switch``) runs the whole sequence again, as transformers does."""
+        if "ids" in state:                                      # below the model's rope switch (rope_switch)
+            ids, mask = torch.cat([state["ids"], tokens[:, None]], 1), torch.cat(
+                [state["ids_mask"], torch.ones_like(state["ids_mask"][:, :1])], 1)
+            if ids.shape[1] > self.rope_switch:                 # as transformers' Phi-3: the whole sequence again
+                logits, new = self.prefill(ids, mask)
+                state.clear()
+                state.update(new)
+                return logits[:, -1]
+            state["ids"], state["ids_mask"] = ids, mask
         n = state["filled"]
         if n + 1 > state["mask"].shape[1]:                     # full: the next power of two
             cap = self._capacity(n + 1)
@@ -404,14 +443,14 @@ class CompiledCausalLM:
             state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
             state["mask"] = _pad(state["mask"], cap, 1)
         slots = state["mask"]
-        step_mask = slots.clone()
-        step_mask[:, n - 1] = 0
         ids = torch.cat([state["token"], tokens[:, None]], 1)
         pos = torch.cat([state["position"], state["position"] + 1], 1)
-        out = self._run(ids, pos, torch.cat([step_mask, torch.ones_like(slots[:, :2])], 1), state["cache"],
+        fed = torch.ones_like(slots[:, :2])
+        fed[:, 0] = 0                                           # the re-fed token: its cache slot is read instead
+        out = self._run(ids, pos, torch.cat([slots, fed], 1), state["cache"],
                         state["at"])                          # the logits of the new token only
-        for (kb, vb), (k, v) in zip(state["cache"], out["cache"]):
-            kb[:, :, n - 1:n + 1], vb[:, :, n - 1:n + 1] = k[:, :, -2:], v[:, :, -2:]
+        for (kb, vb), (k, v) in zip(state["cache"], out["cache"]):   # the new token's slot only: the re-fed
+            kb[:, :, n], vb[:, :, n] = k[:, :, -1], v[:, :, -1]         # token's stays as its own step wrote it
         slots[:, n] = 1
         state.update(filled=n + 1, token=tokens[:, None], position=pos[:, -1:])
         return out["logits"][:, -1]
@@ -506,7 +545,7 @@ class CompiledCausalLM:
         path = self.step.save(path)
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
                 "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-                "sliding_window": self.sliding_window, "model": self.model_name}
+                "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch}
         tmp = path / (LM_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path / LM_FILE)
@@ -539,11 +578,14 @@ class CompiledCausalLM:
         window = data.get("sliding_window")           # (absent from files saved before)
         if window is not None and not (isinstance(window, int) and window >= 3):
             raise FormatError(f"{where}: sliding_window must be null or an int >= 3, got {window!r}")
+        switch = data.get("rope_switch")              # (absent from files saved before)
+        if switch is not None and not (isinstance(switch, int) and switch >= 1):
+            raise FormatError(f"{where}: rope_switch must be null or an int >= 1, got {switch!r}")
         eos, pad = data["eos_token_id"], data["pad_token_id"]
         if not (eos is None or isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)) \
                 or not (pad is None or isinstance(pad, int)):
             raise FormatError(f"{where}: eos_token_id / pad_token_id must be token ids, got {eos!r} / {pad!r}")
-        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"))
+        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch)
 
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"

@@ -381,6 +381,46 @@ def test_other_families_generate_what_transformers_generates(family, backend):
             assert torch.equal(got, ref), f"{family} pad 0\n got {got.tolist()}\n ref {ref.tolist()}"
 
 
+def _longrope():
+    from transformers import Phi3Config, Phi3ForCausalLM
+    torch.manual_seed(0)
+    cfg = Phi3Config(**_SMALL, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+                     original_max_position_embeddings=32,
+                     rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                   "long_factor": [4.0, 8.0, 16.0, 32.0]})
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
+    """Long-context Phi-3 rotates with short factors up to original_max_position_embeddings (32) and long ones
+    past it; transformers' generate runs the whole sequence again at the step that crosses 32 tokens. Without
+    that the cached keys kept their short rotation and the logits moved by ~1e-3 from that step on (tokens
+    differed within 12 steps)."""
+    model = _longrope()
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    assert lm.rope_switch == 32
+    ids, mask = text_batch(2, 28, 97, pad_left=True, seed=5)
+    mask[:, -1] = 1
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    logits, state = lm.prefill(ids, mask)
+    got = [logits[:, -1]]
+    for i in range(11):                                # teacher-forced on transformers' tokens, across 32
+        got.append(lm.decode(ref.sequences[:, 28 + i], state))
+    for i, (a, b) in enumerate(zip(got, ref.logits)):
+        # fp32, the same ops in another grouping: ~6e-8 of logits of scale ~1 (the long factors moved them 7e-4)
+        assert (a - b).abs().max() < 1e-5, f"step {i} (sequence length {28 + i})"
+    lm.min_cache = 8
+    ids, mask = text_batch(3, 20, 97, pad_left=True, seed=6)
+    mask[:, -1] = 1
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
+    loaded = slimfx.load(lm.save(tmp_path / "phi3"), backend="torch")
+    assert loaded.rope_switch == 32
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
+
+
 def test_compiling_keeps_a_training_model_training():
     model = _tiny("gpt2").train()
     model.transformer.h[0].eval()                        # mixed modes survive too
