@@ -23,7 +23,16 @@ def output_signature(gm: fx.GraphModule, names: Optional[dict] = None) -> list[t
     if out is None:
         raise VerificationError("the graph has no output node")
     leaves = pytree.tree_leaves(out.args[0])
+    return [_signature(a, names) if isinstance(a, fx.Node) else (None, None) for a in leaves]
 
+
+def input_signature(gm: fx.GraphModule) -> list[tuple]:
+    """(name, shape, dtype) of each graph input (placeholder) in order: the compiled model's call convention,
+    which backends bind by position."""
+    return [(n.target, *_signature(n)) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _signature(n: fx.Node, names: Optional[dict] = None) -> tuple:
     def dim(d):
         if not isinstance(d, torch.SymInt):
             return str(d)
@@ -32,15 +41,15 @@ def output_signature(gm: fx.GraphModule, names: Optional[dict] = None) -> list[t
             expr = expr.xreplace({s: type(s)(names[s.name], **s.assumptions0) for s in expr.free_symbols
                                   if s.name in names})
         return str(expr)
-    sig = lambda a: (None if meta.shape(a) is None else tuple(dim(d) for d in meta.shape(a)), meta.dtype(a))
-    return [sig(a) if isinstance(a, fx.Node) else (None, None) for a in leaves]
+    return None if meta.shape(n) is None else tuple(dim(d) for d in meta.shape(n)), meta.dtype(n)
 
 
 def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = None,
-           names: Optional[dict] = None) -> None:
+           names: Optional[dict] = None, expected_inputs: Optional[Sequence[tuple]] = None) -> None:
     """Check (1) fx's structural lint (defined-before-use, one output, the last node), (2) every get_attr reads a tensor
     that exists, (3) shapes and dtypes propagate through every node (a pass that wires a wrong shape fails
-    here, at the node), (4) the outputs keep the shapes and dtypes they had."""
+    here, at the node), (4) the outputs keep the shapes and dtypes they had, (5) the inputs (placeholders) keep
+    their names, order, shapes and dtypes (``input_signature``): the compiled model is called as the model was."""
     try:
         gm.graph.lint()
     except Exception as e:
@@ -64,6 +73,15 @@ def verify(gm: fx.GraphModule, expected_outputs: Optional[Sequence[tuple]] = Non
     for n in gm.graph.nodes:
         if n.op not in ("output",) and n.users and "val" not in n.meta:
             raise VerificationError(f"node {n.name} ({n.op} {n.target}) has no shape/dtype after propagation")
+    if expected_inputs is not None:
+        got = input_signature(gm)
+        if [g[0] for g in got] != [e[0] for e in expected_inputs]:
+            raise VerificationError(f"the graph's inputs changed from {[e[0] for e in expected_inputs]} to "
+                                    f"{[g[0] for g in got]}: passes keep every placeholder, in order (backends "
+                                    f"bind the call's arguments to them by position); leave an unused one unused")
+        for g, e in zip(got, expected_inputs):
+            if g != e:
+                raise VerificationError(f"input {g[0]} changed from shape/dtype {e[1:]} to {g[1:]}")
     if expected_outputs is not None:
         got = output_signature(gm, names)
         if len(got) != len(expected_outputs):

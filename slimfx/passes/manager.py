@@ -91,7 +91,7 @@ class PassManager:
         """Run the pipeline on a fork of ``gm`` (which stays as it was). ``reference`` is the original
         model's output on ctx's example inputs, for the SQNR column."""
         level = debug_level()
-        expected = ir.output_signature(gm)
+        expected, inputs = ir.output_signature(gm), ir.input_signature(gm)
         records: list[PassRecord] = []
         self._dump(0, "captured", gm)
         bar = tqdm(self.passes, desc="slimfx passes", disable=not self.progress or not self.passes, leave=False)
@@ -127,7 +127,7 @@ class PassManager:
                 try:
                     new.recompile()
                     if self.verify:
-                        ir.verify(new, expected)
+                        ir.verify(new, expected, expected_inputs=inputs)
                 except Exception as e:      # noqa: BLE001 - the verifier's reasons and anything recompiling hits
                     raise self._error(name, records, f"left a graph the verifier rejects: {e}") from e
                 if self.measure and reference is not None:

@@ -296,3 +296,42 @@ def test_a_pass_editing_node_metadata_in_place_leaves_the_graph_before_it_alone(
     assert not any((ir.meta.info(n).quant or {}).get("note") for n in cm.graph.graph.nodes
                    if n.meta.get("slimfx") is not None)
     assert {ir.meta.module_name(n) for n in cm.graph.graph.nodes} >= {"a", "b"}
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, mask, x):           # mask unused: an erased placeholder would shift x onto it
+        return self.fc(x)
+
+
+def test_a_pass_changing_the_graphs_inputs_is_refused_naming_them():
+    """Backends bind the call's arguments to the placeholders by position: a pass that reordered two inputs or
+    erased an unused one was accepted, and the numpy backend then ran the model on the wrong tensors."""
+    torch.manual_seed(0)
+    model, args = _TwoInputs().eval(), (torch.randn(2, 5), torch.randn(2, 5))
+
+    def reorder(gm):
+        ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        ph[0].prepend(ph[1])
+        return True
+
+    def drop_unused(gm):
+        for n in list(gm.graph.nodes):
+            if n.op == "placeholder" and not n.users:
+                gm.graph.erase_node(n)
+        return True
+
+    def retype(gm):
+        ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        ph.meta["val"] = ph.meta["val"].to(torch.float64)
+        return True
+
+    for fn, match in [(reorder, r"inputs changed from \['mask', 'x'\] to \['x', 'mask'\]"),
+                      (drop_unused, r"inputs changed from \['mask', 'x'\] to \['x'\]"),
+                      (retype, r"input mask changed from shape/dtype .*float32.* to .*float64")]:
+        rejects = rf"pass '{fn.__name__}' left a graph the verifier rejects: .*{match}"
+        with pytest.raises(slimfx.PassError, match=rejects):
+            slimfx.compile(model, args, passes=[fn], measure=False, backend="numpy", progress=False)
