@@ -16,6 +16,7 @@ from slimfx.ir.dialect.sparse import parse_pattern
 from slimfx.quant import linear as qlinear
 
 from . import numpy_ops as N
+from . import numpy_reduce as R
 from .optable import numpy_op
 
 ops = torch.ops.slimfx
@@ -38,7 +39,7 @@ def sparse_linear(x, w, bias=None, activation="none", residual=None, pattern="2:
 
 
 def rms_norm(x, weight, eps):
-    ms = N.mean(N.pow_(x, 2), [-1], True)
+    ms = R.mean(N.pow_(x, 2), [-1], True)
     return N.mul(weight, N.mul(x, N.rsqrt(N.add(ms, eps).astype(x.dtype))))
 
 
@@ -46,5 +47,5 @@ def rms_norm(x, weight, eps):
 def norm_quantize_per_token(x, weight, bias, eps, norm):
     check_norm(norm, bias)
     x = np.asarray(x)
-    y = rms_norm(x, weight, eps) if norm == "rmsnorm" else N.layer_norm(x, [x.shape[-1]], weight, bias, eps)
+    y = rms_norm(x, weight, eps) if norm == "rmsnorm" else R.layer_norm(x, [x.shape[-1]], weight, bias, eps)
     return qlinear.quantize_per_token_np(y)

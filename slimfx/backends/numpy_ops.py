@@ -58,6 +58,18 @@ def blocked(fn, x, block: int = 1 << 17):
     return out.reshape(x.shape)
 
 
+def opmath(x):
+    """x in the precision torch's CPU kernels compute float16 in (float32, rounded back once); others as they are."""
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+def axes(dims):
+    """A reduction's dims as numpy's axis: None (every dim) for None and for [], as torch reduces both."""
+    if dims is None or isinstance(dims, (list, tuple)) and not dims:
+        return None
+    return dims if isinstance(dims, int) else tuple(dims)
+
+
 # --- Python operators on sizes (SymInts become ints here) ------------------------------------------
 for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
             operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
@@ -219,6 +231,24 @@ def clamp_tensor(x, lo=None, hi=None):
     return x
 
 
+@numpy_op(aten.clamp_min.default, aten.clamp_min.Tensor)
+def clamp_min(x, lo):
+    return np.maximum(*promoted(x, lo))        # in torch's dtype (a bool clamped by an int is int64); NaN stays
+
+
+@numpy_op(aten.clamp_max.default, aten.clamp_max.Tensor)
+def clamp_max(x, hi):
+    return np.minimum(*promoted(x, hi))
+
+
+@numpy_op(aten.sign.default)
+def sign(x):
+    """-1, 0 or 1 in x's dtype; NaN and -0.0 give 0 (numpy's sign keeps both) and bools stay, as in torch."""
+    if x.dtype == np.bool_:
+        return x
+    return (x > 0).astype(x.dtype) - (x < 0).astype(x.dtype)
+
+
 _UNARY = {aten.neg.default: np.negative, aten.exp.default: np.exp, aten.log.default: np.log,
           aten.sqrt.default: np.sqrt, aten.tanh.default: np.tanh, aten.cos.default: np.cos,
           aten.sin.default: np.sin, aten.abs.default: np.abs,
@@ -319,6 +349,81 @@ def _gelu(x, approximate):
     return y
 
 
+# --- activations that vision and older language models use. float16 computes in float32 and rounds once, as
+# torch's CPU kernels do (the slope 0.01 in float16 is 0.010002: a float16 product would differ by an ulp) --------
+@numpy_op(aten.leaky_relu.default)
+def leaky_relu(x, negative_slope=0.01):
+    y = opmath(x)
+    return np.where(y > 0, y, y * y.dtype.type(negative_slope)).astype(x.dtype)
+
+
+@numpy_op(aten.elu.default)
+def elu(x, alpha=1, scale=1, input_scale=1):
+    """scale * x for x > 0, else scale * alpha * (exp(input_scale * x) - 1) (torch's expm1)."""
+    y = opmath(x)
+    t = y.dtype.type
+    neg = np.expm1(np.minimum(y, 0) * t(input_scale)) * t(alpha * scale)
+    return np.where(y > 0, y * t(scale), neg).astype(x.dtype)
+
+
+@numpy_op(aten.hardtanh.default)
+def hardtanh(x, lo=-1, hi=1):
+    """x clamped to [lo, hi]; integer x takes the bounds truncated to integers, as torch converts them."""
+    if x.dtype.kind in "iub":
+        return np.clip(x, int(lo), int(hi))
+    y = opmath(x)
+    return np.clip(y, y.dtype.type(lo), y.dtype.type(hi)).astype(x.dtype)
+
+
+@numpy_op(aten.relu6.default)
+def relu6(x):
+    return hardtanh(x, 0, 6)
+
+
+@numpy_op(aten.hardsigmoid.default)
+def hardsigmoid(x):
+    y = opmath(x)
+    t = y.dtype.type
+    return (np.clip(y + t(3), t(0), t(6)) / t(6)).astype(x.dtype)
+
+
+@numpy_op(aten.hardswish.default)
+def hardswish(x):
+    """x * relu6(x + 3) / 6, multiplied before dividing as torch's kernel does."""
+    y = opmath(x)
+    t = y.dtype.type
+    return (y * np.clip(y + t(3), t(0), t(6)) / t(6)).astype(x.dtype)
+
+
+@numpy_op(aten.mish.default)
+def mish(x):
+    """x * tanh(log(1 + exp(x))), torch's formula; exp overflowing to inf gives x, as there."""
+    y = opmath(x)
+    with np.errstate(over="ignore"):
+        return (y * np.tanh(np.log1p(np.exp(y)))).astype(x.dtype)
+
+
+@numpy_op(aten.glu.default)
+def glu(x, dim=-1):
+    a, b = np.split(opmath(x), 2, axis=dim)
+    return (a * special.expit(b)).astype(x.dtype)
+
+
+@numpy_op(aten.erfinv.default)
+def erfinv(x):
+    return special.erfinv(opmath(x)).astype(x.dtype)
+
+
+numpy_op(aten.isinf.default)(np.isinf)
+numpy_op(aten.isfinite.default)(np.isfinite)
+
+
+@numpy_op(aten.nan_to_num.default)
+def nan_to_num(x, nan=None, posinf=None, neginf=None):
+    """NaN to 0 (or nan), +-inf to x's dtype's largest / lowest finite values (or posinf / neginf); integers stay."""
+    return np.nan_to_num(x, nan=0.0 if nan is None else nan, posinf=posinf, neginf=neginf)
+
+
 @numpy_op(aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
           aten.lift_fresh_copy.default, aten.dropout.default)
 def identity(x, *args, **kwargs):
@@ -334,134 +439,6 @@ def to(x, *args, dtype=None, **kwargs):
         elif isinstance(a, np.ndarray):         # type_as / to.other
             return x.astype(a.dtype, copy=False)
     return x if dtype is None else x.astype(np_dtype(dtype), copy=False)
-
-
-# --- reductions and normalization ------------------------------------------------------------------
-@numpy_op(aten.mean.dim)
-def mean(x, dims, keepdim=False, dtype=None):
-    return np.mean(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
-
-
-@numpy_op(aten.sum.dim_IntList)
-def sum_(x, dims, keepdim=False, dtype=None):
-    return np.sum(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
-
-
-@numpy_op(aten.sum.default)
-def sum_all(x, dtype=None):
-    return np.sum(x)
-
-
-@numpy_op(aten.argmax.default)
-def argmax(x, dim=None, keepdim=False):
-    """The first index of the maximum, as torch's CPU kernel; no dim: over the flattened tensor."""
-    if dim is None:
-        return np.argmax(x)
-    return np.argmax(x, axis=dim, keepdims=keepdim)
-
-
-numpy_op(aten.isnan.default)(np.isnan)
-
-
-@numpy_op(aten.amax.default)
-def amax(x, dims=(), keepdim=False):
-    return np.max(x, axis=tuple(dims) if dims else None, keepdims=keepdim)
-
-
-@numpy_op(aten.max.dim)
-def max_dim(x, dim, keepdim=False):
-    """(values, indices) along dim; the first index of the maximum, as torch's CPU kernel returns."""
-    idx = np.argmax(x, axis=dim, keepdims=True)
-    vals = np.take_along_axis(x, idx, axis=dim)
-    return (vals, idx) if keepdim else (vals.squeeze(dim), idx.squeeze(dim))
-
-
-@numpy_op(aten.min.dim)
-def min_dim(x, dim, keepdim=False):
-    idx = np.argmin(x, axis=dim, keepdims=True)
-    vals = np.take_along_axis(x, idx, axis=dim)
-    return (vals, idx) if keepdim else (vals.squeeze(dim), idx.squeeze(dim))
-
-
-# torch's CPU cumsum accumulates in acc_type (float32 in float64, float16 in float32) and rounds each partial sum:
-# a float32 cumsum of 1e5 values of scale 100 is 2.0 away from torch in float32, identical in float64.
-_CUMSUM_ACC = {np.float32: np.float64, np.float16: np.float32}
-
-
-@numpy_op(aten.diff.default)
-def diff(x, n=1, dim=-1, prepend=None, append=None):
-    """torch.diff: bools by inequality (numpy's diff does the same), numbers by subtraction."""
-    kw = {k: v for k, v in (("prepend", prepend), ("append", append)) if v is not None}
-    return np.diff(x, n, axis=dim, **kw)
-
-
-@numpy_op(aten.cumsum.default)
-def cumsum(x, dim, dtype=None):
-    """x is cast to dtype first (an int32 cumsum of a float histogram truncates each count); without one,
-    integers and bools sum in int64, as in torch."""
-    out = np_dtype(dtype, np.int64 if x.dtype.kind in "biu" else x.dtype.type)
-    x = x.astype(out, copy=False)
-    return np.cumsum(x, axis=dim, dtype=_CUMSUM_ACC.get(out, out)).astype(out, copy=False)
-
-
-@numpy_op(aten.histc.default)
-def histc(x, bins=100, lo=0, hi=0):
-    """torch.histc: `bins` equal-width bins over [lo, hi] (the data's min and max when lo == hi, widened by 1 each
-    way when those are equal too); values outside, and NaN, are dropped; a value equal to hi counts in the last
-    bin. The bin is torch's kernel arithmetic in x's dtype: trunc((v - lo) * bins / (hi - lo)). Integer x (which
-    only torch's CUDA kernel takes) uses exact integer arithmetic with truncated bounds, as that kernel does."""
-    integer = x.dtype.kind in "iu"
-    if integer:
-        lo, hi = int(lo), int(hi)
-    if lo == hi and x.size:
-        lo, hi = x.min().item(), x.max().item()
-    if lo == hi:
-        lo, hi = lo - 1, hi + 1
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"torch.histc: range of [{lo}, {hi}] is not finite")
-    if not lo < hi:
-        raise ValueError("torch.histc: max must be larger than min")
-    t = x.dtype.type
-    lo, hi = t(lo), t(hi)
-    v = x.reshape(-1)
-    v = v[(v >= lo) & (v <= hi)]
-    if integer:
-        pos = (v.astype(np.int64) - int(lo)) * bins // (int(hi) - int(lo))
-    else:
-        pos = ((v - lo) * t(bins) / (hi - lo)).astype(np.int64)
-    pos[pos == bins] = bins - 1
-    return np.bincount(pos, minlength=bins).astype(x.dtype)
-
-
-def _softmax(x, dim):
-    m = np.max(x, axis=dim, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=dim, keepdims=True)
-
-
-@numpy_op(aten.softmax.int, aten._softmax.default)
-def softmax(x, dim, half_to_float_or_dtype=None):
-    return _softmax(x, dim)
-
-
-@numpy_op(aten.log_softmax.int, aten._log_softmax.default)
-def log_softmax(x, dim, half_to_float_or_dtype=None):
-    y = x - np.max(x, axis=dim, keepdims=True)
-    return y - np.log(np.sum(np.exp(y), axis=dim, keepdims=True))
-
-
-@numpy_op(aten.layer_norm.default)
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
-    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
-    y = x - np.mean(x, axis=axes, keepdims=True)
-    var = np.mean(np.square(y), axis=axes, keepdims=True)
-    var += const(x, eps)
-    y *= 1 / np.sqrt(var)
-    if weight is not None:
-        y *= weight
-    if bias is not None:
-        y += bias
-    return y
 
 
 # --- sorting ----------------------------------------------------------------------------------------
@@ -501,6 +478,16 @@ def topk(x, k, dim=-1, largest=True, sorted=True):
     return np.take_along_axis(x, idx, axis=dim), idx
 
 
+@numpy_op(aten.argsort.default)
+def argsort(x, dim=-1, descending=False):
+    return sort(x, dim, descending)[1]
+
+
+@numpy_op(aten.argsort.stable)
+def argsort_stable(x, *, stable=False, dim=-1, descending=False):
+    return sort(x, dim, descending)[1]
+
+
 # --- linear algebra ---------------------------------------------------------------------------------
 @numpy_op(aten.linear.default)
 def linear(x, w, b=None):
@@ -525,6 +512,12 @@ def matmul(a, b):
 @numpy_op(aten.addmm.default)
 def addmm(bias, a, b, beta=1, alpha=1):
     return beta * bias + alpha * (a @ b)
+
+
+@numpy_op(aten.outer.default)
+def outer(a, b):
+    return np.outer(*promoted(a, b))
+
 
 
 def _apply_mask(scores, mask):
@@ -807,6 +800,67 @@ def tril(x, diagonal=0):
     return np.tril(x, diagonal)
 
 
+@numpy_op(aten.unflatten.int)
+def unflatten(x, dim, sizes):
+    dim = dim % x.ndim
+    return np.reshape(x, (*x.shape[:dim], *sizes, *x.shape[dim + 1:]))      # one size may be -1
+
+
+@numpy_op(aten.narrow.default, aten.narrow.Tensor)
+def narrow(x, dim, start, length):
+    start = int(start)                       # narrow.Tensor: a 0-d tensor
+    start = start + x.shape[dim] if start < 0 else start
+    return x[_slice_index(x.ndim, dim, start, start + length, 1)]
+
+
+@numpy_op(aten.unbind.int)
+def unbind(x, dim=0):
+    return tuple(np.moveaxis(x, dim, 0))
+
+
+@numpy_op(aten.chunk.default)
+def chunk(x, chunks, dim=0):
+    """Pieces of ceil(n / chunks) along dim, the last smaller (so possibly fewer than chunks), as torch.chunk."""
+    return split(x, max(1, -(-x.shape[dim] // chunks)), dim)
+
+
+@numpy_op(aten.expand_as.default)
+def expand_as(x, other):
+    return np.broadcast_to(x, other.shape)
+
+
+@numpy_op(aten.flip.default)
+def flip(x, dims):
+    return np.flip(x, axis=tuple(dims)) if len(dims) else x
+
+
+@numpy_op(aten.roll.default)
+def roll(x, shifts, dims=()):
+    """Without dims: over the flattened tensor, reshaped back."""
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    if not dims:
+        return np.roll(x.reshape(-1), shifts[0]).reshape(x.shape)
+    return np.roll(x, shifts, axis=[dims] if isinstance(dims, int) else list(dims))
+
+
+@numpy_op(aten.unfold.default)
+def unfold(x, dim, size, step):
+    """Tensor.unfold: windows of `size` every `step` along dim, as a new last dim."""
+    if x.ndim == 0:
+        return x.reshape(1)
+    dim = dim % x.ndim
+    win = np.lib.stride_tricks.sliding_window_view(x, size, axis=dim)
+    return win[(slice(None),) * dim + (slice(None, None, step),)]
+
+
+@numpy_op(aten.one_hot.default)
+def one_hot(x, num_classes=-1):
+    """int64 rows of num_classes; a class outside [0, num_classes) fails. (num_classes -1, the largest class + 1,
+    is data-dependent: torch.export refuses it, so it never reaches here.)"""
+    _check_index(x, num_classes, f"one_hot of {num_classes} classes")
+    return (x[..., None] == np.arange(num_classes)).astype(np.int64)
+
+
 # --- creation ---------------------------------------------------------------------------------------
 @numpy_op(aten.arange.default, aten.arange.start, aten.arange.start_step)
 def arange(*args, dtype=None, layout=None, device=None, pin_memory=None):
@@ -886,4 +940,5 @@ def scalar_tensor(value, dtype=None, **kwargs):
     return np.asarray(value, dtype=np_dtype(dtype, np.float32))
 
 
+from . import numpy_reduce  # noqa: E402,F401 - reductions and normalizations; registered with these
 from . import numpy_transformers  # noqa: E402,F401 - ops that transformers defines; registered with these

@@ -215,8 +215,8 @@ def test_gelu_numpy_matches_torch_both_forms():
 
 # --- ops of MoE routing and T5: each against torch, exactly (they select, count and index; no rounding) ----------
 def _np(name):
-    from slimfx.backends import numpy_ops
-    return getattr(numpy_ops, name)
+    from slimfx.backends import numpy_ops, numpy_reduce
+    return getattr(numpy_ops, name, None) or getattr(numpy_reduce, name)
 
 
 def _ties(shape, dtype, seed):
