@@ -15,6 +15,7 @@ Three steps, each small and table-driven:
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -316,6 +317,113 @@ def fold_weight_transposes(gm: fx.GraphModule) -> int:
         read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
         for target in sources - read:
             delattr(gm, target)                 # the (in, out) original: the graph no longer holds it
+        gm.recompile()
+    return n
+
+
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def _weight_slice(node) -> Optional[tuple]:
+    """For ``getitem(split(W, sizes, dim), i)`` with W a tensor attribute and literal sizes (nn.MultiheadAttention
+    cutting q, k and v out of in_proj_weight / in_proj_bias for cross-attention): (W's node, dim, start, length,
+    i, parts), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    cut, i = node.args
+    if not (isinstance(cut, fx.Node) and cut.op == "call_function" and cut.target in _SPLITS and type(i) is int):
+        return None
+    src, t = cut.args[0], _attr_tensor(cut.args[0])
+    dim = cut.args[2] if len(cut.args) > 2 else cut.kwargs.get("dim", 0)
+    if t is None or type(dim) is not int:
+        return None
+    size, sizes = t.shape[dim], cut.args[1]
+    if type(sizes) is int:          # split(W, s): pieces of s, the last one what is left
+        sizes = [sizes] * (size // sizes) + ([size % sizes] if size % sizes else []) if sizes > 0 else None
+    if not sizes or not all(type(z) is int for z in sizes) or sum(sizes) != size or not 0 <= i < len(sizes):
+        return None
+    return src, dim, sum(sizes[:i]), sizes[i], i, list(sizes)
+
+
+def _part_name(param: str, i: int, sizes: list) -> str:
+    """The name of part i of a parameter cut along its rows: nn.MultiheadAttention's in_proj_weight holds q, k and
+    v (cut [E, 2E] into "q" and "kv" when key is value, in three otherwise); any other by its index."""
+    if param.rsplit(".", 1)[-1] == "in_proj_weight" and (len(sizes) == 3 or sizes[1:] == [2 * sizes[0]]):
+        return ("q", "k", "v")[i] if len(sizes) == 3 else ("q", "kv")[i]
+    return str(i)
+
+
+def _weight_layer(w) -> Optional[str]:
+    """The layer a linear's weight names: ``<module>.<part>`` for a weight ``<module>.<part>.weight`` (a linear
+    module's) or a packed ``<module>.<part>_weight`` (nn.MultiheadAttention's in_proj_weight: "mha.in_proj"), and
+    ``.<slice>`` after it for a part cut out of one (``_part_name``); None when the weight is no such tensor."""
+    part = _weight_slice(w)
+    src = part[0] if part else w
+    fqn = meta.param_name(src) if isinstance(src, fx.Node) and src.op == "get_attr" else None
+    if not fqn:
+        return None
+    owner, _, leaf = fqn.rpartition(".")
+    if leaf != "weight" and not leaf.endswith("_weight"):
+        return None
+    name = owner if leaf == "weight" else ".".join(filter(None, (owner, leaf[:-len("_weight")])))
+    return name + "." + _part_name(fqn, part[4], part[5]) if part and name else name or None
+
+
+def name_layers(gm: fx.GraphModule) -> int:
+    """Give each linear whose weight belongs to a part of the module that called it the name of that part, as
+    the innermost entry of its ``nn_module_stack`` (which ``meta.module_name`` reads, and every pass copies with
+    the node). Export names an op after the module whose forward ran it, and nn.MultiheadAttention runs both its
+    projections itself: without this, its out_proj and its packed input projection would both be "mha", so
+    include/exclude could not tell them apart. Now: "mha.out_proj" (as named_modules() has it), "mha.in_proj" (the
+    packed in_proj_weight), "mha.in_proj.q" / "mha.in_proj.kv" (cross-attention's parts of it; ``.q``, ``.k``,
+    ``.v`` when key is not value), "mha.q_proj" (separate q_proj_weight, kdim != embed_dim). Run after the tensors
+    were moved into the flat namespace (it reads their parameter names). Returns how many were renamed."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.linear.default or len(node.args) < 2:
+            continue
+        name, here = _weight_layer(node.args[1]), meta.module_name(node)
+        if name and name != here and (not here or name.startswith(here + ".")):
+            stack = dict(node.meta.get("nn_module_stack") or {})
+            stack[f"slimfx_layer_{name}"] = (name, "slimfx.layer")    # (path, type) as export writes them
+            node.meta["nn_module_stack"] = stack
+            n += 1
+    return n
+
+
+def fold_weight_slices(gm: fx.GraphModule) -> int:
+    """linear(x, split(W, ..)[i], split(b, ..)[i]) with W (b) a tensor attribute -> linear(x, W_i, b_i), each part
+    stored as a new attribute (a contiguous copy, as ``fold_weight_transposes`` stores its transposes), so the
+    layer reads its weight straight from a get_attr node like any other and can be quantized and pruned:
+    nn.MultiheadAttention's cross-attention cuts its q and kv projections out of in_proj_weight so. Run after
+    ``name_layers``, which names the parts. Returns how many inputs were replaced."""
+    n, made, sources = 0, {}, set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        for a in node.args[1:3]:
+            part = _weight_slice(a)
+            if part is None:
+                continue
+            if a not in made:
+                src, dim, start, length, _, _ = part
+                t = meta.tensor_attr(gm, src)
+                piece = t.detach().narrow(dim, start, length).contiguous().clone()
+                name = meta.add_tensor_attr(gm, f"{src.target}_{part[4]}", nn.Parameter(piece, t.requires_grad)
+                                            if isinstance(t, nn.Parameter) else piece)
+                with gm.graph.inserting_before(a):
+                    new = gm.graph.get_attr(name)
+                new.meta.update(src.meta)
+                new.meta["val"] = a.meta["val"] if isinstance(a.meta.get("val"), torch.Tensor) else piece
+                made[a] = new
+                sources.add(src.target)
+            node.replace_input_with(a, made[a])
+            n += 1
+    if n:
+        gm.graph.eliminate_dead_code()
+        read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+        for target in sources - read:
+            delattr(gm, target)                 # the whole parameter: the graph reads only its parts now
         gm.recompile()
     return n
 

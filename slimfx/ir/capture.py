@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from . import meta
-from .canonical import canonicalize, fold_weight_transposes
+from .canonical import canonicalize, fold_weight_slices, fold_weight_transposes, name_layers
 from .propagate import propagate_meta, size_oblivious
 
 
@@ -219,6 +219,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     canonicalize(gm)
     gm = _flatten_attributes(gm)
     fold_weight_transposes(gm)
+    name_layers(gm)
+    fold_weight_slices(gm)
     return Captured(gm, used, args, kwargs, ranges)
 
 

@@ -7,9 +7,10 @@ into three contiguous parts (GPT-2's c_attn split in three, Phi-3's qkv_proj sli
 H_kv*D]) or laid out per kv group (viewed into one block per group before q, k and v are cut out of each:
 GPT-NeoX's (..., heads, 3 x D), BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose
 output reaches one float linear (o_proj); the region is every node on a path from those linears to o_proj,
-and nothing outside reads it. Heads are removed in whole
-key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
-repeat_kv lays them out; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
+and nothing outside reads it. Heads are removed in whole key/value groups (grouped-query attention: kv head g
+serves q heads g*rep .. g*rep+rep-1, as transformers' repeat_kv lays them out with expand and reshape, and
+``repeat_interleave(rep, dim)`` along the kv heads too; a block repeating them otherwise, ``repeat``/``tile``'s
+cyclic layout, is left alone; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
 projection's three parts, or a per-group projection's whole block), columns of o. Shape arguments in the
 region that spell a head count (view / reshape / expand literals equal to the number of q or kv heads on
 that axis) or a width over all heads (a last-axis literal of heads x head_dim, GPT-2's views around its
@@ -28,10 +29,10 @@ otherwise (BLOOM's, flattened with the batch) leaves the block whole.
 ``shrink_heads(..., query=True)`` (``Prune(pattern="query_heads")``) removes q heads within the kv groups instead,
 as many in each, and k and v stay whole: the only head pruning left to multi-query attention (Falcon-7B's one kv
 head), and a finer one under grouped-query attention (a 4-to-1 group loses one q head at a time). The q heads per
-kv head change too: repeat_kv's broadcast (..., kv, rep, ...), and in a projection laid out per group (Falcon's
-(..., kv, rep + 2, head_dim)) each group's block and the cuts of q, k and v out of it. Keys and values may be read
-outside the block then (compile_causal_lm's step returns them as the new cache), as they stay; a value on the q
-side may not.
+kv head change too: repeat_kv's broadcast (..., kv, rep, ...) or repeat_interleave's count, and in a projection
+laid out per group (Falcon's (..., kv, rep + 2, head_dim)) each group's block and the cuts of q, k and v out of it.
+Keys and values may be read outside the block then (compile_causal_lm's step returns them as the new cache), as
+they stay; a value on the q side may not.
 """
 from __future__ import annotations
 
@@ -473,11 +474,12 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             if q_view is not None and q_view.args[1][-2] == heads:    # the head count spelled there
                 edits.append((q_view, len(q_view.args[1]) - 2, "q"))
         bias_why, biases = _per_head_inputs(node, region, heads, kv) if not why else ("", [])
-        why = why or bias_why or _computed_head_sizes(node, region, heads, kv)
+        rep_edits, rep_why = _repeat_edits(node, region, heads, kv) if not why else ([], "")
+        why = why or bias_why or rep_why or _computed_head_sizes(node, region, heads, kv)
         if why:
             rejected[where] = why
             continue
-        edits += view_edits + _rep_literals(node, region, heads, kv)
+        edits += view_edits + _rep_literals(node, region, heads, kv) + rep_edits
         in_group, query_why = [], ""
         if heads == kv:
             query_why = "one q head per kv head (multi-head attention): whole heads go with pattern='heads'"
@@ -523,6 +525,41 @@ def _rep_literals(node: dict, region: set, heads: int, kv: int) -> list:
         edits += [(n, a, "rep") for a, lit in enumerate(n.args[1]) if 0 < a < len(out) - 1 and type(lit) is int
                   and lit == rep and out[a] == rep and src[a] == 1 and out[a - 1] == kv]
     return edits
+
+
+_REPEAT_INTERLEAVE = aten.repeat_interleave.self_int
+_REPEATS = {_REPEAT_INTERLEAVE, aten.repeat_interleave.Tensor, aten.repeat.default, aten.tile.default}
+
+
+def _repeat_edits(node: dict, region: set, heads: int, kv: int) -> tuple[list, str]:
+    """The edits of the block's other spellings of repeat_kv: ``repeat_interleave(x, rep, dim, output_size=..)``
+    along the kv heads, the same layout as repeat_kv's (kv head g serves q heads g*rep .. g*rep+rep-1): (node, 1,
+    "rep") for its count and (node, "output_size", "q"); with one kv head, ``x.repeat(.., heads, ..)`` along it:
+    (node, axis, "q"). ([], why) when the block repeats otherwise: ``repeat``/``tile`` over several kv heads lay
+    them out cyclically (q head h reads kv head h % kv), which neither pattern keeps; counts as a tensor."""
+    rep, edits = heads // kv, []
+    for r in sorted(region):
+        n = node[r]
+        if n.op != "call_function" or n.target not in _REPEATS:
+            continue
+        out, src = ir.meta.shape(n), ir.meta.shape(n.args[0])
+        ok = out is not None and src is not None and len(src) == len(out)
+        if ok and n.target is _REPEAT_INTERLEAVE:
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+            size = n.kwargs.get("output_size")
+            if isinstance(dim, int) and type(n.args[1]) is int and n.args[1] == rep and src[dim] == kv \
+                    and out[dim] == heads and (size is None or type(size) is int and size == heads):
+                edits += [(n, 1, "rep")] + ([(n, "output_size", "q")] if size is not None else [])
+                continue
+        elif ok and n.target is aten.repeat.default and kv == 1 and len(n.args[1]) == len(out):
+            axes = [a for a, lit in enumerate(n.args[1]) if lit != 1]
+            if len(axes) == 1 and n.args[1][axes[0]] == heads and src[axes[0]] == 1 and out[axes[0]] == heads:
+                edits.append((n, axes[0], "q"))
+                continue
+        return [], (f"{n.name} ({n.target}) repeats keys or values otherwise than repeat_kv (kv head g serving q "
+                    f"heads g*{rep} .. g*{rep}+{rep - 1}, by expand or repeat_interleave with a literal count "
+                    f"along the {kv} kv heads): the pass cannot tell which q heads each kv head serves")
+    return edits, ""
 
 
 def _rep_unexplained(node: dict, region: set, rep: int, edits: list) -> str:
@@ -707,6 +744,12 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor, query: 
             else size * kv2 // grp.kv_heads
 
     for n, a, kind in grp.edits:
+        if n.target is _REPEAT_INTERLEAVE:        # repeat_kv as repeat_interleave: its count, its output_size
+            if a == "output_size":
+                n.kwargs = {**n.kwargs, "output_size": resized(n.kwargs["output_size"], kind)}
+            else:
+                n.args = (n.args[0], resized(n.args[1], kind), *n.args[2:])
+            continue
         shape = list(n.args[1])
         shape[a] = resized(shape[a], kind)
         n.args = (n.args[0], shape, *n.args[2:])

@@ -95,6 +95,24 @@ def unmatched_include(gm: fx.GraphModule, include) -> dict:
              f"in every block)" if example else "")}
 
 
+def include_without_layers(gm: fx.GraphModule, include, layers) -> dict:
+    """{"include": why} when patterns of ``include`` match modules of the graph but none of ``layers`` (the names
+    of the layers the pass takes), else {}: a pattern selects a layer by the layer's own name, so a block's name
+    ("mha", an nn.MultiheadAttention whose layers are "mha.in_proj" and "mha.out_proj") selects nothing."""
+    layers = sorted(set(layers))
+    modules = {ir.meta.module_name(n) for n in gm.graph.nodes} - {""}
+    idle = [p for p in include if not any(matches(name, (p,)) for name in layers)
+            and any(matches(m, (p,)) for m in modules)]
+    if not idle:
+        return {}
+    under = [name for name in layers
+             if any(matches(m, (p,)) and name.startswith(m + ".") for p in idle for m in modules)]
+    globs = [f"'{p}.*'" for p in idle if not p.startswith("re:")]
+    return {"include": f"{idle} match modules but none of their layers (a pattern selects a layer by its own name)"
+            + (f": the layers under them are {under[:4]}{' ...' if len(under) > 4 else ''}" if under else "")
+            + (f"; {', '.join(globs)} selects them" if under and globs else "")}
+
+
 def selected_linears(gm: fx.GraphModule, include, exclude, targets=(aten.linear.default,),
                      skipped: Optional[dict] = None):
     """(node, module name) of each node calling one of ``targets`` (aten.linear) whose module name passes
@@ -247,6 +265,13 @@ class Quantize(Pass):
         act = ACTIVATIONS[self.activations]
         chosen, skipped = self.select(gm)
         skipped.update(unmatched_include(gm, self.include))
+        if self.include and "include" not in skipped:
+            linears = (aten.linear.default, sf.fused_linear.default, sf.sparse_linear.default,
+                       sf.quantized_linear.default, sf.weight_only_linear.default)
+            names = [p for n in gm.graph.nodes if n.op == "call_function" and n.target in linears
+                     for p in ir.meta.merged_modules(n) or [ir.meta.module_name(n) or n.name]]
+            expert_modules = [ew.module for ew in expert_weights(gm)[0]]
+            skipped.update(include_without_layers(gm, self.include, names + expert_modules))
         w_scheme = weight_scheme(self.weights, self.group_size)
         awq_experts = self._chosen_experts(gm, {}) if self.awq else []
         calls = None
