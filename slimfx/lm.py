@@ -404,12 +404,34 @@ class CompiledCausalLM:
 
     def _capacity(self, n: int) -> int:
         """Cache slots for ``n`` tokens: powers of two from ``min_cache``, so decode steps share a few shapes; with a
-        sliding window at most ``window - 2`` (a decode step sees the buffer and the 2 tokens it feeds), which may
-        be fewer than ``n``."""
+        sliding window at most ``window - 2`` (a decode step sees the buffer and the 2 tokens it feeds), and at most
+        ``max_slots``; either may be fewer than ``n``."""
         cap = self.min_cache
         while cap < n:
             cap *= 2
+        if self.max_slots is not None:
+            cap = min(cap, self.max_slots)
         return cap if self.sliding_window is None else min(cap, self.sliding_window - 2)
+
+    @property
+    def max_slots(self) -> Optional[int]:
+        """The most cache slots a decode step may hold: the bound torch.export found for the cache length (a
+        learned position table of max_position_embeddings rows bounds it) less the 2 tokens the step feeds, whose
+        keys it appends (GPT-Neo slices its causal-mask table, of that many rows, by the key length; export does
+        not bound that slice). None when export found no bound."""
+        sig = getattr(self.step, "_signature", None)            # (the eager step of check_masked_slots: none)
+        if sig is None:
+            return None
+        bounds = [sig.ranges.get(str(t.shape[2]), (0, None))[1] for _, t in sig.leaves[3:-1]
+                  if isinstance(t, torch.Tensor) and t.dim() == 4 and not isinstance(t.shape[2], int)]
+        bounds = [int(b) for b in bounds if b is not None]
+        return min(bounds) - 2 if bounds else None
+
+    def _beyond_bound(self, what: str, slots: int, fits: str) -> ValueError:
+        return ValueError(f"{self.model_name}'s compiled step holds at most {self.max_slots} cache slots (the bound "
+                          f"torch.export found for its cache length, as from a position table of "
+                          f"max_position_embeddings rows, less the 2 tokens a step feeds): {what} would need {slots}. "
+                          f"{fits}")
 
     def _beyond_window(self, what: str, slots: int, fits: str) -> ValueError:
         w = self.sliding_window
@@ -436,10 +458,13 @@ class CompiledCausalLM:
         n = state["filled"]
         if n + 1 > state["mask"].shape[1]:                     # full: the next power of two
             cap = self._capacity(n + 1)
-            if cap < n + 1:                                    # capped by a sliding window
-                raise self._beyond_window(
-                    "the next decode step", n + 3, f"The cache holds {n} slots (the masked one in front, the prompt "
-                    f"with its padding, the tokens fed so far); the step adds the new token's slot and feeds 2 tokens.")
+            if cap < n + 1:                                    # capped by a sliding window or the compiled bound
+                held = (f"The cache holds {n} slots (the masked one in front, the prompt with its padding, the tokens "
+                        f"fed so far)")
+                if self.sliding_window is not None and n + 3 > self.sliding_window:
+                    raise self._beyond_window("the next decode step", n + 3, f"{held}; the step adds the new token's "
+                                                                              f"slot and feeds 2 tokens.")
+                raise self._beyond_bound("the next decode step", n + 1, f"{held}, and the new token's.")
             state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
             state["mask"] = _pad(state["mask"], cap, 1)
         slots = state["mask"]
@@ -497,6 +522,13 @@ class CompiledCausalLM:
                     f"the last decode step of {max_new_tokens} new tokens after a {n}-token prompt (padding "
                     f"included)", slots, f"At most {fit} new tokens fit after this prompt." if fit > 1 else
                     "Only 1 new token fits after this prompt (a prompt's own logits are exact at any length).")
+        if self.max_slots is not None and max_new_tokens > 1:
+            n = max(input_ids.shape[-1], 2)
+            slots = n + max_new_tokens                             # the masked slot, the prompt, all but the last
+            if slots > self.max_slots:
+                raise self._beyond_bound(
+                    f"the last decode step of {max_new_tokens} new tokens after a {n}-token prompt (padding "
+                    f"included)", slots, f"At most {self.max_slots - n} new tokens fit after this prompt.")
         eos = self.eos_token_id if eos_token_id is None else (
             [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)

@@ -421,6 +421,30 @@ def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
     assert torch.equal(loaded.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
 
 
+@pytest.mark.parametrize("family", ["xglm", "gpt_neo"])
+def test_the_cache_buffer_stays_within_the_compiled_bound(family):
+    """export bounds the step's cache length by the model's position table (max_position_embeddings 40 here); the
+    buffer grew past it in powers of two (32 -> 64) and the step then refused a generation transformers makes.
+    Now it stops at the bound less the 2 fed tokens (GPT-Neo slices its causal-mask table by the key length), and a
+    generation that cannot fit is refused before its first step, saying how many new tokens fit."""
+    import transformers as T
+    torch.manual_seed(0)
+    model = {"xglm": lambda: T.XGLMForCausalLM(T.XGLMConfig(vocab_size=97, d_model=32, num_layers=2,
+                                                            attention_heads=4, ffn_dim=64, max_position_embeddings=40)),
+             "gpt_neo": lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
+                 vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
+                 max_position_embeddings=40, intermediate_size=64))}[family]().eval()
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    assert lm.max_slots == 38
+    lm.min_cache = 8                                      # 8 -> 16 -> 32 -> 38, the bound
+    ids, mask = text_batch(2, 20, 97, pad_left=True, seed=4)
+    mask[:, -1] = 1
+    ref = hf_generate(model, ids, mask, 18)               # the last step holds 38 slots: 1 + 20 + 17
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=18, pad_token_id=0), ref)
+    with pytest.raises(ValueError, match=r"at most 38 cache slots .* would need 39\. At most 18 new tokens fit"):
+        lm.generate(ids, mask, max_new_tokens=19, pad_token_id=0)
+
+
 def test_compiling_keeps_a_training_model_training():
     model = _tiny("gpt2").train()
     model.transformer.h[0].eval()                        # mixed modes survive too
