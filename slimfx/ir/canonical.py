@@ -467,7 +467,8 @@ def canonicalize_aliases(gm: fx.GraphModule) -> int:
 
 
 def _expand_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
-    """baddbmm(c, a, b, beta, alpha) -> beta * c + alpha * bmm(a, b) (BLOOM's ALiBi scores). torch 2.13's fake
+    """baddbmm(c, a, b, beta, alpha) -> beta * c + alpha * bmm(a, b) (BLOOM's ALiBi scores; alpha * bmm(a, b) alone
+    when beta is 0, where torch ignores c, NaN included). torch 2.13's fake
     kernel refuses a broadcast ``c`` with symbolic sizes, so shapes could not be propagated after a pass."""
     c, a, b = node.args[:3]
     beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
@@ -479,11 +480,14 @@ def _expand_baddbmm(gm: fx.GraphModule, node: fx.Node) -> None:
         if alpha != 1:
             prod = g.call_function(aten.mul.Tensor, (prod, alpha))
             made.append(prod)
-        if beta != 1:
-            c = g.call_function(aten.mul.Tensor, (c, beta))
-            made.append(c)
-        out = g.call_function(aten.add.Tensor, (c, prod))
-        made.append(out)
+        if beta == 0:                   # torch ignores c then: its NaN and inf do not reach the result
+            out = prod
+        else:
+            if beta != 1:
+                c = g.call_function(aten.mul.Tensor, (c, beta))
+                made.append(c)
+            out = g.call_function(aten.add.Tensor, (c, prod))
+            made.append(out)
     for new in made:                    # where it came from; shapes are propagated afterwards
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
     node.replace_all_uses_with(out)

@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import slimfx
 from slimfx import ir
 
 aten = torch.ops.aten
@@ -373,3 +374,28 @@ def test_dynamic_capture_checks_the_dims_export_kept_static():
         cm(torch.randn(2, 7, 8))
     with pytest.raises(slimfx.InputError, match=r"dim 2 is 9, but it was compiled static at 8"):
         cm(torch.randn(2, 5, 9))
+
+
+class _Baddbmm(torch.nn.Module):
+    def __init__(self, beta, alpha):
+        super().__init__()
+        self.beta, self.alpha = beta, alpha
+
+    def forward(self, c, a, b):
+        return torch.baddbmm(c, a, b, beta=self.beta, alpha=self.alpha)
+
+
+@pytest.mark.parametrize("beta, alpha", [(0, 0.5), (0.0, 1), (2.0, 1), (1, -1.5)])
+def test_baddbmm_is_expanded_as_torch_computes_it(beta, alpha):
+    """Canonicalization writes baddbmm as beta * c + alpha * bmm(a, b); with beta 0 torch ignores c, whose NaN
+    and inf then reached the result (0 * NaN) on both backends."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 7, generator=g), torch.randn(3, 7, 4, generator=g)
+    c = torch.randn(1, 5, 4, generator=g)                 # broadcast over the batch, as BLOOM's ALiBi bias is
+    c[0, 1, 2], c[0, 3, 0] = float("nan"), float("inf")
+    model = _Baddbmm(beta, alpha)
+    ref = model(c, a, b)
+    for backend in ("torch", "numpy"):
+        out = slimfx.compile(model, (c, a, b), backend=backend, progress=False)(c, a, b)
+        # fp32, one bmm of 7 products: the backends sum in other orders (a few ulp); non-finite where torch's is
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
