@@ -335,3 +335,23 @@ def test_a_pass_changing_the_graphs_inputs_is_refused_naming_them():
         rejects = rf"pass '{fn.__name__}' left a graph the verifier rejects: .*{match}"
         with pytest.raises(slimfx.PassError, match=rejects):
             slimfx.compile(model, args, passes=[fn], measure=False, backend="numpy", progress=False)
+
+
+@pytest.mark.parametrize("activations, op", [(None, "weight_only_linear"), ("dynamic", "quantized_linear")])
+def test_float_codes_in_a_quantized_linear_are_refused_by_the_verifier(net, activations, op):
+    """The dialect ops' fake impls computed shapes only: a pass wiring float weights where int8 codes go passed the
+    verifier, and the numpy backend then ran weight_only_linear on them silently (torch refused at the call)."""
+    from slimfx.passes import Quantize
+
+    def float_codes(gm):
+        n = next(n for n in gm.graph.nodes if n.target is getattr(torch.ops.slimfx, op).default)
+        name = ir.meta.add_tensor_attr(gm, "codes_f32", getattr(gm, n.args[1].target).float())
+        with gm.graph.inserting_before(n):
+            a = gm.graph.get_attr(name)
+        n.args = (n.args[0], a) + tuple(n.args[2:])
+        return True
+
+    with pytest.raises(slimfx.PassError, match=rf"float_codes' left a graph the verifier rejects: .*slimfx::{op}: "
+                                               rf"w_q must be .*got torch.float32"):
+        slimfx.compile(net, (X[0],), passes=[Quantize(weights="int8", activations=activations), float_codes],
+                       measure=False, backend="numpy", progress=False)

@@ -56,6 +56,7 @@ def fused_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, activation
 
 @fused_linear.register_fake
 def _(x, w, bias=None, activation="none", residual=None):
+    check_activation(activation)
     torch._check(x.shape[-1] == w.shape[1], lambda: "slimfx::fused_linear: K of x and w differ")
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
@@ -83,6 +84,9 @@ def norm_quantize_per_token(x: Tensor, weight: Tensor, bias: Optional[Tensor], e
 
 @norm_quantize_per_token.register_fake
 def _(x, weight, bias, eps, norm):
+    check_norm(norm, bias)
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"slimfx::norm_quantize_per_token: x must be a floating-point tensor, got {x.dtype}")
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 

@@ -1,8 +1,10 @@
 """The slimfx quantization ops: ``torch.ops.slimfx.<name>``, each with a torch reference and a fake impl.
 
 The references call ``slimfx.quant`` (the one definition of the arithmetic); the numpy backend's twins live
-in ``slimfx.backends.numpy_quant``. Fake impls only compute output shapes and dtypes (symbolic shapes pass
-through untouched), so graphs holding these ops export with dynamic dimensions. Integer codes are int8 in
+in ``slimfx.backends.numpy_quant``. Fake impls compute output shapes and dtypes (symbolic shapes pass
+through untouched), so graphs holding these ops export with dynamic dimensions, and check what the references
+check without reading values (operand dtypes, the int8 range), so the verifier refuses a pass that wires a float
+tensor where codes go, naming the op, rather than the first call. Integer codes are int8 in
 every op, 4-bit codes included; scales are fp32; zero points are any integer or float dtype (read as fp32).
 
     quantize(x, scale, zero_point?, qmin, qmax) -> int8        clamp(round(x / scale) + zp, qmin, qmax)
@@ -66,6 +68,8 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], qmin: int, 
 
 @quantize.register_fake
 def _(x, scale, zero_point, qmin, qmax):
+    _check_float("quantize", "x", x)
+    _check_int8_range("quantize", qmin, qmax)
     return torch.empty_like(x, dtype=torch.int8)
 
 
@@ -79,6 +83,7 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None) ->
 
 @dequantize.register_fake
 def _(q, scale, zero_point=None):
+    _check_int("dequantize", "q", q)
     return torch.empty_like(q, dtype=torch.float32)
 
 
@@ -92,6 +97,8 @@ def quantize_per_token(x: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
 
 @quantize_per_token.register_fake
 def _(x, qmax=127):
+    _check_float("quantize_per_token", "x", x)
+    _check_int8_range("quantize_per_token", -qmax, qmax)
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
@@ -107,13 +114,19 @@ def requantize(acc: Tensor, multiplier: Tensor, zero_point: Optional[Tensor], qm
 
 @requantize.register_fake
 def _(acc, multiplier, zero_point, qmin, qmax):
+    _check_int("requantize", "acc", acc)
+    _check_int8_range("requantize", qmin, qmax)
     return torch.empty_like(acc, dtype=torch.int8)
+
+
+def _check_int8_operands(a: Tensor, b: Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"slimfx::int8_matmul: a and b must be int8, got {a.dtype} and {b.dtype}")
 
 
 @torch.library.custom_op("slimfx::int8_matmul", mutates_args=())
 def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise ValueError(f"slimfx::int8_matmul: a and b must be int8, got {a.dtype} and {b.dtype}")
+    _check_int8_operands(a, b)
     if b.ndim != 2 or a.shape[-1] != b.shape[1]:
         raise ValueError(f"slimfx::int8_matmul: a (..., K) @ b (N, K).T, got a {tuple(a.shape)}, b {tuple(b.shape)}")
     return numerics.int_matmul_torch(a, b)
@@ -121,6 +134,7 @@ def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 @int8_matmul.register_fake
 def _(a, b):
+    _check_int8_operands(a, b)
     torch._check(a.shape[-1] == b.shape[1], lambda: "slimfx::int8_matmul: K of a and b differ")
     return a.new_empty((*a.shape[:-1], b.shape[0]), dtype=torch.int32)
 
@@ -137,6 +151,7 @@ def log_quantize(x: Tensor, scale: Tensor, bits: int = 8) -> Tensor:
 
 @log_quantize.register_fake
 def _(x, scale, bits=8):
+    _check_float("log_quantize", "x", x)
     return torch.empty_like(x, dtype=torch.int8)
 
 
@@ -150,6 +165,7 @@ def log_dequantize(q: Tensor, scale: Tensor, bits: int = 8) -> Tensor:
 
 @log_dequantize.register_fake
 def _(q, scale, bits=8):
+    _check_int("log_dequantize", "q", q)
     return torch.empty_like(q, dtype=torch.float32)
 
 
@@ -158,15 +174,20 @@ def _(q, scale, bits=8):
 @torch.library.custom_op("slimfx::quantized_linear", mutates_args=())
 def quantized_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
                      x_scale: Optional[Tensor] = None) -> Tensor:
+    _check_quantized_linear(x, w_q)
+    return linear.quantized_linear_torch(x, w_q, w_scale, bias, x_scale)
+
+
+def _check_quantized_linear(x: Tensor, w_q: Tensor) -> None:
     if w_q.dtype != torch.int8:
         raise ValueError(f"slimfx::quantized_linear: w_q must be int8, got {w_q.dtype}")
     if x.dtype != torch.int8:
         _check_float("quantized_linear", "x", x)
-    return linear.quantized_linear_torch(x, w_q, w_scale, bias, x_scale)
 
 
 @quantized_linear.register_fake
 def _(x, w_q, w_scale, bias=None, x_scale=None):
+    _check_quantized_linear(x, w_q)
     torch._check(x.shape[-1] == w_q.shape[1], lambda: "slimfx::quantized_linear: K of x and w_q differ")
     out_dtype = torch.float32 if x.dtype == torch.int8 else x.dtype
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype)
@@ -183,6 +204,8 @@ def weight_only_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, w_zero_point: Op
 
 @weight_only_linear.register_fake
 def _(x, w_q, w_scale, w_zero_point=None, bias=None, group_size=0):
+    _check_float("weight_only_linear", "x", x)
+    _check_int("weight_only_linear", "w_q", w_q)
     torch._check(x.shape[-1] == w_q.shape[1], lambda: "slimfx::weight_only_linear: K of x and w_q differ")
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=x.dtype)
 
