@@ -71,7 +71,8 @@ class Distill(Pass):
     steps:       optimizer steps (one calibration batch each)
     lr:          AdamW learning rate (no weight decay)
     temperature: the softening temperature T of the logits loss
-    loss:        "auto" (kl when the output has logits, else mse), "kl" or "mse"
+    loss:        "auto" (kl when the output has logits by name: ``.logits`` or ``["logits"]``, else mse), "kl"
+                 (a model returning its logits as a plain tensor needs it) or "mse"
     teacher:     the model to match; None = the model being compiled (``slimfx.compile`` passes it)
     include/exclude: module-name globs of the linears to train ("*.mlp.*") or "re:<regex>\""""
     steps: int = 100
