@@ -293,3 +293,13 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     if weight is not None:
         y = y * weight
     return y.astype(x.dtype, copy=False)
+
+
+@numpy_op(aten._weight_norm.default)
+def weight_norm(v, g, dim=0):
+    """nn.utils.weight_norm's v * g / ||v||, the norm over every dim but ``dim`` (over all of v for dim -1), in
+    float32 for float16 as torch's CPU kernel does."""
+    w = opmath(v)
+    keep = () if dim == -1 else (dim % v.ndim,)
+    norm = np.sqrt(np.sum(w * w, axis=tuple(d for d in range(v.ndim) if d not in keep), keepdims=True))
+    return (w * (opmath(np.asarray(g)) / norm)).astype(v.dtype, copy=False)

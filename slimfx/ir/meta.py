@@ -98,6 +98,25 @@ def set_param_name(node: fx.Node, fqn: str) -> None:
     node.meta[_PARAM] = fqn
 
 
+def computed_weight(node) -> str:
+    """Why a layer's weight ``node`` is not a tensor of the module, for a pass's "skipped": computed from the
+    module's tensors alone (weight_norm, spectral_norm, any parametrization), which 'const_fold' makes one tensor,
+    by a slimfx op (already quantized), or from the inputs."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if getattr(n.target, "namespace", None) == "slimfx":
+            return f"weight is computed by {n.target.name()} (already quantized)"
+        if n.op == "placeholder":
+            return "weight is computed from the inputs, not a tensor of the module"
+        todo.extend(n.all_input_nodes)
+    return ("weight is computed from the module's tensors (weight_norm, a parametrization): run 'const_fold' "
+            "before this pass to make it one tensor")
+
+
 def tensor_attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     """The tensor a get_attr node reads."""
     assert node.op == "get_attr", f"{node.name} is a {node.op}, not get_attr"

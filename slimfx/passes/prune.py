@@ -228,7 +228,7 @@ class Prune(Pass):
             a = normalize_function(n.target, n.args, n.kwargs, normalize_to_only_use_kwargs=True).kwargs
             w_node = a.get("weight", a.get("w"))
             if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
-                skipped[name] = "weight is computed, not a tensor of the module"
+                skipped[name] = ir.meta.computed_weight(w_node)
                 continue
             w = ir.meta.tensor_attr(gm, w_node)
             if not w.is_floating_point() or w.ndim != 2:

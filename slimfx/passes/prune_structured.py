@@ -217,6 +217,9 @@ def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list,
     """Why the neurons between ``producers`` and consumer ``c`` cannot be removed, or ''."""
     for p in [*producers, c]:
         if not _float_linear(gm, p):
+            w = p.args[1] if p.op == "call_function" and p.target is aten.linear.default else None
+            if isinstance(w, fx.Node) and w.op != "get_attr":
+                return f"{layer_name(p)}: {ir.meta.computed_weight(w)}"
             return (f"{layer_name(p)} is not a float linear layer with its weight as a tensor (prune before "
                     "Quantize, Fuse and LowerSparse)")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

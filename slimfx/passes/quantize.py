@@ -242,7 +242,7 @@ class Quantize(Pass):
         for n, name in selected_linears(gm, self.include, self.exclude, skipped=skipped):
             w = n.args[1]
             if not isinstance(w, fx.Node) or w.op != "get_attr":
-                skipped[name] = "weight is not a tensor of the module (already quantized?)"
+                skipped[name] = ir.meta.computed_weight(w)
                 continue
             t = ir.meta.tensor_attr(gm, w)
             if t.ndim != 2 or not t.is_floating_point():

@@ -245,3 +245,13 @@ def test_one_hot_matches_torch_and_refuses_classes_outside():
     cm = slimfx.compile(Fn(lambda i: F.one_hot(i, 9)).eval(), (ids,), backend="numpy", progress=False)
     with pytest.raises(RuntimeError, match=r"one_hot of 9 classes: index 9 out of range"):
         cm(torch.where(ids == 3, 9, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_weight_norm_matches_torch(dtype, dim):
+    """nn.utils.weight_norm's _weight_norm(v, g, dim): the norm over every dim but dim (all of v for -1)."""
+    v, g = randn(5, 7, 3, dtype=dtype, seed=1), randn(*([1] * 3), dtype=dtype, seed=2).abs() + 0.5
+    if dim != -1:
+        g = randn(*[s if d == dim else 1 for d, s in enumerate(v.shape)], dtype=dtype, seed=2)
+    check(lambda v, g: torch._weight_norm(v, g, dim), v, g, reaches=[aten._weight_norm.default], tol=TOL[dtype])
