@@ -43,9 +43,14 @@ its first step; ``decode`` refuses a step past the window itself.
 Long-context Phi-3 (``rope_type="longrope"``) rotates with short factors up to ``original_max_position_embeddings``
 tokens and long ones past it, chosen per call; transformers' ``generate`` drops the cache at the step that crosses
 that length and runs the whole sequence with the long factors, and so does ``decode`` (once, a prefill-sized step).
+Dynamic NTK scaling (``rope_type="dynamic"``) and caches of their own (MiniMax) are refused (``refuse_dynamic_rope``,
+``cache_layout``). While the step runs, a few functions of transformers are replaced by ones that give the same
+values in a form export and every backend take (``replacements``): Falcon's ALiBi without bfloat16 tensors,
+DeepSeek's key expansion without the copy whose check fixed the batch at >= 2.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -100,6 +105,7 @@ class CausalLMStep(nn.Module):
         # without a position_ids argument the model derives positions itself (BLOOM: from the attention mask);
         # compile_causal_lm checks that they still ignore masked cache slots (check_masked_slots)
         self.takes_positions = "position_ids" in params
+        self._replacements = replacements(model)
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logits_at):
         from transformers import DynamicCache
@@ -107,11 +113,93 @@ class CausalLMStep(nn.Module):
         keep = {"logits_to_keep": logits_at} if self._keeps else {}
         if self.takes_positions:
             keep["position_ids"] = position_ids
-        out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **{self._kw: dc},
-                          **keep)
+        with _replaced(self._replacements):
+            out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                              **{self._kw: dc}, **keep)
         logits = out.logits if self._keeps else out.logits[:, logits_at]
         new = getattr(out, self._kw)
         return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
+
+
+# --- functions of transformers that the step calls in a form of its own: the same values, bit for bit ---------
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to bfloat16's 8 significant bits (to nearest, ties to even), kept in float32:
+    Veltkamp's split at 16 bits, exact for finite values below 2**111 (equal to torch's ``x.bfloat16().float()``
+    on every float32 of whole binades). Each op must round on its own: an FMA fusing the first two breaks it
+    (no backend fuses them: numpy and torch run ops one by one)."""
+    t = x * 65537.0
+    return t + (x - t)
+
+
+def _falcon_alibi(slopes: torch.Tensor):
+    """transformers' Falcon ``build_alibi_tensor`` with no bfloat16 tensor, which the numpy backend cannot hold.
+    transformers rounds the slopes to bfloat16 and multiplies them by the positions (int64, so cast to bfloat16)
+    in bfloat16; ``slopes`` are those rounded slopes as transformers' own function gives them (computed once,
+    outside the trace), and the position's and the product's rounding happen in float32 (the product of two
+    8-bit significands is exact there): the same ALiBi bias, bit for bit."""
+    def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        batch, length = attention_mask.shape
+        positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
+        product = slopes.to(attention_mask.device)[:, None] * _round_bf16(positions.float())
+        return _round_bf16(product).reshape(batch * num_heads, 1, length).to(dtype)
+    return build_alibi_tensor
+
+
+def _expand_kv(self, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's ``expand_kv`` (multi-head latent attention) with ``torch.cat`` where transformers copies into two
+    slices of an empty tensor: the same keys and values. export checks such a copy for memory overlap, and that
+    check guarded the batch >= 2 (from a batch-2 example; <= 2 from a batch of 1): a single prompt was refused."""
+    batch, _, length, _ = kv_nope.shape
+    kv = self.kv_b_proj(kv_nope).view(batch, length, -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+    k_nope, values = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+    return torch.cat([k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)], dim=-1), values
+
+
+def _same_code(f, g) -> bool:
+    """f and g compile to the same code (docstrings and line numbers aside): "Copied from" copies of a function."""
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return a is not None and b is not None and (a.co_code, a.co_names, a.co_consts[1:]) == (
+        b.co_code, b.co_names, b.co_consts[1:])
+
+
+def replacements(model: nn.Module) -> list:
+    """(owner, attribute, replacement) for the functions of ``model``'s code that ``CausalLMStep`` replaces while it
+    runs: Falcon's ALiBi with bfloat16 arithmetic (``_falcon_alibi``) and DeepSeek's ``expand_kv`` and its copies
+    in other models (``_expand_kv``). Each gives the values the original gives."""
+    import importlib
+    out = []
+    config = _text_config(model)
+    falcon = importlib.import_module(type(model).__module__)
+    if getattr(config, "alibi", False) and hasattr(falcon, "build_alibi_tensor") and \
+            type(model).__module__.endswith("modeling_falcon"):
+        original = falcon.build_alibi_tensor
+        with torch.no_grad():          # the slopes as bfloat16 values: position 1's bias, computed by transformers
+            slopes = original(torch.ones(1, 2, dtype=torch.long), config.num_attention_heads, torch.float32)[:, 0, 1]
+        out.append((falcon, "build_alibi_tensor", _falcon_alibi(slopes)))
+    try:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+        reference = DeepseekV3Attention.expand_kv
+    except ImportError:                # a transformers without DeepSeek-V3
+        reference = None
+    classes = {next(c for c in type(m).__mro__ if "expand_kv" in c.__dict__)     # the class that defines it
+               for m in model.modules() if hasattr(type(m), "expand_kv")}
+    out += [(cls, "expand_kv", _expand_kv) for cls in sorted(classes, key=lambda c: c.__qualname__)
+            if reference is not None and _same_code(cls.expand_kv, reference)]
+    return out
+
+
+@contextlib.contextmanager
+def _replaced(items: list):
+    """``replacements`` in place while the block runs (the model's own code again afterwards, also on errors)."""
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in items]
+    try:
+        for owner, name, fn in items:
+            setattr(owner, name, fn)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
@@ -123,7 +211,7 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     rebuilds the cache without the config, so every layer keeps all its slots, and the model's sliding layers
     mask keys by slot index (transformers' ``kv_idx > q_idx - window``). ``CompiledCausalLM`` keeps every decode
     step within ``window`` slots, where that mask excludes nothing (module docstring)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     name = type(model).__name__
     kw = _cache_kw(model)
     dev = next(model.parameters()).device
@@ -134,13 +222,21 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     if not layers:
         raise TypeError(f"{name} returned no layered KV cache ({type(cache).__name__}); "
                         f"compile_causal_lm needs transformers' DynamicCache")
+    if type(cache) is not DynamicCache:        # MiniMax: its linear-attention layers' state beside the layers
+        kinds = sorted(set(getattr(_text_config(model), "layer_types", None) or ())
+                       - {"full_attention", "sliding_attention"})
+        raise TypeError(f"{name} keeps its KV cache in a class of its own ({type(cache).__name__}, holding state "
+                        f"beside the layers' keys and values" + (f", for its {', '.join(kinds)} layers" if kinds
+                                                                   else "") +
+                        "); compile_causal_lm captures the cache as one (keys, values) pair per layer and rebuilds "
+                        "transformers' DynamicCache from them, which loses that state")
     odd = sorted({type(layer).__name__ for layer in layers
                   if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)})
     if odd:
         raise TypeError(f"{name}: cache layers {odd} (linear attention, quantized or other) are not supported; "
                         f"compile_causal_lm handles full-attention and sliding-window caches (DynamicLayer, "
                         f"DynamicSlidingWindowLayer)")
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk is not None:      # its cache layers are sliding ones too; its mask (chunks from the first token) is not
         raise TypeError(f"{name}: chunked attention (attention_chunk_size={chunk}) is not supported; "
@@ -176,18 +272,47 @@ def _normalized_layout(layout) -> list:
     return out
 
 
+def _text_config(model: nn.Module):
+    return model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+
+
+def _rope_parameters(model: nn.Module) -> list:
+    """The model's rotary-embedding parameter sets (rope_parameters or rope_scaling): one, or one per attention
+    type (Gemma-3's layout); none without scaling."""
+    config = _text_config(model)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return []
+    return [v for v in params.values() if isinstance(v, dict)] or [params]
+
+
+def refuse_dynamic_rope(model: nn.Module) -> None:
+    """Refuse dynamic NTK scaling (``rope_type="dynamic"``): past ``max_position_embeddings`` transformers
+    recomputes the rotary frequencies from the longest sequence its rotary embedding has seen so far (module
+    state, across calls: a later prompt, shorter but still past that length, gets the longer one's frequencies)
+    while the keys already cached keep the rotation they had. What a step computes then depends on the calls
+    before it, which one compiled graph of the step cannot reproduce."""
+    for p in _rope_parameters(model):
+        kind = str(p.get("rope_type", p.get("type")))
+        if "dynamic" in kind:
+            n = getattr(_text_config(model), "max_position_embeddings", None)
+            raise TypeError(
+                f"{type(model).__name__}: rope_type {kind!r} (dynamic NTK scaling) is not supported: past "
+                f"max_position_embeddings ({n}) tokens transformers recomputes the rotary frequencies from the "
+                f"longest sequence its rotary embedding has seen so far, a branch on the positions' values and "
+                f"state kept across calls, while the keys already cached keep their old rotation; one compiled step "
+                f"cannot give its tokens. Within {n} tokens it is the unscaled rotary embedding: compile a copy "
+                f"without rope scaling (rope_type 'default') and keep prompt and new tokens within {n}")
+
+
 def rope_switch(model: nn.Module) -> Optional[int]:
     """The sequence length past which the model's rotary embedding switches from its short to its long factors
     (``rope_type="longrope"``: Phi-3 and PhiMoE's long-context models), else None. Keys cached before the switch
     were rotated with the short factors, so transformers' Phi-3 drops the cache at the step that crosses it and
     runs the whole sequence again; ``CompiledCausalLM.decode`` does the same."""
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not isinstance(params, dict):
-        return None
-    nested = [v for v in params.values() if isinstance(v, dict)]    # one set per attention type (Gemma-3's layout)
+    config = _text_config(model)
     switches = []
-    for p in nested or [params]:
+    for p in _rope_parameters(model):
         if p.get("rope_type", p.get("type")) == "longrope":
             n = p.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
             if n is None:
@@ -271,6 +396,7 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     for key in ("dynamic", "example_inputs", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
+    refuse_dynamic_rope(model)
     layout, window = cache_layout(model)
     dtype = next(model.parameters()).dtype
     cal = _calibration(calibration, layout, dtype) if calibration is not None else None

@@ -467,3 +467,107 @@ def test_models_whose_positions_count_masked_cache_slots_are_refused():
                                       decoder_ffn_dim=64, max_position_embeddings=64)).eval()
     with pytest.raises(TypeError, match="BartForCausalLM: its cache has 12 layers but a call fills only 2"):
         slimfx.compile_causal_lm(bart)
+
+
+def test_bloom_and_alibi_falcon_save_and_load(tmp_path):
+    """BLOOM's and ALiBi Falcon's attention mask is as long as the cache and the new tokens together: export gives
+    its dim as a sum of the two (s63 + s70), which saving refused ("an expression, not a plain symbol")."""
+    import transformers as T
+    torch.manual_seed(0)
+    falcon = T.FalconForCausalLM(T.FalconConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                                num_hidden_layers=2, alibi=True)).eval()
+    for name, model in (("bloom", _tiny("bloom")), ("falcon", falcon)):
+        lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+        back = slimfx.load(lm.save(tmp_path / name))
+        ids, mask = text_batch(2, 5, 97, pad_left=True, seed=1)
+        mask[:, -1] = 1
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(back.generate(ids, mask, max_new_tokens=6, pad_token_id=0), ref)
+        mask_dim = [n.meta["val"].shape[1] for n in back.graph.graph.nodes if n.name == "attention_mask"]
+        assert "+" in str(mask_dim[0])                   # a sum of the loaded symbols again, not a new one
+    from slimfx.ir.serialize import FormatError
+    graph = json.loads((tmp_path / "falcon" / "slimfx.json").read_text())
+    entry = next(e for e in graph["graph"]["nodes"] if e["name"] == "attention_mask")
+    assert entry["val"]["tensor"]["shape"][1]["const"] == 0
+    for dim, match in [({"sum": [[1, "s999"]], "const": 0}, "dim 's999' is not among the saved symbols"),
+                       ({"sum": "s1"}, r"a dim must be an int, a symbol or \{'sum'")]:
+        entry["val"]["tensor"]["shape"][1] = dim
+        (tmp_path / "falcon" / "slimfx.json").write_text(json.dumps(graph))
+        with pytest.raises(FormatError, match=match):
+            slimfx.load(tmp_path / "falcon")
+
+
+def test_alibi_falcon_runs_on_numpy_as_transformers_computes_it():
+    """transformers' Falcon multiplies its ALiBi slopes by the positions in bfloat16, which the numpy backend
+    cannot hold (it failed at the first call). The step computes the same values in float32, the bfloat16
+    roundings done explicitly: equal to transformers' bias bit for bit, also where bfloat16 rounds the position
+    (past 256) and the product (16 heads: slopes that are not powers of two)."""
+    import transformers as T
+    from transformers.models.falcon import modeling_falcon
+    from slimfx.lm import _falcon_alibi
+    mask = torch.ones(2, 70000, dtype=torch.long)
+    mask[1, :1000] = 0
+    for heads in (3, 16, 71):
+        slopes = modeling_falcon.build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)[:, 0, 1]
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(_falcon_alibi(slopes)(mask, heads, dtype),
+                               modeling_falcon.build_alibi_tensor(mask, heads, dtype)), (heads, dtype)
+    torch.manual_seed(0)
+    model = T.FalconForCausalLM(T.FalconConfig(vocab_size=97, hidden_size=32, num_attention_heads=16,
+                                               num_hidden_layers=2, alibi=True, multi_query=False,
+                                               parallel_attn=False, bias=True)).eval()
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    assert not [n.name for n in lm.graph.graph.nodes if n.meta.get("val") is not None
+                and getattr(n.meta["val"], "dtype", None) == torch.bfloat16]
+    lm.min_cache = 8
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=1)
+    mask[:, -1] = 1
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=10, pad_token_id=0), ref)
+    ids = text_batch(1, 300, 97, seed=2)[0]            # positions past 256: bfloat16 rounds them
+    got = lm.prefill(ids, all_logits=True)[0]
+    with torch.no_grad():
+        want = model(ids).logits
+    # fp32, the same bias: only summation order differs (~1e-7 of the scale); a bias off by one bfloat16 step of
+    # a position near 300 (2 of 256 there) would move the logits by far more
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_deepseek_v3_compiled_from_a_batch_of_2_generates_for_1():
+    """DeepSeek-V3 builds its keys by copying into slices of an empty tensor; export's memory-overlap check of
+    that copy guarded the batch >= 2 (the default example's), and a single prompt was refused."""
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
+        vocab_size=97, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+        max_position_embeddings=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.normal_(0, 0.5)                          # zero-initialized router: random, so routing matters
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(1))
+    for batch in (ids[:1], ids):
+        ref = model.generate(batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(lm.generate(batch, max_new_tokens=4, pad_token_id=0), ref)
+
+
+def test_dynamic_ntk_rope_and_minimax_are_refused_up_front():
+    """Dynamic NTK scaling recomputes the rotary frequencies from the longest sequence seen so far (state across
+    calls) and MiniMax keeps linear-attention state in its own cache class: both were refused by a capture error
+    whose advice did not fit (MiniMax: "pass use_cache=False")."""
+    import transformers as T
+    llama = T.LlamaForCausalLM(T.LlamaConfig(**dict(_SMALL, max_position_embeddings=32),
+                                             rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
+    with pytest.raises(TypeError, match=r"LlamaForCausalLM: rope_type 'dynamic' \(dynamic NTK scaling\) is not "
+                                        r"supported.*max_position_embeddings \(32\).*state kept across calls"):
+        slimfx.compile_causal_lm(llama, progress=False)
+    cfg = T.AutoConfig.for_model("minimax", vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=2, intermediate_size=64, max_position_embeddings=128, head_dim=8,
+                                 num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    minimax = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(TypeError, match=r"MiniMaxForCausalLM keeps its KV cache in a class of its own \(MiniMaxCache"
+                                        r".*for its linear_attention layers"):
+        slimfx.compile_causal_lm(minimax, progress=False)

@@ -231,14 +231,48 @@ def _val_spec(v, symbols: dict, where: str):
                 if expr.is_number:                          # specialized while tracing (a Linear's K)
                     shape.append(int(expr))
                     continue
-                if not expr.is_symbol:
-                    raise FormatError(f"{where}: input dim {d} is an expression, not a plain symbol")
+                if not expr.is_symbol:                      # BLOOM's attention mask: cache + new tokens
+                    shape.append(_sum_spec(d, symbols, where))
+                    continue
                 symbols.setdefault(str(expr), {"hint": int(d.node.hint)})
                 shape.append(str(expr))
             else:
                 shape.append(int(d))
         return {"tensor": {"dtype": str(v.dtype).removeprefix("torch."), "shape": shape}}
     return {"literal": _enc(v, where)}
+
+
+def _sum_spec(d: torch.SymInt, symbols: dict, where: str) -> dict:
+    """An input dim that export ties to others as a sum (``s63 + s70``: an attention mask as long as the cache
+    and the new tokens together) as {"sum": [[coefficient, symbol], ...], "const": c}; its symbols get hints as
+    plain dims do. Only integer linear sums are data; anything else (a product, a division) is refused."""
+    expr = d.node.expr
+    const, terms = expr.as_coeff_add()
+    out = []
+    for term in terms:
+        coef, sym = term.as_coeff_Mul()
+        hint = d.node.shape_env.var_to_val.get(sym)
+        if not (sym.is_symbol and coef.is_integer and hint is not None):
+            raise FormatError(f"{where}: input dim {d} is an expression other than a sum of symbols times "
+                              f"integers")
+        symbols.setdefault(str(sym), {"hint": int(hint)})
+        out.append([int(coef), str(sym)])
+    if not const.is_integer:
+        raise FormatError(f"{where}: input dim {d} is an expression other than a sum of symbols times integers")
+    return {"sum": out, "const": int(const)}
+
+
+def _sum_dim(d: dict, made: dict):
+    """The dim ``_sum_spec`` saved, over the loaded symbols ``made`` (KeyError: a symbol not among them)."""
+    if not (set(d) == {"sum", "const"} and isinstance(d["const"], int) and isinstance(d["sum"], list) and d["sum"]
+            and all(isinstance(t, list) and len(t) == 2 and isinstance(t[0], int) and isinstance(t[1], str)
+                    for t in d["sum"])):
+        raise TypeError(f"a dim must be an int, a symbol or {{'sum': [[int, symbol], ...], 'const': int}}, "
+                        f"got {d!r:.80}")
+    total = d["const"]
+    for coef, name in d["sum"]:
+        total = total + coef * made[name]
+    return total
 
 
 def _node_meta(node: fx.Node) -> dict:
@@ -345,9 +379,12 @@ def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
         if "tensor" in spec:
             t = spec["tensor"]
             try:
-                shape = [made[d] if isinstance(d, str) else int(d) for d in t["shape"]]
+                shape = [made[d] if isinstance(d, str) else _sum_dim(d, made) if isinstance(d, dict) else int(d)
+                         for d in t["shape"]]
             except KeyError as e:
                 raise FormatError(f"{where}: dim {e} is not among the saved symbols") from e
+            except TypeError as e:
+                raise FormatError(f"{where}: {e}") from e
             with mode:
                 vals.append(torch.empty(shape, dtype=_torch_attr("dtype", t["dtype"], where)))
         else:
