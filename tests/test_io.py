@@ -193,6 +193,16 @@ def _node(data, op):
      FormatError, "no_such_op.default is not registered"),
     (lambda d: _node(d, "call_function").update(target="builtins:eval"), FormatError, "not 'builtins:eval'"),
     (lambda d: _node(d, "call_function").update(target="os:system"), FormatError, "not 'os:system'"),
+    # operator's attrgetter reached torch's module globals from a weight, operator.call then ran os.system: a
+    # file ran a shell command at load (shape propagation calls every target). Only operator's value functions
+    (lambda d: _node(d, "call_function").update(target="operator:attrgetter"), FormatError,
+     "not 'operator:attrgetter'"),
+    (lambda d: _node(d, "call_function").update(target="operator:methodcaller"), FormatError,
+     "not 'operator:methodcaller'"),
+    (lambda d: _node(d, "call_function").update(target="operator:call"), FormatError, "not 'operator:call'"),
+    (lambda d: _node(d, "call_function").update(target="operator:setitem"), FormatError, "not 'operator:setitem'"),
+    (lambda d: _node(d, "call_function").update(op="call_method", target="apply_"), FormatError,
+     "public torch.Tensor methods, not 'apply_'"),
     (lambda d: _node(d, "get_attr").update(target="nowhere"), FormatError, "'nowhere' is missing"),
     (lambda d: _node(d, "call_function")["args"].__setitem__(0, {"node": "later"}), FormatError,
      "refers to node 'later' before"),

@@ -8,8 +8,9 @@ that does not describe a sound graph is refused with the node at fault.
 
 Call targets are resolved by name, never by unpickling: ops as ``torch.ops.<ns>.<op>.<overload>``
 (the slimfx dialect registers itself on import; another library's ops need it imported first), Python
-functions as ``module:qualname`` from a short list (operator, math, torch.sym_*: what capture leaves in
-graphs), so a file cannot make a graph call anything that reaches files, processes or code.
+functions as ``module:qualname`` from a short list (operator's functions of values, math, torch.sym_*: what
+capture leaves in graphs), so a file cannot make a graph call anything that reaches files, processes or code
+(operator's attrgetter and call could: a file that chained them ran a shell command at load).
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ FORMAT = 1
 IMPORTABLE = ("torch", "operator", "math", "builtins", "slimfx", "transformers")
 _KEPT_META = ("slimfx_param",)
 SAFE_BUILTINS = ("abs", "min", "max", "round", "int", "float", "bool", "len", "pow", "divmod")
+# operator's functions of values (what capture leaves: getitem, symbolic size arithmetic, comparisons); not the
+# ones that return or call callables (attrgetter, methodcaller, call) or write (setitem, delitem, the i* ops)
+SAFE_OPERATORS = ("getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
+                  "and_", "or_", "xor", "not_", "invert", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge",
+                  "truth", "is_", "is_not", "index", "matmul", "contains")
+# public torch.Tensor methods a saved graph may not call: they take callables (hooks, apply_/map_), leave torch
+# (numpy(), storages) or run autograd hooks
+UNSAFE_METHODS = ("apply_", "map_", "map2_", "register_hook", "register_post_accumulate_grad_hook", "backward",
+                  "numpy", "storage", "untyped_storage", "set_", "share_memory_")
 
 
 class FormatError(ValueError):
@@ -168,15 +178,18 @@ def _module(name: str, where: str):
 def _callable(module: str, name: str) -> bool:
     """Which Python functions a loaded graph may call: what capture leaves in graphs (getitem, symbolic
     size arithmetic), nothing that reaches files, processes or code."""
-    if module in ("operator", "math"):
-        return not name.startswith("_")
+    if module == "operator":
+        return name in SAFE_OPERATORS
+    if module == "math":
+        return not name.startswith("_") and callable(getattr(math, name, None))
     if module == "builtins":
         return name in SAFE_BUILTINS
     return module == "torch" and (name.startswith(("sym_", "_sym_", "_check", "_assert")))
 
 
 def _tensor_method(name: str, where: str) -> None:
-    if not isinstance(name, str) or name.startswith("_") or not hasattr(torch.Tensor, name):
+    if not isinstance(name, str) or name.startswith("_") or not hasattr(torch.Tensor, name) or \
+            name in UNSAFE_METHODS:
         raise FormatError(f"{where}: a saved graph may call public torch.Tensor methods, not {name!r}")
 
 
