@@ -5,18 +5,29 @@
     ]
     n = apply_rules(gm, RULES)
 
-Patterns are traced with ``fx.symbolic_trace`` and brought to the canonical ATen op set by the same
-canonicalization that captured graphs get, so ``F.gelu`` in a pattern matches ``aten.gelu`` in the IR.
-Matching and replacement are torch.fx's subgraph rewriter. Rule lists combine with ``+``.
+A rule is traced when it is made (``fx.symbolic_trace``) and brought to the canonical ATen op set by the
+same canonicalization that captured graphs get (``canonical.canonicalize``), with the call spelled as
+torch.export records it: torch-level calls outside canonicalization's tables resolve to the ATen op of their
+name (``torch.clamp`` -> ``aten.clamp.default``, ``torch.mean(x, -1)`` -> ``aten.mean.dim``), ``x.float()``
+is ``aten.to.dtype``, backend flags are off (``layer_norm(.., cudnn_enable=False)``). So ``F.layer_norm`` in a
+pattern matches the captured ``aten.layer_norm``, and a replacement puts ATen ops into the graph. A rule that
+cannot be so written (a call with no ATen op, tensor indexing, a pattern with no op left) raises ``RuleError``
+naming it. Matching and replacement are torch.fx's subgraph rewriter. Rule lists combine with ``+``.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 from typing import Callable, Optional, Sequence
 
+import torch
 import torch.fx as fx
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
+
+
+class RuleError(ValueError):
+    """A rule whose pattern or replacement cannot be written in the canonical ATen op set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,21 +38,191 @@ class Rule:
     # optional filter(match, original_graph, pattern_graph) -> bool, as fx's rewriter takes it
     where: Optional[Callable] = None
 
+    def __post_init__(self):            # traced once, here: a rule that could never work fails where it is written
+        pattern, replacement = _trace(self.pattern, self.name, "pattern"), _trace(self.replacement, self.name,
+                                                                                   "replacement")
+        if not any(n.op == "call_function" for n in pattern.graph.nodes):
+            raise RuleError(f"rule {self.name!r}: its pattern is no operation once canonicalized (an input, or "
+                            f"ops captured graphs drop: dropout, detach, ...), so it could never match")
+        n_in = [sum(n.op == "placeholder" for n in g.graph.nodes) for g in (pattern, replacement)]
+        if n_in[0] != n_in[1]:
+            raise RuleError(f"rule {self.name!r}: the pattern takes {n_in[0]} inputs and the replacement {n_in[1]}; "
+                            f"they take the same ones")
+        object.__setattr__(self, "_traced", (pattern, replacement))
+
     def traced(self) -> tuple[fx.GraphModule, fx.GraphModule]:
-        return _trace(self.pattern), _trace(self.replacement)
+        return self._traced
 
 
-def _trace(fn: Callable) -> fx.GraphModule:
-    from .canonical import canonicalize_calls
+def _trace(fn: Callable, rule: str, role: str) -> fx.GraphModule:
+    from . import canonical
     n_args = len(inspect.signature(fn).parameters)
     # a wrapper with named positional parameters, so lambdas and functions trace alike
     names = [f"a{i}" for i in range(n_args)]
     src = f"def _pattern({', '.join(names)}):\n    return fn({', '.join(names)})\n"
     scope = {"fn": fn}
     exec(src, scope)                                    # noqa: S102 - builds a fixed-arity wrapper
-    gm = fx.symbolic_trace(scope["_pattern"])
-    canonicalize_calls(gm)
+    try:
+        gm = fx.symbolic_trace(scope["_pattern"])
+    except Exception as e:                              # noqa: BLE001 - named with the rule below
+        raise RuleError(f"rule {rule!r}: its {role} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
+                        f"a rule is straight-line torch code over its inputs") from e
+    _casts_as_export(gm)
+    canonical.canonicalize_calls(gm)
+    _to_aten(gm, rule, role)
+    # None while canonical.py is imported: its own rules (LINEAR_RULES, built then) are written in ATen already
+    canonicalize = getattr(canonical, "canonicalize", None)
+    if canonicalize is not None:
+        canonicalize(gm)
     return gm
+
+
+# --- torch-level calls as torch.export records them ---------------------------------------------------
+
+_CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+# arguments naming backends: export captures with them off (torch.export._trace._ignore_backend_decomps)
+_BACKEND_FLAGS = ("cudnn_enable", "cudnn_enabled")
+
+
+def _casts_as_export(gm: fx.GraphModule) -> None:
+    """``x.float()`` (``.half()``, ...) -> ``aten.to.dtype(x, float32)``, as export records it."""
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target in _CASTS and len(node.args) == 1 and not node.kwargs:
+            node.op, node.target, node.args = "call_function", torch.ops.aten.to.dtype, (node.args[0],
+                                                                                         _CASTS[node.target])
+
+
+def _aten_packet(name: str):
+    try:
+        packet = getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return None
+    return packet if isinstance(packet, torch._ops.OpOverloadPacket) else None
+
+
+def _fits(value, typ) -> bool:
+    """Can ``value`` (a literal; a node fits anything: a placeholder is a wildcard) be an argument of type
+    ``typ`` (a schema type)?"""
+    if isinstance(value, fx.Node):
+        return True
+    kind = typ.kind()
+    if kind == "OptionalType":
+        return value is None or _fits(value, typ.getElementType())
+    if kind == "ListType":
+        elem = typ.getElementType()
+        if isinstance(value, (list, tuple)):
+            return all(_fits(v, elem) for v in value)
+        return type(value) is int and elem.kind() in ("IntType", "SymIntType")     # int[1] dim=-1
+    if kind in ("IntType", "SymIntType"):            # dtypes, layouts and memory formats are ints to the schema
+        return (type(value) is int or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)))
+    simple = {"FloatType": (int, float), "BoolType": (bool,), "NumberType": (int, float, bool),
+              "StringType": (str,), "DeviceObjType": (torch.device, str)}
+    if kind in simple:
+        return isinstance(value, simple[kind]) and not (kind == "FloatType" and isinstance(value, bool))
+    return kind not in ("TensorType",)
+
+
+def _bind(op, args: tuple, kwargs: dict) -> Optional[tuple[int, tuple, dict]]:
+    """(misfit, args, kwargs) of a call of ``op`` with these arguments, spelled as export records it (positional
+    as positional, ``int[]`` as a list), or None when they do not fit its schema. ``misfit`` counts the nodes
+    given where the schema takes no tensor: the lower, the likelier the overload."""
+    params = op._schema.arguments
+    positional = [p for p in params if not p.kwarg_only]
+    if len(args) > len(positional):
+        return None
+    values = {p.name: v for p, v in zip(positional, args)}
+    for k, v in kwargs.items():
+        if k in values or all(p.name != k for p in params):
+            return None
+        values[k] = v
+    misfit = 0
+    for p in params:
+        if p.name not in values:
+            if not p.has_default_value():
+                return None
+            continue
+        v = values[p.name]
+        if not _fits(v, p.type):
+            return None
+        if isinstance(v, fx.Node) and "Tensor" not in str(p.type):
+            misfit += 1
+        typ = p.type.getElementType() if p.type.kind() == "OptionalType" else p.type
+        if typ.kind() == "ListType" and type(v) is int:
+            values[p.name] = [v]
+        elif isinstance(v, tuple):
+            values[p.name] = list(v)
+    last = max((i for i, p in enumerate(positional) if p.name in values), default=-1)
+    out_args = tuple(values[p.name] if p.name in values else p.default_value for p in positional[:last + 1])
+    out_kwargs = {p.name: values[p.name] for p in params if p.kwarg_only and p.name in values}
+    return misfit, out_args, out_kwargs
+
+
+def _resolve(packet, args: tuple, kwargs: dict):
+    """(overload, args, kwargs): the functional overload of ``packet`` these arguments fit best, or None."""
+    kwargs = {("self" if k == "input" else k): v for k, v in kwargs.items()
+              if not (k == "inplace" and v is False)}           # F.*'s names; inplace=False changes no value
+    names = packet.overloads()
+    best = None
+    for name in sorted(names, key=lambda o: o != "default"):
+        op = getattr(packet, name)
+        if op._schema.is_mutable or any(a.is_out for a in op._schema.arguments):
+            continue                                            # in-place and out= variants
+        bound = _bind(op, args, kwargs)
+        if bound is not None and (best is None or bound[0] < best[0][0]):
+            best = (bound, op)
+    return None if best is None else (best[1], best[0][1], best[0][2])
+
+
+def _to_aten(gm: fx.GraphModule, rule: str, role: str) -> None:
+    """Every call an ATen (or other torch.ops) overload, spelled as export records it; RuleError otherwise."""
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+            bound = _bind(target, node.args, node.kwargs)
+            if bound is not None:
+                node.args, node.kwargs = bound[1:]
+            _backend_flags_off(node)
+            continue
+        if node.op == "call_function" and getattr(target, "__module__", None) in ("_operator", "operator"):
+            index = node.args[1] if target is operator.getitem and len(node.args) > 1 else 0
+            if type(index) is not int:
+                raise RuleError(f"rule {rule!r}: its {role} indexes a tensor (node {node.name}: {node.format_node()}"
+                                f"); captured graphs spell that aten.slice.Tensor / aten.select.int / "
+                                f"aten.index.Tensor: write those (torch.ops.aten...)")
+            continue
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
+            packet, what = target, str(target)
+        elif node.op in ("call_function", "call_method"):
+            name = target if node.op == "call_method" else getattr(target, "__name__", "")
+            packet, what = _aten_packet(name), (f"the method .{target}()" if node.op == "call_method"
+                                                else f"{getattr(target, '__module__', '')}.{name}")
+        else:
+            packet, what = None, f"{node.op} {target}"
+        found = _resolve(packet, node.args, node.kwargs) if packet is not None else None
+        if found is None:
+            consequence = ("could never match a captured graph" if role == "pattern" else
+                           "would leave it in the graph, where backends and save() take torch ops only")
+            raise RuleError(f"rule {rule!r}: its {role} calls {what} (node {node.name}), which has no ATen op "
+                            f"taking these arguments; captured graphs hold ATen ops, so the {role} {consequence}. "
+                            f"Write it with torch.ops.aten.<op>.<overload> (or the ops it is made of)")
+        node.op, (node.target, node.args, node.kwargs) = "call_function", found
+        _backend_flags_off(node)
+    gm.recompile()
+
+
+def _backend_flags_off(node: fx.Node) -> None:
+    """``cudnn_enable`` & co. set False where left out: torch.export captures with the backends off, so a captured
+    ``aten.layer_norm`` ends ``.., eps, False)``, and ``F.layer_norm`` never passes it."""
+    params = node.target._schema.arguments
+    for i, p in enumerate(params):
+        if p.name not in _BACKEND_FLAGS or p.name in node.kwargs or (not p.kwarg_only and i < len(node.args)):
+            continue
+        if not p.kwarg_only and i == len(node.args):
+            node.args = tuple(node.args) + (False,)
+        else:
+            node.kwargs = {**node.kwargs, p.name: False}
 
 
 def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:

@@ -1,0 +1,99 @@
+"""Rules written in plain torch are canonicalized as captured graphs are: their patterns match what torch.export
+captured, their replacements put ATen ops into the graph, and a rule that cannot be so written fails when it is
+made, naming it."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import slimfx
+from slimfx import ir
+from slimfx.ir.rewrite import RuleError
+from slimfx.passes import Rewrite
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.lin = nn.LayerNorm(16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.ln(x)
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.lin(h)
+        return h * torch.sigmoid(h)
+
+
+class Upcast(nn.Module):
+    def forward(self, x):               # half in: export records x.float() as aten.to.dtype
+        return x.float() * 2
+
+
+@pytest.fixture(scope="module")
+def norms():
+    torch.manual_seed(0)
+    model, x = Norms().eval(), torch.randn(2, 16)
+    return model, x, slimfx.capture(model, (x,))
+
+
+def _matches(cap, pattern) -> int:
+    rule = ir.Rule("r", pattern, pattern)
+    return ir.apply_rules(ir.fork(cap.graph), [rule]).get("r", 0)
+
+
+@pytest.mark.parametrize("pattern", [
+    lambda x, w, b: F.layer_norm(x, (16,), w, b, 1e-5),              # captured: layer_norm(.., 1e-05, False)
+    lambda x, w, b: F.layer_norm(x, [16], weight=w, bias=b, eps=1e-5),
+    lambda x, w, b: torch.layer_norm(x, (16,), w, b),
+], ids=["F.layer_norm args", "F.layer_norm kwargs", "torch.layer_norm defaults"])
+def test_layer_norm_spellings_match_the_captured_layer_norm(norms, pattern):
+    assert _matches(norms[2], pattern) == 1
+
+
+@pytest.mark.parametrize("pattern", [
+    lambda x: torch.mean(x.pow(2), -1, keepdim=True),
+    lambda x: torch.mean(torch.pow(x, 2), dim=-1, keepdim=True),
+    lambda x: x.pow(2).mean(-1, keepdim=True),
+    lambda x: x.pow(2).mean(dim=(-1,), keepdim=True),
+], ids=["torch.mean", "torch.mean kwargs", "method", "method tuple dim"])
+def test_mean_spellings_match(norms, pattern):
+    assert _matches(norms[2], pattern) == 1
+
+
+def test_a_cast_method_matches_the_captured_conversion():
+    cap = slimfx.capture(Upcast(), (torch.randn(3, 4, dtype=torch.float16),))
+    assert _matches(cap, lambda x: x.float()) == 1
+    assert _matches(cap, lambda x: x.to(torch.float32)) == 1
+
+
+@pytest.mark.parametrize("what, replacement, ops", [
+    ("torch.clamp(a, min=0)", lambda a: torch.clamp(a, min=0), {"aten.clamp.default"}),
+    ("torch.stack([a, a]).mean(0)", lambda a: torch.stack([a, a]).mean(0), {"aten.stack.default", "aten.mean.dim"}),
+    ("a.clamp(max=3.0)", lambda a: a.clamp(max=3.0), {"aten.clamp.default"}),
+])
+def test_replacements_put_aten_ops_into_the_graph(norms, what, replacement, ops):
+    model, x, cap = norms
+    rule = ir.Rule("x*sigmoid(x) => " + what, lambda a: a * torch.sigmoid(a), replacement)
+    cm = slimfx.compile(cap, passes=[Rewrite([rule])], backend="numpy", progress=False)
+    assert cm.report().records[0].stats["rewrites"] == {rule.name: 1}
+    calls = [n.target for n in cm.graph.graph.nodes if n.op == "call_function"]
+    assert all(isinstance(t, torch._ops.OpOverload) for t in calls), calls
+    assert ops <= {str(t) for t in calls}
+    with torch.no_grad():
+        h = model.lin(model.ln(x) / torch.sqrt(model.ln(x).pow(2).mean(-1, keepdim=True) + 1e-6))
+        want = replacement(h)
+    # numpy backend vs torch on the same fp32 ops: a few ulps of reordering in layer_norm and linear
+    torch.testing.assert_close(cm(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern, replacement, says", [
+    (lambda x: F.normalize(x), lambda x: x * 2, "calls torch.nn.functional.normalize"),
+    (lambda x: x[:, :2] * 2, lambda x: x, "indexes a tensor"),
+    (lambda x: x * torch.sigmoid(x), lambda x: F.normalize(x), "its replacement calls"),
+    (lambda x: x, lambda x: x * 2, "no operation"),
+    (lambda x, y: x * y, lambda x: x, "takes 2 inputs and the replacement 1"),
+    (lambda x: x * 2, lambda x: x if x.sum() > 0 else -x, "cannot be traced"),
+], ids=["no aten op", "indexing", "replacement", "empty pattern", "arity", "control flow"])
+def test_a_rule_that_cannot_be_canonical_fails_when_made_naming_it(pattern, replacement, says):
+    with pytest.raises(RuleError, match=rf"rule 'my rule'[\s\S]*{says}"):
+        ir.Rule("my rule", pattern, replacement)
