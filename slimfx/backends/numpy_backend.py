@@ -71,7 +71,12 @@ class NumpyProgram:
                 dt = ir.meta.dtype(n)
                 self.steps.append((n, fn, NP_DTYPE.get(dt) if dt is not None else None))
             elif n.op in ("call_module", "call_method"):
-                raise UnsupportedOpError(_missing(n))
+                what = (f"a call_module node ({n.name}: {type(gm.get_submodule(n.target)).__name__} "
+                        f"{n.target!r})" if n.op == "call_module" and isinstance(n.target, str) and
+                        _has_submodule(gm, n.target) else f"a {n.op} node ({n.name}: {n.target!r})")
+                raise UnsupportedOpError(f"the numpy backend runs ATen ops (call_function nodes), not {what}: "
+                                         f"a pass should insert the ATen ops it stands for (torch.ops.aten...), or "
+                                         f"run with backend='torch'")
         # free each intermediate after its last use: keeps peak memory near torch's
         last_use = {}
         for i, (n, _, _) in enumerate(self.steps):
@@ -119,6 +124,14 @@ class NumpyProgram:
             for a in self.free_after[i]:
                 del env[a]
         return fx.node.map_arg(self.output.args[0], load)
+
+
+def _has_submodule(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+        return True
+    except AttributeError:
+        return False
 
 
 def _missing(n: fx.Node) -> str:

@@ -249,16 +249,29 @@ def _snake(s: str) -> str:
     return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(s))
 
 
+def _instance(make: Callable, what: str, given: str) -> Pass:
+    """``make()``: a pass from its registered name or class, with its default options; one that has required
+    options says so, naming them."""
+    if isinstance(make, type) and dataclasses.is_dataclass(make):
+        required = [f.name for f in dataclasses.fields(make) if f.init and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        if required:
+            raise TypeError(f"{what} ({make.__name__}) has required options {required}: put an instance in the "
+                            f"pipeline, {make.__name__}({', '.join(f'{r}=...' for r in required)}), not its "
+                            f"{given}")
+    return make()
+
+
 def as_pass(p: Union[str, Pass, Callable]) -> Pass:
     """A pipeline entry (registered name, Pass instance, Pass subclass, or function) as a Pass."""
     if isinstance(p, str):
         if p not in PASSES:
             raise KeyError(f"no pass named {p!r}; registered: {sorted(PASSES)}")
-        return PASSES[p]()
+        return _instance(PASSES[p], f"pass {p!r}", "name")
     if isinstance(p, Pass):
         return p
     if isinstance(p, type) and issubclass(p, Pass):
-        return p()
+        return _instance(p, f"pass class {p.__name__}", "class")
     if callable(p):
         return FunctionPass(p)
     raise TypeError(f"a pipeline entry must be a pass name, a Pass or a function, got {type(p).__name__}")

@@ -115,19 +115,21 @@ def _keep_call_convention(new: fx.GraphModule, before: fx.GraphModule) -> Option
     (also for a pass that changed how many values the graph returns)."""
     want, got = before.graph._codegen, new.graph._codegen
     info, got_info = getattr(want, "pytree_info", None), getattr(got, "pytree_info", None)
+    keep = ("; a pass keeps gm.graph._codegen (a new fx.Graph takes it over: new_graph._codegen = "
+            "gm.graph._codegen)")
     if got is not want and got_info is not None and \
             (got_info.in_spec, got_info.out_spec) != (info and (info.in_spec, info.out_spec)):
-        return "changed the graph's call convention (its pytree codegen's input or output structure)"
+        return "changed the graph's call convention (its pytree codegen's input or output structure)" + keep
     if info is not None:
         n_in = sum(n.op == "placeholder" for n in new.graph.nodes)
         out = next((n for n in reversed(new.graph.nodes) if n.op == "output"), None)
         flat = out.args[0] if out is not None else None
         n_out = len(flat) if isinstance(flat, (tuple, list)) else "not a tuple of"
         if got is not want and info.in_spec is not None and n_in != info.in_spec.num_leaves:
-            return f"left a graph with {n_in} inputs where the call convention has {info.in_spec.num_leaves}"
+            return f"left a graph with {n_in} inputs where the call convention has {info.in_spec.num_leaves}" + keep
         if out is not None and info.out_spec is not None and n_out != info.out_spec.num_leaves:
             return (f"left a graph whose output is {n_out} values where the call convention returns "
-                    f"{info.out_spec.num_leaves} (the model's outputs, flattened)")
+                    f"{info.out_spec.num_leaves} (the model's outputs, flattened)" + (keep if got is not want else ""))
     if got is not want:
         new.graph._codegen = want
         new.recompile()
@@ -178,8 +180,7 @@ class PassManager:
             if isinstance(new, fx.GraphModule):
                 lost = _keep_call_convention(new, before)
                 if lost:
-                    raise self._error(name, records, f"{lost}; a pass keeps gm.graph._codegen (a new fx.Graph "
-                                                     f"takes it over: new_graph._codegen = gm.graph._codegen)")
+                    raise self._error(name, records, lost)
             if not isinstance(res.stats, dict):
                 raise self._error(name, records, f"returned stats of type {type(res.stats).__name__}; "
                                                  f"PassResult's stats must be a dict")

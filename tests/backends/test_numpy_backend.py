@@ -522,3 +522,21 @@ def test_state_space_and_newer_mlp_ops_match_torch():
             o = torch.from_numpy(np.asarray(o))
             assert o.dtype == w.dtype and o.shape == w.shape, name
             assert torch.equal(o, w) if name in exact else torch.allclose(o, w, rtol=1e-5, atol=1e-5), name
+
+
+def test_a_call_module_node_is_refused_saying_what_the_backend_runs():
+    """The hint said to register a numpy_op for the module's name, which cannot work for a module."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+
+    def add_module(gm):
+        gm.add_submodule("my_act", torch.nn.Hardswish())
+        lin = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+        with gm.graph.inserting_after(lin):
+            c = gm.graph.call_module("my_act", (lin,))
+        lin.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
+        return True
+
+    with pytest.raises(Exception, match=r"runs ATen ops \(call_function nodes\), not a call_module node \(my_act: "
+                                        r"Hardswish 'my_act'\): a pass should insert the ATen ops"):
+        slimfx.compile(model, (x,), passes=[add_module], backend="numpy", progress=False)

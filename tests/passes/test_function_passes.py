@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import slimfx
-from slimfx.passes import PASSES, FunctionPass, PassContext, PassResult, Quantize, register_pass
+from slimfx.passes import PASSES, FunctionPass, Pass, PassContext, PassResult, Quantize, register_pass
 from slimfx.passes.cleanup import DCE
 from slimfx.passes.fuse import FuseLinearAct
 
@@ -136,3 +136,21 @@ def test_registering_a_configured_pass_again_under_its_name_replaces_it(net, reg
         register_pass(functools.partial(scale, factor=4.0), name="scale3")
     with pytest.raises(ValueError, match=r"'q8' is already registered .* so .*\.scale cannot take it"):
         register_pass(scale, name="q8")
+
+
+def test_a_registered_pass_with_required_options_used_by_name_says_which(net, registry):
+    """It raised the dataclass's bare TypeError ('__init__() missing 1 required positional argument')."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class NeedsFactor(Pass):
+        factor: float
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False, {})
+
+    register_pass(NeedsFactor)
+    for entry, given in (("needs_factor", "name"), (NeedsFactor, "class")):
+        with pytest.raises(TypeError, match=rf"\(NeedsFactor\) has required options \['factor'\]: put an instance in "
+                                            rf"the pipeline, NeedsFactor\(factor=...\), not its {given}"):
+            slimfx.compile(net, X, passes=[entry], progress=False)
