@@ -62,7 +62,10 @@ def module_name(node: fx.Node) -> str:
         return node.meta[_PARAM].rsplit(".", 1)[0]
     stack = node.meta.get("nn_module_stack")
     if not stack:
-        return ""
+        # a node a pass made without a source module: a layer's, named after its weight's module (a linear's
+        # args are (x, weight, ...)), so include/exclude still find it
+        w = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
+        return module_name(w) if isinstance(w, fx.Node) and w.op == "get_attr" and _PARAM in w.meta else ""
     path = list(stack.values())[-1][0]
     # export writes paths like "L['self'].encoder.layer[0]" in strict mode and plain FQNs in non-strict
     return path.replace("L['self'].", "").replace("[", ".").replace("]", "")

@@ -475,6 +475,8 @@ class Quantize(Pass):
         name = ir.meta.layer_name(lin)
         n_out, k = codes.shape
         stack = lin.meta.get("nn_module_stack")
+        if stack is None and name != lin.name:      # a layer a pass added: its weight's module (meta.module_name)
+            stack = lin.meta["nn_module_stack"] = {name: (name, "Linear")}
         new_nodes = []
 
         def attr(suffix, t):

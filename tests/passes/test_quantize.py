@@ -519,3 +519,35 @@ def test_a_weight_computed_from_the_modules_tensors_says_const_fold_makes_it_one
     assert cm.report().records[1].sqnr_db > 30
     pruned = slimfx.compile(model, (x,), passes=[P.Prune(sparsity=0.5)], progress=False)
     assert "run 'const_fold'" in pruned.report().records[0].stats["skipped"]["l1"]
+
+
+def _add_adapter(gm):
+    """y + linear(y, A) after fc1: a new node and a new weight, named as a layer of its own (no source module)."""
+    aten = torch.ops.aten
+    fc = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+    d = ir.meta.shape(fc)[-1]
+    name = ir.meta.add_tensor_attr(gm, "adapter_weight", torch.randn(d, d, generator=torch.Generator().manual_seed(1)))
+    with gm.graph.inserting_after(fc):
+        w = gm.graph.get_attr(name)
+    ir.meta.set_param_name(w, "adapter.weight")
+    with gm.graph.inserting_after(w):
+        lin = gm.graph.call_function(aten.linear.default, (fc, w))
+    with gm.graph.inserting_after(lin):
+        add = gm.graph.call_function(aten.add.Tensor, (fc, lin))
+    fc.replace_all_uses_with(add, delete_user_cb=lambda u: u not in (lin, add))
+    return True
+
+
+def test_a_layer_a_pass_adds_is_named_after_its_weight():
+    """A linear a pass inserts has no source module: it was named '' so exclude=('adapter',) missed it (it was
+    quantized) and the layer table showed it under its node name."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval(), torch.randn(4, 16)
+    cm = slimfx.compile(model, (x,), passes=[_add_adapter, Quantize(weights="int8", exclude=("adapter",))],
+                        progress=False)
+    assert cm.report().records[1].stats["layers"] == 2 and ir.meta.module_name(
+        next(n for n in cm.graph.graph.nodes if n.target is torch.ops.aten.linear.default)) == "adapter"
+    cm = slimfx.compile(model, (x,), passes=[_add_adapter, Quantize(weights="int8", include=("adapter",))],
+                        progress=False)
+    (q,) = quantized_linears(cm.graph)
+    assert ir.meta.layer_name(q) == "adapter"
