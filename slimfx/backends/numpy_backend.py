@@ -77,6 +77,8 @@ class NumpyProgram:
                 raise UnsupportedOpError(f"the numpy backend runs ATen ops (call_function nodes), not {what}: "
                                          f"a pass should insert the ATen ops it stands for (torch.ops.aten...), or "
                                          f"run with backend='torch'")
+        # keyword arguments the schema takes by position go by position: the numpy functions name them their own way
+        self.calls = {n: _positional(n) for n, _, _ in self.steps if n.kwargs}
         # free each intermediate after its last use: keeps peak memory near torch's
         last_use = {}
         for i, (n, _, _) in enumerate(self.steps):
@@ -104,8 +106,9 @@ class NumpyProgram:
             env[p] = to_numpy(v) if isinstance(v, torch.Tensor) else v
         load = lambda a: env[a]
         for i, (n, fn, dt) in enumerate(self.steps):
-            args = fx.node.map_arg(n.args, load)
-            kwargs = fx.node.map_arg(n.kwargs, load)
+            args, kwargs = self.calls.get(n, (n.args, n.kwargs))
+            args = fx.node.map_arg(args, load)
+            kwargs = fx.node.map_arg(kwargs, load)
             try:
                 if timings is None:
                     out = fn(*args, **kwargs)
@@ -124,6 +127,25 @@ class NumpyProgram:
             for a in self.free_after[i]:
                 del env[a]
         return fx.node.map_arg(self.output.args[0], load)
+
+
+def _positional(n: fx.Node) -> tuple:
+    """(args, kwargs) of ``n`` with every keyword argument its op's schema also takes by position moved there
+    (defaults filled in between): ``aten.clamp(x, max=1.0)`` as ``(x, None, 1.0)``, as export records calls."""
+    schema = getattr(n.target, "_schema", None)
+    if schema is None:
+        return n.args, n.kwargs
+    positional = [p for p in schema.arguments if not p.kwarg_only]
+    args, kwargs = list(n.args), dict(n.kwargs)
+    last = max((i for i, p in enumerate(positional) if p.name in kwargs), default=-1)
+    for p in positional[len(args):last + 1]:
+        if p.name in kwargs:
+            args.append(kwargs.pop(p.name))
+        elif p.has_default_value():
+            args.append(p.default_value)
+        else:                                           # a required argument missing: leave the call to fail
+            return n.args, n.kwargs
+    return tuple(args), kwargs
 
 
 def _has_submodule(gm: fx.GraphModule, target: str) -> bool:

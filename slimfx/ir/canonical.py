@@ -180,6 +180,9 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
             continue
         elif node.op == "call_method" and node.target == "contiguous":
             new = aten.clone.default, (node.args[0],), {"memory_format": torch.contiguous_format}
+        elif node.op in ("call_function", "call_method") and not isinstance(node.target, torch._ops.OpOverload):
+            from .rewrite import aten_call              # anything else: the ATen op of its name that takes these
+            new = aten_call(node)                       # arguments (torch.clamp(x, max=1) -> aten.clamp.default)
         if new is None:
             continue
         target, args, kwargs = new

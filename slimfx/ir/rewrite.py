@@ -173,6 +173,27 @@ def _resolve(packet, args: tuple, kwargs: dict):
     return None if best is None else (best[1], best[0][1], best[0][2])
 
 
+def aten_call(node: fx.Node) -> Optional[tuple]:
+    """(overload, args, kwargs) of the ATen op a torch-level call (``torch.clamp``, ``x.clamp(max=..)``, an
+    overload packet) stands for, the overload picked from its arguments; None when there is none."""
+    target = node.target
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
+        packet = target
+    elif node.op == "call_method" and isinstance(target, str):
+        packet = _aten_packet(target)
+    elif node.op == "call_function" and getattr(target, "__module__", None) in _TORCH_MODULES and \
+            not getattr(target, "__name__", "_").startswith(("_", "sym_")):     # size arithmetic stays Python's
+        packet = _aten_packet(target.__name__)
+    else:
+        return None
+    return _resolve(packet, node.args, node.kwargs) if packet is not None else None
+
+
+# where torch-level functions live (builtins: torch.clamp is a builtin whose __module__ is "torch" or None)
+_TORCH_MODULES = ("torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
+                  None)
+
+
 def _to_aten(gm: fx.GraphModule, rule: str, role: str) -> None:
     """Every call an ATen (or other torch.ops) overload, spelled as export records it; RuleError otherwise."""
     for node in list(gm.graph.nodes):
@@ -193,14 +214,14 @@ def _to_aten(gm: fx.GraphModule, rule: str, role: str) -> None:
                                 f"aten.index.Tensor: write those (torch.ops.aten...)")
             continue
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
-            packet, what = target, str(target)
+            what = str(target)
         elif node.op in ("call_function", "call_method"):
             name = target if node.op == "call_method" else getattr(target, "__name__", "")
-            packet, what = _aten_packet(name), (f"the method .{target}()" if node.op == "call_method"
-                                                else f"{getattr(target, '__module__', '')}.{name}")
+            what = (f"the method .{target}()" if node.op == "call_method"
+                    else f"{getattr(target, '__module__', '')}.{name}")
         else:
-            packet, what = None, f"{node.op} {target}"
-        found = _resolve(packet, node.args, node.kwargs) if packet is not None else None
+            what = f"{node.op} {target}"
+        found = aten_call(node)
         if found is None:
             consequence = ("could never match a captured graph" if role == "pattern" else
                            "would leave it in the graph, where backends and save() take torch ops only")

@@ -540,3 +540,18 @@ def test_a_call_module_node_is_refused_saying_what_the_backend_runs():
     with pytest.raises(Exception, match=r"runs ATen ops \(call_function nodes\), not a call_module node \(my_act: "
                                         r"Hardswish 'my_act'\): a pass should insert the ATen ops"):
         slimfx.compile(model, (x,), passes=[add_module], backend="numpy", progress=False)
+
+
+class _TorchLevel(torch.nn.Module):
+    def forward(self, x):
+        return x.clamp(max=0.5) + torch.clamp(x, min=-0.25) + torch.stack([x, x.flip(0)]).amax(0)
+
+
+def test_torch_level_calls_of_a_symbolic_trace_capture_run_on_numpy():
+    """symbolic_trace leaves torch.clamp / torch.stack as torch functions: the numpy backend refused them ('no
+    implementation of <built-in method clamp>'); and a keyword argument the numpy function names otherwise
+    (clamp's max) failed at the call."""
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    cm = slimfx.compile(_TorchLevel(), (x,), capture="symbolic_trace", backend="numpy", progress=False)
+    assert all(isinstance(n.target, torch._ops.OpOverload) for n in cm.graph.graph.nodes if n.op == "call_function")
+    assert torch.equal(cm(x), _TorchLevel()(x))        # clamps, a max and adds of the same values: exact
