@@ -416,8 +416,9 @@ def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
     mask[:, -1] = 1
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
-    loaded = slimfx.load(lm.save(tmp_path / "phi3"), backend="torch")
+    loaded = slimfx.load(lm.save(tmp_path / "phi3"), backend="numpy")     # (its rotary's aten.max: numpy too)
     assert loaded.rope_switch == 32
+    loaded.min_cache = 8
     assert torch.equal(loaded.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
 
 
