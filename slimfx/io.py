@@ -15,7 +15,9 @@ import json
 import os
 import pathlib
 import time
+import uuid
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -30,10 +32,13 @@ from .signature import InputSignature
 GRAPH_FILE, TENSOR_FILE = "slimfx.json", "tensors.safetensors"
 
 
-def _unshare(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors stores each tensor once and refuses views of one storage: an attribute that is the very
-    same view as another (tied embeddings) becomes an alias of it; any other overlap is copied."""
-    out, aliases, seen, storages = {}, {}, {}, set()
+def _unshare(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict]]:
+    """(stored, aliases, strided): safetensors stores each tensor once, contiguous, and refuses views of one storage.
+    An attribute that is the very same view as another (tied embeddings) becomes an alias of it; any other overlap
+    is copied. A copy of a tensor that is not contiguous (a transposed or sliced weight) keeps its strides: the
+    part of the storage it spans is stored flat, with a ``strided`` entry (its shape and strides) that ``load``
+    gives back by ``as_strided``: torch's matmul over a contiguous copy of a transposed weight rounds differently."""
+    out, aliases, strided, seen, storages = {}, {}, {}, {}, set()
     for name, t in tensors.items():
         t = t.detach()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
@@ -46,8 +51,38 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
         whole = t.is_contiguous() and t.numel() * t.element_size() == t.untyped_storage().nbytes()
         shared = ptr in storages or not whole
         storages.add(ptr)
-        out[name] = (t.contiguous().clone() if shared else t).cpu()
-    return out, aliases
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+        if not shared:
+            out[name] = t.cpu()
+        elif t.is_contiguous() or not t.numel():
+            out[name] = t.contiguous().clone().cpu()
+        elif span <= 2 * t.numel():               # a transpose, a slice, an expand: the storage it spans
+            out[name] = t.as_strided((span,), (1,), t.storage_offset()).clone().cpu()
+            strided[name] = {"shape": list(t.shape), "stride": list(t.stride())}
+        else:                                     # a few columns of a wide matrix: dense, in its dims' order
+            order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+            dense = t.permute(order).contiguous()
+            out[name] = dense.reshape(-1).cpu()
+            stride = [0] * t.dim()
+            for d, st in zip(order, dense.stride()):
+                stride[d] = st
+            strided[name] = {"shape": list(t.shape), "stride": stride}
+    return out, aliases, strided
+
+
+def _restride(name: str, v, flat) -> torch.Tensor:
+    """The tensor a ``strided`` entry describes over its stored storage span ``flat``; ValueError saying what is
+    wrong."""
+    if not (isinstance(v, dict) and set(v) == {"shape", "stride"} and isinstance(v["shape"], list)
+            and isinstance(v["stride"], list) and len(v["shape"]) == len(v["stride"])
+            and all(isinstance(x, int) and x >= 0 for x in [*v["shape"], *v["stride"]])):
+        raise ValueError(f"{name!r} must be {{'shape': [int, ...], 'stride': [int, ...]}}, got {v!r:.120}")
+    if flat is None:
+        raise ValueError(f"{name!r} is missing from the tensor file")
+    span = 1 + sum((n - 1) * s for n, s in zip(v["shape"], v["stride"])) if all(v["shape"]) else 0
+    if flat.dim() != 1 or span > flat.numel():
+        raise ValueError(f"{name!r} spans {span} elements, but the tensor file holds {tuple(flat.shape)}")
+    return flat.as_strided(v["shape"], v["stride"], flat.storage_offset())
 
 
 def _pack_int4(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -62,32 +97,54 @@ def _pack_int4(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def save(cm, path) -> pathlib.Path:
-    """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its two files replaced)."""
+    """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its two files replaced).
+
+    Everything is serialized before the folder is touched, and both files are written under temporary names
+    first, so a save that fails leaves the folder's previous save as it was. The tensor file is replaced first
+    and slimfx.json last; both carry one random save id, which ``load`` checks: a folder caught between the two
+    replaces (a crash, or a reader racing a writer) is refused, never loaded as one save's graph over another's
+    tensors."""
     from .ir.serialize import to_json
     from .lm import CompiledCausalLM
     if isinstance(cm, CompiledCausalLM):
         return cm.save(path)
     path = pathlib.Path(path)
     graph, tensors = to_json(cm.graph, cm._signature.ranges)
-    tensors, aliases = _unshare(tensors)
+    tensors, aliases, strided = _unshare(tensors)
     int4 = _pack_int4(tensors)
     report = cm.report()
     from . import __version__
+    save_id = uuid.uuid4().hex
     data = {"slimfx": __version__, "torch": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph, "aliases": aliases, "int4_packed": int4,
+            "save_id": save_id, "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph,
+            "aliases": aliases, "strided": strided, "int4_packed": int4,
             "report": {"model": report.model, "capture_method": report.capture_method, "capture_s": report.capture_s,
                        "capture_reused": report.capture_reused, "captured_nodes": report.captured_nodes,
                        "records": plain([vars(r) for r in report.records])}}
+    try:
+        text = json.dumps(data, indent=1, default=str, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"slimfx.save({str(path)!r}): {report.model} cannot be written as JSON ({e}); "
+                         f"nothing was written") from e
     path.mkdir(parents=True, exist_ok=True)
-    from .lm import LM_FILE
-    (path / LM_FILE).unlink(missing_ok=True)   # a causal LM saved here before: this is a plain model (the LM's
-    #                                            save writes its file again after this)
-    for name, write in ((TENSOR_FILE, lambda p: safetensors.torch.save_file(tensors, str(p), {"format": "slimfx"})),
-                        (GRAPH_FILE, lambda p: p.write_text(json.dumps(data, indent=1, default=str, allow_nan=False)))):
-        tmp = path / (name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path / name)           # a reader never sees half a file
+    tmp = {name: path / (name + ".tmp") for name in (TENSOR_FILE, GRAPH_FILE)}
+    try:
+        safetensors.torch.save_file(tensors, str(tmp[TENSOR_FILE]), {"format": "slimfx", "save_id": save_id})
+        tmp[GRAPH_FILE].write_text(text, encoding="utf-8")
+        from .lm import LM_FILE
+        (path / LM_FILE).unlink(missing_ok=True)   # a causal LM saved here before: this is a plain model (the
+        #                                            LM's save writes its file again after this)
+        for name in (TENSOR_FILE, GRAPH_FILE):     # the order load's save id check relies on
+            os.replace(tmp[name], path / name)     # a reader never sees half a file
+    finally:
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
     return path
+
+
+def _save_id(file: pathlib.Path):
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        return (f.metadata() or {}).get("save_id")
 
 
 def load(path, backend: str | None = None, backend_options: dict | None = None):
@@ -105,12 +162,21 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
 
     data = read_json(path / GRAPH_FILE, f"slimfx.load({str(path)!r}): {GRAPH_FILE}",
                      ("backend", "graph", "signature", "report"))
+    for key, kind in (("backend", str), ("graph", dict), ("signature", dict), ("report", dict),
+                      ("int4_packed", dict), ("aliases", dict), ("strided", dict), ("save_id", str)):
+        if key in data and not isinstance(data[key], kind):
+            want = "a string" if kind is str else "an object"
+            raise bad(f"{GRAPH_FILE}: {key!r} is {type(data[key]).__name__}, not {want}")
     backend = backend or data["backend"]
     check_options(backend, backend_options)
     try:
         tensors = safetensors.torch.load_file(str(path / TENSOR_FILE))
+        save_id = _save_id(path / TENSOR_FILE)
     except Exception as e:            # safetensors' own errors: a truncated or foreign file
         raise bad(f"{TENSOR_FILE} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if save_id is not None and save_id != data.get("save_id"):    # (a tensor file saved before has none)
+        raise bad(f"{TENSOR_FILE} (save {save_id}) and {GRAPH_FILE} (save {data.get('save_id')}) were written by "
+                  f"different saves: a save into this folder was interrupted or is under way; save the model again")
     for name, k in data.get("int4_packed", {}).items():
         t = tensors.get(name)
         if t is None or t.dtype != torch.uint8:
@@ -118,8 +184,13 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
                                                            f"{t.dtype}, not uint8 (two 4-bit codes per byte)"))
         try:
             tensors[name] = unpack_int4_torch(t, int(k))
-        except ValueError as e:
-            raise bad(f"packed int4 tensor {name!r}: {e}") from e
+        except (TypeError, ValueError) as e:
+            raise bad(f"{GRAPH_FILE}: int4_packed: packed int4 tensor {name!r}: {e}") from e
+    for name, v in data.get("strided", {}).items():              # (absent from files saved before)
+        try:
+            tensors[name] = _restride(name, v, tensors.get(name))
+        except (ValueError, RuntimeError) as e:
+            raise bad(f"{GRAPH_FILE}: strided: {e}") from e
     for name, target in data.get("aliases", {}).items():
         if target not in tensors:
             raise bad(f"tensor {name!r} is an alias of {target!r}, which the tensor file does not hold")
@@ -127,19 +198,21 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
     try:
         gm, ranges = from_json(data["graph"], tensors)
     except (FormatError, ir.VerificationError) as e:
-        raise type(e)(f"slimfx.load({str(path)!r}): {e}") from e
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:      # a damaged graph
+        raise type(e)(f"slimfx.load({str(path)!r}): {GRAPH_FILE}: {e}") from e
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:      # a damaged graph
         raise bad(f"the graph in {GRAPH_FILE} cannot be rebuilt ({type(e).__name__}: {e})") from e
     try:
         signature = InputSignature.from_json(data["signature"], gm, ranges)
         r = data["report"]
         records = [PassRecord(**rec) for rec in unplain(r["records"])]
-    except (KeyError, TypeError, ValueError) as e:
+        saved = (r["model"], r["capture_method"], r["capture_s"], r["captured_nodes"], r.get("capture_reused", False))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise bad(f"the call signature or report in {GRAPH_FILE} is damaged ({type(e).__name__}: {e})") from e
     t0 = time.perf_counter()
     executable = lower(gm, backend, backend_options)
-    report = Report(r["model"], r["capture_method"], backend, r["capture_s"], time.perf_counter() - t0, records,
-                    r["captured_nodes"], gm, capture_reused=r.get("capture_reused", False))
+    model, capture_method, capture_s, captured_nodes, capture_reused = saved
+    report = Report(model, capture_method, backend, capture_s, time.perf_counter() - t0, records, captured_nodes,
+                    gm, capture_reused=capture_reused)
     cm = CompiledModel(gm, executable, report, signature)
     from .lm import LM_FILE, CompiledCausalLM
     return CompiledCausalLM.from_saved(cm, path) if (path / LM_FILE).is_file() else cm

@@ -47,8 +47,9 @@ class InputSignature:
         bad = {k: v for k, v in consts.items() if not (v is None or isinstance(v, (bool, int, float, str)))}
         if bad:
             raise ValueError(f"{self.model_name}: compiled non-tensor inputs {bad} cannot be saved as JSON")
+        from .ir.serialize import plain
         return {"model_name": self.model_name, "parameters": params, "positional": self.positional,
-                "keywords": self.keywords, "constants": consts,
+                "keywords": self.keywords, "constants": plain(consts),     # inf / nan as {"float": "inf"}
                 "in_spec": None if self.in_spec is None else pytree.treespec_dumps(self.in_spec)}
 
     @classmethod
@@ -61,14 +62,26 @@ class InputSignature:
         params = [inspect.Parameter(p["name"], kinds[p["kind"]],
                                     default=None if p["default"] else inspect.Parameter.empty)
                   for p in data["parameters"]]
+        from .ir.serialize import FormatError, load_spec, unplain
+        positional, keywords = list(data["positional"]), list(data["keywords"])
+        # checked here, not at the first call: a name the forward does not have would refuse every call
+        names = [p.name for p in params]
+        if positional != names[:len(positional)]:
+            raise FormatError(f"signature.positional {positional} is not the start of the forward's parameters "
+                              f"{names}")
+        takes = {p.name for p in params if p.kind is not P.POSITIONAL_ONLY and p.kind is not P.VAR_POSITIONAL}
+        unknown = [k for k in keywords if not isinstance(k, str) or k in positional
+                   or (k not in takes and not any(p.kind is P.VAR_KEYWORD for p in params))]
+        if unknown or len(set(keywords)) != len(keywords):
+            raise FormatError(f"signature.keywords {keywords}: {unknown or 'a repeated name'} cannot be given by "
+                              f"keyword to the forward's parameters {names} after positional {positional}")
+        constants = unplain(data["constants"])
         leaves = []
         for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
             v = ir.meta.val(p)
-            leaves.append((p.name, v if isinstance(v, torch.Tensor) else data["constants"].get(p.name, v)))
-        from .ir.serialize import load_spec
+            leaves.append((p.name, v if isinstance(v, torch.Tensor) else constants.get(p.name, v)))
         spec = load_spec(data["in_spec"], "signature in_spec")
-        return cls(data["model_name"], inspect.Signature(params), list(data["positional"]), list(data["keywords"]),
-                   leaves, spec, dict(ranges))
+        return cls(data["model_name"], inspect.Signature(params), positional, keywords, leaves, spec, dict(ranges))
 
     def _fail(self, msg: str):
         raise InputError(f"{self.model_name} (compiled): {msg}")
@@ -107,7 +120,7 @@ class InputSignature:
         for (name, exp), got in zip(self.leaves, flat):
             if isinstance(exp, torch.Tensor):
                 self._check_tensor(name, exp, got, symbols)
-            elif exp is not None and got != exp:
+            elif exp is not None and got != exp and not (_isnan(got) and _isnan(exp)):
                 self._fail(f"input {name!r} is {got!r}, but the graph was compiled for {exp!r}")
         return args, kwargs
 
@@ -138,3 +151,6 @@ class InputSignature:
                            f"the model needs them equal ({sym})")
             symbols.setdefault(sym, (g, f"{name!r} dim {d}"))
 
+
+def _isnan(v) -> bool:
+    return isinstance(v, float) and v != v

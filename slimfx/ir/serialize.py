@@ -347,7 +347,9 @@ def read_json(file, where: str, keys) -> dict:
     """The JSON object in ``file`` holding every one of ``keys``, or a FormatError starting with ``where``."""
     import pathlib
     try:
-        data = json.loads(pathlib.Path(file).read_text())
+        data = json.loads(pathlib.Path(file).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where} is not UTF-8 text, so not JSON slimfx wrote ({e})") from e
     except json.JSONDecodeError as e:
         raise FormatError(f"{where} is not valid JSON: {e}") from e
     missing = [k for k in keys if k not in data] if isinstance(data, dict) else ["everything"]
@@ -417,6 +419,8 @@ def _identifier(s, where: str, what: str, dotted: bool = False) -> None:
 def from_json(data: dict, tensors: dict[str, torch.Tensor]) -> tuple[fx.GraphModule, dict]:
     """The GraphModule ``to_json`` described, every node's shape and dtype propagated and the graph verified.
     Returns it and the dynamic dims' ranges under their new symbol names."""
+    if not isinstance(data, dict):
+        raise FormatError(f"the graph is {type(data).__name__}, not an object of nodes")
     if data.get("format") != FORMAT:
         raise FormatError(f"graph format {data.get('format')!r} is not the one this slimfx reads ({FORMAT})")
     graph = fx.Graph()
