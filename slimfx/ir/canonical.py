@@ -169,7 +169,7 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
             new = (aten.sum.default, (node.args[0],), {}) if dim is None else \
                 (aten.sum.dim_IntList, (node.args[0], [dim] if isinstance(dim, int) else list(dim), keep), {})
         elif node.op == "call_method" and node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
-            new = aten._to_copy.default, (node.args[0],), {"dtype": _CAST_METHODS[node.target]}
+            new = aten.to.dtype, (node.args[0], _CAST_METHODS[node.target]), {}     # as torch.export records it
         elif node.op == "call_method" and node.target == "size" and meta.is_tensor(node.args[0]) and \
                 all(isinstance(d, int) for d in meta.shape(node.args[0])):
             size = meta.shape(node.args[0])          # static shapes (symbolic_trace): sizes are constants

@@ -67,7 +67,6 @@ def _trace(fn: Callable, rule: str, role: str) -> fx.GraphModule:
     except Exception as e:                              # noqa: BLE001 - named with the rule below
         raise RuleError(f"rule {rule!r}: its {role} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
                         f"a rule is straight-line torch code over its inputs") from e
-    _casts_as_export(gm)
     canonical.canonicalize_calls(gm)
     _to_aten(gm, rule, role)
     # None while canonical.py is imported: its own rules (LINEAR_RULES, built then) are written in ATen already
@@ -79,17 +78,8 @@ def _trace(fn: Callable, rule: str, role: str) -> fx.GraphModule:
 
 # --- torch-level calls as torch.export records them ---------------------------------------------------
 
-_CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 # arguments naming backends: export captures with them off (torch.export._trace._ignore_backend_decomps)
 _BACKEND_FLAGS = ("cudnn_enable", "cudnn_enabled")
-
-
-def _casts_as_export(gm: fx.GraphModule) -> None:
-    """``x.float()`` (``.half()``, ...) -> ``aten.to.dtype(x, float32)``, as export records it."""
-    for node in gm.graph.nodes:
-        if node.op == "call_method" and node.target in _CASTS and len(node.args) == 1 and not node.kwargs:
-            node.op, node.target, node.args = "call_function", torch.ops.aten.to.dtype, (node.args[0],
-                                                                                         _CASTS[node.target])
 
 
 def _aten_packet(name: str):
@@ -159,15 +149,17 @@ def _bind(op, args: tuple, kwargs: dict) -> Optional[tuple[int, tuple, dict]]:
 
 def _resolve(packet, args: tuple, kwargs: dict):
     """(overload, args, kwargs): the functional overload of ``packet`` these arguments fit best, or None."""
-    kwargs = {("self" if k == "input" else k): v for k, v in kwargs.items()
-              if not (k == "inplace" and v is False)}           # F.*'s names; inplace=False changes no value
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "inplace" and v is False)}   # changes no value
     names = packet.overloads()
     best = None
     for name in sorted(names, key=lambda o: o != "default"):
         op = getattr(packet, name)
         if op._schema.is_mutable or any(a.is_out for a in op._schema.arguments):
             continue                                            # in-place and out= variants
-        bound = _bind(op, args, kwargs)
+        params = {a.name for a in op._schema.arguments}         # torch's input= is the schema's self (clamp),
+        renamed = {("self" if k == "input" and "input" not in params and "self" in params else k): v
+                   for k, v in kwargs.items()}                  # unless the schema says input (layer_norm)
+        bound = _bind(op, args, renamed)
         if bound is not None and (best is None or bound[0] < best[0][0]):
             best = (bound, op)
     return None if best is None else (best[1], best[0][1], best[0][2])

@@ -58,7 +58,7 @@ _ALONG_AXIS = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, at
 _LEAVE_AXIS = {aten.topk.default, aten.max.dim, aten.argmax.default, aten.gather.default}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # how a per-expert constant may be read: its elements as they are (Ernie 4.5's (1, E) bias squeezed)
-_SAME_ELEMENTS = {aten.squeeze.default, aten.squeeze.dim, aten.unsqueeze.default, aten._to_copy.default,
+_SAME_ELEMENTS = {aten.squeeze.default, aten.squeeze.dim, aten.unsqueeze.default, aten._to_copy.default, aten.to.dtype,
                   aten.clone.default, aten.detach.default, aten.alias.default}
 
 

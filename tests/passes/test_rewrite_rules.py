@@ -97,3 +97,26 @@ def test_replacements_put_aten_ops_into_the_graph(norms, what, replacement, ops)
 def test_a_rule_that_cannot_be_canonical_fails_when_made_naming_it(pattern, replacement, says):
     with pytest.raises(RuleError, match=rf"rule 'my rule'[\s\S]*{says}"):
         ir.Rule("my rule", pattern, replacement)
+
+
+class _ReluOfUpcast(nn.Module):
+    def forward(self, x):
+        return torch.relu(x.float()) * 2
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_a_cast_rule_matches_captures_of_either_method(method):
+    """symbolic_trace captures spelled x.float() aten._to_copy while rules (as export) spelled it aten.to.dtype:
+    a rule matched one capture method and silently not the other."""
+    rule = ir.Rule("relu(float(x)) => float(relu(x))", lambda x: torch.relu(x.float()),
+                   lambda x: torch.relu(x).float())
+    gm = ir.capture(_ReluOfUpcast(), (torch.randn(2, 3, dtype=torch.float16),), method=method).gm
+    assert ir.apply_rules(gm, [rule]) == {rule.name: 1}
+
+
+def test_input_keyword_binds_to_a_schema_that_names_it_input():
+    """torch's input= became self= for every overload, so group_norm (whose schema says input) found none."""
+    rule = ir.Rule("gn", lambda x, w, b: torch.group_norm(input=x, num_groups=2, weight=w, bias=b),
+                   lambda x, w, b: torch.group_norm(x, 2, w, b))
+    (op,) = [n.target for n in rule.traced()[0].graph.nodes if n.op == "call_function"]
+    assert op is torch.ops.aten.group_norm.default
