@@ -65,7 +65,7 @@ def _expert_tile(offs_ptr, S, E, pid_t, BLOCK_M: tl.constexpr):
     first = 0
     lo = 0
     for e in range(0, E):
-        hi = tl.minimum(tl.load(offs_ptr + e).to(tl.int32), S)
+        hi = tl.minimum(tl.load(offs_ptr + e), S).to(tl.int32)     # clamped before narrowing: int64 offsets
         hi = tl.maximum(hi, lo)
         tiles = tl.cdiv(hi - lo, BLOCK_M)
         hit = (pid_t >= first) & (pid_t < first + tiles)

@@ -49,6 +49,13 @@ def test_rows_past_the_last_offset_are_zero_and_offsets_may_be_int64(dev, gen):
     ref = int8_grouped_weight_only_ref(x, w, s, offs)
     assert float(out[7:].abs().max()) == 0.0
     assert_close(out, ref, **_tol(torch.float32, ref, 50))
+    # an int64 offset beyond int32 is clamped to the rows there are, as the reference does (it was narrowed to
+    # int32 first: 2**32 + 1 read as 1, and the rows after the first came out zero)
+    big = torch.tensor([3, 2**32 + 1, 2**33], dtype=torch.long)
+    out = int8_grouped_weight_only(x.to(dev), w.to(dev), s.reshape(3, 20, 1).to(dev), big.to(dev))
+    ref = int8_grouped_weight_only_ref(x, w, s, big)
+    assert float(out[3:].abs().max()) > 0
+    assert_close(out, ref, **_tol(torch.float32, ref, 50))
 
 
 def test_matches_transformers_grouped_mm(dev, gen):
