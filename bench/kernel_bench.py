@@ -364,6 +364,15 @@ def main(argv=None) -> int:
         print(f"bench/kernel_bench.py: --only {unknown}: no such kernel; a name picks the kernels it is, or "
               f"begins, followed by '_': {[k for k, _ in R.KERNELS + R.VARIANTS]}", file=sys.stderr)
         return 2
+    try:
+        picked = shapes(args.quick, args.m)
+    except ValueError:
+        picked = None
+    if not picked:            # no shape: nothing timed, and an empty report written over the card's results
+        sweep = sorted({m for m, _, _ in shapes(args.quick)})
+        print(f"bench/kernel_bench.py: --m {args.m!r}: no shape of the {'quick ' if args.quick else ''}sweep has "
+              f"that M; it has M in {sweep} (comma-separated integers)", file=sys.stderr)
+        return 2
     if args.fake:
         meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
                     date=datetime.datetime.now().isoformat(timespec="seconds"))

@@ -27,6 +27,12 @@ def test_bench_exits_clearly_without_cuda(tmp_path):
                         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--only ['sparse_24']: no such kernel" in p.stderr
     assert not list(tmp_path.iterdir())
+    # so is an --m no shape has: --fake crashed (IndexError), a GPU run wrote an empty report over the card's
+    for m, said in (("128", "sweep has that M; it has M in [1, 16, 2048, 8192]"), ("abc", "comma-separated integers")):
+        p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--quick", "--m", m,
+                            "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and said in p.stderr, p.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_only_picks_kernels_with_their_variants(tmp_path):
