@@ -280,6 +280,8 @@ class LoweredWeightOnly(Lowered):
         else:
             self.kernel_name = "torch reference (no kernel for this weight form)"
         super().__init__(info, name)
+        if self.form is None:           # nothing to choose between: no "measured" / "interpreter" suffix
+            self.info.kernel = self.kernel_name
 
     def bucket(self, x, w_q, w_scale=None, w_zero_point=None, bias=None, group_size=0):
         return super().bucket(x) + f"|N{w_q.shape[0]}|{self.form}" + (f"|g{group_size}" if group_size else "")

@@ -56,6 +56,18 @@ def _quantized(m, x, **opts):
     return P.Quantize(**opts)(ir.capture(m, (x,)).gm, ctx).graph_module
 
 
+def test_a_weight_form_without_a_kernel_is_labelled_as_such():
+    """int4 in groups of 16 has no kernel: the torch reference runs, and the report said '(interpreter:
+    correctness mode)' on the CPU (a kernel tested there) or 'measured at the first call' on a GPU (a choice)."""
+    torch.manual_seed(2)
+    m, x = Net(k=64, n=32).eval(), torch.randn(5, 64)
+    gm = _quantized(m, x, weights="int4", group_size=16)
+    ref, got = run(gm, "torch", x), run(gm, "triton", x)
+    assert torch.equal(got, ref)            # the same torch reference on both
+    kernels = {ir.meta.info(n).kernel for n in gm.graph.nodes if n.target is sf.weight_only_linear.default}
+    assert kernels == {"torch reference (no kernel for this weight form)"}
+
+
 def test_kernel_per_token_quant_equals_slimfx_quant():
     from slimfx.kernels import quantize_per_token
     from slimfx.quant.linear import quantize_per_token_torch
@@ -520,6 +532,21 @@ def test_quantized_experts_run_the_grouped_kernel(weights, group_size, monkeypat
     # fp32 both: the kernel scales the fp32 (group) sums where the graph sums the dequantized products
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
     assert len(gaps) == 4 and max(gaps) < 1e-5, gaps
+
+
+def test_experts_asked_for_w8a8_say_they_stay_weight_only():
+    """Experts take no activation quantization: with only experts chosen the statistics said 'W8A8 dynamic
+    per-token' while every expert line said weight-only and the kernels were weight-only ones."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, num_hidden_layers=1, intermediate_size=48,
+                                             num_local_experts=4, num_experts_per_tok=2)).eval()
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    res = P.Quantize(include=("*.experts",), activations="dynamic")(ir.capture(model, (), kw).gm, P.PassContext((), kw))
+    assert res.stats["layers"] == 0
+    assert res.stats["mode"] == "W8A16 (experts are weight-only; no dense layer was quantized)"
 
 
 def test_experts_in_other_int4_groups_keep_the_torch_path():
