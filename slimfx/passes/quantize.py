@@ -292,7 +292,9 @@ class Quantize(Pass):
                 ir.drop_unused_tensors(gm)
                 gm.recompile()
                 awq = {"awq": {"experts": moe_awq}} if moe_awq and moe_awq["blocks"] else {}
-                return PassResult(gm, True, {"mode": self.mode, "layers": 0, **awq, **_expert_stats(experts),
+                mode = self.mode if ACTIVATIONS[self.activations] is None else \
+                    self.mode.split("A8")[0] + "A16 (experts are weight-only; no dense layer was quantized)"
+                return PassResult(gm, True, {"mode": mode, "layers": 0, **awq, **_expert_stats(experts),
                                              "skipped": skipped})
             return PassResult(gm, False, {"layers": 0, "skipped": skipped})
         x_nodes = list(dict.fromkeys(n.args[0] for n in chosen))
