@@ -375,7 +375,8 @@ def main(argv=None) -> int:
         return 2
     if args.fake:
         meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
-                    date=datetime.datetime.now().isoformat(timespec="seconds"))
+                    date=datetime.datetime.now().isoformat(timespec="seconds"),
+                    timing="CUDA-graph replay" if args.cudagraph else "eager launches")
         rows = [r for r in R.fake_results(shapes(args.quick, args.m)) if selected(r["kernel"], only)]
     else:
         try:

@@ -63,6 +63,11 @@ def test_fake_run_writes_json_md_png(tmp_path):
     assert data["meta"]["fake"] is True and len(data["goals"]) == len(R.GOALS)
     assert {(r["m"], r["n"], r["k"]) for r in data["results"]} == {(1, 4096, 4096), (16, 4096, 4096),
                                                                    (2048, 4096, 4096), (8192, 8192, 8192)}
+    # --cudagraph is named in the file and the report (a fake run said eager launches, under the eager name)
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_bench.py"), "--fake", "--quick", "--cudagraph",
+                        "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "Timing: CUDA-graph replay" in (tmp_path / "kernels-fake-card-cudagraph-fake.md").read_text()
 
 
 def test_markdown_and_goals():
