@@ -130,7 +130,12 @@ class Distill(Pass):
             keep.append(w != 0 if w.ndim >= 2 else None)
         ir.drop_unused_tensors(gm)
         gm.recompile()
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        # float16/bfloat16 tensors train through float32 master copies (AdamW's state and update in float32, the
+        # graph's copy rounded from it after each step): in float16 AdamW's eps (1e-8) is 0, and a zero gradient
+        # made 0/0 at the first step, whatever the learning rate
+        masters = [torch.nn.Parameter(p.detach().float()) if p.dtype in (torch.float16, torch.bfloat16) else p
+                   for p in params]
+        opt = torch.optim.AdamW(masters, lr=self.lr, weight_decay=0.0)
         with ir.eval_mode(teacher):            # each submodule back in its own mode afterwards
             losses, kind = [], self.loss
             batches = itertools.islice(itertools.cycle(calls), self.steps)
@@ -153,13 +158,15 @@ class Distill(Pass):
                                              f"lower lr (now {self.lr})")
                         # gradients of the copies only: backward() would also leave .grad on the model's own
                         # tensors the graph still reads (embeddings, norms, the layers not trained)
-                        for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
-                            p.grad = g
+                        for m, g in zip(masters, torch.autograd.grad(loss, params, allow_unused=True)):
+                            m.grad = None if g is None else g.to(m.dtype)
                     opt.step()
                     with torch.no_grad():
-                        for p, k in zip(params, keep):
+                        for p, m, k in zip(params, masters, keep):
                             if k is not None:
-                                p.mul_(k)
+                                m.mul_(k)
+                            if m is not p:
+                                p.copy_(m)
                     losses.append(loss.item())
                     bar.set_postfix(loss=f"{losses[-1]:.4g}")
             finally:

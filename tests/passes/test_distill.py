@@ -132,3 +132,20 @@ def test_refusals(tiny_llama):
                        (dict(loss="l1"), "loss")]:
         with pytest.raises(ValueError, match=f"Distill.{match}"):
             P.Distill(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_train_through_float32_masters(dtype):
+    """float16: AdamW's eps (1e-8) is 0 there, so the first step made 0/0 ('the loss became nan ... lower lr',
+    which no lr fixed). The trained tensors keep the model's dtype and the pruning zeros."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    cal = [(torch.randn(8, 16, generator=g).to(dtype),) for _ in range(4)]
+    cm = slimfx.compile(model, cal[0], calibration=cal, backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5), P.Distill(steps=30, lr=1e-3)])
+    rec = cm.report().records[-1]
+    assert rec.stats["loss"] == "mse" and rec.stats["loss_last"] < 0.7 * rec.stats["loss_first"]
+    ws = [ir.meta.tensor_attr(cm.graph, n.args[1]) for n in cm.graph.graph.nodes
+          if n.target is torch.ops.aten.linear.default]
+    assert all(w.dtype == dtype and float((w == 0).float().mean()) >= 0.5 for w in ws)
