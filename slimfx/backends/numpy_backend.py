@@ -69,6 +69,12 @@ class NumpyProgram:
                 if fn is None:
                     raise UnsupportedOpError(_missing(n))
                 dt = ir.meta.dtype(n)
+                if dt is torch.bfloat16 or str(dt).startswith("torch.float8"):   # refused here, not at a call
+                    where = ir.meta.module_name(n)
+                    raise UnsupportedOpError(
+                        f"node {n.name} ({n.target}{', from module ' + where if where else ''}) computes in {dt}, "
+                        f"which numpy has no type for; run with backend='torch' (or 'triton'), or compile a "
+                        f"float32 copy of the model if the model is bfloat16")
                 self.steps.append((n, fn, NP_DTYPE.get(dt) if dt is not None else None))
             elif n.op in ("call_module", "call_method"):
                 what = (f"a call_module node ({n.name}: {type(gm.get_submodule(n.target)).__name__} "

@@ -555,3 +555,16 @@ def test_torch_level_calls_of_a_symbolic_trace_capture_run_on_numpy():
     cm = slimfx.compile(_TorchLevel(), (x,), capture="symbolic_trace", backend="numpy", progress=False)
     assert all(isinstance(n.target, torch._ops.OpOverload) for n in cm.graph.graph.nodes if n.op == "call_function")
     assert torch.equal(cm(x), _TorchLevel()(x))        # clamps, a max and adds of the same values: exact
+
+
+class _Bf16Inside(torch.nn.Module):
+    def forward(self, x):
+        return (x.to(torch.bfloat16) * 3).float()
+
+
+def test_a_bfloat16_node_is_refused_at_compile_naming_it():
+    """An fp32 model computing a step in bfloat16 (Falcon's ALiBi) compiled for numpy, then failed at its first
+    call with a message naming no node."""
+    with pytest.raises(Exception, match=r"node \w+ \(aten\.\w+\.\w+\) computes in torch.bfloat16, which numpy has "
+                                        r"no type for; run with backend='torch'"):
+        slimfx.compile(_Bf16Inside(), (torch.randn(2, 3),), backend="numpy", progress=False)
