@@ -101,6 +101,12 @@ def _is_tensor_arg(a) -> bool:
     return isinstance(a, fx.Node) and ("val" not in a.meta or isinstance(a.meta["val"], torch.Tensor))
 
 
+def _is_int(a) -> bool:
+    """An int, or a node whose value is one (``x.view(x.numel())``)."""
+    v = a.meta.get("val") if isinstance(a, fx.Node) else a
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def _replace_with_constant(node: fx.Node, value) -> None:
     swap = lambda a: value if a is node else a
     for user in list(node.users):
@@ -157,9 +163,13 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
                 args = [args[0], list(args[1:])]
             elif node.target in _VARARG_SHAPE_METHODS and len(args) == 2 and isinstance(args[1], tuple):
                 args = [args[0], list(args[1])]
+            elif node.target in _VARARG_SHAPE_METHODS and len(args) == 2 and _is_int(args[1]):
+                args = [args[0], [args[1]]]                     # x.view(-1), x.reshape(n): one size, a list
             if node.target == "mean" and len(args) == 2 and isinstance(args[1], int):
                 args[1] = [args[1]]
             target = _METHODS[node.target]
+            if node.target == "view" and len(args) == 2 and isinstance(args[1], torch.dtype):
+                target = aten.view.dtype                         # x.view(torch.int32): a bitcast
             if node.target == "pow" and _is_tensor_arg(args[1] if len(args) > 1 else node.kwargs.get("exponent")):
                 target = aten.pow.Tensor_Tensor
             new = target, tuple(args), dict(node.kwargs)
@@ -175,6 +185,12 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
             size = meta.shape(node.args[0])          # static shapes (symbolic_trace): sizes are constants
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             _replace_with_constant(node, size if dim is None else size[dim])
+            graph.erase_node(node)
+            changed += 1
+            continue
+        elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("dtype",) and \
+                isinstance(node.args[0], fx.Node) and meta.dtype(node.args[0]) is not None:
+            _replace_with_constant(node, meta.dtype(node.args[0]))    # h.dtype: a constant, as export records it
             graph.erase_node(node)
             changed += 1
             continue

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import operator
 import traceback
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from . import meta
@@ -34,6 +37,22 @@ class Captured:
     example_kwargs: dict
     # dynamic dims: symbol name -> (min, max or None), as export's range constraints give them
     ranges: dict = dataclasses.field(default_factory=dict)
+
+
+def _check_dynamic(dynamic) -> None:
+    """``dynamic`` is None, True, False or export's dynamic_shapes (a dict or tuple of per-input specs:
+    ``{0: Dim("batch")}``, ``(Dim.AUTO, None)``, nested as the inputs are); export checks the specs inside."""
+    if dynamic is None or isinstance(dynamic, (bool, dict, tuple, list)):
+        return
+    raise CaptureError(f"dynamic must be True, False, None or torch.export's dynamic_shapes (a dict or tuple of "
+                       f"per-input specs such as {{0: Dim('batch')}}), got {type(dynamic).__name__} {dynamic!r}")
+
+
+def _wants_dynamic(dynamic) -> bool:
+    """Does ``dynamic`` let some dim vary (True, or a spec naming a Dim or Dim hint)?"""
+    if isinstance(dynamic, bool) or dynamic is None:
+        return bool(dynamic)
+    return any(leaf is not None and type(leaf) is not int for leaf in pytree.tree_leaves(dynamic))
 
 
 def _dynamic_shapes(dynamic, args, kwargs):
@@ -120,7 +139,9 @@ def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     versions = {k: t._version for k, t in tensors.items()}
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    gm = fx.symbolic_trace(model)
+    concrete = _defaults_not_given(model, len(args))
+    gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+    _drop_concrete_placeholders(gm, len(args))
     written = [k for k, t in tensors.items() if t._version != versions[k]]
     with torch.no_grad():
         for k in written:
@@ -136,6 +157,43 @@ def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
                            f"constant), so its graph would not hold them; capture with method='export', which "
                            f"keeps them as the compiled model's own state")
     return gm
+
+
+def _defaults_not_given(model, n_args: int) -> dict:
+    """The defaults of the forward's parameters the call leaves out (``forward(x, mask=None)`` called with x):
+    fx.symbolic_trace takes them as constants (its concrete_args), so the graph's inputs are the call's."""
+    P = inspect.Parameter
+    params = list(inspect.signature(model.forward).parameters.values())
+    if any(p.kind is P.VAR_POSITIONAL for p in params[:n_args + 1]):
+        return {}
+    concrete = {}
+    for p in params[n_args:]:
+        if p.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD) or p.default is P.empty:
+            continue
+        if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(p.default)):
+            raise CaptureError(f"{type(model).__name__}.forward's parameter {p.name!r} defaults to a tensor, which "
+                               f"fx.symbolic_trace cannot hold as a constant: give it in the example inputs, or "
+                               f"capture with method='export'")
+        concrete[p.name] = p.default
+    return concrete
+
+
+def _drop_concrete_placeholders(gm: fx.GraphModule, n_args: int) -> None:
+    """fx keeps an input for each concrete argument, and a node asserting it has that value (``_assert_is_none``,
+    ``torch._assert(x == 2.0)``): the call gives no such input, so the input and its check go."""
+    from torch.fx._symbolic_trace import _assert_is_none
+    graph = gm.graph
+    for p in [n for n in graph.nodes if n.op == "placeholder"][n_args:]:
+        for user in list(p.users):
+            if user.target is _assert_is_none:
+                graph.erase_node(user)
+            elif user.target is operator.eq and all(u.target is torch._assert for u in user.users):
+                for check in list(user.users):
+                    graph.erase_node(check)
+                graph.erase_node(user)
+        if not p.users:
+            graph.erase_node(p)
+    gm.recompile()
 
 
 def _flatten_attributes(gm: fx.GraphModule) -> fx.GraphModule:
@@ -186,6 +244,11 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         raise CaptureError(f"slimfx captures torch.nn.Module objects, got {type(model).__name__}")
     if method not in ("auto", "export", "symbolic_trace"):
         raise CaptureError(f"capture method must be 'auto', 'export' or 'symbolic_trace', got {method!r}")
+    _check_dynamic(dynamic)
+    if method == "symbolic_trace" and _wants_dynamic(dynamic):
+        raise CaptureError(f"capture method 'symbolic_trace' cannot keep dims dynamic (dynamic={dynamic!r}): "
+                           f"fx.symbolic_trace fixes every dim at the example's size; capture with method 'export' "
+                           f"(or 'auto') to let dims vary, or with dynamic=False")
     args, kwargs = _unaliased(tuple(args), dict(kwargs or {}))
     errors, ranges = [], {}
     name = type(model).__name__
@@ -199,6 +262,13 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
                 gm = None
         else:
             gm = None
+        if gm is None and method == "auto" and _wants_dynamic(dynamic):
+            # a static graph would accept only the example's shapes, and the first other call would fail
+            # telling the user to pass the dynamic= they passed: refused here, with export's reason
+            errors.append(("fx.symbolic_trace", CaptureError(
+                f"not tried: it cannot keep dims dynamic, and dynamic={dynamic!r} asks for that; fix the "
+                f"torch.export error, or compile with dynamic=False to take the symbolic_trace path")))
+            raise CaptureError(_explain(name, errors, dynamic)) from errors[0][1]
         if gm is None and method in ("auto", "symbolic_trace"):
             try:
                 gm = _symbolic_trace(model, args, kwargs)
@@ -216,12 +286,38 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         except Exception as e:            # noqa: BLE001 - e.g. a list of tensors as one placeholder
             errors.append(("fx.symbolic_trace (propagating shapes)", e))
             raise CaptureError(_explain(name, errors, dynamic)) from e
-    canonicalize(gm)
-    gm = _flatten_attributes(gm)
-    fold_weight_transposes(gm)
-    name_layers(gm)
-    fold_weight_slices(gm)
+    graph = gm.graph
+    try:
+        canonicalize(gm)
+        gm = _flatten_attributes(gm)
+        fold_weight_transposes(gm)
+        name_layers(gm)
+        fold_weight_slices(gm)
+    except Exception as e:                # noqa: BLE001 - named with the method and the node below
+        how = {"export": "torch.export", "symbolic_trace": "fx.symbolic_trace"}[used]
+        node = _failing_node(e, graph)
+        at = f" at node {node.format_node()}" if node is not None else ""
+        errors.append((f"{how} (canonicalizing its graph{at})", e))
+        raise CaptureError(_explain(name, errors, dynamic, hints=[
+            f"  - the {how} graph holds a call slimfx cannot bring to its ATen op set (the node above): "
+            f"please report it"] + ([
+            "  - capture with method='export' (fix its error above): its graph is in ATen already"]
+            if used == "symbolic_trace" else []))) from e
     return Captured(gm, used, args, kwargs, ranges)
+
+
+def _failing_node(e: BaseException, graph: fx.Graph) -> Optional[fx.Node]:
+    """The node of ``graph`` being handled where ``e`` was raised: the innermost frame with a ``node`` local
+    (fx's Interpreter, canonicalization's loops)."""
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        node = frame.f_locals.get("node")
+        if isinstance(node, fx.Node) and node.graph is graph:
+            return node
+    return None
 
 
 def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -242,7 +338,7 @@ def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return pytree.tree_map(own, (args, kwargs))
 
 
-def _explain(name, errors, dynamic) -> str:
+def _explain(name, errors, dynamic, hints: Optional[list] = None) -> str:
     lines = [f"could not capture {name}:"]
     for how, e in errors:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -252,13 +348,15 @@ def _explain(name, errors, dynamic) -> str:
     if all(isinstance(e, CaptureError) for _, e in errors):
         return "\n".join(lines)          # slimfx's own refusals say what to do
     lines.append("what to try:")
+    if hints:
+        return "\n".join(lines + hints)
     if any("Cache" in str(e) for _, e in errors):
         lines.append("  - the model returns a KV-cache object: pass use_cache=False with the example inputs")
     lines.append("  - data-dependent Python control flow: rewrite it with torch.cond, or pass the deciding "
                  "values as constants (fx.symbolic_trace's concrete_args)")
     lines.append("  - an untraceable submodule: make it a leaf (fx.Tracer.is_leaf_module) and capture with "
-                 "method='symbolic_trace'")
-    if dynamic:
+                 "method='symbolic_trace'" + (" and dynamic=False" if _wants_dynamic(dynamic) else ""))
+    if _wants_dynamic(dynamic):
         lines.append("  - a dimension the model specializes (e.g. size 1 or a fixed length): drop dynamic=True "
                      "or give export's dynamic_shapes for the dims that really vary")
     lines.append("  - Hugging Face models: capture with method='export' (the default); transformers 5.x does "

@@ -91,13 +91,15 @@ def _aten_packet(name: str):
 
 
 def _fits(value, typ) -> bool:
-    """Can ``value`` (a literal; a node fits anything: a placeholder is a wildcard) be an argument of type
-    ``typ`` (a schema type)?"""
-    if isinstance(value, fx.Node):
-        return True
+    """Can ``value`` (a literal; a node fits anything, a placeholder being a wildcard, unless it is known to hold
+    no tensor) be an argument of type ``typ`` (a schema type)?"""
     kind = typ.kind()
     if kind == "OptionalType":
         return value is None or _fits(value, typ.getElementType())
+    if isinstance(value, fx.Node):      # a dtype node fits a dtype, not a tensor: x.to(h.dtype) is to.dtype
+        held = _non_tensor(value)
+        return held is None or (kind != "TensorType" and {"dtype": kind == "IntType",
+                                                          "device": kind == "DeviceObjType"}.get(held, True))
     if kind == "ListType":
         elem = typ.getElementType()
         if isinstance(value, (list, tuple)):
@@ -112,10 +114,27 @@ def _fits(value, typ) -> bool:
     return kind not in ("TensorType",)
 
 
-def _bind(op, args: tuple, kwargs: dict) -> Optional[tuple[int, tuple, dict]]:
+# attributes of a tensor that are no tensor (``getattr`` nodes of symbolic_trace carry no value to tell)
+_NON_TENSOR_ATTRS = ("dtype", "device", "shape", "ndim", "layout")
+
+
+def _non_tensor(node: fx.Node) -> Optional[str]:
+    """What a node known to hold no tensor holds: "dtype" (``getattr(h, "dtype")``, a value torch.float32),
+    "device", or "other" (a size, a shape); None when it may be a tensor."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1 and \
+            node.args[1] in _NON_TENSOR_ATTRS:
+        return node.args[1] if node.args[1] in ("dtype", "device") else "other"
+    v = node.meta.get("val")
+    if isinstance(v, (torch.dtype, torch.device)):
+        return "dtype" if isinstance(v, torch.dtype) else "device"
+    return None if v is None or isinstance(v, (torch.Tensor, list, tuple)) else "other"
+
+
+def _bind(op, args: tuple, kwargs: dict) -> Optional[tuple[float, tuple, dict]]:
     """(misfit, args, kwargs) of a call of ``op`` with these arguments, spelled as export records it (positional
     as positional, ``int[]`` as a list), or None when they do not fit its schema. ``misfit`` counts the nodes
-    given where the schema takes no tensor: the lower, the likelier the overload."""
+    given where the schema takes no tensor, and half for each int made a list: the lower, the likelier the
+    overload."""
     params = op._schema.arguments
     positional = [p for p in params if not p.kwarg_only]
     if len(args) > len(positional):
@@ -139,6 +158,7 @@ def _bind(op, args: tuple, kwargs: dict) -> Optional[tuple[int, tuple, dict]]:
         typ = p.type.getElementType() if p.type.kind() == "OptionalType" else p.type
         if typ.kind() == "ListType" and type(v) is int:
             values[p.name] = [v]
+            misfit += 0.5               # an exact int overload first: x.split(2) is split.Tensor, not split([2])
         elif isinstance(v, tuple):
             values[p.name] = list(v)
     last = max((i for i, p in enumerate(positional) if p.name in values), default=-1)

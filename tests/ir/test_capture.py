@@ -399,3 +399,124 @@ def test_baddbmm_is_expanded_as_torch_computes_it(beta, alpha):
         out = slimfx.compile(model, (c, a, b), backend=backend, progress=False)(c, a, b)
         # fp32, one bmm of 7 products: the backends sum in other orders (a few ulp); non-finite where torch's is
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+class _OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+def test_dynamic_is_checked_and_never_silently_dropped():
+    """dynamic='yes' and 1 went to export unchecked; an export failure with dynamic asked for fell back to
+    fx.symbolic_trace, whose static graph then refused another batch telling the user to pass dynamic=True."""
+    x = torch.randn(2, 8)
+    for bad in ("yes", 1):
+        with pytest.raises(ir.CaptureError, match=r"dynamic must be True, False, None or torch.export's"):
+            ir.capture(_OneLinear(), (x,), dynamic=bad)
+    with pytest.raises(ir.CaptureError, match=r"'symbolic_trace' cannot keep dims dynamic \(dynamic=True\)"):
+        ir.capture(_OneLinear(), (x,), dynamic=True, method="symbolic_trace")
+    spec = {"x": {0: torch.export.Dim("B", min=4, max=8)}}        # the example's batch 2 is outside it
+    with pytest.raises(ir.CaptureError) as e:
+        slimfx.compile(_OneLinear(), (x,), dynamic=spec, progress=False)
+    msg = str(e.value)
+    assert "torch.export: ConstraintViolationError: 2 not in range [4, 8]" in msg      # export's own reason
+    assert "fx.symbolic_trace: CaptureError: not tried: it cannot keep dims dynamic" in msg
+    assert "dynamic=False to take the symbolic_trace path" in msg
+    # static requests still take symbolic_trace: False, and a spec that marks no dim
+    for static in (False, {"x": None}):
+        assert ir.capture(_OneLinear(), (x,), dynamic=static, method="symbolic_trace").method == "symbolic_trace"
+
+
+class _SymtraceSpellings(nn.Module):
+    """Calls fx.symbolic_trace records as written: one int as a size, a dtype read off a node, an int split."""
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        h = self.lin(x)
+        h = h * mask.unsqueeze(-1).to(h.dtype)
+        a = h.split(4, dim=1)[0]                      # split.Tensor, not split([4]), which needs sizes summing to 8
+        return h.view(-1).reshape(16) + a.reshape(-1).repeat(2)
+
+
+def test_symbolic_trace_single_sizes_and_dtype_nodes_become_the_right_aten_calls():
+    """x.view(-1) and x.reshape(16) failed canonicalization (one int for a size list), x.to(h.dtype) became
+    aten.to.other (a tensor wanted, a dtype given), x.split(4) became split with sizes [4] (wrong at run time)."""
+    import operator
+
+    from slimfx.ir.rewrite import aten_call
+    model, x, mask = _SymtraceSpellings().eval(), torch.randn(2, 8), torch.tensor([1, 0])
+    c = ir.capture(model, (x, mask), method="symbolic_trace")
+    with torch.no_grad():
+        torch.testing.assert_close(c.gm(x, mask), model(x, mask), rtol=0, atol=0)   # the same fp32 ops
+    calls = {n.target: n.args for n in c.gm.graph.nodes if n.op == "call_function"}
+    assert calls[aten.to.dtype][1] is torch.float32          # a constant, as torch.export records it
+    assert calls[aten.view.default][1] == [-1] and aten.split.Tensor in calls
+    assert [t for t in calls if not isinstance(t, torch._ops.OpOverload)] == [operator.getitem]
+    # with no values to read (a rule's pattern), a getattr of .dtype is still a dtype
+    gm = torch.fx.symbolic_trace(lambda a, b: a.to(b.dtype))
+    to = next(n for n in gm.graph.nodes if n.op == "call_method")
+    assert aten_call(to)[0] is aten.to.dtype
+
+
+def test_a_canonicalization_failure_names_the_method_the_node_and_exports_reason(monkeypatch):
+    """An exception in canonicalization escaped capture raw (a RuntimeError from deep in torch), and the reason
+    export had failed, when symbolic_trace was its fallback, was lost."""
+    import importlib
+    capture_mod = importlib.import_module("slimfx.ir.capture")      # the module; ir.capture is its function
+
+    def no_export(*a, **k):
+        raise ValueError("export refuses this model")
+
+    def broken(gm):
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                raise RuntimeError("no ATen op for this call")
+    monkeypatch.setattr(capture_mod, "_export", no_export)
+    monkeypatch.setattr(capture_mod, "canonicalize", broken)
+    with pytest.raises(ir.CaptureError) as e:
+        ir.capture(_OneLinear(), (torch.randn(2, 8),))
+    msg = str(e.value)
+    assert "torch.export: ValueError: export refuses this model" in msg
+    assert ("fx.symbolic_trace (canonicalizing its graph at node %lin : [num_users=1] = call_module[target=lin]"
+            in msg and "RuntimeError: no ATen op for this call" in msg)
+    assert "capture with method='export' (fix its error above)" in msg
+
+
+class _Optional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, y=None, scale=2.0, mode="add"):
+        h = self.lin(x) * scale
+        h = h + 1 if mode == "add" else h
+        return h if y is None else h + y
+
+
+def test_symbolic_trace_takes_the_defaults_of_arguments_not_given():
+    """forward(x, y=None) could not be captured by fx.symbolic_trace ("propagate_meta needs one example input per
+    placeholder"): the defaults the call leaves out are constants of the graph, whose inputs are the call's."""
+    model, x = _Optional().eval(), torch.randn(3, 8)
+    c = ir.capture(model, (x,), method="symbolic_trace")
+    assert [n.name for n in c.gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    cm = slimfx.compile(model, (x,), capture="symbolic_trace", progress=False)
+    x2 = torch.randn(3, 8)
+    with torch.no_grad():
+        # fp32; the numpy backend sums the linear's products in another order than torch (a few ulp)
+        torch.testing.assert_close(cm(x2), model(x2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(slimfx.InputError, match=r"input\(s\) \['y'\] were not given at compile time"):
+        cm(x2, x2)
+    given = ir.capture(model, (x, x), method="symbolic_trace")          # y given: an input, the rest constants
+    assert [n.name for n in given.gm.graph.nodes if n.op == "placeholder"] == ["x", "y"]
+
+    class TensorDefault(nn.Module):
+        def forward(self, x, bias=torch.ones(8)):
+            return x + bias
+    with pytest.raises(ir.CaptureError, match=r"parameter 'bias' defaults to a tensor.*give it in the example"):
+        ir.capture(TensorDefault(), (x,), method="symbolic_trace")
