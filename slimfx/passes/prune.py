@@ -34,6 +34,10 @@ the pattern and lowers the layer to the sparse kernels, and ``Quantize`` after i
 quantizes to zero in every symmetric scheme). Ranking is deterministic: among equal scores (weights or
 blocks) the earlier one in row-major order, and with scope="global" in graph order, goes first.
 
+A weight several layers read (a module called twice, ALBERT's shared blocks) is pruned once, as Quantize quantizes
+it once: its scores pool every input it sees (column mean squares, SparseGPT's Hessians summed), and all of them
+read the one pruned tensor (the statistics' "shared"); the structured patterns leave such a block whole.
+
 aten.linear and fused_linear (after Fuse) are pruned; layers already quantized or lowered are skipped
 with the reason in the statistics (prune before Quantize and LowerSparse).
 """
@@ -126,6 +130,29 @@ def expand_blocks(blocks: torch.Tensor, block: tuple[int, int], shape) -> torch.
     """A per-block mask as a per-element one of ``shape`` (edge blocks cropped)."""
     bn, bk = block
     return blocks.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: shape[0], : shape[1]]
+
+
+def pooled_rms(rms: list[torch.Tensor]) -> torch.Tensor:
+    """One weight's input-column RMS over the inputs of every layer that reads it: the root of the sum of their
+    mean squares (the diagonal of the summed Hessians SparseGPT fits a shared weight on); one input's own RMS."""
+    return rms[0] if len(rms) == 1 else sum(r.square() for r in rms).sqrt()
+
+
+def shared_outside(gm: fx.GraphModule, members) -> dict[str, list[fx.Node]]:
+    """{attribute: [readers]} for the tensors the ``members`` nodes read directly that other nodes read too."""
+    targets = {a.target for m in members for a in m.all_input_nodes if a.op == "get_attr"}
+    members = set(members)
+    out = {}
+    for a in gm.graph.nodes:
+        if a.op == "get_attr" and a.target in targets:
+            out.setdefault(a.target, []).extend(u for u in a.users if u not in members)
+    return {t: us for t, us in out.items() if us}
+
+
+def outside_readers(outside: dict[str, list[fx.Node]]) -> list[str]:
+    """The nodes in ``shared_outside``'s answer, as "module (node name)"."""
+    return list(dict.fromkeys(f"{ir.meta.module_name(u) or '-'} (node {u.name})"
+                              for us in outside.values() for u in us))
 
 
 @register_pass(name="prune")
@@ -286,22 +313,31 @@ class Prune(Pass):
             return self._run_structured(gm, ctx)
         chosen, skipped = self.select(gm)
         skipped.update(unmatched_include(gm, self.include))
-        weights = [ir.meta.tensor_attr(gm, w) for _, _, w in chosen]
-        data, cols, runs = "weights", [None] * len(chosen), 1
+        # a weight several layers read (a module called twice, ALBERT's shared blocks) is pruned once, as Quantize
+        # quantizes it once: one mask, its scores (or SparseGPT's Hessian) pooled over every input it sees, and one
+        # stored tensor that all of them read
+        sites = {}
+        for n, name, w_node in chosen:
+            sites.setdefault(w_node.target, []).append((n, w_node))
+        tensors = [(ss[0][0], ir.meta.layer_name(ss[0][0]), ss[0][1]) for ss in sites.values()]
+        inputs = [list(dict.fromkeys(n.args[0] for n, _ in ss)) for ss in sites.values()]
+        weights = [ir.meta.tensor_attr(gm, w) for _, _, w in tensors]
+        data, cols, runs = "weights", [None] * len(tensors), 1
         if self.method == "sparsegpt" and chosen:
             data, calls = self._calls(ctx)
-            new_weights, runs = self._sparsegpt(gm, chosen, weights, calls, ctx.progress)
+            new_weights, runs = self._sparsegpt(gm, tensors, inputs, weights, calls, ctx.progress)
         else:
             if self.score == "activation" and self.threshold is None and chosen:
                 data, calls = self._calls(ctx)
-                stats = input_stats(gm, [n for n, _, _ in chosen], calls)
-                cols = [stats[n][1] for n, _, _ in chosen]
+                stats = {n.args[0]: s[1] for n, s in input_stats(gm, [n for n, _, _ in chosen], calls).items()}
+                cols = [pooled_rms([stats[x] for x in xs]) for xs in inputs]
             new_weights = (w.detach().masked_fill(m, 0) for w, m in zip(weights, self.masks(weights, cols)))
         g = gm.graph
-        pruned, zeros, total = {}, 0, 0
+        pruned, shared, zeros, total, layers = {}, {}, 0, 0, 0
         with torch.no_grad():
-            for (n, name, w_node), w, new_w in tqdm(zip(chosen, weights, new_weights), total=len(chosen), desc="prune",
-                                                    leave=False, disable=not ctx.progress or len(chosen) < 8):
+            for (_, name, w_node), w, new_w in tqdm(zip(tensors, weights, new_weights), total=len(tensors),
+                                                    desc="prune", leave=False,
+                                                    disable=not ctx.progress or len(tensors) < 8):
                 if torch.equal(new_w, w):
                     if self.pattern == "block" and self.threshold is None and self.scope == "layer" and self.sparsity:
                         units = math.ceil(w.shape[0] / self.block[0]) * math.ceil(w.shape[1] / self.block[1])
@@ -309,10 +345,18 @@ class Prune(Pass):
                                          f"them rounds to none or to all (a layer is never zeroed whole below "
                                          f"sparsity 1); prune it in smaller blocks")
                     continue
-                with g.inserting_before(n):
-                    new = g.get_attr(ir.meta.add_tensor_attr(gm, f"{name}.weight_pruned", new_w.contiguous()))
-                new.meta.update(w_node.meta)        # still that layer's weight: the report names it so
-                n.replace_input_with(w_node, new)
+                target = ir.meta.add_tensor_attr(gm, f"{name}.weight_pruned", new_w.contiguous())
+                for n, old in sites[w_node.target]:
+                    with g.inserting_before(n):
+                        new = g.get_attr(target)
+                    new.meta.update(old.meta)       # still that layer's weight: the report names it so
+                    n.replace_input_with(old, new)
+                ss = sites[w_node.target]
+                layers += len(ss)
+                if len(ss) > 1:
+                    names = list(dict.fromkeys(ir.meta.layer_name(n) for n, _ in ss))
+                    shared[name] = (f"one weight read by {len(ss)} layers ({', '.join(names)}: nodes "
+                                    f"{', '.join(n.name for n, _ in ss)}): pruned once, stored once")
                 nz = int((new_w == 0).sum())
                 zeros, total = zeros + nz, total + w.numel()
                 pruned[name] = round(nz / w.numel(), 4)
@@ -320,40 +364,51 @@ class Prune(Pass):
             g.eliminate_dead_code()
             ir.drop_unused_tensors(gm)
             gm.recompile()
-        stats = {"layers": len(pruned), "pattern": self.pattern, "method": self.method, "scored_on": data,
+        stats = {"layers": layers, "pattern": self.pattern, "method": self.method, "scored_on": data,
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
+        if shared:
+            stats["shared"] = shared
         if runs > 1:
             stats["hessian_runs"] = runs
         return PassResult(gm, bool(pruned), stats)
 
-    def _sparsegpt(self, gm, chosen, weights, calls, progress: bool) -> tuple[list[torch.Tensor], int]:
-        """Every layer's re-fit weight, and in how many runs its input Hessians were gathered
-        (``hessians_in_runs``), all from the float graph: the caller replaces the weights after the last run. A
-        pattern that chooses by score (a global cutoff, a threshold) needs every layer's input RMS
-        first: with more than one run, the runs are gathered twice."""
+    def _sparsegpt(self, gm, tensors, inputs, weights, calls, progress: bool) -> tuple[list[torch.Tensor], int]:
+        """Every weight's re-fit, and in how many runs its input Hessians were gathered (``hessians_in_runs``), all
+        from the float graph: the caller replaces the weights after the last run. ``inputs``: each weight's layer
+        inputs; a weight several layers read is fitted on the sum of their Hessians (its output error over all of
+        them), once the last of them is gathered. A pattern that chooses by score (a global cutoff, a threshold)
+        needs every layer's input RMS first: with more than one run, the runs are gathered twice."""
         who = "Prune(method='sparsegpt')"
-        xs = list(dict.fromkeys(n.args[0] for n, _, _ in chosen))
+        xs = list(dict.fromkeys(x for ins in inputs for x in ins))
         calls = calls if hasattr(calls, "__len__") else list(calls)
         runs = len(budget_runs(xs, hessian_bytes))
         one_run = runs == 1
-        masks, new, kept = None, [None] * len(chosen), None
+        masks, new, kept = None, [None] * len(tensors), None
         if not self._adaptive():        # the pattern's own choice (by score), then the re-fit
-            cols = [None] * len(chosen)
+            cols = [None] * len(tensors)
             if self.score == "activation":
                 rms = {}
                 for hs in hessians_in_runs(gm, calls, xs, progress, who):
                     rms.update({x: h.diagonal().sqrt() for x, h in hs.items()})
                     kept = hs if one_run else None
                     del hs
-                cols = [rms[n.args[0]] for n, _, _ in chosen]
+                cols = [pooled_rms([rms[x] for x in ins]) for ins in inputs]
             masks = list(self.masks(weights, cols))
+        pending = {}                    # a shared weight's Hessian sum, until its last input's run
         for hs in [kept] if kept is not None else hessians_in_runs(gm, calls, xs, progress, who):
-            for i, ((n, name, _), w) in enumerate(zip(chosen, weights)):
-                if n.args[0] in hs:
-                    h = hs[n.args[0]]
-                    new[i] = sparsegpt_prune(w, h, self.sparsity or 0.0, self._nm, name=f"weight of {name}",
-                                             blocks=self.block if self.pattern == "block" else None) \
-                        if masks is None else sparsegpt_prune(w, h, mask=masks[i], name=f"weight of {name}")
+            for i, ((n, name, _), w) in enumerate(zip(tensors, weights)):
+                here = [x for x in inputs[i] if x in hs]
+                if not here:
+                    continue
+                h, seen = pending.pop(i, (None, 0))
+                for x in here:
+                    h = hs[x] if h is None else h + hs[x]
+                if seen + len(here) < len(inputs[i]):
+                    pending[i] = (h, seen + len(here))
+                    continue
+                new[i] = sparsegpt_prune(w, h, self.sparsity or 0.0, self._nm, name=f"weight of {name}",
+                                         blocks=self.block if self.pattern == "block" else None) \
+                    if masks is None else sparsegpt_prune(w, h, mask=masks[i], name=f"weight of {name}")
             del hs
         return new, runs
 
@@ -417,6 +472,12 @@ class Prune(Pass):
             excluded = [m for m in names if matches(m, self.exclude)]
             if excluded:            # the block's layers shrink together: one excluded keeps them all
                 rejected[grp.name] = f"exclude matches {excluded}: the block's layers shrink together or not at all"
+                continue
+            outside = shared_outside(gm, members)
+            if outside:             # shrinking this block's copy would split the weight in two
+                rejected[grp.name] = (f"its tensor(s) {sorted(outside)} are also read by {outside_readers(outside)} "
+                                      f"(one module called more than once): structured pruning does not shrink a "
+                                      f"shared weight; prune it by zeros (pattern='unstructured' or 'N:M') instead")
                 continue
             chosen.append(grp)
         data, calls = self._calls(ctx) if chosen else ("-", [])

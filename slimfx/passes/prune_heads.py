@@ -636,7 +636,10 @@ def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) ->
         if heads == kv:
             found = [(n, a, "q") for n, a, _ in found]
         if len(found) > 1:
-            return [], f"node {n.name} has several axes that may count heads ({[a for _, a, _ in found]})"
+            lits = sorted({n.args[1][a] for _, a, _ in found})
+            return [], (f"node {n.name} has several axes that may count heads ({[a for _, a, _ in found]}); if one "
+                        f"is the batch, compile with dynamic=True or an example batch other than "
+                        f"{lits[0] if len(lits) == 1 else f'any of {lits}'}")
         edits += found
     return edits, ""
 

@@ -45,23 +45,46 @@ class _Stop(Exception):
 
 
 class _Watcher(fx.Interpreter):
-    def __init__(self, gm, watch: dict[fx.Node, Callable], stop_after: fx.Node | None = None):
+    def __init__(self, gm, watch: dict[fx.Node, Callable], stop_after: fx.Node | None = None, finite: bool = True):
         super().__init__(gm)
         self.watch = watch
         self.stop_after = stop_after
+        self.finite = finite
 
     def run_node(self, n):
         out = super().run_node(n)
         cb = self.watch.get(n)
         if cb is not None:
             if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                if not self.finite:
+                    return out
                 bad = int((~torch.isfinite(out)).sum())
+                weights = _nonfinite_weights(self.module, n)
+                cause = (f"it comes from the weight(s) of {weights}, which hold NaN or inf: fix them or exclude those "
+                         f"layers") if weights else "check the calibration data"
                 raise CalibrationError(f"calibration: node {n.name!r} (input of the layer(s) "
-                                       f"{_users(n)}) holds {bad} NaN/Inf value(s); check the calibration data")
+                                       f"{_users(n)}) holds {bad} NaN/Inf value(s); {cause}")
             cb(out)
         if n is self.stop_after:
             raise _Stop
         return out
+
+
+def _nonfinite_weights(gm: fx.GraphModule, n: fx.Node) -> list[str]:
+    """The layers (module names, else attribute names) above ``n`` whose float tensors hold NaN or inf: the cause
+    of a non-finite value the calibration data did not bring."""
+    seen, stack, bad = set(), [n], []
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "get_attr":
+            t = getattr(gm, m.target, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(ir.meta.module_name(m) or m.target)
+        stack.extend(m.all_input_nodes)
+    return sorted(set(bad))
 
 
 def _users(n: fx.Node) -> list[str]:
@@ -69,9 +92,12 @@ def _users(n: fx.Node) -> list[str]:
 
 
 def run_watching(gm: fx.GraphModule, calls: Iterable[tuple[tuple, dict]], watch: dict[fx.Node, Callable],
-                 progress: bool = False, desc: str = "calibrating", stop_early: bool = False) -> int:
+                 progress: bool = False, desc: str = "calibrating", stop_early: bool = False,
+                 finite: bool = True) -> int:
     """Run ``gm`` (torch) on each ``(args, kwargs)`` call; after each watched node runs, call its callback
     with the node's value. ``stop_early``: stop each run after the last watched node (in graph order).
+    A watched value holding NaN or inf raises CalibrationError, naming the weights above it that hold them if
+    any (else the data); with ``finite=False`` the callback is not called for it instead.
     Returns the number of calls run."""
     total = len(calls) if hasattr(calls, "__len__") else None
     last = [n for n in gm.graph.nodes if n in watch][-1] if stop_early and watch else None
@@ -79,7 +105,7 @@ def run_watching(gm: fx.GraphModule, calls: Iterable[tuple[tuple, dict]], watch:
     with torch.no_grad():
         for args, kwargs in tqdm(calls, desc=desc, total=total, disable=not progress, leave=False):
             try:
-                _Watcher(gm, watch, last).run(*flat_inputs(gm, args, kwargs))
+                _Watcher(gm, watch, last, finite).run(*flat_inputs(gm, args, kwargs))
             except _Stop:
                 pass
             count += 1
@@ -189,8 +215,9 @@ def input_mean_squares(gm: fx.GraphModule, calls, x_nodes, progress: bool, who: 
 
 
 def example_values(gm: fx.GraphModule, ctx: PassContext, nodes: Iterable[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """The values ``nodes`` take on the example inputs (for per-layer SQNR)."""
+    """The values ``nodes`` take on the example inputs (for per-layer SQNR); one holding NaN or inf (a layer
+    before it with such a weight, which Quantize leaves float) is left out: that layer is not measured."""
     got: dict[fx.Node, torch.Tensor] = {}
     watch = {n: (lambda v, n=n: got.__setitem__(n, v)) for n in nodes}
-    run_watching(gm, [(tuple(ctx.example_args), dict(ctx.example_kwargs))], watch)
+    run_watching(gm, [(tuple(ctx.example_args), dict(ctx.example_kwargs))], watch, finite=False)
     return got

@@ -247,6 +247,8 @@ class Quantize(Pass):
             t = ir.meta.tensor_attr(gm, w)
             if t.ndim != 2 or not t.is_floating_point():
                 skipped[name] = f"weight of shape {tuple(t.shape)} / {t.dtype} is not a 2-D float tensor"
+            elif not torch.isfinite(t).all():
+                skipped[name] = "weight holds NaN or inf"
             elif self.weights == "int4" and t.shape[1] % self.group_size:
                 raise ValueError(f"Quantize: group_size={self.group_size} does not divide K={t.shape[1]} of layer "
                                  f"{name!r} (node {n.name}); choose a divisor ({_divisors(t.shape[1])}) or exclude "
