@@ -6,6 +6,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from . import ir
 from .backends import check_options, lower
@@ -82,29 +83,57 @@ def compile(model, example_inputs: tuple = (), example_kwargs: Optional[dict] = 
     dump_dir: write the IR after each pass to numbered files there
     The model is never modified (a forward that writes into the model's buffers writes into the compiled
     model's own copies); a failing pass raises ``PassError`` naming it."""
-    check_options(backend, backend_options)             # before any work: a typo fails at once
+    # before any work, the arguments: a typo, a wrong type or a model without data fails at once
+    check_options(backend, backend_options)
+    manager = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir, progress=progress)
+    calibration = _calibration_list(calibration)
+    _refuse_meta(model.model if isinstance(model, CapturedModel) else model, example_inputs, example_kwargs)
     cap = CapturedModel.given("slimfx.compile", model, example_inputs, example_kwargs, dynamic, capture)
     # a capture given is forked: compiled graphs never share the capture's (one made here is this compile's own)
     reused = cap is model
     gm = ir.fork(cap.captured.gm) if reused else cap.captured.gm
     model, captured = cap.model, cap.captured
     example_inputs, example_kwargs = captured.example_args, captured.example_kwargs
-    if calibration is not None and iter(calibration) is calibration:
-        calibration = list(calibration)    # a generator or other one-shot iterator: every pass reads all of it
     signature = InputSignature.from_capture(model, captured)
     ctx = PassContext(example_inputs, example_kwargs, calibration, progress, model, signature.check)
     # a forward that writes into its own buffers (a counter, a static KV cache): the compiled graph gets its own
     # copies, and the model's are put back after the reference call (the pass manager keeps the graph's)
     with ir.state_kept(ir.own_state(gm)):
         reference = _reference_outputs(model, example_inputs, example_kwargs) if measure else None
-    gm, records = PassManager(passes, verify=verify, measure=measure, dump_dir=dump_dir,
-                              progress=progress).run(gm, ctx, reference)
+    gm, records = manager.run(gm, ctx, reference)
     t1 = time.perf_counter()
     executable = lower(gm, backend, backend_options)
     lower_s = time.perf_counter() - t1
     report = Report(type(model).__name__, captured.method, backend, cap.seconds, lower_s, records,
                     len(captured.gm.graph.nodes), gm, capture_reused=reused)
     return CompiledModel(gm, executable, report, signature)
+
+
+def _calibration_list(calibration):
+    """``calibration`` as compile keeps it: None, or an iterable every pass reads in full (a generator or other
+    one-shot iterator is read into a list)."""
+    if calibration is None:
+        return None
+    try:
+        it = iter(calibration)
+    except TypeError:
+        raise TypeError(f"calibration must be an iterable of inputs (e.g. a list of batches, each a tensor, a tuple "
+                        f"of arguments or a dict of keyword arguments), got {type(calibration).__name__}") from None
+    return list(calibration) if it is calibration else calibration
+
+
+def _refuse_meta(model, args, kwargs) -> None:
+    """A model or example input on the meta device has no data to run or lower: name the tensor."""
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    named = [*((f"the model's {k!r}", t) for k, t in (*model.named_parameters(), *model.named_buffers())),
+             *((f"example input {i}", a) for i, a in enumerate(args)),
+             *((f"example input {k!r}", a) for k, a in (kwargs or {}).items())]
+    meta = [what for what, v in named if any(isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves(v))]
+    if meta:
+        more = f" (and {len(meta) - 1} more)" if len(meta) > 1 else ""
+        raise ValueError(f"slimfx.compile: {meta[0]}{more} is on the meta device (a tensor without data); load the "
+                         f"weights (e.g. model.to_empty(device='cpu'), then load_state_dict) and give example inputs "
+                         f"with data")
 
 
 def _reference_outputs(model, args, kwargs):
@@ -144,14 +173,25 @@ class CompiledModel:
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledModel":
         """The same compiled graph lowered to another backend (or with other options), e.g. compiled and
-        checked on the CPU, then ``with_backend("triton", {"cuda_graphs": True})``."""
+        checked on the CPU, then ``with_backend("triton", {"cuda_graphs": True})``. The two share the graph and its
+        weights; a forward's state (buffers it writes) makes the graph the new model's own fork, with its own copy
+        of the state, starting from this one's as it is now."""
         check_options(backend, backend_options)
         t0 = time.perf_counter()
-        executable = lower(self.graph, backend, backend_options)
+        # a forward with state: its own copy (as compile gives), from this model's now, so calls on one never
+        # advance the other; without, the same graph (its tensors are only read)
+        gm, state = self.graph, self._executable.state()
+        if state:
+            gm = ir.fork(self.graph)
+            ir.own_state(gm)
+            with torch.no_grad():
+                for name, now in state.items():
+                    getattr(gm, name).copy_(now)
+        executable = lower(gm, backend, backend_options)
         r = self._report
         report = Report(r.model, r.capture_method, backend, r.capture_s, time.perf_counter() - t0, r.records,
-                        r.captured_nodes, self.graph, capture_reused=r.capture_reused)
-        return CompiledModel(self.graph, executable, report, self._signature)
+                        r.captured_nodes, gm, capture_reused=r.capture_reused)
+        return CompiledModel(gm, executable, report, self._signature)
 
     def save(self, path):
         """Write the compiled graph, its tensors (safetensors) and how to call it to the folder ``path``;

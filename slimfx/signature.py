@@ -117,16 +117,21 @@ class InputSignature:
                     self._fail(f"input {name!r} must be a tensor, got {type(v).__name__}")
             self._fail(f"the inputs' structure differs from the compiled one:\n  got      {spec}\n  expected {self.in_spec}")
         symbols: dict[str, tuple[int, str]] = {}
+        derived: list = []        # dims export ties to others by an expression (2*s0, s0 + s1): checked last
         for (name, exp), got in zip(self.leaves, flat):
             if isinstance(exp, torch.Tensor):
-                self._check_tensor(name, exp, got, symbols)
+                self._check_tensor(name, exp, got, symbols, derived)
             elif exp is not None and got != exp and not (_isnan(got) and _isnan(exp)):
                 self._fail(f"input {name!r} is {got!r}, but the graph was compiled for {exp!r}")
+        self._check_derived(derived, symbols)
         return args, kwargs
 
-    def _check_tensor(self, name, exp, got, symbols):
+    def _check_tensor(self, name, exp, got, symbols, derived):
         if not isinstance(got, torch.Tensor):
             self._fail(f"input {name!r} must be a tensor, got {type(got).__name__}")
+        if got.is_meta:                # no data to run on: every backend would fail naming nothing
+            self._fail(f"input {name!r} is on the meta device (a tensor without data); give a tensor on the CPU "
+                       f"or the device the backend runs on")
         if got.dtype != exp.dtype:
             self._fail(f"input {name!r} has dtype {got.dtype}, expected {exp.dtype}")
         if got.dim() != exp.dim():
@@ -142,14 +147,69 @@ class InputSignature:
                            "loop over it" if fixed else "compile with dynamic=True to let it vary")
                     self._fail(f"input {name!r} dim {d} is {g}, but it was compiled static at {e} ({why})")
                 continue
-            sym = str(e)
-            lo, hi = self.ranges.get(sym, (0, None))
-            if g < lo or (hi is not None and g > hi):
-                self._fail(f"input {name!r} dim {d} is {g}, outside the compiled range [{lo}, {hi or 'inf'}]")
-            if sym in symbols and symbols[sym][0] != g:
-                self._fail(f"input {name!r} dim {d} is {g}, but {symbols[sym][1]} is {symbols[sym][0]}; "
-                           f"the model needs them equal ({sym})")
-            symbols.setdefault(sym, (g, f"{name!r} dim {d}"))
+            expr = _expr(e)
+            if expr is not None and not expr.is_symbol:
+                derived.append((name, d, g, expr))
+                continue
+            self._bind(str(e), g, f"{name!r} dim {d}", symbols)
+
+    def _bind(self, sym: str, g: int, where: str, symbols: dict) -> None:
+        lo, hi = self.ranges.get(sym, (0, None))
+        if g < lo or (hi is not None and g > hi):
+            self._fail(f"input {where} is {g}, outside the compiled range [{lo}, {hi or 'inf'}]")
+        if sym in symbols and symbols[sym][0] != g:
+            self._fail(f"input {where} is {g}, but {symbols[sym][1]} is {symbols[sym][0]}; "
+                       f"the model needs them equal ({sym})")
+        symbols.setdefault(sym, (g, where))
+
+    def _check_derived(self, derived: list, symbols: dict) -> None:
+        """Dims that are expressions of the symbols (``y`` as long as ``cat([x, x])``: 2*s0): each must equal its
+        expression over the sizes the other inputs bind. One whose expression has a single symbol no other input
+        binds binds it (solved for: an integer in its range); one with several unbound is left to the graph."""
+        import sympy
+        pending = list(derived)
+        while pending:
+            left = []
+            for name, d, g, expr in pending:
+                free = {str(s): s for s in expr.free_symbols}
+                unbound = [k for k in free if k not in symbols]
+                if len(unbound) > 1:
+                    left.append((name, d, g, expr))
+                    continue
+                if unbound:
+                    sym = free[unbound[0]]
+                    try:
+                        roots = sympy.solve(sympy.Eq(expr.subs({free[k]: symbols[k][0] for k in free
+                                                                if k in symbols}), g), sym)
+                    except (NotImplementedError, TypeError, ValueError):    # (floor division and the like)
+                        left.append((name, d, g, expr))
+                        continue
+                    ints = [int(r) for r in roots if r.is_number and r.is_integer and r >= 0]
+                    if not ints:
+                        self._fail(f"input {name!r} dim {d} is {g}, but the model needs it to be {expr} for an "
+                                   f"integer {sym} >= 0")
+                    lo, hi = self.ranges.get(str(sym), (0, None))
+                    if ints[0] < lo or (hi is not None and ints[0] > hi):
+                        self._fail(f"input {name!r} dim {d} is {g}: as {expr} that makes {sym} = {ints[0]}, outside "
+                                   f"its compiled range [{lo}, {hi or 'inf'}]")
+                    self._bind(str(sym), ints[0], f"{name!r} dim {d} (as {expr})", symbols)
+                    continue
+                want = expr.subs({free[k]: symbols[k][0] for k in free})
+                if not want.is_number:
+                    continue
+                if int(want) != g:
+                    given = ", ".join(f"{k} = {symbols[k][0]} from {symbols[k][1]}" for k in sorted(free))
+                    self._fail(f"input {name!r} dim {d} is {g}, but the model needs it to be {expr} = {int(want)} "
+                               f"({given})")
+            if len(left) == len(pending):
+                return
+            pending = left
+
+
+def _expr(e):
+    """The sympy expression of a symbolic dim (a SymInt's), or None."""
+    node = getattr(e, "node", None)
+    return getattr(node, "expr", None)
 
 
 def _isnan(v) -> bool:

@@ -2,11 +2,13 @@
 ``torch`` (the graph as is) and ``triton`` (kernels on a GPU)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..ir import flatten_inputs
+from ..ir import flatten_inputs, state_tensors
 
 BACKENDS = ("numpy", "torch", "triton")
 
@@ -22,6 +24,9 @@ def check_options(backend: str, options: dict | None) -> dict:
     """``options`` for ``backend`` as a dict, or ValueError naming the unknown ones and the known ones."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"backend_options must be a dict of option name -> value, got {type(options).__name__} "
+                        f"{options!r:.80}")
     options = dict(options or {})
     known = {}
     if backend == "triton":
@@ -49,6 +54,21 @@ class Executable:
         elif backend == "triton":
             from .triton_backend import TritonProgram
             self.program = TritonProgram(gm, **options)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The graph's state tensors (those its forward writes into) as this backend holds them now, by attribute
+        name: the graph's own on numpy (which writes each new value back into them) and torch; the device copies
+        the triton program runs on."""
+        state = state_tensors(self.gm)
+        if self.backend != "triton":
+            return state
+        held = {}
+        for name in state:
+            t = self.program.gm
+            for part in name.split("."):
+                t = getattr(t, part)
+            held[name] = t
+        return held
 
     def __call__(self, args: tuple, kwargs: dict, eager: bool = False):
         """eager: run without a CUDA graph even where the triton backend captures them (e.g. a prompt whose

@@ -100,11 +100,17 @@ def _contents(tensors: dict, known: dict) -> dict:
     return {k: known[k] if id(t) not in taken else (t, taken[id(t)]) for k, t in tensors.items()}
 
 
+def _version(t: torch.Tensor) -> Optional[int]:
+    """torch's count of in-place writes to ``t``; None for an inference tensor (made under torch.inference_mode),
+    which keeps no count: only its content check (when the manager verifies) sees a write to it."""
+    return None if t.is_inference() else t._version
+
+
 def _written(tensors: dict, versions: dict, contents: Optional[dict] = None) -> tuple[list[str], dict]:
     """The graph's tensors (as before a pass) written in place since ``versions`` (and ``contents``, taken when
     the manager verifies) were taken, and the tensors' contents now."""
     now = _contents(tensors, {}) if contents is not None else {}
-    return [k for k, t in tensors.items() if t._version != versions[k]
+    return [k for k, t in tensors.items() if _version(t) != versions[k]
             or (contents is not None and now[k][1] != contents[k][1])], now
 
 
@@ -141,9 +147,18 @@ class PassManager:
                  dump_dir: Optional[str] = None, progress: bool = True):
         if isinstance(passes, (str, Pass)) or callable(passes):     # one pass given alone ("dce" is not 3 passes)
             passes = [passes]
+        try:
+            passes = list(passes)
+        except TypeError:
+            raise TypeError(f"passes must be a pipeline: a list of pass names, Pass objects or functions "
+                            f"(passes=() for none), got {passes!r:.80}") from None
         self.passes: list[Pass] = [as_pass(p) for p in passes]
         self.verify, self.measure, self.progress = verify, measure, progress
         self.dump_dir = Path(dump_dir) if dump_dir else None
+        if self.dump_dir is not None:      # checked now, not after a capture and the passes before the first dump
+            there = next((d for d in (self.dump_dir, *self.dump_dir.parents) if d.exists()), None)
+            if there is not None and not there.is_dir():
+                raise ValueError(f"dump_dir {str(dump_dir)!r} cannot be a folder: {str(there)!r} is a file")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, reference=None) -> tuple[fx.GraphModule, list[PassRecord]]:
         """Run the pipeline on a fork of ``gm`` (which stays as it was). ``reference`` is the original
@@ -160,7 +175,7 @@ class PassManager:
             before = ir.fork(gm)
             state = ir.state_tensors(before)   # the graph's own writes when it runs (calibration runs it)
             fp, tensors = _fingerprint(before), {k: t for k, t in ir.tensors(before).items() if k not in state}
-            versions = {k: t._version for k, t in tensors.items()}
+            versions = {k: _version(t) for k, t in tensors.items()}
             contents = _contents(tensors, known) if self.verify else None
             n_before = len(before.graph.nodes)
             t0 = time.perf_counter()
