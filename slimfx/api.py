@@ -125,7 +125,8 @@ def _calibration_list(calibration):
 def _refuse_meta(model, args, kwargs) -> None:
     """A model or example input on the meta device has no data to run or lower: name the tensor."""
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    named = [*((f"the model's {k!r}", t) for k, t in (*model.named_parameters(), *model.named_buffers())),
+    tensors = (*model.named_parameters(), *model.named_buffers()) if isinstance(model, torch.nn.Module) else ()
+    named = [*((f"the model's {k!r}", t) for k, t in tensors),
              *((f"example input {i}", a) for i, a in enumerate(args)),
              *((f"example input {k!r}", a) for k, a in (kwargs or {}).items())]
     meta = [what for what, v in named if any(isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves(v))]

@@ -185,3 +185,9 @@ def test_meta_input_at_call_names_the_input(backend):
     cm = slimfx.compile(MLP(), (torch.randn(2, 8),), backend=backend, progress=False)
     with pytest.raises(slimfx.InputError, match="input 'x' is on the meta device"):
         cm(torch.randn(2, 8, device="meta"))
+
+
+def test_a_function_given_as_the_model_is_refused_as_before():
+    """compile's argument checks ran model.named_parameters() before capture said it takes Modules only."""
+    with pytest.raises(slimfx.CaptureError, match="slimfx captures torch.nn.Module objects, got function"):
+        slimfx.compile(lambda x: x + 1, (torch.ones(2),), progress=False)
