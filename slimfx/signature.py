@@ -162,6 +162,10 @@ class InputSignature:
                        f"the model needs them equal ({sym})")
         symbols.setdefault(sym, (g, where))
 
+    def _evaluate(self, expr, free: dict, symbols: dict):
+        fns = self.__dict__.setdefault("_derived_fns", {})
+        return _evaluate_with(fns, expr, free, symbols)
+
     def _check_derived(self, derived: list, symbols: dict) -> None:
         """Dims that are expressions of the symbols (``y`` as long as ``cat([x, x])``: 2*s0): each must equal its
         expression over the sizes the other inputs bind. One whose expression has a single symbol no other input
@@ -194,8 +198,8 @@ class InputSignature:
                                    f"its compiled range [{lo}, {hi or 'inf'}]")
                     self._bind(str(sym), ints[0], f"{name!r} dim {d} (as {expr})", symbols)
                     continue
-                want = expr.subs({free[k]: symbols[k][0] for k in free})
-                if not want.is_number:
+                want = self._evaluate(expr, free, symbols)
+                if want is None:
                     continue
                 if int(want) != g:
                     given = ", ".join(f"{k} = {symbols[k][0]} from {symbols[k][1]}" for k in sorted(free))
@@ -204,6 +208,26 @@ class InputSignature:
             if len(left) == len(pending):
                 return
             pending = left
+
+
+def _evaluate_with(fns: dict, expr, free: dict, symbols: dict):
+    """``expr`` at the bound sizes, by a function made once per expression (sympy's subs per call would cost a
+    decode step ~0.1 ms); None when it is no number."""
+    if expr not in fns:
+        import sympy
+        names = sorted(free)
+        try:
+            fns[expr] = (names, sympy.lambdify([free[k] for k in names], expr, modules="math"))
+        except Exception:                  # noqa: BLE001 - an expression lambdify cannot write: subs each time
+            fns[expr] = (names, None)
+    names, fn = fns[expr]
+    if fn is not None:
+        try:
+            return int(fn(*(symbols[k][0] for k in names)))
+        except Exception:                  # noqa: BLE001 - torch's own sympy functions (FloorDiv) lambdify cannot
+            fns[expr] = (names, None)      # run: subs from now on
+    want = expr.subs({free[k]: symbols[k][0] for k in free})
+    return want if want.is_number else None
 
 
 def _expr(e):
