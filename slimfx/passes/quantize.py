@@ -375,7 +375,7 @@ class Quantize(Pass):
         hessians.clear()
         bytes_before = sum(r["fp32_bytes"] for r in experts + records)
         bytes_after = sum(r["weight_bytes"] for r in experts + records)
-        gains = [r["gptq"]["output_error"] / max(r["gptq"]["output_error_rtn"], 1e-300) for r in records if "gptq" in r]
+        gains = [_error_ratio(r["gptq"]["output_error"], r["gptq"]["output_error_rtn"]) for r in records if "gptq" in r]
         fold = FoldQDQ()
         folded = fold.run(gm, ctx).stats["folded"] if self.lower else 0
         gm.graph.eliminate_dead_code()
@@ -392,7 +392,8 @@ class Quantize(Pass):
         if in_runs or (self.awq and len(runs) > 1):
             extra["hessian_runs"] = len(runs)
         if gains:    # geometric mean over layers of GPTQ's output error / RTN's (calibration inputs)
-            extra["gptq_error_vs_rtn"] = round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4)
+            extra["gptq_error_vs_rtn"] = (math.inf if math.inf in gains else
+                                          round(math.exp(sum(math.log(max(g, 1e-300)) for g in gains) / len(gains)), 4))
         return PassResult(gm, True, {"mode": self.mode, "method": self.method, "clip": self.clip, **extra,
                                      "layers": len(chosen), **_expert_stats(experts), "folded": folded,
                                      "weight_bytes_fp32": bytes_before, "weight_bytes": bytes_after,
@@ -539,6 +540,14 @@ class Quantize(Pass):
             rec.update(weight_shared_with=ir.meta.layer_name(shared_with), fp32_bytes=0, weight_bytes=0)
         ir.meta.info(lin).quant = {**(ir.meta.info(lin).quant or {}), **rec}     # keeps e.g. SmoothQuant's record
         return rec
+
+
+def _error_ratio(gptq: float, rtn: float) -> float:
+    """GPTQ's output error over RTN's on a layer: 1 where both are 0 (all-zero calibration inputs: neither errs,
+    GPTQ no better; 0/0 counted as 0 made the pass's geometric mean 0, "infinitely better")."""
+    if rtn > 0:
+        return gptq / rtn
+    return 1.0 if gptq == 0 else math.inf
 
 
 def _expert_stats(records: list[dict]) -> dict:

@@ -160,3 +160,15 @@ def test_awq_in_runs_keeps_the_one_run_result(tiny_llama, monkeypatch, method, k
         s_one, s_runs = sqnr_db(ref, one(**held_out).logits), sqnr_db(ref, runs(**held_out).logits)
     assert same >= 13, same             # measured: all 15 bit-equal (a rounding flip may change one or two)
     assert abs(s_one - s_runs) < 0.1, (s_one, s_runs)       # measured: equal to 1e-6 dB (19.5 to 20.5 dB)
+
+
+def test_all_zero_calibration_reports_gptq_no_better_than_rtn():
+    """Both errors 0 (no input to err on): the ratio was 0/0 counted as 0, and the pass said 0.0, as if GPTQ had
+    no error where RTN had some."""
+    from slimfx.passes.quantize import _error_ratio
+    assert (_error_ratio(0.0, 0.0), _error_ratio(0.5, 1.0), _error_ratio(0.1, 0.0)) == (1.0, 0.5, float("inf"))
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval(), torch.zeros(4, 32)
+    cm = slimfx.compile(model, (x,), calibration=[(x,)], progress=False,
+                        passes=[Quantize(weights="int4", group_size=16, method="gptq")])
+    assert cm.report().records[0].stats["gptq_error_vs_rtn"] == 1.0
