@@ -148,6 +148,10 @@ def check_device(**tensors) -> torch.device:
         where = ", ".join(f"{k} on {v.device}" for k, v in named.items())
         raise ValueError(f"expected all tensors on one device, got {where}")
     dev = devices.pop()
+    if dev.type not in ("cuda", "cpu"):         # meta (no data), mps, ...: no Triton there, interpreted or not
+        first = next(iter(named))
+        raise ValueError(f"{first}: Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                         f"got device {dev}")
     if dev.type != "cuda" and not interpreting():
         first = next(iter(named))
         raise ValueError(f"{first}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on "

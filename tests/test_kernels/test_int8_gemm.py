@@ -253,6 +253,9 @@ def test_refusals(dev, gen):
     sa, sb = torch.ones(4, device=dev), torch.ones(8, device=dev)
     with pytest.raises(TypeError, match=r"a: expected dtype in \(int8\), got float16"):
         int8_gemm(a.half(), b, sa, sb)
+    meta = [t.to("meta") for t in (a, b, sa, sb)]          # (the interpreter took them, then torch failed raw)
+    with pytest.raises(ValueError, match=r"a: Triton kernels need CUDA tensors .* got device meta"):
+        int8_gemm(*meta)
     with pytest.raises(ValueError, match=r"a: expected last dimension 64 \(K of the weight\), got shape \(4, 63\)"):
         int8_gemm(a[:, :63], b[:, :64], sa, sb)
     with pytest.raises(ValueError, match="b: expected unit stride in the last dimension"):
