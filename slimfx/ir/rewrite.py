@@ -167,6 +167,10 @@ def _bind(op, args: tuple, kwargs: dict) -> Optional[tuple[float, tuple, dict]]:
     return misfit, out_args, out_kwargs
 
 
+# torch-level keyword names the ATen schemas spell otherwise (F.dropout's training= is aten.dropout's train=)
+_SCHEMA_NAMES = {"input": "self", "training": "train"}
+
+
 def _resolve(packet, args: tuple, kwargs: dict):
     """(overload, args, kwargs): the functional overload of ``packet`` these arguments fit best, or None."""
     kwargs = {k: v for k, v in kwargs.items() if not (k == "inplace" and v is False)}   # changes no value
@@ -177,8 +181,8 @@ def _resolve(packet, args: tuple, kwargs: dict):
         if op._schema.is_mutable or any(a.is_out for a in op._schema.arguments):
             continue                                            # in-place and out= variants
         params = {a.name for a in op._schema.arguments}         # torch's input= is the schema's self (clamp),
-        renamed = {("self" if k == "input" and "input" not in params and "self" in params else k): v
-                   for k, v in kwargs.items()}                  # unless the schema says input (layer_norm)
+        renamed = {(_SCHEMA_NAMES[k] if k in _SCHEMA_NAMES and k not in params and _SCHEMA_NAMES[k] in params
+                    else k): v for k, v in kwargs.items()}      # unless the schema says input (layer_norm)
         bound = _bind(op, args, renamed)
         if bound is not None and (best is None or bound[0] < best[0][0]):
             best = (bound, op)

@@ -120,3 +120,10 @@ def test_input_keyword_binds_to_a_schema_that_names_it_input():
                    lambda x, w, b: torch.group_norm(x, 2, w, b))
     (op,) = [n.target for n in rule.traced()[0].graph.nodes if n.op == "call_function"]
     assert op is torch.ops.aten.group_norm.default
+
+
+def test_a_dropout_pattern_is_refused_as_no_operation():
+    """F.dropout's training= is aten.dropout's train=: no overload took it, and the rule was refused as having
+    'no ATen op', where the true reason is that captured graphs hold no dropout."""
+    with pytest.raises(RuleError, match="its pattern is no operation once canonicalized"):
+        ir.Rule("d", lambda x: F.dropout(x, 0.1, training=False), lambda x: x)
