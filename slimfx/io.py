@@ -96,18 +96,22 @@ def _pack_int4(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     return packed
 
 
-def save(cm, path) -> pathlib.Path:
-    """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its two files replaced).
+def save(cm, path, extra: dict | None = None) -> pathlib.Path:
+    """Write ``cm`` (a ``CompiledModel``) to the folder ``path`` (created; its files replaced), with ``extra``
+    JSON files beside it ({file name: object}: a causal LM's causal_lm.json).
 
-    Everything is serialized before the folder is touched, and both files are written under temporary names
-    first, so a save that fails leaves the folder's previous save as it was. The tensor file is replaced first
-    and slimfx.json last; both carry one random save id, which ``load`` checks: a folder caught between the two
-    replaces (a crash, or a reader racing a writer) is refused, never loaded as one save's graph over another's
-    tensors."""
+    Everything is serialized before the folder is touched, and every file is written under a temporary name
+    first, so a save that fails leaves the folder's previous save as it was. The tensor file is replaced first,
+    then the extra files, and slimfx.json last; all carry one random save id, which ``load`` checks: a folder
+    caught between the replaces (a crash, or a reader racing a writer) is refused, never loaded as one save's
+    graph over another's tensors, or as a plain model where a causal LM was saved."""
     from .ir.serialize import to_json
-    from .lm import CompiledCausalLM
+    from .lm import LM_FILE, CompiledCausalLM
     if isinstance(cm, CompiledCausalLM):
         return cm.save(path)
+    extra = dict(extra or {})
+    if set(extra) - {LM_FILE}:
+        raise ValueError(f"slimfx.save: unknown extra files {sorted(set(extra) - {LM_FILE})}")
     path = pathlib.Path(path)
     graph, tensors = to_json(cm.graph, cm._signature.ranges)
     tensors, aliases, strided = _unshare(tensors)
@@ -116,25 +120,29 @@ def save(cm, path) -> pathlib.Path:
     from . import __version__
     save_id = uuid.uuid4().hex
     data = {"slimfx": __version__, "torch": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "save_id": save_id, "backend": cm.backend, "signature": cm._signature.to_json(), "graph": graph,
+            "save_id": save_id, "extra_files": sorted(extra), "backend": cm.backend,
+            "signature": cm._signature.to_json(), "graph": graph,
             "aliases": aliases, "strided": strided, "int4_packed": int4,
             "report": {"model": report.model, "capture_method": report.capture_method, "capture_s": report.capture_s,
                        "capture_reused": report.capture_reused, "captured_nodes": report.captured_nodes,
                        "records": plain([vars(r) for r in report.records])}}
     try:
-        text = json.dumps(data, indent=1, default=str, allow_nan=False)
+        texts = {name: json.dumps({**obj, "save_id": save_id}, indent=1, allow_nan=False)
+                 for name, obj in extra.items()}
+        texts[GRAPH_FILE] = json.dumps(data, indent=1, default=str, allow_nan=False)
     except ValueError as e:
         raise ValueError(f"slimfx.save({str(path)!r}): {report.model} cannot be written as JSON ({e}); "
                          f"nothing was written") from e
     path.mkdir(parents=True, exist_ok=True)
-    tmp = {name: path / (name + ".tmp") for name in (TENSOR_FILE, GRAPH_FILE)}
+    order = [TENSOR_FILE, *sorted(extra), GRAPH_FILE]          # the order load's save id checks rely on
+    tmp = {name: path / (name + ".tmp") for name in order}
     try:
         safetensors.torch.save_file(tensors, str(tmp[TENSOR_FILE]), {"format": "slimfx", "save_id": save_id})
-        tmp[GRAPH_FILE].write_text(text, encoding="utf-8")
-        from .lm import LM_FILE
-        (path / LM_FILE).unlink(missing_ok=True)   # a causal LM saved here before: this is a plain model (the
-        #                                            LM's save writes its file again after this)
-        for name in (TENSOR_FILE, GRAPH_FILE):     # the order load's save id check relies on
+        for name in order[1:]:
+            tmp[name].write_text(texts[name], encoding="utf-8")
+        for name in order:
+            if name == GRAPH_FILE and LM_FILE not in extra:
+                (path / LM_FILE).unlink(missing_ok=True)      # a causal LM saved here before: this is a plain model
             os.replace(tmp[name], path / name)     # a reader never sees half a file
     finally:
         for t in tmp.values():
@@ -215,4 +223,14 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
                     gm, capture_reused=capture_reused)
     cm = CompiledModel(gm, executable, report, signature)
     from .lm import LM_FILE, CompiledCausalLM
-    return CompiledCausalLM.from_saved(cm, path) if (path / LM_FILE).is_file() else cm
+    if "extra_files" in data:                # (files saved before list none: their causal_lm.json is taken as is)
+        listed = data["extra_files"]
+        if not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
+            raise bad(f"{GRAPH_FILE}: 'extra_files' is not a list of file names")
+        if LM_FILE in listed and not (path / LM_FILE).is_file():
+            raise bad(f"{GRAPH_FILE} was saved with a {LM_FILE} (a causal LM), which the folder lacks; "
+                      f"save the model again")
+        if LM_FILE not in listed and (path / LM_FILE).is_file():
+            raise bad(f"{LM_FILE} is not part of the save in {GRAPH_FILE} (a plain model): a save into this "
+                      f"folder was interrupted or the file was copied in; save the model again")
+    return CompiledCausalLM.from_saved(cm, path, data.get("save_id")) if (path / LM_FILE).is_file() else cm

@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
 import pathlib
 import time
 from typing import Iterable, Optional, Sequence
@@ -700,22 +698,23 @@ class CompiledCausalLM:
 
     def save(self, path) -> pathlib.Path:
         """The step (``CompiledModel.save``) plus causal_lm.json; ``slimfx.load`` gives back a CompiledCausalLM."""
-        path = self.step.save(path)
+        from .io import save
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
                 "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                 "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch}
-        tmp = path / (LM_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path / LM_FILE)
-        return path
+        return save(self.step, path, extra={LM_FILE: data})      # one save: the same save id in every file
 
     @classmethod
-    def from_saved(cls, step, path) -> "CompiledCausalLM":
+    def from_saved(cls, step, path, save_id: str | None = None) -> "CompiledCausalLM":
         """The generation loop around a loaded ``step``, from causal_lm.json, checked against the step graph's
-        cache inputs (a damaged or edited file is refused here, naming what is wrong, not at generate)."""
+        cache inputs and ``save_id`` (slimfx.json's): a damaged, edited or stale file is refused here, naming
+        what is wrong, not at generate."""
         from .ir.serialize import FormatError, read_json
         where = f"slimfx.load({str(path)!r}): {LM_FILE}"
         data = read_json(pathlib.Path(path) / LM_FILE, where, ("layout", "dtype", "eos_token_id", "pad_token_id"))
+        if save_id is not None and data.get("save_id") != save_id:
+            raise FormatError(f"{where} (save {data.get('save_id')}) and the model's files (save {save_id}) were "
+                              f"written by different saves: a save into this folder was interrupted; save it again")
         dtype = getattr(torch, str(data["dtype"]), None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")

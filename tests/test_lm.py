@@ -5,6 +5,8 @@ What must hold: greedy tokens equal transformers' own ``generate`` (with its KV 
 sequence gives (the cache is consistent, also after quantization); saved and loaded, it generates the same.
 """
 import json
+import os
+import pathlib
 
 import pytest
 import torch
@@ -173,6 +175,40 @@ def test_saved_and_loaded_generates_the_same(llama, tmp_path):
     lm.step.save(path)
     assert not (path / "causal_lm.json").exists() and isinstance(slimfx.load(path), slimfx.CompiledModel)
 
+
+
+def test_save_is_one_save(llama, tmp_path, monkeypatch):
+    """causal_lm.json is part of the save: a save interrupted before it was written loaded silently as a plain
+    model (no generate); a file missing, copied in, or from another save is refused naming it."""
+    from slimfx.ir.serialize import FormatError
+    lm = slimfx.compile_causal_lm(llama, backend="numpy", progress=False)
+    path = slimfx.save(lm, tmp_path / "lm")
+    real = os.replace
+
+    def crash(src, dst):
+        if pathlib.Path(dst).name == "causal_lm.json":
+            raise OSError("disk full")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        slimfx.save(lm, path)
+    monkeypatch.setattr(os, "replace", real)
+    with pytest.raises(FormatError, match="different saves"):
+        slimfx.load(path)
+    slimfx.save(lm, path)
+    other = slimfx.save(lm, tmp_path / "other")
+    assert isinstance(slimfx.load(path), slimfx.CompiledCausalLM)
+    (path / "causal_lm.json").write_bytes((other / "causal_lm.json").read_bytes())
+    with pytest.raises(FormatError, match=r"causal_lm.json \(save \w+\) and the model's files .* different saves"):
+        slimfx.load(path)
+    (path / "causal_lm.json").unlink()
+    with pytest.raises(FormatError, match="saved with a causal_lm.json .* which the folder lacks"):
+        slimfx.load(path)
+    lm.step.save(path)
+    assert isinstance(slimfx.load(path), slimfx.CompiledModel)
+    (path / "causal_lm.json").write_bytes((other / "causal_lm.json").read_bytes())
+    with pytest.raises(FormatError, match="causal_lm.json is not part of the save"):
+        slimfx.load(path)
 
 def test_refusals(llama, compiled):
     lm = compiled["numpy"]
