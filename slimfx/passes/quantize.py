@@ -22,6 +22,7 @@ import fnmatch
 import math
 import operator
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -329,6 +330,12 @@ class Quantize(Pass):
         if self.clip and self.method != "gptq" and not hessians:
             hessians = input_mean_squares(gm, calls, x_nodes, ctx.progress, "Quantize(clip=True)")
         ranges = _static_ranges(gm, ctx, x_nodes, self.observer) if act == "static" else {}
+        zero = [ir.meta.layer_name(n) for n in chosen if n.args[0] in ranges and max(map(abs, ranges[n.args[0]])) == 0]
+        if zero:        # a scale fitted to nothing: any nonzero input saturates (all-zero calibration: 0.7 dB)
+            warnings.warn(f"Quantize(activations='static'): the input of {len(zero)} layer(s) ({', '.join(zero[:5])}"
+                          f"{', ...' if len(zero) > 5 else ''}) was 0 on every calibration batch, so their static "
+                          f"scale saturates any other input; calibrate on inputs like the real ones, or use "
+                          f"activations='dynamic'", RuntimeWarning)
         floats, refs = {}, {}
         if self.measure_layers and (ctx.example_args or ctx.example_kwargs):
             floats = example_values(gm, ctx, x_nodes)
@@ -386,7 +393,7 @@ class Quantize(Pass):
             refs = {k: (replaced.get(x, x), w, b) for k, (x, w, b) in refs.items()}
             floats = {replaced.get(x, x): v for x, v in floats.items()}
             _measure_layers(gm, floats, refs)
-        extra = {}
+        extra = {"zero_input_range": zero} if zero else {}
         if awq_counts is not None:
             extra["awq"] = {**awq_counts, **({"experts": moe_awq} if moe_awq and moe_awq["blocks"] else {})}
         if in_runs or (self.awq and len(runs) > 1):
