@@ -194,6 +194,11 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
             graph.erase_node(node)
             changed += 1
             continue
+        elif node.op == "call_function" and node.target is getattr and len(node.args) == 2 and \
+                isinstance(node.args[0], fx.Node) and isinstance(node.args[0].target, torch._ops.OpOverload) and \
+                node.args[1] in [r.name for r in node.args[0].target._schema.returns if r.name]:
+            names = [r.name for r in node.args[0].target._schema.returns]    # y.max(dim=1).values: the named
+            new = operator.getitem, (node.args[0], names.index(node.args[1])), {}      # result's field, by index
         elif node.op == "call_method" and node.target == "contiguous":
             new = aten.clone.default, (node.args[0],), {"memory_format": torch.contiguous_format}
         elif node.op in ("call_function", "call_method") and not isinstance(node.target, torch._ops.OpOverload):

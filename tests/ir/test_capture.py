@@ -464,6 +464,33 @@ def test_symbolic_trace_single_sizes_and_dtype_nodes_become_the_right_aten_calls
     assert aten_call(to)[0] is aten.to.dtype
 
 
+
+class _NamedResults(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 12)
+
+    def forward(self, x):
+        y = self.lin(x)
+        m = torch.max(y, dim=-1)
+        return (y.max(dim=1).values + y.topk(2, -1).values.sum(-1) + y.sort(-1).values[:, 0]
+                + y.min(1).indices.float() + m.values + m[0] + y.split(4, -1)[1:][1].mean(-1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_symbolic_trace_named_result_fields_are_getitems(backend):
+    """y.max(dim=1).values (topk / sort / min(dim) .values / .indices) failed canonicalization: the getattr of a
+    field of the ATen op's tuple. Now it is the getitem of that field's index, as torch.export records it."""
+    import operator
+    model, x = _NamedResults().eval(), torch.randn(4, 16)
+    cm = slimfx.compile(model, (x,), capture="symbolic_trace", backend=backend, progress=False)
+    assert cm.report().capture_method == "symbolic_trace"
+    assert not [n for n in cm.graph.graph.nodes if n.target is getattr]
+    assert any(n.target is operator.getitem and n.args[1] == 1 for n in cm.graph.graph.nodes)     # .indices
+    x = torch.randn(4, 16)                                            # fresh values
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), rtol=0, atol=0)         # the same fp32 ops, selections
+
 def test_a_canonicalization_failure_names_the_method_the_node_and_exports_reason(monkeypatch):
     """An exception in canonicalization escaped capture raw (a RuntimeError from deep in torch), and the reason
     export had failed, when symbolic_trace was its fallback, was lost."""
