@@ -137,12 +137,13 @@ def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
     if kwargs:
         raise CaptureError("fx.symbolic_trace takes positional example inputs only; pass example_inputs as a tuple")
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    versions = {k: t._version for k, t in tensors.items()}
+    versions = {k: t._version for k, t in tensors.items() if not t.is_inference()}  # (inference tensors: none)
     buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
     concrete = _defaults_not_given(model, len(args))
     gm = fx.symbolic_trace(model, concrete_args=concrete or None)
     _drop_concrete_placeholders(gm, len(args))
-    written = [k for k, t in tensors.items() if t._version != versions[k]]
+    written = [k for k, t in tensors.items() if (t._version != versions[k] if k in versions else
+                                                   k in buffers and not torch.equal(t, buffers[k]))]
     with torch.no_grad():
         for k in written:
             if k in buffers:           # put back what the trace wrote (a parameter written in forward is rarer)
@@ -200,11 +201,16 @@ def _flatten_attributes(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule whose tensors live in one flat namespace (``encoder_layer_0_..._weight``),
     each get_attr node remembering the parameter's name in the user's model."""
     root: dict[str, Any] = {}
+    views: dict[int, torch.nn.Parameter] = {}
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "get_attr":
             fqn = node.target
             tensor = gm.get_parameter(fqn) if _is_param(gm, fqn) else _get(gm, fqn)
+            if isinstance(tensor, torch.nn.Parameter) and tensor.is_inference() and tensor.requires_grad:
+                # made under torch.inference_mode: outside it, autograd refuses even reads of a tensor that
+                # requires grad (torch.isfinite); the graph's view of it (same memory, once) asks for none
+                tensor = views.setdefault(id(tensor), torch.nn.Parameter(tensor.detach(), requires_grad=False))
             flat = meta.attr_name(fqn, "p_")
             while flat in root and root[flat] is not tensor:
                 flat += "_"
@@ -252,7 +258,11 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     args, kwargs = _unaliased(tuple(args), dict(kwargs or {}))
     errors, ranges = [], {}
     name = type(model).__name__
-    with eval_mode(model), torch.no_grad():
+    # a model made under torch.inference_mode holds inference tensors, which torch.export cannot trace outside
+    # it (it sets requires_grad on them): the capture runs in inference mode, as such a model is called
+    inference = not torch.is_inference_mode_enabled() and any(
+        t.is_inference() for t in (*model.parameters(), *model.buffers()))
+    with eval_mode(model), torch.no_grad(), torch.inference_mode() if inference else contextlib.nullcontext():
         if method in ("auto", "export"):
             try:
                 gm, ranges = _export(model, args, kwargs, dynamic)

@@ -16,6 +16,7 @@ LowerSparse: the slimfx dialect ops have no gradients. Training writes only into
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from typing import Optional
@@ -136,7 +137,13 @@ class Distill(Pass):
         masters = [torch.nn.Parameter(p.detach().float()) if p.dtype in (torch.float16, torch.bfloat16) else p
                    for p in params]
         opt = torch.optim.AdamW(masters, lr=self.lr, weight_decay=0.0)
-        with ir.eval_mode(teacher):            # each submodule back in its own mode afterwards
+        # a model made under torch.inference_mode: autograd cannot save its tensors for backward (a norm's weight),
+        # so training reads copies of those, and the graph the model's own again afterwards
+        frozen = {k: t for k, t in ir.tensors(gm).items() if t.is_inference()}
+        with torch.no_grad():
+            for k, t in frozen.items():
+                setattr(gm, k, torch.nn.Parameter(t.clone(), False) if isinstance(t, torch.nn.Parameter) else t.clone())
+        with ir.eval_mode(teacher), _restored(gm, frozen):    # each submodule back in its own mode afterwards
             losses, kind = [], self.loss
             batches = itertools.islice(itertools.cycle(calls), self.steps)
             bar = tqdm(batches, total=self.steps, desc="distill", leave=False, disable=not ctx.progress)
@@ -178,6 +185,16 @@ class Distill(Pass):
         return PassResult(gm, True, {"steps": len(losses), "loss": kind, "tensors": len(params),
                                      "loss_first": round(sum(losses[:head]) / head, 6),
                                      "loss_last": round(sum(losses[-head:]) / head, 6)})
+
+
+@contextlib.contextmanager
+def _restored(gm: fx.GraphModule, tensors: dict):
+    """Put ``tensors`` back as ``gm``'s attributes of their names after the block."""
+    try:
+        yield
+    finally:
+        for k, t in tensors.items():
+            setattr(gm, k, t)
 
 
 def _run(who: str, fn, args, kwargs, step: int, hint: str):
