@@ -16,8 +16,10 @@ naming it. Matching and replacement are torch.fx's subgraph rewriter. Rule lists
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import itertools
 import operator
 from typing import Callable, Optional, Sequence
 
@@ -49,9 +51,63 @@ class Rule:
             raise RuleError(f"rule {self.name!r}: the pattern takes {n_in[0]} inputs and the replacement {n_in[1]}; "
                             f"they take the same ones")
         object.__setattr__(self, "_traced", (pattern, replacement))
+        object.__setattr__(self, "_variants", _literal_variants(pattern))
 
     def traced(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         return self._traced
+
+    def variants(self) -> list[fx.GraphModule]:
+        """The pattern with its number literals also spelled in the other type (``clamp(x, min=0)`` and
+        ``clamp(x, min=0.0)``): a graph records a literal as the model's code wrote it, and fx matches a literal
+        by type and value. A variant matches only where every tensor it binds is floating point, where the two
+        spellings compute the same (``int_x * 1.0`` is float, ``int_x * 1`` int)."""
+        return self._variants
+
+
+_NUMBER_SLOTS = ("TensorType", "NumberType", "FloatType")      # x * 2.0 records 2.0 in mul.Tensor's Tensor slot
+_MAX_VARIANT_LITERALS = 4                                      # 2^4 - 1 variants at most
+
+
+def _literal_variants(pattern: fx.GraphModule) -> list[fx.GraphModule]:
+    slots = []
+    for node in pattern.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = {a.name: a for a in node.target._schema.arguments}
+        named = list(zip(node.target._schema.arguments, node.args)) + \
+            [(schema[k], v) for k, v in node.kwargs.items() if k in schema]
+        for i, (arg, v) in enumerate(named):
+            typ = arg.type.getElementType() if arg.type.kind() == "OptionalType" else arg.type
+            if type(v) in (int, float) and typ.kind() in _NUMBER_SLOTS and (type(v) is int or float(v).is_integer()):
+                slots.append((node.name, arg.name, i < len(node.args), i))
+    slots = slots[:_MAX_VARIANT_LITERALS]
+    variants = []
+    for flips in itertools.product((False, True), repeat=len(slots)):
+        if not any(flips):
+            continue
+        gm = fx.GraphModule(pattern, copy.deepcopy(pattern.graph))
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for (name, arg, positional, i), flip in zip(slots, flips):
+            if flip:
+                node = nodes[name]
+                if positional:
+                    v = node.args[i]
+                    node.args = (*node.args[:i], float(v) if type(v) is int else int(v), *node.args[i + 1:])
+                else:
+                    v = node.kwargs[arg]
+                    node.kwargs = {**node.kwargs, arg: float(v) if type(v) is int else int(v)}
+        gm.recompile()
+        variants.append(gm)
+    return variants
+
+
+def _float_bindings(match, original_graph, pattern_graph) -> bool:
+    """Every tensor the match binds to a pattern input is floating point (a literal variant's condition)."""
+    for n in match.placeholder_nodes:
+        v = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+            return False
+    return True
 
 
 def _trace(fn: Callable, rule: str, role: str) -> fx.GraphModule:
@@ -267,8 +323,10 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for rule in rules:
         pattern, replacement = rule.traced()
-        filters = [rule.where] if rule.where else None
-        done = replace_pattern_with_filters(gm, pattern, replacement, match_filters=filters)
+        filters = [rule.where] if rule.where else []
+        done = replace_pattern_with_filters(gm, pattern, replacement, match_filters=filters or None)
+        for variant in rule.variants():
+            done += replace_pattern_with_filters(gm, variant, replacement, match_filters=[*filters, _float_bindings])
         for replaced in done:
             _inherit_source(replaced)
         if done:

@@ -127,3 +127,33 @@ def test_a_dropout_pattern_is_refused_as_no_operation():
     'no ATen op', where the true reason is that captured graphs hold no dropout."""
     with pytest.raises(RuleError, match="its pattern is no operation once canonicalized"):
         ir.Rule("d", lambda x: F.dropout(x, 0.1, training=False), lambda x: x)
+
+
+class Literals(nn.Module):
+    def forward(self, x, i):            # literals as the code spells them: 0.0, 1.0, and an int 0
+        return torch.clamp(x, min=0.0) + x * 1.0 + torch.relu(x) * 0, i * 1.0
+
+
+@pytest.mark.parametrize("pattern, target, rewritten", [
+    (lambda x: torch.clamp(x, min=0), torch.ops.aten.clamp.default, lambda x: x + x * 1.0 + torch.relu(x) * 0),
+    (lambda x: x * 1, 1.0, lambda x: torch.clamp(x, min=0.0) + x + torch.relu(x) * 0),
+    (lambda x: x * 0.0, 0, lambda x: torch.clamp(x, min=0.0) + x * 1.0 + torch.relu(x))],
+    ids=["clamp-min-0", "mul-1", "mul-0.0"])
+def test_a_number_literal_matches_either_spelling_on_float_tensors(pattern, target, rewritten):
+    """A rule's literal 0 did not match a graph's 0.0 (nor 1 a 1.0): fx matches literals by type, and a
+    capture keeps the model's spelling. Both spellings now match where the tensors are floating point; on
+    an int tensor ``i * 1.0`` is float and ``i * 1`` int, so there the literal must be spelled as captured."""
+    model, x, i = Literals().eval(), torch.randn(3, 4), torch.arange(12).reshape(3, 4)
+    cm = slimfx.compile(model, (x, i), passes=[Rewrite([ir.Rule("r", pattern, lambda x: x)])], backend="torch",
+                        progress=False)
+    assert cm.report().records[0].stats["rewrites"] == {"r": 1}       # the float use, not i * 1.0
+    calls = [n for n in cm.graph.graph.nodes if n.op == "call_function"]
+    if isinstance(target, torch._ops.OpOverload):
+        assert not [n for n in calls if n.target is target]
+    else:                               # the mul by that literal (spelled the other way) is gone
+        assert not [n for n in calls if n.target is torch.ops.aten.mul.Tensor and n.args[1:] == (target,)
+                    and n.args[0].name != "i"]
+    assert [n for n in calls if n.args[0].name == "i" and n.args[1:] == (1.0,)]          # kept, as it must be
+    out, iout = cm(x, i)
+    assert iout.dtype == torch.float32 and torch.equal(iout, i * 1.0)
+    torch.testing.assert_close(out, rewritten(x), rtol=0, atol=0)
