@@ -29,8 +29,12 @@ class CapturedModel:
     def of(cls, model: torch.nn.Module, example_inputs=(), example_kwargs: Optional[dict] = None, dynamic=None,
            method: str = "auto") -> "CapturedModel":
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        from .lm import _replaced, replacements
         t0 = time.perf_counter()
-        captured = ir.capture(model, example_inputs, dict(example_kwargs or {}), dynamic=dynamic, method=method)
+        # transformers functions that export or a backend cannot take as written, replaced by ones of the same
+        # values while capturing (Falcon's bfloat16 ALiBi, DeepSeek's batch-guarding key copy): lm.replacements
+        with _replaced(replacements(model) if hasattr(model, "config") else []):   # (a CausalLMStep: its own)
+            captured = ir.capture(model, example_inputs, dict(example_kwargs or {}), dynamic=dynamic, method=method)
         return cls(model, captured, time.perf_counter() - t0)
 
     @classmethod

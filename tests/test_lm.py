@@ -570,6 +570,28 @@ def test_alibi_falcon_runs_on_numpy_as_transformers_computes_it():
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
+
+def test_alibi_falcon_plain_compile_runs_on_numpy():
+    """slimfx.compile (not compile_causal_lm) of an ALiBi Falcon was refused by the numpy backend (its bfloat16
+    ALiBi); the capture now uses the same float32 ALiBi of bfloat16 values as the step, and puts transformers'
+    function back afterwards."""
+    import transformers as T
+    from transformers.models.falcon import modeling_falcon
+    original = modeling_falcon.build_alibi_tensor
+    torch.manual_seed(0)
+    model = T.FalconForCausalLM(T.FalconConfig(vocab_size=97, hidden_size=32, num_attention_heads=16,
+                                               num_hidden_layers=2, alibi=True, multi_query=False,
+                                               parallel_attn=False, bias=True)).eval()
+    ids, mask = text_batch(2, 300, 97, pad_left=True, seed=3)     # past 256: bfloat16 rounds the positions
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    cm = slimfx.compile(model, (), kw, backend="numpy", progress=False)
+    assert modeling_falcon.build_alibi_tensor is original
+    got = cm(**kw)["logits"]
+    with torch.no_grad():
+        want = model(**kw).logits
+    # summation order only (float32 ~1e-7 of the scale); a bias one bfloat16 step off would move it far more
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+
 def test_deepseek_v3_compiled_from_a_batch_of_2_generates_for_1():
     """DeepSeek-V3 builds its keys by copying into slices of an empty tensor; export's memory-overlap check of
     that copy guarded the batch >= 2 (the default example's), and a single prompt was refused."""
