@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import pathlib
+import sys
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -165,10 +166,9 @@ def replacements(model: nn.Module) -> list:
     """(owner, attribute, replacement) for the functions of ``model``'s code that ``CausalLMStep`` replaces while it
     runs: Falcon's ALiBi with bfloat16 arithmetic (``_falcon_alibi``) and DeepSeek's ``expand_kv`` and its copies
     in other models (``_expand_kv``). Each gives the values the original gives."""
-    import importlib
     out = []
     config = _text_config(model)
-    falcon = importlib.import_module(type(model).__module__)
+    falcon = sys.modules.get(type(model).__module__)          # (a class made at run time may have none)
     if getattr(config, "alibi", False) and hasattr(falcon, "build_alibi_tensor") and \
             type(model).__module__.endswith("modeling_falcon"):
         original = falcon.build_alibi_tensor

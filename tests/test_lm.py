@@ -592,6 +592,16 @@ def test_alibi_falcon_plain_compile_runs_on_numpy():
     # summation order only (float32 ~1e-7 of the scale); a bias one bfloat16 step off would move it far more
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
+
+def test_capture_replacements_need_no_importable_module():
+    """The capture looks for transformers functions to replace in the model's module: a class made at run time
+    (its __module__ importable from nowhere) with a config attribute compiles as before."""
+    M = type("M", (torch.nn.Module,), {"__module__": "nowhere.at.all", "forward": lambda self, x: x * 2})
+    m = M()
+    m.config = {"alibi": True}
+    cm = slimfx.compile(m, (torch.randn(2),), backend="numpy", progress=False)
+    assert torch.equal(cm(torch.ones(2)), torch.full((2,), 2.0))
+
 def test_deepseek_v3_compiled_from_a_batch_of_2_generates_for_1():
     """DeepSeek-V3 builds its keys by copying into slices of an empty tensor; export's memory-overlap check of
     that copy guarded the batch >= 2 (the default example's), and a single prompt was refused."""
