@@ -155,7 +155,7 @@ def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
     if written:
         raise CaptureError(f"{type(model).__name__}.forward writes into its tensors {sorted(set(written))[:5]}: "
                            f"fx.symbolic_trace runs such writes once while tracing (or records them on a "
-                           f"constant), so its graph would not hold them; capture with method='export', which "
+                           f"constant), so its graph would not hold them; capture with {_SAY['export']}, which "
                            f"keeps them as the compiled model's own state")
     return gm
 
@@ -174,7 +174,7 @@ def _defaults_not_given(model, n_args: int) -> dict:
         if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(p.default)):
             raise CaptureError(f"{type(model).__name__}.forward's parameter {p.name!r} defaults to a tensor, which "
                                f"fx.symbolic_trace cannot hold as a constant: give it in the example inputs, or "
-                               f"capture with method='export'")
+                               f"capture with {_SAY['export']}")
         concrete[p.name] = p.default
     return concrete
 
@@ -311,7 +311,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         raise CaptureError(_explain(name, errors, dynamic, hints=[
             f"  - the {how} graph holds a call slimfx cannot bring to its ATen op set (the node above): "
             f"please report it"] + ([
-            "  - capture with method='export' (fix its error above): its graph is in ATen already"]
+            f"  - capture with {_SAY['export']} (fix its error above): its graph is in ATen already"]
             if used == "symbolic_trace" else []))) from e
     return Captured(gm, used, args, kwargs, ranges)
 
@@ -348,6 +348,10 @@ def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return pytree.tree_map(own, (args, kwargs))
 
 
+# how to ask for a capture method: slimfx.compile's keyword is capture=, slimfx.capture's (and ir.capture's) method=
+_SAY = {m: f"capture='{m}' (slimfx.capture: method='{m}')" for m in ("export", "symbolic_trace")}
+
+
 def _explain(name, errors, dynamic, hints: Optional[list] = None) -> str:
     lines = [f"could not capture {name}:"]
     for how, e in errors:
@@ -365,10 +369,10 @@ def _explain(name, errors, dynamic, hints: Optional[list] = None) -> str:
     lines.append("  - data-dependent Python control flow: rewrite it with torch.cond, or pass the deciding "
                  "values as constants (fx.symbolic_trace's concrete_args)")
     lines.append("  - an untraceable submodule: make it a leaf (fx.Tracer.is_leaf_module) and capture with "
-                 "method='symbolic_trace'" + (" and dynamic=False" if _wants_dynamic(dynamic) else ""))
+                 + _SAY["symbolic_trace"] + (" and dynamic=False" if _wants_dynamic(dynamic) else ""))
     if _wants_dynamic(dynamic):
         lines.append("  - a dimension the model specializes (e.g. size 1 or a fixed length): drop dynamic=True "
                      "or give export's dynamic_shapes for the dims that really vary")
-    lines.append("  - Hugging Face models: capture with method='export' (the default); transformers 5.x does "
-                 "not support fx.symbolic_trace")
+    lines.append(f"  - Hugging Face models: capture with {_SAY['export']} (the default); transformers 5.x "
+                 "does not support fx.symbolic_trace")
     return "\n".join(lines)

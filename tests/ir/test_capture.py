@@ -512,7 +512,8 @@ def test_a_canonicalization_failure_names_the_method_the_node_and_exports_reason
     assert "torch.export: ValueError: export refuses this model" in msg
     assert ("fx.symbolic_trace (canonicalizing its graph at node %lin : [num_users=1] = call_module[target=lin]"
             in msg and "RuntimeError: no ATen op for this call" in msg)
-    assert "capture with method='export' (fix its error above)" in msg
+    # named as each function takes it (the hint said method=, which slimfx.compile refused as unknown)
+    assert "capture with capture='export' (slimfx.capture: method='export') (fix its error above)" in msg
 
 
 class _Optional(nn.Module):
