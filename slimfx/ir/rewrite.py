@@ -280,6 +280,9 @@ def _to_aten(gm: fx.GraphModule, rule: str, role: str) -> None:
             continue
         if node.op == "call_function" and getattr(target, "__module__", None) in ("_operator", "operator"):
             index = node.args[1] if target is operator.getitem and len(node.args) > 1 else 0
+            if target is operator.getitem and type(index) is int and _is_one_tensor(node.args[0]):
+                node.target, node.args = torch.ops.aten.select.int, (node.args[0], 0, index)   # x[0], as export has it
+                continue
             if type(index) is not int:
                 raise RuleError(f"rule {rule!r}: its {role} indexes a tensor (node {node.name}: {node.format_node()}"
                                 f"); captured graphs spell that aten.slice.Tensor / aten.select.int / "
@@ -303,6 +306,16 @@ def _to_aten(gm: fx.GraphModule, rule: str, role: str) -> None:
         node.op, (node.target, node.args, node.kwargs) = "call_function", found
         _backend_flags_off(node)
     gm.recompile()
+
+
+def _is_one_tensor(node) -> bool:
+    """A rule's input (a tensor), or a call whose one result is a tensor (not a tuple: ``split(x, 2)[0]``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "placeholder":
+        return True
+    returns = getattr(node.target, "_schema", None) and node.target._schema.returns
+    return bool(returns) and len(returns) == 1 and returns[0].type.kind() == "TensorType"
 
 
 def _backend_flags_off(node: fx.Node) -> None:

@@ -102,6 +102,19 @@ class Rewrite(Pass):
     rules: Sequence[ir.Rule] = ()
     name = "rewrite"
 
+    def __post_init__(self):
+        if isinstance(self.rules, ir.Rule):
+            raise TypeError(f"Rewrite takes a list of rules: Rewrite([rule]), got one rule ({self.rules.name!r})")
+        try:
+            self.rules = tuple(self.rules)
+        except TypeError:
+            raise TypeError(f"Rewrite takes a list of slimfx.ir.Rule objects, got "
+                            f"{type(self.rules).__name__}") from None
+        bad = [r for r in self.rules if not isinstance(r, ir.Rule)]
+        if bad:
+            raise TypeError(f"Rewrite's rules must be slimfx.ir.Rule objects, got {type(bad[0]).__name__} "
+                            f"({bad[0]!r:.60})")
+
     def run(self, gm, ctx):
         counts = ir.apply_rules(gm, self.rules)
         return PassResult(gm, bool(counts), {"rewrites": counts})

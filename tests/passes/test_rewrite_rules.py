@@ -157,3 +157,32 @@ def test_a_number_literal_matches_either_spelling_on_float_tensors(pattern, targ
     out, iout = cm(x, i)
     assert iout.dtype == torch.float32 and torch.equal(iout, i * 1.0)
     torch.testing.assert_close(out, rewritten(x), rtol=0, atol=0)
+
+
+class Indexed(nn.Module):
+    def forward(self, x):
+        return F.relu(x[0]) * 2 + F.relu(x[-1])
+
+
+def test_an_integer_index_of_a_tensor_is_select_as_captured():
+    """x[0] in a rule was let through as a tuple index (as split(x, 2)[0] is) and never matched: captured
+    graphs spell it aten.select.int. Now the rule spells it so too (negative indexes as written)."""
+    import operator
+    x = torch.randn(3, 4)
+    rule = ir.Rule("relu(x[0]) => gelu(x[0])", lambda x: F.relu(x[0]), lambda x: F.gelu(x[0]))
+    cm = slimfx.compile(Indexed(), (x,), passes=[Rewrite([rule])], backend="torch", progress=False)
+    assert cm.report().records[0].stats["rewrites"] == {"relu(x[0]) => gelu(x[0])": 1}     # x[-1] is another
+    torch.testing.assert_close(cm(x), F.gelu(x[0]) * 2 + F.relu(x[-1]), rtol=0, atol=0)
+    # a tuple's item stays an item
+    split = ir.Rule("split", lambda x: torch.split(x, 2)[0] * 2, lambda x: torch.split(x, 2)[0] + torch.split(x, 2)[0])
+    assert any(n.target is operator.getitem for n in split.traced()[0].graph.nodes)
+
+
+@pytest.mark.parametrize("rules, match", [("rule", r"Rewrite takes a list of rules: Rewrite\(\[rule\]\), got one"),
+                                          ([None], "must be slimfx.ir.Rule objects, got NoneType"),
+                                          (5, "takes a list of slimfx.ir.Rule objects, got int")])
+def test_rewrite_refuses_what_is_not_a_list_of_rules(rules, match):
+    """Rewrite(rule) was accepted and failed inside the pass ('Rule' object is not iterable)."""
+    rule = ir.Rule("r", lambda x: x * 2, lambda x: x + x)
+    with pytest.raises(TypeError, match=match):
+        Rewrite(rule if rules == "rule" else rules)
