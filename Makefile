@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel, installed first and explicitly: a bare `torch` requirement pulls a multi-GB CUDA build.
+# The CPU wheel, installed first and explicitly: a bare `torch` requirement pulls a multi-GB CUDA build from
+# PyPI. PyTorch's CPU index gives 2.13.0+cpu, which pip prefers; without it (macOS, or no route to that index,
+# where pip warns and goes on) the local wheels or PyPI's own build. Its dependencies come from the usual indexes.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test bench clean
 
@@ -11,6 +14,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,triton]"
 	touch $@
