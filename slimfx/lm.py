@@ -319,6 +319,19 @@ def rope_switch(model: nn.Module) -> Optional[int]:
     return min(switches) if switches else None
 
 
+def position_limit(model: nn.Module) -> Optional[int]:
+    """The token positions a learned absolute position table holds (GPT-2's ``wpe``, OPT's ``embed_positions``
+    of ``max_position_embeddings`` rows, + 2 for OPT's offset): a token past them indexes outside the table
+    (transformers fails there too). None for models without one (rotary, ALiBi, sinusoidal: no table)."""
+    n = getattr(_text_config(model), "max_position_embeddings", None)
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    inputs = model.get_input_embeddings()
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not inputs
+              and n <= m.num_embeddings <= n + 2]
+    return n if tables else None
+
+
 def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, slots: int = 1,
                 all_logits: bool = True) -> tuple:
     """The step's inputs for a prompt (prefill): ``slots`` masked cache slots of zeros, positions that
@@ -422,7 +435,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
         eos = getattr(model.config, "eos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
     return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
-                            model_name=type(model).__name__, rope_switch=rope_switch(model))
+                            model_name=type(model).__name__, rope_switch=rope_switch(model),
+                            position_limit=position_limit(model))
 
 
 def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, window: Optional[int] = None) -> None:
@@ -478,13 +492,16 @@ class CompiledCausalLM:
     """A compiled step and the generation loop around it (``compile_causal_lm``).
 
     ``sliding_window``: the model's smallest attention window (None: full attention), which bounds the cache slots
-    a decode step may see (module docstring); ``model_name`` names the model in errors."""
+    a decode step may see (module docstring); ``position_limit``: the positions of the model's learned position
+    table (``position_limit``), which bound a sequence's real tokens; ``model_name`` names the model in errors."""
 
     min_cache = 64          # cache slots to begin with (then powers of two)
 
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
-                 model_name: Optional[str] = None, rope_switch: Optional[int] = None):
+                 model_name: Optional[str] = None, rope_switch: Optional[int] = None,
+                 position_limit: Optional[int] = None):
         self.step = step                               # the CompiledModel of CausalLMStep
+        self.position_limit = None if position_limit is None else int(position_limit)
         self.layout = _normalized_layout(layout)
         self.dtype = dtype
         self.sliding_window = None if sliding_window is None else int(sliding_window)
@@ -502,7 +519,7 @@ class CompiledCausalLM:
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
         return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
                                 self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name,
-                                self.rope_switch)
+                                self.rope_switch, self.position_limit)
 
     @property
     def graph(self):
@@ -515,6 +532,9 @@ class CompiledCausalLM:
         is exact too (module docstring); decoding after it is refused."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
+        real = int(mask.sum(-1).max()) if mask.numel() else 0
+        if self.position_limit is not None and real > self.position_limit:
+            raise self._beyond_positions(f"a prompt of {real} tokens", real, "Shorten the prompt.")
         out = self._run(ids, pos, mask, cache, at, eager=True)  # one shape per prompt: no CUDA graph for it
         n = mask.shape[1]                                      # slots filled: the masked one and the prompt
         cap = max(self._capacity(n + 1), n)                    # (n when a sliding window leaves no room to decode)
@@ -557,6 +577,10 @@ class CompiledCausalLM:
                           f"max_position_embeddings rows, less the 2 tokens a step feeds): {what} would need {slots}. "
                           f"{fits}")
 
+    def _beyond_positions(self, what: str, tokens: int, fits: str) -> ValueError:
+        return ValueError(f"{self.model_name}'s learned position table holds {self.position_limit} positions "
+                          f"(max_position_embeddings): {what} would put a token at position {tokens - 1}. {fits}")
+
     def _beyond_window(self, what: str, slots: int, fits: str) -> ValueError:
         w = self.sliding_window
         return ValueError(f"{self.model_name} attends within a sliding window of {w} tokens, and its compiled step "
@@ -594,6 +618,9 @@ class CompiledCausalLM:
         slots = state["mask"]
         ids = torch.cat([state["token"], tokens[:, None]], 1)
         pos = torch.cat([state["position"], state["position"] + 1], 1)
+        if self.position_limit is not None and int(pos.max()) >= self.position_limit:
+            raise self._beyond_positions("the next decode step", int(pos.max()) + 1,
+                                         "No more tokens fit in this sequence.")
         fed = torch.ones_like(slots[:, :2])
         fed[:, 0] = 0                                           # the re-fed token: its cache slot is read instead
         out = self._run(ids, pos, torch.cat([slots, fed], 1), state["cache"],
@@ -646,6 +673,13 @@ class CompiledCausalLM:
                     f"the last decode step of {max_new_tokens} new tokens after a {n}-token prompt (padding "
                     f"included)", slots, f"At most {fit} new tokens fit after this prompt." if fit > 1 else
                     "Only 1 new token fits after this prompt (a prompt's own logits are exact at any length).")
+        if self.position_limit is not None:          # positions count real tokens; the last new one is not fed
+            real = int((attention_mask if attention_mask is not None else torch.ones_like(input_ids)).sum(-1).max())
+            if real + max_new_tokens - 1 > self.position_limit:
+                fit = self.position_limit - real + 1
+                raise self._beyond_positions(
+                    f"{max_new_tokens} new tokens after a prompt of {real} real tokens", real + max_new_tokens - 1,
+                    f"At most {fit} new tokens fit after this prompt." if fit >= 1 else "Shorten the prompt.")
         if self.max_slots is not None and max_new_tokens > 1:
             n = max(input_ids.shape[-1], 2)
             slots = n + max_new_tokens                             # the masked slot, the prompt, all but the last
@@ -701,7 +735,8 @@ class CompiledCausalLM:
         from .io import save
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
                 "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-                "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch}
+                "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch,
+                "position_limit": self.position_limit}
         return save(self.step, path, extra={LM_FILE: data})      # one save: the same save id in every file
 
     @classmethod
@@ -738,11 +773,14 @@ class CompiledCausalLM:
         switch = data.get("rope_switch")              # (absent from files saved before)
         if switch is not None and not (isinstance(switch, int) and switch >= 1):
             raise FormatError(f"{where}: rope_switch must be null or an int >= 1, got {switch!r}")
+        limit = data.get("position_limit")            # (absent from files saved before)
+        if limit is not None and not (isinstance(limit, int) and limit >= 1):
+            raise FormatError(f"{where}: position_limit must be null or an int >= 1, got {limit!r}")
         eos, pad = data["eos_token_id"], data["pad_token_id"]
         if not (eos is None or isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)) \
                 or not (pad is None or isinstance(pad, int)):
             raise FormatError(f"{where}: eos_token_id / pad_token_id must be token ids, got {eos!r} / {pad!r}")
-        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch)
+        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit)
 
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"

@@ -602,6 +602,44 @@ def test_capture_replacements_need_no_importable_module():
     cm = slimfx.compile(m, (torch.randn(2),), backend="numpy", progress=False)
     assert torch.equal(cm(torch.ones(2)), torch.full((2,), 2.0))
 
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_learned_position_table_bounds_generation_up_front(family, tmp_path):
+    """GPT-2 and OPT index a table of max_position_embeddings positions by position_ids, which export does not
+    bound: a generation past it failed midway (numpy: IndexError after 27 streamed tokens; torch: a bare
+    IndexError, a device assert on a GPU). Now it is refused before the first step saying how many fit, and
+    everything that fits matches transformers; the limit survives save and load."""
+    import transformers as T
+    torch.manual_seed(0)
+    model = (T.GPT2LMHeadModel(T.GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+             if family == "gpt2" else
+             T.OPTForCausalLM(T.OPTConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                          num_attention_heads=4, max_position_embeddings=32,
+                                          word_embed_proj_dim=32))).eval()
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    assert lm.position_limit == 32
+    ids, mask = text_batch(2, 8, 97, pad_left=True, seed=4)
+    mask[:, -1] = 1
+    real = int(mask.sum(-1).max())
+    fit = 32 - real + 1
+    with pytest.raises(ValueError, match=f"holds 32 positions .* At most {fit} new tokens fit after this prompt"):
+        lm.generate(ids, mask, max_new_tokens=fit + 1, pad_token_id=0)
+    got = lm.generate(ids, mask, max_new_tokens=fit, pad_token_id=0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=fit, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref)
+    logits, state = lm.prefill(ids, mask)
+    for tok in got[:, 8:8 + fit - 1].T:                   # decode by hand up to the table's last position
+        lm.decode(tok, state)
+    with pytest.raises(ValueError, match="No more tokens fit"):
+        lm.decode(got[:, -1], state)
+    with pytest.raises(ValueError, match="a prompt of 33 tokens"):
+        lm.prefill(text_batch(1, 33, 97, seed=5)[0])
+    assert slimfx.load(slimfx.save(lm, tmp_path / "lm")).position_limit == 32
+
+
+def test_rotary_models_have_no_position_limit(llama):
+    assert slimfx.lm.position_limit(llama) is None
+
 def test_deepseek_v3_compiled_from_a_batch_of_2_generates_for_1():
     """DeepSeek-V3 builds its keys by copying into slices of an empty tensor; export's memory-overlap check of
     that copy guarded the batch >= 2 (the default example's), and a single prompt was refused."""
