@@ -445,3 +445,25 @@ def test_transposed_and_sliced_tensors_keep_their_strides(tmp_path):
     _edit(path, lambda d: d["strided"]["tw"].update(stride=[16, 17]))
     with pytest.raises(FormatError, match="slimfx.json: strided: 'tw' spans 496 elements"):
         slimfx.load(path)
+
+
+class _BatchOne(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        return self.lin(x) * y.sum(-1, keepdim=True)
+
+
+def test_a_model_compiled_from_a_batch_of_1_loads(tmp_path):
+    """Compiled with dynamic=True from a batch-1 example, the batch stays dynamic (capture traces size
+    obliviously), but the load's shape environment specialized a hint of 1: every such save failed to load
+    ("output 0 changed from (s17, s27, 4) to (1, s27, 4)"), compile_causal_lm's from a one-prompt calibration too."""
+    m = _BatchOne().eval()
+    cm = slimfx.compile(m, (torch.randn(1, 5, 8), torch.randn(1, 5, 3)), dynamic=True, backend="numpy",
+                        progress=False)
+    back = slimfx.load(cm.save(tmp_path / "m"))
+    for b, t in ((1, 2), (3, 7)):
+        x, y = torch.randn(b, t, 8), torch.randn(b, t, 3)
+        torch.testing.assert_close(back(x, y), cm(x, y), rtol=0, atol=0)

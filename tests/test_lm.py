@@ -210,6 +210,7 @@ def test_save_is_one_save(llama, tmp_path, monkeypatch):
     with pytest.raises(FormatError, match="causal_lm.json is not part of the save"):
         slimfx.load(path)
 
+
 def test_refusals(llama, compiled):
     lm = compiled["numpy"]
     ids = text_batch(2, 6, 97)[0]
@@ -639,6 +640,19 @@ def test_learned_position_table_bounds_generation_up_front(family, tmp_path):
 
 def test_rotary_models_have_no_position_limit(llama):
     assert slimfx.lm.position_limit(llama) is None
+
+
+def test_compiled_from_one_prompt_saves_and_loads(llama, tmp_path):
+    """compile_causal_lm from a one-prompt calibration (its example then has batch 1): the save did not load
+    (the batch dim came back a static 1), which the README's generation example hit."""
+    ids = text_batch(1, 8, 97, seed=7)[0]
+    lm = slimfx.compile_causal_lm(llama, calibration=[ids], backend="numpy", progress=False)
+    back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
+    two, mask = text_batch(2, 6, 97, pad_left=True, seed=8)
+    mask[:, -1] = 1
+    for args in ((ids, None), (two, mask)):
+        assert torch.equal(back.generate(*args, max_new_tokens=4), lm.generate(*args, max_new_tokens=4))
+
 
 def test_deepseek_v3_compiled_from_a_batch_of_2_generates_for_1():
     """DeepSeek-V3 builds its keys by copying into slices of an empty tensor; export's memory-overlap check of

@@ -373,7 +373,7 @@ def load_spec(text: str | None, where: str):
 def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
     """Fake values of the placeholders: fresh symbols (with the saved hints and ranges) for dynamic dims.
     Returns them and the rename old symbol name -> new one."""
-    env = ShapeEnv()
+    env = ShapeEnv(specialize_zero_one=False)   # a hint of 1 (a batch-1 example) stays a symbol, as captured
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
     made, rename = {}, {}
     for name, s in data["symbols"].items():

@@ -491,6 +491,7 @@ def test_symbolic_trace_named_result_fields_are_getitems(backend):
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), rtol=0, atol=0)         # the same fp32 ops, selections
 
+
 def test_a_canonicalization_failure_names_the_method_the_node_and_exports_reason(monkeypatch):
     """An exception in canonicalization escaped capture raw (a RuntimeError from deep in torch), and the reason
     export had failed, when symbolic_trace was its fallback, was lost."""
