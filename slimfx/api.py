@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -118,6 +119,13 @@ def _calibration_list(calibration):
     one-shot iterator is read into a list)."""
     if calibration is None:
         return None
+    # one batch given as the whole set would be iterated: a mapping over its keys, a tensor over its rows
+    if isinstance(calibration, Mapping):
+        raise TypeError(f"calibration is one batch (a mapping of inputs {list(calibration)}); pass a list of "
+                        f"batches: calibration=[batch]")
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError(f"calibration is one tensor (of shape {tuple(calibration.shape)}), which would be read as "
+                        f"one batch per row; pass a list of batches: calibration=[x] (list(x) for its rows)")
     try:
         it = iter(calibration)
     except TypeError:

@@ -375,11 +375,17 @@ def _prompt(ids, mask):
 
 
 def _calibration(items: Iterable, layout, dtype) -> list:
-    """Token batches (a tensor, (ids,), (ids, mask) or {"input_ids", "attention_mask"}) as step inputs."""
+    """Token batches (a tensor, (ids,), (ids, mask) or {"input_ids", "attention_mask"}: a dict, or a tokenizer's
+    BatchEncoding) as step inputs."""
+    from collections.abc import Mapping
+    if isinstance(items, (Mapping, torch.Tensor)):      # one batch as the whole set: iterated by keys or rows
+        what = f"a mapping of {list(items)}" if isinstance(items, Mapping) else f"a tensor of shape {tuple(items.shape)}"
+        raise TypeError(f"compile_causal_lm: calibration is one batch ({what}); pass a list of batches: "
+                        f"calibration=[batch]")
     out = []
     for i, item in enumerate(items):
         try:
-            if isinstance(item, dict):
+            if isinstance(item, Mapping):
                 if "input_ids" not in item:
                     raise ValueError(f"a dict batch needs 'input_ids' (and may have 'attention_mask'), got {list(item)}")
                 ids, mask = item["input_ids"], item.get("attention_mask")

@@ -117,7 +117,7 @@ class InputSignature:
                     self._fail(f"input {name!r} must be a tensor, got {type(v).__name__}")
             self._fail(f"the inputs' structure differs from the compiled one:\n  got      {spec}\n  expected {self.in_spec}")
         symbols: dict[str, tuple[int, str]] = {}
-        derived: list = []        # dims export ties to others by an expression (2*s0, s0 + s1): checked last
+        derived: list = []        # dims tied to others by an expression (2*s0, s0 + s1): checked once bound
         for (name, exp), got in zip(self.leaves, flat):
             if isinstance(exp, torch.Tensor):
                 self._check_tensor(name, exp, got, symbols, derived)
@@ -150,6 +150,8 @@ class InputSignature:
             expr = _expr(e)
             if expr is not None and not expr.is_symbol:
                 derived.append((name, d, g, expr))
+                if all(str(s) in symbols for s in expr.free_symbols):     # checkable now: in dim order
+                    self._check_derived([derived.pop()], symbols)
                 continue
             self._bind(str(e), g, f"{name!r} dim {d}", symbols)
 

@@ -642,6 +642,22 @@ def test_rotary_models_have_no_position_limit(llama):
     assert slimfx.lm.position_limit(llama) is None
 
 
+def test_calibration_forms(llama):
+    """One batch given as the whole calibration set (a tensor: its rows were batches, refused as 'input_ids must
+    be (batch, length)'; a dict: its keys) is refused saying to wrap it; a tokenizer's BatchEncoding batch is read
+    as the dict it is (it was taken for the ids tensor)."""
+    from transformers import BatchEncoding
+    ids, mask = text_batch(2, 7, 97, pad_left=True, seed=6)
+    for one, what in ((ids, r"a tensor of shape \(2, 7\)"), (dict(input_ids=ids), r"a mapping of \['input_ids'\]")):
+        with pytest.raises(TypeError, match=f"calibration is one batch \\({what}\\); pass a list of batches"):
+            slimfx.compile_causal_lm(llama, calibration=one, progress=False)
+    static = [P.Quantize(weights="int8", activations="static")]
+    lms = [slimfx.compile_causal_lm(llama, passes=static, calibration=[wrap(dict(input_ids=ids, attention_mask=mask))],
+                                    backend="torch", progress=False) for wrap in (dict, BatchEncoding)]
+    ranges = [[r["x_range"] for r in lm.report().quant_layers()] for lm in lms]
+    assert ranges[0] == ranges[1]
+
+
 def test_compiled_from_one_prompt_saves_and_loads(llama, tmp_path):
     """compile_causal_lm from a one-prompt calibration (its example then has batch 1): the save did not load
     (the batch dim came back a static 1), which the README's generation example hit."""

@@ -4,6 +4,7 @@ AWQ's input Hessians, in runs that fit ``HESSIAN_BYTES``), ``Prune`` (SparseGPT'
 (per-channel activation ranges)."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -19,14 +20,14 @@ class CalibrationError(ValueError):
 
 
 def call_of(item, ctx: PassContext) -> tuple[tuple, dict]:
-    """(args, kwargs) for one calibration input: a tuple/list of positional args, a dict of keyword args, or a
-    tensor; the example's keyword constants (``use_cache=False``) are merged in, so they need not be repeated,
-    but never its tensors: a batch without the example's ``attention_mask`` is refused as missing it, not
-    calibrated with the example's mask."""
+    """(args, kwargs) for one calibration input: a tuple/list of positional args, a mapping of keyword args (a
+    dict, or a tokenizer's BatchEncoding), or a tensor; the example's keyword constants (``use_cache=False``) are
+    merged in, so they need not be repeated, but never its tensors: a batch without the example's
+    ``attention_mask`` is refused as missing it, not calibrated with the example's mask."""
     import torch.utils._pytree as pytree
     consts = {k: v for k, v in ctx.example_kwargs.items()
               if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(v))}
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         return (), {**consts, **item}
     if isinstance(item, (tuple, list)):
         return tuple(item), dict(consts)

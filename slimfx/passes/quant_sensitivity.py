@@ -22,13 +22,13 @@ def sensitivity(model, example_inputs: tuple = (), example_kwargs: Optional[dict
     quantized, vs fp32), "layer_sqnr_db" (the layer's own output)}, sorted from most to least sensitive.
     ``model`` may be a ``slimfx.capture`` of the model (then without example inputs or ``dynamic``)."""
     from tqdm.auto import tqdm
-    from ..api import CapturedModel
+    from ..api import CapturedModel, _calibration_list
     from ..signature import InputSignature
+    calibration = _calibration_list(calibration)     # before capturing: one batch given as the set is refused
     if isinstance(model, CapturedModel) and isinstance(example_inputs, Quantize):    # sensitivity(cap, Quantize())
         example_inputs, quantize = (), example_inputs
     model = CapturedModel.given("sensitivity", model, example_inputs, example_kwargs, dynamic)
     gm, example_inputs, kwargs = model.graph, model.captured.example_args, model.captured.example_kwargs
-    calibration = list(calibration) if calibration is not None else None
     ctx = PassContext(example_inputs, kwargs, calibration, progress=False,
                       check_call=InputSignature.from_capture(model.model, model.captured).check)
     ref = run_torch(gm, ctx)
