@@ -62,7 +62,7 @@ from .prune_heads import attention_groups, head_importance, head_scores, shrink_
 from .prune_structured import column_importance, expert_importance, input_stats, layer_name, neuron_groups, shrink
 from .prune_sparsegpt import sparsegpt_prune
 from .quant_calibration import budget_runs, calibration_calls, hessian_bytes, hessians_in_runs
-from .quantize import matches, module_patterns, selected_linears, unmatched_include
+from .quantize import layer_names, matches, module_patterns, selected_linears, unmatched_include
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -416,7 +416,8 @@ class Prune(Pass):
         """Whole experts: per mixture-of-experts block, the lowest-scored experts go (prune_experts), at most
         all but the experts each token picks."""
         found, rejected = expert_blocks(gm)
-        rejected.update(unmatched_include(gm, self.include))
+        # the names include selects by: the linear layers (the routers) and each block's own
+        rejected.update(unmatched_include(gm, self.include, [*layer_names(gm), *(b.name for b in found), *rejected]))
         chosen = [b for b in found if not any(self.include and not matches(m, self.include) or matches(m, self.exclude)
                                               for m in (b.name, layer_name(b.router)))]
         data, calls = self._calls(ctx) if chosen else ("-", [])
@@ -458,7 +459,9 @@ class Prune(Pass):
             return self._run_experts(gm, ctx)
         heads, query = self.pattern in ("heads", "query_heads"), self.pattern == "query_heads"
         found, rejected = attention_groups(gm) if heads else neuron_groups(gm)
-        rejected.update(unmatched_include(gm, self.include))
+        # the names include selects by: the linear layers and each block's own
+        rejected.update(unmatched_include(gm, self.include,
+                                          [*layer_names(gm), *(grp.name for grp in found), *rejected]))
         if heads:                                 # what keeps this pattern's units from going
             why = {grp.name: grp.query_why if query else grp.kv_why for grp in found}
             rejected.update({name: w for name, w in why.items() if w})

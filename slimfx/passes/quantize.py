@@ -81,27 +81,35 @@ def module_patterns(v, what: str = "include/exclude") -> tuple:
     return pats
 
 
-def unmatched_include(gm: fx.GraphModule, include) -> dict:
-    """{"include": why} when ``include`` matches no module of the graph (a pattern missing its "*."), else {}:
-    for the statistics' "skipped", so a pass that selected nothing says so."""
+LINEARS = (aten.linear.default, sf.fused_linear.default, sf.sparse_linear.default, sf.quantized_linear.default,
+           sf.weight_only_linear.default)
+
+
+def layer_names(gm: fx.GraphModule) -> list[str]:
+    """The names include/exclude see for the graph's linear layers (each layer of a GEMM Fuse merged)."""
+    return [p for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS
+            for p in ir.meta.merged_modules(n) or [ir.meta.module_name(n) or n.name]]
+
+
+def unmatched_include(gm: fx.GraphModule, include, layers=None) -> dict:
+    """{"include": why} when ``include`` selects none of ``layers`` (the names the pass selects by; default the
+    graph's linear layers), else {}: for the statistics' "skipped", so a pass that selected nothing says so.
+    Either no pattern matches a module of the graph (a pattern missing its "*."), or some match modules but none
+    of their layers: a pattern selects a layer by the layer's own name, so a block's name ("mha", an
+    nn.MultiheadAttention whose layers are "mha.in_proj" and "mha.out_proj"; "encoder.layer.0", whose ops all
+    run in its submodules) selects nothing, and the message names the layers under it."""
     if not include:
         return {}
-    names = {ir.meta.module_name(n) for n in gm.graph.nodes} - {""}
-    if any(matches(name, include) for name in names):
-        return {}
-    example = next((ir.meta.module_name(n) for n in gm.graph.nodes
-                    if n.op == "call_function" and n.target is aten.linear.default and ir.meta.module_name(n)), "")
-    return {"include": f"{list(include)} matches no module of the graph" +
-            (f" (its names look like {example!r}: a glob such as '*.{example.rsplit('.', 1)[-1]}' matches "
-             f"in every block)" if example else "")}
-
-
-def include_without_layers(gm: fx.GraphModule, include, layers) -> dict:
-    """{"include": why} when patterns of ``include`` match modules of the graph but none of ``layers`` (the names
-    of the layers the pass takes), else {}: a pattern selects a layer by the layer's own name, so a block's name
-    ("mha", an nn.MultiheadAttention whose layers are "mha.in_proj" and "mha.out_proj") selects nothing."""
-    layers = sorted(set(layers))
-    modules = {ir.meta.module_name(n) for n in gm.graph.nodes} - {""}
+    named = {ir.meta.module_name(n) for n in gm.graph.nodes} - {""}
+    # a module with ops of its own, or a block above one (a name prefix: "encoder.layer.0" of its query)
+    modules = named | {name.rsplit(".", k)[0] for name in named for k in range(1, name.count(".") + 1)}
+    if not any(matches(name, include) for name in modules):
+        example = next((ir.meta.module_name(n) for n in gm.graph.nodes if n.op == "call_function"
+                        and n.target is aten.linear.default and ir.meta.module_name(n)), "")
+        return {"include": f"{list(include)} matches no module of the graph" +
+                (f" (its names look like {example!r}: a glob such as '*.{example.rsplit('.', 1)[-1]}' matches "
+                 f"in every block)" if example else "")}
+    layers = sorted(set(layer_names(gm) if layers is None else layers))
     idle = [p for p in include if not any(matches(name, (p,)) for name in layers)
             and any(matches(m, (p,)) for m in modules)]
     if not idle:
@@ -267,14 +275,9 @@ class Quantize(Pass):
     def run(self, gm, ctx):
         act = ACTIVATIONS[self.activations]
         chosen, skipped = self.select(gm)
-        skipped.update(unmatched_include(gm, self.include))
-        if self.include and "include" not in skipped:
-            linears = (aten.linear.default, sf.fused_linear.default, sf.sparse_linear.default,
-                       sf.quantized_linear.default, sf.weight_only_linear.default)
-            names = [p for n in gm.graph.nodes if n.op == "call_function" and n.target in linears
-                     for p in ir.meta.merged_modules(n) or [ir.meta.module_name(n) or n.name]]
-            expert_modules = [ew.module for ew in expert_weights(gm)[0]]
-            skipped.update(include_without_layers(gm, self.include, names + expert_modules))
+        if self.include:           # the names it selects by: the linear layers, and the experts' stacked weights
+            layers = layer_names(gm) + [ew.module for ew in expert_weights(gm)[0]]
+            skipped.update(unmatched_include(gm, self.include, layers))
         w_scheme = weight_scheme(self.weights, self.group_size)
         awq_experts = self._chosen_experts(gm, {}) if self.awq else []
         calls = None
