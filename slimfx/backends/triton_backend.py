@@ -36,6 +36,7 @@ import slimfx.ir.dialect  # noqa: F401
 from slimfx.kernels import _common as C
 
 from .. import ir
+from .numpy_backend import _positional
 
 sf = torch.ops.slimfx
 INTERPRETER = "interpreter: correctness mode"
@@ -129,6 +130,10 @@ def choose(op: str, bucket: str, kernel_name: str, kernel_fn, dense_name: str, d
     return entry["use_kernel"], f"{k} vs {d}" if entry["use_kernel"] else f"{entry['dense']}: {d} vs {k}"
 
 
+# exception types whose constructor takes one message: re-raised with the node's name in front (others get a note)
+_RENAMED = (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError)
+
+
 class Lowered(torch.nn.Module):
     """One dialect node: runs ``kernel`` or ``dense`` per shape bucket, and says which in the node's info.
 
@@ -166,19 +171,30 @@ class Lowered(torch.nn.Module):
         n = f"|N{w.shape[0]}" if isinstance(w, torch.Tensor) and w.ndim == 2 else ""
         return f"M{C.m_bucket(m)}|K{x.shape[-1]}{n}|{str(x.dtype).replace('torch.', '')}"
 
+    def unsupported(self, *args) -> str | None:
+        """Why the kernel cannot run these arguments (their bucket then takes the dense path, unmeasured), or
+        None."""
+        return None
+
     def forward(self, *args):
-        b = self.bucket(*args)
-        if b not in self.decisions:
-            self.decisions[b] = choose(self.op, b, self.kernel_name, lambda: self.kernel(*args),
-                                       self.dense_label(*args), lambda: self.dense(*args), self.graphs)
-            self.info.kernel = "; ".join(f"{k.split('|')[0]}: {r}" for k, (_, r) in self.decisions.items()) \
-                if len(self.decisions) > 1 else self.decisions[b][1]
-            if all(use for use, _ in self.decisions.values()):
-                self.release_dense()
         try:
+            b = self.bucket(*args)
+            if b not in self.decisions:
+                why = self.unsupported(*args)
+                self.decisions[b] = (False, f"{self.dense_label(*args)}: {why}") if why else choose(
+                    self.op, b, self.kernel_name, lambda: self.kernel(*args), self.dense_label(*args),
+                    lambda: self.dense(*args), self.graphs)      # times the kernel: its errors named below too
+                self.info.kernel = "; ".join(f"{k.split('|')[0]}: {r}" for k, (_, r) in self.decisions.items()) \
+                    if len(self.decisions) > 1 else self.decisions[b][1]
+                if all(use for use, _ in self.decisions.values()):
+                    self.release_dense()
             return self.kernel(*args) if self.decisions[b][0] else self.dense(*args)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"triton backend: node {self.node_name} ({self.op}): {e}") from e
+        except Exception as e:
+            where = f"triton backend: node {self.node_name} ({self.op})"
+            if type(e) in _RENAMED:
+                raise type(e)(f"{where}: {e}") from e
+            e.add_note(where)         # an exception type whose constructor takes other arguments keeps its own
+            raise
 
 
 def _dense_dtype(x: torch.Tensor, bias) -> torch.dtype:
@@ -211,7 +227,10 @@ def _bsr(mod: torch.nn.Module):
 
 
 class LoweredQuantizedLinear(Lowered):
-    """quantized_linear: act_quant.quantize_per_token (float x) + int8_gemm with the dequant/bias epilogue;
+    """quantized_linear: act_quant.quantize_per_token (float x; rows longer than act_quant.MAX_K = 32768 are
+    quantized by its torch reference, slimfx.quant.linear's, which it equals bit for bit) + int8_gemm with the
+    dequant/bias epilogue (K > quant.linear.MAX_K = 131071, where the int32 accumulator could overflow, takes
+    the dense path);
     with a block pattern in the node's info (LowerSparse), bsr_int8_gemm over the weight's BSR (packed
     here) with the same epilogue: the same int32 sums (zero blocks add nothing), the same rounding."""
     op, kernel_name = "quantized_linear", "int8_gemm"
@@ -234,13 +253,23 @@ class LoweredQuantizedLinear(Lowered):
         sparse = "" if self.block is None else f"|{self.info.sparse}|d{self.density:.2f}"
         return super().bucket(x) + f"|N{self.n if w_q is None else w_q.shape[0]}" + sparse
 
+    def unsupported(self, x, *rest) -> str | None:
+        from slimfx.quant.linear import MAX_K
+        if x.shape[-1] > MAX_K:
+            return f"K = {x.shape[-1]} exceeds {MAX_K}, past which the int8 GEMM's int32 accumulator could overflow"
+        return None
+
     def kernel(self, x, w_q, w_scale, bias=None, x_scale=None):
         from slimfx import kernels as K
+        from slimfx.kernels.act_quant import MAX_K as ACT_MAX_K
         x = x.contiguous()
         if x.dtype == torch.int8:
             m = x.numel() // x.shape[-1]
             s = x_scale.to(torch.float32).reshape(-1)
             q, s, out_dtype = x, (s.expand(m) if s.numel() == 1 else s).contiguous(), torch.float32
+        elif x.shape[-1] > ACT_MAX_K:       # rows wider than act_quant keeps in registers: the torch reference,
+            from slimfx.quant.linear import quantize_per_token_torch    # which the kernel equals bit for bit
+            (q, s), out_dtype = quantize_per_token_torch(x), x.dtype
         else:
             (q, s), out_dtype = K.quantize_per_token(x), x.dtype
         if self.block is not None:
@@ -399,8 +428,8 @@ class LoweredSparseLinear(Lowered):
         x = x.contiguous()
         if self.form == "block":
             bsr = _bsr(self)
-            if activation in self._BSR_ACT:          # the whole epilogue in the kernel
-                return K.bsr_linear(x, bsr, bias, self._BSR_ACT[activation],
+            if activation in self._BSR_ACT and (residual is None or residual.shape == (*x.shape[:-1], bsr.shape[0])):
+                return K.bsr_linear(x, bsr, bias, self._BSR_ACT[activation],    # the whole epilogue in the kernel
                                     None if residual is None else residual.contiguous())
             y = K.bsr_linear(x, bsr, bias)
         else:
@@ -497,14 +526,14 @@ def _device() -> torch.device:
 
 def _make(gm: fx.GraphModule, node: fx.Node) -> Lowered:
     info, t = ir.meta.info(node), node.target
+    args = _positional(node)[0]           # keyword arguments at their schema positions, defaults between
     if t is sf.quantized_linear.default:
-        w = node.args[1]
+        w = args[1]
         return LoweredQuantizedLinear(info, node.name, ir.meta.tensor_attr(gm, w) if w.op == "get_attr" else None)
     if t is sf.weight_only_linear.default:
-        args = list(node.args) + [None] * 6
-        w_q = ir.meta.tensor_attr(gm, node.args[1]) if node.args[1].op == "get_attr" else torch.empty(0)
-        gs = node.args[5] if len(node.args) > 5 else node.kwargs.get("group_size", 0)
-        zp = args[3] if len(node.args) > 3 else node.kwargs.get("w_zero_point")
+        w_q = ir.meta.tensor_attr(gm, args[1]) if args[1].op == "get_attr" else torch.empty(0)
+        gs = args[5] if len(args) > 5 else 0
+        zp = args[3] if len(args) > 3 else None
         return LoweredWeightOnly(info, node.name, w_q, gs, zp is not None)
     if t is sf.norm_quantize_per_token.default:
         return LoweredNormQuant(info, node.name)
@@ -621,12 +650,14 @@ class TritonProgram:
                 attrs.append((old.target, new))
             elif old.op == "call_function" and old.target in LOWERED_OPS:
                 name = f"lowered_{old.name}"
-                lowered = _make(gm, old).to(dev)
+                new.args, new.kwargs = _positional(new)     # keyword arguments by the op's schema: Lowered* take
+                lowered = _make(gm, old).to(dev)            # them by position, as export records calls
                 lowered.graphs = cuda_graphs
                 root.add_module(name, lowered)
                 new.op, new.target = "call_module", name
                 if getattr(lowered, "form", None) == "int4":      # the codes packed two per byte in their place
-                    _packed_in_place_of(gm, root, graph, new, old.args[1], val_map[old.args[1]], dev)
+                    codes = _positional(old)[0][1]
+                    _packed_in_place_of(gm, root, graph, new, codes, val_map[codes], dev)
                 elif lowered.drops_weight:                        # the packed form in its place
                     _drop_weight(graph, new)
             if new.op == "call_function":

@@ -147,16 +147,23 @@ def check_device(**tensors) -> torch.device:
     if len(devices) != 1:
         where = ", ".join(f"{k} on {v.device}" for k, v in named.items())
         raise ValueError(f"expected all tensors on one device, got {where}")
-    dev = devices.pop()
-    if dev.type not in ("cuda", "cpu"):         # meta (no data), mps, ...: no Triton there, interpreted or not
-        first = next(iter(named))
-        raise ValueError(f"{first}: Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                         f"got device {dev}")
+    dev = check_data_device(**named)
     if dev.type != "cuda" and not interpreting():
         first = next(iter(named))
         raise ValueError(f"{first}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run on "
                          f"the CPU), got device {dev}")
     return dev
+
+
+def check_data_device(**tensors) -> torch.device:
+    """The device of the first given tensor, refused (naming it) unless it is CUDA or CPU: meta tensors hold no
+    data, and mps & co. have no Triton, interpreted or not. What the host-side format code (to_bsr, compress_24,
+    index checks) needs; the launchers check more (check_device)."""
+    for name, t in tensors.items():
+        if t is not None and t.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{name}: Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                             f"got device {t.device}")
+    return next(t.device for t in tensors.values() if t is not None)
 
 
 def check_activation(activation) -> None:
@@ -197,9 +204,12 @@ def _flat_scales(name: str, t, count: int, per: str):
 
 
 def check_epilogue(m: int, n: int, bias=None, residual=None, a_scale=None, w_scale=None,
-                   out_scale=None, activation=None):
+                   out_scale=None, activation=None, out_shape=None):
     """Check the optional epilogue operands; returns (a_scale, w_scale, bias, residual, out_scale) as flat
-    views (residual as (M, N)). The caller checks devices."""
+    views (residual as (M, N)). ``out_shape``: the output's shape (..., N) (default (M, N)), which the
+    residual must have exactly: it is added element for element, with no broadcasting (a (3, 2, N) residual
+    for a (2, 3, N) output would be added row-major, where torch's ``y + residual`` refuses). The caller
+    checks devices."""
     check_activation(activation)
     a_scale = _flat_scales("a_scale", a_scale, m, "token")
     w_scale = _flat_scales("w_scale", w_scale, n, "output channel")
@@ -207,9 +217,12 @@ def check_epilogue(m: int, n: int, bias=None, residual=None, a_scale=None, w_sca
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
     if residual is not None:
         check_tensor("residual", residual, dtypes=FLOAT_DTYPES)
-        if residual.numel() != m * n or residual.shape[-1] != n:
-            raise ValueError(f"residual: expected shape (..., {n}) with {m} rows, got {tuple(residual.shape)}")
-        residual = as_rows("residual", residual, n)
+        want = (m, n) if out_shape is None else tuple(out_shape)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"residual: expected shape (..., {n}) with {m} rows, the output's {want}, got "
+                             f"{tuple(residual.shape)}")
+        # an empty output reads no residual (and N = 0 is no empty reduction: as_rows would say so)
+        residual = residual.reshape(m, n) if m * n == 0 else as_rows("residual", residual, n)
     if out_scale is not None:
         check_tensor("out_scale", out_scale, dtypes=(torch.float32,))
         if out_scale.numel() != 1:

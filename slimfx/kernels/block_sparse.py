@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from slimfx.kernels import _common as C
+from slimfx.kernels.int8_gemm import check_k
 from slimfx.quant.numerics import int_matmul_np
 
 DEFAULT_BLOCK = (64, 64)
@@ -55,8 +56,10 @@ class BSR:
         return self.values.shape[0] / max(nb, 1)
 
     def check(self) -> "BSR":
-        """Refuse index contents the kernels would follow out of bounds: row_ptr not running from 0 to the
-        block count without decreasing, a col_idx outside the block-columns, row_order not a permutation.
+        """Refuse index contents the kernels would follow out of bounds or read differently from bsr_to_dense:
+        row_ptr not running from 0 to the block count without decreasing, a col_idx outside the block-columns,
+        a block-row whose block-columns are not strictly increasing (a duplicate would be summed twice by the
+        kernels and kept once by bsr_to_dense), row_order not a permutation.
         The launchers run it on CPU tensors; on a GPU it costs a synchronization, so they leave it to a BSR built
         by hand (to_bsr's are valid by construction)."""
         nnzb, kb = self.values.shape[0], triton.cdiv(self.shape[1], self.block[1])
@@ -66,6 +69,14 @@ class BSR:
                              f"{rp.tolist()[:8]}{'...' if rp.numel() > 8 else ''}")
         if ci.numel() and (int(ci.min()) < 0 or int(ci.max()) >= kb):
             raise ValueError(f"bsr.col_idx: block-columns must be in [0, {kb}), got {int(ci.min())}..{int(ci.max())}")
+        if ci.numel() > 1:
+            row = torch.searchsorted(rp, torch.arange(nnzb), right=True) - 1      # each block's block-row
+            bad = ((row[1:] == row[:-1]) & (ci[1:] <= ci[:-1])).nonzero()
+            if bad.numel():
+                i = int(bad[0])
+                r = int(row[i])
+                raise ValueError(f"bsr.col_idx: the block-columns of block-row {r} must be strictly increasing (no "
+                                 f"duplicates), got {ci[int(rp[r]):int(rp[r + 1])].tolist()[:8]}")
         if self.row_order is not None:
             ro = self.row_order.cpu().long()
             if not torch.equal(ro.sort().values, torch.arange(ro.numel())):
@@ -76,6 +87,7 @@ class BSR:
 def to_bsr(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> BSR:
     """Dense (masked) W (N, K) -> BSR keeping every block with any nonzero. Block dims: powers of two >= 16."""
     C.check_tensor("w", w, dtypes=WEIGHT_DTYPES, ndim=2)
+    C.check_data_device(w=w)         # CPU (packing at lowering, before the move to the GPU) or CUDA
     bn, bk = block
     for name, b in (("block[0]", bn), ("block[1]", bk)):
         if b < 16 or b & (b - 1):
@@ -225,6 +237,8 @@ def _check_bsr(bsr: BSR, dtypes):
     if bsr.row_order is not None:
         C.check_tensor("bsr.row_order", bsr.row_order, dtypes=(torch.int32,), shape=(triton.cdiv(n, bn),),
                        contiguous=True)
+    C.check_device(**{"bsr.values": bsr.values, "bsr.col_idx": bsr.col_idx, "bsr.row_ptr": bsr.row_ptr,
+                      "bsr.row_order": bsr.row_order})     # before check(): a meta BSR has no indices to read
     if not bsr.values.is_cuda:         # free here; on a GPU a synchronization (BSR.check's docstring)
         bsr.check()
     return n, k, bn, bk
@@ -299,7 +313,8 @@ def bsr_linear(x: torch.Tensor, bsr: BSR, bias: torch.Tensor | None = None, acti
     if bsr.values.dtype != x.dtype:
         raise TypeError(f"bsr.values: expected x's dtype {x.dtype}, got {bsr.values.dtype}")
     x2 = C.as_rows("x", x, k)
-    _, _, bias, residual, _ = C.check_epilogue(x2.shape[0], n, bias=bias, residual=residual, activation=activation)
+    _, _, bias, residual, _ = C.check_epilogue(x2.shape[0], n, bias=bias, residual=residual, activation=activation,
+                                               out_shape=(*x.shape[:-1], n))
     dev = C.check_device(x=x2, bsr_values=bsr.values, bias=bias, residual=residual)
     out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=dev)
     _launch(x2, bsr, out, None, None, bias, residual, activation, False, impl)
@@ -311,6 +326,7 @@ def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: tor
                   residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                   impl: str = "auto") -> torch.Tensor:
     """int8_gemm's W8A8 epilogue over an int8 BSR weight: int8 a (..., K), fp32 a_scale (M), w_scale (N).
+    K <= quant.linear.MAX_K (131071), as in int8_gemm: beyond it the int32 accumulator could overflow.
     impl: as in bsr_linear, or "gluon" (sm_90, scales and bias only: int8_gemm_gluon's block-sparse form,
     wgmma kept in flight across blocks; explicit until a GPU run has measured it)."""
     C.check_tensor("a", a, dtypes=(torch.int8,))
@@ -320,8 +336,10 @@ def bsr_int8_gemm(a: torch.Tensor, bsr: BSR, a_scale: torch.Tensor, w_scale: tor
     if a_scale is None or w_scale is None:     # the kernel reads both (a placeholder would be read out of bounds)
         raise ValueError("a_scale and w_scale: both required (per token (M,) and per output channel (N,), fp32)")
     a2 = C.as_rows("a", a, k)
+    check_k("bsr", k)
     a_scale, w_scale, bias, residual, _ = C.check_epilogue(a2.shape[0], n, bias=bias, residual=residual,
-                                                           a_scale=a_scale, w_scale=w_scale, activation=activation)
+                                                           a_scale=a_scale, w_scale=w_scale, activation=activation,
+                                                           out_shape=(*a.shape[:-1], n))
     dev = C.check_device(a=a2, bsr_values=bsr.values, a_scale=a_scale, w_scale=w_scale, bias=bias,
                          residual=residual)
     out = torch.empty((a2.shape[0], n), dtype=out_dtype, device=dev)

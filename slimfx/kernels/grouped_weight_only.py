@@ -177,6 +177,7 @@ def int4_grouped_weight_only(x: torch.Tensor, w_packed: torch.Tensor, scales: to
     if not C.is_int(group_size) or group_size < 32 or group_size & (group_size - 1):
         raise ValueError(f"group_size: expected a power of two >= 32 (two 16-deep dots per group), "
                          f"got {group_size!r}")
+    group_size = int(group_size)     # a numpy integer is no tl.constexpr
     e, n, k = w_packed.shape[0], w_packed.shape[1], 2 * w_packed.shape[2]
     if k % group_size:
         raise ValueError(f"w_packed: K = {k} (2 x {w_packed.shape[2]} bytes) is not a multiple of "

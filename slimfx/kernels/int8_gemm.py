@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from slimfx.kernels import _common as C
+from slimfx.quant.linear import MAX_K
 from slimfx.quant.numerics import int_matmul_np
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int32)
@@ -172,6 +173,14 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, out_ptr, a_scale_ptr, w_scale_ptr, bia
                                 HAS_RES, REQUANT, RAW_INT, HALVES)
 
 
+def check_k(name: str, k: int) -> None:
+    """Refuse K > quant.linear.MAX_K (131071) for an int8 x int8 GEMM: |acc| <= K * 128 * 128 must stay below
+    2**31, or the int32 accumulator wraps (K = 131072 of -128 * -128 sums to 2**31, stored as -2**31)."""
+    if k > MAX_K:
+        raise ValueError(f"{name}: K = {k} exceeds {MAX_K}: the exact int32 accumulator of int8 x int8 "
+                         f"products (|acc| <= K * 128 * 128 < 2**31) could overflow")
+
+
 IMPLS = ("auto", "tiled", "tma", "gluon")
 TMA_MIN_M = 128   # below this "auto" keeps the tiled kernel (its decode tiles); above, it measures both
 
@@ -189,9 +198,11 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
               impl: str = "auto", _config: dict | None = None) -> torch.Tensor:
     """act(a @ b.T * a_scale * w_scale + bias) + residual, as ``out_dtype``.
 
-    a: int8 (..., K), unit stride along K.   b: int8 (N, K), unit stride along K.
+    a: int8 (..., K), unit stride along K.   b: int8 (N, K), unit stride along K; K <= quant.linear.MAX_K
+    (131071: beyond it the exact int32 accumulator could overflow).
     a_scale: fp32, one per token (M values);  w_scale: fp32, one per output channel (N values).
-    bias: (N,) float; residual: (..., N) float; activation: None, "relu", "silu" or "gelu" (tanh form).
+    bias: (N,) float; residual: float, of the output's shape (..., N) exactly (no broadcasting);
+    activation: None, "relu", "silu" or "gelu" (tanh form).
     out_dtype: bfloat16/float16/float32; int8 (requantize: out_scale, a one-element fp32 tensor, required);
     int32 (the raw accumulator: no scales, bias, activation or residual allowed).
     impl: "tiled" (one program per output tile, pointer loads; every shape), "tma" (persistent, TMA loads;
@@ -214,6 +225,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
     n, k = b.shape
     a2 = C.as_rows("a", a, k)
     m = a2.shape[0]
+    check_k("b", k)
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")
     raw = out_dtype == torch.int32
@@ -227,7 +239,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None = N
         raise ValueError("out_scale: required exactly when out_dtype=int8 (static per-tensor requantization)")
     a_scale, w_scale, bias, residual, out_scale = C.check_epilogue(
         m, n, bias=bias, residual=residual, a_scale=a_scale, w_scale=w_scale, out_scale=out_scale,
-        activation=activation)
+        activation=activation, out_shape=(*a.shape[:-1], n))
     dev = C.check_device(a=a2, b=b, a_scale=a_scale, w_scale=w_scale, bias=bias, residual=residual,
                          out_scale=out_scale)
     # (2) allocate

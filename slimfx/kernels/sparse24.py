@@ -14,6 +14,8 @@ registers):
 * gemv (M <= 4, decode): x's columns split into the four positions of each group, and each kept value
   meets its x by a 2-bit select (no gather): y += v0 * x[i0] + v1 * x[i1], fp32 on CUDA cores. About 16
   instructions per kept value in the loop on sm_90, so it can run near the speed of reading the bytes.
+  It never reads x at pruned positions: an inf/NaN there gives a finite y, where dot and the dense
+  reference (0 * inf) give NaN.
 * dot (larger M): the dense (BLOCK_N, BLOCK_K) tile is rebuilt in registers (for 16-bit values each
   group's pair is one 32-bit word, shifted and masked into positions (0, 1) and (2, 3) by a per-group
   choice; fp32 values by per-element selects), joined back into column order, and meets x in a dense
@@ -51,6 +53,7 @@ def compress_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense W (N, K) satisfying 2:4 along K -> (values (N, K/2), meta uint8 (N, ceil(K/8))). Refuses
     (ValueError naming the first offending row and group) any group with more than 2 nonzeros."""
     C.check_tensor("w", w, dtypes=DTYPES, ndim=2)
+    C.check_data_device(w=w)         # CPU (packing at lowering, before the move to the GPU) or CUDA
     n, k = w.shape
     if k % 4:
         raise ValueError(f"w: K = {k} is not a multiple of 4 (2:4 groups run along K)")
@@ -81,6 +84,30 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Ten
     dense = torch.zeros((n, k // 4, 4), dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(n, k // 4, 2))
     return dense.reshape(n, k)
+
+
+# the nibbles i0 | i1 << 2 with i0 < i1: (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+VALID_NIBBLES = tuple(i0 | i1 << 2 for i0 in range(4) for i1 in range(i0 + 1, 4))
+
+
+def check_meta(meta: torch.Tensor, k: int) -> None:
+    """Refuse metadata that compress_24 cannot have written: a group's nibble whose positions are not i0 < i1
+    (the kernels would read it differently from decompress_24: the gemv kernel adds both values, the dot
+    kernel keeps one, decompress_24 the last written). Only the K/4 groups' nibbles are read (the pad nibble
+    of an odd group count is not). One pass over meta's N * K/8 bytes; sparse24_linear runs it on CPU
+    tensors, and leaves it to the caller on a GPU (a synchronization per call; compress_24's meta is
+    valid by construction)."""
+    n, groups = meta.shape[0], k // 4
+    m = meta.to(torch.int32)
+    nib = torch.stack([m & 15, m >> 4], dim=-1).reshape(n, 2 * meta.shape[1])[:, :groups]
+    ok = torch.zeros(16, dtype=torch.bool, device=meta.device)
+    ok[list(VALID_NIBBLES)] = True
+    bad = ~ok[nib.long()]
+    if bool(bad.any()):
+        r, g = (int(i) for i in bad.nonzero()[0])
+        v = int(nib[r, g])
+        raise ValueError(f"meta: row {r}, group {g} (columns {4 * g}..{4 * g + 3}) has nibble {v:#x}, positions "
+                         f"i0 = {v & 3}, i1 = {v >> 2}: expected i0 < i1 (compress_24's format)")
 
 
 GEMV_MAX_M = 4   # M up to this runs the GEMV kernel (contiguous loads, 2-bit selects, CUDA cores)
@@ -249,7 +276,8 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr, M, N, K,
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """x (..., K) @ W.T + bias with W given as compress_24's (values (N, K/2), meta (N, ceil(K/8)));
-    x and values share one dtype (fp16/bf16/fp32); y has that dtype.
+    x and values share one dtype (fp16/bf16/fp32); y has that dtype. meta's nibbles are checked (i0 < i1,
+    check_meta) on CPU tensors; on a GPU that is the caller's (compress_24's are valid).
 
     impl: "gemv" (M <= GEMV_MAX_M), "dot" (tensor cores on the rebuilt dense tile), or "auto": dot above
     GEMV_MAX_M rows; up to it, whichever measures faster here (C.fastest; the interpreter takes gemv)."""
@@ -265,6 +293,8 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if bias is not None:
         C.check_tensor("bias", bias, dtypes=C.FLOAT_DTYPES, shape=(n,), contiguous=True)
     dev = C.check_device(x=x2, values=values, meta=meta, bias=bias)
+    if not meta.is_cuda:             # free here; on a GPU a synchronization (check_meta's docstring)
+        check_meta(meta, k)
     m = x2.shape[0]
     if impl == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"impl='gemv': runs M <= {GEMV_MAX_M} rows, got M = {m} (use 'dot' or 'auto')")

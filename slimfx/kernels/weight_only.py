@@ -5,9 +5,10 @@
 
 x is fp16/bf16/fp32 (..., K) and y has x's dtype. Integer weights convert exactly to x's dtype, products
 accumulate in fp32 (fp32 x uses the IEEE dot, not TF32), and the scale multiplies the fp32 partial sum,
-so the only roundings are the fp32 accumulation and the final cast. The point is bytes: at decode
-shapes (M = 1..16) a linear layer is bound by reading its weight, which is 2x (int8) or 4x (int4)
-smaller than bf16.
+so the only roundings are the fp32 accumulation and the final cast. (Scaling the sum, not the weight: an
+inf scale gives inf where the dialect's reference, x @ (q * s).T, gives NaN from a zero code's 0 * inf.)
+The point is bytes: at decode shapes (M = 1..16) a linear layer is bound by reading its weight, which is
+2x (int8) or 4x (int4) smaller than bf16.
 
 int4 format (``quantize_int4_grouped`` / ``pack_int4``): signed values in [-8, 7] (the quantizer emits
 [-7, 7], symmetric), two per byte along K: byte j of a row holds k = 2j in its low nibble and k = 2j+1 in
@@ -189,7 +190,7 @@ def int8_weight_only_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     if w_scale is None:
         raise ValueError("w_scale: required (fp32, one scale per output channel (N,))")
     _, w_scale, bias, residual, _ = C.check_epilogue(m, n, bias=bias, residual=residual, w_scale=w_scale,
-                                                     activation=activation)
+                                                     activation=activation, out_shape=(*x.shape[:-1], n))
     dev = C.check_device(x=x2, w=w, w_scale=w_scale, bias=bias, residual=residual)
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
     if impl == "gemv" and m > GEMV_MAX_M:
@@ -233,6 +234,7 @@ def int4_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: tor
     C.check_tensor("w_packed", w_packed, dtypes=(torch.uint8,), ndim=2, unit_last_stride=True)
     if not C.is_int(group_size) or group_size < 32 or group_size & (group_size - 1):
         raise ValueError(f"group_size: expected a power of two >= 32, got {group_size!r}")
+    group_size = int(group_size)     # a numpy integer is no tl.constexpr
     n, k = w_packed.shape[0], 2 * w_packed.shape[1]
     if k % group_size:
         raise ValueError(f"w_packed: K = {k} (2 x {w_packed.shape[1]} bytes) is not a multiple of "

@@ -4,8 +4,9 @@ Uniform affine:  q = clamp(round(x / s) + z, qmin, qmax);  x' = (q - z) * s   (f
 Rounding is round-half-to-even (numpy.round and torch.round both are), and ``x / s`` is an IEEE fp32
 division in both libraries, so the integer outputs are identical. Kernels must match these exactly.
 
-int8 x int8 products accumulate in int32 exactly. numpy's integer matmul does not use BLAS, so
-``int_matmul_np`` multiplies in float32 over blocks of ``F32_EXACT_K`` = 1024 along K: every partial sum
+int8 x int8 products accumulate in int32 exactly (K <= 131071 = quant.linear.MAX_K always fits; past it the
+int_matmul functions refuse a result outside int32 instead of wrapping it). numpy's integer matmul does not
+use BLAS, so ``int_matmul_np`` multiplies in float32 over blocks of ``F32_EXACT_K`` = 1024 along K: every partial sum
 of a block's int8 products is an integer of magnitude <= 1024 * 128 * 128 = 2**24, which float32 holds
 exactly in any summation order (FMA included); the blocks' results are added in float64 (exact below
 2**53). 1.5-2.2x faster than one float64 matmul here (2-core EPYC: 0.41 vs 0.89 ms at 2 x 576 x 1536,
@@ -48,10 +49,22 @@ def absmax_scale_np(x: np.ndarray, axis, qmax: int = SYM_INT8_QMAX) -> np.ndarra
 
 
 F32_EXACT_K = 1024     # int8 products summed over this many terms stay within float32's exact integers
+INT8_PRODUCT_MAX = 128 * 128   # the largest |a * b| of two int8 values: |acc| <= K * INT8_PRODUCT_MAX
+
+
+def _refuse_int32_overflow(name: str, k: int, lo, hi) -> None:
+    """An int32 accumulator holds every sum of K int8 products while K * 128 * 128 < 2**31 (K <= 131071,
+    quant.linear.MAX_K); past that, refuse a result outside int32 (``lo``, ``hi``: its exact extremes)
+    instead of casting it (numpy's cast of an out-of-range float is undefined, a kernel's int32 wraps)."""
+    if hi > 2**31 - 1 or lo < -2**31:
+        raise OverflowError(f"{name}: the exact result {int(hi) if hi > 2**31 - 1 else int(lo)} of K = {k} int8 "
+                            f"products does not fit the int32 accumulator (K <= {2**31 // INT8_PRODUCT_MAX - 1} "
+                            f"always fits)")
 
 
 def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
-    """Exact int32 result of a @ b_t.T for int8 a (..., K) and b_t (N, K) (see module docstring)."""
+    """Exact int32 result of a @ b_t.T for int8 a (..., K) and b_t (N, K) (see module docstring). For K past
+    131071 a result outside int32 is refused (OverflowError), never wrapped."""
     k = a.shape[-1]
     assert k < 2**39, "K too large for exact float64 block sums"
     a32, b32 = np.asarray(a, dtype=np.float32), np.asarray(b_t, dtype=np.float32).swapaxes(-1, -2)
@@ -61,6 +74,8 @@ def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     for s in range(0, k, F32_EXACT_K):
         part = (a32[..., s:s + F32_EXACT_K] @ b32[..., s:s + F32_EXACT_K, :]).astype(np.float64)
         out = part if out is None else out + part
+    if k * INT8_PRODUCT_MAX >= 2**31 and out.size:
+        _refuse_int32_overflow("int_matmul_np", k, out.min(), out.max())
     return out.astype(np.int32)
 
 
@@ -98,7 +113,7 @@ def int_matmul_torch(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     other devices, where a float32 matmul may run in TF32 (torch.backends.cuda.matmul.allow_tf32) and lose
     bits. torch._int_mm would also do on CUDA, but it has shape restrictions and no CPU kernel for all sizes."""
     if a.device.type != "cpu":
-        return (a.to(torch.float64) @ b_t.to(torch.float64).transpose(-1, -2)).to(torch.int32)
+        return _int32(a.to(torch.float64) @ b_t.to(torch.float64).transpose(-1, -2), a.shape[-1])
     a32, b32 = a.to(torch.float32), b_t.to(torch.float32).transpose(-1, -2)
     k = a.shape[-1]
     if k <= F32_EXACT_K:
@@ -107,4 +122,11 @@ def int_matmul_torch(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     for s in range(0, k, F32_EXACT_K):
         part = (a32[..., s:s + F32_EXACT_K] @ b32[..., s:s + F32_EXACT_K, :]).to(torch.float64)
         out = part if out is None else out + part
+    return _int32(out, k)
+
+
+def _int32(out: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact float64 sums as int32; past K = 131071, refused where they leave int32 (as in int_matmul_np)."""
+    if k * INT8_PRODUCT_MAX >= 2**31 and out.numel():
+        _refuse_int32_overflow("int_matmul_torch", k, float(out.min()), float(out.max()))
     return out.to(torch.int32)
