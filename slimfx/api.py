@@ -168,7 +168,13 @@ class CompiledModel:
 
     def __call__(self, *args, **kwargs):
         args, kwargs = self._signature.check(args, kwargs)
-        return self._executable(args, kwargs)
+        try:
+            return self._executable(args, kwargs)
+        except Exception as e:
+            note = self._signature.diverged(args, kwargs)     # dims the example had equal, differing now
+            if note:
+                e.add_note(note)
+            raise
 
     def report(self) -> Report:
         return self._report

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -125,6 +126,28 @@ class InputSignature:
                 self._fail(f"input {name!r} is {got!r}, but the graph was compiled for {exp!r}")
         self._check_derived(derived, symbols)
         return args, kwargs
+
+    def diverged(self, args: tuple, kwargs: dict) -> Optional[str]:
+        """For an error inside the graph on checked inputs: the dynamic dims that were equal in the example but
+        that the capture gave symbols of their own (export found no tie between them: an attention mask's batch
+        and the ids'), which differ in this call; None when there are none. A model may need them equal without
+        export saying so (transformers' mask indexing by the ids' batch), and the graph then fails deep inside."""
+        groups: dict[int, dict[str, tuple[int, str]]] = {}
+        for (name, exp), got in zip(self.leaves, pytree.tree_leaves((args, kwargs))):
+            if not (isinstance(exp, torch.Tensor) and isinstance(got, torch.Tensor) and got.dim() == exp.dim()):
+                continue
+            for d, (g, e) in enumerate(zip(got.shape, exp.shape)):
+                hint = getattr(getattr(e, "node", None), "hint", None)
+                expr = None if isinstance(e, int) else _expr(e)
+                if hint is not None and expr is not None and expr.is_symbol:
+                    groups.setdefault(int(hint), {}).setdefault(str(e), (g, f"{name!r} dim {d}"))
+        pairs = [(hint, dims) for hint, dims in groups.items() if len({g for g, _ in dims.values()}) > 1]
+        if not pairs:
+            return None
+        hint, dims = pairs[0]
+        said = ", ".join(f"{where} is {g}" for g, where in dims.values())
+        return (f"slimfx: in this call {said}, which were all {hint} in the example inputs; the capture found no tie "
+                f"between them, but the model may need them equal")
 
     def _check_tensor(self, name, exp, got, symbols, derived):
         if not isinstance(got, torch.Tensor):

@@ -87,3 +87,22 @@ def test_sensitivity_refuses_one_batch_before_capture(no_capture):
     with pytest.raises(TypeError, match=r"calibration is one batch \(a mapping of inputs \['x'\]\)"):
         slimfx.passes.sensitivity(MLP(), (), dict(x=torch.randn(2, 8)), Quantize(activations="static"),
                                   calibration=dict(x=torch.randn(2, 8)))
+
+
+class _IndexedByBatch(nn.Module):
+    def forward(self, x, m):             # m's rows picked by x's batch (transformers' mask indexing does this)
+        return x * m[torch.arange(x.shape[0])]
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_a_failure_inside_the_graph_names_dims_the_example_had_equal(backend):
+    """Export gave m's batch a symbol of its own (no tie to x's), so a call with different batches passed the
+    input check and failed deep inside ("index 1 is out of bounds"; a mask of batch 1 for ids of batch 2 on
+    MiniLM). The error now carries a note naming the dims that were equal in the example and differ now."""
+    cm = slimfx.compile(_IndexedByBatch(), (torch.randn(2, 3), torch.randn(2, 3)), dynamic=True, backend=backend,
+                        progress=False)
+    with pytest.raises(Exception) as e:
+        cm(torch.randn(2, 3), torch.randn(1, 3))
+    assert any("'x' dim 0 is 2, 'm' dim 0 is 1, which were all 2 in the example inputs" in n
+               for n in getattr(e.value, "__notes__", [])), e.value
+    assert cm(torch.randn(2, 3), torch.ones(3, 3)).shape == (2, 3)       # m longer: the graph runs it
