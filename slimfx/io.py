@@ -233,4 +233,6 @@ def load(path, backend: str | None = None, backend_options: dict | None = None):
         if LM_FILE not in listed and (path / LM_FILE).is_file():
             raise bad(f"{LM_FILE} is not part of the save in {GRAPH_FILE} (a plain model): a save into this "
                       f"folder was interrupted or the file was copied in; save the model again")
-    return CompiledCausalLM.from_saved(cm, path, data.get("save_id")) if (path / LM_FILE).is_file() else cm
+    # files saved before causal_lm.json was part of the save carry no save id in it: only newer ones are checked
+    lm_id = data.get("save_id") if "extra_files" in data else None
+    return CompiledCausalLM.from_saved(cm, path, lm_id) if (path / LM_FILE).is_file() else cm

@@ -209,6 +209,12 @@ def test_save_is_one_save(llama, tmp_path, monkeypatch):
     (path / "causal_lm.json").write_bytes((other / "causal_lm.json").read_bytes())
     with pytest.raises(FormatError, match="causal_lm.json is not part of the save"):
         slimfx.load(path)
+    # a save from before (slimfx.json with a save id but no extra_files, causal_lm.json with no save id) loads
+    graph, lm_data = (json.loads((other / f).read_text()) for f in ("slimfx.json", "causal_lm.json"))
+    del graph["extra_files"], lm_data["save_id"]
+    for f, d in (("slimfx.json", graph), ("causal_lm.json", lm_data)):
+        (other / f).write_text(json.dumps(d))
+    assert isinstance(slimfx.load(other), slimfx.CompiledCausalLM)
 
 
 def test_refusals(llama, compiled):

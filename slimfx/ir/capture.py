@@ -253,8 +253,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     _check_dynamic(dynamic)
     if method == "symbolic_trace" and _wants_dynamic(dynamic):
         raise CaptureError(f"capture method 'symbolic_trace' cannot keep dims dynamic (dynamic={dynamic!r}): "
-                           f"fx.symbolic_trace fixes every dim at the example's size; capture with method 'export' "
-                           f"(or 'auto') to let dims vary, or with dynamic=False")
+                           f"fx.symbolic_trace fixes every dim at the example's size; capture with "
+                           f"{_SAY['export']} (or 'auto') to let dims vary, or with dynamic=False")
     args, kwargs = _unaliased(tuple(args), dict(kwargs or {}))
     errors, ranges = [], {}
     name = type(model).__name__
