@@ -47,8 +47,15 @@ _FUNCTIONS = {
 _OPERATORS = {
     operator.add: aten.add.Tensor, operator.sub: aten.sub.Tensor, operator.mul: aten.mul.Tensor,
     operator.truediv: aten.div.Tensor, operator.neg: aten.neg.default, operator.matmul: aten.matmul.default,
+    operator.floordiv: aten.floor_divide.default,         # x // 2: export records the literal in the Tensor slot
     torch.add: aten.add.Tensor, torch.sub: aten.sub.Tensor, torch.mul: aten.mul.Tensor,
     torch.div: aten.div.Tensor,
+}
+# Python operators whose ATen op depends on the operands (x > 0: gt.Scalar; x > y: gt.Tensor), by ATen name
+_TENSOR_OPERATORS = {
+    operator.gt: "gt", operator.lt: "lt", operator.ge: "ge", operator.le: "le", operator.eq: "eq", operator.ne: "ne",
+    operator.pow: "pow", operator.mod: "remainder", operator.and_: "bitwise_and", operator.or_: "bitwise_or",
+    operator.xor: "bitwise_xor", operator.invert: "bitwise_not", operator.abs: "abs",
 }
 # tensor methods
 _METHODS = {
@@ -157,6 +164,10 @@ def canonicalize_calls(gm: fx.GraphModule) -> int:
         elif node.op == "call_function" and node.target in _OPERATORS and any(
                 _is_tensor_arg(a) for a in node.args):
             new = _OPERATORS[node.target], tuple(node.args), dict(node.kwargs)
+        elif node.op == "call_function" and node.target in _TENSOR_OPERATORS and any(
+                _is_tensor_arg(a) for a in node.args):
+            from .rewrite import _aten_packet, _resolve       # (x > 0) as export records it: aten.gt.Scalar
+            new = _resolve(_aten_packet(_TENSOR_OPERATORS[node.target]), node.args, node.kwargs)
         elif node.op == "call_method" and node.target in _METHODS:
             args = list(node.args)
             if node.target in _VARARG_SHAPE_METHODS and len(args) > 2:

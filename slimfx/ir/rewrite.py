@@ -56,11 +56,12 @@ class Rule:
     def traced(self) -> tuple[fx.GraphModule, fx.GraphModule]:
         return self._traced
 
-    def variants(self) -> list[fx.GraphModule]:
+    def variants(self) -> list[tuple[fx.GraphModule, tuple[str, ...]]]:
         """The pattern with its number literals also spelled in the other type (``clamp(x, min=0)`` and
-        ``clamp(x, min=0.0)``): a graph records a literal as the model's code wrote it, and fx matches a literal
-        by type and value. A variant matches only where every tensor it binds is floating point, where the two
-        spellings compute the same (``int_x * 1.0`` is float, ``int_x * 1`` int)."""
+        ``clamp(x, min=0.0)``), each with the names of the nodes whose literal it flips: a graph records a
+        literal as the model's code wrote it, and fx matches a literal by type and value. A variant matches only
+        where those nodes' tensor operands are floating point, where the two spellings compute the same
+        (``int_x * 1.0`` is float, ``int_x * 1`` int)."""
         return self._variants
 
 
@@ -68,7 +69,9 @@ _NUMBER_SLOTS = ("TensorType", "NumberType", "FloatType")      # x * 2.0 records
 _MAX_VARIANT_LITERALS = 4                                      # 2^4 - 1 variants at most
 
 
-def _literal_variants(pattern: fx.GraphModule) -> list[fx.GraphModule]:
+def _literal_variants(pattern: fx.GraphModule) -> list[tuple[fx.GraphModule, tuple[str, ...]]]:
+    """(variant, names of the nodes whose literal it flips) for each other spelling of the pattern's number
+    literals (at most ``_MAX_VARIANT_LITERALS`` of them)."""
     slots = []
     for node in pattern.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
@@ -97,17 +100,35 @@ def _literal_variants(pattern: fx.GraphModule) -> list[fx.GraphModule]:
                     v = node.kwargs[arg]
                     node.kwargs = {**node.kwargs, arg: float(v) if type(v) is int else int(v)}
         gm.recompile()
-        variants.append(gm)
+        variants.append((gm, tuple(sorted({name for (name, *_), flip in zip(slots, flips) if flip}))))
     return variants
 
 
-def _float_bindings(match, original_graph, pattern_graph) -> bool:
-    """Every tensor the match binds to a pattern input is floating point (a literal variant's condition)."""
-    for n in match.placeholder_nodes:
-        v = n.meta.get("val") if isinstance(n, fx.Node) else None
-        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
-            return False
-    return True
+def _float_operands(flipped: tuple[str, ...]) -> Callable:
+    """A match filter: every tensor operand of the matched nodes whose literal the variant flips is floating
+    point, where the two spellings compute the same (``int_x * 1.0`` is float, ``int_x * 1`` int; so is
+    ``x.argmax(-1) * 2.0`` of a float x)."""
+    def where(match, original_graph, pattern_graph) -> bool:
+        by_name = {p.name: g for p, g in match.nodes_map.items()}
+        for name in flipped:
+            node = by_name.get(name)
+            if node is None:
+                return False
+            for a in (*node.args, *node.kwargs.values()):
+                if isinstance(a, fx.Node):
+                    v = a.meta.get("val")
+                    if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+                        return False
+        return True
+    return where
+
+
+def _not_in(made: set) -> Callable:
+    """A match filter: none of the matched operations is one this rule's replacements put into the graph (a
+    variant would otherwise match what the rule just wrote, x * 2 => x * 2.0 twice)."""
+    def where(match, original_graph, pattern_graph) -> bool:
+        return not any(g in made for p, g in match.nodes_map.items() if p.op not in ("placeholder", "output"))
+    return where
 
 
 def _trace(fn: Callable, rule: str, role: str) -> fx.GraphModule:
@@ -283,6 +304,10 @@ def _to_aten(gm: fx.GraphModule, rule: str, role: str) -> None:
             if target is operator.getitem and type(index) is int and _is_one_tensor(node.args[0]):
                 node.target, node.args = torch.ops.aten.select.int, (node.args[0], 0, index)   # x[0], as export has it
                 continue
+            if target is not operator.getitem and any(_is_one_tensor(a) for a in node.args):
+                raise RuleError(f"rule {rule!r}: its {role} applies Python's {target.__name__} to a tensor (node "
+                                f"{node.name}: {node.format_node()}), which has no ATen op slimfx knows to spell it "
+                                f"with: write the torch.ops.aten call captured graphs hold")
             if type(index) is not int:
                 raise RuleError(f"rule {rule!r}: its {role} indexes a tensor (node {node.name}: {node.format_node()}"
                                 f"); captured graphs spell that aten.slice.Tensor / aten.select.int / "
@@ -338,8 +363,14 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:
         pattern, replacement = rule.traced()
         filters = [rule.where] if rule.where else []
         done = replace_pattern_with_filters(gm, pattern, replacement, match_filters=filters or None)
-        for variant in rule.variants():
-            done += replace_pattern_with_filters(gm, variant, replacement, match_filters=[*filters, _float_bindings])
+        made = {n for r in done for n in r.replacements}
+        for variant, flipped in rule.variants():
+            if variant.code == replacement.code:      # x * 2 => x * 2.0: the spelling it writes is no match
+                continue
+            found = replace_pattern_with_filters(gm, variant, replacement,
+                                                 match_filters=[*filters, _float_operands(flipped), _not_in(made)])
+            made.update(n for r in found for n in r.replacements)
+            done += found
         for replaced in done:
             _inherit_source(replaced)
         if done:

@@ -186,3 +186,62 @@ def test_rewrite_refuses_what_is_not_a_list_of_rules(rules, match):
     rule = ir.Rule("r", lambda x: x * 2, lambda x: x + x)
     with pytest.raises(TypeError, match=match):
         Rewrite(rule if rules == "rule" else rules)
+
+
+class ArgmaxScaled(nn.Module):
+    def forward(self, x):
+        return x.argmax(-1) * 2.0 + x.sum(-1)       # an int intermediate times a float literal: a float
+
+
+class Doubled(nn.Module):
+    def __init__(self, literal):
+        super().__init__()
+        self.literal = literal
+
+    def forward(self, x):
+        return x * self.literal
+
+
+def test_a_literal_variant_never_changes_what_an_int_operand_computes():
+    """The variant of x.argmax(-1) * 2 matched x.argmax(-1) * 2.0 because the pattern's input (x) was float,
+    though the literal multiplies an int64: the replacement made the output int64 (the compile failed; inside a
+    graph it would have changed a dtype silently)."""
+    rule = ir.Rule("argmax*2 => argmax+argmax", lambda x: x.argmax(-1) * 2, lambda x: x.argmax(-1) + x.argmax(-1))
+    x = torch.randn(3, 5)
+    cm = slimfx.compile(ArgmaxScaled(), (x,), passes=[Rewrite([rule])], backend="torch", progress=False)
+    assert cm.report().records[0].stats["rewrites"] == {}
+    torch.testing.assert_close(cm(x), ArgmaxScaled()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("literal, count", [(2, 1), (2.0, 0)])
+def test_a_variant_does_not_match_what_its_rule_writes(literal, count):
+    """x * 2 => x * 2.0: the variant (x * 2.0) matched the replacement just written (2 rewrites for one), and a
+    graph already holding x * 2.0 was 'changed' into itself."""
+    rule = ir.Rule("x*2 => x*2.0", lambda x: x * 2, lambda x: x * 2.0)
+    cm = slimfx.compile(Doubled(literal), (torch.randn(3),), passes=[Rewrite([rule])], backend="torch",
+                        progress=False)
+    rec = cm.report().records[0]
+    assert rec.stats["rewrites"] == ({"x*2 => x*2.0": count} if count else {}) and rec.modified == bool(count)
+
+
+class Masked(nn.Module):
+    def forward(self, x, y):
+        return (x > 0).float() * x + (x >= y).float() + (~(x < 0)).float() + x // 2 + abs(y)
+
+
+def test_python_comparisons_are_their_aten_ops():
+    """(x > 0) in a rule stayed operator.gt, while captures hold aten.gt.Scalar: the rule never matched, and
+    said nothing. Comparisons and the bitwise operators are now spelled as export records them, in rules and in
+    symbolic_trace captures; a Python operator on a tensor with no ATen spelling is a RuleError."""
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    rule = ir.Rule("mask*x => relu", lambda x: (x > 0).float() * x, lambda x: torch.relu(x))
+    for capture in ("export", "symbolic_trace"):
+        cm = slimfx.compile(Masked(), (x, y), passes=[Rewrite([rule])], backend="numpy", capture=capture,
+                            progress=False)
+        assert cm.report().records[0].stats["rewrites"] == {"mask*x => relu": 1}, capture
+        targets = {n.target for n in cm.graph.graph.nodes if n.op == "call_function"}
+        assert {torch.ops.aten.ge.Tensor, torch.ops.aten.lt.Scalar, torch.ops.aten.bitwise_not.default,
+                torch.ops.aten.floor_divide.default, torch.ops.aten.abs.default} <= targets, targets
+        torch.testing.assert_close(cm(x, y), Masked()(x, y), rtol=0, atol=0)
+    with pytest.raises(RuleError, match=r"applies Python's pos to a tensor"):
+        ir.Rule("+x", lambda x: +x, lambda x: x)
