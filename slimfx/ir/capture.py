@@ -298,7 +298,8 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
             raise CaptureError(_explain(name, errors, dynamic)) from e
     graph = gm.graph
     try:
-        canonicalize(gm)
+        with torch.inference_mode() if inference else contextlib.nullcontext():   # (its writes into them too)
+            canonicalize(gm)
         gm = _flatten_attributes(gm)
         fold_weight_transposes(gm)
         name_layers(gm)

@@ -82,7 +82,8 @@ def state_kept(tensors):
     finally:
         with torch.no_grad():
             for t, v in zip(tensors, saved):
-                t.copy_(v)
+                with torch.inference_mode(t.is_inference()):    # (a model's made there is written only there)
+                    t.copy_(v)
 
 
 def drop_unused_tensors(gm: fx.GraphModule) -> int:

@@ -58,3 +58,29 @@ def test_inference_model_distills_and_saves(tmp_path):
     assert m.norm.weight.data_ptr() in shared and m.shift.data_ptr() in shared
     back = slimfx.load(cm.save(tmp_path / "m"))
     torch.testing.assert_close(back(x), cm(x), rtol=0, atol=0)
+
+
+class Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.lin(x) * self.calls
+
+
+@pytest.mark.parametrize("passes", [[], [P.Quantize(weights="int8")]], ids=["none", "w8"])
+def test_inference_model_that_writes_its_buffers(passes):
+    """Such a forward compiles to a model with its own state (as for any model), but capture propagated its write
+    into the inference buffer outside inference mode, and compile's reference call and its restore of the
+    model's buffer failed the same way ("Inplace update to inference tensor outside InferenceMode")."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        m = Counter().eval()
+    x = torch.randn(4, 16)
+    cm = slimfx.compile(m, (x,), passes=passes, backend="torch", progress=False)
+    first, second = cm(x), cm(x)
+    torch.testing.assert_close(second, 2 * first, rtol=1e-6, atol=1e-6)     # its own counter: 1, then 2
+    assert float(m.calls) == 0 and m.calls.is_inference()                  # the model's, as it was
