@@ -1,4 +1,4 @@
-"""What the CPU benchmarks share: the machine's name, median timing, and writing results."""
+"""What the benchmarks share: the machine's name, median timing, --help descriptions, and writing results."""
 from __future__ import annotations
 
 import datetime
@@ -22,6 +22,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def description(doc: str) -> str:
+    """The first paragraph of a module docstring, on one line: an argparse description that ends where its
+    sentence does (``doc.split("\\n")[0]`` cut sentences that wrap)."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def slug(s: str) -> str:
@@ -77,11 +83,12 @@ def provenance(machine: str | None = None) -> dict:
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "git": rev, **versions}
 
 
-def save(name: str, machine: str, res: dict, md: str) -> Path:
-    """Write results/<name>-<machine>.json (with its provenance) and .md; returns the stem."""
-    RESULTS.mkdir(exist_ok=True)
+def save(name: str, machine: str, res: dict, md: str, out_dir: Path = RESULTS) -> Path:
+    """Write <out_dir>/<name>-<machine>.json (with its provenance) and .md; returns the stem."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     res = {**res, "provenance": provenance(machine)}
-    stem = RESULTS / f"{name}-{slug(machine)}"
+    stem = out_dir / f"{name}-{slug(machine)}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     stem.with_suffix(".md").write_text(md + "\n")
     print(f"wrote {stem}.json and .md")

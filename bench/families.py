@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import slimfx  # noqa: E402
-from bench.common import cpu_name, save, slug  # noqa: E402
+from bench.common import cpu_name, description, save, slug  # noqa: E402
 from conftest import (experts_never_chosen, moe_awq_only, rel_err, text_batch,  # noqa: E402
                       zero_what_the_graph_removed)
 from slimfx.ir.module import flatten_inputs  # noqa: E402
@@ -160,7 +160,7 @@ def check(family: str) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated transformers model types")
     ap.add_argument("--name", default="families", help="results file name (before the CPU name)")
     ap.add_argument("--update", action="store_true",

@@ -1,6 +1,6 @@
 """Bit-exactness across devices, on a GPU: the Triton kernels against the numpy references (the executable
 spec, run on the CPU) and the torch references run on the GPU. Integer outputs and per-token scales must be
-identical; prints one line per case and writes JSON to --out.
+identical; prints one line per case, writes JSON to --out, and exits 1 where any case mismatches.
 
     python bench/gpu_checks.py --out results/gpu_checks-<card>.json
 """
@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():         # no GPU: the checks run under Triton's interpreter, a smoke test
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import provenance  # noqa: E402
+from bench.common import description, provenance  # noqa: E402
 from slimfx import kernels as K  # noqa: E402
 from slimfx.quant import linear as QL  # noqa: E402
 from slimfx.quant.numerics import absmax_scale_torch, quantize_torch  # noqa: E402
@@ -29,12 +29,9 @@ def mismatches(a, b) -> int:
     return int((a != b).sum()) if a.shape == b.shape else -1
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
+def checks(dev: torch.device) -> list[dict]:
+    """Every case's row (printed as it goes); a mismatch count other than 0 is a failure."""
     # without a GPU (TRITON_INTERPRET=1) the same checks run on small shapes: a smoke test of the script
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = dev.type == "cpu"
     g = torch.Generator(device="cpu").manual_seed(0)
     rows = []
@@ -85,13 +82,23 @@ def main():
                    "max_abs_diff": float(np.abs(y.cpu().numpy() - ref).max())}
             rows.append(row)
             print(row, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap.add_argument("--out", type=Path, default=None, help="the JSON to write (default: print only)")
+    a = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = checks(dev)
     ok = all(v == 0 for r in rows for key, v in r.items() if key.startswith(("q_", "scale_", "mismatches")))
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (Triton interpreter)"
     print("ALL EXACT" if ok else "MISMATCHES FOUND", name)
     if a.out:
         a.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "provenance": provenance(name),
                                      "all_exact": ok, "rows": rows}, indent=1) + "\n")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

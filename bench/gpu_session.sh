@@ -20,9 +20,11 @@
 # 2. bit-exactness of the kernels against the numpy spec (bench/gpu_checks.py);
 # 3. the kernel bench (quick subset, CUDA-graph timing, each kernel's impl variants beside auto).
 # Each step has its own time limit and a failing step does not stop the next; logs and results go to
-# OUT_DIR. prefill merges into decode's report, so OUT_DIR must survive between the two commands: with
-# the device tool, an ignored folder of the working tree (it stays on the warm machine; $OUT is emptied
-# before each command), copied to $OUT at the end of each command, e.g.
+# OUT_DIR. The script exits 2 before doing anything on a part name it does not know or on a machine without a
+# CUDA device, and 1 when any step failed (after running the rest and listing OUT_DIR). prefill merges into
+# decode's report, so OUT_DIR must survive between the two commands: with the device tool, an ignored folder
+# of the working tree (it stays on the warm machine; $OUT is emptied before each command), copied to $OUT at
+# the end of each command, e.g.
 #   bash bench/gpu_session.sh .session decode; cp .session/* "$OUT"/     (8 files at most come back)
 set -u
 cd "$(dirname "$0")/.."
@@ -30,7 +32,17 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 usage="usage: bash bench/gpu_session.sh OUT_DIR decode|prefill|all-tests|e2e|e2e-sparse|generate|moe"
 out=${1:?$usage}
 what=${2:?$usage}
+case $what in
+  decode|prefill|all-tests|e2e|e2e-sparse|generate|moe) ;;
+  *) echo "unknown part '$what': decode, prefill, all-tests, e2e, e2e-sparse, generate or moe" >&2; exit 2 ;;
+esac
+# every part measures or tests on the GPU: without one, its steps would only run into their time limits
+if ! timeout 120 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "bench/gpu_session.sh: no CUDA device visible to python3's torch here; the session's parts need one" >&2
+  exit 2
+fi
 mkdir -p "$out"
+failed=""
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
@@ -39,6 +51,7 @@ step() {   # step NAME SECONDS CMD...
   local rc=$?
   tail -n 30 "$out/$name.log"
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || failed="$failed $name"
 }
 tests="tests/test_kernels tests/backends/test_triton_backend.py"
 bench="python3 bench/kernel_bench.py --quick --cudagraph --out-dir $out"
@@ -67,6 +80,9 @@ case $what in
   moe)
     step moe-tests 100 env SLIMFX_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider $tests -k "grouped or experts"
     step moe-bench 200 python3 bench/moe_gpu.py --cudagraph --out-dir "$out" ;;
-  *) echo "unknown part '$what': decode, prefill, all-tests, e2e, e2e-sparse, generate or moe" >&2; exit 2 ;;
 esac
 ls -la "$out"
+if [ -n "$failed" ]; then
+  echo "== failed steps:$failed" >&2
+  exit 1
+fi

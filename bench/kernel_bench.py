@@ -3,10 +3,11 @@
     python bench/kernel_bench.py            # full sweep: M in {1,16,128,512,2048} x (N,K) in {4096,11008}^2, + 8192^3
     python bench/kernel_bench.py --quick    # a subset that fits in ~3 minutes, compile and autotune included
     python bench/kernel_bench.py --fake     # no GPU: write the report from made-up numbers (tests the writers)
+                                            # into a new temporary folder unless --out-dir names one
 
 Every case is timed with triton.testing.do_bench (median) and checked on fresh random inputs in the same
-run; speedups are against cuBLAS bf16 (F.linear) measured in the same process. Writes
-bench/results/kernels-<card>.json, .md and .png (see bench/kernel_report.py).
+run; speedups are against cuBLAS bf16 (F.linear) measured in the same process (none where that baseline
+failed). Writes bench/results/kernels-<card>.json, .md and .png (see bench/kernel_report.py; --out-dir).
 Baselines: cuBLAS bf16; torch._int_mm + a separate dequant (int8 operands already quantized);
 a torch.compile'd W8A8 dynamic linear (per-token quantization + _int_mm + dequant, all compiled);
 torch's 2:4 semi-structured sparse (to_sparse_semi_structured, cuSPARSELt/CUTLASS).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import kernel_report as R  # noqa: E402
-from common import provenance  # noqa: E402
+from common import RESULTS, description, provenance  # noqa: E402
 
 FULL_MS = [1, 16, 128, 512, 2048]
 FULL_NK = [(4096, 4096), (11008, 4096), (4096, 11008), (11008, 11008)]
@@ -43,10 +45,12 @@ def shapes(quick: bool, only_m: str = "") -> list[tuple[int, int, int]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--quick", action="store_true", help="a ~3 minute subset (4 shapes)")
     p.add_argument("--fake", action="store_true", help="no GPU: write the report from made-up numbers")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where to write kernels-<card>*.{json,md,png} (default: bench/results; with --fake a new "
+                        "temporary folder, printed at the end, so made-up numbers never land among the results)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new shapes after this many seconds (default 150 quick, 420 full)")
     p.add_argument("--only", default="", help="comma-separated kernel names to run, each with its implementations "
@@ -56,7 +60,8 @@ def parse_args(argv=None):
                                           "split over several runs; see --merge)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of other shapes from an earlier run's JSON of the same card, timing and "
-                        "subset, and write the report over all of them")
+                        "subset, and write the report over all of them (an earlier file of another subset is "
+                        "refused before anything is measured)")
     p.add_argument("--cudagraph", action="store_true",
                    help="time every case (baselines too) by CUDA-graph replay: GPU time without the host's "
                         "launch overhead, which dominates at decode shapes")
@@ -95,7 +100,10 @@ class Bench:
         try:
             row["ok"], row["check"] = check()
             row["ms"] = self.time_ms(fn)
-            row["speedup_vs_bf16"] = (base_ms / row["ms"]) if base_ms else 1.0
+            if kernel == "cublas_bf16":
+                row["speedup_vs_bf16"] = 1.0
+            elif base_ms:         # no baseline time (it failed): no speedup, and no goal scored on this shape
+                row["speedup_vs_bf16"] = base_ms / row["ms"]
         except Exception as e:  # a baseline that refuses a shape (e.g. _int_mm at M <= 16) is a result too
             row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         self.rows.append(row)
@@ -373,11 +381,9 @@ def main(argv=None) -> int:
         print(f"bench/kernel_bench.py: --m {args.m!r}: no shape of the {'quick ' if args.quick else ''}sweep has "
               f"that M; it has M in {sweep} (comma-separated integers)", file=sys.stderr)
         return 2
+    timing = "CUDA-graph replay" if args.cudagraph else "eager launches"
     if args.fake:
-        meta = dict(card="fake-card", torch="-", triton="-", quick=args.quick, fake=True,
-                    date=datetime.datetime.now().isoformat(timespec="seconds"),
-                    timing="CUDA-graph replay" if args.cudagraph else "eager launches")
-        rows = [r for r in R.fake_results(shapes(args.quick, args.m)) if selected(r["kernel"], only)]
+        card = "fake-card"
     else:
         try:
             import torch
@@ -388,13 +394,31 @@ def main(argv=None) -> int:
             print("bench/kernel_bench.py: no CUDA device here; it measures GPU kernels and needs one "
                   "(run with --fake to exercise the report writing on the CPU)", file=sys.stderr)
             return 2
+        card = torch.cuda.get_device_name()
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="kernel_bench-fake-")) if args.fake else RESULTS)
+    if args.merge:            # before measuring: a GPU session should not time a sweep it cannot merge
+        problem = R.merge_problem(dict(card=card, timing=timing, quick=args.quick, fake=args.fake), out_dir)
+        if problem:
+            print(f"bench/kernel_bench.py: {problem} (nothing was measured)", file=sys.stderr)
+            return 2
+    if args.fake:
+        meta = dict(card=card, torch="-", triton="-", quick=args.quick, fake=True,
+                    date=datetime.datetime.now().isoformat(timespec="seconds"), timing=timing)
+        rows = [r for r in R.fake_results(shapes(args.quick, args.m)) if selected(r["kernel"], only)]
+    else:
         rows, meta = run_gpu(args)
+    tag = ""
     if args.merge:
-        rows, meta = R.merge_earlier(rows, meta, args.out_dir)
-    paths = R.write_all(rows, meta, args.out_dir)
+        try:
+            rows, meta = R.merge_earlier(rows, meta, out_dir)
+        except ValueError as e:   # the earlier file changed while this run measured: keep what it measured
+            tag = "-unmerged"
+            print(f"bench/kernel_bench.py: {e}; this run's results are written unmerged, beside it, with "
+                  f"'{tag}' in their names", file=sys.stderr)
+    paths = R.write_all(rows, meta, out_dir, tag)
     print(R.markdown(rows, meta))
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return 1 if tag else 0
 
 
 if __name__ == "__main__":

@@ -5,18 +5,21 @@ A result row is a dict:
     {"m": int, "n": int, "k": int, "kernel": str, "ms": float | None,
      "speedup_vs_bf16": float | None, "ok": bool | None, "check": str, "note": str}
 "kernel" == "cublas_bf16" is the baseline row of its shape; "ms" is None when the case could not run
-(the reason in "note").
+(the reason in "note"), "speedup_vs_bf16" None also when its shape's baseline could not.
+
+    python bench/kernel_report.py bench/results/kernels-<card>.json --out-dir DIR   # its .md and .png again
 """
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 # Column order of the table; the names are the "kernel" field of the rows.
 KERNELS = [
     ("cublas_bf16", "cuBLAS bf16"),
-    ("torch_int_mm_dequant", "_int_mm+dequant"),
+    ("torch_int_mm_dequant", "torch._int_mm+dequant"),   # (matplotlib leaves labels that start with _ out of legends)
     ("torch_compile_w8a8", "compiled W8A8"),
     ("w8a8_fused", "W8A8 fused"),
     ("w8a8_fused_with_act_quant", "W8A8 +act quant"),
@@ -165,10 +168,18 @@ def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
                 cells.append("-")
             elif kern == "cublas_bf16":
                 cells.append(f"{r['ms']:.4f} ms")
+            elif r["speedup_vs_bf16"] is None:          # timed, but its shape's baseline did not run
+                cells.append("-")
             else:
                 cells.append(f"{r['speedup_vs_bf16']:.2f}x" + ("" if r["ok"] is not False else " !"))
         lines.append(f"| {m} | {n} | {k} | " + " | ".join(cells) + " |")
     return lines
+
+
+def timer(meta: dict) -> str:
+    """What kernel_bench timed each case with, by the run's timing."""
+    cudagraph = meta.get("timing", "").startswith("CUDA")
+    return "triton.testing.do_bench_cudagraph" if cudagraph else "triton.testing.do_bench"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -176,8 +187,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, {meta.get('date', '')}"
              f"{' (quick subset)' if meta.get('quick') else ''}{' (FAKE numbers)' if meta.get('fake') else ''}.",
              f"Timing: {meta.get('timing', 'eager launches')}. "
-             "Cells: speedup vs cuBLAS bf16 in the same run (median of triton.testing.do_bench); the bf16 "
-             "column is its time in ms. `!` marks a failed correctness check, `-` a case that did not run.",
+             f"Cells: speedup vs cuBLAS bf16 in the same run (median of {timer(meta)}); the bf16 "
+             "column is its time in ms. `!` marks a failed correctness check, `-` a case that did not run "
+             "(or whose shape's bf16 baseline did not).",
              "", *_table(rows, KERNELS)]
     if any(r["kernel"] in dict(VARIANTS) for r in rows):
         lines += ["", "## Implementations behind auto", "",
@@ -237,26 +249,52 @@ def _stem(meta: dict, out_dir: Path) -> Path:
     return out_dir / f"kernels-{card_slug(meta.get('card', 'unknown'))}{graph}{'-fake' if meta.get('fake') else ''}"
 
 
-def merge_earlier(rows: list[dict], meta: dict, out_dir: Path) -> tuple[list[dict], dict]:
-    """rows plus the rows of other shapes in the JSON an earlier run of the same card and timing wrote to
-    ``out_dir`` (a sweep split over several runs); meta records the runs merged."""
+def _earlier(meta: dict, out_dir: Path) -> tuple[Path, dict | None]:
+    """The path of the JSON a run of ``meta``'s card and timing writes to ``out_dir``, and its contents if it
+    exists; ValueError, naming the file, where a run of this one cannot merge into it."""
     path = _stem(meta, out_dir).with_suffix(".json")
     if not path.exists():
-        return rows, meta
-    old = json.loads(path.read_text())
-    if old["meta"].get("quick") != meta.get("quick"):
-        raise ValueError(f"--merge: {path} is from a {'quick' if old['meta'].get('quick') else 'full'} run, this "
+        return path, None
+    try:
+        old = json.loads(path.read_text())
+        old_meta, _ = old["meta"], old["results"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--merge: {path} is not a kernel_bench results file ({type(e).__name__}: {e})") from None
+    if old_meta.get("quick") != meta.get("quick"):
+        raise ValueError(f"--merge: {path} is from a {'quick' if old_meta.get('quick') else 'full'} run, this "
                          f"one is not; merge like with like")
+    return path, old
+
+
+def merge_problem(meta: dict, out_dir: Path) -> str | None:
+    """Why a run of ``meta`` (card, timing, quick, fake: what it is known by before it measures) could not
+    --merge into ``out_dir``, or None: checked before measuring, so a GPU session does not time a sweep
+    it then cannot merge."""
+    try:
+        _earlier(meta, out_dir)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def merge_earlier(rows: list[dict], meta: dict, out_dir: Path) -> tuple[list[dict], dict]:
+    """rows plus the rows of other shapes in the JSON an earlier run of the same card and timing wrote to
+    ``out_dir`` (a sweep split over several runs); meta records the runs merged. ValueError (merge_problem's)
+    where the earlier file does not fit."""
+    _, old = _earlier(meta, out_dir)
+    if old is None:
+        return rows, meta
     mine = {(r["m"], r["n"], r["k"]) for r in rows}
     kept = [r for r in old["results"] if (r["m"], r["n"], r["k"]) not in mine]
     merged = dict(meta, merged_runs=old["meta"].get("merged_runs", [old["meta"].get("date")]) + [meta.get("date")])
     return kept + rows, merged
 
 
-def write_all(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
-    """bench/results/kernels-<card>.{json,md,png}; returns the paths written."""
+def write_all(rows: list[dict], meta: dict, out_dir: Path, tag: str = "") -> list[Path]:
+    """<out_dir>/kernels-<card>[-cudagraph][-fake]<tag>.{json,md,png}; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _stem(meta, out_dir)
+    stem = stem.with_name(stem.name + tag)
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps({"meta": meta, "goals": check_goals(rows), "results": rows}, indent=1) + "\n")
     paths[1].write_text(markdown(rows, meta))
@@ -283,3 +321,39 @@ def fake_results(shapes, seed: int = 0) -> list[dict]:
                              check="fake", note=""))
     rows[-1].update(ms=None, speedup_vs_bf16=None, ok=None, note="skipped (fake)")
     return rows
+
+
+def main(argv=None) -> int:
+    """The report of a results JSON written again (after a change to the report, or into another folder)."""
+    import argparse
+    p = argparse.ArgumentParser(description="Write the markdown report (and the png plot) of a bench/kernel_bench.py "
+                                            "results JSON again, from its rows: <out-dir>/<the JSON's name>.md and "
+                                            ".png. The JSON itself is not rewritten.")
+    p.add_argument("json", type=Path, help="a results file kernel_bench.py wrote (kernels-<card>*.json)")
+    p.add_argument("--out-dir", type=Path, required=True,
+                   help="where to write; the JSON's own folder overwrites its committed .md and .png")
+    p.add_argument("--no-plot", action="store_true", help="the markdown only")
+    a = p.parse_args(argv)
+    try:
+        data = json.loads(a.json.read_text())
+        rows, meta = data["results"], data["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"bench/kernel_report.py: {a.json}: not a kernel_bench results file ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = a.out_dir / a.json.stem
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    written = [stem.with_suffix(".md")]
+    if not a.no_plot:
+        why = plot(rows, meta, stem.with_suffix(".png"))
+        if why is None:
+            written.append(stem.with_suffix(".png"))
+        else:
+            print(why)
+    print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

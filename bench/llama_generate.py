@@ -13,7 +13,8 @@ Each scheme runs eager and with backend_options={"cuda_graphs": True} (``lm.with
 same run: the cosine of slimfx's prompt logits to torch's (to the pruned model's for sparse schemes) and how
 many greedy tokens equal transformers' before the first difference (random bf16 weights make near-ties common,
 so a short run of equal tokens is no error; the cosine is the check).
-Writes bench/results/llama_generate-<card>.{json,md} (--stem renames).
+Writes bench/results/llama_generate-<card>.{json,md} (--stem renames, --out-dir moves; --smoke, whose times are
+single interpreted calls, writes only where --out-dir names a folder, as <stem>-cpu-interpreter-smoke.*).
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from llama_gpu import (SCHEMES, SIZES, attempt, build, finish_markdown, int4_group, passes_for, pruned,  # noqa: E402
-                       write_results)
+from common import RESULTS, description  # noqa: E402
+from llama_gpu import (SCHEMES, SIZES, SMOKE_TIMING, attempt, build, finish_markdown, int4_group,  # noqa: E402
+                       passes_for, pruned, write_results)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (the size's full depth: 0)")
     p.add_argument("--schemes", default="w8a8,w8a16,w4a16", help=f"comma-separated, of: none, {', '.join(SCHEMES)}")
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--block", type=int, default=64, help="block side of the block-sparse schemes")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny model, interpreter, CPU timing")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where to write (default: bench/results; --smoke writes only where this names a folder)")
     p.add_argument("--stem", default="llama_generate")
     return p.parse_args(argv)
 
@@ -150,11 +153,13 @@ def main(argv=None) -> int:
     card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
                 batch=args.batch, prompt=args.prompt, new_tokens=n, torch=torch.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
+                date=datetime.datetime.now().isoformat(timespec="seconds"), smoke=args.smoke,
+                timing=SMOKE_TIMING if args.smoke else
+                f"median of {args.repeats} synchronized time.perf_counter calls after a warm-up call")
     md = markdown(rows, meta, base)
     print(md)
-    if not args.smoke:
-        write_results(args.out_dir, args.stem, meta, rows, md)
+    if not args.smoke or args.out_dir:
+        write_results(args.out_dir or RESULTS, args.stem, meta, rows, md)
     return 0
 
 
@@ -162,9 +167,10 @@ def markdown(rows: list[dict], meta: dict, base: dict) -> str:
     lines = [f"# Generation with a KV cache: {meta['card']}", "",
              f"{meta['size']} dims {meta['dims']}, {meta['layers']} layers, random bf16 weights; batch {meta['batch']}, "
              f"prompt {meta['prompt']} tokens, {meta['new_tokens']} new tokens (greedy, no end-of-sequence); "
-             f"torch {meta['torch']}, {meta['date']}. decode tok/s = batch x (new tokens - 1) / (generate time - "
-             "prefill time); speedup vs transformers generate bf16; cos: prompt logits vs torch's; same: greedy "
-             "tokens equal to transformers' before the first difference; weights MB: what the path holds on the "
+             f"torch {meta['torch']}, {meta['date']}. Times: {meta['timing']}. "
+             "decode tok/s = batch x (new tokens - 1) / (generate time - prefill time); speedup vs transformers "
+             "generate bf16; cos: prompt logits vs torch's; same: greedy tokens equal to transformers' before the "
+             "first difference; weights MB: what the path holds on the "
              "device (slimfx: CompiledModel.held_bytes after generating, dense copies included).", "",
              "| path | prefill ms | decode tok/s | speedup | cos | same | weights MB | compile s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -13,7 +13,8 @@ because one compile with a dynamic sequence length serves every row here and tor
 dims start at 2; bench/llama_generate.py times real generation with a KV cache). --layers cuts the
 depth to bound the time (compile, tuning and timing scale with it; the per-layer speedup does not).
 
-Rows, each timed with triton.testing.do_bench (median) in one process:
+Rows, each timed by triton.testing.do_bench (median; the torch CUDA graph row by do_bench_cudagraph) in one
+process (--smoke: one time.perf_counter call each, labelled so in its table):
     torch bf16 eager            model(ids)
     torch bf16 CUDA graph       the same forward captured once and replayed (no launch cost)
     slimfx <scheme> eager       slimfx.compile(..., backend="triton")
@@ -23,7 +24,8 @@ by magnitude first, and their cosine is to that pruned model in torch); lm_head 
 is compiled once (capture and passes on the CPU) and lowered twice; a row's first call (choices,
 autotuning, graph capture) is timed apart as first_call_s. The weights each path holds on the device
 (TritonProgram.held_bytes after the eager rows) go beside the table.
-Writes bench/results/llama_gpu-<card>.{json,md} (--stem renames).
+Writes bench/results/llama_gpu-<card>.{json,md} (--stem renames, --out-dir moves; --smoke writes only where
+--out-dir names a folder, as <stem>-cpu-interpreter-smoke.*).
 """
 from __future__ import annotations
 
@@ -38,22 +40,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from common import RESULTS, description, provenance  # noqa: E402
+
 SIZES = {   # hidden, intermediate, layers, heads, kv heads, vocab
     "1b": (2048, 5632, 22, 32, 4, 32000),      # TinyLlama-1.1B
     "small": (960, 2560, 32, 15, 5, 49152),    # SmolLM2-360M
     "smoke": (64, 128, 2, 4, 2, 97),
 }
 
+# what a --smoke run's times are (the GPU benches' tables say so instead of naming do_bench)
+SMOKE_TIMING = ("one time.perf_counter call after a warm-up call, on the CPU under the Triton interpreter: "
+                "a smoke run, not a measurement")
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--seqs", default="2,128,512", help="comma-separated sequence lengths >= 2 (batch 1)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (the size's full depth: 0)")
     p.add_argument("--schemes", default="w8a8,w8a16,w4a16", help=f"comma-separated, of: {', '.join(SCHEMES)}")
     p.add_argument("--block", type=int, default=64, help="block side of the block-sparse schemes")
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny model, interpreter, CPU timing")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where to write (default: bench/results; --smoke writes only where this names a folder)")
     p.add_argument("--stem", default="llama_gpu", help="output file names: <stem>-<card>.{json,md}")
     return p.parse_args(argv)
 
@@ -169,7 +178,9 @@ def main(argv=None) -> int:
             fn()
             return (time.perf_counter() - t) * 1e3
         graph_timer = None
+        timing = SMOKE_TIMING
     else:
+        timing = "median of triton.testing.do_bench; the torch CUDA graph row: of do_bench_cudagraph"
         import triton.testing
         def timer(fn):
             return float(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median"))
@@ -228,19 +239,20 @@ def main(argv=None) -> int:
     meta = dict(card=card, size=args.size, dims=SIZES[args.size], layers=model.config.num_hidden_layers,
                 torch=torch.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), compile_s=compile_s,
-                sparse_layers=sparse_layers, held_mb=held_mb)
+                sparse_layers=sparse_layers, held_mb=held_mb, smoke=args.smoke, timing=timing)
     md = markdown(rows, meta)
     print(md)
-    if not args.smoke:
-        write_results(args.out_dir, args.stem, meta, rows, md)
+    if not args.smoke or args.out_dir:
+        write_results(args.out_dir or RESULTS, args.stem, meta, rows, md)
     return 0
 
 
 def write_results(out_dir: Path, stem: str, meta: dict, rows: list[dict], md: str) -> None:
-    """<out_dir>/<stem>-<card>.json (meta and rows) and .md."""
+    """<out_dir>/<stem>-<card>.json (meta with its provenance, and rows) and .md."""
     from kernel_report import card_slug
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}-{card_slug(meta['card'])}"
+    meta = {**meta, "provenance": provenance(meta["card"])}
     path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     path.with_suffix(".md").write_text(md)
     print(f"wrote {path}.json and .md")
@@ -256,7 +268,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['size']} dims (hidden, intermediate, layers, heads, kv heads, vocab) = {meta['dims']}, "
              f"{meta['layers']} layers, random bf16 weights, batch 1, no KV cache (seq 2: decode-shaped linears); "
              f"torch {meta['torch']}, {meta['date']}. Cells: ms "
-             "(median of triton.testing.do_bench) and speedup vs torch bf16 eager; cos: cosine of the logits to "
+             f"({meta.get('timing', 'median of triton.testing.do_bench')}) and speedup vs torch bf16 eager; "
+             "cos: cosine of the logits to "
              "torch's (the sparse schemes': to the pruned model in torch). Compile times (s; a model's first scheme "
              "includes its capture, which the others reuse): "
              + ", ".join(f"{k} {v}" for k, v in meta["compile_s"].items()) + "."

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_name, paired_median_ms, save  # noqa: E402
+from common import cpu_name, description, paired_median_ms, save  # noqa: E402
 from models import load_minilm  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -51,7 +51,7 @@ def op_breakdown(model, kwargs, cm, repeats: int) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)

@@ -12,8 +12,10 @@ Per case (tokens S = routed rows, i.e. batch x top-k; N x K one projection of ev
   int8 grouped   int8_grouped_weight_only (slimfx.kernels.grouped_weight_only): int8 experts read directly
   int4 grouped   int4_grouped_weight_only: int4 experts in groups of 128 along K, packed two per byte
   int4 dequant+grouped  the int4 graph's path before the kernel (unpack, dequantize, bf16 grouped GEMM)
-Medians by triton.testing.do_bench (CUDA-graph replay with --cudagraph); each output checked against an fp32
-reference on the same inputs. Writes moe-<card>.json and .md.
+Medians by triton.testing.do_bench (do_bench_cudagraph with --cudagraph; --smoke: one time.perf_counter call,
+labelled so); each output checked against an fp32 reference on the same inputs. Writes
+bench/results/moe-<card>.json and .md (--out-dir moves; --smoke writes only where --out-dir names a folder, as
+moe-cpu-interpreter-smoke.*).
 """
 from __future__ import annotations
 
@@ -25,19 +27,23 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from common import RESULTS, description  # noqa: E402
+from llama_gpu import SMOKE_TIMING, write_results  # noqa: E402
 
 CASES = [(2, 14336, 4096), (2, 4096, 14336), (32, 14336, 4096), (512, 14336, 4096), (4096, 14336, 4096)]
 SMOKE = [(2, 40, 64), (9, 24, 96)]      # K a multiple of the smoke run's int4 group (32)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--smoke", action="store_true", help="no GPU: tiny shapes on the interpreter")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=128, help="int4 group size along K")
     p.add_argument("--cudagraph", action="store_true", help="time by CUDA-graph replay")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where to write (default: bench/results; --smoke writes only where this names a folder)")
     return p.parse_args(argv)
 
 
@@ -61,7 +67,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     dev = "cpu" if args.smoke else "cuda"
-    card = "interpreter" if args.smoke else torch.cuda.get_device_name()
+    card = "cpu (interpreter smoke)" if args.smoke else torch.cuda.get_device_name()
+    timing = SMOKE_TIMING if args.smoke else \
+        f"median of triton.testing.do_bench{'_cudagraph (CUDA-graph replay)' if args.cudagraph else ''}"
     grouped = getattr(torch, "_grouped_mm", None)
     from transformers.integrations.moe import _grouped_mm_fallback
 
@@ -122,9 +130,11 @@ def main(argv=None) -> int:
                 row[name] = {"error": f"{type(ex).__name__}: {ex}"[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    head = (f"# MoE expert GEMMs, int8 and int4 experts: {card}\n\ntorch {torch.__version__}, "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')}, E = {e}, int4 groups of {rows[0]['group_size']}"
-            f"{', CUDA-graph replay' if args.cudagraph else ''}. Cells: ms (speedup vs bf16 grouped).\n")
+    meta = dict(card=card, torch=torch.__version__, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                experts=e, group_size=rows[0]["group_size"], smoke=args.smoke, timing=timing)
+    head = (f"# MoE expert GEMMs, int8 and int4 experts: {card}\n\ntorch {meta['torch']}, {meta['date']}, E = {e}, "
+            f"int4 groups of {meta['group_size']}. Cells: ms ({timing}) and speedup vs bf16 grouped; `!` marks an "
+            "output off the fp32 reference.\n")
     cols = ("bf16_grouped", "dequant_grouped", "int8_grouped", "int4_dequant_grouped", "int4_grouped")
     lines = [head, "| S | N | K | bf16 grouped | int8: dequant + grouped | int8 grouped (ours) | int4: dequant + grouped "
                    "| int4 grouped (ours) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -133,14 +143,10 @@ def main(argv=None) -> int:
         cell = lambda c: ("- (" + c["error"].split(":")[0] + ")") if "error" in c else \
             f"{c['ms']:.4f}{'' if c['ok'] else ' !'}" + (f" ({base / c['ms']:.2f}x)" if base else "")
         lines.append(f"| {r['S']} | {r['N']} | {r['K']} | " + " | ".join(cell(r[c]) for c in cols) + " |")
-    md = "\n".join(lines)
+    md = "\n".join(lines) + "\n"
     print(md)
-    if not args.smoke:
-        stem = args.out_dir / f"moe-{card.lower().replace(' ', '-')}"
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps({"card": card, "torch": torch.__version__, "rows": rows},
-                                                        indent=1) + "\n")
-        stem.with_suffix(".md").write_text(md + "\n")
+    if not args.smoke or args.out_dir:
+        write_results(args.out_dir or RESULTS, "moe", meta, rows, md)
     bad = [r for r in rows if not (r["int8_grouped"].get("ok") and r["int4_grouped"].get("ok"))]
     return 1 if bad else 0
 

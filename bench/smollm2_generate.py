@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
-from bench.common import cpu_name, save  # noqa: E402
+from bench.common import cpu_name, description, save  # noqa: E402
 from bench.models import english_text, load_smollm2  # noqa: E402
 from slimfx.passes import Quantize, SmoothQuant, sqnr_db  # noqa: E402
 
@@ -52,7 +52,7 @@ def agreement(got: torch.Tensor, ref: torch.Tensor, start: int) -> list[int]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--modes", default="fp32,w8a8,w8a8-sq,w8a16,w4-gptq,w4-rtn")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--new-tokens", type=int, default=32)

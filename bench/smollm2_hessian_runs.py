@@ -5,7 +5,7 @@ the same, only the time differs.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_hessian_runs.py [--cap-mib 64]
 
 SmolLM2's 210 layer inputs need ~0.8 GB of fp64 Hessians: one run under the default 2 GiB cap. Writes
-bench/results/smollm2_hessian_runs-<cpu>.json and .md (~6 minutes on 2 cores).
+bench/results/smollm2_hessian_runs-<cpu>.json and .md (~6 minutes on 2 cores; --out-dir and --name move them).
 """
 from __future__ import annotations
 
@@ -20,16 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
-from bench.common import cpu_name, save  # noqa: E402
+from bench.common import RESULTS, cpu_name, description, save  # noqa: E402
 from bench.models import load_smollm2  # noqa: E402
 from bench.smollm2_quant import text_windows  # noqa: E402
 from slimfx.passes import Prune, Quantize, quant_calibration  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--cap-mib", type=int, default=64, help="the lowered HESSIAN_BYTES, in MiB")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows of 256 tokens")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where to write (default: bench/results)")
+    ap.add_argument("--name", default="smollm2_hessian_runs", help="results file stem (before the CPU name)")
     a = ap.parse_args()
     model, tok = load_smollm2()
     windows, calibration = text_windows(tok, 512, 256, a.calib)
@@ -67,8 +69,8 @@ def main():
               f"{r['seconds_runs']} |" for r in rows]
     md = "\n".join(lines)
     print(md)
-    save("smollm2_hessian_runs", cpu, {"cpu": cpu, "cap_mib": a.cap_mib, "calibration_windows": a.calib,
-                                       "rows": rows}, md)
+    save(a.name, cpu, {"cpu": cpu, "cap_mib": a.cap_mib, "calibration_windows": a.calib, "rows": rows}, md,
+         a.out_dir)
 
 
 if __name__ == "__main__":

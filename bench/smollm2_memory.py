@@ -9,7 +9,7 @@ after ``cm.with_backend("triton")`` (lowering only: the tensors that go to the d
 TRITON_INTERPRET=1 on the CPU, where they are the same bytes), and for the sparse schemes the dense weights
 their layers no longer carry beside the packed ones. Bytes do not depend on the machine, so no GPU is
 needed. Pruning here is by magnitude (the bytes depend on the pattern, not on which weights it keeps).
-Writes bench/results/smollm2_memory.json and .md.
+Writes bench/results/smollm2_memory.json and .md (--out-dir and --name move them).
 """
 from __future__ import annotations
 
@@ -61,8 +61,12 @@ def dropped_dense_bytes(cm) -> int:
 
 
 def main():
-    import argparse      # no options: --help says what it does instead of running it
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where to write (default: bench/results)")
+    ap.add_argument("--name", default="smollm2_memory", help="results file stem (no machine name: bytes are alike "
+                                                            "on any machine)")
+    a = ap.parse_args()
     model, tok = load_smollm2()
     model = model.to(torch.bfloat16)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :64]
@@ -91,11 +95,11 @@ def main():
                      f"{r['not_carried_mb']:.1f} |")
     md = "\n".join(lines) + "\n"
     print(md)
-    RESULTS.mkdir(exist_ok=True)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
     res = {"torch": torch.__version__, "rows": rows, "provenance": provenance()}   # bytes: any machine alike
-    (RESULTS / "smollm2_memory.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "smollm2_memory.md").write_text(md)
-    print(f"wrote {RESULTS / 'smollm2_memory'}.json and .md")
+    (a.out_dir / f"{a.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (a.out_dir / f"{a.name}.md").write_text(md)
+    print(f"wrote {a.out_dir / a.name}.json and .md")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
-from bench.common import cpu_name, save  # noqa: E402
+from bench.common import cpu_name, description, save  # noqa: E402
 from bench.models import load_smollm2  # noqa: E402
 from bench.smollm2_quant import perplexity, text_windows  # noqa: E402
 from slimfx.passes import Quantize  # noqa: E402
@@ -63,7 +63,7 @@ def upcycle(model, experts: int, top_k: int = 2, seed: int = 0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_name, median_ms, save  # noqa: E402
+from common import cpu_name, description, median_ms, save  # noqa: E402
 from models import english_text, load_smollm2  # noqa: E402
 
 import slimfx  # noqa: E402
@@ -29,7 +29,7 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args(argv)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
-from bench.common import cpu_name, save  # noqa: E402
+from bench.common import cpu_name, description, save  # noqa: E402
 from bench.models import english_text, load_smollm2  # noqa: E402
 from bench.smollm2_quant import perplexity  # noqa: E402
 from slimfx.passes import Distill, Prune  # noqa: E402
@@ -63,7 +63,7 @@ def removed_fraction(cm, dense_nonzero: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--steps", type=int, default=60, help="distillation steps (one window each)")

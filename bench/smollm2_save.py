@@ -5,7 +5,7 @@ the compiled model's, bit for bit.
 
 Per mode (W8A8 dynamic + fuse, W4 groups of 64 by GPTQ): load the GGUF model, compile (backend="torch"),
 ``cm.save`` to a temporary folder, ``slimfx.load`` it, compare logits on a held-out window. Writes
-bench/results/smollm2_save-<cpu>.json and .md.
+bench/results/smollm2_save-<cpu>.json and .md (--out-dir and --name move them).
 """
 from __future__ import annotations
 
@@ -20,14 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
-from bench.common import cpu_name, save  # noqa: E402
+from bench.common import RESULTS, cpu_name, save  # noqa: E402
 from bench.models import english_text, load_smollm2  # noqa: E402
 from slimfx.passes import Fuse, Quantize  # noqa: E402
 
 
 def main():
-    import argparse      # no options: --help says what it does instead of running it
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where to write (default: bench/results)")
+    ap.add_argument("--name", default="smollm2_save", help="results file stem (before the CPU name)")
+    a = ap.parse_args()
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     load_model_s = time.perf_counter() - t0
@@ -67,7 +70,7 @@ def main():
                      f"{r['compile_s']:.1f} | {r['save_s']:.2f} | {r['load_s']:.2f} | {r['identical']} |")
     md = "\n".join(lines)
     print(md)
-    save("smollm2_save", cpu, {"cpu": cpu, "fp32_mb": fp32_mb, "load_gguf_s": load_model_s, "rows": rows}, md)
+    save(a.name, cpu, {"cpu": cpu, "fp32_mb": fp32_mb, "load_gguf_s": load_model_s, "rows": rows}, md, a.out_dir)
 
 
 if __name__ == "__main__":
