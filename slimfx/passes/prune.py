@@ -39,7 +39,8 @@ it once: its scores pool every input it sees (column mean squares, SparseGPT's H
 read the one pruned tensor (the statistics' "shared"); the structured patterns leave such a block whole.
 
 aten.linear and fused_linear (after Fuse) are pruned; layers already quantized or lowered are skipped
-with the reason in the statistics (prune before Quantize and LowerSparse).
+with the reason in the statistics (prune before Quantize and LowerSparse), as are mixture-of-experts tensors
+(3-D, behind grouped GEMMs: "experts" and "neurons" shrink them); "sparsity" is over the pruned weights.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ from .prune_structured import column_importance, expert_importance, input_stats,
 from .prune_sparsegpt import sparsegpt_prune
 from .quant_calibration import budget_runs, calibration_calls, hessian_bytes, hessians_in_runs
 from .quantize import layer_names, matches, module_patterns, selected_linears, unmatched_include
+from .quantize_experts import expert_source, grouped_gemm_ops
 
 aten = torch.ops.aten
 sf = torch.ops.slimfx
@@ -313,6 +315,8 @@ class Prune(Pass):
             return self._run_structured(gm, ctx)
         chosen, skipped = self.select(gm)
         skipped.update(unmatched_include(gm, self.include))
+        experts_left = self._expert_tensors(gm)
+        skipped.update(experts_left)
         # a weight several layers read (a module called twice, ALBERT's shared blocks) is pruned once, as Quantize
         # quantizes it once: one mask, its scores (or SparseGPT's Hessian) pooled over every input it sees, and one
         # stored tensor that all of them read
@@ -366,11 +370,31 @@ class Prune(Pass):
             gm.recompile()
         stats = {"layers": layers, "pattern": self.pattern, "method": self.method, "scored_on": data,
                  "sparsity": round(zeros / total, 4) if total else 0.0, "pruned": pruned, "skipped": skipped}
+        if experts_left:              # "sparsity" is over the pruned layers' weights only
+            stats["experts_left"] = len(experts_left)
+            stats["sparsity_covers"] = (f"the {len(pruned)} linear weight(s) pruned, not the {len(experts_left)} "
+                                        f"experts' tensor(s) in 'skipped'")
         if shared:
             stats["shared"] = shared
         if runs > 1:
             stats["hessian_runs"] = runs
         return PassResult(gm, bool(pruned), stats)
+
+    def _expert_tensors(self, gm) -> dict[str, str]:
+        """{name: why} for the float mixture-of-experts tensors (3-D, behind grouped GEMMs) include/exclude select:
+        the zero patterns prune linear layers only, so these stay dense."""
+        out = {}
+        for n in gm.graph.nodes:
+            src = expert_source(n)[0] if n.op == "call_function" and n.target in grouped_gemm_ops() else None
+            t = ir.meta.tensor_attr(gm, src) if src is not None else None
+            name = layer_name(n)
+            if t is None or t.ndim != 3 or not t.is_floating_point() or name in out \
+                    or self.include and not matches(name, self.include) or matches(name, self.exclude):
+                continue
+            out[name] = (f"a mixture-of-experts tensor ({t.shape[0]} experts x {t.shape[1]} x {t.shape[2]}) behind "
+                         f"a grouped GEMM: pattern={self.pattern!r} prunes linear layers only; experts shrink with "
+                         f"pattern='experts' or 'neurons'")
+        return out
 
     def _sparsegpt(self, gm, tensors, inputs, weights, calls, progress: bool) -> tuple[list[torch.Tensor], int]:
         """Every weight's re-fit, and in how many runs its input Hessians were gathered (``hessians_in_runs``), all
@@ -497,7 +521,8 @@ class Prune(Pass):
                 (grp.kv_heads, "kv heads") if heads else (grp.width, "neurons")
             score = head_scores(importance[grp.o], grp, query) if heads else importance[grp.consumer]
             # at least one unit stays: a layer of width 0 is not a layer; every expert keeps as many
-            count = min(count_of(self.sparsity, units), units - 1)
+            asked = count_of(self.sparsity, units)
+            count = min(asked, units - 1)
             cut = torch.stack([smallest([row], count)[0] for row in score.reshape(-1, units)]).view(score.shape)
             if not cut.any():
                 if self.sparsity > 0:
@@ -511,6 +536,8 @@ class Prune(Pass):
                 shrink(gm, grp, keep)
             shrunk[grp.name] = f"{grp.heads} -> {keep.numel()} q heads ({grp.kv_heads} kv)" if query \
                 else f"{units} -> {keep.shape[-1]} {unit}" + (" per expert" if score.ndim == 2 else "")
+            if count < asked:               # as "experts" says what it kept that sparsity asked to remove
+                shrunk[grp.name] += f" (sparsity {self.sparsity:g} asks for all {units} {unit}: one stays)"
         if shrunk:
             gm.graph.eliminate_dead_code()
             ir.drop_unused_tensors(gm)

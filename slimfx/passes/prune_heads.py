@@ -47,7 +47,7 @@ import torch.fx as fx
 
 from .. import ir
 from .prune_structured import (ELEMENTWISE, _float_linear, _narrow, _swap_tensor, channel_param, last_axis_mean,
-                               layer_name, linear_like)
+                               layer_name, linear_like, linear_problem)
 from .quant_calibration import run_watching
 
 aten = torch.ops.aten
@@ -93,15 +93,16 @@ class HeadGroup:
 
 
 def _linears_reached(g: nx.DiGraph, node: dict, start: str, up: bool) -> list[str]:
-    """The linears reached walking up (or down) the graph from ``start`` without passing through a linear."""
-    seen, stack, found = set(), [start], []
+    """The linears (``linear_like``: float, fused, quantized or sparse) reached walking up (or down) the graph from
+    ``start`` without passing through a linear."""
+    seen, stack, found, linears = set(), [start], [], linear_like()
     while stack:
         v = stack.pop()
         if v in seen:
             continue
         seen.add(v)
         n = node[v]
-        if n.op == "call_function" and n.target is aten.linear.default and v != start:
+        if n.op == "call_function" and n.target in linears and v != start:
             found.append(v)
         elif n.op == "call_function":
             stack.extend(g.predecessors(v) if up else g.successors(v))
@@ -402,14 +403,18 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
     for s, *qkv_args in attention_cores(gm):
         where = ir.meta.module_name(s) or s.name
         qkv = [_linears_reached(g, node, a.name, up=True) if isinstance(a, fx.Node) else [] for a in qkv_args]
-        fused = all(len(l) == 1 for l in qkv) and len({l[0] for l in qkv}) == 1
-        if any(len(l) != 1 or not _float_linear(gm, node[l[0]]) for l in qkv) \
-                or len({l[0] for l in qkv}) != 3 and not fused:
+        fused = all(len(ls) == 1 for ls in qkv) and len({ls[0] for ls in qkv}) == 1
+        outs = _linears_reached(g, node, s.name, up=False)
+        # a layer quantized, fused or lowered: the reason neuron pruning gives (prune before those passes)
+        why = next(filter(None, (linear_problem(gm, node[ls[0]]) for ls in [*qkv, outs] if len(ls) == 1)), "")
+        if why:
+            rejected[where] = why
+            continue
+        if any(len(ls) != 1 for ls in qkv) or len({ls[0] for ls in qkv}) != 3 and not fused:
             rejected[where] = "q, k and v do not each come from one linear layer of their own"
             continue
-        q, k, v = (node[l[0]] for l in qkv)
-        outs = _linears_reached(g, node, s.name, up=False)
-        if len(outs) != 1 or not _float_linear(gm, node[outs[0]]):
+        q, k, v = (node[ls[0]] for ls in qkv)
+        if len(outs) != 1:
             rejected[where] = "the attention output does not reach exactly one linear layer first"
             continue
         o = node[outs[0]]
@@ -418,8 +423,12 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         leaks = {r: sorted(u for u in g.successors(r) if u not in region and u != o.name)
                  for r in region | {q.name, k.name, v.name}}
         leaks = {r: us for r, us in leaks.items() if us}
-        kv_why = f"head-shaped values are read outside the block ({sorted(set().union(*leaks.values()))[:3]})" \
-            if leaks else ""
+        readers = sorted(set().union(*leaks.values()))
+        kv_why = f"head-shaped values are read outside the block ({readers[:3]})" if leaks else ""
+        returned = any(node[u].op == "output" for u in readers)
+        if returned:                      # compile_causal_lm's step graph: its keys and values are the new cache
+            kv_why += (": the graph returns them as outputs (compile_causal_lm's step graph returns the keys and "
+                       "values as the new KV cache), so its kv heads cannot be removed here")
         inner = [node[r] for r in sorted(region) if node[r].op == "call_function" and node[r].target in linears]
         if inner:                         # Doge's dt_proj: a linear over the values of every head
             rejected[where] = (f"{layer_name(inner[0])} is a linear layer inside the attention block: it reads "
@@ -493,6 +502,8 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         if kv_why and query_why:
             rejected[where] = kv_why
             continue
+        if returned:
+            kv_why += "; pattern='query_heads' removes q heads and keeps k and v"
         groups.append(HeadGroup(q, k, v, o, heads, kv, dim, edits, {p: seg[0] for p, seg in segments.items()}, cuts,
                                 width // kv if groups_in_view else 0, params, gates, q_rows, in_group, query_why,
                                 kv_why, biases))

@@ -103,6 +103,30 @@ def _float_linear(gm: fx.GraphModule, n: fx.Node) -> bool:
     return ok and (b is None or (isinstance(b, fx.Node) and b.op == "get_attr"))
 
 
+def linear_problem(gm: fx.GraphModule, n: fx.Node) -> str:
+    """Why the layer ``n`` cannot shrink (it is not a float linear with its weight as a tensor: quantized, fused,
+    lowered to the sparse kernels, or its weight computed), else ''. Neuron and head pruning give this reason."""
+    if _float_linear(gm, n):
+        return ""
+    w = n.args[1] if n.op == "call_function" and n.target is aten.linear.default else None
+    if isinstance(w, fx.Node) and w.op != "get_attr":
+        return f"{layer_name(n)}: {ir.meta.computed_weight(w)}"
+    return (f"{layer_name(n)} is not a float linear layer with its weight as a tensor (prune before "
+            "Quantize, Fuse and LowerSparse)")
+
+
+def residual_input(n: fx.Node) -> Optional[fx.Node]:
+    """The value a dialect linear adds to its output (Fuse's ``fused_linear(.., residual=h)``), else None: its
+    output depends on that value without passing a linear."""
+    schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if "residual" not in names:
+        return None
+    i = names.index("residual")
+    r = n.args[i] if len(n.args) > i else n.kwargs.get("residual")
+    return r if isinstance(r, fx.Node) else None
+
+
 def _in_features(gm: fx.GraphModule, n: fx.Node) -> int:
     """K of a float linear or of each expert of a grouped GEMM."""
     if n.target is aten.linear.default:
@@ -215,13 +239,9 @@ def _neuron_params(leaves: list, width: int) -> list:
 def _block_problem(gm: fx.GraphModule, c: fx.Node, region: set, producers: list, leaves: list,
                    width: int) -> str:
     """Why the neurons between ``producers`` and consumer ``c`` cannot be removed, or ''."""
-    for p in [*producers, c]:
-        if not _float_linear(gm, p):
-            w = p.args[1] if p.op == "call_function" and p.target is aten.linear.default else None
-            if isinstance(w, fx.Node) and w.op != "get_attr":
-                return f"{layer_name(p)}: {ir.meta.computed_weight(w)}"
-            return (f"{layer_name(p)} is not a float linear layer with its weight as a tensor (prune before "
-                    "Quantize, Fuse and LowerSparse)")
+    why = next(filter(None, (linear_problem(gm, p) for p in [*producers, c])), "")
+    if why:
+        return why
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     region = sorted(region, key=order.get)
     for n in region:
@@ -272,10 +292,14 @@ def neuron_groups(gm: fx.GraphModule) -> tuple[list[NeuronGroup], dict[str, str]
     linears = linear_like() | grouped_gemm_ops()
     g = _flow(gm, linears)
     node = nx.get_node_attributes(g, "node")
-    # values that depend on the model's inputs without passing a linear (the residual stream, masks)
+    # values that depend on the model's inputs without passing a linear (the residual stream, masks; also through
+    # the residual a fused linear adds, after Fuse)
+    through = g.copy()
+    through.add_edges_from((r.name, n.name) for n in gm.graph.nodes if n.op == "call_function"
+                           and n.target in linears and (r := residual_input(n)) is not None)
     fed = set()
     for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
-        fed |= nx.descendants(g, p.name) | {p.name}
+        fed |= nx.descendants(through, p.name) | {p.name}
     groups, rejected = [], {}
     for c in gm.graph.nodes:
         x = c.args[0] if c.op == "call_function" and c.target in linears and c.args else None
