@@ -680,7 +680,7 @@ class CompiledCausalLM:
                     f"included)", slots, f"At most {fit} new tokens fit after this prompt." if fit > 1 else
                     "Only 1 new token fits after this prompt (a prompt's own logits are exact at any length).")
         if self.position_limit is not None:          # positions count real tokens; the last new one is not fed
-            real = int((attention_mask if attention_mask is not None else torch.ones_like(input_ids)).sum(-1).max())
+            real = int(_prompt(input_ids, attention_mask)[1].sum(-1).max())     # (bad prompts: _prompt's errors)
             if real + max_new_tokens - 1 > self.position_limit:
                 fit = self.position_limit - real + 1
                 raise self._beyond_positions(

@@ -642,6 +642,8 @@ def test_learned_position_table_bounds_generation_up_front(family, tmp_path):
     with pytest.raises(ValueError, match="a prompt of 33 tokens"):
         lm.prefill(text_batch(1, 33, 97, seed=5)[0])
     assert slimfx.load(slimfx.save(lm, tmp_path / "lm")).position_limit == 32
+    with pytest.raises(ValueError, match="input_ids must be a .batch, length. integer tensor"):   # not ones_like's
+        lm.generate([[1, 2, 3]], max_new_tokens=2)
 
 
 def test_rotary_models_have_no_position_limit(llama):
