@@ -7,15 +7,7 @@ import torch.nn as nn
 
 import slimfx
 from slimfx.passes import Quantize
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.l2(torch.relu(self.l1(x)))
+from test_api_checks import MLP
 
 
 class Cat0(nn.Module):
