@@ -150,9 +150,7 @@ def _refuse_meta(model, args, kwargs) -> None:
 
 
 def _reference_outputs(model, args, kwargs):
-    # a model made under torch.inference_mode runs there (outside it, a write into its buffers fails)
-    made_in_inference = any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
-    with ir.eval_mode(model), torch.no_grad(), torch.inference_mode(made_in_inference):
+    with ir.eval_mode(model), torch.no_grad(), torch.inference_mode(ir.made_in_inference_mode(model)):
         return model(*args, **kwargs)
 
 

@@ -71,6 +71,12 @@ def _dynamic_shapes(dynamic, args, kwargs):
     return (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()}) if kwargs else tuple(spec(a) for a in args)
 
 
+def made_in_inference_mode(model: torch.nn.Module) -> bool:
+    """Does ``model`` hold inference tensors (made under torch.inference_mode)? It runs there: outside it, torch
+    refuses to set requires_grad on them (torch.export does) or to write into them (a forward's buffers)."""
+    return any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Run the inference graph (no dropout) and give back every submodule in the mode it came in: restoring
@@ -260,8 +266,7 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
     name = type(model).__name__
     # a model made under torch.inference_mode holds inference tensors, which torch.export cannot trace outside
     # it (it sets requires_grad on them): the capture runs in inference mode, as such a model is called
-    inference = not torch.is_inference_mode_enabled() and any(
-        t.is_inference() for t in (*model.parameters(), *model.buffers()))
+    inference = not torch.is_inference_mode_enabled() and made_in_inference_mode(model)
     with eval_mode(model), torch.no_grad(), torch.inference_mode() if inference else contextlib.nullcontext():
         if method in ("auto", "export"):
             try:
