@@ -343,6 +343,14 @@ class Quantize(Pass):
         if self.measure_layers and (ctx.example_args or ctx.example_kwargs):
             floats = example_values(gm, ctx, x_nodes)
             refs = {n.name: (n.args[0], ir.meta.tensor_attr(gm, n.args[1]), _bias(gm, n)) for n in chosen}
+        narrow = _narrow_ranges(chosen, ranges, floats) if act == "static" else {}
+        if narrow:
+            worst = sorted(narrow.items(), key=lambda kv: -kv[1])
+            warnings.warn(f"Quantize(activations='static'): on the example inputs, the input of {len(narrow)} "
+                          f"layer(s) reaches past the range calibrated for it ("
+                          f"{', '.join(f'{k} {v:g}x' for k, v in worst[:5])}{', ...' if len(worst) > 5 else ''}), "
+                          f"so such inputs saturate at the static scale; calibrate on inputs like the real ones "
+                          f"(the example among them), or use activations='dynamic'", RuntimeWarning)
         # GPTQ in runs: every run's Hessians from the float graph, the layers replaced after the last run
         in_runs = gptq and not self.sequential and len(runs) > 1
         run_of = {x: i for i, run in enumerate(runs) for x in run} if in_runs else {}
@@ -397,6 +405,8 @@ class Quantize(Pass):
             floats = {replaced.get(x, x): v for x, v in floats.items()}
             _measure_layers(gm, floats, refs)
         extra = {"zero_input_range": zero} if zero else {}
+        if narrow:
+            extra["example_past_range"] = narrow
         if awq_counts is not None:
             extra["awq"] = {**awq_counts, **({"experts": moe_awq} if moe_awq and moe_awq["blocks"] else {})}
         if in_runs or (self.awq and len(runs) > 1):
@@ -591,6 +601,26 @@ def _bias(gm, lin: fx.Node) -> Optional[torch.Tensor]:
 def _static_scale(lo, hi) -> torch.Tensor:
     from ..quant import qparams_from_range_torch
     return qparams_from_range_torch(torch.tensor(float(lo)), torch.tensor(float(hi)), ACT_SCHEME).scale.to(torch.float32)
+
+
+NARROW = 2.0    # the example's absmax over the calibrated one past which Quantize warns (a percentile or MSE
+                # observer clips a little on purpose; twice the range is clipping no observer chose)
+
+
+def _narrow_ranges(chosen, ranges: dict, floats: dict) -> dict[str, float]:
+    """Layers whose input on the example inputs reaches past NARROW x the calibrated range's absmax, each with
+    that ratio (rounded): calibration far narrower than the inputs the model is run on saturates them. Layers
+    whose range is 0 are left to the all-zero warning."""
+    out = {}
+    for n in chosen:
+        x = n.args[0]
+        if x not in ranges or x not in floats:
+            continue
+        r = max(map(abs, ranges[x]))
+        a = float(floats[x].detach().abs().amax()) if floats[x].numel() else 0.0
+        if r > 0 and a > NARROW * r:
+            out[ir.meta.layer_name(n)] = round(a / r, 2)
+    return out
 
 
 def _static_ranges(gm, ctx: PassContext, x_nodes, observer: str) -> dict:

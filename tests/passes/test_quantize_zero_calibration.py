@@ -30,3 +30,23 @@ def test_real_calibration_does_not_warn():
         cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="static")],
                             calibration=[(torch.randn(4, 64),)], backend="torch", progress=False)
     assert "zero_input_range" not in cm.report().records[0].stats
+
+
+def test_calibration_far_narrower_than_the_example_warns_with_the_ratio():
+    # calibrated on inputs a tenth the example's size: the example saturates at ~1/10 of its range (SQNR falls)
+    m, x = _model(), torch.randn(4, 64)
+    with pytest.warns(RuntimeWarning, match=r"the input of 2 layer\(s\) reaches past the range calibrated for it "
+                                            r"\(0 \d+(\.\d+)?x, 2 \d+(\.\d+)?x\)"):
+        cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="static")],
+                            calibration=[(0.1 * torch.randn(4, 64),)], backend="torch", progress=False)
+    past = cm.report().records[0].stats["example_past_range"]
+    assert set(past) == {"0", "2"} and all(v > 5 for v in past.values()), past
+
+
+def test_calibration_including_the_example_does_not_warn():
+    m, x = _model(), torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="static")],
+                            calibration=[(0.1 * torch.randn(4, 64),), (x,)], backend="torch", progress=False)
+    assert "example_past_range" not in cm.report().records[0].stats
