@@ -111,6 +111,11 @@ class NumpyProgram:
         for p, v in zip(self.placeholders, flat_inputs):
             env[p] = to_numpy(v) if isinstance(v, torch.Tensor) else v
         load = lambda a: env[a]
+        with np.errstate(all="ignore"):       # IEEE results as torch gives them, silently (log(0) = -inf, 0/0 = nan)
+            self._run_steps(env, load, timings)
+        return fx.node.map_arg(self.output.args[0], load)
+
+    def _run_steps(self, env: dict, load, timings: dict | None) -> None:
         for i, (n, fn, dt) in enumerate(self.steps):
             args, kwargs = self.calls.get(n, (n.args, n.kwargs))
             args = fx.node.map_arg(args, load)
@@ -132,7 +137,6 @@ class NumpyProgram:
             env[n] = out
             for a in self.free_after[i]:
                 del env[a]
-        return fx.node.map_arg(self.output.args[0], load)
 
 
 def _positional(n: fx.Node) -> tuple:

@@ -568,3 +568,21 @@ def test_a_bfloat16_node_is_refused_at_compile_naming_it():
     with pytest.raises(Exception, match=r"node \w+ \(aten\.\w+\.\w+\) computes in torch.bfloat16, which numpy has "
                                         r"no type for; run with backend='torch'"):
         slimfx.compile(_Bf16Inside(), (torch.randn(2, 3),), backend="numpy", progress=False)
+
+
+class _Ieee(nn.Module):
+    def forward(self, x):
+        return torch.log(x) + x / torch.zeros_like(x) + torch.exp(x * 1000)
+
+
+def test_ieee_special_values_come_silently_as_from_torch():
+    """log(0), x/0, 0/0 and exp overflowing are -inf, inf, nan and inf in torch, without a word; numpy printed
+    RuntimeWarnings for them (T5's relative position buckets take log(0) on every call)."""
+    import warnings
+    x = torch.tensor([[0.0, 1.0, -1.0, 2.0, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = slimfx.compile(_Ieee(), (x,), backend="numpy", progress=False)
+        got = cm(x)
+    want = _Ieee()(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
