@@ -160,23 +160,39 @@ class InputSignature:
         if got.dim() != exp.dim():
             self._fail(f"input {name!r} has {got.dim()} dims {tuple(got.shape)}, expected {exp.dim()} "
                        f"{tuple(str(d) for d in exp.shape)}")
-        for d, (g, e) in enumerate(zip(got.shape, exp.shape)):
-            fixed = not isinstance(e, int) and str(e).lstrip("-").isdigit()
-            if fixed:
-                e = int(str(e))      # dynamic=True, and export kept the dim static (a loop over it): a SymInt 5
-            if isinstance(e, int):
+        for d, (g, (kind, e)) in enumerate(zip(got.shape, self._dims(exp))):
+            if kind == "static" or kind == "fixed":
                 if g != e:
                     why = ("the model fixes it: export specialized it to the example's size, e.g. for a Python "
-                           "loop over it" if fixed else "compile with dynamic=True to let it vary")
+                           "loop over it" if kind == "fixed" else "compile with dynamic=True to let it vary")
                     self._fail(f"input {name!r} dim {d} is {g}, but it was compiled static at {e} ({why})")
-                continue
-            expr = _expr(e)
-            if expr is not None and not expr.is_symbol:
-                derived.append((name, d, g, expr))
-                if all(str(s) in symbols for s in expr.free_symbols):     # checkable now: in dim order
+            elif kind == "derived":
+                derived.append((name, d, g, e))
+                if all(str(s) in symbols for s in e.free_symbols):     # checkable now: in dim order
                     self._check_derived([derived.pop()], symbols)
-                continue
-            self._bind(str(e), g, f"{name!r} dim {d}", symbols)
+            else:
+                self._bind(e, g, f"{name!r} dim {d}", symbols)
+
+    def _dims(self, exp: torch.Tensor) -> list[tuple[str, object]]:
+        """What each dim of the compiled input ``exp`` asks, worked out once per input (printing a SymInt's
+        expression on every call was most of the check's time, 2 ms per decode step of a 32-layer model):
+        ("static", size), ("fixed", size) for a dim export specialized under dynamic=True (a SymInt 5),
+        ("derived", expression) for a dim tied to others (2*s0, s0 + s1), or ("symbol", its name)."""
+        plans = self.__dict__.setdefault("_dim_plans", {})
+        plan = plans.get(id(exp))
+        if plan is None or plan[0] is not exp:
+            plan = []
+            for e in exp.shape:
+                if isinstance(e, int):
+                    plan.append(("static", e))
+                elif str(e).lstrip("-").isdigit():
+                    plan.append(("fixed", int(str(e))))
+                elif (expr := _expr(e)) is not None and not expr.is_symbol:
+                    plan.append(("derived", expr))
+                else:
+                    plan.append(("symbol", str(e)))
+            plans[id(exp)] = plan = (exp, plan)     # exp held: its id stays its own
+        return plan[1]
 
     def _bind(self, sym: str, g: int, where: str, symbols: dict) -> None:
         lo, hi = self.ranges.get(sym, (0, None))
