@@ -35,7 +35,7 @@ from .. import ir
 from ..quant import (MinMaxObserver, MovingAverageMinMaxObserver, MSEObserver, PercentileObserver, QScheme,
                      dequantize_tensor_torch, fp32_bytes, qparams_torch, quantize_tensor_torch, weight_bytes)
 from ..quant.clip import search_qparams_torch
-from ..quant.gptq import gptq_quantize, output_error
+from ..quant.gptq import gptq_quantize, output_errors
 from ..quant.linear import MAX_K
 from .awq import apply_awq
 from .awq_experts import apply_moe_awq
@@ -485,8 +485,9 @@ class Quantize(Pass):
             codes, qp = gptq_quantize(w, hessian, scheme, self.damp, act_order=self.act_order,
                                       name=f"weight of {name}", choose_qparams=choose)
             gptq = dequantize_tensor_torch(codes, scheme, qp)
-            gptq_rec = {"damp": self.damp, "act_order": self.act_order, "output_error": output_error(w, gptq, hessian),
-                        "output_error_rtn": output_error(w, rtn, hessian)}
+            e_gptq, e_rtn = output_errors(w, [gptq, rtn], hessian)
+            gptq_rec = {"damp": self.damp, "act_order": self.act_order, "output_error": e_gptq,
+                        "output_error_rtn": e_rtn}
         w_range = [float(w.min()), float(w.max())]
         clipped = importance is not None
         return lambda act, x_range, at=lin, shared_with=None: self._put_layer(

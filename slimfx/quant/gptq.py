@@ -146,5 +146,16 @@ def _group_scheme(scheme: QScheme, G: int) -> QScheme:
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr((W - W') H (W - W')^T) / tr(W H W^T): the layer's output error relative to its output, on the
     calibration inputs H summarizes."""
-    w, d, h = w.to(torch.float64), (w - w_hat).to(torch.float64), h.to(torch.float64)
-    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp(min=1e-300))
+    return output_errors(w, [w_hat], h)[0]
+
+
+def output_errors(w: torch.Tensor, w_hats, h: torch.Tensor) -> list[float]:
+    """``output_error`` of each of ``w_hats`` against the same ``w`` and ``h``, tr(W H W^T) computed once (in
+    float64: GPTQ makes W - W' small exactly where H is large, so float32 products lose the difference)."""
+    w64, h = w.to(torch.float64), h.to(torch.float64)
+    den = ((w64 @ h) * w64).sum().clamp(min=1e-300)
+    out = []
+    for w_hat in w_hats:
+        d = (w - w_hat).to(torch.float64)
+        out.append(float(((d @ h) * d).sum() / den))
+    return out
