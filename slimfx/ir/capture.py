@@ -108,7 +108,8 @@ def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
         merged = {names[i]: s for i, s in enumerate(ds[0])}
         merged.update(ds[1])
         ds = merged
-    with size_oblivious(ds is not None):
+    from .propagate import math_sdpa
+    with size_oblivious(ds is not None), math_sdpa():
         ep = torch.export.export(model, tuple(args), kwargs=kwargs or None, dynamic_shapes=ds, strict=False)
         if _mutates(ep.graph):
             # in-place ops (Falcon's ``mlp_output += attention_output``): export's own functionalization,

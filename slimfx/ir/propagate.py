@@ -7,9 +7,17 @@ import contextlib
 import torch
 import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def math_sdpa():
+    """torch 2.11's SDPA backend choice guards Eq(batch, 1) on a batch-1 example (size-oblivious tracing then
+    bounds the batch to [1, 2]); the math backend's checks read no sizes. The graph keeps the SDPA op either way."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def size_oblivious(on: bool = True):
@@ -91,7 +99,9 @@ def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModu
         key = _key(gm)
         if key is not None and gm.meta.get(_PROPAGATED) == key:
             return gm           # nothing propagation reads has changed since the last one: its vals stand
-        with torch.no_grad(), size_oblivious(mode.shape_env is not None):
+        # the python dispatcher runs CompositeImplicit ops (matmul, linear) through their symbolic Python
+        # decompositions, as torch.export traced them; torch 2.11's C++ kernels read concrete sizes and specialize
+        with torch.no_grad(), size_oblivious(mode.shape_env is not None), enable_python_dispatcher(), math_sdpa():
             _Prop(gm, mode).propagate_dont_convert_inputs(*vals)
         gm.meta[_PROPAGATED] = _key(gm)
         return gm

@@ -384,6 +384,10 @@ def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
             raise FormatError(f"symbol {name}: hint, min and max must be integers ({type(e).__name__}: {e})") from e
         if not 0 <= lo <= hint <= hi:        # (torch's own checks fail with a bare AssertionError)
             raise FormatError(f"symbol {name}: needs 0 <= min <= hint <= max, got min {lo}, hint {hint}, max {hi}")
+        if hint < 2 <= hi and lo <= 2:
+            # propagate with a hint that takes no size-0/1 branch (transformers 5.17's batched rotary matmul
+            # guards batch == 1 and made the dim a static 1 on load)
+            hint = 2
         sym = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
         env.constrain_symbol_range(sym, compiler_min=lo, compiler_max=hi)
         made[name] = env.create_symintnode(sym, hint=hint)
