@@ -593,6 +593,69 @@ def drop_noops(gm: fx.GraphModule) -> int:
     return n
 
 
+_ID_PATHS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+             aten.contiguous.default, aten.flatten.using_ints, aten.index.Tensor, aten.squeeze.dim,
+             aten.unsqueeze.default, aten.expand.default}
+
+
+def _ids_below(n, count: int) -> bool:
+    """``n`` holds indices < ``count``: the indices of a topk / max / argmax over a dim of that size, through
+    views, gathers (``index``) and sorts of them."""
+    for _ in range(32):
+        if not isinstance(n, fx.Node) or n.op != "call_function":
+            return False
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            src, i = n.args
+            if src.target is aten.sort.default and i == 0:          # the ids sorted: still ids
+                n = src.args[0]
+                continue
+            if i == 1 and src.target in (aten.topk.default, aten.max.dim):
+                dim = src.args[2] if src.target is aten.topk.default and len(src.args) > 2 else \
+                    src.kwargs.get("dim", -1) if src.target is aten.topk.default else src.args[1]
+                shape = meta.shape(src.args[0])
+                return shape is not None and shape[dim] == count
+            return False
+        if n.target is aten.argmax.default and len(n.args) > 1:
+            shape = meta.shape(n.args[0])
+            return shape is not None and shape[n.args[1]] == count
+        if n.target in _ID_PATHS:
+            n = n.args[0]
+            continue
+        if n.target in (aten.cat.default, aten.concat.default):     # Phi-MoE: the ids of its two picks
+            return all(_ids_below(a, count) for a in n.args[0])
+        return False
+    return False
+
+
+def drop_expert_sentinel_masks(gm: fx.GraphModule) -> int:
+    """transformers < 5.2x's grouped-GEMM experts zero the rows routed to a "sentinel" expert (an id >= the
+    expert count, which only expert parallelism makes) on every call: ``masked_fill(x, (ids >= E)[..., None], 0)``
+    around each GEMM. Without expert parallelism the ids come from a topk over the E experts, the mask is all
+    False, and the fills only hide the experts' pattern from the MoE passes: drop them (and ``clamp(ids, max=E-1)``)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.masked_fill.Scalar and node.args[2] == 0:
+            mask = node.args[1]
+            if isinstance(mask, fx.Node) and mask.target is aten.unsqueeze.default:
+                mask = mask.args[0]
+            if isinstance(mask, fx.Node) and mask.target is aten.ge.Scalar and type(mask.args[1]) is int \
+                    and _ids_below(mask.args[0], mask.args[1]):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                n += 1
+        elif node.target is aten.clamp.default and len(node.args) == 3 and node.args[1] is None \
+                and type(node.args[2]) is int and _ids_below(node.args[0], node.args[2] + 1):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            n += 1
+    if n:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return n
+
+
 def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
     """Bring a freshly captured graph to the canonical op set; returns counts per step."""
     from .propagate import propagate_meta
@@ -603,6 +666,7 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
         if all("val" in p.meta for p in gm.graph.nodes if p.op == "placeholder"):
             propagate_meta(gm)
     counts["no-ops"] = drop_noops(gm)
+    counts["expert sentinels"] = drop_expert_sentinel_masks(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return counts
