@@ -73,13 +73,15 @@ def axes(dims):
 # --- Python operators on sizes (SymInts become ints here) ------------------------------------------
 for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
             operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-            operator.ge, operator.getitem, math.ceil, math.floor):
+            operator.ge, operator.getitem, math.ceil, math.floor,
+            operator.and_, operator.or_, operator.xor, operator.not_):   # SymBools: export's runtime asserts
     numpy_op(_op)(_op)
 numpy_op(torch.sym_max)(max)
 numpy_op(torch.sym_min)(min)
 numpy_op(torch.sym_sum)(sum)
 numpy_op(torch.sym_float)(float)
 numpy_op(torch.sym_int)(int)
+numpy_op(torch.sym_not)(operator.not_)
 
 
 @numpy_op(aten.sym_size.int)
@@ -90,6 +92,16 @@ def sym_size(x, dim):
 @numpy_op(aten.sym_numel.default)
 def sym_numel(x):
     return x.size
+
+
+@numpy_op(aten.sym_storage_offset.default)
+def sym_storage_offset(x):
+    """torch 2.11's export reads a view's storage offset for its runtime asserts (u >= 0): the element offset
+    of the array in its base (numpy's views share no torch storage; 0 for an array that owns its data)."""
+    base = x.base if isinstance(x, np.ndarray) else None
+    if base is None or not isinstance(base, np.ndarray) or x.itemsize == 0:
+        return 0
+    return (x.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // x.itemsize
 
 
 @numpy_op(aten._assert_scalar.default)
