@@ -598,6 +598,12 @@ _ID_PATHS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
              aten.unsqueeze.default, aten.expand.default}
 
 
+def _plain_size(size, count: int) -> bool:
+    """``size`` is the plain int ``count`` (a symbolic size compared with == would be guarded, and fixed, at the
+    example's value)."""
+    return type(size) is int and size == count
+
+
 def _ids_below(n, count: int) -> bool:
     """``n`` holds indices < ``count``: the indices of a topk / max / argmax over a dim of that size, through
     views, gathers (``index``) and sorts of them."""
@@ -613,11 +619,11 @@ def _ids_below(n, count: int) -> bool:
                 dim = src.args[2] if src.target is aten.topk.default and len(src.args) > 2 else \
                     src.kwargs.get("dim", -1) if src.target is aten.topk.default else src.args[1]
                 shape = meta.shape(src.args[0])
-                return shape is not None and shape[dim] == count
+                return shape is not None and _plain_size(shape[dim], count)
             return False
-        if n.target is aten.argmax.default and len(n.args) > 1:
+        if n.target is aten.argmax.default and len(n.args) > 1 and type(n.args[1]) is int:
             shape = meta.shape(n.args[0])
-            return shape is not None and shape[n.args[1]] == count
+            return shape is not None and _plain_size(shape[n.args[1]], count)
         if n.target in _ID_PATHS:
             n = n.args[0]
             continue

@@ -3,6 +3,7 @@ dims dynamic). Dialect ops propagate through their registered fake implementatio
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious
@@ -14,9 +15,13 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
 def math_sdpa():
-    """torch 2.11's SDPA backend choice guards Eq(batch, 1) on a batch-1 example (size-oblivious tracing then
-    bounds the batch to [1, 2]); the math backend's checks read no sizes. The graph keeps the SDPA op either way."""
+    """On torch < 2.13, SDPA's backend choice guards Eq(batch, 1) on a batch-1 example (size-oblivious tracing
+    then bounds the batch to [1, 2]); the math backend's checks read no sizes there. 2.13 needs no help, and its
+    math backend guards the batch itself under enable_gqa=True (transformers passes it when there is no mask), so
+    there this is a no-op. The graph keeps the SDPA op either way."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 13):
+        return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
 
 
@@ -48,45 +53,67 @@ class _Prop(FakeTensorProp):
         return super().call_function(target, args, kwargs)
 
 
-_PROPAGATED = "slimfx_propagated"
-
-
-_PLAIN = (fx.Node, int, float, bool, str, complex, type(None), type(...), torch.dtype, torch.device, torch.layout,
+_PLAIN = (int, float, bool, str, complex, type(None), type(...), torch.dtype, torch.device, torch.layout,
           torch.memory_format)
 
 
-def _plain(a) -> bool:
-    """Whether an argument compares by value or identity, never elementwise (a tensor or an array would)."""
+def _typed(a):
+    """An argument as a key that compares as propagation sees it: nodes by identity, literals with their type
+    (2, 2.0 and True are equal in Python, not in the dtype they give); None for anything else (a tensor)."""
+    if isinstance(a, fx.Node):
+        return a
     if isinstance(a, (tuple, list)):
-        return all(_plain(x) for x in a)
+        parts = [_typed(x) for x in a]
+        return None if any(x is None for x in parts) else (type(a).__name__, *parts)
     if isinstance(a, dict):
-        return all(_plain(x) for x in a.values())
+        parts = [(k, _typed(v)) for k, v in a.items()]
+        return None if any(v is None for _, v in parts) else ("dict", *parts)
     if isinstance(a, slice):
-        return _plain((a.start, a.stop, a.step))
-    return isinstance(a, _PLAIN)
+        parts = _typed((a.start, a.stop, a.step))
+        return None if parts is None else ("slice", parts)
+    if isinstance(a, _PLAIN):
+        return (type(a), a)
+    return None
 
 
-def _key(gm: fx.GraphModule):
-    """Everything propagation reads, compared by identity where it is an object: each node's op, target and
-    arguments (the nodes themselves), the module or tensor each call_module / get_attr names (with the tensor's
-    shape, dtype, strides and device) and the val object on every node (a val set by hand is propagated again).
-    A pass (Fuse, Prune, Quantize) that propagates after its last edit is then not followed by a second full
-    propagation from the verifier (1-2 ms a node: seconds for a 32-layer model). None when an argument is
-    something else (a tensor constant): then propagation always runs."""
-    parts = []
+class _Key:
+    """Everything propagation reads: each node's op, target and arguments (``_typed``), the shape, dtype,
+    strides and device of the tensor each get_attr names (and the value of a one-element one, which fake
+    tensors may carry), the shape environment's replacements, and the val object on every node, compared by
+    identity and held (a val set by hand is propagated again). A pass (Fuse, Prune, Quantize) that propagates
+    after its last edit is then not followed by a second full propagation from the verifier (1-2 ms a node:
+    seconds for a 32-layer model). Kept on the graph, not in the module's meta: deepcopy and pickle leave it."""
+
+    def __init__(self, structure: tuple, vals: tuple):
+        self.structure, self.vals = structure, vals
+
+    def same(self, other: "_Key") -> bool:
+        return len(self.vals) == len(other.vals) and all(a is b for a, b in zip(self.vals, other.vals)) \
+            and self.structure == other.structure
+
+
+def _key(gm: fx.GraphModule, mode) -> Optional[_Key]:
+    """The graph's ``_Key``; None when something in it cannot key it (a tensor argument, a call_module):
+    propagation then always runs."""
+    parts, vals = [], []
     for n in gm.graph.nodes:
-        if not _plain((n.args, n.kwargs)):
+        if n.op == "call_module":
+            return None
+        args = _typed((n.args, n.kwargs))
+        if args is None:
             return None
         ref = None
-        if n.op in ("get_attr", "call_module"):
-            try:
-                obj = gm.get_submodule(n.target) if n.op == "call_module" else getattr(gm, n.target)
-            except AttributeError:
+        if n.op == "get_attr":
+            t = getattr(gm, n.target, None)
+            if not isinstance(t, torch.Tensor):
                 return None
-            ref = (id(obj), tuple(obj.shape), obj.dtype, obj.stride(), obj.device) \
-                if isinstance(obj, torch.Tensor) else id(obj)
-        parts.append((n, n.op, n.target, n.args, n.kwargs, ref, id(n.meta.get("val"))))
-    return tuple(parts)
+            value = t.detach().cpu().tolist() if t.numel() == 1 and not t.is_meta else None
+            ref = (tuple(t.shape), t.dtype, t.stride(), t.device, value)
+        parts.append((n, n.op, n.target, args, ref))
+        vals.append(n.meta.get("val"))
+    env = getattr(mode, "shape_env", None)
+    parts.append(len(env.replacements) if env is not None else None)
+    return _Key(tuple(parts), tuple(vals))
 
 
 def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModule:
@@ -96,14 +123,14 @@ def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModu
     vals = [p.meta.get("val") for p in placeholders]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is not None and all(v is not None or not p.users for p, v in zip(placeholders, vals)):
-        key = _key(gm)
-        if key is not None and gm.meta.get(_PROPAGATED) == key:
+        key, last = _key(gm, mode), getattr(gm.graph, "_slimfx_propagated", None)
+        if key is not None and last is not None and key.same(last):
             return gm           # nothing propagation reads has changed since the last one: its vals stand
         # the python dispatcher runs CompositeImplicit ops (matmul, linear) through their symbolic Python
         # decompositions, as torch.export traced them; torch 2.11's C++ kernels read concrete sizes and specialize
         with torch.no_grad(), size_oblivious(mode.shape_env is not None), enable_python_dispatcher(), math_sdpa():
             _Prop(gm, mode).propagate_dont_convert_inputs(*vals)
-        gm.meta[_PROPAGATED] = _key(gm)
+        gm.graph._slimfx_propagated = _key(gm, mode)
         return gm
     if len(example_args) != len(placeholders):
         raise ValueError(f"propagate_meta needs one example input per placeholder "

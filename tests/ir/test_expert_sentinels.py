@@ -44,3 +44,18 @@ def test_a_mask_below_the_expert_count_is_kept():
     assert _targets(gm).count(aten.masked_fill.Scalar) == 2, gm.code
     for got, want in zip(gm(x), m(x)):
         assert torch.equal(got, want)
+
+
+class _OverSequence(nn.Module):
+    def forward(self, x):                       # ids index a dynamic sequence: 6 is the example's length, no count
+        _, ids = torch.topk(x.sum(-1), 2, dim=-1)
+        return ids.masked_fill(ids >= 6, 0)
+
+
+def test_ids_over_a_dynamic_dim_keep_their_mask_and_the_dim():
+    """Comparing a symbolic size with the mask's constant guarded it, fixing the sequence at the example's 6."""
+    m = _OverSequence().eval()
+    cap = ir.capture(m, (torch.randn(2, 6, 8),), {}, dynamic=True)
+    assert aten.masked_fill.Scalar in _targets(cap.gm)
+    x = [n for n in cap.gm.graph.nodes if n.op == "placeholder"][0]
+    assert not isinstance(x.meta["val"].shape[1], int) and "6" != str(x.meta["val"].shape[1])

@@ -69,3 +69,28 @@ def test_rewired_arguments_and_replaced_vals_propagate_again(counted):
     relu.args[0].replace_input_with(x, neg)          # the first linear now reads -x
     ir.propagate_meta(gm)
     assert len(counted) == n + 2 and "val" in neg.meta
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, x):
+        return x.argmax(-1) * 2
+
+
+def test_a_literal_of_another_type_propagates_again():
+    """2 and 2.0 are equal in Python, not in the dtype they give: an int literal turned float re-propagates."""
+    gm = ir.capture(_Scaled().eval(), (torch.randn(3, 6),), {}, dynamic=True).gm
+    ir.propagate_meta(gm)
+    mul = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor][0]
+    assert mul.meta["val"].dtype == torch.int64
+    mul.args = (mul.args[0], 2.0)
+    ir.propagate_meta(gm)
+    assert mul.meta["val"].dtype == torch.float32
+
+
+def test_a_propagated_module_still_deep_copies():
+    import copy
+    gm = _gm()
+    ir.propagate_meta(gm)
+    other = copy.deepcopy(gm)
+    x = torch.randn(2, 6)
+    assert torch.equal(other(x)[0], gm(x)[0])
