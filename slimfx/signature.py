@@ -140,6 +140,8 @@ class InputSignature:
                 hint = getattr(getattr(e, "node", None), "hint", None)
                 expr = None if isinstance(e, int) else _expr(e)
                 if hint is not None and expr is not None and expr.is_symbol:
+                    from .ir.serialize import example_hint
+                    hint = example_hint(e)
                     groups.setdefault(int(hint), {}).setdefault(str(e), (g, f"{name!r} dim {d}"))
         pairs = [(hint, dims) for hint, dims in groups.items() if len({g for g, _ in dims.values()}) > 1]
         if not pairs:
@@ -179,8 +181,11 @@ class InputSignature:
         ("static", size), ("fixed", size) for a dim export specialized under dynamic=True (a SymInt 5),
         ("derived", expression) for a dim tied to others (2*s0, s0 + s1), or ("symbol", its name)."""
         plans = self.__dict__.setdefault("_dim_plans", {})
+        env = next((e.node.shape_env for e in exp.shape if not isinstance(e, int)
+                    and getattr(getattr(e, "node", None), "shape_env", None) is not None), None)
+        version = len(env.replacements) if env is not None else 0   # a pass that fixes a symbol adds one
         plan = plans.get(id(exp))
-        if plan is None or plan[0] is not exp:
+        if plan is None or plan[0] is not exp or plan[1] != version:
             plan = []
             for e in exp.shape:
                 if isinstance(e, int):
@@ -191,8 +196,8 @@ class InputSignature:
                     plan.append(("derived", expr))
                 else:
                     plan.append(("symbol", str(e)))
-            plans[id(exp)] = plan = (exp, plan)     # exp held: its id stays its own
-        return plan[1]
+            plans[id(exp)] = plan = (exp, version, plan)     # exp held: its id stays its own
+        return plan[2]
 
     def _bind(self, sym: str, g: int, where: str, symbols: dict) -> None:
         lo, hi = self.ranges.get(sym, (0, None))

@@ -247,7 +247,7 @@ def _val_spec(v, symbols: dict, where: str):
                 if not expr.is_symbol:                      # BLOOM's attention mask: cache + new tokens
                     shape.append(_sum_spec(d, symbols, where))
                     continue
-                symbols.setdefault(str(expr), {"hint": int(d.node.hint)})
+                symbols.setdefault(str(expr), {"hint": example_hint(d)})
                 shape.append(str(expr))
             else:
                 shape.append(int(d))
@@ -264,7 +264,7 @@ def _sum_spec(d: torch.SymInt, symbols: dict, where: str) -> dict:
     out = []
     for term in terms:
         coef, sym = term.as_coeff_Mul()
-        hint = d.node.shape_env.var_to_val.get(sym)
+        hint = getattr(d.node.shape_env, "slimfx_example_hints", {}).get(str(sym), d.node.shape_env.var_to_val.get(sym))
         if not (sym.is_symbol and coef.is_integer and hint is not None):
             raise FormatError(f"{where}: input dim {d} is an expression other than a sum of symbols times "
                               f"integers")
@@ -370,6 +370,12 @@ def load_spec(text: str | None, where: str):
         raise FormatError(f"{where}: cannot read the pytree spec: {e}") from e
 
 
+def example_hint(d) -> int:
+    """A dynamic dim's size in the example inputs: its hint, or, for a loaded symbol that load started from 2,
+    the example's size saved with it."""
+    return int(getattr(d.node.shape_env, "slimfx_example_hints", {}).get(str(d.node.expr), d.node.hint))
+
+
 def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
     """Fake values of the placeholders: fresh symbols (with the saved hints and ranges) for dynamic dims.
     Returns them and the rename old symbol name -> new one."""
@@ -384,11 +390,14 @@ def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
             raise FormatError(f"symbol {name}: hint, min and max must be integers ({type(e).__name__}: {e})") from e
         if not 0 <= lo <= hint <= hi:        # (torch's own checks fail with a bare AssertionError)
             raise FormatError(f"symbol {name}: needs 0 <= min <= hint <= max, got min {lo}, hint {hint}, max {hi}")
+        example = hint
         if hint < 2 <= hi and lo <= 2:
             # propagate with a hint that takes no size-0/1 branch (transformers 5.17's batched rotary matmul
-            # guards batch == 1 and made the dim a static 1 on load)
+            # guards batch == 1 and made the dim a static 1 on load); the example's stays for what reads it
             hint = 2
         sym = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+        if example != hint:
+            env.slimfx_example_hints = {**getattr(env, "slimfx_example_hints", {}), str(sym): example}
         env.constrain_symbol_range(sym, compiler_min=lo, compiler_max=hi)
         made[name] = env.create_symintnode(sym, hint=hint)
         rename[name] = str(sym)
