@@ -343,7 +343,7 @@ class Quantize(Pass):
         if self.measure_layers and (ctx.example_args or ctx.example_kwargs):
             floats = example_values(gm, ctx, x_nodes)
             refs = {n.name: (n.args[0], ir.meta.tensor_attr(gm, n.args[1]), _bias(gm, n)) for n in chosen}
-        narrow = _narrow_ranges(chosen, ranges, floats) if act == "static" else {}
+        narrow = _narrow_ranges(chosen, ranges, floats) if act == "static" and self.observer == "minmax" else {}
         if narrow:
             worst = sorted(narrow.items(), key=lambda kv: -kv[1])
             warnings.warn(f"Quantize(activations='static'): on the example inputs, the input of {len(narrow)} "
@@ -604,8 +604,8 @@ def _static_scale(lo, hi) -> torch.Tensor:
     return qparams_from_range_torch(torch.tensor(float(lo)), torch.tensor(float(hi)), ACT_SCHEME).scale.to(torch.float32)
 
 
-NARROW = 2.0    # the example's absmax over the calibrated one past which Quantize warns (a percentile or MSE
-                # observer clips a little on purpose; twice the range is clipping no observer chose)
+NARROW = 2.0    # the example's absmax over the calibrated one past which Quantize warns, with the minmax observer
+                # only: percentile, MSE and moving-average ranges clip outliers by design
 
 
 def _narrow_ranges(chosen, ranges: dict, floats: dict) -> dict[str, float]:

@@ -50,3 +50,15 @@ def test_calibration_including_the_example_does_not_warn():
         cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="static")],
                             calibration=[(0.1 * torch.randn(4, 64),), (x,)], backend="torch", progress=False)
     assert "example_past_range" not in cm.report().records[0].stats
+
+
+def test_a_clipping_observer_does_not_warn_about_the_outliers_it_clips():
+    # the percentile observer cuts the top 0.01% on purpose: one outlier in the example is its choice, not a
+    # calibration far narrower than the inputs
+    m, x = _model(), torch.randn(1024, 64)
+    x[0, 0] = 40.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="static", observer="percentile")],
+                            calibration=[(x,)], backend="torch", progress=False)
+    assert "example_past_range" not in cm.report().records[0].stats
