@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import slimfx
-from conftest import text_batch
+from conftest import text_batch, xfail_before_transformers
 from slimfx import passes as P
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -434,11 +434,13 @@ def _longrope():
     return Phi3ForCausalLM(cfg).eval()
 
 
-def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
+def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path, request):
     """Long-context Phi-3 rotates with short factors up to original_max_position_embeddings (32) and long ones
     past it; transformers' generate runs the whole sequence again at the step that crosses 32 tokens. Without
     that the cached keys kept their short rotation and the logits moved by ~1e-3 from that step on (tokens
     differed within 12 steps)."""
+    xfail_before_transformers(request, "5.25", "longrope_frequency_update branches in Python on max(position_ids), "
+                                               "which export cannot capture (later versions use torch.where)")
     model = _longrope()
     lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
     assert lm.rope_switch == 32

@@ -14,7 +14,7 @@ from slimfx import ir, passes as P
 from slimfx.backends import lower
 from slimfx.ir.dialect.sparse import block_sparsity, pattern_violation
 
-from conftest import nearest, text_batch
+from conftest import nearest, text_batch, xfail_before_transformers
 
 sf = torch.ops.slimfx
 
@@ -1139,11 +1139,14 @@ def test_query_heads_llama_equal_the_llama_built_with_fewer_heads(heads, kv, spa
 
 
 @pytest.mark.parametrize("family", ["falcon", "falcon_mqa", "phi3", "gpt_bigcode"])
-def test_query_heads_from_one_fused_projection_shrink(family):
+def test_query_heads_from_one_fused_projection_shrink(family, request):
     """One projection for q, k and v: Falcon's laid out per kv group ((..., kv, rep + 2, head_dim): each group's
     block keeps its kept q heads' rows and its key's and value's, the cut of q, k and v out of a group follows),
     Falcon-7B's multi-query (..., heads + 2, head_dim) split [heads, 1, 1], Phi-3's slices [q | k | v] and
     GPT-BigCode's multi-query c_attn(x).unsqueeze(1).split([q, k, v]) (the bounds after q move with it)."""
+    if family.startswith("falcon"):
+        xfail_before_transformers(request, "5.25", "the older Falcon attention's full-range slices and constant "
+                                                   "index over the fused projection are not read (cleanly refused)")
     import copy
     import transformers as T
     torch.manual_seed(0)
