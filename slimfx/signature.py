@@ -132,6 +132,7 @@ class InputSignature:
         that the capture gave symbols of their own (export found no tie between them: an attention mask's batch
         and the ids'), which differ in this call; None when there are none. A model may need them equal without
         export saying so (transformers' mask indexing by the ids' batch), and the graph then fails deep inside."""
+        from .ir.serialize import example_hint
         groups: dict[int, dict[str, tuple[int, str]]] = {}
         for (name, exp), got in zip(self.leaves, pytree.tree_leaves((args, kwargs))):
             if not (isinstance(exp, torch.Tensor) and isinstance(got, torch.Tensor) and got.dim() == exp.dim()):
@@ -140,7 +141,6 @@ class InputSignature:
                 hint = getattr(getattr(e, "node", None), "hint", None)
                 expr = None if isinstance(e, int) else _expr(e)
                 if hint is not None and expr is not None and expr.is_symbol:
-                    from .ir.serialize import example_hint
                     hint = example_hint(e)
                     groups.setdefault(int(hint), {}).setdefault(str(e), (g, f"{name!r} dim {d}"))
         pairs = [(hint, dims) for hint, dims in groups.items() if len({g for g, _ in dims.values()}) > 1]

@@ -264,7 +264,7 @@ def _sum_spec(d: torch.SymInt, symbols: dict, where: str) -> dict:
     out = []
     for term in terms:
         coef, sym = term.as_coeff_Mul()
-        hint = getattr(d.node.shape_env, "slimfx_example_hints", {}).get(str(sym), d.node.shape_env.var_to_val.get(sym))
+        hint = _example_hints(d.node.shape_env).get(str(sym), d.node.shape_env.var_to_val.get(sym))
         if not (sym.is_symbol and coef.is_integer and hint is not None):
             raise FormatError(f"{where}: input dim {d} is an expression other than a sum of symbols times "
                               f"integers")
@@ -373,7 +373,12 @@ def load_spec(text: str | None, where: str):
 def example_hint(d) -> int:
     """A dynamic dim's size in the example inputs: its hint, or, for a loaded symbol that load started from 2,
     the example's size saved with it."""
-    return int(getattr(d.node.shape_env, "slimfx_example_hints", {}).get(str(d.node.expr), d.node.hint))
+    return int(_example_hints(d.node.shape_env).get(str(d.node.expr), d.node.hint))
+
+
+def _example_hints(env) -> dict:
+    """{symbol name: example size} for the symbols load started from another size than the example's."""
+    return getattr(env, "slimfx_example_hints", {})
 
 
 def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
@@ -397,7 +402,7 @@ def _inputs(data: dict, placeholders: list) -> tuple[list, dict]:
             hint = 2
         sym = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
         if example != hint:
-            env.slimfx_example_hints = {**getattr(env, "slimfx_example_hints", {}), str(sym): example}
+            env.slimfx_example_hints = {**_example_hints(env), str(sym): example}
         env.constrain_symbol_range(sym, compiler_min=lo, compiler_max=hi)
         made[name] = env.create_symintnode(sym, hint=hint)
         rename[name] = str(sym)
