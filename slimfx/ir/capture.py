@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from . import meta
 from .canonical import canonicalize, fold_weight_slices, fold_weight_transposes, name_layers
-from .propagate import propagate_meta, size_oblivious
+from .propagate import adopt_vals, propagate_meta, size_oblivious
 
 
 class CaptureError(RuntimeError):
@@ -296,6 +296,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: Optional[dict] = N
         raise CaptureError(_explain(name, errors, dynamic)) from errors[-1][1]
     for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
         gm.graph.erase_node(node)         # export's own input guards; slimfx checks inputs itself
+    if used == "export":
+        with torch.inference_mode() if inference else contextlib.nullcontext():     # where export traced
+            adopt_vals(gm)                # export's vals, from its trace: later propagations rerun what changed
     if used == "symbolic_trace":
         try:
             propagate_meta(gm, args)      # canonicalization reads shapes (tensor or int operands)

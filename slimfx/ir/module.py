@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.fx._pytree  # noqa: F401 - tree_flatten_spec
 
 from . import meta
+from .propagate import carry_propagation
 
 
 def fork(gm: fx.GraphModule) -> fx.GraphModule:
@@ -34,6 +35,7 @@ def fork(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op in ("get_attr", "call_module"):
             root[node.target] = getattr(gm, node.target) if node.op == "get_attr" else gm.get_submodule(node.target)
     new = fx.GraphModule(root, graph, class_name=gm.__class__.__name__)
+    carry_propagation(gm.graph, graph, {**val_map, out_node: new_out})
     return new
 
 

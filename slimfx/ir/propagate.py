@@ -3,14 +3,18 @@ dims dynamic). Dialect ops propagate through their registered fake implementatio
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Optional
 
+import sympy
 import torch
+import torch.utils._pytree
 import torch.fx.experimental._config  # noqa: F401 - backed_size_oblivious
 import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import snapshot_fake
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
@@ -40,7 +44,34 @@ class _Prop(FakeTensorProp):
     """FakeTensorProp that runs constant padding through its Python decomposition, as torch.export traced it:
     the C++ kernel behind ``aten.pad`` / ``constant_pad_nd`` reads concrete sizes, so on symbolic shapes it
     fails (a symbolic pad: Falcon-H1's Mamba chunks, padded to a multiple of the chunk size) or specializes
-    the dims it reads (Bamba's batch became 2 at its causal convolution's padding)."""
+    the dims it reads (Bamba's batch became 2 at its causal convolution's padding).
+
+    Given the last propagation's ``_Key`` (``last``) and this graph's (``key``), it runs only what changed: a
+    node whose arguments, target and (for get_attr) tensor are as they were, whose val is the one propagation
+    left and whose inputs all kept theirs keeps its val without running. A node that runs and comes out as
+    before (``_same_val``: shape, strides, dtype, device, symbols by expression) keeps its old val too, so the
+    nodes after it keep theirs: a pass that swaps each linear layer for a quantized one reruns those layers,
+    not the model."""
+
+    def __init__(self, module, mode, last: Optional["_Key"] = None, key: Optional["_Key"] = None):
+        super().__init__(module, mode)
+        self._last, self._now, self._kept, self.ran = last, key, set(), 0
+
+    def run_node(self, n: fx.Node):
+        last, old = self._last, n.meta.get("val")
+        # the val the last propagation gave it, which the nodes after it were propagated from
+        recorded = last is not None and old is not None and last.vals.get(n) is old
+        if recorded and n.op != "output" and last.parts[n] == self._now.parts[n] \
+                and all(a in self._kept for a in n.all_input_nodes):
+            self._kept.add(n)
+            return old
+        self.ran += 1
+        result = super().run_node(n)
+        if recorded and _same_val(old, n.meta.get("val")):
+            n.meta["val"] = old
+            self._kept.add(n)
+            return old
+        return result
 
     def call_function(self, target, args, kwargs):
         aten = torch.ops.aten
@@ -51,6 +82,42 @@ class _Prop(FakeTensorProp):
             from torch._decomp import decomposition_table
             return decomposition_table[target](*args, **kwargs)
         return super().call_function(target, args, kwargs)
+
+
+def _same_sym(a, b) -> bool:
+    """Two sizes (or scalars) alike without asking the shape environment (``==`` on SymInts adds a guard):
+    plain values by type and value, symbolic ones by their expression (a constant one as the plain value;
+    ``(a + b)*c`` as ``a*c + b*c``, as export and propagation may spell a stride)."""
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        if type(a) is not type(b):
+            return False
+        x, y = a.node.expr, b.node.expr
+        return x == y or (isinstance(a, torch.SymInt) and sympy.expand(x - y) == 0)
+    return type(a) is type(b) and a == b
+
+
+def _plain(a):
+    if isinstance(a, torch.SymInt) and a.node.expr.is_number:
+        return int(a.node.expr)
+    return a
+
+
+def _same_val(a, b) -> bool:
+    """Whether a node's new val says what its old one did, to every node that reads it."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and type(a) is type(b) and a.dtype == b.dtype \
+            and a.device == b.device and a.layout == b.layout and a.requires_grad == b.requires_grad \
+            and a.is_inference() == b.is_inference() \
+            and a.dim() == b.dim() and all(map(_same_sym, a.shape, b.shape)) \
+            and all(map(_same_sym, a.stride(), b.stride())) and _same_sym(a.storage_offset(), b.storage_offset()) \
+            and getattr(a, "constant", None) is None and getattr(b, "constant", None) is None
+    if isinstance(a, (tuple, list)):
+        # a list or tuple of tensors (fx's immutable_list after a propagation, export's list before)
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(_same_val, a, b))
+    if a is None or isinstance(a, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return _same_sym(a, b)
+    return False
 
 
 _PLAIN = (int, float, bool, str, complex, type(None), type(...), torch.dtype, torch.device, torch.layout,
@@ -77,25 +144,49 @@ def _typed(a):
 
 
 class _Key:
-    """Everything propagation reads: each node's op, target and arguments (``_typed``), the shape, dtype,
-    strides and device of the tensor each get_attr names (and the value of a one-element one, which fake
-    tensors may carry), the shape environment's replacements, and the val object on every node, compared by
-    identity and held (a val set by hand is propagated again). A pass (Fuse, Prune, Quantize) that propagates
-    after its last edit is then not followed by a second full propagation from the verifier (1-2 ms a node:
-    seconds for a 32-layer model). Kept on the graph, not in the module's meta: deepcopy and pickle leave it."""
+    """Everything propagation reads: each node's op, target and arguments (``_typed``), what a fake of the
+    tensor each get_attr names holds (its type, shape, strides, dtype, device, whether it is an inference
+    tensor, and the value of a one-element one), the ``_context`` it ran in, and the val object on every node,
+    compared by identity and held (a val set by hand is propagated again). A pass (Fuse, Prune, Quantize) that
+    propagates after its last edit is then not followed by a second full propagation from the verifier (1-2 ms
+    a node: seconds for a 32-layer model), and one that changed a few nodes reruns those (``_Prop``). Kept on
+    the graph, not in the module's meta: deepcopy and pickle leave it."""
 
-    def __init__(self, structure: tuple, vals: tuple):
-        self.structure, self.vals = structure, vals
+    def __init__(self, parts: dict, vals: dict, context):
+        self.parts, self.vals, self.context = parts, vals, context
 
     def same(self, other: "_Key") -> bool:
-        return len(self.vals) == len(other.vals) and all(a is b for a, b in zip(self.vals, other.vals)) \
-            and self.structure == other.structure
+        return self.context == other.context and len(self.vals) == len(other.vals) \
+            and all(other.vals.get(n, self) is v for n, v in self.vals.items()) and self.parts == other.parts
+
+
+_GONE = object()     # in a carried part, an argument erased from the graph since: equal to no node
+
+
+def _moved(a, val_map: dict):
+    if isinstance(a, fx.Node):
+        return val_map.get(a, _GONE)
+    if isinstance(a, tuple):
+        return tuple(_moved(x, val_map) for x in a)
+    return a
+
+
+def carry_propagation(src: fx.Graph, dst: fx.Graph, val_map: dict) -> None:
+    """Give ``dst``, a copy of ``src`` (``graph_copy`` with ``val_map``, its nodes sharing their vals), what
+    ``src`` knows of its last propagation, so that propagating the copy reruns only what changed (passes work
+    on copies: ``ir.fork``). Nodes erased from ``src`` since then are left out."""
+    last = getattr(src, "_slimfx_propagated", None)
+    if last is not None:
+        dst._slimfx_propagated = _Key({val_map[n]: _moved(part, val_map) for n, part in last.parts.items()
+                                       if n in val_map},
+                                      {val_map[n]: v for n, v in last.vals.items() if n in val_map},
+                                      last.context)
 
 
 def _key(gm: fx.GraphModule, mode) -> Optional[_Key]:
     """The graph's ``_Key``; None when something in it cannot key it (a tensor argument, a call_module):
-    propagation then always runs."""
-    parts, vals = [], []
+    propagation then always runs, over every node."""
+    parts, vals = {}, {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             return None
@@ -104,32 +195,87 @@ def _key(gm: fx.GraphModule, mode) -> Optional[_Key]:
             return None
         ref = None
         if n.op == "get_attr":
-            t = getattr(gm, n.target, None)
+            try:
+                t = operator.attrgetter(n.target)(gm)      # a dotted path in export's graphs
+            except AttributeError:
+                return None
             if not isinstance(t, torch.Tensor):
                 return None
             value = t.detach().cpu().tolist() if t.numel() == 1 and not t.is_meta else None
-            ref = (tuple(t.shape), t.dtype, t.stride(), t.device, value)
-        parts.append((n, n.op, n.target, args, ref))
-        vals.append(n.meta.get("val"))
+            # all a fake of it holds: an inference tensor's fake is one too (own_state swaps in a plain copy)
+            ref = (type(t), tuple(t.shape), t.dtype, t.stride(), t.storage_offset(), t.device, t.layout,
+                   t.requires_grad, t.is_inference(), value)
+        parts[n] = (n.op, n.target, args, ref)
+        vals[n] = n.meta.get("val")
+    return _Key(parts, vals, _context(mode))
+
+
+def adopt_vals(gm: fx.GraphModule) -> None:
+    """Take the vals already on the graph (torch.export's, from its own trace) as a propagation's, so that the
+    first propagation after an edit (canonicalization, the first pass) reruns only what changed."""
+    mode = detect_fake_mode([p.meta.get("val") for p in gm.graph.nodes if p.op == "placeholder"
+                             and isinstance(p.meta.get("val"), torch.Tensor)])
+    if mode is None:
+        return
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and not _as_propagated(n.meta.get("val"), gm, n.target, mode):
+            return          # export's fake of a constant is not the one propagation makes of it
+    for n in gm.graph.nodes:       # export traced with grad on; propagation runs without (and so reads no grad)
+        if "val" in n.meta:
+            n.meta["val"] = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda v: snapshot_fake(v) if v.requires_grad else v, n.meta["val"])
+    gm.graph._slimfx_propagated = _key(gm, mode)
+
+
+def _as_propagated(val, gm: fx.GraphModule, target: str, mode) -> bool:
+    """Whether export's val of a get_attr lays the tensor out as propagation's fake of it does, and the tensor is
+    a plain one (contiguous, from its storage's start): export's vals of the ops on a strided view (Falcon's
+    alibi slopes, a constant at offset 1) may start at 0 where propagation's start at 1."""
+    try:
+        t = operator.attrgetter(target)(gm)
+    except AttributeError:
+        return False
+    if not isinstance(t, torch.Tensor) or not isinstance(val, torch.Tensor) or not t.is_contiguous() \
+            or t.storage_offset() != 0:
+        return False
+    fake = mode.from_tensor(t, static_shapes=True)
+    return val.dtype == fake.dtype and val.device == fake.device and val.dim() == fake.dim() \
+        and all(map(_same_sym, (*val.shape, *val.stride(), val.storage_offset()),
+                    (*fake.shape, *fake.stride(), fake.storage_offset())))
+
+
+def _context(mode) -> tuple:
+    """What a propagation's vals depend on besides the graph: the shape environment's replacements (a dim
+    specialized since: kept vals would not know it) and inference mode (under it, capture's propagation gives
+    inference tensors, which ops outside it refuse to write into)."""
     env = getattr(mode, "shape_env", None)
-    parts.append(len(env.replacements) if env is not None else None)
-    return _Key(tuple(parts), tuple(vals))
+    return len(env.replacements) if env is not None else None, torch.is_inference_mode_enabled()
 
 
-def propagate_meta(gm: fx.GraphModule, example_args: tuple = ()) -> fx.GraphModule:
+def propagate_meta(gm: fx.GraphModule, example_args: tuple = (), *, incremental: bool = True) -> fx.GraphModule:
     """Recompute every node's ``val``. Reuses the placeholders' fake values (and so their symbolic
-    shapes) when capture left them; otherwise fakifies ``example_args``."""
+    shapes) when capture left them; otherwise fakifies ``example_args``. ``incremental`` (the default) runs only
+    the nodes that changed since the last propagation and those whose inputs' vals changed with them
+    (``_Prop``), and nothing when nothing changed. Every node runs when the shape environment learned something
+    since (a replacement: a dim specialized) or the last propagation ran in inference mode and this one does
+    not (or the reverse); ``incremental=False`` runs every node always."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [p.meta.get("val") for p in placeholders]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     if mode is not None and all(v is not None or not p.users for p, v in zip(placeholders, vals)):
         key, last = _key(gm, mode), getattr(gm.graph, "_slimfx_propagated", None)
-        if key is not None and last is not None and key.same(last):
+        if incremental and key is not None and last is not None and key.same(last):
             return gm           # nothing propagation reads has changed since the last one: its vals stand
+        if not incremental or key is None or last is None or last.context != key.context:
+            last = None
+        before = _context(mode)
         # the python dispatcher runs CompositeImplicit ops (matmul, linear) through their symbolic Python
         # decompositions, as torch.export traced them; torch 2.11's C++ kernels read concrete sizes and specialize
         with torch.no_grad(), size_oblivious(mode.shape_env is not None), enable_python_dispatcher(), math_sdpa():
-            _Prop(gm, mode).propagate_dont_convert_inputs(*vals)
+            _Prop(gm, mode, last, key).propagate_dont_convert_inputs(*vals)
+            if last is not None and _context(mode) != before:
+                # a rerun node specialized a dim: the vals kept from before would not know it
+                _Prop(gm, mode).propagate_dont_convert_inputs(*vals)
         gm.graph._slimfx_propagated = _key(gm, mode)
         return gm
     if len(example_args) != len(placeholders):

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 
 from .. import ir
+from ..ir.propagate import carry_propagation
 from .base import Pass, PassResult, register_pass
 
 
@@ -44,6 +45,9 @@ class CSE(Pass):
         for a, b in zip([n for n in gm.graph.nodes if n.op == "placeholder"],
                         [n for n in new.graph.nodes if n.op == "placeholder"]):
             b.meta = a.meta                         # and the placeholders' symbolic shapes
+        # the copies keep their names and vals: the next propagation reruns the readers of merged nodes only
+        copies = {n.name: n for n in new.graph.nodes}
+        carry_propagation(gm.graph, new.graph, {n: copies[n.name] for n in gm.graph.nodes if n.name in copies})
         return PassResult(new, True, {"nodes_merged": before - len(new.graph.nodes)})
 
 
