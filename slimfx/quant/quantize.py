@@ -24,17 +24,21 @@ def _finite_or_raise(ok: bool, who: str, name: str, shape) -> None:
                          f"cannot compute quantization parameters")
 
 
-# --- numpy -------------------------------------------------------------------------------------------
-
-def _grouped_np(x: np.ndarray, scheme: QScheme) -> np.ndarray:
+def _grouped(x, scheme: QScheme):
+    """``x`` (numpy or torch) viewed as (..., groups, group_size)."""
     return x.reshape(*x.shape[:-1], x.shape[-1] // scheme.group_size, scheme.group_size)
 
 
-def expand_np(p: np.ndarray, scheme: QScheme) -> np.ndarray:
-    """A parameter in its ``param_shape`` made to broadcast elementwise against its tensor (groups repeated)."""
-    p = np.asarray(p)
-    return np.repeat(p, scheme.group_size, axis=-1) if scheme.granularity == "group" else p
+def _by_group(fn, x, scheme: QScheme, *params):
+    """``fn(x, *params)``, elementwise, with each parameter (in its ``param_shape``) broadcast against ``x``: for
+    groups, on ``x`` viewed as (..., groups, group_size) against (..., groups, 1), not on copies of the
+    parameters repeated group_size times (numpy and torch alike)."""
+    if scheme.granularity != "group":
+        return fn(x, *params)
+    return fn(_grouped(x, scheme), *(p[..., None] for p in params)).reshape(x.shape)
 
+
+# --- numpy -------------------------------------------------------------------------------------------
 
 def range_np(x: np.ndarray, scheme: QScheme, name: str = "x") -> tuple[np.ndarray, np.ndarray]:
     """Per-slot (min, max) of ``x`` in ``param_shape(x.shape, scheme)``."""
@@ -42,7 +46,7 @@ def range_np(x: np.ndarray, scheme: QScheme, name: str = "x") -> tuple[np.ndarra
     check_shape(x.shape, scheme, name)
     _finite_or_raise(bool(np.isfinite(x).all()), "range_np", name, x.shape)
     if scheme.granularity == "group":
-        xg = _grouped_np(x, scheme)
+        xg = _grouped(x, scheme)
         return xg.min(axis=-1), xg.max(axis=-1)
     axes = reduce_axes(x.ndim, scheme)
     keep = scheme.granularity != "tensor"
@@ -73,17 +77,17 @@ def quantize_tensor_np(x: np.ndarray, scheme: QScheme, qp: QParams) -> np.ndarra
     """int8 codes of ``x`` (same shape) under ``scheme`` with parameters ``qp``."""
     x = np.asarray(x, dtype=np.float32)
     check_shape(x.shape, scheme)
-    s, z = expand_np(qp.scale, scheme), expand_np(qp.zero_point, scheme)
+    s, z = np.asarray(qp.scale), np.asarray(qp.zero_point)
     if scheme.kind == "log":
-        return logq.log_quantize_np(x, s, scheme.bits)
-    return numerics.quantize_np(x, s, z, scheme.qmin, scheme.qmax)
+        return _by_group(lambda x, s: logq.log_quantize_np(x, s, scheme.bits), x, scheme, s)
+    return _by_group(lambda x, s, z: numerics.quantize_np(x, s, z, scheme.qmin, scheme.qmax), x, scheme, s, z)
 
 
 def dequantize_tensor_np(q: np.ndarray, scheme: QScheme, qp: QParams) -> np.ndarray:
-    s, z = expand_np(qp.scale, scheme), expand_np(qp.zero_point, scheme)
+    q, s, z = np.asarray(q), np.asarray(qp.scale), np.asarray(qp.zero_point)
     if scheme.kind == "log":
-        return logq.log_dequantize_np(q, s, scheme.bits)
-    return numerics.dequantize_np(q, s, z)
+        return _by_group(lambda q, s: logq.log_dequantize_np(q, s, scheme.bits), q, scheme, s)
+    return _by_group(numerics.dequantize_np, q, scheme, s, z)
 
 
 def fake_quantize_np(x: np.ndarray, scheme: QScheme, qp: QParams | None = None) -> np.ndarray:
@@ -94,16 +98,12 @@ def fake_quantize_np(x: np.ndarray, scheme: QScheme, qp: QParams | None = None) 
 
 # --- torch -------------------------------------------------------------------------------------------
 
-def expand_torch(p: torch.Tensor, scheme: QScheme) -> torch.Tensor:
-    return p.repeat_interleave(scheme.group_size, dim=-1) if scheme.granularity == "group" else p
-
-
 def range_torch(x: torch.Tensor, scheme: QScheme, name: str = "x") -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().to(torch.float32)
     check_shape(tuple(x.shape), scheme, name)
     _finite_or_raise(bool(torch.isfinite(x).all()), "range_torch", name, x.shape)
     if scheme.granularity == "group":
-        xg = x.reshape(*x.shape[:-1], x.shape[-1] // scheme.group_size, scheme.group_size)
+        xg = _grouped(x, scheme)
         return xg.amin(dim=-1), xg.amax(dim=-1)
     if scheme.granularity == "tensor":
         return x.amin(), x.amax()
@@ -131,17 +131,17 @@ def qparams_torch(x: torch.Tensor, scheme: QScheme, name: str = "x") -> QParams:
 
 def quantize_tensor_torch(x: torch.Tensor, scheme: QScheme, qp: QParams) -> torch.Tensor:
     check_shape(tuple(x.shape), scheme)
-    s, z = expand_torch(qp.scale, scheme), expand_torch(qp.zero_point, scheme)
+    s, z = torch.as_tensor(qp.scale), torch.as_tensor(qp.zero_point)
     if scheme.kind == "log":
-        return logq.log_quantize_torch(x, s, scheme.bits)
-    return numerics.quantize_torch(x, s, z, scheme.qmin, scheme.qmax)
+        return _by_group(lambda x, s: logq.log_quantize_torch(x, s, scheme.bits), x, scheme, s)
+    return _by_group(lambda x, s, z: numerics.quantize_torch(x, s, z, scheme.qmin, scheme.qmax), x, scheme, s, z)
 
 
 def dequantize_tensor_torch(q: torch.Tensor, scheme: QScheme, qp: QParams) -> torch.Tensor:
-    s, z = expand_torch(qp.scale, scheme), expand_torch(qp.zero_point, scheme)
+    s, z = torch.as_tensor(qp.scale), torch.as_tensor(qp.zero_point)
     if scheme.kind == "log":
-        return logq.log_dequantize_torch(q, s, scheme.bits)
-    return numerics.dequantize_torch(q, s, z)
+        return _by_group(lambda q, s: logq.log_dequantize_torch(q, s, scheme.bits), q, scheme, s)
+    return _by_group(numerics.dequantize_torch, q, scheme, s, z)
 
 
 def fake_quantize_torch(x: torch.Tensor, scheme: QScheme, qp: QParams | None = None) -> torch.Tensor:
