@@ -36,6 +36,26 @@ def test_numpy_and_torch_agree_bit_for_bit(scheme, shape):
     assert_exact(dequantize_tensor_torch(q_t, scheme, qt), dequantize_tensor_np(q_np, scheme, qn), "dequantized")
 
 
+@pytest.mark.parametrize("scheme", [s for s in UNIFORM if s.granularity == "group"]
+                         + [QScheme(kind="log", bits=4, granularity="group", group_size=11)], ids=str)
+def test_groups_quantize_as_each_group_alone(scheme):
+    """Grouped codes and values equal quantizing each group of 11 on its own with its one (scale, zero point):
+    the group parameters broadcast over their own columns only (odd rows, a 3-d tensor)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3, 5, 33)) * rng.uniform(0.01, 10, size=33)).astype(np.float32)
+    qp = qparams_np(x, scheme)
+    per = QScheme(kind=scheme.kind, bits=scheme.bits, symmetric=scheme.symmetric)       # per tensor
+    for fn_q, fn_d, t in ((quantize_tensor_np, dequantize_tensor_np, np.asarray),
+                          (quantize_tensor_torch, dequantize_tensor_torch, torch.from_numpy)):
+        tq = type(qp)(t(qp.scale), t(qp.zero_point))
+        codes = fn_q(t(x), scheme, tq)
+        values = fn_d(codes, scheme, tq)
+        for g in range(3):
+            cols = slice(11 * g, 11 * g + 11)
+            one = type(qp)(t(qp.scale[..., g:g + 1].copy()), t(qp.zero_point[..., g:g + 1].copy()))
+            assert_exact(codes[..., cols], fn_q(t(x[..., cols].copy()), per, one), f"codes of group {g}")
+            assert_exact(values[..., cols], fn_d(codes[..., cols], per, one), f"values of group {g}")
+
 def test_round_half_to_even_on_exact_halves():
     x = np.array([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.125, 0.375, 200.0, -200.0], np.float32)
     s = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0.25, 0.25, 1, 1], np.float32)  # 0.125 / 0.25 = 0.5 exactly
