@@ -155,6 +155,77 @@ def _expand_kv(self, kv_nope: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.
     return torch.cat([k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)], dim=-1), values
 
 
+def _longrope_cells(forward) -> Optional[dict]:
+    """The closure cells of ``forward``'s ``dynamic_rope_update`` wrapper (under any decorators above it,
+    torch.no_grad), by name, when its longrope update branches in Python on ``max(position_ids)``, which export
+    cannot capture (transformers before 5.25); else None."""
+    while forward is not None:
+        code = getattr(forward, "__code__", None)
+        cells = dict(zip(code.co_freevars if code else (), getattr(forward, "__closure__", None) or ()))
+        if "longrope_frequency_update" in cells and "rope_forward" in cells:
+            update = cells["longrope_frequency_update"].cell_contents
+            return cells if "where" not in update.__code__.co_names else None
+        forward = getattr(forward, "__wrapped__", None)
+    return None
+
+
+def _longrope(long: dict, rope_forward):
+    """transformers' longrope update and rotary forward for a ``dynamic_rope_update`` whose update branches in
+    Python: the update picks, with ``torch.where``, the long frequencies (``long``, computed by transformers' own
+    init function outside the trace, per module and layer type) when the longest sequence passes
+    ``original_max_position_embeddings``, else the original ones, and the forward rotates with them in place of
+    the ``inv_freq`` buffer, where transformers' branch puts one or the other (the same frequencies; the buffer
+    itself is left as it was: export's run_decompositions on torch 2.11 fails on a graph that writes it)."""
+    chosen = {}
+
+    def longrope_frequency_update(self, position_ids, device, layer_type=None):
+        params = self.config.rope_parameters if layer_type is None else self.config.rope_parameters[layer_type]
+        original = getattr(self, "original_inv_freq" if layer_type is None else f"{layer_type}_original_inv_freq")
+        longer = torch.max(position_ids) + 1 > params["original_max_position_embeddings"]
+        chosen[id(self), layer_type] = torch.where(longer, long[id(self), layer_type].to(device), original.to(device))
+
+    def forward(self, x, position_ids, **kwargs):
+        name = "inv_freq" if kwargs.get("layer_type") is None else f"{kwargs['layer_type']}_inv_freq"
+        frequencies = chosen.pop((id(self), kwargs.get("layer_type")), None)
+        if frequencies is None:                   # another rope type
+            return rope_forward(self, x, position_ids, **kwargs)
+        kept = self._buffers[name]
+        self._buffers[name] = frequencies
+        try:
+            return rope_forward(self, x, position_ids, **kwargs)
+        finally:
+            self._buffers[name] = kept
+    return longrope_frequency_update, forward
+
+
+def _longrope_replacements(model: nn.Module) -> list:
+    """(cell, "cell_contents", function) for the longrope update and the rotary forward in the
+    ``dynamic_rope_update`` wrapper of each rotary embedding class of ``model`` whose update branches in Python
+    (transformers before 5.25): ``_longrope``."""
+    long, wrappers = {}, {}
+    for m in model.modules():
+        cells = _longrope_cells(getattr(type(m), "forward", None))
+        if cells is None:
+            continue
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        types = m.rope_type.items() if isinstance(m.rope_type, dict) else [(None, m.rope_type)]
+        for layer_type, rope_type in types:
+            if rope_type == "longrope":
+                params = m.config.rope_parameters if layer_type is None else m.config.rope_parameters[layer_type]
+                device = getattr(m, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq").device
+                with torch.no_grad():
+                    long[id(m), layer_type] = ROPE_INIT_FUNCTIONS[rope_type](
+                        m.config, device, seq_len=params["original_max_position_embeddings"] + 1,
+                        **({} if layer_type is None else {"layer_type": layer_type}))[0]
+                wrappers[id(cells["rope_forward"])] = cells
+    out = []
+    for cells in wrappers.values():
+        update, forward = _longrope(long, cells["rope_forward"].cell_contents)
+        out += [(cells["longrope_frequency_update"], "cell_contents", update),
+                (cells["rope_forward"], "cell_contents", forward)]
+    return out
+
+
 def _same_code(f, g) -> bool:
     """f and g compile to the same code (docstrings and line numbers aside): "Copied from" copies of a function."""
     a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
@@ -164,8 +235,9 @@ def _same_code(f, g) -> bool:
 
 def replacements(model: nn.Module) -> list:
     """(owner, attribute, replacement) for the functions of ``model``'s code that ``CausalLMStep`` replaces while it
-    runs: Falcon's ALiBi with bfloat16 arithmetic (``_falcon_alibi``) and DeepSeek's ``expand_kv`` and its copies
-    in other models (``_expand_kv``). Each gives the values the original gives."""
+    runs: Falcon's ALiBi with bfloat16 arithmetic (``_falcon_alibi``), DeepSeek's ``expand_kv`` and its copies
+    in other models (``_expand_kv``), and the rotary embeddings of long-context (longrope) models of transformers
+    before 5.25 (``_longrope``). Each gives the values the original gives."""
     out = []
     config = _text_config(model)
     falcon = sys.modules.get(type(model).__module__)          # (a class made at run time may have none)
@@ -184,13 +256,15 @@ def replacements(model: nn.Module) -> list:
                for m in model.modules() if hasattr(type(m), "expand_kv")}
     out += [(cls, "expand_kv", _expand_kv) for cls in sorted(classes, key=lambda c: c.__qualname__)
             if reference is not None and _same_code(cls.expand_kv, reference)]
-    return out
+    return out + _longrope_replacements(model)
 
 
 @contextlib.contextmanager
 def _replaced(items: list):
     """``replacements`` in place while the block runs (the model's own code again afterwards, also on errors)."""
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in items]
+    # (a class's own attribute as its __dict__ holds it: a staticmethod stays one; a closure cell's contents)
+    saved = [(owner, name, owner.__dict__[name] if hasattr(owner, "__dict__") else getattr(owner, name))
+             for owner, name, _ in items]
     try:
         for owner, name, fn in items:
             setattr(owner, name, fn)

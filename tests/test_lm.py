@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import slimfx
-from conftest import text_batch, xfail_before_transformers
+from conftest import text_batch
 from slimfx import passes as P
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -434,37 +434,59 @@ def _longrope():
     return Phi3ForCausalLM(cfg).eval()
 
 
-def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path, request):
+def _greedy_whole(model, ids, mask, new: int):
+    """Greedy decoding by the model's own forward over the whole sequence at every step (no cache): the tokens and
+    each step's last logits."""
+    steps = []
+    for _ in range(new):
+        with torch.no_grad():
+            steps.append(model(ids, attention_mask=mask).logits[:, -1])
+        ids = torch.cat([ids, steps[-1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids, steps
+
+
+def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
     """Long-context Phi-3 rotates with short factors up to original_max_position_embeddings (32) and long ones
     past it; transformers' generate runs the whole sequence again at the step that crosses 32 tokens. Without
     that the cached keys kept their short rotation and the logits moved by ~1e-3 from that step on (tokens
-    differed within 12 steps)."""
-    xfail_before_transformers(request, "5.25", "longrope_frequency_update branches in Python on max(position_ids), "
-                                               "which export cannot capture (later versions use torch.where)")
+    differed within 12 steps). The reference is the model's own forward over the whole sequence at each step,
+    which transformers' generate equals from 5.25; 5.17's runs only the newest token at the switch (its logits
+    differ there by ~0.2), and its longrope update branches in Python, which export could not capture
+    (``lm._longrope`` computes it with torch.where)."""
+    import transformers
+    from packaging.version import Version
+    from slimfx.lm import _longrope_cells
     model = _longrope()
+    cells = _longrope_cells(type(model.model.rotary_emb).forward)     # (transformers < 5.25)
+    assert (cells is None) == (Version(transformers.__version__) >= Version("5.25"))
+    _contents = lambda cells: cells and {name: cell.cell_contents for name, cell in cells.items()}  # noqa: E731
+    before = _contents(cells)
     lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
     assert lm.rope_switch == 32
     ids, mask = text_batch(2, 28, 97, pad_left=True, seed=5)
     mask[:, -1] = 1
-    with torch.no_grad():
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
+    seq, ref = _greedy_whole(model, ids, mask, 12)
     logits, state = lm.prefill(ids, mask)
     got = [logits[:, -1]]
-    for i in range(11):                                # teacher-forced on transformers' tokens, across 32
-        got.append(lm.decode(ref.sequences[:, 28 + i], state))
-    for i, (a, b) in enumerate(zip(got, ref.logits)):
+    for i in range(11):                                # teacher-forced on the reference tokens, across 32
+        got.append(lm.decode(seq[:, 28 + i], state))
+    for i, (a, b) in enumerate(zip(got, ref)):
         # fp32, the same ops in another grouping: ~6e-8 of logits of scale ~1 (the long factors moved them 7e-4)
         assert (a - b).abs().max() < 1e-5, f"step {i} (sequence length {28 + i})"
     lm.min_cache = 8
     ids, mask = text_batch(3, 20, 97, pad_left=True, seed=6)
     mask[:, -1] = 1
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    ref = _greedy_whole(model, ids, mask, 30)[0]
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
+    if Version(transformers.__version__) >= Version("5.25"):
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                                          pad_token_id=0), ref)
     loaded = slimfx.load(lm.save(tmp_path / "phi3"), backend="numpy")     # (its rotary's aten.max: numpy too)
     assert loaded.rope_switch == 32
     loaded.min_cache = 8
     assert torch.equal(loaded.generate(ids, mask, max_new_tokens=30, pad_token_id=0), ref)
+    assert _contents(cells) == before             # transformers' own code again after the capture
 
 
 @pytest.mark.parametrize("family", ["xglm", "gpt_neo"])
