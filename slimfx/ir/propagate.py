@@ -61,16 +61,18 @@ class _Prop(FakeTensorProp):
         last, old = self._last, n.meta.get("val")
         # the val the last propagation gave it, which the nodes after it were propagated from
         recorded = last is not None and old is not None and last.vals.get(n) is old
-        if recorded and n.op != "output" and last.parts[n] == self._now.parts[n] \
-                and all(a in self._kept for a in n.all_input_nodes):
+        # placeholders always run (each takes the next input) and the output (cheap); a val with a part that is
+        # no tensor or number (None in it) is not what the node gives its readers
+        if recorded and n.op in ("call_function", "get_attr") and last.parts[n] == self._now.parts[n] \
+                and all(a in self._kept for a in n.all_input_nodes) and _whole(old):
             self._kept.add(n)
-            return old
+            # readers that run get what a full propagation gives them: a get_attr's tensor itself
+            return self.fetch_attr(n.target) if n.op == "get_attr" else old
         self.ran += 1
         result = super().run_node(n)
         if recorded and _same_val(old, n.meta.get("val")):
             n.meta["val"] = old
             self._kept.add(n)
-            return old
         return result
 
     def call_function(self, target, args, kwargs):
@@ -97,6 +99,11 @@ def _same_sym(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _whole(val) -> bool:
+    """No part of ``val`` is None (what propagation records for a part of a result that is no tensor or number)."""
+    return val is not None and (not isinstance(val, (tuple, list)) or all(map(_whole, val)))
+
+
 def _plain(a):
     if isinstance(a, torch.SymInt) and a.node.expr.is_number:
         return int(a.node.expr)
@@ -109,6 +116,7 @@ def _same_val(a, b) -> bool:
         return isinstance(b, torch.Tensor) and type(a) is type(b) and a.dtype == b.dtype \
             and a.device == b.device and a.layout == b.layout and a.requires_grad == b.requires_grad \
             and a.is_inference() == b.is_inference() \
+            and getattr(a, "fake_mode", None) is getattr(b, "fake_mode", None) \
             and a.dim() == b.dim() and all(map(_same_sym, a.shape, b.shape)) \
             and all(map(_same_sym, a.stride(), b.stride())) and _same_sym(a.storage_offset(), b.storage_offset()) \
             and getattr(a, "constant", None) is None and getattr(b, "constant", None) is None
@@ -184,12 +192,13 @@ def carry_propagation(src: fx.Graph, dst: fx.Graph, val_map: dict) -> None:
 
 
 def _key(gm: fx.GraphModule, mode) -> Optional[_Key]:
-    """The graph's ``_Key``; None when something in it cannot key it (a tensor argument, a call_module):
+    """The graph's ``_Key``; None when something in it cannot key it (a tensor argument, a call_module, an
+    in-place view op):
     propagation then always runs, over every node."""
     parts, vals = {}, {}
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            return None
+        if n.op == "call_module" or torch.Tag.inplace_view in getattr(n.target, "tags", ()):
+            return None         # (an in-place view op, unsqueeze_: it would reshape a kept val in place)
         args = _typed((n.args, n.kwargs))
         if args is None:
             return None
@@ -245,20 +254,22 @@ def _as_propagated(val, gm: fx.GraphModule, target: str, mode) -> bool:
 
 
 def _context(mode) -> tuple:
-    """What a propagation's vals depend on besides the graph: the shape environment's replacements (a dim
-    specialized since: kept vals would not know it) and inference mode (under it, capture's propagation gives
-    inference tensors, which ops outside it refuse to write into)."""
+    """What a propagation's vals depend on besides the graph: the fake mode and shape environment (the same
+    symbol names mean other symbols in another), the environment's replacements (a dim specialized since: kept
+    vals would not know it) and inference mode (under it, capture's propagation gives inference tensors, which
+    ops outside it refuse to write into)."""
     env = getattr(mode, "shape_env", None)
-    return len(env.replacements) if env is not None else None, torch.is_inference_mode_enabled()
+    replaced = None if env is None else (len(env.replacements), getattr(env, "_replacements_version_counter", None))
+    return mode, env, replaced, torch.is_inference_mode_enabled()
 
 
 def propagate_meta(gm: fx.GraphModule, example_args: tuple = (), *, incremental: bool = True) -> fx.GraphModule:
-    """Recompute every node's ``val``. Reuses the placeholders' fake values (and so their symbolic
-    shapes) when capture left them; otherwise fakifies ``example_args``. ``incremental`` (the default) runs only
-    the nodes that changed since the last propagation and those whose inputs' vals changed with them
-    (``_Prop``), and nothing when nothing changed. Every node runs when the shape environment learned something
-    since (a replacement: a dim specialized) or the last propagation ran in inference mode and this one does
-    not (or the reverse); ``incremental=False`` runs every node always."""
+    """Bring every node's ``val`` up to date. Reuses the placeholders' fake values (and so their symbolic
+    shapes) when capture left them; otherwise fakifies ``example_args`` (and runs every node). ``incremental``
+    (the default) runs only the nodes that changed since the last propagation, those whose inputs' vals changed
+    with them, the placeholders and the output (``_Prop``), and nothing when nothing changed. Every node runs
+    when the ``_context`` differs from the last propagation's (another fake mode, a dim specialized since, in or
+    out of inference mode); ``incremental=False`` runs every node always."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [p.meta.get("val") for p in placeholders]
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])

@@ -137,7 +137,7 @@ def test_an_edit_reruns_that_node_and_stops_where_vals_come_out_the_same(counted
     relu = [n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default][0]
     relu.target = torch.ops.aten.gelu.default
     ir.propagate_meta(gm)
-    assert counted[-1] == 2                       # the gelu, and the output node (always run: it is cheap)
+    assert counted[-1] == 3                       # the gelu; the input and the output always run (cheap)
     assert relu.meta["val"] is before[relu]       # the same shape: the old val stands, and so do the later ones
     assert all(n.meta.get("val") is before[n] for n in gm.graph.nodes)
     n_nodes = len(gm.graph.nodes)
@@ -157,7 +157,7 @@ def test_a_changed_shape_runs_on_to_every_node_it_reaches(counted):
     ir.propagate_meta(gm)
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
     assert out.meta["val"].shape[-1] == 5
-    assert counted[-1] == 5                       # weight, bias, linear, relu, output
+    assert counted[-1] == 6                       # weight, bias, linear, relu; the input, the output
     assert all(n.meta["val"] is before[n] for n in linears[:-1])
 
 
@@ -171,7 +171,7 @@ def test_a_fork_carries_what_its_graph_knows(counted):
     relu = [x for x in fork.graph.nodes if x.target is torch.ops.aten.relu.default][2]
     relu.target = torch.ops.aten.sigmoid.default
     ir.propagate_meta(fork)
-    assert len(counted) == n + 1 and counted[-1] == 2
+    assert len(counted) == n + 1 and counted[-1] == 3       # the sigmoid, the input, the output
 
 
 def test_a_new_node_between_runs_itself_and_what_reads_it(counted):
@@ -183,7 +183,7 @@ def test_a_new_node_between_runs_itself_and_what_reads_it(counted):
     nxt = [u for u in relu.users if u is not neg][0]
     nxt.replace_input_with(relu, neg)
     ir.propagate_meta(gm)
-    assert "val" in neg.meta and counted[-1] == 3      # neg, the linear that reads it, the output
+    assert "val" in neg.meta and counted[-1] == 4      # neg, the linear that reads it; the input, the output
     assert tuple(neg.meta["val"].shape) == tuple(relu.meta["val"].shape)
 
 
@@ -260,7 +260,7 @@ def test_export_vals_are_adopted_when_they_are_propagations(counted):
     relu = [n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default][0]
     relu.target = torch.ops.aten.gelu.default
     ir.propagate_meta(gm)
-    assert counted == [2]
+    assert counted == [3]                         # the gelu, the input, the output
 
 
 class _Twice(torch.nn.Module):
@@ -285,5 +285,38 @@ def test_cse_carries_what_its_graph_knows(counted):
     ir.propagate_meta(new)
     vals = _vals(new)
     ir.propagate_meta(new, incremental=False)
-    assert counted[1] == 3 + 1 < counted[2] == len(new.graph.nodes)     # the three adds and the output
+    assert counted[1] == 3 + 2 < counted[2] == len(new.graph.nodes)     # the three adds; the input, the output
     assert all(propagate._same_val(vals[n], n.meta.get("val")) for n in new.graph.nodes)
+
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.relu(x), y.sum(-1)
+
+
+def test_a_later_input_given_a_new_val_is_read_as_itself():
+    """Each placeholder takes the next input when it runs: the first one kept without running made the second
+    take the first's val ((3, 8) float32 where (6, 4) float64 was given), and its sum came out (3,)."""
+    gm = ir.capture(_TwoInputs().eval(), (torch.randn(3, 8), torch.randn(5, 4, dtype=torch.float64)), {},
+                    dynamic=False).gm
+    ir.propagate_meta(gm, incremental=False)
+    x, y = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    y.meta["val"] = x.meta["val"].fake_mode.from_tensor(torch.randn(6, 4, dtype=torch.float64), static_shapes=True)
+    ir.propagate_meta(gm)
+    total = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList][0]
+    assert tuple(total.meta["val"].shape) == (6,) and total.meta["val"].dtype == torch.float64
+
+
+def test_in_place_views_propagate_in_full():
+    """An in-place view op (unsqueeze_) reshapes its input's val object where it runs: a graph with one is
+    propagated in full each time, so no kept val is reshaped under its readers."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    r = g.call_function(torch.ops.aten.relu.default, (x,))
+    u = g.call_function(torch.ops.aten.unsqueeze_.default, (r, 1))
+    g.output((g.call_function(torch.ops.aten.neg.default, (u,)),))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    x.meta["val"] = _deep_gm().graph.find_nodes(op="placeholder")[0].meta["val"]
+    ir.propagate_meta(gm, incremental=False)
+    assert propagate._key(gm, x.meta["val"].fake_mode) is None
+    assert r.meta["val"].dim() == 2 and u.meta["val"].dim() == 3
