@@ -489,6 +489,55 @@ def test_longrope_switches_to_its_long_factors_as_transformers_does(tmp_path):
     assert _contents(cells) == before             # transformers' own code again after the capture
 
 
+def _old_dynamic_rope_update(rope_forward):
+    """transformers 5.17's ``dynamic_rope_update`` (its longrope part, with its Python branch on the sequence
+    length and a buffer swapped in): what the GPU machines' transformers runs, for this machine's."""
+    import functools
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    def longrope_frequency_update(self, position_ids, device, layer_type=None):
+        seq_len = torch.max(position_ids) + 1
+        original_max = self.config.rope_parameters["original_max_position_embeddings"]
+        if seq_len > original_max:
+            long_inv_freq, _ = ROPE_INIT_FUNCTIONS[self.rope_type](self.config, device, seq_len=original_max + 1)
+            self.register_buffer("inv_freq", long_inv_freq, persistent=False)
+        else:
+            self.register_buffer("inv_freq", self.original_inv_freq.to(device), persistent=False)
+
+    @functools.wraps(rope_forward)
+    def wrapper(self, x, position_ids, layer_type=None):
+        if self.rope_type == "longrope":
+            longrope_frequency_update(self, position_ids, device=x.device)
+        return rope_forward(self, x, position_ids)
+    return wrapper
+
+
+def test_longrope_of_older_transformers_captures_with_the_same_frequencies(monkeypatch):
+    """The Python branch of transformers 5.17's longrope update (emulated here on any version) made export fail
+    on a data-dependent guard; captured with ``torch.where`` instead, the step's logits below, at and past the
+    switch (32) equal the model's own forward over the whole sequence, and the model's code is its own again
+    after the capture."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+    from slimfx.lm import _longrope_cells
+    inner = Phi3RotaryEmbedding.forward
+    while hasattr(inner, "__wrapped__"):
+        inner = inner.__wrapped__
+    monkeypatch.setattr(Phi3RotaryEmbedding, "forward", torch.no_grad()(_old_dynamic_rope_update(inner)))
+    cells = _longrope_cells(Phi3RotaryEmbedding.forward)
+    before = {name: cell.cell_contents for name, cell in cells.items()}
+    model = _longrope()
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    assert {name: cell.cell_contents for name, cell in cells.items()} == before
+    ids, mask = text_batch(2, 30, 97, pad_left=True, seed=7)
+    mask[:, -1] = 1
+    seq, ref = _greedy_whole(model, ids, mask, 5)
+    logits, state = lm.prefill(ids, mask)
+    got = [logits[:, -1]] + [lm.decode(seq[:, 30 + i], state) for i in range(4)]
+    for i, (a, b) in enumerate(zip(got, ref)):
+        # (the long factors move the logits by ~7e-4 past 32: the original frequencies there would fail this)
+        assert (a - b).abs().max() < 1e-5, f"sequence length {30 + i}"
+
+
 @pytest.mark.parametrize("family", ["xglm", "gpt_neo"])
 def test_the_cache_buffer_stays_within_the_compiled_bound(family):
     """export bounds the step's cache length by the model's position table (max_position_embeddings 40 here); the

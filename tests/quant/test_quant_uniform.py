@@ -56,6 +56,7 @@ def test_groups_quantize_as_each_group_alone(scheme):
             assert_exact(codes[..., cols], fn_q(t(x[..., cols].copy()), per, one), f"codes of group {g}")
             assert_exact(values[..., cols], fn_d(codes[..., cols], per, one), f"values of group {g}")
 
+
 def test_round_half_to_even_on_exact_halves():
     x = np.array([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.125, 0.375, 200.0, -200.0], np.float32)
     s = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0.25, 0.25, 1, 1], np.float32)  # 0.125 / 0.25 = 0.5 exactly
