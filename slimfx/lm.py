@@ -169,6 +169,15 @@ def _longrope_cells(forward) -> Optional[dict]:
     return None
 
 
+def _rope_name(name: str, layer_type) -> str:
+    """A rotary embedding's attribute for one layer type (``sliding_inv_freq``), or its only one (``inv_freq``)."""
+    return name if layer_type is None else f"{layer_type}_{name}"
+
+
+def _rope_params(m: nn.Module, layer_type) -> dict:
+    return m.config.rope_parameters if layer_type is None else m.config.rope_parameters[layer_type]
+
+
 def _longrope(long: dict, rope_forward):
     """transformers' longrope update and rotary forward for a ``dynamic_rope_update`` whose update branches in
     Python: the update picks, with ``torch.where``, the long frequencies (``long``, computed by transformers' own
@@ -179,13 +188,12 @@ def _longrope(long: dict, rope_forward):
     chosen = {}
 
     def longrope_frequency_update(self, position_ids, device, layer_type=None):
-        params = self.config.rope_parameters if layer_type is None else self.config.rope_parameters[layer_type]
-        original = getattr(self, "original_inv_freq" if layer_type is None else f"{layer_type}_original_inv_freq")
-        longer = torch.max(position_ids) + 1 > params["original_max_position_embeddings"]
+        original = getattr(self, _rope_name("original_inv_freq", layer_type))
+        longer = torch.max(position_ids) + 1 > _rope_params(self, layer_type)["original_max_position_embeddings"]
         chosen[id(self), layer_type] = torch.where(longer, long[id(self), layer_type].to(device), original.to(device))
 
     def forward(self, x, position_ids, **kwargs):
-        name = "inv_freq" if kwargs.get("layer_type") is None else f"{kwargs['layer_type']}_inv_freq"
+        name = _rope_name("inv_freq", kwargs.get("layer_type"))
         frequencies = chosen.pop((id(self), kwargs.get("layer_type")), None)
         if frequencies is None:                   # another rope type
             return rope_forward(self, x, position_ids, **kwargs)
@@ -211,11 +219,10 @@ def _longrope_replacements(model: nn.Module) -> list:
         types = m.rope_type.items() if isinstance(m.rope_type, dict) else [(None, m.rope_type)]
         for layer_type, rope_type in types:
             if rope_type == "longrope":
-                params = m.config.rope_parameters if layer_type is None else m.config.rope_parameters[layer_type]
-                device = getattr(m, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq").device
+                device = getattr(m, _rope_name("inv_freq", layer_type)).device
                 with torch.no_grad():
                     long[id(m), layer_type] = ROPE_INIT_FUNCTIONS[rope_type](
-                        m.config, device, seq_len=params["original_max_position_embeddings"] + 1,
+                        m.config, device, seq_len=_rope_params(m, layer_type)["original_max_position_embeddings"] + 1,
                         **({} if layer_type is None else {"layer_type": layer_type}))[0]
                 wrappers[id(cells["rope_forward"])] = cells
     out = []

@@ -204,11 +204,8 @@ def _key(gm: fx.GraphModule, mode) -> Optional[_Key]:
             return None
         ref = None
         if n.op == "get_attr":
-            try:
-                t = operator.attrgetter(n.target)(gm)      # a dotted path in export's graphs
-            except AttributeError:
-                return None
-            if not isinstance(t, torch.Tensor):
+            t = _attr_tensor(gm, n.target)
+            if t is None:
                 return None
             value = t.detach().cpu().tolist() if t.numel() == 1 and not t.is_meta else None
             # all a fake of it holds: an inference tensor's fake is one too (own_state swaps in a plain copy)
@@ -217,6 +214,15 @@ def _key(gm: fx.GraphModule, mode) -> Optional[_Key]:
         parts[n] = (n.op, n.target, args, ref)
         vals[n] = n.meta.get("val")
     return _Key(parts, vals, _context(mode))
+
+
+def _attr_tensor(gm: fx.GraphModule, target: str) -> Optional[torch.Tensor]:
+    """The tensor a get_attr names (a dotted path in export's graphs); None for anything else."""
+    try:
+        t = operator.attrgetter(target)(gm)
+    except AttributeError:
+        return None
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def adopt_vals(gm: fx.GraphModule) -> None:
@@ -240,12 +246,8 @@ def _as_propagated(val, gm: fx.GraphModule, target: str, mode) -> bool:
     """Whether export's val of a get_attr lays the tensor out as propagation's fake of it does, and the tensor is
     a plain one (contiguous, from its storage's start): export's vals of the ops on a strided view (Falcon's
     alibi slopes, a constant at offset 1) may start at 0 where propagation's start at 1."""
-    try:
-        t = operator.attrgetter(target)(gm)
-    except AttributeError:
-        return False
-    if not isinstance(t, torch.Tensor) or not isinstance(val, torch.Tensor) or not t.is_contiguous() \
-            or t.storage_offset() != 0:
+    t = _attr_tensor(gm, target)
+    if t is None or not isinstance(val, torch.Tensor) or not t.is_contiguous() or t.storage_offset() != 0:
         return False
     fake = mode.from_tensor(t, static_shapes=True)
     return val.dtype == fake.dtype and val.device == fake.device and val.dim() == fake.dim() \
