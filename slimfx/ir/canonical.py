@@ -3,7 +3,7 @@
 Three steps, each small and table-driven:
 1. ``canonicalize_calls``: torch-level calls from ``fx.symbolic_trace`` (``nn.Linear`` modules,
    ``F.linear``, ``operator.add`` on tensors, ``x.view(...)``) become their ATen ops.
-2. ``canonicalize_aliases``: ``x.T`` and ``chunk`` become ``t``/``permute`` and ``split``.
+2. ``canonicalize_aliases``: ``x.T``, ``chunk`` and ``broadcast_to`` become ``t``/``permute``, ``split`` and ``expand``.
    ``LINEAR_RULES``: every spelling of a linear layer (``addmm(b, x, t(w))``, ``matmul(x, t(w))``,
    ``mm``, a weight stored transposed as GPT-2's ``Conv1D`` keeps it, a bias added after the product)
    becomes ``aten.linear.default(x, w, b)``, the one form passes match; ``fold_weight_transposes``
@@ -467,8 +467,9 @@ def fold_weight_slices(gm: fx.GraphModule) -> int:
 
 def canonicalize_aliases(gm: fx.GraphModule) -> int:
     """``numpy_T`` (``x.T``) -> ``t`` (2-D) or ``permute``; ``chunk`` -> ``split`` (torch defines chunk as a
-    split into pieces of ceil(size / chunks)) where the split dim's size is static; ``baddbmm`` -> add, mul
-    and ``bmm``."""
+    split into pieces of ceil(size / chunks)) where the split dim's size is static; ``broadcast_to`` -> ``expand``
+    (transformers < 5.25's Falcon keys; passes read repeated heads off expand); ``baddbmm`` -> add, mul and
+    ``bmm``."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -484,6 +485,8 @@ def canonicalize_aliases(gm: fx.GraphModule) -> int:
             size = meta.shape(node.args[0])[dim]
             if isinstance(size, int) and isinstance(chunks, int) and size > 0:
                 new = (aten.split.Tensor, (node.args[0], -(-size // chunks), dim))
+        elif node.target is aten.broadcast_to.default:        # torch defines it as expand (-1 keeps a size)
+            new = (aten.expand.default, tuple(node.args[:2]))
         elif node.target is aten.baddbmm.default:
             _expand_baddbmm(gm, node)
             n += 1

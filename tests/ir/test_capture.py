@@ -265,6 +265,24 @@ def test_transposed_weights_late_biases_chunks_and_in_place_ops_are_canonical():
     ir.verify(c.gm)
 
 
+def test_broadcast_to_is_expand():
+    """torch.broadcast_to (transformers < 5.25's Falcon broadcasts its keys so) is captured as expand, the op
+    passes read repeated heads off, and runs on the numpy backend: a new leading axis, a -1 that keeps a size."""
+    from slimfx.backends import lower
+
+    class Broadcast(nn.Module):
+        def forward(self, x):
+            return torch.broadcast_to(x[:, None], (2, 3, 4, 5)) + torch.broadcast_to(x[:, None], (2, -1, 4, 5))
+
+    x = torch.randn(3, 5)
+    c = ir.capture(Broadcast(), (x,))
+    ts = targets(c.gm)
+    assert aten.broadcast_to.default not in ts and ts.count(aten.expand.default) == 2, ts
+    want = Broadcast()(x)
+    assert torch.equal(c.gm(x), want)
+    assert torch.equal(torch.as_tensor(lower(c.gm, "numpy")((x,), {})), want)
+
+
 def test_transposed_linear_keeps_its_module_name():
     from transformers import GPT2Config, GPT2Model
     torch.manual_seed(0)
