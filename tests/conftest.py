@@ -18,15 +18,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):       # one process per core (make tes
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 
-def xfail_before_transformers(request, version: str, reason: str) -> None:
-    """Mark the running test an expected failure where transformers is older than ``version`` (the GPU
-    machines carry 5.17; `make test-gpu-versions`): it still runs, and an XPASS says the gap closed."""
-    import transformers
-    from packaging.version import Version
-    if Version(transformers.__version__) < Version(version):
-        request.applymarker(pytest.mark.xfail(reason=f"transformers {transformers.__version__}: {reason}"))
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: the error relative to the tensor's scale (elementwise
     relative error is meaningless for entries near zero)."""

@@ -40,6 +40,7 @@ import dataclasses
 import itertools
 import math
 import operator
+from typing import Optional
 
 import networkx as nx
 import torch
@@ -589,14 +590,48 @@ def _rep_unexplained(node: dict, region: set, rep: int, edits: list) -> str:
     return ""
 
 
-_IN_GROUP_CUTS = {aten.split_with_sizes.default, aten.slice.Tensor, aten.select.int}
+_IN_GROUP_CUTS = {aten.split_with_sizes.default, aten.slice.Tensor, aten.select.int, aten.index.Tensor}
+_SAME_VALUES = {aten.clone.default, aten.detach.default, aten.alias.default, aten.lift_fresh_copy.default}
+
+
+def _whole_slice(n: fx.Node) -> bool:
+    """A slice that keeps its whole axis (``x[:, :, :, :-2]``'s leading ``:``s, 0 to 2^63 - 1 in the graph)."""
+    start, end, step = (list(n.args[2:5]) + [None, None, None])[:3]
+    return n.target is aten.slice.Tensor and start in (0, None) and step in (1, None) and \
+        (end is None or type(end) is int and end >= 2 ** 62)
+
+
+def _index_constant(n: fx.Node, axis: int) -> Optional[torch.Tensor]:
+    """The integer constant ``x[..., [-2]]`` indexes axis ``axis`` with (aten.index over that axis alone, the
+    list a tensor of the module, copied or not), else None."""
+    idx = n.args[1] if len(n.args) > 1 else None
+    if not isinstance(idx, (list, tuple)) or len(idx) != axis + 1 or any(i is not None for i in idx[:-1]) \
+            or not isinstance(idx[-1], fx.Node):
+        return None
+    a = idx[-1]
+    while a.op == "call_function" and a.target in _SAME_VALUES and isinstance(a.args[0], fx.Node):
+        a = a.args[0]
+    if a.op != "get_attr":
+        return None
+    t = ir.meta.tensor_attr(n.graph.owning_module, a)
+    return t if t.dim() == 1 and not t.is_floating_point() and t.dtype is not torch.bool else None
+
+
+def _within_q_heads(b, rep: int, bound: bool) -> bool:
+    """Whether position ``b`` along a group's rep q heads, key and value falls among the q heads: a slice's bound
+    (``bound``) strictly inside them, a select's or index's entry at one."""
+    if not isinstance(b, int):
+        return False
+    return 0 < b < rep or -rep - 2 < b < -2 if bound else 0 <= b < rep or -rep - 2 <= b < -2
 
 
 def _in_group_cuts(region: set, view: fx.Node, rep: int, dim: int) -> tuple[list, list, str]:
     """For q heads removed within the kv groups of a fused projection viewed per group (Falcon's (..., kv heads,
     rep + 2, head_dim); with one kv head (..., heads + 2, head_dim)): the edit of the in-group count where the
     view spells it, and the cuts of q, k and v along that axis (splits [rep, 1, 1]; slices and selects whose
-    positive bounds are 0 or past the q heads): (edits, cuts, '') or ([], [], why)."""
+    positive bounds are 0 or past the q heads; an index by a constant list past the q heads, transformers <
+    5.25's ``qkv[..., [-2], :]``), through slices that keep their axis whole: (edits, cuts, '') or
+    ([], [], why)."""
     out = ir.meta.shape(view)
     if not out or len(out) < 2 or out[-1] != dim or out[-2] != rep + 2:
         return [], [], (f"{view.name} does not view each kv group as its {rep} q heads, its key and its value "
@@ -604,19 +639,23 @@ def _in_group_cuts(region: set, view: fx.Node, rep: int, dim: int) -> tuple[list
     axis = len(out) - 2
     lit = view.args[1][axis]
     edits = [(view, axis, "in_group")] if type(lit) is int and lit > 0 else []
-    cuts = []
-    for u in view.users:
-        if u.name not in region:
+    cuts, users = [], [u for u in view.users if u.name in region]
+    for u in users:
+        if _whole_slice(u):
+            users += [w for w in u.users if w.name in region]
             continue
         at = (u.args[2] if len(u.args) > 2 else 0) if u.target is aten.split_with_sizes.default else \
-            (u.args[1] if len(u.args) > 1 else 0)
+            axis if u.target is aten.index.Tensor else (u.args[1] if len(u.args) > 1 else 0)
+        picked = _index_constant(u, axis) if u.target is aten.index.Tensor else None
         bounds = list(u.args[2:4]) if u.target is aten.slice.Tensor else [u.args[2]] if u.target is aten.select.int \
-            else []
-        if u.target not in _IN_GROUP_CUTS or not isinstance(at, int) or at % len(out) != axis:
+            else picked.tolist() if picked is not None else []
+        if u.target not in _IN_GROUP_CUTS or not isinstance(at, int) or at % len(out) != axis or \
+                u.target is aten.index.Tensor and picked is None:
             return [], [], f"{u.name} ({u.target}) reads {view.name}'s groups other than by cutting q, k and v apart"
         if u.target is aten.split_with_sizes.default and list(u.args[1]) != [rep, 1, 1] or \
                 u.target is aten.slice.Tensor and (len(u.args) > 4 and u.args[4] != 1) or \
-                any(not isinstance(b, (int, type(None))) or isinstance(b, int) and 0 < b < rep for b in bounds):
+                any(not isinstance(b, (int, type(None))) or _within_q_heads(b, rep, u.target is aten.slice.Tensor)
+                    for b in bounds):
             return [], [], f"{u.name} cuts {view.name}'s groups elsewhere than between the q heads and the key"
         cuts.append(u)
     return edits, cuts, ""
@@ -790,5 +829,12 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor, query: 
             n.args = (n.args[0], [rep2, 1, 1], *n.args[2:])
         elif n.target is aten.slice.Tensor:
             n.args = (*n.args[:2], *(in_group_moved(b) for b in n.args[2:4]), *n.args[4:])
-        else:
+        elif n.target is aten.select.int:
             n.args = (*n.args[:2], in_group_moved(n.args[2]), *n.args[3:])
+        else:                         # an index by a constant list: the same entries of the narrower groups
+            picked = _index_constant(n, len(n.args[1]) - 1)
+            moved_ = torch.where(picked >= rep, picked - rep + rep2, picked)   # (in_group_moved, entrywise)
+            if not torch.equal(moved_, picked):
+                name = ir.meta.add_tensor_attr(gm, f"{layer_name(grp.o)}_in_group_index", moved_)
+                with gm.graph.inserting_before(n):
+                    n.args = (n.args[0], [*n.args[1][:-1], gm.graph.get_attr(name)], *n.args[2:])

@@ -14,7 +14,7 @@ from slimfx import ir, passes as P
 from slimfx.backends import lower
 from slimfx.ir.dialect.sparse import block_sparsity, pattern_violation
 
-from conftest import nearest, text_batch, xfail_before_transformers
+from conftest import nearest, text_batch
 
 sf = torch.ops.slimfx
 
@@ -1139,14 +1139,11 @@ def test_query_heads_llama_equal_the_llama_built_with_fewer_heads(heads, kv, spa
 
 
 @pytest.mark.parametrize("family", ["falcon", "falcon_mqa", "phi3", "gpt_bigcode"])
-def test_query_heads_from_one_fused_projection_shrink(family, request):
+def test_query_heads_from_one_fused_projection_shrink(family):
     """One projection for q, k and v: Falcon's laid out per kv group ((..., kv, rep + 2, head_dim): each group's
     block keeps its kept q heads' rows and its key's and value's, the cut of q, k and v out of a group follows),
     Falcon-7B's multi-query (..., heads + 2, head_dim) split [heads, 1, 1], Phi-3's slices [q | k | v] and
     GPT-BigCode's multi-query c_attn(x).unsqueeze(1).split([q, k, v]) (the bounds after q move with it)."""
-    if family.startswith("falcon"):
-        xfail_before_transformers(request, "5.25", "the older Falcon attention's full-range slices and constant "
-                                                   "index over the fused projection are not read (cleanly refused)")
     import copy
     import transformers as T
     torch.manual_seed(0)
@@ -1178,6 +1175,51 @@ def test_query_heads_from_one_fused_projection_shrink(family, request):
             for h in g_:
                 c.weight[:, h * 8:(h + 1) * 8] = 0
     _matches_dense_llama(cm, zeroed)
+
+
+@pytest.mark.parametrize("kv,key,value", [(2, -2, -1), (1, -2, -1), (2, 3, 4), (2, 0, -1), (2, -5, -1)])
+def test_query_heads_of_older_falcon_cut_by_a_constant_index(kv, key, value):
+    """Falcon's attention before transformers 5.25 (the GPU machines' 5.17) cuts q, k and v out of its per-group
+    view ``qkv`` (..., kv, rep + 2, head_dim) as ``qkv[:, :, :, :-2]`` (slices keeping the leading axes whole)
+    and ``qkv[:, :, :, [-2]]`` (an index by a constant list), keys broadcast to the q heads; with one kv head
+    (..., heads + 2, head_dim). Emulated here on any transformers: q heads go within each group, the key's and
+    value's entries follow their rows (an entry past the q heads, 3 of 3 + 2, moves to 1 of 1 + 2), and the
+    graph equals the model with the removed heads' o columns zeroed, on torch and numpy. An entry at a q head
+    (0, or -5 of 5) is a read the pass cannot follow: the block is left whole, named."""
+    heads, d, b, s = 6, 4, 7, 5                  # (a batch or sequence of 2, 3 or 6 would read as a head axis)
+
+    class OldFalcon(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.o = torch.nn.Linear(24, (heads + 2 * kv) * d), torch.nn.Linear(24, 24)
+
+        def forward(self, x):
+            if kv == 1:
+                qkv = self.qkv(x).view(b, s, heads + 2, d)
+                q, k, v = qkv[..., :-2, :], qkv[..., [key], :], qkv[..., [value], :]
+            else:
+                qkv = self.qkv(x).view(b, s, -1, heads // kv + 2, d)
+                q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [key]], qkv[:, :, :, [value]]
+                k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+                q, k, v = (t.flatten(2, 3) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            return self.o(y.transpose(1, 2).reshape(b, s, 24))
+
+    torch.manual_seed(0)
+    model, x = OldFalcon().eval(), torch.randn(b, s, 24)
+    res = P.Prune(sparsity=0.5, pattern="query_heads")(ir.capture(model, (x,)).gm, P.PassContext((x,)))
+    if key in (0, -5):
+        why, = res.stats["skipped"].values()
+        assert not res.modified and "cuts view's groups elsewhere than between the q heads and the key" in why, why
+        return
+    left = heads - min(nearest(heads // kv / 2), heads // kv - 1) * kv
+    assert list(res.stats["shrunk"].values()) == [f"{heads} -> {left} q heads ({kv} kv)"], res.stats
+    gone, = _q_heads_gone(model, [model.o], heads, kv, 0.5, [dict(x=x)])
+    with torch.no_grad():
+        for h in gone:
+            model.o.weight[:, h * d:(h + 1) * d] = 0
+    assert _rel(res.graph_module(x), model(x)) < 1e-5
+    assert _rel(lower(res.graph_module, "numpy")((x,), {}), model(x)) < 1e-5
 
 
 def test_query_heads_refused_say_why():
