@@ -2,7 +2,7 @@
 
     lm = slimfx.compile_causal_lm(model, passes=[P.Quantize(weights="int8", activations="dynamic-per-token")],
                                   calibration=[ids, ...], backend="numpy")
-    out = lm.generate(ids, max_new_tokens=32)            # greedy; temperature/top_k sample
+    out = lm.generate(ids, max_new_tokens=32)            # greedy; temperature/top_k/top_p sample
     lm.save("smollm2-w8a8"); lm = slimfx.load("smollm2-w8a8", backend="triton")
 
 What slimfx compiles is the model's *step*: ``(input_ids, position_ids, attention_mask, cache, logits_at) ->
@@ -51,6 +51,7 @@ DeepSeek's key expansion without the copy whose check fixed the batch at >= 2.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import pathlib
 import sys
@@ -724,24 +725,31 @@ class CompiledCausalLM:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-                 progress: bool = False):
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, generator: Optional[torch.Generator] = None,
+                 eos_token_id=None, pad_token_id: Optional[int] = None, progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
-        ``temperature`` is 0, else sampled from softmax(logits / temperature) (over the ``top_k`` largest; None
-        or 0: all).
+        ``temperature`` is 0, else sampled from softmax(logits / temperature) over the ``top_k`` largest (None
+        or 0: all) and of those the fewest whose probabilities sum past ``top_p`` (nucleus sampling; 1: all).
+        ``repetition_penalty`` divides the positive logits of every token the row holds so far (its prompt, not
+        the padding, and its new tokens) by itself and multiplies the negative ones (1: none). Each as
+        transformers' ``generate`` computes it (transformers >= 5.25: older versions penalize the padding too),
+        in its order (penalty, temperature, top-k, top-p), so the same logits and the same random state draw the
+        same tokens.
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
         the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
         has. Timings of the call are in ``last_timing``."""
         from tqdm.auto import tqdm
         steps = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, generator=generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
                                             leave=False)]
         return torch.cat([input_ids.long(), *new], 1)
 
     def stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-               max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None):
+               max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+               repetition_penalty: float = 1.0, generator: Optional[torch.Generator] = None, eos_token_id=None,
+               pad_token_id: Optional[int] = None):
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
         on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
         end."""
@@ -751,6 +759,11 @@ class CompiledCausalLM:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None and (not _is_int(top_k) or top_k < 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 or None: all tokens), got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1: all tokens), got {top_p!r}")
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
+                not 0 < repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
             n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
             slots = n + max_new_tokens + 2                         # module docstring
@@ -777,10 +790,12 @@ class CompiledCausalLM:
         eos = self.eos_token_id if eos_token_id is None else (
             [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
-        return self._steps(input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos, pad)
+        pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 penalty=repetition_penalty, generator=generator)
+        return self._steps(input_ids, attention_mask, max_new_tokens, pick, eos, pad)
 
     @torch.no_grad()
-    def _steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, generator, eos, pad):
+    def _steps(self, input_ids, attention_mask, max_new_tokens, pick, eos, pad):
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
@@ -788,10 +803,15 @@ class CompiledCausalLM:
         t1 = time.perf_counter()
         logits = logits[:, -1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
+        ids, real = (t.to(logits.device) for t in _prompt(input_ids, attention_mask))
+        seen = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(
+            1, ids, real.int()) > 0               # each row's real tokens (repetition_penalty): padding is not one
+        rows = torch.arange(len(seen), device=seen.device)
         n = 0
         for i in range(max_new_tokens):
-            tok = self._pick(logits, temperature, top_k, generator)
+            tok = pick(logits, seen)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
+            seen[rows, tok] = True
             n += 1
             yield tok.to(input_ids.device)
             if eos:
@@ -805,13 +825,23 @@ class CompiledCausalLM:
                             "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
 
     @staticmethod
-    def _pick(logits, temperature, top_k, generator):
+    def _pick(logits, seen, temperature, top_k, top_p, penalty, generator):
+        """The next token of each row from its logits (batch, vocab) and the tokens it holds (``seen``: (batch,
+        vocab) bool), as transformers' logits processors compute them (``generate``)."""
+        if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
+            logits = logits.float()
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / temperature
         if top_k:                               # None or 0: every token (as in transformers)
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1:                           # TopPLogitsWarper: drop the least likely while their sum <= 1 - p
+            ascending, order = torch.sort(logits, descending=False)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False                 # (the likeliest token always stays)
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         probs = torch.softmax(logits, -1)
         if generator is not None and generator.device != probs.device:    # e.g. a CPU generator, GPU logits
             return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)

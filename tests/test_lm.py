@@ -131,6 +131,50 @@ def test_calibrated_passes_see_the_prompts(llama):
     assert got.shape == ref.shape and torch.equal(got[:, :6], ids)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_repetition_penalty_greedy_equals_transformers_generate(llama, compiled, backend):
+    """repetition_penalty as transformers (>= 5.25) applies it, to every real token a row holds, not to its left
+    padding: a padded batch gives each row's greedy tokens of transformers' generate on that row alone (which
+    every version computes alike); and the penalty changes them (a tiny random Llama repeats itself)."""
+    ids, mask = text_batch(3, 7, 97, pad_left=True, seed=8)
+    mask[:, -1] = 1
+    assert not mask.all()
+    free = compiled[backend].generate(ids, mask, max_new_tokens=1, repetition_penalty=1.8)[:, -1]
+    ids = torch.where(mask.bool(), ids, free[:, None])  # padding spelled as the token each row picks first
+    got = compiled[backend].generate(ids, mask, max_new_tokens=10, repetition_penalty=1.8)
+    for row, m, out in zip(ids, mask, got):
+        ref = llama.generate(row[m.bool()][None], max_new_tokens=10, do_sample=False, repetition_penalty=1.8,
+                             pad_token_id=0)
+        assert torch.equal(out[-10:], ref[0, -10:]), f"\n got {out.tolist()}\n ref {ref.tolist()}"
+    assert not torch.equal(got, compiled[backend].generate(ids, mask, max_new_tokens=10))
+
+
+def test_sampling_with_top_p_and_a_penalty_draws_transformers_tokens(llama, compiled):
+    """temperature, top_k, top_p (nucleus) and repetition_penalty in transformers' order and arithmetic: from the
+    same global random state, the torch backend (eager's ops) draws the tokens transformers' generate draws;
+    top_p so small that only the likeliest token is left is greedy; bad values are refused, named."""
+    ids = text_batch(2, 6, 97, seed=5)[0]
+    lm = compiled["torch"]
+    opts = dict(temperature=0.7, top_k=40, top_p=0.8, repetition_penalty=1.3)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ref = llama.generate(ids, max_new_tokens=12, do_sample=True, pad_token_id=0, **opts)
+        torch.manual_seed(seed)
+        got = lm.generate(ids, max_new_tokens=12, **opts)
+        assert torch.equal(got, ref), f"seed {seed}\n got {got.tolist()}\n ref {ref.tolist()}"
+    wide = [lm.generate(ids, max_new_tokens=12, temperature=1.0, top_p=0.95,
+                        generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    assert not torch.equal(*wide)                       # a near-uniform 97-way draw: the nucleus is wide
+    assert torch.equal(lm.generate(ids, max_new_tokens=12, temperature=1.0, top_p=1e-6,
+                                   generator=torch.Generator().manual_seed(0)),
+                       lm.generate(ids, max_new_tokens=12))
+    for bad in (dict(top_p=0), dict(top_p=1.5), dict(top_p=True), dict(repetition_penalty=0),
+                dict(repetition_penalty=float("inf")), dict(repetition_penalty="1.2")):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            lm.stream(ids, temperature=1.0, **bad)      # refused at the call, before the first step
+
+
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(compiled):
     lm = compiled["numpy"]
     ids = text_batch(2, 5, 97, seed=6)[0]
