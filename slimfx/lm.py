@@ -295,8 +295,12 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     name = type(model).__name__
     kw = _cache_kw(model)
     dev = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev), use_cache=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev), use_cache=True)
+    except Exception as e:        # (transformers' own: Jamba with no attention layer cannot build its mask)
+        raise TypeError(f"{name} fails a plain call with use_cache=True, from which compile_causal_lm reads its "
+                        f"cache's layout: {type(e).__name__}: {e}") from e
     cache = getattr(out, kw, None)
     layers = getattr(cache, "layers", None)
     if not layers:

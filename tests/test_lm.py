@@ -308,6 +308,14 @@ def test_models_without_a_plain_kv_cache_are_refused():
                                                 num_local_experts=2)).eval()
     with pytest.raises(TypeError, match="Llama4ForCausalLM: chunked attention .*not supported"):
         slimfx.compile_causal_lm(llama4)
+    # a Jamba of Mamba layers only: transformers' own forward fails with a cache (it raised that ValueError bare)
+    import transformers as T
+    jamba = T.AutoModelForCausalLM.from_config(T.AutoConfig.for_model(
+        "jamba", vocab_size=50, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+        intermediate_size=40, num_experts=1)).eval()
+    with pytest.raises(TypeError, match=r"JambaForCausalLM fails a plain call with use_cache=True, from which "
+                                        r"compile_causal_lm reads its cache's layout: ValueError"):
+        slimfx.compile_causal_lm(jamba)
 
 
 _SMALL = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
