@@ -706,31 +706,65 @@ def scatter_src(x, dim, index, src):
     return out
 
 
-@numpy_op(aten.conv1d.default, aten.conv1d.padding)
-def conv1d(x, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
-    """torch's conv1d (cross-correlation) on (N, C_in, L) or (C_in, L): each output position sums its window
-    of every input channel of its group (Mamba's causal depthwise convolution: groups = channels)."""
-    one = lambda v: v[0] if isinstance(v, (list, tuple)) else v     # noqa: E731
-    stride, dilation = one(stride), one(dilation)
-    batched = x.ndim == 3
+def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
+    """torch's ``nd``-d convolution (cross-correlation) on (N, C_in, *spatial) or unbatched (C_in, *spatial): each
+    output position sums its window of every input channel of its group. ``padding`` per dim (an int for all) or
+    "valid" / "same" (stride 1; "same" puts the odd one of an even total on the right, as torch)."""
+    def per_dim(v) -> list:                             # an int, or one value per dim (one: for all)
+        return list(v) * (nd if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * nd
+    stride, dilation = per_dim(stride), per_dim(dilation)
+    batched = x.ndim == nd + 2
     x = x if batched else x[None]
-    c_out, c_group, k = weight.shape
-    if isinstance(padding, str):                 # "valid" or "same" (stride 1)
-        total = 0 if padding == "valid" else dilation * (k - 1)
-        left, right = total // 2, total - total // 2
+    c_out, c_group, *k = weight.shape
+    if isinstance(padding, str):
+        total = [0 if padding == "valid" else d * (kk - 1) for d, kk in zip(dilation, k)]
+        pads = [(t // 2, t - t // 2) for t in total]
     else:
-        left = right = one(padding)
-    x = np.pad(x, ((0, 0), (0, 0), (left, right)))
-    length = (x.shape[-1] - dilation * (k - 1) - 1) // stride + 1
-    # windows: (N, C_in, L_out, K), tap j of output position t at t * stride + j * dilation
-    taps = np.arange(length)[:, None] * stride + np.arange(k)[None, :] * dilation
-    win = x[:, :, taps].reshape(x.shape[0], groups, c_group, length, k)
-    w = weight.reshape(groups, c_out // groups, c_group, k)
-    out = np.einsum("ngclk,gock->ngol", win, w, optimize=True).reshape(x.shape[0], c_out, length)
+        pads = [(p, p) for p in per_dim(padding)]
+    x = np.pad(x, ((0, 0), (0, 0), *pads))
+    spans = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
+    # (N, C_in, *positions, *taps): every window, a view; then the strided positions and the dilated taps
+    win = np.lib.stride_tricks.sliding_window_view(x, spans, axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None), slice(None), *(slice(None, None, s_) for s_ in stride),
+               *(slice(None, None, d) for d in dilation))]
+    out_shape = win.shape[2:2 + nd]
+    win = win.reshape(x.shape[0], groups, c_group, *out_shape, *k)
+    w = weight.reshape(groups, c_out // groups, c_group, *k)
+    letters = "hijdef"[:nd]                             # position axes, then tap axes (upper case)
+    taps = letters.upper()
+    out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", win, w, optimize=True)
+    out = out.reshape(x.shape[0], c_out, *out_shape)
     if bias is not None:
-        out = out + bias[:, None]
+        out = out + bias.reshape(-1, *[1] * nd)
     out = out.astype(x.dtype)
     return out if batched else out[0]
+
+
+@numpy_op(aten.conv1d.default, aten.conv1d.padding)
+def conv1d(x, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
+    """torch's conv1d on (N, C_in, L) or (C_in, L) (Mamba's causal depthwise convolution: groups = channels)."""
+    return _conv(x, weight, bias, stride, padding, dilation, groups, 1)
+
+
+@numpy_op(aten.conv2d.default, aten.conv2d.padding)
+def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """torch's conv2d on (N, C_in, H, W) or (C_in, H, W) (ViT's and CLIP's patch embeddings: stride = kernel)."""
+    return _conv(x, weight, bias, stride, padding, dilation, groups, 2)
+
+
+@numpy_op(aten.conv3d.default, aten.conv3d.padding)
+def conv3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
+    """torch's conv3d on (N, C_in, D, H, W) or (C_in, D, H, W) (video patch embeddings)."""
+    return _conv(x, weight, bias, stride, padding, dilation, groups, 3)
+
+
+@numpy_op(aten.convolution.default)
+def convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """The convolution decompositions leave (a graph with in-place ops is functionalized): the forward ones."""
+    if transposed:
+        raise NotImplementedError("aten.convolution with transposed=True (a transposed convolution) has no numpy "
+                                  "implementation; run with backend='torch'")
+    return _conv(x, weight, bias, stride, padding, dilation, groups, weight.ndim - 2)
 
 
 def _check_index(index, size: int, what: str):

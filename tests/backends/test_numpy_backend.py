@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimfx
+from conftest import rel_err
 from slimfx.backends.numpy_backend import UnsupportedOpError
 
 
@@ -527,6 +528,46 @@ def test_state_space_and_newer_mlp_ops_match_torch():
             o = torch.from_numpy(np.asarray(o))
             assert o.dtype == w.dtype and o.shape == w.shape, name
             assert torch.equal(o, w) if name in exact else torch.allclose(o, w, rtol=1e-5, atol=1e-5), name
+
+
+def test_convolutions_match_torch():
+    """conv2d and conv3d (ViT's, CLIP's and video models' patch embeddings; CNNs), and aten.convolution (what a
+    functionalized graph holds), against torch at odd sizes: strides, asymmetric padding, "same" with an even
+    kernel, dilation, groups, unbatched input; within a few ulp (another summation order). A transposed
+    convolution is refused, named. A tiny ViT runs on numpy."""
+    from slimfx.backends.optable import NUMPY_OPS
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(6)
+    x2, x3 = torch.randn(2, 6, 11, 9, generator=g), torch.randn(2, 4, 5, 7, 6, generator=g)
+    w2, w2g, w2e = (torch.randn(5, 6, 3, 2, generator=g), torch.randn(4, 3, 3, 3, generator=g),
+                    torch.randn(3, 6, 4, 4, generator=g))
+    w3, b5, b4 = torch.randn(6, 2, 3, 2, 3, generator=g), torch.randn(5, generator=g), torch.randn(4, generator=g)
+    cases = {
+        "patch": (aten.conv2d.default, (x2[..., :8, :8], torch.randn(7, 6, 4, 4, generator=g), None, [4, 4])),
+        "strided_padded": (aten.conv2d.default, (x2, w2, b5, [2, 3], [1, 2], [1, 1], 1)),
+        "dilated_grouped": (aten.conv2d.default, (x2, w2g, b4, [1], [2], [2, 1], 2)),
+        "same_even_kernel": (aten.conv2d.padding, (x2, w2e, None, [1, 1], "same", [1, 2], 1)),
+        "valid_unbatched": (aten.conv2d.padding, (x2[0], w2, b5, [1, 1], "valid")),
+        "conv3d": (aten.conv3d.default, (x3, w3, None, [1, 2, 1], [1, 0, 2], [1, 1, 2], 2)),
+        "convolution": (aten.convolution.default, (x2, w2, b5, [2, 1], [0, 1], [1, 2], False, [0, 0], 1)),
+        "convolution_1d": (aten.convolution.default, (x2[..., 0], w2[..., 0], b5, [2], [1], [1], False, [0], 1)),
+    }
+    for name, (op, args) in cases.items():
+        want = op(*args)
+        got = torch.from_numpy(NUMPY_OPS[op](*[a.numpy() if torch.is_tensor(a) else a for a in args]))
+        assert got.dtype == want.dtype and got.shape == want.shape, (name, got.shape, want.shape)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (name, float((got - want).abs().max()))
+    with pytest.raises(NotImplementedError, match="transposed=True"):
+        NUMPY_OPS[aten.convolution.default](x2.numpy(), w2.numpy(), None, [1, 1], [0, 0], [1, 1], True, [0, 0], 1)
+
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40,
+                             image_size=24, patch_size=8, num_channels=3)).eval()
+    pixels = torch.randn(2, 3, 24, 24, generator=g)
+    cm = slimfx.compile(vit, (pixels,), backend="numpy", progress=False)
+    with torch.no_grad():
+        assert rel_err(cm(pixels).last_hidden_state, vit(pixels).last_hidden_state) < 1e-5
 
 
 def test_a_call_module_node_is_refused_saying_what_the_backend_runs():
