@@ -767,6 +767,86 @@ def convolution(x, weight, bias, stride, padding, dilation, transposed, output_p
     return _conv(x, weight, bias, stride, padding, dilation, groups, weight.ndim - 2)
 
 
+def _pool_windows(x, kernel, stride, padding, dilation, ceil_mode, fill, nd: int, beyond=None):
+    """(..., *positions, *taps) windows of torch's max/avg pooling over the last ``nd`` dims (``stride`` [] is
+    the kernel), x padded by ``fill``, and past that by ``beyond`` (default ``fill``) where ``ceil_mode`` adds a
+    last, partial window; and (kernel, stride, padding) per dim."""
+    def per_dim(v) -> list:
+        return list(v) * (nd if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * nd
+    kernel, padding, dilation = per_dim(kernel), per_dim(padding), per_dim(dilation)
+    stride = per_dim(stride) if stride not in (None, [], ()) else kernel
+    lead, spatial = x.shape[:-nd], x.shape[-nd:]
+    outs, extra = [], []
+    for size, k, s_, p, d in zip(spatial, kernel, stride, padding, dilation):
+        span = d * (k - 1) + 1
+        n = (size + 2 * p - span + (s_ - 1 if ceil_mode else 0)) // s_ + 1
+        if ceil_mode and (n - 1) * s_ >= size + p:      # a last window must start inside the input or left pad
+            n -= 1
+        outs.append(n)
+        extra.append((0, max(0, (n - 1) * s_ + span - size - 2 * p)))
+    x = np.pad(x, [(0, 0)] * len(lead) + [(p, p) for p in padding], constant_values=fill)
+    x = np.pad(x, [(0, 0)] * len(lead) + extra, constant_values=fill if beyond is None else beyond)
+    spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    win = np.lib.stride_tricks.sliding_window_view(x, spans, axis=tuple(range(x.ndim - nd, x.ndim)))
+    win = win[(Ellipsis, *(slice(None, n * s_, s_) for n, s_ in zip(outs, stride)),
+               *(slice(None, None, d) for d in dilation))]
+    return win, outs, (kernel, stride, padding)
+
+
+def _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, nd: int):
+    win, _, _ = _pool_windows(x, kernel_size, stride, padding, dilation, ceil_mode, -np.inf, nd)
+    return win.max(axis=tuple(range(-nd, 0))).astype(x.dtype)
+
+
+@numpy_op(aten.max_pool1d.default)
+def max_pool1d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    return _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, 1)
+
+
+@numpy_op(aten.max_pool2d.default)
+def max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    """torch's max pooling over the last 2 dims (ResNet's stem)."""
+    return _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, 2)
+
+
+def _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, nd: int):
+    """A window's sum over the kernel's size, or over its positions inside the input (``count_include_pad=False``),
+    or ``divisor_override``; with ``ceil_mode`` a last, partial window divides by its part inside the padded
+    input, as torch."""
+    win, _, (kernel, stride, padding) = _pool_windows(x, kernel_size, stride, padding, 1, ceil_mode, 0, nd)
+    total = win.sum(axis=tuple(range(-nd, 0)), dtype=np.float64 if x.dtype == np.float64 else np.float32)
+    if divisor_override:
+        return (total / divisor_override).astype(x.dtype)
+    counted, _, _ = _pool_windows(np.ones(x.shape[-nd:], np.float32), kernel, stride, padding, 1, ceil_mode,
+                                  1 if count_include_pad else 0, nd, beyond=0)    # the padding counted or not
+    return (total / counted.sum(axis=tuple(range(-nd, 0)))).astype(x.dtype)
+
+
+@numpy_op(aten.avg_pool1d.default)
+def avg_pool1d(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True):
+    return _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, None, 1)
+
+
+@numpy_op(aten.avg_pool2d.default)
+def avg_pool2d(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """torch's average pooling over the last 2 dims."""
+    return _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, 2)
+
+
+@numpy_op(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)
+def adaptive_avg_pool(x, output_size):
+    """torch's adaptive average pooling over the last len(output_size) dims: output cell i of a dim of size L
+    into n averages positions floor(i L / n) .. ceil((i + 1) L / n) - 1 (ResNet's and ViT poolers' (1, 1))."""
+    nd = len(output_size)
+    out = x
+    for axis, n in zip(range(x.ndim - nd, x.ndim), output_size):
+        size = x.shape[axis]
+        cells = [np.mean(np.take(out, range(i * size // n, -(-(i + 1) * size // n)), axis=axis), axis=axis,
+                         keepdims=True) for i in range(n)]
+        out = np.concatenate(cells, axis=axis)
+    return out.astype(x.dtype)
+
+
 def _check_index(index, size: int, what: str):
     """torch refuses an index outside [0, size) here; np.take would wrap a negative one around."""
     index = np.asarray(index)
@@ -979,6 +1059,13 @@ def empty_like(x, dtype=None, **kwargs):
 @numpy_op(aten.full_like.default)
 def full_like(x, value, dtype=None, **kwargs):
     return np.full(x.shape, value, dtype=np_dtype(dtype, x.dtype))
+
+
+@numpy_op(aten.fill.Scalar, aten.fill.Tensor)
+def fill(x, value):
+    """The functional fill_ (BART's shift_tokens_right writes the start token so): x's shape and dtype, every
+    entry ``value`` (a number or a 0-d tensor)."""
+    return np.full(x.shape, np.asarray(value).item(), dtype=x.dtype)
 
 
 @numpy_op(aten.scalar_tensor.default)

@@ -280,6 +280,48 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enab
     return y
 
 
+def _channel_shape(x) -> tuple:
+    """(C, 1, ...): a per-channel vector broadcast over (N, C, *spatial)."""
+    return (x.shape[1],) + (1,) * (x.ndim - 2)
+
+
+@numpy_op(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_no_training(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Batch norm in eval mode (export's spelling): x normalized by the running statistics, per channel (axis 1);
+    the two saved-statistics outputs are empty, as torch's."""
+    return batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps), \
+        np.zeros((0,), x.dtype), np.zeros((0,), x.dtype)
+
+
+@numpy_op(aten.batch_norm.default)
+def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
+    if training or running_mean is None:
+        raise NotImplementedError("batch_norm in training mode (statistics of the batch, running ones updated) has "
+                                  "no numpy implementation: compile the model in eval mode")
+    c = _channel_shape(x)
+    y = (x - running_mean.reshape(c)) * (1 / np.sqrt(running_var.reshape(c) + const(x, eps)))
+    if weight is not None:
+        y = y * weight.reshape(c)
+    if bias is not None:
+        y = y + bias.reshape(c)
+    return y.astype(x.dtype, copy=False)
+
+
+@numpy_op(aten.group_norm.default)
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """(N, C, *spatial) normalized over each group of C / num_groups channels and all positions (wav2vec2's
+    feature extractor), then a per-channel affine."""
+    g = x.reshape(x.shape[0], num_groups, -1)
+    y = g - np.mean(g, axis=-1, keepdims=True)
+    y = (y * (1 / np.sqrt(np.mean(np.square(y), axis=-1, keepdims=True) + const(x, eps)))).reshape(x.shape)
+    c = _channel_shape(x)
+    if weight is not None:
+        y = y * weight.reshape(c)
+    if bias is not None:
+        y = y + bias.reshape(c)
+    return y.astype(x.dtype, copy=False)
+
+
 @numpy_op(aten.rms_norm.default)
 def rms_norm(x, normalized_shape, weight=None, eps=None):
     """x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims, torch's composite step by step:

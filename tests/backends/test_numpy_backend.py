@@ -570,6 +570,72 @@ def test_convolutions_match_torch():
         assert rel_err(cm(pixels).last_hidden_state, vit(pixels).last_hidden_state) < 1e-5
 
 
+def test_pooling_norms_and_fill_match_torch():
+    """Max and average pooling (strides, padding, dilation, ceil_mode's partial last window, padding counted or
+    not, a divisor override), adaptive average pooling to sizes that do not divide the input, batch norm in eval
+    mode (export's _native_batch_norm_legit_no_training), group norm and the functional fill, against torch on odd
+    sizes (within a few ulp; pooling by max and fill exactly). Batch norm in training mode is refused, named.
+    BART (fill), wav2vec2 (group norm) and ResNet (batch norm, pooling) run on numpy end to end."""
+    from slimfx.backends.optable import NUMPY_OPS
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(7)
+    x, x1 = torch.randn(2, 6, 11, 9, generator=g), torch.randn(2, 6, 13, generator=g)
+    w, b = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    mean, var = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.1
+    exact = {
+        "max_pool2d": (aten.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1])),
+        "max_pool2d_ceil_dilated": (aten.max_pool2d.default, (x, [2, 3], [3, 2], [1, 0], [2, 1], True)),
+        "max_pool2d_default_stride": (aten.max_pool2d.default, (x, [2, 2])),
+        "max_pool1d_ceil": (aten.max_pool1d.default, (x1, [4], [3], [2], [1], True)),
+        "fill_scalar": (aten.fill.Scalar, (x1, 1.5)),
+        "fill_tensor": (aten.fill.Tensor, (x1.long(), torch.tensor(7))),
+    }
+    close = {
+        "avg_pool2d": (aten.avg_pool2d.default, (x, [3, 2], [2, 2], [1, 1])),
+        "avg_pool2d_no_pad_count_ceil": (aten.avg_pool2d.default, (x, [3, 3], [2, 2], [1, 1], True, False)),
+        "avg_pool2d_ceil": (aten.avg_pool2d.default, (x, [2, 2], [2, 2], [0, 1], True, True)),
+        "avg_pool2d_divisor": (aten.avg_pool2d.default, (x, [2, 2], [1, 1], [0, 0], False, True, 3)),
+        "avg_pool1d": (aten.avg_pool1d.default, (x1, [3], [2], [1], True, False)),
+        "adaptive_1x1": (aten.adaptive_avg_pool2d.default, (x, [1, 1])),
+        "adaptive_4x2": (aten._adaptive_avg_pool2d.default, (x, [4, 2])),
+        "adaptive_1d": (aten.adaptive_avg_pool1d.default, (x1, [5])),
+        "batch_norm": (aten.batch_norm.default, (x, w, b, mean, var, False, 0.1, 1e-5, False)),
+        "batch_norm_export": (aten._native_batch_norm_legit_no_training.default, (x1, w, None, mean, var, 0.1, 1e-3)),
+        "group_norm": (aten.group_norm.default, (x, 3, w, b, 1e-5)),
+        "group_norm_1d_plain": (aten.group_norm.default, (x1, 2)),
+    }
+    for name, (op, args) in {**exact, **close}.items():
+        want = op(*args)
+        got = NUMPY_OPS[op](*[a.numpy() if torch.is_tensor(a) else a for a in args])
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        for wt, o in zip(want, got):
+            o = torch.from_numpy(np.asarray(o))
+            assert o.dtype == wt.dtype and o.shape == wt.shape, (name, o.shape, wt.shape)
+            assert torch.equal(o, wt) if name in exact else torch.allclose(o, wt, rtol=1e-5, atol=1e-6), name
+    with pytest.raises(NotImplementedError, match="batch_norm in training mode"):
+        NUMPY_OPS[aten.batch_norm.default](x.numpy(), None, None, None, None, True, 0.1, 1e-5, False)
+
+    import transformers as T
+    ids = torch.randint(3, 90, (2, 7), generator=g)
+    models = {
+        "bart": (T.BartModel(T.BartConfig(vocab_size=90, d_model=32, encoder_layers=1, decoder_layers=1,
+                                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=40,
+                                          decoder_ffn_dim=40)), dict(input_ids=ids, use_cache=False)),
+        "wav2vec2": (T.Wav2Vec2Model(T.Wav2Vec2Config(
+            hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, conv_dim=(16, 16),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)),
+            dict(input_values=torch.randn(2, 400, generator=g))),
+        "resnet": (T.ResNetModel(T.ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8)),
+                   dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g))),
+    }
+    for name, (model, kw) in models.items():
+        torch.manual_seed(0)
+        model.eval()
+        cm = slimfx.compile(model, (), kw, backend="numpy", progress=False)
+        with torch.no_grad():
+            assert rel_err(cm(**kw)[0], model(**kw)[0]) < 1e-5, name
+
+
 def test_a_call_module_node_is_refused_saying_what_the_backend_runs():
     """The hint said to register a numpy_op for the module's name, which cannot work for a module."""
     torch.manual_seed(0)
