@@ -955,6 +955,12 @@ def expand_as(x, other):
     return np.broadcast_to(x, other.shape)
 
 
+@numpy_op(aten.reshape_as.default, aten.view_as.default)
+def reshape_as(x, other):
+    """x in other's shape (RoFormer's rotary embedding)."""
+    return np.reshape(x, other.shape)
+
+
 @numpy_op(aten.flip.default)
 def flip(x, dims):
     return np.flip(x, axis=tuple(dims)) if len(dims) else x

@@ -570,12 +570,13 @@ def test_convolutions_match_torch():
         assert rel_err(cm(pixels).last_hidden_state, vit(pixels).last_hidden_state) < 1e-5
 
 
-def test_pooling_norms_and_fill_match_torch():
+def test_encoder_ops_match_torch():
     """Max and average pooling (strides, padding, dilation, ceil_mode's partial last window, padding counted or
     not, a divisor override), adaptive average pooling to sizes that do not divide the input, batch norm in eval
-    mode (export's _native_batch_norm_legit_no_training), group norm and the functional fill, against torch on odd
-    sizes (within a few ulp; pooling by max and fill exactly). Batch norm in training mode is refused, named.
-    BART (fill), wav2vec2 (group norm) and ResNet (batch norm, pooling) run on numpy end to end."""
+    mode (export's _native_batch_norm_legit_no_training), group norm, the functional fill and reshape_as / view_as,
+    against torch on odd sizes (within a few ulp; pooling by max, fill and reshapes exactly). Batch norm in
+    training mode is refused, named. BART (fill), wav2vec2 (group norm), ResNet (batch norm, pooling) and RoFormer
+    (reshape_as) run on numpy end to end."""
     from slimfx.backends.optable import NUMPY_OPS
     aten = torch.ops.aten
     g = torch.Generator().manual_seed(7)
@@ -589,6 +590,8 @@ def test_pooling_norms_and_fill_match_torch():
         "max_pool1d_ceil": (aten.max_pool1d.default, (x1, [4], [3], [2], [1], True)),
         "fill_scalar": (aten.fill.Scalar, (x1, 1.5)),
         "fill_tensor": (aten.fill.Tensor, (x1.long(), torch.tensor(7))),
+        "reshape_as": (aten.reshape_as.default, (x1.transpose(1, 2), x1)),
+        "view_as": (aten.view_as.default, (x, x.reshape(2, 6, 99))),
     }
     close = {
         "avg_pool2d": (aten.avg_pool2d.default, (x, [3, 2], [2, 2], [1, 1])),
@@ -627,6 +630,9 @@ def test_pooling_norms_and_fill_match_torch():
             dict(input_values=torch.randn(2, 400, generator=g))),
         "resnet": (T.ResNetModel(T.ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8)),
                    dict(pixel_values=torch.randn(2, 3, 32, 32, generator=g))),
+        "roformer": (T.RoFormerModel(T.RoFormerConfig(vocab_size=90, hidden_size=32, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=40)),
+                     dict(input_ids=ids)),
     }
     for name, (model, kw) in models.items():
         torch.manual_seed(0)
