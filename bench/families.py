@@ -14,7 +14,9 @@ are listed with the reasons in the JSON. MoE families
 also lose a quarter of each block's experts (``Prune(pattern="experts")``, on numpy) and are compared with the
 model whose removed experts are never chosen (tests/conftest.py's ``experts_never_chosen``), or say why a block
 stays whole; and their experts are quantized int4 (groups of 16) with ``Quantize(awq=True)``: its MoE scaling alone
-must keep the model's function, and the logits' SQNR is shown next to rounding to nearest's. Parameters
+must keep the model's function, and the logits' SQNR is shown next to rounding to nearest's. Last, text generation
+with a KV cache (``slimfx.compile_causal_lm``, torch backend): 8 greedy tokens after a left-padded batch of two
+prompts, against transformers' own ``generate``, or the reason the model is refused. Parameters
 that a family's init leaves at zero (routers) are drawn at random first: all-zero router scores tie, and torch's
 and numpy's top-k break exact ties differently. A failure is recorded with its message. Writes
 bench/results/families-<cpu>.json and .md.
@@ -104,6 +106,21 @@ def experts_awq(captured, call, ref) -> str:
             + (f" ({'; '.join(why)})" if why else ""))
 
 
+def generation(model) -> str:
+    """8 greedy tokens from compile_causal_lm (torch backend) after a left-padded batch of 2 prompts of 9 tokens:
+    how many of the 16 equal transformers' generate, or why the model is refused."""
+    ids, mask = text_batch(2, 9, 97, pad_left=True, seed=1)
+    mask[:, -1] = 1
+    try:
+        lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+        got = lm.generate(ids, mask, max_new_tokens=8)[:, 9:]
+    except Exception as e:                          # TypeError: a refusal, with its reason
+        return f"{'refused' if isinstance(e, TypeError) else 'fails'}: {str(e).splitlines()[0][:160]}"
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 9:]
+    return f"{int((got == ref).sum())}/{ref.numel()} tokens equal"
+
+
 def units_pruned(model, captured, call) -> dict:
     """Half of each attention block's kv head groups and a quarter of each feed-forward block's neurons removed,
     and, apart, half the q heads in each kv group: how many blocks shrank of those found, the logits' largest
@@ -156,6 +173,7 @@ def check(family: str) -> dict:
         row["experts_pruned"] = experts_pruned(captured, call)
         row["experts_awq"] = experts_awq(captured, call, ref)
     row.update(units_pruned(model, captured, call))
+    row["generate"] = generation(model)
     return row
 
 
@@ -192,18 +210,21 @@ def main():
              "why a block stays whole); MoE: a quarter of each block's experts removed, rel. error vs the model with "
              "them never chosen; AWQ on the experts: block inputs and experts' down inputs scaled, the scaled float "
              "graph's rel. error vs the model, the logits' "
-             "SQNR with int4 g16 experts by AWQ vs by rounding to nearest (random weights have no outlier channels). "
+             "SQNR with int4 g16 experts by AWQ vs by rounding to nearest (random weights have no outlier channels); "
+             "generate: compile_causal_lm's 8 greedy tokens x 2 left-padded prompts equal to transformers' generate, "
+             "or why the model is refused. "
              "`HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
              "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, q heads, neurons | experts -25% "
-             "| experts AWQ |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| experts AWQ | generate |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | | | |")
+            lines.append(f"| {r['family']} | fails: {r['error'].replace('|', '/')} | | | | | | | |")
         else:
             lines.append(f"| {r['family']} | {r['model']} | {r['compile_s']} | {r['numpy_rel_err']:.1e} | "
                          f"{r['w8a8_sqnr_db']} | {r.get('units_pruned', '')} | "
-                         f"{r.get('experts_pruned', '').replace('|', '/')} | {r.get('experts_awq', '')} |")
+                         f"{r.get('experts_pruned', '').replace('|', '/')} | {r.get('experts_awq', '')} | "
+                         f"{r.get('generate', '').replace('|', '/')} |")
     import transformers
     save(args.name, cpu_name(), {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "rows": rows}, "\n".join(lines))
