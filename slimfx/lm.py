@@ -729,31 +729,34 @@ class CompiledCausalLM:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, generator: Optional[torch.Generator] = None,
-                 eos_token_id=None, pad_token_id: Optional[int] = None, progress: bool = False):
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                 generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
+                 progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
         ``temperature`` is 0, else sampled from softmax(logits / temperature) over the ``top_k`` largest (None
         or 0: all) and of those the fewest whose probabilities sum past ``top_p`` (nucleus sampling; 1: all).
         ``repetition_penalty`` divides the positive logits of every token the row holds so far (its prompt, not
-        the padding, and its new tokens) by itself and multiplies the negative ones (1: none). Each as
-        transformers' ``generate`` computes it (transformers >= 5.25: older versions penalize the padding too),
-        in its order (penalty, temperature, top-k, top-p), so the same logits and the same random state draw the
-        same tokens.
+        the padding, and its new tokens) by itself and multiplies the negative ones (1: none); until a row has
+        ``min_new_tokens`` new tokens, its end-of-sequence tokens cannot be chosen. Each as transformers'
+        ``generate`` computes it (transformers >= 5.25: older versions penalize the padding too), in its order
+        (end-of-sequence ban, penalty, temperature, top-k, top-p), so the same logits and the same random state
+        draw the same tokens.
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
         the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
         has. Timings of the call are in ``last_timing``."""
         from tqdm.auto import tqdm
         steps = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
-                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                            min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id)
         new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
                                             leave=False)]
         return torch.cat([input_ids.long(), *new], 1)
 
     def stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
-               repetition_penalty: float = 1.0, generator: Optional[torch.Generator] = None, eos_token_id=None,
-               pad_token_id: Optional[int] = None):
+               repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
+               eos_token_id=None, pad_token_id: Optional[int] = None):
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
         on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
         end."""
@@ -768,6 +771,8 @@ class CompiledCausalLM:
         if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
                 not 0 < repetition_penalty < float("inf"):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
+        if not _is_int(min_new_tokens) or min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
             n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
             slots = n + max_new_tokens + 2                         # module docstring
@@ -796,10 +801,10 @@ class CompiledCausalLM:
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
                                  penalty=repetition_penalty, generator=generator)
-        return self._steps(input_ids, attention_mask, max_new_tokens, pick, eos, pad)
+        return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), pick, eos, pad)
 
     @torch.no_grad()
-    def _steps(self, input_ids, attention_mask, max_new_tokens, pick, eos, pad):
+    def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, pick, eos, pad):
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
@@ -813,7 +818,7 @@ class CompiledCausalLM:
         rows = torch.arange(len(seen), device=seen.device)
         n = 0
         for i in range(max_new_tokens):
-            tok = pick(logits, seen)
+            tok = pick(logits, seen, eos if i < min_new_tokens else ())
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             seen[rows, tok] = True
             n += 1
@@ -829,9 +834,12 @@ class CompiledCausalLM:
                             "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
 
     @staticmethod
-    def _pick(logits, seen, temperature, top_k, top_p, penalty, generator):
-        """The next token of each row from its logits (batch, vocab) and the tokens it holds (``seen``: (batch,
-        vocab) bool), as transformers' logits processors compute them (``generate``)."""
+    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator):
+        """The next token of each row from its logits (batch, vocab), the tokens it holds (``seen``: (batch,
+        vocab) bool) and the tokens it may not take now (``banned``: end-of-sequence before ``min_new_tokens``),
+        as transformers' logits processors compute them (``generate``)."""
+        if len(banned):                         # MinNewTokensLengthLogitsProcessor
+            logits = logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
             logits = logits.float()
             logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)

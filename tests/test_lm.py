@@ -62,6 +62,23 @@ def test_end_of_sequence_stops_a_row_and_pads_it(llama, compiled):
     assert (got[0, 6 + 3:] == 5).all()                 # padded after its end-of-sequence
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_min_new_tokens_hold_back_end_of_sequence(llama, compiled, backend):
+    """min_new_tokens bans the end-of-sequence tokens until a row has that many new ones, as transformers does:
+    a row that would end at its third token goes on to the fifth at least; bad values are refused."""
+    ids, mask = text_batch(2, 6, 97, pad_left=True, seed=3)
+    lm = compiled[backend]
+    eos = int(lm.generate(ids, mask, max_new_tokens=8)[0, 6 + 2])      # row 0's third new token
+    got = lm.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=5, min_new_tokens=5)
+    ref = llama.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                         pad_token_id=5, min_new_tokens=5)
+    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
+    assert (got[0, 6:6 + 5] != eos).all() and (got[0, 6 + 2] != eos)
+    for bad in (-1, 2.5, None):
+        with pytest.raises(ValueError, match="min_new_tokens must be an integer >= 0"):
+            lm.stream(ids, min_new_tokens=bad)
+
+
 def _decode_vs_prefill(lm, ids, mask, steps=6):
     """Max |decode-step logits - logits of a prefill of the whole sequence so far| over ``steps`` tokens."""
     logits, state = lm.prefill(ids, mask)
