@@ -8,9 +8,9 @@ Three steps, each small and table-driven:
    ``mm``, a weight stored transposed as GPT-2's ``Conv1D`` keeps it, a bias added after the product)
    becomes ``aten.linear.default(x, w, b)``, the one form passes match; ``fold_weight_transposes``
    then stores transposed weights as tensors of their own (after capture flattened the namespace).
-3. ``drop_noops``: export's metadata asserts, inference dropout, dtype conversions to the same
-   dtype, in-place ``detach_`` and empty 1-D tensors in ``cat`` (torch skips them; a Hugging Face KV
-   cache starts from one) disappear.
+3. ``drop_noops``: export's metadata asserts, inference dropout, random draws nothing reads, dtype
+   conversions to the same dtype, in-place ``detach_`` and empty 1-D tensors in ``cat`` (torch skips them; a
+   Hugging Face KV cache starts from one) disappear.
 """
 from __future__ import annotations
 
@@ -553,6 +553,13 @@ def _is_noop(node: fx.Node) -> bool:
     return False
 
 
+def _unread_draw(node: fx.Node) -> bool:
+    """A random draw nothing reads (transformers 5.17's wav2vec2 draws its LayerDrop coin in eval mode too): its
+    one effect, advancing torch's generator, is no value of the graph. fx keeps such nodes (impure)."""
+    return node.op == "call_function" and not node.users and \
+        torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
 def _is_empty_1d(a, gm: fx.GraphModule) -> bool:
     """A tensor operand statically of shape (0,): ``cat`` skips those (torch's legacy rule)."""
     if not isinstance(a, fx.Node):
@@ -587,6 +594,9 @@ def drop_noops(gm: fx.GraphModule) -> int:
             n += 1
         elif _is_noop(node):
             node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            n += 1
+        elif _unread_draw(node):
             graph.erase_node(node)
             n += 1
         elif node.op == "call_function" and node.target is aten.cat.default and _drop_empty_cat_inputs(gm, node):

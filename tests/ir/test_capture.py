@@ -283,6 +283,28 @@ def test_broadcast_to_is_expand():
     assert torch.equal(torch.as_tensor(lower(c.gm, "numpy")((x,), {})), want)
 
 
+def test_an_unread_random_draw_is_dropped():
+    """transformers 5.17's wav2vec2 draws its LayerDrop coin (torch.rand([])) in eval mode too and reads it only
+    when training: the draw is dropped at capture (fx keeps it, as impure), so the numpy backend, which has no
+    random ops, runs the graph; a draw that is read stays."""
+    from slimfx.backends import lower
+
+    class Coin(nn.Module):
+        def __init__(self, read: bool):
+            super().__init__()
+            self.read = read
+
+        def forward(self, x):
+            p = torch.rand([])
+            return x * 2 + (p if self.read else 0) if self.read or not (self.training and p < 0.5) else x
+
+    x = torch.randn(3)
+    c = ir.capture(Coin(False).eval(), (x,))
+    assert aten.rand.default not in targets(c.gm), targets(c.gm)
+    assert torch.equal(torch.as_tensor(lower(c.gm, "numpy")((x,), {})), x * 2)
+    assert aten.rand.default in targets(ir.capture(Coin(True).eval(), (x,)).gm)
+
+
 def test_transposed_linear_keeps_its_module_name():
     from transformers import GPT2Config, GPT2Model
     torch.manual_seed(0)
