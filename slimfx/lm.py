@@ -298,6 +298,8 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     try:
         with torch.no_grad():
             out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev), use_cache=True)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
     except Exception as e:        # (transformers' own: Jamba with no attention layer cannot build its mask)
         raise TypeError(f"{name} fails a plain call with use_cache=True, from which compile_causal_lm reads its "
                         f"cache's layout: {type(e).__name__}: {e}") from e
@@ -565,6 +567,15 @@ def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, wind
                         f"cache (left padding, the re-fed token, unfilled buffer slots) would shift its positions")
 
 
+def _held_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab: int, device) -> torch.Tensor:
+    """(batch, vocab) bool: the tokens each prompt holds from its first unmasked one on (transformers 5.25's
+    repetition penalty skips the left padding so: ``prompt_ignore_length``), ids past the logits left out."""
+    ids, mask = ids.to(device), mask.to(device)
+    kept = torch.arange(ids.shape[1], device=device)[None] >= mask.argmax(1, keepdim=True)
+    cols = torch.where(kept & (ids < vocab), ids, vocab)            # (column vocab: the ones left out)
+    return torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=device).scatter_(1, cols, True)[:, :vocab]
+
+
 def _is_int(v) -> bool:
     """A Python or numpy integer (a 0-d integer tensor too), never a bool."""
     import numbers
@@ -734,13 +745,14 @@ class CompiledCausalLM:
                  progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
         ``temperature`` is 0, else sampled from softmax(logits / temperature) over the ``top_k`` largest (None
-        or 0: all) and of those the fewest whose probabilities sum past ``top_p`` (nucleus sampling; 1: all).
-        ``repetition_penalty`` divides the positive logits of every token the row holds so far (its prompt, not
-        the padding, and its new tokens) by itself and multiplies the negative ones (1: none); until a row has
-        ``min_new_tokens`` new tokens, its end-of-sequence tokens cannot be chosen. Each as transformers'
-        ``generate`` computes it (transformers >= 5.25: older versions penalize the padding too), in its order
-        (end-of-sequence ban, penalty, temperature, top-k, top-p), so the same logits and the same random state
-        draw the same tokens.
+        or 0: all; transformers' ``generate`` takes 50 from its GenerationConfig unless told: pass ``top_k=50``
+        to draw as it does) and of those the fewest whose probabilities sum past ``top_p`` (nucleus sampling; 1:
+        all). ``repetition_penalty`` divides the positive logits of every token the row holds so far (its prompt
+        from its first unmasked token on, and its new tokens) by itself and multiplies the negative ones (1:
+        none); until a row has ``min_new_tokens`` new tokens, its end-of-sequence tokens cannot be chosen. Each as
+        transformers' ``generate`` computes it (transformers >= 5.25: older versions penalize the left padding
+        too), in its order (penalty, end-of-sequence ban, temperature, top-k, top-p), so the same logits and the
+        same random state draw the same tokens.
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
         the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
         has. Timings of the call are in ``last_timing``."""
@@ -801,10 +813,11 @@ class CompiledCausalLM:
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
         pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
                                  penalty=repetition_penalty, generator=generator)
-        return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), pick, eos, pad)
+        return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), repetition_penalty != 1,
+                           pick, eos, pad)
 
     @torch.no_grad()
-    def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, pick, eos, pad):
+    def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad):
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
@@ -812,15 +825,16 @@ class CompiledCausalLM:
         t1 = time.perf_counter()
         logits = logits[:, -1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
-        ids, real = (t.to(logits.device) for t in _prompt(input_ids, attention_mask))
-        seen = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device).scatter_add_(
-            1, ids, real.int()) > 0               # each row's real tokens (repetition_penalty): padding is not one
-        rows = torch.arange(len(seen), device=seen.device)
+        vocab = logits.shape[-1]
+        seen = _held_tokens(*_prompt(input_ids, attention_mask), vocab, logits.device) if track else None
+        rows = torch.arange(len(logits), device=logits.device)
+        banned = [e for e in eos if 0 <= e < vocab]   # (an id past the logits is never chosen: transformers too)
         n = 0
         for i in range(max_new_tokens):
-            tok = pick(logits, seen, eos if i < min_new_tokens else ())
+            tok = pick(logits, seen, banned if i < min_new_tokens else ())
+            if seen is not None:
+                seen[rows, tok] = True
             tok = torch.where(done, torch.full_like(tok, pad), tok)
-            seen[rows, tok] = True
             n += 1
             yield tok.to(input_ids.device)
             if eos:
@@ -836,17 +850,17 @@ class CompiledCausalLM:
     @staticmethod
     def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator):
         """The next token of each row from its logits (batch, vocab), the tokens it holds (``seen``: (batch,
-        vocab) bool) and the tokens it may not take now (``banned``: end-of-sequence before ``min_new_tokens``),
-        as transformers' logits processors compute them (``generate``)."""
-        if len(banned):                         # MinNewTokensLengthLogitsProcessor
-            logits = logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+        vocab) bool, ``_held_tokens``) and the tokens it may not take now (``banned``: end-of-sequence before
+        ``min_new_tokens``), as transformers' logits processors compute them (``generate``), in their order."""
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
             logits = logits.float()
             logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        if len(banned):                         # MinNewTokensLengthLogitsProcessor
+            logits = logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / temperature
-        if top_k:                               # None or 0: every token (as in transformers)
+        if top_k:                               # None or 0: every token
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if top_p < 1:                           # TopPLogitsWarper: drop the least likely while their sum <= 1 - p

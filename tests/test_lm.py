@@ -65,11 +65,12 @@ def test_end_of_sequence_stops_a_row_and_pads_it(llama, compiled):
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
 def test_min_new_tokens_hold_back_end_of_sequence(llama, compiled, backend):
     """min_new_tokens bans the end-of-sequence tokens until a row has that many new ones, as transformers does:
-    a row that would end at its third token goes on to the fifth at least; bad values are refused."""
+    a row that would end at its third token goes on to the fifth at least (an end-of-sequence id past the
+    vocabulary is never chosen, and left out, as transformers leaves it); bad values are refused."""
     ids, mask = text_batch(2, 6, 97, pad_left=True, seed=3)
     lm = compiled[backend]
     eos = int(lm.generate(ids, mask, max_new_tokens=8)[0, 6 + 2])      # row 0's third new token
-    got = lm.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=5, min_new_tokens=5)
+    got = lm.generate(ids, mask, max_new_tokens=8, eos_token_id=[eos, 200], pad_token_id=5, min_new_tokens=5)
     ref = llama.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
                          pad_token_id=5, min_new_tokens=5)
     assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
@@ -150,9 +151,10 @@ def test_calibrated_passes_see_the_prompts(llama):
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
 def test_repetition_penalty_greedy_equals_transformers_generate(llama, compiled, backend):
-    """repetition_penalty as transformers (>= 5.25) applies it, to every real token a row holds, not to its left
-    padding: a padded batch gives each row's greedy tokens of transformers' generate on that row alone (which
-    every version computes alike); and the penalty changes them (a tiny random Llama repeats itself)."""
+    """repetition_penalty as transformers (>= 5.25) applies it, to every token a row holds from its first unmasked
+    one on, not to its left padding: a padded batch gives each row's greedy tokens of transformers' generate on
+    that row alone (which every version computes alike), and a masked token within a row is penalized as
+    transformers does; the penalty changes the tokens (a tiny random Llama repeats itself)."""
     ids, mask = text_batch(3, 7, 97, pad_left=True, seed=8)
     mask[:, -1] = 1
     assert not mask.all()
@@ -164,6 +166,13 @@ def test_repetition_penalty_greedy_equals_transformers_generate(llama, compiled,
                              pad_token_id=0)
         assert torch.equal(out[-10:], ref[0, -10:]), f"\n got {out.tolist()}\n ref {ref.tolist()}"
     assert not torch.equal(got, compiled[backend].generate(ids, mask, max_new_tokens=10))
+    hole = torch.ones_like(mask)
+    hole[:, 3] = 0                                      # a masked token inside each row, its first pick
+    ids = torch.where(hole.bool(), ids, compiled[backend].generate(ids, hole, max_new_tokens=1)[:, -1:])
+    got = compiled[backend].generate(ids, hole, max_new_tokens=10, repetition_penalty=1.8)
+    ref = llama.generate(ids, attention_mask=hole, max_new_tokens=10, do_sample=False, repetition_penalty=1.8,
+                         pad_token_id=0)
+    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
 
 
 def test_sampling_with_top_p_and_a_penalty_draws_transformers_tokens(llama, compiled):

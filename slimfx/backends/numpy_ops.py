@@ -794,7 +794,8 @@ def _pool_windows(x, kernel, stride, padding, dilation, ceil_mode, fill, nd: int
 
 
 def _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, nd: int):
-    win, _, _ = _pool_windows(x, kernel_size, stride, padding, dilation, ceil_mode, -np.inf, nd)
+    lowest = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf     # (padding never wins)
+    win, _, _ = _pool_windows(x, kernel_size, stride, padding, dilation, ceil_mode, lowest, nd)
     return win.max(axis=tuple(range(-nd, 0))).astype(x.dtype)
 
 

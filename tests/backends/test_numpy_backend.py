@@ -588,6 +588,7 @@ def test_encoder_ops_match_torch():
         "max_pool2d_ceil_dilated": (aten.max_pool2d.default, (x, [2, 3], [3, 2], [1, 0], [2, 1], True)),
         "max_pool2d_default_stride": (aten.max_pool2d.default, (x, [2, 2])),
         "max_pool1d_ceil": (aten.max_pool1d.default, (x1, [4], [3], [2], [1], True)),
+        "max_pool2d_int": (aten.max_pool2d.default, ((x * 9).long() - 20, [3, 3], [2, 2], [1, 1], [1, 1], True)),
         "fill_scalar": (aten.fill.Scalar, (x1, 1.5)),
         "fill_tensor": (aten.fill.Tensor, (x1.long(), torch.tensor(7))),
         "reshape_as": (aten.reshape_as.default, (x1.transpose(1, 2), x1)),
