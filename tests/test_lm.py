@@ -62,6 +62,21 @@ def test_end_of_sequence_stops_a_row_and_pads_it(llama, compiled):
     assert (got[0, 6 + 3:] == 5).all()                 # padded after its end-of-sequence
 
 
+def test_prompt_ids_past_the_logits_generate(llama):
+    """An embedding with more rows than the output layer has logits (a prompt id past them, never generated): the
+    held-token bookkeeping of repetition_penalty broke every generate on such a prompt; now the tokens equal
+    transformers', and with a penalty the id is left out."""
+    import copy
+    model = copy.deepcopy(llama)
+    torch.manual_seed(1)
+    model.lm_head = torch.nn.Linear(48, 90, bias=False)        # 97 embedding rows, 90 logits
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    ids = torch.tensor([[5, 95, 7, 8], [3, 4, 96, 2]])
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(lm.generate(ids, max_new_tokens=5), ref)
+    assert lm.generate(ids, max_new_tokens=5, repetition_penalty=1.5).shape == (2, 9)
+
+
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
 def test_min_new_tokens_hold_back_end_of_sequence(llama, compiled, backend):
     """min_new_tokens bans the end-of-sequence tokens until a row has that many new ones, as transformers does:
