@@ -16,7 +16,8 @@ model whose removed experts are never chosen (tests/conftest.py's ``experts_neve
 stays whole; and their experts are quantized int4 (groups of 16) with ``Quantize(awq=True)``: its MoE scaling alone
 must keep the model's function, and the logits' SQNR is shown next to rounding to nearest's. Last, text generation
 with a KV cache (``slimfx.compile_causal_lm``, torch backend): 8 greedy tokens after a left-padded batch of two
-prompts, against transformers' own ``generate``, or the reason the model is refused. Parameters
+prompts, against transformers' own ``generate``, or the reason the model is refused; and its step graph W8A8 +
+Fuse on numpy, decode steps against a fresh prefill of the whole sequence. Parameters
 that a family's init leaves at zero (routers) are drawn at random first: all-zero router scores tie, and torch's
 and numpy's top-k break exact ties differently. A failure is recorded with its message. Writes
 bench/results/families-<cpu>.json and .md.
@@ -108,7 +109,9 @@ def experts_awq(captured, call, ref) -> str:
 
 def generation(model) -> str:
     """8 greedy tokens from compile_causal_lm (torch backend) after a left-padded batch of 2 prompts of 9 tokens:
-    how many of the 16 equal transformers' generate, or why the model is refused."""
+    how many of the 16 equal transformers' generate, or why the model is refused; then the step graph quantized
+    W8A8 (dynamic per token) + Fuse on numpy: its decode steps' logits against a fresh prefill of the whole
+    sequence, 4 tokens on (the cache consistent through the quantized graph; per-token scales keep rows apart)."""
     ids, mask = text_batch(2, 9, 97, pad_left=True, seed=1)
     mask[:, -1] = 1
     try:
@@ -118,7 +121,20 @@ def generation(model) -> str:
         return f"{'refused' if isinstance(e, TypeError) else 'fails'}: {str(e).splitlines()[0][:160]}"
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 9:]
-    return f"{int((got == ref).sum())}/{ref.numel()} tokens equal"
+    said = f"{int((got == ref).sum())}/{ref.numel()} tokens equal"
+    try:
+        q = slimfx.compile_causal_lm(model, backend="numpy", progress=False,
+                                     passes=[Quantize(weights="int8", activations="dynamic-per-token"), Fuse()])
+        logits, state = q.prefill(ids, mask)
+        seq, seen, tok, worst = ids, mask, logits[:, -1].argmax(-1), 0.0
+        for _ in range(4):
+            step = q.decode(tok, state)
+            seq, seen = torch.cat([seq, tok[:, None]], 1), torch.cat([seen, torch.ones_like(seen[:, :1])], 1)
+            worst = max(worst, rel_err(step, q.prefill(seq, seen)[0][:, -1]))
+            tok = step.argmax(-1)
+    except Exception as e:
+        return f"{said}; W8A8 fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return f"{said}; W8A8 decode vs prefill {worst:.1e}"
 
 
 def units_pruned(model, captured, call) -> dict:
@@ -212,7 +228,8 @@ def main():
              "graph's rel. error vs the model, the logits' "
              "SQNR with int4 g16 experts by AWQ vs by rounding to nearest (random weights have no outlier channels); "
              "generate: compile_causal_lm's 8 greedy tokens x 2 left-padded prompts equal to transformers' generate, "
-             "or why the model is refused. "
+             "or why the model is refused, and its step graph W8A8 + Fuse on numpy: the decode steps' logits vs a "
+             "fresh prefill of the whole sequence (rel. error). "
              "`HF_HUB_OFFLINE=1 .venv/bin/python bench/families.py`", "",
              "| family | model | compile s | numpy rel. error | W8A8 SQNR dB | heads, q heads, neurons | experts -25% "
              "| experts AWQ | generate |",
