@@ -23,8 +23,9 @@ attn_sub_norm), where an output gate computed by a linear (AFMoE's ``sigmoid(gat
 removed heads' rows. q_proj may hold more rows per head than head_dim when viewed per head before they are
 cut apart (Qwen3-Next: each head's query, then its output gate). A block with any other such use is left
 alone. A value from outside the block that differs per head along a plain axis of the q heads (MPT's ALiBi
-bias (heads, 1, keys), added to the scores) is read through an index_select of the kept heads; one laid out
-otherwise (BLOOM's, flattened with the batch) leaves the block whole.
+bias (heads, 1, keys), added to the scores; T5's relative position bias, scaled_dot_product_attention's mask)
+is read through an index_select of the kept heads; one laid out otherwise (BLOOM's, flattened with the batch)
+leaves the block whole.
 
 ``shrink_heads(..., query=True)`` (``Prune(pattern="query_heads")``) removes q heads within the kv groups instead,
 as many in each, and k and v stay whole: the only head pruning left to multi-query attention (Falcon-7B's one kv
@@ -334,9 +335,10 @@ def _grouped_view(region: set, lin: fx.Node, width: int) -> tuple[int, list, lis
 
 def _per_head_inputs(node: dict, region: set, heads: int, kv: int) -> tuple[str, list]:
     """Values from outside the block that differ per head and must lose the removed heads with it: ([(op, value,
-    axis)], '') where each enters an elementwise op of the block along its one q-head axis, a plain axis of
-    the q head count (MPT's ALiBi bias, one slope per head, added to the scores: the pass selects the kept heads
-    of it), or ('why', []) when one is laid out otherwise (BLOOM's, flattened with the batch: (batch x heads,
+    axis)], '') where each enters an elementwise op of the block, or scaled_dot_product_attention as its mask,
+    along its one q-head axis, a plain axis of the q head count (MPT's ALiBi bias, one slope per head, added to
+    the scores; T5's relative position bias, the attention's mask: the pass selects the kept heads of it), or
+    ('why', []) when one is laid out otherwise (BLOOM's, flattened with the batch: (batch x heads,
     1, keys)). A value entering an elementwise op of the block must otherwise be of size 1 on the op's head axes:
     a size that equals the q or kv head count, or a symbolic size that is a multiple of it (batch x heads,
     flattened). Masks and rotary tables broadcast over the heads. (Compiled with static shapes, a sequence as
@@ -344,11 +346,14 @@ def _per_head_inputs(node: dict, region: set, heads: int, kv: int) -> tuple[str,
     found = []
     for r in sorted(region):
         n = node[r]
-        if n.op != "call_function" or n.target not in ELEMENTWISE:
+        if n.op != "call_function" or n.target not in ELEMENTWISE and n.target is not _SDPA:
             continue
         out = ir.meta.shape(n) or ()
         axes = [i for i, d in enumerate(out[:-1]) if _counts_heads(d, heads, kv)]
-        for a in n.all_input_nodes:
+        # scaled_dot_product_attention adds its attn_mask to the scores (B, heads, q, k): T5's relative position
+        # bias enters so, one per head
+        mask = (n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")) if n.target is _SDPA else None
+        for a in n.all_input_nodes if n.target is not _SDPA else [mask] if isinstance(mask, fx.Node) else []:
             if a.name in region or a.op == "get_attr" and ir.meta.tensor_attr(n.graph.owning_module, a).numel() == 1:
                 continue
             shape = ir.meta.shape(a)

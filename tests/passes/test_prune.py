@@ -614,6 +614,37 @@ def test_heads_alibi_along_a_head_axis_loses_the_removed_heads(sparsity):
     _matches_dense_llama(cm, zeroed)
 
 
+def test_heads_of_a_per_head_attention_mask_lose_the_removed_heads():
+    """T5 adds its relative position bias, one per head and shared by the layers, through
+    scaled_dot_product_attention's attn_mask (B, heads, q, k): each pruned block (encoder and decoder
+    self-attention, cross-attention) reads the kept heads of it; the pass raised a shape error instead. The
+    graph computes what T5 with the removed heads' o columns zeroed computes, on torch and numpy."""
+    import transformers as T
+    from conftest import zero_what_the_graph_removed
+    torch.manual_seed(0)
+    model = T.T5Model(T.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2,
+                                 num_heads=4, decoder_start_token_id=0)).eval()
+    ids, mask = text_batch(2, 9, 97, pad_left=True, seed=2)
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5], use_cache=False)
+    cm = slimfx.compile(model, (), kw, dynamic=True, backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    stats = cm.report().records[0].stats
+    blocks = [f"encoder.block.{i}.layer.0.SelfAttention" for i in range(2)] + \
+        [f"decoder.block.{i}.layer.{j}.{a}" for i in range(2)
+         for j, a in enumerate(("SelfAttention", "EncDecAttention"))]
+    assert stats["shrunk"] == {b: "4 -> 2 kv heads" for b in blocks}, stats
+    assert sum(n.target is torch.ops.aten.index_select.default for n in cm.graph.graph.nodes) == 6
+    zeroed, narrowed = zero_what_the_graph_removed(model, cm.graph)
+    assert len(narrowed) == 6
+    ids, mask = text_batch(3, 7, 97, pad_left=True, seed=5)            # another shape: the graph stays dynamic
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4], use_cache=False)
+    with torch.no_grad():
+        want = zeroed(**kw).last_hidden_state
+        assert _rel(want, model(**kw).last_hidden_state) > 1e-2            # the heads were in use
+    assert _rel(cm(**kw).last_hidden_state, want) < 1e-5
+    assert _rel(lower(cm.graph, "numpy")((), kw).last_hidden_state, want) < 1e-5
+
+
 # --- structured: other model families ----------------------------------------------------------------------
 # Tiny random-weight transformers models whose blocks are spelled differently from Llama's: GPT-2's Conv1D
 # MLP (reshapes around each linear, tanh GELU), Phi's gelu_new as separate ops, Phi-3's one gate_up_proj
