@@ -280,9 +280,14 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enab
     return y
 
 
-def _channel_shape(x) -> tuple:
-    """(C, 1, ...): a per-channel vector broadcast over (N, C, *spatial)."""
-    return (x.shape[1],) + (1,) * (x.ndim - 2)
+def _channel_affine(y, x, weight, bias):
+    """y * weight + bias, per channel (axis 1 of (N, C, *spatial)), in x's dtype."""
+    c = (x.shape[1],) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        y = y * weight.reshape(c)
+    if bias is not None:
+        y = y + bias.reshape(c)
+    return y.astype(x.dtype, copy=False)
 
 
 @numpy_op(aten._native_batch_norm_legit_no_training.default)
@@ -298,13 +303,9 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, e
     if training or running_mean is None:
         raise NotImplementedError("batch_norm in training mode (statistics of the batch, running ones updated) has "
                                   "no numpy implementation: compile the model in eval mode")
-    c = _channel_shape(x)
-    y = (x - running_mean.reshape(c)) * (1 / np.sqrt(running_var.reshape(c) + const(x, eps)))
-    if weight is not None:
-        y = y * weight.reshape(c)
-    if bias is not None:
-        y = y + bias.reshape(c)
-    return y.astype(x.dtype, copy=False)
+    c = (x.shape[1],) + (1,) * (x.ndim - 2)
+    return _channel_affine((x - running_mean.reshape(c)) * (1 / np.sqrt(running_var.reshape(c) + const(x, eps))),
+                           x, weight, bias)
 
 
 @numpy_op(aten.group_norm.default)
@@ -314,12 +315,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=Tr
     g = x.reshape(x.shape[0], num_groups, -1)
     y = g - np.mean(g, axis=-1, keepdims=True)
     y = (y * (1 / np.sqrt(np.mean(np.square(y), axis=-1, keepdims=True) + const(x, eps)))).reshape(x.shape)
-    c = _channel_shape(x)
-    if weight is not None:
-        y = y * weight.reshape(c)
-    if bias is not None:
-        y = y + bias.reshape(c)
-    return y.astype(x.dtype, copy=False)
+    return _channel_affine(y, x, weight, bias)
 
 
 @numpy_op(aten.rms_norm.default)
