@@ -4,10 +4,11 @@ An attention block is a core, ``scaled_dot_product_attention`` or its eager spel
 ``softmax(q @ k^T ...) @ v`` (Gemma-2's soft-capped scores), whose q, k and v each come from one float
 linear (q_proj, k_proj, v_proj), or all three from one fused linear whose output is cut along its last axis
 into three contiguous parts (GPT-2's c_attn split in three, Phi-3's qkv_proj sliced into [H_q*D, H_kv*D,
-H_kv*D]) or laid out per kv group (viewed into one block per group before q, k and v are cut out of each:
-GPT-NeoX's (..., heads, 3 x D), BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose
-output reaches one float linear (o_proj); the region is every node on a path from those linears to o_proj,
-and nothing outside reads it. Heads are removed in whole key/value groups (grouped-query attention: kv head g
+H_kv*D], ModernBERT's Wqkv viewed (..., 3, heads, D) and unbound along the 3) or laid out per kv group
+(viewed into one block per group before q, k and v are cut out of each: GPT-NeoX's (..., heads, 3 x D),
+BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose output reaches one float linear
+(o_proj); the region is every node on a path from those linears to o_proj, and nothing outside reads it.
+Heads are removed in whole key/value groups (grouped-query attention: kv head g
 serves q heads g*rep .. g*rep+rep-1, as transformers' repeat_kv lays them out with expand and reshape, and
 ``repeat_interleave(rep, dim)`` along the kv heads too; a block repeating them otherwise, ``repeat``/``tile``'s
 cyclic layout, is left alone; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
@@ -257,11 +258,28 @@ def _whole_output_use(gm: fx.GraphModule, region: set, o: fx.Node, width: int) -
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
+def _thirds(region: set, view: fx.Node, rank: int) -> list:
+    """The q, k and v of a view of a fused projection's output (rank ``rank``) into (..., 3, heads, head_dim) when
+    they are cut apart along that first new axis (ModernBERT's ``qkv.view(..., 3, -1, D).unbind(-3)``): three
+    contiguous parts of the projection's rows, each (..., heads, head_dim); else []."""
+    out = ir.meta.shape(view)
+    users = [u for u in view.users if u.name in region]
+    if view.target not in _SHAPED or not out or len(out) != rank + 2 or out[rank - 1] != 3 or len(users) != 1:
+        return []
+    u = users[0]
+    at = (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.unbind.int else None
+    if not isinstance(at, int) or at % len(out) != rank - 1:
+        return []
+    parts = sorted((g.args[1], g) for g in u.users if g.target is operator.getitem and isinstance(g.args[1], int))
+    return [g for _, g in parts] if [i for i, _ in parts] == [0, 1, 2] and len(u.users) == 3 else []
+
+
 def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str]:
     """The contiguous parts a fused projection's output (``width`` wide) is cut into along its last axis:
     ([(start, end, node)], [split / slice nodes], '') or ([], [], why). Views that keep the last axis whole
-    (GPT-2's token flattening) may come first; a view into heads before the cut that ``_grouped_view`` did not
-    take as one block per group is refused."""
+    (GPT-2's token flattening) may come first; a view into (..., 3, heads, head_dim) unbound along the 3 gives
+    three equal parts (``_thirds``); any other view into heads before the cut that ``_grouped_view`` did not take
+    as one block per group is refused."""
     flat, parts, cuts = [lin], [], []
     for f in flat:
         for u in f.users:
@@ -272,6 +290,8 @@ def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str
                 (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.slice.Tensor else None
             if (u.target in _SHAPED or u.target is aten.unsqueeze.default) and out and out[-1] == width:
                 flat.append(u)        # (GPT-BigCode's multi-query c_attn(x).unsqueeze(1) before its split)
+            elif _thirds(region, u, rank):        # the parts' bounds are implicit: equal thirds, nothing to move
+                parts += [(i * width // 3, (i + 1) * width // 3, g) for i, g in enumerate(_thirds(region, u, rank))]
             elif u.target in _SHAPED:
                 heads = ", ".join(map(str, (out or ())[-2:]))
                 return [], [], (f"{layer_name(lin)}'s output is viewed into heads (..., {heads}) before q, k and v "
@@ -319,6 +339,8 @@ def _grouped_view(region: set, lin: fx.Node, width: int) -> tuple[int, list, lis
                  and (ir.meta.shape(u) or (None,))[-1] == width]
     rank = len(ir.meta.shape(lin) or ())
     views = [u for f in flat for u in f.users if u.name in region and u not in flat]
+    if len(views) == 1 and _thirds(region, views[0], rank):     # q, k and v as thirds, not per group
+        return 0, [], []
     chain = []
     while len(views) == 1 and views[0].target in _SHAPED and views[0].target is not aten.expand.default:
         out = ir.meta.shape(views[0])
