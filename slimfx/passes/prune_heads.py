@@ -496,6 +496,16 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
             rejected[where] = (f"{layer_name(q)}'s output is viewed into {groups_in_view} blocks before q, k and v "
                                f"are cut apart, not one per kv group ({kv}): its rows are not laid out per group")
             continue
+        # q, k and v as thirds of a (..., 3, heads, head_dim) view (ModernBERT): its 3 is no head count, its heads
+        # axis is one where spelled
+        thirds = [node[r] for r in sorted(region) if fused and node[r].op == "call_function"
+                  and isinstance(node[r].args[0], fx.Node) and ir.meta.shape(node[r].args[0])
+                  and _thirds(region, node[r], len(ir.meta.shape(node[r].args[0])))]
+        odd = [v for v in thirds if ir.meta.shape(v)[-1] != dim]
+        if odd:
+            rejected[where] = (f"{odd[0].name} views {layer_name(q)}'s output as {tuple(ir.meta.shape(odd[0]))}: q, "
+                               f"k and v as thirds whose last axis is not the head dim ({dim})")
+            continue
         uses = [_whole_projection_use(region, p, w, dim) for p, w in projs]
         out_why, out_params, gates = _whole_output_use(gm, region, o, nq) if nq != dim else ("", [], [])
         why = next(filter(None, (u[0] for u in uses)), "") or out_why
@@ -506,8 +516,10 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         #                                 (head_dim is never a width to scale; nor q_rows, in the q view only)
         if not why:                   # the views into groups spell group counts: view_edits has them
             q_view = next(iter(q.users)) if q_rows else None      # (its last literal: 2 x head_dim, no width)
-            edits, why = _head_literals(node, region - {v.name for v in views} - {getattr(q_view, "name", None)},
-                                        heads, kv, widths)
+            edits, why = _head_literals(node, region - {v.name for v in views + thirds}
+                                        - {getattr(q_view, "name", None)}, heads, kv, widths)
+            edits += [(v, len(v.args[1]) - 2, "q") for v in thirds
+                      if type(v.args[1][-2]) is int and v.args[1][-2] > 0]
             if q_view is not None and q_view.args[1][-2] == heads:    # the head count spelled there
                 edits.append((q_view, len(q_view.args[1]) - 2, "q"))
         bias_why, biases = _per_head_inputs(node, region, heads, kv) if not why else ("", [])

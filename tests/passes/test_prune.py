@@ -614,25 +614,29 @@ def test_heads_alibi_along_a_head_axis_loses_the_removed_heads(sparsity):
     _matches_dense_llama(cm, zeroed)
 
 
-def test_heads_of_a_fused_projection_viewed_as_thirds_shrink():
+@pytest.mark.parametrize("heads", [4, 3])
+def test_heads_of_a_fused_projection_viewed_as_thirds_shrink(heads):
     """ModernBERT cuts q, k and v out of Wqkv by a view (..., 3, heads, head_dim) unbound along the 3: three
     contiguous parts, not one block per kv group (the block was left whole as such). Each part loses the removed
-    heads' rows, the view's -1 follows, and the encoder computes what ModernBERT with those heads' o columns
-    zeroed computes, on torch and numpy, at another shape."""
+    heads' rows, the view's -1 follows (its 3 is no head count, also with 3 heads, where it was rewritten and the
+    pass raised), and the encoder computes what ModernBERT with those heads' o columns zeroed computes, on torch
+    and numpy, at another shape."""
     import transformers as T
     from conftest import zero_what_the_graph_removed
     torch.manual_seed(0)
-    model = T.ModernBertModel(T.ModernBertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
-                                                 num_attention_heads=4, intermediate_size=40, pad_token_id=0,
+    model = T.ModernBertModel(T.ModernBertConfig(vocab_size=97, hidden_size=8 * heads, num_hidden_layers=2,
+                                                 num_attention_heads=heads, intermediate_size=40, pad_token_id=0,
                                                  bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
                                                  max_position_embeddings=64)).eval()
     ids, mask = text_batch(2, 9, 97, pad_left=True, seed=2)
     cm = slimfx.compile(model, (), dict(input_ids=ids, attention_mask=mask), dynamic=True, backend="torch",
                         progress=False, passes=[P.Prune(sparsity=0.5, pattern="heads")])
     stats = cm.report().records[0].stats
-    assert stats["shrunk"] == {f"layers.{i}.attn": "4 -> 2 kv heads" for i in range(2)}, stats
+    left = heads - nearest(heads / 2)
+    assert stats["shrunk"] == {f"layers.{i}.attn": f"{heads} -> {left} kv heads" for i in range(2)}, stats
     rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
-    assert rows["layers.1.attn.Wqkv"] == "48 x 32" and rows["layers.1.attn.Wo"] == "32 x 16", rows
+    assert rows["layers.1.attn.Wqkv"] == f"{24 * left} x {8 * heads}", rows
+    assert rows["layers.1.attn.Wo"] == f"{8 * heads} x {8 * left}", rows
     zeroed, narrowed = zero_what_the_graph_removed(model, cm.graph)
     assert narrowed == [f"layers.{i}.attn.Wo.weight" for i in range(2)], narrowed
     ids, mask = text_batch(3, 7, 97, pad_left=True, seed=5)
