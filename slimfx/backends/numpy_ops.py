@@ -706,13 +706,16 @@ def scatter_src(x, dim, index, src):
     return out
 
 
+def _per_dim(v, nd: int) -> list:
+    """A convolution's or pooling's int argument per spatial dim: an int for all, one value per dim, or one for all."""
+    return list(v) * (nd if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * nd
+
+
 def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
     """torch's ``nd``-d convolution (cross-correlation) on (N, C_in, *spatial) or unbatched (C_in, *spatial): each
     output position sums its window of every input channel of its group. ``padding`` per dim (an int for all) or
     "valid" / "same" (stride 1; "same" puts the odd one of an even total on the right, as torch)."""
-    def per_dim(v) -> list:                             # an int, or one value per dim (one: for all)
-        return list(v) * (nd if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * nd
-    stride, dilation = per_dim(stride), per_dim(dilation)
+    stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
     batched = x.ndim == nd + 2
     x = x if batched else x[None]
     c_out, c_group, *k = weight.shape
@@ -720,7 +723,7 @@ def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
         total = [0 if padding == "valid" else d * (kk - 1) for d, kk in zip(dilation, k)]
         pads = [(t // 2, t - t // 2) for t in total]
     else:
-        pads = [(p, p) for p in per_dim(padding)]
+        pads = [(p, p) for p in _per_dim(padding, nd)]
     x = np.pad(x, ((0, 0), (0, 0), *pads))
     spans = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
     # (N, C_in, *positions, *taps): every window, a view; then the strided positions and the dilated taps
@@ -771,10 +774,8 @@ def _pool_windows(x, kernel, stride, padding, dilation, ceil_mode, fill, nd: int
     """(..., *positions, *taps) windows of torch's max/avg pooling over the last ``nd`` dims (``stride`` [] is
     the kernel), x padded by ``fill``, and past that by ``beyond`` (default ``fill``) where ``ceil_mode`` adds a
     last, partial window; and (kernel, stride, padding) per dim."""
-    def per_dim(v) -> list:
-        return list(v) * (nd if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * nd
-    kernel, padding, dilation = per_dim(kernel), per_dim(padding), per_dim(dilation)
-    stride = per_dim(stride) if stride not in (None, [], ()) else kernel
+    kernel, padding, dilation = _per_dim(kernel, nd), _per_dim(padding, nd), _per_dim(dilation, nd)
+    stride = _per_dim(stride, nd) if stride not in (None, [], ()) else kernel
     lead, spatial = x.shape[:-nd], x.shape[-nd:]
     outs, extra = [], []
     for size, k, s_, p, d in zip(spatial, kernel, stride, padding, dilation):

@@ -290,8 +290,8 @@ def _fused_parts(region: set, lin: fx.Node, width: int) -> tuple[list, list, str
                 (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.slice.Tensor else None
             if (u.target in _SHAPED or u.target is aten.unsqueeze.default) and out and out[-1] == width:
                 flat.append(u)        # (GPT-BigCode's multi-query c_attn(x).unsqueeze(1) before its split)
-            elif _thirds(region, u, rank):        # the parts' bounds are implicit: equal thirds, nothing to move
-                parts += [(i * width // 3, (i + 1) * width // 3, g) for i, g in enumerate(_thirds(region, u, rank))]
+            elif thirds := _thirds(region, u, rank):     # the parts' bounds are implicit: equal thirds, none moves
+                parts += [(i * width // 3, (i + 1) * width // 3, g) for i, g in enumerate(thirds)]
             elif u.target in _SHAPED:
                 heads = ", ".join(map(str, (out or ())[-2:]))
                 return [], [], (f"{layer_name(lin)}'s output is viewed into heads (..., {heads}) before q, k and v "
