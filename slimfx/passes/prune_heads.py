@@ -4,10 +4,12 @@ An attention block is a core, ``scaled_dot_product_attention`` or its eager spel
 ``softmax(q @ k^T ...) @ v`` (Gemma-2's soft-capped scores), whose q, k and v each come from one float
 linear (q_proj, k_proj, v_proj), or all three from one fused linear whose output is cut along its last axis
 into three contiguous parts (GPT-2's c_attn split in three, Phi-3's qkv_proj sliced into [H_q*D, H_kv*D,
-H_kv*D], ModernBERT's Wqkv viewed (..., 3, heads, D) and unbound along the 3) or laid out per kv group
-(viewed into one block per group before q, k and v are cut out of each: GPT-NeoX's (..., heads, 3 x D),
+H_kv*D], ModernBERT's Wqkv viewed (..., 3, heads, D) and unbound along the 3, moved first or not: timm's ViT) or
+laid out per kv group (viewed into one block per group before q, k and v are cut out of each: GPT-NeoX's (..., heads, 3 x D),
 BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose output reaches one float linear
-(o_proj); the region is every node on a path from those linears to o_proj, and nothing outside reads it.
+(o_proj); the region is every node on a path from those linears to o_proj, and nothing outside reads it. Each
+projection's rows are laid out head by head, as its view into heads shows (a view (..., head_dim, heads) then
+permuted, where a head's rows are strided, leaves the block whole).
 Heads are removed in whole key/value groups (grouped-query attention: kv head g
 serves q heads g*rep .. g*rep+rep-1, as transformers' repeat_kv lays them out with expand and reshape, and
 ``repeat_interleave(rep, dim)`` along the kv heads too; a block repeating them otherwise, ``repeat``/``tile``'s
@@ -148,6 +150,61 @@ def attention_cores(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node,
     return cores
 
 
+def _head_axis_at_core(region: set, view: fx.Node, axis: int, args: set) -> set:
+    """Where axis ``axis`` of ``view``'s output (negative, counted from the last) lies in the attention's q, k or v
+    arguments (``args``) it reaches through moves, elementwise ops and slices or concatenations along other axes
+    (rotary embeddings): the set of those positions, negative; paths through other ops are not followed."""
+    found, seen, todo = set(), set(), [(view, axis)]
+    while todo:
+        n, a = todo.pop()
+        if (n, a) in seen:
+            continue
+        seen.add((n, a))
+        if n in args:
+            found.add(a)
+        rank = len(ir.meta.shape(n) or ())
+        for u in n.users:
+            if u.name not in region or u.op != "call_function":
+                continue
+            if u.target in _MOVES:
+                todo.append((u, _moved_axis(u, a % rank, rank) - rank))
+            elif u.target in ELEMENTWISE:
+                todo.append((u, a))
+            elif u.target in (aten.slice.Tensor, aten.cat.default):
+                d = (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.slice.Tensor else \
+                    (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0))
+                if isinstance(d, int) and d % rank - rank != a:
+                    todo.append((u, a))
+    return found
+
+
+def _head_major_why(region: set, proj: fx.Node, width: int, heads: int, args: set) -> str:
+    """Why ``proj``'s rows (``width``, over ``heads`` heads) are not laid out head by head, each head's rows
+    contiguous: the view that splits its output's last axis does not put the heads before the rows of each, as
+    in (..., head_dim, heads) then permuted; else ''. Viewed (..., n, n), as many heads as rows per head, the shape
+    cannot tell: the first new axis is then followed to the attention, where it must be the heads axis (-3)."""
+    flat, rank = [proj], len(ir.meta.shape(proj) or ())
+    for f in flat:
+        for u in f.users:
+            out = ir.meta.shape(u)
+            if u.name not in region or u.target not in _SHAPED or not out:
+                continue
+            if out[-1] == width:
+                flat.append(u)        # the heads still together (tokens flattened, say)
+                continue
+            new = tuple(out[rank - 1:])
+            if len(out) <= rank or not all(type(d) is int for d in new) or math.prod(new) != width:
+                continue              # not a split of the last axis alone
+            per_head = width // heads  # (heads, per_head), or heads as (kv groups, q heads per group) and so on
+            splits = {(math.prod(new[:j]), math.prod(new[j:])) for j in range(1, len(new))}
+            if (heads, per_head) not in splits or new == (heads, heads) and \
+                    _head_axis_at_core(region, u, rank - 1 - len(out), args) - {-3}:
+                return (f"{u.name} views {layer_name(proj)}'s output as {tuple(new)} per token, not {heads} heads "
+                        f"of {per_head} rows each (head_dim-major, say): a head's rows are not contiguous, and "
+                        "removing rows would cut across heads")
+    return ""
+
+
 def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int) -> tuple[str, list]:
     """Why heads cannot be cut out of ``proj``'s output: a use of its values over all heads together before
     they are split into heads, else ''; and the per-channel parameters (``(user, get_attr)``) applied to it
@@ -155,8 +212,8 @@ def _whole_projection_use(region: set, proj: fx.Node, width: int, head_dim: int)
     or parameters of its width pass, as do reshapes that keep the last axis and means over it (OLMo-2's
     q_norm and k_norm, an RMSNorm over the whole projection: pruned, the norm takes its mean over the kept
     heads, as the architecture with that many heads computes)."""
-    if width == head_dim:
-        return "", []                 # one head: nothing to keep apart
+    if width == head_dim or (ir.meta.shape(proj) or (width,))[-1] != width:
+        return "", []                 # one head, or already split into heads (a third of ModernBERT's or timm's view)
     flat, found, params = [proj], [], []
     for f in flat:
         for u in f.users:
@@ -258,17 +315,32 @@ def _whole_output_use(gm: fx.GraphModule, region: set, o: fx.Node, width: int) -
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
+def _moved_axis(n: fx.Node, axis: int, rank: int) -> Optional[int]:
+    """Where a transpose or permute ``n`` (of a rank-``rank`` input) puts input axis ``axis``; None for other ops."""
+    if n.target is aten.transpose.int:
+        a, b = (d % rank for d in n.args[1:3])
+        return b if axis == a else a if axis == b else axis
+    if n.target is aten.permute.default:
+        return [d % rank for d in n.args[1]].index(axis)
+    return None
+
+
 def _thirds(region: set, view: fx.Node, rank: int) -> list:
     """The q, k and v of a view of a fused projection's output (rank ``rank``) into (..., 3, heads, head_dim) when
-    they are cut apart along that first new axis (ModernBERT's ``qkv.view(..., 3, -1, D).unbind(-3)``): three
-    contiguous parts of the projection's rows, each (..., heads, head_dim); else []."""
+    they are cut apart along that first new axis, moved or not (ModernBERT's ``qkv.view(..., 3, -1, D).unbind(-3)``,
+    timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``): three contiguous parts of the
+    projection's rows, each (..., heads, head_dim); else []."""
     out = ir.meta.shape(view)
-    users = [u for u in view.users if u.name in region]
-    if view.target not in _SHAPED or not out or len(out) != rank + 2 or out[rank - 1] != 3 or len(users) != 1:
+    if view.target not in _SHAPED or not out or len(out) != rank + 2 or out[rank - 1] != 3:
+        return []
+    u, axis = view, rank - 1
+    while len(users := [w for w in u.users if w.name in region]) == 1 and users[0].target in _MOVES:
+        u, axis = users[0], _moved_axis(users[0], axis, len(out))
+    if len(users) != 1:
         return []
     u = users[0]
     at = (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.unbind.int else None
-    if not isinstance(at, int) or at % len(out) != rank - 1:
+    if not isinstance(at, int) or at % len(out) != axis:
         return []
     parts = sorted((g.args[1], g) for g in u.users if g.target is operator.getitem and isinstance(g.args[1], int))
     return [g for _, g in parts] if [i for i, _ in parts] == [0, 1, 2] and len(u.users) == 3 else []
@@ -505,6 +577,12 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         if odd:
             rejected[where] = (f"{odd[0].name} views {layer_name(q)}'s output as {tuple(ir.meta.shape(odd[0]))}: q, "
                                f"k and v as thirds whose last axis is not the head dim ({dim})")
+            continue
+        layout_why = next(filter(None, (_head_major_why(region, p, w, h, set(qkv_args))
+                                         for (p, w), h in zip(projs, (heads, kv, kv)) if w != dim)), "") \
+            if not groups_in_view and not thirds else ""
+        if layout_why:
+            rejected[where] = layout_why
             continue
         uses = [_whole_projection_use(region, p, w, dim) for p, w in projs]
         out_why, out_params, gates = _whole_output_use(gm, region, o, nq) if nq != dim else ("", [], [])

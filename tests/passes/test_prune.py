@@ -1324,3 +1324,73 @@ def test_query_heads_refused_say_why():
     cm, _, stats = _pruned(_tiny("phi3"), "query_heads", 0.2)
     assert stats["shrunk"] == {} and set(stats["skipped"].values()) == {
         "sparsity 0.2 of 2 q heads per kv group rounds to none"}
+
+
+class _TimmAttention(torch.nn.Module):
+    """timm's ViT attention: one qkv linear viewed (B, N, 3, heads, head_dim), permuted so the 3 leads, unbound."""
+    def __init__(self, heads: int, dim: int = 8):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = torch.nn.Linear(heads * dim, 3 * heads * dim), torch.nn.Linear(heads * dim, heads * dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("heads", [4, 3])
+def test_heads_of_a_fused_projection_permuted_into_thirds_shrink(heads):
+    """timm's ViT attention permutes the (B, N, 3, heads, head_dim) view of its qkv so the 3 leads before it unbinds
+    q, k and v: thirds too. With 3 heads its 3 was read as 3 kv groups and the pass raised (with 4 the block was
+    left whole); each third now loses the removed heads' rows, and the block computes what it does with those
+    heads' proj columns zeroed, on torch and numpy, at another shape."""
+    from conftest import zero_what_the_graph_removed
+    torch.manual_seed(0)
+    model, x = _TimmAttention(heads).eval(), torch.randn(2, 5, 8 * heads)
+    cm = slimfx.compile(model, (x,), dynamic=True, backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    left = heads - nearest(heads / 2)
+    assert list(cm.report().records[0].stats["shrunk"].values()) == [f"{heads} -> {left} kv heads"]
+    rows = {r["module"]: r["out x in"] for r in cm.report().layers()}
+    assert rows["qkv"] == f"{24 * left} x {8 * heads}" and rows["proj"] == f"{8 * heads} x {8 * left}", rows
+    zeroed, narrowed = zero_what_the_graph_removed(model, cm.graph)
+    assert narrowed == ["proj.weight"], narrowed
+    x = torch.randn(3, 7, 8 * heads)
+    with torch.no_grad():
+        want = zeroed(x)
+        assert _rel(want, model(x)) > 1e-2                                  # the heads were in use
+    assert _rel(cm(x), want) < 1e-5
+    assert _rel(lower(cm.graph, "numpy")((x,), {}), want) < 1e-5
+
+
+class _HeadDimMajor(torch.nn.Module):
+    """q, k and v each viewed (B, N, head_dim, heads) and permuted to (B, heads, N, head_dim): a layout in which
+    each head's rows of a projection are strided, not contiguous."""
+    def __init__(self, heads: int, dim: int):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.q, self.k, self.v = (torch.nn.Linear(heads * dim, heads * dim) for _ in range(3))
+        self.o = torch.nn.Linear(heads * dim, heads * dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (p(x).view(B, N, self.dim, self.heads).permute(0, 3, 1, 2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("heads,dim", [(4, 8), (4, 4)])
+def test_heads_of_projections_viewed_head_dim_major_stay_whole(heads, dim):
+    """A projection viewed (..., head_dim, heads) holds each head's rows strided: removing contiguous rows would
+    cut across heads, and the block computed something else (silently). The block is left whole, with the view
+    named; also with as many heads as head_dim, where the view's shape alone cannot tell: the axes are followed to
+    the attention."""
+    torch.manual_seed(0)
+    model, x = _HeadDimMajor(heads, dim).eval(), torch.randn(2, 5, heads * dim)
+    cm = slimfx.compile(model, (x,), dynamic=True, backend="torch", progress=False,
+                        passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    stats = cm.report().records[0].stats
+    assert stats["shrunk"] == {}, stats
+    (why,) = stats["skipped"].values()
+    assert "head_dim" in why and "view" in why, why
+    assert _rel(cm(x), model(x)) < 1e-6
