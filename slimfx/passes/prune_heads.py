@@ -5,30 +5,29 @@ An attention block is a core, ``scaled_dot_product_attention`` or its eager spel
 linear (q_proj, k_proj, v_proj), or all three from one fused linear whose output is cut along its last axis
 into three contiguous parts (GPT-2's c_attn split in three, Phi-3's qkv_proj sliced into [H_q*D, H_kv*D,
 H_kv*D], ModernBERT's Wqkv viewed (..., 3, heads, D) and unbound along the 3, moved first or not: timm's ViT) or
-laid out per kv group (viewed into one block per group before q, k and v are cut out of each: GPT-NeoX's (..., heads, 3 x D),
-BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose output reaches one float linear
-(o_proj); the region is every node on a path from those linears to o_proj, and nothing outside reads it. Each
-projection's rows are laid out head by head, as its view into heads shows (a view (..., head_dim, heads) then
-permuted, where a head's rows are strided, leaves the block whole).
-Heads are removed in whole key/value groups (grouped-query attention: kv head g
-serves q heads g*rep .. g*rep+rep-1, as transformers' repeat_kv lays them out with expand and reshape, and
-``repeat_interleave(rep, dim)`` along the kv heads too; a block repeating them otherwise, ``repeat``/``tile``'s
-cyclic layout, is left alone; rep = 1 for multi-head attention): rows of q/k/v (and biases; in each of a fused
-projection's three parts, or a per-group projection's whole block), columns of o. Shape arguments in the
-region that spell a head count (view / reshape / expand literals equal to the number of q or kv heads on
-that axis) or a width over all heads (a last-axis literal of heads x head_dim, GPT-2's views around its
-linears), and the fused split's sizes or slice bounds, are rewritten; a block where that is ambiguous is
-left alone. A projection's output may be used over all its heads at once before the split into heads only
-elementwise, through means over its last axis and per-channel parameters: OLMo-2's q_norm and k_norm, RMS
-norms over the whole projection, lose the removed heads' weight entries and take their mean over the kept
-heads, as OLMo-2 built with that many heads computes; likewise after the heads are merged (BitNet's
-attn_sub_norm), where an output gate computed by a linear (AFMoE's ``sigmoid(gate_proj(x))``) loses the
-removed heads' rows. q_proj may hold more rows per head than head_dim when viewed per head before they are
-cut apart (Qwen3-Next: each head's query, then its output gate). A block with any other such use is left
-alone. A value from outside the block that differs per head along a plain axis of the q heads (MPT's ALiBi
-bias (heads, 1, keys), added to the scores; T5's relative position bias, scaled_dot_product_attention's mask)
-is read through an index_select of the kept heads; one laid out otherwise (BLOOM's, flattened with the batch)
-leaves the block whole.
+laid out per kv group (viewed into one block per group before q, k and v are cut out of each: GPT-NeoX's
+(..., heads, 3 x D), BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose output reaches
+one float linear (o_proj); the region is every node on a path from those linears to o_proj, and nothing outside
+reads it. Each projection's rows are laid out head by head, as its view into heads shows (a view (..., head_dim,
+heads) then permuted, where a head's rows are strided, leaves the block whole). Heads are removed in whole
+key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
+repeat_kv lays them out with expand and reshape, and ``repeat_interleave(rep, dim)`` along the kv heads too; a
+block repeating them otherwise, ``repeat``/``tile``'s cyclic layout, is left alone; rep = 1 for multi-head
+attention): rows of q/k/v (and biases; in each of a fused projection's three parts, or a per-group projection's
+whole block), columns of o. Shape arguments in the region that spell a head count (view / reshape / expand literals
+equal to the number of q or kv heads on that axis, or a size computed as another size times one: XGLM's batch x
+heads, traced with a dynamic batch) or a width over all heads (a last-axis literal of heads x head_dim, GPT-2's
+views around its linears), and the fused split's sizes or slice bounds, are rewritten; a block where that is
+ambiguous (a static batch x heads) is left alone. A projection's output may be used over all its heads at once
+before the split into heads only elementwise, through means over its last axis and per-channel parameters: OLMo-2's
+q_norm and k_norm, RMS norms over the whole projection, lose the removed heads' weight entries and take their mean
+over the kept heads, as OLMo-2 built with that many heads computes; likewise after the heads are merged (BitNet's
+attn_sub_norm), where an output gate computed by a linear (AFMoE's ``sigmoid(gate_proj(x))``) loses the removed
+heads' rows. q_proj may hold more rows per head than head_dim when viewed per head before they are cut apart
+(Qwen3-Next: each head's query, then its output gate). A block with any other such use is left alone. A value from
+outside the block that differs per head along a plain axis of the q heads (MPT's ALiBi bias (heads, 1, keys), added
+to the scores; T5's relative position bias, scaled_dot_product_attention's mask) is read through an index_select of
+the kept heads; one laid out otherwise (BLOOM's, flattened with the batch) leaves the block whole.
 
 ``shrink_heads(..., query=True)`` (``Prune(pattern="query_heads")``) removes q heads within the kv groups instead,
 as many in each, and k and v stay whole: the only head pruning left to multi-query attention (Falcon-7B's one kv
@@ -602,11 +601,12 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
                 edits.append((q_view, len(q_view.args[1]) - 2, "q"))
         bias_why, biases = _per_head_inputs(node, region, heads, kv) if not why else ("", [])
         rep_edits, rep_why = _repeat_edits(node, region, heads, kv) if not why else ([], "")
-        why = why or bias_why or rep_why or _computed_head_sizes(node, region, heads, kv)
+        product_edits, product_why = _computed_head_sizes(node, region, heads, kv) if not why else ([], "")
+        why = why or bias_why or rep_why or product_why
         if why:
             rejected[where] = why
             continue
-        edits += view_edits + _rep_literals(node, region, heads, kv) + rep_edits
+        edits += view_edits + _rep_literals(node, region, heads, kv) + rep_edits + product_edits
         in_group, query_why = [], ""
         if heads == kv:
             query_why = "one q head per kv head (multi-head attention): whole heads go with pattern='heads'"
@@ -811,19 +811,59 @@ def _head_literals(node: dict, region: set, heads: int, kv: int, widths: set) ->
     return edits, ""
 
 
-def _computed_head_sizes(node: dict, region: set, heads: int, kv: int) -> str:
-    """Why the region's shapes cannot follow the removed heads: a size computed from a head count (XGLM's
-    reshape(x, [heads * batch, -1, head_dim]) for its bmm's), which the pass does not rewrite; else ''."""
+def _computed_head_sizes(node: dict, region: set, heads: int, kv: int) -> tuple[list, str]:
+    """The (node, axis, "q" | "kv") of every size in the region's shape arguments computed as another size times a
+    head count (XGLM's reshape(x, [batch * heads, -1, head_dim]) for its bmm's, traced with a dynamic batch), which
+    shrink_heads computes anew with the kept count; ([], why) for such a product of another form."""
+    edits = []
     for r in sorted(region):
         n = node[r]
         if n.op != "call_function" or n.target not in _SHAPED or max(heads, kv) == 1:
             continue
-        for c in n.args[1]:
-            if isinstance(c, fx.Node) and c.target is operator.mul and \
-                    any(type(v) is int and v > 1 and v in (heads, kv) for v in c.args):
-                expr = " * ".join(a.name if isinstance(a, fx.Node) else str(a) for a in c.args)
-                return (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another "
-                        "size, which the pass does not rewrite")
+        for a, c in enumerate(n.args[1]):
+            factors = _factors(c)
+            if not isinstance(c, fx.Node) or not any(type(v) is int and v > 1 and v in (heads, kv) for v in factors):
+                continue
+            lits = [v for v in c.args if type(v) is int]
+            if len(lits) != 1 or lits[0] not in (heads, kv) or \
+                    sum(type(v) is int and v > 1 and v in (heads, kv) for v in factors) != 1:
+                expr = " * ".join(v.name if isinstance(v, fx.Node) else str(v) for v in factors)
+                return [], (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another size "
+                            "in a form the pass does not rewrite (it rewrites another size times the count)")
+            edits.append((n, a, "q" if lits[0] == heads else "kv"))
+        if n.target is not aten.expand.default and (why := _folded_heads(n, heads, kv)):
+            return [], why
+    return edits, ""
+
+
+def _factors(c) -> list:
+    """The factors of a size: a product of sizes (operator.mul nodes) taken apart, others as they are."""
+    if isinstance(c, fx.Node) and c.op == "call_function" and c.target is operator.mul and not c.kwargs:
+        return [f for x in c.args for f in _factors(x)]
+    return [c]
+
+
+def _folded_heads(n: fx.Node, heads: int, kv: int) -> str:
+    """Why a view or reshape with static sizes cannot follow the removed heads: it folds an axis of the heads into
+    an axis of another literal size, not the last one (a width) (XGLM's reshape(x, [batch * heads, -1, head_dim])
+    traced with a static batch: 8 for a batch of 2); else ''. The axes it maps onto each other are read off where
+    the running products of the sizes in and out agree."""
+    src, out = ir.meta.shape(n.args[0]), ir.meta.shape(n)
+    if not src or not out or not all(type(d) is int for d in (*src, *out)):
+        return ""
+    ins, outs = list(itertools.accumulate(src, operator.mul, initial=1)), \
+        list(itertools.accumulate(out, operator.mul, initial=1))
+    common = sorted(set(ins) & set(outs))
+    for a, d in enumerate(src[:-1]):
+        if d <= 1 or d not in (heads, kv):
+            continue
+        lo = max(c for c in common if c <= ins[a])
+        hi = min(c for c in common if c >= ins[a + 1])
+        into = [j for j in range(len(out)) if outs[j] >= lo and outs[j + 1] <= hi and out[j] != 1]
+        if len(into) == 1 and into[0] != len(out) - 1 and out[into[0]] not in (heads, kv):
+            return (f"{n.name} folds the axis of {d} heads into one of {out[into[0]]} (batch x heads, say), spelled "
+                    "as a literal: the pass cannot tell the head count in it; compile with dynamic=True, where that "
+                    "size is a product the pass computes anew")
     return ""
 
 
@@ -921,7 +961,14 @@ def shrink_heads(gm: fx.GraphModule, grp: HeadGroup, keep: torch.Tensor, query: 
                 n.args = (n.args[0], resized(n.args[1], kind), *n.args[2:])
             continue
         shape = list(n.args[1])
-        shape[a] = resized(shape[a], kind)
+        if isinstance(shape[a], fx.Node):     # another size times the head count (XGLM's batch x heads): its
+            #                                   product with the kept count, a node of this view's own (the traced
+            #                                   product may be shared by the blocks)
+            size = next(x for x in shape[a].args if isinstance(x, fx.Node))
+            with gm.graph.inserting_before(n):
+                shape[a] = gm.graph.call_function(operator.mul, (size, counts[kind]))
+        else:
+            shape[a] = resized(shape[a], kind)
         n.args = (n.args[0], shape, *n.args[2:])
 
     def moved(b):                     # a bound along the fused projection's rows: the kept rows before it

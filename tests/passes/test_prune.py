@@ -1121,8 +1121,8 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
     """Blocks whose heads meet again before o_proj stay whole and say why: a norm op over the merged heads
     (torch's fused rms_norm), a per-channel value applied to them that no linear of their width computes, a
     linear inside the block over every head's values (Doge's dt_proj, which feeds the scores' mask); so does
-    one that folds the head count into a computed size (XGLM's batch x heads for bmm), which the pass cannot
-    rewrite."""
+    one that folds the head count into a computed size other than another size times it (batch x heads x
+    tokens), which the pass does not rewrite. (XGLM's batch x heads for bmm, which it does, shrinks.)"""
     class Attn(torch.nn.Module):
         def __init__(self, kind):
             super().__init__()
@@ -1142,6 +1142,8 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
                 y = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) / 2, -1), v).view(b, 4, t, 4)
             else:
                 y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if self.kind == "batch x heads x tokens":
+                y = (y.reshape(b * 4 * t, 4) * 2).view(b, 4, t, 4)
             y = y.transpose(1, 2).reshape(b, t, 16)
             g = self.gate(x)            # (read twice: not a gate of its own the pass could narrow)
             y = self.norm(y) if self.kind == "norm" else y * torch.sigmoid(g * g.sum(-1, keepdim=True)) \
@@ -1150,16 +1152,17 @@ def test_heads_used_together_after_the_merge_or_by_an_inner_linear_left_whole():
     x = torch.randn(2, 5, 16)
     why = {"norm": "over all its heads at once (aten.rms_norm", "gate": "applies sigmoid",
            "inner linear": "dt is a linear layer inside the attention",
-           "batch x heads": "* 4, a count of heads folded into another size"}
+           "batch x heads x tokens": "a count of heads folded into another size in a form the pass does not"}
     for kind, says in why.items():
         gm = ir.capture(Attn(kind), (x,), dynamic=True).gm
         res = P.Prune(sparsity=0.5, pattern="heads")(gm, P.PassContext((x,), {}))
         assert not res.modified and len(res.stats["skipped"]) == 1, (kind, res.stats)
         assert says in next(iter(res.stats["skipped"].values())), (kind, res.stats)
-    # the same block with nothing between the merge and o: its heads go
-    res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(Attn("plain"), (x,), dynamic=True).gm,
-                                                 P.PassContext((x,), {}))
-    assert res.modified and list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"], res.stats
+    # the same block with nothing between the merge and o, also with batch x heads for its bmm's: its heads go
+    for kind in ("plain", "batch x heads"):
+        res = P.Prune(sparsity=0.5, pattern="heads")(ir.capture(Attn(kind), (x,), dynamic=True).gm,
+                                                     P.PassContext((x,), {}))
+        assert res.modified and list(res.stats["shrunk"].values()) == ["4 -> 2 kv heads"], (kind, res.stats)
 
 
 # --- structured: q heads within the kv groups ----------------------------------------------------------------
@@ -1394,3 +1397,28 @@ def test_heads_of_projections_viewed_head_dim_major_stay_whole(heads, dim):
     (why,) = stats["skipped"].values()
     assert "head_dim" in why and "view" in why, why
     assert _rel(cm(x), model(x)) < 1e-6
+
+
+def test_heads_folded_with_the_batch_shrink_when_dynamic():
+    """XGLM reshapes q, k and v to (batch x heads, -1, head_dim) for its bmm's. Traced with a dynamic batch that
+    size is a product of the batch and a literal head count, which each pruned block computes anew with its kept
+    count (the traced product is shared by the blocks); the graph computes what XGLM with the removed heads' o
+    columns zeroed computes, on torch and numpy, at another batch. Traced with a static batch it is a literal (8
+    for 2 x 4) the pass cannot read: the block stays whole, named (the pass had raised a shape error)."""
+    import copy
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.XGLMForCausalLM(T.XGLMConfig(vocab_size=97, d_model=32, attention_heads=4, num_layers=2, ffn_dim=40,
+                                           max_position_embeddings=64)).eval()
+    cm, kw, stats = _pruned(model, "heads", 0.5)
+    assert stats["shrunk"] == {f"model.layers.{i}.self_attn": "4 -> 2 kv heads" for i in range(2)}, stats
+    zeroed = copy.deepcopy(model)
+    _zero_heads(zeroed, [layer.self_attn.out_proj for layer in zeroed.model.layers], 4, 4, 8, [kw])
+    assert _rel(zeroed(**kw).logits, model(**kw).logits) > 1e-3                       # the heads were in use
+    _matches_dense_llama(cm, zeroed)
+
+    cm = slimfx.compile(model, (), kw, backend="torch", progress=False, passes=[P.Prune(sparsity=0.5, pattern="heads")])
+    stats = cm.report().records[0].stats
+    assert stats["shrunk"] == {} and len(stats["skipped"]) == 2, stats
+    assert all("folds the axis of 4 heads into one of 8" in why and "dynamic=True" in why
+               for why in stats["skipped"].values()), stats
