@@ -117,11 +117,17 @@ def dequantize_weight_np(w_q, w_scale, w_zero_point=None, group_size: int = 0) -
 
 
 def weight_only_linear_np(x, w_q, w_scale, w_zero_point=None, bias=None, group_size: int = 0):
+    """x @ dequantize(w).T (+ bias) in fp32, the weight dequantized a chunk of rows at a time at decode's few rows
+    (``numerics.row_chunks``): the same weights, without a full fp32 copy of them on every call."""
     x = np.asarray(x)
-    w = dequantize_weight_np(w_q, w_scale, w_zero_point, group_size)
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"weight_only_linear: x of shape {x.shape} does not end in K={w.shape[1]}")
-    y = x.astype(np.float32) @ w.T
+    check_group(w_q.shape, np.shape(w_scale), group_size, None if w_zero_point is None else np.shape(w_zero_point))
+    if x.shape[-1] != w_q.shape[1]:
+        raise ValueError(f"weight_only_linear: x of shape {x.shape} does not end in K={w_q.shape[1]}")
+    x32, s, z = x.astype(np.float32), np.asarray(w_scale), w_zero_point
+    y = np.empty((*x.shape[:-1], w_q.shape[0]), dtype=np.float32)
+    for rows in numerics.row_chunks(w_q.shape[0], w_q.shape[1], x32.size // max(w_q.shape[1], 1)):
+        w = dequantize_weight_np(w_q[rows], s[rows], None if z is None else np.asarray(z)[rows], group_size)
+        y[..., rows] = x32 @ w.T
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32)
     return y.astype(x.dtype)

@@ -51,6 +51,41 @@ def test_float32_blocks_exact_at_their_edges(k):
     assert_exact(numerics.int_matmul_np(a.reshape(2, 2, k), b), want.reshape(2, 2, -1), "numpy, batched")
 
 
+@pytest.mark.parametrize("k", [37, 1500])
+def test_int_matmul_exact_over_row_chunks(k, monkeypatch):
+    """int_matmul_np converts the weight to float32 a chunk of rows at a time at few rows of activations
+    (numerics.row_chunks): with chunks of 3 rows over 11 (the last one short), below and above the float32 block
+    length, the result stays exact."""
+    monkeypatch.setattr(numerics, "ROW_CHUNK_BYTES", 3 * 4 * k)
+    assert [r.stop - r.start for r in numerics.row_chunks(11, k)] == [3, 3, 3, 2]
+    assert numerics.row_chunks(11, k, m=numerics.ROW_CHUNK_MAX_M + 1) == [slice(0, 11)]    # prefill: whole
+    rng = np.random.default_rng(k)
+    a, b = _rand_int8(rng, (2, 3, k)), _rand_int8(rng, (11, k))
+    want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
+    assert_exact(numerics.int_matmul_np(a, b), want, "numpy, row chunks")
+
+
+@pytest.mark.parametrize("g, sym", [(0, True), (16, False)])
+def test_weight_only_linear_over_row_chunks(g, sym, monkeypatch):
+    """weight_only_linear_np dequantizes the weight a chunk of rows at a time: chunks of 2 rows over 7 give what
+    one matmul with the whole dequantized weight gives, up to float32 summation order (1e-6 of the output's
+    scale; a row or scale taken from the wrong chunk would be off by its whole size)."""
+    from slimfx.quant.linear import weight_only_linear_np
+    monkeypatch.setattr(numerics, "ROW_CHUNK_BYTES", 2 * 4 * 48)
+    rng = np.random.default_rng(3)
+    if g:
+        _, w_q, qp = _w4_groups(rng, 7, 48, g, sym)
+        s, z = qp.scale, (None if sym else qp.zero_point)
+    else:
+        _, w_q, s = _w8(rng, 7, 48)
+        z = None
+    x, bias = rng.standard_normal((2, 5, 48), dtype=np.float32), rng.standard_normal(7, dtype=np.float32)
+    want = x.astype(np.float64) @ dequantize_weight_np(w_q, s, z, g).T.astype(np.float64) + bias
+    got = weight_only_linear_np(x, w_q, s, z, bias, g)
+    assert got.shape == (2, 5, 7) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
 def test_int32_accumulator_exact_at_the_largest_k():
     # -128 * -128 summed MAX_K times is 2**31 - 2**14: the largest accumulator the int32 contract allows
     a = np.full((1, MAX_K), -128, np.int8)
