@@ -9,25 +9,26 @@ laid out per kv group (viewed into one block per group before q, k and v are cut
 (..., heads, 3 x D), BLOOM's (..., heads, 3, D), Falcon's (..., kv heads, rep + 2, D)), and whose output reaches
 one float linear (o_proj); the region is every node on a path from those linears to o_proj, and nothing outside
 reads it. Each projection's rows are laid out head by head, as its view into heads shows (a view (..., head_dim,
-heads) then permuted, where a head's rows are strided, leaves the block whole). Heads are removed in whole
-key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as transformers'
-repeat_kv lays them out with expand and reshape, and ``repeat_interleave(rep, dim)`` along the kv heads too; a
-block repeating them otherwise, ``repeat``/``tile``'s cyclic layout, is left alone; rep = 1 for multi-head
-attention): rows of q/k/v (and biases; in each of a fused projection's three parts, or a per-group projection's
-whole block), columns of o. Shape arguments in the region that spell a head count (view / reshape / expand literals
-equal to the number of q or kv heads on that axis, or a size computed as another size times one: XGLM's batch x
-heads, traced with a dynamic batch) or a width over all heads (a last-axis literal of heads x head_dim, GPT-2's
-views around its linears), and the fused split's sizes or slice bounds, are rewritten; a block where that is
-ambiguous (a static batch x heads) is left alone. A projection's output may be used over all its heads at once
-before the split into heads only elementwise, through means over its last axis and per-channel parameters: OLMo-2's
-q_norm and k_norm, RMS norms over the whole projection, lose the removed heads' weight entries and take their mean
-over the kept heads, as OLMo-2 built with that many heads computes; likewise after the heads are merged (BitNet's
-attn_sub_norm), where an output gate computed by a linear (AFMoE's ``sigmoid(gate_proj(x))``) loses the removed
-heads' rows. q_proj may hold more rows per head than head_dim when viewed per head before they are cut apart
-(Qwen3-Next: each head's query, then its output gate). A block with any other such use is left alone. A value from
-outside the block that differs per head along a plain axis of the q heads (MPT's ALiBi bias (heads, 1, keys), added
-to the scores; T5's relative position bias, scaled_dot_product_attention's mask) is read through an index_select of
-the kept heads; one laid out otherwise (BLOOM's, flattened with the batch) leaves the block whole.
+heads) then permuted, where a head's rows are strided, leaves the block whole; with as many heads as head_dim the
+view's axis is followed to the attention, and a path through ops that walk does not follow gives no verdict). Heads
+are removed in whole key/value groups (grouped-query attention: kv head g serves q heads g*rep .. g*rep+rep-1, as
+transformers' repeat_kv lays them out with expand and reshape, and ``repeat_interleave(rep, dim)`` along the kv
+heads too; a block repeating them otherwise, ``repeat``/``tile``'s cyclic layout, is left alone; rep = 1 for
+multi-head attention): rows of q/k/v (and biases; in each of a fused projection's three parts, or a per-group
+projection's whole block), columns of o. Shape arguments in the region that spell a head count (view / reshape /
+expand literals equal to the number of q or kv heads on that axis, or a size computed as another size times one:
+XGLM's batch x heads, traced with a dynamic batch) or a width over all heads (a last-axis literal of heads x
+head_dim, GPT-2's views around its linears), and the fused split's sizes or slice bounds, are rewritten; a block
+where that is ambiguous (a static batch x heads) is left alone. A projection's output may be used over all its
+heads at once before the split into heads only elementwise, through means over its last axis and per-channel
+parameters: OLMo-2's q_norm and k_norm, RMS norms over the whole projection, lose the removed heads' weight entries
+and take their mean over the kept heads, as OLMo-2 built with that many heads computes; likewise after the heads
+are merged (BitNet's attn_sub_norm), where an output gate computed by a linear (AFMoE's ``sigmoid(gate_proj(x))``)
+loses the removed heads' rows. q_proj may hold more rows per head than head_dim when viewed per head before they
+are cut apart (Qwen3-Next: each head's query, then its output gate). A block with any other such use is left alone.
+A value from outside the block that differs per head along a plain axis of the q heads (MPT's ALiBi bias (heads, 1,
+keys), added to the scores; T5's relative position bias, scaled_dot_product_attention's mask) is read through an
+index_select of the kept heads; one laid out otherwise (BLOOM's, flattened with the batch) leaves the block whole.
 
 ``shrink_heads(..., query=True)`` (``Prune(pattern="query_heads")``) removes q heads within the kv groups instead,
 as many in each, and k and v stay whole: the only head pruning left to multi-query attention (Falcon-7B's one kv
@@ -149,10 +150,31 @@ def attention_cores(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node,
     return cores
 
 
+def _size_key(d):
+    """A size as a sympy expression (an int, or a symbolic size's expression), comparable across nodes; else None."""
+    import sympy
+    return sympy.Integer(d) if type(d) is int else getattr(getattr(d, "node", None), "expr", None)
+
+
+def _reshaped_axis(src, out, p: int) -> Optional[int]:
+    """The axis of a reshape's output (shape ``out``) that axis ``p`` of its input (shape ``src``) lands in, alone or
+    merged with its neighbours (XGLM's (batch, heads, ...) -> (batch x heads, ...)): where the running products of
+    the sizes in and out agree at both its ends; None when it is split or the sizes cannot tell."""
+    import sympy
+    ks, ko = [_size_key(d) for d in src], [_size_key(d) for d in out]
+    if None in ks or None in ko:
+        return None
+    ins = list(itertools.accumulate(ks, operator.mul, initial=sympy.Integer(1)))
+    outs = list(itertools.accumulate(ko, operator.mul, initial=sympy.Integer(1)))
+    found = [j for j in range(len(out)) if ko[j] != 1 and outs[j] in ins[:p + 1] and outs[j + 1] in ins[p + 1:]]
+    return found[0] if len(found) == 1 else None
+
+
 def _head_axis_at_core(region: set, view: fx.Node, axis: int, args: set) -> set:
     """Where axis ``axis`` of ``view``'s output (negative, counted from the last) lies in the attention's q, k or v
-    arguments (``args``) it reaches through moves, elementwise ops and slices or concatenations along other axes
-    (rotary embeddings): the set of those positions, negative; paths through other ops are not followed."""
+    arguments (``args``) it reaches through moves, elementwise ops, slices or concatenations along other axes (rotary
+    embeddings), unbinds along another axis (q, k and v cut apart) and reshapes that keep it whole or merge it
+    with its neighbours: the set of those positions, negative; paths through other ops are not followed."""
     found, seen, todo = set(), set(), [(view, axis)]
     while todo:
         n, a = todo.pop()
@@ -161,7 +183,8 @@ def _head_axis_at_core(region: set, view: fx.Node, axis: int, args: set) -> set:
         seen.add((n, a))
         if n in args:
             found.add(a)
-        rank = len(ir.meta.shape(n) or ())
+        shape = ir.meta.shape(n) or ()
+        rank = len(shape)
         for u in n.users:
             if u.name not in region or u.op != "call_function":
                 continue
@@ -169,6 +192,17 @@ def _head_axis_at_core(region: set, view: fx.Node, axis: int, args: set) -> set:
                 todo.append((u, _moved_axis(u, a % rank, rank) - rank))
             elif u.target in ELEMENTWISE:
                 todo.append((u, a))
+            elif u.target in (aten.unbind.int, aten.select.int):
+                at, p = (u.args[1] if len(u.args) > 1 else 0) % rank, a % rank
+                if at != p:               # the axis stays, one fewer before it when the cut one was
+                    moved = (p if p < at else p - 1) - (rank - 1)
+                    todo += [(g, moved) for g in u.users if g.target is operator.getitem] \
+                        if u.target is aten.unbind.int else [(u, moved)]
+            elif u.target in _SHAPED and u.target is not aten.expand.default and ir.meta.shape(u) is not None:
+                out = ir.meta.shape(u)
+                j = _reshaped_axis(shape, out, a % rank)
+                if j is not None:
+                    todo.append((u, j - len(out)))
             elif u.target in (aten.slice.Tensor, aten.cat.default):
                 d = (u.args[1] if len(u.args) > 1 else 0) if u.target is aten.slice.Tensor else \
                     (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0))
@@ -181,8 +215,9 @@ def _head_major_why(region: set, proj: fx.Node, width: int, heads: int, args: se
     """Why ``proj``'s rows (``width``, over ``heads`` heads) are not laid out head by head, each head's rows
     contiguous: the view that splits its output's last axis does not put the heads before the rows of each, as
     in (..., head_dim, heads) then permuted; else ''. Viewed (..., n, n), as many heads as rows per head, the shape
-    cannot tell: the first new axis is then followed to the attention, where it must be the heads axis (-3)."""
-    flat, rank = [proj], len(ir.meta.shape(proj) or ())
+    cannot tell: the first new axis is then followed to the attention (``_head_axis_at_core``), where it must be
+    the heads axis (-3) wherever it arrives (a path the walk cannot follow gives no verdict)."""
+    flat = [proj]
     for f in flat:
         for u in f.users:
             out = ir.meta.shape(u)
@@ -191,13 +226,17 @@ def _head_major_why(region: set, proj: fx.Node, width: int, heads: int, args: se
             if out[-1] == width:
                 flat.append(u)        # the heads still together (tokens flattened, say)
                 continue
-            new = tuple(out[rank - 1:])
-            if len(out) <= rank or not all(type(d) is int for d in new) or math.prod(new) != width:
-                continue              # not a split of the last axis alone
+            new = ()                  # the shortest run of static sizes at the end whose product is the width
+            for d in reversed(out):
+                if type(d) is not int or math.prod(new) == width:
+                    break
+                new = (d, *new)
+            if len(new) < 2 or math.prod(new) != width:
+                continue              # not a split of the last axis
             per_head = width // heads  # (heads, per_head), or heads as (kv groups, q heads per group) and so on
             splits = {(math.prod(new[:j]), math.prod(new[j:])) for j in range(1, len(new))}
             if (heads, per_head) not in splits or new == (heads, heads) and \
-                    _head_axis_at_core(region, u, rank - 1 - len(out), args) - {-3}:
+                    _head_axis_at_core(region, u, -len(new), args) - {-3}:
                 return (f"{u.name} views {layer_name(proj)}'s output as {tuple(new)} per token, not {heads} heads "
                         f"of {per_head} rows each (head_dim-major, say): a head's rows are not contiguous, and "
                         "removing rows would cut across heads")
@@ -327,14 +366,18 @@ def _moved_axis(n: fx.Node, axis: int, rank: int) -> Optional[int]:
 def _thirds(region: set, view: fx.Node, rank: int) -> list:
     """The q, k and v of a view of a fused projection's output (rank ``rank``) into (..., 3, heads, head_dim) when
     they are cut apart along that first new axis, moved or not (ModernBERT's ``qkv.view(..., 3, -1, D).unbind(-3)``,
-    timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``): three contiguous parts of the
-    projection's rows, each (..., heads, head_dim); else []."""
+    timm's ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``, or selected: ``qkv[0], qkv[1],
+    qkv[2]``): three contiguous parts of the projection's rows, each (..., heads, head_dim); else []."""
     out = ir.meta.shape(view)
     if view.target not in _SHAPED or not out or len(out) != rank + 2 or out[rank - 1] != 3:
         return []
     u, axis = view, rank - 1
     while len(users := [w for w in u.users if w.name in region]) == 1 and users[0].target in _MOVES:
         u, axis = users[0], _moved_axis(users[0], axis, len(out))
+    picks = sorted((w.args[2] % 3, w) for w in users if w.target is aten.select.int and isinstance(w.args[2], int)
+                   and w.args[1] % len(out) == axis)
+    if len(users) == 3 and [i for i, _ in picks] == [0, 1, 2]:     # timm's older qkv[0], qkv[1], qkv[2]
+        return [w for _, w in picks]
     if len(users) != 1:
         return []
     u = users[0]
@@ -580,6 +623,12 @@ def attention_groups(gm: fx.GraphModule) -> tuple[list[HeadGroup], dict[str, str
         layout_why = next(filter(None, (_head_major_why(region, p, w, h, set(qkv_args))
                                          for (p, w), h in zip(projs, (heads, kv, kv)) if w != dim)), "") \
             if not groups_in_view and not thirds else ""
+        # thirds viewed (..., 3, n, n): their heads axis (-2) must reach the attention as its heads axis
+        bad = [t for t in thirds if heads == dim and _head_axis_at_core(region, t, -2, set(qkv_args)) - {-3}]
+        if bad:
+            layout_why = (f"{bad[0].name} views {layer_name(q)}'s output as {tuple(ir.meta.shape(bad[0]))}, whose "
+                          f"axis of {heads} heads does not reach the attention as its heads axis: head_dim-major "
+                          "thirds, whose heads' rows are not contiguous")
         if layout_why:
             rejected[where] = layout_why
             continue
@@ -825,11 +874,15 @@ def _computed_head_sizes(node: dict, region: set, heads: int, kv: int) -> tuple[
             if not isinstance(c, fx.Node) or not any(type(v) is int and v > 1 and v in (heads, kv) for v in factors):
                 continue
             lits = [v for v in c.args if type(v) is int]
-            if len(lits) != 1 or lits[0] not in (heads, kv) or \
-                    sum(type(v) is int and v > 1 and v in (heads, kv) for v in factors) != 1:
+            src, out = ir.meta.shape(n.args[0]) or (), ir.meta.shape(n) or ()
+            # the product must be where the view folds an axis of that many heads (not a size that merely equals it)
+            folded = len(lits) == 1 and out and any(type(d) is int and d == lits[0] and _reshaped_axis(src, out, p) == a
+                                                   for p, d in enumerate(src))
+            if not folded or sum(type(v) is int and v > 1 and v in (heads, kv) for v in factors) != 1:
                 expr = " * ".join(v.name if isinstance(v, fx.Node) else str(v) for v in factors)
                 return [], (f"{n.name} sizes an axis by {c.name} = {expr}, a count of heads folded into another size "
-                            "in a form the pass does not rewrite (it rewrites another size times the count)")
+                            "in a form the pass does not rewrite (it rewrites another size times the count, where "
+                            "the view folds an axis of that many heads)")
             edits.append((n, a, "q" if lits[0] == heads else "kv"))
         if n.target is not aten.expand.default and (why := _folded_heads(n, heads, kv)):
             return [], why

@@ -42,7 +42,7 @@ def dequantize_np(q: np.ndarray, scale, zero_point=0) -> np.ndarray:
     out = np.asarray(q).astype(np.float32)                    # a new array, which (q - z) * s is computed in
     if out.shape != np.broadcast_shapes(out.shape, zero_point.shape, scale.shape):
         return (out - zero_point) * scale
-    if zero_point.any():                                      # (subtracting zeros changes no value)
+    if zero_point.any():                                      # (subtracting zeros changes no code's value)
         out -= zero_point
     out *= scale
     return out

@@ -1330,27 +1330,29 @@ def test_query_heads_refused_say_why():
 
 
 class _TimmAttention(torch.nn.Module):
-    """timm's ViT attention: one qkv linear viewed (B, N, 3, heads, head_dim), permuted so the 3 leads, unbound."""
-    def __init__(self, heads: int, dim: int = 8):
+    """timm's ViT attention: one qkv linear viewed (B, N, 3, heads, head_dim), permuted so the 3 leads, unbound (or,
+    in older timm, indexed: qkv[0], qkv[1], qkv[2])."""
+    def __init__(self, heads: int, dim: int = 8, select: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.select = heads, select
         self.qkv, self.proj = torch.nn.Linear(heads * dim, 3 * heads * dim), torch.nn.Linear(heads * dim, heads * dim)
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.select else qkv.unbind(0)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
-@pytest.mark.parametrize("heads", [4, 3])
-def test_heads_of_a_fused_projection_permuted_into_thirds_shrink(heads):
+@pytest.mark.parametrize("heads,select", [(4, False), (3, False), (3, True)])
+def test_heads_of_a_fused_projection_permuted_into_thirds_shrink(heads, select):
     """timm's ViT attention permutes the (B, N, 3, heads, head_dim) view of its qkv so the 3 leads before it unbinds
-    q, k and v: thirds too. With 3 heads its 3 was read as 3 kv groups and the pass raised (with 4 the block was
-    left whole); each third now loses the removed heads' rows, and the block computes what it does with those
-    heads' proj columns zeroed, on torch and numpy, at another shape."""
+    (or indexes) q, k and v: thirds too. With 3 heads its 3 was read as 3 kv groups and the pass raised (with 4 the
+    block was left whole); each third now loses the removed heads' rows, and the block computes what it does with
+    those heads' proj columns zeroed, on torch and numpy, at another shape."""
     from conftest import zero_what_the_graph_removed
     torch.manual_seed(0)
-    model, x = _TimmAttention(heads).eval(), torch.randn(2, 5, 8 * heads)
+    model, x = _TimmAttention(heads, select=select).eval(), torch.randn(2, 5, 8 * heads)
     cm = slimfx.compile(model, (x,), dynamic=True, backend="torch", progress=False,
                         passes=[P.Prune(sparsity=0.5, pattern="heads")])
     left = heads - nearest(heads / 2)
@@ -1368,34 +1370,44 @@ def test_heads_of_a_fused_projection_permuted_into_thirds_shrink(heads):
 
 
 class _HeadDimMajor(torch.nn.Module):
-    """q, k and v each viewed (B, N, head_dim, heads) and permuted to (B, heads, N, head_dim): a layout in which
-    each head's rows of a projection are strided, not contiguous."""
-    def __init__(self, heads: int, dim: int):
+    """q, k and v viewed (B, N, head_dim, heads) and permuted to (B, heads, N, head_dim): a layout in which each head's
+    rows of a projection are strided, not contiguous. ``kind``: "separate" q, k and v projections; "flat", each on
+    the tokens flattened (B x N, C) and reshaped twice; "thirds", one qkv viewed (B, N, 3, head_dim, heads)."""
+    def __init__(self, heads: int, dim: int, kind: str):
         super().__init__()
-        self.heads, self.dim = heads, dim
+        self.heads, self.dim, self.kind = heads, dim, kind
         self.q, self.k, self.v = (torch.nn.Linear(heads * dim, heads * dim) for _ in range(3))
+        self.qkv = torch.nn.Linear(heads * dim, 3 * heads * dim)
         self.o = torch.nn.Linear(heads * dim, heads * dim)
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = (p(x).view(B, N, self.dim, self.heads).permute(0, 3, 1, 2) for p in (self.q, self.k, self.v))
+        if self.kind == "thirds":
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.dim, self.heads).permute(2, 0, 4, 1, 3).unbind(0)
+        elif self.kind == "flat":
+            q, k, v = (p(x.reshape(B * N, C)).reshape(B * N, self.dim, self.heads).reshape(B, N, self.dim, self.heads)
+                       .permute(0, 3, 1, 2) for p in (self.q, self.k, self.v))
+        else:
+            q, k, v = (p(x).view(B, N, self.dim, self.heads).permute(0, 3, 1, 2) for p in (self.q, self.k, self.v))
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
+@pytest.mark.parametrize("kind", ["separate", "flat", "thirds"])
 @pytest.mark.parametrize("heads,dim", [(4, 8), (4, 4)])
-def test_heads_of_projections_viewed_head_dim_major_stay_whole(heads, dim):
+def test_heads_of_projections_viewed_head_dim_major_stay_whole(heads, dim, kind):
     """A projection viewed (..., head_dim, heads) holds each head's rows strided: removing contiguous rows would
     cut across heads, and the block computed something else (silently). The block is left whole, with the view
     named; also with as many heads as head_dim, where the view's shape alone cannot tell: the axes are followed to
-    the attention."""
+    the attention (through the permute, the unbind of q, k and v, and reshapes). A review found the flattened
+    tokens and the thirds pruned wrong with heads == head_dim (the flattened ones also raising otherwise)."""
     torch.manual_seed(0)
-    model, x = _HeadDimMajor(heads, dim).eval(), torch.randn(2, 5, heads * dim)
+    model, x = _HeadDimMajor(heads, dim, kind).eval(), torch.randn(2, 5, heads * dim)
     cm = slimfx.compile(model, (x,), dynamic=True, backend="torch", progress=False,
                         passes=[P.Prune(sparsity=0.5, pattern="heads")])
     stats = cm.report().records[0].stats
     assert stats["shrunk"] == {}, stats
     (why,) = stats["skipped"].values()
-    assert "head_dim" in why and "view" in why, why
+    assert ("head_dim" in why or "head dim" in why) and "view" in why, why
     assert _rel(cm(x), model(x)) < 1e-6
 
 
