@@ -214,9 +214,10 @@ def _head_axis_at_core(region: set, view: fx.Node, axis: int, args: set) -> set:
 def _head_major_why(region: set, proj: fx.Node, width: int, heads: int, args: set) -> str:
     """Why ``proj``'s rows (``width``, over ``heads`` heads) are not laid out head by head, each head's rows
     contiguous: the view that splits its output's last axis does not put the heads before the rows of each, as
-    in (..., head_dim, heads) then permuted; else ''. Viewed (..., n, n), as many heads as rows per head, the shape
-    cannot tell: the first new axis is then followed to the attention (``_head_axis_at_core``), where it must be
-    the heads axis (-3) wherever it arrives (a path the walk cannot follow gives no verdict)."""
+    in (..., head_dim, heads) then permuted; else ''. With as many heads as rows per head the shape cannot tell
+    ((..., n, n), or (..., n, 2, n / 2)): the first new axis is then followed to the attention
+    (``_head_axis_at_core``), where it must be the heads axis (-3) wherever it arrives (a path the walk cannot
+    follow gives no verdict)."""
     flat = [proj]
     for f in flat:
         for u in f.users:
@@ -235,7 +236,7 @@ def _head_major_why(region: set, proj: fx.Node, width: int, heads: int, args: se
                 continue              # not a split of the last axis
             per_head = width // heads  # (heads, per_head), or heads as (kv groups, q heads per group) and so on
             splits = {(math.prod(new[:j]), math.prod(new[j:])) for j in range(1, len(new))}
-            if (heads, per_head) not in splits or new == (heads, heads) and \
+            if (heads, per_head) not in splits or heads == per_head and \
                     _head_axis_at_core(region, u, -len(new), args) - {-3}:
                 return (f"{u.name} views {layer_name(proj)}'s output as {tuple(new)} per token, not {heads} heads "
                         f"of {per_head} rows each (head_dim-major, say): a head's rows are not contiguous, and "

@@ -1372,7 +1372,8 @@ def test_heads_of_a_fused_projection_permuted_into_thirds_shrink(heads, select):
 class _HeadDimMajor(torch.nn.Module):
     """q, k and v viewed (B, N, head_dim, heads) and permuted to (B, heads, N, head_dim): a layout in which each head's
     rows of a projection are strided, not contiguous. ``kind``: "separate" q, k and v projections; "flat", each on
-    the tokens flattened (B x N, C) and reshaped twice; "thirds", one qkv viewed (B, N, 3, head_dim, heads)."""
+    the tokens flattened (B x N, C) and reshaped twice; "split", viewed (B, N, head_dim, 2, heads / 2) first;
+    "thirds", one qkv viewed (B, N, 3, head_dim, heads)."""
     def __init__(self, heads: int, dim: int, kind: str):
         super().__init__()
         self.heads, self.dim, self.kind = heads, dim, kind
@@ -1384,6 +1385,9 @@ class _HeadDimMajor(torch.nn.Module):
         B, N, C = x.shape
         if self.kind == "thirds":
             q, k, v = self.qkv(x).reshape(B, N, 3, self.dim, self.heads).permute(2, 0, 4, 1, 3).unbind(0)
+        elif self.kind == "split":        # the heads axis spelled as two in the view
+            q, k, v = (p(x).view(B, N, self.dim, 2, self.heads // 2).reshape(B, N, self.dim, self.heads)
+                       .permute(0, 3, 1, 2) for p in (self.q, self.k, self.v))
         elif self.kind == "flat":
             q, k, v = (p(x.reshape(B * N, C)).reshape(B * N, self.dim, self.heads).reshape(B, N, self.dim, self.heads)
                        .permute(0, 3, 1, 2) for p in (self.q, self.k, self.v))
@@ -1392,14 +1396,15 @@ class _HeadDimMajor(torch.nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
-@pytest.mark.parametrize("kind", ["separate", "flat", "thirds"])
+@pytest.mark.parametrize("kind", ["separate", "flat", "split", "thirds"])
 @pytest.mark.parametrize("heads,dim", [(4, 8), (4, 4)])
 def test_heads_of_projections_viewed_head_dim_major_stay_whole(heads, dim, kind):
     """A projection viewed (..., head_dim, heads) holds each head's rows strided: removing contiguous rows would
     cut across heads, and the block computed something else (silently). The block is left whole, with the view
     named; also with as many heads as head_dim, where the view's shape alone cannot tell: the axes are followed to
     the attention (through the permute, the unbind of q, k and v, and reshapes). A review found the flattened
-    tokens and the thirds pruned wrong with heads == head_dim (the flattened ones also raising otherwise)."""
+    tokens, the thirds and the split view pruned wrong with heads == head_dim (the flattened ones also raising
+    otherwise)."""
     torch.manual_seed(0)
     model, x = _HeadDimMajor(heads, dim, kind).eval(), torch.randn(2, 5, heads * dim)
     cm = slimfx.compile(model, (x,), dynamic=True, backend="torch", progress=False,
