@@ -900,22 +900,14 @@ def _factors(c) -> list:
 def _folded_heads(n: fx.Node, heads: int, kv: int) -> str:
     """Why a view or reshape with static sizes cannot follow the removed heads: it folds an axis of the heads into
     an axis of another literal size, not the last one (a width) (XGLM's reshape(x, [batch * heads, -1, head_dim])
-    traced with a static batch: 8 for a batch of 2); else ''. The axes it maps onto each other are read off where
-    the running products of the sizes in and out agree."""
+    traced with a static batch: 8 for a batch of 2); else ''. Where each axis lands is ``_reshaped_axis``'s."""
     src, out = ir.meta.shape(n.args[0]), ir.meta.shape(n)
     if not src or not out or not all(type(d) is int for d in (*src, *out)):
         return ""
-    ins, outs = list(itertools.accumulate(src, operator.mul, initial=1)), \
-        list(itertools.accumulate(out, operator.mul, initial=1))
-    common = sorted(set(ins) & set(outs))
     for a, d in enumerate(src[:-1]):
-        if d <= 1 or d not in (heads, kv):
-            continue
-        lo = max(c for c in common if c <= ins[a])
-        hi = min(c for c in common if c >= ins[a + 1])
-        into = [j for j in range(len(out)) if outs[j] >= lo and outs[j + 1] <= hi and out[j] != 1]
-        if len(into) == 1 and into[0] != len(out) - 1 and out[into[0]] not in (heads, kv):
-            return (f"{n.name} folds the axis of {d} heads into one of {out[into[0]]} (batch x heads, say), spelled "
+        j = _reshaped_axis(src, out, a) if d > 1 and d in (heads, kv) else None
+        if j is not None and j != len(out) - 1 and out[j] not in (heads, kv):
+            return (f"{n.name} folds the axis of {d} heads into one of {out[j]} (batch x heads, say), spelled "
                     "as a literal: the pass cannot tell the head count in it; compile with dynamic=True, where that "
                     "size is a product the pass computes anew")
     return ""

@@ -84,11 +84,11 @@ def row_chunks(n: int, k: int, m: int = 1) -> list[slice]:
 
 def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     """Exact int32 result of a @ b_t.T for int8 a (..., K) and b_t (N, K) (see module docstring). For K past
-    131071 a result outside int32 is refused (OverflowError), never wrapped. b_t is converted to fp32 a chunk
-    of rows at a time (``row_chunks``)."""
+    131071 a result outside int32 is refused (OverflowError), never wrapped. At decode's few rows of ``a``, b_t is
+    converted to fp32 a chunk of rows at a time (``row_chunks``)."""
     k = a.shape[-1]
     assert k < 2**39, "K too large for exact float64 block sums"
-    a32 = np.asarray(a, dtype=np.float32)
+    a32, b_t = np.asarray(a, dtype=np.float32), np.asarray(b_t)
     if b_t.ndim != 2:
         return _int_matmul_rows(a32, b_t)
     out = np.empty((*a.shape[:-1], b_t.shape[0]), dtype=np.int32)
