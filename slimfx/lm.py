@@ -29,16 +29,19 @@ what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer siz
 without a graph), at the price of attending over masked slots (at most half the buffer).
 
 Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window,
-GPT-Neo's local layers) is exact within the window. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)`` without the config,
-so every layer is a full one, and the model's sliding layers get transformers' sliding mask over cache *slots*:
-key slot k is seen from query slot q when q - window < k <= q (and unmasked). The slots are the prompt's
-positions shifted by one (the masked slot in front), so a prompt alone gets exactly the model's mask at any length
-(transformers counts left padding in the window too). Decode steps put masked slots between the tokens (the
-unfilled ones, the re-fed token's copy) and their two fed tokens at the buffer's end, so there it is exact only while
-a step sees at most ``window`` slots: the window then excludes nothing, as it excludes nothing in the model, whose
-tokens are fewer. The buffer grows to ``window - 2`` slots at most, and ``generate`` refuses a prompt of n tokens
-(padding included) with more than ``window - 2 - n`` new ones (or 1, which comes from the prompt alone) before
-its first step; ``decode`` refuses a step past the window itself.
+Cohere-2, GPT-OSS) is exact at any length. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)``
+without the config, so every layer is a full one, keeping every slot, and the sliding layers' mask is built over
+real *positions* (``_sliding_by_position``): key slot k is seen from query slot q when k <= q, k is unmasked and
+pos(q) - pos(k) < window, pos counting the unmasked slots. transformers masks q - k < window over slots, in which a
+sequence's real tokens lie side by side after its left padding: the same keys. Slimfx's decode buffer puts masked
+slots between the tokens (the unfilled ones, the re-fed token's copy), which the slots would count and positions do
+not. So generation matches transformers' sliding cache (the last window - 1 tokens kept) past the window, though it
+keeps and reads every slot. GPT-Neo's local layers mask by slot from a banded buffer of their own: there a step
+is exact only while it sees at most ``window`` slots (the window then excludes nothing, as it excludes nothing in
+the model, whose tokens are fewer), so the buffer grows to ``window - 2`` slots at most, and ``generate`` refuses
+a prompt of n tokens (padding included) with more than ``window - 2 - n`` new ones (or 1, which comes from the
+prompt alone) before its first step; ``decode`` refuses a step past the window itself. (So do steps saved before
+the window went by position: their causal_lm.json names a window.)
 
 Long-context Phi-3 (``rope_type="longrope"``) rotates with short factors up to ``original_max_position_embeddings``
 tokens and long ones past it, chosen per call; transformers' ``generate`` drops the cache at the step that crosses
@@ -105,7 +108,14 @@ class CausalLMStep(nn.Module):
         # without a position_ids argument the model derives positions itself (BLOOM: from the attention mask);
         # compile_causal_lm checks that they still ignore masked cache slots (check_masked_slots)
         self.takes_positions = "position_ids" in params
-        self._replacements = replacements(model)
+        # + the sliding-window mask over real positions, which the decode buffer's masked slots need
+        self._replacements = replacements(model) + _sliding_replacements(model)
+
+    @property
+    def windows_by_position(self) -> bool:
+        """The model's sliding-window masks were built over real positions (``_sliding_by_position``) in a call of
+        the step (the capture's), so its decode steps are exact past the window."""
+        return any(getattr(fn, "calls", 0) for _, _, fn in self._replacements)
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logits_at):
         from transformers import DynamicCache
@@ -234,6 +244,52 @@ def _longrope_replacements(model: nn.Module) -> list:
     return out
 
 
+def _sliding_by_position(full, original):
+    """transformers' ``create_sliding_window_causal_mask`` (``original``) with the window over real positions, not
+    cache slots: ``full`` (``create_causal_mask``, the same arguments: causal over slots, padding masked) and key
+    slot k seen from query slot q only when pos(q) - pos(k) < window, pos counting the unmasked slots before and at
+    a slot less one. transformers masks ``q - k < window`` over slots, where a sequence's real tokens lie side by
+    side after its left padding: the same keys. Slimfx's decode buffer puts masked slots between them (unfilled
+    ones, the re-fed token's copy), which the slots would count and the positions do not, so generation is exact
+    at any length. The masked re-fed token's query takes its copy's position and sees that copy: no row is left
+    empty that was not. Without a 2-d attention mask, or where the mask is not a tensor (flash or flex attention),
+    ``original``'s mask; ``.calls`` counts those built by position (``CausalLMStep.windows_by_position``)."""
+    signature = inspect.signature(original)
+
+    def create_sliding_window_causal_mask(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        config, padding = bound["config"], bound.get("attention_mask")
+        if not (isinstance(padding, torch.Tensor) and padding.dim() == 2) or config.sliding_window is None:
+            return original(*args, **kwargs)
+        mask = full(*args, **kwargs)
+        if not isinstance(mask, torch.Tensor):
+            return original(*args, **kwargs)
+        create_sliding_window_causal_mask.calls += 1
+        positions = padding.long().cumsum(-1) - 1                    # (batch, slots); the queries are the last ones
+        queries = bound["inputs_embeds"].shape[1]
+        near = (positions[:, -queries:, None] - positions[:, None, :] < int(config.sliding_window))[:, None]
+        if mask.dtype == torch.bool:
+            return mask & near
+        return mask.masked_fill(~near, torch.finfo(mask.dtype).min)   # eager attention's additive mask
+    create_sliding_window_causal_mask.calls = 0
+    return create_sliding_window_causal_mask
+
+
+def _sliding_replacements(model: nn.Module) -> list:
+    """(module, "create_sliding_window_causal_mask", ``_sliding_by_position``) for each modeling module of
+    ``model``'s classes that calls transformers' own: what ``CausalLMStep`` replaces besides ``replacements``."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return []
+    original = masking_utils.create_sliding_window_causal_mask
+    modules = {type(m).__module__: sys.modules.get(type(m).__module__) for m in model.modules()}
+    return [(module, "create_sliding_window_causal_mask", _sliding_by_position(masking_utils.create_causal_mask,
+                                                                               original))
+            for _, module in sorted(modules.items())
+            if getattr(module, "create_sliding_window_causal_mask", None) is original]
+
+
 def _same_code(f, g) -> bool:
     """f and g compile to the same code (docstrings and line numbers aside): "Copied from" copies of a function."""
     a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
@@ -245,7 +301,8 @@ def replacements(model: nn.Module) -> list:
     """(owner, attribute, replacement) for the functions of ``model``'s code that ``CausalLMStep`` replaces while it
     runs: Falcon's ALiBi with bfloat16 arithmetic (``_falcon_alibi``), DeepSeek's ``expand_kv`` and its copies
     in other models (``_expand_kv``), and the rotary embeddings of long-context (longrope) models of transformers
-    before 5.25 (``_longrope``). Each gives the values the original gives."""
+    before 5.25 (``_longrope``). Each gives the values the original gives. (The step's own sliding-window mask,
+    ``_sliding_replacements``, is not among them: a plain compile keeps the model's mask.)"""
     out = []
     config = _text_config(model)
     falcon = sys.modules.get(type(model).__module__)          # (a class made at run time may have none)
@@ -289,8 +346,9 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
 
     A sliding-window layer's cache (``DynamicSlidingWindowLayer``) is captured as a full one: ``CausalLMStep``
     rebuilds the cache without the config, so every layer keeps all its slots, and the model's sliding layers
-    mask keys by slot index (transformers' ``kv_idx > q_idx - window``). ``CompiledCausalLM`` keeps every decode
-    step within ``window`` slots, where that mask excludes nothing (module docstring)."""
+    mask keys by real position (``_sliding_by_position``; ``compile_causal_lm`` drops the window when the
+    capture built those masks), or, GPT-Neo's local layers, by slot index: ``CompiledCausalLM`` keeps every
+    decode step of those within ``window`` slots, where that mask excludes nothing (module docstring)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     name = type(model).__name__
     kw = _cache_kw(model)
@@ -336,14 +394,23 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     windows = [int(layer.sliding_window) for layer in layers if type(layer) is DynamicSlidingWindowLayer]
     if windows and getattr(config, "sliding_window", None) is not None:
         windows.append(int(config.sliding_window))
-    if "local" in (getattr(config, "attention_layers", None) or ()) and getattr(config, "window_size", None):
+    if _local_window(model):
         # GPT-Neo: its local layers keep full caches and mask by slot index (a banded causal buffer), the same
         # contract as the sliding layers above
-        windows.append(int(config.window_size))
+        windows.append(_local_window(model))
     # keys and values may differ in width (DeepSeek's multi-head latent attention: rope + nope dims vs v_head_dim)
     layout = [((int(layer.keys.shape[1]), int(layer.keys.shape[3])),
                (int(layer.values.shape[1]), int(layer.values.shape[3]))) for layer in layers]
     return layout, (min(windows) if windows else None)
+
+
+def _local_window(model: nn.Module) -> Optional[int]:
+    """GPT-Neo's window of its local layers (``config.window_size``, from a banded causal buffer sliced by cache
+    slot), or None."""
+    config = _text_config(model)
+    if "local" in (getattr(config, "attention_layers", None) or ()) and getattr(config, "window_size", None):
+        return int(config.window_size)
+    return None
 
 
 def _normalized_layout(layout) -> list:
@@ -523,6 +590,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
         check_masked_slots(model, step, layout, dtype, window)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
+    if window is not None and step.windows_by_position and not _local_window(model):
+        window = None                 # no cap: the window is over real positions (GPT-Neo's local one is not)
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
@@ -594,8 +663,9 @@ def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 class CompiledCausalLM:
     """A compiled step and the generation loop around it (``compile_causal_lm``).
 
-    ``sliding_window``: the model's smallest attention window (None: full attention), which bounds the cache slots
-    a decode step may see (module docstring); ``position_limit``: the positions of the model's learned position
+    ``sliding_window``: the smallest attention window the step applies over cache slots (GPT-Neo's local layers;
+    None: full attention, or windows over real positions), which bounds the cache slots a decode step may see
+    (module docstring); ``position_limit``: the positions of the model's learned position
     table (``position_limit``), which bound a sequence's real tokens; ``model_name`` names the model in errors."""
 
     min_cache = 64          # cache slots to begin with (then powers of two)
@@ -631,8 +701,8 @@ class CompiledCausalLM:
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 all_logits: bool = False):
         """The logits of the prompt's last position (batch, 1, vocab), or of every position (batch, length,
-        vocab) with ``all_logits``, and the state ``decode`` continues from. A prompt longer than a sliding window
-        is exact too (module docstring); decoding after it is refused."""
+        vocab) with ``all_logits``, and the state ``decode`` continues from. A prompt longer than a window over
+        slots (``sliding_window``) is exact too (module docstring); decoding after it is refused."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
         real = int(mask.sum(-1).max()) if mask.numel() else 0

@@ -372,6 +372,16 @@ def _sliding(family, window):
         "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_SMALL, head_dim=8, sliding_window=window,
                                                                  layer_types=["sliding_attention", "full_attention"])),
         "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**_SMALL, sliding_window=window)),
+        # layer 0 full, layer 1 sliding
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_SMALL, use_sliding_window=True, sliding_window=window,
+                                                          max_window_layers=1)),
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(**_SMALL, sliding_window=window, pad_token_id=0)),
+        "cohere2": lambda: T.Cohere2ForCausalLM(T.Cohere2Config(**_SMALL, sliding_window=window, pad_token_id=0,
+                                                                layer_types=["sliding_attention", "full_attention"])),
+        # eager attention (an additive float mask) and experts
+        "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(
+            **{**_SMALL, "intermediate_size": 32}, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=window, layer_types=["sliding_attention", "full_attention"])),
         # local layers by config.window_size and attention_layers, not sliding_window (it was missed: wrong tokens
         # from the window's end on)
         "gpt_neo": lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
@@ -381,32 +391,53 @@ def _sliding(family, window):
     return make[family]().eval()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "gpt_neo"])
-def test_sliding_window_models_generate_transformers_tokens_within_the_window(family):
-    """The step captures sliding-window layers as full ones; their mask (transformers' kv_idx > q_idx - window
-    over cache slots) excludes nothing while a step sees at most ``window`` slots, which generation keeps to.
-    The last decode step here sees exactly 32 slots: 5 prompt tokens (one row left-padded), 24 of the 25 new ones
-    fed, the masked slot in front, the re-fed token's and the new token's (a window off by one would drop the
-    first prompt token there)."""
-    model = _sliding(family, 32)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "qwen2", "phi3", "cohere2", "gpt_oss"])
+def test_sliding_window_models_generate_transformers_tokens_past_the_window(family, tmp_path):
+    """The sliding layers' mask counts the window over real positions, not cache slots, so the masked slots the
+    decode buffer puts between tokens (unfilled ones, the re-fed token's copy) do not shrink it: generation equals
+    transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window of 8, after a short
+    left-padded prompt (5 tokens, 25 new: the buffer grows 8 -> 16 -> 32) and after one longer than the window.
+    Before, generation was refused past window - 2 slots: the last decode step here would see 33."""
+    model = _sliding(family, 8)
+    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    assert lm.sliding_window is None                      # no cap on the slots
+    lm.min_cache = 4
+    for length, new, seed in [(5, 25, 3), (13, 12, 5)]:
+        ids, mask = text_batch(2, length, 97, pad_left=True, seed=seed)
+        ref = hf_generate(model, ids, mask, new, eos=lm.eos_token_id)
+        got = lm.generate(ids, mask, max_new_tokens=new, pad_token_id=0)
+        assert torch.equal(got, ref), f"{family} {length}+{new}\n got {got.tolist()}\n ref {ref.tolist()}"
+    back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
+    assert back.sliding_window is None
+    assert torch.equal(back.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
+
+
+def test_gpt_neo_generates_transformers_tokens_within_its_local_window():
+    """GPT-Neo's local layers mask by cache slot (a banded causal buffer sliced by the key length), which excludes
+    nothing while a step sees at most ``window`` slots, which generation keeps to. The last decode step here sees
+    exactly 32 slots: 5 prompt tokens (one row left-padded), 24 of the 25 new ones fed, the masked slot in front,
+    the re-fed token's and the new token's (a window off by one would drop the first prompt token there)."""
+    model = _sliding("gpt_neo", 32)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
     assert lm.sliding_window == 32
     lm.min_cache = 8                                      # the buffer grows 8 -> 16 -> 30 (the window's cap)
     ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
     ref = hf_generate(model, ids, mask, 25)
     got = lm.generate(ids, mask, max_new_tokens=25, pad_token_id=0)
-    assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"
+    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
 
 
-def test_generating_past_a_sliding_window_is_refused(tmp_path):
-    """Past the window the slot-index mask would drop real tokens (the masked slots count), so generation refuses
-    before the first step; a prompt alone is exact at any length (its slots are its positions, shifted by one)."""
+def test_generating_past_a_slot_window_is_refused(tmp_path):
+    """Past GPT-Neo's local window its slot-index mask would drop real tokens (the masked slots count), so
+    generation refuses before the first step; a prompt alone is exact at any length (its slots are its positions,
+    shifted by one). A saved window (as every sliding-window model's was, before the window went by position)
+    is refused the same after loading."""
     from conftest import rel_err
-    model = _sliding("mistral", 16)
+    model = _sliding("gpt_neo", 16)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
     lm.min_cache = 4
     ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
-    beyond = "MistralForCausalLM attends within a sliding window of 16 tokens.* would see 17. At most 9 new tokens"
+    beyond = "GPTNeoForCausalLM attends within a sliding window of 16 tokens.* would see 17. At most 9 new tokens"
     with pytest.raises(ValueError, match=beyond):
         lm.generate(ids, mask, max_new_tokens=10)
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=9, pad_token_id=0),
@@ -418,8 +449,9 @@ def test_generating_past_a_sliding_window_is_refused(tmp_path):
 
     ids, mask = text_batch(2, 40, 97, pad_left=True, seed=5)    # 40 slots and more in a row
     every, state = lm.prefill(ids, mask, all_logits=True)
-    with torch.no_grad():
-        ref = model(ids, attention_mask=mask, use_cache=False).logits
+    with torch.no_grad():                  # (learned positions: counted over real tokens, as generate does)
+        ref = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                    use_cache=False).logits
     real = mask.bool()
     assert rel_err(every[real], ref[real]) <= 1e-5                # fp32: summation order only
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=1), hf_generate(model, ids, mask, 1))
