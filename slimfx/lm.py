@@ -19,8 +19,9 @@ calls ``generate`` makes:
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
 real tokens, as ``transformers``' ``generate`` does. A model whose forward takes no ``position_ids`` must derive
-them from the attention mask (BLOOM's ALiBi); ``compile_causal_lm`` checks that on one eager generation and
-refuses the model otherwise (MPT, BART: positions from the cache length would count the masked slots).
+them from the attention mask (BLOOM's ALiBi; MPT's, which counts cache slots in transformers, is computed so
+while the step runs: ``_mpt_alibi``); ``compile_causal_lm`` checks that on one eager generation and refuses the
+model otherwise (BART: positions from the cache length would count the masked slots).
 
 During decoding the cache is a buffer of slots, a power of two from ``min_cache``, the unfilled ones masked:
 a decode step reads the whole buffer and returns it with the two fed tokens' keys and values appended, which
@@ -108,8 +109,10 @@ class CausalLMStep(nn.Module):
         # without a position_ids argument the model derives positions itself (BLOOM: from the attention mask);
         # compile_causal_lm checks that they still ignore masked cache slots (check_masked_slots)
         self.takes_positions = "position_ids" in params
-        # + the sliding-window mask over real positions, which the decode buffer's masked slots need
-        self._replacements = replacements(model) + _sliding_replacements(model)
+        # + the sliding-window mask and MPT's ALiBi over real positions, which the decode buffer's masked slots
+        # need; they read the step's attention mask from here
+        self._call = _StepCall()       # (not a dict: export restores a module's containers as copies)
+        self._replacements = replacements(model) + _sliding_replacements(model) + _mpt_replacements(model, self._call)
 
     @property
     def windows_by_position(self) -> bool:
@@ -123,9 +126,13 @@ class CausalLMStep(nn.Module):
         keep = {"logits_to_keep": logits_at} if self._keeps else {}
         if self.takes_positions:
             keep["position_ids"] = position_ids
-        with _replaced(self._replacements):
-            out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                              **{self._kw: dc}, **keep)
+        self._call.attention_mask = attention_mask
+        try:
+            with _replaced(self._replacements):
+                out = self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                                  **{self._kw: dc}, **keep)
+        finally:
+            self._call.attention_mask = None          # (a traced one must not outlive its trace)
         logits = out.logits if self._keeps else out.logits[:, logits_at]
         new = getattr(out, self._kw)
         return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
@@ -288,6 +295,69 @@ def _sliding_replacements(model: nn.Module) -> list:
                                                                                original))
             for _, module in sorted(modules.items())
             if getattr(module, "create_sliding_window_causal_mask", None) is original]
+
+
+class _StepCall:
+    """What a replacement reads from the step's current call (``CausalLMStep.forward`` sets it)."""
+    attention_mask: Optional[torch.Tensor] = None
+
+
+def _mpt_alibi(original, call: _StepCall):
+    """MPT's ``build_mpt_alibi_tensor`` method over real positions, not cache slots. transformers biases key slot
+    k by slope * (k - (L - 1)) for every query (softmax is the same under a shift per query row, so that is
+    ALiBi's -slope * (q - k)), from a table of ``max_seq_len`` slots sliced to the last L. Here k's real position
+    stands for k: the unmasked slots up to k, counted in the row that has the most, less those up to the last slot
+    (the rows' real tokens differ only by their left padding, which shifts each row's positions by a constant,
+    since the decode buffer's masked slots lie in the same places in every row). A prompt without padding gets
+    transformers' values exactly; a decode step, those of the real tokens side by side, however many masked
+    slots lie between them, at any length. (heads, 1, slots), for ``_mpt_attention``; the attention mask is the
+    step's (``call``)."""
+    def build_mpt_alibi_tensor(self, num_heads, sequence_length, alibi_bias_max=8, device=None):
+        mask = call.attention_mask
+        counted = mask.long().cumsum(-1).amax(0)                  # (slots,)
+        relative = (counted - counted[-1]).to(torch.int32).view(1, 1, mask.shape[-1])
+        slopes = -original(self, num_heads, 2, alibi_bias_max, device)[:, :, :1]   # (heads, 1, 1): at k - (L-1) = -1
+        return relative * slopes
+    return build_mpt_alibi_tensor
+
+
+def _mpt_attention(self, hidden_states, position_bias, cache=None, attention_mask=None, past_key_values=None,
+                   **kwargs):
+    """transformers' ``MptAttention.forward`` (5.17 and 5.25) adding ``_mpt_alibi``'s bias, already one entry per
+    key, where transformers slices its table to the last keys (export cannot tell that the slice of one row it
+    takes is one row when the cache and the new tokens are both dynamic). ``check_masked_slots`` compares the
+    step with the model on the real tokens alone, so a transformers whose attention differs is refused."""
+    cache = cache if cache is not None else past_key_values
+    batch, length = hidden_states.shape[:2]
+    mixed = self.Wqkv(hidden_states)
+    if self.clip_qkv:
+        mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    query, key, value = (t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+                         for t in mixed.chunk(3, dim=2))
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * self.softmax_scale
+    if position_bias is not None:
+        scores = scores + position_bias
+    if attention_mask is not None:
+        scores = scores.masked_fill(attention_mask, torch.finfo(query.dtype).min)
+    weights = nn.functional.softmax(scores.float(), dim=-1).to(value.dtype)
+    weights = nn.functional.dropout(weights, p=self.attn_dropout_p, training=self.training)
+    context = torch.matmul(weights, value).permute(0, 2, 1, 3).contiguous().view(batch, length, -1)
+    return self.out_proj(context), weights
+
+
+def _mpt_replacements(model: nn.Module, call: _StepCall) -> list:
+    """MPT's ALiBi over real positions (``_mpt_alibi``) and the attention that adds it (``_mpt_attention``), what
+    ``CausalLMStep`` replaces besides ``replacements``."""
+    out = []
+    for m in model.modules():
+        cls = type(m)
+        if cls.__name__ == "MptModel" and "build_mpt_alibi_tensor" in cls.__dict__:
+            out.append((cls, "build_mpt_alibi_tensor", _mpt_alibi(cls.build_mpt_alibi_tensor, call)))
+        elif cls.__name__ == "MptAttention" and "forward" in cls.__dict__:
+            out.append((cls, "forward", _mpt_attention))
+    return list(dict.fromkeys(out))
 
 
 def _same_code(f, g) -> bool:
@@ -607,8 +677,8 @@ def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, wind
     alone (a left-padded prompt, then two decode steps: masked slots in front, the re-fed token masked,
     unfilled slots between the prompt and the new tokens). A model that takes position_ids gets them from the
     step, counted over real tokens only; one that does not must derive its positions from the attention mask
-    (BLOOM's ALiBi does), not from the cache length (MPT's ALiBi, BART's learned positions): those would see
-    every masked slot as a position."""
+    (BLOOM's ALiBi does; MPT's through ``_mpt_alibi``), not from the cache length (BART's learned positions, MPT's
+    ALiBi as transformers computes it): those would see every masked slot as a position."""
     dev = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0)).to(dev)
@@ -626,8 +696,8 @@ def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, wind
         ref = torch.stack([model(input_ids=row[m.bool()][None]).logits[0, -3:] for row, m in zip(ids, mask)])
     err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
     # fp32: only summation order differs (9e-8 of the logits' scale for a tiny BLOOM); positions that count
-    # masked slots move them by a sizeable fraction of it (0.12 for a tiny MPT). bf16/fp16 round each layer's
-    # output to 3 significant digits, hence the looser bound there
+    # masked slots move them by a sizeable fraction of it (0.12 for a tiny MPT with transformers' ALiBi). bf16/fp16
+    # round each layer's output to 3 significant digits, hence the looser bound there
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
     if not err <= tol:
         raise TypeError(f"{type(model).__name__} is not supported: its forward takes no position_ids and its "

@@ -695,16 +695,43 @@ def test_compiling_keeps_a_training_model_training():
     assert [m.training for m in model.modules()] == modes
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_mpt_generates_transformers_tokens(backend):
+    """MPT's forward takes no position_ids, and its ALiBi counted cache slots (transformers' table sliced to the
+    last keys), so the decode buffer's masked slots shifted it and MPT was refused. The step now biases each key
+    by its real position (6 heads: slopes of a non-power-of-two head count; clip_qkv on). Tokens equal
+    transformers' generate after left-padded prompts, across buffer growth (4 -> 8 -> 16 -> 32 slots); a prompt's
+    logits equal the model's on its real tokens."""
+    from conftest import rel_err
+    from transformers import MptConfig, MptForCausalLM
+    torch.manual_seed(0)
+    mpt = MptForCausalLM(MptConfig(vocab_size=97, d_model=48, n_heads=6, n_layers=2, max_seq_len=256,
+                                   attn_config={"clip_qkv": 0.5})).eval()
+    lm = slimfx.compile_causal_lm(mpt, backend=backend, progress=False)
+    lm.min_cache = 4
+    for length, new, seed in [(5, 25, 3), (1, 6, 2)]:
+        ids, mask = text_batch(2, length, 97, pad_left=True, seed=seed)
+        ref = hf_generate(mpt, ids, mask, new, eos=lm.eos_token_id)
+        got = lm.generate(ids, mask, max_new_tokens=new, pad_token_id=0)
+        assert torch.equal(got, ref), f"{length}+{new}\n got {got.tolist()}\n ref {ref.tolist()}"
+    ids, mask = text_batch(2, 9, 97, pad_left=True, seed=4)
+    every, _ = lm.prefill(ids, mask, all_logits=True)
+    with torch.no_grad():
+        for row, m, got in zip(ids, mask.bool(), every):
+            assert rel_err(got[m], mpt(input_ids=row[m][None]).logits[0]) <= 1e-5      # fp32: summation order
+    # transformers' table of max_seq_len slots fails a longer sequence; the step's bias has no table
+    short = MptForCausalLM(MptConfig(vocab_size=97, d_model=48, n_heads=6, n_layers=2, max_seq_len=16)).eval()
+    lm = slimfx.compile_causal_lm(short, backend=backend, progress=False)
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
+    got = lm.generate(ids, mask, max_new_tokens=20, pad_token_id=0, eos_token_id=[])
+    assert got.shape == (2, 25)
+    assert torch.equal(got[:, :16], hf_generate(short, ids, mask, 11, eos=[]))
+
+
 def test_models_whose_positions_count_masked_cache_slots_are_refused():
-    """MPT's ALiBi and BART's learned positions come from the cache length, not the attention mask, and their
-    forward takes no position_ids: the masked slots of the step's cache would shift them."""
-    from transformers import BartConfig, BartForCausalLM, MptConfig, MptForCausalLM
-    mpt = MptForCausalLM(MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=256)).eval()
-    with pytest.raises(TypeError, match="MptForCausalLM is not supported: its forward takes no position_ids"):
-        slimfx.compile_causal_lm(mpt)
-    short = MptForCausalLM(MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2, max_seq_len=16)).eval()
-    with pytest.raises(TypeError, match="MptForCausalLM is not supported: .*no position_ids.*fails"):
-        slimfx.compile_causal_lm(short)
+    """BART's learned positions come from the cache length, not the attention mask: the masked slots of the step's
+    cache would shift them (and its causal LM keeps an encoder-decoder cache)."""
+    from transformers import BartConfig, BartForCausalLM
     bart = BartForCausalLM(BartConfig(vocab_size=97, d_model=32, decoder_attention_heads=4, decoder_layers=2,
                                       decoder_ffn_dim=64, max_position_embeddings=64)).eval()
     with pytest.raises(TypeError, match="BartForCausalLM: its cache has 12 layers but a call fills only 2"):
