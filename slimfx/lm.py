@@ -30,19 +30,22 @@ what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer siz
 without a graph), at the price of attending over masked slots (at most half the buffer).
 
 Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window,
-Cohere-2, GPT-OSS) is exact at any length. The step rebuilds the cache as ``DynamicCache(ddp_cache_data=...)``
-without the config, so every layer is a full one, keeping every slot, and the sliding layers' mask is built over
-real *positions* (``_sliding_by_position``): key slot k is seen from query slot q when k <= q, k is unmasked and
+Cohere-2, GPT-OSS, GPT-Neo's local layers) is exact at any length. The step rebuilds the cache as
+``DynamicCache(ddp_cache_data=...)`` without the config, so every layer is a full one, keeping every slot, and the
+sliding layers' mask is built over real *positions* (``_sliding_by_position``; GPT-Neo's local band in its own
+attention, ``_gpt_neo_local``): key slot k is seen from query slot q when k <= q, k is unmasked and
 pos(q) - pos(k) < window, pos counting the unmasked slots. transformers masks q - k < window over slots, in which a
 sequence's real tokens lie side by side after its left padding: the same keys. Slimfx's decode buffer puts masked
 slots between the tokens (the unfilled ones, the re-fed token's copy), which the slots would count and positions do
 not. So generation matches transformers' sliding cache (the last window - 1 tokens kept) past the window, though it
-keeps and reads every slot. GPT-Neo's local layers mask by slot from a banded buffer of their own: there a step
-is exact only while it sees at most ``window`` slots (the window then excludes nothing, as it excludes nothing in
-the model, whose tokens are fewer), so the buffer grows to ``window - 2`` slots at most, and ``generate`` refuses
-a prompt of n tokens (padding included) with more than ``window - 2 - n`` new ones (or 1, which comes from the
-prompt alone) before its first step; ``decode`` refuses a step past the window itself. (So do steps saved before
-the window went by position: their causal_lm.json names a window.)
+keeps and reads every slot. Where a prompt's mask holds a gap (padding after a token) positions and slots differ, so
+such prompts are refused (``counts_real_positions``; MPT's ALiBi by position too). A window the step applies over
+slots (``CompiledCausalLM.sliding_window``: steps saved before the window went by position, whose causal_lm.json
+names it, or attention the replacements do not reach, such as flash attention or a two-sided window) is exact only
+while a step sees at most ``window`` slots (the window then excludes nothing, as it excludes nothing in the model,
+whose tokens are fewer), so the buffer grows to ``window - 2`` slots at most, and ``generate`` refuses a prompt of
+n tokens (padding included) with more than ``window - 2 - n`` new ones (or 1, which comes from the prompt alone)
+before its first step; ``decode`` refuses a step past the window itself.
 
 Long-context Phi-3 (``rope_type="longrope"``) rotates with short factors up to ``original_max_position_embeddings``
 tokens and long ones past it, chosen per call; transformers' ``generate`` drops the cache at the step that crosses
@@ -112,13 +115,21 @@ class CausalLMStep(nn.Module):
         # + the sliding-window mask and MPT's ALiBi over real positions, which the decode buffer's masked slots
         # need; they read the step's attention mask from here
         self._call = _StepCall()       # (not a dict: export restores a module's containers as copies)
-        self._replacements = replacements(model) + _sliding_replacements(model) + _mpt_replacements(model, self._call)
+        self._replacements = (replacements(model) + _sliding_replacements(model) + _mpt_replacements(model, self._call)
+                              + _gpt_neo_replacements(model, self._call))
 
     @property
     def windows_by_position(self) -> bool:
         """The model's sliding-window masks were built over real positions (``_sliding_by_position``) in a call of
         the step (the capture's), so its decode steps are exact past the window."""
         return any(getattr(fn, "calls", 0) for _, _, fn in self._replacements)
+
+    @property
+    def counts_real_positions(self) -> bool:
+        """Windows or ALiBi (MPT's) over real positions, where transformers counts slots: the same wherever a
+        sequence's real tokens lie side by side after its padding, not where a prompt's mask holds a gap
+        (``CompiledCausalLM`` refuses those)."""
+        return self.windows_by_position or any(name == "build_mpt_alibi_tensor" for _, name, _ in self._replacements)
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logits_at):
         from transformers import DynamicCache
@@ -266,7 +277,8 @@ def _sliding_by_position(full, original):
     def create_sliding_window_causal_mask(*args, **kwargs):
         bound = signature.bind(*args, **kwargs).arguments
         config, padding = bound["config"], bound.get("attention_mask")
-        if not (isinstance(padding, torch.Tensor) and padding.dim() == 2) or config.sliding_window is None:
+        if not (isinstance(padding, torch.Tensor) and padding.dim() == 2) or config.sliding_window is None \
+                or not getattr(config, "is_causal", True):         # (a two-sided window: transformers' own)
             return original(*args, **kwargs)
         mask = full(*args, **kwargs)
         if not isinstance(mask, torch.Tensor):
@@ -274,7 +286,9 @@ def _sliding_by_position(full, original):
         create_sliding_window_causal_mask.calls += 1
         positions = padding.long().cumsum(-1) - 1                    # (batch, slots); the queries are the last ones
         queries = bound["inputs_embeds"].shape[1]
-        near = (positions[:, -queries:, None] - positions[:, None, :] < int(config.sliding_window))[:, None]
+        # (narrow, not [-queries:]: its length is plainly the queries' for export, where a slice's is a Max())
+        last = positions.narrow(1, positions.shape[1] - queries, queries)
+        near = (last[:, :, None] - positions[:, None, :] < int(config.sliding_window))[:, None]
         if mask.dtype == torch.bool:
             return mask & near
         return mask.masked_fill(~near, torch.finfo(mask.dtype).min)   # eager attention's additive mask
@@ -284,17 +298,24 @@ def _sliding_by_position(full, original):
 
 def _sliding_replacements(model: nn.Module) -> list:
     """(module, "create_sliding_window_causal_mask", ``_sliding_by_position``) for each modeling module of
-    ``model``'s classes that calls transformers' own: what ``CausalLMStep`` replaces besides ``replacements``."""
+    ``model``'s classes that calls transformers' own, and for masking_utils itself and its table of mask functions
+    by layer type: what ``CausalLMStep`` replaces besides ``replacements`` (one function, counting its calls)."""
     try:
         from transformers import masking_utils
     except ImportError:
         return []
     original = masking_utils.create_sliding_window_causal_mask
     modules = {type(m).__module__: sys.modules.get(type(m).__module__) for m in model.modules()}
-    return [(module, "create_sliding_window_causal_mask", _sliding_by_position(masking_utils.create_causal_mask,
-                                                                               original))
-            for _, module in sorted(modules.items())
-            if getattr(module, "create_sliding_window_causal_mask", None) is original]
+    users = [module for _, module in sorted(modules.items())
+             if getattr(module, "create_sliding_window_causal_mask", None) is original]
+    if not users:
+        return []
+    by_position = _sliding_by_position(masking_utils.create_causal_mask, original)
+    # and where transformers' create_masks_for_generate finds it (Gemma-3's multimodal model builds its masks so)
+    table = getattr(masking_utils, "LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING", {})
+    return [(module, "create_sliding_window_causal_mask", by_position)
+            for module in dict.fromkeys(users + [masking_utils])] + \
+        ([(table, "sliding_attention", by_position)] if table.get("sliding_attention") is original else [])
 
 
 class _StepCall:
@@ -347,6 +368,37 @@ def _mpt_attention(self, hidden_states, position_bias, cache=None, attention_mas
     return self.out_proj(context), weights
 
 
+def _gpt_neo_local(original, call: _StepCall):
+    """GPT-Neo's ``_attn`` with its local layers' band over real positions, not cache slots: transformers takes
+    rows of a (max_position_embeddings)^2 table that sees key slot k from query slot q when q - window < k <= q;
+    here k <= q and pos(q) - pos(k) < window, pos counting the unmasked slots (the step's attention mask,
+    ``call``), as in ``_sliding_by_position``. Global layers, and a call without the step's mask, run
+    ``original``. ``.calls`` counts the local calls (``CausalLMStep.windows_by_position``)."""
+    def _attn(self, query, key, value, attention_mask=None):
+        if getattr(self, "attention_type", None) != "local" or call.attention_mask is None:
+            return original(self, query, key, value, attention_mask)
+        _attn.calls += 1
+        query, key = query.to(torch.float32), key.to(torch.float32)      # transformers' fp32 scores
+        weights = torch.matmul(query, key.transpose(-1, -2))
+        queries, keys = query.size(-2), key.size(-2)
+        slots = torch.arange(keys, device=weights.device)
+        positions = call.attention_mask.long().cumsum(-1) - 1
+        # the mask's last `keys` and `queries` slots (the same slots as the keys'; narrow, not [-n:]: its length is
+        # plainly n for export, where a slice's is a Max(), and the mask's own length stays a symbol of its own)
+        positions = positions.narrow(1, positions.shape[1] - keys, keys)
+        band = (slots.narrow(0, keys - queries, queries)[None, :, None] >= slots[None, None, :]) & \
+            (positions.narrow(1, keys - queries, queries)[:, :, None] - positions[:, None, :]
+             < self.config.window_size)
+        lowest = torch.tensor(torch.finfo(weights.dtype).min, dtype=weights.dtype, device=weights.device)
+        weights = torch.where(band[:, None], weights, lowest)
+        if attention_mask is not None:
+            weights = weights + attention_mask
+        weights = self.attn_dropout(nn.functional.softmax(weights, dim=-1).to(value.dtype))
+        return torch.matmul(weights, value), weights
+    _attn.calls = 0
+    return _attn
+
+
 def _mpt_replacements(model: nn.Module, call: _StepCall) -> list:
     """MPT's ALiBi over real positions (``_mpt_alibi``) and the attention that adds it (``_mpt_attention``), what
     ``CausalLMStep`` replaces besides ``replacements``."""
@@ -358,6 +410,14 @@ def _mpt_replacements(model: nn.Module, call: _StepCall) -> list:
         elif cls.__name__ == "MptAttention" and "forward" in cls.__dict__:
             out.append((cls, "forward", _mpt_attention))
     return list(dict.fromkeys(out))
+
+
+def _gpt_neo_replacements(model: nn.Module, call: _StepCall) -> list:
+    """GPT-Neo's attention with its local band over real positions (``_gpt_neo_local``), what ``CausalLMStep``
+    replaces besides ``replacements``."""
+    classes = {type(m) for m in model.modules() if type(m).__name__ == "GPTNeoSelfAttention"
+               and "_attn" in type(m).__dict__}
+    return [(cls, "_attn", _gpt_neo_local(cls._attn, call)) for cls in classes]
 
 
 def _same_code(f, g) -> bool:
@@ -397,16 +457,24 @@ def replacements(model: nn.Module) -> list:
 @contextlib.contextmanager
 def _replaced(items: list):
     """``replacements`` in place while the block runs (the model's own code again afterwards, also on errors)."""
-    # (a class's own attribute as its __dict__ holds it: a staticmethod stays one; a closure cell's contents)
-    saved = [(owner, name, owner.__dict__[name] if hasattr(owner, "__dict__") else getattr(owner, name))
+    # (a class's own attribute as its __dict__ holds it: a staticmethod stays one; a closure cell's contents; a
+    # dict's item)
+    saved = [(owner, name, owner[name] if isinstance(owner, dict) else
+              owner.__dict__[name] if hasattr(owner, "__dict__") else getattr(owner, name))
              for owner, name, _ in items]
+
+    def put(owner, name, fn):
+        if isinstance(owner, dict):
+            owner[name] = fn
+        else:
+            setattr(owner, name, fn)
     try:
         for owner, name, fn in items:
-            setattr(owner, name, fn)
+            put(owner, name, fn)
         yield
     finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+        for owner, name, fn in reversed(saved):
+            put(owner, name, fn)
 
 
 def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
@@ -416,9 +484,9 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
 
     A sliding-window layer's cache (``DynamicSlidingWindowLayer``) is captured as a full one: ``CausalLMStep``
     rebuilds the cache without the config, so every layer keeps all its slots, and the model's sliding layers
-    mask keys by real position (``_sliding_by_position``; ``compile_causal_lm`` drops the window when the
-    capture built those masks), or, GPT-Neo's local layers, by slot index: ``CompiledCausalLM`` keeps every
-    decode step of those within ``window`` slots, where that mask excludes nothing (module docstring)."""
+    mask keys by real position (``_sliding_by_position``, ``_gpt_neo_local``; ``compile_causal_lm`` drops the
+    window when the capture built those masks); else by slot index, and ``CompiledCausalLM`` keeps every decode
+    step within ``window`` slots, where that mask excludes nothing (module docstring)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
     name = type(model).__name__
     kw = _cache_kw(model)
@@ -465,8 +533,8 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     if windows and getattr(config, "sliding_window", None) is not None:
         windows.append(int(config.sliding_window))
     if _local_window(model):
-        # GPT-Neo: its local layers keep full caches and mask by slot index (a banded causal buffer), the same
-        # contract as the sliding layers above
+        # GPT-Neo: its local layers keep full caches and band their attention by slot index (a table of its own),
+        # as the sliding layers above mask by slot
         windows.append(_local_window(model))
     # keys and values may differ in width (DeepSeek's multi-head latent attention: rope + nope dims vs v_head_dim)
     layout = [((int(layer.keys.shape[1]), int(layer.keys.shape[3])),
@@ -660,8 +728,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
         check_masked_slots(model, step, layout, dtype, window)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
-    if window is not None and step.windows_by_position and not _local_window(model):
-        window = None                 # no cap: the window is over real positions (GPT-Neo's local one is not)
+    if window is not None and step.windows_by_position:
+        window = None                 # no cap: the window is over real positions
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
@@ -669,7 +737,7 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     pad = getattr(gen, "pad_token_id", None)
     return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
                             model_name=type(model).__name__, rope_switch=rope_switch(model),
-                            position_limit=position_limit(model))
+                            position_limit=position_limit(model), counts_real_positions=step.counts_real_positions)
 
 
 def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, window: Optional[int] = None) -> None:
@@ -733,17 +801,20 @@ def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 class CompiledCausalLM:
     """A compiled step and the generation loop around it (``compile_causal_lm``).
 
-    ``sliding_window``: the smallest attention window the step applies over cache slots (GPT-Neo's local layers;
-    None: full attention, or windows over real positions), which bounds the cache slots a decode step may see
-    (module docstring); ``position_limit``: the positions of the model's learned position
-    table (``position_limit``), which bound a sequence's real tokens; ``model_name`` names the model in errors."""
+    ``sliding_window``: the smallest attention window the step applies over cache slots (steps saved before the
+    window went by position; None: full attention, or windows over real positions), which bounds the cache slots
+    a decode step may see (module docstring); ``position_limit``: the positions of the model's learned position
+    table (``position_limit``), which bound a sequence's real tokens; ``model_name`` names the model in errors;
+    ``counts_real_positions``: the step's windows or ALiBi count real positions where the model counts cache slots
+    (``CausalLMStep.counts_real_positions``), so a prompt's mask must not hold a gap."""
 
     min_cache = 64          # cache slots to begin with (then powers of two)
 
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
                  model_name: Optional[str] = None, rope_switch: Optional[int] = None,
-                 position_limit: Optional[int] = None):
+                 position_limit: Optional[int] = None, counts_real_positions: bool = False):
         self.step = step                               # the CompiledModel of CausalLMStep
+        self.counts_real_positions = bool(counts_real_positions)
         self.position_limit = None if position_limit is None else int(position_limit)
         self.layout = _normalized_layout(layout)
         self.dtype = dtype
@@ -762,7 +833,7 @@ class CompiledCausalLM:
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
         return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
                                 self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name,
-                                self.rope_switch, self.position_limit)
+                                self.rope_switch, self.position_limit, self.counts_real_positions)
 
     @property
     def graph(self):
@@ -775,6 +846,7 @@ class CompiledCausalLM:
         slots (``sliding_window``) is exact too (module docstring); decoding after it is refused."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
+        self._refuse_gaps(mask)
         real = int(mask.sum(-1).max()) if mask.numel() else 0
         if self.position_limit is not None and real > self.position_limit:
             raise self._beyond_positions(f"a prompt of {real} tokens", real, "Shorten the prompt.")
@@ -813,6 +885,16 @@ class CompiledCausalLM:
                   if isinstance(t, torch.Tensor) and t.dim() == 4 and not isinstance(t.shape[2], int)]
         bounds = [int(b) for b in bounds if b is not None]
         return min(bounds) - 2 if bounds else None
+
+    def _refuse_gaps(self, mask: torch.Tensor) -> None:
+        """A prompt mask with padding after a token (a gap), where the step counts real positions and the model
+        slots (``counts_real_positions``): the two would differ there."""
+        gaps = (mask.diff(dim=-1) < 0).any(-1) if self.counts_real_positions else None
+        if gaps is not None and bool(gaps.any()):
+            raise ValueError(f"rows {gaps.nonzero()[:, 0].tolist()} of attention_mask hold padding after a token; "
+                             f"{self.model_name}'s compiled step counts real positions where the model counts cache "
+                             f"slots for its sliding window or ALiBi (the same only for left padding): left-pad "
+                             f"the prompts")
 
     def _beyond_bound(self, what: str, slots: int, fits: str) -> ValueError:
         return ValueError(f"{self.model_name}'s compiled step holds at most {self.max_slots} cache slots (the bound "
@@ -925,6 +1007,7 @@ class CompiledCausalLM:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
         if not _is_int(min_new_tokens) or min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+        self._refuse_gaps(_prompt(input_ids, attention_mask)[1])    # (bad prompts: _prompt's errors)
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
             n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
             slots = n + max_new_tokens + 2                         # module docstring
@@ -1019,7 +1102,7 @@ class CompiledCausalLM:
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
                 "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                 "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch,
-                "position_limit": self.position_limit}
+                "position_limit": self.position_limit, "counts_real_positions": self.counts_real_positions}
         return save(self.step, path, extra={LM_FILE: data})      # one save: the same save id in every file
 
     @classmethod
@@ -1059,11 +1142,14 @@ class CompiledCausalLM:
         limit = data.get("position_limit")            # (absent from files saved before)
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             raise FormatError(f"{where}: position_limit must be null or an int >= 1, got {limit!r}")
+        by_position = data.get("counts_real_positions", False)      # (absent from files saved before)
+        if not isinstance(by_position, bool):
+            raise FormatError(f"{where}: counts_real_positions must be true or false, got {by_position!r}")
         eos, pad = data["eos_token_id"], data["pad_token_id"]
         if not (eos is None or isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)) \
                 or not (pad is None or isinstance(pad, int)):
             raise FormatError(f"{where}: eos_token_id / pad_token_id must be token ids, got {eos!r} / {pad!r}")
-        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit)
+        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit, by_position)
 
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"

@@ -382,8 +382,7 @@ def _sliding(family, window):
         "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(
             **{**_SMALL, "intermediate_size": 32}, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
             sliding_window=window, layer_types=["sliding_attention", "full_attention"])),
-        # local layers by config.window_size and attention_layers, not sliding_window (it was missed: wrong tokens
-        # from the window's end on)
+        # local layers by config.window_size and attention_layers, not sliding_window, masked in its own _attn
         "gpt_neo": lambda: T.GPTNeoForCausalLM(T.GPTNeoConfig(
             vocab_size=97, hidden_size=32, num_heads=4, num_layers=2, attention_types=[[["global", "local"], 1]],
             window_size=window, max_position_embeddings=128, intermediate_size=64)),
@@ -391,13 +390,14 @@ def _sliding(family, window):
     return make[family]().eval()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "qwen2", "phi3", "cohere2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "qwen2", "phi3", "cohere2", "gpt_oss", "gpt_neo"])
 def test_sliding_window_models_generate_transformers_tokens_past_the_window(family, tmp_path):
-    """The sliding layers' mask counts the window over real positions, not cache slots, so the masked slots the
-    decode buffer puts between tokens (unfilled ones, the re-fed token's copy) do not shrink it: generation equals
-    transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window of 8, after a short
-    left-padded prompt (5 tokens, 25 new: the buffer grows 8 -> 16 -> 32) and after one longer than the window.
-    Before, generation was refused past window - 2 slots: the last decode step here would see 33."""
+    """The sliding layers' mask (GPT-Neo's local band) counts the window over real positions, not cache slots, so
+    the masked slots the decode buffer puts between tokens (unfilled ones, the re-fed token's copy) do not shrink
+    it: generation equals transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window
+    of 8, after a short left-padded prompt (5 tokens, 25 new: the buffer grows 8 -> 16 -> 32) and after one
+    longer than the window. Before, generation was refused past window - 2 slots: the last decode step here would
+    see 33."""
     model = _sliding(family, 8)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
     assert lm.sliding_window is None                      # no cap on the slots
@@ -408,50 +408,78 @@ def test_sliding_window_models_generate_transformers_tokens_past_the_window(fami
         got = lm.generate(ids, mask, max_new_tokens=new, pad_token_id=0)
         assert torch.equal(got, ref), f"{family} {length}+{new}\n got {got.tolist()}\n ref {ref.tolist()}"
     back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
-    assert back.sliding_window is None
+    assert back.sliding_window is None and back.counts_real_positions
     assert torch.equal(back.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
+    # a gap in a prompt's mask: positions and slots differ there (transformers counts the gap in the window)
+    mask[0, 6] = 0
+    for call in (lambda: back.prefill(ids, mask), lambda: back.generate(ids, mask, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"rows \[0\] of attention_mask hold padding after a token; .*left-pad"):
+            call()
 
 
-def test_gpt_neo_generates_transformers_tokens_within_its_local_window():
-    """GPT-Neo's local layers mask by cache slot (a banded causal buffer sliced by the key length), which excludes
-    nothing while a step sees at most ``window`` slots, which generation keeps to. The last decode step here sees
-    exactly 32 slots: 5 prompt tokens (one row left-padded), 24 of the 25 new ones fed, the masked slot in front,
-    the re-fed token's and the new token's (a window off by one would drop the first prompt token there)."""
-    model = _sliding("gpt_neo", 32)
-    lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
-    assert lm.sliding_window == 32
-    lm.min_cache = 8                                      # the buffer grows 8 -> 16 -> 30 (the window's cap)
-    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
-    ref = hf_generate(model, ids, mask, 25)
-    got = lm.generate(ids, mask, max_new_tokens=25, pad_token_id=0)
-    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
+def test_gemma3_multimodal_generates_text_past_the_window():
+    """Gemma-3's multimodal model (what the 4B-27B checkpoints load as) builds its masks through transformers'
+    create_masks_for_generate, which finds the sliding one in a table by layer type: replaced there too (the
+    window was kept as a cap before, its calls uncounted)."""
+    import transformers as T
+    torch.manual_seed(0)
+    text = T.Gemma3TextConfig(**_SMALL, head_dim=8, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"])
+    vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    model = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=96,
+        boi_token_index=94, eoi_token_index=95)).eval()
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    assert lm.sliding_window is None
+    lm.min_cache = 4
+    ids, mask = text_batch(2, 6, 90, pad_left=True, seed=1)
+    got = lm.generate(ids, mask, max_new_tokens=30, pad_token_id=0, eos_token_id=[])
+    assert torch.equal(got, hf_generate(model, ids, mask, 30, eos=[]))
 
 
-def test_generating_past_a_slot_window_is_refused(tmp_path):
-    """Past GPT-Neo's local window its slot-index mask would drop real tokens (the masked slots count), so
-    generation refuses before the first step; a prompt alone is exact at any length (its slots are its positions,
-    shifted by one). A saved window (as every sliding-window model's was, before the window went by position)
-    is refused the same after loading."""
+def test_a_two_sided_sliding_window_keeps_transformers_mask():
+    """A sliding-window model configured is_causal=False gets transformers' two-sided window (the step's own,
+    by position, bounds only the past: 0.23 of the logits' scale off); its window stays a cap on the slots."""
     from conftest import rel_err
-    model = _sliding("gpt_neo", 16)
+    import transformers as T
+    torch.manual_seed(0)
+    model = T.MistralForCausalLM(T.MistralConfig(**_SMALL, sliding_window=4, is_causal=False)).eval()
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    assert lm.sliding_window == 4
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    every, _ = lm.prefill(ids, all_logits=True)
+    with torch.no_grad():
+        assert rel_err(every, model(ids).logits) <= 1e-5                  # fp32: summation order only
+
+
+def test_generating_past_a_saved_slot_window_is_refused(tmp_path):
+    """Steps saved before the window went by position masked the window by cache slot, so their causal_lm.json
+    names the window, and generation refuses to pass it before the first step (past it the slot mask would drop
+    real tokens, the masked slots counting); a prompt alone is exact at any length (its slots are its positions,
+    shifted by one). Such a file is made here by writing the window into a new save's causal_lm.json."""
+    import json
+    from conftest import rel_err
+    model = _sliding("mistral", 16)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    path = slimfx.save(lm, tmp_path / "lm")
+    data = json.loads((path / "causal_lm.json").read_text())
+    assert data["sliding_window"] is None
+    (path / "causal_lm.json").write_text(json.dumps({**data, "sliding_window": 16}))
+    lm = slimfx.load(path)
+    assert lm.sliding_window == 16
     lm.min_cache = 4
     ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
-    beyond = "GPTNeoForCausalLM attends within a sliding window of 16 tokens.* would see 17. At most 9 new tokens"
+    beyond = "MistralForCausalLM attends within a sliding window of 16 tokens.* would see 17. At most 9 new tokens"
     with pytest.raises(ValueError, match=beyond):
         lm.generate(ids, mask, max_new_tokens=10)
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=9, pad_token_id=0),
                        hf_generate(model, ids, mask, 9))
-    back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
-    assert back.sliding_window == 16
-    with pytest.raises(ValueError, match=beyond):
-        back.generate(ids, mask, max_new_tokens=10)
 
     ids, mask = text_batch(2, 40, 97, pad_left=True, seed=5)    # 40 slots and more in a row
     every, state = lm.prefill(ids, mask, all_logits=True)
-    with torch.no_grad():                  # (learned positions: counted over real tokens, as generate does)
-        ref = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                    use_cache=False).logits
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, use_cache=False).logits
     real = mask.bool()
     assert rel_err(every[real], ref[real]) <= 1e-5                # fp32: summation order only
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=1), hf_generate(model, ids, mask, 1))
@@ -719,6 +747,10 @@ def test_mpt_generates_transformers_tokens(backend):
     with torch.no_grad():
         for row, m, got in zip(ids, mask.bool(), every):
             assert rel_err(got[m], mpt(input_ids=row[m][None]).logits[0]) <= 1e-5      # fp32: summation order
+    ids, mask = text_batch(2, 9, 97, pad_left=True, seed=4)
+    mask[0, -3] = 0                                 # a gap: transformers' ALiBi counts it, the step's does not
+    with pytest.raises(ValueError, match=r"rows \[0\] of attention_mask hold padding after a token"):
+        lm.generate(ids, mask, max_new_tokens=2)
     # transformers' table of max_seq_len slots fails a longer sequence; the step's bias has no table
     short = MptForCausalLM(MptConfig(vocab_size=97, d_model=48, n_heads=6, n_layers=2, max_seq_len=16)).eval()
     lm = slimfx.compile_causal_lm(short, backend=backend, progress=False)
