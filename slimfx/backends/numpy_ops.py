@@ -761,12 +761,65 @@ def conv3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(
     return _conv(x, weight, bias, stride, padding, dilation, groups, 3)
 
 
+def _conv_transpose(x, weight, bias, stride, padding, output_padding, groups: int, dilation, nd: int):
+    """torch's ``nd``-d transposed convolution (the gradient of ``_conv`` with respect to its input) on
+    (N, C_in, *spatial) or unbatched, weight (C_in, C_out / groups, *kernel): the input spread ``stride`` apart
+    (stride - 1 zeros between its elements), padded by dilation * (kernel - 1) - padding on each side and
+    ``output_padding`` more on the right (cropped where that is negative), then a stride-1 convolution with the
+    kernel flipped and each group's in and out channels swapped. Length (L - 1) * stride - 2 * padding +
+    dilation * (kernel - 1) + output_padding + 1, as torch's."""
+    stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
+    padding, output_padding = _per_dim(padding, nd), _per_dim(output_padding, nd)
+    batched = x.ndim == nd + 2
+    x = x if batched else x[None]
+    c_in, c_group_out, *k = weight.shape
+    sizes = [(n - 1) * s_ - 2 * p + d * (kk - 1) + op + 1
+             for n, s_, p, d, kk, op in zip(x.shape[2:], stride, padding, dilation, k, output_padding)]
+    if min(sizes) <= 0:                   # (torch: an empty output at 0, an error below)
+        if min(sizes) < 0:
+            raise ValueError(f"conv_transpose{nd}d: output size {sizes} is negative (padding too large)")
+        out = np.zeros((x.shape[0], groups * c_group_out, *sizes), x.dtype)
+        return out if batched else out[0]
+    spread = np.zeros((*x.shape[:2], *[(n - 1) * s_ + 1 for n, s_ in zip(x.shape[2:], stride)]), x.dtype)
+    spread[(slice(None), slice(None), *(slice(None, None, s_) for s_ in stride))] = x
+    edges = [(d * (kk - 1) - p, d * (kk - 1) - p + op) for d, kk, p, op in zip(dilation, k, padding, output_padding)]
+    spread = np.pad(spread, ((0, 0), (0, 0), *[(max(a, 0), max(b, 0)) for a, b in edges]))
+    spread = spread[(slice(None), slice(None), *(slice(max(-a, 0), n - max(-b, 0))
+                                                 for (a, b), n in zip(edges, spread.shape[2:])))]
+    flipped = weight[(slice(None), slice(None), *[slice(None, None, -1)] * nd)]
+    # (C_in, C_out/g, *k) -> (g, C_in/g, C_out/g, *k) -> (g, C_out/g, C_in/g, *k) -> (C_out, C_in/g, *k)
+    w = flipped.reshape(groups, c_in // groups, c_group_out, *k).swapaxes(1, 2).reshape(
+        groups * c_group_out, c_in // groups, *k)
+    out = _conv(spread, np.ascontiguousarray(w), bias, 1, 0, dilation, groups, nd)
+    return out if batched else out[0]
+
+
+@numpy_op(aten.conv_transpose1d.default)
+def conv_transpose1d(x, weight, bias=None, stride=(1,), padding=(0,), output_padding=(0,), groups=1, dilation=(1,)):
+    """torch's conv_transpose1d (upsampling decoders: vocoders, audio codecs)."""
+    return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, 1)
+
+
+@numpy_op(aten.conv_transpose2d.input)
+def conv_transpose2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
+                     dilation=(1, 1)):
+    """torch's conv_transpose2d (U-Nets' and segmentation heads' upsampling)."""
+    return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, 2)
+
+
+@numpy_op(aten.conv_transpose3d.input)
+def conv_transpose3d(x, weight, bias=None, stride=(1, 1, 1), padding=(0, 0, 0), output_padding=(0, 0, 0), groups=1,
+                     dilation=(1, 1, 1)):
+    """torch's conv_transpose3d."""
+    return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, 3)
+
+
 @numpy_op(aten.convolution.default)
 def convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    """The convolution decompositions leave (a graph with in-place ops is functionalized): the forward ones."""
+    """The convolution decompositions leave (a graph with in-place ops is functionalized): the forward ones, and
+    transposed ones."""
     if transposed:
-        raise NotImplementedError("aten.convolution with transposed=True (a transposed convolution) has no numpy "
-                                  "implementation; run with backend='torch'")
+        return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation, weight.ndim - 2)
     return _conv(x, weight, bias, stride, padding, dilation, groups, weight.ndim - 2)
 
 

@@ -533,8 +533,10 @@ def test_state_space_and_newer_mlp_ops_match_torch():
 def test_convolutions_match_torch():
     """conv2d and conv3d (ViT's, CLIP's and video models' patch embeddings; CNNs), and aten.convolution (what a
     functionalized graph holds), against torch at odd sizes: strides, asymmetric padding, "same" with an even
-    kernel, dilation, groups, unbatched input; within a few ulp (another summation order). A transposed
-    convolution is refused, named. A tiny ViT runs on numpy."""
+    kernel, dilation, groups, unbatched input; within a few ulp (another summation order). Transposed ones
+    (1-3-d, aten.convolution's transposed=True too) over strides, padding, output padding, dilation, groups, bias
+    or none, unbatched, and an empty output. A tiny ViT and SpeechT5's HiFi-GAN vocoder (transposed conv1d
+    upsampling) run on numpy."""
     from slimfx.backends.optable import NUMPY_OPS
     aten = torch.ops.aten
     g = torch.Generator().manual_seed(6)
@@ -551,14 +553,27 @@ def test_convolutions_match_torch():
         "conv3d": (aten.conv3d.default, (x3, w3, None, [1, 2, 1], [1, 0, 2], [1, 1, 2], 2)),
         "convolution": (aten.convolution.default, (x2, w2, b5, [2, 1], [0, 1], [1, 2], False, [0, 0], 1)),
         "convolution_1d": (aten.convolution.default, (x2[..., 0], w2[..., 0], b5, [2], [1], [1], False, [0], 1)),
+        # transposed: weight (C_in, C_out / groups, *kernel); (input, weight, bias, stride, padding,
+        # output_padding, groups, dilation)
+        "transpose1d": (aten.conv_transpose1d.default, (x2[..., 0], w2[..., 0].transpose(0, 1), b5, [3], [1], [2], 1,
+                                                        [1])),
+        "transpose2d_grouped": (aten.conv_transpose2d.input, (x2, torch.randn(6, 2, 3, 2, generator=g),
+                                                               b4[:2].repeat(3), [2, 3], [1, 2], [1, 0], 3, [2, 1])),
+        "transpose2d_unbatched": (aten.conv_transpose2d.input, (x2[0], w2.transpose(0, 1)[:6, :5], None, [1, 2],
+                                                                 [0, 1], [0, 1], 1, [1, 2])),
+        "transpose3d": (aten.conv_transpose3d.input, (x3, torch.randn(4, 3, 2, 3, 2, generator=g), None, [2, 1, 2],
+                                                      [0, 1, 1], [1, 0, 0], 1, [1, 2, 1])),
+        "transpose_empty": (aten.conv_transpose3d.input, (x3[..., :3, :4, :5], torch.randn(4, 3, 2, 3, 2, generator=g),
+                                                          b4[:3], [1, 2, 1], [2, 1, 1], [0, 0, 0], 1, [1, 1, 1])),
+        "convolution_transposed": (aten.convolution.default, (x2, w2.transpose(0, 1)[:6, :5], b5, [2, 2], [1, 0],
+                                                               [1, 2], True, [1, 0], 1)),
     }
     for name, (op, args) in cases.items():
         want = op(*args)
         got = torch.from_numpy(NUMPY_OPS[op](*[a.numpy() if torch.is_tensor(a) else a for a in args]))
         assert got.dtype == want.dtype and got.shape == want.shape, (name, got.shape, want.shape)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (name, float((got - want).abs().max()))
-    with pytest.raises(NotImplementedError, match="transposed=True"):
-        NUMPY_OPS[aten.convolution.default](x2.numpy(), w2.numpy(), None, [1, 1], [0, 0], [1, 1], True, [0, 0], 1)
+    assert cases["transpose_empty"][0](*cases["transpose_empty"][1]).shape[2] == 0       # (empty, as meant)
 
     from transformers import ViTConfig, ViTModel
     torch.manual_seed(0)
@@ -568,6 +583,15 @@ def test_convolutions_match_torch():
     cm = slimfx.compile(vit, (pixels,), backend="numpy", progress=False)
     with torch.no_grad():
         assert rel_err(cm(pixels).last_hidden_state, vit(pixels).last_hidden_state) < 1e-5
+
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8, upsample_initial_channel=16, upsample_rates=[2, 3], upsample_kernel_sizes=[4, 5],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]])).eval()
+    cm = slimfx.compile(vocoder, (torch.randn(2, 7, 8, generator=g),), backend="numpy", dynamic=True, progress=False)
+    spectrogram = torch.randn(1, 11, 8, generator=g)                     # another batch and length
+    with torch.no_grad():
+        assert rel_err(cm(spectrogram), vocoder(spectrogram)) < 1e-5          # fp32: summation order only
 
 
 def test_encoder_ops_match_torch():
