@@ -823,6 +823,86 @@ def convolution(x, weight, bias, stride, padding, dilation, transposed, output_p
     return _conv(x, weight, bias, stride, padding, dilation, groups, weight.ndim - 2)
 
 
+def _upsample_sizes(x, output_size, scale_factors, nd: int):
+    """The output sizes of torch's upsampling .vec ops (``output_size``, or each input size times its scale
+    factor, floored) and each dim's scale as the index arithmetic takes it (the factor, or None: in / out)."""
+    sizes = x.shape[-nd:]
+    if output_size is not None:
+        return [int(o) for o in output_size], [None] * nd
+    factors = _per_dim(list(scale_factors), nd)
+    return [int(n * float(f)) for n, f in zip(sizes, factors)], [float(f) for f in factors]
+
+
+def _index_scale(n_in: int, n_out: int, factor) -> np.float32:
+    """torch's compute_scales_value<float>: 1 / the scale factor when one was given, else in / out, as a float."""
+    return np.float32(1.0 / factor) if factor is not None and factor > 0 else np.float32(n_in) / np.float32(n_out)
+
+
+def _upsample_nearest(x, output_size, scale_factors, nd: int, exact: bool):
+    """torch's nearest (``exact``: nearest-exact) upsampling over the last ``nd`` dims: output index i reads input
+    index floor(i * scale) (nearest-exact: floor((i + 0.5) * scale)), at most the last, in float32 as torch's CPU
+    kernel computes it (its 2-d kernel reads i at the same size and i // 2 at twice the size, whatever the scale
+    factor: 3 rows scaled by 2.3 read rows 0, 0, 1, 1, 2, 2 in 2-d and 0, 0, 0, 1, 1, 2 in 1-d and 3-d)."""
+    sizes, factors = _upsample_sizes(x, output_size, scale_factors, nd)
+    for axis, (n_out, factor) in enumerate(zip(sizes, factors), start=x.ndim - nd):
+        n_in = x.shape[axis]
+        i = np.arange(n_out)
+        if exact:
+            src = np.floor(((i + 0.5) * np.float64(_index_scale(n_in, n_out, factor))).astype(np.float32))
+        elif nd == 2 and n_out in (n_in, 2 * n_in):         # torch's 2-d kernel (only) takes these shortcuts
+            src = i if n_out == n_in else i >> 1
+        else:
+            src = np.floor(i.astype(np.float32) * _index_scale(n_in, n_out, factor))
+        x = np.take(x, np.minimum(src.astype(np.int64), n_in - 1), axis=axis)
+    return x
+
+
+def _upsample_linear(x, output_size, align_corners: bool, scale_factors, nd: int):
+    """torch's (bi/tri)linear upsampling over the last ``nd`` dims, one dim after another: output index i reads
+    input src = i * (in - 1) / (out - 1) with ``align_corners``, else max(scale * (i + 0.5) - 0.5, 0), weighting
+    floor(src) by 1 - frac and the next (or the last again) by frac, in float32 as torch's CPU kernel; a dim that
+    keeps its size is copied, as torch does (a scale factor of 1.2 on 3 rows leaves them); within a few ulp of
+    torch (it weighs all 2^nd corners at once)."""
+    sizes, factors = _upsample_sizes(x, output_size, scale_factors, nd)
+    dtype = x.dtype
+    for axis, (n_out, factor) in enumerate(zip(sizes, factors), start=x.ndim - nd):
+        n_in = x.shape[axis]
+        if n_out == n_in:                 # torch copies a dim that keeps its size, whatever the scale factor
+            continue
+        i = np.arange(n_out, dtype=np.float32)
+        if align_corners:
+            scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+            src = scale * i
+        else:
+            src = np.maximum(_index_scale(n_in, n_out, factor) * (i + np.float32(0.5)) - np.float32(0.5), 0)
+        low = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        frac = np.clip(src - low, 0, 1).astype(np.float32)
+        high = low + (low < n_in - 1)
+        shape = [1] * x.ndim
+        shape[axis] = n_out
+        frac = frac.reshape(shape)
+        x = (np.take(x, low, axis=axis) * (1 - frac) + np.take(x, high, axis=axis) * frac).astype(dtype)
+    return x
+
+
+@numpy_op(aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec)
+def upsample_nearest(x, output_size, scale_factors):
+    """F.interpolate(mode="nearest") and nn.Upsample: 1-3-d by the input's rank (N, C, *spatial)."""
+    return _upsample_nearest(x, output_size, scale_factors, x.ndim - 2, exact=False)
+
+
+@numpy_op(aten._upsample_nearest_exact1d.vec, aten._upsample_nearest_exact2d.vec, aten._upsample_nearest_exact3d.vec)
+def upsample_nearest_exact(x, output_size, scale_factors):
+    """F.interpolate(mode="nearest-exact")."""
+    return _upsample_nearest(x, output_size, scale_factors, x.ndim - 2, exact=True)
+
+
+@numpy_op(aten.upsample_linear1d.vec, aten.upsample_bilinear2d.vec, aten.upsample_trilinear3d.vec)
+def upsample_linear(x, output_size, align_corners, scale_factors):
+    """F.interpolate(mode="linear" / "bilinear" / "trilinear"): DPT's and segmentation heads' resizing."""
+    return _upsample_linear(x, output_size, bool(align_corners), scale_factors, x.ndim - 2)
+
+
 def _pool_windows(x, kernel, stride, padding, dilation, ceil_mode, fill, nd: int, beyond=None):
     """(..., *positions, *taps) windows of torch's max/avg pooling over the last ``nd`` dims (``stride`` [] is
     the kernel), x padded by ``fill``, and past that by ``beyond`` (default ``fill``) where ``ceil_mode`` adds a

@@ -594,6 +594,52 @@ def test_convolutions_match_torch():
         assert rel_err(cm(spectrogram), vocoder(spectrogram)) < 1e-5          # fp32: summation order only
 
 
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_upsampling_matches_torch(nd):
+    """F.interpolate's nearest and nearest-exact (exactly: indices), linear / bilinear / trilinear with and without
+    align_corners (within a few ulp: torch weighs all corners at once), by size and by scale factor, enlarging and
+    shrinking, through slimfx.compile on numpy. 3 rows scaled by 2.3 read rows 0, 0, 1, 1, 2, 2 in torch's 2-d
+    nearest kernel and 0, 0, 0, 1, 1, 2 in its 1-d and 3-d ones: both are followed."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(nd)
+    x = torch.randn(2, 3, *[(3,), (3, 6), (3, 4, 5)][nd - 1], generator=g)
+    linear = ["linear", "bilinear", "trilinear"][nd - 1]
+
+    class Resize(torch.nn.Module):
+        def __init__(self, **kw):
+            super().__init__()
+            self.kw = kw
+
+        def forward(self, t):
+            return F.interpolate(t, **self.kw)
+    sizes = [dict(size=tuple(n * 2 + 1 for n in x.shape[2:])), dict(size=(2,) * nd), dict(size=(1,) * nd),
+             dict(scale_factor=2.3), dict(scale_factor=2), dict(scale_factor=0.6), dict(scale_factor=1.2)]
+    modes = [("nearest", None), ("nearest-exact", None), (linear, False), (linear, True)]
+    for (mode, corners), size in [(m, s) for m in modes for s in sizes]:
+        model = Resize(mode=mode, align_corners=corners, **size)
+        cm = slimfx.compile(model, (x,), backend="numpy", progress=False)
+        want, got = model(x), cm(x)
+        assert got.shape == want.shape, (mode, corners, size)
+        if mode.startswith("nearest"):
+            assert torch.equal(got, want), (mode, size)
+        else:
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (mode, corners, size)
+
+
+def test_dpt_depth_estimation_runs_on_numpy():
+    """DPT's neck and head resize with bilinear interpolation and upsample with transposed convolutions."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+    torch.manual_seed(0)
+    dpt = DPTForDepthEstimation(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=40, image_size=32,
+        patch_size=8, neck_hidden_sizes=[8, 16, 16, 16], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+        head_hidden_size=8)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    cm = slimfx.compile(dpt, (pixels,), backend="numpy", progress=False)
+    with torch.no_grad():
+        assert rel_err(cm(pixels).predicted_depth, dpt(pixels).predicted_depth) < 1e-5     # fp32: summation order
+
+
 def test_encoder_ops_match_torch():
     """Max and average pooling (strides, padding, dilation, ceil_mode's partial last window, padding counted or
     not, a divisor override), adaptive average pooling to sizes that do not divide the input, batch norm in eval
