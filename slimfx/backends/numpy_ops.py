@@ -885,6 +885,49 @@ def _upsample_linear(x, output_size, align_corners: bool, scale_factors, nd: int
     return x
 
 
+def _cubic_near(d, a):
+    """Keys' cubic convolution weight at a distance |d| <= 1."""
+    return ((a + 2) * d - (a + 3)) * d * d + 1
+
+
+def _cubic_far(d, a):
+    """Keys' cubic convolution weight at a distance 1 < |d| < 2."""
+    return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+
+def _upsample_bicubic(x, output_size, align_corners: bool, scale_factors):
+    """torch's bicubic upsampling over the last 2 dims, one after the other: output index i reads input
+    src = i * (in - 1) / (out - 1) with ``align_corners``, else scale * (i + 0.5) - 0.5 (not clamped), and weighs
+    the 4 inputs around floor(src) (clamped to the edges) by Keys' cubic convolution with A = -0.75 at their
+    distances; in float32 as torch's CPU kernel; within a few ulp of it."""
+    sizes, factors = _upsample_sizes(x, output_size, scale_factors, 2)
+    dtype, a = x.dtype, np.float32(-0.75)
+    for axis, (n_out, factor) in enumerate(zip(sizes, factors), start=x.ndim - 2):
+        n_in = x.shape[axis]              # (a dim that keeps its size is resampled too, unlike the linear modes)
+        i = np.arange(n_out, dtype=np.float32)
+        if align_corners:
+            src = (np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)) * i
+        else:
+            src = _index_scale(n_in, n_out, factor) * (i + np.float32(0.5)) - np.float32(0.5)
+        low = np.floor(src)
+        t = (src - low).astype(np.float32)
+        weights = [_cubic_far(t + 1, a), _cubic_near(t, a), _cubic_near(1 - t, a), _cubic_far(2 - t, a)]
+        shape = [1] * x.ndim
+        shape[axis] = n_out
+        out = 0
+        for k, w in zip(range(-1, 3), weights):
+            taps = np.clip(low.astype(np.int64) + k, 0, n_in - 1)
+            out = out + np.take(x, taps, axis=axis) * w.astype(np.float32).reshape(shape)
+        x = out.astype(dtype)
+    return x
+
+
+@numpy_op(aten.upsample_bicubic2d.vec)
+def upsample_bicubic(x, output_size, align_corners, scale_factors):
+    """F.interpolate(mode="bicubic") (without antialias)."""
+    return _upsample_bicubic(x, output_size, bool(align_corners), scale_factors)
+
+
 @numpy_op(aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec)
 def upsample_nearest(x, output_size, scale_factors):
     """F.interpolate(mode="nearest") and nn.Upsample: 1-3-d by the input's rank (N, C, *spatial)."""
@@ -944,6 +987,12 @@ def max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False
     return _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, 2)
 
 
+@numpy_op(aten.max_pool3d.default)
+def max_pool3d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    """torch's max pooling over the last 3 dims (video models)."""
+    return _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode, 3)
+
+
 def _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, nd: int):
     """A window's sum over the kernel's size, or over its positions inside the input (``count_include_pad=False``),
     or ``divisor_override``; with ``ceil_mode`` a last, partial window divides by its part inside the padded
@@ -968,7 +1017,39 @@ def avg_pool2d(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_incl
     return _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, 2)
 
 
-@numpy_op(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default)
+@numpy_op(aten.avg_pool3d.default)
+def avg_pool3d(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    """torch's average pooling over the last 3 dims."""
+    return _avg_pool(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, 3)
+
+
+def _adaptive_cells(size: int, n: int) -> list:
+    """torch's adaptive pooling cells of a dim of ``size`` into ``n``: floor(i size / n) .. ceil((i + 1) size / n)."""
+    return [range(i * size // n, -(-(i + 1) * size // n)) for i in range(n)]
+
+
+@numpy_op(aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def adaptive_max_pool(x, output_size):
+    """torch's adaptive max pooling over the last len(output_size) dims (cells as ``adaptive_avg_pool``): the
+    values and, as torch returns them, each one's flat index within its (N, C) plane of the input (the first of
+    equal maxima: torch scans a cell in row-major order and takes a later value only when it is greater)."""
+    nd = len(output_size)
+    spatial = x.shape[-nd:]
+    flat = x.reshape(*x.shape[:-nd], -1)
+    cells = [_adaptive_cells(size, n) for size, n in zip(spatial, output_size)]
+    values = np.empty((*x.shape[:-nd], *output_size), x.dtype)
+    indices = np.empty(values.shape, np.int64)
+    for out in np.ndindex(*output_size):
+        where = np.ravel_multi_index(np.ix_(*[cells[d][i] for d, i in enumerate(out)]), spatial).reshape(-1)
+        block = flat[..., where]
+        pick = block.argmax(-1)                   # the first maximum (numpy: a NaN first)
+        values[(Ellipsis, *out)] = np.take_along_axis(block, pick[..., None], -1)[..., 0]
+        indices[(Ellipsis, *out)] = where[pick]
+    return values, indices
+
+
+@numpy_op(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default, aten.adaptive_avg_pool1d.default,
+          aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool3d.default)
 def adaptive_avg_pool(x, output_size):
     """torch's adaptive average pooling over the last len(output_size) dims: output cell i of a dim of size L
     into n averages positions floor(i L / n) .. ceil((i + 1) L / n) - 1 (ResNet's and ViT poolers' (1, 1))."""
@@ -976,8 +1057,8 @@ def adaptive_avg_pool(x, output_size):
     out = x
     for axis, n in zip(range(x.ndim - nd, x.ndim), output_size):
         size = x.shape[axis]
-        cells = [np.mean(np.take(out, range(i * size // n, -(-(i + 1) * size // n)), axis=axis), axis=axis,
-                         keepdims=True) for i in range(n)]
+        cells = [np.mean(np.take(out, cell, axis=axis), axis=axis, keepdims=True)
+                 for cell in _adaptive_cells(size, n)]
         out = np.concatenate(cells, axis=axis)
     return out.astype(x.dtype)
 

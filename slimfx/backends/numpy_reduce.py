@@ -318,6 +318,19 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=Tr
     return _channel_affine(y, x, weight, bias)
 
 
+@numpy_op(aten.instance_norm.default)
+def instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled=True):
+    """(N, C, *spatial) normalized per sample and channel over its positions (biased variance), or, with
+    ``use_input_stats`` False (track_running_stats in eval mode), by the running statistics as batch norm; then a
+    per-channel affine (style transfer's and some vision decoders' InstanceNorm)."""
+    if not use_input_stats:
+        return batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)
+    dims = tuple(range(2, x.ndim))
+    y = x - np.mean(x, axis=dims, keepdims=True)
+    y = y * (1 / np.sqrt(np.mean(np.square(y), axis=dims, keepdims=True) + const(x, eps)))
+    return _channel_affine(y, x, weight, bias)
+
+
 @numpy_op(aten.rms_norm.default)
 def rms_norm(x, normalized_shape, weight=None, eps=None):
     """x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims, torch's composite step by step:

@@ -598,7 +598,8 @@ def test_convolutions_match_torch():
 def test_upsampling_matches_torch(nd):
     """F.interpolate's nearest and nearest-exact (exactly: indices), linear / bilinear / trilinear with and without
     align_corners (within a few ulp: torch weighs all corners at once), by size and by scale factor, enlarging and
-    shrinking, through slimfx.compile on numpy. 3 rows scaled by 2.3 read rows 0, 0, 1, 1, 2, 2 in torch's 2-d
+    shrinking, and bicubic in 2-d, through slimfx.compile on numpy. 3 rows scaled by 2.3 read rows 0, 0, 1, 1, 2, 2 in
+    torch's 2-d
     nearest kernel and 0, 0, 0, 1, 1, 2 in its 1-d and 3-d ones: both are followed."""
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(nd)
@@ -614,7 +615,8 @@ def test_upsampling_matches_torch(nd):
             return F.interpolate(t, **self.kw)
     sizes = [dict(size=tuple(n * 2 + 1 for n in x.shape[2:])), dict(size=(2,) * nd), dict(size=(1,) * nd),
              dict(scale_factor=2.3), dict(scale_factor=2), dict(scale_factor=0.6), dict(scale_factor=1.2)]
-    modes = [("nearest", None), ("nearest-exact", None), (linear, False), (linear, True)]
+    modes = [("nearest", None), ("nearest-exact", None), (linear, False), (linear, True)] + \
+        ([("bicubic", False), ("bicubic", True)] if nd == 2 else [])
     for (mode, corners), size in [(m, s) for m in modes for s in sizes]:
         model = Resize(mode=mode, align_corners=corners, **size)
         cm = slimfx.compile(model, (x,), backend="numpy", progress=False)
@@ -622,8 +624,45 @@ def test_upsampling_matches_torch(nd):
         assert got.shape == want.shape, (mode, corners, size)
         if mode.startswith("nearest"):
             assert torch.equal(got, want), (mode, size)
-        else:
-            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (mode, corners, size)
+        else:                             # (bicubic sums 16 weighted taps, in another order)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 if mode == "bicubic" else 1e-6), (mode, corners, size)
+
+
+def test_instance_norm_adaptive_max_and_3d_pooling_match_torch():
+    """Instance norm (per sample and channel; with running statistics in eval mode), adaptive max pooling 1-3-d
+    with its indices (exactly), 3-d max and average pooling (strides, padding, ceil_mode, padding not counted) and
+    3-d adaptive average pooling, through slimfx.compile on numpy against torch at odd sizes."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(9)
+
+    class Ops(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.affine = torch.nn.InstanceNorm2d(3, affine=True)
+            self.running = torch.nn.InstanceNorm2d(3, track_running_stats=True)
+            self.plain = torch.nn.InstanceNorm1d(3)
+            with torch.no_grad():
+                self.affine.weight.normal_(generator=g), self.affine.bias.normal_(generator=g)
+                self.running.running_mean.normal_(generator=g), self.running.running_var.uniform_(0.5, 2, generator=g)
+
+        def forward(self, x, v):
+            return dict(affine=self.affine(x), running=self.running(x), plain=self.plain(x[:, :, 0]),
+                        amax2=F.adaptive_max_pool2d(x, (3, 2), return_indices=True),
+                        amax1=F.adaptive_max_pool1d(x[:, :, 0], 4, return_indices=True),
+                        amax3=F.adaptive_max_pool3d(v, (3, 2, 4), return_indices=True),
+                        max3=F.max_pool3d(v, 2, stride=(1, 2, 2), padding=1, ceil_mode=True),
+                        avg3=F.avg_pool3d(v, (2, 3, 2), padding=(1, 1, 0), count_include_pad=False),
+                        aavg3=F.adaptive_avg_pool3d(v, (3, 2, 4)))
+    x, v = torch.randn(2, 3, 5, 7, generator=g), torch.randn(2, 3, 4, 5, 6, generator=g)
+    x[0, 1, 2, 3] = x[0, 1, 2, 4] = 9.0                  # equal maxima in one cell: the first one's index
+    model = Ops().eval()
+    cm = slimfx.compile(model, (x, v), backend="numpy", progress=False)
+    want, got = model(x, v), cm(x, v)
+    for name in want:
+        for w, o in zip(*[t if isinstance(t, (tuple, list)) else [t] for t in (want[name], got[name])]):
+            assert o.dtype == w.dtype and o.shape == w.shape, name
+            exact = name.startswith(("amax", "max"))
+            assert torch.equal(o, w) if exact else torch.allclose(o, w, rtol=1e-5, atol=1e-6), name
 
 
 def test_dpt_depth_estimation_runs_on_numpy():
