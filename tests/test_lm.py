@@ -390,6 +390,17 @@ def _sliding(family, window):
     return make[family]().eval()
 
 
+def _generates_as_transformers(lm, model, cases, what: str):
+    """Greedy tokens of ``lm`` equal transformers' generate (stopping at the same end-of-sequence tokens) after a
+    left-padded batch of 2 prompts per (length, new tokens, seed); the last case's (ids, mask, new, tokens)."""
+    for length, new, seed in cases:
+        ids, mask = text_batch(2, length, 97, pad_left=True, seed=seed)
+        ref = hf_generate(model, ids, mask, new, eos=lm.eos_token_id)
+        got = lm.generate(ids, mask, max_new_tokens=new, pad_token_id=0)
+        assert torch.equal(got, ref), f"{what} {length}+{new}\n got {got.tolist()}\n ref {ref.tolist()}"
+    return ids, mask, new, ref
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "qwen2", "phi3", "cohere2", "gpt_oss", "gpt_neo"])
 def test_sliding_window_models_generate_transformers_tokens_past_the_window(family, tmp_path):
     """The sliding layers' mask (GPT-Neo's local band) counts the window over real positions, not cache slots, so
@@ -402,11 +413,7 @@ def test_sliding_window_models_generate_transformers_tokens_past_the_window(fami
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
     assert lm.sliding_window is None                      # no cap on the slots
     lm.min_cache = 4
-    for length, new, seed in [(5, 25, 3), (13, 12, 5)]:
-        ids, mask = text_batch(2, length, 97, pad_left=True, seed=seed)
-        ref = hf_generate(model, ids, mask, new, eos=lm.eos_token_id)
-        got = lm.generate(ids, mask, max_new_tokens=new, pad_token_id=0)
-        assert torch.equal(got, ref), f"{family} {length}+{new}\n got {got.tolist()}\n ref {ref.tolist()}"
+    ids, mask, new, ref = _generates_as_transformers(lm, model, [(5, 25, 3), (13, 12, 5)], family)
     back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
     assert back.sliding_window is None and back.counts_real_positions
     assert torch.equal(back.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
@@ -737,11 +744,7 @@ def test_mpt_generates_transformers_tokens(backend):
                                    attn_config={"clip_qkv": 0.5})).eval()
     lm = slimfx.compile_causal_lm(mpt, backend=backend, progress=False)
     lm.min_cache = 4
-    for length, new, seed in [(5, 25, 3), (1, 6, 2)]:
-        ids, mask = text_batch(2, length, 97, pad_left=True, seed=seed)
-        ref = hf_generate(mpt, ids, mask, new, eos=lm.eos_token_id)
-        got = lm.generate(ids, mask, max_new_tokens=new, pad_token_id=0)
-        assert torch.equal(got, ref), f"{length}+{new}\n got {got.tolist()}\n ref {ref.tolist()}"
+    _generates_as_transformers(lm, mpt, [(5, 25, 3), (1, 6, 2)], "mpt")
     ids, mask = text_batch(2, 9, 97, pad_left=True, seed=4)
     every, _ = lm.prefill(ids, mask, all_logits=True)
     with torch.no_grad():
