@@ -38,8 +38,9 @@ pos(q) - pos(k) < window, pos counting the unmasked slots. transformers masks q 
 sequence's real tokens lie side by side after its left padding: the same keys. Slimfx's decode buffer puts masked
 slots between the tokens (the unfilled ones, the re-fed token's copy), which the slots would count and positions do
 not. So generation matches transformers' sliding cache (the last window - 1 tokens kept) past the window, though it
-keeps and reads every slot. Where a prompt's mask holds a gap (padding after a token) positions and slots differ, so
-such prompts are refused (``counts_real_positions``; MPT's ALiBi by position too). A window the step applies over
+keeps and reads every slot. Where a prompt's mask holds a gap (padding after a token) positions and slots differ:
+such a prompt is refused once the sequence would pass the window (``gap_limit``; MPT's ALiBi by position: at
+any length). A window the step applies over
 slots (``CompiledCausalLM.sliding_window``: steps saved before the window went by position, whose causal_lm.json
 names it, or attention the replacements do not reach, such as flash attention or a two-sided window) is exact only
 while a step sees at most ``window`` slots (the window then excludes nothing, as it excludes nothing in the model,
@@ -124,12 +125,14 @@ class CausalLMStep(nn.Module):
         the step (the capture's), so its decode steps are exact past the window."""
         return any(getattr(fn, "calls", 0) for _, _, fn in self._replacements)
 
-    @property
-    def counts_real_positions(self) -> bool:
-        """Windows or ALiBi (MPT's) over real positions, where transformers counts slots: the same wherever a
-        sequence's real tokens lie side by side after its padding, not where a prompt's mask holds a gap
-        (``CompiledCausalLM`` refuses those)."""
-        return self.windows_by_position or any(name == "build_mpt_alibi_tensor" for _, name, _ in self._replacements)
+    def gap_limit(self, window: Optional[int]) -> Optional[int]:
+        """The most slots (a prompt and the tokens fed after it) a sequence whose prompt mask holds a gap (padding
+        after a token) may span, where the step counts real positions and transformers cache slots: 0 with
+        MPT's ALiBi by position (a gap shifts it at any length), the model's smallest ``window`` with windows by
+        position (within it a window excludes nothing either way), else None (no limit)."""
+        if any(name == "build_mpt_alibi_tensor" for _, name, _ in self._replacements):
+            return 0
+        return window if self.windows_by_position else None
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logits_at):
         from transformers import DynamicCache
@@ -728,6 +731,7 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
         check_masked_slots(model, step, layout, dtype, window)
     cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                        dynamic=dynamic, calibration=cal, **compile_kwargs)
+    gaps = step.gap_limit(window)
     if window is not None and step.windows_by_position:
         window = None                 # no cap: the window is over real positions
     gen = getattr(model, "generation_config", None)
@@ -737,7 +741,7 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     pad = getattr(gen, "pad_token_id", None)
     return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
                             model_name=type(model).__name__, rope_switch=rope_switch(model),
-                            position_limit=position_limit(model), counts_real_positions=step.counts_real_positions)
+                            position_limit=position_limit(model), gap_limit=gaps)
 
 
 def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, window: Optional[int] = None) -> None:
@@ -805,16 +809,16 @@ class CompiledCausalLM:
     window went by position; None: full attention, or windows over real positions), which bounds the cache slots
     a decode step may see (module docstring); ``position_limit``: the positions of the model's learned position
     table (``position_limit``), which bound a sequence's real tokens; ``model_name`` names the model in errors;
-    ``counts_real_positions``: the step's windows or ALiBi count real positions where the model counts cache slots
-    (``CausalLMStep.counts_real_positions``), so a prompt's mask must not hold a gap."""
+    ``gap_limit``: the most slots a sequence whose prompt mask holds a gap may span (``CausalLMStep.gap_limit``;
+    None: any)."""
 
     min_cache = 64          # cache slots to begin with (then powers of two)
 
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
                  model_name: Optional[str] = None, rope_switch: Optional[int] = None,
-                 position_limit: Optional[int] = None, counts_real_positions: bool = False):
+                 position_limit: Optional[int] = None, gap_limit: Optional[int] = None):
         self.step = step                               # the CompiledModel of CausalLMStep
-        self.counts_real_positions = bool(counts_real_positions)
+        self.gap_limit = None if gap_limit is None else int(gap_limit)
         self.position_limit = None if position_limit is None else int(position_limit)
         self.layout = _normalized_layout(layout)
         self.dtype = dtype
@@ -833,7 +837,7 @@ class CompiledCausalLM:
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
         return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
                                 self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name,
-                                self.rope_switch, self.position_limit, self.counts_real_positions)
+                                self.rope_switch, self.position_limit, self.gap_limit)
 
     @property
     def graph(self):
@@ -846,7 +850,10 @@ class CompiledCausalLM:
         slots (``sliding_window``) is exact too (module docstring); decoding after it is refused."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
-        self._refuse_gaps(mask)
+        if self._refuse_gaps(mask, input_ids.shape[-1], "a prompt of"):
+            state_gaps = input_ids.shape[-1]                   # decode counts on from here (_refuse_gaps)
+        else:
+            state_gaps = None
         real = int(mask.sum(-1).max()) if mask.numel() else 0
         if self.position_limit is not None and real > self.position_limit:
             raise self._beyond_positions(f"a prompt of {real} tokens", real, "Shorten the prompt.")
@@ -857,6 +864,8 @@ class CompiledCausalLM:
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
                  "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
+        if state_gaps is not None:
+            state["gap_slots"] = state_gaps
         if self.rope_switch is not None and ids.shape[1] <= self.rope_switch:   # decode may run it all again
             state["ids"], state["ids_mask"] = ids.to(dev), mask[:, -ids.shape[1]:].to(dev)
         return out["logits"], state
@@ -886,15 +895,22 @@ class CompiledCausalLM:
         bounds = [int(b) for b in bounds if b is not None]
         return min(bounds) - 2 if bounds else None
 
-    def _refuse_gaps(self, mask: torch.Tensor) -> None:
-        """A prompt mask with padding after a token (a gap), where the step counts real positions and the model
-        slots (``counts_real_positions``): the two would differ there."""
-        gaps = (mask.diff(dim=-1) < 0).any(-1) if self.counts_real_positions else None
-        if gaps is not None and bool(gaps.any()):
+    def _refuse_gaps(self, mask: torch.Tensor, slots: int, what: str) -> bool:
+        """Whether a prompt mask holds padding after a token (a gap) where ``gap_limit`` bounds it; refused when the
+        sequence spans more than ``gap_limit`` slots (``slots``, the prompt's own with its padding, and the tokens
+        fed after it): the step counts real positions for its window or ALiBi, the model cache slots, the same
+        only for left padding or within the window."""
+        if self.gap_limit is None:
+            return False
+        gaps = (mask.diff(dim=-1) < 0).any(-1)
+        if bool(gaps.any()) and slots > self.gap_limit:
+            within = (f"its sliding window of {self.gap_limit} tokens, where a gap changes what the window holds "
+                      f"past {self.gap_limit} slots, and {what} {slots} slots would pass it" if self.gap_limit
+                      else "its ALiBi, which a gap shifts at any length")
             raise ValueError(f"rows {gaps.nonzero()[:, 0].tolist()} of attention_mask hold padding after a token; "
                              f"{self.model_name}'s compiled step counts real positions where the model counts cache "
-                             f"slots for its sliding window or ALiBi (the same only for left padding): left-pad "
-                             f"the prompts")
+                             f"slots for {within}: left-pad the prompts")
+        return bool(gaps.any())
 
     def _beyond_bound(self, what: str, slots: int, fits: str) -> ValueError:
         return ValueError(f"{self.model_name}'s compiled step holds at most {self.max_slots} cache slots (the bound "
@@ -940,6 +956,10 @@ class CompiledCausalLM:
                 raise self._beyond_bound("the next decode step", n + 1, f"{held}, and the new token's.")
             state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
             state["mask"] = _pad(state["mask"], cap, 1)
+        if state.get("gap_slots") is not None and self.gap_limit is not None \
+                and state["gap_slots"] + 1 > self.gap_limit:     # a prompt with a gap, the window passed
+            self._refuse_gaps(state["mask"][:, :state["filled"]], state["gap_slots"] + 1,
+                              "the next decode step after a prompt of")
         slots = state["mask"]
         ids = torch.cat([state["token"], tokens[:, None]], 1)
         pos = torch.cat([state["position"], state["position"] + 1], 1)
@@ -954,6 +974,8 @@ class CompiledCausalLM:
             kb[:, :, n], vb[:, :, n] = k[:, :, -1], v[:, :, -1]         # token's stays as its own step wrote it
         slots[:, n] = 1
         state.update(filled=n + 1, token=tokens[:, None], position=pos[:, -1:])
+        if state.get("gap_slots") is not None:
+            state["gap_slots"] += 1
         return out["logits"][:, -1]
 
     def _run(self, ids, pos, mask, cache, at, eager: bool = False):
@@ -1007,7 +1029,8 @@ class CompiledCausalLM:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
         if not _is_int(min_new_tokens) or min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-        self._refuse_gaps(_prompt(input_ids, attention_mask)[1])    # (bad prompts: _prompt's errors)
+        self._refuse_gaps(_prompt(input_ids, attention_mask)[1], input_ids.shape[-1] + max_new_tokens - 1,
+                          f"{max_new_tokens} new tokens after a prompt of")    # (bad prompts: _prompt's errors)
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
             n = max(input_ids.shape[-1], 2)                        # the prompt as prefill pads it
             slots = n + max_new_tokens + 2                         # module docstring
@@ -1102,7 +1125,7 @@ class CompiledCausalLM:
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
                 "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
                 "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch,
-                "position_limit": self.position_limit, "counts_real_positions": self.counts_real_positions}
+                "position_limit": self.position_limit, "gap_limit": self.gap_limit}
         return save(self.step, path, extra={LM_FILE: data})      # one save: the same save id in every file
 
     @classmethod
@@ -1142,14 +1165,14 @@ class CompiledCausalLM:
         limit = data.get("position_limit")            # (absent from files saved before)
         if limit is not None and not (isinstance(limit, int) and limit >= 1):
             raise FormatError(f"{where}: position_limit must be null or an int >= 1, got {limit!r}")
-        by_position = data.get("counts_real_positions", False)      # (absent from files saved before)
-        if not isinstance(by_position, bool):
-            raise FormatError(f"{where}: counts_real_positions must be true or false, got {by_position!r}")
+        gaps = data.get("gap_limit")                  # (absent from files saved before)
+        if gaps is not None and not (isinstance(gaps, int) and not isinstance(gaps, bool) and gaps >= 0):
+            raise FormatError(f"{where}: gap_limit must be null or an int >= 0, got {gaps!r}")
         eos, pad = data["eos_token_id"], data["pad_token_id"]
         if not (eos is None or isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)) \
                 or not (pad is None or isinstance(pad, int)):
             raise FormatError(f"{where}: eos_token_id / pad_token_id must be token ids, got {eos!r} / {pad!r}")
-        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit, by_position)
+        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit, gaps)
 
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"

@@ -415,13 +415,26 @@ def test_sliding_window_models_generate_transformers_tokens_past_the_window(fami
     lm.min_cache = 4
     ids, mask, new, ref = _generates_as_transformers(lm, model, [(5, 25, 3), (13, 12, 5)], family)
     back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
-    assert back.sliding_window is None and back.counts_real_positions
+    assert back.sliding_window is None and back.gap_limit == 8
     assert torch.equal(back.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
-    # a gap in a prompt's mask: positions and slots differ there (transformers counts the gap in the window)
+    # a gap in a prompt's mask: past the window positions and slots differ (transformers counts the gap in it)
     mask[0, 6] = 0
+    gap = r"rows \[0\] of attention_mask hold padding after a token; .*window of 8 tokens.*left-pad"
     for call in (lambda: back.prefill(ids, mask), lambda: back.generate(ids, mask, max_new_tokens=2)):
-        with pytest.raises(ValueError, match=r"rows \[0\] of attention_mask hold padding after a token; .*left-pad"):
+        with pytest.raises(ValueError, match=gap):                     # 13 prompt slots already
             call()
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=7)
+    mask[0, 2:] = 1
+    mask[0, 3] = 0                                                     # within the window: exact, accepted
+    assert torch.equal(back.generate(ids, mask, max_new_tokens=4, pad_token_id=0),
+                       hf_generate(model, ids, mask, 4, eos=back.eos_token_id))
+    with pytest.raises(ValueError, match=gap):
+        back.generate(ids, mask, max_new_tokens=5)                     # 5 + 4 fed slots
+    logits, state = back.prefill(ids, mask)
+    for _ in range(3):                                                 # 8 slots
+        logits = back.decode(logits[:, -1].argmax(-1) if logits.dim() == 3 else logits.argmax(-1), state)
+    with pytest.raises(ValueError, match=gap):
+        back.decode(logits.argmax(-1), state)
 
 
 def test_gemma3_multimodal_generates_text_past_the_window():
