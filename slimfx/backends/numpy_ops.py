@@ -735,7 +735,7 @@ def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
     w = weight.reshape(groups, c_out // groups, c_group, *k)
     letters = "hijdef"[:nd]                             # position axes, then tap axes (upper case)
     taps = letters.upper()
-    out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", win, w, optimize=True)
+    out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", opmath(win), opmath(w), optimize=True)
     out = out.reshape(x.shape[0], c_out, *out_shape)
     if bias is not None:
         out = out + bias.reshape(-1, *[1] * nd)
@@ -775,7 +775,7 @@ def _conv_transpose(x, weight, bias, stride, padding, output_padding, groups: in
     c_in, c_group_out, *k = weight.shape
     sizes = [(n - 1) * s_ - 2 * p + d * (kk - 1) + op + 1
              for n, s_, p, d, kk, op in zip(x.shape[2:], stride, padding, dilation, k, output_padding)]
-    if min(sizes) <= 0:                   # (torch: an empty output at 0, an error below)
+    if min(sizes) <= 0:                   # (torch gives an empty float32 output at 0; export refuses it)
         if min(sizes) < 0:
             raise ValueError(f"conv_transpose{nd}d: output size {sizes} is negative (padding too large)")
         out = np.zeros((x.shape[0], groups * c_group_out, *sizes), x.dtype)
@@ -833,9 +833,19 @@ def _upsample_sizes(x, output_size, scale_factors, nd: int):
     return [int(n * float(f)) for n, f in zip(sizes, factors)], [float(f) for f in factors]
 
 
-def _index_scale(n_in: int, n_out: int, factor) -> np.float32:
-    """torch's compute_scales_value<float>: 1 / the scale factor when one was given, else in / out, as a float."""
-    return np.float32(1.0 / factor) if factor is not None and factor > 0 else np.float32(n_in) / np.float32(n_out)
+def _index_scale(n_in: int, n_out: int, factor, t=np.float32):
+    """torch's compute_scales_value<t>: 1 / the scale factor when one was given, else in / out, as a ``t``."""
+    return t(1.0 / factor) if factor is not None and factor > 0 else t(n_in) / t(n_out)
+
+
+def _float_interpolation(x, mode: str):
+    """x in the type torch's CPU kernels interpolate in (float32 for float16, rounded back once at the end), and
+    that type; integers are refused by name (torch rounds and clamps them its own way)."""
+    if not np.issubdtype(x.dtype, np.floating):
+        raise NotImplementedError(f"{mode} upsampling of {x.dtype} has no numpy implementation (float inputs only); "
+                                  f"convert the input to float, or run with backend='torch'")
+    x = opmath(x)
+    return x, x.dtype.type
 
 
 def _upsample_nearest(x, output_size, scale_factors, nd: int, exact: bool):
@@ -860,29 +870,31 @@ def _upsample_nearest(x, output_size, scale_factors, nd: int, exact: bool):
 def _upsample_linear(x, output_size, align_corners: bool, scale_factors, nd: int):
     """torch's (bi/tri)linear upsampling over the last ``nd`` dims, one dim after another: output index i reads
     input src = i * (in - 1) / (out - 1) with ``align_corners``, else max(scale * (i + 0.5) - 0.5, 0), weighting
-    floor(src) by 1 - frac and the next (or the last again) by frac, in float32 as torch's CPU kernel; a dim that
-    keeps its size is copied, as torch does (a scale factor of 1.2 on 3 rows leaves them); within a few ulp of
-    torch (it weighs all 2^nd corners at once)."""
+    floor(src) by 1 - frac and the next (or the last again) by frac, in float32 (float64 for float64; float16
+    computed in float32 and rounded once) as torch's CPU kernel; a dim that keeps its size is copied, as torch does
+    (a scale factor of 1.2 on 3 rows leaves them); within a few ulp of torch (it weighs all 2^nd corners at
+    once). Float inputs only."""
     sizes, factors = _upsample_sizes(x, output_size, scale_factors, nd)
     dtype = x.dtype
+    x, t = _float_interpolation(x, ("linear", "bilinear", "trilinear")[nd - 1])
     for axis, (n_out, factor) in enumerate(zip(sizes, factors), start=x.ndim - nd):
         n_in = x.shape[axis]
         if n_out == n_in:                 # torch copies a dim that keeps its size, whatever the scale factor
             continue
-        i = np.arange(n_out, dtype=np.float32)
+        i = np.arange(n_out, dtype=t)
         if align_corners:
-            scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+            scale = t(n_in - 1) / t(n_out - 1) if n_out > 1 else t(0)
             src = scale * i
         else:
-            src = np.maximum(_index_scale(n_in, n_out, factor) * (i + np.float32(0.5)) - np.float32(0.5), 0)
+            src = np.maximum(_index_scale(n_in, n_out, factor, t) * (i + t(0.5)) - t(0.5), 0)
         low = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-        frac = np.clip(src - low, 0, 1).astype(np.float32)
+        frac = np.clip(src - low, 0, 1).astype(t)
         high = low + (low < n_in - 1)
         shape = [1] * x.ndim
         shape[axis] = n_out
         frac = frac.reshape(shape)
-        x = (np.take(x, low, axis=axis) * (1 - frac) + np.take(x, high, axis=axis) * frac).astype(dtype)
-    return x
+        x = np.take(x, low, axis=axis) * (1 - frac) + np.take(x, high, axis=axis) * frac
+    return x.astype(dtype)
 
 
 def _cubic_near(d, a):
@@ -899,27 +911,31 @@ def _upsample_bicubic(x, output_size, align_corners: bool, scale_factors):
     """torch's bicubic upsampling over the last 2 dims, one after the other: output index i reads input
     src = i * (in - 1) / (out - 1) with ``align_corners``, else scale * (i + 0.5) - 0.5 (not clamped), and weighs
     the 4 inputs around floor(src) (clamped to the edges) by Keys' cubic convolution with A = -0.75 at their
-    distances; in float32 as torch's CPU kernel; within a few ulp of it."""
+    distances; in float32 (float64 for float64) as torch's CPU kernel, within a few ulp of it; float16 computed in
+    float32 and rounded once (torch's float16 kernel rounds inside: a third of its elements are a float16 step
+    off that). Float inputs only."""
     sizes, factors = _upsample_sizes(x, output_size, scale_factors, 2)
-    dtype, a = x.dtype, np.float32(-0.75)
+    dtype = x.dtype
+    x, t = _float_interpolation(x, "bicubic")
+    a = t(-0.75)
     for axis, (n_out, factor) in enumerate(zip(sizes, factors), start=x.ndim - 2):
         n_in = x.shape[axis]              # (a dim that keeps its size is resampled too, unlike the linear modes)
-        i = np.arange(n_out, dtype=np.float32)
+        i = np.arange(n_out, dtype=t)
         if align_corners:
-            src = (np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)) * i
+            src = (t(n_in - 1) / t(n_out - 1) if n_out > 1 else t(0)) * i
         else:
-            src = _index_scale(n_in, n_out, factor) * (i + np.float32(0.5)) - np.float32(0.5)
+            src = _index_scale(n_in, n_out, factor, t) * (i + t(0.5)) - t(0.5)
         low = np.floor(src)
-        t = (src - low).astype(np.float32)
-        weights = [_cubic_far(t + 1, a), _cubic_near(t, a), _cubic_near(1 - t, a), _cubic_far(2 - t, a)]
+        d = (src - low).astype(t)
+        weights = [_cubic_far(d + 1, a), _cubic_near(d, a), _cubic_near(1 - d, a), _cubic_far(2 - d, a)]
         shape = [1] * x.ndim
         shape[axis] = n_out
         out = 0
         for k, w in zip(range(-1, 3), weights):
             taps = np.clip(low.astype(np.int64) + k, 0, n_in - 1)
-            out = out + np.take(x, taps, axis=axis) * w.astype(np.float32).reshape(shape)
-        x = out.astype(dtype)
-    return x
+            out = out + np.take(x, taps, axis=axis) * w.astype(t).reshape(shape)
+        x = out
+    return x.astype(dtype)
 
 
 @numpy_op(aten.upsample_bicubic2d.vec)
@@ -1032,7 +1048,8 @@ def _adaptive_cells(size: int, n: int) -> list:
 def adaptive_max_pool(x, output_size):
     """torch's adaptive max pooling over the last len(output_size) dims (cells as ``adaptive_avg_pool``): the
     values and, as torch returns them, each one's flat index within its (N, C) plane of the input (the first of
-    equal maxima: torch scans a cell in row-major order and takes a later value only when it is greater)."""
+    equal maxima: torch scans a cell in row-major order and takes a later value only when it is greater, or NaN:
+    the last NaN)."""
     nd = len(output_size)
     spatial = x.shape[-nd:]
     flat = x.reshape(*x.shape[:-nd], -1)
@@ -1042,7 +1059,11 @@ def adaptive_max_pool(x, output_size):
     for out in np.ndindex(*output_size):
         where = np.ravel_multi_index(np.ix_(*[cells[d][i] for d, i in enumerate(out)]), spatial).reshape(-1)
         block = flat[..., where]
-        pick = block.argmax(-1)                   # the first maximum (numpy: a NaN first)
+        pick = block.argmax(-1)                   # the first maximum; torch keeps the last NaN of a cell
+        if np.issubdtype(block.dtype, np.floating):
+            nan = np.isnan(block)
+            last = block.shape[-1] - 1 - nan[..., ::-1].argmax(-1)
+            pick = np.where(nan.any(-1), last, pick)
         values[(Ellipsis, *out)] = np.take_along_axis(block, pick[..., None], -1)[..., 0]
         indices[(Ellipsis, *out)] = where[pick]
     return values, indices

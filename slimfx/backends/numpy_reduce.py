@@ -326,8 +326,9 @@ def instance_norm(x, weight, bias, running_mean, running_var, use_input_stats, m
     if not use_input_stats:
         return batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)
     dims = tuple(range(2, x.ndim))
-    y = x - np.mean(x, axis=dims, keepdims=True)
-    y = y * (1 / np.sqrt(np.mean(np.square(y), axis=dims, keepdims=True) + const(x, eps)))
+    y = opmath(x)                          # (float16 in float32, rounded once, as torch)
+    y = y - np.mean(y, axis=dims, keepdims=True)
+    y = y * (1 / np.sqrt(np.mean(np.square(y), axis=dims, keepdims=True) + const(y, eps)))
     return _channel_affine(y, x, weight, bias)
 
 

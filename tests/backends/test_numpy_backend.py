@@ -665,6 +665,48 @@ def test_instance_norm_adaptive_max_and_3d_pooling_match_torch():
             assert torch.equal(o, w) if exact else torch.allclose(o, w, rtol=1e-5, atol=1e-6), name
 
 
+def test_interpolation_pooling_and_convolution_dtypes_follow_torch():
+    """float64 interpolates in float64 (positions and weights too: it was float32's, 5e-6 off); float16
+    interpolates, convolves and instance-normalizes in float32 rounded once (rounded per dim, a quarter of the
+    bilinear elements came one float16 step off; a conv over 256 channels accumulated in float16, 8x torch's
+    error); integer input to
+    linear or bicubic upsampling is refused by name (it was truncated or wrapped around); adaptive max pooling
+    gives the last NaN of a cell, as torch."""
+    from slimfx.backends.optable import NUMPY_OPS
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 5, 6, generator=g)
+    for op, args, mode in [(aten.upsample_bilinear2d.vec, (None, False, [1.7, 2.3]), "bilinear"),
+                           (aten.upsample_bicubic2d.vec, (None, True, [1.7, 2.3]), "bicubic")]:
+        wide = x.double()
+        assert torch.allclose(torch.from_numpy(NUMPY_OPS[op](wide.numpy(), *args)), op(wide, *args), rtol=0,
+                              atol=1e-12), mode
+        half = x.half()
+        # bilinear as torch's float16 kernel; bicubic as its float32 one, rounded (torch's float16 bicubic rounds
+        # inside: a third of its elements a float16 step off that)
+        want = op(half, *args) if mode == "bilinear" else op(half.float(), *args).half()
+        off = torch.from_numpy(NUMPY_OPS[op](half.numpy(), *args)) != want
+        assert off.float().mean() < 0.01, (mode, off.float().mean())      # (summation order: a rare last bit)
+        with pytest.raises(NotImplementedError, match=f"{mode} upsampling of uint8 .*float inputs only"):
+            NUMPY_OPS[op]((x.abs() * 50).to(torch.uint8).numpy(), *args)
+    wide_in = torch.randn(1, 256, 6, 6, generator=g).half()
+    w = (torch.randn(256, 4, 3, 3, generator=g) / 16).half()
+    exact = torch.nn.functional.conv_transpose2d(wide_in.double(), w.double())
+    ours = torch.from_numpy(NUMPY_OPS[aten.conv_transpose2d.input](wide_in.numpy(), w.numpy())).double()
+    theirs = torch.nn.functional.conv_transpose2d(wide_in, w).double()
+    assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-3      # float32 accumulation
+    shifted = x * 3 + 5                                  # (a mean far from 0: float16 statistics lose it)
+    exact = torch.instance_norm(shifted.double(), None, None, None, None, True, 0.1, 1e-5, False)
+    ours = torch.from_numpy(NUMPY_OPS[aten.instance_norm.default](shifted.half().numpy(), None, None, None, None,
+                                                                  True, 0.1, 1e-5)).double()
+    theirs = torch.instance_norm(shifted.half(), None, None, None, None, True, 0.1, 1e-5, False).double()
+    assert (ours - exact).abs().max() <= (theirs - exact).abs().max() + 1e-3
+    cell = torch.tensor([[[float("nan"), float("nan"), 5.0, float("nan")]]])
+    values, index = NUMPY_OPS[aten.adaptive_max_pool1d.default](cell.numpy(), [1])
+    assert index.tolist() == torch.nn.functional.adaptive_max_pool1d(cell, 1, return_indices=True)[1].tolist()
+    assert np.isnan(values).all()
+
+
 def test_dpt_depth_estimation_runs_on_numpy():
     """DPT's neck and head resize with bilinear interpolation and upsample with transposed convolutions."""
     from transformers import DPTConfig, DPTForDepthEstimation
