@@ -121,8 +121,9 @@ class CausalLMStep(nn.Module):
 
     @property
     def windows_by_position(self) -> bool:
-        """The model's sliding-window masks were built over real positions (``_sliding_by_position``) in a call of
-        the step (the capture's), so its decode steps are exact past the window."""
+        """The model's sliding-window masks (GPT-Neo's local band) were built over real positions
+        (``_sliding_by_position``, ``_gpt_neo_local``) in a call of the step (the capture's), so its decode steps
+        are exact past the window."""
         return any(getattr(fn, "calls", 0) for _, _, fn in self._replacements)
 
     def gap_limit(self, window: Optional[int]) -> Optional[int]:
@@ -535,10 +536,11 @@ def cache_layout(model: nn.Module) -> tuple[list, Optional[int]]:
     windows = [int(layer.sliding_window) for layer in layers if type(layer) is DynamicSlidingWindowLayer]
     if windows and getattr(config, "sliding_window", None) is not None:
         windows.append(int(config.sliding_window))
-    if _local_window(model):
+    local = _local_window(model)
+    if local:
         # GPT-Neo: its local layers keep full caches and band their attention by slot index (a table of its own),
         # as the sliding layers above mask by slot
-        windows.append(_local_window(model))
+        windows.append(local)
     # keys and values may differ in width (DeepSeek's multi-head latent attention: rope + nope dims vs v_head_dim)
     layout = [((int(layer.keys.shape[1]), int(layer.keys.shape[3])),
                (int(layer.values.shape[1]), int(layer.values.shape[3]))) for layer in layers]
@@ -806,7 +808,8 @@ class CompiledCausalLM:
     """A compiled step and the generation loop around it (``compile_causal_lm``).
 
     ``sliding_window``: the smallest attention window the step applies over cache slots (steps saved before the
-    window went by position; None: full attention, or windows over real positions), which bounds the cache slots
+    window went by position, attention the replacements do not reach; None: full attention, or windows over real
+    positions), which bounds the cache slots
     a decode step may see (module docstring); ``position_limit``: the positions of the model's learned position
     table (``position_limit``), which bound a sequence's real tokens; ``model_name`` names the model in errors;
     ``gap_limit``: the most slots a sequence whose prompt mask holds a gap may span (``CausalLMStep.gap_limit``;
@@ -850,10 +853,7 @@ class CompiledCausalLM:
         slots (``sliding_window``) is exact too (module docstring); decoding after it is refused."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
-        if self._refuse_gaps(mask, input_ids.shape[-1], "a prompt of"):
-            state_gaps = input_ids.shape[-1]                   # decode counts on from here (_refuse_gaps)
-        else:
-            state_gaps = None
+        gapped = self._refuse_gaps(mask, input_ids.shape[-1], "a prompt of")
         real = int(mask.sum(-1).max()) if mask.numel() else 0
         if self.position_limit is not None and real > self.position_limit:
             raise self._beyond_positions(f"a prompt of {real} tokens", real, "Shorten the prompt.")
@@ -864,8 +864,8 @@ class CompiledCausalLM:
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
                  "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
-        if state_gaps is not None:
-            state["gap_slots"] = state_gaps
+        if gapped:                                             # decode counts on from here (_refuse_gaps)
+            state["gap_slots"] = input_ids.shape[-1]
         if self.rope_switch is not None and ids.shape[1] <= self.rope_switch:   # decode may run it all again
             state["ids"], state["ids_mask"] = ids.to(dev), mask[:, -ids.shape[1]:].to(dev)
         return out["logits"], state
@@ -903,14 +903,15 @@ class CompiledCausalLM:
         if self.gap_limit is None:
             return False
         gaps = (mask.diff(dim=-1) < 0).any(-1)
-        if bool(gaps.any()) and slots > self.gap_limit:
+        found = bool(gaps.any())
+        if found and slots > self.gap_limit:
             within = (f"its sliding window of {self.gap_limit} tokens, where a gap changes what the window holds "
                       f"past {self.gap_limit} slots, and {what} {slots} slots would pass it" if self.gap_limit
                       else "its ALiBi, which a gap shifts at any length")
             raise ValueError(f"rows {gaps.nonzero()[:, 0].tolist()} of attention_mask hold padding after a token; "
                              f"{self.model_name}'s compiled step counts real positions where the model counts cache "
                              f"slots for {within}: left-pad the prompts")
-        return bool(gaps.any())
+        return found
 
     def _beyond_bound(self, what: str, slots: int, fits: str) -> ValueError:
         return ValueError(f"{self.model_name}'s compiled step holds at most {self.max_slots} cache slots (the bound "
@@ -956,8 +957,7 @@ class CompiledCausalLM:
                 raise self._beyond_bound("the next decode step", n + 1, f"{held}, and the new token's.")
             state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
             state["mask"] = _pad(state["mask"], cap, 1)
-        if state.get("gap_slots") is not None and self.gap_limit is not None \
-                and state["gap_slots"] + 1 > self.gap_limit:     # a prompt with a gap, the window passed
+        if "gap_slots" in state and state["gap_slots"] + 1 > self.gap_limit:    # a prompt with a gap: it raises
             self._refuse_gaps(state["mask"][:, :state["filled"]], state["gap_slots"] + 1,
                               "the next decode step after a prompt of")
         slots = state["mask"]
@@ -974,7 +974,7 @@ class CompiledCausalLM:
             kb[:, :, n], vb[:, :, n] = k[:, :, -1], v[:, :, -1]         # token's stays as its own step wrote it
         slots[:, n] = 1
         state.update(filled=n + 1, token=tokens[:, None], position=pos[:, -1:])
-        if state.get("gap_slots") is not None:
+        if "gap_slots" in state:
             state["gap_slots"] += 1
         return out["logits"][:, -1]
 
