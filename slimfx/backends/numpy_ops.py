@@ -714,10 +714,11 @@ def _per_dim(v, nd: int) -> list:
 def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
     """torch's ``nd``-d convolution (cross-correlation) on (N, C_in, *spatial) or unbatched (C_in, *spatial): each
     output position sums its window of every input channel of its group. ``padding`` per dim (an int for all) or
-    "valid" / "same" (stride 1; "same" puts the odd one of an even total on the right, as torch)."""
+    "valid" / "same" (stride 1; "same" puts the odd one of an even total on the right, as torch). float16 sums in
+    float32, rounded once, as torch's CPU kernel."""
     stride, dilation = _per_dim(stride, nd), _per_dim(dilation, nd)
     batched = x.ndim == nd + 2
-    x = x if batched else x[None]
+    dtype, x, weight = x.dtype, opmath(x if batched else x[None]), opmath(weight)
     c_out, c_group, *k = weight.shape
     if isinstance(padding, str):
         total = [0 if padding == "valid" else d * (kk - 1) for d, kk in zip(dilation, k)]
@@ -735,11 +736,11 @@ def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
     w = weight.reshape(groups, c_out // groups, c_group, *k)
     letters = "hijdef"[:nd]                             # position axes, then tap axes (upper case)
     taps = letters.upper()
-    out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", opmath(win), opmath(w), optimize=True)
+    out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", win, w, optimize=True)
     out = out.reshape(x.shape[0], c_out, *out_shape)
     if bias is not None:
         out = out + bias.reshape(-1, *[1] * nd)
-    out = out.astype(x.dtype)
+    out = out.astype(dtype)
     return out if batched else out[0]
 
 
