@@ -408,7 +408,8 @@ def test_sliding_window_models_generate_transformers_tokens_past_the_window(fami
     it: generation equals transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window
     of 8, after a short left-padded prompt (5 tokens, 25 new: the buffer grows 8 -> 16 -> 32) and after one
     longer than the window. Before, generation was refused past window - 2 slots: the last decode step here would
-    see 33."""
+    see 33. A prompt with padding after a token gives transformers' tokens while the sequence stays within the
+    window and is refused past it, by prefill, generate and decode."""
     model = _sliding(family, 8)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
     assert lm.sliding_window is None                      # no cap on the slots
