@@ -711,6 +711,11 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     for key in ("dynamic", "example_inputs", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise TypeError(f"{type(model).__name__} is an encoder-decoder model: compile_causal_lm compiles a "
+                        f"decoder-only causal LM's generation step, and encoder-decoder generation (T5's, BART's, "
+                        f"Whisper's) is not supported yet; slimfx.compile compiles its forward (and its passes "
+                        f"apply there)")
     refuse_dynamic_rope(model)
     layout, window = cache_layout(model)
     dtype = next(model.parameters()).dtype

@@ -777,6 +777,21 @@ def test_mpt_generates_transformers_tokens(backend):
     assert torch.equal(got[:, :16], hf_generate(short, ids, mask, 11, eos=[]))
 
 
+def test_encoder_decoder_models_are_refused_by_name():
+    """T5's call without decoder inputs and BART's encoder-decoder cache failed with transformers' own errors
+    (no input_ids; no layered cache); both are now refused as what they are."""
+    import transformers as T
+    t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=97, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                                 d_kv=16)).eval()
+    bart = T.BartForConditionalGeneration(T.BartConfig(
+        vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)).eval()
+    for model in (t5, bart):
+        with pytest.raises(TypeError, match=f"{type(model).__name__} is an encoder-decoder model: .*not supported "
+                                            f"yet; slimfx.compile compiles its forward"):
+            slimfx.compile_causal_lm(model)
+
+
 def test_models_whose_positions_count_masked_cache_slots_are_refused():
     """BART's learned positions come from the cache length, not the attention mask: the masked slots of the step's
     cache would shift them (and its causal LM keeps an encoder-decoder cache)."""
