@@ -675,6 +675,32 @@ def drop_expert_sentinel_masks(gm: fx.GraphModule) -> int:
     return n
 
 
+_NO_DROPOUT_OPS = {aten.scaled_dot_product_attention.default: 4, aten.dropout.default: 1,
+                   aten.native_dropout.default: 1}
+
+
+def _random_free(node: fx.Node) -> bool:
+    """An op torch marks random (``_nondeterministic_seeded``) that draws nothing here: attention or dropout with
+    a dropout probability of 0 (dropout also when not training)."""
+    index = _NO_DROPOUT_OPS.get(node.target)
+    if index is None:
+        return False
+    p = node.kwargs.get("dropout_p", node.kwargs.get("p")) if len(node.args) <= index else node.args[index]
+    train = node.args[2] if node.target is aten.dropout.default and len(node.args) > 2 else \
+        node.kwargs.get("train", True)
+    if node.target is aten.scaled_dot_product_attention.default and p is None:
+        p = 0.0                                          # (its default)
+    return type(p) in (int, float) and p == 0 or train is False
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """``graph.eliminate_dead_code`` that also drops unused attention (and dropout) whose dropout probability
+    is 0: torch counts scaled_dot_product_attention as random, hence impure, whatever its dropout, so an unused
+    one stayed, and with it every op it reads (the placeholder decoder run of an encoder-decoder model's encoder
+    step: ``slimfx.seq2seq.EncodeStep``)."""
+    return graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not _random_free(n))
+
+
 def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
     """Bring a freshly captured graph to the canonical op set; returns counts per step."""
     from .propagate import propagate_meta
@@ -686,6 +712,6 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
             propagate_meta(gm)
     counts["no-ops"] = drop_noops(gm)
     counts["expert sentinels"] = drop_expert_sentinel_masks(gm)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.recompile()
     return counts

@@ -21,7 +21,7 @@ class DCE(Pass):
 
     def run(self, gm, ctx):
         before = len(gm.graph.nodes)
-        changed = gm.graph.eliminate_dead_code()
+        changed = ir.eliminate_dead_code(gm.graph)
         dropped = ir.drop_unused_tensors(gm)
         if changed:
             gm.recompile()

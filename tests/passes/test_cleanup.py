@@ -63,3 +63,25 @@ def test_dce_removes_dead_nodes_and_the_tensors_only_they_read():
     cm = slimfx.compile(m, (x,), passes=[add_dead, "dce"], progress=False)
     assert cm.report().records[1].stats == {"nodes_removed": 2, "tensors_dropped": 1}
     assert count(cm.graph, aten.exp.default) == 0 and not hasattr(cm.graph, "dead")
+
+
+def test_unused_attention_without_dropout_is_dead_code():
+    """torch marks scaled_dot_product_attention random (its dropout), so fx's dead-code elimination kept an unused
+    one, and every op it reads; with a dropout probability of 0 it draws nothing and goes. One that may draw
+    (dropout_p > 0) stays, and so does a used one."""
+    import torch.fx as fx
+    graph = fx.Graph()
+    q = graph.placeholder("q")
+    used = graph.call_function(aten.scaled_dot_product_attention.default, (q, q, q))
+    graph.call_function(aten.scaled_dot_product_attention.default, (graph.call_function(aten.neg.default, (q,)), q, q))
+    graph.call_function(aten.scaled_dot_product_attention.default, (q, q, q), {"dropout_p": 0.0})
+    graph.call_function(aten.scaled_dot_product_attention.default, (q, q, q, None, 0.1))
+    graph.call_function(aten.dropout.default, (q, 0.5, False))
+    graph.call_function(aten.dropout.default, (q, 0.5, True))
+    graph.output(used)
+    gm = fx.GraphModule(nn.Module(), graph)
+    assert slimfx.ir.eliminate_dead_code(gm.graph)
+    left = [(n.target, n.args[4:] or n.args[1:]) for n in gm.graph.nodes if n.op == "call_function"]
+    assert left == [(aten.scaled_dot_product_attention.default, (q, q)),
+                    (aten.scaled_dot_product_attention.default, (0.1,)),
+                    (aten.dropout.default, (0.5, True))], left
