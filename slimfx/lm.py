@@ -713,9 +713,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise TypeError(f"{type(model).__name__} is an encoder-decoder model: compile_causal_lm compiles a "
-                        f"decoder-only causal LM's generation step, and encoder-decoder generation (T5's, BART's, "
-                        f"Whisper's) is not supported yet; slimfx.compile compiles its forward (and its passes "
-                        f"apply there)")
+                        f"decoder-only causal LM's generation step; compile_seq2seq_lm compiles an encoder-decoder "
+                        f"model's (T5's, BART's, Whisper's), slimfx.compile its forward")
     refuse_dynamic_rope(model)
     layout, window = cache_layout(model)
     dtype = next(model.parameters()).dtype
@@ -852,23 +851,27 @@ class CompiledCausalLM:
         return self.step.graph
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                all_logits: bool = False):
+                all_logits: bool = False, extra: tuple = ()):
         """The logits of the prompt's last position (batch, 1, vocab), or of every position (batch, length,
         vocab) with ``all_logits``, and the state ``decode`` continues from. A prompt longer than a window over
-        slots (``sliding_window``) is exact too (module docstring); decoding after it is refused."""
+        slots (``sliding_window``) is exact too (module docstring); decoding after it is refused. ``extra``: the
+        step's inputs after ``logits_at``, the same at every step (an encoder-decoder model's encoder output,
+        ``slimfx.seq2seq``), kept in the state."""
         ids, pos, mask, cache, at = step_inputs(input_ids, attention_mask, self.layout, self.dtype,
                                                 all_logits=all_logits)
         gapped = self._refuse_gaps(mask, input_ids.shape[-1], "a prompt of")
         real = int(mask.sum(-1).max()) if mask.numel() else 0
         if self.position_limit is not None and real > self.position_limit:
             raise self._beyond_positions(f"a prompt of {real} tokens", real, "Shorten the prompt.")
-        out = self._run(ids, pos, mask, cache, at, eager=True)  # one shape per prompt: no CUDA graph for it
+        out = self._run(ids, pos, mask, cache, at, eager=True, extra=extra)   # one shape per prompt: no CUDA graph
         n = mask.shape[1]                                      # slots filled: the masked one and the prompt
         cap = max(self._capacity(n + 1), n)                    # (n when a sliding window leaves no room to decode)
         dev = out["logits"].device                             # the backend's (triton: the GPU's)
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
                  "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
+        if extra:
+            state["extra"] = tuple(extra)
         if gapped:                                             # decode counts on from here (_refuse_gaps)
             state["gap_slots"] = input_ids.shape[-1]
         if self.rope_switch is not None and ids.shape[1] <= self.rope_switch:   # decode may run it all again
@@ -895,7 +898,8 @@ class CompiledCausalLM:
         sig = getattr(self.step, "_signature", None)            # (the eager step of check_masked_slots: none)
         if sig is None:
             return None
-        bounds = [sig.ranges.get(str(t.shape[2]), (0, None))[1] for _, t in sig.leaves[3:-1]
+        cache = sig.leaves[3:3 + 2 * len(self.layout)]         # (ids, positions, mask, *cache, logits_at, ...)
+        bounds = [sig.ranges.get(str(t.shape[2]), (0, None))[1] for _, t in cache
                   if isinstance(t, torch.Tensor) and t.dim() == 4 and not isinstance(t.shape[2], int)]
         bounds = [int(b) for b in bounds if b is not None]
         return min(bounds) - 2 if bounds else None
@@ -945,7 +949,7 @@ class CompiledCausalLM:
             ids, mask = torch.cat([state["ids"], tokens[:, None]], 1), torch.cat(
                 [state["ids_mask"], torch.ones_like(state["ids_mask"][:, :1])], 1)
             if ids.shape[1] > self.rope_switch:                 # as transformers' Phi-3: the whole sequence again
-                logits, new = self.prefill(ids, mask)
+                logits, new = self.prefill(ids, mask, extra=state.get("extra", ()))
                 state.clear()
                 state.update(new)
                 return logits[:, -1]
@@ -974,7 +978,7 @@ class CompiledCausalLM:
         fed = torch.ones_like(slots[:, :2])
         fed[:, 0] = 0                                           # the re-fed token: its cache slot is read instead
         out = self._run(ids, pos, torch.cat([slots, fed], 1), state["cache"],
-                        state["at"])                          # the logits of the new token only
+                        state["at"], extra=state.get("extra", ()))    # the logits of the new token only
         for (kb, vb), (k, v) in zip(state["cache"], out["cache"]):   # the new token's slot only: the re-fed
             kb[:, :, n], vb[:, :, n] = k[:, :, -1], v[:, :, -1]         # token's stays as its own step wrote it
         slots[:, n] = 1
@@ -983,8 +987,8 @@ class CompiledCausalLM:
             state["gap_slots"] += 1
         return out["logits"][:, -1]
 
-    def _run(self, ids, pos, mask, cache, at, eager: bool = False):
-        args, kwargs = self.step._signature.check((ids, pos, mask, cache, at), {})
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = ()):
+        args, kwargs = self.step._signature.check((ids, pos, mask, cache, at, *extra), {})
         return self.step._executable(args, kwargs, eager=eager)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
@@ -1021,6 +1025,17 @@ class CompiledCausalLM:
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
         on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
         end."""
+        return self._stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                            min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id)
+
+    def _stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
+                eos_token_id=None, pad_token_id: Optional[int] = None, extra=(), rules=None):
+        """``stream`` with ``_steps``' ``extra`` (a tuple, or a function giving it, called once the options are
+        checked) and ``rules``."""
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -1065,12 +1080,17 @@ class CompiledCausalLM:
         pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
                                  penalty=repetition_penalty, generator=generator)
         return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), repetition_penalty != 1,
-                           pick, eos, pad)
+                           pick, eos, pad, extra() if callable(extra) else extra, rules)
 
     @torch.no_grad()
-    def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad):
+    def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad, extra=(),
+               rules=None):
+        """The generation loop (``stream``); ``extra``: the step's inputs after ``logits_at`` (``prefill``);
+        ``rules(i)``: the token ids new token i may not take beyond end-of-sequence before ``min_new_tokens``,
+        and the ids it must take from (an empty tuple: any), as an encoder-decoder model's generation config
+        suppresses and forces them (``slimfx.seq2seq``)."""
         t0 = time.perf_counter()
-        logits, state = self.prefill(input_ids, attention_mask)
+        logits, state = self.prefill(input_ids, attention_mask, extra=extra)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
         sync()
         t1 = time.perf_counter()
@@ -1082,7 +1102,8 @@ class CompiledCausalLM:
         banned = [e for e in eos if 0 <= e < vocab]   # (an id past the logits is never chosen: transformers too)
         n = 0
         for i in range(max_new_tokens):
-            tok = pick(logits, seen, banned if i < min_new_tokens else ())
+            ban, forced = rules(i) if rules is not None else ((), ())
+            tok = pick(logits, seen, [*(banned if i < min_new_tokens else ()), *ban], forced=forced)
             if seen is not None:
                 seen[rows, tok] = True
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -1099,15 +1120,20 @@ class CompiledCausalLM:
                             "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
 
     @staticmethod
-    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator):
+    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=()):
         """The next token of each row from its logits (batch, vocab), the tokens it holds (``seen``: (batch,
-        vocab) bool, ``_held_tokens``) and the tokens it may not take now (``banned``: end-of-sequence before
-        ``min_new_tokens``), as transformers' logits processors compute them (``generate``), in their order."""
+        vocab) bool, ``_held_tokens``), the tokens it may not take now (``banned``: end-of-sequence before
+        ``min_new_tokens``, suppressed tokens) and the ones it must take from (``forced``: a forced beginning or
+        end of sequence, each given logit 0 and every other token -inf), as transformers' logits processors
+        compute them (``generate``), in their order."""
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
             logits = logits.float()
             logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         if len(banned):                         # MinNewTokensLengthLogitsProcessor
             logits = logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+        if len(forced):                         # ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
+            logits = torch.full_like(logits.float(), float("-inf")).index_fill(
+                -1, torch.tensor(forced, device=logits.device), 0.0)
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits.float() / temperature
@@ -1187,5 +1213,5 @@ class CompiledCausalLM:
 class _EagerCausalLM(CompiledCausalLM):
     """The generation loop around the uncompiled step module (``check_masked_slots``)."""
 
-    def _run(self, ids, pos, mask, cache, at, eager: bool = False):
-        return self.step(ids, pos, mask, cache, at)
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = ()):
+        return self.step(ids, pos, mask, cache, at, *extra)

@@ -779,7 +779,7 @@ def test_mpt_generates_transformers_tokens(backend):
 
 def test_encoder_decoder_models_are_refused_by_name():
     """T5's call without decoder inputs and BART's encoder-decoder cache failed with transformers' own errors
-    (no input_ids; no layered cache); both are now refused as what they are."""
+    (no input_ids; no layered cache); both are now refused as what they are, pointing to compile_seq2seq_lm."""
     import transformers as T
     t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=97, d_model=32, d_ff=64, num_layers=1, num_heads=2,
                                                  d_kv=16)).eval()
@@ -787,8 +787,8 @@ def test_encoder_decoder_models_are_refused_by_name():
         vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)).eval()
     for model in (t5, bart):
-        with pytest.raises(TypeError, match=f"{type(model).__name__} is an encoder-decoder model: .*not supported "
-                                            f"yet; slimfx.compile compiles its forward"):
+        with pytest.raises(TypeError, match=f"{type(model).__name__} is an encoder-decoder model: .*; "
+                                            f"compile_seq2seq_lm compiles an encoder-decoder model's"):
             slimfx.compile_causal_lm(model)
 
 
