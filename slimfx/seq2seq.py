@@ -1,0 +1,578 @@
+"""Text generation from a compiled encoder-decoder model (T5, BART, Marian, Pegasus, Whisper).
+
+    lm = slimfx.compile_seq2seq_lm(model, passes=[P.Quantize(weights="int8", activations="dynamic-per-token")])
+    out = lm.generate(ids, attention_mask, max_new_tokens=32)   # (batch, 1 + new): the decoder's tokens
+
+slimfx compiles two graphs. The *encoder* takes the model's input (token ids and their mask, or Whisper's
+log-mel features) and returns what every decoder step reads from it: each decoder layer's cross-attention keys
+and values, computed once per input (the encoder, then the decoder's key and value projections of its output;
+transformers' ``EncoderDecoderCache`` fills its cross-attention cache so on the first step), and the mask over
+the encoder's positions. The *step* is ``CausalLMStep``'s (``slimfx.lm``): ``(input_ids, position_ids,
+attention_mask, cache, logits_at, cross, encoder_attention_mask) -> (logits, new cache)``, the decoder's
+self-attention cache as plain tensors, its cross-attention keys and values as inputs read, never written. So the
+generation loop is ``CompiledCausalLM``'s (a buffer of cache slots, the re-fed token, left-padded decoder
+prompts: ``slimfx.lm``'s docstring), and prefill, decode, sampling and the timings behave as there.
+
+The buffer's masked slots (the one in front, the re-fed token's copy, the unfilled ones) are not positions.
+transformers counts a decoder's positions by cache slot (BART's, Marian's and Whisper's position tables index
+``cache length + i``; T5 biases attention by slot distance), so while the step runs, slimfx gives them positions
+that count the unmasked slots (``decoder_replacements``): BART's learned table and the sinusoidal ones of Marian
+and Pegasus, Whisper's table, each by the step's ``position_ids``; T5's relative position bias between real
+positions. ``compile_seq2seq_lm`` checks on one eager generation, with left padding and masked slots, that the
+step gives the logits of the model run on the real tokens alone, and refuses a model whose positions it cannot
+place so (M2M100 and NLLB count positions from the token ids' padding, LED and FSMT by cache length).
+
+``generate`` starts each decoder sequence with ``decoder_start_token_id`` unless given ``decoder_input_ids``
+(Whisper's task prompt: <|startoftranscript|>, language, task, <|notimestamps|>), and applies these entries of
+the model's generation config as transformers' logits processors do: ``forced_bos_token_id`` (the first new
+token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``), ``suppress_tokens``
+and ``begin_suppress_tokens`` (the first new token). Beam search, n-gram bans and Whisper's timestamp rules are
+not applied (greedy and sampling as ``CompiledCausalLM.generate``), so a model configured for them generates
+other tokens than its own ``generate``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from . import ir
+from .lm import CompiledCausalLM, _cache_kw, _is_int, _prompt, _replaced, step_inputs
+
+
+class _Call:
+    """What a replacement reads from the decoder step's current call (``DecoderStep.forward`` sets it)."""
+    attention_mask: Optional[torch.Tensor] = None
+    position_ids: Optional[torch.Tensor] = None
+
+
+def _t5_bias(original, call: _Call):
+    """T5's ``compute_bias`` (and its copies: mT5, LongT5, UMT5) for the decoder's self-attention over real
+    positions: transformers buckets ``key slot - (past slots + query index)``; here ``pos(key) - pos(query)``,
+    pos counting the unmasked slots of the step's attention mask (masked keys get whatever bias: the mask
+    removes them). (batch, heads, queries, keys). The encoder's, and a call outside the step, run ``original``."""
+    def compute_bias(self, query_length, key_length, *args, **kwargs):
+        if call.attention_mask is None or not self.is_decoder:
+            return original(self, query_length, key_length, *args, **kwargs)
+        pos = call.attention_mask.long().cumsum(-1) - 1
+        # the mask's last key_length / query_length slots (narrow: a length export reads as plainly that)
+        keys = pos.narrow(1, pos.shape[1] - key_length, key_length)
+        queries = pos.narrow(1, pos.shape[1] - query_length, query_length)
+        bucket = self._relative_position_bucket(keys[:, None, :] - queries[:, :, None], bidirectional=False,
+                                                num_buckets=self.relative_attention_num_buckets,
+                                                max_distance=self.relative_attention_max_distance)
+        return self.relative_attention_bias(bucket).permute(0, 3, 1, 2)
+    return compute_bias
+
+
+def _offset_positions(original, call: _Call):
+    """BART's learned position table (and its copies: mBART, PLBart, BigBird-Pegasus), which takes positions
+    ``offset`` rows on and 1-d ``position_ids`` only: the rows of the step's (batch, length) positions."""
+    def forward(self, *args, **kwargs):
+        if call.position_ids is None:
+            return original(self, *args, **kwargs)
+        return nn.Embedding.forward(self, call.position_ids + self.offset)
+    return forward
+
+
+def _given_positions(original, call: _Call):
+    """A position embedding that takes ``position_ids`` (Marian's, Pegasus's and Blenderbot's sinusoidal tables,
+    Whisper's learned one): called with the step's."""
+    def forward(self, *args, **kwargs):
+        if call.position_ids is not None:
+            kwargs["position_ids"] = call.position_ids
+        return original(self, *args, **kwargs)
+    return forward
+
+
+def decoder_replacements(model: nn.Module, call: _Call) -> list:
+    """(class, attribute, replacement) for the functions through which ``model``'s decoder counts positions by
+    cache slot, each then counting real positions while ``DecoderStep`` runs (module docstring). A decoder none
+    of them reaches keeps its own, which ``check_positions`` then tests."""
+    decoder = model.get_decoder()
+    out = []
+    for m in decoder.modules():
+        cls = type(m)
+        if "compute_bias" in cls.__dict__ and hasattr(cls, "_relative_position_bucket"):
+            out.append((cls, "compute_bias", _t5_bias(cls.compute_bias, call)))
+    table = getattr(decoder, "embed_positions", None)
+    if isinstance(table, nn.Module):
+        cls = next(c for c in type(table).__mro__ if "forward" in c.__dict__)
+        if isinstance(table, nn.Embedding) and _is_int(getattr(table, "offset", None)):
+            out.append((cls, "forward", _offset_positions(cls.forward, call)))
+        elif "position_ids" in inspect.signature(cls.forward).parameters:
+            out.append((cls, "forward", _given_positions(cls.forward, call)))
+    return list(dict.fromkeys(out))
+
+
+class _Shared(nn.Module):
+    """A module holding ``model``'s children (parameter names stay the model's), calling the model itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        ours = dict(self.named_parameters())
+        missing = [n for n, _ in model.named_parameters() if n not in ours]
+        if missing:
+            raise TypeError(f"{type(model).__name__}: parameters {missing[:3]} live on the model itself, not in a "
+                            f"submodule; compile_seq2seq_lm wraps Hugging Face encoder-decoder models")
+        object.__setattr__(self, "_model", model)      # not a submodule: its children are ours already
+        self.training = model.training
+        self._kw = _cache_kw(model)
+
+
+class EncodeStep(_Shared):
+    """The encoder half: forward(inputs (token ids (batch, length), or Whisper's features), attention_mask)
+    -> {"cross": [(keys, values)] * decoder layers, each (batch, heads, encoder length, head dim),
+    "mask": (batch, encoder length)}. The cross-attention keys and values are what transformers' decoder writes
+    into its cross-attention cache on its first call: the decoder runs once on 2 placeholder tokens, and capture
+    drops everything of it but those projections, which nothing else reads."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.input_name = model.main_input_name
+
+    def forward(self, inputs, attention_mask=None):
+        from transformers import DynamicCache, EncoderDecoderCache
+        encoder = self._model.get_encoder()
+        hidden = encoder(**{self.input_name: inputs}, attention_mask=attention_mask)[0]
+        if attention_mask is None:       # (Whisper: its encoder's every position counts)
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        placeholder = torch.zeros(hidden.shape[0], 2, dtype=torch.long, device=hidden.device)
+        out = self._model(encoder_outputs=(hidden,), attention_mask=attention_mask, decoder_input_ids=placeholder,
+                          use_cache=True, **{self._kw: cache})
+        cross = getattr(out, self._kw).cross_attention_cache
+        return {"cross": [(layer.keys, layer.values) for layer in cross.layers], "mask": attention_mask}
+
+
+class DecoderStep(_Shared):
+    """One decoder step (module docstring): forward(input_ids (B, S), position_ids (B, S), attention_mask
+    (B, P + S), cache [(k, v)] * layers, logits_at (K,), cross [(k, v)] * layers, encoder_attention_mask (B, E))
+    -> {"logits": (B, K, vocab), "cache": [(k, v)] * layers, P + S long}."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
+        config = model.config
+        self._width = int(getattr(config, "d_model", None) or config.hidden_size)
+        self._call = _Call()
+        self._replacements = decoder_replacements(model, self._call)
+
+    def forward(self, input_ids, position_ids, attention_mask, cache, logits_at, cross, encoder_attention_mask):
+        from transformers import DynamicCache, EncoderDecoderCache
+        both = EncoderDecoderCache(DynamicCache(ddp_cache_data=[(k, v) for k, v in cache]),
+                                   DynamicCache(ddp_cache_data=[(k, v) for k, v in cross]))
+        # the cross-attention reads its keys and values from the cache (filled: is_updated); of the encoder's
+        # output it reads the shape only, so a broadcast zero stands for it
+        b, e = encoder_attention_mask.shape
+        hidden = cross[0][0].new_zeros(1, 1, 1).expand(b, e, self._width)
+        keep = {"logits_to_keep": logits_at} if self._keeps else {}
+        self._call.attention_mask, self._call.position_ids = attention_mask, position_ids
+        try:
+            with _replaced(self._replacements):
+                out = self._model(encoder_outputs=(hidden,), attention_mask=encoder_attention_mask,
+                                  decoder_input_ids=input_ids, decoder_attention_mask=attention_mask,
+                                  use_cache=True, **{self._kw: both}, **keep)
+        finally:
+            self._call.attention_mask = self._call.position_ids = None   # (a traced one must not outlive its trace)
+        logits = out.logits if self._keeps else out.logits[:, logits_at]
+        new = getattr(out, self._kw).self_attention_cache
+        return {"logits": logits, "cache": [(layer.keys, layer.values) for layer in new.layers]}
+
+
+def _start_token(model: nn.Module) -> int:
+    gen = getattr(model, "generation_config", None)
+    start = getattr(gen, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+    if isinstance(start, (list, tuple)):
+        start = start[0] if start else None
+    if not _is_int(start):
+        raise TypeError(f"{type(model).__name__} names no decoder_start_token_id (generation config or config); "
+                        f"compile_seq2seq_lm needs the token each decoder sequence starts with")
+    return int(start)
+
+
+def _example_inputs(model: nn.Module) -> tuple:
+    """The encoder's example input: 2 x 16 random token ids, or Whisper-like features of the length its encoder
+    requires (``num_mel_bins`` x ``max_source_positions`` times its convolutions' strides)."""
+    name = model.main_input_name
+    if name == "input_ids":
+        vocab = model.get_input_embeddings().num_embeddings
+        return (torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    config, encoder = model.config, model.get_encoder()
+    convs = [m for m in encoder.children() if isinstance(m, nn.Conv1d)]
+    if name == "input_features" and getattr(config, "num_mel_bins", None) and convs and \
+            getattr(config, "max_source_positions", None):
+        frames = int(config.max_source_positions)
+        for conv in convs:
+            frames *= conv.stride[0]
+        dtype = next(model.parameters()).dtype
+        return (torch.randn(2, int(config.num_mel_bins), frames, generator=torch.Generator().manual_seed(0)
+                            ).to(dtype),)
+    raise TypeError(f"{type(model).__name__} takes {name!r}: pass example_inputs=(a batch of it,) to "
+                    f"compile_seq2seq_lm (token ids and Whisper's features it makes itself)")
+
+
+def _encoder_args(name: str, inputs, attention_mask) -> tuple:
+    """The encoder step's arguments for ``inputs`` (checked): ids with a mask of 0/1 (all ones when None)."""
+    if name == "input_ids":
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
+                             f"{getattr(inputs, 'dtype', type(inputs).__name__)} {tuple(getattr(inputs, 'shape', ()))}")
+        if inputs.shape[0] == 0 or inputs.shape[1] == 0:
+            raise ValueError(f"input_ids must hold at least one input of at least one token, got shape "
+                             f"{tuple(inputs.shape)}")
+        mask = torch.ones_like(inputs) if attention_mask is None else attention_mask
+        if tuple(mask.shape) != tuple(inputs.shape):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(inputs.shape)}")
+        mask = mask.long()
+        if bool(((mask != 0) & (mask != 1)).any()) or bool((mask.sum(-1) == 0).any()):
+            raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only, and at least one 1 per row")
+        return inputs.long(), mask
+    if not isinstance(inputs, torch.Tensor) or not inputs.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a float tensor, got {getattr(inputs, 'dtype', type(inputs).__name__)}")
+    if attention_mask is not None:
+        raise ValueError(f"the encoder takes {name} without an attention_mask (each of its positions counts)")
+    return (inputs,)
+
+
+def _decoder_layout(model: nn.Module, enc_args: tuple, name: str) -> list:
+    """((key heads, key dim), (value heads, value dim)) of each decoder layer's self-attention cache, from one
+    eager call; refuses caches other than transformers' EncoderDecoderCache of full-attention layers."""
+    from transformers.cache_utils import DynamicLayer, EncoderDecoderCache
+    what = type(model).__name__
+    kw = _cache_kw(model)
+    inputs = {name: enc_args[0][:1]}
+    if len(enc_args) > 1:
+        inputs["attention_mask"] = enc_args[1][:1]
+    dev = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            out = model(**{k: v.to(dev) for k, v in inputs.items()},
+                        decoder_input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev), use_cache=True)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as e:
+        raise TypeError(f"{what} fails a plain call with use_cache=True, from which compile_seq2seq_lm reads its "
+                        f"cache's layout: {type(e).__name__}: {e}") from e
+    cache = getattr(out, kw, None)
+    if not isinstance(cache, EncoderDecoderCache):
+        raise TypeError(f"{what} returned no EncoderDecoderCache ({type(cache).__name__}); compile_seq2seq_lm "
+                        f"needs transformers' self- and cross-attention caches")
+    for part, c in (("self", cache.self_attention_cache), ("cross", cache.cross_attention_cache)):
+        odd = sorted({type(layer).__name__ for layer in c.layers if type(layer) is not DynamicLayer})
+        if odd or not c.layers or any(layer.keys is None for layer in c.layers):
+            raise TypeError(f"{what}: its {part}-attention cache holds {odd or 'unfilled layers'}; "
+                            f"compile_seq2seq_lm handles full-attention caches (DynamicLayer), one filled per layer")
+    return [((int(layer.keys.shape[1]), int(layer.keys.shape[3])),
+             (int(layer.values.shape[1]), int(layer.values.shape[3])))
+            for layer in cache.self_attention_cache.layers]
+
+
+def _decoder_vocab(model: nn.Module) -> int:
+    """The decoder's token embeddings' rows (random example tokens stay below it)."""
+    table = getattr(model.get_decoder(), "embed_tokens", None)
+    return int((table if isinstance(table, nn.Embedding) else model.get_input_embeddings()).num_embeddings)
+
+
+def _position_limit(model: nn.Module) -> Optional[int]:
+    """The positions the decoder's position table holds (rows less BART's offset), else None (T5: no table)."""
+    table = getattr(model.get_decoder(), "embed_positions", None)
+    if isinstance(table, nn.Embedding):
+        return int(table.num_embeddings) - int(getattr(table, "offset", 0) or 0)
+    return None
+
+
+def check_positions(model: nn.Module, encoder: EncodeStep, step: DecoderStep, enc_args: tuple, layout, dtype,
+                    start: int) -> None:
+    """Refuse ``model`` unless generating through ``step`` gives the logits of the model run on the real decoder
+    tokens alone (a left-padded decoder prompt, then two decode steps: masked slots in front, the re-fed token
+    masked, unfilled slots between): its decoder's positions must count real tokens (``decoder_replacements``)."""
+    dev = next(model.parameters()).device
+    vocab = _decoder_vocab(model)
+    enc_args = tuple(a[:2].to(dev) for a in enc_args)
+    b = enc_args[0].shape[0]
+    ids = torch.randint(0, vocab, (b, 6), generator=torch.Generator().manual_seed(0)).to(dev)
+    ids[:, 0] = start
+    mask = torch.ones_like(ids)
+    if b > 1:
+        mask[0, :2] = 0
+    lm = _EagerSeq2SeqLM(encoder, step, layout, dtype, start, model_name=type(model).__name__,
+                         input_name=encoder.input_name)
+    with ir.eval_mode(model), torch.no_grad():
+        try:
+            extra = lm._encode_args(enc_args)
+            logits, state = lm.prefill(ids[:, :4], mask[:, :4], extra=extra)
+            got = torch.stack([logits[:, -1], lm.decode(ids[:, 4], state), lm.decode(ids[:, 5], state)], 1)
+        except Exception as e:
+            raise TypeError(f"{type(model).__name__} is not supported: its decoder fails on the cache "
+                            f"compile_seq2seq_lm gives it, masked slots included ({type(e).__name__}: {e})") from e
+        ref = []
+        for i in range(b):
+            inputs = {encoder.input_name: enc_args[0][i:i + 1]}
+            if len(enc_args) > 1:
+                inputs["attention_mask"] = enc_args[1][i:i + 1]
+            ref.append(model(**inputs, decoder_input_ids=ids[i][mask[i].bool()][None]).logits[0, -3:])
+        ref = torch.stack(ref)
+    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+    # as check_masked_slots: fp32 differs by summation order only; positions off by the masked slots move the
+    # logits by a sizeable fraction of their scale
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    if not err <= tol:
+        raise TypeError(f"{type(model).__name__} is not supported: its decoder counts positions by cache slot in a "
+                        f"way slimfx does not replace (logits change by {err:.2g} of their scale when masked cache "
+                        f"slots are present), so the masked slots of the decode buffer (left padding, the re-fed "
+                        f"token, unfilled slots) would shift its positions")
+
+
+def _batches(items: Iterable, name: str) -> list:
+    """Calibration batches as (encoder inputs, mask, decoder ids or None)."""
+    from collections.abc import Mapping
+    if isinstance(items, (Mapping, torch.Tensor)):
+        raise TypeError("compile_seq2seq_lm: calibration is one batch; pass a list of batches: calibration=[batch]")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or name not in item:
+            raise TypeError(f"compile_seq2seq_lm: calibration batch {i} must be a dict with {name!r} (and "
+                            f"'attention_mask', 'decoder_input_ids' or 'labels' as it has them), got "
+                            f"{list(item) if isinstance(item, Mapping) else type(item).__name__}")
+        out.append(item)
+    return out
+
+
+def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: Optional[Iterable] = None,
+                       example_inputs: Optional[tuple] = None, backend: str = "numpy",
+                       backend_options: Optional[dict] = None, **compile_kwargs) -> "CompiledSeq2SeqLM":
+    """Compile ``model`` (a Hugging Face encoder-decoder model: T5, BART, Marian, Pegasus, Whisper) for
+    generation: its encoder and its decoder step, each through ``slimfx.compile`` with ``passes`` (module
+    docstring).
+
+    calibration: batches, each a dict with the model's input ("input_ids" and "attention_mask", or Whisper's
+                 "input_features") and, for the decoder step, "decoder_input_ids" or "labels" (shifted right
+                 behind ``decoder_start_token_id``, as transformers trains; without them the decoder sees the
+                 start token alone)
+    example_inputs: (the encoder's input,) for the captures (default: 2 x 16 random tokens, or Whisper-like
+                 features; the first calibration batch when given)
+    The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
+    from .api import compile as compile_graph
+    for key in ("dynamic", "example_kwargs"):
+        if key in compile_kwargs:
+            raise TypeError(f"compile_seq2seq_lm sets {key!r} itself (the steps' inputs and dynamic dims)")
+    what = type(model).__name__
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or \
+            not hasattr(model, "get_encoder"):
+        raise TypeError(f"{what} is not an encoder-decoder model (config.is_encoder_decoder); "
+                        f"compile_causal_lm compiles a decoder-only causal LM")
+    name = model.main_input_name
+    dtype = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+    start = _start_token(model)
+    batches = _batches(calibration, name) if calibration is not None else None
+    if example_inputs is None:
+        example_inputs = ((batches[0][name],) if batches else _example_inputs(model))
+    if not isinstance(example_inputs, tuple) or len(example_inputs) != 1:
+        raise TypeError(f"compile_seq2seq_lm: example_inputs must be a 1-tuple (the encoder's {name}), got "
+                        f"{type(example_inputs).__name__}")
+    mask = batches[0].get("attention_mask") if batches else None
+    enc_args = _encoder_args(name, example_inputs[0], mask if name == "input_ids" else None)
+    enc_args = tuple(a.to(dev) for a in enc_args)
+    layout = _decoder_layout(model, enc_args, name)
+    encoder, step = EncodeStep(model), DecoderStep(model)
+    check_positions(model, encoder, step, enc_args, layout, dtype, start)
+
+    auto = Dim.AUTO
+    enc_dynamic = {"inputs": {i: auto for i in range(enc_args[0].dim())}}
+    enc_dynamic["attention_mask"] = {0: auto, 1: auto} if len(enc_args) > 1 else None
+    enc_cal = None
+    dec_cal = []
+    eager = _EagerSeq2SeqLM(encoder, step, layout, dtype, start, model_name=what, input_name=name)
+    if batches:
+        enc_cal = []
+        with ir.eval_mode(model), torch.no_grad():
+            for i, item in enumerate(batches):
+                try:
+                    args = _encoder_args(name, item[name], item.get("attention_mask"))
+                except ValueError as e:
+                    raise ValueError(f"compile_seq2seq_lm: calibration batch {i}: {e}") from e
+                args = tuple(a.to(dev) for a in args)
+                enc_cal.append(args if len(args) > 1 else (args[0], None))
+                extra = eager._encode_args(args)
+                ids = _decoder_ids(item, start, getattr(model.config, "pad_token_id", None), args[0].shape[0])
+                dec_cal.append((*step_inputs(ids.to(dev), None, layout, dtype), *extra))
+    cm_enc = compile_graph(encoder, (enc_args[0], enc_args[1] if len(enc_args) > 1 else None), passes=passes,
+                           backend=backend, backend_options=backend_options, dynamic=enc_dynamic,
+                           calibration=enc_cal, **compile_kwargs)
+    with ir.eval_mode(model), torch.no_grad():
+        extra = eager._encode_args(enc_args)
+    ids = torch.randint(0, _decoder_vocab(model), (enc_args[0].shape[0], 4),
+                        generator=torch.Generator().manual_seed(1)).to(dev)
+    ids[:, 0] = start
+    # two masked slots: an example dim of 1 would be specialized; at run time the prompt step holds one
+    example = (*step_inputs(ids, None, layout, dtype, slots=2), *extra)
+    dynamic = {"input_ids": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+               "attention_mask": {0: auto, 1: auto}, "cache": [({0: auto, 2: auto}, {0: auto, 2: auto})
+                                                                for _ in layout],
+               "logits_at": {0: auto}, "cross": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in extra[0]],
+               "encoder_attention_mask": {0: auto, 1: auto}}
+    cm_step = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
+                            dynamic=dynamic, calibration=dec_cal or None, **compile_kwargs)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    return CompiledSeq2SeqLM(
+        cm_enc, cm_step, layout, dtype, start, eos_token_id=eos, pad_token_id=getattr(gen, "pad_token_id", None),
+        model_name=what, position_limit=_position_limit(model), input_name=name,
+        forced_bos_token_id=getattr(gen, "forced_bos_token_id", None),
+        forced_eos_token_id=getattr(gen, "forced_eos_token_id", None),
+        suppress_tokens=getattr(gen, "suppress_tokens", None),
+        begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None))
+
+
+def _decoder_ids(item, start: int, pad: Optional[int], batch: int) -> torch.Tensor:
+    """A calibration batch's decoder tokens: its decoder_input_ids, its labels behind the start token (-100, the
+    ignored label, as the pad token), or the start token alone."""
+    if item.get("decoder_input_ids") is not None:
+        return item["decoder_input_ids"].long()
+    labels = item.get("labels")
+    if labels is None:
+        return torch.full((batch, 1), start, dtype=torch.long)
+    labels = labels.long()
+    shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], 1)
+    return shifted.masked_fill(shifted == -100, start if pad is None else pad)
+
+
+def _ids(value, what: str) -> tuple:
+    """A generation config's token id or ids as a tuple of ints (None: none)."""
+    if value is None:
+        return ()
+    values = [value] if _is_int(value) else list(value)
+    if not all(_is_int(v) for v in values):
+        raise ValueError(f"{what} must be token ids, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+class CompiledSeq2SeqLM(CompiledCausalLM):
+    """The compiled encoder and decoder step of an encoder-decoder model, and the generation loop around them
+    (``compile_seq2seq_lm``). ``encoder`` and ``step`` are the two ``CompiledModel``s; prefill, decode and the
+    sampling options are ``CompiledCausalLM``'s, over decoder tokens, with the encoded input as the step's
+    ``extra`` inputs (``encode``)."""
+
+    def __init__(self, encoder, step, layout, dtype, decoder_start_token_id: int, eos_token_id=None,
+                 pad_token_id=None, model_name: Optional[str] = None, position_limit: Optional[int] = None,
+                 input_name: str = "input_ids", forced_bos_token_id=None, forced_eos_token_id=None,
+                 suppress_tokens=None, begin_suppress_tokens=None):
+        super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         model_name=model_name, position_limit=position_limit)
+        self.encoder = encoder
+        self.decoder_start_token_id = int(decoder_start_token_id)
+        self.input_name = input_name
+        self.forced_bos_token_id = _ids(forced_bos_token_id, "forced_bos_token_id")
+        self.forced_eos_token_id = _ids(forced_eos_token_id, "forced_eos_token_id")
+        self.suppress_tokens = _ids(suppress_tokens, "suppress_tokens")
+        self.begin_suppress_tokens = _ids(begin_suppress_tokens, "begin_suppress_tokens")
+
+    def _options(self) -> dict:
+        return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self.pad_token_id,
+                    model_name=self.model_name, position_limit=self.position_limit, input_name=self.input_name,
+                    forced_bos_token_id=self.forced_bos_token_id or None,
+                    forced_eos_token_id=self.forced_eos_token_id or None,
+                    suppress_tokens=self.suppress_tokens or None,
+                    begin_suppress_tokens=self.begin_suppress_tokens or None)
+
+    def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
+        """Both graphs on another backend or with other options (``CompiledModel.with_backend``)."""
+        return CompiledSeq2SeqLM(self.encoder.with_backend(backend, backend_options),
+                                 self.step.with_backend(backend, backend_options), self.layout, self.dtype,
+                                 self.decoder_start_token_id, **self._options())
+
+    def _encode_args(self, args: tuple) -> tuple:
+        out = self.encoder(args[0], args[1] if len(args) > 1 else None)
+        return [(k, v) for k, v in out["cross"]], out["mask"]
+
+    def encode(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> tuple:
+        """The decoder step's ``extra`` inputs for ``inputs`` (token ids with their ``attention_mask``, or
+        Whisper's features): each decoder layer's cross-attention (keys, values) and the encoder's mask, for
+        ``prefill(decoder_ids, extra=lm.encode(ids, mask))`` and ``decode``."""
+        return self._encode_args(_encoder_args(self.input_name, inputs, attention_mask))
+
+    def generate(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 decoder_input_ids: Optional[torch.Tensor] = None,
+                 decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+                 progress: bool = False, **options) -> torch.Tensor:
+        """The decoder's tokens (batch, prompt + up to ``max_new_tokens``), as transformers' ``generate`` returns
+        them for an encoder-decoder model: the decoder prompt (``decoder_input_ids``, left-padded with
+        ``decoder_attention_mask``; by default ``decoder_start_token_id`` alone) and the new tokens. ``inputs``:
+        the encoder's (token ids with ``attention_mask``, or Whisper's features). The sampling options, their
+        order and the end-of-sequence handling are ``CompiledCausalLM.generate``'s; the generation config's forced
+        and suppressed tokens apply as the module docstring says (``forced_bos_token_id`` and the other three
+        may be given here too: None or () for none)."""
+        from tqdm.auto import tqdm
+        dec = self._decoder_prompt(inputs, decoder_input_ids)
+        steps = self.stream(inputs, attention_mask, decoder_input_ids=dec,
+                            decoder_attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens, **options)
+        new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
+                                            leave=False)]
+        return torch.cat([dec.long(), *new], 1)
+
+    def _decoder_prompt(self, inputs, decoder_input_ids):
+        if decoder_input_ids is not None:
+            return decoder_input_ids
+        b = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 1
+        return torch.full((b, 1), self.decoder_start_token_id, dtype=torch.long,
+                          device=getattr(inputs, "device", None))
+
+    _unset = object()
+
+    def stream(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+               decoder_input_ids: Optional[torch.Tensor] = None,
+               decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+               forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
+               begin_suppress_tokens=_unset, **options):
+        """``generate`` one token at a time: an iterator of each step's new tokens (batch,)."""
+        unset = CompiledSeq2SeqLM._unset
+        bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
+                                                                                  "forced_bos_token_id")
+        eos = self.forced_eos_token_id if forced_eos_token_id is unset else _ids(forced_eos_token_id,
+                                                                                  "forced_eos_token_id")
+        suppress = self.suppress_tokens if suppress_tokens is unset else _ids(suppress_tokens, "suppress_tokens")
+        begin = self.begin_suppress_tokens if begin_suppress_tokens is unset else _ids(begin_suppress_tokens,
+                                                                                        "begin_suppress_tokens")
+        dec = self._decoder_prompt(inputs, decoder_input_ids)
+        _prompt(dec, decoder_attention_mask)                       # (bad decoder prompts: its errors, first)
+        args = _encoder_args(self.input_name, inputs, attention_mask)
+        if args[0].shape[0] != dec.shape[0]:
+            raise ValueError(f"{self.input_name} holds {args[0].shape[0]} inputs, decoder_input_ids "
+                             f"{dec.shape[0]} prompts")
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:     # (before the encoder runs)
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        first_forced = bos if dec.shape[-1] == 1 else ()           # transformers: at a decoder length of 1
+
+        def rules(i):
+            ban = (*suppress, *(begin if i == 0 else ()))
+            forced = first_forced if i == 0 else (eos if i == max_new_tokens - 1 else ())
+            return ban, forced
+        return self._stream(dec, decoder_attention_mask, max_new_tokens=max_new_tokens,
+                            extra=functools.partial(self._encode_args, args), rules=rules, **options)
+
+    def save(self, path):
+        raise NotImplementedError(f"{self.model_name}: saving a compiled encoder-decoder model is not supported yet; "
+                                  f"save its encoder and step (lm.encoder.save(path), lm.step.save(path)) to keep "
+                                  f"the graphs, or compile it again")
+
+    def __repr__(self):
+        return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"
+
+
+class _EagerSeq2SeqLM(CompiledSeq2SeqLM):
+    """The generation loop around the uncompiled step modules (``check_positions``, calibration)."""
+
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = ()):
+        return self.step(ids, pos, mask, cache, at, *extra)

@@ -1,0 +1,246 @@
+"""compile_seq2seq_lm: encoder-decoder generation (T5, BART, Marian, Pegasus, Whisper) against transformers."""
+import pytest
+import torch
+
+import slimfx
+from conftest import text_batch
+from slimfx import passes as P
+
+VOCAB = 97
+
+
+def _tiny(family: str):
+    """A 2-layer model of ``family`` whose random weights give varied greedy tokens (transformers' default init,
+    std 0.02, repeats one token: a test of nothing), with its generation config's forced and suppressed tokens
+    cleared (``_forcing`` sets them)."""
+    import transformers as T
+    torch.manual_seed(0)
+    seq = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=2, forced_eos_token_id=None,
+               forced_bos_token_id=None)
+    if family == "t5":
+        model = T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            relative_attention_max_distance=6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    elif family == "bart":
+        model = T.BartForConditionalGeneration(T.BartConfig(**seq))
+    elif family == "marian":
+        model = T.MarianMTModel(T.MarianConfig(**seq))
+    elif family == "pegasus":
+        model = T.PegasusForConditionalGeneration(T.PegasusConfig(**seq))
+    elif family == "whisper":
+        model = T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+            max_source_positions=12, max_target_positions=40, decoder_start_token_id=2, pad_token_id=0,
+            eos_token_id=1, bos_token_id=2, begin_suppress_tokens=None, suppress_tokens=None))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 if "embed" in name or "shared" in name or "relative" in name else 0.3)
+    gen = model.generation_config
+    for key in ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
+        setattr(gen, key, None)
+    gen.max_length = 200                  # (transformers would cap generate at 20 tokens)
+    return model.eval()
+
+
+def _inputs(model, batch=2, length=7, seed=0):
+    if model.main_input_name == "input_features":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, model.config.num_mel_bins, 24, generator=g), None
+    return text_batch(batch, length, VOCAB, pad_left=True, seed=seed)
+
+
+def _reference(model, inputs, mask, new, **kw):
+    """transformers' greedy tokens with the start token in front (Whisper's generate leaves it out)."""
+    given = {"attention_mask": mask} if mask is not None else {}
+    with torch.no_grad():
+        out = model.generate(inputs, **given, max_new_tokens=new, min_new_tokens=kw.pop("min_new_tokens", 0),
+                             do_sample=False, num_beams=1, **kw)
+    if model.main_input_name == "input_features" and "decoder_input_ids" not in kw:
+        out = torch.cat([torch.full_like(out[:, :1], model.generation_config.decoder_start_token_id), out], 1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lms():
+    out = {}
+    for family in ("t5", "bart", "marian", "pegasus", "whisper"):
+        model = _tiny(family)
+        out[family] = (model, slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False))
+    return out
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "marian", "pegasus", "whisper"])
+def test_greedy_tokens_equal_transformers_generate(lms, family):
+    """The decoder step's positions count real tokens (T5's relative bias, BART's, Marian's, Pegasus's and
+    Whisper's position tables), so the decode buffer's masked slots change nothing: transformers' tokens, with a
+    left-padded encoder input, past two buffer sizes (min_cache 4: 4 -> 8 -> 16 -> 32 slots). Without the
+    replacements the step counts slots and the tokens differ (checked by check_positions' refusal)."""
+    model, lm = lms[family]
+    lm.min_cache = 4
+    inputs, mask = _inputs(model)
+    ref = _reference(model, inputs, mask, 20, min_new_tokens=20)
+    got = lm.generate(inputs, mask, max_new_tokens=20, min_new_tokens=20)
+    assert torch.equal(got, ref), f"{family}\n got {got.tolist()}\n ref {ref.tolist()}"
+    assert len(set(ref[:, 1:].flatten().tolist())) >= 3          # not one token repeated
+    assert [t.tolist() for t in lm.stream(inputs, mask, max_new_tokens=5)] == got[:, 1:6].T.tolist()
+    # each decode step's logits (not only their argmax) are the model's over the whole decoder sequence
+    logits, state = lm.prefill(got[:, :1], extra=lm.encode(inputs, mask))
+    steps = [logits[:, -1]] + [lm.decode(got[:, i], state) for i in range(1, 20)]
+    given = {"attention_mask": mask} if mask is not None else {}
+    with torch.no_grad():
+        whole = model(inputs, **given, decoder_input_ids=got[:, :20]).logits
+    err = (torch.stack(steps, 1) - whole).abs().max() / whole.abs().max()
+    assert err < 1e-5, err                                     # float32 summation order (2e-7 measured)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_the_torch_backend_and_a_decoder_prompt(lms, family):
+    """A given decoder prompt continues as transformers continues it; a left-padded one (positions count its real
+    tokens) as each row's unpadded prompt alone. The torch backend gives the numpy backend's tokens."""
+    model, lm = lms[family]
+    eager = lm.with_backend("torch")
+    inputs, mask = _inputs(model, seed=3)
+    start = model.generation_config.decoder_start_token_id
+    prompt = torch.tensor([[start, 5, 9, 11], [start, 7, 3, 30]])
+    ref = _reference(model, inputs, mask, 8, decoder_input_ids=prompt, min_new_tokens=8)
+    for which in (lm, eager):
+        assert torch.equal(which.generate(inputs, mask, decoder_input_ids=prompt, max_new_tokens=8,
+                                          min_new_tokens=8), ref)
+    padded = torch.tensor([[start, 5, 9, 11, 13, 17], [0, 0, start, 7, 3, 30]])
+    dmask = (torch.arange(6) >= torch.tensor([[0], [2]])).long()
+    got = lm.generate(inputs, mask, decoder_input_ids=padded, decoder_attention_mask=dmask, max_new_tokens=8,
+                      min_new_tokens=8)
+    for row, real in ((0, padded[0]), (1, padded[1, 2:])):
+        alone = _reference(model, inputs[row:row + 1], mask[row:row + 1], 8, decoder_input_ids=real[None],
+                           min_new_tokens=8)
+        assert torch.equal(got[row, -len(alone[0]):], alone[0]), (row, got[row], alone[0])
+
+
+def _forcing(model, **config):
+    for key, value in config.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def test_forced_and_suppressed_tokens_as_the_generation_config_says():
+    """BART's forced beginning and end of sequence, Whisper's suppressed tokens (always, and at the first new
+    token), from the model's generation config as transformers' logits processors apply them; each may be
+    overridden per call (None: none)."""
+    bart = _forcing(_tiny("bart"), forced_bos_token_id=7, forced_eos_token_id=1)
+    lm = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False)
+    inputs, mask = _inputs(bart, seed=1)
+    ref = _reference(bart, inputs, mask, 9, min_new_tokens=9)
+    got = lm.generate(inputs, mask, max_new_tokens=9, min_new_tokens=9)
+    assert torch.equal(got, ref) and (got[:, 1] == 7).all() and (got[:, -1] == 1).all()
+    free = lm.generate(inputs, mask, max_new_tokens=9, min_new_tokens=9, forced_bos_token_id=None,
+                       forced_eos_token_id=None)
+    assert not (free[:, 1] == 7).all()
+    whisper = _tiny("whisper")
+    features, _ = _inputs(whisper)
+    plain = slimfx.compile_seq2seq_lm(whisper, backend="numpy", progress=False).generate(features, max_new_tokens=6)
+    first, later = int(plain[0, 1]), int(plain[0, 2])
+    _forcing(whisper, begin_suppress_tokens=[first], suppress_tokens=[later])
+    lm = slimfx.compile_seq2seq_lm(whisper, backend="numpy", progress=False)
+    got = lm.generate(features, max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(got, _reference(whisper, features, None, 6, min_new_tokens=6))
+    assert got[0, 1] != first and not (got[:, 1:] == later).any()
+
+
+def test_sampling_draws_transformers_tokens():
+    """temperature, top-k and top-p over the decoder's logits: the same random state draws transformers' tokens."""
+    model = _tiny("t5")
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    inputs, mask = _inputs(model, seed=2)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        ref = model.generate(inputs, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=True,
+                             temperature=1.3, top_k=20, top_p=0.9)
+    torch.manual_seed(5)
+    got = lm.generate(inputs, mask, max_new_tokens=10, min_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9)
+    assert torch.equal(got, ref)
+
+
+def test_quantized_int8_generates_close_to_float():
+    """W8A8 (dynamic per-token activations) reaches the encoder's linear layers, the cross-attention projections
+    and the decoder's: each graph's report says so, and the first step's logits stay within a cosine of 0.99 of
+    the float model's (int8 per channel/per token on a 32-wide model: SQNR ~ 30 dB, cosine > 0.999 typically;
+    0.99 leaves room for outlier rows)."""
+    model = _tiny("bart")
+    lm = slimfx.compile_seq2seq_lm(model, passes=[P.Quantize(weights="int8", activations="dynamic-per-token")],
+                                   backend="numpy", progress=False)
+    linears = {"encoder": 2 * 6 + 2 * 2, "step": 2 * 8 + 1}        # + the cross k/v; the step: + lm_head
+    for what, cm in (("encoder", lm.encoder), ("step", lm.step)):
+        counts = slimfx.ir.op_counts(cm.graph)
+        assert counts.get("slimfx.quantized_linear.default") == linears[what], counts
+        assert "aten.linear.default" not in counts, counts
+    inputs, mask = _inputs(model, seed=4)
+    ids = torch.full((2, 1), model.generation_config.decoder_start_token_id)
+    got, _ = lm.prefill(ids, extra=lm.encode(inputs, mask))
+    with torch.no_grad():
+        ref = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=ids).logits
+    cos = torch.nn.functional.cosine_similarity(got[:, -1].float(), ref[:, -1].float(), dim=-1)
+    assert (cos > 0.99).all(), cos
+
+
+def test_calibration_reaches_both_graphs():
+    """Static activation scales come from calibration batches: the encoder's from their inputs, the decoder
+    step's from their labels shifted behind the start token; generation then runs."""
+    model = _tiny("t5")
+    batches = [{"input_ids": ids, "attention_mask": mask, "labels": text_batch(2, 5, VOCAB, seed=i + 9)[0]}
+               for i, (ids, mask) in enumerate(text_batch(2, 7, VOCAB, pad_left=True, seed=s) for s in range(2))]
+    lm = slimfx.compile_seq2seq_lm(model, passes=[P.Quantize(weights="int8", activations="static")],
+                                   calibration=batches, backend="numpy", progress=False)
+    for cm in (lm.encoder, lm.step):
+        assert any("static" in str(r.stats) or "calib" in str(r.stats) for r in cm.report().records), \
+            cm.report()
+    assert lm.generate(batches[0]["input_ids"], batches[0]["attention_mask"], max_new_tokens=3).shape == (2, 4)
+
+
+def test_the_encoder_graph_holds_only_the_encoder_and_cross_projections(lms):
+    """The encoder step runs the decoder once on placeholder tokens to fill the cross-attention cache; all of
+    that run but the cross keys and values is dead code and goes, its attention included (torch marks
+    scaled_dot_product_attention random, so it stayed with everything it reads, before)."""
+    _, lm = lms["bart"]
+    names = [n.meta.get("nn_module_stack", {}) for n in lm.encoder.graph.graph.nodes if "linear" in str(n.target)]
+    owners = [list(stack)[-1] if stack else "" for stack in names]
+    decoder = [o for o in owners if "decoder" in o]
+    assert len(owners) == 16 and len(decoder) == 4, owners
+    sdpa = [n for n in lm.encoder.graph.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert len(sdpa) == 2                                  # the encoder's own
+
+
+def test_refusals(lms):
+    import transformers as T
+    model, lm = lms["bart"]
+    inputs, mask = _inputs(model)
+    with pytest.raises(TypeError, match="LlamaForCausalLM is not an encoder-decoder model"):
+        slimfx.compile_seq2seq_lm(T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
+    with pytest.raises(TypeError, match="compile_seq2seq_lm sets 'dynamic' itself"):
+        slimfx.compile_seq2seq_lm(model, dynamic=True)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 6\), input_ids \(2, 7\)"):
+        lm.generate(inputs, mask[:, 1:])
+    with pytest.raises(ValueError, match="input_ids holds 2 inputs, decoder_input_ids 1 prompts"):
+        lm.generate(inputs, mask, decoder_input_ids=torch.tensor([[2, 5]]))
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        lm.generate(inputs, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="input_ids must be a .batch, length. integer tensor"):
+        lm.generate(inputs.float(), mask)
+    with pytest.raises(NotImplementedError, match="saving a compiled encoder-decoder model is not supported yet"):
+        lm.save("/nonexistent")
+    with pytest.raises(TypeError, match="is an encoder-decoder model: .*compile_seq2seq_lm"):
+        slimfx.compile_causal_lm(model)
+    # M2M100 counts its decoder's positions from the token ids' padding and the cache length
+    m2m = T.M2M100ForConditionalGeneration(T.M2M100Config(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        decoder_start_token_id=2)).eval()
+    with pytest.raises(TypeError, match="M2M100ForConditionalGeneration is not supported: its decoder counts "
+                                        "positions by cache slot"):
+        slimfx.compile_seq2seq_lm(m2m, progress=False)
