@@ -107,6 +107,7 @@ def save(cm, path, extra: dict | None = None) -> pathlib.Path:
     graph over another's tensors, or as a plain model where a causal LM was saved."""
     from .ir.serialize import to_json
     from .lm import LM_FILE, CompiledCausalLM
+    from .seq2seq import SEQ2SEQ_FILE
     if isinstance(cm, CompiledCausalLM):
         return cm.save(path)
     extra = dict(extra or {})
@@ -143,6 +144,8 @@ def save(cm, path, extra: dict | None = None) -> pathlib.Path:
         for name in order:
             if name == GRAPH_FILE and LM_FILE not in extra:
                 (path / LM_FILE).unlink(missing_ok=True)      # a causal LM saved here before: this is a plain model
+            if name == GRAPH_FILE:
+                (path / SEQ2SEQ_FILE).unlink(missing_ok=True)  # an encoder-decoder model saved here before
             os.replace(tmp[name], path / name)     # a reader never sees half a file
     finally:
         for t in tmp.values():
@@ -157,10 +160,14 @@ def _save_id(file: pathlib.Path):
 
 def load(path, backend: str | None = None, backend_options: dict | None = None):
     """The ``CompiledModel`` saved in the folder ``path``, lowered to ``backend`` (default: the one it was
-    saved with) with ``backend_options``; a ``CompiledCausalLM`` when the folder holds one."""
+    saved with) with ``backend_options``; a ``CompiledCausalLM`` or ``CompiledSeq2SeqLM`` when the folder holds
+    one."""
     from .api import CompiledModel
     from .ir.serialize import from_json
     path = pathlib.Path(path)
+    from .seq2seq import SEQ2SEQ_FILE, CompiledSeq2SeqLM
+    if (path / SEQ2SEQ_FILE).is_file():
+        return CompiledSeq2SeqLM.from_saved(path, backend, backend_options)
     for name in (GRAPH_FILE, TENSOR_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"slimfx.load: {path} has no {name} "

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
+import pathlib
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -41,7 +44,9 @@ import torch.nn as nn
 from torch.export import Dim
 
 from . import ir
-from .lm import CompiledCausalLM, _cache_kw, _is_int, _prompt, _replaced, step_inputs
+from .lm import CompiledCausalLM, _cache_kw, _is_int, _normalized_layout, _prompt, _replaced, step_inputs
+
+SEQ2SEQ_FILE = "seq2seq_lm.json"
 
 
 class _Call:
@@ -454,7 +459,7 @@ def _ids(value, what: str) -> tuple:
     if value is None:
         return ()
     values = [value] if _is_int(value) else list(value)
-    if not all(_is_int(v) for v in values):
+    if not all(_is_int(v) for v in values):     # (a string is no list of ids either)
         raise ValueError(f"{what} must be token ids, got {value!r}")
     return tuple(int(v) for v in values)
 
@@ -562,10 +567,92 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         return self._stream(dec, decoder_attention_mask, max_new_tokens=max_new_tokens,
                             extra=functools.partial(self._encode_args, args), rules=rules, **options)
 
-    def save(self, path):
-        raise NotImplementedError(f"{self.model_name}: saving a compiled encoder-decoder model is not supported yet; "
-                                  f"save its encoder and step (lm.encoder.save(path), lm.step.save(path)) to keep "
-                                  f"the graphs, or compile it again")
+    def save(self, path) -> pathlib.Path:
+        """The encoder and the step (``CompiledModel.save``) in the folders ``encoder/`` and ``decoder/`` of
+        ``path``, then seq2seq_lm.json naming both saves; ``slimfx.load(path)`` gives back a CompiledSeq2SeqLM.
+        The json goes last, in one replace: a save interrupted before leaves the previous one's json, whose save
+        ids the new folders no longer match, so load refuses it instead of pairing two saves' graphs."""
+        from .io import GRAPH_FILE, TENSOR_FILE, _save_id, save
+        from .lm import LM_FILE
+        path = pathlib.Path(path)
+        data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""), "model": self.model_name,
+                "decoder_start_token_id": self.decoder_start_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id, "position_limit": self.position_limit,
+                "input_name": self.input_name, "forced_bos_token_id": list(self.forced_bos_token_id),
+                "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
+                "begin_suppress_tokens": list(self.begin_suppress_tokens)}
+        json.dumps(data)                               # (fails before anything is written)
+        ids = {}
+        for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
+            save(cm, path / part)
+            ids[part] = _save_id(path / part / TENSOR_FILE)
+        text = json.dumps({**data, "saves": ids}, indent=1)
+        tmp = path / (SEQ2SEQ_FILE + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        for stale in (GRAPH_FILE, TENSOR_FILE, LM_FILE):       # a model saved here before, at the top
+            (path / stale).unlink(missing_ok=True)
+        os.replace(tmp, path / SEQ2SEQ_FILE)
+        return path
+
+    @classmethod
+    def from_saved(cls, path, backend: Optional[str] = None,
+                   backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
+        """The model ``save`` wrote to ``path``, its two graphs lowered to ``backend`` (default: the one each was
+        saved with); a damaged, edited or half-written save is refused, naming what is wrong."""
+        from .io import TENSOR_FILE, _save_id, load
+        from .ir.serialize import FormatError, read_json
+        path = pathlib.Path(path)
+        where = f"slimfx.load({str(path)!r}): {SEQ2SEQ_FILE}"
+        data = read_json(path / SEQ2SEQ_FILE, where, ("layout", "dtype", "decoder_start_token_id", "saves"))
+        saves = data["saves"]
+        parts = {}
+        for part in ("encoder", "decoder"):
+            folder = path / part
+            if not isinstance(saves, dict) or not (folder / TENSOR_FILE).is_file():
+                raise FormatError(f"{where} names a save of the {part} that the folder {folder} does not hold; "
+                                  f"save the model again")
+            if _save_id(folder / TENSOR_FILE) != saves.get(part):
+                raise FormatError(f"{where} (save {saves.get(part)}) and {folder} (save "
+                                  f"{_save_id(folder / TENSOR_FILE)}) were written by different saves: a save into "
+                                  f"this folder was interrupted; save the model again")
+            parts[part] = load(folder, backend, backend_options)
+        dtype = getattr(torch, str(data["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")
+        try:
+            layout = _normalized_layout(data["layout"])
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{where}: layout is not ((key heads, key dim), (value heads, value dim)) per "
+                              f"layer: {data['layout']!r:.80}") from e
+        step = parts["decoder"]
+        leaves = [v for _, v in step._signature.leaves]     # (ids, positions, mask, *cache, logits_at, *cross, mask)
+        cache = leaves[3:3 + 2 * len(layout)]
+        if len(leaves) < 4 + 2 * len(layout) or not all(isinstance(t, torch.Tensor) for t in cache):
+            raise FormatError(f"{where}: layout has {len(layout)} layers, more than the decoder graph's cache")
+        for i, entry in enumerate(layout):
+            for (heads, dim), t, what in zip(entry, cache[2 * i:2 * i + 2], ("keys", "values")):
+                shape = tuple(t.shape)
+                if len(shape) != 4 or shape[1] != heads or shape[3] != dim or t.dtype != dtype:
+                    raise FormatError(f"{where}: layer {i}'s {what} are ({heads} heads, dim {dim}, {data['dtype']}), "
+                                      f"the decoder graph's cache input is {shape} {t.dtype}")
+        options = {}
+        for key in ("eos_token_id", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                    "begin_suppress_tokens"):
+            try:
+                options[key] = _ids(data.get(key), key) or None
+            except (TypeError, ValueError) as e:
+                raise FormatError(f"{where}: {e}") from e
+        for key in ("decoder_start_token_id", "pad_token_id", "position_limit"):
+            value = data.get(key)
+            if not (value is None and key != "decoder_start_token_id" or _is_int(value)):
+                either = "" if key == "decoder_start_token_id" else " or null"
+                raise FormatError(f"{where}: {key} must be an integer{either}, got {value!r}")
+        name = data.get("input_name", "input_ids")
+        if not isinstance(name, str):
+            raise FormatError(f"{where}: input_name must be a string, got {name!r}")
+        return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
+                   pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
+                   position_limit=data.get("position_limit"), input_name=name, **options)
 
     def __repr__(self):
         return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"

@@ -1,4 +1,6 @@
 """compile_seq2seq_lm: encoder-decoder generation (T5, BART, Marian, Pegasus, Whisper) against transformers."""
+import copy
+
 import pytest
 import torch
 
@@ -232,8 +234,6 @@ def test_refusals(lms):
         lm.generate(inputs, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="input_ids must be a .batch, length. integer tensor"):
         lm.generate(inputs.float(), mask)
-    with pytest.raises(NotImplementedError, match="saving a compiled encoder-decoder model is not supported yet"):
-        lm.save("/nonexistent")
     with pytest.raises(TypeError, match="is an encoder-decoder model: .*compile_seq2seq_lm"):
         slimfx.compile_causal_lm(model)
     # M2M100 counts its decoder's positions from the token ids' padding and the cache length
@@ -244,3 +244,46 @@ def test_refusals(lms):
     with pytest.raises(TypeError, match="M2M100ForConditionalGeneration is not supported: its decoder counts "
                                         "positions by cache slot"):
         slimfx.compile_seq2seq_lm(m2m, progress=False)
+
+
+def test_save_and_load(lms, tmp_path):
+    """Both graphs and the generation settings come back (the whisper model's suppressed tokens included), on the
+    saved backend or another; a save whose parts belong to different saves, a damaged file or a missing part is
+    refused, naming it; a plain model saved over the folder is what loads then."""
+    from slimfx.ir.serialize import FormatError
+    for family in ("t5", "whisper"):
+        model, lm = lms[family]
+        lm = copy.copy(lm)
+        lm.suppress_tokens = (5, 9)
+        inputs, mask = _inputs(model, seed=6)
+        ref = lm.generate(inputs, mask, max_new_tokens=7, min_new_tokens=7)
+        back = slimfx.load(slimfx.save(lm, tmp_path / family))
+        assert isinstance(back, slimfx.CompiledSeq2SeqLM) and back.suppress_tokens == (5, 9)
+        assert back.input_name == model.main_input_name and back.layout == lm.layout
+        assert torch.equal(back.generate(inputs, mask, max_new_tokens=7, min_new_tokens=7), ref)
+        assert torch.equal(slimfx.load(tmp_path / family, backend="torch").generate(
+            inputs, mask, max_new_tokens=7, min_new_tokens=7), ref)
+    folder = tmp_path / "t5"
+    lms["bart"][1].encoder.save(folder / "encoder")          # another model's encoder, saved on its own
+    with pytest.raises(FormatError, match=r"seq2seq_lm.json \(save \w+\) and .*encoder \(save \w+\) were written "
+                                          r"by different saves"):
+        slimfx.load(folder)
+    lms["t5"][1].save(folder)
+    text = (folder / "seq2seq_lm.json").read_text()
+    for bad, match in [(text.replace('"dtype": "float32"', '"dtype": "float99"'), "unknown dtype 'float99'"),
+                       (text.replace('"decoder_start_token_id": 0', '"decoder_start_token_id": "a"'),
+                        "decoder_start_token_id must be an integer, got 'a'"),
+                       (text.replace('"suppress_tokens": []', '"suppress_tokens": "ab"'),
+                        "suppress_tokens must be token ids, got 'ab'"),
+                       ("{", "is not valid JSON")]:
+        (folder / "seq2seq_lm.json").write_text(bad)
+        with pytest.raises(FormatError, match=match):
+            slimfx.load(folder)
+    (folder / "seq2seq_lm.json").write_text(text)
+    import shutil
+    shutil.rmtree(folder / "decoder")
+    with pytest.raises(FormatError, match="names a save of the decoder that the folder .*decoder does not hold"):
+        slimfx.load(folder)
+    plain = lms["t5"][1].step
+    slimfx.save(plain, folder)
+    assert isinstance(slimfx.load(folder), slimfx.CompiledModel)
