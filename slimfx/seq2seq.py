@@ -56,10 +56,11 @@ class _Call:
 
 
 def _t5_bias(original, call: _Call):
-    """T5's ``compute_bias`` (and its copies: mT5, LongT5, UMT5) for the decoder's self-attention over real
-    positions: transformers buckets ``key slot - (past slots + query index)``; here ``pos(key) - pos(query)``,
-    pos counting the unmasked slots of the step's attention mask (masked keys get whatever bias: the mask
-    removes them). (batch, heads, queries, keys). The encoder's, and a call outside the step, run ``original``."""
+    """T5's ``compute_bias`` (and its copies: mT5, LongT5, UMT5's of every layer) for the decoder's self-attention
+    over real positions: transformers buckets ``key slot - (past slots + query index)``; here ``pos(key) -
+    pos(query)``, pos counting the unmasked slots of the step's attention mask (masked keys get whatever bias: the
+    mask removes them). (batch, heads, queries, keys). The encoder's, and a call outside the step, run
+    ``original``."""
     def compute_bias(self, query_length, key_length, *args, **kwargs):
         if call.attention_mask is None or not self.is_decoder:
             return original(self, query_length, key_length, *args, **kwargs)
@@ -67,9 +68,13 @@ def _t5_bias(original, call: _Call):
         # the mask's last key_length / query_length slots (narrow: a length export reads as plainly that)
         keys = pos.narrow(1, pos.shape[1] - key_length, key_length)
         queries = pos.narrow(1, pos.shape[1] - query_length, query_length)
-        bucket = self._relative_position_bucket(keys[:, None, :] - queries[:, :, None], bidirectional=False,
-                                                num_buckets=self.relative_attention_num_buckets,
-                                                max_distance=self.relative_attention_max_distance)
+        relative = keys[:, None, :] - queries[:, :, None]
+        if "bidirectional" in inspect.signature(self._relative_position_bucket).parameters:
+            bucket = self._relative_position_bucket(relative, bidirectional=False,
+                                                    num_buckets=self.relative_attention_num_buckets,
+                                                    max_distance=self.relative_attention_max_distance)
+        else:                  # UMT5's method reads them from the module (a decoder's: one-sided)
+            bucket = self._relative_position_bucket(relative)
         return self.relative_attention_bias(bucket).permute(0, 3, 1, 2)
     return compute_bias
 
@@ -144,14 +149,15 @@ class EncodeStep(_Shared):
 
     def forward(self, inputs, attention_mask=None):
         from transformers import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
         encoder = self._model.get_encoder()
         hidden = encoder(**{self.input_name: inputs}, attention_mask=attention_mask)[0]
         if attention_mask is None:       # (Whisper: its encoder's every position counts)
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         placeholder = torch.zeros(hidden.shape[0], 2, dtype=torch.long, device=hidden.device)
-        out = self._model(encoder_outputs=(hidden,), attention_mask=attention_mask, decoder_input_ids=placeholder,
-                          use_cache=True, **{self._kw: cache})
+        out = self._model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask,
+                          decoder_input_ids=placeholder, use_cache=True, **{self._kw: cache})
         cross = getattr(out, self._kw).cross_attention_cache
         return {"cross": [(layer.keys, layer.values) for layer in cross.layers], "mask": attention_mask}
 
@@ -171,6 +177,7 @@ class DecoderStep(_Shared):
 
     def forward(self, input_ids, position_ids, attention_mask, cache, logits_at, cross, encoder_attention_mask):
         from transformers import DynamicCache, EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
         both = EncoderDecoderCache(DynamicCache(ddp_cache_data=[(k, v) for k, v in cache]),
                                    DynamicCache(ddp_cache_data=[(k, v) for k, v in cross]))
         # the cross-attention reads its keys and values from the cache (filled: is_updated); of the encoder's
@@ -181,7 +188,8 @@ class DecoderStep(_Shared):
         self._call.attention_mask, self._call.position_ids = attention_mask, position_ids
         try:
             with _replaced(self._replacements):
-                out = self._model(encoder_outputs=(hidden,), attention_mask=encoder_attention_mask,
+                out = self._model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+                                  attention_mask=encoder_attention_mask,
                                   decoder_input_ids=input_ids, decoder_attention_mask=attention_mask,
                                   use_cache=True, **{self._kw: both}, **keep)
         finally:

@@ -50,6 +50,42 @@ def _tiny(family: str):
     return model.eval()
 
 
+_SEQ = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=2, forced_eos_token_id=None,
+            forced_bos_token_id=None)
+_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+           relative_attention_max_distance=6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+_OTHERS = {"mt5": ("MT5ForConditionalGeneration", "MT5Config", _T5),
+           "umt5": ("UMT5ForConditionalGeneration", "UMT5Config", _T5),
+           "longt5": ("LongT5ForConditionalGeneration", "LongT5Config", _T5),
+           "mbart": ("MBartForConditionalGeneration", "MBartConfig", _SEQ),
+           "plbart": ("PLBartForConditionalGeneration", "PLBartConfig", _SEQ),
+           "blenderbot": ("BlenderbotForConditionalGeneration", "BlenderbotConfig", _SEQ),
+           "blenderbot_small": ("BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig", _SEQ),
+           "bigbird_pegasus": ("BigBirdPegasusForConditionalGeneration", "BigBirdPegasusConfig",
+                               {**_SEQ, "attention_type": "original_full"}),
+           "m2m100": ("M2M100ForConditionalGeneration", "M2M100Config", _SEQ),
+           "led": ("LEDForConditionalGeneration", "LEDConfig",
+                   {**{k: v for k, v in _SEQ.items() if k != "max_position_embeddings"},
+                    "max_encoder_position_embeddings": 64, "max_decoder_position_embeddings": 64,
+                    "attention_window": [4, 4]})}
+
+
+def _other(family: str):
+    """A 2-layer ``family`` model (``_OTHERS``) with weights that give varied tokens, as ``_tiny``."""
+    import transformers as T
+    model_class, config_class, config = _OTHERS[family]
+    torch.manual_seed(0)
+    model = getattr(T, model_class)(getattr(T, config_class)(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.generation_config.max_length = 200
+    return model.eval()
+
+
 def _inputs(model, batch=2, length=7, seed=0):
     if model.main_input_name == "input_features":
         g = torch.Generator().manual_seed(seed)
@@ -99,6 +135,36 @@ def test_greedy_tokens_equal_transformers_generate(lms, family):
         whole = model(inputs, **given, decoder_input_ids=got[:, :20]).logits
     err = (torch.stack(steps, 1) - whole).abs().max() / whole.abs().max()
     assert err < 1e-5, err                                     # float32 summation order (2e-7 measured)
+
+
+@pytest.mark.parametrize("family", ["mt5", "umt5", "longt5", "mbart", "plbart", "blenderbot", "blenderbot_small",
+                                    "bigbird_pegasus"])
+def test_other_families_generate_transformers_tokens(family):
+    """The copies of T5's relative bias (UMT5's in every layer, with a bucket method of its own) and of BART's and
+    Pegasus's position tables get real positions too: transformers' tokens past two buffer sizes."""
+    model = _other(family)
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    lm.min_cache = 4
+    inputs, mask = _inputs(model, seed=1)
+    ref = _reference(model, inputs, mask, 12, min_new_tokens=12)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12, min_new_tokens=12), ref)
+
+
+@pytest.mark.parametrize("family, why", [
+    ("m2m100", "its decoder counts positions by cache slot in a way slimfx does not replace"),
+    ("led", r"its decoder fails on the cache compile_seq2seq_lm gives it, masked slots included \(IndexError")])
+def test_families_whose_positions_count_slots_are_refused(family, why):
+    """M2M100 (and NLLB) count positions from the token ids' padding and the cache length, LED by cache length
+    into a table the decode buffer's slots overrun: refused after the eager check, the model left as it was."""
+    model = _other(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=f"{type(model).__name__} is not supported: {why}"):
+        slimfx.compile_seq2seq_lm(model, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    inputs, mask = _inputs(model)
+    with torch.no_grad():                     # its own forward is back (nothing replaced stays)
+        out = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=inputs[:, :3]).logits
+    assert out.shape == (2, 3, VOCAB)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -236,14 +302,6 @@ def test_refusals(lms):
         lm.generate(inputs.float(), mask)
     with pytest.raises(TypeError, match="is an encoder-decoder model: .*compile_seq2seq_lm"):
         slimfx.compile_causal_lm(model)
-    # M2M100 counts its decoder's positions from the token ids' padding and the cache length
-    m2m = T.M2M100ForConditionalGeneration(T.M2M100Config(
-        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        decoder_start_token_id=2)).eval()
-    with pytest.raises(TypeError, match="M2M100ForConditionalGeneration is not supported: its decoder counts "
-                                        "positions by cache slot"):
-        slimfx.compile_seq2seq_lm(m2m, progress=False)
 
 
 def test_save_and_load(lms, tmp_path):
