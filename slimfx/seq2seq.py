@@ -32,6 +32,7 @@ other tokens than its own ``generate``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -472,6 +473,19 @@ def _ids(value, what: str) -> tuple:
     return tuple(int(v) for v in values)
 
 
+@dataclasses.dataclass
+class Seq2SeqReport:
+    """The compile reports of an encoder-decoder model's two graphs (``slimfx.report.Report`` each)."""
+    encoder: object
+    decoder: object
+
+    def to_dict(self) -> dict:
+        return {"encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict()}
+
+    def __str__(self) -> str:
+        return f"== encoder\n{self.encoder}\n\n== decoder step\n{self.decoder}"
+
+
 class CompiledSeq2SeqLM(CompiledCausalLM):
     """The compiled encoder and decoder step of an encoder-decoder model, and the generation loop around them
     (``compile_seq2seq_lm``). ``encoder`` and ``step`` are the two ``CompiledModel``s; prefill, decode and the
@@ -505,6 +519,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         return CompiledSeq2SeqLM(self.encoder.with_backend(backend, backend_options),
                                  self.step.with_backend(backend, backend_options), self.layout, self.dtype,
                                  self.decoder_start_token_id, **self._options())
+
+    def report(self) -> "Seq2SeqReport":
+        """Both graphs' compile reports (``.encoder``, ``.decoder``); printed one after the other."""
+        return Seq2SeqReport(self.encoder.report(), self.step.report())
 
     def _encode_args(self, args: tuple) -> tuple:
         out = self.encoder(args[0], args[1] if len(args) > 1 else None)

@@ -247,6 +247,9 @@ def test_quantized_int8_generates_close_to_float():
         counts = slimfx.ir.op_counts(cm.graph)
         assert counts.get("slimfx.quantized_linear.default") == linears[what], counts
         assert "aten.linear.default" not in counts, counts
+    text = str(lm.report())
+    assert text.index("== encoder") < text.index("model.encoder.layers.0.fc1") < text.index("== decoder step") \
+        < text.index("lm_head")
     inputs, mask = _inputs(model, seed=4)
     ids = torch.full((2, 1), model.generation_config.decoder_start_token_id)
     got, _ = lm.prefill(ids, extra=lm.encode(inputs, mask))
