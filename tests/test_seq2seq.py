@@ -143,9 +143,20 @@ def test_other_families_generate_transformers_tokens(family):
     """The copies of T5's relative bias (UMT5's in every layer, with a bucket method of its own) and of BART's and
     Pegasus's position tables get real positions too: transformers' tokens past two buffer sizes."""
     model = _other(family)
+    inputs, mask = _inputs(model, seed=1)
+    start = model.generation_config.decoder_start_token_id
+    dec = torch.tensor([[start, 5, 9, 11]] * 2)
+    with torch.no_grad():
+        four = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
+        one = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=dec[:, :1]).logits[:, 0]
+    if not torch.allclose(four, one, atol=1e-5):
+        # transformers 5.17's UMT5 gives its first token other logits after 4 decoder tokens than after 1 (0.66 off):
+        # no cache can reproduce both, and the eager check refuses it
+        with pytest.raises(TypeError, match="is not supported: its decoder counts positions by cache slot"):
+            slimfx.compile_seq2seq_lm(model, progress=False)
+        return
     lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
     lm.min_cache = 4
-    inputs, mask = _inputs(model, seed=1)
     ref = _reference(model, inputs, mask, 12, min_new_tokens=12)
     assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12, min_new_tokens=12), ref)
 
