@@ -732,12 +732,18 @@ def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
     win = win[(slice(None), slice(None), *(slice(None, None, s_) for s_ in stride),
                *(slice(None, None, d) for d in dilation))]
     out_shape = win.shape[2:2 + nd]
-    win = win.reshape(x.shape[0], groups, c_group, *out_shape, *k)
-    w = weight.reshape(groups, c_out // groups, c_group, *k)
-    letters = "hijdef"[:nd]                             # position axes, then tap axes (upper case)
-    taps = letters.upper()
-    out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", win, w, optimize=True)
-    out = out.reshape(x.shape[0], c_out, *out_shape)
+    if groups == 1:
+        # im2col: the windows copied out as (N, positions, C_in * taps) rows, one BLAS matmul with the weight
+        # (einsum over the strided view ran its own loop: 3.5 of Whisper-tiny's 4.5 s encoder on 2 x 30 s)
+        cols = np.moveaxis(win, 1, 1 + nd).reshape(x.shape[0], -1, c_group * math.prod(k))
+        out = np.moveaxis(cols @ weight.reshape(c_out, -1).T, -1, 1).reshape(x.shape[0], c_out, *out_shape)
+    else:
+        win = win.reshape(x.shape[0], groups, c_group, *out_shape, *k)
+        w = weight.reshape(groups, c_out // groups, c_group, *k)
+        letters = "hijdef"[:nd]                             # position axes, then tap axes (upper case)
+        taps = letters.upper()
+        out = np.einsum(f"ngc{letters}{taps},goc{taps}->ngo{letters}", win, w, optimize=True)
+        out = out.reshape(x.shape[0], c_out, *out_shape)
     if bias is not None:
         out = out + bias.reshape(-1, *[1] * nd)
     out = out.astype(dtype)
