@@ -1103,6 +1103,7 @@ class CompiledCausalLM:
         n = 0
         for i in range(max_new_tokens):
             ban, forced = rules(i) if rules is not None else ((), ())
+            ban, forced = [t for t in ban if 0 <= t < vocab], [t for t in forced if 0 <= t < vocab]   # (as eos)
             tok = pick(logits, seen, [*(banned if i < min_new_tokens else ()), *ban], forced=forced)
             if seen is not None:
                 seen[rows, tok] = True

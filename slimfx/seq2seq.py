@@ -25,10 +25,12 @@ place so (M2M100 and NLLB count positions from the token ids' padding, LED and F
 ``generate`` starts each decoder sequence with ``decoder_start_token_id`` unless given ``decoder_input_ids``
 (Whisper's task prompt: <|startoftranscript|>, language, task, <|notimestamps|>), and applies these entries of
 the model's generation config as transformers' logits processors do: ``forced_bos_token_id`` (the first new
-token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``), ``suppress_tokens``
-and ``begin_suppress_tokens`` (the first new token). Beam search, n-gram bans and Whisper's timestamp rules are
-not applied (greedy and sampling as ``CompiledCausalLM.generate``), so a model configured for them generates
-other tokens than its own ``generate``.
+token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``, even where that is the
+first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the second after a forced first),
+``bad_words_ids`` of one token each and ``min_length`` (replaced by ``min_new_tokens`` when that is given).
+Beam search, n-gram bans, bad word sequences, the config's repetition penalty (pass ``repetition_penalty=``) and
+Whisper's timestamp rules are not applied (greedy and sampling as ``CompiledCausalLM.generate``), so a model
+configured for them generates other tokens than its own ``generate``; compiling one warns, naming them.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import inspect
 import json
 import os
 import pathlib
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -93,10 +96,14 @@ def _offset_positions(original, call: _Call):
 def _given_positions(original, call: _Call):
     """A position embedding that takes ``position_ids`` (Marian's, Pegasus's and Blenderbot's sinusoidal tables,
     Whisper's learned one): called with the step's."""
+    signature = inspect.signature(original)
+
     def forward(self, *args, **kwargs):
-        if call.position_ids is not None:
-            kwargs["position_ids"] = call.position_ids
-        return original(self, *args, **kwargs)
+        if call.position_ids is None:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)       # (Pegasus-X passes them by position)
+        bound.arguments["position_ids"] = call.position_ids
+        return original(*bound.args, **bound.kwargs)
     return forward
 
 
@@ -384,17 +391,22 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
             not hasattr(model, "get_encoder"):
         raise TypeError(f"{what} is not an encoder-decoder model (config.is_encoder_decoder); "
                         f"compile_causal_lm compiles a decoder-only causal LM")
+    if getattr(model.config, "encoder_attention_type", None) == "transient-global":
+        raise TypeError(f"{what}: transient-global attention is not supported: the graph captured for one input length "
+                        f"fails on others (its global blocks follow the length in ways export does not guard: a "
+                        f"40-token example's graph fails on 20 tokens); LongT5's local attention is")
     name = model.main_input_name
     dtype = next(model.parameters()).dtype
     dev = next(model.parameters()).device
     start = _start_token(model)
     batches = _batches(calibration, name) if calibration is not None else None
+    from_batch = example_inputs is None and bool(batches)
     if example_inputs is None:
         example_inputs = ((batches[0][name],) if batches else _example_inputs(model))
     if not isinstance(example_inputs, tuple) or len(example_inputs) != 1:
         raise TypeError(f"compile_seq2seq_lm: example_inputs must be a 1-tuple (the encoder's {name}), got "
                         f"{type(example_inputs).__name__}")
-    mask = batches[0].get("attention_mask") if batches else None
+    mask = batches[0].get("attention_mask") if from_batch else None     # (the example's own: none given)
     enc_args = _encoder_args(name, example_inputs[0], mask if name == "input_ids" else None)
     enc_args = tuple(a.to(dev) for a in enc_args)
     layout = _decoder_layout(model, enc_args, name)
@@ -441,13 +453,34 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
+    bad = getattr(gen, "bad_words_ids", None) or []
+    _warn_unapplied(what, gen, [b for b in bad if len(b) != 1])
     return CompiledSeq2SeqLM(
         cm_enc, cm_step, layout, dtype, start, eos_token_id=eos, pad_token_id=getattr(gen, "pad_token_id", None),
         model_name=what, position_limit=_position_limit(model), input_name=name,
         forced_bos_token_id=getattr(gen, "forced_bos_token_id", None),
         forced_eos_token_id=getattr(gen, "forced_eos_token_id", None),
         suppress_tokens=getattr(gen, "suppress_tokens", None),
-        begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None))
+        begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
+        bad_tokens=[b[0] for b in bad if len(b) == 1], min_length=getattr(gen, "min_length", None) or 0)
+
+
+def _warn_unapplied(what: str, gen, sequences: list) -> None:
+    """Warn about the entries of the generation config that make transformers' ``generate`` choose other tokens
+    and that ``CompiledSeq2SeqLM.generate`` does not apply (module docstring)."""
+    unapplied = []
+    if (getattr(gen, "num_beams", 1) or 1) > 1:
+        unapplied.append(f"num_beams={gen.num_beams} (beam search)")
+    for key in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+        if getattr(gen, key, None):
+            unapplied.append(f"{key}={getattr(gen, key)}")
+    if sequences:
+        unapplied.append(f"bad_words_ids of more than one token ({len(sequences)})")
+    if getattr(gen, "repetition_penalty", None) not in (None, 1, 1.0):
+        unapplied.append(f"repetition_penalty={gen.repetition_penalty} (pass repetition_penalty= to generate)")
+    if unapplied:
+        warnings.warn(f"{what}'s generation config sets {', '.join(unapplied)}, which compile_seq2seq_lm's generate "
+                      f"does not apply: its tokens can differ from transformers' generate", stacklevel=3)
 
 
 def _decoder_ids(item, start: int, pad: Optional[int], batch: int) -> torch.Tensor:
@@ -495,7 +528,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
     def __init__(self, encoder, step, layout, dtype, decoder_start_token_id: int, eos_token_id=None,
                  pad_token_id=None, model_name: Optional[str] = None, position_limit: Optional[int] = None,
                  input_name: str = "input_ids", forced_bos_token_id=None, forced_eos_token_id=None,
-                 suppress_tokens=None, begin_suppress_tokens=None):
+                 suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0):
         super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          model_name=model_name, position_limit=position_limit)
         self.encoder = encoder
@@ -505,6 +538,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         self.forced_eos_token_id = _ids(forced_eos_token_id, "forced_eos_token_id")
         self.suppress_tokens = _ids(suppress_tokens, "suppress_tokens")
         self.begin_suppress_tokens = _ids(begin_suppress_tokens, "begin_suppress_tokens")
+        self.bad_tokens = _ids(bad_tokens, "bad_tokens")          # bad_words_ids of one token each
+        if not _is_int(min_length) or min_length < 0:
+            raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
+        self.min_length = int(min_length)
 
     def _options(self) -> dict:
         return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self.pad_token_id,
@@ -512,7 +549,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                     forced_bos_token_id=self.forced_bos_token_id or None,
                     forced_eos_token_id=self.forced_eos_token_id or None,
                     suppress_tokens=self.suppress_tokens or None,
-                    begin_suppress_tokens=self.begin_suppress_tokens or None)
+                    begin_suppress_tokens=self.begin_suppress_tokens or None, bad_tokens=self.bad_tokens or None,
+                    min_length=self.min_length)
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
         """Both graphs on another backend or with other options (``CompiledModel.with_backend``)."""
@@ -534,24 +572,36 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         ``prefill(decoder_ids, extra=lm.encode(ids, mask))`` and ``decode``."""
         return self._encode_args(_encoder_args(self.input_name, inputs, attention_mask))
 
-    def generate(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+    def generate(self, inputs: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
                  decoder_input_ids: Optional[torch.Tensor] = None,
                  decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
                  progress: bool = False, **options) -> torch.Tensor:
         """The decoder's tokens (batch, prompt + up to ``max_new_tokens``), as transformers' ``generate`` returns
         them for an encoder-decoder model: the decoder prompt (``decoder_input_ids``, left-padded with
-        ``decoder_attention_mask``; by default ``decoder_start_token_id`` alone) and the new tokens. ``inputs``:
-        the encoder's (token ids with ``attention_mask``, or Whisper's features). The sampling options, their
+        ``decoder_attention_mask``; by default ``decoder_start_token_id`` alone) and the new tokens (Whisper's
+        ``generate`` leaves its prompt out, and the end-of-sequence token). ``inputs``: the encoder's (token ids
+        with ``attention_mask``, or Whisper's features), also by the model's name for them (``input_ids=``,
+        ``input_features=``: ``lm.generate(**tokenizer(texts, ...))``). The sampling options, their
         order and the end-of-sequence handling are ``CompiledCausalLM.generate``'s; the generation config's forced
         and suppressed tokens apply as the module docstring says (``forced_bos_token_id`` and the other three
         may be given here too: None or () for none)."""
         from tqdm.auto import tqdm
+        inputs = self._given(inputs, options)
         dec = self._decoder_prompt(inputs, decoder_input_ids)
         steps = self.stream(inputs, attention_mask, decoder_input_ids=dec,
                             decoder_attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens, **options)
         new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
                                             leave=False)]
         return torch.cat([dec.long(), *new], 1)
+
+    def _given(self, inputs, options: dict):
+        """``inputs``, or the model's input given by its name among ``options`` (taken out of them)."""
+        named = options.pop(self.input_name, None)
+        if inputs is None and named is None:
+            raise TypeError(f"{self.model_name}: generate needs the encoder's input ({self.input_name})")
+        if inputs is not None and named is not None:
+            raise TypeError(f"{self.model_name}: the encoder's input given twice (inputs and {self.input_name}=)")
+        return inputs if inputs is not None else named
 
     def _decoder_prompt(self, inputs, decoder_input_ids):
         if decoder_input_ids is not None:
@@ -562,13 +612,14 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
 
     _unset = object()
 
-    def stream(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+    def stream(self, inputs: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
                decoder_input_ids: Optional[torch.Tensor] = None,
                decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
                forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
                begin_suppress_tokens=_unset, **options):
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,)."""
         unset = CompiledSeq2SeqLM._unset
+        inputs = self._given(inputs, options)
         bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
                                                                                   "forced_bos_token_id")
         eos = self.forced_eos_token_id if forced_eos_token_id is unset else _ids(forced_eos_token_id,
@@ -584,12 +635,20 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                              f"{dec.shape[0]} prompts")
         if not _is_int(max_new_tokens) or max_new_tokens < 1:     # (before the encoder runs)
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        first_forced = bos if dec.shape[-1] == 1 else ()           # transformers: at a decoder length of 1
+        length = dec.shape[-1]
+        first_forced = bos if length == 1 else ()                  # transformers: at a decoder length of 1
+        begin_at = 1 if first_forced else 0                        # (after the forced one, as transformers)
+        ends = options.get("eos_token_id")
+        ends = self.eos_token_id if ends is None else _ids(ends, "eos_token_id")
+        # transformers: min_new_tokens given replaces min_length (by prompt + min_new_tokens, what it bans then)
+        least = 0 if "min_new_tokens" in options else self.min_length
 
         def rules(i):
-            ban = (*suppress, *(begin if i == 0 else ()))
-            forced = first_forced if i == 0 else (eos if i == max_new_tokens - 1 else ())
-            return ban, forced
+            ban = (*suppress, *self.bad_tokens, *(begin if i == begin_at else ()),
+                   *(ends if length + i < least else ()))
+            if i == max_new_tokens - 1 and eos:                    # (transformers' EOS processor runs last)
+                return ban, eos
+            return ban, (first_forced if i == 0 else ())
         return self._stream(dec, decoder_attention_mask, max_new_tokens=max_new_tokens,
                             extra=functools.partial(self._encode_args, args), rules=rules, **options)
 
@@ -606,7 +665,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "pad_token_id": self.pad_token_id, "position_limit": self.position_limit,
                 "input_name": self.input_name, "forced_bos_token_id": list(self.forced_bos_token_id),
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
-                "begin_suppress_tokens": list(self.begin_suppress_tokens)}
+                "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
+                "min_length": self.min_length}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -653,8 +713,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         step = parts["decoder"]
         leaves = [v for _, v in step._signature.leaves]     # (ids, positions, mask, *cache, logits_at, *cross, mask)
         cache = leaves[3:3 + 2 * len(layout)]
-        if len(leaves) < 4 + 2 * len(layout) or not all(isinstance(t, torch.Tensor) for t in cache):
-            raise FormatError(f"{where}: layout has {len(layout)} layers, more than the decoder graph's cache")
+        at = leaves[3 + 2 * len(layout)] if len(leaves) > 3 + 2 * len(layout) else None
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in cache) or \
+                not (isinstance(at, torch.Tensor) and at.dim() == 1):        # (logits_at follows the cache)
+            raise FormatError(f"{where}: layout has {len(layout)} layers, the decoder graph's cache another number")
         for i, entry in enumerate(layout):
             for (heads, dim), t, what in zip(entry, cache[2 * i:2 * i + 2], ("keys", "values")):
                 shape = tuple(t.shape)
@@ -663,14 +725,14 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                                       f"the decoder graph's cache input is {shape} {t.dtype}")
         options = {}
         for key in ("eos_token_id", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
-                    "begin_suppress_tokens"):
+                    "begin_suppress_tokens", "bad_tokens"):
             try:
                 options[key] = _ids(data.get(key), key) or None
             except (TypeError, ValueError) as e:
                 raise FormatError(f"{where}: {e}") from e
-        for key in ("decoder_start_token_id", "pad_token_id", "position_limit"):
+        for key in ("decoder_start_token_id", "pad_token_id", "position_limit", "min_length"):
             value = data.get(key)
-            if not (value is None and key != "decoder_start_token_id" or _is_int(value)):
+            if not (value is None and key != "decoder_start_token_id" or _is_int(value) and value >= 0):
                 either = "" if key == "decoder_start_token_id" else " or null"
                 raise FormatError(f"{where}: {key} must be an integer{either}, got {value!r}")
         name = data.get("input_name", "input_ids")
@@ -678,7 +740,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             raise FormatError(f"{where}: input_name must be a string, got {name!r}")
         return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
                    pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
-                   position_limit=data.get("position_limit"), input_name=name, **options)
+                   position_limit=data.get("position_limit"), input_name=name, min_length=data.get("min_length") or 0,
+                   **options)
 
     def __repr__(self):
         return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"

@@ -1,5 +1,6 @@
 """compile_seq2seq_lm: encoder-decoder generation (T5, BART, Marian, Pegasus, Whisper) against transformers."""
 import copy
+import json
 
 import pytest
 import torch
@@ -96,9 +97,8 @@ def _inputs(model, batch=2, length=7, seed=0):
 def _reference(model, inputs, mask, new, **kw):
     """transformers' greedy tokens with the start token in front (Whisper's generate leaves it out)."""
     given = {"attention_mask": mask} if mask is not None else {}
-    with torch.no_grad():
-        out = model.generate(inputs, **given, max_new_tokens=new, min_new_tokens=kw.pop("min_new_tokens", 0),
-                             do_sample=False, num_beams=1, **kw)
+    with torch.no_grad():       # (min_new_tokens given replaces the config's min_length in transformers)
+        out = model.generate(inputs, **given, max_new_tokens=new, do_sample=False, num_beams=1, **kw)
     if model.main_input_name == "input_features" and "decoder_input_ids" not in kw:
         out = torch.cat([torch.full_like(out[:, :1], model.generation_config.decoder_start_token_id), out], 1)
     return out
@@ -310,6 +310,10 @@ def test_refusals(lms):
         lm.generate(inputs, mask[:, 1:])
     with pytest.raises(ValueError, match="input_ids holds 2 inputs, decoder_input_ids 1 prompts"):
         lm.generate(inputs, mask, decoder_input_ids=torch.tensor([[2, 5]]))
+    with pytest.raises(TypeError, match="LongT5ForConditionalGeneration: transient-global attention is not "
+                                        "supported"):
+        slimfx.compile_seq2seq_lm(T.LongT5ForConditionalGeneration(T.LongT5Config(
+            **_T5, encoder_attention_type="transient-global")))
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         lm.generate(inputs, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="input_ids must be a .batch, length. integer tensor"):
@@ -351,6 +355,11 @@ def test_save_and_load(lms, tmp_path):
         (folder / "seq2seq_lm.json").write_text(bad)
         with pytest.raises(FormatError, match=match):
             slimfx.load(folder)
+    data = json.loads(text)
+    data["layout"] = data["layout"][:1]                           # one layer of the decoder's two
+    (folder / "seq2seq_lm.json").write_text(json.dumps(data))
+    with pytest.raises(FormatError, match="layout has 1 layers, the decoder graph's cache another number"):
+        slimfx.load(folder)
     (folder / "seq2seq_lm.json").write_text(text)
     import shutil
     shutil.rmtree(folder / "decoder")
@@ -359,3 +368,53 @@ def test_save_and_load(lms, tmp_path):
     plain = lms["t5"][1].step
     slimfx.save(plain, folder)
     assert isinstance(slimfx.load(folder), slimfx.CompiledModel)
+
+
+def test_more_generation_config_entries_as_transformers_applies_them():
+    """Single-token bad_words_ids (Marian's configs ban the pad token so), min_length (bart-large-cnn: 56),
+    begin_suppress_tokens after a forced first token (transformers suppresses the token after it), the forced
+    end beating the forced beginning when only one token is made, and suppressed ids past the vocabulary (ignored,
+    as transformers ignores them; they raised IndexError mid-generation): transformers' tokens each time. Entries
+    not applied (beam search, n-gram bans) are named in a warning at compile."""
+    bart = _tiny("bart")
+    inputs, mask = _inputs(bart, seed=1)
+    plain = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False).generate(inputs, mask, max_new_tokens=6)
+    common = int(plain[0, 2])
+    cases = [dict(bad_words_ids=[[common], [int(plain[1, 1])]]), dict(min_length=6, eos_token_id=int(plain[0, 1])),
+             dict(forced_bos_token_id=7, begin_suppress_tokens=[common]),
+             dict(forced_bos_token_id=7, forced_eos_token_id=1), dict(suppress_tokens=[common, VOCAB + 100])]
+    for config in cases:
+        model = _forcing(_tiny("bart"), **config)
+        lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+        new = 1 if "forced_eos_token_id" in config else 6
+        ref = _reference(model, inputs, mask, new)
+        got = lm.generate(inputs, mask, max_new_tokens=new)
+        assert torch.equal(got, ref), (config, got.tolist(), ref.tolist())
+        assert not torch.equal(got[:, :new + 1], plain[:, :new + 1]), config      # the entry changed something
+    model = _forcing(_tiny("bart"), num_beams=4, no_repeat_ngram_size=3, bad_words_ids=[[5, 6]])
+    with pytest.warns(UserWarning, match=r"sets num_beams=4 \(beam search\), no_repeat_ngram_size=3, bad_words_ids "
+                                         r"of more than one token \(1\), which compile_seq2seq_lm's generate does not"):
+        slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+
+
+def test_inputs_by_name_and_an_example_beside_calibration(lms):
+    """The encoder's input by the model's name for it (``lm.generate(**tokenizer(...))``), and example_inputs of
+    another length than the calibration batches (the example took batch 0's mask, of the wrong shape)."""
+    model, lm = lms["t5"]
+    inputs, mask = _inputs(model, seed=8)
+    ref = lm.generate(inputs, mask, max_new_tokens=4)
+    assert torch.equal(lm.generate(input_ids=inputs, attention_mask=mask, max_new_tokens=4), ref)
+    assert [t.tolist() for t in lm.stream(input_ids=inputs, attention_mask=mask, max_new_tokens=4)] == \
+        ref[:, 1:].T.tolist()
+    with pytest.raises(TypeError, match="the encoder's input given twice"):
+        lm.generate(inputs, input_ids=inputs)
+    with pytest.raises(TypeError, match=r"generate needs the encoder's input \(input_ids\)"):
+        lm.generate(attention_mask=mask)
+    whisper, wlm = lms["whisper"]
+    features, _ = _inputs(whisper)
+    assert torch.equal(wlm.generate(input_features=features, max_new_tokens=3),
+                       wlm.generate(features, max_new_tokens=3))
+    batches = [{"input_ids": ids, "attention_mask": m} for ids, m in [text_batch(2, 10, VOCAB, pad_left=True)]]
+    other = slimfx.compile_seq2seq_lm(model, calibration=batches, example_inputs=(inputs,), backend="numpy",
+                                      progress=False)
+    assert torch.equal(other.generate(inputs, mask, max_new_tokens=4), ref)
