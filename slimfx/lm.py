@@ -85,6 +85,20 @@ def _cache_kw(model: nn.Module) -> str:
                     f"argument): compile_causal_lm needs a Hugging Face causal LM")
 
 
+def share_children(step: nn.Module, model: nn.Module, wraps: str) -> None:
+    """Make ``step`` hold ``model``'s children, so parameter names stay the model's (``model.layers.0.mlp.up_proj``),
+    and keep ``model`` itself beside them to call; ``wraps`` ends the error for parameters outside a submodule."""
+    for name, child in model.named_children():
+        step.add_module(name, child)
+    ours = dict(step.named_parameters())
+    missing = [n for n, _ in model.named_parameters() if n not in ours]
+    if missing:
+        raise TypeError(f"{type(model).__name__}: parameters {missing[:3]} live on the model itself, not in a "
+                        f"submodule; {wraps}")
+    object.__setattr__(step, "_model", model)      # not a submodule: its children are step's already
+    step.training = model.training                 # a new Module would say training mode
+
+
 class CausalLMStep(nn.Module):
     """One generation step of ``model`` with the cache as plain tensors (what ``compile_causal_lm`` captures).
 
@@ -98,15 +112,7 @@ class CausalLMStep(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        ours = dict(self.named_parameters())
-        missing = [n for n, _ in model.named_parameters() if n not in ours]
-        if missing:
-            raise TypeError(f"{type(model).__name__}: parameters {missing[:3]} live on the model itself, not in a "
-                            f"submodule; compile_causal_lm wraps Hugging Face causal LMs")
-        object.__setattr__(self, "_model", model)      # not a submodule: its children are ours already
-        self.training = model.training                 # a new Module would say training mode
+        share_children(self, model, "compile_causal_lm wraps Hugging Face causal LMs")
         params = inspect.signature(model.forward).parameters
         self._kw = _cache_kw(model)
         self._keeps = "logits_to_keep" in params
@@ -772,16 +778,23 @@ def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, wind
                             f"fails on the cache compile_causal_lm gives it, masked slots included "
                             f"({type(e).__name__}: {e})") from e
         ref = torch.stack([model(input_ids=row[m.bool()][None]).logits[0, -3:] for row, m in zip(ids, mask)])
-    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-    # fp32: only summation order differs (9e-8 of the logits' scale for a tiny BLOOM); positions that count
-    # masked slots move them by a sizeable fraction of it (0.12 for a tiny MPT with transformers' ALiBi). bf16/fp16
-    # round each layer's output to 3 significant digits, hence the looser bound there
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
-    if not err <= tol:
+    err = slot_error(got, ref, dtype)
+    if err is not None:
         raise TypeError(f"{type(model).__name__} is not supported: its forward takes no position_ids and its "
                         f"positions do not come from the attention mask (logits change by {err:.2g} of their scale "
                         f"when masked cache slots are present), so the masked slots compile_causal_lm keeps in the "
                         f"cache (left padding, the re-fed token, unfilled buffer slots) would shift its positions")
+
+
+def slot_error(got: torch.Tensor, ref: torch.Tensor, dtype) -> Optional[float]:
+    """The largest difference of ``got`` (logits through the step, masked slots present) from ``ref`` (the model's on
+    the real tokens alone), as a fraction of ``ref``'s scale, where it exceeds what rounding explains; else None.
+    fp32: only summation order differs (9e-8 of the logits' scale for a tiny BLOOM); positions that count masked
+    slots move them by a sizeable fraction of it (0.12 for a tiny MPT with transformers' ALiBi). bf16/fp16 round
+    each layer's output to 3 significant digits, hence the looser bound there."""
+    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    return None if err <= tol else err
 
 
 def _held_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab: int, device) -> torch.Tensor:
@@ -1171,23 +1184,11 @@ class CompiledCausalLM:
         if save_id is not None and data.get("save_id") != save_id:
             raise FormatError(f"{where} (save {data.get('save_id')}) and the model's files (save {save_id}) were "
                               f"written by different saves: a save into this folder was interrupted; save it again")
-        dtype = getattr(torch, str(data["dtype"]), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")
-        try:
-            layout = _normalized_layout(data["layout"])
-        except (TypeError, ValueError) as e:
-            raise FormatError(f"{where}: layout is not ((key heads, key dim), (value heads, value dim)) per "
-                              f"layer: {data['layout']!r:.80}") from e
+        dtype, layout = saved_layout(data, where)
         cache = [v for _, v in step._signature.leaves[3:-1]]           # (ids, positions, mask, *cache, logits_at)
         if len(cache) != 2 * len(layout):
             raise FormatError(f"{where}: layout has {len(layout)} layers, the step graph's cache {len(cache) // 2}")
-        for i, entry in enumerate(layout):
-            for (heads, dim), t, what in zip(entry, cache[2 * i:2 * i + 2], ("keys", "values")):
-                shape = tuple(getattr(t, "shape", ()))
-                if len(shape) != 4 or shape[1] != heads or shape[3] != dim or t.dtype != dtype:
-                    raise FormatError(f"{where}: layer {i}'s {what} are ({heads} heads, dim {dim}, {data['dtype']}), "
-                                      f"the step graph's cache input is {shape} {getattr(t, 'dtype', None)}")
+        check_cache(layout, dtype, cache, where, "the step graph")
         window = data.get("sliding_window")           # (absent from files saved before)
         if window is not None and not (isinstance(window, int) and window >= 3):
             raise FormatError(f"{where}: sliding_window must be null or an int >= 3, got {window!r}")
@@ -1209,6 +1210,33 @@ class CompiledCausalLM:
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
         return f"CompiledCausalLM({self.step!r}, layers={len(self.layout)}{window})"
+
+
+def saved_layout(data: dict, where: str) -> tuple:
+    """The dtype and cache layout a saved generation file names (``from_saved``), checked."""
+    from .ir.serialize import FormatError
+    dtype = getattr(torch, str(data["dtype"]), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")
+    try:
+        layout = _normalized_layout(data["layout"])
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: layout is not ((key heads, key dim), (value heads, value dim)) per "
+                          f"layer: {data['layout']!r:.80}") from e
+    return dtype, layout
+
+
+def check_cache(layout, dtype, cache: list, where: str, graph: str) -> None:
+    """Refuse a saved ``layout`` and ``dtype`` that the graph's cache inputs (``cache``: keys, values per layer)
+    do not have."""
+    from .ir.serialize import FormatError
+    for i, entry in enumerate(layout):
+        for (heads, dim), t, what in zip(entry, cache[2 * i:2 * i + 2], ("keys", "values")):
+            shape = tuple(getattr(t, "shape", ()))
+            if len(shape) != 4 or shape[1] != heads or shape[3] != dim or t.dtype != dtype:
+                raise FormatError(f"{where}: layer {i}'s {what} are ({heads} heads, dim {dim}, "
+                                  f"{str(dtype).replace('torch.', '')}), {graph}'s cache input is {shape} "
+                                  f"{getattr(t, 'dtype', None)}")
 
 
 class _EagerCausalLM(CompiledCausalLM):

@@ -48,7 +48,8 @@ import torch.nn as nn
 from torch.export import Dim
 
 from . import ir
-from .lm import CompiledCausalLM, _cache_kw, _is_int, _normalized_layout, _prompt, _replaced, step_inputs
+from .lm import (CompiledCausalLM, _cache_kw, _is_int, _prompt, _replaced, check_cache, saved_layout,
+                 share_children, slot_error, step_inputs)
 
 SEQ2SEQ_FILE = "seq2seq_lm.json"
 
@@ -132,15 +133,7 @@ class _Shared(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        ours = dict(self.named_parameters())
-        missing = [n for n, _ in model.named_parameters() if n not in ours]
-        if missing:
-            raise TypeError(f"{type(model).__name__}: parameters {missing[:3]} live on the model itself, not in a "
-                            f"submodule; compile_seq2seq_lm wraps Hugging Face encoder-decoder models")
-        object.__setattr__(self, "_model", model)      # not a submodule: its children are ours already
-        self.training = model.training
+        share_children(self, model, "compile_seq2seq_lm wraps Hugging Face encoder-decoder models")
         self._kw = _cache_kw(model)
 
 
@@ -342,11 +335,8 @@ def check_positions(model: nn.Module, encoder: EncodeStep, step: DecoderStep, en
                 inputs["attention_mask"] = enc_args[1][i:i + 1]
             ref.append(model(**inputs, decoder_input_ids=ids[i][mask[i].bool()][None]).logits[0, -3:])
         ref = torch.stack(ref)
-    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-    # as check_masked_slots: fp32 differs by summation order only; positions off by the masked slots move the
-    # logits by a sizeable fraction of their scale
-    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
-    if not err <= tol:
+    err = slot_error(got, ref, dtype)
+    if err is not None:
         raise TypeError(f"{type(model).__name__} is not supported: its decoder counts positions by cache slot in a "
                         f"way slimfx does not replace (logits change by {err:.2g} of their scale when masked cache "
                         f"slots are present), so the masked slots of the decode buffer (left padding, the re-fed "
@@ -702,14 +692,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                                   f"{_save_id(folder / TENSOR_FILE)}) were written by different saves: a save into "
                                   f"this folder was interrupted; save the model again")
             parts[part] = load(folder, backend, backend_options)
-        dtype = getattr(torch, str(data["dtype"]), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise FormatError(f"{where} names an unknown dtype {data['dtype']!r}")
-        try:
-            layout = _normalized_layout(data["layout"])
-        except (TypeError, ValueError) as e:
-            raise FormatError(f"{where}: layout is not ((key heads, key dim), (value heads, value dim)) per "
-                              f"layer: {data['layout']!r:.80}") from e
+        dtype, layout = saved_layout(data, where)
         step = parts["decoder"]
         leaves = [v for _, v in step._signature.leaves]     # (ids, positions, mask, *cache, logits_at, *cross, mask)
         cache = leaves[3:3 + 2 * len(layout)]
@@ -717,12 +700,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in cache) or \
                 not (isinstance(at, torch.Tensor) and at.dim() == 1):        # (logits_at follows the cache)
             raise FormatError(f"{where}: layout has {len(layout)} layers, the decoder graph's cache another number")
-        for i, entry in enumerate(layout):
-            for (heads, dim), t, what in zip(entry, cache[2 * i:2 * i + 2], ("keys", "values")):
-                shape = tuple(t.shape)
-                if len(shape) != 4 or shape[1] != heads or shape[3] != dim or t.dtype != dtype:
-                    raise FormatError(f"{where}: layer {i}'s {what} are ({heads} heads, dim {dim}, {data['dtype']}), "
-                                      f"the decoder graph's cache input is {shape} {t.dtype}")
+        check_cache(layout, dtype, cache, where, "the decoder graph")
         options = {}
         for key in ("eos_token_id", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
                     "begin_suppress_tokens", "bad_tokens"):
