@@ -27,7 +27,9 @@ place so (M2M100 and NLLB count positions from the token ids' padding, LED and F
 the model's generation config as transformers' logits processors do: ``forced_bos_token_id`` (the first new
 token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``, even where that is the
 first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the second after a forced first),
-``bad_words_ids`` of one token each and ``min_length`` (replaced by ``min_new_tokens`` when that is given).
+``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them) and
+``min_length`` (replaced by ``min_new_tokens`` when that is given); the last two from the config only, not per
+call.
 Beam search, n-gram bans, bad word sequences, the config's repetition penalty (pass ``repetition_penalty=``) and
 Whisper's timestamp rules are not applied (greedy and sampling as ``CompiledCausalLM.generate``), so a model
 configured for them generates other tokens than its own ``generate``; compiling one warns, naming them.
@@ -630,11 +632,18 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         begin_at = 1 if first_forced else 0                        # (after the forced one, as transformers)
         ends = options.get("eos_token_id")
         ends = self.eos_token_id if ends is None else _ids(ends, "eos_token_id")
+        if options.get("min_new_tokens", 0) is None:               # (transformers' "unset")
+            del options["min_new_tokens"]
         # transformers: min_new_tokens given replaces min_length (by prompt + min_new_tokens, what it bans then)
         least = 0 if "min_new_tokens" in options else self.min_length
+        bad = [t for t in self.bad_tokens if t not in ends]        # (transformers drops a bad word [eos])
+        both = sorted(set(first_forced) & {*suppress, *bad})
+        if both:                                                   # (transformers refuses it so)
+            raise ValueError(f"forced_bos_token_id {list(first_forced)} is among the suppressed or bad tokens "
+                             f"{both}: the first new token could be none")
 
         def rules(i):
-            ban = (*suppress, *self.bad_tokens, *(begin if i == begin_at else ()),
+            ban = (*suppress, *bad, *(begin if i == begin_at else ()),
                    *(ends if length + i < least else ()))
             if i == max_new_tokens - 1 and eos:                    # (transformers' EOS processor runs last)
                 return ban, eos
@@ -712,10 +721,13 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             value = data.get(key)
             if not (value is None and key != "decoder_start_token_id" or _is_int(value) and value >= 0):
                 either = "" if key == "decoder_start_token_id" else " or null"
-                raise FormatError(f"{where}: {key} must be an integer{either}, got {value!r}")
+                raise FormatError(f"{where}: {key} must be an integer >= 0{either}, got {value!r}")
         name = data.get("input_name", "input_ids")
-        if not isinstance(name, str):
-            raise FormatError(f"{where}: input_name must be a string, got {name!r}")
+        first = parts["encoder"]._signature.leaves[0][1]
+        floats = getattr(first, "dtype", torch.float32).is_floating_point
+        if not isinstance(name, str) or (name == "input_ids") == floats:
+            raise FormatError(f"{where}: input_name {name!r} does not name the encoder graph's input, "
+                              f"{getattr(first, 'dtype', None)} (input_ids: token ids; a float input by another name)")
         return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
                    pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
                    position_limit=data.get("position_limit"), input_name=name, min_length=data.get("min_length") or 0,

@@ -348,9 +348,11 @@ def test_save_and_load(lms, tmp_path):
     text = (folder / "seq2seq_lm.json").read_text()
     for bad, match in [(text.replace('"dtype": "float32"', '"dtype": "float99"'), "unknown dtype 'float99'"),
                        (text.replace('"decoder_start_token_id": 0', '"decoder_start_token_id": "a"'),
-                        "decoder_start_token_id must be an integer, got 'a'"),
+                        "decoder_start_token_id must be an integer >= 0, got 'a'"),
                        (text.replace('"suppress_tokens": []', '"suppress_tokens": "ab"'),
                         "suppress_tokens must be token ids, got 'ab'"),
+                       (text.replace('"input_name": "input_ids"', '"input_name": "input_features"'),
+                        "input_name 'input_features' does not name the encoder graph's input, torch.int64"),
                        ("{", "is not valid JSON")]:
         (folder / "seq2seq_lm.json").write_text(bad)
         with pytest.raises(FormatError, match=match):
@@ -381,6 +383,7 @@ def test_more_generation_config_entries_as_transformers_applies_them():
     plain = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False).generate(inputs, mask, max_new_tokens=6)
     common = int(plain[0, 2])
     cases = [dict(bad_words_ids=[[common], [int(plain[1, 1])]]), dict(min_length=6, eos_token_id=int(plain[0, 1])),
+             dict(bad_words_ids=[[common], [int(plain[0, 1])]], eos_token_id=int(plain[0, 1])),   # [eos]: dropped
              dict(forced_bos_token_id=7, begin_suppress_tokens=[common]),
              dict(forced_bos_token_id=7, forced_eos_token_id=1), dict(suppress_tokens=[common, VOCAB + 100])]
     for config in cases:
@@ -391,6 +394,13 @@ def test_more_generation_config_entries_as_transformers_applies_them():
         got = lm.generate(inputs, mask, max_new_tokens=new)
         assert torch.equal(got, ref), (config, got.tolist(), ref.tolist())
         assert not torch.equal(got[:, :new + 1], plain[:, :new + 1]), config      # the entry changed something
+    model = _forcing(_tiny("bart"), min_length=6, eos_token_id=int(plain[0, 1]))
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=6, min_new_tokens=None), _reference(
+        model, inputs, mask, 6, min_new_tokens=None))                   # None: unset, min_length holds
+    lm.forced_bos_token_id, lm.suppress_tokens = (7,), (7,)
+    with pytest.raises(ValueError, match=r"forced_bos_token_id \[7\] is among the suppressed or bad tokens \[7\]"):
+        lm.generate(inputs, mask, max_new_tokens=2)
     model = _forcing(_tiny("bart"), num_beams=4, no_repeat_ngram_size=3, bad_words_ids=[[5, 6]])
     with pytest.warns(UserWarning, match=r"sets num_beams=4 \(beam search\), no_repeat_ngram_size=3, bad_words_ids "
                                          r"of more than one token \(1\), which compile_seq2seq_lm's generate does not"):

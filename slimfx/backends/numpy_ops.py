@@ -711,6 +711,9 @@ def _per_dim(v, nd: int) -> list:
     return list(v) * (nd if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [v] * nd
 
 
+_IM2COL_BYTES = 64 << 20          # the most an ungrouped convolution copies of its windows at a time
+
+
 def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
     """torch's ``nd``-d convolution (cross-correlation) on (N, C_in, *spatial) or unbatched (C_in, *spatial): each
     output position sums its window of every input channel of its group. ``padding`` per dim (an int for all) or
@@ -733,10 +736,16 @@ def _conv(x, weight, bias, stride, padding, dilation, groups: int, nd: int):
                *(slice(None, None, d) for d in dilation))]
     out_shape = win.shape[2:2 + nd]
     if groups == 1:
-        # im2col: the windows copied out as (N, positions, C_in * taps) rows, one BLAS matmul with the weight
-        # (einsum over the strided view ran its own loop: 3.5 of Whisper-tiny's 4.5 s encoder on 2 x 30 s)
-        cols = np.moveaxis(win, 1, 1 + nd).reshape(x.shape[0], -1, c_group * math.prod(k))
-        out = np.moveaxis(cols @ weight.reshape(c_out, -1).T, -1, 1).reshape(x.shape[0], c_out, *out_shape)
+        # im2col: the windows copied out as (N, positions, C_in * taps) rows, a BLAS matmul with the weight (einsum
+        # over the strided view ran its own loop: 3.5 of Whisper-tiny's 4.5 s encoder on 2 x 30 s), in slices of
+        # the first spatial dim whose copies stay within _IM2COL_BYTES (a copy is taps times the input)
+        n, ck, rest = x.shape[0], c_group * math.prod(k), math.prod(out_shape[1:])
+        step = max(1, _IM2COL_BYTES // max(1, n * rest * ck * win.itemsize))
+        w2 = weight.reshape(c_out, ck).T
+        parts = [np.moveaxis(win[:, :, i:i + step], 1, 1 + nd).reshape(n, len(range(i, out_shape[0])[:step]) * rest,
+                                                                        ck) @ w2
+                 for i in range(0, out_shape[0], step)] or [np.zeros((n, 0, c_out), w2.dtype)]
+        out = np.moveaxis(np.concatenate(parts, 1), -1, 1).reshape(n, c_out, *out_shape)
     else:
         win = win.reshape(x.shape[0], groups, c_group, *out_shape, *k)
         w = weight.reshape(groups, c_out // groups, c_group, *k)

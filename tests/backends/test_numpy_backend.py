@@ -553,6 +553,7 @@ def test_convolutions_match_torch():
         "conv3d": (aten.conv3d.default, (x3, w3, None, [1, 2, 1], [1, 0, 2], [1, 1, 2], 2)),
         "convolution": (aten.convolution.default, (x2, w2, b5, [2, 1], [0, 1], [1, 2], False, [0, 0], 1)),
         "convolution_1d": (aten.convolution.default, (x2[..., 0], w2[..., 0], b5, [2], [1], [1], False, [0], 1)),
+        "batch_zero": (aten.conv2d.default, (x2[:0], w2, b5, [2, 3], [1, 2], [1, 1], 1)),
         # transposed: weight (C_in, C_out / groups, *kernel); (input, weight, bias, stride, padding,
         # output_padding, groups, dilation)
         "transpose1d": (aten.conv_transpose1d.default, (x2[..., 0], w2[..., 0].transpose(0, 1), b5, [3], [1], [2], 1,
@@ -592,6 +593,26 @@ def test_convolutions_match_torch():
     spectrogram = torch.randn(1, 11, 8, generator=g)                     # another batch and length
     with torch.no_grad():
         assert rel_err(cm(spectrogram), vocoder(spectrogram)) < 1e-5          # fp32: summation order only
+
+
+def test_convolutions_in_slices_match_torch(monkeypatch):
+    """An ungrouped convolution copies its windows out (im2col) in slices of its first spatial dim, each within
+    ``_IM2COL_BYTES`` (a whole copy is taps times the input: 2.4 GB for a 3x3 one over 64 x 1024 x 1024); with a
+    cap of a few windows the slices (one position row, or several, and a last short one) still give torch's
+    values."""
+    from slimfx.backends import numpy_ops
+    from slimfx.backends.optable import NUMPY_OPS
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(2, 3, 13, 7, generator=g), torch.randn(4, 3, 3, 2, generator=g), torch.randn(4, generator=g)
+    x3, w3 = torch.randn(1, 2, 7, 5, 4, generator=g), torch.randn(3, 2, 2, 3, 2, generator=g)
+    for cap in (1, 2 * 5 * 18 * 4 * 3, 10 ** 9):           # one row at a time, 3 rows, all at once
+        monkeypatch.setattr(numpy_ops, "_IM2COL_BYTES", cap)
+        for op, args in ((aten.conv2d.default, (x, w, b, [1, 2], [1, 0], [2, 1], 1)),
+                         (aten.conv3d.default, (x3, w3, None, [2, 1, 1], [0, 1, 0], [1, 1, 1], 1))):
+            want = op(*args)
+            got = torch.from_numpy(NUMPY_OPS[op](*[a.numpy() if torch.is_tensor(a) else a for a in args]))
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5), (cap, op)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
