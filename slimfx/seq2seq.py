@@ -7,8 +7,9 @@ slimfx compiles two graphs. The *encoder* takes the model's input (token ids and
 log-mel features) and returns what every decoder step reads from it: each decoder layer's cross-attention keys
 and values, computed once per input (the encoder, then the decoder's key and value projections of its output;
 transformers' ``EncoderDecoderCache`` fills its cross-attention cache so on the first step), and the mask over
-the encoder's positions. The *step* is ``CausalLMStep``'s (``slimfx.lm``): ``(input_ids, position_ids,
-attention_mask, cache, logits_at, cross, encoder_attention_mask) -> (logits, new cache)``, the decoder's
+the encoder's positions. The *step* (``DecoderStep``) has ``CausalLMStep``'s form (``slimfx.lm``) with the
+encoder's output added: ``(input_ids, position_ids, attention_mask, cache, logits_at, cross,
+encoder_attention_mask) -> (logits, new cache)``, the decoder's
 self-attention cache as plain tensors, its cross-attention keys and values as inputs read, never written. So the
 generation loop is ``CompiledCausalLM``'s (a buffer of cache slots, the re-fed token, left-padded decoder
 prompts: ``slimfx.lm``'s docstring), and prefill, decode, sampling and the timings behave as there.
