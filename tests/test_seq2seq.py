@@ -1,6 +1,7 @@
 """compile_seq2seq_lm: encoder-decoder generation (T5, BART, Marian, Pegasus, Whisper) against transformers."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -428,3 +429,16 @@ def test_inputs_by_name_and_an_example_beside_calibration(lms):
     other = slimfx.compile_seq2seq_lm(model, calibration=batches, example_inputs=(inputs,), backend="numpy",
                                       progress=False)
     assert torch.equal(other.generate(inputs, mask, max_new_tokens=4), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the triton backend needs a GPU or TRITON_INTERPRET=1 (make test sets it)")
+def test_the_triton_backend_generates_the_numpy_backends_tokens():
+    """Both graphs lowered to the triton backend (its int8 kernels under the interpreter on a CPU) generate the
+    numpy backend's tokens, float and W8A8 (the same int8 arithmetic: integer accumulation, one rounding)."""
+    model = _tiny("t5")
+    inputs, mask = _inputs(model)
+    for passes in ([], [P.Quantize(weights="int8", activations="dynamic-per-token")]):
+        lm = slimfx.compile_seq2seq_lm(model, passes=passes, backend="numpy", progress=False)
+        ref = lm.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5)
+        assert torch.equal(lm.with_backend("triton").generate(inputs, mask, max_new_tokens=5, min_new_tokens=5), ref)
