@@ -652,12 +652,15 @@ def step_inputs(ids: torch.Tensor, mask: Optional[torch.Tensor], layout, dtype, 
     return ids, pos, full, cache, at
 
 
-def _prompt(ids, mask):
+def checked_ids(ids, mask, what: str = "prompt") -> tuple:
+    """Token ids (batch, length) and their 0/1 mask (all ones when None), as int64, checked: at least one
+    ``what`` of at least one token, each row with a token."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {tuple(ids.shape)}")
+        raise ValueError(f"input_ids must hold at least one {what} of at least one token, got shape "
+                         f"{tuple(ids.shape)}")
     ids = ids.long()
     if mask is None:
         mask = torch.ones_like(ids)
@@ -668,7 +671,12 @@ def _prompt(ids, mask):
         raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError(f"rows {(mask.sum(-1) == 0).nonzero()[:, 0].tolist()} of attention_mask are all padding: "
-                         f"each prompt needs at least one token")
+                         f"each {what} needs at least one token")
+    return ids, mask
+
+
+def _prompt(ids, mask):
+    ids, mask = checked_ids(ids, mask)
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("the prompts are right-padded (attention_mask ends in 0); left-pad them "
                          "(tokenizer.padding_side = 'left'): generation appends after the last position")

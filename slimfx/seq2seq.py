@@ -51,8 +51,8 @@ import torch.nn as nn
 from torch.export import Dim
 
 from . import ir
-from .lm import (CompiledCausalLM, _cache_kw, _is_int, _prompt, _replaced, check_cache, saved_layout,
-                 share_children, slot_error, step_inputs)
+from .lm import (CompiledCausalLM, _cache_kw, _EagerCausalLM, _is_int, _prompt, _replaced, check_cache,
+                 checked_ids, saved_layout, share_children, slot_error, step_inputs)
 
 SEQ2SEQ_FILE = "seq2seq_lm.json"
 
@@ -240,19 +240,7 @@ def _example_inputs(model: nn.Module) -> tuple:
 def _encoder_args(name: str, inputs, attention_mask) -> tuple:
     """The encoder step's arguments for ``inputs`` (checked): ids with a mask of 0/1 (all ones when None)."""
     if name == "input_ids":
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got "
-                             f"{getattr(inputs, 'dtype', type(inputs).__name__)} {tuple(getattr(inputs, 'shape', ()))}")
-        if inputs.shape[0] == 0 or inputs.shape[1] == 0:
-            raise ValueError(f"input_ids must hold at least one input of at least one token, got shape "
-                             f"{tuple(inputs.shape)}")
-        mask = torch.ones_like(inputs) if attention_mask is None else attention_mask
-        if tuple(mask.shape) != tuple(inputs.shape):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(inputs.shape)}")
-        mask = mask.long()
-        if bool(((mask != 0) & (mask != 1)).any()) or bool((mask.sum(-1) == 0).any()):
-            raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only, and at least one 1 per row")
-        return inputs.long(), mask
+        return checked_ids(inputs, attention_mask, "input")
     if not isinstance(inputs, torch.Tensor) or not inputs.dtype.is_floating_point:
         raise ValueError(f"{name} must be a float tensor, got {getattr(inputs, 'dtype', type(inputs).__name__)}")
     if attention_mask is not None:
@@ -307,25 +295,22 @@ def _position_limit(model: nn.Module) -> Optional[int]:
     return None
 
 
-def check_positions(model: nn.Module, encoder: EncodeStep, step: DecoderStep, enc_args: tuple, layout, dtype,
-                    start: int) -> None:
+def check_positions(model: nn.Module, lm: "_EagerSeq2SeqLM", enc_args: tuple, extra: tuple) -> None:
     """Refuse ``model`` unless generating through ``step`` gives the logits of the model run on the real decoder
     tokens alone (a left-padded decoder prompt, then two decode steps: masked slots in front, the re-fed token
-    masked, unfilled slots between): its decoder's positions must count real tokens (``decoder_replacements``)."""
+    masked, unfilled slots between): its decoder's positions must count real tokens (``decoder_replacements``).
+    ``lm`` runs the step modules; ``extra``: their encoder's output for ``enc_args`` (of which 2 rows are used)."""
     dev = next(model.parameters()).device
-    vocab = _decoder_vocab(model)
-    enc_args = tuple(a[:2].to(dev) for a in enc_args)
+    enc_args = tuple(a[:2] for a in enc_args)
+    extra = ([(k[:2], v[:2]) for k, v in extra[0]], extra[1][:2])
     b = enc_args[0].shape[0]
-    ids = torch.randint(0, vocab, (b, 6), generator=torch.Generator().manual_seed(0)).to(dev)
-    ids[:, 0] = start
+    ids = torch.randint(0, _decoder_vocab(model), (b, 6), generator=torch.Generator().manual_seed(0)).to(dev)
+    ids[:, 0] = lm.decoder_start_token_id
     mask = torch.ones_like(ids)
     if b > 1:
         mask[0, :2] = 0
-    lm = _EagerSeq2SeqLM(encoder, step, layout, dtype, start, model_name=type(model).__name__,
-                         input_name=encoder.input_name)
     with ir.eval_mode(model), torch.no_grad():
         try:
-            extra = lm._encode_args(enc_args)
             logits, state = lm.prefill(ids[:, :4], mask[:, :4], extra=extra)
             got = torch.stack([logits[:, -1], lm.decode(ids[:, 4], state), lm.decode(ids[:, 5], state)], 1)
         except Exception as e:
@@ -333,12 +318,12 @@ def check_positions(model: nn.Module, encoder: EncodeStep, step: DecoderStep, en
                             f"compile_seq2seq_lm gives it, masked slots included ({type(e).__name__}: {e})") from e
         ref = []
         for i in range(b):
-            inputs = {encoder.input_name: enc_args[0][i:i + 1]}
+            inputs = {lm.input_name: enc_args[0][i:i + 1]}
             if len(enc_args) > 1:
                 inputs["attention_mask"] = enc_args[1][i:i + 1]
             ref.append(model(**inputs, decoder_input_ids=ids[i][mask[i].bool()][None]).logits[0, -3:])
         ref = torch.stack(ref)
-    err = slot_error(got, ref, dtype)
+    err = slot_error(got, ref, lm.dtype)
     if err is not None:
         raise TypeError(f"{type(model).__name__} is not supported: its decoder counts positions by cache slot in a "
                         f"way slimfx does not replace (logits change by {err:.2g} of their scale when masked cache "
@@ -347,7 +332,7 @@ def check_positions(model: nn.Module, encoder: EncodeStep, step: DecoderStep, en
 
 
 def _batches(items: Iterable, name: str) -> list:
-    """Calibration batches as (encoder inputs, mask, decoder ids or None)."""
+    """The calibration batches (dicts holding the encoder's input ``name``), checked."""
     from collections.abc import Mapping
     if isinstance(items, (Mapping, torch.Tensor)):
         raise TypeError("compile_seq2seq_lm: calibration is one batch; pass a list of batches: calibration=[batch]")
@@ -404,14 +389,16 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
     enc_args = tuple(a.to(dev) for a in enc_args)
     layout = _decoder_layout(model, enc_args, name)
     encoder, step = EncodeStep(model), DecoderStep(model)
-    check_positions(model, encoder, step, enc_args, layout, dtype, start)
+    eager = _EagerSeq2SeqLM(encoder, step, layout, dtype, start, model_name=what, input_name=name)
+    with ir.eval_mode(model), torch.no_grad():
+        extra = eager._encode_args(enc_args)             # (the check's, and the step's example)
+    check_positions(model, eager, enc_args, extra)
 
     auto = Dim.AUTO
     enc_dynamic = {"inputs": {i: auto for i in range(enc_args[0].dim())}}
     enc_dynamic["attention_mask"] = {0: auto, 1: auto} if len(enc_args) > 1 else None
     enc_cal = None
     dec_cal = []
-    eager = _EagerSeq2SeqLM(encoder, step, layout, dtype, start, model_name=what, input_name=name)
     if batches:
         enc_cal = []
         with ir.eval_mode(model), torch.no_grad():
@@ -422,14 +409,11 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
                     raise ValueError(f"compile_seq2seq_lm: calibration batch {i}: {e}") from e
                 args = tuple(a.to(dev) for a in args)
                 enc_cal.append(args if len(args) > 1 else (args[0], None))
-                extra = eager._encode_args(args)
                 ids = _decoder_ids(item, start, getattr(model.config, "pad_token_id", None), args[0].shape[0])
-                dec_cal.append((*step_inputs(ids.to(dev), None, layout, dtype), *extra))
+                dec_cal.append((*step_inputs(ids.to(dev), None, layout, dtype), *eager._encode_args(args)))
     cm_enc = compile_graph(encoder, (enc_args[0], enc_args[1] if len(enc_args) > 1 else None), passes=passes,
                            backend=backend, backend_options=backend_options, dynamic=enc_dynamic,
                            calibration=enc_cal, **compile_kwargs)
-    with ir.eval_mode(model), torch.no_grad():
-        extra = eager._encode_args(enc_args)
     ids = torch.randint(0, _decoder_vocab(model), (enc_args[0].shape[0], 4),
                         generator=torch.Generator().manual_seed(1)).to(dev)
     ids[:, 0] = start
@@ -738,8 +722,6 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"
 
 
-class _EagerSeq2SeqLM(CompiledSeq2SeqLM):
-    """The generation loop around the uncompiled step modules (``check_positions``, calibration)."""
-
-    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = ()):
-        return self.step(ids, pos, mask, cache, at, *extra)
+class _EagerSeq2SeqLM(CompiledSeq2SeqLM, _EagerCausalLM):
+    """The generation loop around the uncompiled step modules (``check_positions``, calibration): the modules
+    called as they are (``_EagerCausalLM._run``)."""
