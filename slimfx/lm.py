@@ -71,6 +71,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from . import ir
+from .beam import options as beam_options
 
 LM_FILE = "causal_lm.json"
 
@@ -1016,7 +1017,8 @@ class CompiledCausalLM:
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
                  generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-                 progress: bool = False):
+                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
+                 num_return_sequences: int = 1, progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
         ``temperature`` is 0, else sampled from softmax(logits / temperature) over the ``top_k`` largest (None
         or 0: all; transformers' ``generate`` takes 50 from its GenerationConfig unless told: pass ``top_k=50``
@@ -1029,8 +1031,23 @@ class CompiledCausalLM:
         same random state draw the same tokens.
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
         the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
-        has. Timings of the call are in ``last_timing``."""
+        has. Timings of the call are in ``last_timing``.
+
+        ``num_beams`` > 1: beam search (``slimfx.beam``), as transformers' ``generate`` runs it: the same processors
+        on the log-probabilities, ``length_penalty`` (a finished sequence scores its summed log-probabilities over
+        its new tokens' count to this power), ``early_stopping`` (True: a prompt is done once it has
+        ``num_beams`` finished sequences; False: once the best running one is unlikely to beat them; "never": once
+        it cannot), and ``temperature`` > 0 for beam sampling. It returns each prompt's best
+        ``num_return_sequences`` sequences, best first (batch * num_return_sequences rows), filled with the pad
+        token after their end-of-sequence token."""
         from tqdm.auto import tqdm
+        beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences)
+        if beams is not None:
+            new = self._stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                               min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, beams=dict(beams, progress=progress))
+            return torch.cat([input_ids.long().repeat_interleave(num_return_sequences, 0), new], 1)
         steps = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                             min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
@@ -1054,9 +1071,11 @@ class CompiledCausalLM:
     def _stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
                 repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
-                eos_token_id=None, pad_token_id: Optional[int] = None, extra=(), rules=None):
+                eos_token_id=None, pad_token_id: Optional[int] = None, extra=(), rules=None,
+                beams: Optional[dict] = None):
         """``stream`` with ``_steps``' ``extra`` (a tuple, or a function giving it, called once the options are
-        checked) and ``rules``."""
+        checked) and ``rules``; with ``beams`` (``slimfx.beam.options`` and ``progress``), the new tokens of
+        ``beam_search`` instead of an iterator."""
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -1098,10 +1117,16 @@ class CompiledCausalLM:
         eos = self.eos_token_id if eos_token_id is None else (
             [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        extra = extra() if callable(extra) else extra
+        if beams is not None:
+            from .beam import beam_search
+            return beam_search(self, input_ids, attention_mask, max_new_tokens, int(min_new_tokens), eos, pad, extra,
+                               rules, temperature=temperature, top_k=top_k, top_p=top_p, penalty=repetition_penalty,
+                               generator=generator, **beams)
         pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
                                  penalty=repetition_penalty, generator=generator)
         return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), repetition_penalty != 1,
-                           pick, eos, pad, extra() if callable(extra) else extra, rules)
+                           pick, eos, pad, extra, rules)
 
     @torch.no_grad()
     def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad, extra=(),
@@ -1142,31 +1167,42 @@ class CompiledCausalLM:
                             "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
 
     @staticmethod
-    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=()):
-        """The next token of each row from its logits (batch, vocab), the tokens it holds (``seen``: (batch,
-        vocab) bool, ``_held_tokens``), the tokens it may not take now (``banned``: end-of-sequence before
-        ``min_new_tokens``, suppressed tokens) and the ones it must take from (``forced``: a forced beginning or
-        end of sequence, each given logit 0 and every other token -inf), as transformers' logits processors
-        compute them (``generate``), in their order."""
+    def _processed(scores, seen, banned, penalty, forced=(), temperature=0.0, top_k=None, top_p=1.0, keep=1):
+        """``scores`` (batch, vocab) as transformers' logits processors leave them, in their order: the repetition
+        ``penalty`` over the tokens each row holds (``seen``: (batch, vocab) bool, ``_held_tokens``), the tokens it
+        may not take now (``banned``: end-of-sequence before ``min_new_tokens``, suppressed tokens) and the ones it
+        must take from (``forced``: a forced beginning or end of sequence, each given 0 and every other token
+        -inf); then, when ``temperature`` > 0, the sampling warpers (temperature, top-k, top-p), each keeping at
+        least ``keep`` tokens (transformers keeps 2 for beam search)."""
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
-            logits = logits.float()
-            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+            scores = scores.float()
+            scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
         if len(banned):                         # MinNewTokensLengthLogitsProcessor
-            logits = logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+            scores = scores.float().index_fill(-1, torch.tensor(banned, device=scores.device), float("-inf"))
         if len(forced):                         # ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
-            logits = torch.full_like(logits.float(), float("-inf")).index_fill(
-                -1, torch.tensor(forced, device=logits.device), 0.0)
+            scores = torch.full_like(scores.float(), float("-inf")).index_fill(
+                -1, torch.tensor(forced, device=scores.device), 0.0)
+        if temperature == 0:
+            return scores
+        scores = scores.float() / temperature
+        if top_k:                               # None or 0: every token
+            kth = torch.topk(scores, min(max(top_k, keep), scores.shape[-1]), -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if top_p < 1:                           # TopPLogitsWarper: drop the least likely while their sum <= 1 - p
+            ascending, order = torch.sort(scores, descending=False)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -keep:] = False             # (the likeliest token always stays)
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return scores
+
+    @staticmethod
+    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=()):
+        """The next token of each row from its logits (batch, vocab), processed as ``_processed`` says (the
+        arguments are its own): the likeliest when ``temperature`` is 0, else drawn from their softmax, as
+        transformers' ``generate`` chooses it."""
+        logits = CompiledCausalLM._processed(logits, seen, banned, penalty, forced, temperature, top_k, top_p)
         if temperature == 0:
             return logits.argmax(-1)
-        logits = logits.float() / temperature
-        if top_k:                               # None or 0: every token
-            kth = torch.topk(logits, min(top_k, logits.shape[-1]), -1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1:                           # TopPLogitsWarper: drop the least likely while their sum <= 1 - p
-            ascending, order = torch.sort(logits, descending=False)
-            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-            drop[:, -1] = False                 # (the likeliest token always stays)
-            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
         probs = torch.softmax(logits, -1)
         if generator is not None and generator.device != probs.device:    # e.g. a CPU generator, GPU logits
             return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)

@@ -31,9 +31,12 @@ first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the
 ``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them) and
 ``min_length`` (replaced by ``min_new_tokens`` when that is given); the last two from the config only, not per
 call.
-Beam search, n-gram bans, bad word sequences, the config's repetition penalty (pass ``repetition_penalty=``) and
-Whisper's timestamp rules are not applied (greedy and sampling as ``CompiledCausalLM.generate``), so a model
-configured for them generates other tokens than its own ``generate``; compiling one warns, naming them.
+The config's ``num_beams``, ``length_penalty``, ``early_stopping`` and ``num_return_sequences`` are ``generate``'s
+defaults (Marian's and BART-CNN's configs ask for beam search: ``slimfx.beam``); ``stream`` yields greedy or
+sampled tokens only, one at a time, so for such a model it gives other tokens than ``generate``.
+N-gram bans, bad word sequences, the config's repetition penalty (pass ``repetition_penalty=``) and Whisper's
+timestamp rules are not applied, so a model configured for them generates other tokens than its own
+``generate``; compiling one warns, naming them.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from . import ir
+from .beam import options as beam_options
 from .lm import (CompiledCausalLM, _cache_kw, _EagerCausalLM, _is_int, _prompt, _replaced, check_cache,
                  checked_ids, saved_layout, share_children, slot_error, step_inputs)
 
@@ -439,15 +443,14 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         forced_eos_token_id=getattr(gen, "forced_eos_token_id", None),
         suppress_tokens=getattr(gen, "suppress_tokens", None),
         begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
-        bad_tokens=[b[0] for b in bad if len(b) == 1], min_length=getattr(gen, "min_length", None) or 0)
+        bad_tokens=[b[0] for b in bad if len(b) == 1], min_length=getattr(gen, "min_length", None) or 0,
+        **{k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _BEAM_DEFAULTS})
 
 
 def _warn_unapplied(what: str, gen, sequences: list) -> None:
     """Warn about the entries of the generation config that make transformers' ``generate`` choose other tokens
     and that ``CompiledSeq2SeqLM.generate`` does not apply (module docstring)."""
     unapplied = []
-    if (getattr(gen, "num_beams", 1) or 1) > 1:
-        unapplied.append(f"num_beams={gen.num_beams} (beam search)")
     for key in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
         if getattr(gen, key, None):
             unapplied.append(f"{key}={getattr(gen, key)}")
@@ -496,6 +499,10 @@ class Seq2SeqReport:
         return f"== encoder\n{self.encoder}\n\n== decoder step\n{self.decoder}"
 
 
+# the beam-search options of generate and their defaults, which the generation config replaces (compile_seq2seq_lm)
+_BEAM_DEFAULTS = (("num_beams", 1), ("length_penalty", 1.0), ("early_stopping", False), ("num_return_sequences", 1))
+
+
 class CompiledSeq2SeqLM(CompiledCausalLM):
     """The compiled encoder and decoder step of an encoder-decoder model, and the generation loop around them
     (``compile_seq2seq_lm``). ``encoder`` and ``step`` are the two ``CompiledModel``s; prefill, decode and the
@@ -505,7 +512,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
     def __init__(self, encoder, step, layout, dtype, decoder_start_token_id: int, eos_token_id=None,
                  pad_token_id=None, model_name: Optional[str] = None, position_limit: Optional[int] = None,
                  input_name: str = "input_ids", forced_bos_token_id=None, forced_eos_token_id=None,
-                 suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0):
+                 suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0,
+                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1):
         super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          model_name=model_name, position_limit=position_limit)
         self.encoder = encoder
@@ -519,6 +527,9 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         if not _is_int(min_length) or min_length < 0:
             raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
         self.min_length = int(min_length)
+        beam_options(num_beams, length_penalty, early_stopping, num_return_sequences)     # (checked)
+        self.num_beams, self.length_penalty = int(num_beams), float(length_penalty)
+        self.early_stopping, self.num_return_sequences = early_stopping, int(num_return_sequences)
 
     def _options(self) -> dict:
         return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self.pad_token_id,
@@ -527,7 +538,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                     forced_eos_token_id=self.forced_eos_token_id or None,
                     suppress_tokens=self.suppress_tokens or None,
                     begin_suppress_tokens=self.begin_suppress_tokens or None, bad_tokens=self.bad_tokens or None,
-                    min_length=self.min_length)
+                    min_length=self.min_length, **self._beam_defaults())
+
+    def _beam_defaults(self) -> dict:
+        return {k: getattr(self, k) for k, _ in _BEAM_DEFAULTS}
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
         """Both graphs on another backend or with other options (``CompiledModel.with_backend``)."""
@@ -559,12 +573,18 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         ``generate`` leaves its prompt out, and the end-of-sequence token). ``inputs``: the encoder's (token ids
         with ``attention_mask``, or Whisper's features), also by the model's name for them (``input_ids=``,
         ``input_features=``: ``lm.generate(**tokenizer(texts, ...))``). The sampling options, their
-        order and the end-of-sequence handling are ``CompiledCausalLM.generate``'s; the generation config's forced
-        and suppressed tokens apply as the module docstring says (``forced_bos_token_id`` and the other three
-        may be given here too: None or () for none)."""
+        order, the end-of-sequence handling and beam search are ``CompiledCausalLM.generate``'s (``num_beams``,
+        ``length_penalty``, ``early_stopping`` and ``num_return_sequences`` by default the generation config's);
+        the generation config's forced and suppressed tokens apply as the module docstring says
+        (``forced_bos_token_id`` and the other three may be given here too: None or () for none)."""
         from tqdm.auto import tqdm
         inputs = self._given(inputs, options)
         dec = self._decoder_prompt(inputs, decoder_input_ids)
+        beams = beam_options(*(options.pop(k, getattr(self, k)) for k, _ in _BEAM_DEFAULTS))
+        if beams is not None:
+            new = self._stream(**self._setup(inputs, attention_mask, dec, decoder_attention_mask, max_new_tokens,
+                                             **options), beams=dict(beams, progress=progress))
+            return torch.cat([dec.long().repeat_interleave(beams["num_return_sequences"], 0), new], 1)
         steps = self.stream(inputs, attention_mask, decoder_input_ids=dec,
                             decoder_attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens, **options)
         new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
@@ -594,9 +614,23 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
                forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
                begin_suppress_tokens=_unset, **options):
-        """``generate`` one token at a time: an iterator of each step's new tokens (batch,)."""
-        unset = CompiledSeq2SeqLM._unset
+        """``generate`` one token at a time: an iterator of each step's new tokens (batch,), greedy or sampled
+        (beam search, which chooses its tokens at the end, is ``generate``'s alone)."""
+        beams = [k for k, _ in _BEAM_DEFAULTS if k in options]
+        if beams:
+            raise TypeError(f"{self.model_name}: stream yields each step's token as it is chosen, and beam search "
+                            f"chooses them at the end: {', '.join(beams)} are generate's")
         inputs = self._given(inputs, options)
+        return self._stream(**self._setup(inputs, attention_mask, self._decoder_prompt(inputs, decoder_input_ids),
+                                          decoder_attention_mask, max_new_tokens, forced_bos_token_id,
+                                          forced_eos_token_id, suppress_tokens, begin_suppress_tokens, **options))
+
+    def _setup(self, inputs, attention_mask, dec, decoder_attention_mask, max_new_tokens,
+               forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
+               begin_suppress_tokens=_unset, **options) -> dict:
+        """``_stream``'s arguments for ``stream``'s: the decoder prompt ``dec``, the encoder's input as its
+        ``extra`` (encoded once the options are checked) and the generation config's ``rules``."""
+        unset = CompiledSeq2SeqLM._unset
         bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
                                                                                   "forced_bos_token_id")
         eos = self.forced_eos_token_id if forced_eos_token_id is unset else _ids(forced_eos_token_id,
@@ -604,7 +638,6 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         suppress = self.suppress_tokens if suppress_tokens is unset else _ids(suppress_tokens, "suppress_tokens")
         begin = self.begin_suppress_tokens if begin_suppress_tokens is unset else _ids(begin_suppress_tokens,
                                                                                         "begin_suppress_tokens")
-        dec = self._decoder_prompt(inputs, decoder_input_ids)
         _prompt(dec, decoder_attention_mask)                       # (bad decoder prompts: its errors, first)
         args = _encoder_args(self.input_name, inputs, attention_mask)
         if args[0].shape[0] != dec.shape[0]:
@@ -633,8 +666,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             if i == max_new_tokens - 1 and eos:                    # (transformers' EOS processor runs last)
                 return ban, eos
             return ban, (first_forced if i == 0 else ())
-        return self._stream(dec, decoder_attention_mask, max_new_tokens=max_new_tokens,
-                            extra=functools.partial(self._encode_args, args), rules=rules, **options)
+        return dict(input_ids=dec, attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens,
+                    extra=functools.partial(self._encode_args, args), rules=rules, **options)
 
     def save(self, path) -> pathlib.Path:
         """The encoder and the step (``CompiledModel.save``) in the folders ``encoder/`` and ``decoder/`` of
@@ -650,7 +683,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "input_name": self.input_name, "forced_bos_token_id": list(self.forced_bos_token_id),
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
-                "min_length": self.min_length}
+                "min_length": self.min_length, **self._beam_defaults()}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -707,6 +740,11 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             if not (value is None and key != "decoder_start_token_id" or _is_int(value) and value >= 0):
                 either = "" if key == "decoder_start_token_id" else " or null"
                 raise FormatError(f"{where}: {key} must be an integer >= 0{either}, got {value!r}")
+        beams = {k: data.get(k, d) for k, d in _BEAM_DEFAULTS}
+        try:
+            beam_options(**beams)
+        except ValueError as e:
+            raise FormatError(f"{where}: {e}") from e
         name = data.get("input_name", "input_ids")
         first = parts["encoder"]._signature.leaves[0][1]
         floats = getattr(first, "dtype", torch.float32).is_floating_point
@@ -716,7 +754,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
                    pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
                    position_limit=data.get("position_limit"), input_name=name, min_length=data.get("min_length") or 0,
-                   **options)
+                   **beams, **options)
 
     def __repr__(self):
         return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"

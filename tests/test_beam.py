@@ -1,0 +1,216 @@
+"""Beam search (``generate(num_beams=...)``, slimfx.beam) against transformers' own beam search.
+
+What must hold: the same sequences as transformers' ``generate`` with the same options (length penalty, each
+early-stopping mode, several end-of-sequence ids, returned sequences, the logits processors on log-probabilities,
+beam sampling from the same random state) for a decoder-only model on both backends and for encoder-decoder
+models, whose generation config's beam options are generate's defaults and survive save/load; bad options are
+refused by name. The beams' cache rows must follow the beams that continue: without ``reorder`` the tokens differ.
+"""
+import inspect
+import json
+import warnings
+
+import pytest
+import torch
+
+import slimfx
+from conftest import text_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+VOCAB = 97
+PAD = 7          # (not 0: transformers fills finished beams with eos_token_id[0] when the pad id is 0, a falsy int)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A 2-layer Llama whose random weights give varied tokens (the default init's std 0.02 repeats one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lms(llama):
+    out = {b: slimfx.compile_causal_lm(llama, backend=b, progress=False) for b in ("torch", "numpy")}
+    out["numpy"].min_cache = 8        # the buffer grows 8 -> 16 -> 32 slots while the beams are reordered
+    return out
+
+
+def _prompts(seed=4):
+    ids, mask = text_batch(3, 7, VOCAB, pad_left=True, seed=seed)
+    mask[:, -1] = 1
+    return ids, mask
+
+
+def _transformers(model, ids, mask, new, **kw):
+    eos = kw.pop("eos_token_id", None)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                              pad_token_id=PAD, **kw)
+
+
+CASES = [dict(num_beams=3),
+         dict(num_beams=4, eos_token_id=36),
+         dict(num_beams=4, eos_token_id=[36, 73], length_penalty=0.5, num_return_sequences=2),
+         dict(num_beams=3, eos_token_id=36, early_stopping=True),
+         dict(num_beams=3, eos_token_id=36, early_stopping="never", length_penalty=2.0),
+         dict(num_beams=3, eos_token_id=36, repetition_penalty=1.3, min_new_tokens=4),
+         # a prompt is done while another goes on: its hypotheses that end later are not taken
+         dict(num_beams=3, eos_token_id=[63, 30, 73, 21, 36], length_penalty=2.0),
+         # 49 end-of-sequence ids: 50 continuations per beam are kept, or too few go on running
+         dict(num_beams=3, eos_token_id=list(range(0, VOCAB, 2)), length_penalty=2.0)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_beam_search_equals_transformers(llama, lms, backend, case):
+    """Left-padded prompts, 12 new tokens: transformers' sequences, each of them, in its order."""
+    kw = CASES[case]
+    ids, mask = _prompts()
+    ref = _transformers(llama, ids, mask, 12, **kw)
+    got = lms[backend].generate(ids, mask, max_new_tokens=12, pad_token_id=PAD, **kw)
+    assert torch.equal(got, ref), f"\n got {got.tolist()}\n ref {ref.tolist()}"
+    assert lms[backend].last_timing["num_beams"] == kw["num_beams"]
+    if case in (1, 2, 3):                     # some hypotheses end early, filled with the pad id after their end
+        assert (got[:, 7:] == PAD).any()
+
+
+def test_beams_are_no_greedy_search_and_follow_their_cache(llama, lms, monkeypatch):
+    """Beam search finds other sequences than greedy search here (so the comparison above tests beams), and the
+    cache rows must move with the beams that continue: left in place, the tokens are no longer transformers'."""
+    import slimfx.beam as B
+    ids, mask = _prompts()
+    lm = lms["numpy"]
+    beams = lm.generate(ids, mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD)
+    assert not torch.equal(beams, lm.generate(ids, mask, max_new_tokens=12))
+    reorder = B.reorder
+    monkeypatch.setattr(B, "reorder", lambda state, index, extra=True: reorder(state, index) if extra else None)
+    assert not torch.equal(lm.generate(ids, mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD), beams)
+
+
+@pytest.mark.skipif("topk_log_probs.sort" not in inspect.getsource(
+    __import__("transformers").GenerationMixin._get_top_k_continuations),
+    reason="this transformers (5.17 does) leaves beam sampling's draws unsorted; slimfx sorts them as 5.25 does")
+def test_beam_sampling_draws_transformers_sequences(llama, lms):
+    """temperature, top-k (at least 2 kept for beams) and top-p on the log-probabilities, the continuations drawn
+    without replacement from the same random state: transformers' sequences."""
+    ids, mask = _prompts(seed=5)
+    for kw in (dict(temperature=1.5), dict(temperature=0.8, top_k=1, top_p=0.7)):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            ref = llama.generate(ids, attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=True,
+                                 pad_token_id=PAD, top_k=kw.get("top_k", 0), temperature=kw["temperature"],
+                                 top_p=kw.get("top_p", 1.0))
+        torch.manual_seed(3)
+        got = lms["numpy"].generate(ids, mask, max_new_tokens=10, num_beams=3, pad_token_id=PAD, **kw)
+        assert torch.equal(got, ref), f"{kw}\n got {got.tolist()}\n ref {ref.tolist()}"
+
+
+def test_longrope_beams_run_the_whole_sequence_again_at_the_switch():
+    """Phi-3 longrope: crossing its switch runs every beam's whole sequence again (``decode``), from the beams'
+    reordered token ids: transformers' beams (>= 5.25, whose generate runs the whole sequence there too)."""
+    import transformers
+    from packaging.version import Version
+    from test_lm import _longrope
+    if Version(transformers.__version__) < Version("5.25"):
+        pytest.skip("transformers < 5.25 runs only the newest token at the switch (test_lm's longrope test)")
+    model = _longrope()
+    lm = slimfx.compile_causal_lm(model, backend="torch", progress=False)
+    ids, mask = text_batch(2, 26, VOCAB, pad_left=True, seed=6)
+    mask[:, -1] = 1
+    ref = _transformers(model, ids, mask, 12, num_beams=3)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD), ref)
+
+
+def test_refusals(lms):
+    lm = lms["numpy"]
+    ids, mask = _prompts()
+    for kw, what in [(dict(num_beams=0), "num_beams must be an integer >= 1"),
+                     (dict(num_beams=2.0), "num_beams must be an integer"),
+                     (dict(num_beams=3, num_return_sequences=4), "num_return_sequences must be an integer from 1 "
+                                                                 r"to num_beams \(3\), got 4"),
+                     (dict(num_return_sequences=2), r"from 1 to num_beams \(1\)"),
+                     (dict(num_beams=2, early_stopping="yes"), "early_stopping must be True, False or 'never'"),
+                     (dict(num_beams=2, early_stopping=1), "early_stopping must be True, False or 'never'"),
+                     (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
+                     (dict(num_beams=2, length_penalty=True), "length_penalty must be a finite number"),
+                     (dict(num_beams=2, max_new_tokens=0), "max_new_tokens must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=what):
+            lm.generate(ids, mask, **{"max_new_tokens": 4, **kw})
+    with pytest.raises(TypeError, match="num_beams"):
+        lm.stream(ids, mask, num_beams=2)
+
+
+# --- encoder-decoder models
+
+
+def _seq2seq(family, **config):
+    from test_seq2seq import _tiny
+    model = _tiny(family)
+    for key, value in config.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def _seq2seq_reference(model, inputs, mask, new, **kw):
+    given = {"attention_mask": mask} if mask is not None else {}
+    with torch.no_grad():
+        out = model.generate(inputs, **given, max_new_tokens=new, do_sample=False, **kw)
+    if model.main_input_name == "input_features":    # (Whisper's generate leaves the start token out)
+        out = torch.cat([torch.full_like(out[:, :1], model.generation_config.decoder_start_token_id), out], 1)
+    return out
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "marian", "whisper"])
+def test_encoder_decoder_beams_equal_transformers(family):
+    """The encoded input is repeated for each beam once, the decoder cache reordered every step: transformers'
+    sequences. (Whisper's own generate returns its best sequence num_return_sequences times: not compared.)"""
+    from test_seq2seq import _inputs
+    model = _seq2seq(family)
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    lm.min_cache = 4
+    inputs, mask = _inputs(model, batch=3)
+    cases = [dict(num_beams=3, early_stopping=True), dict(num_beams=2, min_new_tokens=5, early_stopping="never")]
+    if family != "whisper":
+        cases.append(dict(num_beams=4, length_penalty=0.7, num_return_sequences=2))
+    for kw in cases:
+        ref = _seq2seq_reference(model, inputs, mask, 14, **kw)
+        got = lm.generate(inputs, mask, max_new_tokens=14, **kw)
+        assert torch.equal(got, ref), f"{family} {kw}\n got {got.tolist()}\n ref {ref.tolist()}"
+
+
+def test_the_generation_configs_beams_are_generates_defaults(tmp_path):
+    """A Marian-like config (num_beams 4, a length penalty, early stopping, forced end of sequence) is what
+    generate does unless told otherwise, as transformers' generate; saved and loaded, it still is; stream stays
+    one token at a time and refuses beam options; an edited save's num_beams is refused by name."""
+    model = _seq2seq("marian", num_beams=4, length_penalty=0.6, early_stopping=True, forced_eos_token_id=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # (beam search is applied now: no warning names it)
+        lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    assert (lm.num_beams, lm.length_penalty, lm.early_stopping, lm.num_return_sequences) == (4, 0.6, True, 1)
+    from test_seq2seq import _inputs
+    inputs, mask = _inputs(model, batch=2, seed=0)
+    ref = _seq2seq_reference(model, inputs, mask, 10)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=10), ref)
+    greedy = _seq2seq_reference(model, inputs, mask, 10, num_beams=1)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=10, num_beams=1), greedy)
+    assert not torch.equal(ref, greedy)
+    assert (ref[:, -1] == 1).all()                   # (the forced end of sequence, in each beam)
+    with pytest.raises(TypeError, match="beam search chooses them at the end: num_beams are generate's"):
+        lm.stream(inputs, mask, num_beams=4)
+    path = lm.save(tmp_path / "marian")
+    loaded = slimfx.load(path, backend="numpy")
+    assert torch.equal(loaded.generate(inputs, mask, max_new_tokens=10), ref)
+    data = json.loads((path / "seq2seq_lm.json").read_text())
+    (path / "seq2seq_lm.json").write_text(json.dumps({**data, "num_beams": 0}))
+    with pytest.raises(slimfx.ir.serialize.FormatError, match="seq2seq_lm.json: num_beams must be an integer >= 1"):
+        slimfx.load(path)
