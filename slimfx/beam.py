@@ -6,9 +6,9 @@ continuations over all of a prompt's beams. A continuation that ends (an end-of-
 token) becomes a finished hypothesis scored ``sum of log-probabilities / new_tokens ** length_penalty``; a prompt is
 done when its finished hypotheses cannot be beaten (``early_stopping``). This is transformers' vectorized beam
 search (``GenerationMixin._beam_search`` of transformers 5.17 and 5.25) step for step, the same tensors in the same
-order, so the same logits give the same sequences; with ``temperature`` > 0 the continuations are drawn as its beam sampling draws
-them (without replacement from the softmax of the accumulated scores, then sorted, as transformers 5.25 does;
-5.17 leaves them unsorted).
+order, so the same logits give the same sequences; with ``temperature`` > 0 the continuations are drawn as its
+beam sampling draws them (without replacement from the softmax of the accumulated scores, then sorted, as
+transformers 5.25 does; 5.17 leaves them unsorted).
 
 The prompt runs once per prompt, not once per beam: its state (cache slots, mask, positions, an encoder-decoder
 model's encoded input) is then repeated for the beams, and every step gathers the cache rows of the beams that
