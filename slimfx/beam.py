@@ -117,7 +117,7 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         ban = [t for t in ban if 0 <= t < vocab] + (ends if i < min_new_tokens else [])
         forced = [t for t in forced if 0 <= t < vocab]
         logp = lm._processed(torch.log_softmax(logits.float(), -1), seen, ban, penalty, forced, temperature,
-                             top_k, top_p, keep=2)
+                             top_k, top_p, keep=len(eos) + 1 if eos else 2)
         acc = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
         if temperature > 0:                         # beam sampling: drawn without replacement, then sorted
             if generator is not None and generator.device != acc.device:

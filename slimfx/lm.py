@@ -1173,7 +1173,7 @@ class CompiledCausalLM:
         may not take now (``banned``: end-of-sequence before ``min_new_tokens``, suppressed tokens) and the ones it
         must take from (``forced``: a forced beginning or end of sequence, each given 0 and every other token
         -inf); then, when ``temperature`` > 0, the sampling warpers (temperature, top-k, top-p), each keeping at
-        least ``keep`` tokens (transformers keeps 2 for beam search)."""
+        least ``keep`` tokens (transformers keeps one more than the end-of-sequence ids, or 2, for beam sampling)."""
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
             scores = scores.float()
             scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)

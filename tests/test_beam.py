@@ -101,15 +101,16 @@ def test_beams_are_no_greedy_search_and_follow_their_cache(llama, lms, monkeypat
     __import__("transformers").GenerationMixin._get_top_k_continuations),
     reason="this transformers (5.17 does) leaves beam sampling's draws unsorted; slimfx sorts them as 5.25 does")
 def test_beam_sampling_draws_transformers_sequences(llama, lms):
-    """temperature, top-k (at least 2 kept for beams) and top-p on the log-probabilities, the continuations drawn
-    without replacement from the same random state: transformers' sequences."""
+    """temperature, top-k and top-p on the log-probabilities (each keeping one token more than the end-of-sequence
+    ids, or 2), the continuations drawn without replacement from the same random state: transformers' sequences."""
     ids, mask = _prompts(seed=5)
-    for kw in (dict(temperature=1.5), dict(temperature=0.8, top_k=1, top_p=0.7)):
+    for kw in (dict(temperature=1.5), dict(temperature=0.8, top_k=1, top_p=0.7),
+               dict(temperature=0.8, top_k=1, eos_token_id=[36, 73, 63, 5, 6, 8])):
         torch.manual_seed(3)
         with torch.no_grad():
             ref = llama.generate(ids, attention_mask=mask, max_new_tokens=10, num_beams=3, do_sample=True,
                                  pad_token_id=PAD, top_k=kw.get("top_k", 0), temperature=kw["temperature"],
-                                 top_p=kw.get("top_p", 1.0))
+                                 top_p=kw.get("top_p", 1.0), eos_token_id=kw.get("eos_token_id"))
         torch.manual_seed(3)
         got = lms["numpy"].generate(ids, mask, max_new_tokens=10, num_beams=3, pad_token_id=PAD, **kw)
         assert torch.equal(got, ref), f"{kw}\n got {got.tolist()}\n ref {ref.tolist()}"
