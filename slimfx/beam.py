@@ -78,13 +78,13 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
                 min_new_tokens: int, eos: list, pad: int, extra, rules, *, temperature: float, top_k, top_p: float,
                 penalty: float, generator, num_beams: int, length_penalty: float, early_stopping,
-                num_return_sequences: int, progress: bool = False) -> torch.Tensor:
+                num_return_sequences: int, history=None, progress: bool = False) -> torch.Tensor:
     """The new tokens (batch * num_return_sequences, n) of each prompt's best ``num_return_sequences`` finished
     sequences, best first, on ``input_ids``' device; ``n``: the longest of them, the shorter ones filled with
     ``pad`` after their end-of-sequence token. The arguments are ``CompiledCausalLM._steps``' and the sampling
-    options (``_processed``); ``lm.last_timing`` is set."""
+    options (``_processed``), and ``history``: ``history_bans``' (ngram, words); ``lm.last_timing`` is set."""
     from tqdm.auto import tqdm
-    from .lm import _held_tokens, _prompt
+    from .lm import _held_tokens, _prompt, history_bans
     t0 = time.perf_counter()
     logits, state = lm.prefill(input_ids, attention_mask, extra=extra)
     dev = logits.device
@@ -99,6 +99,7 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if penalty != 1:
         seen = _held_tokens(*_prompt(input_ids, attention_mask), vocab, dev).repeat_interleave(k, 0)
     ends = [e for e in eos if 0 <= e < vocab]
+    prompts = input_ids.long().to(dev).repeat_interleave(k, 0)
     ends_t = torch.tensor(ends, dtype=torch.long, device=dev)
     keep = max(2, 1 + len(eos)) * k                 # continuations kept per prompt (transformers counts every eos)
     top_beams = torch.arange(keep, device=dev) < k  # only these may finish (the rest keep k beams running)
@@ -116,8 +117,12 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         ban, forced = rules(i) if rules is not None else ((), ())
         ban = [t for t in ban if 0 <= t < vocab] + (ends if i < min_new_tokens else [])
         forced = [t for t in forced if 0 <= t < vocab]
+        mask = None
+        if history is not None:                     # each beam's tokens so far: its prompt and new tokens
+            held = torch.cat([prompts, run_seq[:, :, :i].flatten(0, 1)], 1)
+            mask = history_bans(held, vocab, *history)
         logp = lm._processed(torch.log_softmax(logits.float(), -1), seen, ban, penalty, forced, temperature,
-                             top_k, top_p, keep=len(eos) + 1 if eos else 2)
+                             top_k, top_p, keep=len(eos) + 1 if eos else 2, mask=mask)
         acc = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
         if temperature > 0:                         # beam sampling: drawn without replacement, then sorted
             if generator is not None and generator.device != acc.device:

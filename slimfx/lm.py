@@ -815,6 +815,40 @@ def _held_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab: int, device) -> t
     return torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=device).scatter_(1, cols, True)[:, :vocab]
 
 
+def history_bans(seq: torch.Tensor, vocab: int, ngram: int = 0, words: Sequence = ()) -> torch.Tensor:
+    """(rows, vocab) bool: the tokens each row of ``seq`` (rows, length: its tokens so far, prompt and padding
+    included) may not take next, as transformers' NoRepeatNGramLogitsProcessor and NoBadWordsLogitsProcessor ban
+    them: one that would repeat an ``ngram``-token sequence the row holds (0: none), and the last token of each of
+    ``words`` (token id sequences) whose other tokens end the row. Ids past the logits are never banned (never
+    chosen either)."""
+    rows, length = seq.shape
+    out = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=seq.device)    # (column vocab: the ones left out)
+    if ngram and length >= ngram:
+        windows = seq.unfold(1, ngram, 1)                                  # every ngram the row holds
+        matches = (windows[..., :-1] == seq[:, length + 1 - ngram:][:, None]).all(-1)   # ... that it would repeat
+        out.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    for word in words:
+        *prefix, last = word
+        if last >= vocab or len(prefix) > length:
+            continue
+        hit = (seq[:, length - len(prefix):] == torch.tensor(prefix, dtype=seq.dtype, device=seq.device)).all(-1) \
+            if prefix else torch.ones(rows, dtype=torch.bool, device=seq.device)
+        out[:, last] |= hit
+    return out[:, :vocab]
+
+
+def bad_words(value, eos: Sequence = ()) -> tuple:
+    """``bad_words_ids`` (a list of token id lists) as a tuple of tuples, less the one-token ones that are an
+    end-of-sequence id (transformers drops them); refused, naming the entry, when not that."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+            not all(isinstance(w, Sequence) and not isinstance(w, (str, bytes)) and len(w) and
+                    all(_is_int(t) and t >= 0 for t in w) for w in value):
+        raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids >= 0, got {value!r}")
+    return tuple(tuple(int(t) for t in w) for w in value if not (len(w) == 1 and int(w[0]) in eos))
+
+
 def _is_int(v) -> bool:
     """A Python or numpy integer (a 0-d integer tensor too), never a bool."""
     import numbers
@@ -1017,8 +1051,8 @@ class CompiledCausalLM:
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
                  generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
-                 num_return_sequences: int = 1, progress: bool = False):
+                 no_repeat_ngram_size: int = 0, bad_words_ids=None, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping=False, num_return_sequences: int = 1, progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
         ``temperature`` is 0, else sampled from softmax(logits / temperature) over the ``top_k`` largest (None
         or 0: all; transformers' ``generate`` takes 50 from its GenerationConfig unless told: pass ``top_k=50``
@@ -1027,8 +1061,11 @@ class CompiledCausalLM:
         from its first unmasked token on, and its new tokens) by itself and multiplies the negative ones (1:
         none); until a row has ``min_new_tokens`` new tokens, its end-of-sequence tokens cannot be chosen. Each as
         transformers' ``generate`` computes it (transformers >= 5.25: older versions penalize the left padding
-        too), in its order (penalty, end-of-sequence ban, temperature, top-k, top-p), so the same logits and the
-        same random state draw the same tokens.
+        too), in its order (penalty, n-gram and bad-word bans, end-of-sequence ban, temperature, top-k, top-p),
+        so the same logits and the same random state draw the same tokens. ``no_repeat_ngram_size`` n > 0: no
+        row takes a token that would repeat an n-token sequence it holds (prompt and padding included, as
+        transformers counts them); ``bad_words_ids``: token id sequences no row completes (a one-token one is
+        never taken; ``[eos]`` is dropped, as transformers drops it).
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
         the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
         has. Timings of the call are in ``last_timing``.
@@ -1046,12 +1083,14 @@ class CompiledCausalLM:
             new = self._stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                                min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
-                               pad_token_id=pad_token_id, beams=dict(beams, progress=progress))
+                               pad_token_id=pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
+                               bad_words_ids=bad_words_ids, beams=dict(beams, progress=progress))
             return torch.cat([input_ids.long().repeat_interleave(num_return_sequences, 0), new], 1)
         steps = self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                             min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id)
+                            pad_token_id=pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
+                            bad_words_ids=bad_words_ids)
         new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
                                             leave=False)]
         return torch.cat([input_ids.long(), *new], 1)
@@ -1059,20 +1098,22 @@ class CompiledCausalLM:
     def stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
                repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
-               eos_token_id=None, pad_token_id: Optional[int] = None):
+               eos_token_id=None, pad_token_id: Optional[int] = None, no_repeat_ngram_size: int = 0,
+               bad_words_ids=None):
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,) as they are chosen,
         on ``input_ids``' device (e.g. to print an answer while it is written); ``last_timing`` is set at the
         end."""
         return self._stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                             min_new_tokens=min_new_tokens, generator=generator, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id)
+                            pad_token_id=pad_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
+                            bad_words_ids=bad_words_ids)
 
     def _stream(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
                 repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
-                eos_token_id=None, pad_token_id: Optional[int] = None, extra=(), rules=None,
-                beams: Optional[dict] = None):
+                eos_token_id=None, pad_token_id: Optional[int] = None, no_repeat_ngram_size: int = 0,
+                bad_words_ids=None, extra=(), rules=None, beams: Optional[dict] = None):
         """``stream`` with ``_steps``' ``extra`` (a tuple, or a function giving it, called once the options are
         checked) and ``rules``; with ``beams`` (``slimfx.beam.options`` and ``progress``), the new tokens of
         ``beam_search`` instead of an iterator."""
@@ -1089,6 +1130,8 @@ class CompiledCausalLM:
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
         if not _is_int(min_new_tokens) or min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+        if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {no_repeat_ngram_size!r}")
         self._refuse_gaps(_prompt(input_ids, attention_mask)[1], input_ids.shape[-1] + max_new_tokens - 1,
                           f"{max_new_tokens} new tokens after a prompt of")    # (bad prompts: _prompt's errors)
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway
@@ -1117,24 +1160,27 @@ class CompiledCausalLM:
         eos = self.eos_token_id if eos_token_id is None else (
             [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
         pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        words = bad_words(bad_words_ids, eos)
+        history = (int(no_repeat_ngram_size), words) if no_repeat_ngram_size or words else None
         extra = extra() if callable(extra) else extra
         if beams is not None:
             from .beam import beam_search
             return beam_search(self, input_ids, attention_mask, max_new_tokens, int(min_new_tokens), eos, pad, extra,
                                rules, temperature=temperature, top_k=top_k, top_p=top_p, penalty=repetition_penalty,
-                               generator=generator, **beams)
+                               generator=generator, history=history, **beams)
         pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
                                  penalty=repetition_penalty, generator=generator)
         return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), repetition_penalty != 1,
-                           pick, eos, pad, extra, rules)
+                           pick, eos, pad, extra, rules, history)
 
     @torch.no_grad()
     def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad, extra=(),
-               rules=None):
+               rules=None, history=None):
         """The generation loop (``stream``); ``extra``: the step's inputs after ``logits_at`` (``prefill``);
         ``rules(i)``: the token ids new token i may not take beyond end-of-sequence before ``min_new_tokens``,
         and the ids it must take from (an empty tuple: any), as an encoder-decoder model's generation config
-        suppresses and forces them (``slimfx.seq2seq``)."""
+        suppresses and forces them (``slimfx.seq2seq``); ``history``: ``history_bans``' (ngram, words), banned
+        by each row's tokens so far."""
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask, extra=extra)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
@@ -1146,14 +1192,18 @@ class CompiledCausalLM:
         seen = _held_tokens(*_prompt(input_ids, attention_mask), vocab, logits.device) if track else None
         rows = torch.arange(len(logits), device=logits.device)
         banned = [e for e in eos if 0 <= e < vocab]   # (an id past the logits is never chosen: transformers too)
+        held = input_ids.long().to(logits.device) if history is not None else None    # each row's tokens so far
         n = 0
         for i in range(max_new_tokens):
             ban, forced = rules(i) if rules is not None else ((), ())
             ban, forced = [t for t in ban if 0 <= t < vocab], [t for t in forced if 0 <= t < vocab]   # (as eos)
-            tok = pick(logits, seen, [*(banned if i < min_new_tokens else ()), *ban], forced=forced)
+            mask = history_bans(held, vocab, *history) if history is not None else None
+            tok = pick(logits, seen, [*(banned if i < min_new_tokens else ()), *ban], forced=forced, mask=mask)
             if seen is not None:
                 seen[rows, tok] = True
             tok = torch.where(done, torch.full_like(tok, pad), tok)
+            if held is not None:
+                held = torch.cat([held, tok[:, None]], 1)
             n += 1
             yield tok.to(input_ids.device)
             if eos:
@@ -1167,16 +1217,20 @@ class CompiledCausalLM:
                             "decode_tokens_per_s": (n - 1) / (t2 - t1) if n > 1 else None}
 
     @staticmethod
-    def _processed(scores, seen, banned, penalty, forced=(), temperature=0.0, top_k=None, top_p=1.0, keep=1):
+    def _processed(scores, seen, banned, penalty, forced=(), temperature=0.0, top_k=None, top_p=1.0, keep=1,
+                   mask=None):
         """``scores`` (batch, vocab) as transformers' logits processors leave them, in their order: the repetition
         ``penalty`` over the tokens each row holds (``seen``: (batch, vocab) bool, ``_held_tokens``), the tokens it
-        may not take now (``banned``: end-of-sequence before ``min_new_tokens``, suppressed tokens) and the ones it
+        may not take now (``banned``: end-of-sequence before ``min_new_tokens``, suppressed tokens; ``mask``:
+        (batch, vocab) bool, its own, ``history_bans``) and the ones it
         must take from (``forced``: a forced beginning or end of sequence, each given 0 and every other token
         -inf); then, when ``temperature`` > 0, the sampling warpers (temperature, top-k, top-p), each keeping at
         least ``keep`` tokens (transformers keeps one more than the end-of-sequence ids, or 2, for beam sampling)."""
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
             scores = scores.float()
             scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+        if mask is not None:                    # NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor
+            scores = scores.float().masked_fill(mask, float("-inf"))
         if len(banned):                         # MinNewTokensLengthLogitsProcessor
             scores = scores.float().index_fill(-1, torch.tensor(banned, device=scores.device), float("-inf"))
         if len(forced):                         # ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
@@ -1196,11 +1250,12 @@ class CompiledCausalLM:
         return scores
 
     @staticmethod
-    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=()):
+    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=(), mask=None):
         """The next token of each row from its logits (batch, vocab), processed as ``_processed`` says (the
         arguments are its own): the likeliest when ``temperature`` is 0, else drawn from their softmax, as
         transformers' ``generate`` chooses it."""
-        logits = CompiledCausalLM._processed(logits, seen, banned, penalty, forced, temperature, top_k, top_p)
+        logits = CompiledCausalLM._processed(logits, seen, banned, penalty, forced, temperature, top_k, top_p,
+                                             mask=mask)
         if temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits, -1)

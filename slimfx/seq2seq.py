@@ -31,12 +31,13 @@ first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the
 ``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them) and
 ``min_length`` (replaced by ``min_new_tokens`` when that is given); the last two from the config only, not per
 call.
-The config's ``num_beams``, ``length_penalty``, ``early_stopping`` and ``num_return_sequences`` are ``generate``'s
-defaults (Marian's and BART-CNN's configs ask for beam search: ``slimfx.beam``); ``stream`` yields greedy or
-sampled tokens only, one at a time, so for such a model it gives other tokens than ``generate``.
-N-gram bans, bad word sequences, the config's repetition penalty (pass ``repetition_penalty=``) and Whisper's
-timestamp rules are not applied, so a model configured for them generates other tokens than its own
-``generate``; compiling one warns, naming them.
+The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``,
+``no_repeat_ngram_size``, ``repetition_penalty`` and longer ``bad_words_ids`` are ``generate``'s defaults too
+(Marian's and BART-CNN's configs ask for beam search, ``slimfx.beam``, BART-CNN's for no repeated 3-gram); ``stream``
+yields greedy or sampled tokens only, one at a time, so for a model configured for beams it gives other tokens than
+``generate``. The encoder's n-gram ban (``encoder_no_repeat_ngram_size``) and Whisper's timestamp rules are not
+applied, so a model configured for them generates other tokens than its own ``generate``; compiling one warns,
+naming the first.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from torch.export import Dim
 
 from . import ir
 from .beam import options as beam_options
-from .lm import (CompiledCausalLM, _cache_kw, _EagerCausalLM, _is_int, _prompt, _replaced, check_cache,
+from .lm import (CompiledCausalLM, _cache_kw, _EagerCausalLM, _is_int, _prompt, _replaced, bad_words, check_cache,
                  checked_ids, saved_layout, share_children, slot_error, step_inputs)
 
 SEQ2SEQ_FILE = "seq2seq_lm.json"
@@ -435,7 +436,7 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
     bad = getattr(gen, "bad_words_ids", None) or []
-    _warn_unapplied(what, gen, [b for b in bad if len(b) != 1])
+    _warn_unapplied(what, gen)
     return CompiledSeq2SeqLM(
         cm_enc, cm_step, layout, dtype, start, eos_token_id=eos, pad_token_id=getattr(gen, "pad_token_id", None),
         model_name=what, position_limit=_position_limit(model), input_name=name,
@@ -443,21 +444,18 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         forced_eos_token_id=getattr(gen, "forced_eos_token_id", None),
         suppress_tokens=getattr(gen, "suppress_tokens", None),
         begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
-        bad_tokens=[b[0] for b in bad if len(b) == 1], min_length=getattr(gen, "min_length", None) or 0,
-        **{k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _BEAM_DEFAULTS})
+        bad_tokens=[b[0] for b in bad if len(b) == 1], bad_sequences=[b for b in bad if len(b) > 1],
+        min_length=getattr(gen, "min_length", None) or 0,
+        **{k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _CONFIG_DEFAULTS})
 
 
-def _warn_unapplied(what: str, gen, sequences: list) -> None:
+def _warn_unapplied(what: str, gen) -> None:
     """Warn about the entries of the generation config that make transformers' ``generate`` choose other tokens
     and that ``CompiledSeq2SeqLM.generate`` does not apply (module docstring)."""
     unapplied = []
-    for key in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+    for key in ("encoder_no_repeat_ngram_size",):
         if getattr(gen, key, None):
             unapplied.append(f"{key}={getattr(gen, key)}")
-    if sequences:
-        unapplied.append(f"bad_words_ids of more than one token ({len(sequences)})")
-    if getattr(gen, "repetition_penalty", None) not in (None, 1, 1.0):
-        unapplied.append(f"repetition_penalty={gen.repetition_penalty} (pass repetition_penalty= to generate)")
     if unapplied:
         warnings.warn(f"{what}'s generation config sets {', '.join(unapplied)}, which compile_seq2seq_lm's generate "
                       f"does not apply: its tokens can differ from transformers' generate", stacklevel=3)
@@ -501,6 +499,8 @@ class Seq2SeqReport:
 
 # the beam-search options of generate and their defaults, which the generation config replaces (compile_seq2seq_lm)
 _BEAM_DEFAULTS = (("num_beams", 1), ("length_penalty", 1.0), ("early_stopping", False), ("num_return_sequences", 1))
+# every generate option the generation config gives a default to (bad_words_ids aside: bad_tokens, bad_sequences)
+_CONFIG_DEFAULTS = (*_BEAM_DEFAULTS, ("no_repeat_ngram_size", 0), ("repetition_penalty", 1.0))
 
 
 class CompiledSeq2SeqLM(CompiledCausalLM):
@@ -513,7 +513,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                  pad_token_id=None, model_name: Optional[str] = None, position_limit: Optional[int] = None,
                  input_name: str = "input_ids", forced_bos_token_id=None, forced_eos_token_id=None,
                  suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0,
-                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1):
+                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1,
+                 bad_sequences=None, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
         super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          model_name=model_name, position_limit=position_limit)
         self.encoder = encoder
@@ -530,6 +531,16 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         beam_options(num_beams, length_penalty, early_stopping, num_return_sequences)     # (checked)
         self.num_beams, self.length_penalty = int(num_beams), float(length_penalty)
         self.early_stopping, self.num_return_sequences = early_stopping, int(num_return_sequences)
+        self.bad_sequences = bad_words(bad_sequences)              # bad_words_ids of more than one token
+        if any(len(w) < 2 for w in self.bad_sequences):
+            raise ValueError(f"bad_sequences must be of 2 or more tokens each (one: bad_tokens), got {bad_sequences!r}")
+        if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {no_repeat_ngram_size!r}")
+        self.no_repeat_ngram_size = int(no_repeat_ngram_size)
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
+                not 0 < repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
+        self.repetition_penalty = float(repetition_penalty)
 
     def _options(self) -> dict:
         return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self.pad_token_id,
@@ -538,10 +549,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                     forced_eos_token_id=self.forced_eos_token_id or None,
                     suppress_tokens=self.suppress_tokens or None,
                     begin_suppress_tokens=self.begin_suppress_tokens or None, bad_tokens=self.bad_tokens or None,
-                    min_length=self.min_length, **self._beam_defaults())
+                    min_length=self.min_length, bad_sequences=self.bad_sequences or None, **self._config_defaults())
 
-    def _beam_defaults(self) -> dict:
-        return {k: getattr(self, k) for k, _ in _BEAM_DEFAULTS}
+    def _config_defaults(self) -> dict:
+        return {k: getattr(self, k) for k, _ in _CONFIG_DEFAULTS}
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
         """Both graphs on another backend or with other options (``CompiledModel.with_backend``)."""
@@ -573,8 +584,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         ``generate`` leaves its prompt out, and the end-of-sequence token). ``inputs``: the encoder's (token ids
         with ``attention_mask``, or Whisper's features), also by the model's name for them (``input_ids=``,
         ``input_features=``: ``lm.generate(**tokenizer(texts, ...))``). The sampling options, their
-        order, the end-of-sequence handling and beam search are ``CompiledCausalLM.generate``'s (``num_beams``,
-        ``length_penalty``, ``early_stopping`` and ``num_return_sequences`` by default the generation config's);
+        order, the end-of-sequence handling, the bans and beam search are ``CompiledCausalLM.generate``'s (by
+        default as the generation config sets them: module docstring);
         the generation config's forced and suppressed tokens apply as the module docstring says
         (``forced_bos_token_id`` and the other three may be given here too: None or () for none)."""
         from tqdm.auto import tqdm
@@ -650,11 +661,16 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         begin_at = 1 if first_forced else 0                        # (after the forced one, as transformers)
         ends = options.get("eos_token_id")
         ends = self.eos_token_id if ends is None else _ids(ends, "eos_token_id")
+        for key, _ in _CONFIG_DEFAULTS[len(_BEAM_DEFAULTS):]:     # (the beam options: generate's)
+            options.setdefault(key, getattr(self, key))
+        words = options.pop("bad_words_ids", unset)
+        singles, sequences = (self.bad_tokens, self.bad_sequences) if words is unset else (
+            tuple(w[0] for w in bad_words(words) if len(w) == 1), tuple(w for w in bad_words(words) if len(w) > 1))
         if options.get("min_new_tokens", 0) is None:               # (transformers' "unset")
             del options["min_new_tokens"]
         # transformers: min_new_tokens given replaces min_length (by prompt + min_new_tokens, what it bans then)
         least = 0 if "min_new_tokens" in options else self.min_length
-        bad = [t for t in self.bad_tokens if t not in ends]        # (transformers drops a bad word [eos])
+        bad = [t for t in singles if t not in ends]                # (transformers drops a bad word [eos])
         both = sorted(set(first_forced) & {*suppress, *bad})
         if both:                                                   # (transformers refuses it so)
             raise ValueError(f"forced_bos_token_id {list(first_forced)} is among the suppressed or bad tokens "
@@ -667,7 +683,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 return ban, eos
             return ban, (first_forced if i == 0 else ())
         return dict(input_ids=dec, attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens,
-                    extra=functools.partial(self._encode_args, args), rules=rules, **options)
+                    extra=functools.partial(self._encode_args, args), rules=rules,
+                    bad_words_ids=[list(w) for w in sequences] or None, **options)
 
     def save(self, path) -> pathlib.Path:
         """The encoder and the step (``CompiledModel.save``) in the folders ``encoder/`` and ``decoder/`` of
@@ -683,7 +700,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "input_name": self.input_name, "forced_bos_token_id": list(self.forced_bos_token_id),
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
-                "min_length": self.min_length, **self._beam_defaults()}
+                "min_length": self.min_length, "bad_sequences": [list(w) for w in self.bad_sequences],
+                **self._config_defaults()}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -740,9 +758,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             if not (value is None and key != "decoder_start_token_id" or _is_int(value) and value >= 0):
                 either = "" if key == "decoder_start_token_id" else " or null"
                 raise FormatError(f"{where}: {key} must be an integer >= 0{either}, got {value!r}")
-        beams = {k: data.get(k, d) for k, d in _BEAM_DEFAULTS}
+        defaults = {k: data.get(k, d) for k, d in _CONFIG_DEFAULTS}
         try:
-            beam_options(**beams)
+            beam_options(*(defaults[k] for k, _ in _BEAM_DEFAULTS))
+            bad_words(data.get("bad_sequences"))
         except ValueError as e:
             raise FormatError(f"{where}: {e}") from e
         name = data.get("input_name", "input_ids")
@@ -751,10 +770,14 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         if not isinstance(name, str) or (name == "input_ids") == floats:
             raise FormatError(f"{where}: input_name {name!r} does not name the encoder graph's input, "
                               f"{getattr(first, 'dtype', None)} (input_ids: token ids; a float input by another name)")
-        return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
-                   pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
-                   position_limit=data.get("position_limit"), input_name=name, min_length=data.get("min_length") or 0,
-                   **beams, **options)
+        try:
+            return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
+                       pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
+                       position_limit=data.get("position_limit"), input_name=name,
+                       min_length=data.get("min_length") or 0, bad_sequences=data.get("bad_sequences"), **defaults,
+                       **options)
+        except ValueError as e:                        # (a generation option out of its range)
+            raise FormatError(f"{where}: {e}") from e
 
     def __repr__(self):
         return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"

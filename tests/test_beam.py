@@ -1,4 +1,5 @@
-"""Beam search (``generate(num_beams=...)``, slimfx.beam) against transformers' own beam search.
+"""Beam search (``generate(num_beams=...)``, slimfx.beam) against transformers' own beam search, and the bans that
+read each sequence's tokens so far (``no_repeat_ngram_size``, ``bad_words_ids``), with and without beams.
 
 What must hold: the same sequences as transformers' ``generate`` with the same options (length penalty, each
 early-stopping mode, several end-of-sequence ids, returned sequences, the logits processors on log-probabilities,
@@ -54,8 +55,8 @@ def _prompts(seed=4):
 def _transformers(model, ids, mask, new, **kw):
     eos = kw.pop("eos_token_id", None)
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
-                              pad_token_id=PAD, **kw)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=PAD,
+                              **{"do_sample": False, **kw})
 
 
 CASES = [dict(num_beams=3),
@@ -215,3 +216,85 @@ def test_the_generation_configs_beams_are_generates_defaults(tmp_path):
     (path / "seq2seq_lm.json").write_text(json.dumps({**data, "num_beams": 0}))
     with pytest.raises(slimfx.ir.serialize.FormatError, match="seq2seq_lm.json: num_beams must be an integer >= 1"):
         slimfx.load(path)
+
+
+# --- bans by the tokens so far: no_repeat_ngram_size, bad_words_ids
+
+
+def test_history_bans_by_hand():
+    """Exact bans on hand-made rows: the ngram a row's last n-1 tokens would repeat, a bad word's last token when
+    its other tokens end the row (a one-token word always), ids past the logits never."""
+    from slimfx.lm import history_bans
+    seq = torch.tensor([[1, 2, 3, 1, 2], [4, 4, 4, 4, 2]])
+    banned = lambda m: [row.nonzero()[:, 0].tolist() for row in m]       # noqa: E731
+    assert banned(history_bans(seq, 10, ngram=3)) == [[3], []]           # (1, 2) -> 3 held; (4, 2) never
+    assert banned(history_bans(seq, 10, ngram=2)) == [[3], []]           # (2,) -> 3; row 1's 2 is its last
+    assert banned(history_bans(seq, 10, ngram=1)) == [[1, 2, 3], [2, 4]]  # every token held
+    assert banned(history_bans(seq, 10, ngram=6)) == [[], []]            # no 6-gram yet
+    assert banned(history_bans(seq, 10, words=[(2, 5), (4, 2, 6), (7,), (3, 12)])) == [[5, 7], [5, 6, 7]]
+    assert banned(history_bans(seq, 3, ngram=2, words=[(7,)])) == [[], []]  # (ids past 3 logits: none)
+
+
+BANS = [dict(no_repeat_ngram_size=1), dict(no_repeat_ngram_size=3, num_beams=3),
+        dict(bad_words_ids=[[63, 35], [53, 26, 67], [44]]),
+        dict(bad_words_ids=[[63, 35], [53, 26, 67], [44]], num_beams=3, eos_token_id=36),
+        dict(no_repeat_ngram_size=2, bad_words_ids=[[63, 35], [36]], temperature=1.0)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_bans_equal_transformers(llama, lms, backend):
+    """n-gram and bad-word bans (bad words taken from the unbanned tokens, so they change them), greedy, with
+    beams and sampled: transformers' tokens."""
+    ids, mask = _prompts()
+    plain = lms[backend].generate(ids, mask, max_new_tokens=14, pad_token_id=PAD)
+    assert plain[0, 8:10].tolist() == [63, 35] and plain[1, 10:13].tolist() == [53, 26, 67] and plain[2, 9] == 44
+    for kw in BANS:
+        hf = dict(kw)
+        temperature = hf.pop("temperature", None)
+        torch.manual_seed(1)
+        ref = _transformers(llama, ids, mask, 14, **hf, **({"do_sample": True, "top_k": 0} if temperature else {}))
+        torch.manual_seed(1)
+        got = lms[backend].generate(ids, mask, max_new_tokens=14, pad_token_id=PAD, **kw)
+        assert torch.equal(got, ref), f"{kw}\n got {got.tolist()}\n ref {ref.tolist()}"
+        if "num_beams" not in kw and not temperature:
+            assert not torch.equal(got, plain), kw                     # (the bans changed the tokens)
+    bans = dict(no_repeat_ngram_size=2, bad_words_ids=[[63, 35]])
+    streamed = torch.stack(list(lms[backend].stream(ids, mask, max_new_tokens=6, pad_token_id=PAD, **bans)), 1)
+    assert torch.equal(streamed, lms[backend].generate(ids, mask, max_new_tokens=6, pad_token_id=PAD, **bans)[:, 7:])
+
+
+def test_ban_refusals(lms):
+    ids, mask = _prompts()
+    for kw, what in [(dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
+                     (dict(no_repeat_ngram_size=2.5), "no_repeat_ngram_size must be an integer >= 0"),
+                     (dict(bad_words_ids=[[]]), "bad_words_ids must be a list of non-empty lists of token ids"),
+                     (dict(bad_words_ids=[[3, -1]]), "bad_words_ids must be a list of non-empty lists of token ids"),
+                     (dict(bad_words_ids=[3, 4]), "bad_words_ids must be a list of non-empty lists"),
+                     (dict(bad_words_ids="no"), "bad_words_ids must be a list of non-empty lists")]:
+        with pytest.raises(ValueError, match=what):
+            lms["numpy"].generate(ids, mask, max_new_tokens=3, **kw)
+
+
+def test_encoder_decoder_config_bans_and_penalty_are_generates_defaults(tmp_path):
+    """BART-CNN's kind of config (4 beams, length penalty 2, early stopping, no 3-gram twice, min_length), a
+    config's multi-token bad words and its repetition penalty: transformers' tokens by default, saved and loaded
+    too; bad_words_ids given to generate replaces the config's, as in transformers."""
+    from test_seq2seq import _inputs
+    cnn = _seq2seq("bart", num_beams=4, length_penalty=2.0, early_stopping=True, no_repeat_ngram_size=3,
+                   min_length=8)
+    words = _seq2seq("marian", bad_words_ids=[[10, 46], [53, 53], [21]], repetition_penalty=1.4)
+    for model in (cnn, words):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")           # (nothing of these configs goes unapplied)
+            lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+        inputs, mask = _inputs(model, batch=2, seed=0)
+        ref = _seq2seq_reference(model, inputs, mask, 12)
+        assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12), ref)
+        plain = lm.generate(inputs, mask, max_new_tokens=12, num_beams=1, no_repeat_ngram_size=0,
+                            bad_words_ids=None, repetition_penalty=1.0, min_new_tokens=0)
+        assert not torch.equal(plain, ref)
+        loaded = slimfx.load(lm.save(tmp_path / type(model).__name__), backend="numpy")
+        assert torch.equal(loaded.generate(inputs, mask, max_new_tokens=12), ref)
+    other = [[int(plain[0, 2]), int(plain[0, 3])]]
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12, bad_words_ids=other),
+                       _seq2seq_reference(words, inputs, mask, 12, bad_words_ids=other))
