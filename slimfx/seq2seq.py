@@ -18,10 +18,11 @@ The buffer's masked slots (the one in front, the re-fed token's copy, the unfill
 transformers counts a decoder's positions by cache slot (BART's, Marian's and Whisper's position tables index
 ``cache length + i``; T5 biases attention by slot distance), so while the step runs, slimfx gives them positions
 that count the unmasked slots (``decoder_replacements``): BART's learned table and the sinusoidal ones of Marian
-and Pegasus, Whisper's table, each by the step's ``position_ids``; T5's relative position bias between real
-positions. ``compile_seq2seq_lm`` checks on one eager generation, with left padding and masked slots, that the
-step gives the logits of the model run on the real tokens alone, and refuses a model whose positions it cannot
-place so (M2M100 and NLLB count positions from the token ids' padding, LED and FSMT by cache length).
+and Pegasus, Whisper's table, each by the step's ``position_ids``; M2M100's and NLLB's sinusoidal table, indexed
+from the ids' padding, at ``padding_idx + 1 + position``; T5's relative position bias between real positions.
+``compile_seq2seq_lm`` checks on one eager generation, with left padding and masked slots, that the step gives the
+logits of the model run on the real tokens alone, and refuses a model whose positions it cannot place so (LED and
+FSMT count them by cache length). Speech2Text is refused up front: its forward subsamples its frames' mask.
 
 ``generate`` starts each decoder sequence with ``decoder_start_token_id`` unless given ``decoder_input_ids``
 (Whisper's task prompt: <|startoftranscript|>, language, task, <|notimestamps|>), and applies these entries of
@@ -116,6 +117,25 @@ def _given_positions(original, call: _Call):
     return forward
 
 
+def _padded_positions(original, call: _Call):
+    """A sinusoidal table indexed from the token ids' padding (M2M100's and NLLB's, Speech2Text's: a real token's
+    row is ``padding_idx + 1 + cache length + its rank among the ids that are not the pad id``, which counts cache
+    slots, masked ones too): the row ``padding_idx + 1 + position`` by the step's positions (a sequence without
+    padding gets transformers' rows)."""
+    def forward(self, *args, **kwargs):
+        if call.position_ids is None:
+            return original(self, *args, **kwargs)
+        rows = call.position_ids + (self.padding_idx + 1)
+        return self.weights.index_select(0, rows.reshape(-1)).view(*rows.shape, self.weights.shape[-1]).detach()
+    return forward
+
+
+def _pads_positions(table: nn.Module) -> bool:
+    """Whether ``table`` is a sinusoidal table indexed from the ids' padding (``_padded_positions``)."""
+    return _is_int(getattr(table, "padding_idx", None)) and isinstance(getattr(table, "weights", None), torch.Tensor) \
+        and callable(getattr(table, "create_position_ids_from_input_ids", None))
+
+
 def decoder_replacements(model: nn.Module, call: _Call) -> list:
     """(class, attribute, replacement) for the functions through which ``model``'s decoder counts positions by
     cache slot, each then counting real positions while ``DecoderStep`` runs (module docstring). A decoder none
@@ -133,6 +153,8 @@ def decoder_replacements(model: nn.Module, call: _Call) -> list:
             out.append((cls, "forward", _offset_positions(cls.forward, call)))
         elif "position_ids" in inspect.signature(cls.forward).parameters:
             out.append((cls, "forward", _given_positions(cls.forward, call)))
+        elif _pads_positions(table):
+            out.append((cls, "forward", _padded_positions(cls.forward, call)))
     return list(dict.fromkeys(out))
 
 
@@ -297,6 +319,8 @@ def _position_limit(model: nn.Module) -> Optional[int]:
     table = getattr(model.get_decoder(), "embed_positions", None)
     if isinstance(table, nn.Embedding):
         return int(table.num_embeddings) - int(getattr(table, "offset", 0) or 0)
+    if isinstance(table, nn.Module) and _pads_positions(table):    # (transformers grows it; the graph holds it)
+        return int(table.weights.shape[0]) - int(table.padding_idx) - 1
     return None
 
 
@@ -310,6 +334,9 @@ def check_positions(model: nn.Module, lm: "_EagerSeq2SeqLM", enc_args: tuple, ex
     extra = ([(k[:2], v[:2]) for k, v in extra[0]], extra[1][:2])
     b = enc_args[0].shape[0]
     ids = torch.randint(0, _decoder_vocab(model), (b, 6), generator=torch.Generator().manual_seed(0)).to(dev)
+    table = getattr(model.get_decoder(), "embed_positions", None)
+    for pad in {getattr(model.config, "pad_token_id", None), getattr(table, "padding_idx", None)} - {None}:
+        ids[ids == pad] = (pad + 1) % _decoder_vocab(model)   # (real tokens: M2M100 skips a pad id as padding)
     ids[:, 0] = lm.decoder_start_token_id
     mask = torch.ones_like(ids)
     if b > 1:
@@ -378,6 +405,10 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         raise TypeError(f"{what}: transient-global attention is not supported: the graph captured for one input length "
                         f"fails on others (its global blocks follow the length in ways export does not guard: a "
                         f"40-token example's graph fails on 20 tokens); LongT5's local attention is")
+    if hasattr(model, "_get_feature_vector_attention_mask"):
+        raise TypeError(f"{what} is not supported: its forward subsamples the attention mask of its input frames to "
+                        f"the encoder's length, also when given the encoder's output, so the decoder step would "
+                        f"subsample the encoder's mask once more (Whisper's encoder takes no mask)")
     name = model.main_input_name
     dtype = next(model.parameters()).dtype
     dev = next(model.parameters()).device

@@ -163,11 +163,10 @@ def test_other_families_generate_transformers_tokens(family):
 
 
 @pytest.mark.parametrize("family, why", [
-    ("m2m100", "its decoder counts positions by cache slot in a way slimfx does not replace"),
     ("led", r"its decoder fails on the cache compile_seq2seq_lm gives it, masked slots included \(IndexError")])
 def test_families_whose_positions_count_slots_are_refused(family, why):
-    """M2M100 (and NLLB) count positions from the token ids' padding and the cache length, LED by cache length
-    into a table the decode buffer's slots overrun: refused after the eager check, the model left as it was."""
+    """LED counts positions by cache length into a table the decode buffer's slots overrun: refused after the
+    eager check, the model left as it was."""
     model = _other(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TypeError, match=f"{type(model).__name__} is not supported: {why}"):
@@ -177,6 +176,39 @@ def test_families_whose_positions_count_slots_are_refused(family, why):
     with torch.no_grad():                     # its own forward is back (nothing replaced stays)
         out = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=inputs[:, :3]).logits
     assert out.shape == (2, 3, VOCAB)
+
+
+def test_m2m100_positions_from_the_ids_padding():
+    """M2M100's (and NLLB's) sinusoidal table is indexed by padding_idx + 1 + cache length + the rank of a token among
+    the ids that are not the pad id, which counts cache slots: given the step's real positions instead, every decode
+    step's logits are the model's over the whole decoder sequence, past two buffer sizes, and the tokens are
+    transformers'. Without the replacement the eager check refuses it (it did: "counts positions by cache slot")."""
+    model = _other("m2m100")
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    lm.min_cache = 4
+    assert lm.position_limit == 64 + 2 - 0 - 1            # the table's rows past padding_idx (0) + 1
+    inputs, mask = _inputs(model, seed=1)
+    ref = _reference(model, inputs, mask, 12, min_new_tokens=12)
+    got = lm.generate(inputs, mask, max_new_tokens=12, min_new_tokens=12)
+    assert torch.equal(got, ref)
+    seq = torch.cat([got[:, :1], torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))], 1)
+    logits, state = lm.prefill(seq[:, :1], extra=lm.encode(inputs, mask))
+    steps = torch.stack([logits[:, -1]] + [lm.decode(seq[:, i], state) for i in range(1, 12)], 1)
+    with torch.no_grad():
+        whole = model(input_ids=inputs, attention_mask=mask, decoder_input_ids=seq).logits
+    assert (steps - whole).abs().max() / whole.abs().max() < 1e-5    # float32 summation order
+
+
+def test_speech2text_is_refused_by_name():
+    """Speech2Text subsamples its frames' mask inside forward, also given the encoder's output: refused up front."""
+    import transformers as T
+    model = T.Speech2TextForConditionalGeneration(T.Speech2TextConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, conv_channels=16,
+        input_feat_per_channel=8))
+    with pytest.raises(TypeError, match="Speech2TextForConditionalGeneration is not supported: its forward "
+                                        "subsamples the attention mask of its input frames"):
+        slimfx.compile_seq2seq_lm(model, example_inputs=(torch.randn(1, 40, 8),), progress=False)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
