@@ -16,9 +16,11 @@ continue (``reorder``), as transformers' ``Cache.reorder_cache`` does.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 
 # the state's tensors with a row per sequence (CompiledCausalLM.prefill); "at" is shared by all rows
@@ -26,26 +28,32 @@ _ROWS = ("mask", "token", "position", "ids", "ids_mask")
 _SHARED = ("at",)
 
 
-def options(num_beams, length_penalty, early_stopping, num_return_sequences) -> Optional[dict]:
-    """The checked beam-search options, or None for ``num_beams`` 1 (no beam search)."""
+def options(num_beams, length_penalty, early_stopping, num_return_sequences,
+            renormalize_logits=False) -> Optional[dict]:
+    """The checked beam-search options, or None for ``num_beams`` 1 (no beam search; ``renormalize_logits``
+    changes nothing then: the log-softmax of the scores keeps their order and their softmax)."""
     from .lm import _is_int
     if not _is_int(num_beams) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {num_beams!r}")
     if not _is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an integer from 1 to num_beams ({num_beams}), got "
                          f"{num_return_sequences!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or \
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real) or \
             not abs(length_penalty) < float("inf"):
         raise ValueError(f"length_penalty must be a finite number (the exponent of the new tokens' count a finished "
                          f"sequence's score is divided by; 0: none), got {length_penalty!r}")
+    if isinstance(early_stopping, np.bool_):
+        early_stopping = bool(early_stopping)
     if early_stopping not in (True, False, "never") or (early_stopping != "never" and not isinstance(early_stopping,
                                                                                                     bool)):
         raise ValueError(f"early_stopping must be True, False or 'never' (as transformers' generate), got "
                          f"{early_stopping!r}")
+    if not isinstance(renormalize_logits, (bool, np.bool_)):
+        raise ValueError(f"renormalize_logits must be True or False, got {renormalize_logits!r}")
     if num_beams == 1:
         return None
     return dict(num_beams=int(num_beams), length_penalty=float(length_penalty), early_stopping=early_stopping,
-                num_return_sequences=int(num_return_sequences))
+                num_return_sequences=int(num_return_sequences), renormalize=bool(renormalize_logits))
 
 
 def reorder(state: dict, index: torch.Tensor, extra: bool = True) -> None:
@@ -78,10 +86,12 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
                 min_new_tokens: int, eos: list, pad: int, extra, rules, *, temperature: float, top_k, top_p: float,
                 penalty: float, generator, num_beams: int, length_penalty: float, early_stopping,
-                num_return_sequences: int, history=None, progress: bool = False) -> torch.Tensor:
+                num_return_sequences: int, renormalize: bool = False, history=None,
+                progress: bool = False) -> torch.Tensor:
     """The new tokens (batch * num_return_sequences, n) of each prompt's best ``num_return_sequences`` finished
-    sequences, best first, on ``input_ids``' device; ``n``: the longest of them, the shorter ones filled with
-    ``pad`` after their end-of-sequence token. The arguments are ``CompiledCausalLM._steps``' and the sampling
+    sequences, best first, on ``input_ids``' device; ``n``: the longest of them, the shorter ones filled after their
+    end-of-sequence token with ``pad``, or with ``eos[0]`` where ``pad`` is 0 (transformers' ``pad_token_id or
+    eos_token_id[0]``). The arguments are ``CompiledCausalLM._steps``' and the sampling
     options (``_processed``), and ``history``: ``history_bans``' (ngram, words); ``lm.last_timing`` is set."""
     from tqdm.auto import tqdm
     from .lm import _held_tokens, _prompt, history_bans
@@ -103,7 +113,8 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     ends_t = torch.tensor(ends, dtype=torch.long, device=dev)
     keep = max(2, 1 + len(eos)) * k                 # continuations kept per prompt (transformers counts every eos)
     top_beams = torch.arange(keep, device=dev) < k  # only these may finish (the rest keep k beams running)
-    run_seq = torch.full((b, k, max_new_tokens), pad, dtype=torch.long, device=dev)
+    fill = pad or (eos[0] if eos else pad)
+    run_seq = torch.full((b, k, max_new_tokens), fill, dtype=torch.long, device=dev)
     run_scores = torch.zeros(b, k, device=dev)
     run_scores[:, 1:] = -1e9                        # the first step continues beam 0 alone (all are the same)
     seqs, scores = run_seq.clone(), torch.full((b, k), -1e9, device=dev)
@@ -123,10 +134,12 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             mask = history_bans(held, vocab, *history)
         logp = lm._processed(torch.log_softmax(logits.float(), -1), seen, ban, penalty, forced, temperature,
                              top_k, top_p, keep=len(eos) + 1 if eos else 2, mask=mask)
+        if renormalize:                             # transformers' LogitNormalization, the last processor
+            logp = logp.log_softmax(-1)
         acc = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
         if temperature > 0:                         # beam sampling: drawn without replacement, then sorted
             if generator is not None and generator.device != acc.device:
-                picked = torch.multinomial(acc.softmax(-1).cpu(), keep, generator=generator).to(dev)
+                picked = torch.multinomial(acc.softmax(-1).to(generator.device), keep, generator=generator).to(dev)
             else:
                 picked = torch.multinomial(acc.softmax(-1), keep, generator=generator)
             top = acc.gather(1, picked)

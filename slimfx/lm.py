@@ -890,8 +890,18 @@ class CompiledCausalLM:
         self.rope_switch = None if rope_switch is None else int(rope_switch)
         eos = eos_token_id if eos_token_id is None or isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos_token_id = [eos] if isinstance(eos, int) else (eos or [])
-        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_id or [0])[0]
+        self._pad = None if pad_token_id is None else int(pad_token_id)     # the model's own (None: none)
         self.last_timing: dict = {}
+
+    @property
+    def pad_token_id(self) -> int:
+        """The pad token: the model's, else its first end-of-sequence token, else 0 (a call's own
+        end-of-sequence tokens replace the model's there, as in transformers: ``pad``)."""
+        return self.pad(self.eos_token_id)
+
+    def pad(self, eos: Sequence) -> int:
+        """The pad token of a call whose end-of-sequence tokens are ``eos``: the model's, else ``eos[0]``, else 0."""
+        return self._pad if self._pad is not None else (list(eos) or [0])[0]
 
     def report(self):
         return self.step.report()
@@ -899,7 +909,7 @@ class CompiledCausalLM:
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledCausalLM":
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
         return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
-                                self.eos_token_id or None, self.pad_token_id, self.sliding_window, self.model_name,
+                                self.eos_token_id or None, self._pad, self.sliding_window, self.model_name,
                                 self.rope_switch, self.position_limit, self.gap_limit)
 
     @property
@@ -1052,7 +1062,8 @@ class CompiledCausalLM:
                  top_p: float = 1.0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
                  generator: Optional[torch.Generator] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
                  no_repeat_ngram_size: int = 0, bad_words_ids=None, num_beams: int = 1, length_penalty: float = 1.0,
-                 early_stopping=False, num_return_sequences: int = 1, progress: bool = False):
+                 early_stopping=False, num_return_sequences: int = 1, renormalize_logits: bool = False,
+                 progress: bool = False):
         """``input_ids`` (batch, length) followed by up to ``max_new_tokens`` tokens each: greedy when
         ``temperature`` is 0, else sampled from softmax(logits / temperature) over the ``top_k`` largest (None
         or 0: all; transformers' ``generate`` takes 50 from its GenerationConfig unless told: pass ``top_k=50``
@@ -1067,18 +1078,20 @@ class CompiledCausalLM:
         transformers counts them); ``bad_words_ids``: token id sequences no row completes (a one-token one is
         never taken; ``[eos]`` is dropped, as transformers drops it).
         A row that emitted an end-of-sequence token continues with the pad token (``pad_token_id``, by default
-        the model's, else its first end-of-sequence token, as in transformers); generation stops when every row
-        has. Timings of the call are in ``last_timing``.
+        the model's, else the call's first end-of-sequence token, as in transformers); generation stops when every
+        row has. Timings of the call are in ``last_timing``.
 
         ``num_beams`` > 1: beam search (``slimfx.beam``), as transformers' ``generate`` runs it: the same processors
         on the log-probabilities, ``length_penalty`` (a finished sequence scores its summed log-probabilities over
         its new tokens' count to this power), ``early_stopping`` (True: a prompt is done once it has
         ``num_beams`` finished sequences; False: once the best running one is unlikely to beat them; "never": once
-        it cannot), and ``temperature`` > 0 for beam sampling. It returns each prompt's best
-        ``num_return_sequences`` sequences, best first (batch * num_return_sequences rows), filled with the pad
-        token after their end-of-sequence token."""
+        it cannot), ``temperature`` > 0 for beam sampling and ``renormalize_logits`` (transformers'
+        LogitNormalization: the processed scores are log-softmaxed again before they are added). It returns each
+        prompt's best ``num_return_sequences`` sequences, best first (batch * num_return_sequences rows), filled
+        after their end-of-sequence token as transformers fills them: with the pad token, or with the first
+        end-of-sequence token where the pad id is 0."""
         from tqdm.auto import tqdm
-        beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences)
+        beams = beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, renormalize_logits)
         if beams is not None:
             new = self._stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -1159,7 +1172,7 @@ class CompiledCausalLM:
                     f"included)", slots, f"At most {self.max_slots - n} new tokens fit after this prompt.")
         eos = self.eos_token_id if eos_token_id is None else (
             [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
-        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
+        pad = self.pad(eos) if pad_token_id is None else int(pad_token_id)
         words = bad_words(bad_words_ids, eos)
         history = (int(no_repeat_ngram_size), words) if no_repeat_ngram_size or words else None
         extra = extra() if callable(extra) else extra
@@ -1260,14 +1273,14 @@ class CompiledCausalLM:
             return logits.argmax(-1)
         probs = torch.softmax(logits, -1)
         if generator is not None and generator.device != probs.device:    # e.g. a CPU generator, GPU logits
-            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(probs.device)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     def save(self, path) -> pathlib.Path:
         """The step (``CompiledModel.save``) plus causal_lm.json; ``slimfx.load`` gives back a CompiledCausalLM."""
         from .io import save
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
-                "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                "eos_token_id": self.eos_token_id, "pad_token_id": self._pad,
                 "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch,
                 "position_limit": self.position_limit, "gap_limit": self.gap_limit}
         return save(self.step, path, extra={LM_FILE: data})      # one save: the same save id in every file

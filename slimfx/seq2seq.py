@@ -32,13 +32,13 @@ first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the
 ``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them) and
 ``min_length`` (replaced by ``min_new_tokens`` when that is given); the last two from the config only, not per
 call.
-The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``,
+The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``renormalize_logits``,
 ``no_repeat_ngram_size``, ``repetition_penalty`` and longer ``bad_words_ids`` are ``generate``'s defaults too
 (Marian's and BART-CNN's configs ask for beam search, ``slimfx.beam``, BART-CNN's for no repeated 3-gram); ``stream``
 yields greedy or sampled tokens only, one at a time, so for a model configured for beams it gives other tokens than
-``generate``. The encoder's n-gram ban (``encoder_no_repeat_ngram_size``) and Whisper's timestamp rules are not
-applied, so a model configured for them generates other tokens than its own ``generate``; compiling one warns,
-naming the first.
+``generate``. The encoder's n-gram ban (``encoder_no_repeat_ngram_size``), group and constrained beam search,
+the config's ``do_sample`` and Whisper's timestamp rules are not applied, so a model configured for them generates
+other tokens than its own ``generate``; compiling one warns, naming all but the last.
 """
 from __future__ import annotations
 
@@ -409,6 +409,11 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         raise TypeError(f"{what} is not supported: its forward subsamples the attention mask of its input frames to "
                         f"the encoder's length, also when given the encoder's output, so the decoder step would "
                         f"subsample the encoder's mask once more (Whisper's encoder takes no mask)")
+    gen = getattr(model, "generation_config", None)
+    try:                                                 # (before the captures: the config's own mistake)
+        beam_options(*(getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _BEAM_DEFAULTS))
+    except ValueError as e:
+        raise ValueError(f"{what}'s generation config: {e}") from e
     name = model.main_input_name
     dtype = next(model.parameters()).dtype
     dev = next(model.parameters()).device
@@ -462,7 +467,7 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
                "encoder_attention_mask": {0: auto, 1: auto}}
     cm_step = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
                             dynamic=dynamic, calibration=dec_cal or None, **compile_kwargs)
-    gen = getattr(model, "generation_config", None)
+    defaults = {k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _CONFIG_DEFAULTS}
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
@@ -476,17 +481,20 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         suppress_tokens=getattr(gen, "suppress_tokens", None),
         begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
         bad_tokens=[b[0] for b in bad if len(b) == 1], bad_sequences=[b for b in bad if len(b) > 1],
-        min_length=getattr(gen, "min_length", None) or 0,
-        **{k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _CONFIG_DEFAULTS})
+        min_length=getattr(gen, "min_length", None) or 0, **defaults)
 
 
 def _warn_unapplied(what: str, gen) -> None:
     """Warn about the entries of the generation config that make transformers' ``generate`` choose other tokens
     and that ``CompiledSeq2SeqLM.generate`` does not apply (module docstring)."""
     unapplied = []
-    for key in ("encoder_no_repeat_ngram_size",):
-        if getattr(gen, key, None):
-            unapplied.append(f"{key}={getattr(gen, key)}")
+    for key in ("encoder_no_repeat_ngram_size", "num_beam_groups", "diversity_penalty", "constraints",
+                "force_words_ids"):
+        value = getattr(gen, key, None)
+        if value and not (key == "num_beam_groups" and value == 1):
+            unapplied.append(f"{key}={value}")
+    if getattr(gen, "do_sample", False):
+        unapplied.append("do_sample=True (generate is greedy unless given temperature=, top_k=, top_p=)")
     if unapplied:
         warnings.warn(f"{what}'s generation config sets {', '.join(unapplied)}, which compile_seq2seq_lm's generate "
                       f"does not apply: its tokens can differ from transformers' generate", stacklevel=3)
@@ -529,7 +537,8 @@ class Seq2SeqReport:
 
 
 # the beam-search options of generate and their defaults, which the generation config replaces (compile_seq2seq_lm)
-_BEAM_DEFAULTS = (("num_beams", 1), ("length_penalty", 1.0), ("early_stopping", False), ("num_return_sequences", 1))
+_BEAM_DEFAULTS = (("num_beams", 1), ("length_penalty", 1.0), ("early_stopping", False), ("num_return_sequences", 1),
+                  ("renormalize_logits", False))
 # every generate option the generation config gives a default to (bad_words_ids aside: bad_tokens, bad_sequences)
 _CONFIG_DEFAULTS = (*_BEAM_DEFAULTS, ("no_repeat_ngram_size", 0), ("repetition_penalty", 1.0))
 
@@ -545,7 +554,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                  input_name: str = "input_ids", forced_bos_token_id=None, forced_eos_token_id=None,
                  suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0,
                  num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1,
-                 bad_sequences=None, no_repeat_ngram_size: int = 0, repetition_penalty: float = 1.0):
+                 renormalize_logits: bool = False, bad_sequences=None, no_repeat_ngram_size: int = 0,
+                 repetition_penalty: float = 1.0):
         super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          model_name=model_name, position_limit=position_limit)
         self.encoder = encoder
@@ -559,9 +569,11 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         if not _is_int(min_length) or min_length < 0:
             raise ValueError(f"min_length must be an integer >= 0, got {min_length!r}")
         self.min_length = int(min_length)
-        beam_options(num_beams, length_penalty, early_stopping, num_return_sequences)     # (checked)
+        beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, renormalize_logits)  # (checked)
         self.num_beams, self.length_penalty = int(num_beams), float(length_penalty)
-        self.early_stopping, self.num_return_sequences = early_stopping, int(num_return_sequences)
+        self.early_stopping, self.num_return_sequences = bool(early_stopping) if early_stopping != "never" else \
+            early_stopping, int(num_return_sequences)
+        self.renormalize_logits = bool(renormalize_logits)
         self.bad_sequences = bad_words(bad_sequences)              # bad_words_ids of more than one token
         if any(len(w) < 2 for w in self.bad_sequences):
             raise ValueError(f"bad_sequences must be of 2 or more tokens each (one: bad_tokens), got {bad_sequences!r}")
@@ -574,7 +586,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         self.repetition_penalty = float(repetition_penalty)
 
     def _options(self) -> dict:
-        return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self.pad_token_id,
+        return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self._pad,
                     model_name=self.model_name, position_limit=self.position_limit, input_name=self.input_name,
                     forced_bos_token_id=self.forced_bos_token_id or None,
                     forced_eos_token_id=self.forced_eos_token_id or None,
@@ -727,7 +739,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         path = pathlib.Path(path)
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""), "model": self.model_name,
                 "decoder_start_token_id": self.decoder_start_token_id, "eos_token_id": self.eos_token_id,
-                "pad_token_id": self.pad_token_id, "position_limit": self.position_limit,
+                "pad_token_id": self._pad, "position_limit": self.position_limit,
                 "input_name": self.input_name, "forced_bos_token_id": list(self.forced_bos_token_id),
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),

@@ -20,7 +20,7 @@ from conftest import text_batch
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 VOCAB = 97
-PAD = 7          # (not 0: transformers fills finished beams with eos_token_id[0] when the pad id is 0, a falsy int)
+PAD = 7          # (a pad id of 0 fills ended beams otherwise: test_the_pad_fill_and_the_default_pad_are_transformers)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,24 @@ def test_beams_are_no_greedy_search_and_follow_their_cache(llama, lms, monkeypat
     assert not torch.equal(lm.generate(ids, mask, max_new_tokens=12, num_beams=3, pad_token_id=PAD), beams)
 
 
+def test_the_pad_fill_and_the_default_pad_are_transformers(llama, lms):
+    """Where the pad id is 0 transformers fills ended beams with the first end-of-sequence id (``pad_token_id or
+    eos_token_id[0]``), and a model without a pad id pads with the call's first end-of-sequence id: the same
+    sequences, greedy and with beams, on either."""
+    ids, mask = _prompts()
+    lm = lms["numpy"]
+    for kw in (dict(pad_token_id=0), dict()):                 # (llama has no pad id, nor an end-of-sequence one)
+        for beams in (1, 4):
+            with torch.no_grad():
+                ref = llama.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=beams,
+                                     eos_token_id=36, **kw)
+            got = lm.generate(ids, mask, max_new_tokens=12, num_beams=beams, eos_token_id=36, **kw)
+            assert torch.equal(got, ref), f"{kw} {beams}\n got {got.tolist()}\n ref {ref.tolist()}"
+            if beams > 1 or not kw:                           # some end early, filled with 36 (greedy: pad 0)
+                assert ((got[:, 7:-1] == 36) & (got[:, 8:] == 36)).any()
+    assert lm.pad_token_id == 0                               # (no end-of-sequence id of its own either)
+
+
 @pytest.mark.skipif("topk_log_probs.sort" not in inspect.getsource(
     __import__("transformers").GenerationMixin._get_top_k_continuations),
     reason="this transformers (5.17 does) leaves beam sampling's draws unsorted; slimfx sorts them as 5.25 does")
@@ -145,6 +163,7 @@ def test_refusals(lms):
                      (dict(num_beams=2, early_stopping=1), "early_stopping must be True, False or 'never'"),
                      (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
                      (dict(num_beams=2, length_penalty=True), "length_penalty must be a finite number"),
+                     (dict(num_beams=2, renormalize_logits="yes"), "renormalize_logits must be True or False"),
                      (dict(num_beams=2, max_new_tokens=0), "max_new_tokens must be an integer >= 1")]:
         with pytest.raises(ValueError, match=what):
             lm.generate(ids, mask, **{"max_new_tokens": 4, **kw})
@@ -190,6 +209,20 @@ def test_encoder_decoder_beams_equal_transformers(family):
         assert torch.equal(got, ref), f"{family} {kw}\n got {got.tolist()}\n ref {ref.tolist()}"
 
 
+def test_renormalized_logits_as_the_marian_configs_ask():
+    """Marian's configs set renormalize_logits with 4 beams, a forced end and a banned pad: transformers then
+    log-softmaxes the processed scores again, which moves each beam's by another amount (banned and forced tokens
+    took their share): its sequences, which differ from those without it."""
+    from test_seq2seq import _inputs
+    model = _seq2seq("marian", num_beams=4, renormalize_logits=True, forced_eos_token_id=1, bad_words_ids=[[0]])
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    assert lm.renormalize_logits is True
+    inputs, mask = _inputs(model, batch=3, seed=0)
+    ref = _seq2seq_reference(model, inputs, mask, 12)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12), ref)
+    assert not torch.equal(lm.generate(inputs, mask, max_new_tokens=12, renormalize_logits=False), ref)
+
+
 def test_the_generation_configs_beams_are_generates_defaults(tmp_path):
     """A Marian-like config (num_beams 4, a length penalty, early stopping, forced end of sequence) is what
     generate does unless told otherwise, as transformers' generate; saved and loaded, it still is; stream stays
@@ -216,6 +249,14 @@ def test_the_generation_configs_beams_are_generates_defaults(tmp_path):
     (path / "seq2seq_lm.json").write_text(json.dumps({**data, "num_beams": 0}))
     with pytest.raises(slimfx.ir.serialize.FormatError, match="seq2seq_lm.json: num_beams must be an integer >= 1"):
         slimfx.load(path)
+    bad = _seq2seq("marian", num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match=r"MarianMTModel's generation config: num_return_sequences must be an integer "
+                                         r"from 1 to num_beams \(2\), got 3"):
+        slimfx.compile_seq2seq_lm(bad, progress=False)
+    sampled = _seq2seq("marian", do_sample=True, num_beam_groups=2, diversity_penalty=0.5)
+    with pytest.warns(UserWarning, match=r"sets num_beam_groups=2, diversity_penalty=0.5, do_sample=True \(generate is "
+                                         r"greedy unless given temperature="):
+        slimfx.compile_seq2seq_lm(sampled, backend="numpy", progress=False)
 
 
 # --- bans by the tokens so far: no_repeat_ngram_size, bad_words_ids

@@ -467,10 +467,13 @@ def test_inputs_by_name_and_an_example_beside_calibration(lms):
                     reason="the triton backend needs a GPU or TRITON_INTERPRET=1 (make test sets it)")
 def test_the_triton_backend_generates_the_numpy_backends_tokens():
     """Both graphs lowered to the triton backend (its int8 kernels under the interpreter on a CPU) generate the
-    numpy backend's tokens, float and W8A8 (the same int8 arithmetic: integer accumulation, one rounding)."""
+    numpy backend's tokens, float and W8A8 (the same int8 arithmetic: integer accumulation, one rounding), greedy
+    and with beams (the beams' cache rows gathered on the triton backend's device)."""
     model = _tiny("t5")
     inputs, mask = _inputs(model)
     for passes in ([], [P.Quantize(weights="int8", activations="dynamic-per-token")]):
         lm = slimfx.compile_seq2seq_lm(model, passes=passes, backend="numpy", progress=False)
-        ref = lm.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5)
-        assert torch.equal(lm.with_backend("triton").generate(inputs, mask, max_new_tokens=5, min_new_tokens=5), ref)
+        triton = lm.with_backend("triton")
+        for beams in (1, 2):
+            ref = lm.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5, num_beams=beams)
+            assert torch.equal(triton.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5, num_beams=beams), ref)
