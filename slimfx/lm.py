@@ -899,6 +899,12 @@ class CompiledCausalLM:
         end-of-sequence tokens replace the model's there, as in transformers: ``pad``)."""
         return self.pad(self.eos_token_id)
 
+    @pad_token_id.setter
+    def pad_token_id(self, value: Optional[int]) -> None:     # (None: the model has none of its own)
+        if value is not None and not _is_int(value):
+            raise ValueError(f"pad_token_id must be a token id or None, got {value!r}")
+        self._pad = None if value is None else int(value)
+
     def pad(self, eos: Sequence) -> int:
         """The pad token of a call whose end-of-sequence tokens are ``eos``: the model's, else ``eos[0]``, else 0."""
         return self._pad if self._pad is not None else (list(eos) or [0])[0]
@@ -995,8 +1001,8 @@ class CompiledCausalLM:
                           f"{fits}")
 
     def _beyond_positions(self, what: str, tokens: int, fits: str) -> ValueError:
-        return ValueError(f"{self.model_name}'s learned position table holds {self.position_limit} positions "
-                          f"(max_position_embeddings): {what} would put a token at position {tokens - 1}. {fits}")
+        return ValueError(f"{self.model_name}'s position table holds {self.position_limit} positions (by "
+                          f"max_position_embeddings): {what} would put a token at position {tokens - 1}. {fits}")
 
     def _beyond_window(self, what: str, slots: int, fits: str) -> ValueError:
         w = self.sliding_window

@@ -21,17 +21,18 @@ that count the unmasked slots (``decoder_replacements``): BART's learned table a
 and Pegasus, Whisper's table, each by the step's ``position_ids``; M2M100's and NLLB's sinusoidal table, indexed
 from the ids' padding, at ``padding_idx + 1 + position``; T5's relative position bias between real positions.
 ``compile_seq2seq_lm`` checks on one eager generation, with left padding and masked slots, that the step gives the
-logits of the model run on the real tokens alone, and refuses a model whose positions it cannot place so (LED and
-FSMT count them by cache length). Speech2Text is refused up front: its forward subsamples its frames' mask.
+logits of the model run on the real tokens alone, and refuses a model whose positions it cannot place so (LED
+counts them by cache length, FSMT by the ids' padding and the cache length in a table of its own). Speech2Text
+is refused up front: its forward subsamples its frames' mask.
 
 ``generate`` starts each decoder sequence with ``decoder_start_token_id`` unless given ``decoder_input_ids``
 (Whisper's task prompt: <|startoftranscript|>, language, task, <|notimestamps|>), and applies these entries of
 the model's generation config as transformers' logits processors do: ``forced_bos_token_id`` (the first new
 token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``, even where that is the
 first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the second after a forced first),
-``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them) and
-``min_length`` (replaced by ``min_new_tokens`` when that is given); the last two from the config only, not per
-call.
+``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them; a call's
+``bad_words_ids`` replaces the config's) and ``min_length`` (replaced by ``min_new_tokens`` when that is given;
+from the config only). A forced first token that is a bad word is forced all the same, as in transformers.
 The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``renormalize_logits``,
 ``no_repeat_ngram_size``, ``repetition_penalty`` and longer ``bad_words_ids`` are ``generate``'s defaults too
 (Marian's and BART-CNN's configs ask for beam search, ``slimfx.beam``, BART-CNN's for no repeated 3-gram); ``stream``
@@ -120,12 +121,14 @@ def _given_positions(original, call: _Call):
 def _padded_positions(original, call: _Call):
     """A sinusoidal table indexed from the token ids' padding (M2M100's and NLLB's, Speech2Text's: a real token's
     row is ``padding_idx + 1 + cache length + its rank among the ids that are not the pad id``, which counts cache
-    slots, masked ones too): the row ``padding_idx + 1 + position`` by the step's positions (a sequence without
-    padding gets transformers' rows)."""
-    def forward(self, *args, **kwargs):
+    slots, masked ones too): the row ``padding_idx + 1 + position`` by the step's positions, and a pad id the
+    padding row, as transformers gives it (the tokens after it count its slot there too)."""
+    def forward(self, input_ids=None, *args, **kwargs):
         if call.position_ids is None:
-            return original(self, *args, **kwargs)
+            return original(self, input_ids, *args, **kwargs)
         rows = call.position_ids + (self.padding_idx + 1)
+        if input_ids is not None:       # a pad id is padding wherever it stands: its (zero) row, as in transformers
+            rows = torch.where(input_ids == self.padding_idx, self.padding_idx, rows)
         return self.weights.index_select(0, rows.reshape(-1)).view(*rows.shape, self.weights.shape[-1]).detach()
     return forward
 
@@ -704,8 +707,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         begin_at = 1 if first_forced else 0                        # (after the forced one, as transformers)
         ends = options.get("eos_token_id")
         ends = self.eos_token_id if ends is None else _ids(ends, "eos_token_id")
-        for key, _ in _CONFIG_DEFAULTS[len(_BEAM_DEFAULTS):]:     # (the beam options: generate's)
+        for key, off in _CONFIG_DEFAULTS[len(_BEAM_DEFAULTS):]:   # (the beam options: generate's)
             options.setdefault(key, getattr(self, key))
+            if options[key] is None:                               # (None: off, as transformers reads it)
+                options[key] = off
         words = options.pop("bad_words_ids", unset)
         singles, sequences = (self.bad_tokens, self.bad_sequences) if words is unset else (
             tuple(w[0] for w in bad_words(words) if len(w) == 1), tuple(w for w in bad_words(words) if len(w) > 1))
@@ -714,10 +719,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         # transformers: min_new_tokens given replaces min_length (by prompt + min_new_tokens, what it bans then)
         least = 0 if "min_new_tokens" in options else self.min_length
         bad = [t for t in singles if t not in ends]                # (transformers drops a bad word [eos])
-        both = sorted(set(first_forced) & {*suppress, *bad})
+        both = sorted(set(first_forced) & set(suppress))          # (a bad word: forced all the same, as there)
         if both:                                                   # (transformers refuses it so)
-            raise ValueError(f"forced_bos_token_id {list(first_forced)} is among the suppressed or bad tokens "
-                             f"{both}: the first new token could be none")
+            raise ValueError(f"forced_bos_token_id {list(first_forced)} is among the suppressed tokens {both}: the "
+                             f"first new token could be none")
 
         def rules(i):
             ban = (*suppress, *bad, *(begin if i == begin_at else ()),

@@ -339,3 +339,28 @@ def test_encoder_decoder_config_bans_and_penalty_are_generates_defaults(tmp_path
     other = [[int(plain[0, 2]), int(plain[0, 3])]]
     assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12, bad_words_ids=other),
                        _seq2seq_reference(words, inputs, mask, 12, bad_words_ids=other))
+    off = lm.generate(inputs, mask, max_new_tokens=12, no_repeat_ngram_size=None, repetition_penalty=None)
+    assert torch.equal(off, lm.generate(inputs, mask, max_new_tokens=12, no_repeat_ngram_size=0,
+                                        repetition_penalty=1.0))         # (None: off, as transformers reads it)
+    # a forced first token that is a bad word: forced all the same (transformers bans, then forces)
+    bart = _seq2seq("bart", forced_bos_token_id=9)
+    lm = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False)
+    inputs, mask = _inputs(bart, batch=2, seed=1)
+    got = lm.generate(inputs, mask, max_new_tokens=6, bad_words_ids=[[9]])
+    assert torch.equal(got, _seq2seq_reference(bart, inputs, mask, 6, bad_words_ids=[[9]]))
+    assert (got[:, 1] == 9).all() and not (got[:, 2:] == 9).any()
+
+
+def test_the_pad_token_id_can_be_set(lms):
+    """lm.pad_token_id is settable (it was an attribute): the rows that end are padded with it; None: the model's
+    default again (its first end-of-sequence id, else 0)."""
+    import copy
+    lm = copy.copy(lms["numpy"])
+    ids, mask = _prompts()
+    lm.pad_token_id = 5
+    got = lm.generate(ids, mask, max_new_tokens=12, eos_token_id=36)
+    assert lm.pad_token_id == 5 and (got[:, 8:][got[:, 7:-1] == 36] == 5).all() and (got == 5).any()
+    lm.pad_token_id = None
+    assert lm.pad_token_id == 0 and lm.pad([36]) == 36
+    with pytest.raises(ValueError, match="pad_token_id must be a token id or None"):
+        lm.pad_token_id = "x"

@@ -199,6 +199,22 @@ def test_m2m100_positions_from_the_ids_padding():
     assert (steps - whole).abs().max() / whole.abs().max() < 1e-5    # float32 summation order
 
 
+def test_m2m100_a_generated_pad_id_is_padding_as_in_transformers():
+    """A running row that samples M2M100's pad id: transformers gives that token the table's padding row (zero), and
+    the tokens after it their rows by cache length (its slot counted). The step's positions give the same: the
+    sampled tokens equal transformers' past it (they drifted from there before)."""
+    model = _other("m2m100")
+    lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    inputs, mask = _inputs(model, batch=2, seed=3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        ref = model.generate(inputs, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=True,
+                             top_k=0)
+    assert ((ref[:, 1:-1] == 0) & (ref[:, 2:] != 0)).any()     # a pad id (0) with a real token after it
+    torch.manual_seed(3)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=16, min_new_tokens=16, temperature=1.0), ref)
+
+
 def test_speech2text_is_refused_by_name():
     """Speech2Text subsamples its frames' mask inside forward, also given the encoder's output: refused up front."""
     import transformers as T
@@ -432,7 +448,7 @@ def test_more_generation_config_entries_as_transformers_applies_them():
     assert torch.equal(lm.generate(inputs, mask, max_new_tokens=6, min_new_tokens=None), _reference(
         model, inputs, mask, 6, min_new_tokens=None))                   # None: unset, min_length holds
     lm.forced_bos_token_id, lm.suppress_tokens = (7,), (7,)
-    with pytest.raises(ValueError, match=r"forced_bos_token_id \[7\] is among the suppressed or bad tokens \[7\]"):
+    with pytest.raises(ValueError, match=r"forced_bos_token_id \[7\] is among the suppressed tokens \[7\]"):
         lm.generate(inputs, mask, max_new_tokens=2)
     model = _forcing(_tiny("bart"), num_beams=4, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=2)
     with pytest.warns(UserWarning, match=r"sets encoder_no_repeat_ngram_size=2, which compile_seq2seq_lm's generate "
