@@ -146,7 +146,8 @@ def test_kernel_report_command_line(tmp_path, capsys):
 HELP = [("kernel_bench", "parse_args"), ("llama_gpu", "parse_args"), ("llama_generate", "parse_args"),
         ("moe_gpu", "parse_args"), ("gpu_checks", "main"), ("minilm_cpu", "main"), ("smollm2_numpy", "main"),
         ("smollm2_quant", "sys.argv"), ("smollm2_moe_quant", "sys.argv"), ("smollm2_hessian_runs", "sys.argv"),
-        ("smollm2_memory", "sys.argv"), ("smollm2_save", "sys.argv"), ("compile_time", "main")]
+        ("smollm2_memory", "sys.argv"), ("smollm2_save", "sys.argv"), ("compile_time", "main"),
+        ("smollm2_beams", "main"), ("seq2seq_cpu", "sys.argv")]
 
 
 def test_help_descriptions_are_whole_paragraphs(monkeypatch, capsys):

@@ -91,10 +91,11 @@ def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     a32, b_t = np.asarray(a, dtype=np.float32), np.asarray(b_t)
     if b_t.ndim != 2:
         return _int_matmul_rows(a32, b_t)
-    out = np.empty((*a.shape[:-1], b_t.shape[0]), dtype=np.int32)
-    for rows in row_chunks(b_t.shape[0], k, a32.size // max(k, 1)):
-        out[..., rows] = _int_matmul_rows(a32, b_t[rows])
-    return out
+    a2 = a32.reshape(-1, k)         # one GEMM over all leading dims (numpy loops one per batch entry, each reading
+    out = np.empty((a2.shape[0], b_t.shape[0]), dtype=np.int32)       # the whole weight: 2.5x slower decoding)
+    for rows in row_chunks(b_t.shape[0], k, a2.shape[0]):
+        out[:, rows] = _int_matmul_rows(a2, b_t[rows])
+    return out.reshape(*a.shape[:-1], b_t.shape[0])
 
 
 def _int_matmul_rows(a32: np.ndarray, b_t: np.ndarray) -> np.ndarray:
