@@ -92,7 +92,8 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     sequences, best first, on ``input_ids``' device; ``n``: the longest of them, the shorter ones filled after their
     end-of-sequence token with ``pad``, or with ``eos[0]`` where ``pad`` is 0 (transformers' ``pad_token_id or
     eos_token_id[0]``). The arguments are ``CompiledCausalLM._steps``' and the sampling
-    options (``_processed``), and ``history``: ``history_bans``' (ngram, words); ``lm.last_timing`` is set."""
+    options (``_processed``), and ``history``: ``history_bans``' (ngram, words, encoder); ``lm.last_timing`` is
+    set."""
     from tqdm.auto import tqdm
     from .lm import _held_tokens, _prompt, history_bans
     t0 = time.perf_counter()
@@ -110,6 +111,8 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         seen = _held_tokens(*_prompt(input_ids, attention_mask), vocab, dev).repeat_interleave(k, 0)
     ends = [e for e in eos if 0 <= e < vocab]
     prompts = input_ids.long().to(dev).repeat_interleave(k, 0)
+    if history is not None and history[2] is not None:     # each prompt's encoder input, once per beam
+        history = (*history[:2], (history[2][0], history[2][1].to(dev).repeat_interleave(k, 0)))
     ends_t = torch.tensor(ends, dtype=torch.long, device=dev)
     keep = max(2, 1 + len(eos)) * k                 # continuations kept per prompt (transformers counts every eos)
     top_beams = torch.arange(keep, device=dev) < k  # only these may finish (the rest keep k beams running)

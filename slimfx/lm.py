@@ -815,18 +815,21 @@ def _held_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab: int, device) -> t
     return torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=device).scatter_(1, cols, True)[:, :vocab]
 
 
-def history_bans(seq: torch.Tensor, vocab: int, ngram: int = 0, words: Sequence = ()) -> torch.Tensor:
+def history_bans(seq: torch.Tensor, vocab: int, ngram: int = 0, words: Sequence = (),
+                 encoder: Optional[tuple] = None) -> torch.Tensor:
     """(rows, vocab) bool: the tokens each row of ``seq`` (rows, length: its tokens so far, prompt and padding
-    included) may not take next, as transformers' NoRepeatNGramLogitsProcessor and NoBadWordsLogitsProcessor ban
-    them: one that would repeat an ``ngram``-token sequence the row holds (0: none), and the last token of each of
-    ``words`` (token id sequences) whose other tokens end the row. Ids past the logits are never banned (never
-    chosen either)."""
+    included) may not take next, as transformers' NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor and
+    EncoderNoRepeatNGramLogitsProcessor ban them: one that would repeat an ``ngram``-token sequence the row holds
+    (0: none), the last token of each of ``words`` (token id sequences) whose other tokens end the row, and with
+    ``encoder`` = (n, ids (rows, length)) one that would repeat an n-token sequence of the row's encoder input
+    (padding included). Ids past the logits are never banned (never chosen either)."""
     rows, length = seq.shape
     out = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=seq.device)    # (column vocab: the ones left out)
-    if ngram and length >= ngram:
-        windows = seq.unfold(1, ngram, 1)                                  # every ngram the row holds
-        matches = (windows[..., :-1] == seq[:, length + 1 - ngram:][:, None]).all(-1)   # ... that it would repeat
-        out.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+    for n, source in ((ngram, seq), encoder or (0, None)):
+        if n and length >= n - 1 and source.shape[1] >= n:
+            windows = source.unfold(1, n, 1)                               # every n-gram the source holds
+            matches = (windows[..., :-1] == seq[:, length + 1 - n:][:, None]).all(-1)    # ... the row would repeat
+            out.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
     for word in words:
         *prefix, last = word
         if last >= vocab or len(prefix) > length:
@@ -1132,10 +1135,10 @@ class CompiledCausalLM:
                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
                 repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
                 eos_token_id=None, pad_token_id: Optional[int] = None, no_repeat_ngram_size: int = 0,
-                bad_words_ids=None, extra=(), rules=None, beams: Optional[dict] = None):
+                bad_words_ids=None, extra=(), rules=None, beams: Optional[dict] = None, encoder_bans=None):
         """``stream`` with ``_steps``' ``extra`` (a tuple, or a function giving it, called once the options are
-        checked) and ``rules``; with ``beams`` (``slimfx.beam.options`` and ``progress``), the new tokens of
-        ``beam_search`` instead of an iterator."""
+        checked), ``rules`` and ``encoder_bans`` (``history_bans``' ``encoder``); with ``beams``
+        (``slimfx.beam.options`` and ``progress``), the new tokens of ``beam_search`` instead of an iterator."""
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -1180,7 +1183,8 @@ class CompiledCausalLM:
             [int(eos_token_id)] if _is_int(eos_token_id) else [int(e) for e in eos_token_id])
         pad = self.pad(eos) if pad_token_id is None else int(pad_token_id)
         words = bad_words(bad_words_ids, eos)
-        history = (int(no_repeat_ngram_size), words) if no_repeat_ngram_size or words else None
+        history = (int(no_repeat_ngram_size), words, encoder_bans) if no_repeat_ngram_size or words or \
+            encoder_bans else None
         extra = extra() if callable(extra) else extra
         if beams is not None:
             from .beam import beam_search

@@ -34,12 +34,13 @@ first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the
 ``bad_words_ids`` replaces the config's) and ``min_length`` (replaced by ``min_new_tokens`` when that is given;
 from the config only). A forced first token that is a bad word is forced all the same, as in transformers.
 The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``renormalize_logits``,
-``no_repeat_ngram_size``, ``repetition_penalty`` and longer ``bad_words_ids`` are ``generate``'s defaults too
-(Marian's and BART-CNN's configs ask for beam search, ``slimfx.beam``, BART-CNN's for no repeated 3-gram); ``stream``
-yields greedy or sampled tokens only, one at a time, so for a model configured for beams it gives other tokens than
-``generate``. The encoder's n-gram ban (``encoder_no_repeat_ngram_size``), group and constrained beam search,
-the config's ``do_sample`` and Whisper's timestamp rules are not applied, so a model configured for them generates
-other tokens than its own ``generate``; compiling one warns, naming all but the last.
+``no_repeat_ngram_size``, ``encoder_no_repeat_ngram_size`` (of token-id inputs, as transformers), ``repetition_penalty``
+and longer ``bad_words_ids`` are ``generate``'s defaults too (Marian's and BART-CNN's configs ask for beam search,
+``slimfx.beam``, BART-CNN's for no repeated 3-gram, Blenderbot's for none of the input's); ``stream`` yields greedy or
+sampled tokens only, one at a time, so for a model configured for beams it gives other tokens than ``generate``.
+Group and constrained beam search, the config's ``do_sample`` and Whisper's timestamp rules are not applied, so a
+model configured for them generates other tokens than its own ``generate``; compiling one warns, naming all but
+the last.
 """
 from __future__ import annotations
 
@@ -491,8 +492,7 @@ def _warn_unapplied(what: str, gen) -> None:
     """Warn about the entries of the generation config that make transformers' ``generate`` choose other tokens
     and that ``CompiledSeq2SeqLM.generate`` does not apply (module docstring)."""
     unapplied = []
-    for key in ("encoder_no_repeat_ngram_size", "num_beam_groups", "diversity_penalty", "constraints",
-                "force_words_ids"):
+    for key in ("num_beam_groups", "diversity_penalty", "constraints", "force_words_ids"):
         value = getattr(gen, key, None)
         if value and not (key == "num_beam_groups" and value == 1):
             unapplied.append(f"{key}={value}")
@@ -543,7 +543,8 @@ class Seq2SeqReport:
 _BEAM_DEFAULTS = (("num_beams", 1), ("length_penalty", 1.0), ("early_stopping", False), ("num_return_sequences", 1),
                   ("renormalize_logits", False))
 # every generate option the generation config gives a default to (bad_words_ids aside: bad_tokens, bad_sequences)
-_CONFIG_DEFAULTS = (*_BEAM_DEFAULTS, ("no_repeat_ngram_size", 0), ("repetition_penalty", 1.0))
+_CONFIG_DEFAULTS = (*_BEAM_DEFAULTS, ("no_repeat_ngram_size", 0), ("repetition_penalty", 1.0),
+                    ("encoder_no_repeat_ngram_size", 0))
 
 
 class CompiledSeq2SeqLM(CompiledCausalLM):
@@ -558,7 +559,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                  suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0,
                  num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1,
                  renormalize_logits: bool = False, bad_sequences=None, no_repeat_ngram_size: int = 0,
-                 repetition_penalty: float = 1.0):
+                 repetition_penalty: float = 1.0, encoder_no_repeat_ngram_size: int = 0):
         super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          model_name=model_name, position_limit=position_limit)
         self.encoder = encoder
@@ -583,6 +584,10 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {no_repeat_ngram_size!r}")
         self.no_repeat_ngram_size = int(no_repeat_ngram_size)
+        if not _is_int(encoder_no_repeat_ngram_size) or encoder_no_repeat_ngram_size < 0:
+            raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0: none), got "
+                             f"{encoder_no_repeat_ngram_size!r}")
+        self.encoder_no_repeat_ngram_size = int(encoder_no_repeat_ngram_size)
         if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
                 not 0 < repetition_penalty < float("inf"):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
@@ -711,6 +716,11 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             options.setdefault(key, getattr(self, key))
             if options[key] is None:                               # (None: off, as transformers reads it)
                 options[key] = off
+        if not _is_int(options["encoder_no_repeat_ngram_size"]) or options["encoder_no_repeat_ngram_size"] < 0:
+            raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0: none), got "
+                             f"{options['encoder_no_repeat_ngram_size']!r}")
+        n = int(options.pop("encoder_no_repeat_ngram_size"))   # (transformers: token ids only, not Whisper's features)
+        encoder_bans = (n, args[0]) if n and self.input_name == "input_ids" else None
         words = options.pop("bad_words_ids", unset)
         singles, sequences = (self.bad_tokens, self.bad_sequences) if words is unset else (
             tuple(w[0] for w in bad_words(words) if len(w) == 1), tuple(w for w in bad_words(words) if len(w) > 1))
@@ -732,7 +742,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             return ban, (first_forced if i == 0 else ())
         return dict(input_ids=dec, attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens,
                     extra=functools.partial(self._encode_args, args), rules=rules,
-                    bad_words_ids=[list(w) for w in sequences] or None, **options)
+                    bad_words_ids=[list(w) for w in sequences] or None, encoder_bans=encoder_bans, **options)
 
     def save(self, path) -> pathlib.Path:
         """The encoder and the step (``CompiledModel.save``) in the folders ``encoder/`` and ``decoder/`` of

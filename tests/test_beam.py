@@ -274,6 +274,10 @@ def test_history_bans_by_hand():
     assert banned(history_bans(seq, 10, ngram=6)) == [[], []]            # no 6-gram yet
     assert banned(history_bans(seq, 10, words=[(2, 5), (4, 2, 6), (7,), (3, 12)])) == [[5, 7], [5, 6, 7]]
     assert banned(history_bans(seq, 3, ngram=2, words=[(7,)])) == [[], []]  # (ids past 3 logits: none)
+    encoder = torch.tensor([[2, 8, 2, 9, 0], [4, 2, 5, 5, 5]])             # each row's own encoder input
+    assert banned(history_bans(seq, 10, encoder=(2, encoder))) == [[8, 9], [5]]   # what follows its last token
+    assert banned(history_bans(seq, 10, encoder=(1, encoder))) == [[0, 2, 8, 9], [2, 4, 5]]
+    assert banned(history_bans(seq[:, :1], 10, encoder=(3, encoder))) == [[], []]    # (too short to repeat 3)
 
 
 BANS = [dict(no_repeat_ngram_size=1), dict(no_repeat_ngram_size=3, num_beams=3),
@@ -314,6 +318,27 @@ def test_ban_refusals(lms):
                      (dict(bad_words_ids="no"), "bad_words_ids must be a list of non-empty lists")]:
         with pytest.raises(ValueError, match=what):
             lms["numpy"].generate(ids, mask, max_new_tokens=3, **kw)
+
+
+def test_encoder_ngram_bans_equal_transformers(tmp_path):
+    """encoder_no_repeat_ngram_size (Blenderbot's configs: 3): no decoder token repeats an n-gram of the row's
+    encoder input, greedy and with beams, as transformers bans them; from the config by default, saved."""
+    from test_seq2seq import _inputs
+    for n, beams in ((1, 1), (1, 3), (2, 3)):
+        model = _seq2seq("bart", encoder_no_repeat_ngram_size=n, num_beams=beams)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")               # (applied: no warning names it)
+            lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+        inputs, mask = _inputs(model, batch=2, seed=0)
+        ref = _seq2seq_reference(model, inputs, mask, 12)
+        assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12), ref), (n, beams)
+        if n == 1:                                       # (the bans change the tokens)
+            assert not torch.equal(lm.generate(inputs, mask, max_new_tokens=12, encoder_no_repeat_ngram_size=0), ref)
+            assert not any(set(r[1:].tolist()) & set(i[m.bool()].tolist()) for r, i, m in zip(ref, inputs, mask))
+    loaded = slimfx.load(lm.save(tmp_path / "bart"), backend="numpy")
+    assert loaded.encoder_no_repeat_ngram_size == 2
+    with pytest.raises(ValueError, match="encoder_no_repeat_ngram_size must be an integer >= 0"):
+        lm.generate(inputs, mask, max_new_tokens=2, encoder_no_repeat_ngram_size=-1)
 
 
 def test_encoder_decoder_config_bans_and_penalty_are_generates_defaults(tmp_path):

@@ -426,7 +426,7 @@ def test_more_generation_config_entries_as_transformers_applies_them():
     begin_suppress_tokens after a forced first token (transformers suppresses the token after it), the forced
     end beating the forced beginning when only one token is made, and suppressed ids past the vocabulary (ignored,
     as transformers ignores them; they raised IndexError mid-generation): transformers' tokens each time. Entries
-    not applied (encoder n-gram bans) are named in a warning at compile."""
+    not applied (the config's do_sample) are named in a warning at compile."""
     bart = _tiny("bart")
     inputs, mask = _inputs(bart, seed=1)
     plain = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False).generate(inputs, mask, max_new_tokens=6)
@@ -450,10 +450,11 @@ def test_more_generation_config_entries_as_transformers_applies_them():
     lm.forced_bos_token_id, lm.suppress_tokens = (7,), (7,)
     with pytest.raises(ValueError, match=r"forced_bos_token_id \[7\] is among the suppressed tokens \[7\]"):
         lm.generate(inputs, mask, max_new_tokens=2)
-    model = _forcing(_tiny("bart"), num_beams=4, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=2)
-    with pytest.warns(UserWarning, match=r"sets encoder_no_repeat_ngram_size=2, which compile_seq2seq_lm's generate "
-                                         r"does not"):   # (beam search and n-gram bans: it does, test_beam.py)
-        slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    model = _forcing(_tiny("bart"), num_beams=4, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=2,
+                     do_sample=True)
+    with pytest.warns(UserWarning, match=r"sets do_sample=True \(generate is greedy unless given temperature=, "
+                                         r"top_k=, top_p=\), which compile_seq2seq_lm's generate does not"):
+        slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)   # (beams and n-gram bans: it applies)
 
 
 def test_inputs_by_name_and_an_example_beside_calibration(lms):
