@@ -123,11 +123,14 @@ def weight_only_linear_np(x, w_q, w_scale, w_zero_point=None, bias=None, group_s
     check_group(w_q.shape, np.shape(w_scale), group_size, None if w_zero_point is None else np.shape(w_zero_point))
     if x.shape[-1] != w_q.shape[1]:
         raise ValueError(f"weight_only_linear: x of shape {x.shape} does not end in K={w_q.shape[1]}")
-    x32, s, z = x.astype(np.float32).reshape(-1, x.shape[-1]), np.asarray(w_scale), w_zero_point   # (one GEMM)
-    y = np.empty((x32.shape[0], w_q.shape[0]), dtype=np.float32)
-    for rows in numerics.row_chunks(w_q.shape[0], w_q.shape[1], x32.shape[0]):
+    x32, s, z = x.astype(np.float32), np.asarray(w_scale), w_zero_point
+    m = x32.size // max(w_q.shape[1], 1)
+    if m > numerics.ROW_CHUNK_MAX_M:                     # the whole weight: one GEMM (numerics.row_chunks)
+        x32 = x32.reshape(-1, x.shape[-1])
+    y = np.empty((*x32.shape[:-1], w_q.shape[0]), dtype=np.float32)
+    for rows in numerics.row_chunks(w_q.shape[0], w_q.shape[1], m):
         w = dequantize_weight_np(w_q[rows], s[rows], None if z is None else np.asarray(z)[rows], group_size)
-        y[:, rows] = x32 @ w.T
+        y[..., rows] = x32 @ w.T
     y = y.reshape(*x.shape[:-1], w_q.shape[0])
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32)

@@ -77,7 +77,11 @@ def row_chunks(n: int, k: int, m: int = 1) -> list[slice]:
     with ``m`` rows of activations. At decode's few rows an int8 weight converted to fp32 a chunk at a time stays in
     cache: converted whole, every call wrote a new fp32 copy of it, several times the matmul's own memory traffic
     (2-core EPYC, 4096 x 4096, M = 2: 4-6 ms instead of 22, fp32's matmul 12). Past ``ROW_CHUNK_MAX_M`` rows the
-    conversion is a small part of the matmul, and narrow matmuls over chunks cost more: one slice, whole."""
+    conversion is a small part of the matmul, and narrow matmuls over chunks cost more: one slice, whole, which
+    ``int_matmul_np`` and ``weight_only_linear_np`` multiply as one 2-D GEMM over all leading dims (numpy's batched
+    matmul runs one GEMM per leading entry, each reading the whole converted weight: 2 x 16 rows of 4096 x 4096
+    took 149 ms instead of 24). Within the chunks they keep the batched form, which OpenBLAS runs faster at these
+    few rows (8 rows: 6 ms, one 2-D GEMM per chunk 30)."""
     step = n if m > ROW_CHUNK_MAX_M else max(1, ROW_CHUNK_BYTES // (4 * max(k, 1)))
     return [slice(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
 
@@ -91,11 +95,13 @@ def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     a32, b_t = np.asarray(a, dtype=np.float32), np.asarray(b_t)
     if b_t.ndim != 2:
         return _int_matmul_rows(a32, b_t)
-    a2 = a32.reshape(-1, k)         # one GEMM over all leading dims (numpy loops one per batch entry, each reading
-    out = np.empty((a2.shape[0], b_t.shape[0]), dtype=np.int32)       # the whole weight: 2.5x slower decoding)
-    for rows in row_chunks(b_t.shape[0], k, a2.shape[0]):
-        out[:, rows] = _int_matmul_rows(a2, b_t[rows])
-    return out.reshape(*a.shape[:-1], b_t.shape[0])
+    m = a32.size // max(k, 1)
+    if m > ROW_CHUNK_MAX_M:         # the whole weight: one GEMM over all leading dims (a batched matmul loops one
+        return _int_matmul_rows(a32.reshape(-1, k), b_t).reshape(*a.shape[:-1], b_t.shape[0])   # per entry)
+    out = np.empty((*a.shape[:-1], b_t.shape[0]), dtype=np.int32)
+    for rows in row_chunks(b_t.shape[0], k, m):
+        out[..., rows] = _int_matmul_rows(a32, b_t[rows])
+    return out
 
 
 def _int_matmul_rows(a32: np.ndarray, b_t: np.ndarray) -> np.ndarray:
