@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import slimfx  # noqa: E402
 from bench.common import cpu_name, description, save  # noqa: E402
-from bench.models import english_text, load_smollm2  # noqa: E402
-from bench.smollm2_generate import LABELS, MODES, PROMPTS, agreement  # noqa: E402
+from bench.smollm2_generate import LABELS, MODES, PROMPTS, agreement, answer_tables, chat_batch  # noqa: E402
 
 
 def main(argv=None):
@@ -35,18 +34,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--name", default="smollm2_beams")
     args = p.parse_args(argv)
-    modes = args.modes.split(",")
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        p.error(f"unknown modes {bad}; choose from {sorted(MODES)}")
-    model, tok = load_smollm2()
-    tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in PROMPTS]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    start = enc.input_ids.shape[1]
-    cal_ids = tok(english_text(20000, offset=20000), return_tensors="pt").input_ids[0]
-    calibration = [cal_ids[i * 256:(i + 1) * 256][None] for i in range(8)]
+    modes, model, tok, enc, start, calibration = chat_batch(p, args.modes)
     n, k = args.new_tokens, args.num_beams
     options = dict(max_new_tokens=n, num_beams=k, pad_token_id=tok.pad_token_id)
     with torch.no_grad():         # a first call pays one-time setup: not timed
@@ -93,12 +81,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['mode']} | {fmt(r['compile_s'], '.1f')} | {r['tokens_per_s']:.1f} | "
                      f"{fmt(r['decode_tokens_per_s'], '.1f')} | {', '.join(map(str, r['agree']))} |")
-    for i, q in enumerate(PROMPTS):
-        lines += ["", f"**{q}**", "", "| mode | answer |", "|---|---|"]
-        for r in rows:
-            text = r["answers"][i].replace("\n", " / ").replace("|", "\\|")
-            lines.append(f"| {r['mode']} | {text} |")
-    md = "\n".join(lines) + "\n"
+    md = "\n".join(lines + answer_tables(rows)) + "\n"
     save(args.name, cpu, {"cpu": cpu, "new_tokens": n, "num_beams": k, "prompts": PROMPTS, "rows": rows}, md)
     print(md)
 

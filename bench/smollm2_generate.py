@@ -51,14 +51,10 @@ def agreement(got: torch.Tensor, ref: torch.Tensor, start: int) -> list[int]:
     return [int(row.cumprod(0).sum()) for row in same]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=description(__doc__))
-    p.add_argument("--modes", default="fp32,w8a8,w8a8-sq,w8a16,w4-gptq,w4-rtn")
-    p.add_argument("--backend", default="numpy")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--name", default="smollm2_generate")
-    args = p.parse_args(argv)
-    modes = args.modes.split(",")
+def chat_batch(p: argparse.ArgumentParser, modes: str):
+    """The checked ``modes`` (comma-separated, of MODES), SmolLM2 and its tokenizer, the chat prompts as one
+    left-padded batch, its length, and 8 x 256 calibration tokens of English text."""
+    modes = modes.split(",")
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown modes {bad}; choose from {sorted(MODES)}")
@@ -67,9 +63,30 @@ def main(argv=None):
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in PROMPTS]
     enc = tok(texts, return_tensors="pt", padding=True)
-    start = enc.input_ids.shape[1]
     cal_ids = tok(english_text(20000, offset=20000), return_tensors="pt").input_ids[0]
     calibration = [cal_ids[i * 256:(i + 1) * 256][None] for i in range(8)]
+    return modes, model, tok, enc, enc.input_ids.shape[1], calibration
+
+
+def answer_tables(rows: list) -> list:
+    """Markdown lines: per prompt, a table of each row's answer."""
+    lines = []
+    for i, q in enumerate(PROMPTS):
+        lines += ["", f"**{q}**", "", "| mode | answer |", "|---|---|"]
+        for r in rows:
+            text = r["answers"][i].replace("\n", " / ").replace("|", "\\|")
+            lines.append(f"| {r['mode']} | {text} |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=description(__doc__))
+    p.add_argument("--modes", default="fp32,w8a8,w8a8-sq,w8a16,w4-gptq,w4-rtn")
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--name", default="smollm2_generate")
+    args = p.parse_args(argv)
+    modes, model, tok, enc, start, calibration = chat_batch(p, args.modes)
     n = args.new_tokens
 
     real = enc.attention_mask.bool()
@@ -123,12 +140,7 @@ def main(argv=None):
                      f"{r['tokens_per_s']:.1f} | {fmt(r['decode_tokens_per_s'], '.1f')} | "
                      f"{fmt(r['prompt_sqnr_db'], '.1f')} | "
                      f"{', '.join(map(str, r['agree']))} |")
-    for i, q in enumerate(PROMPTS):
-        lines += ["", f"**{q}**", "", "| mode | answer |", "|---|---|"]
-        for r in rows:
-            text = r["answers"][i].replace("\n", " / ").replace("|", "\\|")
-            lines.append(f"| {r['mode']} | {text} |")
-    md = "\n".join(lines) + "\n"
+    md = "\n".join(lines + answer_tables(rows)) + "\n"
     save(args.name, cpu, {"cpu": cpu, "backend": args.backend, "new_tokens": n,
                                           "prompts": PROMPTS, "rows": rows}, md)
     print(md)
