@@ -852,6 +852,20 @@ def bad_words(value, eos: Sequence = ()) -> tuple:
     return tuple(tuple(int(t) for t in w) for w in value if not (len(w) == 1 and int(w[0]) in eos))
 
 
+def count(value, name: str) -> int:
+    """``value`` as an int >= 0 (an n-gram size: 0, none), else a ValueError naming ``name``."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: none), got {value!r}")
+    return int(value)
+
+
+def penalty(value) -> float:
+    """``value`` as a repetition penalty (a finite number > 0; 1: none), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {value!r}")
+    return float(value)
+
+
 def _is_int(v) -> bool:
     """A Python or numpy integer (a 0-d integer tensor too), never a bool."""
     import numbers
@@ -1147,13 +1161,10 @@ class CompiledCausalLM:
             raise ValueError(f"top_k must be an integer >= 0 (0 or None: all tokens), got {top_k!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1] (1: all tokens), got {top_p!r}")
-        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
-                not 0 < repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
+        penalty(repetition_penalty)
         if not _is_int(min_new_tokens) or min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-        if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {no_repeat_ngram_size!r}")
+        count(no_repeat_ngram_size, "no_repeat_ngram_size")
         self._refuse_gaps(_prompt(input_ids, attention_mask)[1], input_ids.shape[-1] + max_new_tokens - 1,
                           f"{max_new_tokens} new tokens after a prompt of")    # (bad prompts: _prompt's errors)
         if self.sliding_window is not None and max_new_tokens > 1:  # refused before any step, not midway

@@ -60,7 +60,7 @@ from torch.export import Dim
 from . import ir
 from .beam import options as beam_options
 from .lm import (CompiledCausalLM, _cache_kw, _EagerCausalLM, _is_int, _prompt, _replaced, bad_words, check_cache,
-                 checked_ids, saved_layout, share_children, slot_error, step_inputs)
+                 checked_ids, count, penalty, saved_layout, share_children, slot_error, step_inputs)
 
 SEQ2SEQ_FILE = "seq2seq_lm.json"
 
@@ -581,17 +581,9 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         self.bad_sequences = bad_words(bad_sequences)              # bad_words_ids of more than one token
         if any(len(w) < 2 for w in self.bad_sequences):
             raise ValueError(f"bad_sequences must be of 2 or more tokens each (one: bad_tokens), got {bad_sequences!r}")
-        if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: none), got {no_repeat_ngram_size!r}")
-        self.no_repeat_ngram_size = int(no_repeat_ngram_size)
-        if not _is_int(encoder_no_repeat_ngram_size) or encoder_no_repeat_ngram_size < 0:
-            raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0: none), got "
-                             f"{encoder_no_repeat_ngram_size!r}")
-        self.encoder_no_repeat_ngram_size = int(encoder_no_repeat_ngram_size)
-        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or \
-                not 0 < repetition_penalty < float("inf"):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: none), got {repetition_penalty!r}")
-        self.repetition_penalty = float(repetition_penalty)
+        self.no_repeat_ngram_size = count(no_repeat_ngram_size, "no_repeat_ngram_size")
+        self.encoder_no_repeat_ngram_size = count(encoder_no_repeat_ngram_size, "encoder_no_repeat_ngram_size")
+        self.repetition_penalty = penalty(repetition_penalty)
 
     def _options(self) -> dict:
         return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self._pad,
@@ -716,14 +708,12 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             options.setdefault(key, getattr(self, key))
             if options[key] is None:                               # (None: off, as transformers reads it)
                 options[key] = off
-        if not _is_int(options["encoder_no_repeat_ngram_size"]) or options["encoder_no_repeat_ngram_size"] < 0:
-            raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0: none), got "
-                             f"{options['encoder_no_repeat_ngram_size']!r}")
-        n = int(options.pop("encoder_no_repeat_ngram_size"))   # (transformers: token ids only, not Whisper's features)
-        encoder_bans = (n, args[0]) if n and self.input_name == "input_ids" else None
+        n = count(options.pop("encoder_no_repeat_ngram_size"), "encoder_no_repeat_ngram_size")
+        encoder_bans = (n, args[0]) if n and self.input_name == "input_ids" else None   # (as transformers: ids only)
         words = options.pop("bad_words_ids", unset)
-        singles, sequences = (self.bad_tokens, self.bad_sequences) if words is unset else (
-            tuple(w[0] for w in bad_words(words) if len(w) == 1), tuple(w for w in bad_words(words) if len(w) > 1))
+        words = None if words is unset else bad_words(words)
+        singles, sequences = (self.bad_tokens, self.bad_sequences) if words is None else (
+            tuple(w[0] for w in words if len(w) == 1), tuple(w for w in words if len(w) > 1))
         if options.get("min_new_tokens", 0) is None:               # (transformers' "unset")
             del options["min_new_tokens"]
         # transformers: min_new_tokens given replaces min_length (by prompt + min_new_tokens, what it bans then)
