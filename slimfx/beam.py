@@ -16,6 +16,7 @@ continue (``reorder``), as transformers' ``Cache.reorder_cache`` does.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import time
 from typing import Optional
@@ -86,14 +87,14 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
                 min_new_tokens: int, eos: list, pad: int, extra, rules, *, temperature: float, top_k, top_p: float,
                 penalty: float, generator, num_beams: int, length_penalty: float, early_stopping,
-                num_return_sequences: int, renormalize: bool = False, history=None,
+                num_return_sequences: int, renormalize: bool = False, history=None, processor=None,
                 progress: bool = False) -> torch.Tensor:
     """The new tokens (batch * num_return_sequences, n) of each prompt's best ``num_return_sequences`` finished
     sequences, best first, on ``input_ids``' device; ``n``: the longest of them, the shorter ones filled after their
     end-of-sequence token with ``pad``, or with ``eos[0]`` where ``pad`` is 0 (transformers' ``pad_token_id or
     eos_token_id[0]``). The arguments are ``CompiledCausalLM._steps``' and the sampling
-    options (``_processed``), and ``history``: ``history_bans``' (ngram, words, encoder); ``lm.last_timing`` is
-    set."""
+    options (``_processed``), ``history``: ``history_bans``' (ngram, words, encoder), and ``processor(held,
+    scores)`` (``_steps``'); ``lm.last_timing`` is set."""
     from tqdm.auto import tqdm
     from .lm import _held_tokens, _prompt, history_bans
     t0 = time.perf_counter()
@@ -131,12 +132,14 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         ban, forced = rules(i) if rules is not None else ((), ())
         ban = [t for t in ban if 0 <= t < vocab] + (ends if i < min_new_tokens else [])
         forced = [t for t in forced if 0 <= t < vocab]
-        mask = None
-        if history is not None:                     # each beam's tokens so far: its prompt and new tokens
+        mask = held = None
+        if history is not None or processor is not None:    # each beam's tokens so far: its prompt and new tokens
             held = torch.cat([prompts, run_seq[:, :, :i].flatten(0, 1)], 1)
+        if history is not None:
             mask = history_bans(held, vocab, *history)
         logp = lm._processed(torch.log_softmax(logits.float(), -1), seen, ban, penalty, forced, temperature,
-                             top_k, top_p, keep=len(eos) + 1 if eos else 2, mask=mask)
+                             top_k, top_p, keep=len(eos) + 1 if eos else 2, mask=mask,
+                             processor=None if processor is None else functools.partial(processor, held))
         if renormalize:                             # transformers' LogitNormalization, the last processor
             logp = logp.log_softmax(-1)
         acc = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)

@@ -1149,9 +1149,10 @@ class CompiledCausalLM:
                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
                 repetition_penalty: float = 1.0, min_new_tokens: int = 0, generator: Optional[torch.Generator] = None,
                 eos_token_id=None, pad_token_id: Optional[int] = None, no_repeat_ngram_size: int = 0,
-                bad_words_ids=None, extra=(), rules=None, beams: Optional[dict] = None, encoder_bans=None):
+                bad_words_ids=None, extra=(), rules=None, beams: Optional[dict] = None, encoder_bans=None,
+                processor=None):
         """``stream`` with ``_steps``' ``extra`` (a tuple, or a function giving it, called once the options are
-        checked), ``rules`` and ``encoder_bans`` (``history_bans``' ``encoder``); with ``beams``
+        checked), ``rules``, ``processor`` and ``encoder_bans`` (``history_bans``' ``encoder``); with ``beams``
         (``slimfx.beam.options`` and ``progress``), the new tokens of ``beam_search`` instead of an iterator."""
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -1201,20 +1202,21 @@ class CompiledCausalLM:
             from .beam import beam_search
             return beam_search(self, input_ids, attention_mask, max_new_tokens, int(min_new_tokens), eos, pad, extra,
                                rules, temperature=temperature, top_k=top_k, top_p=top_p, penalty=repetition_penalty,
-                               generator=generator, history=history, **beams)
+                               generator=generator, history=history, processor=processor, **beams)
         pick = functools.partial(self._pick, temperature=temperature, top_k=top_k, top_p=top_p,
                                  penalty=repetition_penalty, generator=generator)
         return self._steps(input_ids, attention_mask, max_new_tokens, int(min_new_tokens), repetition_penalty != 1,
-                           pick, eos, pad, extra, rules, history)
+                           pick, eos, pad, extra, rules, history, processor)
 
     @torch.no_grad()
     def _steps(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad, extra=(),
-               rules=None, history=None):
+               rules=None, history=None, processor=None):
         """The generation loop (``stream``); ``extra``: the step's inputs after ``logits_at`` (``prefill``);
         ``rules(i)``: the token ids new token i may not take beyond end-of-sequence before ``min_new_tokens``,
         and the ids it must take from (an empty tuple: any), as an encoder-decoder model's generation config
         suppresses and forces them (``slimfx.seq2seq``); ``history``: ``history_bans``' (ngram, words), banned
-        by each row's tokens so far."""
+        by each row's tokens so far; ``processor(held, scores)``: the last processor before sampling, given each
+        row's tokens so far (Whisper's timestamp rules, ``slimfx.whisper``)."""
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask, extra=extra)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU
@@ -1226,13 +1228,14 @@ class CompiledCausalLM:
         seen = _held_tokens(*_prompt(input_ids, attention_mask), vocab, logits.device) if track else None
         rows = torch.arange(len(logits), device=logits.device)
         banned = [e for e in eos if 0 <= e < vocab]   # (an id past the logits is never chosen: transformers too)
-        held = input_ids.long().to(logits.device) if history is not None else None    # each row's tokens so far
+        held = input_ids.long().to(logits.device) if history is not None or processor is not None else None
         n = 0
         for i in range(max_new_tokens):
             ban, forced = rules(i) if rules is not None else ((), ())
             ban, forced = [t for t in ban if 0 <= t < vocab], [t for t in forced if 0 <= t < vocab]   # (as eos)
             mask = history_bans(held, vocab, *history) if history is not None else None
-            tok = pick(logits, seen, [*(banned if i < min_new_tokens else ()), *ban], forced=forced, mask=mask)
+            tok = pick(logits, seen, [*(banned if i < min_new_tokens else ()), *ban], forced=forced, mask=mask,
+                       processor=None if processor is None else functools.partial(processor, held))
             if seen is not None:
                 seen[rows, tok] = True
             tok = torch.where(done, torch.full_like(tok, pad), tok)
@@ -1252,14 +1255,16 @@ class CompiledCausalLM:
 
     @staticmethod
     def _processed(scores, seen, banned, penalty, forced=(), temperature=0.0, top_k=None, top_p=1.0, keep=1,
-                   mask=None):
+                   mask=None, processor=None):
         """``scores`` (batch, vocab) as transformers' logits processors leave them, in their order: the repetition
         ``penalty`` over the tokens each row holds (``seen``: (batch, vocab) bool, ``_held_tokens``), the tokens it
         may not take now (``banned``: end-of-sequence before ``min_new_tokens``, suppressed tokens; ``mask``:
         (batch, vocab) bool, its own, ``history_bans``) and the ones it
         must take from (``forced``: a forced beginning or end of sequence, each given 0 and every other token
-        -inf); then, when ``temperature`` > 0, the sampling warpers (temperature, top-k, top-p), each keeping at
-        least ``keep`` tokens (transformers keeps one more than the end-of-sequence ids, or 2, for beam sampling)."""
+        -inf), then ``processor(scores)`` (a model's own, which transformers runs after its others: Whisper's
+        timestamp rules); then, when ``temperature`` > 0, the sampling warpers (temperature, top-k, top-p), each
+        keeping at least ``keep`` tokens (transformers keeps one more than the end-of-sequence ids, or 2, for beam
+        sampling)."""
         if penalty != 1:                        # transformers' RepetitionPenaltyLogitsProcessor, in float32
             scores = scores.float()
             scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
@@ -1270,6 +1275,8 @@ class CompiledCausalLM:
         if len(forced):                         # ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
             scores = torch.full_like(scores.float(), float("-inf")).index_fill(
                 -1, torch.tensor(forced, device=scores.device), 0.0)
+        if processor is not None:
+            scores = processor(scores)
         if temperature == 0:
             return scores
         scores = scores.float() / temperature
@@ -1284,12 +1291,13 @@ class CompiledCausalLM:
         return scores
 
     @staticmethod
-    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=(), mask=None):
+    def _pick(logits, seen, banned, temperature, top_k, top_p, penalty, generator, forced=(), mask=None,
+              processor=None):
         """The next token of each row from its logits (batch, vocab), processed as ``_processed`` says (the
         arguments are its own): the likeliest when ``temperature`` is 0, else drawn from their softmax, as
         transformers' ``generate`` chooses it."""
         logits = CompiledCausalLM._processed(logits, seen, banned, penalty, forced, temperature, top_k, top_p,
-                                             mask=mask)
+                                             mask=mask, processor=processor)
         if temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits, -1)
