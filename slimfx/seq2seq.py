@@ -26,8 +26,10 @@ counts them by cache length, FSMT by the ids' padding and the cache length in a 
 is refused up front: its forward subsamples its frames' mask.
 
 ``generate`` starts each decoder sequence with ``decoder_start_token_id`` unless given ``decoder_input_ids``
-(Whisper's task prompt: <|startoftranscript|>, language, task, <|notimestamps|>), and applies these entries of
-the model's generation config as transformers' logits processors do: ``forced_bos_token_id`` (the first new
+(Whisper: its task prompt, <|startoftranscript|>, language, task, <|notimestamps|>, which ``language``, ``task``
+and ``prompt_ids`` build as transformers does, the language detected where none is given: ``slimfx.whisper``), and
+applies these entries of the model's generation config as transformers' logits processors do:
+``forced_bos_token_id`` (the first new
 token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``, even where that is the
 first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the second after a forced first),
 ``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them; a call's
@@ -38,9 +40,9 @@ The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return
 and longer ``bad_words_ids`` are ``generate``'s defaults too (Marian's and BART-CNN's configs ask for beam search,
 ``slimfx.beam``, BART-CNN's for no repeated 3-gram, Blenderbot's for none of the input's); ``stream`` yields greedy or
 sampled tokens only, one at a time, so for a model configured for beams it gives other tokens than ``generate``.
-Group and constrained beam search, the config's ``do_sample`` and Whisper's timestamp rules are not applied, so a
-model configured for them generates other tokens than its own ``generate``; compiling one warns, naming all but
-the last.
+Whisper's timestamp rules apply with ``return_timestamps=True`` (or the config's). Group and constrained beam
+search and the config's ``do_sample`` are not applied, so a model configured for them generates other tokens than
+its own ``generate``; compiling one warns, naming them.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from . import ir
+from . import ir, whisper
+from .whisper import checked as whisper_settings_checked
 from .beam import options as beam_options
 from .lm import (CompiledCausalLM, _cache_kw, _EagerCausalLM, _is_int, _prompt, _replaced, bad_words, check_cache,
                  checked_ids, count, penalty, saved_layout, share_children, slot_error, step_inputs)
@@ -485,7 +488,7 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         suppress_tokens=getattr(gen, "suppress_tokens", None),
         begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
         bad_tokens=[b[0] for b in bad if len(b) == 1], bad_sequences=[b for b in bad if len(b) > 1],
-        min_length=getattr(gen, "min_length", None) or 0, **defaults)
+        min_length=getattr(gen, "min_length", None) or 0, whisper=whisper.settings(model), **defaults)
 
 
 def _warn_unapplied(what: str, gen) -> None:
@@ -514,6 +517,16 @@ def _decoder_ids(item, start: int, pad: Optional[int], batch: int) -> torch.Tens
     labels = labels.long()
     shifted = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], 1)
     return shifted.masked_fill(shifted == -100, start if pad is None else pad)
+
+
+def _prompt_ids(value) -> torch.Tensor:
+    """Whisper's ``prompt_ids`` (token ids of earlier text, 1-d: a tensor or a list) as a long tensor."""
+    t = torch.as_tensor(value) if isinstance(value, (list, tuple, torch.Tensor)) else None
+    if t is None or t.dim() != 1 or not len(t) or t.is_floating_point() or t.dtype == torch.bool or \
+            bool((t < 0).any()):
+        raise ValueError(f"prompt_ids must be a 1-d sequence of token ids >= 0 (<|startofprev|> and earlier text), "
+                         f"got {value!r}")
+    return t.long()
 
 
 def _ids(value, what: str) -> tuple:
@@ -559,7 +572,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                  suppress_tokens=None, begin_suppress_tokens=None, bad_tokens=None, min_length: int = 0,
                  num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False, num_return_sequences: int = 1,
                  renormalize_logits: bool = False, bad_sequences=None, no_repeat_ngram_size: int = 0,
-                 repetition_penalty: float = 1.0, encoder_no_repeat_ngram_size: int = 0):
+                 repetition_penalty: float = 1.0, encoder_no_repeat_ngram_size: int = 0, whisper=None):
         super().__init__(step, layout, dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          model_name=model_name, position_limit=position_limit)
         self.encoder = encoder
@@ -584,6 +597,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         self.no_repeat_ngram_size = count(no_repeat_ngram_size, "no_repeat_ngram_size")
         self.encoder_no_repeat_ngram_size = count(encoder_no_repeat_ngram_size, "encoder_no_repeat_ngram_size")
         self.repetition_penalty = penalty(repetition_penalty)
+        # Whisper's prompt and timestamp settings (slimfx.whisper.settings), None for other models
+        self.whisper = None if whisper is None else whisper_settings_checked(whisper, f"{model_name}: whisper")
 
     def _options(self) -> dict:
         return dict(eos_token_id=self.eos_token_id or None, pad_token_id=self._pad,
@@ -592,7 +607,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                     forced_eos_token_id=self.forced_eos_token_id or None,
                     suppress_tokens=self.suppress_tokens or None,
                     begin_suppress_tokens=self.begin_suppress_tokens or None, bad_tokens=self.bad_tokens or None,
-                    min_length=self.min_length, bad_sequences=self.bad_sequences or None, **self._config_defaults())
+                    min_length=self.min_length, bad_sequences=self.bad_sequences or None, whisper=self.whisper,
+                    **self._config_defaults())
 
     def _config_defaults(self) -> dict:
         return {k: getattr(self, k) for k, _ in _CONFIG_DEFAULTS}
@@ -623,26 +639,31 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                  progress: bool = False, **options) -> torch.Tensor:
         """The decoder's tokens (batch, prompt + up to ``max_new_tokens``), as transformers' ``generate`` returns
         them for an encoder-decoder model: the decoder prompt (``decoder_input_ids``, left-padded with
-        ``decoder_attention_mask``; by default ``decoder_start_token_id`` alone) and the new tokens (Whisper's
-        ``generate`` leaves its prompt out, and the end-of-sequence token). ``inputs``: the encoder's (token ids
-        with ``attention_mask``, or Whisper's features), also by the model's name for them (``input_ids=``,
-        ``input_features=``: ``lm.generate(**tokenizer(texts, ...))``). The sampling options, their
-        order, the end-of-sequence handling, the bans and beam search are ``CompiledCausalLM.generate``'s (by
-        default as the generation config sets them: module docstring);
+        ``decoder_attention_mask``; by default ``decoder_start_token_id`` alone, or Whisper's task prompt) and the
+        new tokens. ``inputs``: the encoder's (token ids with ``attention_mask``, or Whisper's features), also by the
+        model's name for them (``input_ids=``, ``input_features=``: ``lm.generate(**tokenizer(texts, ...))``). The
+        sampling options, their order, the end-of-sequence handling, the bans and beam search are
+        ``CompiledCausalLM.generate``'s (by default as the generation config sets them: module docstring);
         the generation config's forced and suppressed tokens apply as the module docstring says
-        (``forced_bos_token_id`` and the other three may be given here too: None or () for none)."""
+        (``forced_bos_token_id`` and the other three may be given here too: None or () for none).
+
+        Whisper (``slimfx.whisper``): ``language`` (a code "fr", a name "french" or a token "<|fr|>"; a list: one per
+        input; None: the generation config's, else detected per input), ``task`` ("transcribe" or "translate"),
+        ``return_timestamps`` (its timestamp rules; None: the generation config's) and ``prompt_ids`` (earlier text,
+        ``<|startofprev|>`` first, put before the task prompt) build the decoder prompt as transformers' Whisper
+        ``generate`` does, which returns these tokens with ``force_unique_generate_call=True`` (by default it leaves
+        out the prompt and the end-of-sequence token)."""
         from tqdm.auto import tqdm
         inputs = self._given(inputs, options)
-        dec = self._decoder_prompt(inputs, decoder_input_ids)
         beams = beam_options(*(options.pop(k, getattr(self, k)) for k, _ in _BEAM_DEFAULTS))
+        setup = self._setup(inputs, attention_mask, decoder_input_ids, decoder_attention_mask, max_new_tokens,
+                            **options)
+        dec = setup["input_ids"]
         if beams is not None:
-            new = self._stream(**self._setup(inputs, attention_mask, dec, decoder_attention_mask, max_new_tokens,
-                                             **options), beams=dict(beams, progress=progress))
+            new = self._stream(**setup, beams=dict(beams, progress=progress))
             return torch.cat([dec.long().repeat_interleave(beams["num_return_sequences"], 0), new], 1)
-        steps = self.stream(inputs, attention_mask, decoder_input_ids=dec,
-                            decoder_attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens, **options)
-        new = [tok[:, None] for tok in tqdm(steps, total=max_new_tokens, desc="generate", disable=not progress,
-                                            leave=False)]
+        new = [tok[:, None] for tok in tqdm(self._stream(**setup), total=max_new_tokens, desc="generate",
+                                            disable=not progress, leave=False)]
         return torch.cat([dec.long(), *new], 1)
 
     def _given(self, inputs, options: dict):
@@ -654,20 +675,11 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             raise TypeError(f"{self.model_name}: the encoder's input given twice (inputs and {self.input_name}=)")
         return inputs if inputs is not None else named
 
-    def _decoder_prompt(self, inputs, decoder_input_ids):
-        if decoder_input_ids is not None:
-            return decoder_input_ids
-        b = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 1
-        return torch.full((b, 1), self.decoder_start_token_id, dtype=torch.long,
-                          device=getattr(inputs, "device", None))
-
     _unset = object()
 
     def stream(self, inputs: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, *,
                decoder_input_ids: Optional[torch.Tensor] = None,
-               decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
-               forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
-               begin_suppress_tokens=_unset, **options):
+               decoder_attention_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 32, **options):
         """``generate`` one token at a time: an iterator of each step's new tokens (batch,), greedy or sampled
         (beam search, which chooses its tokens at the end, is ``generate``'s alone)."""
         beams = [k for k, _ in _BEAM_DEFAULTS if k in options]
@@ -675,15 +687,16 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             raise TypeError(f"{self.model_name}: stream yields each step's token as it is chosen, and beam search "
                             f"chooses them at the end: {', '.join(beams)} are generate's")
         inputs = self._given(inputs, options)
-        return self._stream(**self._setup(inputs, attention_mask, self._decoder_prompt(inputs, decoder_input_ids),
-                                          decoder_attention_mask, max_new_tokens, forced_bos_token_id,
-                                          forced_eos_token_id, suppress_tokens, begin_suppress_tokens, **options))
+        return self._stream(**self._setup(inputs, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                          max_new_tokens, **options))
 
     def _setup(self, inputs, attention_mask, dec, decoder_attention_mask, max_new_tokens,
                forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
-               begin_suppress_tokens=_unset, **options) -> dict:
-        """``_stream``'s arguments for ``stream``'s: the decoder prompt ``dec``, the encoder's input as its
-        ``extra`` (encoded once the options are checked) and the generation config's ``rules``."""
+               begin_suppress_tokens=_unset, language=None, task=None, return_timestamps=None, prompt_ids=None,
+               **options) -> dict:
+        """``_stream``'s arguments for ``stream``'s: the decoder prompt (``dec``, else the start token or Whisper's
+        task prompt), the encoder's input as its ``extra`` (encoded once the options are checked), the generation
+        config's ``rules`` and Whisper's timestamp rules as its ``processor``."""
         unset = CompiledSeq2SeqLM._unset
         bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
                                                                                   "forced_bos_token_id")
@@ -692,18 +705,49 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         suppress = self.suppress_tokens if suppress_tokens is unset else _ids(suppress_tokens, "suppress_tokens")
         begin = self.begin_suppress_tokens if begin_suppress_tokens is unset else _ids(begin_suppress_tokens,
                                                                                         "begin_suppress_tokens")
-        _prompt(dec, decoder_attention_mask)                       # (bad decoder prompts: its errors, first)
+        asked = {k: v for k, v in (("language", language), ("task", task), ("return_timestamps", return_timestamps),
+                                   ("prompt_ids", prompt_ids)) if v is not None}
+        if asked and self.whisper is None:
+            raise TypeError(f"{self.model_name}: {', '.join(asked)} are Whisper's generate options (this model was "
+                            f"not compiled from a Whisper model)")
+        if dec is not None and set(asked) - {"return_timestamps"}:
+            raise ValueError(f"{self.model_name}: decoder_input_ids is the whole decoder prompt, which language, task "
+                             f"and prompt_ids would build: give either")
+        prev = None if prompt_ids is None else _prompt_ids(prompt_ids)
+        if dec is None and self.whisper is None:
+            b = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else 1
+            dec = torch.full((b, 1), self.decoder_start_token_id, dtype=torch.long,
+                             device=getattr(inputs, "device", None))
+        if dec is not None:
+            _prompt(dec, decoder_attention_mask)                   # (bad decoder prompts: its errors, first)
+        elif decoder_attention_mask is not None:
+            raise ValueError(f"{self.model_name}: decoder_attention_mask is decoder_input_ids' mask, and none were "
+                             f"given")
         args = _encoder_args(self.input_name, inputs, attention_mask)
-        if args[0].shape[0] != dec.shape[0]:
+        if dec is not None and args[0].shape[0] != dec.shape[0]:
             raise ValueError(f"{self.input_name} holds {args[0].shape[0]} inputs, decoder_input_ids "
                              f"{dec.shape[0]} prompts")
         if not _is_int(max_new_tokens) or max_new_tokens < 1:     # (before the encoder runs)
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        ends = options.get("eos_token_id")
+        ends = self.eos_token_id if ends is None else _ids(ends, "eos_token_id")
+        extra = functools.partial(self._encode_args, args)
+        stamps = None
+        if self.whisper is not None:
+            if return_timestamps is None:
+                return_timestamps = self.whisper.get("return_timestamps", False)
+            if not isinstance(return_timestamps, bool):
+                raise ValueError(f"return_timestamps must be True or False, got {return_timestamps!r}")
+            if return_timestamps and not ends:
+                raise ValueError(f"{self.model_name}: return_timestamps needs an end-of-sequence id (the tokens "
+                                 f"below it are text)")
+            if dec is None:                                        # (may run the encoder: detection)
+                dec, extra = self._task_prompt(args, extra, language, task, return_timestamps, prev)
+            if return_timestamps:
+                stamps = whisper.timestamp_rules(self.whisper, ends[0], dec.shape[-1])
         length = dec.shape[-1]
         first_forced = bos if length == 1 else ()                  # transformers: at a decoder length of 1
         begin_at = 1 if first_forced else 0                        # (after the forced one, as transformers)
-        ends = options.get("eos_token_id")
-        ends = self.eos_token_id if ends is None else _ids(ends, "eos_token_id")
         for key, off in _CONFIG_DEFAULTS[len(_BEAM_DEFAULTS):]:   # (the beam options: generate's)
             options.setdefault(key, getattr(self, key))
             if options[key] is None:                               # (None: off, as transformers reads it)
@@ -731,8 +775,27 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 return ban, eos
             return ban, (first_forced if i == 0 else ())
         return dict(input_ids=dec, attention_mask=decoder_attention_mask, max_new_tokens=max_new_tokens,
-                    extra=functools.partial(self._encode_args, args), rules=rules,
-                    bad_words_ids=[list(w) for w in sequences] or None, encoder_bans=encoder_bans, **options)
+                    extra=extra, rules=rules, bad_words_ids=[list(w) for w in sequences] or None,
+                    encoder_bans=encoder_bans, processor=stamps, **options)
+
+    def _task_prompt(self, args: tuple, extra, language, task, timestamps: bool, prev) -> tuple:
+        """Whisper's decoder prompt for the encoder's ``args`` (``slimfx.whisper.init_tokens``: ``prev`` in front,
+        the start token, language, task, ``<|notimestamps|>``) and the step's ``extra`` inputs: encoded here when
+        the language is detected (the start token's logits over the language tokens), else ``extra`` as given."""
+        b, dev = args[0].shape[0], args[0].device
+        encoded = []
+
+        def detect(ids):
+            encoded.append(extra())
+            logits, _ = self.prefill(torch.full((b, 1), self.decoder_start_token_id, device=dev), extra=encoded[0])
+            ids = torch.tensor(ids, device=logits.device)
+            return ids[logits[:, -1, ids].argmax(-1)].tolist()      # (ties: the lowest id, as transformers)
+        rows = whisper.init_tokens(self.whisper, self.decoder_start_token_id, b, language, task, timestamps,
+                                   detect, self.model_name)
+        dec = torch.tensor(rows, dtype=torch.long, device=dev)
+        if prev is not None:
+            dec = torch.cat([prev.to(dev)[None].expand(b, -1), dec], 1)
+        return dec, encoded[0] if encoded else extra
 
     def save(self, path) -> pathlib.Path:
         """The encoder and the step (``CompiledModel.save``) in the folders ``encoder/`` and ``decoder/`` of
@@ -749,7 +812,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
                 "min_length": self.min_length, "bad_sequences": [list(w) for w in self.bad_sequences],
-                **self._config_defaults()}
+                "whisper": self.whisper, **self._config_defaults()}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -810,6 +873,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         try:
             beam_options(*(defaults[k] for k, _ in _BEAM_DEFAULTS))
             bad_words(data.get("bad_sequences"))
+            if data.get("whisper") is not None:
+                whisper_settings_checked(data["whisper"], "whisper")
         except ValueError as e:
             raise FormatError(f"{where}: {e}") from e
         name = data.get("input_name", "input_ids")
@@ -822,8 +887,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
                        pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
                        position_limit=data.get("position_limit"), input_name=name,
-                       min_length=data.get("min_length") or 0, bad_sequences=data.get("bad_sequences"), **defaults,
-                       **options)
+                       min_length=data.get("min_length") or 0, bad_sequences=data.get("bad_sequences"),
+                       whisper=data.get("whisper"), **defaults, **options)
         except ValueError as e:                        # (a generation option out of its range)
             raise FormatError(f"{where}: {e}") from e
 
