@@ -55,6 +55,7 @@ import pathlib
 import warnings
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.export import Dim
@@ -521,7 +522,7 @@ def _decoder_ids(item, start: int, pad: Optional[int], batch: int) -> torch.Tens
 
 def _prompt_ids(value) -> torch.Tensor:
     """Whisper's ``prompt_ids`` (token ids of earlier text, 1-d: a tensor or a list) as a long tensor."""
-    t = torch.as_tensor(value) if isinstance(value, (list, tuple, torch.Tensor)) else None
+    t = torch.as_tensor(value) if isinstance(value, (list, tuple, torch.Tensor, np.ndarray)) else None
     if t is None or t.dim() != 1 or not len(t) or t.is_floating_point() or t.dtype == torch.bool or \
             bool((t < 0).any()):
         raise ValueError(f"prompt_ids must be a 1-d sequence of token ids >= 0 (<|startofprev|> and earlier text), "
@@ -652,12 +653,28 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         ``return_timestamps`` (its timestamp rules; None: the generation config's) and ``prompt_ids`` (earlier text,
         ``<|startofprev|>`` first, put before the task prompt) build the decoder prompt as transformers' Whisper
         ``generate`` does, which returns these tokens with ``force_unique_generate_call=True`` (by default it leaves
-        out the prompt and the end-of-sequence token)."""
+        out the prompt and the end-of-sequence token: ``transcribe``). As there, ``num_return_sequences`` repeats
+        each input (beam search then gives its best sequence that many times) and sampling runs without beams."""
         from tqdm.auto import tqdm
         inputs = self._given(inputs, options)
-        beams = beam_options(*(options.pop(k, getattr(self, k)) for k, _ in _BEAM_DEFAULTS))
+        beam_args = {k: options.pop(k, getattr(self, k)) for k, _ in _BEAM_DEFAULTS}
+        repeat = 1
+        if self.whisper is not None:
+            # transformers' Whisper generate repeats each input num_return_sequences times (so beams give the best
+            # sequence that many times) and samples without beams
+            repeat = beam_args["num_return_sequences"]
+            if not _is_int(repeat) or repeat < 1:
+                raise ValueError(f"num_return_sequences must be an integer >= 1, got {repeat!r}")
+            beam_args["num_return_sequences"] = 1
+            t = options.get("temperature")
+            if isinstance(t, (int, float)) and t > 0:
+                beam_args["num_beams"] = 1
+            elif repeat > 1 and beam_args["num_beams"] == 1:
+                raise ValueError(f"num_return_sequences={repeat} needs beams or sampling (greedy decoding gives one "
+                                 f"sequence)")
+        beams = beam_options(*(beam_args[k] for k, _ in _BEAM_DEFAULTS))
         setup = self._setup(inputs, attention_mask, decoder_input_ids, decoder_attention_mask, max_new_tokens,
-                            **options)
+                            repeat=repeat, **options)
         dec = setup["input_ids"]
         if beams is not None:
             new = self._stream(**setup, beams=dict(beams, progress=progress))
@@ -665,6 +682,25 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         new = [tok[:, None] for tok in tqdm(self._stream(**setup), total=max_new_tokens, desc="generate",
                                             disable=not progress, leave=False)]
         return torch.cat([dec.long(), *new], 1)
+
+    def transcribe(self, input_features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                   language=None, task=None, return_timestamps: Optional[bool] = None, prompt_ids=None,
+                   max_new_tokens: Optional[int] = None, return_segments: bool = False, progress: bool = False,
+                   **options):
+        """Whisper: what transformers' Whisper ``generate`` returns by default, for audio of any length: each
+        input's text tokens (the task prompt and the end-of-sequence token left out; right-padded with the pad
+        token), with ``return_segments`` also each input's segments (``start`` and ``end`` in seconds, ``tokens``).
+        Audio longer than one window (30 s: ``attention_mask``, (batch, frames), says how long each input is) is
+        decoded window by window with timestamps, each window from the last timestamp the previous one completed,
+        as transformers' long-form algorithm does (without its temperature fallback, no-speech detection and
+        conditioning on the previous window's text). ``language``, ``task``, ``return_timestamps`` and
+        ``prompt_ids`` are ``generate``'s, the language detected on the first window; ``max_new_tokens`` per
+        window (None: as many as the generation config's ``max_length`` allows); the other options are
+        ``generate``'s (sampling, beams) for each window (``slimfx.whisper.transcribe``)."""
+        return whisper.transcribe(self, input_features, attention_mask, language=language, task=task,
+                                  return_timestamps=return_timestamps, prompt_ids=prompt_ids,
+                                  max_new_tokens=max_new_tokens, return_segments=return_segments, progress=progress,
+                                  **options)
 
     def _given(self, inputs, options: dict):
         """``inputs``, or the model's input given by its name among ``options`` (taken out of them)."""
@@ -693,10 +729,11 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
     def _setup(self, inputs, attention_mask, dec, decoder_attention_mask, max_new_tokens,
                forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
                begin_suppress_tokens=_unset, language=None, task=None, return_timestamps=None, prompt_ids=None,
-               **options) -> dict:
+               repeat: int = 1, **options) -> dict:
         """``_stream``'s arguments for ``stream``'s: the decoder prompt (``dec``, else the start token or Whisper's
         task prompt), the encoder's input as its ``extra`` (encoded once the options are checked), the generation
-        config's ``rules`` and Whisper's timestamp rules as its ``processor``."""
+        config's ``rules`` and Whisper's timestamp rules as its ``processor``; ``repeat``: each input and its prompt
+        that many times (Whisper's ``num_return_sequences``)."""
         unset = CompiledSeq2SeqLM._unset
         bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
                                                                                   "forced_bos_token_id")
@@ -708,8 +745,9 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         asked = {k: v for k, v in (("language", language), ("task", task), ("return_timestamps", return_timestamps),
                                    ("prompt_ids", prompt_ids)) if v is not None}
         if asked and self.whisper is None:
-            raise TypeError(f"{self.model_name}: {', '.join(asked)} are Whisper's generate options (this model was "
-                            f"not compiled from a Whisper model)")
+            raise TypeError(f"{self.model_name}: {', '.join(asked)}: Whisper's generate options, and this model has no "
+                            f"Whisper settings (compiled from another model, or saved by a slimfx before them: "
+                            f"compile it again)")
         if dec is not None and set(asked) - {"return_timestamps"}:
             raise ValueError(f"{self.model_name}: decoder_input_ids is the whole decoder prompt, which language, task "
                              f"and prompt_ids would build: give either")
@@ -734,17 +772,35 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         extra = functools.partial(self._encode_args, args)
         stamps = None
         if self.whisper is not None:
+            window = self.whisper["num_segment_frames"]
+            if args[0].shape[-1] > window:
+                raise ValueError(f"{self.model_name}: {self.input_name} of {args[0].shape[-1]} frames are longer "
+                                 f"than one window ({window} frames): transcribe() decodes them window by window")
             if return_timestamps is None:
-                return_timestamps = self.whisper.get("return_timestamps", False)
+                return_timestamps = bool(self.whisper.get("return_timestamps"))
             if not isinstance(return_timestamps, bool):
                 raise ValueError(f"return_timestamps must be True or False, got {return_timestamps!r}")
             if return_timestamps and not ends:
                 raise ValueError(f"{self.model_name}: return_timestamps needs an end-of-sequence id (the tokens "
                                  f"below it are text)")
-            if dec is None:                                        # (may run the encoder: detection)
-                dec, extra = self._task_prompt(args, extra, language, task, return_timestamps, prev)
+            detect = None
+            if dec is None:
+                dec, detect = self._task_prompt(args[0].shape[0], args[0].device, language, task, return_timestamps,
+                                                prev)
+            limit = self.whisper["max_target_positions"]
+            if dec.shape[-1] + max_new_tokens > limit:             # (transformers' check, a token stricter)
+                raise ValueError(f"{self.model_name}: a decoder prompt of {dec.shape[-1]} tokens and "
+                                 f"{max_new_tokens} new ones pass its {limit} positions (max_target_positions)")
             if return_timestamps:
                 stamps = whisper.timestamp_rules(self.whisper, ends[0], dec.shape[-1])
+            if repeat > 1:
+                dec = dec.repeat_interleave(repeat, 0)
+                if decoder_attention_mask is not None:
+                    decoder_attention_mask = decoder_attention_mask.repeat_interleave(repeat, 0)
+                args = tuple(a.repeat_interleave(repeat, 0) for a in args)
+                extra = functools.partial(self._encode_args, args)
+            if detect is not None:                                 # once the options are checked (_stream)
+                extra = functools.partial(self._detected, dec, *detect, extra)
         length = dec.shape[-1]
         first_forced = bos if length == 1 else ()                  # transformers: at a decoder length of 1
         begin_at = 1 if first_forced else 0                        # (after the forced one, as transformers)
@@ -778,24 +834,32 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                     extra=extra, rules=rules, bad_words_ids=[list(w) for w in sequences] or None,
                     encoder_bans=encoder_bans, processor=stamps, **options)
 
-    def _task_prompt(self, args: tuple, extra, language, task, timestamps: bool, prev) -> tuple:
-        """Whisper's decoder prompt for the encoder's ``args`` (``slimfx.whisper.init_tokens``: ``prev`` in front,
-        the start token, language, task, ``<|notimestamps|>``) and the step's ``extra`` inputs: encoded here when
-        the language is detected (the start token's logits over the language tokens), else ``extra`` as given."""
-        b, dev = args[0].shape[0], args[0].device
-        encoded = []
+    def _task_prompt(self, b: int, dev, language, task, timestamps: bool, prev) -> tuple:
+        """Whisper's decoder prompt for ``b`` inputs (``slimfx.whisper.init_tokens``: ``prev`` in front, the start
+        token, language, task, ``<|notimestamps|>``) and, where the language is to be detected, (its column, the
+        language token ids) for ``_detected``, else None; until then that column holds the start token."""
+        asked = []
 
         def detect(ids):
-            encoded.append(extra())
-            logits, _ = self.prefill(torch.full((b, 1), self.decoder_start_token_id, device=dev), extra=encoded[0])
-            ids = torch.tensor(ids, device=logits.device)
-            return ids[logits[:, -1, ids].argmax(-1)].tolist()      # (ties: the lowest id, as transformers)
+            asked.append(ids)
+            return [self.decoder_start_token_id] * b
         rows = whisper.init_tokens(self.whisper, self.decoder_start_token_id, b, language, task, timestamps,
                                    detect, self.model_name)
         dec = torch.tensor(rows, dtype=torch.long, device=dev)
         if prev is not None:
             dec = torch.cat([prev.to(dev)[None].expand(b, -1), dec], 1)
-        return dec, encoded[0] if encoded else extra
+        return dec, ((0 if prev is None else len(prev)) + 1, asked[0]) if asked else None
+
+    def _detected(self, dec: torch.Tensor, column: int, ids, encode) -> tuple:
+        """The step's ``extra`` inputs (``encode()``), and each row's detected language written into column
+        ``column`` of ``dec``: the likeliest of the language tokens ``ids`` after the start token alone
+        (transformers' ``detect_language``; ties: the lowest id)."""
+        extra = encode()
+        start = torch.full((dec.shape[0], 1), self.decoder_start_token_id, dtype=torch.long, device=dec.device)
+        logits, _ = self.prefill(start, extra=extra)
+        ids = torch.tensor(ids, device=logits.device)
+        dec[:, column] = ids[logits[:, -1, ids].argmax(-1)].to(dec.device)
+        return extra
 
     def save(self, path) -> pathlib.Path:
         """The encoder and the step (``CompiledModel.save``) in the folders ``encoder/`` and ``decoder/`` of

@@ -1,23 +1,24 @@
-"""Whisper's task prompt, language detection and timestamp rules, as transformers' ``WhisperForConditionalGeneration
-.generate`` applies them to one 30-second window (``CompiledSeq2SeqLM.generate``'s ``language``, ``task``,
-``return_timestamps`` and ``prompt_ids``).
+"""Whisper's task prompt, language detection, timestamp rules and window-by-window transcription, as transformers'
+``WhisperForConditionalGeneration.generate`` runs them (``CompiledSeq2SeqLM.generate``'s ``language``, ``task``,
+``return_timestamps`` and ``prompt_ids``; ``CompiledSeq2SeqLM.transcribe``).
 
 transformers starts each decoder sequence with the *task prompt*: ``<|startoftranscript|>``, a language token
-(given, or *detected*: the likeliest language token after the start token alone, row by row), a task token
-(``<|transcribe|>`` or ``<|translate|>``: given, from the config's ``forced_decoder_ids``, or transcribe where a
-language was given) and ``<|notimestamps|>`` unless timestamps are asked for; ``prompt_ids`` (``<|startofprev|>``
-and earlier text) go in front. With ``return_timestamps=True`` its ``WhisperTimeStampLogitsProcessor`` runs after
-the other processors: timestamps come in pairs and never decrease, the first new token is a timestamp no later than
-``max_initial_timestamp_index``, and a row whose timestamps together are likelier than its likeliest text token
-takes a timestamp (``timestamp_rules``).
+(given, the generation config's, or *detected*: the likeliest language token after the start token alone, input by
+input), a task token (``<|transcribe|>`` or ``<|translate|>``: given, the config's, from its ``forced_decoder_ids``,
+or transcribe where a language was given) and ``<|notimestamps|>`` unless timestamps are asked for; ``prompt_ids``
+(``<|startofprev|>`` and earlier text) go in front. With ``return_timestamps=True`` its
+``WhisperTimeStampLogitsProcessor`` runs after the other processors: timestamps come in pairs and never decrease,
+the first new token is a timestamp no later than ``max_initial_timestamp_index``, and a row whose timestamps
+together are likelier than its likeliest text token takes a timestamp (``timestamp_rules``).
 
 ``init_tokens`` builds the prompt from these settings (``settings`` reads them from the model's generation
 config; they are saved with the compiled model as plain JSON) as transformers 5.17-5.25's ``_retrieve_init_tokens``
-does. Where transformers goes further: it drops the prompt and the end-of-sequence token from what it returns
-(``force_unique_generate_call=True`` returns the whole sequences, as slimfx does), and with timestamps, when the
-window's last segment ends unfinished it decodes the window again from the last timestamp (its long-form loop),
-where slimfx decodes each window once. Audio longer than one window (long-form transcription), temperature fallback
-and no-speech detection are not done.
+does, and ``generate`` returns the whole sequences, as transformers' does with ``force_unique_generate_call=True``.
+What its ``generate`` returns by default is ``transcribe``'s: the tokens of each input's segments (the prompt and
+the end-of-sequence token left out), found window by window: a window's tokens are split after each pair of
+timestamps, and where its last segment is unfinished the next window starts at the last pair's timestamp
+(``_segments``), so audio longer than one window (30 s) is transcribed whole. Temperature fallback, no-speech
+detection and conditioning on the previous window's text are not done.
 """
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ TASKS = ("translate", "transcribe")      # transformers' TASK_IDS
 
 def settings(model) -> Optional[dict]:
     """The Whisper entries of ``model``'s generation config (None for a model without ``detect_language``, which is
-    no Whisper), as JSON: ``lang_to_id``, ``task_to_id``, ``is_multilingual``, ``no_timestamps_token_id``,
-    ``max_initial_timestamp_index``, ``forced_decoder_ids`` (the config's, else the model config's), the defaults
-    ``language``, ``task`` and ``return_timestamps``, and ``language_codes``: each language name transformers
-    knows ("french") with its code ("fr"), for the codes ``lang_to_id`` holds."""
+    no Whisper), as JSON: ``lang_to_id``, ``task_to_id``, ``is_multilingual`` (only where the config has it:
+    transformers tells None from missing), ``no_timestamps_token_id``, ``max_initial_timestamp_index``,
+    ``forced_decoder_ids`` (the config's, else the model config's), ``detect_timestamp_from_logprob``, the defaults
+    ``language``, ``task``, ``return_timestamps`` and ``max_length``, ``language_codes``: each language name
+    transformers knows ("french") with its code ("fr"), for the codes ``lang_to_id`` holds; and from the model,
+    ``input_stride`` (feature frames per encoder position), ``num_segment_frames`` (the frames of one window) and
+    ``max_target_positions``."""
     if not hasattr(model, "detect_language"):
         return None
     gen = getattr(model, "generation_config", None)
@@ -45,14 +49,20 @@ def settings(model) -> Optional[dict]:
     forced = getattr(gen, "forced_decoder_ids", None)
     if forced is None:
         forced = getattr(model.config, "forced_decoder_ids", None)
+    encoder = model.get_encoder()
+    stride = int(encoder.conv1.stride[0] * encoder.conv2.stride[0])
     out = {"lang_to_id": lang_to_id if hasattr(gen, "lang_to_id") else None,
+           **({"is_multilingual": gen.is_multilingual} if hasattr(gen, "is_multilingual") else {}),
            "task_to_id": {str(k): int(v) for k, v in gen.task_to_id.items()} if hasattr(gen, "task_to_id") else None,
-           "is_multilingual": getattr(gen, "is_multilingual", None),
            "no_timestamps_token_id": getattr(gen, "no_timestamps_token_id", None),
            "max_initial_timestamp_index": getattr(gen, "max_initial_timestamp_index", None),
            "forced_decoder_ids": [[int(i), None if t is None else int(t)] for i, t in forced] if forced else None,
-           "language": getattr(gen, "language", None), "task": getattr(gen, "task", None),
-           "return_timestamps": bool(getattr(gen, "return_timestamps", None) or False), "language_codes": codes}
+           "language": _listed(getattr(gen, "language", None)), "task": getattr(gen, "task", None),
+           "return_timestamps": getattr(gen, "return_timestamps", None), "language_codes": codes,
+           "input_stride": stride, "num_segment_frames": stride * int(model.config.max_source_positions),
+           "max_target_positions": int(model.config.max_target_positions),
+           "max_length": getattr(gen, "max_length", None),
+           "detect_timestamp_from_logprob": bool(getattr(gen, "_detect_timestamp_from_logprob", True))}
     return checked(out, f"{type(model).__name__}'s generation config")
 
 
@@ -67,9 +77,12 @@ def checked(data, where: str) -> dict:
         raise ValueError(f"{where}: Whisper's settings must be a dict, got {type(data).__name__}")
     ids(data.get("lang_to_id"), "lang_to_id")
     ids(data.get("task_to_id"), "task_to_id")
-    for key in ("no_timestamps_token_id", "max_initial_timestamp_index"):
+    for key in ("no_timestamps_token_id", "max_initial_timestamp_index", "max_length"):
         if data.get(key) is not None and not _int(data[key]):
-            raise ValueError(f"{where}: {key} must be a token id or null, got {data[key]!r}")
+            raise ValueError(f"{where}: {key} must be an integer or null, got {data[key]!r}")
+    for key in ("input_stride", "num_segment_frames", "max_target_positions"):
+        if not (_int(data.get(key)) and data[key] > 0):
+            raise ValueError(f"{where}: {key} must be an integer > 0, got {data.get(key)!r}")
     forced = data.get("forced_decoder_ids")
     if forced is not None and not (isinstance(forced, list) and all(
             isinstance(p, list) and len(p) == 2 and _int(p[0]) and (p[1] is None or _int(p[1])) for p in forced)):
@@ -77,13 +90,28 @@ def checked(data, where: str) -> dict:
     codes = data.get("language_codes") or {}
     if not (isinstance(codes, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in codes.items())):
         raise ValueError(f"{where}: language_codes must map language names to codes, got {codes!r}")
-    if not isinstance(data.get("return_timestamps", False), bool):
-        raise ValueError(f"{where}: return_timestamps must be true or false, got {data['return_timestamps']!r}")
+    for key in ("return_timestamps", "is_multilingual"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise ValueError(f"{where}: {key} must be true, false or null, got {data[key]!r}")
+    if not isinstance(data.get("detect_timestamp_from_logprob", True), bool):
+        raise ValueError(f"{where}: detect_timestamp_from_logprob must be true or false, got "
+                         f"{data['detect_timestamp_from_logprob']!r}")
+    language, task = data.get("language"), data.get("task")
+    if not (language is None or isinstance(language, str) or
+            isinstance(language, list) and all(isinstance(x, str) for x in language)):
+        raise ValueError(f"{where}: language must be a language, a list of them or null, got {language!r}")
+    if not (task is None or isinstance(task, str)):
+        raise ValueError(f"{where}: task must be a task's name or null, got {task!r}")
     return data
 
 
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _listed(value):
+    """A tuple as a list (JSON's), anything else as it is."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def language_id(s: dict, language: str) -> int:
@@ -103,16 +131,21 @@ def language_id(s: dict, language: str) -> int:
 def init_tokens(s: dict, start: int, batch: int, language=None, task=None, return_timestamps: bool = False,
                 detect: Optional[Callable[[list], torch.Tensor]] = None, model_name: str = "Whisper") -> list:
     """Each row's task prompt (``batch`` lists of token ids), as transformers' ``_retrieve_init_tokens`` builds it
-    from the settings ``s`` and the call's ``language`` (None, one, or one per row) and ``task``; ``detect(ids)``
+    from the settings ``s`` and the call's ``language`` (None, one, or one per row) and ``task`` (each None: the
+    settings'); ``detect(ids)``
     gives each row's likeliest token among the language token ids ``ids`` (called only when a language must be
     detected: none given, the model has ``lang_to_id`` and ``forced_decoder_ids`` name none)."""
-    if s.get("is_multilingual") is False and (task is not None or language is not None):
+    if "is_multilingual" in s and not s["is_multilingual"] and (task is not None or language is not None):
         raise ValueError(f"{model_name} is an English-only model (its generation config's is_multilingual): it "
                          f"takes no language or task")
+    language = s.get("language") if language is None else language      # (the call's, else the config's)
+    task = s.get("task") if task is None else task
     if language is not None and s.get("lang_to_id") is None:
         raise ValueError(f"{model_name}'s generation config has no lang_to_id: it takes no language")
-    if task is not None and (s.get("task_to_id") is None or task not in TASKS or task not in s["task_to_id"]):
-        raise ValueError(f"task must be one of {sorted(s.get('task_to_id') or ())}, got {task!r}")
+    if task is not None and s.get("task_to_id") is None:
+        raise ValueError(f"{model_name}'s generation config has no task_to_id: it takes no task")
+    if task is not None and (task not in TASKS or task not in s["task_to_id"]):
+        raise ValueError(f"task must be one of {sorted(s['task_to_id'])}, got {task!r}")
     tokens = [start]
     if task is None and language is None:
         forced = list(s.get("forced_decoder_ids") or ())
@@ -165,6 +198,7 @@ def timestamp_rules(s: dict, eos: int, begin: int) -> Callable:
         raise ValueError("return_timestamps: the generation config has no no_timestamps_token_id (timestamps are "
                          "the tokens after it)")
     first_ts, max_initial = no_ts + 1, s.get("max_initial_timestamp_index")
+    from_logprob = s.get("detect_timestamp_from_logprob", True)
     inf = float("-inf")
 
     def rules(held: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -191,7 +225,145 @@ def timestamp_rules(s: dict, eos: int, begin: int) -> Callable:
             scores[:, :first_ts] = inf
             if max_initial is not None:
                 scores[:, first_ts + max_initial + 1:] = inf
+        if not from_logprob:
+            return scores
         logp = torch.log_softmax(scores.float(), -1)
         timestamp = logp[:, first_ts:].logsumexp(-1) > logp[:, :first_ts].max(-1).values
         return scores.masked_fill(timestamp[:, None] & ~stamps, inf)
     return rules
+
+
+TIME_PRECISION = 0.02           # seconds per timestamp step (transformers' time_precision)
+FRAME_SECONDS = 0.01            # seconds per feature frame (time_precision_features)
+
+
+def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, language=None,
+               task=None, return_timestamps: Optional[bool] = None, prompt_ids=None,
+               max_new_tokens: Optional[int] = None, return_segments: bool = False, progress: bool = False,
+               **options):
+    """``CompiledSeq2SeqLM.transcribe``: transformers' Whisper ``generate`` with its default output, window by
+    window (its sequential long-form algorithm, without temperature fallback, no-speech detection or conditioning
+    on the previous window's text)."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from .seq2seq import _prompt_ids
+    s = lm.whisper
+    if s is None:
+        raise TypeError(f"{lm.model_name}: transcribe is Whisper's (this model was not compiled from a Whisper model)")
+    if options.get("num_return_sequences", lm.num_return_sequences) != 1:
+        raise ValueError(f"{lm.model_name}: transcribe returns one sequence per input (num_return_sequences=1)")
+    if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.dtype.is_floating_point:
+        raise ValueError(f"features must be a float tensor (batch, mel bins, frames), got "
+                         f"{getattr(features, 'shape', type(features).__name__)}")
+    window, stride = s["num_segment_frames"], s["input_stride"]
+    b, total = features.shape[0], features.shape[-1]
+    short = total <= window
+    if return_timestamps is None:
+        return_timestamps = s.get("return_timestamps")
+    if return_timestamps is not None and not isinstance(return_timestamps, bool):
+        raise ValueError(f"return_timestamps must be True or False, got {return_timestamps!r}")
+    if not short:
+        if return_timestamps is False:
+            raise ValueError(f"{lm.model_name}: {total} frames are more than one window ({window}): transcribing "
+                             f"them window by window needs the timestamps (return_timestamps=True)")
+        return_timestamps = True
+        if b > 1 and attention_mask is None:
+            raise ValueError(f"{lm.model_name}: a batch of audio longer than one window needs its attention_mask "
+                             f"(which frames of each input are audio)")
+    return_timestamps = bool(return_timestamps)
+    if attention_mask is not None and (attention_mask.shape != (b, total)):
+        raise ValueError(f"attention_mask must be (batch, frames) = {(b, total)}, got {tuple(attention_mask.shape)}")
+    prev = None if prompt_ids is None else _prompt_ids(prompt_ids)
+    limit = s["max_target_positions"]
+    if max_new_tokens is not None and (not _int(max_new_tokens) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if b > 1 and not short:
+        frames = attention_mask.sum(-1).long().cpu()
+    else:
+        frames = torch.full((b,), total, dtype=torch.long)
+    init, detect = lm._task_prompt(b, features.device, language, task, return_timestamps, None)
+    if detect is not None:                 # on each input's first window, as transformers detects
+        first = (features[:, :, :window],)
+        lm._detected(init, *detect, lambda: lm._encode_args(first))
+    length = init.shape[1] + (0 if prev is None else len(prev))
+    if max_new_tokens is not None and max_new_tokens + length > limit:
+        raise ValueError(f"{lm.model_name}: a decoder prompt of {length} tokens and {max_new_tokens} new ones pass "
+                         f"its {limit} positions (max_target_positions)")
+    most = s.get("max_length") or limit           # (without max_new_tokens: each window's total length)
+    eos = lm.eos_token_id
+    pad = lm.pad(eos)
+    first_ts = (s["no_timestamps_token_id"] + 1) if s.get("no_timestamps_token_id") is not None else None
+    seek = torch.zeros(b, dtype=torch.long)
+    segments = [[] for _ in range(b)]
+    bar = tqdm(total=int(frames.sum()), desc="transcribe", unit="frame", disable=not progress, leave=False)
+    while bool((seek < frames).any()):
+        active = [i for i in range(b) if seek[i] < frames[i]]
+        n = (frames - seek).clamp(max=window)
+        x = torch.stack([F.pad(features[i, :, int(seek[i]):int(seek[i] + n[i])], (0, window - int(n[i])))
+                         for i in active])
+        dec = init[active]
+        if prev is not None:
+            dec = torch.cat([prev.to(dec.device)[None].expand(len(active), -1), dec], 1)
+        if max_new_tokens is None:
+            # transformers adds the prompt's first tokens (up to half the table) to max_length at every window, the
+            # sum kept for the next one (so a max_length below max_target_positions grows window by window)
+            most = min(most + min(limit // 2 - 1, length), limit)
+        out = lm.generate(x, decoder_input_ids=dec, return_timestamps=return_timestamps,
+                          max_new_tokens=max_new_tokens if max_new_tokens is not None else most - length, **options)
+        for j, i in enumerate(active):
+            seq = _strip(out[j, dec.shape[1]:].cpu(), pad, eos)
+            offset = float(seek[i]) * TIME_PRECISION / stride      # (transformers' arithmetic, float64)
+            found, advance = _segments(seq, first_ts, offset, int(n[i]), stride)
+            segments[i] += found
+            # (an advance of 0, a window ending <|0.00|><|0.00|>, would decode the same window forever: transformers
+            # does; slimfx moves on by the window)
+            advance = advance if advance > 0 else int(n[i])
+            bar.update(min(advance, int(frames[i] - seek[i])))
+            seek[i] += advance
+    bar.close()
+    rows = [torch.cat([seg["tokens"] for seg in segs]) if segs else torch.zeros(0, dtype=torch.long)
+            for segs in segments]
+    width = max(len(r) for r in rows)
+    sequences = torch.stack([F.pad(r, (0, width - len(r)), value=pad) for r in rows]).to(features.device)
+    return {"sequences": sequences, "segments": segments} if return_segments else sequences
+
+
+def _strip(seq: torch.Tensor, pad: int, eos: list) -> torch.Tensor:
+    """A window's new tokens less the filling after its end and its end-of-sequence token, as transformers strips
+    them (every pad token counted, one kept where it is the end-of-sequence token, then that one dropped)."""
+    if len(seq) and int(seq[-1]) == pad:
+        k = int((seq == pad).sum()) - (1 if eos and pad == eos[0] else 0)
+        if k:
+            seq = seq[:-k]
+    if len(seq) and eos and int(seq[-1]) == eos[0]:
+        seq = seq[:-1]
+    return seq
+
+
+def _segments(seq: torch.Tensor, first_ts: Optional[int], offset: float, frames: int, stride: int) -> tuple:
+    """transformers' ``_retrieve_segment``: the segments (start and end in seconds, tokens) of one window's tokens
+    ``seq`` (window start ``offset`` seconds, ``frames`` frames of audio), split after each pair of timestamps, and
+    the frames to move on by: to the last pair's timestamp where the window's last segment is unfinished, else the
+    window."""
+    tokens = seq.tolist()
+    stamp = [first_ts is not None and t >= first_ts for t in tokens]
+    single_end = stamp[-2:] == [False, True]
+    cuts = [k + 1 for k in range(len(stamp) - 1) if stamp[k] and stamp[k + 1]]
+    if cuts:
+        if single_end:
+            cuts.append(len(tokens))
+        else:
+            cuts[-1] += 1               # (the last pair's second timestamp: the segment was not a single ending)
+        out, last = [], 0
+        for k, cut in enumerate(cuts):
+            part = tokens[last:cut]
+            end = part[-1] if k < len(cuts) - 1 or single_end else part[-2]
+            out.append({"start": offset + (part[0] - first_ts) * TIME_PRECISION,
+                        "end": offset + (end - first_ts) * TIME_PRECISION, "tokens": seq[last:cut]})
+            last = cut
+        return out, frames if single_end else (tokens[last - 2] - first_ts) * stride
+    stamps = [k for k, is_ts in enumerate(stamp) if is_ts]
+    end = int(frames * FRAME_SECONDS / TIME_PRECISION)
+    if stamps and tokens[stamps[-1]] != first_ts:
+        end = tokens[stamps[-1]] - first_ts
+    return [{"start": offset, "end": offset + end * TIME_PRECISION, "tokens": seq}], frames

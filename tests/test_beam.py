@@ -194,15 +194,14 @@ def _seq2seq_reference(model, inputs, mask, new, **kw):
 @pytest.mark.parametrize("family", ["t5", "bart", "marian", "whisper"])
 def test_encoder_decoder_beams_equal_transformers(family):
     """The encoded input is repeated for each beam once, the decoder cache reordered every step: transformers'
-    sequences. (Whisper's own generate returns its best sequence num_return_sequences times: not compared.)"""
+    sequences (Whisper's generate repeats each input num_return_sequences times: its best sequence that often)."""
     from test_seq2seq import _inputs
     model = _seq2seq(family)
     lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
     lm.min_cache = 4
     inputs, mask = _inputs(model, batch=3)
-    cases = [dict(num_beams=3, early_stopping=True), dict(num_beams=2, min_new_tokens=5, early_stopping="never")]
-    if family != "whisper":
-        cases.append(dict(num_beams=4, length_penalty=0.7, num_return_sequences=2))
+    cases = [dict(num_beams=3, early_stopping=True), dict(num_beams=2, min_new_tokens=5, early_stopping="never"),
+             dict(num_beams=4, length_penalty=0.7, num_return_sequences=2)]
     for kw in cases:
         ref = _seq2seq_reference(model, inputs, mask, 14, **kw)
         got = lm.generate(inputs, mask, max_new_tokens=14, **kw)

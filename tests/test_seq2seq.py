@@ -470,8 +470,8 @@ def test_inputs_by_name_and_an_example_beside_calibration(lms):
         lm.generate(inputs, input_ids=inputs)
     with pytest.raises(TypeError, match=r"generate needs the encoder's input \(input_ids\)"):
         lm.generate(attention_mask=mask)
-    with pytest.raises(TypeError, match="T5ForConditionalGeneration: language, return_timestamps are Whisper's "
-                                        "generate options"):
+    with pytest.raises(TypeError, match="T5ForConditionalGeneration: language, return_timestamps: Whisper's "
+                                        "generate options, and this model has no Whisper settings"):
         lm.generate(inputs, mask, language="fr", return_timestamps=True)
     whisper, wlm = lms["whisper"]
     features, _ = _inputs(whisper)

@@ -114,6 +114,39 @@ def test_forced_decoder_ids_and_the_torch_backend(whisper):
     assert torch.equal(streamed, ref_ts[:, -12:])
 
 
+def _with(lm, **settings):
+    """``lm`` with other Whisper settings."""
+    return slimfx.CompiledSeq2SeqLM(lm.encoder, lm.step, lm.layout, lm.dtype, lm.decoder_start_token_id,
+                                    **{**lm._options(), "whisper": {**lm.whisper, **settings}})
+
+
+@pytest.mark.parametrize("config, options", [(dict(language="fr"), {}), (dict(task="translate"), {}),
+                                             (dict(language="fr"), dict(language="de")),
+                                             ({}, dict(temperature=0.7, num_beams=2)),
+                                             ({}, dict(num_beams=3, num_return_sequences=2)),
+                                             ({}, dict(num_return_sequences=2, temperature=0.8)),
+                                             ({}, dict(num_return_sequences=2, num_beams=2,
+                                                       return_timestamps=True))])
+def test_as_whisper_generate_does(whisper, config, options):
+    """The generation config's language and task (the call's first); num_return_sequences repeats each input, so
+    beams give their best sequence that many times; sampling runs without beams: as transformers' Whisper generate."""
+    model, lm = whisper
+    features = _features()
+    for key, value in config.items():
+        setattr(model.generation_config, key, value)
+    try:
+        torch.manual_seed(0)                  # (transformers samples several sequences only when told do_sample)
+        ref = _reference(model, features, **options, **({"do_sample": True} if "temperature" in options else {}))
+    finally:
+        for key in config:
+            setattr(model.generation_config, key, None)
+    torch.manual_seed(0)
+    got = _with(lm, **config).generate(features, max_new_tokens=12, **options)
+    assert torch.equal(got, ref)
+    if options.get("num_return_sequences") and "temperature" not in options:
+        assert torch.equal(got[0::2], got[1::2])
+
+
 def test_refusals(whisper):
     """Each bad option is refused, naming it; an English-only model takes no language or task."""
     model, lm = whisper
@@ -124,6 +157,7 @@ def test_refusals(whisper):
             (dict(language=3), ValueError, "language must be a string"),
             (dict(task="summarize"), ValueError, r"task must be one of \['transcribe', 'translate'\]"),
             (dict(return_timestamps="yes"), ValueError, "return_timestamps must be True or False"),
+            (dict(return_timestamps=1), ValueError, "return_timestamps must be True or False"),
             (dict(prompt_ids=[[PREV, 3]]), ValueError, "prompt_ids must be a 1-d sequence of token ids"),
             (dict(prompt_ids=[PREV, -1]), ValueError, "prompt_ids must be a 1-d sequence of token ids"),
             (dict(language="en", decoder_input_ids=torch.full((2, 1), START)), ValueError,
@@ -132,10 +166,37 @@ def test_refusals(whisper):
              "decoder_attention_mask is decoder_input_ids'")]:
         with pytest.raises(error, match=match):
             lm.generate(features, max_new_tokens=4, **options)
-    english = slimfx.CompiledSeq2SeqLM(lm.encoder, lm.step, lm.layout, lm.dtype, lm.decoder_start_token_id,
-                                       **{**lm._options(), "whisper": {**lm.whisper, "is_multilingual": False}})
-    with pytest.raises(ValueError, match="is an English-only model .* it takes no language or task"):
-        english.generate(features, task="transcribe")
+    for multilingual in (False, None):       # (transformers refuses them where the config has None too)
+        with pytest.raises(ValueError, match="is an English-only model .* it takes no language or task"):
+            _with(lm, is_multilingual=multilingual).generate(features, task="transcribe")
+    with pytest.raises(ValueError, match="generation config has no task_to_id: it takes no task"):
+        _with(lm, task_to_id=None).generate(features, task="translate")
+    with pytest.raises(ValueError, match=r"a decoder prompt of 4 tokens and 38 new ones pass its 40 positions"):
+        lm.generate(features, language="en", max_new_tokens=38)
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs beams or sampling"):
+        lm.generate(features, num_return_sequences=2)
+
+
+def test_refusals_come_before_the_encoder(whisper, monkeypatch):
+    """Where the language is detected (the encoder runs for it), a bad option is still refused before the encoder
+    runs; prompt_ids may be a numpy array."""
+    import numpy as np
+    model, lm = whisper
+    features = _features(2)
+    calls = []
+    encode = lm._encode_args
+    monkeypatch.setattr(lm, "_encode_args", lambda args: calls.append(1) or encode(args))
+    for options, match in [(dict(top_k=-1), "top_k must be"), (dict(temperature=-1), "temperature must be"),
+                           (dict(min_new_tokens=-1), "min_new_tokens must be"),
+                           (dict(max_new_tokens=39), "pass its 40 positions")]:
+        with pytest.raises(ValueError, match=match):
+            lm.generate(features, **{"max_new_tokens": 4, **options})
+    with pytest.raises(ValueError, match="return_timestamps: the generation config has no no_timestamps_token_id"):
+        _with(lm, no_timestamps_token_id=None).generate(features, max_new_tokens=4, return_timestamps=True)
+    assert calls == []
+    ref = lm.generate(features, max_new_tokens=4, prompt_ids=[PREV, 3])
+    assert torch.equal(lm.generate(features, max_new_tokens=4, prompt_ids=np.array([PREV, 3])), ref)
+    assert len(calls) == 2                   # (one encoding per call: detection and generation share it)
 
 
 def test_save_and_load(whisper, tmp_path):
@@ -153,7 +214,86 @@ def test_save_and_load(whisper, tmp_path):
     assert data["whisper"]["language_codes"] == {"english": "en", "french": "fr", "german": "de"}
     for key, bad, match in [("lang_to_id", {"<|en|>": "a"}, "lang_to_id must map token strings to token ids"),
                             ("forced_decoder_ids", [[1]], "forced_decoder_ids must be"),
-                            ("return_timestamps", 1, "return_timestamps must be true or false")]:
+                            ("return_timestamps", 1, "return_timestamps must be true, false or null"),
+                            ("num_segment_frames", 0, "num_segment_frames must be an integer > 0")]:
         path.write_text(json.dumps({**data, "whisper": {**data["whisper"], key: bad}}))
         with pytest.raises(FormatError, match=match):
             slimfx.load(tmp_path / "w")
+
+
+def _long():
+    """3 inputs of 70 frames (a window is 24), the second 50 frames long, the third 23 (one window)."""
+    features = torch.randn(3, 8, 70, generator=torch.Generator().manual_seed(5)) * 3
+    mask = torch.ones(3, 70, dtype=torch.long)
+    mask[1, 50:] = 0
+    mask[2, 23:] = 0
+    return features, mask
+
+
+def _same_segments(ref, got):
+    assert [len(r) for r in ref] == [len(g) for g in got]
+    for r, g in zip(sum(ref, []), sum(got, [])):
+        assert torch.equal(r["tokens"], g["tokens"])
+        assert float(r["start"]) == g["start"] and float(r["end"]) == g["end"]
+
+
+@pytest.mark.parametrize("long, options", [(False, {}), (False, dict(return_timestamps=True)),
+                                           (True, {}), (True, dict(language="fr")), (True, dict(num_beams=2)),
+                                           (True, dict(prompt_ids=[PREV, 3, 4])), (True, dict(max_new_tokens=6)),
+                                           (True, dict(temperature=0.9, top_k=50))])
+def test_transcribe(whisper, long, options):
+    """transcribe returns what transformers' Whisper generate returns by default (the text tokens, right-padded,
+    and each segment's times and tokens), for one window and, window by window, for audio longer than one:
+    inputs of different lengths, a language, beams, a text prompt, a bound on each window's tokens, sampling."""
+    model, lm = whisper
+    features, mask = _long() if long else (_features(), None)
+    torch.manual_seed(0)
+    got = lm.transcribe(features, mask, return_segments=True, **options)
+    kw = {k: torch.tensor(v) if k == "prompt_ids" else v for k, v in options.items()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = model.generate(features, attention_mask=mask, return_segments=True, **kw)
+    assert torch.equal(got["sequences"], ref["sequences"].long())
+    _same_segments(ref["segments"], got["segments"])
+    assert torch.equal(lm.transcribe(features, mask, **options), got["sequences"]) or "temperature" in options
+    if long:                                   # (the first two inputs reach past the first window)
+        assert max(seg["start"] for seg in got["segments"][0] + got["segments"][1]) >= 24 * 0.01
+
+
+def test_transcribe_refusals(whisper):
+    """Audio longer than a window needs timestamps and, batched, its mask; one sequence per input; generate takes
+    one window; a model compiled from another than Whisper has no transcribe."""
+    model, lm = whisper
+    features, mask = _long()
+    for call, match in [(lambda: lm.transcribe(features, mask, return_timestamps=False),
+                         "70 frames are more than one window .24.: .* needs the timestamps"),
+                        (lambda: lm.transcribe(features), "a batch of audio longer than one window needs its "
+                                                          "attention_mask"),
+                        (lambda: lm.transcribe(features, mask, num_return_sequences=2), "one sequence per input"),
+                        (lambda: lm.transcribe(features, mask[:, :5]), r"attention_mask must be \(batch, frames\)"),
+                        (lambda: lm.generate(features, max_new_tokens=3), "input_features of 70 frames are longer "
+                                                                          r"than one window .* transcribe\(\)")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    other = slimfx.CompiledSeq2SeqLM(lm.encoder, lm.step, lm.layout, lm.dtype, lm.decoder_start_token_id,
+                                     **{**lm._options(), "whisper": None})
+    with pytest.raises(TypeError, match="transcribe is Whisper's"):
+        other.transcribe(features, mask)
+
+
+def test_transcribe_bounds_each_window_by_the_configs_max_length(whisper):
+    """Without max_new_tokens, a window's tokens are bounded as transformers bounds them: the config's max_length
+    plus the prompt's first tokens (up to half the position table), added again at every window, within
+    max_target_positions."""
+    model, lm = whisper
+    features, mask = _long()
+    lm = slimfx.CompiledSeq2SeqLM(lm.encoder, lm.step, lm.layout, lm.dtype, lm.decoder_start_token_id,
+                                  **{**lm._options(), "whisper": {**lm.whisper, "max_length": 6}})
+    model.generation_config.max_length = 6
+    try:
+        with torch.no_grad():
+            ref = model.generate(features, attention_mask=mask, prompt_ids=torch.tensor([PREV, 3, 4]))
+    finally:
+        model.generation_config.max_length = 40
+    got = lm.transcribe(features, mask, prompt_ids=[PREV, 3, 4])
+    assert torch.equal(got, ref.long())
