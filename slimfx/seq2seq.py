@@ -729,11 +729,12 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
     def _setup(self, inputs, attention_mask, dec, decoder_attention_mask, max_new_tokens,
                forced_bos_token_id=_unset, forced_eos_token_id=_unset, suppress_tokens=_unset,
                begin_suppress_tokens=_unset, language=None, task=None, return_timestamps=None, prompt_ids=None,
-               repeat: int = 1, **options) -> dict:
+               repeat: int = 1, _detect=None, **options) -> dict:
         """``_stream``'s arguments for ``stream``'s: the decoder prompt (``dec``, else the start token or Whisper's
         task prompt), the encoder's input as its ``extra`` (encoded once the options are checked), the generation
         config's ``rules`` and Whisper's timestamp rules as its ``processor``; ``repeat``: each input and its prompt
-        that many times (Whisper's ``num_return_sequences``)."""
+        that many times (Whisper's ``num_return_sequences``); ``_detect``: (column, language ids) of ``dec`` to
+        detect the language into (``_task_prompt``'s, for ``transcribe``'s first window)."""
         unset = CompiledSeq2SeqLM._unset
         bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
                                                                                   "forced_bos_token_id")
@@ -783,7 +784,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
             if return_timestamps and not ends:
                 raise ValueError(f"{self.model_name}: return_timestamps needs an end-of-sequence id (the tokens "
                                  f"below it are text)")
-            detect = None
+            detect = _detect
             if dec is None:
                 dec, detect = self._task_prompt(args[0].shape[0], args[0].device, language, task, return_timestamps,
                                                 prev)

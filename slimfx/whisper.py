@@ -202,34 +202,35 @@ def timestamp_rules(s: dict, eos: int, begin: int) -> Callable:
     inf = float("-inf")
 
     def rules(held: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # (rows picked by index and column ranges by slices: a (rows, vocab) mask costs ~5x more at Whisper's vocab)
         seq = held[:, begin:].to(scores.device)
-        rows, n = seq.shape
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        stamps = vocab >= first_ts
+        n = seq.shape[1]
         scores = scores.clone()
         scores[:, no_ts] = inf
-        is_ts = seq >= first_ts
-        false = torch.zeros(rows, dtype=torch.bool, device=scores.device)
-        last = is_ts[:, -1] if n >= 1 else false
-        before = is_ts[:, -2] if n >= 2 else ~false
-        # timestamps come in pairs: after a pair text (or the end), after a single one another timestamp (or the end)
-        scores = scores.masked_fill((last & before)[:, None] & stamps, inf)
-        scores = scores.masked_fill((last & ~before)[:, None] & (vocab < eos), inf)
-        # no timestamp below the last one (below the last + 1 after a pair: <|0.00|> not again)
-        at = torch.arange(n, device=scores.device)
-        latest = seq.gather(1, torch.where(is_ts, at, -1).max(1, keepdim=True).values.clamp(min=0))[:, 0] if n else \
-            torch.zeros(rows, dtype=seq.dtype, device=scores.device)
-        floor = torch.where(is_ts.any(1) if n else false, torch.where(last & ~before, latest, latest + 1), first_ts)
-        scores = scores.masked_fill(stamps & (vocab < floor[:, None]), inf)
         if n == 0:                                # the first new token: a timestamp, no later than the initial bound
             scores[:, :first_ts] = inf
             if max_initial is not None:
                 scores[:, first_ts + max_initial + 1:] = inf
+        else:
+            is_ts = seq >= first_ts
+            last = is_ts[:, -1]
+            before = is_ts[:, -2] if n >= 2 else torch.ones_like(last)
+            # timestamps come in pairs: after a pair text (or the end), after a single one another timestamp (or
+            # the end)
+            scores[(last & before).nonzero()[:, 0], first_ts:] = inf
+            scores[(last & ~before).nonzero()[:, 0], :eos] = inf
+            # no timestamp below the last one (below the last + 1 after a pair: <|0.00|> not again)
+            at = torch.where(is_ts, torch.arange(n, device=seq.device), -1).max(1, keepdim=True).values
+            latest = seq.gather(1, at.clamp(min=0))[:, 0]
+            floor = torch.where(is_ts.any(1), torch.where(last & ~before, latest, latest + 1), first_ts)
+            stamps = scores[:, first_ts:]
+            stamps.masked_fill_(torch.arange(stamps.shape[1], device=seq.device) < (floor - first_ts)[:, None], inf)
         if not from_logprob:
             return scores
         logp = torch.log_softmax(scores.float(), -1)
         timestamp = logp[:, first_ts:].logsumexp(-1) > logp[:, :first_ts].max(-1).values
-        return scores.masked_fill(timestamp[:, None] & ~stamps, inf)
+        scores[timestamp.nonzero()[:, 0], :first_ts] = inf
+        return scores
     return rules
 
 
@@ -282,13 +283,16 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
     else:
         frames = torch.full((b,), total, dtype=torch.long)
     init, detect = lm._task_prompt(b, features.device, language, task, return_timestamps, None)
-    if detect is not None:                 # on each input's first window, as transformers detects
-        first = (features[:, :, :window],)
-        lm._detected(init, *detect, lambda: lm._encode_args(first))
     length = init.shape[1] + (0 if prev is None else len(prev))
     if max_new_tokens is not None and max_new_tokens + length > limit:
         raise ValueError(f"{lm.model_name}: a decoder prompt of {length} tokens and {max_new_tokens} new ones pass "
                          f"its {limit} positions (max_target_positions)")
+    # transformers detects the language on each input's first `window` frames: where those are every input's first
+    # window, the first window's generate detects it (once its options are checked, sharing its encoding)
+    later = detect is not None and not bool((frames >= window).all())
+    if later:
+        first = (features[:, :, :window],)
+        lm._detected(init, *detect, lambda: lm._encode_args(first))
     most = s.get("max_length") or limit           # (without max_new_tokens: each window's total length)
     eos = lm.eos_token_id
     pad = lm.pad(eos)
@@ -308,8 +312,14 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
             # transformers adds the prompt's first tokens (up to half the table) to max_length at every window, the
             # sum kept for the next one (so a max_length below max_target_positions grows window by window)
             most = min(most + min(limit // 2 - 1, length), limit)
+        here = None
+        if detect is not None and not later:      # (the first window: init's language column, after the prompt)
+            here, detect = (detect[0] + dec.shape[1] - init.shape[1], detect[1]), None
         out = lm.generate(x, decoder_input_ids=dec, return_timestamps=return_timestamps,
-                          max_new_tokens=max_new_tokens if max_new_tokens is not None else most - length, **options)
+                          max_new_tokens=max_new_tokens if max_new_tokens is not None else most - length,
+                          _detect=here, **options)
+        if here is not None:
+            init[:, here[0] - (dec.shape[1] - init.shape[1])] = dec[:, here[0]]
         for j, i in enumerate(active):
             seq = _strip(out[j, dec.shape[1]:].cpu(), pad, eos)
             offset = float(seek[i]) * TIME_PRECISION / stride      # (transformers' arithmetic, float64)

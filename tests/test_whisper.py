@@ -179,7 +179,7 @@ def test_refusals(whisper):
 
 def test_refusals_come_before_the_encoder(whisper, monkeypatch):
     """Where the language is detected (the encoder runs for it), a bad option is still refused before the encoder
-    runs; prompt_ids may be a numpy array."""
+    runs, and detection shares the generation's encoding; prompt_ids may be a numpy array."""
     import numpy as np
     model, lm = whisper
     features = _features(2)
@@ -193,10 +193,13 @@ def test_refusals_come_before_the_encoder(whisper, monkeypatch):
             lm.generate(features, **{"max_new_tokens": 4, **options})
     with pytest.raises(ValueError, match="return_timestamps: the generation config has no no_timestamps_token_id"):
         _with(lm, no_timestamps_token_id=None).generate(features, max_new_tokens=4, return_timestamps=True)
+    with pytest.raises(ValueError, match="top_k must be"):
+        lm.transcribe(features, top_k=-1)
     assert calls == []
     ref = lm.generate(features, max_new_tokens=4, prompt_ids=[PREV, 3])
     assert torch.equal(lm.generate(features, max_new_tokens=4, prompt_ids=np.array([PREV, 3])), ref)
-    assert len(calls) == 2                   # (one encoding per call: detection and generation share it)
+    lm.transcribe(features, max_new_tokens=4)
+    assert len(calls) == 3      # (one encoding per call: detection and generation share it, transcribe's too)
 
 
 def test_save_and_load(whisper, tmp_path):
