@@ -147,7 +147,7 @@ HELP = [("kernel_bench", "parse_args"), ("llama_gpu", "parse_args"), ("llama_gen
         ("moe_gpu", "parse_args"), ("gpu_checks", "main"), ("minilm_cpu", "main"), ("smollm2_numpy", "main"),
         ("smollm2_quant", "sys.argv"), ("smollm2_moe_quant", "sys.argv"), ("smollm2_hessian_runs", "sys.argv"),
         ("smollm2_memory", "sys.argv"), ("smollm2_save", "sys.argv"), ("compile_time", "main"),
-        ("smollm2_beams", "main"), ("seq2seq_cpu", "sys.argv")]
+        ("smollm2_beams", "main"), ("seq2seq_cpu", "sys.argv"), ("whisper_cpu", "sys.argv")]
 
 
 def test_help_descriptions_are_whole_paragraphs(monkeypatch, capsys):
