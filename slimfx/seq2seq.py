@@ -688,14 +688,16 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                    max_new_tokens: Optional[int] = None, return_segments: bool = False, progress: bool = False,
                    **options):
         """Whisper: what transformers' Whisper ``generate`` returns by default, for audio of any length: each
-        input's text tokens (the task prompt and the end-of-sequence token left out; right-padded with the pad
-        token), with ``return_segments`` also each input's segments (``start`` and ``end`` in seconds, ``tokens``).
+        input's tokens (text, and timestamps where asked for or past one window; the task prompt and the
+        end-of-sequence token left out; right-padded with the pad token), with ``return_segments`` also each
+        input's segments (``start`` and ``end`` in seconds, ``tokens``).
         Audio longer than one window (30 s: ``attention_mask``, (batch, frames), says how long each input is) is
         decoded window by window with timestamps, each window from the last timestamp the previous one completed,
         as transformers' long-form algorithm does (without its temperature fallback, no-speech detection and
         conditioning on the previous window's text). ``language``, ``task``, ``return_timestamps`` and
         ``prompt_ids`` are ``generate``'s, the language detected on the first window; ``max_new_tokens`` per
-        window (None: as many as the generation config's ``max_length`` allows); the other options are
+        window (None: as many as the generation config's ``max_length`` allows, 20 without one, as transformers
+        counts them); the other options are
         ``generate``'s (sampling, beams) for each window (``slimfx.whisper.transcribe``)."""
         return whisper.transcribe(self, input_features, attention_mask, language=language, task=task,
                                   return_timestamps=return_timestamps, prompt_ids=prompt_ids,
@@ -733,8 +735,9 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         """``_stream``'s arguments for ``stream``'s: the decoder prompt (``dec``, else the start token or Whisper's
         task prompt), the encoder's input as its ``extra`` (encoded once the options are checked), the generation
         config's ``rules`` and Whisper's timestamp rules as its ``processor``; ``repeat``: each input and its prompt
-        that many times (Whisper's ``num_return_sequences``); ``_detect``: (column, language ids) of ``dec`` to
-        detect the language into (``_task_prompt``'s, for ``transcribe``'s first window)."""
+        that many times (Whisper's ``num_return_sequences``); ``_detect``: (column, language ids, the encoded input
+        to detect on or None) of ``dec`` to detect the language into (``_detected``: ``transcribe``'s first
+        window)."""
         unset = CompiledSeq2SeqLM._unset
         bos = self.forced_bos_token_id if forced_bos_token_id is unset else _ids(forced_bos_token_id,
                                                                                   "forced_bos_token_id")
@@ -838,7 +841,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
     def _task_prompt(self, b: int, dev, language, task, timestamps: bool, prev) -> tuple:
         """Whisper's decoder prompt for ``b`` inputs (``slimfx.whisper.init_tokens``: ``prev`` in front, the start
         token, language, task, ``<|notimestamps|>``) and, where the language is to be detected, (its column, the
-        language token ids) for ``_detected``, else None; until then that column holds the start token."""
+        language token ids, None: detected on the step's own input) for ``_detected``, else None; until then that
+        column holds the start token."""
         asked = []
 
         def detect(ids):
@@ -849,15 +853,16 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         dec = torch.tensor(rows, dtype=torch.long, device=dev)
         if prev is not None:
             dec = torch.cat([prev.to(dev)[None].expand(b, -1), dec], 1)
-        return dec, ((0 if prev is None else len(prev)) + 1, asked[0]) if asked else None
+        return dec, ((0 if prev is None else len(prev)) + 1, asked[0], None) if asked else None
 
-    def _detected(self, dec: torch.Tensor, column: int, ids, encode) -> tuple:
+    def _detected(self, dec: torch.Tensor, column: int, ids, source, encode) -> tuple:
         """The step's ``extra`` inputs (``encode()``), and each row's detected language written into column
         ``column`` of ``dec``: the likeliest of the language tokens ``ids`` after the start token alone
-        (transformers' ``detect_language``; ties: the lowest id)."""
+        (transformers' ``detect_language``; ties: the lowest id), given the encoded input ``source()`` (None: the
+        step's own)."""
         extra = encode()
         start = torch.full((dec.shape[0], 1), self.decoder_start_token_id, dtype=torch.long, device=dec.device)
-        logits, _ = self.prefill(start, extra=extra)
+        logits, _ = self.prefill(start, extra=extra if source is None else source())
         ids = torch.tensor(ids, device=logits.device)
         dec[:, column] = ids[logits[:, -1, ids].argmax(-1)].to(dec.device)
         return extra

@@ -18,7 +18,9 @@ What its ``generate`` returns by default is ``transcribe``'s: the tokens of each
 the end-of-sequence token left out), found window by window: a window's tokens are split after each pair of
 timestamps, and where its last segment is unfinished the next window starts at the last pair's timestamp
 (``_segments``), so audio longer than one window (30 s) is transcribed whole. Temperature fallback, no-speech
-detection and conditioning on the previous window's text are not done.
+detection, conditioning on the previous window's text and ``num_return_sequences`` are not done, and a window that
+would start where the previous one did (after ``<|0.00|><|0.00|>``) moves on by a window, where transformers
+decodes the same window again without end.
 """
 from __future__ import annotations
 
@@ -235,6 +237,7 @@ def timestamp_rules(s: dict, eos: int, begin: int) -> Callable:
 
 
 TIME_PRECISION = 0.02           # seconds per timestamp step (transformers' time_precision)
+DEFAULT_NEW = 20                # transformers' new tokens where the generation config has no max_length
 FRAME_SECONDS = 0.01            # seconds per feature frame (time_precision_features)
 
 
@@ -250,7 +253,8 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
     from .seq2seq import _prompt_ids
     s = lm.whisper
     if s is None:
-        raise TypeError(f"{lm.model_name}: transcribe is Whisper's (this model was not compiled from a Whisper model)")
+        raise TypeError(f"{lm.model_name}: transcribe is Whisper's, and this model has no Whisper settings (compiled "
+                        f"from another model, or saved by a slimfx before them: compile it again)")
     if options.get("num_return_sequences", lm.num_return_sequences) != 1:
         raise ValueError(f"{lm.model_name}: transcribe returns one sequence per input (num_return_sequences=1)")
     if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.dtype.is_floating_point:
@@ -287,15 +291,16 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
     if max_new_tokens is not None and max_new_tokens + length > limit:
         raise ValueError(f"{lm.model_name}: a decoder prompt of {length} tokens and {max_new_tokens} new ones pass "
                          f"its {limit} positions (max_target_positions)")
-    # transformers detects the language on each input's first `window` frames: where those are every input's first
-    # window, the first window's generate detects it (once its options are checked, sharing its encoding)
-    later = detect is not None and not bool((frames >= window).all())
-    if later:
+    if detect is not None and not bool((frames >= window).all()):
+        # transformers detects the language on each input's first `window` frames, which for an input shorter than a
+        # window are not its first window (that is padded): encoded apart (the first window's generate detects it,
+        # once it has checked its options)
         first = (features[:, :, :window],)
-        lm._detected(init, *detect, lambda: lm._encode_args(first))
-    most = s.get("max_length") or limit           # (without max_new_tokens: each window's total length)
-    eos = lm.eos_token_id
-    pad = lm.pad(eos)
+        detect = (*detect[:2], lambda: lm._encode_args(first))
+    most = s.get("max_length")                    # (without max_new_tokens: each window's total length; None: 20 new)
+    eos = options.get("eos_token_id")
+    eos = lm.eos_token_id if eos is None else [int(eos)] if _int(eos) else [int(e) for e in eos]
+    pad = lm.pad(eos) if options.get("pad_token_id") is None else int(options["pad_token_id"])
     first_ts = (s["no_timestamps_token_id"] + 1) if s.get("no_timestamps_token_id") is not None else None
     seek = torch.zeros(b, dtype=torch.long)
     segments = [[] for _ in range(b)]
@@ -308,15 +313,19 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
         dec = init[active]
         if prev is not None:
             dec = torch.cat([prev.to(dec.device)[None].expand(len(active), -1), dec], 1)
-        if max_new_tokens is None:
+        if max_new_tokens is None and most is not None:
             # transformers adds the prompt's first tokens (up to half the table) to max_length at every window, the
             # sum kept for the next one (so a max_length below max_target_positions grows window by window)
             most = min(most + min(limit // 2 - 1, length), limit)
         here = None
-        if detect is not None and not later:      # (the first window: init's language column, after the prompt)
-            here, detect = (detect[0] + dec.shape[1] - init.shape[1], detect[1]), None
-        out = lm.generate(x, decoder_input_ids=dec, return_timestamps=return_timestamps,
-                          max_new_tokens=max_new_tokens if max_new_tokens is not None else most - length,
+        if detect is not None:                    # (the first window: init's language column, after the prompt)
+            here, detect = (detect[0] + dec.shape[1] - init.shape[1], *detect[1:]), None
+        new = max_new_tokens if max_new_tokens is not None else DEFAULT_NEW if most is None else most - length
+        if new < 1:
+            raise ValueError(f"{lm.model_name}: a decoder prompt of {length} tokens leaves no room for new ones "
+                             f"within {most} (the generation config's max_length, within max_target_positions "
+                             f"{limit}); give max_new_tokens")
+        out = lm.generate(x, decoder_input_ids=dec, return_timestamps=return_timestamps, max_new_tokens=new,
                           _detect=here, **options)
         if here is not None:
             init[:, here[0] - (dec.shape[1] - init.shape[1])] = dec[:, here[0]]
@@ -373,7 +382,7 @@ def _segments(seq: torch.Tensor, first_ts: Optional[int], offset: float, frames:
             last = cut
         return out, frames if single_end else (tokens[last - 2] - first_ts) * stride
     stamps = [k for k, is_ts in enumerate(stamp) if is_ts]
-    end = int(frames * FRAME_SECONDS / TIME_PRECISION)
+    end = int(torch.tensor(frames) * FRAME_SECONDS / TIME_PRECISION)       # (float32, as transformers computes it)
     if stamps and tokens[stamps[-1]] != first_ts:
         end = tokens[stamps[-1]] - first_ts
     return [{"start": offset, "end": offset + end * TIME_PRECISION, "tokens": seq}], frames

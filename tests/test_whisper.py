@@ -225,11 +225,12 @@ def test_save_and_load(whisper, tmp_path):
 
 
 def _long():
-    """3 inputs of 70 frames (a window is 24), the second 50 frames long, the third 23 (one window)."""
+    """3 inputs of 70 frames (a window is 24), the second 50 frames long, the third 18 (less than one window: its
+    language, detected on the first 24 frames as transformers does, is English, on its padded window German)."""
     features = torch.randn(3, 8, 70, generator=torch.Generator().manual_seed(5)) * 3
     mask = torch.ones(3, 70, dtype=torch.long)
     mask[1, 50:] = 0
-    mask[2, 23:] = 0
+    mask[2, 18:] = 0
     return features, mask
 
 
@@ -300,3 +301,55 @@ def test_transcribe_bounds_each_window_by_the_configs_max_length(whisper):
         model.generation_config.max_length = 40
     got = lm.transcribe(features, mask, prompt_ids=[PREV, 3, 4])
     assert torch.equal(got, ref.long())
+
+
+@pytest.mark.parametrize("tokens", [[FIRST_TS, 5, 6, 7], [5, 6, 7], [FIRST_TS, 5, FIRST_TS + 9, FIRST_TS + 9, 8, 9],
+                                    [FIRST_TS, 5, FIRST_TS + 9, FIRST_TS + 9, 8, FIRST_TS + 20],
+                                    [FIRST_TS + 2, 5, FIRST_TS + 9, FIRST_TS + 9, 8, FIRST_TS + 12, FIRST_TS + 12]])
+def test_segments_as_transformers_cuts_them(tokens):
+    """A window's segments (start, end, tokens) and how far the next window starts, as transformers'
+    _retrieve_segment computes them, its float32 end of a window without a pair of timestamps included (which
+    float64 puts a step later for 146 frame counts up to 3000, 30 and 240 among them)."""
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
+    from slimfx.whisper import _segments
+    seq = torch.tensor(tokens)
+    for frames, seek in [(30, 0), (240, 3000), (54, 6000), (3000, 0), (23, 48)]:
+        ref, ref_advance = WhisperGenerationMixin._retrieve_segment(
+            seq, [None], torch.tensor([seek], dtype=torch.float64) * 0.02 / 2, FIRST_TS, torch.tensor([frames]), 0.02,
+            0.01, 2, 0, 0, False, torch.zeros(1, 3))
+        got, advance = _segments(seq, FIRST_TS, seek * 0.02 / 2, frames, 2)
+        assert int(advance) == int(ref_advance)
+        assert [(float(r["start"]), float(r["end"]), r["tokens"].tolist()) for r in ref] == \
+            [(g["start"], g["end"], g["tokens"].tolist()) for g in got]
+
+
+def test_transcribe_takes_the_calls_end_and_pad_ids_and_a_config_without_max_length(whisper, monkeypatch):
+    """A call's eos_token_id and pad_token_id apply to the windows' ends and the padding too; a config without
+    max_length gives each window transformers' default 20 new tokens; bad options are refused before the encoder
+    runs, also where the language is detected apart (an input shorter than a window); a prompt that leaves no room
+    is refused naming the limit."""
+    model, lm = whisper
+    features = _features()
+    with torch.no_grad():
+        ref = model.generate(features, max_new_tokens=20, return_timestamps=True, eos_token_id=86, pad_token_id=0)
+    got = lm.transcribe(features, max_new_tokens=20, return_timestamps=True, eos_token_id=86, pad_token_id=0)
+    assert torch.equal(got, ref) and 86 not in got.tolist()[0]
+    long, mask = _long()
+    model.generation_config.max_length = None
+    try:
+        with torch.no_grad():
+            ref = model.generate(long, attention_mask=mask)
+            ref_short = model.generate(features)
+    finally:
+        model.generation_config.max_length = 40
+    assert torch.equal(_with(lm, max_length=None).transcribe(long, mask), ref.long())
+    assert torch.equal(_with(lm, max_length=None).transcribe(features), ref_short)
+    calls = []
+    encode = lm._encode_args
+    monkeypatch.setattr(lm, "_encode_args", lambda args: calls.append(1) or encode(args))
+    for options, match in [(dict(top_k=-1), "top_k must be"), (dict(max_new_tokens=39), "pass its 40 positions"),
+                           (dict(prompt_ids=[PREV] * 40), "a decoder prompt of 42 tokens leaves no room for new "
+                                                         "ones within 40")]:
+        with pytest.raises(ValueError, match=match):
+            lm.transcribe(long, mask, **options)
+    assert calls == []
