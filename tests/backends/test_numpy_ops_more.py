@@ -255,3 +255,36 @@ def test_weight_norm_matches_torch(dtype, dim):
     if dim != -1:
         g = randn(*[s if d == dim else 1 for d, s in enumerate(v.shape)], dtype=dtype, seed=2)
     check(lambda v, g: torch._weight_norm(v, g, dim), v, g, reaches=[aten._weight_norm.default], tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("case", [dict(q=(2, 6, 300, 16), kv=(2, 6, 290, 16)),
+                                  dict(q=(1, 4, 70, 8), kv=(1, 2, 70, 8), gqa=True, causal=True),
+                                  dict(q=(3, 65, 9), kv=(3, 65, 9), mask="bool"),
+                                  dict(q=(2, 2, 41, 8), kv=(2, 2, 43, 8), mask="float", dtype=torch.float64)])
+def test_sdpa_one_head_at_a_time_gives_the_batched_values(monkeypatch, case):
+    """Long attention runs one (batch, head) at a time (SDPA_ONE_HEAD_MIN queries x keys and more): bit for bit the
+    values of all heads at once (the same products and steps), with masks (bool, float, one row broadcast over
+    heads), causal, grouped keys and values, float64; and close to torch's."""
+    import slimfx.backends.numpy_ops as N
+    g = torch.Generator().manual_seed(0)
+    dtype = case.get("dtype", torch.float32)
+    q, k, v = (torch.randn(s, generator=g, dtype=dtype) for s in (case["q"], case["kv"], case["kv"]))
+    L, S = case["q"][-2], case["kv"][-2]
+    mask = None
+    if case.get("mask") == "bool":
+        mask = torch.rand(case["q"][0], *[1] * (len(case["q"]) - 3), L, S, generator=g) > 0.2
+        mask[..., 0] = True
+    elif case.get("mask") == "float":
+        mask = torch.where(torch.rand(1, 1, L, S, generator=g, dtype=dtype) > 0.3, 0.0, -inf).to(dtype)
+        mask[..., 0] = 0
+    args = [t.numpy() for t in (q, k, v)] + [None if mask is None else mask.numpy(), 0.0,
+                                             case.get("causal", False), None, case.get("gqa", False)]
+    monkeypatch.setattr(N, "SDPA_ONE_HEAD_MIN", 1 << 40)
+    batched = N.sdpa(*args)
+    monkeypatch.setattr(N, "SDPA_ONE_HEAD_MIN", 1)
+    one = N.sdpa(*args)
+    assert one.dtype == batched.dtype and one.shape == batched.shape and (one == batched).all()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case.get("causal", False),
+                                         enable_gqa=case.get("gqa", False))
+    torch.testing.assert_close(torch.from_numpy(one), ref, **{torch.float32: dict(rtol=1e-5, atol=1e-5),
+                                                            torch.float64: F64}[dtype])
