@@ -95,6 +95,17 @@ def beam_search(lm, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     eos_token_id[0]``). The arguments are ``CompiledCausalLM._steps``' and the sampling
     options (``_processed``), ``history``: ``history_bans``' (ngram, words, encoder), and ``processor(held,
     scores)`` (``_steps``'); ``lm.last_timing`` is set."""
+    with lm._one_thread():
+        return _beam_search(lm, input_ids, attention_mask, max_new_tokens, min_new_tokens, eos, pad, extra, rules,
+                            temperature=temperature, top_k=top_k, top_p=top_p, penalty=penalty, generator=generator,
+                            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                            num_return_sequences=num_return_sequences, renormalize=renormalize, history=history,
+                            processor=processor, progress=progress)
+
+
+def _beam_search(lm, input_ids, attention_mask, max_new_tokens, min_new_tokens, eos, pad, extra, rules, *,
+                 temperature, top_k, top_p, penalty, generator, num_beams, length_penalty, early_stopping,
+                 num_return_sequences, renormalize, history, processor, progress) -> torch.Tensor:
     from tqdm.auto import tqdm
     from .lm import _held_tokens, _prompt, history_bans
     t0 = time.perf_counter()

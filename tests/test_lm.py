@@ -524,6 +524,38 @@ def test_stream_yields_what_generate_returns(compiled):
         lm.stream(ids, temperature=-1)                    # checked at the call, not at the first token
 
 
+def test_the_loops_own_torch_ops_run_on_one_thread_beside_the_numpy_backend(compiled, monkeypatch):
+    """While the numpy backend generates, torch's own ops (picking tokens, beams) run on one thread (OpenBLAS's
+    and torch's threads spin for the same cores otherwise), greedy, streamed and with beams; the caller's thread
+    count holds whenever it has control (between streamed tokens, after the call, after an error); the torch
+    backend keeps its threads."""
+    from slimfx.lm import CompiledCausalLM
+    before = torch.get_num_threads()                # (make test's workers run one thread each)
+    torch.set_num_threads(2)
+    try:
+        _check_one_thread_glue(compiled, monkeypatch, CompiledCausalLM, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_one_thread_glue(compiled, monkeypatch, CompiledCausalLM, threads):
+    seen = []
+    pick = CompiledCausalLM._processed
+    monkeypatch.setattr(CompiledCausalLM, "_processed",
+                        staticmethod(lambda *a, **k: seen.append(torch.get_num_threads()) or pick(*a, **k)))
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=3)
+    for backend, inside in (("numpy", 1), ("torch", threads)):
+        seen.clear()
+        compiled[backend].generate(ids, mask, max_new_tokens=4)
+        compiled[backend].generate(ids, mask, max_new_tokens=4, num_beams=2)
+        for _ in compiled[backend].stream(ids, mask, max_new_tokens=3):
+            assert torch.get_num_threads() == threads
+        assert set(seen) == {inside} and len(seen) == 11 and torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="top_k"):
+        list(compiled["numpy"].stream(ids, mask, max_new_tokens=3, top_k=-1))
+    assert torch.get_num_threads() == threads
+
+
 def test_distillation_through_the_step_graph(llama):
     """Prune 2:4, then Distill against the model itself (its step wrapper is the teacher): the loss falls,
     the masks hold, and the result generates."""
