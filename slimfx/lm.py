@@ -819,7 +819,9 @@ class OneTorchThread:
     """While entered (and ``active``), torch runs its own ops on one thread: the generation loop's glue around the
     numpy backend's graphs (picking tokens, logits processors, cache reorders). torch's OpenMP threads and
     OpenBLAS's spin for the same cores between calls otherwise (2-core EPYC: T5-small with 4 beams 1.3-1.5 s ->
-    1.1 s, a Whisper transcription 5.8 s -> 3.8 s). Entering twice is once; leaving restores the thread count."""
+    1.1 s, a Whisper transcription 5.8 s -> 4.1 s). Entering twice is once; leaving restores the thread count.
+    torch's count is the process's: another thread that first calls torch while a numpy-backend generation is
+    between tokens starts with one thread too (and keeps it)."""
 
     def __init__(self, active: bool):
         self.active, self.saved = active, None
@@ -1251,6 +1253,7 @@ class CompiledCausalLM:
 
     def _stepping(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, track, pick, eos, pad, extra,
                   rules, history, processor, glue):
+        """``_steps``' loop; ``glue``: its ``OneTorchThread``, left while the caller holds each token."""
         t0 = time.perf_counter()
         logits, state = self.prefill(input_ids, attention_mask, extra=extra)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)   # honest times on a GPU

@@ -29,12 +29,12 @@ is refused up front: its forward subsamples its frames' mask.
 (Whisper: its task prompt, <|startoftranscript|>, language, task, <|notimestamps|>, which ``language``, ``task``
 and ``prompt_ids`` build as transformers does, the language detected where none is given: ``slimfx.whisper``), and
 applies these entries of the model's generation config as transformers' logits processors do:
-``forced_bos_token_id`` (the first new
-token after a 1-token prompt), ``forced_eos_token_id`` (the last of ``max_new_tokens``, even where that is the
-first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new token, the second after a forced first),
-``bad_words_ids`` of one token each (but an end-of-sequence token, which transformers drops from them; a call's
-``bad_words_ids`` replaces the config's) and ``min_length`` (replaced by ``min_new_tokens`` when that is given;
-from the config only). A forced first token that is a bad word is forced all the same, as in transformers.
+``forced_bos_token_id`` (the first new token after a 1-token prompt), ``forced_eos_token_id`` (the last of
+``max_new_tokens``, even where that is the first), ``suppress_tokens``, ``begin_suppress_tokens`` (the first new
+token, the second after a forced first), ``bad_words_ids`` of one token each (but an end-of-sequence token, which
+transformers drops from them; a call's ``bad_words_ids`` replaces the config's) and ``min_length`` (replaced by
+``min_new_tokens`` when that is given; from the config only). A forced first token that is a bad word is forced
+all the same, as in transformers.
 The config's ``num_beams``, ``length_penalty``, ``early_stopping``, ``num_return_sequences``, ``renormalize_logits``,
 ``no_repeat_ngram_size``, ``encoder_no_repeat_ngram_size`` (of token-id inputs, as transformers), ``repetition_penalty``
 and longer ``bad_words_ids`` are ``generate``'s defaults too (Marian's and BART-CNN's configs ask for beam search,
@@ -697,8 +697,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         conditioning on the previous window's text). ``language``, ``task``, ``return_timestamps`` and
         ``prompt_ids`` are ``generate``'s, the language detected on the first window; ``max_new_tokens`` per
         window (None: as many as the generation config's ``max_length`` allows, 20 without one, as transformers
-        counts them); the other options are
-        ``generate``'s (sampling, beams) for each window (``slimfx.whisper.transcribe``)."""
+        counts them); the other options are ``generate``'s (sampling, beams) for each window
+        (``slimfx.whisper.transcribe``)."""
         return whisper.transcribe(self, input_features, attention_mask, language=language, task=task,
                                   return_timestamps=return_timestamps, prompt_ids=prompt_ids,
                                   max_new_tokens=max_new_tokens, return_segments=return_segments, progress=progress,

@@ -131,12 +131,12 @@ def language_id(s: dict, language: str) -> int:
 
 
 def init_tokens(s: dict, start: int, batch: int, language=None, task=None, return_timestamps: bool = False,
-                detect: Optional[Callable[[list], torch.Tensor]] = None, model_name: str = "Whisper") -> list:
+                detect: Optional[Callable[[list], list]] = None, model_name: str = "Whisper") -> list:
     """Each row's task prompt (``batch`` lists of token ids), as transformers' ``_retrieve_init_tokens`` builds it
     from the settings ``s`` and the call's ``language`` (None, one, or one per row) and ``task`` (each None: the
-    settings'); ``detect(ids)``
-    gives each row's likeliest token among the language token ids ``ids`` (called only when a language must be
-    detected: none given, the model has ``lang_to_id`` and ``forced_decoder_ids`` name none)."""
+    settings'); ``detect(ids)`` gives each row's likeliest token among the language token ids ``ids`` (called only
+    when a language must be detected: none given, the model has ``lang_to_id`` and ``forced_decoder_ids`` name
+    none)."""
     if "is_multilingual" in s and not s["is_multilingual"] and (task is not None or language is not None):
         raise ValueError(f"{model_name} is an English-only model (its generation config's is_multilingual): it "
                          f"takes no language or task")
@@ -293,10 +293,14 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
                          f"its {limit} positions (max_target_positions)")
     if detect is not None and not bool((frames >= window).all()):
         # transformers detects the language on each input's first `window` frames, which for an input shorter than a
-        # window are not its first window (that is padded): encoded apart (the first window's generate detects it,
-        # once it has checked its options)
+        # window are not its first window (that is padded): encoded apart, by the first window's generate once it
+        # has checked its options; here, where an input has no frames at all (no first window), before it
         first = (features[:, :, :window],)
-        detect = (*detect[:2], lambda: lm._encode_args(first))
+        if bool((frames > 0).all()):
+            detect = (*detect[:2], lambda: lm._encode_args(first))
+        else:
+            lm._detected(init, *detect[:2], None, lambda: lm._encode_args(first))
+            detect = None
     most = s.get("max_length")                    # (without max_new_tokens: each window's total length; None: 20 new)
     eos = options.get("eos_token_id")
     eos = lm.eos_token_id if eos is None else [int(eos)] if _int(eos) else [int(e) for e in eos]

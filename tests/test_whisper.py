@@ -353,3 +353,16 @@ def test_transcribe_takes_the_calls_end_and_pad_ids_and_a_config_without_max_len
         with pytest.raises(ValueError, match=match):
             lm.transcribe(long, mask, **options)
     assert calls == []
+
+
+def test_transcribe_an_input_without_audio(whisper):
+    """An input whose mask holds no frame has no window: transformers returns nothing for it, and detects the
+    others' languages all the same."""
+    model, lm = whisper
+    features, mask = _long()
+    mask[1] = 0
+    with torch.no_grad():
+        ref = model.generate(features, attention_mask=mask, return_segments=True)
+    got = lm.transcribe(features, mask, return_segments=True)
+    assert torch.equal(got["sequences"], ref["sequences"].long()) and got["segments"][1] == []
+    _same_segments(ref["segments"], got["segments"])

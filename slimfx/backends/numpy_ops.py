@@ -566,7 +566,7 @@ def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
         k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
     causal = ~np.tril(np.ones((L, S), dtype=bool)) if is_causal else None
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    if L * S < SDPA_ONE_HEAD_MIN or not lead:
+    if L * S < SDPA_ONE_HEAD_MIN or not lead or 0 in lead:
         return _attend(q * scale, np.swapaxes(k, -1, -2), v, causal, attn_mask)
     # long sequences (an encoder's 1500 positions): each (batch, head)'s scores, a few MB, stay in the cache through
     # the mask and softmax, where all of them at once (100s of MB) go through memory five times (1.6x faster on

@@ -260,11 +260,12 @@ def test_weight_norm_matches_torch(dtype, dim):
 @pytest.mark.parametrize("case", [dict(q=(2, 6, 300, 16), kv=(2, 6, 290, 16)),
                                   dict(q=(1, 4, 70, 8), kv=(1, 2, 70, 8), gqa=True, causal=True),
                                   dict(q=(3, 65, 9), kv=(3, 65, 9), mask="bool"),
-                                  dict(q=(2, 2, 41, 8), kv=(2, 2, 43, 8), mask="float", dtype=torch.float64)])
+                                  dict(q=(2, 2, 41, 8), kv=(2, 2, 43, 8), mask="float", dtype=torch.float64),
+                                  dict(q=(0, 2, 30, 8), kv=(0, 2, 30, 8)), dict(q=(2, 0, 30, 8), kv=(2, 0, 30, 8))])
 def test_sdpa_one_head_at_a_time_gives_the_batched_values(monkeypatch, case):
     """Long attention runs one (batch, head) at a time (SDPA_ONE_HEAD_MIN queries x keys and more): bit for bit the
     values of all heads at once (the same products and steps), with masks (bool, float, one row broadcast over
-    heads), causal, grouped keys and values, float64; and close to torch's."""
+    heads), causal, grouped keys and values, float64, no batch or no heads; and close to torch's."""
     import slimfx.backends.numpy_ops as N
     g = torch.Generator().manual_seed(0)
     dtype = case.get("dtype", torch.float32)
