@@ -250,7 +250,7 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
     on the previous window's text)."""
     import torch.nn.functional as F
     from tqdm.auto import tqdm
-    from .seq2seq import _prompt_ids
+    from .seq2seq import _ids, _prompt_ids
     s = lm.whisper
     if s is None:
         raise TypeError(f"{lm.model_name}: transcribe is Whisper's, and this model has no Whisper settings (compiled "
@@ -302,8 +302,8 @@ def transcribe(lm, features: torch.Tensor, attention_mask: Optional[torch.Tensor
             lm._detected(init, *detect[:2], None, lambda: lm._encode_args(first))
             detect = None
     most = s.get("max_length")                    # (without max_new_tokens: each window's total length; None: 20 new)
-    eos = options.get("eos_token_id")
-    eos = lm.eos_token_id if eos is None else [int(eos)] if _int(eos) else [int(e) for e in eos]
+    eos = lm.eos_token_id if options.get("eos_token_id") is None else list(_ids(options["eos_token_id"],
+                                                                                 "eos_token_id"))
     pad = lm.pad(eos) if options.get("pad_token_id") is None else int(options["pad_token_id"])
     first_ts = (s["no_timestamps_token_id"] + 1) if s.get("no_timestamps_token_id") is not None else None
     seek = torch.zeros(b, dtype=torch.long)
