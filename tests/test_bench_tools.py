@@ -147,7 +147,8 @@ HELP = [("kernel_bench", "parse_args"), ("llama_gpu", "parse_args"), ("llama_gen
         ("moe_gpu", "parse_args"), ("gpu_checks", "main"), ("minilm_cpu", "main"), ("smollm2_numpy", "main"),
         ("smollm2_quant", "sys.argv"), ("smollm2_moe_quant", "sys.argv"), ("smollm2_hessian_runs", "sys.argv"),
         ("smollm2_memory", "sys.argv"), ("smollm2_save", "sys.argv"), ("compile_time", "main"),
-        ("smollm2_beams", "main"), ("seq2seq_cpu", "sys.argv"), ("whisper_cpu", "sys.argv")]
+        ("smollm2_beams", "main"), ("seq2seq_cpu", "sys.argv"), ("whisper_cpu", "sys.argv"),
+        ("cpu_int8", "main")]
 
 
 def test_help_descriptions_are_whole_paragraphs(monkeypatch, capsys):
@@ -170,6 +171,16 @@ def test_help_descriptions_are_whole_paragraphs(monkeypatch, capsys):
         assert first in out, (name, out[:400])
         if name in ("smollm2_memory", "smollm2_save", "smollm2_hessian_runs"):
             assert "[--out-dir OUT_DIR] [--name NAME]" in out, name
+
+
+def test_cpu_int8_quick_run(capsys):
+    """bench/cpu_int8.py --quick times both int8 paths (each checked exact inside) and writes nothing."""
+    import cpu_int8
+    before = sorted(p.name for p in cpu_int8.Path(cpu_int8.__file__).parent.joinpath("results").iterdir())
+    cpu_int8.main(["--quick", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| SmolLM2-135M | gate/up | 128 | 1536 | 576 |" in out and "W8A8 linear, _int_mm" in out
+    assert sorted(p.name for p in cpu_int8.Path(cpu_int8.__file__).parent.joinpath("results").iterdir()) == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals on a machine without a GPU")

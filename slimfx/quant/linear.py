@@ -99,10 +99,11 @@ def quantized_linear_np(x, w_q, w_scale, bias=None, x_scale=None):
     else:
         (q_x, s_x), out_dtype = quantize_per_token_np(x), x.dtype
     acc = numerics.int_matmul_np(q_x, w_q)
-    y = acc.astype(np.float32) * (s_x * np.asarray(w_scale, dtype=np.float32))
+    y = acc.astype(np.float32)
+    y *= s_x * np.asarray(w_scale, dtype=np.float32)        # in place (acc, y: x's rows x N; s_x: one per row)
     if bias is not None:
-        y = y + np.asarray(bias, dtype=np.float32)
-    return y.astype(out_dtype)
+        y += np.asarray(bias, dtype=np.float32)
+    return y.astype(out_dtype, copy=False)
 
 
 def dequantize_weight_np(w_q, w_scale, w_zero_point=None, group_size: int = 0) -> np.ndarray:

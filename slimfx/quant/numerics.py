@@ -11,8 +11,21 @@ of a block's int8 products is an integer of magnitude <= 1024 * 128 * 128 = 2**2
 exactly in any summation order (FMA included); the blocks' results are added in float64 (exact below
 2**53). 1.5-2.2x faster than one float64 matmul here (2-core EPYC: 0.41 vs 0.89 ms at 2 x 576 x 1536,
 33 vs 54 ms at 2 x 49152 x 576), and exact.
+
+On a CPU where torch's own int8 GEMM (``torch._int_mm``: oneDNN's, with VNNI) is faster, both int_matmul
+functions use it instead: exact too (int32 accumulation; products summed by VNNI without saturating), and
+2-9x faster than the float32 blocks (2-core EPYC, one torch thread: 4 x 576 x 1536 in 0.05 ms vs 0.45,
+4 x 49152 x 576 in 4.5 ms vs 15.7, 1024 x 1536 x 384 in 2.7 ms; fp32's own matmul 0.20, 10.2 and 6.3 ms), so that
+int8 weights are faster than fp32 ones. Without VNNI its fallback is 3-7x slower than the float32 blocks (1.5 ms
+at 4 x 576 x 1536), hence the choice is measured, once per process (``cpu_int_mm_rows``).
 """
 from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -32,8 +45,14 @@ def quantize_np(x: np.ndarray, scale, zero_point=0, qmin: int = INT8_QMIN, qmax:
     x = np.asarray(x, dtype=np.float32)
     scale = np.asarray(scale, dtype=np.float32)
     zero_point = np.asarray(zero_point, dtype=np.float32)
-    q = np.round(x / scale) + zero_point
-    return np.clip(q, qmin, qmax).astype(dtype)
+    q = np.asarray(x / scale)                  # (a 0-d quotient is a numpy scalar: made an array to work in)
+    if zero_point.ndim:
+        q = np.round(q) + zero_point
+    else:                                     # in place: the same values without two more arrays of x's size
+        np.round(q, out=q)
+        if zero_point:                        # (adding a zero changes no code: -0.0 and 0.0 both clip to 0)
+            q += zero_point
+    return np.clip(q, qmin, qmax, out=q).astype(dtype)
 
 
 def dequantize_np(q: np.ndarray, scale, zero_point=0) -> np.ndarray:
@@ -56,6 +75,7 @@ def absmax_scale_np(x: np.ndarray, axis, qmax: int = SYM_INT8_QMAX) -> np.ndarra
 
 F32_EXACT_K = 1024     # int8 products summed over this many terms stay within float32's exact integers
 INT8_PRODUCT_MAX = 128 * 128   # the largest |a * b| of two int8 values: |acc| <= K * INT8_PRODUCT_MAX
+MAX_INT32_K = (2**31 - 1) // INT8_PRODUCT_MAX   # 131071: every sum of this many int8 products fits int32
 
 
 def _refuse_int32_overflow(name: str, k: int, lo, hi) -> None:
@@ -86,13 +106,122 @@ def row_chunks(n: int, k: int, m: int = 1) -> list[slice]:
     return [slice(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
 
 
+CPU_INT_MM_ENV = "SLIMFX_CPU_INT_MM"   # "1": always torch._int_mm on the CPU, "0": never; unset: measured
+INT_MM_MIN_K = 16   # torch._int_mm on the CPU returns uninitialized memory at K = 1 (torch 2.11 and 2.13, N > 1)
+INT_MM_DECODE_ROWS = 16   # where torch._int_mm wins only at decode's shape: used up to this many rows
+_cpu_int_mm_rows: int | None = None
+
+
+def cpu_int_mm_rows() -> int:
+    """Up to how many rows of ``a`` the int_matmul functions multiply int8 on the CPU with ``torch._int_mm``
+    (module docstring; 0: never). ``SLIMFX_CPU_INT_MM`` = 1 / 0 forces always / never; otherwise it is measured
+    once per process (``_measure_cpu_int_mm``)."""
+    global _cpu_int_mm_rows
+    forced = os.environ.get(CPU_INT_MM_ENV, "").strip()
+    if forced in ("0", "1"):
+        return sys.maxsize if forced == "1" else 0
+    if forced:
+        raise ValueError(f"{CPU_INT_MM_ENV}={forced!r}: use 1 (torch._int_mm), 0 (float32 blocks), or leave it unset")
+    if _cpu_int_mm_rows is None:
+        _cpu_int_mm_rows = _measure_cpu_int_mm()
+    return _cpu_int_mm_rows
+
+
+def _measure_cpu_int_mm() -> int:
+    """torch._int_mm where it is exact and faster than the float32 blocks: the best of 5 calls each, on one torch
+    thread (``_int_mm_np``'s), at 4 and 256 rows x 1024 x 1024: every row count where it wins at 256 (2-core EPYC:
+    0.7 vs 3 ms), up to INT_MM_DECODE_ROWS where it wins only at 4, else never. Exact: on rows that would saturate
+    an int16 pair sum (AVX2's vpmaddubsw without VNNI: optimum-quanto saw torch 2.4's CPU _int_mm overflow on an
+    EPYC 7R32) and random ones."""
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(-128, 128, (256, 1024), dtype=np.int8), rng.integers(-128, 128, (1024, 1024), dtype=np.int8)
+    a[0], a[1], a[2, ::2], a[2, 1::2] = 127, -128, 127, -128
+    b[:, 0], b[:, 1], b[::2, 2], b[1::2, 2] = 127, -128, -128, 127
+
+    def best(fn, *args) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    b_t = np.ascontiguousarray(b.T)
+    try:
+        if not np.array_equal(_int_mm_np(a, b_t), _int_matmul_rows(a.astype(np.float32), b_t)):
+            return 0
+        wins = [best(_int_mm_np, a[:m], b_t) < best(_int_matmul_rows, a[:m].astype(np.float32), b_t) for m in (4, 256)]
+    except RuntimeError:                     # a torch without a CPU kernel for it
+        return 0
+    return sys.maxsize if wins[1] else INT_MM_DECODE_ROWS if wins[0] else 0
+
+
+def _int_mm_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
+    """a (..., K) @ b_t (N, K).T by torch._int_mm on one torch thread, both int8 (numpy arrays shared with torch,
+    not copied). One thread: the numpy backend's float ops run on OpenBLAS's threads, and torch's OpenMP threads
+    spinning for the same cores between calls slow both (2-core EPYC: 1024 x 1536 x 384 plus an fp32 GEMM of
+    that shape, 9.5 ms with one torch thread, 24 ms with two; all-MiniLM-L6 W8A8 212 vs 389 ms)."""
+    a2 = np.ascontiguousarray(a.reshape(-1, a.shape[-1]))
+    b = b_t if b_t.flags.c_contiguous else np.ascontiguousarray(b_t)
+    saved = torch.get_num_threads()
+    if saved != 1:
+        torch.set_num_threads(1)
+    try:
+        if a2.flags.writeable and b.flags.writeable:
+            out = _int_mm(torch.from_numpy(a2), torch.from_numpy(b))
+        else:
+            with warnings.catch_warnings():  # read-only arrays (weights loaded from disk): torch only reads them
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                out = _int_mm(torch.from_numpy(a2), torch.from_numpy(b))
+    finally:
+        if saved != 1:
+            torch.set_num_threads(saved)
+    return out.numpy().reshape(*a.shape[:-1], b.shape[0])
+
+
+INT_MM_FLIP_BYTES = 1 << 22   # weights from this size on may multiply faster flipped (_int_mm)
+_int_mm_flip: dict[tuple[int, int], bool] = {}
+
+
+def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b_t (N, K).T by torch._int_mm, both contiguous int8. oneDNN reorders the weight on every call
+    for some shapes: at 2..16 rows of a with a large weight, (b_t @ a.T).T is then up to 2.5x faster (2-core
+    EPYC, one thread, 4 rows x 4096 x 4096: 2.3 vs 5.9 ms; 4 x 11008 x 4096: 7.9 vs 16.4 ms) and for others
+    slower (4 x 49152 x 576: 7.4 vs 4.2 ms; at 1 row and at small weights the two are even). So at those rows
+    and weights of INT_MM_FLIP_BYTES or more, the two forms are timed on the first call for each weight shape
+    (the faster of two calls each) and the faster kept for the process; the results are equal either way."""
+    m, (n, k) = a.shape[0], b_t.shape
+    if not 2 <= m <= ROW_CHUNK_MAX_M or n * k < INT_MM_FLIP_BYTES:
+        return torch._int_mm(a, b_t.T)
+    flip = _int_mm_flip.get((n, k))
+    if flip is None:
+        times = {}
+        for form in (False, True, False, True):
+            t0 = time.perf_counter()
+            out = torch._int_mm(b_t, a.T).T if form else torch._int_mm(a, b_t.T)
+            times[form] = min(times.get(form, math.inf), time.perf_counter() - t0)
+        flip = _int_mm_flip[(n, k)] = times[True] < times[False]
+        return out if flip else torch._int_mm(a, b_t.T)
+    return torch._int_mm(b_t, a.T).T if flip else torch._int_mm(a, b_t.T)
+
+
+def _use_int_mm(a, b_t, int8) -> bool:
+    k = a.shape[-1]
+    return (b_t.ndim == 2 and a.dtype == int8 and b_t.dtype == int8 and INT_MM_MIN_K <= k <= MAX_INT32_K
+            and math.prod(a.shape[:-1]) <= cpu_int_mm_rows())
+
+
 def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     """Exact int32 result of a @ b_t.T for int8 a (..., K) and b_t (N, K) (see module docstring). For K past
-    131071 a result outside int32 is refused (OverflowError), never wrapped. At decode's few rows of ``a``, b_t is
+    131071 a result outside int32 is refused (OverflowError), never wrapped. ``torch._int_mm`` multiplies up to
+    ``cpu_int_mm_rows()`` rows of ``a`` (K >= INT_MM_MIN_K); otherwise, at decode's few rows of ``a``, b_t is
     converted to fp32 a chunk of rows at a time (``row_chunks``)."""
     k = a.shape[-1]
     assert k < 2**39, "K too large for exact float64 block sums"
-    a32, b_t = np.asarray(a, dtype=np.float32), np.asarray(b_t)
+    a, b_t = np.asarray(a), np.asarray(b_t)
+    if _use_int_mm(a, b_t, np.int8):
+        return _int_mm_np(a, b_t)
+    a32 = a.astype(np.float32)
     if b_t.ndim != 2:
         return _int_matmul_rows(a32, b_t)
     m = a32.size // max(k, 1)
@@ -153,6 +282,9 @@ def int_matmul_torch(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     bits. torch._int_mm would also do on CUDA, but it has shape restrictions and no CPU kernel for all sizes."""
     if a.device.type != "cpu":
         return _int32(a.to(torch.float64) @ b_t.to(torch.float64).transpose(-1, -2), a.shape[-1])
+    if _use_int_mm(a, b_t, torch.int8):
+        out = _int_mm(a.reshape(-1, a.shape[-1]).contiguous(), b_t.contiguous())
+        return out.reshape(*a.shape[:-1], b_t.shape[0])
     a32, b32 = a.to(torch.float32), b_t.to(torch.float32).transpose(-1, -2)
     k = a.shape[-1]
     if k <= F32_EXACT_K:

@@ -1,5 +1,7 @@
 """Integer GEMM, requantize and the two quantized linears: the torch ops and the numpy backend agree
 bit for bit on every integer path, and the float epilogue follows the documented order exactly."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -25,17 +27,32 @@ def _rand_int8(rng, shape, lo=-128, hi=127):
 
 # --- int8 GEMM ----------------------------------------------------------------------------------------
 
+@pytest.fixture(params=["int_mm", "f32_blocks"])
+def int_path(request, monkeypatch):
+    """Both CPU ways of the exact int8 GEMM (numerics.cpu_int_mm): torch._int_mm and the float32 blocks, each
+    checked to be the one that ran (a spy counts torch._int_mm's calls; K < INT_MM_MIN_K never calls it)."""
+    use = request.param == "int_mm"
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1" if use else "0")
+    calls, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape[-1]) or real(*a))
+    ks = []
+    yield ks.append                                        # the test names each K it multiplies
+    want = [k for k in ks if k >= numerics.INT_MM_MIN_K] if use else []
+    assert calls == want, f"{request.param}: torch._int_mm called at K = {calls}, expected {want}"
+
+
 @pytest.mark.parametrize("a_shape, n", [((1, 1), 1), ((1, 37), 5), ((13, 33), 7), ((2, 3, 129), 17)])
-def test_int8_matmul_exact(a_shape, n):
+def test_int8_matmul_exact(a_shape, n, int_path):
     rng = np.random.default_rng(a_shape[-1])
     a, b = _rand_int8(rng, a_shape), _rand_int8(rng, (n, a_shape[-1]))
     want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
     assert_exact(ops.int8_matmul(torch.from_numpy(a), torch.from_numpy(b)), want, "torch int8_matmul")
     assert_exact(_np_op(ops.int8_matmul)(a, b), want, "numpy int8_matmul")
+    int_path(a_shape[-1]), int_path(a_shape[-1])
 
 
 @pytest.mark.parametrize("k", [1023, 1024, 1025, 2048, 3001])
-def test_float32_blocks_exact_at_their_edges(k):
+def test_float32_blocks_exact_at_their_edges(k, int_path):
     """int_matmul sums int8 products in float32 blocks of F32_EXACT_K = 1024: the worst case (-128 * -128 in
     every term: a block sum of exactly 2**24 at K = 1024) and random values stay exact across block edges."""
     assert numerics.F32_EXACT_K == 1024
@@ -49,6 +66,7 @@ def test_float32_blocks_exact_at_their_edges(k):
     assert_exact(numerics.int_matmul_np(a, b), want, "numpy")
     assert_exact(numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b)), want, "torch")
     assert_exact(numerics.int_matmul_np(a.reshape(2, 2, k), b), want.reshape(2, 2, -1), "numpy, batched")
+    int_path(k), int_path(k), int_path(k)
 
 
 @pytest.mark.parametrize("k", [37, 1500])
@@ -57,6 +75,7 @@ def test_int_matmul_exact_over_row_chunks(k, monkeypatch):
     (numerics.row_chunks): with chunks of 3 rows over 11 (the last one short), below and above the float32 block
     length, the result stays exact."""
     monkeypatch.setattr(numerics, "ROW_CHUNK_BYTES", 3 * 4 * k)
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "0")        # the float32 blocks (torch._int_mm takes it whole)
     assert [r.stop - r.start for r in numerics.row_chunks(11, k)] == [3, 3, 3, 2]
     assert numerics.row_chunks(11, k, m=numerics.ROW_CHUNK_MAX_M + 1) == [slice(0, 11)]    # prefill: whole
     rng = np.random.default_rng(k)
@@ -86,7 +105,7 @@ def test_weight_only_linear_over_row_chunks(g, sym, monkeypatch):
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
 
-def test_int32_accumulator_exact_at_the_largest_k():
+def test_int32_accumulator_exact_at_the_largest_k(int_path):
     # -128 * -128 summed MAX_K times is 2**31 - 2**14: the largest accumulator the int32 contract allows
     a = np.full((1, MAX_K), -128, np.int8)
     b = np.concatenate([np.full((1, MAX_K), -128, np.int8), np.full((1, MAX_K), 127, np.int8)])
@@ -94,6 +113,96 @@ def test_int32_accumulator_exact_at_the_largest_k():
     assert want.max() < 2**31
     assert_exact(numerics.int_matmul_np(a, b), want.astype(np.int32), "numpy")
     assert_exact(numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b)), want.astype(np.int32), "torch")
+    int_path(MAX_K), int_path(MAX_K)
+
+
+def test_int_mm_path_takes_any_layout(monkeypatch):
+    """torch._int_mm's path (numerics.cpu_int_mm) multiplies what numpy hands it as it is: a read-only weight (as
+    loaded from disk) without a warning, column-sliced and transposed views, no rows or columns, one of each;
+    exact. Below INT_MM_MIN_K it is not called: at K = 1 torch 2.11 and 2.13 return uninitialized memory."""
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1")
+    calls, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(7)
+    ro = _rand_int8(rng, (9, 21))
+    ro.flags.writeable = False
+    cases = [(_rand_int8(rng, (3, 21)), ro), (_rand_int8(rng, (2, 5, 40))[..., ::2], _rand_int8(rng, (9, 40))[:, 1::2]),
+             (_rand_int8(rng, (17, 6)).T, _rand_int8(rng, (17, 8)).T), (_rand_int8(rng, (0, 16)), _rand_int8(rng, (3, 16))),
+             (_rand_int8(rng, (2, 16)), _rand_int8(rng, (0, 16))), (_rand_int8(rng, (1, 16)), _rand_int8(rng, (1, 16)))]
+    import warnings
+    for a, b in cases:
+        want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = numerics.int_matmul_np(a, b)
+        assert_exact(got, want, f"numpy, a {a.shape} {a.strides}, b {b.shape} {b.strides}")
+        assert_exact(numerics.int_matmul_torch(torch.from_numpy(a.copy()), torch.from_numpy(b.copy()).T.T), want,
+                     "torch")
+    assert len(calls) == 2 * len(cases)
+    for k in (0, 1, numerics.INT_MM_MIN_K - 1):                      # the float32 blocks: exact at K = 1 too
+        a, b = _rand_int8(rng, (5, k)), _rand_int8(rng, (3, k))
+        assert_exact(numerics.int_matmul_np(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32), k)
+    assert len(calls) == 2 * len(cases)
+
+
+def test_int_mm_flipped_form_exact(monkeypatch):
+    """At 2..16 rows of a and a weight of INT_MM_FLIP_BYTES or more (lowered here to 64), _int_mm times a @ b.T
+    against (b @ a.T).T on the first call for each weight shape and keeps the faster: both forms, forced, give the
+    exact result on both paths; one row never flips; the first call records its choice."""
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1")
+    monkeypatch.setattr(numerics, "INT_MM_FLIP_BYTES", 64)
+    monkeypatch.setattr(numerics, "_int_mm_flip", {})
+    rng = np.random.default_rng(11)
+    b = _rand_int8(rng, (9, 20))
+    shapes = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda x, y: shapes.append(tuple(x.shape)) or real(x, y))
+    for rows in (1, 2, 5):
+        a = _rand_int8(rng, (rows, 20))
+        want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
+        for flip in (None, False, True):
+            numerics._int_mm_flip.clear()
+            if flip is not None:
+                numerics._int_mm_flip[(9, 20)] = flip
+            shapes.clear()
+            assert_exact(numerics.int_matmul_np(a, b), want, f"numpy, {rows} rows, flip {flip}")
+            assert_exact(numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b)), want, "torch")
+            if rows == 1:
+                assert shapes == [(1, 20)] * 2 and (flip is not None or not numerics._int_mm_flip)
+            elif flip is None:
+                assert numerics._int_mm_flip.keys() == {(9, 20)} and (9, 20) in shapes and (rows, 20) in shapes
+            else:
+                assert shapes == [(9, 20) if flip else (rows, 20)] * 2
+
+
+def test_cpu_int_mm_choice(monkeypatch):
+    """SLIMFX_CPU_INT_MM forces the choice (1: every row count, 0: none) and a value that is neither is refused by
+    name; unset, it is measured once (cached: the second call does not measure again), leaving the caller's torch
+    thread count as it was, and the row limit is what the int_matmul functions follow."""
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "yes")
+    with pytest.raises(ValueError, match="SLIMFX_CPU_INT_MM='yes'"):
+        numerics.cpu_int_mm_rows()
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "0")
+    assert numerics.cpu_int_mm_rows() == 0
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1")
+    assert numerics.cpu_int_mm_rows() >= 2**31
+    monkeypatch.delenv(numerics.CPU_INT_MM_ENV)
+    monkeypatch.setattr(numerics, "_cpu_int_mm_rows", None)
+    measured, real = [], numerics._measure_cpu_int_mm
+    monkeypatch.setattr(numerics, "_measure_cpu_int_mm", lambda: measured.append(1) or real())
+    threads = torch.get_num_threads()
+    first = numerics.cpu_int_mm_rows()
+    assert first in (0, numerics.INT_MM_DECODE_ROWS, sys.maxsize)
+    assert numerics.cpu_int_mm_rows() == first and measured == [1] and torch.get_num_threads() == threads
+    monkeypatch.setattr(numerics, "_cpu_int_mm_rows", 3)                     # up to 3 rows of a
+    calls, real_mm = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape[0]) or real_mm(*a))
+    rng = np.random.default_rng(1)
+    b = _rand_int8(rng, (5, 32))
+    for rows in (1, 3, 4):
+        a = _rand_int8(rng, (rows, 32))
+        assert_exact(numerics.int_matmul_np(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32), rows)
+    assert calls == [1, 3]
 
 
 # --- requantize ---------------------------------------------------------------------------------------
