@@ -81,12 +81,13 @@ def main(argv=None) -> None:
     md = [f"# Exact int8 GEMM on the CPU: {cpu}", "",
           f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs; "
           f"`python bench/cpu_int8.py --repeats {args.repeats}` (median ms of {args.repeats} calls each, warmed up).",
-          "", "`fp32 sgemm`: numpy's fp32 `x @ w.T`, the linear an unquantized model runs on the numpy backend (OpenBLAS, "
-          "its threads). `int8 blocks`: the exact int8 GEMM as float32 blocks of K <= 1024 (numpy sgemm; the weight "
-          "converted to fp32 a cache-sized chunk of rows at a time at <= 16 rows). `int8 _int_mm`: torch._int_mm on "
+          "", "`fp32 sgemm`: numpy's fp32 `x @ w.T`, the linear an unquantized model runs on the numpy backend "
+          "(OpenBLAS, its threads). `int8 blocks`: the exact int8 GEMM as float32 blocks of K <= 1024 (numpy sgemm; "
+          "the weight converted to fp32 a cache-sized chunk of rows at a time at <= 16 rows). `int8 _int_mm`: "
+          "torch._int_mm on "
           "one torch thread. `W8A8 linear`: the whole dynamic per-token linear (quantize the rows, the int8 GEMM, "
           "scale to fp32). Each cell: ms (speedup over fp32 sgemm). Every int8 result equals int64 arithmetic.", "",
-          f"This machine's measured choice (`slimfx.quant.numerics.cpu_int_mm_rows()`): torch._int_mm "
+          "This machine's measured choice (`slimfx.quant.numerics.cpu_int_mm_rows()`): torch._int_mm "
           + ("for every row count" if chosen >= 2**31 else f"up to {chosen} rows" if chosen else "never") + ".", "",
           "| model | layer | M | N | K | " + " | ".join(cols) + " |",
           "|---|---|---:|---:|---:|" + "---:|" * len(cols)]

@@ -1,6 +1,7 @@
 """Integer GEMM, requantize and the two quantized linears: the torch ops and the numpy backend agree
 bit for bit on every integer path, and the float epilogue follows the documented order exactly."""
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -127,9 +128,9 @@ def test_int_mm_path_takes_any_layout(monkeypatch):
     ro = _rand_int8(rng, (9, 21))
     ro.flags.writeable = False
     cases = [(_rand_int8(rng, (3, 21)), ro), (_rand_int8(rng, (2, 5, 40))[..., ::2], _rand_int8(rng, (9, 40))[:, 1::2]),
-             (_rand_int8(rng, (17, 6)).T, _rand_int8(rng, (17, 8)).T), (_rand_int8(rng, (0, 16)), _rand_int8(rng, (3, 16))),
-             (_rand_int8(rng, (2, 16)), _rand_int8(rng, (0, 16))), (_rand_int8(rng, (1, 16)), _rand_int8(rng, (1, 16)))]
-    import warnings
+             (_rand_int8(rng, (17, 6)).T, _rand_int8(rng, (17, 8)).T),
+             (_rand_int8(rng, (0, 16)), _rand_int8(rng, (3, 16))), (_rand_int8(rng, (2, 16)), _rand_int8(rng, (0, 16))),
+             (_rand_int8(rng, (1, 16)), _rand_int8(rng, (1, 16)))]
     for a, b in cases:
         want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
         with warnings.catch_warnings():
