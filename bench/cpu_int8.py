@@ -87,8 +87,10 @@ def main(argv=None) -> None:
           "torch._int_mm on "
           "one torch thread. `W8A8 linear`: the whole dynamic per-token linear (quantize the rows, the int8 GEMM, "
           "scale to fp32). Each cell: ms (speedup over fp32 sgemm). Every int8 result equals int64 arithmetic.", "",
-          "This machine's measured choice (`slimfx.quant.numerics.cpu_int_mm_rows()`): torch._int_mm "
-          + ("for every row count" if chosen >= 2**31 else f"up to {chosen} rows" if chosen else "never") + ".", "",
+          ("Forced by SLIMFX_CPU_INT_MM" if os.environ.get(numerics.CPU_INT_MM_ENV, "").strip() else
+           "This machine's measured choice") + " (`slimfx.quant.numerics.cpu_int_mm_rows()`) for the numpy backend: "
+          "torch._int_mm " + ("for every row count" if chosen >= 2**31 else f"up to {chosen} rows" if chosen else
+                              "never") + ".", "",
           "| model | layer | M | N | K | " + " | ".join(cols) + " |",
           "|---|---|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:

@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -45,13 +44,12 @@ def quantize_np(x: np.ndarray, scale, zero_point=0, qmin: int = INT8_QMIN, qmax:
     x = np.asarray(x, dtype=np.float32)
     scale = np.asarray(scale, dtype=np.float32)
     zero_point = np.asarray(zero_point, dtype=np.float32)
-    q = np.asarray(x / scale)                  # (a 0-d quotient is a numpy scalar: made an array to work in)
-    if zero_point.ndim:
-        q = np.round(q) + zero_point
-    else:                                     # in place: the same values without two more arrays of x's size
-        np.round(q, out=q)
-        if zero_point:                        # (adding a zero changes no code: -0.0 and 0.0 both clip to 0)
-            q += zero_point
+    q = x / scale
+    if zero_point.ndim or not isinstance(q, np.ndarray):      # (0-d operands: a numpy scalar, returned as one)
+        return np.clip(np.round(q) + zero_point, qmin, qmax).astype(dtype)
+    np.round(q, out=q)                        # in place: the same values without two more arrays of x's size
+    if zero_point:                            # (adding a zero changes no code: -0.0 and 0.0 both clip to 0)
+        q += zero_point
     return np.clip(q, qmin, qmax, out=q).astype(dtype)
 
 
@@ -107,7 +105,10 @@ def row_chunks(n: int, k: int, m: int = 1) -> list[slice]:
 
 
 CPU_INT_MM_ENV = "SLIMFX_CPU_INT_MM"   # "1": always torch._int_mm on the CPU, "0": never; unset: measured
-INT_MM_MIN_K = 16   # torch._int_mm on the CPU returns uninitialized memory at K = 1 (torch 2.11 and 2.13, N > 1)
+# Below this K, the float32 blocks. torch._int_mm on the CPU (torch 2.11 and 2.13) misreads a size-1 dimension whose
+# stride is not the standard one, returning uninitialized memory: at K = 1 the transposed weight (1, N) has strides
+# (1, 1). The operands are given standard strides (_standard); small K has nothing to gain anyway.
+INT_MM_MIN_K = 16
 INT_MM_DECODE_ROWS = 16   # where torch._int_mm wins only at decode's shape: used up to this many rows
 _cpu_int_mm_rows: int | None = None
 
@@ -132,7 +133,7 @@ def _measure_cpu_int_mm() -> int:
     thread (``_int_mm_np``'s), at 4 and 256 rows x 1024 x 1024: every row count where it wins at 256 (2-core EPYC:
     0.7 vs 3 ms), up to INT_MM_DECODE_ROWS where it wins only at 4, else never. Exact: on rows that would saturate
     an int16 pair sum (AVX2's vpmaddubsw without VNNI: optimum-quanto saw torch 2.4's CPU _int_mm overflow on an
-    EPYC 7R32) and random ones."""
+    EPYC 7R32) and random ones, in both of ``_int_mm``'s forms."""
     rng = np.random.default_rng(0)
     a, b = rng.integers(-128, 128, (256, 1024), dtype=np.int8), rng.integers(-128, 128, (1024, 1024), dtype=np.int8)
     a[0], a[1], a[2, ::2], a[2, 1::2] = 127, -128, 127, -128
@@ -148,7 +149,9 @@ def _measure_cpu_int_mm() -> int:
 
     b_t = np.ascontiguousarray(b.T)
     try:
-        if not np.array_equal(_int_mm_np(a, b_t), _int_matmul_rows(a.astype(np.float32), b_t)):
+        want = _int_matmul_rows(a.astype(np.float32), b_t)
+        flipped = torch._int_mm(torch.from_numpy(b_t), torch.from_numpy(a[:4]).T).T      # _int_mm's other form
+        if not (np.array_equal(_int_mm_np(a, b_t), want) and np.array_equal(flipped.numpy(), want[:4])):
             return 0
         wins = [best(_int_mm_np, a[:m], b_t) < best(_int_matmul_rows, a[:m].astype(np.float32), b_t) for m in (4, 256)]
     except RuntimeError:                     # a torch without a CPU kernel for it
@@ -161,26 +164,35 @@ def _int_mm_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     not copied). One thread: the numpy backend's float ops run on OpenBLAS's threads, and torch's OpenMP threads
     spinning for the same cores between calls slow both (2-core EPYC: 1024 x 1536 x 384 plus an fp32 GEMM of
     that shape, 9.5 ms with one torch thread, 24 ms with two; all-MiniLM-L6 W8A8 212 vs 389 ms)."""
-    a2 = np.ascontiguousarray(a.reshape(-1, a.shape[-1]))
-    b = b_t if b_t.flags.c_contiguous else np.ascontiguousarray(b_t)
+    a2, b = _standard(a.reshape(-1, a.shape[-1])), _standard(b_t)
     saved = torch.get_num_threads()
     if saved != 1:
         torch.set_num_threads(1)
     try:
-        if a2.flags.writeable and b.flags.writeable:
-            out = _int_mm(torch.from_numpy(a2), torch.from_numpy(b))
-        else:
-            with warnings.catch_warnings():  # read-only arrays (weights loaded from disk): torch only reads them
-                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                out = _int_mm(torch.from_numpy(a2), torch.from_numpy(b))
+        out = _int_mm(torch.from_numpy(a2), torch.from_numpy(b))
     finally:
         if saved != 1:
             torch.set_num_threads(saved)
     return out.numpy().reshape(*a.shape[:-1], b.shape[0])
 
 
+def _standard(x: np.ndarray) -> np.ndarray:
+    """x (2-D int8) as it is where its strides are the standard row-major ones and it is writable, else a copy:
+    oneDNN misreads a size-1 dimension of another stride (a (1, K) row broadcast or taken with ``v[None]`` has
+    stride 0 there, and numpy calls it C-contiguous all the same), and torch warns on every read-only array
+    (weights mapped from disk) it is handed."""
+    if x.strides == (x.shape[1] * x.itemsize, x.itemsize) and x.flags.writeable:
+        return x
+    return np.array(x, order="C")
+
+
+def _standard_t(x: torch.Tensor) -> torch.Tensor:
+    """``_standard`` for a torch tensor."""
+    return x if x.stride() == (x.shape[1], 1) else x.clone(memory_format=torch.contiguous_format)
+
+
 INT_MM_FLIP_BYTES = 1 << 22   # weights from this size on may multiply faster flipped (_int_mm)
-_int_mm_flip: dict[tuple[int, int], bool] = {}
+_int_mm_flip: dict[tuple[int, int, int], bool] = {}   # (N, K, torch threads) -> the flipped form is faster
 
 
 def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -188,21 +200,24 @@ def _int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     for some shapes: at 2..16 rows of a with a large weight, (b_t @ a.T).T is then up to 2.5x faster (2-core
     EPYC, one thread, 4 rows x 4096 x 4096: 2.3 vs 5.9 ms; 4 x 11008 x 4096: 7.9 vs 16.4 ms) and for others
     slower (4 x 49152 x 576: 7.4 vs 4.2 ms; at 1 row and at small weights the two are even). So at those rows
-    and weights of INT_MM_FLIP_BYTES or more, the two forms are timed on the first call for each weight shape
-    (the faster of two calls each) and the faster kept for the process; the results are equal either way."""
+    and weights of INT_MM_FLIP_BYTES or more, the two forms are timed on the first call for each weight shape and
+    torch thread count (the faster of two calls each, at that call's rows) and the faster kept for the process;
+    the results are equal either way (the flipped one copied back to row-major). Both operands must have standard
+    strides (``_standard``)."""
     m, (n, k) = a.shape[0], b_t.shape
     if not 2 <= m <= ROW_CHUNK_MAX_M or n * k < INT_MM_FLIP_BYTES:
         return torch._int_mm(a, b_t.T)
-    flip = _int_mm_flip.get((n, k))
+    key = (n, k, torch.get_num_threads())
+    flip = _int_mm_flip.get(key)
     if flip is None:
         times = {}
         for form in (False, True, False, True):
             t0 = time.perf_counter()
-            out = torch._int_mm(b_t, a.T).T if form else torch._int_mm(a, b_t.T)
+            out = torch._int_mm(b_t, a.T).T.contiguous() if form else torch._int_mm(a, b_t.T)
             times[form] = min(times.get(form, math.inf), time.perf_counter() - t0)
-        flip = _int_mm_flip[(n, k)] = times[True] < times[False]
+        flip = _int_mm_flip[key] = times[True] < times[False]
         return out if flip else torch._int_mm(a, b_t.T)
-    return torch._int_mm(b_t, a.T).T if flip else torch._int_mm(a, b_t.T)
+    return torch._int_mm(b_t, a.T).T.contiguous() if flip else torch._int_mm(a, b_t.T)
 
 
 def _use_int_mm(a, b_t, int8) -> bool:
@@ -277,13 +292,14 @@ def absmax_scale_torch(x: torch.Tensor, dim, qmax: int = SYM_INT8_QMAX) -> torch
 
 
 def int_matmul_torch(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a @ b_t.T: float32 blocks like the numpy twin on the CPU (module docstring); float64 on
-    other devices, where a float32 matmul may run in TF32 (torch.backends.cuda.matmul.allow_tf32) and lose
-    bits. torch._int_mm would also do on CUDA, but it has shape restrictions and no CPU kernel for all sizes."""
+    """Exact int32 a @ b_t.T: on the CPU as the numpy twin computes it (torch._int_mm where
+    ``cpu_int_mm_rows`` says so, on torch's threads as they are; else float32 blocks: module docstring); float64
+    on other devices, where a float32 matmul may run in TF32 (torch.backends.cuda.matmul.allow_tf32) and lose
+    bits (torch._int_mm on CUDA refuses 16 rows or fewer and K, N not multiples of 8)."""
     if a.device.type != "cpu":
         return _int32(a.to(torch.float64) @ b_t.to(torch.float64).transpose(-1, -2), a.shape[-1])
     if _use_int_mm(a, b_t, torch.int8):
-        out = _int_mm(a.reshape(-1, a.shape[-1]).contiguous(), b_t.contiguous())
+        out = _int_mm(_standard_t(a.reshape(-1, a.shape[-1])), _standard_t(b_t))
         return out.reshape(*a.shape[:-1], b_t.shape[0])
     a32, b32 = a.to(torch.float32), b_t.to(torch.float32).transpose(-1, -2)
     k = a.shape[-1]

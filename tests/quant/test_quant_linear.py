@@ -131,6 +131,9 @@ def test_int_mm_path_takes_any_layout(monkeypatch):
              (_rand_int8(rng, (17, 6)).T, _rand_int8(rng, (17, 8)).T),
              (_rand_int8(rng, (0, 16)), _rand_int8(rng, (3, 16))), (_rand_int8(rng, (2, 16)), _rand_int8(rng, (0, 16))),
              (_rand_int8(rng, (1, 16)), _rand_int8(rng, (1, 16)))]
+    v = _rand_int8(rng, 24)                # one-row weights whose row has stride 0 (numpy calls them C-contiguous)
+    cases += [(_rand_int8(rng, (3, 24)), v[None]), (_rand_int8(rng, (2, 24)), np.broadcast_to(v, (1, 24))),
+              (_rand_int8(rng, (1, 24))[[0, 0]][:1], np.atleast_2d(v))]
     for a, b in cases:
         want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
         with warnings.catch_warnings():
@@ -139,11 +142,14 @@ def test_int_mm_path_takes_any_layout(monkeypatch):
         assert_exact(got, want, f"numpy, a {a.shape} {a.strides}, b {b.shape} {b.strides}")
         assert_exact(numerics.int_matmul_torch(torch.from_numpy(a.copy()), torch.from_numpy(b.copy()).T.T), want,
                      "torch")
-    assert len(calls) == 2 * len(cases)
+    tv = torch.from_numpy(v).as_strided((1, 24), (0, 1))                    # torch's own stride-0 row
+    ta = torch.from_numpy(_rand_int8(rng, (4, 24)))
+    assert_exact(numerics.int_matmul_torch(ta, tv), (ta.long() @ tv.long().T).int(), "torch, stride-0 row")
+    assert len(calls) == 2 * len(cases) + 1
     for k in (0, 1, numerics.INT_MM_MIN_K - 1):                      # the float32 blocks: exact at K = 1 too
         a, b = _rand_int8(rng, (5, k)), _rand_int8(rng, (3, k))
         assert_exact(numerics.int_matmul_np(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32), k)
-    assert len(calls) == 2 * len(cases)
+    assert len(calls) == 2 * len(cases) + 1
 
 
 def test_int_mm_flipped_form_exact(monkeypatch):
@@ -163,17 +169,22 @@ def test_int_mm_flipped_form_exact(monkeypatch):
         want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
         for flip in (None, False, True):
             numerics._int_mm_flip.clear()
+            key = (9, 20, torch.get_num_threads())       # the torch path times on the caller's threads
             if flip is not None:
-                numerics._int_mm_flip[(9, 20)] = flip
+                numerics._int_mm_flip[key] = numerics._int_mm_flip[(9, 20, 1)] = flip
             shapes.clear()
-            assert_exact(numerics.int_matmul_np(a, b), want, f"numpy, {rows} rows, flip {flip}")
-            assert_exact(numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b)), want, "torch")
+            got = numerics.int_matmul_np(a, b)
+            assert_exact(got, want, f"numpy, {rows} rows, flip {flip}")
+            got_t = numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b))
+            assert_exact(got_t, want, "torch")
+            assert got.flags.c_contiguous and got_t.is_contiguous()       # row-major, as the op's fake says
             if rows == 1:
                 assert shapes == [(1, 20)] * 2 and (flip is not None or not numerics._int_mm_flip)
             elif flip is None:
-                assert numerics._int_mm_flip.keys() == {(9, 20)} and (9, 20) in shapes and (rows, 20) in shapes
+                assert key in numerics._int_mm_flip and (9, 20) in shapes and (rows, 20) in shapes
             else:
                 assert shapes == [(9, 20) if flip else (rows, 20)] * 2
+                torch.library.opcheck(ops.int8_matmul.default, (torch.from_numpy(a), torch.from_numpy(b)))
 
 
 def test_cpu_int_mm_choice(monkeypatch):
@@ -204,6 +215,22 @@ def test_cpu_int_mm_choice(monkeypatch):
         a = _rand_int8(rng, (rows, 32))
         assert_exact(numerics.int_matmul_np(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32), rows)
     assert calls == [1, 3]
+
+
+@pytest.mark.parametrize("wrong", ["plain", "flipped"])
+def test_cpu_int_mm_probe_refuses_a_wrong_int_mm(wrong, monkeypatch):
+    """The measurement takes torch._int_mm only where it is exact in both of _int_mm's forms: one off by one in
+    a single product sum (plain: a @ w.T; flipped: (w @ a.T).T, its first operand the weight's 1024 rows) is
+    never used, however fast."""
+    real = torch._int_mm
+
+    def off(x, y):
+        out = real(x, y)
+        if (x.shape[0] == 1024) == (wrong == "flipped"):
+            out[0, 0] += 1
+        return out
+    monkeypatch.setattr(torch, "_int_mm", off)
+    assert numerics._measure_cpu_int_mm() == 0
 
 
 # --- requantize ---------------------------------------------------------------------------------------
