@@ -49,6 +49,7 @@ test-gpu-versions: $(GPU_VENV)/.installed
 
 bench: $(VENV)/.models
 	HF_HUB_OFFLINE=1 $(PY) bench/minilm_cpu.py
+	$(PY) bench/cpu_int8.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_numpy.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_quant.py
 	HF_HUB_OFFLINE=1 $(PY) bench/smollm2_prune.py

@@ -14,10 +14,11 @@ exactly in any summation order (FMA included); the blocks' results are added in 
 
 On a CPU where torch's own int8 GEMM (``torch._int_mm``: oneDNN's, with VNNI) is faster, both int_matmul
 functions use it instead: exact too (int32 accumulation; products summed by VNNI without saturating), and
-2-9x faster than the float32 blocks (2-core EPYC, one torch thread: 4 x 576 x 1536 in 0.05 ms vs 0.45,
-4 x 49152 x 576 in 4.5 ms vs 15.7, 1024 x 1536 x 384 in 2.7 ms; fp32's own matmul 0.20, 10.2 and 6.3 ms), so that
-int8 weights are faster than fp32 ones. Without VNNI its fallback is 3-7x slower than the float32 blocks (1.5 ms
-at 4 x 576 x 1536), hence the choice is measured, once per process (``cpu_int_mm_rows``).
+1.6-9x faster than the float32 blocks (2-core EPYC, one torch thread, bench/cpu_int8.py: 4 x 576 x 1536 in
+0.06 ms vs 0.19-0.45, 4 x 49152 x 576 in 3.5-4.5 ms vs 15.7, 1024 x 1536 x 384 in 2.7 ms vs 6.3-8.3; numpy's fp32
+matmul 0.20, 9.3-10.2 and 5.8-6.5 ms), so that int8 weights multiply faster than fp32 ones from 2 rows on (at one
+row of a weight in cache numpy's fp32 GEMV is as fast). Without VNNI its fallback is 3-7x slower than the float32
+blocks (1.5 ms at 4 x 576 x 1536), hence the choice is measured, once per process (``cpu_int_mm_rows``).
 """
 from __future__ import annotations
 
