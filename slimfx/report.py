@@ -146,8 +146,16 @@ class Report:
                              "out x in": " x ".join(map(str, out_in)),        # (a 1-D weight: "in")
                              "dtype": str(w.dtype).replace("torch.", ""),
                              "sparsity": float((w == 0).float().mean()),
-                             "kernel": ir.meta.info(n).kernel or f"{self.backend} dense"})
+                             "kernel": ir.meta.info(n).kernel or self._dense_kernel(n, w)})
         return rows
+
+    def _dense_kernel(self, n: fx.Node, w: torch.Tensor) -> str:
+        """What a backend without a kernel choice runs for a linear: on numpy, an int8 layer's exact GEMM as this
+        CPU runs it (slimfx.quant.numerics.cpu_int8_gemm: torch._int_mm or the float32 blocks)."""
+        if self.backend == "numpy" and n.target is torch.ops.slimfx.quantized_linear.default and w.dim() == 2:
+            from .quant.numerics import cpu_int8_gemm
+            return f"numpy int8 GEMM: {cpu_int8_gemm(w.shape[1])}"
+        return f"{self.backend} dense"
 
     def quant_layers(self) -> list[dict]:
         """One row per quantized layer (``ir.meta.info(node).quant``): scheme, bits, granularity, observed

@@ -105,7 +105,8 @@ def test_load_on_triton(tmp_path, monkeypatch):
     assert torch.equal(got.cpu(), want.cpu())
     assert all(r["kernel"] != "triton dense" for r in loaded.report().layers())       # the kernels ran
     again = slimfx.load(loaded.save(tmp_path / "from-triton"), backend="numpy")   # a device's choices stay there
-    assert all(r["kernel"] == "numpy dense" for r in again.report().layers())
+    assert all(r["kernel"] in ("numpy dense", "numpy int8 GEMM: torch._int_mm", "numpy int8 GEMM: float32 blocks")
+               or r["kernel"].startswith("numpy int8 GEMM: torch._int_mm <=") for r in again.report().layers())
 
 
 def test_minilm_w8a8_file_holds_int8_weights(minilm, tmp_path):

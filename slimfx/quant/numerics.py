@@ -129,6 +129,13 @@ def cpu_int_mm_rows() -> int:
     return _cpu_int_mm_rows
 
 
+def cpu_int8_gemm(k: int) -> str:
+    """What multiplies an int8 layer of ``k`` inputs on this CPU (``cpu_int_mm_rows``), for reports."""
+    rows = cpu_int_mm_rows() if INT_MM_MIN_K <= k <= MAX_INT32_K else 0
+    return ("torch._int_mm" if rows >= 2**31 else f"torch._int_mm <= {rows} rows, else float32 blocks" if rows
+            else "float32 blocks")
+
+
 def _measure_cpu_int_mm() -> int:
     """torch._int_mm where it is exact and faster than the float32 blocks: the best of 5 calls each, on one torch
     thread (``_int_mm_np``'s), at 4 and 256 rows x 1024 x 1024: every row count where it wins at 256 (2-core EPYC:

@@ -117,6 +117,24 @@ def test_linear_with_a_vector_weight():
     assert cm.report().layers()[0]["out x in"] == "8" and "linear" in str(cm.report())
 
 
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_report_names_the_cpu_int8_gemm(flag, monkeypatch):
+    """The layer table says what multiplies each W8A8 layer on numpy: torch._int_mm or the float32 blocks
+    (SLIMFX_CPU_INT_MM forces one), the blocks for K < 16 always; float layers stay "numpy dense"."""
+    from slimfx import passes as P
+    from slimfx.quant import numerics
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, flag)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(37, 20), nn.ReLU(), nn.Linear(20, 8), nn.Linear(8, 5)).eval()
+    x = torch.randn(3, 37)
+    cm = slimfx.compile(m, (x,), passes=[P.Quantize(weights="int8", activations="dynamic", exclude="2")],
+                        progress=False)
+    kernels = [r["kernel"] for r in cm.report().layers()]
+    gemm = "torch._int_mm" if flag == "1" else "float32 blocks"
+    # K = 37; module 2 kept float; K = 8 < 16
+    assert kernels == [f"numpy int8 GEMM: {gemm}", "numpy dense", "numpy int8 GEMM: float32 blocks"], kernels
+
+
 def test_bitwise_ops_and_a_narrow_gather_match_torch():
     """Integer &, |, ^, ~ ran as logical ops (5 & 3 gave 1, ~5 gave 0, silently); a gather index smaller than x
     in another dim was broadcast over x (shape (4, 3) for torch's (1, 3)). With the reductions added since."""
