@@ -27,20 +27,22 @@ sys.path.insert(0, str(ROOT))
 import slimfx  # noqa: E402
 from bench.common import cpu_name, description, save  # noqa: E402
 from bench.models import english_text, load_smollm2  # noqa: E402
-from slimfx.passes import Quantize, SmoothQuant, sqnr_db  # noqa: E402
+from slimfx.passes import Fuse, Quantize, SmoothQuant, sqnr_db  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain in one sentence what a compiler does.", "List three prime numbers."]
 MODES = {
     "fp32": lambda: [],
     "w8a8": lambda: [Quantize(weights="int8", activations="dynamic-per-token", exclude="lm_head")],
+    "w8a8-fuse": lambda: [Quantize(weights="int8", activations="dynamic-per-token", exclude="lm_head"), Fuse()],
     "w8a8-sq": lambda: [SmoothQuant(alpha=0.5),
                         Quantize(weights="int8", activations="dynamic-per-token", exclude="lm_head")],
     "w8a16": lambda: [Quantize(weights="int8", exclude="lm_head")],
     "w4-gptq": lambda: [Quantize(weights="int4", group_size=64, method="gptq", exclude="lm_head")],
     "w4-rtn": lambda: [Quantize(weights="int4", group_size=64, exclude="lm_head")],
 }
-LABELS = {"fp32": "fp32 (no passes)", "w8a8": "W8A8 dynamic per-token", "w8a8-sq": "SmoothQuant 0.5 + W8A8", "w8a16": "W8A16 per-channel",
+LABELS = {"fp32": "fp32 (no passes)", "w8a8": "W8A8 dynamic per-token", "w8a8-fuse": "W8A8 dynamic per-token + Fuse",
+          "w8a8-sq": "SmoothQuant 0.5 + W8A8", "w8a16": "W8A16 per-channel",
           "w4-gptq": "W4A16 g64 GPTQ", "w4-rtn": "W4A16 g64 round-to-nearest"}
 
 
@@ -81,7 +83,7 @@ def answer_tables(rows: list) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=description(__doc__))
-    p.add_argument("--modes", default="fp32,w8a8,w8a8-sq,w8a16,w4-gptq,w4-rtn")
+    p.add_argument("--modes", default="fp32,w8a8,w8a8-fuse,w8a8-sq,w8a16,w4-gptq,w4-rtn")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--name", default="smollm2_generate")
