@@ -117,9 +117,13 @@ _cpu_int_mm_rows: int | None = None
 def cpu_int_mm_rows() -> int:
     """Up to how many rows of ``a`` the int_matmul functions multiply int8 on the CPU with ``torch._int_mm``
     (module docstring; 0: never). ``SLIMFX_CPU_INT_MM`` = 1 / 0 forces always / never; otherwise it is measured
-    once per process (``_measure_cpu_int_mm``)."""
+    once per process (``_measure_cpu_int_mm``). Forced on where torch._int_mm is not exact (``int_mm_exact``), it is
+    refused: never a wrong integer."""
     global _cpu_int_mm_rows
     forced = os.environ.get(CPU_INT_MM_ENV, "").strip()
+    if forced == "1" and not int_mm_exact():
+        raise ValueError(f"{CPU_INT_MM_ENV}=1, but torch._int_mm is not exact on this CPU (it differs from int64 "
+                         f"arithmetic on slimfx's probe); unset it or set it to 0 for the float32 blocks")
     if forced in ("0", "1"):
         return sys.maxsize if forced == "1" else 0
     if forced:
@@ -136,16 +140,41 @@ def cpu_int8_gemm(k: int) -> str:
             else "float32 blocks")
 
 
-def _measure_cpu_int_mm() -> int:
-    """torch._int_mm where it is exact and faster than the float32 blocks: the best of 5 calls each, on one torch
-    thread (``_int_mm_np``'s), at 4 and 256 rows x 1024 x 1024: every row count where it wins at 256 (2-core EPYC:
-    0.7 vs 3 ms), up to INT_MM_DECODE_ROWS where it wins only at 4, else never. Exact: on rows that would saturate
-    an int16 pair sum (AVX2's vpmaddubsw without VNNI: optimum-quanto saw torch 2.4's CPU _int_mm overflow on an
-    EPYC 7R32) and random ones, in both of ``_int_mm``'s forms."""
+_int_mm_exact: bool | None = None
+
+
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm gives exact int32 results on this CPU, in both of ``_int_mm``'s forms (once per
+    process): on rows that would saturate an int16 pair sum (AVX2's vpmaddubsw without VNNI: optimum-quanto saw
+    torch 2.4's CPU _int_mm overflow on an EPYC 7R32) and random ones, against the float32 blocks."""
+    global _int_mm_exact
+    if _int_mm_exact is None:
+        a, b_t = _probe_operands()
+        want = _int_matmul_rows(a.astype(np.float32), b_t)
+        try:
+            flipped = torch._int_mm(torch.from_numpy(b_t), torch.from_numpy(a[:4]).T).T.numpy()
+            _int_mm_exact = bool(np.array_equal(_int_mm_np(a, b_t), want) and np.array_equal(flipped, want[:4]))
+        except RuntimeError:                 # a torch without a CPU kernel for it
+            _int_mm_exact = False
+    return _int_mm_exact
+
+
+def _probe_operands() -> tuple[np.ndarray, np.ndarray]:
+    """a (256, 1024) and b_t (1024, 1024), int8, with rows and columns of the extremes."""
     rng = np.random.default_rng(0)
     a, b = rng.integers(-128, 128, (256, 1024), dtype=np.int8), rng.integers(-128, 128, (1024, 1024), dtype=np.int8)
     a[0], a[1], a[2, ::2], a[2, 1::2] = 127, -128, 127, -128
     b[:, 0], b[:, 1], b[::2, 2], b[1::2, 2] = 127, -128, -128, 127
+    return a, np.ascontiguousarray(b.T)
+
+
+def _measure_cpu_int_mm() -> int:
+    """torch._int_mm where it is exact (``int_mm_exact``) and faster than the float32 blocks: the best of 5 calls
+    each, on one torch thread (``_int_mm_np``'s), at 4 and 256 rows x 1024 x 1024: every row count where it wins at
+    256 (2-core EPYC: 0.7 vs 3 ms), up to INT_MM_DECODE_ROWS where it wins only at 4, else never."""
+    if not int_mm_exact():
+        return 0
+    a, b_t = _probe_operands()
 
     def best(fn, *args) -> float:
         times = []
@@ -155,15 +184,7 @@ def _measure_cpu_int_mm() -> int:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    b_t = np.ascontiguousarray(b.T)
-    try:
-        want = _int_matmul_rows(a.astype(np.float32), b_t)
-        flipped = torch._int_mm(torch.from_numpy(b_t), torch.from_numpy(a[:4]).T).T      # _int_mm's other form
-        if not (np.array_equal(_int_mm_np(a, b_t), want) and np.array_equal(flipped.numpy(), want[:4])):
-            return 0
-        wins = [best(_int_mm_np, a[:m], b_t) < best(_int_matmul_rows, a[:m].astype(np.float32), b_t) for m in (4, 256)]
-    except RuntimeError:                     # a torch without a CPU kernel for it
-        return 0
+    wins = [best(_int_mm_np, a[:m], b_t) < best(_int_matmul_rows, a[:m].astype(np.float32), b_t) for m in (4, 256)]
     return sys.maxsize if wins[1] else INT_MM_DECODE_ROWS if wins[0] else 0
 
 

@@ -22,6 +22,11 @@ def _np_op(op):
     return NUMPY_OPS[op.default]
 
 
+# torch._int_mm's path is tested where this CPU's is exact (numerics.int_mm_exact: the probe slimfx runs before
+# taking it; where it fails, slimfx keeps the float32 blocks and refuses SLIMFX_CPU_INT_MM=1)
+needs_exact_int_mm = pytest.mark.skipif(not numerics.int_mm_exact(), reason="torch._int_mm is not exact on this CPU")
+
+
 def _rand_int8(rng, shape, lo=-128, hi=127):
     return rng.integers(lo, hi + 1, size=shape).astype(np.int8)
 
@@ -33,6 +38,8 @@ def int_path(request, monkeypatch):
     """Both CPU ways of the exact int8 GEMM (numerics.cpu_int_mm): torch._int_mm and the float32 blocks, each
     checked to be the one that ran (a spy counts torch._int_mm's calls; K < INT_MM_MIN_K never calls it)."""
     use = request.param == "int_mm"
+    if use and not numerics.int_mm_exact():
+        pytest.skip("torch._int_mm is not exact on this CPU")
     monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1" if use else "0")
     calls, real = [], torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape[-1]) or real(*a))
@@ -117,6 +124,7 @@ def test_int32_accumulator_exact_at_the_largest_k(int_path):
     int_path(MAX_K), int_path(MAX_K)
 
 
+@needs_exact_int_mm
 def test_int_mm_path_takes_any_layout(monkeypatch):
     """torch._int_mm's path (numerics.cpu_int_mm) multiplies what numpy hands it as it is: a read-only weight (as
     loaded from disk) without a warning, column-sliced and transposed views, no rows or columns, one of each;
@@ -152,6 +160,7 @@ def test_int_mm_path_takes_any_layout(monkeypatch):
     assert len(calls) == 2 * len(cases) + 1
 
 
+@needs_exact_int_mm
 def test_int_mm_flipped_form_exact(monkeypatch):
     """At 2..16 rows of a and a weight of INT_MM_FLIP_BYTES or more (lowered here to 64), _int_mm times a @ b.T
     against (b @ a.T).T on the first call for each weight shape and keeps the faster: both forms, forced, give the
@@ -187,6 +196,7 @@ def test_int_mm_flipped_form_exact(monkeypatch):
                 torch.library.opcheck(ops.int8_matmul.default, (torch.from_numpy(a), torch.from_numpy(b)))
 
 
+@needs_exact_int_mm
 def test_cpu_int_mm_choice(monkeypatch):
     """SLIMFX_CPU_INT_MM forces the choice (1: every row count, 0: none) and a value that is neither is refused by
     name; unset, it is measured once (cached: the second call does not measure again), leaving the caller's torch
@@ -230,7 +240,12 @@ def test_cpu_int_mm_probe_refuses_a_wrong_int_mm(wrong, monkeypatch):
             out[0, 0] += 1
         return out
     monkeypatch.setattr(torch, "_int_mm", off)
-    assert numerics._measure_cpu_int_mm() == 0
+    monkeypatch.setattr(numerics, "_int_mm_exact", None)
+    assert numerics._measure_cpu_int_mm() == 0 and numerics.int_mm_exact() is False
+    monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1")                  # forced on, it is refused by name
+    with pytest.raises(ValueError, match="SLIMFX_CPU_INT_MM=1, but torch._int_mm is not exact on this CPU"):
+        numerics.int_matmul_np(_rand_int8(np.random.default_rng(0), (2, 32)), _rand_int8(np.random.default_rng(1),
+                                                                                          (3, 32)))
 
 
 # --- requantize ---------------------------------------------------------------------------------------
