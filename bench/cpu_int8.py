@@ -53,9 +53,10 @@ def main(argv=None) -> None:
     p.add_argument("--no-save", action="store_true", help="print only; write nothing to bench/results")
     args = p.parse_args(argv)
     layers = [(*LAYERS[0][:4], (1, 128))] if args.quick else LAYERS
-    if not numerics.int_mm_exact():
-        raise SystemExit("torch._int_mm is not exact on this CPU (slimfx.quant.numerics.int_mm_exact): slimfx keeps "
-                         "the float32 blocks here, and there is nothing to compare")
+    if not numerics.int_mm_exact():               # (make bench goes on to the next benchmark)
+        print("torch._int_mm is not exact on this CPU (slimfx.quant.numerics.int_mm_exact): slimfx keeps the float32 "
+              "blocks here, and there is nothing to compare; nothing written")
+        return
     rng = np.random.default_rng(0)
     chosen = numerics.cpu_int_mm_rows()          # measured once, before anything is timed
     rows = []

@@ -14,11 +14,11 @@ exactly in any summation order (FMA included); the blocks' results are added in 
 
 On a CPU where torch's own int8 GEMM (``torch._int_mm``: oneDNN's, with VNNI) is faster, both int_matmul
 functions use it instead: exact too (int32 accumulation; products summed by VNNI without saturating), and
-1.6-9x faster than the float32 blocks (2-core EPYC, one torch thread, bench/cpu_int8.py: 4 x 576 x 1536 in
-0.06 ms vs 0.19-0.45, 4 x 49152 x 576 in 3.5-4.5 ms vs 15.7, 1024 x 1536 x 384 in 2.7 ms vs 6.3-8.3; numpy's fp32
-matmul 0.20, 9.3-10.2 and 5.8-6.5 ms), so that int8 weights multiply faster than fp32 ones from 2 rows on (at one
-row of a weight in cache numpy's fp32 GEMV is as fast). Without VNNI its fallback is 3-7x slower than the float32
-blocks (1.5 ms at 4 x 576 x 1536), hence the choice is measured, once per process (``cpu_int_mm_rows``).
+several times faster than the float32 blocks (2-core EPYC, one torch thread: bench/results/cpu_int8-*.md), so that
+int8 weights multiply faster than fp32 ones from 2 rows on (at one row of a weight in cache numpy's fp32 GEMV is
+as fast). Without VNNI oneDNN's int8 GEMM is not exact (``int_mm_exact``), and torch's own fallback (oneDNN
+disabled) is 3-7x slower than the float32 blocks (1.5 ms at 4 x 576 x 1536); hence the choice is checked and
+measured, once per process (``cpu_int_mm_rows``).
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def quantize_np(x: np.ndarray, scale, zero_point=0, qmin: int = INT8_QMIN, qmax:
     if zero_point.ndim or not isinstance(q, np.ndarray):      # (0-d operands: a numpy scalar, returned as one)
         return np.clip(np.round(q) + zero_point, qmin, qmax).astype(dtype)
     np.round(q, out=q)                        # in place: the same values without two more arrays of x's size
-    if zero_point:                            # (adding a zero changes no code: -0.0 and 0.0 both clip to 0)
-        q += zero_point
+    if zero_point or not np.issubdtype(dtype, np.integer):   # (adding a zero changes no integer code; a float
+        q += zero_point                                       # result keeps -0.0 + 0.0 = 0.0, as before)
     return np.clip(q, qmin, qmax, out=q).astype(dtype)
 
 
@@ -145,15 +145,18 @@ _int_mm_exact: bool | None = None
 
 def int_mm_exact() -> bool:
     """Whether torch._int_mm gives exact int32 results on this CPU, in both of ``_int_mm``'s forms (once per
-    process): on rows that would saturate an int16 pair sum (AVX2's vpmaddubsw without VNNI: optimum-quanto saw
-    torch 2.4's CPU _int_mm overflow on an EPYC 7R32) and random ones, against the float32 blocks."""
+    process): on rows that would saturate an int16 pair sum and random ones, against the float32 blocks, at 256
+    rows, 4 rows flipped and one row of 8 columns. Without VNNI it is not: oneDNN's AVX2 int8 GEMM sums pairs of
+    products in int16 (vpmaddubsw) and saturates (optimum-quanto saw torch 2.4's overflow on an EPYC 7R32; here,
+    with ONEDNN_MAX_CPU_ISA=AVX2, torch 2.11 and 2.13 give 8160 for 64 products of 127 x 127, 1032256)."""
     global _int_mm_exact
     if _int_mm_exact is None:
         a, b_t = _probe_operands()
         want = _int_matmul_rows(a.astype(np.float32), b_t)
         try:
             flipped = torch._int_mm(torch.from_numpy(b_t), torch.from_numpy(a[:4]).T).T.numpy()
-            _int_mm_exact = bool(np.array_equal(_int_mm_np(a, b_t), want) and np.array_equal(flipped, want[:4]))
+            _int_mm_exact = bool(np.array_equal(_int_mm_np(a, b_t), want) and np.array_equal(flipped, want[:4])
+                                 and np.array_equal(_int_mm_np(a[:1], b_t[:8]), want[:1, :8]))   # a GEMV
         except RuntimeError:                 # a torch without a CPU kernel for it
             _int_mm_exact = False
     return _int_mm_exact

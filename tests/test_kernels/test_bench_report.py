@@ -145,6 +145,9 @@ def test_every_bench_case_runs_under_the_interpreter(monkeypatch):
                                                 "torch_semi_structured_24"}   # CPU lacks these baselines
     failed = [(r["kernel"], r["m"], r["check"], r["note"]) for r in bench.rows if r["kernel"] not in gluon_kernels
               and (r["ok"] is False or (r["ms"] is None and not r["kernel"].startswith("torch_")))]
+    from slimfx.quant.numerics import int_mm_exact
+    if not int_mm_exact():     # a CPU without VNNI: torch's own int8 GEMM (the baseline) saturates; the bench says so
+        failed = [f for f in failed if f[0] != "torch_int_mm_dequant"]
     assert not failed
 
 
