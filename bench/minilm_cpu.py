@@ -1,5 +1,6 @@
 """MiniLM on the CPU: compile time (capture + clean-up passes) and numpy-backend latency against torch eager,
-batch 8 x seq 128, measured in one process. Writes bench/results/minilm_cpu-<cpu>.json and .md.
+batch 8 x seq 128, measured in one process, and the same model quantized W8A8 (dynamic per token) on numpy
+against fp32 on numpy. Writes bench/results/minilm_cpu-<cpu>.json and .md.
 
     python bench/minilm_cpu.py [--batch 8] [--seq 128] [--repeats 20]
 """
@@ -92,6 +93,17 @@ def main(argv=None):
             ["torch eager latency", f"{eager_ms:.1f} ms", "baseline"],
             ["numpy backend latency", f"{numpy_ms:.1f} ms", f"{numpy_ms / eager_ms:.2f}x eager (goal <= 1.5x)"],
             ["numpy vs torch max rel err", f"{rel:.1e}", "bound 1e-4"]]
+    cq = slimfx.compile(model, (), kwargs, dynamic=True, backend="numpy", measure=False, progress=False,
+                        passes=[slimfx.passes.Quantize(weights="int8", activations="dynamic"), *slimfx.passes.CLEANUP])
+    q_out = cq(**kwargs).last_hidden_state
+    from slimfx.quant import numerics
+    fp32_ms, w8a8_ms = paired_median_ms(lambda: cm(**kwargs), lambda: cq(**kwargs), a.repeats // 3 + 1)
+    sqnr = float(10 * torch.log10(ref.pow(2).sum() / (q_out - ref).pow(2).sum()))
+    gemm = numerics.cpu_int8_gemm(model.config.hidden_size)
+    res.update({"numpy_fp32_ms_paired": fp32_ms, "numpy_w8a8_ms": w8a8_ms, "w8a8_sqnr_db": sqnr, "int8_gemm": gemm})
+    rows += [["numpy backend W8A8 dynamic latency", f"{w8a8_ms:.1f} ms",
+              f"{fp32_ms / w8a8_ms:.2f}x numpy fp32's {fp32_ms:.1f} ms (timed with it); int8 GEMM: {gemm}"],
+             ["W8A8 vs torch fp32 SQNR", f"{sqnr:.1f} dB", "last hidden state"]]
     ops = op_breakdown(model, kwargs, cm, a.repeats)
     res["ops_ms"] = ops
     md = (f"MiniLM-L6 (all-MiniLM-L6-v2), batch {a.batch} x seq {a.seq}, {res['cpu']}, "
