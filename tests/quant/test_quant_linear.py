@@ -27,6 +27,13 @@ def _np_op(op):
 needs_exact_int_mm = pytest.mark.skipif(not numerics.int_mm_exact(), reason="torch._int_mm is not exact on this CPU")
 
 
+def _spy_int_mm(monkeypatch) -> list:
+    """The shapes of the first operand of each torch._int_mm call from here on."""
+    shapes, real = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda x, y: shapes.append(tuple(x.shape)) or real(x, y))
+    return shapes
+
+
 def _rand_int8(rng, shape, lo=-128, hi=127):
     return rng.integers(lo, hi + 1, size=shape).astype(np.int8)
 
@@ -35,18 +42,18 @@ def _rand_int8(rng, shape, lo=-128, hi=127):
 
 @pytest.fixture(params=["int_mm", "f32_blocks"])
 def int_path(request, monkeypatch):
-    """Both CPU ways of the exact int8 GEMM (numerics.cpu_int_mm): torch._int_mm and the float32 blocks, each
+    """Both CPU ways of the exact int8 GEMM (numerics.cpu_int_mm_rows): torch._int_mm and the float32 blocks, each
     checked to be the one that ran (a spy counts torch._int_mm's calls; K < INT_MM_MIN_K never calls it)."""
     use = request.param == "int_mm"
     if use and not numerics.int_mm_exact():
         pytest.skip("torch._int_mm is not exact on this CPU")
     monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1" if use else "0")
-    calls, real = [], torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape[-1]) or real(*a))
+    calls = _spy_int_mm(monkeypatch)
     ks = []
     yield ks.append                                        # the test names each K it multiplies
     want = [k for k in ks if k >= numerics.INT_MM_MIN_K] if use else []
-    assert calls == want, f"{request.param}: torch._int_mm called at K = {calls}, expected {want}"
+    got = [shape[-1] for shape in calls]
+    assert got == want, f"{request.param}: torch._int_mm called at K = {got}, expected {want}"
 
 
 @pytest.mark.parametrize("a_shape, n", [((1, 1), 1), ((1, 37), 5), ((13, 33), 7), ((2, 3, 129), 17)])
@@ -126,12 +133,11 @@ def test_int32_accumulator_exact_at_the_largest_k(int_path):
 
 @needs_exact_int_mm
 def test_int_mm_path_takes_any_layout(monkeypatch):
-    """torch._int_mm's path (numerics.cpu_int_mm) multiplies what numpy hands it as it is: a read-only weight (as
+    """torch._int_mm's path (numerics.cpu_int_mm_rows) multiplies what numpy hands it as it is: a read-only weight (as
     loaded from disk) without a warning, column-sliced and transposed views, no rows or columns, one of each;
     exact. Below INT_MM_MIN_K it is not called: at K = 1 torch 2.11 and 2.13 return uninitialized memory."""
     monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "1")
-    calls, real = [], torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_int_mm(monkeypatch)
     rng = np.random.default_rng(7)
     ro = _rand_int8(rng, (9, 21))
     ro.flags.writeable = False
@@ -170,9 +176,7 @@ def test_int_mm_flipped_form_exact(monkeypatch):
     monkeypatch.setattr(numerics, "_int_mm_flip", {})
     rng = np.random.default_rng(11)
     b = _rand_int8(rng, (9, 20))
-    shapes = []
-    real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda x, y: shapes.append(tuple(x.shape)) or real(x, y))
+    shapes = _spy_int_mm(monkeypatch)
     for rows in (1, 2, 5):
         a = _rand_int8(rng, (rows, 20))
         want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
@@ -217,14 +221,13 @@ def test_cpu_int_mm_choice(monkeypatch):
     assert first in (0, numerics.INT_MM_DECODE_ROWS, sys.maxsize)
     assert numerics.cpu_int_mm_rows() == first and measured == [1] and torch.get_num_threads() == threads
     monkeypatch.setattr(numerics, "_cpu_int_mm_rows", 3)                     # up to 3 rows of a
-    calls, real_mm = [], torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a[0].shape[0]) or real_mm(*a))
+    calls = _spy_int_mm(monkeypatch)
     rng = np.random.default_rng(1)
     b = _rand_int8(rng, (5, 32))
     for rows in (1, 3, 4):
         a = _rand_int8(rng, (rows, 32))
         assert_exact(numerics.int_matmul_np(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32), rows)
-    assert calls == [1, 3]
+    assert [shape[0] for shape in calls] == [1, 3]
 
 
 @pytest.mark.parametrize("wrong", ["plain", "flipped"])
