@@ -25,7 +25,7 @@ from . import numerics
 from .numerics import SYM_INT8_QMAX
 
 # |acc| <= K * 128 * 128 must stay below 2**31.
-MAX_K = 2**31 // 2**14 - 1
+MAX_K = numerics.MAX_INT32_K
 
 
 # --- argument checks (shared; they read shapes only) ---------------------------------------------------

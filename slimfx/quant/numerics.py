@@ -22,6 +22,7 @@ measured, once per process (``cpu_int_mm_rows``).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -83,7 +84,7 @@ def _refuse_int32_overflow(name: str, k: int, lo, hi) -> None:
     instead of casting it (numpy's cast of an out-of-range float is undefined, a kernel's int32 wraps)."""
     if hi > 2**31 - 1 or lo < -2**31:
         raise OverflowError(f"{name}: the exact result {int(hi) if hi > 2**31 - 1 else int(lo)} of K = {k} int8 "
-                            f"products does not fit the int32 accumulator (K <= {2**31 // INT8_PRODUCT_MAX - 1} "
+                            f"products does not fit the int32 accumulator (K <= {MAX_INT32_K} "
                             f"always fits)")
 
 
@@ -162,8 +163,10 @@ def int_mm_exact() -> bool:
     return _int_mm_exact
 
 
+@functools.cache
 def _probe_operands() -> tuple[np.ndarray, np.ndarray]:
-    """a (256, 1024) and b_t (1024, 1024), int8, with rows and columns of the extremes."""
+    """a (256, 1024) and b_t (1024, 1024), int8, with rows and columns of the extremes (built once: the exactness
+    probe and the measurement share them; neither writes to them)."""
     rng = np.random.default_rng(0)
     a, b = rng.integers(-128, 128, (256, 1024), dtype=np.int8), rng.integers(-128, 128, (1024, 1024), dtype=np.int8)
     a[0], a[1], a[2, ::2], a[2, 1::2] = 127, -128, 127, -128
