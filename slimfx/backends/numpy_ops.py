@@ -501,10 +501,30 @@ def argsort_stable(x, *, stable=False, dim=-1, descending=False):
 
 
 # --- linear algebra ---------------------------------------------------------------------------------
+GEMV_ROWS = 4                      # rows_times_weight: one GEMV per row at 2..GEMV_ROWS rows ...
+GEMV_ROWS_MIN_WEIGHT = 1 << 19     # ... of a float weight with at least this many elements (2 MB of fp32)
+
+
+def rows_times_weight(x2, w):
+    """x2 (M, K) @ w (N, K).T. OpenBLAS (numpy's wheels) runs a GEMM of 2..6 rows at 2-3.8x the time of one row's
+    GEMV once the weight passes ~2 MB (2-core EPYC, fp32, weights streamed from memory as in decoding: 2 x 1536 x
+    576 took 298 us where 1 row took 142 and 2 GEMVs 176; 2 x 4096 x 1024: 1971, 614, 947; at 1.8 MB and below the
+    GEMM keeps pace). A decode step feeds 2 tokens per sequence (slimfx.lm), so at batch 1-2 these few rows run
+    one GEMV each, and each row gets exactly the values it gets alone."""
+    m = x2.shape[0]
+    if (2 <= m <= GEMV_ROWS and w.ndim == 2 and w.size >= GEMV_ROWS_MIN_WEIGHT and x2.dtype == w.dtype
+            and x2.dtype in (np.float32, np.float64)):
+        y = np.empty((m, w.shape[0]), dtype=x2.dtype)
+        for i in range(m):
+            np.dot(w, x2[i], out=y[i])
+        return y
+    return x2 @ w.T
+
+
 @numpy_op(aten.linear.default)
 def linear(x, w, b=None):
-    # one 2-D GEMM over all leading dims (numpy would otherwise loop a GEMM per batch entry)
-    y = x.reshape(-1, x.shape[-1]) @ w.T
+    # one 2-D product over all leading dims (numpy would otherwise loop a GEMM per batch entry)
+    y = rows_times_weight(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w)     # not -1: K may be 0
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], *w.shape[:-1])      # a 1-D weight (torch allows it): one output, no dim

@@ -213,6 +213,49 @@ def test_outer_is_one_product_per_element_and_exact():
           a, b, i, j, tol=EXACT, reaches=(aten.outer.default,))
 
 
+# sums of 509 products of unit normals in another order than torch's: the rounding grows with the sum of |terms|
+# (~330), not with |y| (~22): eps x 330 is 4e-5 in float32, 7e-14 in float64
+LIN_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.float64: dict(rtol=1e-13, atol=2e-13)}
+
+
+def _lin_operands(m, n, k, dtype=torch.float32, lead=()):
+    return randn(*lead, m, k, dtype=dtype, seed=m), randn(n, k, dtype=dtype, seed=1), randn(n, dtype=dtype, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_linear_of_decode_rows_runs_a_gemv_per_row(dtype):
+    """At 2..GEMV_ROWS rows of a weight of GEMV_ROWS_MIN_WEIGHT elements or more, each row is its own GEMV
+    (OpenBLAS's GEMM of a few rows is 2-3.8x slower there): every row equals its 1-row call bit for bit, which a
+    GEMM's rows do not (thousands of float32 outputs differ in the last bits at 2 x 1024 x 512). Odd N and K; a
+    leading batch dim (2 sequences x 1 token: 2 rows); torch's values within summation order."""
+    from slimfx.backends import numpy_ops as N
+    n, k = 1031, 509                                       # 524779 elements: just over the threshold
+    assert N.GEMV_ROWS_MIN_WEIGHT <= n * k < 2 * N.GEMV_ROWS_MIN_WEIGHT
+    for m, lead in ((2, ()), (3, ()), (N.GEMV_ROWS, ()), (1, (2,))):
+        x, w, b = _lin_operands(m, n, k, dtype, lead)
+        got = N.linear(x.numpy(), w.numpy(), b.numpy())
+        rows = x.reshape(-1, k)
+        for i in range(rows.shape[0]):
+            alone = N.linear(rows[i:i + 1].numpy(), w.numpy(), b.numpy())
+            assert (got.reshape(-1, n)[i] == alone[0]).all(), (m, lead, i)
+        torch.testing.assert_close(torch.from_numpy(got), F.linear(x, w, b), **LIN_TOL[dtype])
+
+
+@pytest.mark.parametrize("m, n, k", [(5, 1031, 509), (2, 37, 53), (2, 1031, 0), (3, 0, 509)])
+def test_linear_outside_the_gemv_rows_is_one_product(m, n, k, monkeypatch):
+    """More rows than GEMV_ROWS, or a small weight, take one GEMM (no per-row GEMVs: a spy on np.dot); empty
+    weights give torch's shapes; all give torch's values."""
+    import numpy as np
+
+    from slimfx.backends import numpy_ops as N
+    x, w, b = _lin_operands(m, n, k)
+    calls, dot = [], np.dot
+    monkeypatch.setattr(np, "dot", lambda *a, **kw: calls.append(a) or dot(*a, **kw))
+    got = N.linear(x.numpy(), w.numpy(), b.numpy())
+    assert not calls
+    torch.testing.assert_close(torch.from_numpy(got), F.linear(x, w, b), **LIN_TOL[torch.float32])
+
+
 # --- shapes and indexing: exact, as they only move values --------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.int8], ids=str)
 def test_shape_ops_match_torch(dtype):
