@@ -501,19 +501,22 @@ def argsort_stable(x, *, stable=False, dim=-1, descending=False):
 
 
 # --- linear algebra ---------------------------------------------------------------------------------
-GEMV_ROWS = 4                      # rows_times_weight: one GEMV per row at 2..GEMV_ROWS rows ...
-GEMV_ROWS_MIN_WEIGHT = 1 << 19     # ... of a float weight with at least this many elements (2 MB of fp32)
+GEMV_ROWS = 4                 # rows_times_weight: one GEMV per row at 2..GEMV_ROWS rows ...
+GEMV_MIN_BYTES = 2 << 20      # ... of a float weight of at least this many bytes,
+GEMV_CACHED_BYTES = 8 << 20   # ... and past 2 rows, of at most this many (one that stays in cache between rows)
 
 
 def rows_times_weight(x2, w):
-    """x2 (M, K) @ w (N, K).T. OpenBLAS (numpy's wheels) runs a GEMM of 2..6 rows at 2-3.8x the time of one row's
+    """x2 (M, K) @ w (N, K).T. OpenBLAS (numpy's wheels) runs a GEMM of 2..6 rows at 2-5x the time of one row's
     GEMV once the weight passes ~2 MB (2-core EPYC, fp32, weights streamed from memory as in decoding: 2 x 1536 x
     576 took 298 us where 1 row took 142 and 2 GEMVs 176; 2 x 4096 x 1024: 1971, 614, 947; at 1.8 MB and below the
-    GEMM keeps pace). A decode step feeds 2 tokens per sequence (slimfx.lm), so at batch 1-2 these few rows run
-    one GEMV each, and each row gets exactly the values it gets alone."""
+    GEMM keeps pace). A decode step feeds 2 tokens per sequence (slimfx.lm), so at batch 1 and 2 these few rows run
+    one GEMV each, and each row gets exactly the values it gets alone. A weight too large to stay in cache is read
+    from memory again by every GEMV: 2 of them cost what the GEMM does, 4 cost more (SmolLM2's lm_head, 113 MB:
+    4 rows in 16.8 ms, the GEMM 9.6), so past 2 rows only weights up to GEMV_CACHED_BYTES take them."""
     m = x2.shape[0]
-    if (2 <= m <= GEMV_ROWS and w.ndim == 2 and w.size >= GEMV_ROWS_MIN_WEIGHT and x2.dtype == w.dtype
-            and x2.dtype in (np.float32, np.float64)):
+    if (2 <= m <= GEMV_ROWS and w.ndim == 2 and x2.dtype == w.dtype and x2.dtype in (np.float32, np.float64)
+            and GEMV_MIN_BYTES <= w.nbytes and (m == 2 or w.nbytes <= GEMV_CACHED_BYTES)):
         y = np.empty((m, w.shape[0]), dtype=x2.dtype)
         for i in range(m):
             np.dot(w, x2[i], out=y[i])

@@ -222,28 +222,34 @@ def _lin_operands(m, n, k, dtype=torch.float32, lead=()):
     return randn(*lead, m, k, dtype=dtype, seed=m), randn(n, k, dtype=dtype, seed=1), randn(n, dtype=dtype, seed=2)
 
 
+def _rows_alone(got, x, w, b):
+    """Whether every row of ``got`` (linear of x's rows) equals the 1-row call on that row, bit for bit."""
+    from slimfx.backends import numpy_ops as N
+    rows, n = x.reshape(-1, x.shape[-1]), w.shape[0]
+    return all((got.reshape(-1, n)[i] == N.linear(rows[i:i + 1].numpy(), w.numpy(), b.numpy())[0]).all()
+               for i in range(rows.shape[0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_linear_of_decode_rows_runs_a_gemv_per_row(dtype):
-    """At 2..GEMV_ROWS rows of a weight of GEMV_ROWS_MIN_WEIGHT elements or more, each row is its own GEMV
-    (OpenBLAS's GEMM of a few rows is 2-3.8x slower there): every row equals its 1-row call bit for bit, which a
-    GEMM's rows do not (thousands of float32 outputs differ in the last bits at 2 x 1024 x 512). Odd N and K; a
-    leading batch dim (2 sequences x 1 token: 2 rows); torch's values within summation order."""
+    """At 2..GEMV_ROWS rows of a weight of GEMV_MIN_BYTES to GEMV_CACHED_BYTES, each row is its own GEMV (OpenBLAS's
+    GEMM of a few rows is 2-5x slower there): every row equals its 1-row call bit for bit, which a GEMM's rows do
+    not (thousands of float32 outputs differ in the last bits at 2 x 1024 x 512). Odd N and K; a leading batch dim
+    (2 sequences x 1 token: 2 rows); torch's values within summation order."""
     from slimfx.backends import numpy_ops as N
-    n, k = 1031, 509                                       # 524779 elements: just over the threshold
-    assert N.GEMV_ROWS_MIN_WEIGHT <= n * k < 2 * N.GEMV_ROWS_MIN_WEIGHT
+    n, k = 1031, 509                                       # 2.1 MB in float32: just over the threshold
+    assert N.GEMV_MIN_BYTES <= n * k * 4 and n * k * 8 <= N.GEMV_CACHED_BYTES
     for m, lead in ((2, ()), (3, ()), (N.GEMV_ROWS, ()), (1, (2,))):
         x, w, b = _lin_operands(m, n, k, dtype, lead)
         got = N.linear(x.numpy(), w.numpy(), b.numpy())
-        rows = x.reshape(-1, k)
-        for i in range(rows.shape[0]):
-            alone = N.linear(rows[i:i + 1].numpy(), w.numpy(), b.numpy())
-            assert (got.reshape(-1, n)[i] == alone[0]).all(), (m, lead, i)
+        assert _rows_alone(got, x, w, b), (m, lead)
         torch.testing.assert_close(torch.from_numpy(got), F.linear(x, w, b), **LIN_TOL[dtype])
 
 
-@pytest.mark.parametrize("m, n, k", [(5, 1031, 509), (2, 37, 53), (2, 1031, 0), (3, 0, 509)])
+@pytest.mark.parametrize("m, n, k", [(5, 1031, 509), (2, 37, 53), (3, 2053, 1031), (2, 1031, 0), (3, 0, 509)])
 def test_linear_outside_the_gemv_rows_is_one_product(m, n, k, monkeypatch):
-    """More rows than GEMV_ROWS, or a small weight, take one GEMM (no per-row GEMVs: a spy on np.dot); empty
+    """More rows than GEMV_ROWS, a small weight, or more than 2 rows of a weight past GEMV_CACHED_BYTES (8.5 MB
+    here: each GEMV would read it from memory again) take one GEMM (no per-row GEMVs: a spy on np.dot); empty
     weights give torch's shapes; all give torch's values."""
     import numpy as np
 
@@ -254,6 +260,9 @@ def test_linear_outside_the_gemv_rows_is_one_product(m, n, k, monkeypatch):
     got = N.linear(x.numpy(), w.numpy(), b.numpy())
     assert not calls
     torch.testing.assert_close(torch.from_numpy(got), F.linear(x, w, b), **LIN_TOL[torch.float32])
+    if n * k * 4 > N.GEMV_CACHED_BYTES:                  # 2 rows of it still take GEMVs: each reads it once
+        x2 = x[:2]
+        assert _rows_alone(N.linear(x2.numpy(), w.numpy(), b.numpy()), x2, w, b) and len(calls) == 2
 
 
 # --- shapes and indexing: exact, as they only move values --------------------------------------------------------
