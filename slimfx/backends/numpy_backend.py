@@ -95,6 +95,11 @@ class NumpyProgram:
         for a, i in last_use.items():
             if a.op == "call_function" and a not in outs:
                 self.free_after[i].append(a)
+        # what run reads per step, looked up once: (node, fn, dtype, args, kwargs or None, nodes to free)
+        self.plan = []
+        for (n, fn, dt), free in zip(self.steps, self.free_after):
+            args, kwargs = self.calls.get(n, (n.args, n.kwargs))
+            self.plan.append((n, fn, dt, args, kwargs or None, tuple(free)))
 
     def _write_state(self, target: str, dst: np.ndarray, src, non_blocking=False) -> np.ndarray:
         """aten.copy_(buffer, value): the next run reads ``value`` (cast and broadcast as copy_ does); the graph's
@@ -116,16 +121,15 @@ class NumpyProgram:
         return fx.node.map_arg(self.output.args[0], load)
 
     def _run_steps(self, env: dict, load, timings: dict | None) -> None:
-        for i, (n, fn, dt) in enumerate(self.steps):
-            args, kwargs = self.calls.get(n, (n.args, n.kwargs))
-            args = fx.node.map_arg(args, load)
-            kwargs = fx.node.map_arg(kwargs, load)
+        map_arg = fx.node.map_arg
+        for n, fn, dt, args, kwargs, free in self.plan:
+            args = map_arg(args, load)
             try:
                 if timings is None:
-                    out = fn(*args, **kwargs)
+                    out = fn(*args, **map_arg(kwargs, load)) if kwargs else fn(*args)
                 else:
                     t0 = time.perf_counter()
-                    out = fn(*args, **kwargs)
+                    out = fn(*args, **map_arg(kwargs, load)) if kwargs else fn(*args)
                     key = str(n.target)
                     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
             except Exception as e:
@@ -135,7 +139,7 @@ class NumpyProgram:
             elif dt is not None and isinstance(out, np.generic):
                 out = np.asarray(out, dtype=dt)
             env[n] = out
-            for a in self.free_after[i]:
+            for a in free:
                 del env[a]
 
 
