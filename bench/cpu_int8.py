@@ -1,7 +1,8 @@
 """The numpy backend's exact int8 GEMM on this CPU: torch._int_mm (oneDNN, VNNI) against the float32 blocks it
 replaces where measured faster (slimfx.quant.numerics.cpu_int_mm_rows), and both against the fp32 linear an
-unquantized model runs (numpy's sgemm, OpenBLAS), at the layer shapes of SmolLM2 135M, MiniLM L6 and a model
-4096 wide, from decode (M = 1, 4) to prefill (M = 1024), in one process. Every int8 result is checked equal to int64
+unquantized model runs on the numpy backend (numpy's sgemm, OpenBLAS; a GEMV per row at 2-4 rows of a large
+weight), at the layer shapes of SmolLM2 135M, MiniLM L6 and a model 4096 wide, from decode (M = 1, 2: one sequence's
+decode step, 4) to prefill (M = 1024), in one process. Every int8 result is checked equal to int64
 arithmetic. Writes bench/results/cpu_int8-<cpu>.json and .md.
 
     python bench/cpu_int8.py [--repeats 20] [--quick] [--no-save]
@@ -20,15 +21,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cpu_name, description, median_ms, save  # noqa: E402
 
+from slimfx.backends import numpy_ops  # noqa: E402
 from slimfx.quant import numerics  # noqa: E402
 from slimfx.quant.linear import quantized_linear_np  # noqa: E402
 
 # (model, layer, N, K, row counts): out x in, as nn.Linear's weight
-LAYERS = [("SmolLM2-135M", "gate/up", 1536, 576, (1, 4, 16, 128, 1024)),
-          ("SmolLM2-135M", "down", 576, 1536, (1, 4, 16, 128, 1024)),
+LAYERS = [("SmolLM2-135M", "gate/up", 1536, 576, (1, 2, 4, 16, 128, 1024)),
+          ("SmolLM2-135M", "down", 576, 1536, (1, 2, 4, 16, 128, 1024)),
           ("SmolLM2-135M", "lm_head", 49152, 576, (1, 4, 16)),
           ("all-MiniLM-L6", "intermediate", 1536, 384, (16, 128, 1024)),
-          ("Llama-like", "4096 x 4096", 4096, 4096, (1, 4, 16, 128))]
+          ("Llama-like", "4096 x 4096", 4096, 4096, (1, 2, 4, 16, 128))]
+BASE = "fp32 linear"
 
 
 def _with(flag: str, fn):
@@ -73,6 +76,7 @@ def main(argv=None) -> None:
                 if not np.array_equal(got, want):
                     raise SystemExit(f"{model} {layer} M={m}: int8 GEMM (SLIMFX_CPU_INT_MM={flag}) is not exact")
             t = {"fp32 sgemm": median_ms(lambda: x @ w32.T, args.repeats),
+                 BASE: median_ms(lambda: numpy_ops.linear(x, w32), args.repeats),
                  "int8 blocks": median_ms(_with("0", lambda: numerics.int_matmul_np(a, w_q)), args.repeats),
                  "int8 _int_mm": median_ms(_with("1", lambda: numerics.int_matmul_np(a, w_q)), args.repeats),
                  "W8A8 linear, blocks": median_ms(_with("0", lambda: quantized_linear_np(x, w_q, w_s)), args.repeats),
@@ -85,12 +89,15 @@ def main(argv=None) -> None:
     md = [f"# Exact int8 GEMM on the CPU: {cpu}", "",
           f"torch {torch.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs; "
           f"`python bench/cpu_int8.py --repeats {args.repeats}` (median ms of {args.repeats} calls each, warmed up).",
-          "", "`fp32 sgemm`: numpy's fp32 `x @ w.T`, the linear an unquantized model runs on the numpy backend "
-          "(OpenBLAS, its threads). `int8 blocks`: the exact int8 GEMM as float32 blocks of K <= 1024 (numpy sgemm; "
-          "the weight converted to fp32 a cache-sized chunk of rows at a time at <= 16 rows). `int8 _int_mm`: "
-          "torch._int_mm on "
-          "one torch thread. `W8A8 linear`: the whole dynamic per-token linear (quantize the rows, the int8 GEMM, "
-          "scale to fp32). Each cell: ms (speedup over fp32 sgemm). Every int8 result equals int64 arithmetic.", "",
+          "", "`fp32 sgemm`: numpy's fp32 `x @ w.T` (OpenBLAS, its threads). `fp32 linear`: what an unquantized "
+          "model's linear runs on the numpy backend (`slimfx.backends.numpy_ops.linear`): that GEMM, or one GEMV per "
+          f"row at 2 rows of a weight of {numpy_ops.GEMV_MIN_BYTES >> 20} MB or more (at up to "
+          f"{numpy_ops.GEMV_ROWS} rows of one of up to {numpy_ops.GEMV_CACHED_BYTES >> 20} MB), where OpenBLAS's GEMM "
+          "is slow. `int8 blocks`: the exact int8 GEMM as float32 blocks of K <= 1024 "
+          "(numpy sgemm; the weight converted to fp32 a cache-sized chunk of rows at a time at <= 16 rows). "
+          "`int8 _int_mm`: torch._int_mm on one torch thread. `W8A8 linear`: the whole dynamic per-token linear "
+          "(quantize the rows, the int8 GEMM, scale to fp32). Each cell: ms (speedup over fp32 linear). Every int8 "
+          "result equals int64 arithmetic.", "",
           ("Forced by SLIMFX_CPU_INT_MM" if os.environ.get(numerics.CPU_INT_MM_ENV, "").strip() else
            "This machine's measured choice") + " (`slimfx.quant.numerics.cpu_int_mm_rows()`) for the numpy backend: "
           "torch._int_mm " + ("for every row count" if chosen >= 2**31 else f"up to {chosen} rows" if chosen else
@@ -98,8 +105,8 @@ def main(argv=None) -> None:
           "| model | layer | M | N | K | " + " | ".join(cols) + " |",
           "|---|---|---:|---:|---:|" + "---:|" * len(cols)]
     for r in rows:
-        base = r["ms"]["fp32 sgemm"]
-        cells = [f"{v:.3f}" if c == "fp32 sgemm" else f"{v:.3f} ({base / v:.2f}x)" for c, v in r["ms"].items()]
+        base = r["ms"][BASE]
+        cells = [f"{v:.3f}" if c == BASE else f"{v:.3f} ({base / v:.2f}x)" for c, v in r["ms"].items()]
         md.append(f"| {r['model']} | {r['layer']} | {r['M']} | {r['N']} | {r['K']} | " + " | ".join(cells) + " |")
     text = "\n".join(md)
     print(text)

@@ -2,12 +2,12 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/smollm2_generate.py [--modes fp32,w8a8,w4-gptq] [--backend numpy]
 
-Four chat prompts (left-padded into one batch) are answered greedily, up to --new-tokens tokens each, by
-transformers' own ``generate`` (fp32, its KV cache) and by ``slimfx.compile_causal_lm`` for each mode. A row
-reports how many of the reference's tokens each mode reproduces before its first difference (greedy decoding
-copies a difference forward, so this is the strict measure), the prefill time, the batch's new tokens per second
-end to end (prefill included: the one measure transformers' ``generate`` gives too) and, for slimfx, per second
-of decoding alone;
+Four chat prompts (left-padded into one batch; with --one-at-a-time each alone, at batch 1, as one user chatting)
+are answered greedily, up to --new-tokens tokens each, by transformers' own ``generate`` (fp32, its KV cache) and
+by ``slimfx.compile_causal_lm`` for each mode. A row reports how many of the reference's tokens each mode
+reproduces before its first difference (greedy decoding copies a difference forward, so this is the strict
+measure), the prefill time, the prompts' new tokens per second end to end (prefill included: the one measure
+transformers' ``generate`` gives too) and, for slimfx, per second of decoding alone;
 the answers follow as text, prompt by prompt. Times are of this CPU and of the chosen backend (numpy: the
 reference interpreter, not a fast path); the GPU numbers come from bench/llama_generate.py. Writes
 bench/results/smollm2_generate-<cpu>.{json,md} (--name renames).
@@ -70,6 +70,16 @@ def chat_batch(p: argparse.ArgumentParser, modes: str):
     return modes, model, tok, enc, enc.input_ids.shape[1], calibration
 
 
+def generate_calls(enc, one_at_a_time: bool) -> list:
+    """(input_ids, attention_mask) of each generate call: the left-padded batch, or each prompt alone without
+    its padding."""
+    if not one_at_a_time:
+        return [(enc.input_ids, enc.attention_mask)]
+    real = enc.attention_mask.bool()
+    return [(ids[keep][None], torch.ones((1, int(keep.sum())), dtype=enc.attention_mask.dtype))
+            for ids, keep in zip(enc.input_ids, real)]
+
+
 def answer_tables(rows: list) -> list:
     """Markdown lines: per prompt, a table of each row's answer."""
     lines = []
@@ -87,9 +97,12 @@ def main(argv=None):
     p.add_argument("--backend", default="numpy")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--name", default="smollm2_generate")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="answer each prompt alone (batch 1: one user chatting) instead of all in one left-padded batch")
     args = p.parse_args(argv)
-    modes, model, tok, enc, start, calibration = chat_batch(p, args.modes)
+    modes, model, tok, enc, _, calibration = chat_batch(p, args.modes)
     n = args.new_tokens
+    calls = generate_calls(enc, args.one_at_a_time)
 
     real = enc.attention_mask.bool()
     with torch.no_grad():
@@ -99,43 +112,54 @@ def main(argv=None):
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
     t0 = time.perf_counter()
     with torch.no_grad():
-        ref = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        refs = [model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                               pad_token_id=tok.pad_token_id) for ids, mask in calls]
     ref_s = time.perf_counter() - t0
-    answers = lambda ids: [tok.decode(row[start:], skip_special_tokens=True).strip() for row in ids]
-    # tokens_per_s: the batch's new tokens over the whole call (prefill included), for every row alike;
-    # decode_tokens_per_s: over decoding alone, which transformers' generate does not report separately
+    answers = lambda outs: [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip()
+                            for out, (ids, _) in zip(outs, calls) for row in out]
+    ref_new = [r.shape[1] - ids.shape[1] for r, (ids, _) in zip(refs, calls) for _ in range(ids.shape[0])]
+    # tokens_per_s: the prompts' new tokens over the whole calls (prefill included), every row counted as
+    # long as its call; decode_tokens_per_s: over decoding alone, which transformers' generate does not report
     rows = [{"mode": "transformers generate (fp32, eager)", "compile_s": None, "prefill_s": None,
-             "tokens_per_s": (ref.shape[1] - start) * len(PROMPTS) / ref_s, "decode_tokens_per_s": None,
-             "prompt_sqnr_db": None, "agree": [ref.shape[1] - start] * 4, "answers": answers(ref)}]
+             "tokens_per_s": sum(ref_new) / ref_s, "decode_tokens_per_s": None,
+             "prompt_sqnr_db": None, "agree": ref_new, "answers": answers(refs)}]
     print(rows[-1], flush=True)
     for mode in modes:
         t0 = time.perf_counter()
         lm = slimfx.compile_causal_lm(model, passes=MODES[mode](), calibration=calibration, backend=args.backend,
                                       progress=False, measure=False)
         compile_s = time.perf_counter() - t0
-        out = lm.generate(enc.input_ids, enc.attention_mask, max_new_tokens=n)
-        t = lm.last_timing
+        outs, prefill_s, decode_s, new, decoded = [], 0.0, 0.0, 0, 0.0
+        for ids, mask in calls:
+            outs.append(lm.generate(ids, mask, max_new_tokens=n))
+            t = lm.last_timing
+            prefill_s, decode_s = prefill_s + t["prefill_s"], decode_s + t["decode_s"]
+            new += t["new_tokens"] * ids.shape[0]
+            decoded += (t["decode_tokens_per_s"] or 0) * t["decode_s"] * ids.shape[0]
         sqnr = prompt_sqnr(lm.prefill(enc.input_ids, enc.attention_mask, all_logits=True)[0])
-        rows.append({"mode": LABELS[mode], "compile_s": compile_s, "prefill_s": t["prefill_s"],
-                     "tokens_per_s": t["new_tokens"] * len(PROMPTS) / (t["prefill_s"] + t["decode_s"]),
-                     "decode_tokens_per_s": (t["decode_tokens_per_s"] or 0) * len(PROMPTS), "prompt_sqnr_db": sqnr,
-                     "agree": agreement(out, ref, start), "answers": answers(out)})
+        rows.append({"mode": LABELS[mode], "compile_s": compile_s, "prefill_s": prefill_s,
+                     "tokens_per_s": new / (prefill_s + decode_s),
+                     "decode_tokens_per_s": decoded / decode_s if decode_s else 0.0, "prompt_sqnr_db": sqnr,
+                     "agree": [a for out, ref, (ids, _) in zip(outs, refs, calls)
+                               for a in agreement(out, ref, ids.shape[1])],
+                     "answers": answers(outs)})
         print(rows[-1], flush=True)
         del lm
 
     cpu = cpu_name()
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    lines = [f"SmolLM2-135M-Instruct answering {len(PROMPTS)} chat prompts (one left-padded batch), greedy, "
+    how = "each alone, batch 1" if args.one_at_a_time else "one left-padded batch"
+    lines = [f"SmolLM2-135M-Instruct answering {len(PROMPTS)} chat prompts ({how}), greedy, "
              f"up to {n} new tokens; slimfx backend {args.backend!r}, lm_head kept fp32; {cpu}.", "",
              "`agree`: per prompt, the tokens equal to transformers' own greedy answer before the first difference "
-             f"(of {ref.shape[1] - start}).", "",
+             f"(of {', '.join(map(str, ref_new))}).", "",
              f"`prompt SQNR`: the logits at every real prompt position ({int(real.sum())} x {ref_logits.shape[-1]}) "
              "vs transformers' fp32 ones, in dB: a measure over all of them, where `agree` hangs on near-ties (a "
              "greedy choice between two tokens whose fp32 logits almost agree flips with any noise, and every "
              "later token differs).", "",
-             "`tok/s`: the batch's new tokens per second of the whole generation, prefill included (as "
+             "`tok/s`: the prompts' new tokens per second of the whole generation, prefill included (as "
              "transformers' is measured); `decode tok/s`: per second of decoding alone.", "",
-             "| mode | compile s | prefill s | tok/s (batch) | decode tok/s (batch) | prompt SQNR dB | agree |",
+             "| mode | compile s | prefill s | tok/s | decode tok/s | prompt SQNR dB | agree |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {fmt(r['compile_s'], '.1f')} | {fmt(r['prefill_s'], '.2f')} | "
@@ -143,8 +167,8 @@ def main(argv=None):
                      f"{fmt(r['prompt_sqnr_db'], '.1f')} | "
                      f"{', '.join(map(str, r['agree']))} |")
     md = "\n".join(lines + answer_tables(rows)) + "\n"
-    save(args.name, cpu, {"cpu": cpu, "backend": args.backend, "new_tokens": n,
-                                          "prompts": PROMPTS, "rows": rows}, md)
+    save(args.name, cpu, {"cpu": cpu, "backend": args.backend, "new_tokens": n, "one_at_a_time": args.one_at_a_time,
+                          "prompts": PROMPTS, "rows": rows}, md)
     print(md)
 
 

@@ -182,6 +182,7 @@ def test_cpu_int8_quick_run(capsys):
     cpu_int8.main(["--quick", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "| SmolLM2-135M | gate/up | 128 | 1536 | 576 |" in out and "W8A8 linear, _int_mm" in out
+    assert "| fp32 sgemm | fp32 linear |" in out
     assert sorted(p.name for p in cpu_int8.Path(cpu_int8.__file__).parent.joinpath("results").iterdir()) == before
 
 
