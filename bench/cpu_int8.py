@@ -2,7 +2,7 @@
 replaces where measured faster (slimfx.quant.numerics.cpu_int_mm_rows), and both against the fp32 linear an
 unquantized model runs on the numpy backend (numpy's sgemm, OpenBLAS; a GEMV per row at 2-4 rows of a large
 weight), at the layer shapes of SmolLM2 135M, MiniLM L6 and a model 4096 wide, from decode (M = 1, 2: one sequence's
-decode step, 4) to prefill (M = 1024), in one process. Every int8 result is checked equal to int64
+decode step, 3, 4) to prefill (M = 1024), in one process. Every int8 result is checked equal to int64
 arithmetic. Writes bench/results/cpu_int8-<cpu>.json and .md.
 
     python bench/cpu_int8.py [--repeats 20] [--quick] [--no-save]
@@ -26,11 +26,11 @@ from slimfx.quant import numerics  # noqa: E402
 from slimfx.quant.linear import quantized_linear_np  # noqa: E402
 
 # (model, layer, N, K, row counts): out x in, as nn.Linear's weight
-LAYERS = [("SmolLM2-135M", "gate/up", 1536, 576, (1, 2, 4, 16, 128, 1024)),
+LAYERS = [("SmolLM2-135M", "gate/up", 1536, 576, (1, 2, 3, 4, 16, 128, 1024)),
           ("SmolLM2-135M", "down", 576, 1536, (1, 2, 4, 16, 128, 1024)),
-          ("SmolLM2-135M", "lm_head", 49152, 576, (1, 4, 16)),
+          ("SmolLM2-135M", "lm_head", 49152, 576, (1, 2, 4, 16)),
           ("all-MiniLM-L6", "intermediate", 1536, 384, (16, 128, 1024)),
-          ("Llama-like", "4096 x 4096", 4096, 4096, (1, 2, 4, 16, 128))]
+          ("Llama-like", "4096 x 4096", 4096, 4096, (1, 2, 3, 4, 16, 128))]
 BASE = "fp32 linear"
 
 

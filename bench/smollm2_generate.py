@@ -96,10 +96,13 @@ def main(argv=None):
     p.add_argument("--modes", default="fp32,w8a8,w8a8-fuse,w8a8-sq,w8a16,w4-gptq,w4-rtn")
     p.add_argument("--backend", default="numpy")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--name", default="smollm2_generate")
+    p.add_argument("--name", default=None, help="results file name (default smollm2_generate, with "
+                   "--one-at-a-time smollm2_generate-batch1)")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="answer each prompt alone (batch 1: one user chatting) instead of all in one left-padded batch")
     args = p.parse_args(argv)
+    if args.name is None:
+        args.name = "smollm2_generate-batch1" if args.one_at_a_time else "smollm2_generate"
     modes, model, tok, enc, _, calibration = chat_batch(p, args.modes)
     n = args.new_tokens
     calls = generate_calls(enc, args.one_at_a_time)
@@ -135,7 +138,7 @@ def main(argv=None):
             t = lm.last_timing
             prefill_s, decode_s = prefill_s + t["prefill_s"], decode_s + t["decode_s"]
             new += t["new_tokens"] * ids.shape[0]
-            decoded += (t["decode_tokens_per_s"] or 0) * t["decode_s"] * ids.shape[0]
+            decoded += max(t["new_tokens"] - 1, 0) * ids.shape[0]      # the first new token comes from prefill
         sqnr = prompt_sqnr(lm.prefill(enc.input_ids, enc.attention_mask, all_logits=True)[0])
         rows.append({"mode": LABELS[mode], "compile_s": compile_s, "prefill_s": prefill_s,
                      "tokens_per_s": new / (prefill_s + decode_s),
@@ -156,9 +159,11 @@ def main(argv=None):
              f"`prompt SQNR`: the logits at every real prompt position ({int(real.sum())} x {ref_logits.shape[-1]}) "
              "vs transformers' fp32 ones, in dB: a measure over all of them, where `agree` hangs on near-ties (a "
              "greedy choice between two tokens whose fp32 logits almost agree flips with any noise, and every "
-             "later token differs).", "",
+             "later token differs), from one prefill of the left-padded batch" +
+             (" (not of the calls timed here)" if args.one_at_a_time else "") + ".", "",
              "`tok/s`: the prompts' new tokens per second of the whole generation, prefill included (as "
-             "transformers' is measured); `decode tok/s`: per second of decoding alone.", "",
+             "transformers' is measured); `decode tok/s`: per second of decoding alone; `prefill s`: "
+             + ("the prompts' prefills, summed." if args.one_at_a_time else "the batch's prefill."), "",
              "| mode | compile s | prefill s | tok/s | decode tok/s | prompt SQNR dB | agree |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:

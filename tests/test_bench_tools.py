@@ -173,6 +173,22 @@ def test_help_descriptions_are_whole_paragraphs(monkeypatch, capsys):
             assert "[--out-dir OUT_DIR] [--name NAME]" in out, name
 
 
+def test_smollm2_generate_calls_one_at_a_time_drop_each_prompts_padding():
+    """--one-at-a-time runs each prompt alone: its left padding dropped, its mask all ones; without it, the batch
+    as one call."""
+    from types import SimpleNamespace
+
+    import smollm2_generate
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    mask = (ids != 0).long()
+    enc = SimpleNamespace(input_ids=ids, attention_mask=mask)
+    ((i, m),) = smollm2_generate.generate_calls(enc, False)
+    assert i is ids and m is mask
+    calls = smollm2_generate.generate_calls(enc, True)
+    assert [c[0].tolist() for c in calls] == [[[5, 6]], [[7, 8, 9, 10]], [[11, 12, 13]]]
+    assert all(m.tolist() == [[1] * i.shape[1]] and m.dtype == mask.dtype for i, m in calls)
+
+
 def test_cpu_int8_quick_run(capsys):
     """bench/cpu_int8.py --quick times both int8 paths (each checked exact inside) and writes nothing."""
     import cpu_int8

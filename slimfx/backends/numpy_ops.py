@@ -507,13 +507,17 @@ GEMV_CACHED_BYTES = 8 << 20   # ... and past 2 rows, of at most this many (one t
 
 
 def rows_times_weight(x2, w):
-    """x2 (M, K) @ w (N, K).T. OpenBLAS (numpy's wheels) runs a GEMM of 2..6 rows at 2-5x the time of one row's
-    GEMV once the weight passes ~2 MB (2-core EPYC, fp32, weights streamed from memory as in decoding: 2 x 1536 x
-    576 took 298 us where 1 row took 142 and 2 GEMVs 176; 2 x 4096 x 1024: 1971, 614, 947; at 1.8 MB and below the
-    GEMM keeps pace). A decode step feeds 2 tokens per sequence (slimfx.lm), so at batch 1 and 2 these few rows run
-    one GEMV each, and each row gets exactly the values it gets alone. A weight too large to stay in cache is read
-    from memory again by every GEMV: 2 of them cost what the GEMM does, 4 cost more (SmolLM2's lm_head, 113 MB:
-    4 rows in 16.8 ms, the GEMM 9.6), so past 2 rows only weights up to GEMV_CACHED_BYTES take them."""
+    """x2 (M, K) @ w (N, K).T. OpenBLAS (numpy's wheels) runs a GEMM of a few rows far slower than one row's GEMV
+    for many shapes (2-core EPYC, OpenBLAS 0.3.29: from N of about 512-640 up, it costs ~70-100 us more; 2 x 1536 x
+    576 took 184 us in cache, one row 24). A decode step feeds each sequence 2 tokens (slimfx.lm), so at batch 1 and
+    2 these few rows run one GEMV each where the weight holds GEMV_MIN_BYTES or more: there the GEMVs won with the
+    weight in cache and streamed from memory alike (as in decoding: 2 x 1536 x 576, 298 us for the GEMM and 176 for
+    the GEMVs). Smaller weights with N >= 640 lose to the GEMM too in cache, but not streamed from memory
+    (2 x 768 x 576: 145 us for the GEMM, 163 for the GEMVs), so they keep it. Each row then gets exactly the values
+    it gets alone. A weight that does not stay in cache is read again by every GEMV, so past 2 rows only weights up
+    to GEMV_CACHED_BYTES take them: SmolLM2's lm_head (113 MB) at 4 rows took 16.8 ms as GEMVs and 9.6 as a GEMM.
+    That cap is conservative: square weights as large still gained from GEMVs (4096 x 4096 at 3 rows, 4.75 ms
+    against 8.28), which this rule leaves to the GEMM."""
     m = x2.shape[0]
     if (2 <= m <= GEMV_ROWS and w.ndim == 2 and x2.dtype == w.dtype and x2.dtype in (np.float32, np.float64)
             and GEMV_MIN_BYTES <= w.nbytes and (m == 2 or w.nbytes <= GEMV_CACHED_BYTES)):
