@@ -521,6 +521,8 @@ def rows_times_weight(x2, w):
     m = x2.shape[0]
     if (2 <= m <= GEMV_ROWS and w.ndim == 2 and x2.dtype == w.dtype and x2.dtype in (np.float32, np.float64)
             and GEMV_MIN_BYTES <= w.nbytes and (m == 2 or w.nbytes <= GEMV_CACHED_BYTES)):
+        if not (w.flags.c_contiguous or w.flags.f_contiguous):
+            w = np.ascontiguousarray(w)       # once, not in every GEMV (BLAS takes one unit stride)
         y = np.empty((m, w.shape[0]), dtype=x2.dtype)
         for i in range(m):
             np.dot(w, x2[i], out=y[i])

@@ -244,6 +244,13 @@ def test_linear_of_decode_rows_runs_a_gemv_per_row(dtype):
         got = N.linear(x.numpy(), w.numpy(), b.numpy())
         assert _rows_alone(got, x, w, b), (m, lead)
         torch.testing.assert_close(torch.from_numpy(got), F.linear(x, w, b), **LIN_TOL[dtype])
+    # a column-major weight, and one with no unit stride (every other column of a wider one: copied once, then
+    # as the contiguous weight's rows; numpy's own matmul loop sums a 1-row call on it in another order)
+    wide = randn(n, 2 * k, dtype=dtype, seed=3)
+    for w, alone in ((wide[:, :k].t().contiguous().t(), None), (wide[:, ::2], wide[:, ::2].contiguous())):
+        got = N.linear(x.numpy(), w.numpy(), b.numpy())
+        assert _rows_alone(got, x, w if alone is None else alone, b)
+        torch.testing.assert_close(torch.from_numpy(got), F.linear(x, w, b), **LIN_TOL[dtype])
 
 
 @pytest.mark.parametrize("m, n, k", [(5, 1031, 509), (2, 37, 53), (3, 2053, 1031), (2, 1031, 0), (3, 0, 509)])
