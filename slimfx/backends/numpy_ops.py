@@ -514,10 +514,11 @@ def rows_times_weight(x2, w):
     weight in cache and streamed from memory alike (as in decoding: 2 x 1536 x 576, 298 us for the GEMM and 176 for
     the GEMVs). Smaller weights with N >= 640 lose to the GEMM too in cache, but not streamed from memory
     (2 x 768 x 576: 145 us for the GEMM, 163 for the GEMVs), so they keep it. Each row then gets exactly the values
-    it gets alone. A weight that does not stay in cache is read again by every GEMV, so past 2 rows only weights up
-    to GEMV_CACHED_BYTES take them: SmolLM2's lm_head (113 MB) at 4 rows took 16.8 ms as GEMVs and 9.6 as a GEMM.
-    That cap is conservative: square weights as large still gained from GEMVs (4096 x 4096 at 3 rows, 4.75 ms
-    against 8.28), which this rule leaves to the GEMM."""
+    of its 1-row product (for a weight with a unit stride; another is copied once). A weight that does not stay in
+    cache is read again by every GEMV, so past 2 rows only weights up to GEMV_CACHED_BYTES take them: SmolLM2's
+    lm_head (113 MB) at 4 rows took 16.8 ms as GEMVs and 9.6 as a GEMM. That cap is conservative: square weights
+    as large still gained from GEMVs (4096 x 4096 at 3 rows, 4.75 ms against 8.28), which this rule leaves to the
+    GEMM."""
     m = x2.shape[0]
     if (2 <= m <= GEMV_ROWS and w.ndim == 2 and x2.dtype == w.dtype and x2.dtype in (np.float32, np.float64)
             and GEMV_MIN_BYTES <= w.nbytes and (m == 2 or w.nbytes <= GEMV_CACHED_BYTES)):
