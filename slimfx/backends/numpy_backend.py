@@ -83,22 +83,21 @@ class NumpyProgram:
                 raise UnsupportedOpError(f"the numpy backend runs ATen ops (call_function nodes), not {what}: "
                                          f"a pass should insert the ATen ops it stands for (torch.ops.aten...), or "
                                          f"run with backend='torch'")
-        # keyword arguments the schema takes by position go by position: the numpy functions name them their own way
-        self.calls = {n: _positional(n) for n, _, _ in self.steps if n.kwargs}
         # free each intermediate after its last use: keeps peak memory near torch's
         last_use = {}
         for i, (n, _, _) in enumerate(self.steps):
             for a in n.all_input_nodes:
                 last_use[a] = i
-        self.free_after = [[] for _ in self.steps]
+        free_after = [[] for _ in self.steps]
         outs = set(self.output.all_input_nodes)
         for a, i in last_use.items():
             if a.op == "call_function" and a not in outs:
-                self.free_after[i].append(a)
-        # what run reads per step, looked up once: (node, fn, dtype, args, kwargs or None, nodes to free)
+                free_after[i].append(a)
+        # what run reads per step, looked up once: (node, fn, dtype, args, kwargs or None, nodes to free); keyword
+        # arguments the schema takes by position go by position (the numpy functions name them their own way)
         self.plan = []
-        for (n, fn, dt), free in zip(self.steps, self.free_after):
-            args, kwargs = self.calls.get(n, (n.args, n.kwargs))
+        for (n, fn, dt), free in zip(self.steps, free_after):
+            args, kwargs = _positional(n) if n.kwargs else (n.args, n.kwargs)
             self.plan.append((n, fn, dt, args, kwargs or None, tuple(free)))
 
     def _write_state(self, target: str, dst: np.ndarray, src, non_blocking=False) -> np.ndarray:
