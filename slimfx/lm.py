@@ -72,6 +72,7 @@ from torch.export import Dim
 
 from . import ir
 from .beam import options as beam_options
+from .quant.numerics import OneTorchThread
 
 LM_FILE = "causal_lm.json"
 
@@ -813,29 +814,6 @@ def _held_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab: int, device) -> t
     kept = torch.arange(ids.shape[1], device=device)[None] >= mask.argmax(1, keepdim=True)
     cols = torch.where(kept & (ids < vocab), ids, vocab)            # (column vocab: the ones left out)
     return torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=device).scatter_(1, cols, True)[:, :vocab]
-
-
-class OneTorchThread:
-    """While entered (and ``active``), torch runs its own ops on one thread: the generation loop's glue around the
-    numpy backend's graphs (picking tokens, logits processors, cache reorders). torch's OpenMP threads and
-    OpenBLAS's spin for the same cores between calls otherwise (2-core EPYC: T5-small with 4 beams 1.3-1.5 s ->
-    1.1 s, a Whisper transcription 5.8 s -> 4.1 s). Entering twice is once; leaving restores the thread count.
-    torch's count is the process's: another thread that first calls torch while a numpy-backend generation is
-    between tokens starts with one thread too (and keeps it)."""
-
-    def __init__(self, active: bool):
-        self.active, self.saved = active, None
-
-    def __enter__(self):
-        if self.active and self.saved is None:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            torch.set_num_threads(self.saved)
-            self.saved = None
 
 
 def history_bans(seq: torch.Tensor, vocab: int, ngram: int = 0, words: Sequence = (),
