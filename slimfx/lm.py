@@ -10,11 +10,14 @@ What slimfx compiles is the model's *step*: ``(input_ids, position_ids, attentio
 length, head dim; keys and values may differ in head dim, as in DeepSeek's latent attention). One graph serves the prompt (prefill) and every new token (decode), with batch, sequence
 and cache length dynamic, so the passes (and their calibration) run once. Two facts of torch.export shape the
 calls ``generate`` makes:
-- a sequence of 1 token is specialized (sdpa's causal flag branches on it), so a decode step feeds 2 tokens:
-  the previous one again, masked (the new token reads its keys and values from its cache slot, as written by
-  the step that fed it; only the new token's slot is written), and the new one. Linear layers then see 2 rows
-  per sequence: 2x their arithmetic on the numpy backend; on a GPU, where a decode step is bound by reading the
-  weights, it should cost little (not measured yet);
+- a sequence of 1 token is specialized (sdpa's causal flag branches on it), so the step is captured for 2 or
+  more. A decode step feeds the new token alone where ``compile_causal_lm`` found that the captured step gives
+  the same logits on 1 token as on 2 (``check_decode_tokens``: run outside the range export gave it, the graph
+  is the general one, and holds for 1 token in every family the tests generate with); otherwise 2 tokens: the
+  previous one again, masked (the new token reads its keys and values from its cache slot, as written by the step
+  that fed it; only the new token's slot is written), and the new one. ``CompiledCausalLM.decode_tokens`` says
+  which, ``decode_note`` why. One token per step runs a SmolLM2 decode step at batch 1 on the numpy backend
+  in 0.8x the time of two;
 - an empty cache is specialized too, so the cache always holds one masked slot (zeros) before the first
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
@@ -24,9 +27,9 @@ while the step runs: ``_mpt_alibi``); ``compile_causal_lm`` checks that on one e
 model otherwise (BART: positions from the cache length would count the masked slots).
 
 During decoding the cache is a buffer of slots, a power of two from ``min_cache``, the unfilled ones masked:
-a decode step reads the whole buffer and returns it with the two fed tokens' keys and values appended, which
-``decode`` writes back into their slots. So every decode step of a buffer size has the same shapes, which is
-what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer size and batch; the prompt runs
+a decode step reads the whole buffer and returns it with the fed tokens' keys and values appended, of which
+``decode`` writes the new token's back into its slot. So every decode step of a buffer size has the same shapes,
+which is what ``backend_options={"cuda_graphs": True}`` needs (one capture per buffer size and batch; the prompt runs
 without a graph), at the price of attending over masked slots (at most half the buffer).
 
 Sliding-window attention (Gemma-2, Gemma-3, Mistral, Qwen2 with ``use_sliding_window``, Phi-3 with a window,
@@ -723,7 +726,9 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     example_ids: the prompt capture and the passes' measurements use (default: 2 x 16 random tokens, or the
                  first calibration batch)
     The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
-    from .api import compile as compile_graph
+    from .api import capture as capture_graph, compile as compile_graph
+    from .backends import check_options
+    from .passes.manager import PassManager
     for key in ("dynamic", "example_inputs", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
@@ -751,8 +756,13 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     step = type(f"{type(model).__name__}Step", (CausalLMStep,), {})(model)
     if not step.takes_positions:
         check_masked_slots(model, step, layout, dtype, window)
-    cm = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
-                       dynamic=dynamic, calibration=cal, **compile_kwargs)
+    # the arguments first (a typo fails before the capture), then one capture for the step and its float probe
+    check_options(backend, backend_options)
+    PassManager(passes, dump_dir=compile_kwargs.get("dump_dir"))
+    method = compile_kwargs.pop("capture", "auto")
+    cap = capture_graph(step, example, dynamic=dynamic, method=method)
+    cm = compile_graph(cap, passes=passes, backend=backend, backend_options=backend_options, calibration=cal,
+                       **compile_kwargs)
     gaps = step.gap_limit(window)
     if window is not None and step.windows_by_position:
         window = None                 # no cap: the window is over real positions
@@ -761,9 +771,56 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
     pad = getattr(gen, "pad_token_id", None)
-    return CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
-                            model_name=type(model).__name__, rope_switch=rope_switch(model),
-                            position_limit=position_limit(model), gap_limit=gaps)
+    lm = CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
+                          model_name=type(model).__name__, rope_switch=rope_switch(model),
+                          position_limit=position_limit(model), gap_limit=gaps)
+    probe = compile_graph(cap, backend=backend, backend_options=backend_options, verify=False, measure=False,
+                          progress=False)
+    lm.decode_tokens, lm.decode_note = check_decode_tokens(lm, probe, model.get_input_embeddings().num_embeddings,
+                                                       next(model.parameters()).device)
+    return lm
+
+
+def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int] = None,
+                        device=None) -> tuple[int, str]:
+    """How many tokens ``lm``'s decode steps feed, and why: 1 where the captured step, run on 1 token (its
+    sequence dim below the range export gave it, >= 2), gives the logits it gives on 2 (the re-fed one masked,
+    module docstring), else 2. Checked on 2 left-padded random prompts (ids below ``vocab``, else 0 and 1) and
+    2 decode steps: ``probe`` (the capture compiled without passes, on ``lm``'s backend) within rounding
+    (``slot_error``); ``lm`` itself (passes applied: a quantized step's rounding may amplify a difference in
+    summation order past any tolerance: SmolLM2 W8A8's logits differ by 5-20% of their norm) only for running
+    and giving logits of the same shape, finite where the 2-token ones are. Without ``probe`` (``with_backend``,
+    ``slimfx.load``: a step checked when compiled) only the latter."""
+    ids = torch.randint(0, vocab or 2, (2, 6), generator=torch.Generator().manual_seed(0)).to(device or "cpu")
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def run(step, tokens: int) -> torch.Tensor:
+        gen = CompiledCausalLM(step, lm.layout, lm.dtype, sliding_window=lm.sliding_window, model_name=lm.model_name,
+                               rope_switch=lm.rope_switch, position_limit=lm.position_limit, gap_limit=lm.gap_limit,
+                               decode_tokens=tokens)
+        gen.probing = True
+        logits, state = gen.prefill(ids[:, :4], mask[:, :4])
+        dev = logits.device
+        steps = [gen.decode(ids[:, i].to(dev), state) for i in (4, 5)]
+        return torch.stack([logits[:, -1], *steps], 1).cpu()
+
+    with torch.no_grad():
+        if probe is not None:
+            try:
+                ref, got = run(probe, 2), run(probe, 1)
+            except Exception as e:     # the graph may refuse 1 token anywhere (a reshape, a kernel's shape check)
+                return 2, f"the step fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
+            err = slot_error(got, ref, lm.dtype)
+            if err is not None:
+                return 2, f"the step's logits on 1 token differ from those on 2 by {err:.2g} of their scale"
+        try:
+            ref, got = run(lm.step, 2), run(lm.step, 1)
+        except Exception as e:
+            return 2, f"the compiled step fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
+        if got.shape != ref.shape or bool((ref.isfinite() & ~got.isfinite()).any()):
+            return 2, "the compiled step's logits on 1 token have another shape, or values that are not finite"
+    return 1, "checked: the step gives the logits on 1 token that it gives on 2"
 
 
 def check_masked_slots(model: nn.Module, step: CausalLMStep, layout, dtype, window: Optional[int] = None) -> None:
@@ -897,8 +954,13 @@ class CompiledCausalLM:
 
     def __init__(self, step, layout, dtype, eos_token_id=None, pad_token_id=None, sliding_window: Optional[int] = None,
                  model_name: Optional[str] = None, rope_switch: Optional[int] = None,
-                 position_limit: Optional[int] = None, gap_limit: Optional[int] = None):
+                 position_limit: Optional[int] = None, gap_limit: Optional[int] = None, decode_tokens: int = 2):
         self.step = step                               # the CompiledModel of CausalLMStep
+        if decode_tokens not in (1, 2) or isinstance(decode_tokens, bool):
+            raise ValueError(f"decode_tokens must be 1 or 2, got {decode_tokens!r}")
+        self.decode_tokens = decode_tokens             # fed per decode step (check_decode_tokens)
+        self.decode_note = "given"                     # why (check_decode_tokens)
+        self.probing = False                           # check_decode_tokens' runs: no CUDA graph captured for them
         self.gap_limit = None if gap_limit is None else int(gap_limit)
         self.position_limit = None if position_limit is None else int(position_limit)
         self.layout = _normalized_layout(layout)
@@ -932,9 +994,12 @@ class CompiledCausalLM:
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledCausalLM":
         """The same step graph on another backend or with other options (``CompiledModel.with_backend``)."""
-        return CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
-                                self.eos_token_id or None, self._pad, self.sliding_window, self.model_name,
-                                self.rope_switch, self.position_limit, self.gap_limit)
+        lm = CompiledCausalLM(self.step.with_backend(backend, backend_options), self.layout, self.dtype,
+                              self.eos_token_id or None, self._pad, self.sliding_window, self.model_name,
+                              self.rope_switch, self.position_limit, self.gap_limit)
+        if self.decode_tokens == 1:         # checked on this backend's kernels too: they may refuse 1 token
+            lm.decode_tokens, lm.decode_note = check_decode_tokens(lm)
+        return lm
 
     @property
     def graph(self):
@@ -959,7 +1024,8 @@ class CompiledCausalLM:
         dev = out["logits"].device                             # the backend's (triton: the GPU's)
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
-                 "position": pos[:, -1:].to(dev), "at": torch.ones(1, dtype=torch.long, device=dev)}
+                 "position": pos[:, -1:].to(dev),
+                 "at": torch.full((1,), self.decode_tokens - 1, dtype=torch.long, device=dev)}
         if extra:
             state["extra"] = tuple(extra)
         if gapped:                                             # decode counts on from here (_refuse_gaps)
@@ -970,7 +1036,7 @@ class CompiledCausalLM:
 
     def _capacity(self, n: int) -> int:
         """Cache slots for ``n`` tokens: powers of two from ``min_cache``, so decode steps share a few shapes; with a
-        sliding window at most ``window - 2`` (a decode step sees the buffer and the 2 tokens it feeds), and at most
+        sliding window at most ``window - 2`` (a decode step sees the buffer and the 2 tokens it may feed), and at most
         ``max_slots``; either may be fewer than ``n``."""
         cap = self.min_cache
         while cap < n:
@@ -982,7 +1048,7 @@ class CompiledCausalLM:
     @property
     def max_slots(self) -> Optional[int]:
         """The most cache slots a decode step may hold: the bound torch.export found for the cache length (a
-        learned position table of max_position_embeddings rows bounds it) less the 2 tokens the step feeds, whose
+        learned position table of max_position_embeddings rows bounds it) less the 2 tokens the step may feed, whose
         keys it appends (GPT-Neo slices its causal-mask table, of that many rows, by the key length; export does
         not bound that slice). None when export found no bound."""
         sig = getattr(self.step, "_signature", None)            # (the eager step of check_masked_slots: none)
@@ -1015,8 +1081,8 @@ class CompiledCausalLM:
     def _beyond_bound(self, what: str, slots: int, fits: str) -> ValueError:
         return ValueError(f"{self.model_name}'s compiled step holds at most {self.max_slots} cache slots (the bound "
                           f"torch.export found for its cache length, as from a position table of "
-                          f"max_position_embeddings rows, less the 2 tokens a step feeds): {what} would need {slots}. "
-                          f"{fits}")
+                          f"max_position_embeddings rows, less the 2 tokens a step may feed): {what} would need "
+                          f"{slots}. {fits}")
 
     def _beyond_positions(self, what: str, tokens: int, fits: str) -> ValueError:
         return ValueError(f"{self.model_name}'s position table holds {self.position_limit} positions (by "
@@ -1032,9 +1098,10 @@ class CompiledCausalLM:
         """Logits (batch, vocab) after appending ``tokens`` (batch,) to ``state`` (updated in place).
 
         The cache is a buffer of ``capacity`` slots, the unfilled ones masked; the step reads all of them and
-        returns them with the two fed tokens' keys and values appended, of which the new token's go into its slot.
-        The previous token is fed again (module docstring), masked: its slot is read instead, not its copy.
-        Crossing a longrope model's switch (``rope_switch``) runs the whole sequence again, as transformers does."""
+        returns them with the fed tokens' keys and values appended, of which the new token's go into its slot.
+        With ``decode_tokens`` 2 the previous token is fed again (module docstring), masked: its slot is read
+        instead, not its copy; with 1 (checked by ``compile_causal_lm``) the new token alone. Crossing a longrope
+        model's switch (``rope_switch``) runs the whole sequence again, as transformers does."""
         if "ids" in state:                                      # below the model's rope switch (rope_switch)
             ids, mask = torch.cat([state["ids"], tokens[:, None]], 1), torch.cat(
                 [state["ids_mask"], torch.ones_like(state["ids_mask"][:, :1])], 1)
@@ -1052,7 +1119,7 @@ class CompiledCausalLM:
                         f"fed so far)")
                 if self.sliding_window is not None and n + 3 > self.sliding_window:
                     raise self._beyond_window("the next decode step", n + 3, f"{held}; the step adds the new token's "
-                                                                              f"slot and feeds 2 tokens.")
+                                                                              f"slot and may feed 2 tokens.")
                 raise self._beyond_bound("the next decode step", n + 1, f"{held}, and the new token's.")
             state["cache"] = [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in state["cache"]]
             state["mask"] = _pad(state["mask"], cap, 1)
@@ -1060,15 +1127,18 @@ class CompiledCausalLM:
             self._refuse_gaps(state["mask"][:, :state["filled"]], state["gap_slots"] + 1,
                               "the next decode step after a prompt of")
         slots = state["mask"]
-        ids = torch.cat([state["token"], tokens[:, None]], 1)
-        pos = torch.cat([state["position"], state["position"] + 1], 1)
+        one = self.decode_tokens == 1
+        ids = tokens[:, None] if one else torch.cat([state["token"], tokens[:, None]], 1)
+        pos = state["position"] + 1 if one else torch.cat([state["position"], state["position"] + 1], 1)
         if self.position_limit is not None and int(pos.max()) >= self.position_limit:
             raise self._beyond_positions("the next decode step", int(pos.max()) + 1,
                                          "No more tokens fit in this sequence.")
-        fed = torch.ones_like(slots[:, :2])
-        fed[:, 0] = 0                                           # the re-fed token: its cache slot is read instead
-        out = self._run(ids, pos, torch.cat([slots, fed], 1), state["cache"],
-                        state["at"], extra=state.get("extra", ()))    # the logits of the new token only
+        fed = torch.ones_like(slots[:, :ids.shape[1]])
+        fed[:, :-1] = 0                                         # the re-fed token: its cache slot is read instead
+        # the logits of the new token only; 1 token is outside the sequence range export gave the step (>= 2), so
+        # its inputs, built here from a checked state, skip the signature's check
+        out = self._run(ids, pos, torch.cat([slots, fed], 1), state["cache"], state["at"], eager=self.probing,
+                        extra=state.get("extra", ()), checked=not one)
         for (kb, vb), (k, v) in zip(state["cache"], out["cache"]):   # the new token's slot only: the re-fed
             kb[:, :, n], vb[:, :, n] = k[:, :, -1], v[:, :, -1]         # token's stays as its own step wrote it
         slots[:, n] = 1
@@ -1077,8 +1147,10 @@ class CompiledCausalLM:
             state["gap_slots"] += 1
         return out["logits"][:, -1]
 
-    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = ()):
-        args, kwargs = self.step._signature.check((ids, pos, mask, cache, at, *extra), {})
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = (), checked: bool = True):
+        args, kwargs = (ids, pos, mask, cache, at, *extra), {}
+        if checked:
+            args, kwargs = self.step._signature.check(args, kwargs)
         return self.step._executable(args, kwargs, eager=eager)
 
     def _one_thread(self) -> OneTorchThread:
@@ -1328,7 +1400,8 @@ class CompiledCausalLM:
         data = {"layout": self.layout, "dtype": str(self.dtype).replace("torch.", ""),
                 "eos_token_id": self.eos_token_id, "pad_token_id": self._pad,
                 "sliding_window": self.sliding_window, "model": self.model_name, "rope_switch": self.rope_switch,
-                "position_limit": self.position_limit, "gap_limit": self.gap_limit}
+                "position_limit": self.position_limit, "gap_limit": self.gap_limit,
+                "decode_tokens": self.decode_tokens}
         return save(self.step, path, extra={LM_FILE: data})      # one save: the same save id in every file
 
     @classmethod
@@ -1363,7 +1436,13 @@ class CompiledCausalLM:
         if not (eos is None or isinstance(eos, int) or isinstance(eos, list) and all(isinstance(e, int) for e in eos)) \
                 or not (pad is None or isinstance(pad, int)):
             raise FormatError(f"{where}: eos_token_id / pad_token_id must be token ids, got {eos!r} / {pad!r}")
-        return cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit, gaps)
+        fed = data.get("decode_tokens", 2)            # (absent from files saved before: 2)
+        if fed not in (1, 2) or isinstance(fed, bool):
+            raise FormatError(f"{where}: decode_tokens must be 1 or 2, got {fed!r}")
+        lm = cls(step, layout, dtype, eos or None, pad, window, data.get("model"), switch, limit, gaps)
+        if fed == 1:                 # checked when compiled; again on the backend it is loaded for
+            lm.decode_tokens, lm.decode_note = check_decode_tokens(lm)
+        return lm
 
     def __repr__(self):
         window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
@@ -1400,5 +1479,5 @@ def check_cache(layout, dtype, cache: list, where: str, graph: str) -> None:
 class _EagerCausalLM(CompiledCausalLM):
     """The generation loop around the uncompiled step module (``check_masked_slots``)."""
 
-    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = ()):
+    def _run(self, ids, pos, mask, cache, at, eager: bool = False, extra: tuple = (), checked: bool = True):
         return self.step(ids, pos, mask, cache, at, *extra)

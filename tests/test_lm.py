@@ -261,6 +261,92 @@ def test_saved_and_loaded_generates_the_same(llama, tmp_path):
     assert not (path / "causal_lm.json").exists() and isinstance(slimfx.load(path), slimfx.CompiledModel)
 
 
+def test_decode_steps_feed_the_new_token_alone_where_the_step_gives_its_logits_on_it(llama, compiled, monkeypatch):
+    """compile_causal_lm checks that the captured step, run on 1 token (below the sequence range export gave it),
+    gives the logits it gives on 2 (the previous token re-fed, masked); decode then feeds the new token alone."""
+    from slimfx.lm import CompiledCausalLM
+    for backend, lm in compiled.items():
+        assert lm.decode_tokens == 1 and lm.decode_note.startswith("checked"), (backend, lm.decode_note)
+    lm, fed = compiled["numpy"], []
+    run = CompiledCausalLM._run
+    monkeypatch.setattr(CompiledCausalLM, "_run", lambda self, ids, *a, **k: fed.append(ids.shape[1]) or
+                        run(self, ids, *a, **k))
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=4)
+    mask[:, -1] = 1
+    ref = hf_generate(llama, ids, mask, 6)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=6), ref)
+    assert fed == [5, 1, 1, 1, 1, 1]                    # the prompt, then a token a step
+    fed.clear()
+    monkeypatch.setattr(lm, "decode_tokens", 2)         # the other way gives the same tokens
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=6), ref)
+    assert fed == [5, 2, 2, 2, 2, 2]
+
+
+def _quantized(step) -> bool:
+    return any("weight_only" in str(n.target) for n in step.graph.graph.nodes)
+
+
+@pytest.mark.parametrize("fault, where, note", [
+    ("raises", "probe", "the step fails on 1 token (RuntimeError: no 1"),
+    ("differs", "probe", "the step's logits on 1 token differ from those on 2 by 0.01"),
+    ("raises", "compiled", "the compiled step fails on 1 token (RuntimeError: no 1"),
+    ("nan", "compiled", "the compiled step's logits on 1 token have another shape, or values that are not finite")])
+def test_a_step_that_fails_or_differs_on_1_token_decodes_2(llama, monkeypatch, fault, where, note):
+    """Where the check finds the step (the capture without passes, within rounding) or the compiled step (passes
+    applied: only that it runs, giving finite logits) other on 1 token than on 2, decode steps feed 2 tokens and
+    generate as transformers does."""
+    from slimfx.lm import CompiledCausalLM
+    run = CompiledCausalLM._run
+
+    def faulty(self, ids, *args, checked=True, **kw):
+        out = run(self, ids, *args, checked=checked, **kw)
+        if not checked and _quantized(self.step) == (where == "compiled"):      # a decode step of 1 token
+            if fault == "raises":
+                raise RuntimeError("no 1-token sequences here")
+            out = dict(out, logits=out["logits"] * (1.01 if fault == "differs" else float("nan")))
+        return out
+    monkeypatch.setattr(CompiledCausalLM, "_run", faulty)
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Quantize(weights="int8")], backend="numpy", progress=False)
+    assert (lm.decode_tokens, lm.decode_note[:len(note)]) == (2, note)
+    ids, mask = text_batch(2, 5, 97, pad_left=True, seed=5)
+    mask[:, -1] = 1
+    monkeypatch.setattr(CompiledCausalLM, "_run", run)
+    exact = slimfx.compile_causal_lm(llama, passes=[P.Quantize(weights="int8")], backend="numpy", progress=False)
+    assert exact.decode_tokens == 1
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=5), exact.generate(ids, mask, max_new_tokens=5))
+
+
+def test_decode_tokens_are_saved_and_checked_again_where_loaded(llama, compiled, tmp_path, monkeypatch):
+    from slimfx.ir.serialize import FormatError
+    from slimfx.lm import CompiledCausalLM
+    path = slimfx.save(compiled["numpy"], tmp_path / "lm")
+    data = json.loads((path / "causal_lm.json").read_text())
+    assert data["decode_tokens"] == 1
+    assert slimfx.load(path).decode_tokens == 1 and slimfx.load(path, backend="torch").decode_tokens == 1
+    assert compiled["numpy"].with_backend("torch").decode_tokens == 1
+    for value, match in [(3, "decode_tokens must be 1 or 2, got 3"), (True, "decode_tokens must be 1 or 2, got True")]:
+        (path / "causal_lm.json").write_text(json.dumps(dict(data, decode_tokens=value)))
+        with pytest.raises(FormatError, match=match):
+            slimfx.load(path)
+    data.pop("decode_tokens")                            # saved before: 2, unchecked
+    (path / "causal_lm.json").write_text(json.dumps(data))
+    assert slimfx.load(path).decode_tokens == 2
+    data["decode_tokens"] = 1                           # a backend whose kernels refuse 1 token: checked there
+    (path / "causal_lm.json").write_text(json.dumps(data))
+    ids, mask = text_batch(1, 4, 97, seed=2)
+    ref = compiled["numpy"].generate(ids, mask, max_new_tokens=4)
+    run = CompiledCausalLM._run
+
+    def refuses(self, ids, *args, checked=True, **kw):
+        if not checked:
+            raise ValueError("this kernel takes 2 or more rows")
+        return run(self, ids, *args, checked=checked, **kw)
+    monkeypatch.setattr(CompiledCausalLM, "_run", refuses)
+    back = slimfx.load(path)
+    assert back.decode_tokens == 2 and "ValueError: this kernel takes 2 or more rows" in back.decode_note
+    monkeypatch.setattr(CompiledCausalLM, "_run", run)
+    assert torch.equal(back.generate(ids, mask, max_new_tokens=4), ref)
+
 
 def test_save_is_one_save(llama, tmp_path, monkeypatch):
     """causal_lm.json is part of the save: a save interrupted before it was written loaded silently as a plain
