@@ -781,8 +781,8 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     return lm
 
 
-def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int] = None,
-                        device=None) -> tuple[int, str]:
+def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int] = None, device=None,
+                        ids: Optional[torch.Tensor] = None, extra: tuple = ()) -> tuple[int, str]:
     """How many tokens ``lm``'s decode steps feed, and why: 1 where the captured step, run on 1 token (its
     sequence dim below the range export gave it, >= 2), gives the logits it gives on 2 (the re-fed one masked,
     module docstring), else 2. Checked on 2 left-padded random prompts (ids below ``vocab``, else 0 and 1) and
@@ -790,17 +790,21 @@ def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int]
     (``slot_error``); ``lm`` itself (passes applied: a quantized step's rounding may amplify a difference in
     summation order past any tolerance: SmolLM2 W8A8's logits differ by 5-20% of their norm) only for running
     and giving logits of the same shape, finite where the 2-token ones are. Without ``probe`` (``with_backend``,
-    ``slimfx.load``: a step checked when compiled) only the latter."""
-    ids = torch.randint(0, vocab or 2, (2, 6), generator=torch.Generator().manual_seed(0)).to(device or "cpu")
+    ``slimfx.load``: a step checked when compiled) only the latter. ``ids``: (batch, 6) tokens of the caller's,
+    the first row left-padded by 2; ``extra``: the step's inputs after ``logits_at`` (an encoder's output for
+    that batch, ``slimfx.seq2seq``)."""
+    if ids is None:
+        ids = torch.randint(0, vocab or 2, (2, 6), generator=torch.Generator().manual_seed(0)).to(device or "cpu")
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0
+    if ids.shape[0] > 1:
+        mask[0, :2] = 0
 
     def run(step, tokens: int) -> torch.Tensor:
         gen = CompiledCausalLM(step, lm.layout, lm.dtype, sliding_window=lm.sliding_window, model_name=lm.model_name,
                                rope_switch=lm.rope_switch, position_limit=lm.position_limit, gap_limit=lm.gap_limit,
                                decode_tokens=tokens)
         gen.probing = True
-        logits, state = gen.prefill(ids[:, :4], mask[:, :4])
+        logits, state = gen.prefill(ids[:, :4], mask[:, :4], extra=extra)
         dev = logits.device
         steps = [gen.decode(ids[:, i].to(dev), state) for i in (4, 5)]
         return torch.stack([logits[:, -1], *steps], 1).cpu()

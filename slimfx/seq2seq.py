@@ -11,8 +11,12 @@ the encoder's positions. The *step* (``DecoderStep``) has ``CausalLMStep``'s for
 encoder's output added: ``(input_ids, position_ids, attention_mask, cache, logits_at, cross,
 encoder_attention_mask) -> (logits, new cache)``, the decoder's
 self-attention cache as plain tensors, its cross-attention keys and values as inputs read, never written. So the
-generation loop is ``CompiledCausalLM``'s (a buffer of cache slots, the re-fed token, left-padded decoder
-prompts: ``slimfx.lm``'s docstring), and prefill, decode, sampling and the timings behave as there.
+generation loop is ``CompiledCausalLM``'s (a buffer of cache slots, left-padded decoder prompts, decode steps of
+1 token where ``check_decode_tokens`` finds the step gives the same logits on it as on 2, else the re-fed token:
+``slimfx.lm``'s docstring), and prefill, decode, sampling and the timings behave as there. T5's step asserts 2
+tokens or more as it runs (a size in its relative position bias), so it decodes 2; BART, Marian, Pegasus and
+Whisper 1. Loaded onto another backend than the one it was checked on, or moved there (``with_backend``), a step
+decodes 2: checking needs the encoder's output for a real input.
 
 The buffer's masked slots (the one in front, the re-fed token's copy, the unfilled ones) are not positions.
 transformers counts a decoder's positions by cache slot (BART's, Marian's and Whisper's position tables index
@@ -332,20 +336,30 @@ def _position_limit(model: nn.Module) -> Optional[int]:
     return None
 
 
+def probe_ids(model: nn.Module, rows: int, start: int) -> torch.Tensor:
+    """(rows, 6) random decoder tokens behind ``start``, none a pad id (M2M100 skips a pad id as padding), for
+    ``check_positions`` and ``check_decode_tokens``."""
+    ids = torch.randint(0, _decoder_vocab(model), (rows, 6), generator=torch.Generator().manual_seed(0))
+    table = getattr(model.get_decoder(), "embed_positions", None)
+    for pad in {getattr(model.config, "pad_token_id", None), getattr(table, "padding_idx", None)} - {None}:
+        ids[ids == pad] = (pad + 1) % _decoder_vocab(model)
+    ids[:, 0] = start
+    return ids.to(next(model.parameters()).device)
+
+
+def first_rows(enc_args: tuple, extra: tuple, rows: int = 2) -> tuple:
+    """The first ``rows`` of the encoder's inputs and of its output (the decoder step's ``extra``)."""
+    return tuple(a[:rows] for a in enc_args), ([(k[:rows], v[:rows]) for k, v in extra[0]], extra[1][:rows])
+
+
 def check_positions(model: nn.Module, lm: "_EagerSeq2SeqLM", enc_args: tuple, extra: tuple) -> None:
     """Refuse ``model`` unless generating through ``step`` gives the logits of the model run on the real decoder
     tokens alone (a left-padded decoder prompt, then two decode steps: masked slots in front, the re-fed token
     masked, unfilled slots between): its decoder's positions must count real tokens (``decoder_replacements``).
     ``lm`` runs the step modules; ``extra``: their encoder's output for ``enc_args`` (of which 2 rows are used)."""
-    dev = next(model.parameters()).device
-    enc_args = tuple(a[:2] for a in enc_args)
-    extra = ([(k[:2], v[:2]) for k, v in extra[0]], extra[1][:2])
+    enc_args, extra = first_rows(enc_args, extra)
     b = enc_args[0].shape[0]
-    ids = torch.randint(0, _decoder_vocab(model), (b, 6), generator=torch.Generator().manual_seed(0)).to(dev)
-    table = getattr(model.get_decoder(), "embed_positions", None)
-    for pad in {getattr(model.config, "pad_token_id", None), getattr(table, "padding_idx", None)} - {None}:
-        ids[ids == pad] = (pad + 1) % _decoder_vocab(model)   # (real tokens: M2M100 skips a pad id as padding)
-    ids[:, 0] = lm.decoder_start_token_id
+    ids = probe_ids(model, b, lm.decoder_start_token_id)
     mask = torch.ones_like(ids)
     if b > 1:
         mask[0, :2] = 0
@@ -400,7 +414,8 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
     example_inputs: (the encoder's input,) for the captures (default: 2 x 16 random tokens, or Whisper-like
                  features; the first calibration batch when given)
     The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
-    from .api import compile as compile_graph
+    from .api import capture as capture_graph, compile as compile_graph
+    from .lm import check_decode_tokens
     for key in ("dynamic", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_seq2seq_lm sets {key!r} itself (the steps' inputs and dynamic dims)")
@@ -473,15 +488,17 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
                                                                 for _ in layout],
                "logits_at": {0: auto}, "cross": [({0: auto, 2: auto}, {0: auto, 2: auto}) for _ in extra[0]],
                "encoder_attention_mask": {0: auto, 1: auto}}
-    cm_step = compile_graph(step, example, passes=passes, backend=backend, backend_options=backend_options,
-                            dynamic=dynamic, calibration=dec_cal or None, **compile_kwargs)
+    # one capture of the step, compiled with the passes and without them (check_decode_tokens' probe)
+    cap = capture_graph(step, example, dynamic=dynamic, method=compile_kwargs.pop("capture", "auto"))
+    cm_step = compile_graph(cap, passes=passes, backend=backend, backend_options=backend_options,
+                            calibration=dec_cal or None, **compile_kwargs)
     defaults = {k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _CONFIG_DEFAULTS}
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
     bad = getattr(gen, "bad_words_ids", None) or []
     _warn_unapplied(what, gen)
-    return CompiledSeq2SeqLM(
+    lm = CompiledSeq2SeqLM(
         cm_enc, cm_step, layout, dtype, start, eos_token_id=eos, pad_token_id=getattr(gen, "pad_token_id", None),
         model_name=what, position_limit=_position_limit(model), input_name=name,
         forced_bos_token_id=getattr(gen, "forced_bos_token_id", None),
@@ -490,6 +507,12 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
         bad_tokens=[b[0] for b in bad if len(b) == 1], bad_sequences=[b for b in bad if len(b) > 1],
         min_length=getattr(gen, "min_length", None) or 0, whisper=whisper.settings(model), **defaults)
+    probe = compile_graph(cap, backend=backend, backend_options=backend_options, verify=False, measure=False,
+                          progress=False)
+    enc_args, extra = first_rows(enc_args, extra)
+    lm.decode_tokens, lm.decode_note = check_decode_tokens(lm, probe, ids=probe_ids(model, enc_args[0].shape[0], start),
+                                                           extra=extra)
+    return lm
 
 
 def _warn_unapplied(what: str, gen) -> None:
@@ -616,9 +639,21 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
 
     def with_backend(self, backend: str, backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
         """Both graphs on another backend or with other options (``CompiledModel.with_backend``)."""
-        return CompiledSeq2SeqLM(self.encoder.with_backend(backend, backend_options),
-                                 self.step.with_backend(backend, backend_options), self.layout, self.dtype,
-                                 self.decoder_start_token_id, **self._options())
+        lm = CompiledSeq2SeqLM(self.encoder.with_backend(backend, backend_options),
+                               self.step.with_backend(backend, backend_options), self.layout, self.dtype,
+                               self.decoder_start_token_id, **self._options())
+        lm.decode_tokens, lm.decode_note = self.decode_tokens_on(self.decode_tokens, self.step.backend, lm.step)
+        return lm
+
+    @staticmethod
+    def decode_tokens_on(tokens: int, checked_on: Optional[str], step) -> tuple[int, str]:
+        """The decode tokens checked on the backend ``checked_on`` (``check_decode_tokens``), for ``step`` on
+        its own: 1 only on the same backend (checking needs the encoder's output for a real input, which a
+        compiled model does not keep), else 2."""
+        if tokens == 1 and checked_on != step.backend:
+            return 2, (f"2 tokens: 1 was checked on the {checked_on} backend, not on {step.backend}; "
+                       f"compile_seq2seq_lm on it checks")
+        return tokens, ("checked on this backend" if tokens == 1 else "given")
 
     def report(self) -> "Seq2SeqReport":
         """Both graphs' compile reports (``.encoder``, ``.decoder``); printed one after the other."""
@@ -882,7 +917,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
                 "min_length": self.min_length, "bad_sequences": [list(w) for w in self.bad_sequences],
-                "whisper": self.whisper, **self._config_defaults()}
+                "whisper": self.whisper, **self._config_defaults(), "decode_tokens": self.decode_tokens}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -901,7 +936,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                    backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
         """The model ``save`` wrote to ``path``, its two graphs lowered to ``backend`` (default: the one each was
         saved with); a damaged, edited or half-written save is refused, naming what is wrong."""
-        from .io import TENSOR_FILE, _save_id, load
+        from .io import GRAPH_FILE, TENSOR_FILE, _save_id, load
         from .ir.serialize import FormatError, read_json
         path = pathlib.Path(path)
         where = f"slimfx.load({str(path)!r}): {SEQ2SEQ_FILE}"
@@ -953,14 +988,20 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         if not isinstance(name, str) or (name == "input_ids") == floats:
             raise FormatError(f"{where}: input_name {name!r} does not name the encoder graph's input, "
                               f"{getattr(first, 'dtype', None)} (input_ids: token ids; a float input by another name)")
+        fed = data.get("decode_tokens", 2)            # (absent from files saved before: 2)
+        if fed not in (1, 2) or isinstance(fed, bool):
+            raise FormatError(f"{where}: decode_tokens must be 1 or 2, got {fed!r}")
         try:
-            return cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
-                       pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
-                       position_limit=data.get("position_limit"), input_name=name,
-                       min_length=data.get("min_length") or 0, bad_sequences=data.get("bad_sequences"),
-                       whisper=data.get("whisper"), **defaults, **options)
+            lm = cls(parts["encoder"], step, layout, dtype, data["decoder_start_token_id"],
+                     pad_token_id=data.get("pad_token_id"), model_name=data.get("model"),
+                     position_limit=data.get("position_limit"), input_name=name,
+                     min_length=data.get("min_length") or 0, bad_sequences=data.get("bad_sequences"),
+                     whisper=data.get("whisper"), **defaults, **options)
         except ValueError as e:                        # (a generation option out of its range)
             raise FormatError(f"{where}: {e}") from e
+        saved_on = json.loads((path / "decoder" / GRAPH_FILE).read_text(encoding="utf-8")).get("backend")
+        lm.decode_tokens, lm.decode_note = cls.decode_tokens_on(fed, saved_on, step)
+        return lm
 
     def __repr__(self):
         return f"CompiledSeq2SeqLM({self.encoder!r}, {self.step!r}, decoder layers={len(self.layout)})"

@@ -421,6 +421,49 @@ def test_save_and_load(lms, tmp_path):
     assert isinstance(slimfx.load(folder), slimfx.CompiledModel)
 
 
+def test_decode_steps_feed_the_new_token_alone_where_checked(lms, tmp_path, monkeypatch):
+    """compile_seq2seq_lm checks its decoder step on 1 token as compile_causal_lm does (check_decode_tokens), and
+    decode then feeds the new token alone, with transformers' tokens; saved and loaded on the backend it was
+    checked on it keeps 1, on another it feeds 2 (checking needs the encoder's output for a real input). T5's
+    step asserts a sequence of 2 or more tokens as it runs (a size in its relative position bias, compute_bias):
+    2 tokens, and its tokens are transformers' (test_greedy_tokens_equal_transformers_generate)."""
+    from slimfx.lm import CompiledCausalLM
+    for family, (_, lm) in lms.items():
+        assert lm.decode_tokens == 1 and lm.decode_note.startswith("checked") or family == "t5", (family,
+                                                                                                 lm.decode_note)
+    assert lms["t5"][1].decode_tokens == 2
+    assert "the step fails on 1 token (RuntimeError: " in lms["t5"][1].decode_note
+    model, lm = lms["whisper"]
+    fed = []
+    run = CompiledCausalLM._run
+    monkeypatch.setattr(CompiledCausalLM, "_run", lambda self, ids, *a, **k: fed.append(ids.shape[1]) or
+                        run(self, ids, *a, **k))
+    inputs, mask = _inputs(model, seed=4)
+    ref = _reference(model, inputs, mask, 5, min_new_tokens=5)
+    assert torch.equal(lm.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5), ref)
+    assert fed == [2, 1, 1, 1, 1]                     # the start token (padded to 2), then a token a step
+    path = slimfx.save(lm, tmp_path / "whisper")
+    assert json.loads((path / "seq2seq_lm.json").read_text())["decode_tokens"] == 1
+    fed.clear()
+    back = slimfx.load(path)
+    assert back.decode_tokens == 1 and torch.equal(back.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5),
+                                                   ref)
+    assert fed == [2, 1, 1, 1, 1]
+    for other in (slimfx.load(path, backend="torch"), lm.with_backend("torch")):
+        assert other.decode_tokens == 2 and "checked on the numpy backend, not on torch" in other.decode_note
+        assert torch.equal(other.generate(inputs, mask, max_new_tokens=5, min_new_tokens=5), ref)
+    assert lm.with_backend("numpy").decode_tokens == 1
+    data = json.loads((path / "seq2seq_lm.json").read_text())
+    from slimfx.ir.serialize import FormatError
+    (path / "seq2seq_lm.json").write_text(json.dumps(dict(data, decode_tokens=0)))
+    with pytest.raises(FormatError, match="decode_tokens must be 1 or 2, got 0"):
+        slimfx.load(path)
+    data.pop("decode_tokens")                          # saved before: 2
+    (path / "seq2seq_lm.json").write_text(json.dumps(data))
+    assert slimfx.load(path).decode_tokens == 2
+
+
+
 def test_more_generation_config_entries_as_transformers_applies_them():
     """Single-token bad_words_ids (Marian's configs ban the pad token so), min_length (bart-large-cnn: 56),
     begin_suppress_tokens after a forced first token (transformers suppresses the token after it), the forced
