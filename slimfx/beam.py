@@ -61,7 +61,7 @@ def reorder(state: dict, index: torch.Tensor, extra: bool = True) -> None:
     """Rows ``index`` of ``state`` (``CompiledCausalLM.prefill``'s, in place): the cache, mask, positions and fed
     token of each, and with ``extra`` the step's extra inputs (an encoded input: the same within a prompt's beams,
     so only repeated once, when the beams begin)."""
-    known = {"cache", "extra", "filled", "gap_slots", *_ROWS, *_SHARED}
+    known = {"cache", "extra", "filled", "fed", "gap_slots", *_ROWS, *_SHARED}
     unknown = sorted(set(state) - known)
     if unknown:                           # a state entry this function would leave in the old order
         raise RuntimeError(f"beam search cannot reorder the generation state's {unknown}")

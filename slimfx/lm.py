@@ -16,8 +16,8 @@ calls ``generate`` makes:
   is the general one, and holds for 1 token in every family the tests generate with); otherwise 2 tokens: the
   previous one again, masked (the new token reads its keys and values from its cache slot, as written by the step
   that fed it; only the new token's slot is written), and the new one. ``CompiledCausalLM.decode_tokens`` says
-  which, ``decode_note`` why. One token per step runs a SmolLM2 decode step at batch 1 on the numpy backend
-  in 0.8x the time of two;
+  which, ``decode_note`` why. With 1 token a step, SmolLM2 fp32 generated 1.24x as many tokens/s at batch 1
+  on the numpy backend (README);
 - an empty cache is specialized too, so the cache always holds one masked slot (zeros) before the first
   token: the prompt is a step with a cache of length 1, attention masked there.
 Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding); positions count only
@@ -727,8 +727,6 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
                  first calibration batch)
     The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
     from .api import capture as capture_graph, compile as compile_graph
-    from .backends import check_options
-    from .passes.manager import PassManager
     for key in ("dynamic", "example_inputs", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_causal_lm sets {key!r} itself (the step's inputs and dynamic dims)")
@@ -757,12 +755,11 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     if not step.takes_positions:
         check_masked_slots(model, step, layout, dtype, window)
     # the arguments first (a typo fails before the capture), then one capture for the step and its float probe
-    check_options(backend, backend_options)
-    PassManager(passes, dump_dir=compile_kwargs.get("dump_dir"))
-    method = compile_kwargs.pop("capture", "auto")
-    cap = capture_graph(step, example, dynamic=dynamic, method=method)
+    passes = checked_compile_args("compile_causal_lm", compile_graph, passes, backend, backend_options, compile_kwargs)
+    cap = capture_graph(step, example, dynamic=dynamic, method=compile_kwargs.pop("capture", "auto"))
     cm = compile_graph(cap, passes=passes, backend=backend, backend_options=backend_options, calibration=cal,
                        **compile_kwargs)
+    cm.report().capture_reused = False           # (the capture is this compile's own, as in slimfx.compile)
     gaps = step.gap_limit(window)
     if window is not None and step.windows_by_position:
         window = None                 # no cap: the window is over real positions
@@ -774,56 +771,103 @@ def compile_causal_lm(model: nn.Module, *, passes: Sequence = (), calibration: O
     lm = CompiledCausalLM(cm, layout, dtype, eos_token_id=eos, pad_token_id=pad, sliding_window=window,
                           model_name=type(model).__name__, rope_switch=rope_switch(model),
                           position_limit=position_limit(model), gap_limit=gaps)
-    probe = compile_graph(cap, backend=backend, backend_options=backend_options, verify=False, measure=False,
-                          progress=False)
-    lm.decode_tokens, lm.decode_note = check_decode_tokens(lm, probe, model.get_input_embeddings().num_embeddings,
+    lm.decode_tokens, lm.decode_note = check_decode_tokens(lm, probe_of(cap, cm, passes, backend),
+                                                       model.get_input_embeddings().num_embeddings,
                                                        next(model.parameters()).device)
     return lm
+
+
+def checked_compile_args(who: str, compile_graph, passes, backend, backend_options, compile_kwargs) -> list:
+    """``passes`` as a list (a generator is read once), after checking what ``slimfx.compile`` would: the backend
+    and its options, the passes, the keywords (a typo fails before the capture)."""
+    from .backends import check_options
+    from .passes.manager import PassManager
+    check_options(backend, backend_options)
+    try:
+        inspect.signature(compile_graph).bind_partial(**compile_kwargs)
+    except TypeError as e:
+        raise TypeError(f"{who}: {e} (the other keywords go to slimfx.compile)") from None
+    return PassManager(passes, dump_dir=compile_kwargs.get("dump_dir")).passes
+
+
+def probe_of(cap, cm, passes: list, backend: str):
+    """``check_decode_tokens``' probe: the capture ``cap`` compiled without passes (``cm`` itself where it has
+    none), on the numpy backend for ``backend`` numpy, else on torch, which runs the graph's ops as the triton
+    backend does, on the model's device, its weights shared: the triton backend would copy them to the GPU, beside
+    the compressed ones. A function: compiled only when the check runs, its failure one the check reports."""
+    if not passes:
+        return lambda: cm
+    from .api import compile as compile_graph
+    return lambda: compile_graph(cap, backend="numpy" if backend == "numpy" else "torch", verify=False,
+                                 measure=False, progress=False)
 
 
 def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int] = None, device=None,
                         ids: Optional[torch.Tensor] = None, extra: tuple = ()) -> tuple[int, str]:
     """How many tokens ``lm``'s decode steps feed, and why: 1 where the captured step, run on 1 token (its
     sequence dim below the range export gave it, >= 2), gives the logits it gives on 2 (the re-fed one masked,
-    module docstring), else 2. Checked on 2 left-padded random prompts (ids below ``vocab``, else 0 and 1) and
-    2 decode steps: ``probe`` (the capture compiled without passes, on ``lm``'s backend) within rounding
-    (``slot_error``); ``lm`` itself (passes applied: a quantized step's rounding may amplify a difference in
-    summation order past any tolerance: SmolLM2 W8A8's logits differ by 5-20% of their norm) only for running
-    and giving logits of the same shape, finite where the 2-token ones are. Without ``probe`` (``with_backend``,
-    ``slimfx.load``: a step checked when compiled) only the latter. ``ids``: (batch, 6) tokens of the caller's,
-    the first row left-padded by 2; ``extra``: the step's inputs after ``logits_at`` (an encoder's output for
-    that batch, ``slimfx.seq2seq``)."""
+    module docstring), else 2. Checked on a batch of 2 prompts, the first left-padded by 2, and on the second
+    alone (a decode step of 1 token puts 1 row through the layers at batch 1), each of 4 tokens then 4 decode
+    steps, the buffer growing from 2 to 16 slots: ``probe()`` (the capture compiled without passes,
+    ``probe_of``) within rounding (``slot_error``); ``lm`` itself (passes applied: a quantized step's rounding may
+    amplify a difference in summation order past any tolerance, as SmolLM2 W8A8's, whose logits moved by 5-20% of
+    their norm) only for running and giving logits of the same shape, finite where the 2-token ones are. Without
+    ``probe`` (``with_backend``, ``slimfx.load``: the graph was checked when compiled) only the latter.
+    ``ids``: (batch, 8) tokens of the caller's (default random, below ``vocab``, else 0 and 1); ``extra``: the
+    step's inputs after ``logits_at`` (an encoder's output for that batch, ``slimfx.seq2seq``)."""
     if ids is None:
-        ids = torch.randint(0, vocab or 2, (2, 6), generator=torch.Generator().manual_seed(0)).to(device or "cpu")
+        ids = torch.randint(0, vocab or 2, (2, 8), generator=torch.Generator().manual_seed(0)).to(device or "cpu")
     mask = torch.ones_like(ids)
+    cases = [(ids, mask, extra)]
     if ids.shape[0] > 1:
         mask[0, :2] = 0
+        second = torch.utils._pytree.tree_map(lambda t: t[1:2] if isinstance(t, torch.Tensor) else t, extra)
+        cases.append((ids[1:2], mask[1:2], second))
 
     def run(step, tokens: int) -> torch.Tensor:
-        gen = CompiledCausalLM(step, lm.layout, lm.dtype, sliding_window=lm.sliding_window, model_name=lm.model_name,
-                               rope_switch=lm.rope_switch, position_limit=lm.position_limit, gap_limit=lm.gap_limit,
-                               decode_tokens=tokens)
-        gen.probing = True
-        logits, state = gen.prefill(ids[:, :4], mask[:, :4], extra=extra)
-        dev = logits.device
-        steps = [gen.decode(ids[:, i].to(dev), state) for i in (4, 5)]
-        return torch.stack([logits[:, -1], *steps], 1).cpu()
+        out = []
+        for ids_, mask_, extra_ in cases:
+            gen = CompiledCausalLM(step, lm.layout, lm.dtype, sliding_window=lm.sliding_window,
+                                   model_name=lm.model_name, rope_switch=lm.rope_switch,
+                                   position_limit=lm.position_limit, gap_limit=lm.gap_limit, decode_tokens=tokens)
+            gen.probing, gen.min_cache = True, 2
+            logits, state = gen.prefill(ids_[:, :4], mask_[:, :4], extra=extra_)
+            dev = logits.device
+            steps = [gen.decode(ids_[:, i].to(dev), state) for i in range(4, ids_.shape[1])]
+            out.append(torch.stack([logits[:, -1], *steps], 1).cpu())
+        return torch.cat(out)
+
+    def runs(step, what: str) -> tuple:
+        try:
+            ref = run(step, 2)
+        except Exception as e:        # (a model whose window over slots the check's prompts pass, say)
+            return None, f"2 tokens: {what} fails on the check's prompts ({type(e).__name__}: {str(e)[:200]})"
+        try:
+            return (ref, run(step, 1)), None
+        except Exception as e:        # the graph may refuse 1 token anywhere (a reshape, an assertion, a kernel)
+            return None, f"{what} fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
 
     with torch.no_grad():
         if probe is not None:
             try:
-                ref, got = run(probe, 2), run(probe, 1)
-            except Exception as e:     # the graph may refuse 1 token anywhere (a reshape, a kernel's shape check)
-                return 2, f"the step fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
-            err = slot_error(got, ref, lm.dtype)
+                step = probe()
+            except Exception as e:
+                return 2, f"2 tokens: compiling the step without passes to check it failed ({type(e).__name__}: {e})"
+            got, why = runs(step, "the step")
+            if why:
+                return 2, why
+            err = slot_error(got[1], got[0], lm.dtype)
             if err is not None:
                 return 2, f"the step's logits on 1 token differ from those on 2 by {err:.2g} of their scale"
-        try:
-            ref, got = run(lm.step, 2), run(lm.step, 1)
-        except Exception as e:
-            return 2, f"the compiled step fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
-        if got.shape != ref.shape or bool((ref.isfinite() & ~got.isfinite()).any()):
+        got, why = runs(lm.step, "the compiled step")
+        if why:
+            return 2, why
+        ref, one = got
+        if one.shape != ref.shape or bool((ref.isfinite() & ~one.isfinite()).any()):
             return 2, "the compiled step's logits on 1 token have another shape, or values that are not finite"
+    if probe is None:
+        return 1, ("checked on this backend: the compiled step runs on 1 token, its logits finite (the graph was "
+                   "checked when compiled)")
     return 1, "checked: the step gives the logits on 1 token that it gives on 2"
 
 
@@ -960,8 +1004,6 @@ class CompiledCausalLM:
                  model_name: Optional[str] = None, rope_switch: Optional[int] = None,
                  position_limit: Optional[int] = None, gap_limit: Optional[int] = None, decode_tokens: int = 2):
         self.step = step                               # the CompiledModel of CausalLMStep
-        if decode_tokens not in (1, 2) or isinstance(decode_tokens, bool):
-            raise ValueError(f"decode_tokens must be 1 or 2, got {decode_tokens!r}")
         self.decode_tokens = decode_tokens             # fed per decode step (check_decode_tokens)
         self.decode_note = "given"                     # why (check_decode_tokens)
         self.probing = False                           # check_decode_tokens' runs: no CUDA graph captured for them
@@ -976,6 +1018,18 @@ class CompiledCausalLM:
         self.eos_token_id = [eos] if isinstance(eos, int) else (eos or [])
         self._pad = None if pad_token_id is None else int(pad_token_id)     # the model's own (None: none)
         self.last_timing: dict = {}
+
+    @property
+    def decode_tokens(self) -> int:
+        """The tokens a decode step feeds: 1 (the new one) where ``check_decode_tokens`` found the step gives the
+        same logits on it, else 2 (module docstring). A generation keeps the count its prefill began with."""
+        return self._decode_tokens
+
+    @decode_tokens.setter
+    def decode_tokens(self, value: int) -> None:
+        if value not in (1, 2) or isinstance(value, bool):
+            raise ValueError(f"decode_tokens must be 1 or 2, got {value!r}")
+        self._decode_tokens = int(value)
 
     @property
     def pad_token_id(self) -> int:
@@ -1028,7 +1082,7 @@ class CompiledCausalLM:
         dev = out["logits"].device                             # the backend's (triton: the GPU's)
         state = {"cache": [(_pad(k, cap, 2), _pad(v, cap, 2)) for k, v in out["cache"]],
                  "mask": _pad(mask.to(dev), cap, 1), "filled": n, "token": ids[:, -1:].to(dev),
-                 "position": pos[:, -1:].to(dev),
+                 "position": pos[:, -1:].to(dev), "fed": self.decode_tokens,
                  "at": torch.full((1,), self.decode_tokens - 1, dtype=torch.long, device=dev)}
         if extra:
             state["extra"] = tuple(extra)
@@ -1131,7 +1185,7 @@ class CompiledCausalLM:
             self._refuse_gaps(state["mask"][:, :state["filled"]], state["gap_slots"] + 1,
                               "the next decode step after a prompt of")
         slots = state["mask"]
-        one = self.decode_tokens == 1
+        one = state.get("fed", 2) == 1                         # (the count this generation began with)
         ids = tokens[:, None] if one else torch.cat([state["token"], tokens[:, None]], 1)
         pos = state["position"] + 1 if one else torch.cat([state["position"], state["position"] + 1], 1)
         if self.position_limit is not None and int(pos.max()) >= self.position_limit:

@@ -336,10 +336,10 @@ def _position_limit(model: nn.Module) -> Optional[int]:
     return None
 
 
-def probe_ids(model: nn.Module, rows: int, start: int) -> torch.Tensor:
-    """(rows, 6) random decoder tokens behind ``start``, none a pad id (M2M100 skips a pad id as padding), for
-    ``check_positions`` and ``check_decode_tokens``."""
-    ids = torch.randint(0, _decoder_vocab(model), (rows, 6), generator=torch.Generator().manual_seed(0))
+def probe_ids(model: nn.Module, rows: int, start: int, length: int = 6) -> torch.Tensor:
+    """(rows, length) random decoder tokens behind ``start``, none a pad id (M2M100 skips a pad id as padding),
+    for ``check_positions`` and ``check_decode_tokens``."""
+    ids = torch.randint(0, _decoder_vocab(model), (rows, length), generator=torch.Generator().manual_seed(0))
     table = getattr(model.get_decoder(), "embed_positions", None)
     for pad in {getattr(model.config, "pad_token_id", None), getattr(table, "padding_idx", None)} - {None}:
         ids[ids == pad] = (pad + 1) % _decoder_vocab(model)
@@ -415,7 +415,7 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
                  features; the first calibration batch when given)
     The other keywords go to ``slimfx.compile`` (verify, measure, dump_dir, progress)."""
     from .api import capture as capture_graph, compile as compile_graph
-    from .lm import check_decode_tokens
+    from .lm import check_decode_tokens, checked_compile_args, probe_of
     for key in ("dynamic", "example_kwargs"):
         if key in compile_kwargs:
             raise TypeError(f"compile_seq2seq_lm sets {key!r} itself (the steps' inputs and dynamic dims)")
@@ -432,6 +432,9 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         raise TypeError(f"{what} is not supported: its forward subsamples the attention mask of its input frames to "
                         f"the encoder's length, also when given the encoder's output, so the decoder step would "
                         f"subsample the encoder's mask once more (Whisper's encoder takes no mask)")
+    # a generator of passes serves both graphs; a typo fails before the captures
+    passes = checked_compile_args("compile_seq2seq_lm", compile_graph, passes, backend, backend_options,
+                                  compile_kwargs)
     gen = getattr(model, "generation_config", None)
     try:                                                 # (before the captures: the config's own mistake)
         beam_options(*(getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _BEAM_DEFAULTS))
@@ -492,6 +495,7 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
     cap = capture_graph(step, example, dynamic=dynamic, method=compile_kwargs.pop("capture", "auto"))
     cm_step = compile_graph(cap, passes=passes, backend=backend, backend_options=backend_options,
                             calibration=dec_cal or None, **compile_kwargs)
+    cm_step.report().capture_reused = False      # (the capture is this compile's own, as in slimfx.compile)
     defaults = {k: getattr(gen, k, d) if getattr(gen, k, None) is not None else d for k, d in _CONFIG_DEFAULTS}
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
@@ -507,10 +511,9 @@ def compile_seq2seq_lm(model: nn.Module, *, passes: Sequence = (), calibration: 
         begin_suppress_tokens=getattr(gen, "begin_suppress_tokens", None),
         bad_tokens=[b[0] for b in bad if len(b) == 1], bad_sequences=[b for b in bad if len(b) > 1],
         min_length=getattr(gen, "min_length", None) or 0, whisper=whisper.settings(model), **defaults)
-    probe = compile_graph(cap, backend=backend, backend_options=backend_options, verify=False, measure=False,
-                          progress=False)
     enc_args, extra = first_rows(enc_args, extra)
-    lm.decode_tokens, lm.decode_note = check_decode_tokens(lm, probe, ids=probe_ids(model, enc_args[0].shape[0], start),
+    lm.decode_tokens, lm.decode_note = check_decode_tokens(lm, probe_of(cap, cm_step, passes, backend),
+                                                           ids=probe_ids(model, enc_args[0].shape[0], start, 8),
                                                            extra=extra)
     return lm
 

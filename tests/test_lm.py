@@ -280,6 +280,26 @@ def test_decode_steps_feed_the_new_token_alone_where_the_step_gives_its_logits_o
     monkeypatch.setattr(lm, "decode_tokens", 2)         # the other way gives the same tokens
     assert torch.equal(lm.generate(ids, mask, max_new_tokens=6), ref)
     assert fed == [5, 2, 2, 2, 2, 2]
+    # a generation keeps the count its prefill began with (its state's logits index is the step's)
+    logits, state = lm.prefill(ids, mask)
+    lm.decode_tokens = 1
+    fed.clear()
+    assert torch.equal(torch.stack([logits[:, -1].argmax(-1), lm.decode(ref[:, 5], state).argmax(-1)], 1),
+                       ref[:, 5:7])
+    assert fed == [2]
+    with pytest.raises(ValueError, match="decode_tokens must be 1 or 2, got 3"):
+        lm.decode_tokens = 3
+
+
+def test_compile_arguments_are_checked_before_the_capture_and_a_generator_of_passes_runs(llama, monkeypatch):
+    import slimfx.api
+    lm = slimfx.compile_causal_lm(llama, passes=(p for p in [P.Quantize(weights="int8")]), backend="numpy",
+                                  progress=False)
+    assert [r.name for r in lm.report().records] == ["quantize"] and lm.decode_tokens == 1
+    assert not lm.report().capture_reused                   # (the capture is the compile's own)
+    monkeypatch.setattr(slimfx.api, "capture", lambda *a, **k: pytest.fail("captured before the check"))
+    with pytest.raises(TypeError, match="compile_causal_lm: .*'verfy'"):
+        slimfx.compile_causal_lm(llama, verfy=False)
 
 
 def _quantized(step) -> bool:
@@ -490,8 +510,8 @@ def _generates_as_transformers(lm, model, cases, what: str):
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "qwen2", "phi3", "cohere2", "gpt_oss", "gpt_neo"])
 def test_sliding_window_models_generate_transformers_tokens_past_the_window(family, tmp_path):
     """The sliding layers' mask (GPT-Neo's local band) counts the window over real positions, not cache slots, so
-    the masked slots the decode buffer puts between tokens (unfilled ones, the re-fed token's copy) do not shrink
-    it: generation equals transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window
+    the masked slots the decode buffer puts between tokens (unfilled ones; the re-fed token's copy, where decode
+    steps feed 2 tokens) do not shrink it: generation equals transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window
     of 8, after a short left-padded prompt (5 tokens, 25 new: the buffer grows 8 -> 16 -> 32) and after one
     longer than the window. Before, generation was refused past window - 2 slots: the last decode step here would
     see 33. A prompt with padding after a token gives transformers' tokens while the sequence stays within the
@@ -504,6 +524,9 @@ def test_sliding_window_models_generate_transformers_tokens_past_the_window(fami
     back = slimfx.load(slimfx.save(lm, tmp_path / "lm"))
     assert back.sliding_window is None and back.gap_limit == 8
     assert torch.equal(back.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
+    assert lm.decode_tokens == 1
+    lm.decode_tokens = 2                                  # the re-fed token's masked copies between the tokens
+    _generates_as_transformers(lm, model, [(5, 25, 3)], family)
     # a gap in a prompt's mask: past the window positions and slots differ (transformers counts the gap in it)
     mask[0, 6] = 0
     gap = r"rows \[0\] of attention_mask hold padding after a token; .*window of 8 tokens.*left-pad"
@@ -558,6 +581,9 @@ def test_a_two_sided_sliding_window_keeps_transformers_mask():
     every, _ = lm.prefill(ids, all_logits=True)
     with torch.no_grad():
         assert rel_err(every, model(ids).logits) <= 1e-5                  # fp32: summation order only
+    # the check's decode steps pass its 4 slots: 2 tokens a step, though those steps are refused too
+    assert lm.decode_tokens == 2
+    assert lm.decode_note.startswith("2 tokens: the step fails on the check's prompts (ValueError: ")
 
 
 def test_generating_past_a_saved_slot_window_is_refused(tmp_path):
