@@ -511,9 +511,9 @@ def _generates_as_transformers(lm, model, cases, what: str):
 def test_sliding_window_models_generate_transformers_tokens_past_the_window(family, tmp_path):
     """The sliding layers' mask (GPT-Neo's local band) counts the window over real positions, not cache slots, so
     the masked slots the decode buffer puts between tokens (unfilled ones; the re-fed token's copy, where decode
-    steps feed 2 tokens) do not shrink it: generation equals transformers' (whose sliding cache keeps the last window - 1 tokens) far past a window
-    of 8, after a short left-padded prompt (5 tokens, 25 new: the buffer grows 8 -> 16 -> 32) and after one
-    longer than the window. Before, generation was refused past window - 2 slots: the last decode step here would
+    steps feed 2 tokens) do not shrink it: generation equals transformers' (whose sliding cache keeps the last
+    window - 1 tokens) far past a window of 8, after a short left-padded prompt (5 tokens, 25 new: the buffer
+    grows 8 -> 16 -> 32) and after one longer than the window. Before, generation was refused past window - 2 slots: the last decode step here would
     see 33. A prompt with padding after a token gives transformers' tokens while the sequence stays within the
     window and is refused past it, by prefill, generate and decode."""
     model = _sliding(family, 8)
