@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                             weights_mb=round((held["weights"] + held["dense_copies"]) / 1e6, 3),
                             decode_tok_s=args.batch * (n - 1) / max(total_s - prefill_s, 1e-9), cosine=round(cos, 5),
                             same_tokens=equal_prefix(out, ref_tokens, start), compile_s=compile_s,
-                            first_call_s=round(first_s, 1))
+                            first_call_s=round(first_s, 1), fed=lm.decode_tokens)
             rows.append(dict(path=f"slimfx {scheme}{' graphs' if graphs else ''}", **attempt(run)))
             print(rows[-1], flush=True)
         compiled.clear()                                  # the weights on the GPU go before the next scheme
@@ -171,16 +171,17 @@ def markdown(rows: list[dict], meta: dict, base: dict) -> str:
              "decode tok/s = batch x (new tokens - 1) / (generate time - prefill time); speedup vs transformers "
              "generate bf16; cos: prompt logits vs torch's; same: greedy tokens equal to transformers' before the "
              "first difference; weights MB: what the path holds on the "
-             "device (slimfx: CompiledModel.held_bytes after generating, dense copies included).", "",
-             "| path | prefill ms | decode tok/s | speedup | cos | same | weights MB | compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "device (slimfx: CompiledModel.held_bytes after generating, dense copies included); fed: tokens a "
+             "decode step feeds (CompiledCausalLM.decode_tokens).", "",
+             "| path | prefill ms | decode tok/s | speedup | cos | same | weights MB | compile s | fed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("decode_tok_s") is None:
-            lines.append(f"| {r['path']} | - | - | - | - | - | - | - |")
+            lines.append(f"| {r['path']} | - | - | - | - | - | - | - | - |")
             continue
         lines.append(f"| {r['path']} | {r['prefill_ms']:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {r['cosine']:.4f} | {r['same_tokens']} | "
-                     f"{r.get('weights_mb', '-')} | {r.get('compile_s', '-')} |")
+                     f"{r.get('weights_mb', '-')} | {r.get('compile_s', '-')} | {r.get('fed', '-')} |")
     return finish_markdown(lines, [f"- {r['path']}: {r['note']}" for r in rows if r.get("note")])
 
 
