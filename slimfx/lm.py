@@ -808,7 +808,7 @@ def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int]
     sequence dim below the range export gave it, >= 2), gives the logits it gives on 2 (the re-fed one masked,
     module docstring), else 2. Checked on a batch of 2 prompts, the first left-padded by 2, and on the second
     alone (a decode step of 1 token puts 1 row through the layers at batch 1), each of 4 tokens then 4 decode
-    steps, the buffer growing from 2 to 16 slots: ``probe()`` (the capture compiled without passes,
+    steps, the buffer growing from 8 slots to 16: ``probe()`` (the capture compiled without passes,
     ``probe_of``) within rounding (``slot_error``); ``lm`` itself (passes applied: a quantized step's rounding may
     amplify a difference in summation order past any tolerance, as SmolLM2 W8A8's, whose logits moved by 5-20% of
     their norm) only for running and giving logits of the same shape, finite where the 2-token ones are. Without
@@ -845,7 +845,7 @@ def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int]
         try:
             return (ref, run(step, 1)), None
         except Exception as e:        # the graph may refuse 1 token anywhere (a reshape, an assertion, a kernel)
-            return None, f"{what} fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
+            return None, f"2 tokens: {what} fails on 1 token ({type(e).__name__}: {str(e)[:200]})"
 
     with torch.no_grad():
         if probe is not None:
@@ -858,13 +858,16 @@ def check_decode_tokens(lm: "CompiledCausalLM", probe=None, vocab: Optional[int]
                 return 2, why
             err = slot_error(got[1], got[0], lm.dtype)
             if err is not None:
-                return 2, f"the step's logits on 1 token differ from those on 2 by {err:.2g} of their scale"
+                return 2, f"2 tokens: the step's logits on 1 token differ from those on 2 by {err:.2g} of their scale"
+            if step is lm.step:                             # (no passes: the probe is the compiled step)
+                return 1, "checked: the step gives the logits on 1 token that it gives on 2"
         got, why = runs(lm.step, "the compiled step")
         if why:
             return 2, why
         ref, one = got
         if one.shape != ref.shape or bool((ref.isfinite() & ~one.isfinite()).any()):
-            return 2, "the compiled step's logits on 1 token have another shape, or values that are not finite"
+            return 2, ("2 tokens: the compiled step's logits on 1 token have another shape, or values that are not "
+                       "finite")
     if probe is None:
         return 1, ("checked on this backend: the compiled step runs on 1 token, its logits finite (the graph was "
                    "checked when compiled)")
@@ -1057,6 +1060,8 @@ class CompiledCausalLM:
                               self.rope_switch, self.position_limit, self.gap_limit)
         if self.decode_tokens == 1:         # checked on this backend's kernels too: they may refuse 1 token
             lm.decode_tokens, lm.decode_note = check_decode_tokens(lm)
+        else:
+            lm.decode_note = self.decode_note                  # (the reason for 2 holds for the graph)
         return lm
 
     @property
@@ -1164,9 +1169,10 @@ class CompiledCausalLM:
             ids, mask = torch.cat([state["ids"], tokens[:, None]], 1), torch.cat(
                 [state["ids_mask"], torch.ones_like(state["ids_mask"][:, :1])], 1)
             if ids.shape[1] > self.rope_switch:                 # as transformers' Phi-3: the whole sequence again
+                fed = state.get("fed", 2)
                 logits, new = self.prefill(ids, mask, extra=state.get("extra", ()))
                 state.clear()
-                state.update(new)
+                state.update(new, fed=fed, at=torch.full_like(new["at"], fed - 1))     # (the generation's count)
                 return logits[:, -1]
             state["ids"], state["ids_mask"] = ids, mask
         n = state["filled"]

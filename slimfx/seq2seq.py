@@ -645,18 +645,19 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         lm = CompiledSeq2SeqLM(self.encoder.with_backend(backend, backend_options),
                                self.step.with_backend(backend, backend_options), self.layout, self.dtype,
                                self.decoder_start_token_id, **self._options())
-        lm.decode_tokens, lm.decode_note = self.decode_tokens_on(self.decode_tokens, self.step.backend, lm.step)
+        lm.decode_tokens, lm.decode_note = self.decode_tokens_on(self.decode_tokens, self.decode_note,
+                                                                 self.step.backend, lm.step)
         return lm
 
     @staticmethod
-    def decode_tokens_on(tokens: int, checked_on: Optional[str], step) -> tuple[int, str]:
-        """The decode tokens checked on the backend ``checked_on`` (``check_decode_tokens``), for ``step`` on
-        its own: 1 only on the same backend (checking needs the encoder's output for a real input, which a
+    def decode_tokens_on(tokens: int, note: str, checked_on: Optional[str], step) -> tuple[int, str]:
+        """The decode tokens (and their note) checked on the backend ``checked_on`` (``check_decode_tokens``), for
+        ``step``: 1 only on the same backend (checking needs the encoder's output for a real input, which a
         compiled model does not keep), else 2."""
         if tokens == 1 and checked_on != step.backend:
             return 2, (f"2 tokens: 1 was checked on the {checked_on} backend, not on {step.backend}; "
                        f"compile_seq2seq_lm on it checks")
-        return tokens, ("checked on this backend" if tokens == 1 else "given")
+        return tokens, note
 
     def report(self) -> "Seq2SeqReport":
         """Both graphs' compile reports (``.encoder``, ``.decoder``); printed one after the other."""
@@ -920,7 +921,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "forced_eos_token_id": list(self.forced_eos_token_id), "suppress_tokens": list(self.suppress_tokens),
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
                 "min_length": self.min_length, "bad_sequences": [list(w) for w in self.bad_sequences],
-                "whisper": self.whisper, **self._config_defaults(), "decode_tokens": self.decode_tokens}
+                "whisper": self.whisper, **self._config_defaults(), "decode_tokens": self.decode_tokens,
+                "decode_note": self.decode_note}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -1003,7 +1005,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
         except ValueError as e:                        # (a generation option out of its range)
             raise FormatError(f"{where}: {e}") from e
         saved_on = json.loads((path / "decoder" / GRAPH_FILE).read_text(encoding="utf-8")).get("backend")
-        lm.decode_tokens, lm.decode_note = cls.decode_tokens_on(fed, saved_on, step)
+        note = data.get("decode_note", "given") if isinstance(data.get("decode_note"), str) else "given"
+        lm.decode_tokens, lm.decode_note = cls.decode_tokens_on(fed, note, saved_on, step)
         return lm
 
     def __repr__(self):

@@ -180,6 +180,7 @@ GENERATORS = ["qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3", "stablelm"
 def test_decoder_family_generates_transformers_tokens(family):
     model, _ = _model_and_call(family)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
+    assert lm.decode_tokens == 1, lm.decode_note          # decode steps of the new token alone (slimfx.lm)
     ids, mask = text_batch(2, 5, VOCAB, pad_left=True, seed=3)
     # the same pad token on both sides: a row that emits end-of-sequence pads with it (ids in the vocabulary)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)

@@ -302,15 +302,31 @@ def test_compile_arguments_are_checked_before_the_capture_and_a_generator_of_pas
         slimfx.compile_causal_lm(llama, verfy=False)
 
 
+def test_a_probe_that_fails_to_compile_leaves_2_tokens(llama, monkeypatch):
+    import slimfx.api
+    compile_ = slimfx.api.compile
+
+    def failing(model, *args, passes=(), **kw):      # the probe: the capture compiled without passes
+        if not passes:
+            raise RuntimeError("probe boom")
+        return compile_(model, *args, passes=passes, **kw)
+    monkeypatch.setattr(slimfx.api, "compile", failing)
+    lm = slimfx.compile_causal_lm(llama, passes=[P.Quantize(weights="int8")], backend="numpy", progress=False)
+    assert lm.decode_tokens == 2
+    assert lm.decode_note == ("2 tokens: compiling the step without passes to check it failed (RuntimeError: "
+                              "probe boom)")
+
+
 def _quantized(step) -> bool:
     return any("weight_only" in str(n.target) for n in step.graph.graph.nodes)
 
 
 @pytest.mark.parametrize("fault, where, note", [
-    ("raises", "probe", "the step fails on 1 token (RuntimeError: no 1"),
-    ("differs", "probe", "the step's logits on 1 token differ from those on 2 by 0.01"),
-    ("raises", "compiled", "the compiled step fails on 1 token (RuntimeError: no 1"),
-    ("nan", "compiled", "the compiled step's logits on 1 token have another shape, or values that are not finite")])
+    ("raises", "probe", "2 tokens: the step fails on 1 token (RuntimeError: no 1"),
+    ("differs", "probe", "2 tokens: the step's logits on 1 token differ from those on 2 by 0.01"),
+    ("raises", "compiled", "2 tokens: the compiled step fails on 1 token (RuntimeError: no 1"),
+    ("nan", "compiled", "2 tokens: the compiled step's logits on 1 token have another shape, or values that are "
+                        "not finite")])
 def test_a_step_that_fails_or_differs_on_1_token_decodes_2(llama, monkeypatch, fault, where, note):
     """Where the check finds the step (the capture without passes, within rounding) or the compiled step (passes
     applied: only that it runs, giving finite logits) other on 1 token than on 2, decode steps feed 2 tokens and
@@ -513,9 +529,9 @@ def test_sliding_window_models_generate_transformers_tokens_past_the_window(fami
     the masked slots the decode buffer puts between tokens (unfilled ones; the re-fed token's copy, where decode
     steps feed 2 tokens) do not shrink it: generation equals transformers' (whose sliding cache keeps the last
     window - 1 tokens) far past a window of 8, after a short left-padded prompt (5 tokens, 25 new: the buffer
-    grows 8 -> 16 -> 32) and after one longer than the window. Before, generation was refused past window - 2 slots: the last decode step here would
-    see 33. A prompt with padding after a token gives transformers' tokens while the sequence stays within the
-    window and is refused past it, by prefill, generate and decode."""
+    grows 8 -> 16 -> 32) and after one longer than the window. Before, generation was refused past window - 2
+    slots: the last decode step here would see 33. A prompt with padding after a token gives transformers' tokens
+    while the sequence stays within the window and is refused past it, by prefill, generate and decode."""
     model = _sliding(family, 8)
     lm = slimfx.compile_causal_lm(model, backend="numpy", progress=False)
     assert lm.sliding_window is None                      # no cap on the slots

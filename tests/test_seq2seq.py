@@ -432,7 +432,8 @@ def test_decode_steps_feed_the_new_token_alone_where_checked(lms, tmp_path, monk
         assert lm.decode_tokens == 1 and lm.decode_note.startswith("checked") or family == "t5", (family,
                                                                                                  lm.decode_note)
     assert lms["t5"][1].decode_tokens == 2
-    assert "the step fails on 1 token (RuntimeError: " in lms["t5"][1].decode_note
+    assert lms["t5"][1].decode_note.startswith("2 tokens: the step fails on 1 token (RuntimeError: ")
+    assert lms["t5"][1].with_backend("torch").decode_note == lms["t5"][1].decode_note     # (the reason kept)
     model, lm = lms["whisper"]
     fed = []
     run = CompiledCausalLM._run
@@ -461,6 +462,15 @@ def test_decode_steps_feed_the_new_token_alone_where_checked(lms, tmp_path, monk
     data.pop("decode_tokens")                          # saved before: 2
     (path / "seq2seq_lm.json").write_text(json.dumps(data))
     assert slimfx.load(path).decode_tokens == 2
+
+
+def test_a_generator_of_passes_reaches_both_graphs_and_typos_fail_first():
+    model = _tiny("bart")
+    lm = slimfx.compile_seq2seq_lm(model, passes=(p for p in [P.Quantize(weights="int8")]), backend="numpy",
+                                   progress=False)
+    assert [r.name for r in lm.encoder.report().records] == [r.name for r in lm.step.report().records] == ["quantize"]
+    with pytest.raises(TypeError, match="compile_seq2seq_lm: .*'verfy'"):
+        slimfx.compile_seq2seq_lm(model, verfy=False)
 
 
 
