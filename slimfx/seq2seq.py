@@ -922,7 +922,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                 "begin_suppress_tokens": list(self.begin_suppress_tokens), "bad_tokens": list(self.bad_tokens),
                 "min_length": self.min_length, "bad_sequences": [list(w) for w in self.bad_sequences],
                 "whisper": self.whisper, **self._config_defaults(), "decode_tokens": self.decode_tokens,
-                "decode_note": self.decode_note}
+                "decode_note": self.decode_note, "decode_checked_on": self.step.backend}
         json.dumps(data)                               # (fails before anything is written)
         ids = {}
         for part, cm in (("encoder", self.encoder), ("decoder", self.step)):
@@ -941,7 +941,7 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                    backend_options: Optional[dict] = None) -> "CompiledSeq2SeqLM":
         """The model ``save`` wrote to ``path``, its two graphs lowered to ``backend`` (default: the one each was
         saved with); a damaged, edited or half-written save is refused, naming what is wrong."""
-        from .io import GRAPH_FILE, TENSOR_FILE, _save_id, load
+        from .io import TENSOR_FILE, _save_id, load
         from .ir.serialize import FormatError, read_json
         path = pathlib.Path(path)
         where = f"slimfx.load({str(path)!r}): {SEQ2SEQ_FILE}"
@@ -1004,9 +1004,8 @@ class CompiledSeq2SeqLM(CompiledCausalLM):
                      whisper=data.get("whisper"), **defaults, **options)
         except ValueError as e:                        # (a generation option out of its range)
             raise FormatError(f"{where}: {e}") from e
-        saved_on = json.loads((path / "decoder" / GRAPH_FILE).read_text(encoding="utf-8")).get("backend")
-        note = data.get("decode_note", "given") if isinstance(data.get("decode_note"), str) else "given"
-        lm.decode_tokens, lm.decode_note = cls.decode_tokens_on(fed, note, saved_on, step)
+        note = data.get("decode_note") if isinstance(data.get("decode_note"), str) else "given"
+        lm.decode_tokens, lm.decode_note = cls.decode_tokens_on(fed, note, data.get("decode_checked_on"), step)
         return lm
 
     def __repr__(self):
