@@ -235,12 +235,14 @@ def test_the_torch_backend_and_a_decoder_prompt(lms, family):
     eager = lm.with_backend("torch")
     inputs, mask = _inputs(model, seed=3)
     start = model.generation_config.decoder_start_token_id
-    prompt = torch.tensor([[start, 5, 9, 11], [start, 7, 3, 30]])
+    # (prompts whose greedy tokens win by >= 0.015 in the logits: with 5, 9, 11 BART's last one won by 2e-6, and an
+    # EPYC's OpenBLAS summed its way to the other token)
+    prompt = torch.tensor([[start, 5, 8, 11], [start, 7, 3, 30]])
     ref = _reference(model, inputs, mask, 8, decoder_input_ids=prompt, min_new_tokens=8)
     for which in (lm, eager):
         assert torch.equal(which.generate(inputs, mask, decoder_input_ids=prompt, max_new_tokens=8,
                                           min_new_tokens=8), ref)
-    padded = torch.tensor([[start, 5, 9, 11, 13, 17], [0, 0, start, 7, 3, 30]])
+    padded = torch.tensor([[start, 5, 8, 11, 13, 17], [0, 0, start, 7, 3, 30]])
     dmask = (torch.arange(6) >= torch.tensor([[0], [2]])).long()
     got = lm.generate(inputs, mask, decoder_input_ids=padded, decoder_attention_mask=dmask, max_new_tokens=8,
                       min_new_tokens=8)
