@@ -13,10 +13,9 @@ encoder_attention_mask) -> (logits, new cache)``, the decoder's
 self-attention cache as plain tensors, its cross-attention keys and values as inputs read, never written. So the
 generation loop is ``CompiledCausalLM``'s (a buffer of cache slots, left-padded decoder prompts, decode steps of
 1 token where ``check_decode_tokens`` finds the step gives the same logits on it as on 2, else the re-fed token:
-``slimfx.lm``'s docstring), and prefill, decode, sampling and the timings behave as there. T5's step asserts 2
-tokens or more as it runs (a size in its relative position bias), so it decodes 2; BART, Marian, Pegasus and
-Whisper 1. Loaded onto another backend than the one it was checked on, or moved there (``with_backend``), a step
-decodes 2: checking needs the encoder's output for a real input.
+``slimfx.lm``'s docstring), and prefill, decode, sampling and the timings behave as there: T5, BART, Marian,
+Pegasus, Whisper and their kin decode 1. Loaded onto another backend than the one it was checked on, or moved
+there (``with_backend``), a step decodes 2: checking needs the encoder's output for a real input.
 
 The buffer's masked slots (the one in front, the re-fed token's copy, the unfilled ones) are not positions.
 transformers counts a decoder's positions by cache slot (BART's, Marian's and Whisper's position tables index
@@ -82,16 +81,18 @@ class _Call:
 def _t5_bias(original, call: _Call):
     """T5's ``compute_bias`` (and its copies: mT5, LongT5, UMT5's of every layer) for the decoder's self-attention
     over real positions: transformers buckets ``key slot - (past slots + query index)``; here ``pos(key) -
-    pos(query)``, pos counting the unmasked slots of the step's attention mask (masked keys get whatever bias: the
-    mask removes them). (batch, heads, queries, keys). The encoder's, and a call outside the step, run
+    pos(query)``, a key's pos counting the unmasked slots of the step's attention mask (masked keys get whatever
+    bias: the mask removes them), a query's the step's ``position_ids`` (that count at a real query; narrowing the
+    mask's count to the query length traced a size that export asserted >= 2 tokens as the step ran, which kept
+    decoding at 2 tokens a step). (batch, heads, queries, keys). The encoder's, and a call outside the step, run
     ``original``."""
     def compute_bias(self, query_length, key_length, *args, **kwargs):
-        if call.attention_mask is None or not self.is_decoder:
+        if call.attention_mask is None or call.position_ids is None or not self.is_decoder:
             return original(self, query_length, key_length, *args, **kwargs)
         pos = call.attention_mask.long().cumsum(-1) - 1
-        # the mask's last key_length / query_length slots (narrow: a length export reads as plainly that)
+        # the mask's last key_length slots (narrow: a length export reads as plainly that)
         keys = pos.narrow(1, pos.shape[1] - key_length, key_length)
-        queries = pos.narrow(1, pos.shape[1] - query_length, query_length)
+        queries = call.position_ids
         relative = keys[:, None, :] - queries[:, :, None]
         if "bidirectional" in inspect.signature(self._relative_position_bucket).parameters:
             bucket = self._relative_position_bucket(relative, bidirectional=False,
