@@ -157,6 +157,7 @@ def test_other_families_generate_transformers_tokens(family):
             slimfx.compile_seq2seq_lm(model, progress=False)
         return
     lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
+    assert lm.decode_tokens == 1, lm.decode_note                # (mT5's and UMT5's bias too: _t5_bias)
     lm.min_cache = 4
     ref = _reference(model, inputs, mask, 12, min_new_tokens=12)
     assert torch.equal(lm.generate(inputs, mask, max_new_tokens=12, min_new_tokens=12), ref)
