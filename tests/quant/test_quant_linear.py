@@ -99,12 +99,15 @@ def test_int_matmul_exact_over_row_chunks(k, monkeypatch):
     assert_exact(numerics.int_matmul_np(a, b), want, "numpy, row chunks")
 
 
-@pytest.mark.parametrize("g, sym", [(0, True), (16, False)])
-def test_weight_only_linear_over_row_chunks(g, sym, monkeypatch):
-    """weight_only_linear_np dequantizes the weight a chunk of rows at a time: chunks of 2 rows over 7 give what
-    one matmul with the whole dequantized weight gives, up to float32 summation order (1e-6 of the output's
-    scale; a row or scale taken from the wrong chunk would be off by its whole size)."""
-    from slimfx.quant.linear import weight_only_linear_np
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (2, 5), (3, 7)])     # 1 and 6 rows: GEMVs; 10: a GEMM; 21: whole
+@pytest.mark.parametrize("g, sym", [(0, True), (0, False), (16, False)])
+def test_weight_only_linear_over_row_chunks(lead, g, sym, monkeypatch):
+    """weight_only_linear_np converts the weight a chunk of rows at a time at decode's few rows: chunks of 2 rows
+    over 7 (the last 1 row), a per-channel scale multiplied into the product, give what one matmul with the whole
+    dequantized weight gives, up to float32 rounding (2e-6 of the output's scale; a row, scale or zero point taken
+    from the wrong chunk would be off by its whole size); the same in float16."""
+    from slimfx.quant.linear import CHUNK_GEMV_ROWS, weight_only_linear_np
+    assert 1 < 6 <= CHUNK_GEMV_ROWS < 10 <= numerics.ROW_CHUNK_MAX_M < 21      # (the paths the lead shapes take)
     monkeypatch.setattr(numerics, "ROW_CHUNK_BYTES", 2 * 4 * 48)
     rng = np.random.default_rng(3)
     if g:
@@ -112,12 +115,15 @@ def test_weight_only_linear_over_row_chunks(g, sym, monkeypatch):
         s, z = qp.scale, (None if sym else qp.zero_point)
     else:
         _, w_q, s = _w8(rng, 7, 48)
-        z = None
-    x, bias = rng.standard_normal((2, 5, 48), dtype=np.float32), rng.standard_normal(7, dtype=np.float32)
+        z = None if sym else rng.integers(-5, 6, 7).astype(np.int32)
+    x, bias = rng.standard_normal((*lead, 48), dtype=np.float32), rng.standard_normal(7, dtype=np.float32)
     want = x.astype(np.float64) @ dequantize_weight_np(w_q, s, z, g).T.astype(np.float64) + bias
     got = weight_only_linear_np(x, w_q, s, z, bias, g)
-    assert got.shape == (2, 5, 7) and got.dtype == np.float32
-    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    assert got.shape == (*lead, 7) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+    half = weight_only_linear_np(x.astype(np.float16), w_q, s, z, bias, g)
+    assert half.dtype == np.float16          # (x rounded to float16 first: 1e-3 of the output's scale)
+    assert np.abs(half - want).max() <= 1e-2 * np.abs(want).max()
 
 
 def test_int32_accumulator_exact_at_the_largest_k(int_path):
