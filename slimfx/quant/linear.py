@@ -121,15 +121,18 @@ def dequantize_weight_np(w_q, w_scale, w_zero_point=None, group_size: int = 0) -
     return numerics.dequantize_np(w_q, s, z)
 
 
+CHUNK_GEMV_ROWS = 6    # weight_only_linear_np: up to this many rows multiply a converted chunk one GEMV each
+
+
 def weight_only_linear_np(x, w_q, w_scale, w_zero_point=None, bias=None, group_size: int = 0):
     """x @ dequantize(w).T (+ bias) in fp32. Past ``numerics.ROW_CHUNK_MAX_M`` rows the whole weight is
     dequantized for one GEMM. At decode's few rows the weight's codes are converted a chunk of rows at a time
     (``numerics.row_chunks``) into one fp32 buffer that stays in cache, never a full fp32 copy of the weight; a
     per-channel scale then multiplies the product's columns, not the chunk ((x @ (q - z).T) * s: a pass over the
-    weight fewer), and up to ``numerics.CHUNK_GEMV_ROWS`` rows multiply each chunk one GEMV apiece (OpenBLAS's
-    GEMM of a few rows costs more: 2 x 455 x 576 in cache, 279 us against 56). 2-core EPYC, 1536 x 576, 1 row:
-    330 us instead of 712-956 when every chunk was dequantized into a new array (fp32's own GEMV: 57-72 us;
-    converting the codes alone takes some 160)."""
+    weight fewer), and up to CHUNK_GEMV_ROWS rows multiply each chunk one GEMV apiece (OpenBLAS's GEMM of a few
+    rows costs more: 2 x 455 x 576 in cache, 279 us against 56). 2-core EPYC, 1536 x 576, 1 row: 330 us instead of
+    712-956 when every chunk was dequantized into a new array (fp32's own GEMV: 57-72 us; converting the codes
+    alone takes some 160)."""
     x = np.asarray(x)
     check_group(w_q.shape, np.shape(w_scale), group_size, None if w_zero_point is None else np.shape(w_zero_point))
     if x.shape[-1] != w_q.shape[1]:
@@ -154,7 +157,7 @@ def weight_only_linear_np(x, w_q, w_scale, w_zero_point=None, bias=None, group_s
                 groups *= s[rows, :, None]
             elif z is not None and z[rows].any():
                 w -= z[rows, None]
-            if m <= numerics.CHUNK_GEMV_ROWS:
+            if m <= CHUNK_GEMV_ROWS:
                 for i in range(m):
                     np.dot(w, x32[i], out=y[i, rows])
             else:

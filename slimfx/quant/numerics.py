@@ -90,7 +90,6 @@ def _refuse_int32_overflow(name: str, k: int, lo, hi) -> None:
 
 ROW_CHUNK_BYTES = 1 << 20   # an int8 weight is converted to fp32 this many bytes of rows at a time (see row_chunks)
 ROW_CHUNK_MAX_M = 16        # ... when it multiplies at most this many rows (decode); more rows take it whole
-CHUNK_GEMV_ROWS = 6         # ... and up to this many rows multiply each converted chunk one GEMV apiece
 
 
 def row_chunks(n: int, k: int, m: int = 1) -> list[slice]:
@@ -283,10 +282,7 @@ def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     """Exact int32 result of a @ b_t.T for int8 a (..., K) and b_t (N, K) (see module docstring). For K past
     131071 a result outside int32 is refused (OverflowError), never wrapped. ``torch._int_mm`` multiplies up to
     ``cpu_int_mm_rows()`` rows of ``a`` (K >= INT_MM_MIN_K); otherwise, at decode's few rows of ``a``, b_t is
-    converted to fp32 a chunk of rows at a time (``row_chunks``) into one buffer, which up to CHUNK_GEMV_ROWS rows
-    (2 past F32_EXACT_K) multiply one GEMV apiece: OpenBLAS's GEMM of a few rows costs more (2-core EPYC without
-    VNNI, where every int8 product takes this path: 2 x 1536 x 576 in 416 us instead of 1015 as a GEMM over new
-    fp32 chunks, 2 x 49152 x 576 13.4 ms instead of 34.8; 1 and 8 rows as before)."""
+    converted to fp32 a chunk of rows at a time (``row_chunks``)."""
     k = a.shape[-1]
     assert k < 2**39, "K too large for exact float64 block sums"
     a, b_t = np.asarray(a), np.asarray(b_t)
@@ -295,36 +291,12 @@ def int_matmul_np(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     a32 = a.astype(np.float32)
     if b_t.ndim != 2:
         return _int_matmul_rows(a32, b_t)
-    m = math.prod(a.shape[:-1])
+    m = a32.size // max(k, 1)
     if m > ROW_CHUNK_MAX_M:         # the whole weight: one GEMM over all leading dims (a batched matmul loops one
         return _int_matmul_rows(a32.reshape(-1, k), b_t).reshape(*a.shape[:-1], b_t.shape[0])   # per entry)
-    a32, n = a32.reshape(m, k), b_t.shape[0]
-    out = np.empty((m, n), dtype=np.int32)
-    chunks = row_chunks(n, k, m)
-    buf = np.empty((chunks[0].stop if chunks else 0, k), dtype=np.float32)     # (the first chunk is the largest)
-    gemvs = m <= CHUNK_GEMV_ROWS and (k <= F32_EXACT_K or m <= 2)
-    for rows in chunks:
-        w = buf[:rows.stop - rows.start]
-        np.copyto(w, b_t[rows], casting="unsafe")       # int8 codes to fp32, exact
-        if gemvs:
-            for i in range(m):
-                out[i, rows] = _int_gemv(w, a32[i])
-        else:
-            out[:, rows] = _int_matmul_rows(a32, w)
-    return out.reshape(*a.shape[:-1], n)
-
-
-def _int_gemv(w32: np.ndarray, x32: np.ndarray) -> np.ndarray:
-    """w32 (N, K) @ x32 (K,), int8 codes in fp32, exact: in fp32 blocks of F32_EXACT_K (every partial sum an integer
-    below 2**24), the blocks summed in float64."""
-    k = x32.shape[0]
-    if k <= F32_EXACT_K:
-        return w32 @ x32
-    out = np.zeros(w32.shape[0], dtype=np.float64)
-    for s in range(0, k, F32_EXACT_K):
-        out += w32[:, s:s + F32_EXACT_K] @ x32[s:s + F32_EXACT_K]
-    if k * INT8_PRODUCT_MAX >= 2**31 and out.size:
-        _refuse_int32_overflow("int_matmul_np", k, out.min(), out.max())
+    out = np.empty((*a.shape[:-1], b_t.shape[0]), dtype=np.int32)
+    for rows in row_chunks(b_t.shape[0], k, m):
+        out[..., rows] = _int_matmul_rows(a32, b_t[rows])
     return out
 
 

@@ -81,24 +81,20 @@ def test_float32_blocks_exact_at_their_edges(k, int_path):
     assert_exact(numerics.int_matmul_np(a, b), want, "numpy")
     assert_exact(numerics.int_matmul_torch(torch.from_numpy(a), torch.from_numpy(b)), want, "torch")
     assert_exact(numerics.int_matmul_np(a.reshape(2, 2, k), b), want.reshape(2, 2, -1), "numpy, batched")
-    assert_exact(numerics.int_matmul_np(a[:2], b), want[:2], "numpy, 2 rows")        # (one GEMV per row)
-    assert_exact(numerics.int_matmul_np(a[1:2], b), want[1:2], "numpy, 1 row")
-    int_path(k), int_path(k), int_path(k), int_path(k), int_path(k)
+    int_path(k), int_path(k), int_path(k)
 
 
-@pytest.mark.parametrize("lead", [(1,), (2,), (2, 3), (3, 3)])    # GEMVs at 1-2 rows, at 6 below the block length
 @pytest.mark.parametrize("k", [37, 1500])
-def test_int_matmul_exact_over_row_chunks(k, lead, monkeypatch):
+def test_int_matmul_exact_over_row_chunks(k, monkeypatch):
     """int_matmul_np converts the weight to float32 a chunk of rows at a time at few rows of activations
-    (numerics.row_chunks) into one buffer, multiplied by one GEMV per row or one GEMM: with chunks of 3 rows over
-    11 (the last one short), below and above the float32 block length, the result stays exact."""
-    assert 2 < 6 <= numerics.CHUNK_GEMV_ROWS < 9 <= numerics.ROW_CHUNK_MAX_M
+    (numerics.row_chunks): with chunks of 3 rows over 11 (the last one short), below and above the float32 block
+    length, the result stays exact."""
     monkeypatch.setattr(numerics, "ROW_CHUNK_BYTES", 3 * 4 * k)
     monkeypatch.setenv(numerics.CPU_INT_MM_ENV, "0")        # the float32 blocks (torch._int_mm takes it whole)
     assert [r.stop - r.start for r in numerics.row_chunks(11, k)] == [3, 3, 3, 2]
     assert numerics.row_chunks(11, k, m=numerics.ROW_CHUNK_MAX_M + 1) == [slice(0, 11)]    # prefill: whole
     rng = np.random.default_rng(k)
-    a, b = _rand_int8(rng, (*lead, k)), _rand_int8(rng, (11, k))
+    a, b = _rand_int8(rng, (2, 3, k)), _rand_int8(rng, (11, k))
     want = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.int32)
     assert_exact(numerics.int_matmul_np(a, b), want, "numpy, row chunks")
 
@@ -110,8 +106,8 @@ def test_weight_only_linear_over_row_chunks(lead, g, sym, monkeypatch):
     over 7 (the last 1 row), a per-channel scale multiplied into the product, give what one matmul with the whole
     dequantized weight gives, up to float32 rounding (2e-6 of the output's scale; a row, scale or zero point taken
     from the wrong chunk would be off by its whole size); the same in float16."""
-    from slimfx.quant.linear import weight_only_linear_np
-    assert 1 < 6 <= numerics.CHUNK_GEMV_ROWS < 10 <= numerics.ROW_CHUNK_MAX_M < 21   # (the paths the lead shapes take)
+    from slimfx.quant.linear import CHUNK_GEMV_ROWS, weight_only_linear_np
+    assert 1 < 6 <= CHUNK_GEMV_ROWS < 10 <= numerics.ROW_CHUNK_MAX_M < 21      # (the paths the lead shapes take)
     monkeypatch.setattr(numerics, "ROW_CHUNK_BYTES", 2 * 4 * 48)
     rng = np.random.default_rng(3)
     if g:
