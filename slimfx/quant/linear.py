@@ -14,7 +14,7 @@ weight_only_linear: w = (q_w - z_w) * s_w in fp32 (per channel: s_w (N,); per gr
 contiguous groups of K), then y = float32(x) @ w.T + bias, cast to ``x.dtype``. The dequantized weight is
 exact and identical in both; the float matmul is not (BLAS summation order), so compare it with a tolerance.
 At decode's few rows numpy multiplies a per-channel scale into the product instead, ((x @ (q_w - z_w).T) * s_w,
-``weight_only_linear_np``): the same value up to one more fp32 rounding.
+``weight_only_linear_np``): the same value up to fp32 rounding, which falls on other products and sums.
 
 requantize: q = clamp(round(float32(acc) * multiplier) + z, qmin, qmax) -> int8 (int32 accumulator to int8).
 """
@@ -130,15 +130,16 @@ def weight_only_linear_np(x, w_q, w_scale, w_zero_point=None, bias=None, group_s
     (``numerics.row_chunks``) into one fp32 buffer that stays in cache, never a full fp32 copy of the weight; a
     per-channel scale then multiplies the product's columns, not the chunk ((x @ (q - z).T) * s: a pass over the
     weight fewer), and up to CHUNK_GEMV_ROWS rows multiply each chunk one GEMV apiece (OpenBLAS's GEMM of a few
-    rows costs more: 2 x 455 x 576 in cache, 279 us against 56). 2-core EPYC, 1536 x 576, 1 row: 330 us instead of
-    712-956 when every chunk was dequantized into a new array (fp32's own GEMV: 57-72 us; converting the codes
-    alone takes some 160)."""
+    rows costs more: 2 x 455 x 576 in cache, 279 us against 56); more rows keep x's batched form. 2-core EPYC,
+    1536 x 576, 1 row: 330 us instead of 712-956 when every chunk was dequantized into a new array (fp32's own
+    GEMV: 57-72 us; converting the codes alone takes some 160)."""
     x = np.asarray(x)
     check_group(w_q.shape, np.shape(w_scale), group_size, None if w_zero_point is None else np.shape(w_zero_point))
     if x.shape[-1] != w_q.shape[1]:
         raise ValueError(f"weight_only_linear: x of shape {x.shape} does not end in K={w_q.shape[1]}")
     (n, k), m = w_q.shape, math.prod(x.shape[:-1])
-    x32 = x.astype(np.float32, copy=False).reshape(m, k)
+    xs = x.astype(np.float32, copy=False)
+    x32 = xs.reshape(m, k)
     s = np.asarray(w_scale, dtype=np.float32)
     z = None if w_zero_point is None else np.asarray(w_zero_point, dtype=np.float32)
     if m > numerics.ROW_CHUNK_MAX_M:                    # the whole weight: one GEMM (numerics.row_chunks)
@@ -160,8 +161,8 @@ def weight_only_linear_np(x, w_q, w_scale, w_zero_point=None, bias=None, group_s
             if m <= CHUNK_GEMV_ROWS:
                 for i in range(m):
                     np.dot(w, x32[i], out=y[i, rows])
-            else:
-                y[:, rows] = x32 @ w.T
+            else:                   # x's own leading dims: (B, 1, K) multiplies one GEMV per entry (row_chunks)
+                y.reshape(*x.shape[:-1], n)[..., rows] = xs @ w.T
         if not group_size:
             y *= s
     y = y.reshape(*x.shape[:-1], n)

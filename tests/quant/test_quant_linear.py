@@ -99,7 +99,8 @@ def test_int_matmul_exact_over_row_chunks(k, monkeypatch):
     assert_exact(numerics.int_matmul_np(a, b), want, "numpy, row chunks")
 
 
-@pytest.mark.parametrize("lead", [(1,), (2, 3), (2, 5), (3, 7)])     # 1 and 6 rows: GEMVs; 10: a GEMM; 21: whole
+# 1 and 6 rows: GEMVs; 10: 2 GEMMs of 5 rows and 8: 8 of 1 (x's batched form); 21: the whole weight
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (2, 5), (8, 1), (3, 7)])
 @pytest.mark.parametrize("g, sym", [(0, True), (0, False), (16, False)])
 def test_weight_only_linear_over_row_chunks(lead, g, sym, monkeypatch):
     """weight_only_linear_np converts the weight a chunk of rows at a time at decode's few rows: chunks of 2 rows
@@ -121,6 +122,8 @@ def test_weight_only_linear_over_row_chunks(lead, g, sym, monkeypatch):
     got = weight_only_linear_np(x, w_q, s, z, bias, g)
     assert got.shape == (*lead, 7) and got.dtype == np.float32
     assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+    other = weight_only_linear_np(np.asfortranarray(x), w_q, s, z, bias, g)     # (another layout: BLAS may sum
+    assert np.abs(other - want).max() <= 2e-6 * np.abs(want).max()              # it in another order)
     half = weight_only_linear_np(x.astype(np.float16), w_q, s, z, bias, g)
     assert half.dtype == np.float16          # (x rounded to float16 first: 1e-3 of the output's scale)
     assert np.abs(half - want).max() <= 1e-2 * np.abs(want).max()
