@@ -101,7 +101,8 @@ def row_chunks(n: int, k: int, m: int = 1) -> list[slice]:
     ``int_matmul_np`` and ``weight_only_linear_np`` multiply as one 2-D GEMM over all leading dims (numpy's batched
     matmul runs one GEMM per leading entry, each reading the whole converted weight: 2 x 16 rows of 4096 x 4096
     took 149 ms instead of 24). Within the chunks they keep the batched form, which OpenBLAS runs faster at these
-    few rows (8 rows: 6 ms, one 2-D GEMM per chunk 30)."""
+    few rows (8 rows: 6 ms, one 2-D GEMM per chunk 30); ``weight_only_linear_np`` runs up to its CHUNK_GEMV_ROWS
+    rows as one GEMV each."""
     step = n if m > ROW_CHUNK_MAX_M else max(1, ROW_CHUNK_BYTES // (4 * max(k, 1)))
     return [slice(s, min(s + step, n)) for s in range(0, n, max(step, 1))]
 
