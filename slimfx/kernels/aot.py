@@ -10,6 +10,7 @@ accumulators, so the int8 GEMMs drain the tensor cores every step).
 
     python -m slimfx.kernels.aot                   # every kernel x every autotune config, sm_90
     python -m slimfx.kernels.aot --only int8_gemm --arch 90
+    python -m slimfx.kernels.aot --aligned-m --no-sass   # compile errors and resources only: no disassembly
 
 Argument specializations follow what real launches see (pointers 16-byte aligned, N, K and strides
 multiples of 16; M not, or with --aligned-m a multiple of 16 too: Triton compiles each separately, and a
@@ -120,7 +121,9 @@ def loop_instructions(instrs) -> Counter:
     return Counter(best)
 
 
-def compile_variant(v: Variant, arch: int = 90) -> Result:
+def compile_variant(v: Variant, arch: int = 90, sass: bool = True) -> Result:
+    """Compile ``v`` for sm_``arch`` and read its cubin's resource use; ``sass``: also disassemble it (about
+    0.7 s of cuobjdump a variant, often more than the compile) for the instruction notes and the loop count."""
     fn = jit_fn(v.kernel)
     sig, attrs = {}, {}
     defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
@@ -152,13 +155,16 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
     ptx = k.asm["ptx"]
     notes = [n for n, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"), ("tma", "cp.async.bulk.tensor"),
                               ("cp.async", "cp.async.cg"), ("atomics", "atom.")) if pat in ptx]
+    shared = max(k.metadata.shared, use.get("SHARED", 0))
+    if not sass:
+        return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
+                      seconds=time.time() - t0, uses=notes)
     instrs = sass_instructions(k.asm["cubin"])
     if {op for _, _, op in instrs} & {"I2F.S8", "I2F.S16"}:
         notes.append("I2F")             # small ints -> float on the conversion unit (a quarter-rate path)
     waits = [text for _, text, op in instrs if op.startswith("WARPGROUP.DEPBAR")]
     if waits and all(re.search(r"0x0\s*$", t) for t in waits):
         notes.append("sync-wgmma")      # each K step waits for its wgmmas (Triton: int32 accumulators)
-    shared = max(k.metadata.shared, use.get("SHARED", 0))
     return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
                   seconds=time.time() - t0, uses=notes, loop=sum(loop_instructions(instrs).values()))
 
@@ -166,14 +172,14 @@ def compile_variant(v: Variant, arch: int = 90) -> Result:
 _TODO: list = []          # the variants of compile_all, inherited by its forked workers
 
 
-def _compile_one(job: tuple[int, int]) -> dict:
+def _compile_one(job: tuple[int, int, bool]) -> dict:
     """A worker's compile of _TODO[i]: the Result's fields without the Variant (kernels do not pickle)."""
-    i, arch = job
-    r = compile_variant(_TODO[i], arch)
+    i, arch, sass = job
+    r = compile_variant(_TODO[i], arch, sass)
     return {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "variant"}
 
 
-def compile_all(todo: list, arch: int = 90, jobs: int = 1) -> list[Result]:
+def compile_all(todo: list, arch: int = 90, jobs: int = 1, sass: bool = True) -> list[Result]:
     """compile_variant over ``todo`` in ``jobs`` forked processes (each compile is independent and
     CPU-bound), with a progress bar; results in ``todo``'s order."""
     import multiprocessing as mp
@@ -184,10 +190,10 @@ def compile_all(todo: list, arch: int = 90, jobs: int = 1) -> list[Result]:
             return it
     bar = dict(total=len(todo), desc=f"compiling for sm_{arch}", file=sys.stderr)
     if jobs <= 1 or len(todo) < 2 or "fork" not in mp.get_all_start_methods():
-        return [compile_variant(v, arch) for v in tqdm(todo, **bar)]
+        return [compile_variant(v, arch, sass) for v in tqdm(todo, **bar)]
     _TODO[:] = todo
     with mp.get_context("fork").Pool(jobs) as pool:
-        fields = list(tqdm(pool.imap(_compile_one, [(i, arch) for i in range(len(todo))]), **bar))
+        fields = list(tqdm(pool.imap(_compile_one, [(i, arch, sass) for i in range(len(todo))]), **bar))
     return [Result(v, **f) for v, f in zip(todo, fields)]
 
 
@@ -323,6 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     ap.add_argument("--m1", action="store_true", help="the decode configs (BLOCK_M <= 16) with M = 1, which "
                                                        "Triton compiles as a constant")
+    ap.add_argument("--no-sass", action="store_true", help="skip the disassembly (about 0.7 s a variant, often "
+                    "more than its compile): compile errors, registers, spills and shared memory only")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("slimfx.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels with the interpreter)",
@@ -341,7 +349,7 @@ def main(argv=None) -> int:
         for v in todo:    # (M_BUCKET too: slimfx.kernels._common.m_bucket(1) is 1)
             v.consts = dict(v.consts, **{k: 1 for k in ("M", "M_BUCKET") if k in v.types})
             v.types = {k: t for k, t in v.types.items() if k not in ("M", "M_BUCKET")}
-    results = compile_all(todo, args.arch, args.jobs)
+    results = compile_all(todo, args.arch, args.jobs, not args.no_sass)
     rows = []
     for r in results:
         v = r.variant
