@@ -105,13 +105,18 @@ def _reference(model, inputs, mask, new, **kw):
     return out
 
 
+class _Compiled(dict):
+    """family -> (tiny model, its compiled numpy LM), each compiled when a test first asks: pytest-xdist's
+    workers each build a module's fixtures, and one running only T5's tests need not export the other four."""
+    def __missing__(self, family):
+        model = _tiny(family)
+        self[family] = (model, slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False))
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def lms():
-    out = {}
-    for family in ("t5", "bart", "marian", "pegasus", "whisper"):
-        model = _tiny(family)
-        out[family] = (model, slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False))
-    return out
+    return _Compiled()
 
 
 @pytest.mark.parametrize("family", ["t5", "bart", "marian", "pegasus", "whisper"])
