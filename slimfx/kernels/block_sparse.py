@@ -252,17 +252,17 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     values2d = bsr.values.view(-1, bk)
     refusal = C.tma_refusal(x=x2, values=values2d) if impl == "tma" or (impl == "auto" and m > 16) else None
+    if impl == "gluon":               # refused where it could not run, also for a weight without blocks
+        from slimfx.kernels.int8_gemm import _gluon_refusal
+        why = ("the Gluon kernel is the int8 form (bsr_int8_gemm)" if not is_int8 else None) or \
+            _gluon_refusal(out.device, activation, residual, out.dtype) or \
+            (C.tma_refusal(x=x2, values=values2d) if values2d.shape[0] else None)
+        if why:
+            raise ValueError(f"impl='gluon': {why} (use impl='tiled', 'tma' or 'auto')")
     if values2d.shape[0] == 0:        # no blocks at all (y = epilogue(0)): no descriptor to build
         impl = "tiled"
     if impl == "tma" and refusal:
         raise ValueError(f"impl='tma': {refusal} (use impl='tiled' or 'auto')")
-    if impl == "gluon":
-        from slimfx.kernels.int8_gemm import _gluon_refusal
-        why = ("the Gluon kernel is the int8 form (bsr_int8_gemm)" if not is_int8 else None) or \
-            _gluon_refusal(out.device, activation, residual, out.dtype) or \
-            C.tma_refusal(x=x2, values=values2d)
-        if why:
-            raise ValueError(f"impl='gluon': {why} (use impl='tiled', 'tma' or 'auto')")
     if m == 0 or n == 0:
         return
 

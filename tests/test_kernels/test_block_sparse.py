@@ -126,10 +126,12 @@ def test_gluon_refusals(dev, gen):
     bsr = to_bsr(w.to(dev), BLOCK)
     a = rand_int8(gen, 3, 64).to(dev)
     s = torch.ones(3, device=dev), torch.ones(32, device=dev)
+    empty = to_bsr(torch.zeros_like(w).to(dev), BLOCK)              # no blocks: nothing to launch, still refused
     if not GLUON_OK:
-        with pytest.raises(ValueError, match=r"impl='gluon': (Gluon kernels run on a CUDA device only|the kernel "
-                                             r"is written for Hopper's wgmma)"):
-            bsr_int8_gemm(a, bsr, *s, impl="gluon")
+        for weight in (bsr, empty):
+            with pytest.raises(ValueError, match=r"impl='gluon': (Gluon kernels run on a CUDA device only|the "
+                                                 r"kernel is written for Hopper's wgmma)"):
+                bsr_int8_gemm(a, weight, *s, impl="gluon")
     with pytest.raises(ValueError, match=r"impl='gluon': the Gluon kernel is the int8 form"):
         bsr_linear(torch.randn(3, 64, device=dev, dtype=torch.float16),
                    to_bsr(w.to(torch.float16).to(dev), BLOCK), impl="gluon")
