@@ -13,19 +13,21 @@ from slimfx import passes as P
 VOCAB = 97
 
 
-def _tiny(family: str):
-    """A 2-layer model of ``family`` whose random weights give varied greedy tokens (transformers' default init,
-    std 0.02, repeats one token: a test of nothing), with its generation config's forced and suppressed tokens
-    cleared (``_forcing`` sets them)."""
+def _tiny(family: str, layers: int = 2):
+    """A model of ``family`` with ``layers`` encoder and decoder layers whose random weights give varied greedy
+    tokens (transformers' default init, std 0.02, repeats one token: a test of nothing), with its generation
+    config's forced and suppressed tokens cleared (``_forcing`` sets them). One layer for the tests of what
+    happens around the graphs (generation settings): each export costs some 3 s a layer."""
     import transformers as T
     torch.manual_seed(0)
-    seq = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    seq = dict(vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                pad_token_id=0, eos_token_id=1, decoder_start_token_id=2, forced_eos_token_id=None,
                forced_bos_token_id=None)
     if family == "t5":
         model = T.T5ForConditionalGeneration(T.T5Config(
-            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_heads=4,
+            relative_attention_num_buckets=8,
             relative_attention_max_distance=6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     elif family == "bart":
         model = T.BartForConditionalGeneration(T.BartConfig(**seq))
@@ -35,7 +37,7 @@ def _tiny(family: str):
         model = T.PegasusForConditionalGeneration(T.PegasusConfig(**seq))
     elif family == "whisper":
         model = T.WhisperForConditionalGeneration(T.WhisperConfig(
-            vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
             max_source_positions=12, max_target_positions=40, decoder_start_token_id=2, pad_token_id=0,
             eos_token_id=1, bos_token_id=2, begin_suppress_tokens=None, suppress_tokens=None))
@@ -268,7 +270,7 @@ def test_forced_and_suppressed_tokens_as_the_generation_config_says():
     """BART's forced beginning and end of sequence, Whisper's suppressed tokens (always, and at the first new
     token), from the model's generation config as transformers' logits processors apply them; each may be
     overridden per call (None: none)."""
-    bart = _forcing(_tiny("bart"), forced_bos_token_id=7, forced_eos_token_id=1)
+    bart = _forcing(_tiny("bart", layers=1), forced_bos_token_id=7, forced_eos_token_id=1)
     lm = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False)
     inputs, mask = _inputs(bart, seed=1)
     ref = _reference(bart, inputs, mask, 9, min_new_tokens=9)
@@ -277,7 +279,7 @@ def test_forced_and_suppressed_tokens_as_the_generation_config_says():
     free = lm.generate(inputs, mask, max_new_tokens=9, min_new_tokens=9, forced_bos_token_id=None,
                        forced_eos_token_id=None)
     assert not (free[:, 1] == 7).all()
-    whisper = _tiny("whisper")
+    whisper = _tiny("whisper", layers=1)
     features, _ = _inputs(whisper)
     plain = slimfx.compile_seq2seq_lm(whisper, backend="numpy", progress=False).generate(features, max_new_tokens=6)
     first, later = int(plain[0, 1]), int(plain[0, 2])
@@ -488,7 +490,7 @@ def test_more_generation_config_entries_as_transformers_applies_them():
     end beating the forced beginning when only one token is made, and suppressed ids past the vocabulary (ignored,
     as transformers ignores them; they raised IndexError mid-generation): transformers' tokens each time. Entries
     not applied (the config's do_sample) are named in a warning at compile."""
-    bart = _tiny("bart")
+    bart = _tiny("bart", layers=1)
     inputs, mask = _inputs(bart, seed=1)
     plain = slimfx.compile_seq2seq_lm(bart, backend="numpy", progress=False).generate(inputs, mask, max_new_tokens=6)
     common = int(plain[0, 2])
@@ -497,21 +499,21 @@ def test_more_generation_config_entries_as_transformers_applies_them():
              dict(forced_bos_token_id=7, begin_suppress_tokens=[common]),
              dict(forced_bos_token_id=7, forced_eos_token_id=1), dict(suppress_tokens=[common, VOCAB + 100])]
     for config in cases:
-        model = _forcing(_tiny("bart"), **config)
+        model = _forcing(_tiny("bart", layers=1), **config)
         lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
         new = 1 if "forced_eos_token_id" in config else 6
         ref = _reference(model, inputs, mask, new)
         got = lm.generate(inputs, mask, max_new_tokens=new)
         assert torch.equal(got, ref), (config, got.tolist(), ref.tolist())
         assert not torch.equal(got[:, :new + 1], plain[:, :new + 1]), config      # the entry changed something
-    model = _forcing(_tiny("bart"), min_length=6, eos_token_id=int(plain[0, 1]))
+    model = _forcing(_tiny("bart", layers=1), min_length=6, eos_token_id=int(plain[0, 1]))
     lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
     assert torch.equal(lm.generate(inputs, mask, max_new_tokens=6, min_new_tokens=None), _reference(
         model, inputs, mask, 6, min_new_tokens=None))                   # None: unset, min_length holds
     lm.forced_bos_token_id, lm.suppress_tokens = (7,), (7,)
     with pytest.raises(ValueError, match=r"forced_bos_token_id \[7\] is among the suppressed tokens \[7\]"):
         lm.generate(inputs, mask, max_new_tokens=2)
-    model = _forcing(_tiny("bart"), num_beams=4, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=2,
+    model = _forcing(_tiny("bart", layers=1), num_beams=4, no_repeat_ngram_size=3, encoder_no_repeat_ngram_size=2,
                      do_sample=True)
     with pytest.warns(UserWarning, match=r"sets do_sample=True \(generate is greedy unless given temperature=, "
                                          r"top_k=, top_p=\), which compile_seq2seq_lm's generate does not"):
@@ -550,7 +552,7 @@ def test_the_triton_backend_generates_the_numpy_backends_tokens():
     """Both graphs lowered to the triton backend (its int8 kernels under the interpreter on a CPU) generate the
     numpy backend's tokens, float and W8A8 (the same int8 arithmetic: integer accumulation, one rounding), greedy
     and with beams (the beams' cache rows gathered on the triton backend's device)."""
-    model = _tiny("t5")
+    model = _tiny("t5", layers=1)
     inputs, mask = _inputs(model)
     for passes in ([], [P.Quantize(weights="int8", activations="dynamic-per-token")]):
         lm = slimfx.compile_seq2seq_lm(model, passes=passes, backend="numpy", progress=False)
