@@ -175,9 +175,11 @@ def test_refusals(lms):
 # --- encoder-decoder models
 
 
-def _seq2seq(family, **config):
+def _seq2seq(family, layers=1, **config):
+    """test_seq2seq's tiny ``family`` model with these generation-config entries; one layer each side unless
+    told (the tests of settings: each export costs some 3 s a layer)."""
     from test_seq2seq import _tiny
-    model = _tiny(family)
+    model = _tiny(family, layers)
     for key, value in config.items():
         setattr(model.generation_config, key, value)
     return model
@@ -197,7 +199,7 @@ def test_encoder_decoder_beams_equal_transformers(family):
     """The encoded input is repeated for each beam once, the decoder cache reordered every step: transformers'
     sequences (Whisper's generate repeats each input num_return_sequences times: its best sequence that often)."""
     from test_seq2seq import _inputs
-    model = _seq2seq(family)
+    model = _seq2seq(family, layers=2)                # (each layer's cache rows reordered)
     lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
     lm.min_cache = 4
     inputs, mask = _inputs(model, batch=3)
@@ -214,7 +216,8 @@ def test_renormalized_logits_as_the_marian_configs_ask():
     log-softmaxes the processed scores again, which moves each beam's by another amount (banned and forced tokens
     took their share): its sequences, which differ from those without it."""
     from test_seq2seq import _inputs
-    model = _seq2seq("marian", num_beams=4, renormalize_logits=True, forced_eos_token_id=1, bad_words_ids=[[0]])
+    model = _seq2seq("marian", layers=2, num_beams=4, renormalize_logits=True, forced_eos_token_id=1,
+                     bad_words_ids=[[0]])                 # (one layer's sequences come out the same either way)
     lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
     assert lm.renormalize_logits is True
     inputs, mask = _inputs(model, batch=3, seed=0)
@@ -325,7 +328,8 @@ def test_encoder_ngram_bans_equal_transformers(tmp_path):
     encoder input, greedy and with beams, as transformers bans them; from the config by default, saved."""
     from test_seq2seq import _inputs
     for n, beams in ((1, 1), (1, 3), (2, 3)):
-        model = _seq2seq("bart", encoder_no_repeat_ngram_size=n, num_beams=beams)
+        # (two layers: one layer's tokens here never repeat the input, and the bans would change nothing)
+        model = _seq2seq("bart", layers=2, encoder_no_repeat_ngram_size=n, num_beams=beams)
         with warnings.catch_warnings():
             warnings.simplefilter("error")               # (applied: no warning names it)
             lm = slimfx.compile_seq2seq_lm(model, backend="numpy", progress=False)
