@@ -123,7 +123,7 @@ def loop_instructions(instrs) -> Counter:
 
 def compile_variant(v: Variant, arch: int = 90, sass: bool = True) -> Result:
     """Compile ``v`` for sm_``arch`` and read its cubin's resource use; ``sass``: also disassemble it (about
-    0.7 s of cuobjdump a variant, often more than the compile) for the instruction notes and the loop count."""
+    0.7 s of cuobjdump a variant, some 40% of the whole) for the I2F and sync-wgmma notes and the loop count."""
     fn = jit_fn(v.kernel)
     sig, attrs = {}, {}
     defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
@@ -329,8 +329,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     ap.add_argument("--m1", action="store_true", help="the decode configs (BLOCK_M <= 16) with M = 1, which "
                                                        "Triton compiles as a constant")
-    ap.add_argument("--no-sass", action="store_true", help="skip the disassembly (about 0.7 s a variant, often "
-                    "more than its compile): compile errors, registers, spills and shared memory only")
+    ap.add_argument("--no-sass", action="store_true", help="skip the disassembly (about 0.7 s a variant, some 40%% "
+                    "of the time): compile errors, registers, spills and shared memory; no loop counts, and no I2F "
+                    "or sync-wgmma notes")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("slimfx.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels with the interpreter)",
@@ -372,6 +373,8 @@ def main(argv=None) -> int:
     bad = [r for r in results if not r.ok]
     print(f"\n{len(results)} variants for sm_{args.arch}: {len(bad)} failed to compile, "
           f"{sum(1 for r in results if r.ok and r.stack)} spill registers")
+    if args.no_sass:
+        print("(--no-sass: not disassembled, so no loop counts, and no I2F or sync-wgmma notes among the uses)")
     return 1 if bad else 0
 
 
