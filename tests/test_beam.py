@@ -177,7 +177,7 @@ def test_refusals(lms):
 
 def _seq2seq(family, layers=1, **config):
     """test_seq2seq's tiny ``family`` model with these generation-config entries; one layer each side unless
-    told (the tests of settings: each export costs some 3 s a layer)."""
+    told (the tests of settings: a layer on each side adds some 2 s to a compile here)."""
     from test_seq2seq import _tiny
     model = _tiny(family, layers)
     for key, value in config.items():

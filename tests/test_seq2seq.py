@@ -17,7 +17,7 @@ def _tiny(family: str, layers: int = 2):
     """A model of ``family`` with ``layers`` encoder and decoder layers whose random weights give varied greedy
     tokens (transformers' default init, std 0.02, repeats one token: a test of nothing), with its generation
     config's forced and suppressed tokens cleared (``_forcing`` sets them). One layer for the tests of what
-    happens around the graphs (generation settings): each export costs some 3 s a layer."""
+    happens around the graphs (generation settings): a layer on each side adds some 2 s to a compile here."""
     import transformers as T
     torch.manual_seed(0)
     seq = dict(vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
