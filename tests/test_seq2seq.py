@@ -11,6 +11,7 @@ from conftest import text_batch
 from slimfx import passes as P
 
 VOCAB = 97
+FAMILIES = ("t5", "bart", "marian", "pegasus", "whisper")      # the lms fixture's, one model each
 
 
 def _tiny(family: str, layers: int = 2):
@@ -121,7 +122,7 @@ def lms():
     return _Compiled()
 
 
-@pytest.mark.parametrize("family", ["t5", "bart", "marian", "pegasus", "whisper"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_equal_transformers_generate(lms, family):
     """The decoder step's positions count real tokens (T5's relative bias, BART's, Marian's, Pegasus's and
     Whisper's position tables), so the decode buffer's masked slots change nothing: transformers' tokens, with a
@@ -439,7 +440,8 @@ def test_decode_steps_feed_the_new_token_alone_where_checked(lms, tmp_path, monk
     positions to the query length traced a size export asserted >= 2 as the step ran): 1 token too."""
     import copy
     from slimfx.lm import CompiledCausalLM
-    for family, (_, lm) in lms.items():
+    for family in FAMILIES:                          # (lms compiles each when first asked)
+        lm = lms[family][1]
         assert lm.decode_tokens == 1 and lm.decode_note.startswith("checked"), (family, lm.decode_note)
     refused = copy.copy(lms["t5"][1])
     refused.decode_tokens, refused.decode_note = 2, "2 tokens: the step fails on 1 token (a reason)"
