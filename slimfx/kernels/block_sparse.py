@@ -256,7 +256,7 @@ def _launch(x2, bsr, out, a_scale, w_scale, bias, residual, activation, is_int8,
         from slimfx.kernels.int8_gemm import _gluon_refusal
         why = ("the Gluon kernel is the int8 form (bsr_int8_gemm)" if not is_int8 else None) or \
             _gluon_refusal(out.device, activation, residual, out.dtype) or \
-            (C.tma_refusal(x=x2, values=values2d) if values2d.shape[0] else None)
+            C.tma_refusal(x=x2, **({"values": values2d} if values2d.shape[0] else {}))   # (x's own checks too)
         if why:
             raise ValueError(f"impl='gluon': {why} (use impl='tiled', 'tma' or 'auto')")
     if values2d.shape[0] == 0:        # no blocks at all (y = epilogue(0)): no descriptor to build

@@ -132,9 +132,10 @@ def test_gluon_refusals(dev, gen):
             with pytest.raises(ValueError, match=r"impl='gluon': (Gluon kernels run on a CUDA device only|the "
                                                  r"kernel is written for Hopper's wgmma)"):
                 bsr_int8_gemm(a, weight, *s, impl="gluon")
-    with pytest.raises(ValueError, match=r"impl='gluon': the Gluon kernel is the int8 form"):
-        bsr_linear(torch.randn(3, 64, device=dev, dtype=torch.float16),
-                   to_bsr(w.to(torch.float16).to(dev), BLOCK), impl="gluon")
+    for weight in (w, torch.zeros_like(w)):
+        with pytest.raises(ValueError, match=r"impl='gluon': the Gluon kernel is the int8 form"):
+            bsr_linear(torch.randn(3, 64, device=dev, dtype=torch.float16),
+                       to_bsr(weight.to(torch.float16).to(dev), BLOCK), impl="gluon")
 
 
 @pytest.mark.skipif(not GLUON_OK, reason="the Gluon kernels run on sm_90 only (compiled for it on the CPU by "
