@@ -63,9 +63,9 @@ def _gemv_configs():
                                  (4, 2048, 8, 2), (8, 1024, 8, 2), (16, 512, 8, 2), (32, 256, 8, 2),
                                  (8, 512, 4, 3), (16, 512, 8, 3), (8, 256, 4, 4)]
             for f in (False, True)]
-    # the interpreter's: each program's K step costs it the same Python whatever the block, so blocks as large as
-    # keep the tests' odd shapes (N = 37, K = 77) on several programs and K steps with masked tails (256 x 128 at
-    # M = 2: 0.40 s a call, 1.17 at 8 x 32)
+    # the interpreter's (and SLIMFX_AUTOTUNE=0's): each program's K step costs the interpreter the same Python
+    # whatever the block, so blocks as large as still keep the tests' odd shapes (N = 37, K = 77) on several
+    # programs and K steps with masked tails (256 x 128 at M = 2: 0.40 s a call, 1.17 at 8 x 32)
     return C.pick_configs(full, cfg({"BLOCK_N": 16, "BLOCK_K": 64, "STAGES": 1, "FAST_CVT": True}, num_warps=4))
 
 
