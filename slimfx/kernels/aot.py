@@ -156,17 +156,17 @@ def compile_variant(v: Variant, arch: int = 90, sass: bool = True) -> Result:
     notes = [n for n, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"), ("tma", "cp.async.bulk.tensor"),
                               ("cp.async", "cp.async.cg"), ("atomics", "atom.")) if pat in ptx]
     shared = max(k.metadata.shared, use.get("SHARED", 0))
-    if not sass:
-        return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
-                      seconds=time.time() - t0, uses=notes)
-    instrs = sass_instructions(k.asm["cubin"])
-    if {op for _, _, op in instrs} & {"I2F.S8", "I2F.S16"}:
-        notes.append("I2F")             # small ints -> float on the conversion unit (a quarter-rate path)
-    waits = [text for _, text, op in instrs if op.startswith("WARPGROUP.DEPBAR")]
-    if waits and all(re.search(r"0x0\s*$", t) for t in waits):
-        notes.append("sync-wgmma")      # each K step waits for its wgmmas (Triton: int32 accumulators)
+    loop = None
+    if sass:
+        instrs = sass_instructions(k.asm["cubin"])
+        if {op for _, _, op in instrs} & {"I2F.S8", "I2F.S16"}:
+            notes.append("I2F")         # small ints -> float on the conversion unit (a quarter-rate path)
+        waits = [text for _, text, op in instrs if op.startswith("WARPGROUP.DEPBAR")]
+        if waits and all(re.search(r"0x0\s*$", t) for t in waits):
+            notes.append("sync-wgmma")  # each K step waits for its wgmmas (Triton: int32 accumulators)
+        loop = sum(loop_instructions(instrs).values())
     return Result(v, True, regs=use.get("REG"), stack=use.get("STACK"), shared=shared,
-                  seconds=time.time() - t0, uses=notes, loop=sum(loop_instructions(instrs).values()))
+                  seconds=time.time() - t0, uses=notes, loop=loop)
 
 
 _TODO: list = []          # the variants of compile_all, inherited by its forked workers
